@@ -4,28 +4,36 @@ cut, new connections are refused, and ``gateway serve`` exits 0 (twice SIGTERM t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import redis
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from adapters.flowstorm.v1.protocol import UTTERANCE_LOST_TEXT
+from gateway.speech.audio import Pcm, silence
 from tests.adapters.flowstorm.v1.helpers import (
     init_frame,
+    open_stream,
+    pcm_at,
     recv_json,
     request_frame,
+    send_audio,
     send_json,
     ws_url,
 )
 from tests.conftest import GatewayProcess, serve
+from tests.speech import normalise, wer
 
 TURNS = 30
 
@@ -327,3 +335,167 @@ async def test_sigterm_a_realtime_put_answered_while_its_audio_still_arrives_get
     lines = [json.loads(line) for line in answer.text.splitlines()]
     assert lines[-1]["type"] == "Response", lines
     assert exit_code == 0
+
+
+# ------------------------------------------------ Flowstorm V1: an utterance at SIGTERM
+
+PLACE = "tell me about this place"
+WEATHER = "what is the weather like today"
+
+
+async def speaking_socket(url: str, speech: bytes) -> ClientConnection:
+    """A V1 socket (no TTS) whose client opened an audio stream and sent ``speech``
+    (LINEAR16 at 16 kHz) without closing the stream, whose every frame the gateway has read:
+    a second InputAudioStreamOpen, refused with an Error, comes back after them (frames are
+    taken in order), so the utterance is open and being heard (no final: no trailing
+    silence for the endpointer, and the wall-clock guard is seconds away)."""
+    ws = await connect(ws_url(url))
+    await send_json(ws, init_frame("k", tts="None"))
+    assert (await recv_json(ws))["type"] == "Ready"
+    await open_stream(ws)
+    await send_audio(ws, speech, 16000)
+    await send_json(ws, {"type": "InputAudioStreamOpen"})
+    refused = await recv_json(ws)
+    assert (refused["type"], refused["source"]) == ("Error", "client"), refused
+    return ws
+
+
+async def until_closed(ws: ClientConnection, talk: bytes = b"") -> list[dict[str, Any]]:
+    """The frames ``ws`` gets until the server closes it; from the first frame on (the
+    utterance's ``Recognized``: it was finished before) the client streams ``talk``
+    (LINEAR16 at 16 kHz, 100 ms frames) as a microphone still on would."""
+    microphone: asyncio.Task[None] | None = None
+
+    async def stream() -> None:
+        with contextlib.suppress(ConnectionClosed):
+            await send_audio(ws, talk, 16000)
+
+    frames: list[dict[str, Any]] = []
+    try:
+        with pytest.raises(ConnectionClosed):
+            async with asyncio.timeout(30):  # a safety net, not a bound
+                while True:
+                    frames.append(json.loads(await ws.recv()))
+                    if talk and microphone is None:
+                        microphone = asyncio.create_task(stream())
+    finally:
+        if microphone is not None:
+            await microphone
+    return frames
+
+
+def close_to(sentence: str, recognized: str) -> bool:
+    """Whether ``recognized`` is within the word error bound of ``sentence``."""
+    return wer([(sentence, normalise(recognized))]) <= 0.34
+
+
+async def test_sigterm_a_v1_utterance_being_heard_is_recognised_and_answered_before_1012(
+    gateway_processes: list[GatewayProcess], corpus: dict[str, Pcm]
+) -> None:
+    """A V1 client speaking at SIGTERM (audio stream open, its utterance heard, no final
+    yet: no turn) was closed 1012 at once, and what the user had said was lost. The
+    utterance is now finished as the client's InputAudioStreamClose would finish it: the
+    recognizer's final of what was heard, ``Recognized``, its turn (the demo core's "You
+    said: ..."), the Response, then 1012. The microphone goes on streaming another
+    sentence after the finish: no second utterance. An utterance of silence only gives the
+    ``#silence`` turn (as the protocol does at InputAudioStreamClose); an idle socket is
+    closed at once, with no frame."""
+    proc = GatewayProcess({}).start()
+    gateway_processes.append(proc)
+    assert proc.proc is not None
+    speaking = await speaking_socket(proc.url, pcm_at(corpus[PLACE], 16000, after_ms=0))
+    silent = await speaking_socket(proc.url, silence(400, 16000).data)
+    idle = await connect(ws_url(proc.url))
+    await send_json(idle, init_frame("k", tts="None"))
+    assert (await recv_json(idle))["type"] == "Ready"
+
+    proc.proc.send_signal(signal.SIGTERM)
+    went_on = pcm_at(corpus[WEATHER], 16000)  # a whole utterance, trailing silence and all
+    told, quiet, nothing = await asyncio.gather(
+        until_closed(speaking, went_on), until_closed(silent), until_closed(idle)
+    )
+    assert [f["type"] for f in told] == ["Recognized", "SessionStarted", "Response"], told
+    recognized = told[0]["text"]
+    assert close_to(PLACE, recognized), recognized
+    assert [i["text"] for i in told[-1]["response"]["items"]] == [f"You said: {recognized}"]
+    assert speaking.close_code == 1012
+    assert [f["type"] for f in quiet] == ["Recognized", "SessionStarted", "Response"], quiet
+    assert quiet[0]["text"] == "#silence"
+    assert silent.close_code == 1012
+    assert nothing == []
+    assert idle.close_code == 1012
+    assert await asyncio.to_thread(proc.proc.wait, 30) == 0
+
+
+def echo_core(arrived: list[str], came: asyncio.Event, release: asyncio.Event) -> FastAPI:
+    """A core that answers ``You said: <text>`` once the test sets ``release``; ``came``
+    is set when a turn arrives."""
+    app = FastAPI()
+
+    @app.post("/turn")
+    async def turn(request: Request) -> JSONResponse:
+        text = (await request.json())["input"]["transcript"]["text"]
+        arrived.append(text)
+        came.set()
+        await release.wait()
+        return JSONResponse({"items": [{"text": f"You said: {text}"}]})
+
+    return app
+
+
+async def test_sigterm_a_v1_utterance_whose_turn_is_not_answered_in_time_gets_the_error(
+    gateway_processes: list[GatewayProcess], corpus: dict[str, Pcm]
+) -> None:
+    """The utterance heard at SIGTERM is recognised and its turn runs, but the core does
+    not answer within GATEWAY_SHUTDOWN_TIMEOUT_S (less 1 s): the client gets its
+    ``Recognized``, then the Error of source ``gateway`` an unanswered turn gets, then
+    1012 (it got the close alone, at once). An idle socket is closed at once: while the
+    utterance's turn is still at the core."""
+    arrived: list[str] = []
+    came, release = asyncio.Event(), asyncio.Event()
+    async with serve(echo_core(arrived, came, release)) as core:
+        env = {"GATEWAY_PIPELINE": f"{core}/turn", "GATEWAY_SHUTDOWN_TIMEOUT_S": "5"}
+        proc = GatewayProcess(env).start()
+        gateway_processes.append(proc)
+        assert proc.proc is not None
+        speaking = await speaking_socket(proc.url, pcm_at(corpus[PLACE], 16000, after_ms=0))
+        idle = await connect(ws_url(proc.url))
+        await send_json(idle, init_frame("k", tts="None"))
+        assert (await recv_json(idle))["type"] == "Ready"
+        proc.proc.send_signal(signal.SIGTERM)
+        told = asyncio.create_task(until_closed(speaking))
+        assert await until_closed(idle) == []
+        assert idle.close_code == 1012
+        assert not told.done()  # the utterance's socket waits for its turn meanwhile
+        frames = await told
+        release.set()
+        assert [f["type"] for f in frames[:1]] == ["Recognized"], frames
+        assert close_to(PLACE, frames[0]["text"]), frames
+        assert arrived == [frames[0]["text"]]  # its turn ran
+        last = frames[-1]
+        assert (last["type"], last["source"]) == ("Error", "gateway"), frames
+        assert "answer was not ready" in last["text"]
+        assert "Response" not in [f["type"] for f in frames]
+        assert speaking.close_code == 1012
+        assert await asyncio.to_thread(proc.proc.wait, 30) == 0
+
+
+async def test_sigterm_a_v1_utterance_not_recognised_in_time_gets_an_error_before_1012(
+    gateway_processes: list[GatewayProcess], corpus: dict[str, Pcm]
+) -> None:
+    """GATEWAY_SHUTDOWN_TIMEOUT_S 1 s leaves no time (less 1 s for the server) to finish
+    the utterance heard at SIGTERM: its recognition cannot end in time. The client gets an
+    Error of source ``gateway`` saying the answer was not ready and that the utterance was
+    not recognised (no turn ran: nothing to resume), then 1012; it got the close alone."""
+    env = {"GATEWAY_SHUTDOWN_TIMEOUT_S": "1"}
+    proc = GatewayProcess(env).start()
+    gateway_processes.append(proc)
+    assert proc.proc is not None
+    speaking = await speaking_socket(proc.url, pcm_at(corpus[PLACE], 16000, after_ms=0))
+    proc.proc.send_signal(signal.SIGTERM)
+    frames = await until_closed(speaking)
+    assert [(f["type"], f.get("source")) for f in frames] == [("Error", "gateway")], frames
+    assert frames[0]["text"] == UTTERANCE_LOST_TEXT
+    assert "answer was not ready" in frames[0]["text"]
+    assert speaking.close_code == 1012
+    assert await asyncio.to_thread(proc.proc.wait, 30) == 0

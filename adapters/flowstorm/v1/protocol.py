@@ -170,6 +170,13 @@ Decisions where the spec is silent:
 - ``#silence`` is announced as ``Recognized {text: "#silence"}`` before its
   turn, as Flowstorm's own server does (``AbstractBotSocketAdapter.kt``), so
   the client stops listening.
+- A graceful shutdown (the socket is closed 1012: :meth:`V1Connection.server_restart`)
+  first ends the client's open audio stream as its ``InputAudioStreamClose`` would
+  (:meth:`V1Connection.server_draining`): the user already said it, so the utterance
+  being heard gets its final ``Recognized`` (or ``#silence``) and its turn, answered
+  before the close when the shutdown leaves time; one still not recognised at the
+  close is dropped with an ``Error`` of source ``gateway``. Audio the client sends
+  after that is dropped silently (no new utterance is opened).
 """
 
 from __future__ import annotations
@@ -257,6 +264,12 @@ ANSWER_LOST_TEXT: Final = (
     "answer)."
 )
 """The Error text of a turn still running when the socket closes for a graceful shutdown."""
+UTTERANCE_LOST_TEXT: Final = (
+    "The gateway is restarting and this utterance's answer was not ready in time: it was not "
+    "recognised and no turn ran; reconnect and say it again."
+)
+"""The Error text of an utterance still being recognised when the socket closes for a
+graceful shutdown (:meth:`V1Connection.server_restart`): it is dropped, nothing is saved."""
 _MISSING_KEY: Final = "The application key is missing: send it as Init.key."
 _LONG_KEY: Final = f"Init.key is longer than {MAX_ID_CHARS} characters."
 """The refusal of a key no application has (GATEWAY_APP_KEYS names none that long): with
@@ -417,6 +430,9 @@ AUDIO_TIMEOUT = "AudioTimeout"
 CONNECTION_LOST = "ConnectionLost"
 OUTBOX = "Outbox"
 """Entries of the session's outbox go out (V1Connection.deliver): pushes, a missed answer."""
+RESTART = "Restart"
+"""The gateway begins a graceful shutdown (V1Connection.server_draining): an open audio
+stream is ended as the client's InputAudioStreamClose would end it."""
 
 OPEN = "InputAudioStreamOpen"
 CLOSE = "InputAudioStreamClose"
@@ -520,6 +536,16 @@ def _build_transitions() -> dict[tuple[State, str], State]:
     # the session ended: so does a Duplex stream (Flowstorm's server closed it; its
     # client forgets it without InputAudioStreamClose and opens it again later)
     table[(s.DUPLEX_TURN_ENDING, "SessionEnded")] = s.TURN_ENDING
+    # a graceful shutdown begins: the client's open stream ends as at its
+    # InputAudioStreamClose (the utterance being heard is finished: FinishListening; a Duplex
+    # stream's turn hears no next utterance: CancelListening); nothing else changes
+    table[(s.LISTENING, RESTART)] = s.FINISHING
+    table[(s.DUPLEX, RESTART)] = s.FINISHING
+    table[(s.DUPLEX_TURN, RESTART)] = s.TURN
+    table[(s.DUPLEX_TURN_ENDING, RESTART)] = s.TURN_ENDING
+    for state in State:
+        if state not in (s.AWAIT_INIT, s.CLOSED):
+            table.setdefault((state, RESTART), state)
     # the session's outbox: between turns, or before the answer of the turn just started
     for state in (*_NO_TURN, s.TURN, s.TURN_DRAINING, s.DUPLEX_TURN):
         table[(state, OUTBOX)] = state
@@ -546,7 +572,8 @@ for an utterance of a Duplex stream that recognised nothing, ``AudioFailed``,
 ``AudioTimeout``) and the connection's own (``Init (refused key)``,
 ``Oversized``, ``Flooded``, ``TurnRejected``, ``TurnFinished``, ``ConnectionLost``,
 ``Outbox`` for entries of the session's outbox going out: between turns, or in
-``turn``/``turn-draining`` before the turn's first event).
+``turn``/``turn-draining`` before the turn's first event; ``Restart`` when a graceful
+shutdown begins, which ends an open audio stream as ``InputAudioStreamClose`` does).
 Anything else is a ProtocolError; in ``closed`` only ``ConnectionLost`` is.
 """
 
@@ -1145,9 +1172,15 @@ class V1Connection:
         duplex, self._duplex = self._duplex, None
         return [CancelListening(duplex.stream)] if duplex is not None else []
 
-    def _on_audio_close(self) -> list[Action]:
+    def _on_audio_close(self, event: str = CLOSE) -> list[Action]:
+        """The client's InputAudioStreamClose (``event`` CLOSE, fed: out of order is the
+        client's error), or the gateway's own end of the stream at a graceful shutdown
+        (RESTART, :meth:`server_draining`)."""
         state = self.state
-        self.machine.feed(CLOSE)
+        if event == CLOSE:
+            self.machine.feed(CLOSE)
+        else:
+            self.machine.advance(event)
         utterance = self._utterance
         if state in (State.DUPLEX, State.LISTENING) and utterance is not None:
             if state is State.DUPLEX:  # its last utterance is finished; then the stream is over
@@ -1365,6 +1398,30 @@ class V1Connection:
         self._turn = None
         return [*self._flush_logs(), *self._listen_next()]
 
+    @property
+    def hearing(self) -> bool:
+        """Whether an utterance's result is awaited: one is being heard (or finished) and
+        its final result, silence or failure has not been reported yet."""
+        return self._utterance is not None and self.state is not State.CLOSED
+
+    def server_draining(self) -> list[Action]:
+        """The gateway begins a graceful shutdown (a rolling deploy): the audio stream the
+        client has open is ended now, as its ``InputAudioStreamClose`` would end it, so what
+        the user said is answered before the socket closes (:meth:`server_restart`).
+
+        While an utterance is being heard (state ``listening``, or a Duplex stream's
+        utterance): ``[FinishListening]``: the recognizer's final result of the audio heard
+        so far comes as usual (:meth:`heard`: ``Recognized`` and its turn; an utterance in
+        which nothing was said gives the ``#silence`` turn, and a Duplex one no turn). A
+        Duplex stream while its turn runs: ``[CancelListening]``, no next utterance is
+        listened for. Audio the client sends after this is no new utterance: it is dropped
+        without a frame (as audio after an utterance's end, or with no stream open, is).
+        ``[]`` in every other state (a turn running goes on; nothing to do idle). Never
+        raises."""
+        if not self.machine.allows(RESTART):
+            return []
+        return self._on_audio_close(RESTART)
+
     def server_restart(self, *, unanswered: bool) -> list[Action]:
         """The gateway shuts down gracefully (a rolling deploy; the I/O layer first waited
         for the running turn's answer as long as the shutdown allows): close 1012 (service
@@ -1373,8 +1430,17 @@ class V1Connection:
         ``Error`` frame of source ``gateway`` says so first (:data:`ANSWER_LOST_TEXT`), so
         the client is not left waiting in its Processing state: the turn goes on and saves
         the session, and its answer is in the session's outbox for a client that resumes
-        with ``lastSeq``."""
+        with ``lastSeq``.
+
+        An utterance whose result has still not come (:attr:`hearing`; its recognition did
+        not finish in time, see :meth:`server_draining`) is dropped: ``[CancelListening,
+        Send(Error), Close(1012)]``, the Error of source ``gateway``
+        (:data:`UTTERANCE_LOST_TEXT`: nothing of it was saved); a late result is stale."""
         closing = Close(CLOSE_RESTART, RESTART_REASON)
+        if self.hearing:
+            if self.machine.allows(CANCEL):
+                self.machine.advance(CANCEL)
+            return [*self._stop_listening(), error_frame(UTTERANCE_LOST_TEXT, "gateway"), closing]
         return [error_frame(ANSWER_LOST_TEXT, "gateway"), closing] if unanswered else [closing]
 
     def connection_lost(self) -> list[Action]:

@@ -37,8 +37,13 @@ outbox holds for it) for what GATEWAY_SHUTDOWN_TIMEOUT_S leaves since the signal
 1 s for the server to close the rest (Gateway.drain_left_s), then is closed 1012; a turn
 still running then is no longer forwarded and the client gets an ``Error`` of source
 ``gateway`` first (V1Connection.server_restart): the turn saves its session and its answer
-is in the outbox (an Init with ``sessionId`` and ``lastSeq`` gets it). A socket with no
-turn running is closed 1012 at once.
+is in the outbox (an Init with ``sessionId`` and ``lastSeq`` gets it). A socket whose
+client is speaking (an utterance being heard, no turn yet) has that utterance finished
+first, as its InputAudioStreamClose would (V1Connection.server_draining: the recognizer's
+final of the audio heard so far, ``Recognized`` and its turn), within the same wait; one
+still not recognised then is dropped, with an ``Error`` of source ``gateway``
+(V1Connection.server_restart); audio sent after the finish is dropped. A socket with
+neither is closed 1012 at once.
 
 Close codes: 1008 unknown or missing application key, or more frames than
 GATEWAY_FLOWSTORM_V1_FRAME_BURST at once / GATEWAY_FLOWSTORM_V1_FRAMES_PER_S a second,
@@ -221,6 +226,12 @@ class _Listening:
             # whose frames go out whole (shielded, see _listen)
             task.cancel()
 
+    def hearing(self) -> asyncio.Task[None] | None:
+        """The task running the utterance being heard (it ends once its result, silence or
+        failure is reported, its turn started), or None."""
+        utterance = self._utterance
+        return None if utterance is None else utterance.task
+
     async def close(self) -> None:
         if (utterance := self._utterance) is not None:
             await self.cancel(CancelListening(utterance.stream))
@@ -271,11 +282,12 @@ class _Socket(WebSocketDriver[Action]):
             silence_timeout_ms=gw.settings.silence_timeout_ms,
             log_chars=gw.settings.max_log_chars,
         )
+        self.speech = speech = _Listening(self)
         super().__init__(
             ws,
             conn,
             gw.conversation,
-            listening=_Listening(self),
+            listening=speech,
             send_timeout_s=gw.settings.send_timeout_s,
             log=log,
             name="Flowstorm V1 socket",
@@ -380,17 +392,28 @@ class _Socket(WebSocketDriver[Action]):
             await self.following.leave()  # the mark over what went out (Following.leave)
 
     async def restart(self, wait_s: float) -> bool:
-        """The graceful shutdown (:meth:`_Sockets.restart`): wait up to ``wait_s`` for the
-        turns running now to answer (not for one a frame starts meanwhile: the shutdown
-        would last longer than it did), then close 1012 at once; a turn still running then
-        is no longer forwarded (the engine's turn goes on and saves the session) and the
-        client gets an Error first (V1Connection.server_restart). A turn whose frames all
-        went out (its Response too) and that only raises the outbox's mark still
-        (Following.settle, catch_up: Redis round trips) counts as answered. True when a
-        turn's answer was not ready."""
-        if self.turns and self.open and wait_s > 0:
-            await asyncio.wait(set(self.turns), timeout=wait_s)
-        unanswered = self.open and any(task not in self._sent for task in self.turns)
+        """The graceful shutdown (:meth:`_Sockets.restart`): the utterance being heard is
+        finished now (V1Connection.server_draining: as the client's InputAudioStreamClose
+        would), and its result waited for, then the turns running now (the utterance's
+        too; not one a frame starts meanwhile: the shutdown would last longer than it did),
+        all within ``wait_s``; then the socket is closed 1012 at once. A turn still running
+        then is no longer forwarded (the engine's turn goes on and saves the session), and
+        the client gets an Error first (V1Connection.server_restart); so does an utterance
+        still being recognised (it is dropped). A turn whose frames all went out (its
+        Response too) and that only raises the outbox's mark still (Following.settle,
+        catch_up: Redis round trips) counts as answered. True when an answer was not
+        ready."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + wait_s
+        await self.run(self.conn.server_draining())
+        hearing = self.speech.hearing()
+        if hearing is not None and self.open and wait_s > 0:
+            await asyncio.wait({hearing}, timeout=wait_s)  # its report starts its turn
+        left_s = until - loop.time()
+        if self.turns and self.open and left_s > 0:
+            await asyncio.wait(set(self.turns), timeout=left_s)
+        unheard = hearing is not None and not hearing.done()  # (its report may be going out)
+        unanswered = self.open and (unheard or any(task not in self._sent for task in self.turns))
         if unanswered:
             forwarders = list(self.turns)
             for task in forwarders:
@@ -562,7 +585,8 @@ class _Sockets:
 
     async def restart(self, gw: Gateway) -> None:
         """The Gateway's ``before_close`` hook (see the module doc): every open socket is
-        closed 1012, each once its running turns have answered, within what
+        closed 1012, each once its utterance being heard and its running turns have
+        answered, within what
         GATEWAY_SHUTDOWN_TIMEOUT_S leaves since the signal less 1 s (Gateway.drain_left_s);
         one INFO line. Never raises."""
         sockets = list(self.open)
@@ -574,7 +598,8 @@ class _Sockets:
             log.error("closing a Flowstorm V1 socket at shutdown failed", exc_info=failure)
         lost = sum(1 for d in done if d is True)
         log.info(
-            "Flowstorm V1: %d sockets closed for the restart (%d with a turn not answered in time)",
+            "Flowstorm V1: %d sockets closed for the restart (%d with an utterance or a turn "
+            "not answered in time)",
             len(sockets),
             lost,
         )

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import itertools
 import json
-from typing import Any
+from typing import Any, Final
 
 import pytest
 
 from adapters.flowstorm.events import RequestEvent
 from adapters.flowstorm.v1.protocol import (
+    ANSWER_LOST_TEXT,
     AUDIO_IDLE_MARGIN_MS,
     CLOSE_POLICY,
+    CLOSE_RESTART,
     CLOSE_TOO_BIG,
+    RESTART_REASON,
     STT_SAMPLE_RATES,
     TRANSITIONS,
+    UTTERANCE_LOST_TEXT,
     Action,
     CancelListening,
     CheckSession,
@@ -1333,3 +1337,123 @@ def test_outbox_entries_wait_for_a_running_answer() -> None:
     assert [item["text"] for item in frame["response"]["items"]] == ["Hi"]
     assert frame["response"].get("sessionEnded") in (None, False)
     assert state_of(conn) is State.IDLE
+
+
+# ------------------------------------------------------- graceful shutdown
+
+
+RESTARTED: Final = Close(CLOSE_RESTART, RESTART_REASON)
+
+
+def test_a_restart_finishes_the_utterance_being_heard_and_answers_it_before_the_close() -> None:
+    """At a graceful shutdown the utterance the user is saying is finished as the client's
+    InputAudioStreamClose would finish it: its final result is recognised and its turn
+    runs; audio the client still sends is dropped, no new utterance; the close comes after
+    the answer, without an Error."""
+    conn = ready()
+    stream = opened(conn, sessionId="spoken").stream
+    assert conn.receive_bytes(b"\x01\x00" * 160) == [FeedAudio(stream, b"\x01\x00" * 160)]
+    assert conn.server_draining() == [FinishListening(stream)]
+    assert state(conn) is State.FINISHING
+    assert conn.hearing
+    assert conn.receive_bytes(b"\x01\x00" * 160) == []  # after the finish: dropped
+    assert conn.server_draining() == []  # once
+    recognized, turn = conn.heard(stream, Heard("final", "tell me about this place", 0.8))
+    assert frames([recognized]) == [
+        {"type": "Recognized", "text": "tell me about this place", "isFinal": True}
+    ]
+    assert isinstance(turn, StartTurn)
+    assert turn.ctx.session_id == "spoken"
+    assert not conn.hearing
+    assert conn.receive_bytes(b"\x01\x00" * 160) == []  # the turn runs: still dropped
+    assert send(conn, {"type": "InputAudioStreamClose"}) == []  # the client's own: nothing
+    finish_turn(conn, Response(items=(ResponseItem(text="You said it"),)), new="spoken")
+    assert conn.server_restart(unanswered=False) == [RESTARTED]
+
+
+def test_a_restart_finishes_a_silent_utterance_as_the_silence_turn() -> None:
+    conn = ready()
+    stream = opened(conn).stream
+    assert conn.server_draining() == [FinishListening(stream)]
+    recognized, turn = conn.heard(stream, Heard("silence", at_ms=800))
+    assert frames([recognized]) == [{"type": "Recognized", "text": "#silence", "isFinal": True}]
+    assert isinstance(turn, StartTurn)
+    assert turn.input.action == "#silence"
+
+
+def test_an_utterance_not_recognised_by_the_close_is_dropped_with_an_error() -> None:
+    conn = ready()
+    stream = opened(conn).stream
+    assert conn.server_draining() == [FinishListening(stream)]
+    cancel, error, close = conn.server_restart(unanswered=True)
+    assert cancel == CancelListening(stream)
+    text = one_error([error], source="gateway")
+    assert text == UTTERANCE_LOST_TEXT
+    assert "answer was not ready in time" in text  # as an unanswered turn's Error says
+    assert text != ANSWER_LOST_TEXT  # but no turn goes on: nothing to resume
+    assert close == RESTARTED
+    # its result, late: stale, no turn
+    assert conn.heard(stream, Heard("final", "too late", 0.9)) == []
+    assert not conn.hearing
+    assert conn.server_restart(unanswered=False) == [RESTARTED]
+
+
+def test_a_restart_changes_nothing_idle_or_while_a_turn_runs() -> None:
+    conn = connection()
+    assert conn.server_draining() == []  # before Init
+    conn = ready()
+    assert conn.server_draining() == []
+    assert state(conn) is State.IDLE
+    assert conn.server_restart(unanswered=False) == [RESTARTED]
+    start(conn, request_frame("hello"))
+    assert conn.server_draining() == []
+    assert state(conn) is State.TURN
+    error, close = conn.server_restart(unanswered=True)
+    assert one_error([error], source="gateway") == ANSWER_LOST_TEXT
+    assert close == RESTARTED
+    # the client's stream after its utterance (draining): nothing is heard, nothing to do
+    conn = ready()
+    stream = opened(conn).stream
+    conn.heard(stream, Heard("final", "hello", 0.9))
+    assert conn.server_draining() == []
+    assert state(conn) is State.TURN_DRAINING
+
+
+def test_a_restart_finishes_a_duplex_utterance_and_ends_the_stream() -> None:
+    conn = ready(sttMode="Duplex")
+    stream = duplex_opened(conn).stream
+    assert conn.server_draining() == [FinishListening(stream)]
+    assert state(conn) is State.FINISHING
+    assert conn.receive_bytes(b"\x01\x00" * 160) == []  # no next utterance
+    ended, _, turn = conn.heard(stream, Heard("final", "hello", 0.9))
+    assert ended == CancelListening(stream)  # the stream's stage is dropped
+    assert isinstance(turn, StartTurn)
+    assert not [a for a in answered(conn, Response()) if isinstance(a, StartListening)]
+    assert state(conn) is State.IDLE  # no next utterance is listened for
+    # nothing said (before a voice onset): no turn, as at InputAudioStreamClose
+    conn = ready(sttMode="Duplex")
+    stream = duplex_opened(conn).stream
+    assert conn.server_draining() == [FinishListening(stream)]
+    assert conn.heard(stream, Heard("silence", at_ms=0)) == [CancelListening(stream)]
+    assert state(conn) is State.IDLE
+    # while its turn runs: the stream ends, its next utterance is not listened for
+    conn = ready(sttMode="Duplex")
+    stream = duplex_opened(conn).stream
+    said(conn, stream, "hello")
+    assert state(conn) is State.DUPLEX_TURN
+    assert conn.server_draining() == [CancelListening(stream)]
+    assert state(conn) is State.TURN
+    assert not [a for a in answered(conn, Response()) if isinstance(a, StartListening)]
+    assert state(conn) is State.IDLE
+
+
+def test_the_table_ends_an_open_stream_at_a_restart() -> None:
+    restart = {state: TRANSITIONS[(state, e)] for (state, e) in TRANSITIONS if e == "Restart"}
+    assert set(restart) == set(State) - {State.AWAIT_INIT, State.CLOSED}
+    moved = {state: to for state, to in restart.items() if to is not state}
+    assert moved == {
+        State.LISTENING: State.FINISHING,
+        State.DUPLEX: State.FINISHING,
+        State.DUPLEX_TURN: State.TURN,
+        State.DUPLEX_TURN_ENDING: State.TURN_ENDING,
+    }
