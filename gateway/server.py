@@ -49,6 +49,13 @@ to a peer that does not read; the send deadline ends it.
 A WebSocket text frame that is not UTF-8 is closed 1007 as uvicorn closes it, logged
 at INFO instead of uvicorn's ERROR with a traceback (a client's fault, not the server's).
 
+A WebSocket the app closed itself before the server's shutdown closes the connections
+(a ``before_close`` hook's close 1012 after a Flowstorm V1 turn's answer) finishes its
+closing handshake: the peer's echo of the close frame ends it, or :data:`LINGER_S`
+(uvicorn cut it at once: a peer still sending, a V1 client streaming audio, had unread
+input, so the close was a TCP reset, and the answer and the close frame sent just before
+it were lost: the client saw 1006).
+
 The subclasses hook into uvicorn internals (HttpToolsProtocol's parser callbacks,
 ``cycle``, ``pipeline``, ``connections``; WebSocketsSansIOProtocol's ``conn``,
 ``queue``, ``close_sent``, ``frames``, ``curr_msg_data_type``): after a uvicorn upgrade
@@ -736,6 +743,18 @@ class GatewayWebSocketProtocol(WebSocketsSansIOProtocol):
                 self.handle_parser_exception()  # the app's disconnect, the close frame
                 return
         super().send_receive_event_to_app()
+
+    def shutdown(self) -> None:
+        """The server's shutdown: as uvicorn's, except for a connection whose close the app
+        has sent and whose peer has not echoed it yet (module doc): it is left to its
+        closing handshake, cut after :data:`LINGER_S` at the latest (not the
+        ``close_timeout`` of 10 s: the shutdown's own time is short)."""
+        if self.close_sent and self.close_timer is not None and not self.transport.is_closing():
+            self.stop_keepalive()
+            self.close_timer.cancel()
+            self.close_timer = self.loop.call_later(LINGER_S, self.transport.close)
+            return
+        super().shutdown()
 
     def _send_expired(self) -> None:
         reason = "The client did not read what was sent to it in time."

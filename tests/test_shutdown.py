@@ -7,8 +7,9 @@ import asyncio
 import contextlib
 import json
 import signal
+import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,11 @@ import redis
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Close, Frame, Opcode
+from websockets.protocol import State
+from websockets.uri import parse_uri
 
 from adapters.flowstorm.v1.protocol import UTTERANCE_LOST_TEXT
 from gateway.speech.audio import Pcm, silence
@@ -384,6 +389,14 @@ async def until_closed(ws: ClientConnection, talk: bytes = b"") -> list[dict[str
     return frames
 
 
+def assert_nothing_failed(proc: GatewayProcess) -> None:
+    """The stopped ``proc`` logged no ERROR and no traceback (a cancelled utterance, a
+    forwarder cancelled at the close)."""
+    logged = proc.log_tail(1_000_000)
+    assert " ERROR " not in logged, logged
+    assert "Traceback" not in logged, logged
+
+
 def close_to(sentence: str, recognized: str) -> bool:
     """Whether ``recognized`` is within the word error bound of ``sentence``."""
     return wer([(sentence, normalise(recognized))]) <= 0.34
@@ -425,6 +438,7 @@ async def test_sigterm_a_v1_utterance_being_heard_is_recognised_and_answered_bef
     assert nothing == []
     assert idle.close_code == 1012
     assert await asyncio.to_thread(proc.proc.wait, 30) == 0
+    assert_nothing_failed(proc)
 
 
 def echo_core(arrived: list[str], came: asyncio.Event, release: asyncio.Event) -> FastAPI:
@@ -454,7 +468,9 @@ async def test_sigterm_a_v1_utterance_whose_turn_is_not_answered_in_time_gets_th
     arrived: list[str] = []
     came, release = asyncio.Event(), asyncio.Event()
     async with serve(echo_core(arrived, came, release)) as core:
-        env = {"GATEWAY_PIPELINE": f"{core}/turn", "GATEWAY_SHUTDOWN_TIMEOUT_S": "5"}
+        # 9 s for the recognition and the turn: the recognizer's worker, on a loaded
+        # machine, takes seconds over the queued audio; the core answers only after the close
+        env = {"GATEWAY_PIPELINE": f"{core}/turn", "GATEWAY_SHUTDOWN_TIMEOUT_S": "10"}
         proc = GatewayProcess(env).start()
         gateway_processes.append(proc)
         assert proc.proc is not None
@@ -478,6 +494,7 @@ async def test_sigterm_a_v1_utterance_whose_turn_is_not_answered_in_time_gets_th
         assert "Response" not in [f["type"] for f in frames]
         assert speaking.close_code == 1012
         assert await asyncio.to_thread(proc.proc.wait, 30) == 0
+        assert_nothing_failed(proc)
 
 
 async def test_sigterm_a_v1_utterance_not_recognised_in_time_gets_an_error_before_1012(
@@ -499,3 +516,77 @@ async def test_sigterm_a_v1_utterance_not_recognised_in_time_gets_an_error_befor
     assert "answer was not ready" in frames[0]["text"]
     assert speaking.close_code == 1012
     assert await asyncio.to_thread(proc.proc.wait, 30) == 0
+    assert_nothing_failed(proc)
+
+
+def streaming_until_closed(url: str, signal_it: Callable[[], None]) -> list[Frame]:
+    """A V1 client on a raw socket (websockets' sans-I/O client): Init, then audio frames
+    (ignored: no stream open) every 3 ms; ``signal_it()`` once Ready came. It reads
+    nothing more while it streams, only peeks: once the server's close frame has arrived
+    it streams on for 0.3 s (the time a busy client takes to read it), then reads. The
+    frames it got (the close frame last when it came); none when a send failed (the
+    server reset the connection: an asyncio client's transport then closes, unread data
+    and all)."""
+    host, port = url.removeprefix("http://").split(":")
+    client = ClientProtocol(parse_uri(ws_url(url)))
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    try:
+        client.send_request(client.connect())
+        sock.sendall(b"".join(client.data_to_send()))
+        while client.state is not State.OPEN:
+            client.receive_data(sock.recv(65536))
+        client.send_text(json.dumps(init_frame("k", tts="None")).encode())
+        sock.sendall(b"".join(client.data_to_send()))
+        got: list[Frame] = []
+        while not any(isinstance(e, Frame) for e in got):
+            client.receive_data(sock.recv(65536))
+            got += [e for e in client.events_received() if isinstance(e, Frame)]
+            sock.sendall(b"".join(client.data_to_send()))
+        signal_it()
+        closed_at: float | None = None
+        while closed_at is None or time.monotonic() - closed_at < 0.3:
+            client.send_binary(bytes(3200))
+            sock.sendall(b"".join(client.data_to_send()))
+            time.sleep(0.003)
+            with contextlib.suppress(BlockingIOError):
+                seen = sock.recv(65536, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+                if closed_at is None and b"\x88" in seen:  # a close frame's first byte
+                    closed_at = time.monotonic()
+    except (ConnectionResetError, BrokenPipeError):
+        # the server reset the connection: the sends fail, and a client gives up on it
+        # (asyncio's transport closes on a write error), what it had not read yet lost
+        sock.close()
+        return []
+    frames: list[Frame] = []
+    with contextlib.suppress(OSError):
+        while not any(f.opcode is Opcode.CLOSE for f in frames):
+            data = sock.recv(65536)
+            if not data:
+                break
+            client.receive_data(data)
+            frames += [e for e in client.events_received() if isinstance(e, Frame)]
+            sock.sendall(b"".join(client.data_to_send()))  # the echo of the close
+    sock.close()
+    return frames
+
+
+async def test_sigterm_a_v1_socket_whose_client_still_streams_gets_the_close_frame(
+    gateway_processes: list[GatewayProcess],
+) -> None:
+    """A V1 client streaming audio when its socket is closed 1012 at shutdown (idle here:
+    audio without an open stream is ignored) still sends until it has read the close
+    frame. The server's shutdown cut the connection right after that frame, with audio
+    unread or still coming: a TCP reset, and the client lost the close frame (and what
+    came just before it, e.g. the Response of its utterance): it saw 1006. The closing
+    handshake now ends the connection (the client's echo; gateway/server.py LINGER_S)."""
+    proc = GatewayProcess({}).start()
+    gateway_processes.append(proc)
+    process = proc.proc
+    assert process is not None
+    frames = await asyncio.to_thread(
+        streaming_until_closed, proc.url, lambda: process.send_signal(signal.SIGTERM)
+    )
+    closes = [f for f in frames if f.opcode is Opcode.CLOSE]
+    assert closes, frames  # not a reset
+    assert Close.parse(closes[0].data).code == 1012
+    assert await asyncio.to_thread(process.wait, 30) == 0
