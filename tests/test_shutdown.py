@@ -590,3 +590,43 @@ async def test_sigterm_a_v1_socket_whose_client_still_streams_gets_the_close_fra
     assert closes, frames  # not a reset
     assert Close.parse(closes[0].data).code == 1012
     assert await asyncio.to_thread(process.wait, 30) == 0
+
+
+async def test_sigterm_a_v1_duplex_utterance_being_heard_is_answered_before_1012(
+    gateway_processes: list[GatewayProcess],
+    corpus: dict[str, Pcm],
+    redis_url: str,
+    redis_prefix: str,
+) -> None:
+    """A V1 client with ``sttMode: Duplex`` speaking at SIGTERM: its utterance is finished
+    as at InputAudioStreamClose (the stream's last), and its result is reported with the
+    stream's end first (CancelListening of the utterance, from inside its own report: its
+    listening task ends, cancelled, while the report's Recognized and turn still go out).
+    The shutdown waited for that task only, found no turn yet and closed 1012 at once: the
+    client had the Recognized, or nothing, never its Response. Now the report is waited
+    for too: ``Recognized``, the turn's ``Response``, then 1012."""
+    env = {"GATEWAY_REDIS_URL": redis_url, "GATEWAY_REDIS_PREFIX": redis_prefix}
+    proc = GatewayProcess(env).start()
+    gateway_processes.append(proc)
+    assert proc.proc is not None
+    ws = await connect(ws_url(proc.url))
+    await send_json(ws, init_frame("k", tts="None", sttMode="Duplex", silenceTimeout=1000))
+    assert (await recv_json(ws))["type"] == "Ready"
+    # a first turn: the socket follows its session's outbox, so the utterance's turn
+    # first catches up on it (Redis round trips inside the utterance's report)
+    await send_json(ws, request_frame("hello"))
+    while (await recv_json(ws))["type"] != "Response":
+        pass
+    await open_stream(ws)
+    await send_audio(ws, pcm_at(corpus[PLACE], 16000, after_ms=0), 16000)
+    # a Duplex stream's Open again is acknowledged after the audio before it is read
+    await open_stream(ws)
+    proc.proc.send_signal(signal.SIGTERM)
+    told = await until_closed(ws)
+    assert [f["type"] for f in told] == ["Recognized", "Response"], told
+    recognized = told[0]["text"]
+    assert close_to(PLACE, recognized), recognized
+    assert [i["text"] for i in told[-1]["response"]["items"]] == [f"You said: {recognized}"]
+    assert ws.close_code == 1012
+    assert await asyncio.to_thread(proc.proc.wait, 30) == 0
+    assert_nothing_failed(proc)

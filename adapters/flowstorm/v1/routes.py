@@ -149,6 +149,10 @@ class _Listening:
         self._duplex: SpeechStage | None = None
         """The stage of the open Duplex stream (None: none is open)."""
         self._tasks: set[asyncio.Task[None]] = set()
+        self._reports: set[asyncio.Task[None]] = set()
+        """Reports being carried out (their frames, the turn they start): shielded, they
+        outlive their utterance's task when it is cancelled meanwhile (a Duplex stream's
+        end, CancelListening inside its last report)."""
 
     async def start(self, start: StartListening) -> None:
         """Make utterance ``start.stream`` the one being heard, on a stage of its own, or
@@ -228,9 +232,15 @@ class _Listening:
 
     def hearing(self) -> asyncio.Task[None] | None:
         """The task running the utterance being heard (it ends once its result, silence or
-        failure is reported, its turn started), or None."""
+        failure is reported, its turn started; or, cancelled, while its last report still
+        goes out: :meth:`reporting`), or None."""
         utterance = self._utterance
         return None if utterance is None else utterance.task
+
+    def reporting(self) -> set[asyncio.Task[None]]:
+        """The reports being carried out now (a result's frames and the turn it starts),
+        whether or not their utterance's task still runs."""
+        return set(self._reports)
 
     async def close(self) -> None:
         if (utterance := self._utterance) is not None:
@@ -249,7 +259,10 @@ class _Listening:
 
         async def report(actions: Sequence[Action]) -> None:
             if actions:
-                await asyncio.shield(self.socket.run(actions))
+                running = asyncio.ensure_future(self.socket.run(actions))
+                self._reports.add(running)
+                running.add_done_callback(self._reports.discard)
+                await asyncio.shield(running)
 
         async def heard(event: Heard) -> None:
             idle = event.kind == "idle"  # the client stopped sending
@@ -394,9 +407,10 @@ class _Socket(WebSocketDriver[Action]):
     async def restart(self, wait_s: float) -> bool:
         """The graceful shutdown (:meth:`_Sockets.restart`): the utterance being heard is
         finished now (V1Connection.server_draining: as the client's InputAudioStreamClose
-        would), and its result waited for, then the turns running now (the utterance's
-        too; not one a frame starts meanwhile: the shutdown would last longer than it did),
-        all within ``wait_s``; then the socket is closed 1012 at once. A turn still running
+        would), and its result waited for (the report carrying it out too: a Duplex
+        stream's last one outlives its task, :meth:`_Listening.reporting`), then the turns
+        running then (the utterance's too), all within ``wait_s`` counted from the call;
+        then the socket is closed 1012 at once. A turn still running
         then is no longer forwarded (the engine's turn goes on and saves the session), and
         the client gets an Error first (V1Connection.server_restart); so does an utterance
         still being recognised (it is dropped). A turn whose frames all went out (its
@@ -407,12 +421,17 @@ class _Socket(WebSocketDriver[Action]):
         until = loop.time() + wait_s
         await self.run(self.conn.server_draining())
         hearing = self.speech.hearing()
-        if hearing is not None and self.open and wait_s > 0:
-            await asyncio.wait({hearing}, timeout=wait_s)  # its report starts its turn
+        if hearing is not None and self.open and until > loop.time():
+            await asyncio.wait({hearing}, timeout=until - loop.time())  # its report starts its turn
+        # a report outlives its task when it ended the stream (a Duplex one, cancelled from
+        # inside it): its Recognized and its turn's start may still be going out
+        reports = self.speech.reporting() if hearing is not None else set()
+        if reports and self.open and until > loop.time():
+            await asyncio.wait(reports, timeout=until - loop.time())
         left_s = until - loop.time()
         if self.turns and self.open and left_s > 0:
             await asyncio.wait(set(self.turns), timeout=left_s)
-        unheard = hearing is not None and not hearing.done()  # (its report may be going out)
+        unheard = hearing is not None and not (hearing.done() and all(r.done() for r in reports))
         unanswered = self.open and (unheard or any(task not in self._sent for task in self.turns))
         if unanswered:
             forwarders = list(self.turns)
