@@ -173,10 +173,13 @@ Decisions where the spec is silent:
 - A graceful shutdown (the socket is closed 1012: :meth:`V1Connection.server_restart`)
   first ends the client's open audio stream as its ``InputAudioStreamClose`` would
   (:meth:`V1Connection.server_draining`): the user already said it, so the utterance
-  being heard gets its final ``Recognized`` (or ``#silence``) and its turn, answered
-  before the close when the shutdown leaves time; one still not recognised at the
-  close is dropped with an ``Error`` of source ``gateway``. Audio the client sends
-  after that is dropped silently (no new utterance is opened).
+  being heard gets its final ``Recognized`` and its turn, answered before the close
+  when the shutdown leaves time; one still not recognised at the close is dropped with
+  an ``Error`` of source ``gateway``. One in which nothing was said gives no
+  ``#silence`` turn (the user did not end it: the shutdown did, and a made-up
+  silence would move the dialogue on); the client reopens its microphone after
+  reconnecting. Audio the client sends after that is dropped silently (no new
+  utterance is opened).
 """
 
 from __future__ import annotations
@@ -440,7 +443,8 @@ CANCEL = "InputAudioStreamCancel"
 OPEN_DUPLEX = "InputAudioStreamOpen (Duplex)"
 """InputAudioStreamOpen of a client with ``sttMode: Duplex`` (one stream, many utterances)."""
 DUPLEX_SILENCE = "Silence (Duplex)"
-"""An utterance of a Duplex stream ended with nothing recognised: no ``#silence`` turn."""
+"""An utterance of a Duplex stream, or one the gateway finished at a graceful shutdown
+(RESTART), ended with nothing recognised: no ``#silence`` turn."""
 
 _HEARD_EVENTS: Final[dict[str, str]] = {
     "speech_started": SPEECH_STARTED,
@@ -846,6 +850,7 @@ class V1Connection:
         self._turn: _Turn | None = None
         self._utterance: _Utterance | None = None
         self._duplex: _Duplex | None = None
+        self._draining = False  # server_draining ran: a silent utterance is no turn
         self._streams = itertools.count(1)
         self._logs: deque[LogEntry] = deque(maxlen=log_buffer)
         self._log_chars = log_chars
@@ -1210,7 +1215,8 @@ class V1Connection:
         ``silence`` -> ``[Send(Recognized "#silence"), StartTurn("#silence")]``.
         An utterance of a Duplex stream that recognised nothing gives no
         ``#silence`` turn: ``[StartListening]`` of the stream's next utterance (or,
-        after InputAudioStreamClose, ``[CancelListening]``: the stream is over);
+        after InputAudioStreamClose, ``[CancelListening]``: the stream is over); nor
+        does one that recognised nothing after :meth:`server_draining` (``[]``);
         its final result after InputAudioStreamClose comes with that
         CancelListening first. Reports of an utterance that was cancelled or has
         ended are ``[]``.
@@ -1219,7 +1225,8 @@ class V1Connection:
             return []
         said = heard.kind == "final" and bool(heard.text)
         nothing = heard.kind in ("final", "silence") and not said
-        event = DUPLEX_SILENCE if utterance.duplex and nothing else _HEARD_EVENTS[heard.kind]
+        quiet = nothing and (utterance.duplex or self._draining)
+        event = DUPLEX_SILENCE if quiet else _HEARD_EVENTS[heard.kind]
         self.machine.advance(event)
         if heard.kind == "speech_started":
             return []
@@ -1412,7 +1419,8 @@ class V1Connection:
         While an utterance is being heard (state ``listening``, or a Duplex stream's
         utterance): ``[FinishListening]``: the recognizer's final result of the audio heard
         so far comes as usual (:meth:`heard`: ``Recognized`` and its turn; an utterance in
-        which nothing was said gives the ``#silence`` turn, and a Duplex one no turn). A
+        which nothing was said gives no turn, not the ``#silence`` one: the user did not
+        end it, and a made-up silence would move the dialogue on). A
         Duplex stream while its turn runs: ``[CancelListening]``, no next utterance is
         listened for. Audio the client sends after this is no new utterance: it is dropped
         without a frame (as audio after an utterance's end, or with no stream open, is).
@@ -1420,6 +1428,7 @@ class V1Connection:
         raises."""
         if not self.machine.allows(RESTART):
             return []
+        self._draining = True
         return self._on_audio_close(RESTART)
 
     def server_restart(self, *, unanswered: bool) -> list[Action]:

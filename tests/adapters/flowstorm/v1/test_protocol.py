@@ -1371,10 +1371,22 @@ def test_a_restart_finishes_the_utterance_being_heard_and_answers_it_before_the_
     assert conn.server_restart(unanswered=False) == [RESTARTED]
 
 
-def test_a_restart_finishes_a_silent_utterance_as_the_silence_turn() -> None:
+def test_a_restart_finishes_a_silent_utterance_without_a_silence_turn() -> None:
+    """The user said nothing and did not end the stream (the shutdown did): no made-up
+    ``#silence`` turn moves the dialogue on, nor does an empty final; the close comes
+    without an Error (nothing was lost). The client's own InputAudioStreamClose of such
+    an utterance still gives the #silence turn (the protocol's rule)."""
+    for result in (Heard("silence", at_ms=800), Heard("final", "", 0.0)):
+        conn = ready()
+        stream = opened(conn).stream
+        assert conn.server_draining() == [FinishListening(stream)]
+        assert conn.heard(stream, result) == []
+        assert state(conn) is State.IDLE
+        assert not conn.hearing
+        assert conn.server_restart(unanswered=False) == [RESTARTED]
     conn = ready()
     stream = opened(conn).stream
-    assert conn.server_draining() == [FinishListening(stream)]
+    assert send(conn, {"type": "InputAudioStreamClose"}) == [FinishListening(stream)]
     recognized, turn = conn.heard(stream, Heard("silence", at_ms=800))
     assert frames([recognized]) == [{"type": "Recognized", "text": "#silence", "isFinal": True}]
     assert isinstance(turn, StartTurn)
