@@ -45,6 +45,31 @@ full; :data:`TRANSITIONS` is the same state machine):
    resumes only at its final, if that holds no interruption. ``barge_in_max_backchannel_ms`` 0,
    or a carrier that is sent the whole answer at once (codec not ``realtime``: Plivo,
    Exotel, which cannot be paused): every such speech interrupts at once.
+
+   **Speech begun before a final.** The speech stage listens to one utterance at a
+   time; the caller may speak again after the endpointer ended the utterance heard and
+   before its final came (a recognizer behind the caller). That speech is placed by
+   when the utterance *ended*, not by when its final came: until that final it is not
+   judged (only the final decides), and once the final is taken the speech, if it goes
+   on, is heard from its onset (its own StartListening, the stage's kept audio giving
+   its start; :meth:`CarrierCall._heard_next`):
+
+   - the final made an input (a real interruption that cleared the bot, or any
+     utterance on the caller's floor): the bot's floor counts from the utterance's end,
+     so the speech is speech over the answer to it, paused and judged as any
+     (:meth:`CarrierCall._commit` ``since``): a real interruption cuts that answer off
+     and is the input after it (its ``heard`` is what the caller heard of the answer:
+     nothing, or of the bot cut off before when that answer had not started); a
+     backchannel lets it play. Speech the endpointer confirms only after the final
+     (it began just before) is treated the same way;
+   - the final was a backchannel, filler or noise over the bot: the bot is not resumed
+     over the caller speaking again; it stays paused and the new speech is judged;
+   - the final held no words on the caller's floor: the new speech is the next
+     utterance.
+
+   Speech that began and also ended before that final (a recognizer a whole utterance
+   behind) is not heard, nor the start of speech older than the audio the stage keeps
+   (:attr:`CarrierCall.keep_ms`).
 5. DTMF (:class:`~gateway.callcodec.Digit`): ``digit`` or ``collect`` mode, as Twilio.
    Keys collected when the stream ends (no ``#`` or pause yet) are still the caller's
    input, as Twilio's ``<Gather>`` submits the digits typed before a hang-up (step 6).
@@ -774,6 +799,9 @@ class CarrierCall:
         """Stream time (ms) up to which the utterance's audio has been recognised, so
         :attr:`partial` covers the speech up to there (None: unknown, taken as now)."""
         self._held_at: int | None = None
+        self._heard_end: int | None = None
+        """Audio time the endpointer ended the utterance listened to last (None: not yet):
+        speech with an onset from then on is the caller's next speech (:meth:`_heard_next`)."""
         self._judging = False  # resumed early: the utterance's final is still judged
         self._judged: tuple[int, int] | None = None  # (onset, voiced end) when it resumed
         self.extra_parameters: dict[str, str] = {}
@@ -1034,6 +1062,8 @@ class CarrierCall:
         ``barge_in_max_backchannel_ms``; the silence timeout and the DTMF pause are
         checked here too (once per inbound frame).
         """
+        if self.onset_ms is not None and onset_ms is None and self._heard_end is None:
+            self._heard_end = self.now_ms  # the utterance listened to ended: its final comes
         self.onset_ms = onset_ms
         self.voiced_ms = (
             0 if onset_ms is None else self.speech_ms if voiced_ms is None else voiced_ms
@@ -1097,13 +1127,17 @@ class CarrierCall:
         ended it, and the end may be a pause within a sentence ("hold on, | that is not
         what I asked" ends at the comma on the short end of turn, its partial "although",
         its final "all gone"): resuming there played the bot over the caller until the
-        final cleared it."""
+        final cleared it. Speech the caller begins then (before that final) is not this
+        utterance: it is neither judged nor resumed on here (its voiced length, the old
+        partial), but heard once the final decided (:meth:`heard`)."""
         cfg = self.config
+        onset = self.onset_ms
+        if onset is None or self._heard_end is not None:
+            # the utterance ended: its final is on its way; speech begun since is the
+            # caller's next, heard once that final decided (_heard_next), not judged as it
+            return []
         if self.voiced_ms >= cfg.barge_in_max_backchannel_ms:
             return self._barge_in()
-        onset = self.onset_ms
-        if onset is None:
-            return []  # the utterance ended: its final is on its way
         voiced_end = onset + self.voiced_ms
         quiet = self.now_ms - voiced_end >= cfg.barge_in_resume_ms
         heard = self.heard_to_ms
@@ -1159,9 +1193,10 @@ class CarrierCall:
     def _silence_the_bot(self) -> list[CallAction]:
         """Drop the bot's queued audio and the rest of its turn's output; the next input
         says what of it was heard (:data:`~gateway.events.HEARD`)."""
+        cut = (self.turn is not None and not self.turn.discarded) or self.marks.outstanding
         if self.turn is not None:
             self.turn.discarded = True
-        if self.turn is not None or self.marks.outstanding:
+        if cut:  # (a turn cut off before, by the caller's speech just before: as it was)
             stop = self.now_ms if self._held_at is None else self._held_at
             heard, unheard = self.playout.cut(stop)
             self.interruption = {INTERRUPTED: True, HEARD: heard, UNHEARD: unheard}
@@ -1193,6 +1228,7 @@ class CarrierCall:
     def _listen(self, *, interrupted: bool) -> list[CallAction]:
         self._silence_at = None
         self._interrupted = interrupted
+        self._heard_end = None
         onset = self.now_ms if self.onset_ms is None else self.onset_ms
         self.stream = next(self._streams)
         return [StartListening(self.stream, self.listen_format, from_ms=onset - PREROLL_MS)]
@@ -1258,10 +1294,12 @@ class CarrierCall:
 
     # -------------------------------------------------------------- the floor
 
-    def _commit(self, text: str) -> list[CallAction]:
-        """Make ``text`` the next input (state -> bot); it starts when nothing runs."""
+    def _commit(self, text: str, *, since: int | None = None) -> list[CallAction]:
+        """Make ``text`` the next input (state -> bot); it starts when nothing runs. The
+        bot's floor counts from ``since`` (audio ms; None: now): speech begun from then on
+        is speech over the bot (:meth:`_may_barge_in`), heard when the floor passes."""
         self.machine.advance(INPUT)
-        self._bot_since = self.now_ms
+        self._bot_since = self.now_ms if since is None else since
         self._silence_at = None
         self.pending = text  # the latest input wins
         return self._advance()
@@ -1309,23 +1347,59 @@ class CarrierCall:
         floor again with a fresh silence timeout (a cough is not an input). Speech over
         the bot that is no real interruption (module doc step 4) resumes it (or, judged
         after an early resume, is forgotten).
+
+        Speech the caller began after the endpointer ended this utterance (before this
+        result came) and still going is heard now, from its onset (module doc step 4,
+        "Speech begun before a final"): over the bot's answer when the result made an
+        input, held on (no ResumePlayback) when it was no interruption over the bot, the
+        next utterance when it was nothing on the caller's floor.
         """
         state = self.state
         text = text.strip() if kind == "final" else ""
         judging = state is State.BOT and self._judging
+        ended = self._heard_end  # speech begun since then is the caller's next (_heard_next)
         if state is State.HOLDING or judging:
             if self._is_interruption(text, final=True, confidence=confidence):
-                return [*self._barge_in(), *self._commit(text)]
+                actions = [*self._barge_in(), *self._commit(text, since=ended)]
+                return [*actions, *self._heard_next()]
             self._judging = False
-            return [] if judging else self._resume()
+            if judging:
+                return []
+            if self._speaks_on():  # over the bot still: held on, the next speech judged
+                self.partial = ""
+                return self._listen(interrupted=True)
+            return self._resume()
         if state is not State.HEARING:
             return []
-        if text:
-            return self._commit(text)
-        if self._interrupted:
-            return self._commit(FALLBACK)
+        if text or self._interrupted:
+            return [*self._commit(text or FALLBACK, since=ended), *self._heard_next()]
         self.machine.advance(NOISE)
         self._silence_at = self.now_ms + self.config.silence_timeout_ms
+        return self._heard_next()
+
+    def _speaks_on(self) -> bool:
+        """Whether the caller's next speech (begun after the utterance listened to ended,
+        before its final) goes on now, long enough to be speech over the bot."""
+        onset, ended = self.onset_ms, self._heard_end
+        return (
+            onset is not None
+            and ended is not None
+            and onset >= ended
+            and self.speech_ms >= self.config.barge_in_min_speech_ms
+        )
+
+    def _heard_next(self) -> list[CallAction]:
+        """After an utterance's final was taken: the caller's speech begun after the
+        endpointer ended that utterance (before its final came) and still going is heard
+        now, from its onset (module doc step 4): on the bot's floor as speech over the
+        bot (the floor counts from the utterance's end, :meth:`_commit`), on the caller's
+        as the next utterance."""
+        if not self._speaks_on():
+            return []
+        if self.state is State.CALLER:
+            return self._hear(interrupted=False)
+        if self.state is State.BOT and self._may_barge_in():
+            return self._hold() if self.holds else self._barge_in()
         return []
 
     def listener_failed(self) -> list[CallAction]:
@@ -1338,7 +1412,7 @@ class CarrierCall:
             return []
         if self.state is not State.HEARING:
             return []
-        return self._commit(FALLBACK)
+        return [*self._commit(FALLBACK, since=self._heard_end), *self._heard_next()]
 
     # -------------------------------------------------------------- turns
 

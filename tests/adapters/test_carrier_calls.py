@@ -34,8 +34,10 @@ from gateway.sessions import Session
 from gateway.settings import Settings
 from gateway.speech.audio import Pcm
 from gateway.speech.service import SpeechService
+from gateway.speech.stage import SpeechStage
 from gateway.speech.tts import PiperSynthesizer
 from gateway.speech.tts_cache import MemoryTtsCache
+from gateway.speech.types import Heard
 from gateway.turn import TurnContext
 from tests.adapters.carrier_harness import Received
 from tests.adapters.carriers import Carrier, Scripted
@@ -278,6 +280,88 @@ async def test_a_pause_within_a_real_interruption_does_not_resume_the_bot_before
         clear = call.clears()[0].at
         switches = [name for name, at in playback_switches if at < clear]
         assert switches == ["pause"], switches
+
+
+FIRST = "play some music please"
+"""What the caller says first in the tests of speech begun before a final (the corpus')."""
+
+
+@pytest.fixture
+def late_first_final(monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
+    """The recognizer's final of the call's first utterance comes late: the endpointer
+    ended that utterance, and its final is given (the real recognizer's) only once the
+    endpointer has heard the caller start speaking again (a recognizer behind the
+    caller, as on a loaded machine). The event is set when that final is due: the test
+    has the caller speak again then."""
+    original_final, original_hear = SpeechStage._final, SpeechStage.hear
+    due, onset = asyncio.Event(), asyncio.Event()
+
+    def hear(self: SpeechStage, chunk: bytes) -> list[Heard]:
+        onsets = original_hear(self, chunk)
+        if onsets and due.is_set():
+            onset.set()  # the next speech's onset, confirmed
+        return onsets
+
+    async def final(self: SpeechStage, at_ms: int) -> Heard:
+        if not due.is_set():
+            due.set()
+            await asyncio.wait_for(onset.wait(), 20)
+        return await original_final(self, at_ms)
+
+    monkeypatch.setattr(SpeechStage, "hear", hear)
+    monkeypatch.setattr(SpeechStage, "_final", final)
+    return due
+
+
+@each([TWILIO, PLIVO])
+async def test_speech_begun_before_the_final_of_speech_over_the_bot_is_heard(
+    carrier: Carrier,
+    speech: SpeechService,
+    corpus: dict[str, Pcm],
+    late_first_final: asyncio.Event,
+) -> None:
+    """The caller speaks over the intro (Twilio: paused, then cleared as a real
+    interruption; Plivo: cleared at once), pauses, and speaks again before the final of
+    the first sentence came: the first sentence is an input, and so is the second, heard
+    from its onset as speech over the answer to the first. Before, the second speech was
+    never recognised (no listening for it), and the call waited for the next speech."""
+    async with (
+        carrier.gateway(speech, **carrier.barge_in) as (gw, _),
+        carrier.dial(gw.url, mic_speed=1.0, play_speed=1.0) as call,
+    ):
+        await call.wait_for(lambda: bool(call.media_frames()))
+        await asyncio.sleep(1.0)
+        call.say(corpus[FIRST])
+        await asyncio.wait_for(late_first_final.wait(), 20)  # the endpointer ended it
+        call.say(corpus[SENTENCE])
+        await gw.wait_turns(3, within_s=30)
+        first, second = gw.core.turns[1][0], gw.core.turns[2][0]
+        assert first, first
+        assert not first.startswith("#"), first
+        assert wer([(SENTENCE, normalise(second))]) <= 0.34, second
+        assert call.clears()  # the intro was cut off
+
+
+async def test_speech_begun_before_the_final_on_the_caller_s_floor_is_heard(
+    speech: SpeechService, corpus: dict[str, Pcm], late_first_final: asyncio.Event
+) -> None:
+    """The caller's floor (the intro played out): a sentence, a pause that ends it, and a
+    second sentence begun before the first one's final came. Both are inputs; before, the
+    second was lost (it began before the bot's floor, so it was neither speech over the
+    bot nor the caller's next utterance)."""
+    async with (
+        TWILIO.gateway(speech) as (gw, _),
+        TWILIO.dial(gw.url, mic_speed=4.0) as call,
+    ):
+        await gw.wait_answers(call, 1)
+        call.say(corpus[FIRST])
+        await asyncio.wait_for(late_first_final.wait(), 20)
+        call.say(corpus[SENTENCE])
+        await gw.wait_turns(3, within_s=30)
+        first, second = gw.core.turns[1][0], gw.core.turns[2][0]
+        assert first, first
+        assert not first.startswith("#"), first
+        assert wer([(SENTENCE, normalise(second))]) <= 0.34, second
 
 
 @each(ALL)

@@ -477,3 +477,185 @@ def test_the_settings_name_the_backchannels_and_the_bound() -> None:
     assert config.barge_in_backchannels == ("gotcha", "right")
     assert config.barge_in_max_backchannel_ms == 900
     assert content_words("gotcha", config.barge_in_backchannels) == []
+
+
+# ------------------------------------------------------------------ speech before a final
+
+
+def end_then_speak_again(call: TwilioCall, onset: int) -> int:
+    """The held utterance (from ``onset``) is voiced 300 ms and ended by the endpointer;
+    80 ms later, before its final came, the caller speaks again for 200 ms: that speech's
+    onset. Nothing is decided meanwhile (only the first utterance's final decides)."""
+    assert frames(call, 15, onset=onset, voiced=300) == []
+    assert frames(call, 4) == []  # the endpointer ended it
+    assert call.state is State.HOLDING
+    again = call.now_ms
+    assert frames(call, 10, onset=again, voiced=10_000) == []  # not judged as the first
+    assert call.state is State.HOLDING
+    return again
+
+
+def test_speech_begun_before_the_final_that_clears_the_bot_is_heard_next() -> None:
+    """ "wait" over the bot, a pause the endpointer ends it at, then "I want to change my
+    order" before the recognizer's final of "wait" came (a recognizer behind the caller):
+    that final clears the bot and is the next input; the second speech is then heard
+    from its onset (its own StartListening, preroll included) as speech over the bot's
+    next turn. Its words interrupt that turn and are the input after it. Before, the
+    second speech started no listening: its words were never recognised."""
+    call = started()
+    say_item(call, "Thank you for calling the pizza shop.", SECOND * 3)
+    call.turn_event(ResponseEvent(response=Response()))
+    assert call.turn_finished() == []  # the greeting's audio plays on
+    onset = hold(call)
+    again = end_then_speak_again(call, onset)
+    actions = call.heard("final", "wait", 0.9)
+    assert [type(a) for a in actions] == [Interrupt, StartTurn, PausePlayback, StartListening]
+    turn, listen = actions[1], actions[3]
+    assert isinstance(turn, StartTurn)
+    assert isinstance(listen, StartListening)
+    assert turn.input.text == "wait"
+    assert turn.input.attributes[INTERRUPTED] is True
+    assert listen.from_ms == again - 300  # the second speech from its onset (the preroll)
+    assert listen.stream == call.stream
+    assert call.state is State.HOLDING  # over the answer to "wait" (not played yet)
+    [interrupt] = call.interim("i want to change my order")
+    assert isinstance(interrupt, Interrupt)
+    assert call.turn_event(BinaryEvent(data=SECOND)) == []  # the answer to "wait": dropped
+    call.turn_event(ResponseEvent(response=Response()))
+    assert call.turn_finished() == []
+    [second] = call.heard("final", "i want to change my order", 0.9)
+    assert isinstance(second, StartTurn)
+    assert second.input.text == "i want to change my order"
+    assert second.input.attributes[INTERRUPTED] is True
+
+
+def test_speech_begun_before_the_final_of_a_backchannel_holds_the_bot_on() -> None:
+    """ "yeah", ended, then "hold on what about the drinks" before the final of "yeah":
+    that final is no interruption, but the bot is not resumed over the caller speaking
+    again (it was, until that speech held it anew): it stays paused and the new speech
+    is heard from its onset and judged; its words interrupt."""
+    call = started()
+    say_item(call, "Thank you for calling the pizza shop.", SECOND * 3)
+    onset = hold(call)
+    again = end_then_speak_again(call, onset)
+    [listen] = call.heard("final", "yeah", 0.9)
+    assert isinstance(listen, StartListening)
+    assert listen.from_ms == again - 300
+    assert call.state is State.HOLDING
+    assert frames(call, 5, onset=again, voiced=10_000) == []
+    [interrupt] = call.interim("hold on what about the drinks")
+    assert isinstance(interrupt, Interrupt)
+    call.turn_event(ResponseEvent(response=Response()))
+    assert call.turn_finished() == []  # the interrupted turn is over
+    [turn] = call.heard("final", "hold on what about the drinks", 0.9)
+    assert isinstance(turn, StartTurn)
+    assert turn.input.text == "hold on what about the drinks"
+    assert turn.input.attributes[INTERRUPTED] is True
+    # a backchannel after a backchannel: the bot resumes once that one is judged
+    call = started()
+    say_item(call, "Thank you for calling the pizza shop.", SECOND * 3)
+    onset = hold(call)
+    again = end_then_speak_again(call, onset)
+    assert [type(a) for a in call.heard("final", "yeah", 0.9)] == [StartListening]
+    assert frames(call, 25, onset=again, voiced=200) == [ResumePlayback()]
+    assert call.state is State.BOT
+
+
+def test_speech_begun_before_the_final_on_the_caller_s_floor_is_heard_over_the_answer() -> None:
+    """On the caller's floor: "I want a pizza", ended, then "with extra cheese" before its
+    final came. The final is the input; the speech after it was begun after the first
+    utterance's end, so it is speech over the bot's answer (paused and judged, its own
+    StartListening from its onset), not lost because it began before the final came."""
+    call = started()
+    say_item(call, "Hello.")
+    call.turn_event(ResponseEvent(response=Response()))
+    call.turn_finished()
+    assert call.receive(mark("1")) == []
+    assert state_of(call) is State.CALLER
+    frames(call, 5)
+    onset = call.now_ms
+    actions = frames(call, 8, onset=onset, voiced=10_000)
+    assert [type(a) for a in actions] == [StartListening]
+    assert state_of(call) is State.HEARING
+    assert frames(call, 40, onset=onset, voiced=600) == []
+    assert frames(call, 4) == []  # ended
+    again = call.now_ms
+    assert frames(call, 10, onset=again, voiced=10_000) == []
+    actions = call.heard("final", "i want a pizza", 0.9)
+    assert [type(a) for a in actions] == [StartTurn, PausePlayback, StartListening]
+    turn, listen = actions[0], actions[2]
+    assert isinstance(turn, StartTurn)
+    assert isinstance(listen, StartListening)
+    assert turn.input.text == "i want a pizza"
+    assert listen.from_ms == again - 300
+    assert call.state is State.HOLDING
+    # the same when the first utterance was noise: the speech after it is the utterance
+    call = started()
+    say_item(call, "Hello.")
+    call.turn_event(ResponseEvent(response=Response()))
+    call.turn_finished()
+    call.receive(mark("1"))
+    frames(call, 5)
+    onset = call.now_ms
+    frames(call, 8, onset=onset, voiced=10_000)
+    assert frames(call, 10, onset=onset, voiced=200) == []
+    assert frames(call, 4) == []
+    again = call.now_ms
+    assert frames(call, 10, onset=again, voiced=10_000) == []
+    [listen] = call.heard("silence", "")
+    assert isinstance(listen, StartListening)
+    assert listen.from_ms == again - 300
+    assert call.state is State.HEARING
+    [turn] = call.heard("final", "with extra cheese", 0.9)
+    assert isinstance(turn, StartTurn)
+    assert turn.input.text == "with extra cheese"
+
+
+def test_speech_confirmed_only_after_the_final_is_speech_over_the_answer() -> None:
+    """The second speech began after the first utterance's end but the endpointer
+    confirms its onset only after that utterance's final came (150 ms of voice): it is
+    speech over the answer all the same (the bot's floor counts from the utterance's
+    end, not from its final), not ignored as speech begun before the bot's turn."""
+    call = started()
+    say_item(call, "Hello.")
+    call.turn_event(ResponseEvent(response=Response()))
+    call.turn_finished()
+    call.receive(mark("1"))
+    frames(call, 5)
+    onset = call.now_ms
+    frames(call, 8, onset=onset, voiced=10_000)
+    assert frames(call, 20, onset=onset, voiced=300) == []
+    assert frames(call, 2) == []  # ended
+    again = call.now_ms
+    assert frames(call, 4) == []  # speaking again, not confirmed yet
+    [turn] = call.heard("final", "i want a pizza", 0.9)
+    assert isinstance(turn, StartTurn)
+    actions = frames(call, 4, onset=again, voiced=10_000)  # confirmed: 160 ms of speech
+    assert [type(a) for a in actions] == [PausePlayback, StartListening]
+    listen = actions[1]
+    assert isinstance(listen, StartListening)
+    assert listen.from_ms == again - 300
+
+
+def test_a_bot_cut_off_twice_before_it_spoke_again_keeps_what_was_heard() -> None:
+    """The greeting is cut off by "wait" while its turn still runs (the input waits for
+    it), and the speech begun before that final interrupts again: the bot said nothing
+    in between, so the next input carries what was heard of the greeting, not an empty
+    ``heard`` of the second cut."""
+    call = started()
+    say_item(call, "Your order of two pizzas will arrive in thirty minutes.", SECOND * 3)
+    onset = hold(call)
+    end_then_speak_again(call, onset)
+    actions = call.heard("final", "wait", 0.9)
+    assert [type(a) for a in actions] == [Interrupt, PausePlayback, StartListening]
+    heard = call.interruption
+    assert heard is not None
+    assert heard[HEARD] == "Your"
+    [interrupt] = call.interim("i want to change my order")
+    assert isinstance(interrupt, Interrupt)
+    assert call.interruption == heard
+    call.turn_event(ResponseEvent(response=Response()))
+    assert call.turn_finished() == []
+    [turn] = call.heard("final", "i want to change my order", 0.9)
+    assert isinstance(turn, StartTurn)
+    assert turn.input.attributes == heard
