@@ -68,8 +68,9 @@ full; :data:`TRANSITIONS` is the same state machine):
      utterance.
 
    Speech that began and also ended before that final (a recognizer a whole utterance
-   behind) is not heard, nor the start of speech older than the audio the stage keeps
-   (:attr:`CarrierCall.keep_ms`).
+   behind) is not heard, nor the start of speech whose onset is older than the audio
+   the stage keeps (:attr:`CarrierCall.keep_ms`: a final later than
+   :data:`FINAL_LAG_MS`).
 5. DTMF (:class:`~gateway.callcodec.Digit`): ``digit`` or ``collect`` mode, as Twilio.
    Keys collected when the stream ends (no ``#`` or pause yet) are still the caller's
    input, as Twilio's ``<Gather>`` submits the digits typed before a hang-up (step 6).
@@ -161,6 +162,11 @@ CLOSE_POLICY: Final = 1008
 """Close code for a stream that is not the call its token was issued for (or no start)."""
 PREROLL_MS: Final = 300
 """Audio before a voice onset handed to the listener (word beginnings are soft)."""
+FINAL_LAG_MS: Final = 2000
+"""How late (audio ms after the onset was confirmed) an utterance's final may come while
+the caller speaks again and that speech is still heard from its onset (module doc step
+4, "Speech begun before a final"): the speech stage keeps that much more audio
+(:attr:`CarrierCall.keep_ms`; 2.45 s at the defaults, ~80 KB a call at 8 kHz)."""
 TTS: Final = TtsRequest("audio", "wav")
 """What a call asks of the turn engine before its media format is known: each item's
 speech as WAV after it (decoded to PCM, then encoded by the codec)."""
@@ -848,7 +854,7 @@ class CarrierCall:
     def keep_ms(self) -> int:
         """Audio the speech stage must keep for a StartListening's ``from_ms`` (ms)."""
         cfg = self.config
-        return max(cfg.barge_in_min_speech_ms, cfg.vad_min_speech_ms) + PREROLL_MS + 500
+        return max(cfg.barge_in_min_speech_ms, cfg.vad_min_speech_ms) + PREROLL_MS + FINAL_LAG_MS
 
     @property
     def listen_format(self) -> AudioFormat:

@@ -46,7 +46,7 @@ from tests.adapters.plivo.harness import CARRIER as PLIVO
 from tests.adapters.streamed import assert_streamed
 from tests.adapters.telnyx.harness import CARRIER as TELNYX
 from tests.adapters.twilio.harness import CARRIER as TWILIO
-from tests.adapters.twilio.helpers import until
+from tests.adapters.twilio.helpers import Served, until
 from tests.adapters.twilio.test_calls import Goodbye
 from tests.adapters.vonage.harness import CARRIER as VONAGE
 from tests.calls.carrier_api import logged_transfers
@@ -313,6 +313,17 @@ def late_first_final(monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
     return due
 
 
+async def second_heard(gw: Served) -> None:
+    """Wait until the second sentence (:data:`SENTENCE`) is the core's latest input (the
+    first one's is before it, unless it was judged no interruption of the bot)."""
+
+    def heard() -> bool:
+        text = normalise(gw.core.turns[-1][0])
+        return len(gw.core.turns) > 1 and wer([(SENTENCE, text)]) <= 0.34
+
+    assert await until(heard, 30), gw.core.turns
+
+
 @each([TWILIO, PLIVO])
 async def test_speech_begun_before_the_final_of_speech_over_the_bot_is_heard(
     carrier: Carrier,
@@ -334,11 +345,7 @@ async def test_speech_begun_before_the_final_of_speech_over_the_bot_is_heard(
         call.say(corpus[FIRST])
         await asyncio.wait_for(late_first_final.wait(), 20)  # the endpointer ended it
         call.say(corpus[SENTENCE])
-        await gw.wait_turns(3, within_s=30)
-        first, second = gw.core.turns[1][0], gw.core.turns[2][0]
-        assert first, first
-        assert not first.startswith("#"), first
-        assert wer([(SENTENCE, normalise(second))]) <= 0.34, second
+        await second_heard(gw)
         assert call.clears()  # the intro was cut off
 
 
@@ -351,17 +358,14 @@ async def test_speech_begun_before_the_final_on_the_caller_s_floor_is_heard(
     bot nor the caller's next utterance)."""
     async with (
         TWILIO.gateway(speech) as (gw, _),
-        TWILIO.dial(gw.url, mic_speed=4.0) as call,
+        TWILIO.dial(gw.url, mic_speed=1.0) as call,
     ):
         await gw.wait_answers(call, 1)
         call.say(corpus[FIRST])
         await asyncio.wait_for(late_first_final.wait(), 20)
         call.say(corpus[SENTENCE])
-        await gw.wait_turns(3, within_s=30)
-        first, second = gw.core.turns[1][0], gw.core.turns[2][0]
-        assert first, first
-        assert not first.startswith("#"), first
-        assert wer([(SENTENCE, normalise(second))]) <= 0.34, second
+        await second_heard(gw)
+        assert len(gw.core.turns) == 3, gw.core.turns  # the first sentence an input too
 
 
 @each(ALL)
