@@ -654,7 +654,8 @@ class Following:
     own answer (earlier turns' rest, which a newer answer superseded), so the mark of a
     session whose client never resumes does not stay below them for good. Outbox or bus
     failures are logged, never raised. A :data:`NOTE` on the session's topic calls
-    ``noted`` (which must not raise) as it wakes the follow task.
+    ``noted`` with that session's key (which must not raise) as it wakes the follow
+    task: the key it followed then, which may no longer be the connection's session.
     """
 
     def __init__(
@@ -663,12 +664,13 @@ class Following:
         deliver: Deliver,
         *,
         idle_s: float = 30.0,
-        noted: Callable[[], Awaitable[None]] | None = None,
+        noted: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         self.journal = journal
         self._deliver = deliver
         self._noted = noted
-        """Called (in the follow task) after a wake that carried a :data:`NOTE`."""
+        """Called (in the follow task) after a wake that carried a :data:`NOTE`, with the
+        key of the session whose topic it came on."""
         self._idle_s = idle_s
         self._task: asyncio.Task[None] | None = None
         self._follower: Follower | None = None
@@ -718,7 +720,7 @@ class Following:
                     if follower.noted:
                         follower.noted = False
                         if self._noted is not None:
-                            await self._noted()
+                            await self._noted(follower.key)
         except (BusUnavailable, OutboxError) as exc:
             log.log(outage_level(exc), "outbox not followed: %s", exc)
         finally:

@@ -177,6 +177,12 @@ Decisions where the spec is silent:
   One too long to keep is kept as :func:`lost_answer`: ``error answer-lost`` and
   ``completed`` with ``reason: "error"``. :attr:`VoiceflowConnection.answer_begun` tells
   the I/O layer whether a kept answer may still go out before the running action's own.
+  Kept answers are the handshake's that resumed their session: they go out after its
+  ``client.started``, never before a ``client.started`` nor split by one. A second
+  ``client.start`` on the connection is answered after kept answers already going out;
+  those not yet taken then go out after its ``client.started`` when it resumes the same
+  session, and stay kept for the session's next connection when it does not (no key,
+  another session's, or ``session.create``): they are not for a client that left it.
 - ``client.start`` again (not while an action runs) re-does the handshake;
   ``session.create`` in a ready connection replaces its session.
 - After the turn: ``action.status completed`` and then, when the engine deleted the

@@ -61,8 +61,14 @@ Operations:
   them) once it follows that topic, after ``client.started``; one that follows it when
   an answer is announced takes it then: before its own action's answer begins, or after
   it (``_Client.answering``: the two never interleave). Delivered answers are not kept;
-  a connection gone before it was told keeps them again. At shutdown the detached
-  actions are waited for (as long as a turn may take) so their answers are kept.
+  a connection gone before it was told keeps them again. The client's events are
+  received under ``_Client.answering`` too, so kept answers are never preceded or split
+  by a second ``client.started``; a notice that lands while a client.start is answered is
+  left to that handshake (it takes them after its ``client.started`` when it resumes the
+  session), and one for a session the connection left by a later handshake (it still
+  listens to the old topic until it has a new session) is ignored: the answer stays kept.
+  At shutdown the detached actions are waited for (as long as a turn may take) so their
+  answers are kept.
 - **Graceful shutdown.** ``server.restart`` goes to every client connected to this
   process, then their Engine.IO sessions are closed, which makes socket.io clients
   reconnect (to another instance behind the load balancer). Actions running then get
@@ -161,6 +167,10 @@ IDLE_RETRY_S = 60.0
 """When the store cannot say whether an idle session is gone, ask again after this (s)."""
 ANSWER_STORE = "answer-store"
 """The ``component:`` of the log lines of a kept-answer store that failed (gateway/answers.py)."""
+_NOT_NOW = frozenset({State.STARTING, State.ENDING, State.DETACHED, State.CLOSED})
+"""Connection states in which answers kept for the session are not taken (yet): a
+client.start is being answered (:meth:`VoiceflowServer._take_due`), the running action's
+answer ended the session, or the client left."""
 TAKES_KEPT: frozenset[SessionCheck] = frozenset({"found", "creating", "not-found", "stale"})
 """The store's answers to a client.start's sessionKey after which the answers kept for
 its session are taken and delivered (after ``client.started``): not when the store
@@ -623,6 +633,10 @@ class _Client:
     answering: asyncio.Lock = field(default_factory=asyncio.Lock)
     """Held while a turn's actions are carried out, while kept answers are taken and
     delivered, and while pushed items go out: none of them interleave."""
+    handshake_key: str | None = None
+    """The store key of the session the client's last handshake (an accepted client.start,
+    session.create) put it in (None: none): a notice of an answer kept for another session
+    is not the client's (:meth:`VoiceflowServer._kept_announced`)."""
     pushes_held: bool = False
     """Pushed items were not sent because kept answers were still due (they go first:
     :meth:`VoiceflowServer._pushed`); caught up on once those went out."""
@@ -1054,8 +1068,18 @@ class VoiceflowServer:
             # timeout runs from the last action, whatever else the client sends). A watch
             # that ended meanwhile (it woke while a client.start was answered, state
             # starting: no idle session then) is armed again, the state back as it was.
-            idle = (conn.state, conn.session_id, conn.idle_timeout_s())
-            await self._do(client, conn.receive(event, args))
+            async with client.answering:  # (received once a kept answer going out is out)
+                idle = (conn.state, conn.session_id, conn.idle_timeout_s())
+                start, session_id, due = conn.start, conn.session_id, client.kept_due
+                client.kept_due = None  # (a handshake that resumes a session sets its own)
+                try:
+                    await self._do(client, conn.receive(event, args))
+                finally:
+                    if conn.start is start and conn.session_id == session_id:
+                        client.kept_due = client.kept_due or due  # no new handshake: still due
+                    else:  # a new handshake: what was due of the session before is not its own
+                        client.handshake_key = conn.session_key
+                        client.pushes_held = client.pushes_held and client.kept_due is not None
             await self._follow(client)
             if client.kept_due is not None:  # resumed: what was kept, once the rest is announced
                 if client.following is not None:
@@ -1206,11 +1230,25 @@ class VoiceflowServer:
                 exc,
             )
 
-    async def _kept_announced(self, client: _Client) -> None:
-        """An answer was kept for the client's session (:meth:`_announce_kept`): take and
-        deliver it (:meth:`_take_due`). Never raises."""
-        following = client.following
-        client.kept_due = following.key if following is not None else client.conn.session_key
+    async def _kept_announced(self, client: _Client, key: str) -> None:
+        """An answer was kept for session ``key`` (:meth:`_announce_kept`, on the topic the
+        client's :class:`~gateway.outbox.Following` listened to): take and deliver it
+        (:meth:`_take_due`) when the client's last handshake put it in that session
+        (``_Client.handshake_key``; the session may have ended since); else (a client.start
+        without the key, or with another session's, or session.create, came since: the
+        connection follows the old topic until it has a new session) it is not the
+        client's and stays kept for the session's next connection. While a client.start is
+        being answered (state ``starting``) nothing: that handshake decides, and takes it
+        after its ``client.started`` when it resumes the session (the answer was kept
+        before it was announced). Never raises."""
+        if client.conn.state is State.STARTING or key != client.handshake_key:
+            log.debug(
+                "kept answer of session %s not taken here: a client.start is answered, "
+                "or the connection left the session",
+                session_ref(key),
+            )
+            return
+        client.kept_due = key
         await self._take_due(client)
 
     async def _take_due(self, client: _Client) -> None:
@@ -1219,15 +1257,21 @@ class VoiceflowServer:
         has not begun (an old turn held the session: its answer comes first, and the
         running one's waits for it, ``client.answering``); else after that action
         (:meth:`_forward`), so the two never interleave; then the pushes that waited for
-        them (:meth:`_pushed`). Never raises."""
+        them (:meth:`_pushed`). Not while a client.start is being answered (state
+        ``starting``): a new handshake decides what is due (:meth:`_event`: when it resumes
+        the session, taken after its ``client.started``; else left kept for the session's
+        next connection). The client's events are received under ``client.answering``, so
+        one that comes while kept answers go out is answered after them (a second
+        ``client.started`` never precedes or splits the answers the first one's
+        client.start took). Never raises."""
         conn = client.conn
         if client.kept_due is None or client.sid not in self._clients:
             return
-        if conn.answer_begun or conn.state in (State.ENDING, State.DETACHED, State.CLOSED):
+        if conn.answer_begun or conn.state in _NOT_NOW:
             return
         async with client.answering:
             key, client.kept_due = client.kept_due, None
-            if key is None or conn.answer_begun:  # (while waiting for the lock)
+            if key is None or conn.answer_begun or conn.state in _NOT_NOW:  # (meanwhile)
                 client.kept_due = client.kept_due or key
                 return
             try:  # (shielded: a take that ran is delivered, or kept again, even when the

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
+import types
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -266,6 +268,164 @@ async def test_an_answer_too_long_to_keep_is_kept_as_answer_lost() -> None:
                 "reason": "error",
             }
             await again.nothing_more()
+
+
+# ------------------------------------------- a second client.start, notices that race
+
+
+@dataclasses.dataclass
+class Step:
+    """A coroutine method of the server's parts wrapped by :func:`step`: the real one
+    runs, once ``go`` is set (held until then when made with ``held``)."""
+
+    go: asyncio.Event
+    calls: int = 0
+    """Calls begun."""
+    done: int = 0
+    """Calls the real method returned from (or raised)."""
+
+
+def step(monkeypatch: pytest.MonkeyPatch, obj: Any, name: str, *, held: bool = False) -> Step:
+    """Wrap coroutine method ``name`` of ``obj`` (an instance: the real method runs) to
+    count its calls and, with ``held``, hold each until the test sets ``go``."""
+    real = getattr(obj, name)
+    seen = Step(asyncio.Event())
+    if not held:
+        seen.go.set()
+
+    async def wrapped(*args: Any, **kwargs: Any) -> Any:
+        seen.calls += 1
+        await seen.go.wait()
+        try:
+            return await real(*args, **kwargs)
+        finally:
+            seen.done += 1
+
+    monkeypatch.setattr(obj, name, wrapped)
+    return seen
+
+
+def client_events(monkeypatch: pytest.MonkeyPatch, app: FastAPI) -> Step:
+    """Count the client events the app's Voiceflow server began to handle (its socket.io
+    catch-all handler, wrapped by :func:`step`)."""
+    handlers = app.state.voiceflow.sio.handlers["/"]
+    holder = types.SimpleNamespace(handle=handlers["*"])
+    seen = step(monkeypatch, holder, "handle")
+    monkeypatch.setitem(handlers, "*", holder.handle)
+    return seen
+
+
+def start_payload(session_key: str | None) -> dict[str, Any]:
+    """A client.start (:meth:`VoiceflowClient.start`'s) with ``session_key``."""
+    return {"userID": USER, "projectID": PROJECT, "sessionKey": session_key}
+
+
+async def test_an_answer_announced_during_a_second_client_start_comes_after_its_started(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A connection back while the old action runs sends client.start again (same key);
+    the old action ends while the store is asked about the session, so the notice of its
+    kept answer lands while that client.start is being answered. The answer went out at
+    once: ``action.trace``, ``action.status completed``, then ``client.started``. It now
+    comes after the ``client.started`` of the client.start that takes it, once."""
+    core = RecordingCore()
+    async with gateway_app(core) as (url, app):
+        gw = app.state.gateway
+        notices = step(monkeypatch, app.state.voiceflow, "_kept_announced")
+        takes = step(monkeypatch, answers_of(app), "take")
+        key = await leave_mid_action(url, core)
+        async with client(url) as again:
+            assert await again.start(key) is False
+            await until(lambda: takes.done == 1)  # (nothing yet) it follows the session's topic
+            finds = step(monkeypatch, gw.conversation, "find", held=True)
+            await again.emit("client.start", start_payload(key))
+            await until(lambda: finds.calls == 1)  # the second client.start is being answered
+            core.release.set()  # the old action ends: its answer is kept and announced
+            await until(lambda: notices.done == 1)  # the connection heard of it
+            finds.go.set()
+            assert await again.expect("client.started") == {"newSessionRequired": False}
+            await expect_first_answer(again)
+            assert await again.say("hello") == ["core heard hello"]
+            await again.nothing_more()
+        assert len(answers_of(app)) == 0
+
+
+async def test_a_notice_for_a_session_the_connection_left_is_ignored(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A connection resumed the session while its old action ran, then sent client.start
+    without a key (it starts anew: ``newSessionRequired: true``) and still listened to the
+    old session's topic. The old action's answer, announced there, was taken and sent to
+    it, a session it had left. It is now left kept for the session: the connection gets
+    it when it resumes that session again, after that ``client.started``."""
+    core = RecordingCore()
+    async with gateway_app(core) as (url, app):
+        notices = step(monkeypatch, app.state.voiceflow, "_kept_announced")
+        takes = step(monkeypatch, answers_of(app), "take")
+        key = await leave_mid_action(url, core)
+        async with client(url) as again:
+            assert await again.start(key) is False
+            await until(lambda: takes.done == 1)  # it follows the session's topic
+            assert await again.start(None) is True  # leaves it
+            core.release.set()
+            await until(lambda: notices.done == 1)
+            assert len(answers_of(app)) == 1  # not taken
+            assert await again.start(key) is False
+            await expect_first_answer(again)
+            await again.nothing_more()
+        assert len(answers_of(app)) == 0
+
+
+async def test_a_second_client_start_before_the_kept_answer_is_taken_leaves_it_kept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The client resumed its session (an answer is kept for it) and, before the gateway
+    took the answer (it waits until the connection follows the session's topic), sent
+    client.start again without a key: the kept answer went out after that second
+    ``client.started {newSessionRequired: true}``, in no session. It is now left kept: a
+    client.start with the key gets it after its own ``client.started``."""
+    core = RecordingCore()
+    async with gateway_app(core) as (url, app):
+        key = await leave_mid_action(url, core)
+        core.release.set()
+        await until(lambda: len(answers_of(app)) == 1)
+        following = step(monkeypatch, app.state.gateway.journal.outbox, "state", held=True)
+        async with client(url) as again:
+            assert await again.start(key) is False
+            await until(lambda: following.calls == 1)  # the topic is being subscribed to
+            assert await again.start(None) is True
+            following.go.set()
+            await until(lambda: following.done == 1)
+            assert await again.start(key) is False
+            await expect_first_answer(again)
+            await again.nothing_more()
+        assert len(answers_of(app)) == 0
+
+
+async def test_a_second_client_start_waits_for_the_kept_answer_going_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The kept answer is being taken (after the first ``client.started``) when the client
+    sends client.start again without a key: its ``client.started {newSessionRequired:
+    true}`` went out first, the old session's answer after it. The answer the first
+    client.start took now goes out whole before the second ``client.started``."""
+    core = RecordingCore()
+    async with gateway_app(core) as (url, app):
+        key = await leave_mid_action(url, core)
+        core.release.set()
+        await until(lambda: len(answers_of(app)) == 1)
+        events = client_events(monkeypatch, app)
+        takes = step(monkeypatch, answers_of(app), "take", held=True)
+        async with client(url) as again:
+            assert await again.start(key) is False
+            await until(lambda: takes.calls == 1)
+            await again.emit("client.start", start_payload(None))
+            await until(lambda: events.calls == 2)  # the server has it
+            takes.go.set()
+            await expect_first_answer(again)
+            assert await again.expect("client.started") == {"newSessionRequired": True}
+            await again.nothing_more()
+        assert len(answers_of(app)) == 0
 
 
 # ------------------------------------------------------ two instances, shared Redis
