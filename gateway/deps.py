@@ -63,8 +63,8 @@ class Gateway:
     """What runs at shutdown once the listening sockets are closed and before the open
     connections are (gateway/server.py ``GatewayServer``), concurrently: the routers' own
     (Twilio, Plivo, Telnyx, Vonage move their calls to another instance; Flowstorm V1 lets
-    running turns answer within :meth:`drain_left_s`); each bounds its time and never
-    raises."""
+    running turns answer within :meth:`drain_left_s`; Flowstorm V2 finishes the utterances
+    its realtime PUTs are hearing); each bounds its time and never raises."""
     before_close_runs: bool = False
     """A server that runs ``before_close`` at shutdown serves this Gateway: set by
     gateway/server.py ``GatewayServer`` (``gateway serve``) once started. Unset under

@@ -10,6 +10,7 @@ import signal
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,8 @@ from websockets.protocol import State
 from websockets.uri import parse_uri
 
 from adapters.flowstorm.v1.protocol import UTTERANCE_LOST_TEXT
+from adapters.flowstorm.v2.hearing import NOTHING_SAID_TEXT
+from adapters.flowstorm.v2.hearing import UTTERANCE_LOST_TEXT as UTTERANCE_LOST_TEXT_V2
 from gateway.speech.audio import Pcm, silence
 from tests.adapters.flowstorm.v1.helpers import (
     init_frame,
@@ -294,7 +297,8 @@ async def test_sigterm_a_realtime_put_answered_while_its_audio_still_arrives_get
     gateway_processes: list[GatewayProcess],
 ) -> None:
     """A realtime PUT running at SIGTERM is answered when its recognition ends (here:
-    silence), while the client still writes the audio it sent before the GET told it to
+    the shutdown finishes it, and its silence gives the 503 of source ``gateway``, no
+    turn), while the client still writes the audio it sent before the GET told it to
     stop. uvicorn, its keep-alive off for the shutdown, closed the connection with that
     input unread: the kernel reset it and the client lost the answer (httpx ReadError)
     of a turn that ran and was saved. The connection now lingers (FIN after the answer,
@@ -336,9 +340,9 @@ async def test_sigterm_a_realtime_put_answered_while_its_audio_still_arrives_get
         )
         assert (await following).status_code == 200
     exit_code = await asyncio.to_thread(process.wait, 30)
-    assert answer.status_code == 200
+    assert answer.status_code == 503
     lines = [json.loads(line) for line in answer.text.splitlines()]
-    assert lines[-1]["type"] == "Response", lines
+    assert [(e["type"], e["text"]) for e in lines] == [("Error", NOTHING_SAID_TEXT)], lines
     assert exit_code == 0
 
 
@@ -628,4 +632,185 @@ async def test_sigterm_a_v1_duplex_utterance_being_heard_is_answered_before_1012
     assert [i["text"] for i in told[-1]["response"]["items"]] == [f"You said: {recognized}"]
     assert ws.close_code == 1012
     assert await asyncio.to_thread(proc.proc.wait, 30) == 0
+    assert_nothing_failed(proc)
+
+
+# ------------------------------------------- Flowstorm V2: a realtime PUT's utterance at SIGTERM
+
+
+@dataclass
+class RealtimeAnswer:
+    """What a V2 client streaming a realtime PUT at SIGTERM got: the PUT's answer (or the
+    error that cut it) and the lines of its parallel GET."""
+
+    put: httpx.Response | BaseException
+    get_lines: list[str]
+
+
+async def realtime_put_at_sigterm(
+    proc: GatewayProcess, before: bytes, after: bytes, *, pace_before_s: float = 0.0
+) -> RealtimeAnswer:
+    """A V2 client (cookie from an ``#intro`` text turn, no TTS) streams a realtime PUT of
+    LINEAR16 at 16 kHz (``audio/basic``) with a parallel GET: ``before`` in 100 ms chunks
+    (every ``pace_before_s``), then SIGTERM to the gateway 0.2 s later (the chunks are
+    read by then, the stall bound of 2 s far), then 0.3 s later ``after`` at real-time
+    pace (a microphone still on) until the GET ends (recognition ended: the client stops
+    writing, as the spec says) or ``after`` runs out."""
+    process = proc.proc
+    assert process is not None
+    step = 16000 * 2 // 10  # 100 ms
+    async with httpx.AsyncClient(timeout=60) as client:
+        intro = await client.put(
+            f"{proc.url}/client?key=k&tts=None",
+            headers={"Content-Type": "text/plain"},
+            content="#intro",
+        )
+        assert intro.status_code == 200, intro.text
+        stop = asyncio.Event()
+
+        async def microphone() -> AsyncIterator[bytes]:
+            for start in range(0, len(before), step):
+                yield before[start : start + step]
+                await asyncio.sleep(pace_before_s)
+            await asyncio.sleep(0.2)
+            process.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.3)
+            for start in range(0, len(after), step):
+                if stop.is_set():
+                    return
+                yield after[start : start + step]
+                await asyncio.sleep(0.1)
+
+        async def follow() -> list[str]:
+            lines: list[str] = []
+            try:
+                async with client.stream("GET", f"{proc.url}/client?key=k") as got:
+                    async for line in got.aiter_lines():
+                        if line.strip():
+                            lines.append(line)
+            finally:
+                stop.set()
+            return lines
+
+        following = asyncio.create_task(follow())
+        await asyncio.sleep(0.3)  # the GET waits for the PUT's recognition (marker wait 3 s)
+        try:
+            put: httpx.Response | BaseException = await client.put(
+                f"{proc.url}/client?key=k&tts=None&realtime=1",
+                headers={"Content-Type": "audio/basic"},
+                content=microphone(),
+            )
+        except httpx.HTTPError as exc:  # the old code: cut by the server's shutdown
+            put = exc
+        get_lines = await asyncio.gather(following, return_exceptions=True)
+    lines = get_lines[0]
+    return RealtimeAnswer(put, lines if isinstance(lines, list) else [repr(lines)])
+
+
+def recording_core(arrived: list[str]) -> FastAPI:
+    """A core that answers ``You said: <text>`` at once, and records every turn's text."""
+    app = FastAPI()
+
+    @app.post("/turn")
+    async def turn(request: Request) -> JSONResponse:
+        text = (await request.json())["input"]["transcript"]["text"]
+        arrived.append(text)
+        return JSONResponse({"items": [{"text": f"You said: {text}"}]})
+
+    return app
+
+
+def talking_on(corpus: dict[str, Pcm], seconds: float) -> bytes:
+    """``seconds`` of speech without pauses (the corpus' sentences, unpadded, over and
+    over): no end of speech for the endpointer."""
+    sentences = [pcm_at(corpus[s], 16000, before_ms=0, after_ms=0) for s in (WEATHER, PLACE)]
+    talk = b""
+    while len(talk) < seconds * 32000:
+        talk += b"".join(sentences)
+    return talk[: int(seconds * 32000) // 2 * 2]
+
+
+async def test_sigterm_a_v2_realtime_put_being_heard_is_recognised_and_answered(
+    gateway_processes: list[GatewayProcess], corpus: dict[str, Pcm]
+) -> None:
+    """A V2 client speaking into a realtime PUT at SIGTERM (its utterance heard, no end of
+    speech: the microphone goes on talking) was not finished early: the utterance went on
+    (up to GATEWAY_MAX_AUDIO_S and more) past GATEWAY_SHUTDOWN_TIMEOUT_S, and the request
+    was cut (a dropped connection), what the user said lost. The utterance is now finished
+    at the signal as the body's end would finish it: the recognizer's final of what was
+    heard before the signal (the audio after it is dropped), the GET ends with it, and the
+    PUT answers: ``RecognizedInput``, the turn's items, the Response; then the gateway
+    exits 0."""
+    arrived: list[str] = []
+    async with serve(recording_core(arrived)) as core:
+        env = {"GATEWAY_PIPELINE": f"{core}/turn", "GATEWAY_SHUTDOWN_TIMEOUT_S": "10"}
+        proc = GatewayProcess(env).start()
+        gateway_processes.append(proc)
+        assert proc.proc is not None
+        speech = pcm_at(corpus[PLACE], 16000, after_ms=0)
+        got = await realtime_put_at_sigterm(proc, speech, talking_on(corpus, 20))
+        assert isinstance(got.put, httpx.Response), got.put
+        assert got.put.status_code == 200, got.put.text
+        lines = [json.loads(line) for line in got.put.text.splitlines()]
+        assert [e["type"] for e in lines] == ["RecognizedInput", "ResponseItem", "Response"], lines
+        recognized = lines[0]["input"]["transcript"]["text"]
+        assert close_to(PLACE, recognized), recognized
+        assert arrived == ["#intro", recognized]
+        assert lines[1]["responseItem"]["text"] == f"You said: {recognized}"
+        final = json.loads(got.get_lines[-1])
+        assert (final["isFinal"], final["input"]["transcript"]["text"]) == (True, recognized)
+        assert await asyncio.to_thread(proc.proc.wait, 30) == 0
+    assert_nothing_failed(proc)
+
+
+async def test_sigterm_a_v2_realtime_put_of_silence_only_gives_no_turn(
+    gateway_processes: list[GatewayProcess],
+) -> None:
+    """A realtime PUT in which nothing was said at SIGTERM (the microphone streams
+    silence) went on to its silence timeout and gave the ``#silence`` turn, a made-up
+    input moving the dialogue on though the user did not end the stream. It is now
+    finished at the signal with no turn: 503 with an ErrorEvent of source ``gateway``
+    (``Retry-After``), which the GET gets too."""
+    arrived: list[str] = []
+    async with serve(recording_core(arrived)) as core:
+        proc = GatewayProcess({"GATEWAY_PIPELINE": f"{core}/turn"}).start()
+        gateway_processes.append(proc)
+        assert proc.proc is not None
+        quiet = silence(1000, 16000).data
+        got = await realtime_put_at_sigterm(
+            proc, quiet, silence(20_000, 16000).data, pace_before_s=0.1
+        )
+        assert isinstance(got.put, httpx.Response), got.put
+        assert (got.put.status_code, got.put.headers.get("retry-after")) == (503, "1")
+        [error] = [json.loads(line) for line in got.put.text.splitlines()]
+        assert (error["type"], error["source"]) == ("Error", "gateway"), error
+        assert error["text"] == NOTHING_SAID_TEXT
+        assert [json.loads(line) for line in got.get_lines] == [error]
+        assert arrived == ["#intro"]  # no #silence turn
+        assert await asyncio.to_thread(proc.proc.wait, 30) == 0
+    assert_nothing_failed(proc)
+
+
+async def test_sigterm_a_v2_realtime_put_not_recognised_in_time_gets_the_error(
+    gateway_processes: list[GatewayProcess], corpus: dict[str, Pcm]
+) -> None:
+    """GATEWAY_SHUTDOWN_TIMEOUT_S 1 s leaves no time (less 1 s for the server) to
+    recognise the utterance being heard at SIGTERM: the request was cut (a dropped
+    connection, no error in V2's form). Now it is answered 503 with an ErrorEvent of
+    source ``gateway`` saying it was not recognised and no turn ran; no turn ran."""
+    arrived: list[str] = []
+    async with serve(recording_core(arrived)) as core:
+        env = {"GATEWAY_PIPELINE": f"{core}/turn", "GATEWAY_SHUTDOWN_TIMEOUT_S": "1"}
+        proc = GatewayProcess(env).start()
+        gateway_processes.append(proc)
+        assert proc.proc is not None
+        speech = pcm_at(corpus[PLACE], 16000, after_ms=0)
+        got = await realtime_put_at_sigterm(proc, speech, talking_on(corpus, 20))
+        assert isinstance(got.put, httpx.Response), got.put
+        assert got.put.status_code == 503, got.put.text
+        [error] = [json.loads(line) for line in got.put.text.splitlines()]
+        assert (error["type"], error["source"]) == ("Error", "gateway"), error
+        assert error["text"] == UTTERANCE_LOST_TEXT_V2
+        assert arrived == ["#intro"]
+        assert await asyncio.to_thread(proc.proc.wait, 30) == 0
     assert_nothing_failed(proc)

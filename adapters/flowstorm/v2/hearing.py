@@ -21,6 +21,13 @@ that + ``no_speech_grace_s`` of wall time; the utterance ends as heard when the
 client sends nothing for ``stall_s`` after speech started, and at the latest
 ``max_audio_s + total_grace_s`` after the start; after ``InputStreamClose`` the
 ``Input`` must come within ``text_wait_s`` (else 408).
+
+A graceful shutdown (:meth:`StreamedBody.server_draining`, at SIGTERM) finishes the
+utterance being heard as the body's end would (the recognizer's final of what was heard,
+then its turn), by a deadline the I/O layer gives (what GATEWAY_SHUTDOWN_TIMEOUT_S leaves
+less 1 s); a stream in which nothing was said gives no ``#silence`` turn (the user did not
+end it) and one not recognised by the deadline no turn either: both are refused with
+:class:`Restarting` (503, an ErrorEvent of source ``gateway``).
 """
 
 from __future__ import annotations
@@ -69,6 +76,29 @@ TEXT_WAIT_S: Final = 60.0
 """How long a realtime PUT waits for the Input after InputStreamClose (s)."""
 TOTAL_GRACE_S: Final = 10.0
 """Wall time past GATEWAY_MAX_AUDIO_S after which a realtime utterance ends (s)."""
+
+UTTERANCE_LOST_TEXT: Final = (
+    "The gateway is restarting and this utterance's answer was not ready in time: it was not "
+    "recognised and no turn ran; say it again."
+)
+"""The text of a realtime PUT whose utterance, finished at a graceful shutdown, was not
+recognised by the deadline (:meth:`StreamedBody.server_draining`): nothing of it is saved."""
+NOTHING_SAID_TEXT: Final = (
+    "The gateway is restarting and nothing was said in this stream yet: no turn ran; send it again."
+)
+"""The text of a realtime PUT in which nothing was said when a graceful shutdown finished
+it (:meth:`StreamedBody.server_draining`): no ``#silence`` turn, the user did not end it."""
+
+
+class Restarting(Exception):
+    """A realtime PUT refused because the gateway is shutting down gracefully (see
+    :meth:`StreamedBody.server_draining`): answer HTTP 503 with an ErrorEvent of source
+    ``gateway`` whose text is ``text`` (:data:`UTTERANCE_LOST_TEXT`,
+    :data:`NOTHING_SAID_TEXT`). Not a ProtocolError: the client made no mistake."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
 
 
 # ------------------------------------------------------------------ actions
@@ -197,6 +227,7 @@ class StreamedBody:
         self._published_done = False
         self._last_chunk = now
         self._switched: float | None = None
+        self._drain_until: float | None = None
 
     # -------------------------------------------------------------- the outcome
 
@@ -270,14 +301,18 @@ class StreamedBody:
 
     def heard(self, heard: Heard) -> list[Action]:
         """An event of the stage (or the file's recognition): interim results are
-        published; a final result or silence decides the outcome."""
+        published; a final result or silence decides the outcome. Raises
+        :class:`Restarting` (:data:`NOTHING_SAID_TEXT`) for silence, or a final with no
+        text, of an utterance finished by :meth:`server_draining`."""
         if heard.kind == "speech_started":
             self.speaking = True
         elif heard.kind == "interim":
             return [Publish(interim_message(self.rid, heard.text, heard.confidence))]
         elif heard.kind in ("final", "silence"):
-            self.heard_result = heard
             text = heard.text.strip()
+            if self._drain_until is not None and not (heard.kind == "final" and text):
+                raise Restarting(NOTHING_SAID_TEXT)  # no made-up #silence turn
+            self.heard_result = heard
             if heard.kind == "final" and text:
                 return self._done("final", text=text, confidence=heard.confidence)
             return self._done("silence")
@@ -292,11 +327,16 @@ class StreamedBody:
         if self._switched is not None:  # InputStreamClose or Input: waiting for the text / end
             return max(0.0, self._switched + self.text_wait_s - now)
         stalled = self._last_chunk + self.stall_s
-        return max(0.0, min(stalled if self.speaking else self._quiet, self._latest) - now)
+        latest = self._latest if self._drain_until is None else self._drain_until
+        return max(0.0, min(stalled if self.speaking else self._quiet, latest) - now)
 
     def timed_out(self) -> list[Action]:
         """A realtime wall-clock bound passed (see :meth:`timeout`): the utterance ends as
-        heard, or in silence; after the switch to text, the Input decides (408 without)."""
+        heard, or in silence; after the switch to text, the Input decides (408 without).
+        Past the deadline of :meth:`server_draining`: raises :class:`Restarting`
+        (:data:`UTTERANCE_LOST_TEXT`)."""
+        if self._drain_until is not None and self._switched is None:
+            raise Restarting(UTTERANCE_LOST_TEXT)
         if self._switched is not None:
             if self.typed is not None:  # the Input came; the body did not end: go on
                 self._outcome = Outcome(self.typed, [], self.logs)
@@ -310,6 +350,41 @@ class StreamedBody:
             return [FinishListening(STREAM)]
         cancel: list[Action] = [CancelListening(STREAM)] if self.listening else []
         return [*cancel, *self.heard(Heard("silence"))]
+
+    @property
+    def hearing_audio(self) -> bool:
+        """Whether a realtime body's audio is still heard: not decided, not switched to
+        text (what :meth:`server_draining` finishes)."""
+        return self.realtime and not self.decided and self._switched is None
+
+    def server_draining(self, now: float, until: float) -> list[Action]:
+        """The gateway begins a graceful shutdown (SIGTERM) at ``now``; the utterance must
+        be recognised by ``until`` (same clock, s: what GATEWAY_SHUTDOWN_TIMEOUT_S leaves
+        less 1 s), so its turn can answer before the server stops.
+
+        A realtime audio body not decided yet: ``[FinishListening]``, as the body's end
+        would finish it (the final of what was heard so far comes to :meth:`heard`, the
+        outcome is that final and its turn; audio after it is dropped). Raises
+        :class:`Restarting`: :data:`NOTHING_SAID_TEXT` when no audio came yet (and, later,
+        when the finished utterance holds nothing said: :meth:`heard`);
+        :data:`UTTERANCE_LOST_TEXT` when ``until`` is not after ``now`` (no time to
+        recognise it). ``[]`` otherwise (not realtime, decided, switched to text: the
+        Input decides; called before): nothing changes."""
+        if not self.hearing_audio or self._drain_until is not None:
+            return []
+        self._drain_until = until
+        if not self.listening:
+            raise Restarting(NOTHING_SAID_TEXT)
+        if until <= now:
+            raise Restarting(UTTERANCE_LOST_TEXT)
+        return [FinishListening(STREAM)]
+
+    def drain_expired(self) -> list[Action]:
+        """The deadline given to :meth:`server_draining` passed (the I/O layer cut whatever
+        the body was doing: audio still being fed, the utterance's FinishListening) and the
+        outcome is not known: always raises :class:`Restarting`, :data:`UTTERANCE_LOST_TEXT`
+        when audio was heard, else :data:`NOTHING_SAID_TEXT`."""
+        raise Restarting(UTTERANCE_LOST_TEXT if self.listening else NOTHING_SAID_TEXT)
 
     def ended(self) -> list[Action]:
         """The body ended: the outcome of all it held (after the actions returned)."""

@@ -85,6 +85,15 @@ nothing); the utterance ends as heard when the client sends nothing for STALL_S
 the start; after ``InputStreamClose`` the ``Input`` must come within
 TEXT_WAIT_S (60 s; else 408). The body's end ends the utterance too.
 
+Graceful shutdown (``gateway serve``, SIGTERM): :func:`_drain_hearings`, a Gateway
+``before_close`` hook, finishes every realtime PUT still hearing its audio as the body's
+end would (StreamedBody.server_draining: the final of the audio received so far; the GET
+ends, the PUT answers with the turn as usual, which the server waits for); its recognition
+must end within what GATEWAY_SHUTDOWN_TIMEOUT_S leaves less 1 s (Gateway.drain_left_s).
+One in which nothing was said, or not recognised by then, is answered 503 (``Retry-After``:
+:data:`RESTART_RETRY_AFTER_S`) with an ErrorEvent of source ``gateway``, no turn (no
+``#silence``: the user did not end the stream).
+
 Session: as for text, the ``flowstorm-session-id`` cookie or a new session; an audio
 or realtime PUT whose cookie names a session that is unknown (404) or another
 application's (403) is refused before its body is read, not after its audio was
@@ -142,7 +151,13 @@ from starlette.types import Receive, Scope, Send
 
 from adapters.flowstorm.events import NAMESPACE, RecognizedInputEvent, check_session_id
 from adapters.flowstorm.v2.hearing import Action as HearingAction
-from adapters.flowstorm.v2.hearing import Outcome, RecognizeFile, StreamedBody, heard_input
+from adapters.flowstorm.v2.hearing import (
+    Outcome,
+    RecognizeFile,
+    Restarting,
+    StreamedBody,
+    heard_input,
+)
 from adapters.flowstorm.v2.openapi import GET_CLIENT, PUT_CLIENT
 from adapters.flowstorm.v2.protocol import (
     ACCEPTED_TYPES,
@@ -206,7 +221,14 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     # the per-client-IP limiter of "unknown session" answers (see the module doc)
     app.state.v2_guesses = TokenBuckets(settings.not_found_burst, settings.not_found_per_s)
     app.state.v2_clearing = clearing = set[asyncio.Task[None]]()  # _Hearing.release's retries
+    app.state.v2_hearings = set[_Hearing]()  # the realtime PUTs reading their audio
+    app.state.v2_drain_until = None  # (loop time) set by _drain_hearings at shutdown
+    gw: Gateway = app.state.gateway
+    drain = functools.partial(_drain_hearings, app)
+    gw.before_close.append(drain)
     yield
+    with contextlib.suppress(ValueError):
+        gw.before_close.remove(drain)
     while clearing:  # a release while these end may start another
         for task in clearing:
             task.cancel()
@@ -214,6 +236,27 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 router = APIRouter(tags=["Flowstorm Socket V2"], lifespan=_lifespan)
+
+
+RESTART_RETRY_AFTER_S: Final = 1
+"""``Retry-After`` seconds of the 503 of a realtime PUT refused at a graceful shutdown
+(:class:`adapters.flowstorm.v2.hearing.Restarting`): another instance takes it."""
+
+
+async def _drain_hearings(app: FastAPI) -> None:
+    """The Gateway's ``before_close`` hook (``gateway serve``, SIGTERM; see the module
+    doc): every realtime PUT still reading its audio has its utterance finished now
+    (StreamedBody.server_draining), to be recognised within what GATEWAY_SHUTDOWN_TIMEOUT_S
+    leaves less 1 s (Gateway.drain_left_s); then its turn runs as any HTTP request's,
+    which the server waits for. Returns at once; never raises."""
+    gw: Gateway = app.state.gateway
+    until = asyncio.get_running_loop().time() + max(0.0, gw.drain_left_s() - 1)
+    app.state.v2_drain_until = until
+    hearings: set[_Hearing] = app.state.v2_hearings
+    for hearing in list(hearings):
+        hearing.drain(until)
+    if hearings:
+        log.info("Flowstorm V2: %d realtime PUTs finished for the restart", len(hearings))
 
 
 _REJECT_STATUS = {
@@ -418,6 +461,8 @@ def _refusals() -> Iterator[None]:
         raise _Refused(503, "Speech recognition is unavailable.", "gateway") from None
     except ProtocolError as exc:  # a client's mistake
         raise _Refused(exc.status, exc.text, "client") from None
+    except Restarting as exc:  # the graceful shutdown finished the realtime PUT (no turn)
+        raise _Refused(503, exc.text, "gateway", RESTART_RETRY_AFTER_S) from None
 
 
 @router.put("/client", **PUT_CLIENT)
@@ -530,11 +575,18 @@ async def _stream_turn(
     hearing = _Hearing(request, gw, config, container, ctx.key)  # the bus topic is the session key
     if config.realtime and not await hearing.claim():
         raise _Refused(409, _STREAMING, "session", STREAMING_RETRY_AFTER_S)
+    hearings: set[_Hearing] = request.app.state.v2_hearings
+    if config.realtime:  # finished at a graceful shutdown (_drain_hearings)
+        hearings.add(hearing)
+        if (until := request.app.state.v2_drain_until) is not None:
+            hearing.drain(until)  # (it began as the shutdown did)
     try:
         outcome = await hearing.run()
     except BaseException:  # refused (_Refused), the client went away, or a failure
         await hearing.release()
         raise
+    finally:
+        hearings.discard(hearing)
     ctx = ctx._replace(logs=outcome.logs)
     if outcome.input is None:
         await hearing.release()
@@ -741,6 +793,8 @@ class _TurnBody(StreamingResponse):
 
 
 _END = object()
+_DRAIN = object()
+"""Queued by :meth:`_Hearing.drain`: the graceful shutdown began."""
 
 _GIVING_BACK: set[asyncio.Future[Any]] = set()
 """Claims of cancelled realtime PUTs on their way, and their releases (:meth:`_Hearing.claim`)."""
@@ -791,8 +845,22 @@ class _Hearing:
         self._stop_heartbeat = asyncio.Event()
         self._released = False
         self._bus_warned = False
+        self._drain_until: float | None = None
+        self._cutoff: asyncio.Timeout | None = None
 
     # ------------------------------------------------------------- running
+
+    def drain(self, until: float) -> None:
+        """The graceful shutdown began: the body's loop finishes the utterance being heard
+        (StreamedBody.server_draining), to be recognised by ``until`` (the event loop's
+        clock, s). Idempotent."""
+        if self._drain_until is None:
+            self._drain_until = until
+            self._queue.put_nowait(_DRAIN)
+            # the body is being read: by ``until`` at the latest (one switched to text waits
+            # for its Input as before)
+            if self._cutoff is not None and self.body.hearing_audio:
+                self._cutoff.reschedule(until)
 
     async def claim(self) -> bool:
         """Take the session's recognition topic for this realtime PUT: publish its
@@ -841,7 +909,7 @@ class _Hearing:
             self._heartbeat = asyncio.create_task(self._beat(), name="v2 recognition heartbeat")
         try:
             with _refusals():
-                return await self._loop()
+                return await self._drained_loop()
         except Exception as exc:  # a following GET learns of it: refused, gone, or a failure
             if isinstance(exc, ClientDisconnect):
                 await self._do(self.body.failed("cancelled"))
@@ -857,6 +925,23 @@ class _Hearing:
             if self.stage is not None and not self.stage.done:
                 await self.stage.cancel()
 
+    async def _drained_loop(self) -> Outcome:
+        """:meth:`_loop`, cut at the graceful shutdown's deadline (:meth:`drain`): audio still
+        being fed or recognised then is the lost utterance (StreamedBody.drain_expired
+        raises Restarting)."""
+        cutoff = asyncio.timeout_at(self._drain_until)  # (None: no deadline yet)
+        try:
+            async with cutoff:
+                self._cutoff = cutoff
+                return await self._loop()
+        except TimeoutError:
+            if not cutoff.expired():
+                raise
+            self.body.drain_expired()
+            raise
+        finally:
+            self._cutoff = None
+
     async def _loop(self) -> Outcome:
         body = self.body
         while True:
@@ -869,6 +954,12 @@ class _Hearing:
             if item is _END:
                 await self._do(body.ended())
                 return body.outcome()
+            if item is _DRAIN:
+                assert self._drain_until is not None
+                await self._do(body.server_draining(self._now(), self._drain_until))
+                if body.decided:
+                    return body.outcome()
+                continue
             if isinstance(item, BaseException):
                 raise item
             assert isinstance(item, bytes)

@@ -8,9 +8,12 @@ import json
 import pytest
 
 from adapters.flowstorm.v2.hearing import (
+    NOTHING_SAID_TEXT,
     STREAM,
+    UTTERANCE_LOST_TEXT,
     Publish,
     RecognizeFile,
+    Restarting,
     StreamedBody,
 )
 from adapters.flowstorm.v2.protocol import ClientConfig
@@ -164,3 +167,69 @@ def test_an_empty_realtime_wav_body_is_silence_as_a_raw_one() -> None:
     heard = streamed.outcome().input
     assert heard is not None
     assert heard.text == "#silence"
+
+
+# ------------------------------------------------------------- a graceful shutdown
+
+
+def test_draining_finishes_the_utterance_being_heard_and_its_final_decides() -> None:
+    streamed = body(realtime=True)
+    run(streamed, b"\x00\x01" * 800, 100.0)
+    streamed.heard(Heard("speech_started"))
+    assert streamed.server_draining(100.5, 108.0) == [FinishListening(STREAM)]
+    assert streamed.timeout(100.5) == pytest.approx(1.5)  # the stall bound comes first
+    assert streamed.server_draining(100.6, 108.0) == []  # once
+    [done] = streamed.heard(Heard("final", "hello", 0.9))
+    assert isinstance(done, Publish)
+    assert done.message["result"] == "final"
+    outcome = streamed.outcome()
+    assert outcome.input is not None
+    assert outcome.input.text == "hello"
+
+
+def test_draining_a_stream_where_nothing_was_said_gives_no_silence_turn() -> None:
+    streamed = body(realtime=True)
+    run(streamed, b"\x00\x00" * 800, 100.0)  # no speech started
+    assert streamed.server_draining(100.5, 108.0) == [FinishListening(STREAM)]
+    for nothing in (Heard("silence"), Heard("final", "  ", 0.1)):
+        with pytest.raises(Restarting) as refused:
+            streamed.heard(nothing)
+        assert refused.value.text == NOTHING_SAID_TEXT
+    assert not streamed.decided
+    before_audio = body(realtime=True)
+    with pytest.raises(Restarting) as refused:
+        before_audio.server_draining(100.5, 108.0)
+    assert refused.value.text == NOTHING_SAID_TEXT
+
+
+def test_draining_without_time_or_past_the_deadline_is_the_lost_utterance() -> None:
+    streamed = body(realtime=True)
+    run(streamed, b"\x00\x01" * 800, 100.0)
+    streamed.heard(Heard("speech_started"))
+    with pytest.raises(Restarting) as refused:
+        streamed.server_draining(100.5, 100.5)
+    assert refused.value.text == UTTERANCE_LOST_TEXT
+    cut = body(realtime=True)
+    run(cut, b"\x00\x01" * 800, 100.0)
+    assert cut.server_draining(100.5, 101.0) == [FinishListening(STREAM)]
+    with pytest.raises(Restarting) as refused:  # its result did not come by 101.0
+        cut.drain_expired()
+    assert refused.value.text == UTTERANCE_LOST_TEXT
+    with pytest.raises(Restarting) as refused:
+        cut.timed_out()
+    assert refused.value.text == UTTERANCE_LOST_TEXT
+    with pytest.raises(Restarting) as refused:  # no audio came
+        body(realtime=True).drain_expired()
+    assert refused.value.text == NOTHING_SAID_TEXT
+
+
+def test_draining_changes_nothing_but_a_realtime_utterance() -> None:
+    assert body(realtime=False).server_draining(100.5, 108.0) == []
+    decided = body(realtime=True)
+    run(decided, b"\x00\x01" * 800, 100.0)
+    decided.heard(Heard("final", "hello", 0.9))
+    assert decided.server_draining(100.5, 108.0) == []
+    typing = body(realtime=True, container=None)
+    run(typing, (binary_line(b"\x00\x01" * 800) + CLOSE).encode(), 100.0)  # switched to text
+    assert not typing.hearing_audio
+    assert typing.server_draining(100.5, 108.0) == []
