@@ -561,7 +561,13 @@ async def test_a_kept_answer_store_that_fails_at_connect_is_a_warning_naming_it(
             await until(lambda: any("not read" in r.getMessage() for r in caplog.records))
             await again.nothing_more()
         lines = [r for r in caplog.records if "not read" in r.getMessage()]
-        assert [(r.levelno, r.name) for r in lines] == [
-            (logging.WARNING, "adapters.voiceflow.routes")
-        ]
+        assert [r.name for r in lines] == ["adapters.voiceflow.routes"]
+        if lines[0].levelno == logging.DEBUG:  # the hung take opened the circuit breaker
+            # on its way (a loaded machine: its slow-call bound came first), which logged
+            # the outage once at WARNING: this line is DEBUG then (outage_level)
+            assert any(
+                r.name == "gateway.breaker" and r.levelno == logging.WARNING for r in caplog.records
+            ), caplog.records
+        else:
+            assert lines[0].levelno == logging.WARNING
         assert "(component: answer-store): Redis is unavailable" in lines[0].getMessage()
