@@ -44,12 +44,13 @@ does not flood the log (:class:`gateway.ratelimit.RefusalLog`: the app's ``admin
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
-from typing import Annotated, Any, Final
+from collections.abc import Callable, Mapping, Sequence
+from typing import Annotated, Any, Final, get_args
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel
 
 from gateway.deps import gateway_of
 from gateway.httputil import problem, status_phrase
@@ -120,9 +121,12 @@ UNKNOWN_FIELDS_NAMED: Final = 3
 """How many unknown fields of an admin request body a refusal names (the others counted)."""
 
 
-def unknown_fields(names: Sequence[str]) -> str:
+def unknown_fields(names: Sequence[str], documented: Mapping[str, str] | None = None) -> str:
     """The words of an admin body's refusal naming its unknown fields ``names`` (1 or more):
-    ``unknown field 'machinedetection'``, ``unknown fields 'a', 'b', 'c' and 2 more``.
+    ``unknown field 'machinedetection'``, ``unknown fields 'a', 'b', 'c' and 2 more``;
+    a name that ``documented`` maps (a snake_case spelling, :func:`documented_name`) is
+    followed by the documented one: ``unknown field 'target.session_id' (documented as
+    'target.sessionId')``.
 
     The admin request bodies (``POST /v1/push``, ``POST /v1/calls``) refuse a property
     they do not know (400), unlike the channels' wire models, which ignore one (peers add
@@ -131,11 +135,57 @@ def unknown_fields(names: Sequence[str]) -> str:
     characters (:func:`gateway.protocol.clipped`); at most :data:`UNKNOWN_FIELDS_NAMED`
     are named. Pure; never raises.
     """
-    named = ", ".join(clipped(name) for name in names[:UNKNOWN_FIELDS_NAMED])
+    documented = documented or {}
+    named = ", ".join(
+        clipped(name)
+        + (f" (documented as {clipped(documented[name])})" if name in documented else "")
+        for name in names[:UNKNOWN_FIELDS_NAMED]
+    )
     more = len(names) - UNKNOWN_FIELDS_NAMED
     return f"unknown field{'s' if len(names) > 1 else ''} {named}" + (
         f" and {more} more" if more > 0 else ""
     )
+
+
+def documented_name(model: type[BaseModel] | None, path: Sequence[str | int]) -> str | None:
+    """The documented (alias) spelling of the body path ``path`` (pydantic's ``loc`` in
+    the body: names, list indices as ints) in the request model ``model``, when its last
+    part is the Python name of a field whose alias differs (``("target", "session_id")``
+    -> ``"target.sessionId"``, ``("items", 0, "node_id")`` -> ``"items.0.nodeId"``);
+    None for any other path (a typo, a path through no model). Pure; never raises.
+
+    The admin bodies take only their documented (camelCase) names: this lets a refusal
+    of the Python spelling say which name to use."""
+    parts: list[str] = []
+    for index, part in enumerate(path):
+        if isinstance(part, int):  # a list's index
+            parts.append(str(part))
+            continue
+        if model is None:
+            return None
+        last = index == len(path) - 1
+        for name, field in model.model_fields.items():
+            alias = field.alias or name
+            if last and name == part and alias != part:
+                return ".".join([*parts, alias])
+            if not last and alias == part:
+                parts.append(part)
+                model = _model_in(field.annotation)
+                break
+        else:
+            return None
+    return None
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model that ``annotation`` is or holds (``X | None``, ``list[X]``)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        model = _model_in(arg)
+        if model is not None:
+            return model
+    return None
 
 
 def bearer_token(authorization: str | None) -> str | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Final
 
@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.routing import Match
@@ -42,6 +43,7 @@ from gateway.admin import (
     admin_refused_handler,
     admin_route,
     admit,
+    documented_name,
     unknown_fields,
 )
 from gateway.answers import AnswerStore, MemoryAnswerStore, RedisAnswerStore
@@ -384,7 +386,8 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
         detail = "The request is not valid."
         extra = _unknown_fields(exc)
         if extra:  # an admin body's mistyped option: named (clipped), not dropped
-            detail = f"The request is not valid: {unknown_fields(extra)}."
+            documented = _documented_names(request, extra)
+            detail = f"The request is not valid: {unknown_fields(list(extra), documented)}."
         return problem(400, "Bad Request", detail, errors=_errors(exc))
 
     quiet_aborts(log, logging.getLogger("uvicorn.error"))  # a cut-off streamed body
@@ -441,14 +444,27 @@ def _errors(exc: RequestValidationError) -> list[dict[str, str]]:
     ]
 
 
-def _unknown_fields(exc: RequestValidationError) -> list[str]:
+def _unknown_fields(exc: RequestValidationError) -> dict[str, tuple[str | int, ...]]:
     """The dotted paths in the body of the unknown fields that a model refusing them
-    (``extra="forbid"``: the admin bodies) found, in order; empty when none."""
-    return [
-        ".".join(str(p) for p in e["loc"][1:])
+    (``extra="forbid"``: the admin bodies) found, in order, each with its ``loc`` in the
+    body; empty when none."""
+    return {
+        ".".join(str(p) for p in e["loc"][1:]): tuple(e["loc"][1:])
         for e in exc.errors()
         if e.get("type") == "extra_forbidden" and e.get("loc", ())[:1] == ("body",)
-    ]
+    }
+
+
+def _documented_names(request: Request, extra: Mapping[str, Sequence[str | int]]) -> dict[str, str]:
+    """The documented spellings of those unknown fields ``extra`` (dotted path -> body
+    ``loc``) that are the Python (snake_case) names of the route's body model's fields
+    (:func:`gateway.admin.documented_name`), by dotted path."""
+    body = getattr(request.scope.get("route"), "body_field", None)
+    model = getattr(getattr(body, "field_info", None), "annotation", None)
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        return {}
+    found = {path: documented_name(model, loc) for path, loc in extra.items()}
+    return {path: name for path, name in found.items() if name is not None}
 
 
 _METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")

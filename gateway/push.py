@@ -127,9 +127,13 @@ def _push_schema(schema: dict[str, Any]) -> None:
 class PushTarget(Wire):
     """Whom to push to: ``sessionId`` (optionally with ``appKey``), or ``appKey`` +
     ``deviceId``. Another property is refused (a typo is a 400, not a target without it:
-    the admin API is the operators' own, unlike the channels' wire models)."""
+    the admin API is the operators' own, unlike the channels' wire models), a snake_case
+    spelling (``session_id``) too: the push API takes the names it documents, as
+    ``POST /v1/calls`` does."""
 
-    model_config = ConfigDict(json_schema_extra=_target_schema, extra="forbid")
+    model_config = ConfigDict(
+        json_schema_extra=_target_schema, extra="forbid", validate_by_name=False
+    )
 
     session_id: str | None = Field(default=None, min_length=1, max_length=MAX_ID_CHARS)
     app_key: str | None = Field(default=None, min_length=1, max_length=MAX_ID_CHARS)
@@ -146,7 +150,7 @@ class PushTtsConfig(TtsConfig):
     """The `ttsConfig` of a pushed item: the core's TtsConfig shape, a property it does not
     know refused (a 400 naming it, `items.0.ttsConfig.voice`)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", validate_by_name=False)
 
 
 class PushItem(ResponseItem):
@@ -157,7 +161,7 @@ class PushItem(ResponseItem):
     # Only the push API (the operators' own) is strict: the core's answers are parsed
     # by ResponseItem, which ignores properties it does not know (a core may add some).
     # response_item() gives the item as that model, what the session's client gets.
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", validate_by_name=False)
 
     tts_config: PushTtsConfig | None = None
 
@@ -172,9 +176,12 @@ class PushRequest(Wire):
     least one of text, ssml, audio, image, video, code or background not blank (an empty
     item, ``{}`` or only ``confidence``/``repeatable``/``ttsConfig``/``nodeId``, is a
     validation error: 400). Another property, here, in ``target`` or in an item (and its
-    ``ttsConfig``), is a 400 naming it (a mistyped option is not dropped)."""
+    ``ttsConfig``), is a 400 naming it (a mistyped option is not dropped); so is the
+    snake_case spelling of a documented name (``node_id``: the 400 names ``nodeId``)."""
 
-    model_config = ConfigDict(json_schema_extra=_push_schema, extra="forbid")
+    model_config = ConfigDict(
+        json_schema_extra=_push_schema, extra="forbid", validate_by_name=False
+    )
 
     target: PushTarget
     items: list[PushItem] = Field(min_length=1, max_length=MAX_ITEMS)
@@ -523,7 +530,7 @@ async def push(request: Request, body: PushRequest) -> JSONResponse:
 
     Each item needs something to say, play or show (one of `text`, `ssml`, `audio`,
     `image`, `video`, `code`, `background`; 400 otherwise); a property the item does not
-    know (`txt`) is a 400 naming it. While a turn of the session
+    know (`txt`, or `node_id` for `nodeId`) is a 400 naming it. While a turn of the session
     runs, the push waits for it at most 1 s (GATEWAY_LOCK_WAIT_S when shorter); a turn
     still running then is a 409 `session-busy` with `Retry-After: 1`, nothing queued.
     """

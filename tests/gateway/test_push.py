@@ -898,6 +898,63 @@ async def test_a_push_with_an_unknown_field_is_refused_naming_it(shared: dict[st
     assert core.text == "Hi."
 
 
+async def test_a_push_in_snake_case_is_refused_naming_the_documented_name(
+    shared: dict[str, Any],
+) -> None:
+    """The push models took the Python (snake_case) spelling of their camelCase names
+    (``target.session_id``, ``items.0.node_id``, ``items.0.tts_config``) and pushed
+    (200), while the OpenAPI document lists only the camelCase ones with
+    ``additionalProperties: false`` and ``POST /v1/calls`` refuses ``app_key``. Such a
+    body is now the 400 of an unknown field, which also gives the documented name;
+    nothing is queued. A typo that is no field's Python name gets no such hint."""
+    async with (
+        served(**shared) as a,
+        httpx.AsyncClient(timeout=10) as http,
+        connect(ws_url(a)) as ws,
+    ):
+        await hello(ws, "snake-push")
+        before = await view_when_pending(http, a, "snake-push", 0)  # the intro's mark saved
+        items = [{"text": "Your parcel has arrived."}]
+        target = {"sessionId": "snake-push"}
+        for body, detail in (
+            (
+                {"target": {"session_id": "snake-push"}, "items": items},
+                "unknown field 'target.session_id' (documented as 'target.sessionId')",
+            ),
+            (
+                {"target": {"app_key": "a", "device_id": "push-device"}, "items": items},
+                "unknown fields 'target.app_key' (documented as 'target.appKey'), "
+                "'target.device_id' (documented as 'target.deviceId')",
+            ),
+            (
+                {"target": target, "items": [*items, {"text": "Hi.", "node_id": 3}]},
+                "unknown field 'items.1.node_id' (documented as 'items.1.nodeId')",
+            ),
+            (
+                {"target": target, "items": [{"text": "Hi.", "tts_config": {"locale": "en"}}]},
+                "unknown field 'items.0.tts_config' (documented as 'items.0.ttsConfig')",
+            ),
+            (  # no field's Python name: no hint (nor for a name right in another model)
+                {"target": target, "items": [{"text": "Hi.", "session_id": "x", "no_de": 1}]},
+                "unknown fields 'items.0.session_id', 'items.0.no_de'",
+            ),
+        ):
+            answer = await http.post(f"{a}/v1/push", json=body, headers=AUTH)
+            assert answer.status_code == 400, answer.text
+            assert answer.headers["content-type"] == "application/problem+json"
+            assert answer.json()["detail"] == f"The request is not valid: {detail}.", body
+        after = (await http.get(f"{a}/v1/sessions/snake-push", headers=AUTH)).json()
+        assert after["outbox"] == before["outbox"]  # nothing queued
+        # the documented names push
+        item = {"text": "Hi.", "ttsConfig": {"locale": "en-GB"}, "nodeId": 7}
+        answer = await http.post(
+            f"{a}/v1/push", json={"target": target, "items": [item]}, headers=AUTH
+        )
+        assert answer.status_code == 200, answer.text
+        [got] = (await recv_json(ws))["response"]["items"]
+        assert {k: got[k] for k in item} == item
+
+
 async def test_a_push_body_is_not_read_before_the_key_nor_past_the_body_limit() -> None:
     """FastAPI reads and parses a route's whole JSON body before it checks its
     dependencies: a client without a key could make the gateway take a body of any size
