@@ -44,7 +44,7 @@ does not flood the log (:class:`gateway.ratelimit.RefusalLog`: the app's ``admin
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Annotated, Any, Final, get_args
 
 from fastapi import Depends, FastAPI, Request
@@ -55,7 +55,7 @@ from pydantic import BaseModel
 from gateway.deps import gateway_of
 from gateway.httputil import problem, status_phrase
 from gateway.logs import logged_path
-from gateway.protocol import clipped, key_valid
+from gateway.protocol import KeyDigests, clipped, key_valid
 from gateway.ratelimit import MAX_CLIENT_CHARS, TokenBuckets, client_key, refusal_log
 
 log = logging.getLogger("gateway.admin")
@@ -197,8 +197,9 @@ def bearer_token(authorization: str | None) -> str | None:
     return token if scheme.lower() == "bearer" and token else None
 
 
-def check_admin_key(keys: frozenset[str], authorization: str | None) -> None:
-    """Return if ``authorization`` carries one of ``keys``; else raise AdminRefused
+def check_admin_key(keys: Collection[str] | KeyDigests, authorization: str | None) -> None:
+    """Return if ``authorization`` carries one of ``keys`` (the keys or their digests,
+    :attr:`Settings.admin_key_digests`); else raise AdminRefused
     (see the module doc): 401 with :data:`CHALLENGE` for no bearer token, 401 with
     :data:`INVALID_TOKEN` for a wrong key (compared in constant time), 403 without a
     challenge when ``keys`` is empty."""
@@ -237,7 +238,7 @@ def failed_keys(request: Request) -> TokenBuckets:
     return failure_buckets(request, "admin_failures")
 
 
-def admit(request: Request, keys: frozenset[str]) -> None:
+def admit(request: Request, keys: Collection[str] | KeyDigests) -> None:
     """Return if ``request`` carries one of ``keys`` and its client address may send a
     key; else raise AdminRefused: 429 with ``retry_after_s`` while the address's
     allowance of wrong keys is used up (before the key is looked at: the module doc), else
@@ -273,7 +274,7 @@ async def require_admin(
     :func:`admit`). ``credentials`` only documents the bearer scheme in the
     OpenAPI document (the operation's ``security``), as the push API's check does.
     """
-    admit(request, gateway_of(request).settings.admin_keys)
+    admit(request, gateway_of(request).settings.admin_key_digests)
 
 
 ADMIN_CHECKS: set[Callable[..., Any]] = {require_admin}

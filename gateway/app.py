@@ -380,7 +380,7 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         if admin_route(request):  # the body was parsed before the key was checked
             try:
-                admit(request, settings.admin_keys)
+                admit(request, settings.admin_key_digests)
             except AdminRefused as refused:
                 return await admin_refused_handler(request, refused)
         detail = "The request is not valid."

@@ -134,7 +134,7 @@ async def require_metrics_token(
     up (before the token is looked at), else 401 with the ``WWW-Authenticate`` challenge of
     the module doc (a wrong token takes one from the allowance). ``credentials`` only
     documents the scheme in the OpenAPI document."""
-    tokens = gateway_of(request).settings.metrics_tokens
+    tokens = gateway_of(request).settings.metrics_token_digests  # hashed once
     if not tokens:
         return
     failures = failure_buckets(request, "metrics_failures")

@@ -450,7 +450,7 @@ class _AdminRoute(APIRoute):
 
         async def guarded(request: Request) -> HTTPResponse:
             settings = gateway_of(request).settings
-            admit(request, settings.admin_keys)
+            admit(request, settings.admin_key_digests)
             try:
                 raw = await read_body(request, settings.max_body_bytes)
                 # not JSON by its media type: 415 (FastAPI would validate the bytes:
@@ -478,7 +478,7 @@ def _admin(
     """The admin key check of :mod:`gateway.admin` (GATEWAY_ADMIN_KEYS); raises
     AdminRefused with the 401/403 answer. ``credentials`` only documents the bearer
     scheme in the OpenAPI document."""
-    admit(request, gateway_of(request).settings.admin_keys)
+    admit(request, gateway_of(request).settings.admin_key_digests)
 
 
 ADMIN_CHECKS.add(_admin)

@@ -18,6 +18,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     SecretStr,
     ValidationInfo,
     field_validator,
@@ -26,7 +27,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from gateway.events import MAX_TIMEOUT_S
-from gateway.protocol.values import MAX_ID_CHARS
+from gateway.protocol.values import MAX_ID_CHARS, KeyDigests
 from gateway.speech.endofturn import BACKCHANNELS
 from gateway.speech.tts import FIRST_CLAUSE_CHARS, MAX_AUDIO_S
 
@@ -1222,6 +1223,46 @@ class Settings(BaseSettings):
             if layer is not None:
                 values.update(layer.model_dump(exclude_none=True))
         return CallBehaviour.model_validate(values)
+
+    _key_digests: dict[str, tuple[object, KeyDigests]] = PrivateAttr(default_factory=dict)
+    """Per key setting: the setting's value and the :class:`KeyDigests` of its keys."""
+
+    def model_post_init(self, context: object, /) -> None:
+        """Hash the configured keys once, at construction (:meth:`_digests_of`)."""
+        super().model_post_init(context)
+        for digests in ("admin_key_digests", "metrics_token_digests", "voiceflow_api_key_digests"):
+            getattr(self, digests)
+
+    def _digests_of(self, name: str, value: object, keys: Iterable[str]) -> KeyDigests:
+        """The :class:`KeyDigests` of ``keys``, the keys of the setting ``name`` whose
+        value is ``value``: made once for that value (the same object), again for another
+        (a copy made with ``model_copy(update=...)``, which does not validate)."""
+        known = self._key_digests.get(name)
+        if known is not None and known[0] is value:
+            return known[1]
+        digests = KeyDigests(keys)
+        # a new dict, not a change of this one: model_copy shares it with the copy
+        self._key_digests = {**self._key_digests, name: (value, digests)}
+        return digests
+
+    @property
+    def admin_key_digests(self) -> KeyDigests:
+        """The digests of GATEWAY_ADMIN_KEYS, hashed once (gateway/admin.py checks a key
+        sent with :func:`~gateway.protocol.key_valid` against them)."""
+        return self._digests_of("admin_keys", self.admin_keys, self.admin_keys)
+
+    @property
+    def metrics_token_digests(self) -> KeyDigests:
+        """The digests of :attr:`metrics_tokens`, hashed once (gateway/metricsauth.py)."""
+        return self._digests_of("metrics_token", self.metrics_token, self.metrics_tokens)
+
+    @property
+    def voiceflow_api_key_digests(self) -> KeyDigests:
+        """The digests of GATEWAY_VOICEFLOW_API_KEYS, hashed once (a client.start's
+        ``authorization`` is checked against them, adapters/voiceflow/protocol.py)."""
+        return self._digests_of(
+            "voiceflow_api_keys", self.voiceflow_api_keys, self.voiceflow_api_keys
+        )
 
     def key_allowed(self, key: str | None) -> bool:
         """Whether an application key may open sessions (any non-empty key when unset)."""

@@ -274,6 +274,7 @@ from gateway.events import (
 )
 from gateway.protocol import (
     Expected,
+    KeyDigests,
     ProtocolError,
     StateMachine,
     check_time_zone,
@@ -1114,7 +1115,8 @@ class VoiceflowConnection:
     ``keys`` makes and checks sessionKeys (or gives the signer to use at each key
     made or checked, so a connection follows a rotated secret); ``project_allowed``
     decides whether a projectID may open sessions (``Settings.key_allowed``: GATEWAY_APP_KEYS);
-    ``api_keys`` are the accepted ``authorization`` values (empty: not checked);
+    ``api_keys`` are the accepted ``authorization`` values, or their digests
+    (:class:`~gateway.protocol.KeyDigests`; empty: not checked);
     ``clock`` gives epoch seconds (trace times, key expiry); ``session_busy`` tells
     whether another connection of this instance runs an action of a session (its
     store key); ``new_id`` makes session ids and ``new_message_id`` messageIDs;
@@ -1129,7 +1131,7 @@ class VoiceflowConnection:
 
     keys: SessionKeys | Callable[[], SessionKeys]
     project_allowed: Callable[[str], bool]
-    api_keys: frozenset[str] = frozenset()
+    api_keys: frozenset[str] | KeyDigests = frozenset()
     clock: Callable[[], float]
     session_busy: Callable[[str], bool] = lambda key: False
     new_id: Callable[[], str] = new_session_id

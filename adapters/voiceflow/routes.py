@@ -928,7 +928,7 @@ class VoiceflowServer:
         conn = VoiceflowConnection(
             keys=self.session_keys,  # read at each key: the secret may change meanwhile
             project_allowed=gw.settings.key_allowed,
-            api_keys=gw.settings.voiceflow_api_keys,
+            api_keys=gw.settings.voiceflow_api_key_digests,  # hashed once
             clock=time.time,
             session_busy=functools.partial(self._busy_elsewhere, sid),
             session_timeout_s=gw.settings.session_timeout_s,

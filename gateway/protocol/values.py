@@ -19,7 +19,7 @@ import math
 import re
 import reprlib
 import zoneinfo
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from datetime import UTC, datetime
 from typing import Final, TypeGuard
 
@@ -127,9 +127,32 @@ def media_type(content_type: str | None) -> str:
     return (content_type or "").split(";", 1)[0].strip().lower()
 
 
-def key_valid(sent: str | None, keys: Collection[str]) -> bool:
-    """Whether ``sent`` is one of ``keys`` (an API or admin key, a metrics token); never for
-    no key sent or no keys at all.
+class KeyDigests:
+    """The SHA-256 digests (32 bytes each) of configured keys (API or admin keys, metrics
+    tokens), computed once, in the keys' order: what :func:`key_valid` compares a sent
+    key with. Built by :class:`gateway.settings.Settings` for each key setting, so a check
+    hashes only the key sent. False (``len`` 0) for no keys. Immutable; pure; never
+    raises for ``str`` keys.
+    """
+
+    __slots__ = ("digests",)
+
+    digests: tuple[bytes, ...]
+
+    def __init__(self, keys: Iterable[str]) -> None:
+        self.digests = tuple(hashlib.sha256(key.encode()).digest() for key in keys)
+
+    def __len__(self) -> int:
+        return len(self.digests)
+
+    def __repr__(self) -> str:  # never the digests: a digest is a key to test guesses against
+        return f"KeyDigests(<{len(self.digests)} keys>)"
+
+
+def key_valid(sent: str | None, keys: Collection[str] | KeyDigests) -> bool:
+    """Whether ``sent`` is one of ``keys`` (an API or admin key, a metrics token; given as
+    the keys, hashed here, or as their :class:`KeyDigests`, hashed once beforehand); never
+    for no key sent or no keys at all.
 
     Constant time: ``sent`` is compared with every key, a match or not (no early exit, so
     the time does not tell which key matched, the first or a later one), each comparison
@@ -138,10 +161,11 @@ def key_valid(sent: str | None, keys: Collection[str]) -> bool:
     """
     if not sent or not keys:
         return False
+    digests = keys if isinstance(keys, KeyDigests) else KeyDigests(keys)
     digest = hashlib.sha256(sent.encode()).digest()
     matched = False
-    for key in keys:
-        matched |= hmac.compare_digest(digest, hashlib.sha256(key.encode()).digest())
+    for key in digests.digests:
+        matched |= hmac.compare_digest(digest, key)
     return matched
 
 

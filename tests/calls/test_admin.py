@@ -6,9 +6,11 @@ import logging
 
 import httpx
 import pytest
+from pydantic import SecretStr
 
 from gateway.admin import MAX_TRACKED_ADDRESSES, AdminRefused, bearer_token, check_admin_key
 from gateway.app import create_app
+from gateway.protocol import key_valid
 from gateway.ratelimit import LOGGED_REFUSALS_BURST, MAX_CLIENT_CHARS, RefusalLog, TokenBuckets
 from gateway.settings import Settings
 from tests.conftest import served, served_app
@@ -124,6 +126,35 @@ async def test_the_first_admin_refusal_a_minute_later_counts_those_logged_at_deb
         "Admin request /v1/push from 127.0.0.1 refused (401): The admin key is not valid."
         " (3 more refused since, logged at DEBUG)"
     )
+
+
+async def test_a_settings_copy_with_other_keys_checks_its_own_keys() -> None:
+    """Settings hash their admin keys, metrics tokens and Voiceflow API keys once, at
+    construction (Settings.admin_key_digests ...), not at each check. A copy made with
+    ``model_copy(update=...)`` (no validation, no construction: how the test helpers
+    and operators' scripts derive settings) with other keys checks the copy's keys,
+    over real HTTP; the original keeps its own."""
+    old_admin, new_admin = "old-admin-key-0001", "new-admin-key-0002"
+    old_metrics, new_metrics = "old-metrics-token-1", "new-metrics-token-2"
+    base = Settings(admin_keys=frozenset({old_admin}), metrics_token=old_metrics)
+    assert key_valid(old_admin, base.admin_key_digests)  # the base's digests made first
+    copy = base.model_copy(
+        update={
+            "admin_keys": frozenset({new_admin}),
+            "metrics_token": SecretStr(f"{new_metrics},{old_metrics}-b"),
+        }
+    )
+    async with served_app(create_app(copy), copy) as url, httpx.AsyncClient(base_url=url) as http:
+        for key, status in ((new_admin, 404), (old_admin, 401)):
+            answer = await http.get("/v1/sessions/none", headers={"Authorization": f"Bearer {key}"})
+            assert answer.status_code == status, (key, answer.text)
+        for token, status in ((new_metrics, 200), (f"{old_metrics}-b", 200), (old_metrics, 401)):
+            answer = await http.get("/metrics", headers={"Authorization": f"Bearer {token}"})
+            assert answer.status_code == status, (token, answer.text)
+    assert key_valid(old_admin, base.admin_key_digests)
+    assert not key_valid(new_admin, base.admin_key_digests)
+    assert key_valid(old_metrics, base.metrics_token_digests)
+    assert not key_valid(new_metrics, base.metrics_token_digests)
 
 
 ADMIN_KEY = "the-admin-key-of-tests"

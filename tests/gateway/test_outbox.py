@@ -26,7 +26,7 @@ from gateway.outbox import (
     OutboxState,
     RedisOutbox,
 )
-from gateway.protocol import key_valid
+from gateway.protocol import KeyDigests, key_valid
 from gateway.push import PushRequest, push_event, wake
 from gateway.sessions import ClientState, Session, redis_client
 from gateway.settings import Settings
@@ -459,6 +459,41 @@ def test_keys_are_each_compared_whichever_matches() -> None:
         assert key_valid(sent, keys) == (sent != "none-of-them")
         assert Counted.reads == len(keys), sent
     assert not key_valid("first-key-of-three", keys)  # a prefix is no key
+
+
+def test_configured_keys_are_hashed_once_and_each_compared() -> None:
+    """key_valid hashed every configured key at every check. KeyDigests (what Settings
+    keeps of GATEWAY_ADMIN_KEYS, GATEWAY_METRICS_TOKEN, GATEWAY_VOICEFLOW_API_KEYS)
+    hashes them once: a check reads no key's text, and answers as a check against the
+    keys themselves does (every digest compared: the same answer whichever key matches)."""
+
+    class Counted(str):
+        reads = 0
+
+        def encode(self, *args: Any, **kwargs: Any) -> bytes:
+            type(self).reads += 1
+            return super().encode(*args, **kwargs)
+
+    keys = [Counted("first-key-of-three-1"), Counted("second-key-of-three"), Counted("third")]
+    digests = KeyDigests(keys)
+    assert Counted.reads == len(keys)
+    assert len(digests) == len(keys)
+    Counted.reads = 0
+    for sent in (
+        "first-key-of-three-1",
+        "second-key-of-three",
+        "third",
+        "none-of-them",
+        "first-key-of-three",
+        "",
+        None,
+    ):
+        assert key_valid(sent, digests) == key_valid(sent, [str(k) for k in keys])
+        assert key_valid(sent, digests) == (sent in keys), sent
+    assert Counted.reads == 0  # no configured key hashed again
+    assert not key_valid("third", KeyDigests([]))
+    assert "third" not in repr(digests)
+    assert "<3 keys>" in repr(digests)
 
 
 def test_a_push_names_a_session_or_a_device_and_carries_items() -> None:
