@@ -866,6 +866,15 @@ class Settings(BaseSettings):
         "conversation does not expire (the session itself also ends after "
         "GATEWAY_SESSION_TIMEOUT_S idle).",
     )
+    voiceflow_session_key_max_age_s: int = Field(
+        default=604_800,
+        ge=0,
+        le=MAX_TIMEOUT_S,
+        description="The oldest a Voiceflow sessionKey may be (from its issue) to resume its "
+        "session, however active the session: an older one gets `newSessionRequired: "
+        "true` as a forged one does, so a key leaked once does not open its session for "
+        "as long as the session lives. 0: no limit.",
+    )
     voiceflow_api_keys: Annotated[frozenset[str], NoDecode] = Field(
         default=frozenset(),
         repr=False,  # credentials, as the SecretStr settings: not in repr(settings)

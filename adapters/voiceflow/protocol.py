@@ -108,7 +108,10 @@ Decisions where the spec is silent:
   than the store keeps the session (its idle timeout). An active conversation is
   never cut off; a key past that (``stale``) gets ``newSessionRequired: true``, as for
   an expired session. Keys of earlier versions carry ``exp`` and are refused from then
-  on.
+  on. Whatever its session's activity, a key older than
+  GATEWAY_VOICEFLOW_SESSION_KEY_MAX_AGE_S (7 days; 0: no limit) from its ``iat`` is
+  refused the same way (``newSessionRequired: true``): a key leaked once does not
+  open its session for as long as the session lives.
 - A valid sessionKey resumes its session only when the store still has it (it
   expired, or it never had a turn: ``newSessionRequired: true``, and the client makes a
   new one with ``session.create``, as the spec's client does, instead of being told
@@ -522,8 +525,9 @@ class KeyCheck:
     """The outcome of :meth:`SessionKeys.verify`: the session id, or why there is none.
 
     ``problem`` is one of ``missing``, ``malformed``, ``forged``, ``expired`` (a key
-    with an ``exp`` claim, as earlier versions made them, on or after it), ``foreign``
-    (another project or user); ``None`` when the key is valid. ``active_since`` is set
+    with an ``exp`` claim, as earlier versions made them, on or after it), ``too-old``
+    (issued :attr:`SessionKeys.max_age_s` or more ago), ``foreign`` (another project or
+    user); ``None`` when the key is valid. ``active_since`` is set
     (epoch s) when the key is older than :attr:`SessionKeys.ttl_s`: it resumes its
     session only if the session was active at or after that time (saved by a turn, or
     a turn of it running now; ``Conversation.find``'s ``stale`` when not).
@@ -547,18 +551,26 @@ class SessionKeys:
     (:attr:`KeyCheck.active_since`, which the store answers). Either way the session
     must still be in the store, which lets it go after its own idle timeout
     (GATEWAY_SESSION_TIMEOUT_S or the core's ``sessionTimeout``), so that bounds every
-    key too. A key with an ``exp`` claim (made by an earlier version) is refused from
-    then on (RFC 7519 section 4.1.4). Times come from the ``now`` each call is handed.
+    key too. ``max_age_s`` (GATEWAY_VOICEFLOW_SESSION_KEY_MAX_AGE_S; 0: no limit) bounds
+    a key's age from its ``iat`` whatever its session's activity: a key leaked once
+    does not open its session for as long as the session lives (``too-old``; every key
+    made by any version carries ``iat``, so keys of instances without the limit are
+    bounded alike). A key with an ``exp`` claim (made by an earlier version) is refused
+    from then on (RFC 7519 section 4.1.4). Times come from the ``now`` each call is
+    handed (epoch s).
+
+    Raises ValueError for a secret shorter than 32 characters.
     """
 
     ISSUER = "channel-gateway"
     AUDIENCE = "voiceflow-session"
 
-    def __init__(self, secret: str | bytes, ttl_s: int) -> None:
+    def __init__(self, secret: str | bytes, ttl_s: int, max_age_s: int = 0) -> None:
         if len(secret) < 32:
             raise ValueError("the sessionKey secret must have at least 32 characters")
         self._secret = secret.encode() if isinstance(secret, str) else secret
         self.ttl_s = ttl_s
+        self.max_age_s = max_age_s
 
     def issue(self, *, session_id: str, project_id: str, user_id: str, now: float) -> str:
         """A new sessionKey naming ``session_id`` for ``project_id``/``user_id``, issued at
@@ -576,7 +588,8 @@ class SessionKeys:
     def verify(self, token: str | None, *, project_id: str, user_id: str, now: float) -> KeyCheck:
         """The session id of ``token`` when it is ours and was made for ``project_id`` and
         ``user_id`` (with :attr:`KeyCheck.active_since` ``now - ttl_s`` when it was issued
-        ``ttl_s`` or more before ``now``); else a KeyCheck naming the problem."""
+        ``ttl_s`` or more before ``now``); else a KeyCheck naming the problem (``too-old``
+        for a key issued :attr:`max_age_s` or more before ``now``, when it is not 0)."""
         if not token:
             return KeyCheck(None, "missing")
         try:
@@ -604,6 +617,8 @@ class SessionKeys:
             return KeyCheck(None, "malformed")
         if exp is not None and now >= exp:
             return KeyCheck(None, "expired")
+        if self.max_age_s and now >= iat + self.max_age_s:
+            return KeyCheck(None, "too-old")
         if claims.get("pid") != project_id or claims.get("uid") != user_id:
             return KeyCheck(None, "foreign")
         lapsed = now >= iat + self.ttl_s

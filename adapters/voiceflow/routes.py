@@ -677,7 +677,11 @@ class VoiceflowServer:
         self._gateway: Gateway | None = None
         # the signer of the last key (a new one when the key changed)
         self._signer = functools.lru_cache(maxsize=1)(
-            functools.partial(SessionKeys, ttl_s=settings.voiceflow_session_key_ttl_s)
+            functools.partial(
+                SessionKeys,
+                ttl_s=settings.voiceflow_session_key_ttl_s,
+                max_age_s=settings.voiceflow_session_key_max_age_s,
+            )
         )
         self._clients: dict[str, _Client] = {}
         # session store key -> (sid, StartTurn) of the connection running an action of it;

@@ -242,6 +242,27 @@ def test_session_keys() -> None:
         SessionKeys("short", 60)
 
 
+def test_a_session_key_older_than_its_max_age_is_refused() -> None:
+    """``max_age_s`` (GATEWAY_VOICEFLOW_SESSION_KEY_MAX_AGE_S) bounds a key's age from its
+    ``iat`` whatever its session's activity (``too-old``); 0 is no limit."""
+    week = 7 * 86_400
+    token = SessionKeys(SECRET, 60).issue(
+        session_id="s1", project_id=PROJECT, user_id=USER, now=NOW
+    )
+    limited = SessionKeys(SECRET, ttl_s=60, max_age_s=week)
+    young = limited.verify(token, project_id=PROJECT, user_id=USER, now=NOW + week - 1)
+    assert (young.session_id, young.problem) == ("s1", None)
+    assert young.active_since == NOW + week - 1 - 60  # its session must be active still
+    for later in (week, week + 1, 10 * week):
+        old = limited.verify(token, project_id=PROJECT, user_id=USER, now=NOW + later)
+        assert (old.session_id, old.problem) == (None, "too-old")
+    unlimited = SessionKeys(SECRET, ttl_s=60, max_age_s=0)
+    assert (
+        unlimited.verify(token, project_id=PROJECT, user_id=USER, now=NOW + 50 * week).session_id
+        == "s1"
+    )
+
+
 # ------------------------------------------------------- actions -> Input
 
 

@@ -886,6 +886,48 @@ async def test_a_session_key_lives_as_long_as_its_session_is_active(
             await again.nothing_more()
 
 
+async def test_a_session_key_older_than_its_max_age_requires_a_new_session(
+    store: dict[str, Any],
+) -> None:
+    """A sessionKey resumed its session however old the key was, as long as the session
+    was active (its lifetime follows the session's activity): a key leaked once opened
+    its session for as long as the session lived. Now a key issued
+    GATEWAY_VOICEFLOW_SESSION_KEY_MAX_AGE_S (7 days by default) ago or more is refused as
+    a forged one is, ``client.started {newSessionRequired: true}``, while the session it
+    names is active and in the store; a younger one resumes it, and 0 lifts the limit.
+    (The keys name the session the client made, issued earlier with the same secret and
+    claims: keys of any version carry ``iat``.)"""
+    day = 86_400
+    async with served_with_store(**store) as (url, sessions):
+        async with client(url) as first:
+            key = await first.handshake()
+            assert await first.say("my name is Ada") == ["Nice to meet you, Ada."]
+        signer = SessionKeys(SECRET, ttl_s=3600)
+        check = signer.verify(key, project_id=PROJECT, user_id=USER, now=time.time())
+        assert check.session_id is not None
+        claims = {"session_id": check.session_id, "project_id": PROJECT, "user_id": USER}
+        week_old = signer.issue(**claims, now=time.time() - 7 * day - 60)
+        six_days_old = signer.issue(**claims, now=time.time() - 6 * day)
+        async with client(url) as again:
+            assert await again.start(week_old) is True  # refused: a new session is required
+            await again.send({"type": "text", "payload": "what is my name"}, "m")
+            rejected = await again.expect("action.status")
+            assert (rejected["status"], rejected["reason"]) == ("rejected", "no-session")
+            assert await sessions.get(f"voiceflow:{check.session_id}") is not None  # it lives
+            assert await again.start(six_days_old) is False  # younger: the session goes on
+            assert await again.say("what is my name") == ["Your name is Ada."]
+    async with served_with_store(voiceflow_session_key_max_age_s=0, **store) as (url, _):
+        async with client(url) as first:
+            key = await first.handshake()
+            assert await first.say("my name is Grace") == ["Nice to meet you, Grace."]
+        check = signer.verify(key, project_id=PROJECT, user_id=USER, now=time.time())
+        assert check.session_id is not None
+        claims = {"session_id": check.session_id, "project_id": PROJECT, "user_id": USER}
+        async with client(url) as again:  # no limit: a year-old key of an active session
+            assert await again.start(signer.issue(**claims, now=time.time() - 365 * day)) is False
+            assert await again.say("what is my name") == ["Your name is Grace."]
+
+
 async def test_a_valid_key_of_a_session_the_store_let_go_after_client_start_ends_it() -> None:
     """A session that the store lets go after its client resumed it: the next action is
     rejected ``session-not-found`` and ``session.ended {reason: "session_expired"}``
