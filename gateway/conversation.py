@@ -57,6 +57,7 @@ import math
 import time
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from contextvars import Token
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -80,7 +81,7 @@ from gateway.events import (
 )
 from gateway.logs import SessionRef, session_ref
 from gateway.outbox import Journal, OutboxError
-from gateway.pipeline.base import Pipeline, PipelineError
+from gateway.pipeline.base import TURN_DEADLINE, Pipeline, PipelineError
 from gateway.protocol import clipped
 from gateway.redisconn import REDIS_ERRORS
 from gateway.sessions import (
@@ -885,8 +886,11 @@ class Conversation:
         items: list[ResponseItem] = []
         response: Response | None = None
         outputs = self.pipeline.process(session, input)
+        deadline: Token[float | None] | None = None
         try:
-            async with asyncio.timeout(self.settings.turn_timeout_s):
+            async with asyncio.timeout(self.settings.turn_timeout_s) as budget:
+                # the core's clients run in this task (each anext): they see when it ends
+                deadline = TURN_DEADLINE.set(budget.when())
                 while True:
                     try:
                         produced = await anext(outputs)
@@ -911,6 +915,8 @@ class Conversation:
             aclose = getattr(outputs, "aclose", None)
             if aclose is not None:
                 await aclose()
+            if deadline is not None:
+                TURN_DEADLINE.reset(deadline)
         response = response.model_copy(
             update={"items": tuple(items), "locale": response.locale or session.locale}
         )

@@ -34,7 +34,9 @@ Names and labels:
 - ``gateway_core_seconds{core}``: time the core pipeline took for a turn, from the
   request to its last item or failure, by core name (``demo``, ``http``, ``rasa``,
   ``voiceflow``, ``botpress``...); ``gateway_core_errors_total{core}``: its failures
-  (PipelineError, timeouts).
+  (PipelineError, timeouts); ``gateway_core_retries_total{core}``: requests sent to it
+  once more after it refused them unprocessed (HTTP 429, or 503 with ``Retry-After``:
+  gateway/pipeline/cores.py, ``send_retried``).
 - ``gateway_redis_seconds{op}``: Redis round trips of the session store
   (``acquire``, ``release``).
 - ``gateway_redis_breaker_open``: 1 while the Redis client's circuit breaker is open
@@ -157,6 +159,13 @@ CORE_SECONDS = Histogram(
 )
 CORE_ERRORS = Counter(
     "gateway_core_errors", "Core pipeline failures, by core name.", ["core"], registry=REGISTRY
+)
+CORE_RETRIES = Counter(
+    "gateway_core_retries",
+    "Requests sent to a core once more after it refused them (HTTP 429, or 503 with "
+    "Retry-After), by core name.",
+    ["core"],
+    registry=REGISTRY,
 )
 REDIS_SECONDS = Histogram(
     "gateway_redis_seconds", "Redis round trips (s).", ["op"], buckets=_FAST, registry=REGISTRY

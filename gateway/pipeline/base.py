@@ -13,6 +13,13 @@ from gateway.sessions import Session
 REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
 """The id of the client request being served; sent to the core as ``X-Request-Id``."""
 
+TURN_DEADLINE: ContextVar[float | None] = ContextVar("turn_deadline", default=None)
+"""When the running turn's core time ends: the event loop's clock (``loop.time()``, s) at
+which the turn engine's GATEWAY_TURN_TIMEOUT_S cancels the pipeline; None outside a turn
+(a core driven directly, as in tests). Set by the engine around each turn's pipeline; a
+core client reads it to know how long it may still wait (the retry after a core's
+``Retry-After``: :func:`gateway.pipeline.cores.send_retried`)."""
+
 PipelineOutput = ResponseItem | Response
 """What a pipeline yields: any number of ResponseItems, then exactly one Response."""
 

@@ -108,6 +108,7 @@ from gateway.pipeline.cores import (
     chosen,
     command_item,
     core_client,
+    core_stream,
     is_url,
     log_dropped,
     read_json,
@@ -198,8 +199,14 @@ class BotpressPipeline(PooledCore):
     async def _call(self, path: str, key: str | None, body: dict[str, Any]) -> dict[str, Any]:
         """The JSON object Botpress answers ``POST <path>`` (``x-user-key: key`` when given)."""
         headers = {"x-user-key": key} if key else {}
-        async with self._client.stream(
-            "POST", f"{self.base_url}{path}", json=body, headers=headers
+        async with core_stream(
+            self._client,
+            "POST",
+            f"{self.base_url}{path}",
+            core="Botpress",
+            label=self.name,
+            json=body,
+            headers=headers,
         ) as answer:
             data = await read_json(answer, self._max, "Botpress", (key, self._encryption_key))
         if not isinstance(data, dict):
@@ -268,7 +275,14 @@ class BotpressPipeline(PooledCore):
                 conversation = await self._conversation(session, key)
                 listen_url = f"{self.base_url}/conversations/{quote(conversation, safe='')}/listen"
                 headers = {"x-user-key": key, "Accept": "text/event-stream"}
-                async with self._client.stream("GET", listen_url, headers=headers) as listen:
+                async with core_stream(
+                    self._client,
+                    "GET",
+                    listen_url,
+                    core="Botpress",
+                    label=self.name,
+                    headers=headers,
+                ) as listen:
                     status = listen.status_code
                     if retry and kept and status in STALE:
                         _forget(session, status)

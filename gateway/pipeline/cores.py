@@ -14,6 +14,15 @@ A core's error answer (non-2xx) is not shown to the client: :func:`check_status`
 the fixed text naming the core and the status, and logs the detail (cut to
 :data:`DETAIL_CHARS`, bearer tokens, ``sk-`` keys and the configured secrets hidden).
 
+Every request to a core goes through :func:`send_retried` (:func:`core_stream`): a core
+that refuses it with HTTP 429 (Too Many Requests), or 503 with a ``Retry-After``, did not
+process it, so it is sent once more after the ``Retry-After`` delay (1 s for a 429
+without one) when that wait fits in what is left of the turn's GATEWAY_TURN_TIMEOUT_S
+(:data:`gateway.pipeline.base.TURN_DEADLINE`, less :data:`RETRY_RESERVE_S`) and in
+:data:`MAX_RETRY_WAIT_S`; else, or when the core refuses again, :func:`check_status`
+fails the turn saying the core is rate limiting (or unavailable) and what Retry-After
+it gave.
+
 Quick replies (Rasa ``buttons``, Voiceflow ``choice``, Botpress ``choice``) become an
 item's ``code`` as the JSON object ``{"buttons": [{"name", "request": {"type", "payload"}}]}``,
 the form the Voiceflow socket adapter already turns into a ``choice`` trace (README,
@@ -24,13 +33,16 @@ who says (or a client that sends) a button's name sends that button's request.
 
 from __future__ import annotations
 
+import asyncio
 import codecs
 import contextlib
 import io
 import json
 import logging
+import math
 import mimetypes
 import re
+import time
 import zlib
 from collections.abc import (
     AsyncGenerator,
@@ -41,14 +53,17 @@ from collections.abc import (
     Sequence,
 )
 from dataclasses import dataclass
+from datetime import UTC
+from email.utils import parsedate_to_datetime
 from typing import Any, Final
 from urllib.parse import urlsplit
 
 import httpx
 from httpx_sse import SSEError
 
+from gateway import metrics
 from gateway.events import ResponseItem, transfer_item
-from gateway.pipeline.base import PipelineError
+from gateway.pipeline.base import TURN_DEADLINE, PipelineError
 from gateway.protocol import ProtocolError, clipped, load_json, media_type
 from gateway.ratelimit import RefusalLog
 from gateway.settings import Settings
@@ -324,13 +339,157 @@ async def check_status(
     named: ``<core> answered <call> with HTTP <status>``) unless ``answer``'s status
     is 2xx; the start of its body (:func:`read_some`, why the core refused; given to
     ``detail`` when set, which picks the core's own error message from it) is logged with
-    that text at WARNING by :func:`log_detail` (``secrets`` hidden, cut, one line)."""
+    that text at WARNING by :func:`log_detail` (``secrets`` hidden, cut, one line).
+
+    A 429, or a 503 with a ``Retry-After``, says so and what the core asked for, and
+    what :func:`send_retried` did: ``Rasa answered HTTP 429 (rate limiting; Retry-After:
+    3600 s; not retried: ...)``."""
     if not 200 <= answer.status_code < 300:
         named = f"{call} with " if call else ""
         what = f"{core} answered {named}HTTP {answer.status_code}"
+        refusal = _refusal(answer)
+        if refusal is not None:
+            delay = retry_after_s(answer.headers.get("retry-after"))
+            given = "none" if delay is None else _shown_delay(delay)
+            if delay is None and "retry-after" in answer.headers:
+                given = "unreadable"
+            note = answer.extensions.get(_RETRY_NOTE)
+            what += f" ({refusal}; Retry-After: {given}{f'; {note}' if note else ''})"
         body = await read_some(answer)
         log_detail(what, detail(body) if detail else body, secrets)
         raise PipelineError(what)
+
+
+DEFAULT_RETRY_AFTER_S = 1.0
+"""The wait (s) before sending again a request a core refused with HTTP 429 and no
+(readable) ``Retry-After``."""
+
+MAX_RETRY_WAIT_S = 10.0
+"""The longest ``Retry-After`` (s) a request is sent again after, whatever time the turn
+has left: a core asking for more (``Retry-After: 3600``) is not waited for."""
+
+RETRY_RESERVE_S = 1.0
+"""Time (s) of the turn that must be left after the wait for the request sent again: a
+wait that leaves less is not made (the turn would time out waiting for that answer)."""
+
+_RETRY_NOTE = "gateway.retry"
+"""The key of a refused answer's ``extensions`` where :func:`send_retried` says what it
+did (``retried once after 1 s``, ``not retried: ...``), for :func:`check_status`."""
+
+_DELTA_SECONDS = re.compile(r"[0-9]+(?:\.[0-9]+)?")
+
+
+def retry_after_s(value: str | None, now: float | None = None) -> float | None:
+    """The delay (s, at least 0) a ``Retry-After`` header value asks for (RFC 9110,
+    section 10.2.3): delta-seconds (``120``; a decimal such as ``1.5`` is read too), or
+    an HTTP-date (IMF-fixdate ``Sun, 06 Nov 1994 08:49:37 GMT``, and the obsolete RFC 850
+    and asctime forms, read as GMT) less ``now`` (Unix time, s; the clock when None), 0
+    for a date past. None when ``value`` is None, blank or neither form. A number too long
+    for a float is ``math.inf``."""
+    if value is None or not (value := value.strip()):
+        return None
+    if _DELTA_SECONDS.fullmatch(value):
+        if len(value) > 30:  # int() of thousands of digits is refused, and is forever anyway
+            return math.inf
+        return float(value)
+    try:
+        date = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if date.tzinfo is None:  # asctime: GMT (RFC 9110, section 5.6.7)
+        date = date.replace(tzinfo=UTC)
+    return max(0.0, date.timestamp() - (time.time() if now is None else now))
+
+
+def _refusal(answer: httpx.Response) -> str | None:
+    """What ``answer``'s status says when it is one a request may be sent again after
+    (HTTP 429 ``rate limiting``, 503 with a ``Retry-After`` ``unavailable``); else None."""
+    if answer.status_code == 429:
+        return "rate limiting"
+    if answer.status_code == 503 and "retry-after" in answer.headers:
+        return "unavailable"
+    return None
+
+
+def _shown_delay(seconds: float) -> str:
+    """``seconds`` as a message gives it: ``1 s``, ``2.5 s``, ``3600 s``, ``forever``."""
+    return "forever" if math.isinf(seconds) else f"{round(seconds, 1):g} s"
+
+
+async def send_retried(
+    client: httpx.AsyncClient, request: httpx.Request, core: str, label: str
+) -> httpx.Response:
+    """``client``'s answer to ``request`` (sent with ``stream=True``: its body not read;
+    the caller closes it), sent once more when the core refused it unprocessed: HTTP 429,
+    or 503 with a ``Retry-After`` (:func:`retry_after_s`; a 429 without a readable one
+    waits :data:`DEFAULT_RETRY_AFTER_S`).
+
+    The request is sent again after the delay only when the delay is at most
+    :data:`MAX_RETRY_WAIT_S` and, within a turn (:data:`gateway.pipeline.base.TURN_DEADLINE`
+    set), leaves at least :data:`RETRY_RESERVE_S` of the turn's GATEWAY_TURN_TIMEOUT_S;
+    each such retry is one WARNING naming ``core`` (``Rasa``, ``the OpenAI-compatible
+    core``...) and the delay, and counts in ``gateway_core_retries_total{core=label}``
+    (``label``: the core's pipeline name, ``rasa``). Only the refused request is sent
+    again, never one whose 2xx answer was begun: the answer returned is the second's,
+    whatever its status. A refused answer returned (not retried, or refused again) says
+    why in its ``extensions`` for :func:`check_status`'s message.
+
+    Raises what ``client.send`` raises (httpx.HTTPError), and CancelledError when the
+    turn's timeout ends the wait.
+    """
+    answer = await client.send(request, stream=True)
+    refusal = _refusal(answer)
+    if refusal is None:
+        return answer
+    delay = retry_after_s(answer.headers.get("retry-after"))
+    if delay is None:
+        if answer.status_code != 429:  # a 503 whose Retry-After is no delay: not retried
+            answer.extensions[_RETRY_NOTE] = "not retried"
+            return answer
+        delay = DEFAULT_RETRY_AFTER_S
+    deadline = TURN_DEADLINE.get()
+    left = math.inf if deadline is None else deadline - asyncio.get_running_loop().time()
+    if delay > MAX_RETRY_WAIT_S:
+        answer.extensions[_RETRY_NOTE] = (
+            f"not retried: a wait of {_shown_delay(delay)} is more than the "
+            f"{_shown_delay(MAX_RETRY_WAIT_S)} the gateway waits"
+        )
+        return answer
+    if delay + RETRY_RESERVE_S > left:
+        answer.extensions[_RETRY_NOTE] = (
+            f"not retried: a wait of {_shown_delay(delay)} does not fit in the "
+            f"{_shown_delay(max(left, 0.0))} left of the turn"
+        )
+        return answer
+    await answer.aclose()
+    log.warning(
+        "%s answered HTTP %d (%s): sending the request once more in %s",
+        core,
+        answer.status_code,
+        refusal,
+        _shown_delay(delay),
+    )
+    metrics.labelled(metrics.CORE_RETRIES, label).inc()
+    await asyncio.sleep(delay)
+    again = await client.send(request, stream=True)
+    if _refusal(again) is not None:
+        again.extensions[_RETRY_NOTE] = f"refused again after one retry {_shown_delay(delay)} later"
+    return again
+
+
+@contextlib.asynccontextmanager
+async def core_stream(
+    client: httpx.AsyncClient, method: str, url: str, *, core: str, label: str, **options: Any
+) -> AsyncIterator[httpx.Response]:
+    """``client.stream(method, url, **options)`` (``options``: what
+    ``client.build_request`` takes: ``json``, ``content``, ``params``, ``headers``...),
+    its request sent by :func:`send_retried` (``core``, ``label``): the answer, its body
+    not read, closed at the end of the block."""
+    answer = await send_retried(client, client.build_request(method, url, **options), core, label)
+    try:
+        yield answer
+    finally:
+        await answer.aclose()
 
 
 def text_decoder(answer: httpx.Response, core: str) -> Callable[..., str]:

@@ -95,6 +95,7 @@ from gateway.pipeline.cores import (
     log_dropped,
     pooled_client,
     read_body,
+    send_retried,
     talking_to,
     text_decoder,
 )
@@ -362,6 +363,8 @@ class DialogflowCxPipeline:
         a fresh one, as google-auth's own transports do. CX refused the request without
         running it, so this repeats no turn; without it the refused token would be sent
         on every turn until its expiry (up to an hour). A second 401 is the answer.
+        Each request is sent by :func:`gateway.pipeline.cores.send_retried`: once more
+        after a 429 (or a 503 with ``Retry-After``) when the wait fits in the turn.
         """
         token = await self._token()
         answer = await self._post(url, body, token)
@@ -383,7 +386,7 @@ class DialogflowCxPipeline:
                 "Content-Type": "application/json; charset=utf-8",
             },
         )
-        return await self._client.send(request, stream=True)
+        return await send_retried(self._client, request, f"the {KIND} core", self.name)
 
     async def process(self, session: Session, input: Input) -> AsyncIterator[PipelineOutput]:
         path = self.session_path(session)

@@ -37,6 +37,7 @@ from gateway.pipeline.cores import (
     bounded_lines,
     check_status,
     core_json,
+    core_stream,
     pooled_client,
     read_body,
     talking_to,
@@ -147,8 +148,14 @@ class HttpPipeline(PooledCore):
             "X-Request-Id": REQUEST_ID.get() or uuid.uuid4().hex,
         }
         with talking_to("the core"):
-            async with self._client.stream(
-                "POST", self.url, content=body, headers=headers
+            async with core_stream(
+                self._client,
+                "POST",
+                self.url,
+                core="the core",
+                label=self.name,
+                content=body,
+                headers=headers,
             ) as answer:
                 await check_status(answer, "the core")
                 kind = media_type(answer.headers.get("content-type"))

@@ -69,6 +69,7 @@ from gateway.pipeline.cores import (
     check_status,
     core_failed,
     core_json,
+    core_stream,
     iter_sse,
     pooled_client,
     read_body,
@@ -257,8 +258,14 @@ class OpenAIPipeline(PooledCore):
         body = self.request_body(history, user)
         turn = _Turn()
         with talking_to(f"the {KIND} core"):
-            async with self._client.stream(
-                "POST", self.url, json=body, headers=self._headers
+            async with core_stream(
+                self._client,
+                "POST",
+                self.url,
+                core=f"the {KIND} core",
+                label=self.name,
+                json=body,
+                headers=self._headers,
             ) as answer:
                 await check_status(answer, f"the {KIND} core", self._secrets, _error_text)
                 kind = media_type(answer.headers.get("content-type"))

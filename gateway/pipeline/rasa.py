@@ -70,6 +70,7 @@ from gateway.pipeline.cores import (
     chosen,
     command_item,
     core_client,
+    core_stream,
     is_url,
     media_kind,
     read_json,
@@ -179,8 +180,14 @@ class RasaPipeline(PooledCore):
         offered: list[dict[str, Any]] = []
         ended = False
         with talking_to("Rasa"):
-            async with self._client.stream(
-                "POST", self.url, params=self._params, json=body
+            async with core_stream(
+                self._client,
+                "POST",
+                self.url,
+                core="Rasa",
+                label=self.name,
+                params=self._params,
+                json=body,
             ) as answer:
                 async for message in self._messages(answer):
                     for item in self._items(message, offered, session.key):

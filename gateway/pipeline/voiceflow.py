@@ -78,6 +78,7 @@ from gateway.pipeline.cores import (
     command_item,
     core_client,
     core_json,
+    core_stream,
     is_url,
     log_dropped,
     read_json,
@@ -176,9 +177,12 @@ class VoiceflowPipeline(PooledCore):
         with talking_to("Voiceflow"):
             if self._project:
                 project = quote(self._project, safe="")
-                async with self._client.stream(
+                async with core_stream(
+                    self._client,
                     "POST",
                     f"{self._base}/v2/project/{project}/user/{user}/interact/stream",
+                    core="Voiceflow",
+                    label=self.name,
                     params=self._environment,
                     json=body,
                     headers={**self._headers, "Accept": "text/event-stream"},
@@ -189,8 +193,14 @@ class VoiceflowPipeline(PooledCore):
                             yield item
             else:
                 url = f"{self._base}/state/user/{user}/interact"
-                async with self._client.stream(
-                    "POST", url, json=body, headers=self._headers
+                async with core_stream(
+                    self._client,
+                    "POST",
+                    url,
+                    core="Voiceflow",
+                    label=self.name,
+                    json=body,
+                    headers=self._headers,
                 ) as answer:
                     traces = await read_json(answer, self._max, "Voiceflow", self._secrets)
                 if isinstance(traces, dict) and isinstance(traces.get("trace"), list):

@@ -1,0 +1,439 @@
+"""A core that refuses a request unprocessed (HTTP 429, or 503 with ``Retry-After``) gets
+it once more after the delay it asked for, when that fits in the turn's time
+(gateway/pipeline/cores.py, ``send_retried``): every core against its real (fake) server
+on a free port, a :class:`Refusing` app in front of it answering the refusals first.
+Before, every such answer failed the turn at once (``<core> answered HTTP 429``)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from email.utils import formatdate
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi import FastAPI
+from pydantic import SecretStr
+
+from gateway.conversation import Conversation
+from gateway.events import ErrorEvent, Input, ResponseEvent
+from gateway.metrics import REGISTRY
+from gateway.pipeline.cores import MAX_RETRY_WAIT_S, retry_after_s
+from gateway.pipeline.openai import OpenAIPipeline
+from gateway.sessions import MemorySessionStore
+from gateway.settings import Settings
+from tests.conftest import serve
+from tests.gateway.core_app import make_core
+from tests.gateway.pipeline.cx_server import AGENT, make_cx_server
+from tests.gateway.pipeline.fake_botpress import WEBHOOK_ID, make_botpress
+from tests.gateway.pipeline.fake_rasa import make_rasa
+from tests.gateway.pipeline.fake_voiceflow import API_KEY, make_voiceflow
+from tests.gateway.pipeline.openai_server import KEY, make_openai_server
+from tests.gateway.pipeline.test_dialogflow_cx import _key, key_file
+from tests.gateway.pipeline.test_dialogflow_cx import engine as cx_engine
+from tests.gateway.turns import ctx, engine, pipeline_error, texts
+
+RetryAfter = str | Callable[[], str] | None
+"""A refusal's ``Retry-After``: a value, one made when the refusal is answered (an
+HTTP-date from the clock then), or none."""
+
+
+class Refusing:
+    """An ASGI app in front of ``app``: the requests whose path ends with ``path`` are
+    counted (``seen``) and answered the next of ``refusals`` (status, Retry-After), a
+    JSON error body, while there are some; every other request, and those after, go to
+    ``app`` (the core's fake, which answers them as ever)."""
+
+    def __init__(self, app: FastAPI, path: str) -> None:
+        self.app = app
+        self.path = path
+        self.refusals: list[tuple[int, RetryAfter]] = []
+        self.seen = 0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].endswith(self.path):
+            self.seen += 1
+            if self.refusals:
+                status, retry_after = self.refusals.pop(0)
+                if callable(retry_after):
+                    retry_after = retry_after()
+                headers = [(b"content-type", b"application/json")]
+                if retry_after is not None:
+                    headers.append((b"retry-after", retry_after.encode()))
+                await send({"type": "http.response.start", "status": status, "headers": headers})
+                body = b'{"error": {"message": "slow down, please"}}'
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+
+@dataclass(frozen=True)
+class Core:
+    """One core under test: its fake, the path of its turn's request, how errors name it
+    (``shown``), its pipeline name (``label``), a text and the texts it is answered."""
+
+    make: Callable[[], FastAPI]
+    path: str
+    shown: str
+    label: str
+    said: str
+    answer: list[str]
+    conversation: Callable[[str, dict[str, Any]], Conversation]
+
+
+def _openai(url: str, overrides: dict[str, Any]) -> Conversation:
+    pipe = OpenAIPipeline(f"{url}/chat/v1", model="test-model", api_key=KEY)
+    return Conversation(MemorySessionStore(), pipe, Settings().model_copy(update=overrides))
+
+
+def _voiceflow(stream: bool) -> Callable[[str, dict[str, Any]], Conversation]:
+    def made(url: str, overrides: dict[str, Any]) -> Conversation:
+        return engine(
+            pipeline="voiceflow:",
+            voiceflow_api_key=SecretStr(API_KEY),
+            voiceflow_runtime_url=url,
+            voiceflow_project_id="proj1" if stream else None,
+            **overrides,
+        )
+
+    return made
+
+
+def _botpress(url: str, overrides: dict[str, Any]) -> Conversation:
+    return engine(
+        pipeline=f"botpress:{WEBHOOK_ID}",
+        botpress_url=url,
+        botpress_idle_s=0.3,
+        botpress_reply_timeout_s=5.0,
+        **overrides,
+    )
+
+
+CORES = {
+    "rasa": Core(
+        make_rasa,
+        "/webhooks/rest/webhook",
+        "Rasa",
+        "rasa",
+        "my name is ada",
+        ["Nice to meet you, Ada."],
+        lambda url, more: engine(pipeline=f"rasa+{url}", **more),
+    ),
+    "openai": Core(
+        make_openai_server,
+        "/chat/completions",
+        "the OpenAI-compatible core",
+        "openai",
+        "hi",
+        ["You said hi.", "The price is 3.5 dollars, e.g. cheap.", "Is there anything else?"],
+        _openai,
+    ),
+    "voiceflow": Core(
+        make_voiceflow,
+        "/interact",
+        "Voiceflow",
+        "voiceflow",
+        "hi",
+        ["You said: hi"],
+        _voiceflow(False),
+    ),
+    "voiceflow-stream": Core(
+        make_voiceflow,
+        "/interact/stream",
+        "Voiceflow",
+        "voiceflow",
+        "hi",
+        ["You said: hi"],
+        _voiceflow(True),
+    ),
+    "http": Core(
+        make_core,
+        "/json",
+        "the core",
+        "http",
+        "hi",
+        ["core heard hi"],
+        lambda url, more: engine(pipeline=f"{url}/json", **more),
+    ),
+    "botpress": Core(
+        make_botpress, "/messages", "Botpress", "botpress", "hi", ["You said: hi"], _botpress
+    ),
+}
+
+
+@dataclass
+class Served:
+    """A core under test served behind its :class:`Refusing` app."""
+
+    core: Core
+    url: str
+    refusing: Refusing
+
+    def conversation(self, **overrides: Any) -> Conversation:
+        """A turn engine on this core (``overrides``: Settings fields)."""
+        return self.core.conversation(self.url, overrides)
+
+
+async def _served(core: Core) -> AsyncIterator[Served]:
+    refusing = Refusing(core.make(), core.path)
+    async with serve(refusing) as url:
+        yield Served(core, url, refusing)
+
+
+@pytest.fixture(params=list(CORES))
+async def every_core(request: pytest.FixtureRequest) -> AsyncIterator[Served]:
+    """Each HTTP core (but Dialogflow CX: its own test) behind a :class:`Refusing` app."""
+    async for served in _served(CORES[request.param]):
+        yield served
+
+
+@pytest.fixture(params=["rasa", "openai", "voiceflow-stream"])
+async def some_core(request: pytest.FixtureRequest) -> AsyncIterator[Served]:
+    """Rasa, the OpenAI-compatible core and Voiceflow's stream, each behind a
+    :class:`Refusing` app."""
+    async for served in _served(CORES[request.param]):
+        yield served
+
+
+def _retries(label: str) -> float:
+    return REGISTRY.get_sample_value("gateway_core_retries_total", {"core": label}) or 0.0
+
+
+def _retry_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "gateway.pipeline.cores" and "once more" in r.getMessage()
+    ]
+
+
+async def _answered(conv: Conversation, core: Core) -> None:
+    events = await conv.turn(ctx(), Input.of(core.said)).collect()
+    assert isinstance(events[-1], ResponseEvent), events
+    assert texts(events) == core.answer
+
+
+@pytest.mark.parametrize(("status", "retry_after"), [(429, "0"), (503, "0"), (429, "1")])
+async def test_a_refused_request_is_sent_once_more_after_its_retry_after(
+    every_core: Served, status: int, retry_after: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A core that answers 429 (or 503 with Retry-After) once, then answers: the turn
+    answers, the request was sent twice, one WARNING names the core and the delay, and
+    ``gateway_core_retries_total{core}`` counts it. Before: the turn failed at once."""
+    served, core = every_core, every_core.core
+    served.refusing.refusals.append((status, retry_after))
+    conv = served.conversation()
+    before = _retries(core.label)
+    with caplog.at_level(logging.WARNING, logger="gateway.pipeline"):
+        await _answered(conv, core)
+    assert served.refusing.seen == 2
+    reason = "rate limiting" if status == 429 else "unavailable"
+    assert _retry_lines(caplog) == [
+        f"{core.shown} answered HTTP {status} ({reason}): sending the request once more "
+        f"in {retry_after} s"
+    ]
+    assert _retries(core.label) == before + 1
+    await conv.pipeline.aclose()
+
+
+async def test_a_429_without_retry_after_waits_a_second(
+    some_core: Served, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 429 without Retry-After is sent again after the default delay (1 s)."""
+    served, core = some_core, some_core.core
+    served.refusing.refusals.append((429, None))
+    conv = served.conversation()
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="gateway.pipeline"):
+        await _answered(conv, core)
+    assert time.monotonic() - started >= 0.9  # it waited (no upper bound: a loaded machine)
+    assert served.refusing.seen == 2
+    assert _retry_lines(caplog) == [
+        f"{core.shown} answered HTTP 429 (rate limiting): sending the request once more in 1 s"
+    ]
+    await conv.pipeline.aclose()
+
+
+async def test_an_http_date_retry_after_is_waited_for(some_core: Served) -> None:
+    """``Retry-After`` as an HTTP-date (IMF-fixdate, a second from when it is answered)
+    is read as the delay until then: the request is sent once more and answered."""
+    served, core = some_core, some_core.core
+    served.refusing.refusals.append((429, lambda: formatdate(time.time() + 1, usegmt=True)))
+    conv = served.conversation()
+    await _answered(conv, core)
+    assert served.refusing.seen == 2
+    await conv.pipeline.aclose()
+
+
+async def test_a_retry_after_past_the_turns_time_fails_the_turn_at_once(
+    some_core: Served, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Retry-After that does not fit in what is left of GATEWAY_TURN_TIMEOUT_S (9 s of
+    8 s; within the gateway's 10 s bound) is not waited for: the turn fails at once,
+    saying the core is rate limiting and what it asked for, with source ``pipeline``."""
+    served, core = some_core, some_core.core
+    served.refusing.refusals.append((429, "9"))
+    conv = served.conversation(turn_timeout_s=8.0)
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="gateway.pipeline"):
+        events = await pipeline_error(
+            conv,
+            f"{core.shown} answered HTTP 429 (rate limiting; Retry-After: 9 s; not retried: "
+            "a wait of 9 s does not fit in the ",
+            core.said,
+        )
+    assert time.monotonic() - started < 4.5  # well before the 9 s asked for (or 8 s)
+    error = events[-1]
+    assert isinstance(error, ErrorEvent)
+    assert error.text.endswith(" s left of the turn)"), error.text
+    assert served.refusing.seen == 1
+    assert _retry_lines(caplog) == []
+    await conv.pipeline.aclose()
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "shown"),
+    [("3600", "3600 s"), (lambda: formatdate(time.time() + 7200, usegmt=True), None)],
+)
+async def test_a_retry_after_past_the_gateways_bound_is_not_waited_for(
+    some_core: Served, retry_after: RetryAfter, shown: str | None
+) -> None:
+    """``Retry-After: 3600`` (or a date two hours ahead) with a turn of a minute: not
+    waited for (the gateway waits at most MAX_RETRY_WAIT_S); the turn fails at once."""
+    served, core = some_core, some_core.core
+    served.refusing.refusals.append((429, retry_after))
+    conv = served.conversation(turn_timeout_s=60.0)
+    started = time.monotonic()
+    events = await pipeline_error(conv, f"{core.shown} answered HTTP 429 (rate limiting", core.said)
+    assert time.monotonic() - started < 5.0
+    error = events[-1]
+    assert isinstance(error, ErrorEvent)
+    assert f"is more than the {MAX_RETRY_WAIT_S:g} s the gateway waits)" in error.text
+    if shown is not None:
+        assert f"Retry-After: {shown};" in error.text
+    assert served.refusing.seen == 1
+    await conv.pipeline.aclose()
+
+
+@pytest.mark.parametrize("status", [429, 503])
+async def test_a_request_refused_twice_fails_after_one_retry(
+    some_core: Served, status: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Refused, sent again, refused again: the turn fails (no third request), saying so."""
+    served, core = some_core, some_core.core
+    served.refusing.refusals += [(status, "0"), (status, "0")]
+    conv = served.conversation()
+    reason = "rate limiting" if status == 429 else "unavailable"
+    with caplog.at_level(logging.WARNING, logger="gateway.pipeline"):
+        await pipeline_error(
+            conv,
+            f"{core.shown} answered HTTP {status} ({reason}; Retry-After: 0 s; refused again "
+            "after one retry 0 s later)",
+            core.said,
+        )
+    assert served.refusing.seen == 2
+    assert len(_retry_lines(caplog)) == 1
+    # the next turn, not refused, is answered
+    events = await conv.turn(ctx(), Input.of(core.said)).collect()
+    assert texts(events) == core.answer
+    await conv.pipeline.aclose()
+
+
+async def test_a_503_without_retry_after_is_not_retried(
+    some_core: Served, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 503 without Retry-After says nothing of the request (a proxy's, a crashed
+    core's): the turn fails at once, as before, with the same words."""
+    served, core = some_core, some_core.core
+    served.refusing.refusals.append((503, None))
+    conv = served.conversation()
+    with caplog.at_level(logging.WARNING, logger="gateway.pipeline"):
+        events = await pipeline_error(conv, f"{core.shown} answered HTTP 503", core.said)
+    error = events[-1]
+    assert isinstance(error, ErrorEvent)
+    assert error.text == f"{core.shown} answered HTTP 503"
+    assert served.refusing.seen == 1
+    assert _retry_lines(caplog) == []
+    await conv.pipeline.aclose()
+
+
+async def test_a_2xx_answer_that_breaks_off_is_not_sent_again() -> None:
+    """Only a request refused by its status is sent again: a streamed 2xx answer that
+    breaks off after its first line (Rasa's ``crash``) fails the turn, once."""
+    async for served in _served(CORES["rasa"]):
+        conv = served.conversation()
+        await pipeline_error(conv, "the connection to Rasa failed", "crash")
+        assert served.refusing.seen == 1
+        await conv.pipeline.aclose()
+
+
+async def test_dialogflow_cx_retries_a_429_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Dialogflow CX's detectIntent (sent with its access token, and again with a fresh
+    one after a 401) goes through the same retry: a 429 once, then the answer."""
+    private, public = _key()
+    refusing = Refusing(make_cx_server(public), ":detectIntent")
+    async with serve(refusing) as url:
+        settings = Settings(
+            pipeline=f"dialogflow-cx:{AGENT}",
+            dialogflow_cx_credentials=key_file(tmp_path, private, f"{url}/token"),
+            dialogflow_cx_endpoint=url,
+        )
+        conv = cx_engine(settings)
+        refusing.refusals.append((429, "0"))
+        with caplog.at_level(logging.WARNING, logger="gateway.pipeline"):
+            events = await conv.turn(ctx(), Input.of("pizza")).collect()
+        assert texts(events) == ["What size?"]
+        assert refusing.seen == 2
+        assert _retry_lines(caplog) == [
+            "the Dialogflow CX core answered HTTP 429 (rate limiting): sending the request "
+            "once more in 0 s"
+        ]
+        refusing.refusals += [(429, "0"), (429, "0")]
+        await pipeline_error(
+            conv,
+            "the Dialogflow CX core answered HTTP 429 (rate limiting; Retry-After: 0 s; "
+            "refused again after one retry 0 s later)",
+            "pizza",
+        )
+        await conv.pipeline.aclose()
+
+
+# ------------------------------------------------------------------ Retry-After values
+
+
+NOW = 784_111_777.0
+"""Sun, 06 Nov 1994 08:49:37 GMT (RFC 9110's example date), as Unix time."""
+
+
+@pytest.mark.parametrize(
+    ("value", "delay"),
+    [
+        ("0", 0.0),
+        ("120", 120.0),
+        (" 5 ", 5.0),
+        ("1.5", 1.5),  # not RFC 9110's delta-seconds, but what some servers send
+        ("9" * 40, math.inf),  # no int of thousands of digits: forever
+        ("Sun, 06 Nov 1994 08:49:47 GMT", 10.0),  # IMF-fixdate
+        ("Sunday, 06-Nov-94 08:49:57 GMT", 20.0),  # obsolete RFC 850
+        ("Sun Nov  6 08:50:37 1994", 60.0),  # obsolete asctime, GMT
+        ("Sun, 06 Nov 1994 08:49:07 GMT", 0.0),  # past: no wait
+        (None, None),
+        ("", None),
+        ("soon", None),
+        ("-1", None),
+        ("1e3", None),
+        ("nan", None),
+        ("inf", None),
+        ("5 s", None),
+    ],
+)
+def test_retry_after_values(value: str | None, delay: float | None) -> None:
+    """:func:`retry_after_s` reads delta-seconds and the three HTTP-date forms, a date
+    against the clock given; what is neither is None (a 429 then waits the default)."""
+    assert retry_after_s(value, now=NOW) == delay
