@@ -38,7 +38,10 @@ Traces -> items:
 - ``end`` -> the Response ends the session; ``no-reply {timeout}`` -> the Response's
   ``attributes.noReplyTimeoutMs`` (the core's silence timeout, ms; the next ``#silence``
   answers it);
-- ``completion`` traces (``start``/``content``/``end``) -> one text item at ``end``;
+- ``completion`` traces (``start``/``content``/``end``) -> one text item at ``end``; a
+  completion whose ``end`` never comes (the traces or the stream end first, or another
+  ``start`` comes) -> the text received as one item then (at the end of the turn, or
+  before the next completion), with a WARNING naming Voiceflow and the missing end;
 - a trace of another type with ``paths``/``defaultPath`` (a custom action) -> the
   command item ``#<type>`` with ``payload`` as code, or the transfer action
   (:func:`gateway.events.transfer_item`) when the type is ``transfer`` or ``handoff``
@@ -210,6 +213,9 @@ class VoiceflowPipeline(PooledCore):
                 for trace in traces:
                     for item in _items(trace, turn):
                         yield item
+        ended = "the stream ended" if self._project else "the list of traces ended"
+        for item in _unended_completion(turn, ended):
+            yield item
         log_dropped(log, "Voiceflow", "traces", turn.unknown)
         session.pipeline_state["buttons"] = turn.buttons
         attributes = {"noReplyTimeoutMs": turn.no_reply_ms} if turn.no_reply_ms else {}
@@ -295,18 +301,37 @@ def _items(trace: Any, turn: _Turn) -> list[ResponseItem]:
         return []
     if kind in ("completion", "completion-start", "completion-continue", "completion-end"):
         state = body.get("state") or kind.removeprefix("completion-")
+        # a start while one is pending: that one's end never came (delivered, not merged)
+        begun = _unended_completion(turn, "another began") if state == "start" else []
         if isinstance(body.get("content"), str):
             turn.completion.append(body["content"])
         if state == "end" and turn.completion:
             text, turn.completion = "".join(turn.completion).strip(), []
             return [ResponseItem(text=text)] if text else []
-        return []
+        return begun
     if kind in _IGNORED:
         return []
     if not ("paths" in trace or "defaultPath" in trace):
         turn.unknown[kind] = None  # not a custom action: logged at the end of the turn
         return []
     return _custom_action(kind, payload, turn)
+
+
+def _unended_completion(turn: _Turn, why: str) -> list[ResponseItem]:
+    """The text of a streamed completion whose ``end`` never came (``why``: the stream or
+    the list of traces ended, another completion began), as one item (none when it is blank), logged
+    at WARNING (``Voiceflow's completion had no end (...); its N characters delivered as
+    one item``); nothing when no completion is pending. Before, that text was dropped:
+    the user heard nothing of it."""
+    if not turn.completion:
+        return []
+    text, turn.completion = "".join(turn.completion).strip(), []
+    log.warning(
+        "Voiceflow's completion had no end (%s); its %d characters delivered as one item",
+        why,
+        len(text),
+    )
+    return [ResponseItem(text=text)] if text else []
 
 
 def _slate(body: dict[str, Any]) -> str:

@@ -19,7 +19,8 @@ the custom action trace ``handoff`` without a target; ``bye`` -> a text and
 ``open_menu`` with the plain text payload ``main``, whose path ``done`` answers "Back
 from the menu."; ``news`` -> a text and traces of unknown types without paths
 (``carouselV3`` twice, a 5,000-character type) and a ``debug``; ``stream`` -> one text, then waits for
-``app.state.release``, then another. Failures: ``boom`` (500), ``slow`` (2 s),
+``app.state.release``, then another; ``ask ai``, ``unended ai``, ``twice ai`` -> streamed
+``completion`` traces (:data:`COMPLETIONS`). Failures: ``boom`` (500), ``slow`` (2 s),
 ``garbage`` (not JSON), ``object`` (not a list), ``cut`` (the stream ends without ``end``),
 ``deep`` (JSON nested 50,000 levels deep, as the body or a trace's data), ``overflow``
 (a no-reply timeout of 1e308 s, which the client's parser does not expect), ``bad choice``,
@@ -236,4 +237,25 @@ def agent(app: FastAPI, user_id: str, action: dict[str, Any]) -> list[Any]:
         return [text("The news."), *(trace(k, {"data": 1}) for k in kinds)]
     if payload == "stream":
         return [text("first"), "WAIT", text("second")]
+    if payload in COMPLETIONS:
+        parts = [
+            {"state": state, **({"content": c} if c else {})} for state, c in COMPLETIONS[payload]
+        ]
+        return [trace("completion", part) for part in parts]
     return [text(f"You said: {payload}")]
+
+
+COMPLETIONS: dict[str, list[tuple[str, str | None]]] = {
+    "ask ai": [("start", None), ("content", "The large "), ("content", "one."), ("end", None)],
+    "unended ai": [("start", None), ("content", "The large "), ("content", "pizza is best.")],
+    "twice ai": [
+        ("start", None),
+        ("content", "First."),
+        ("start", None),
+        ("content", "Second."),
+        ("end", None),
+    ],
+}
+"""Texts answered with streamed ``completion`` traces (``state``, ``content``): one whole
+(``ask ai``), one whose ``end`` never comes (the traces, or the stream, end first) and
+one followed by another ``start`` before its end (``twice ai``)."""

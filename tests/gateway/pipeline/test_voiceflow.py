@@ -253,6 +253,41 @@ async def test_the_interact_stream_runs_the_configured_environment(
     await conv.pipeline.aclose()
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_completion_whose_end_never_comes_is_delivered_at_the_end_of_the_turn(
+    voiceflow: tuple[str, FastAPI], stream: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Streamed ``completion`` traces (start, content..., end) are one item at ``end``.
+    One whose ``end`` never comes (the list of traces, or the stream, ends first) gives
+    the text received as one item at the end of the turn, with one WARNING naming
+    Voiceflow and the missing end; one cut by another ``start`` gives its text before
+    the next. Before, the text received was dropped: the user heard nothing of it."""
+    url, _ = voiceflow
+    conv = vf_engine(url, stream)
+    with caplog.at_level(logging.WARNING, logger="gateway.pipeline.voiceflow"):
+        whole = await conv.turn(ctx(), Input.of("ask ai")).collect()
+        assert texts(whole) == ["The large one."]
+        assert not caplog.records  # a whole completion: no warning
+        unended = await conv.turn(ctx(), Input.of("unended ai")).collect()
+        assert texts(unended) == ["The large pizza is best."]
+        assert isinstance(unended[-1], ResponseEvent)  # the turn ended normally
+        twice = await conv.turn(ctx(), Input.of("twice ai")).collect()
+        assert texts(twice) == ["First.", "Second."]
+    ended = "the stream ended" if stream else "the list of traces ended"
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        (
+            "WARNING",
+            f"Voiceflow's completion had no end ({ended}); its 24 characters delivered as one item",
+        ),
+        (
+            "WARNING",
+            "Voiceflow's completion had no end (another began); its 6 characters delivered "
+            "as one item",
+        ),
+    ]
+    await conv.pipeline.aclose()
+
+
 async def test_stream_traces_are_forwarded_as_they_arrive(voiceflow: tuple[str, FastAPI]) -> None:
     url, app = voiceflow
     conv = vf_engine(url, stream=True)
