@@ -374,7 +374,8 @@ wait that leaves less is not made (the turn would time out waiting for that answ
 
 _RETRY_NOTE = "gateway.retry"
 """The key of a refused answer's ``extensions`` where :func:`send_retried` says what it
-did (``retried once after 1 s``, ``not retried: ...``), for :func:`check_status`."""
+did (``not retried: ...``, ``refused again after one retry 1 s later``), for
+:func:`check_status`."""
 
 _DELTA_SECONDS = re.compile(r"[0-9]+(?:\.[0-9]+)?")
 
