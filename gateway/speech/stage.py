@@ -498,6 +498,14 @@ class SpeechStage:
         if not self.done and not self._finishing and not self._stopped:
             self.hear(chunk)
 
+    def unbound(self) -> None:
+        """Queued mode: no more backpressure (``max_pending_ms`` is lifted): :meth:`put`
+        waits no longer, a put waiting now takes its chunk at once. For a stream that will
+        take only a short, bounded burst more (a graceful shutdown reads the audio already
+        received before it finishes the utterance: Flowstorm V1)."""
+        self._max_pending = None
+        self._room.set()
+
     def finish_soon(self) -> None:
         """Queued mode: end the utterance after the audio queued (once)."""
         if self._open and not self._finishing and not self._stopped and not self.done:

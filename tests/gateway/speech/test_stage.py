@@ -179,6 +179,39 @@ async def test_stop_ends_the_run_without_a_result_and_frees_the_recognizer(
     assert stage.done
 
 
+async def test_unbound_lets_a_put_held_by_backpressure_take_its_chunk(
+    recognizer: PocketsphinxRecognizer, corpus: dict[str, Pcm]
+) -> None:
+    """A put waiting while ``max_pending_ms`` of audio waits for the recognizer (none is
+    taken: no run yet) takes its chunk once the stage is unbound (a V1 socket's graceful
+    shutdown reads the audio received before it finishes the utterance), and later puts
+    do not wait: the final is of all of the audio."""
+    sentence = "tell me about this place"
+    stage = SpeechStage(recognizer, PCM16, ListenOptions(), max_pending_ms=500)
+    stage.listen()
+    speech = resample(padded(corpus[sentence]), 16000).data
+    step = PCM16.bytes_for_ms(100)
+    chunks = [speech[i : i + step] for i in range(0, len(speech), step)]
+    for chunk in chunks[:5]:
+        await stage.put(chunk)  # 500 ms queued
+    held = asyncio.create_task(stage.put(chunks[5]))
+    await asyncio.sleep(0.2)
+    assert not held.done()  # backpressure
+    stage.unbound()
+    await asyncio.wait_for(held, 5)
+    for chunk in chunks[6:]:
+        await asyncio.wait_for(stage.put(chunk), 5)
+    assert stage.now_ms == int(PCM16.duration_ms(len(speech)))  # all of it heard
+    heard: list[Heard] = []
+
+    async def report(event: Heard) -> None:
+        heard.append(event)
+
+    await asyncio.wait_for(stage.run(report), 60)
+    [final] = [h for h in heard if h.kind == "final"]
+    assert wer([(sentence, normalise(final.text))]) <= 0.34, final.text
+
+
 async def test_an_utterance_listening_at_onset_is_recognised_from_the_next_voice_on(
     recognizer: PocketsphinxRecognizer, corpus: dict[str, Pcm]
 ) -> None:
