@@ -250,6 +250,12 @@ async def forward_turn(
     return True
 
 
+CAUGHT_UP_S: Final = 0.02
+"""How long the receive loop must have waited for a frame, none coming, before
+:meth:`WebSocketDriver.caught_up` takes it that every frame already received was read (s):
+uvicorn reads the socket again once the app took the frames it had, at the next loop
+iteration, so a frame still in the socket's receive buffer comes well within it."""
+
 DRAINED_S: Final = 0.001
 """A read that waited at least this long (s) found no frame queued for the driver (the
 peer's frames may still be in the socket, a loop iteration away: see :class:`FrameRate`)."""
@@ -501,6 +507,11 @@ class WebSocketDriver(Generic[A]):
         self._background: set[asyncio.Task[None]] = set()
         self.turns: set[asyncio.Task[None]] = set()
         """The tasks forwarding this connection's turns (each a StartTurn's), while they run."""
+        self._waiting_since: float | None = None
+        """Loop time since when the receive loop waits for the next frame (None: it is not
+        waiting: handling a frame, or not serving)."""
+        self._frames_read = 0
+        """Frames the receive loop has read (:meth:`caught_up` sees whether one came)."""
 
     # ------------------------------------------------------------ guarded sends
 
@@ -569,14 +580,18 @@ class WebSocketDriver(Generic[A]):
         handling = 0.0  # how long the protocol took over it (received)
         try:
             while self.open:
-                asked = loop.time() if rate is not None else 0.0
+                asked = loop.time()
+                self._waiting_since = asked
                 try:
                     frame = await self.receive(self.idle_timeout_s())
                 except TimeoutError:
                     await self.idle()
                     return
+                finally:
+                    self._waiting_since = None
                 if frame is None:
                     return
+                self._frames_read += 1
                 if rate is None:
                     await self.run(self.received(frame))
                 else:
@@ -600,6 +615,43 @@ class WebSocketDriver(Generic[A]):
             self._receive_dog.close()
             await self.shutdown()
             self._send_dog.close()
+
+    async def caught_up(self, within_s: float, quiet_s: float = CAUGHT_UP_S) -> bool:
+        """Wait until the receive loop has read, and handed to the protocol, the frames the
+        peer already sent: those received but not read yet (uvicorn's queue, the socket's
+        receive buffer; uvicorn stops reading the socket while a frame waits for the app),
+        and those behind a frame whose actions the loop is still carrying out. That is the
+        loop waiting for the next frame with none coming for ``quiet_s`` seconds since the
+        call at least; a peer that goes on sending (a microphone) is caught up between two
+        of its frames. At most ``within_s`` seconds (<= 0: no wait).
+
+        True when caught up; False when ``within_s`` ran out first (a peer sending without
+        a pause, or a loop held up by backpressure) or the socket is no longer open or
+        served. Never raises (but CancelledError)."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        end = start + within_s
+        while self.open:
+            now = loop.time()
+            since, read = self._waiting_since, self._frames_read
+            pause_s = quiet_s  # the loop is busy: look again then
+            if since is not None:
+                # quiet since the call at least: what is in the socket's buffer now is read
+                # at the loop's next iterations, however long the loop has waited before
+                quiet_from = max(since, start)
+                if now - quiet_from >= quiet_s:
+                    # a frame the loop's wait got in this iteration is handed to it in
+                    # this one: let it run first, then look again
+                    await asyncio.sleep(0)
+                    if self._waiting_since == since and self._frames_read == read:
+                        return True
+                    continue
+                pause_s = quiet_from + quiet_s - now
+            left_s = end - now
+            if left_s <= 0:
+                return False
+            await asyncio.sleep(min(pause_s, left_s))
+        return False
 
     def received(self, frame: str | bytes) -> Sequence[A]:
         """The protocol's actions for one frame (text as ``str``, binary as ``bytes``)."""

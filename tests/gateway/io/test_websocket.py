@@ -153,10 +153,13 @@ class EchoDriver(WebSocketDriver[object]):
         self.hold_after: str | None = options.pop("hold_after", None)
         self.idle_s: float | None = options.pop("idle_s", None)
         self.claims: bool = options.pop("claims", False)
+        drivers: list[EchoDriver] | None = options.pop("drivers", None)
         self._holding = False
         super().__init__(
             ws, self.echo, conversation, listening=Ears(record), log=log, name="echo", **options
         )
+        if drivers is not None:
+            drivers.append(self)  # the test calls it (caught_up)
 
     def received(self, frame: str | bytes) -> Sequence[object]:
         return self.echo.receive(frame)
@@ -297,6 +300,32 @@ async def test_listening_actions_go_to_the_speech_side_in_order() -> None:
         await ws.send("sync")
         assert await ws.recv() == "SYNC"
     assert record[:5] == ["start 1 250", "feed 1 one", "feed 1 two", "finish 1", "cancel 1"]
+
+
+async def test_caught_up_once_the_frames_the_peer_sent_are_read() -> None:
+    """caught_up (a V1 socket's graceful shutdown, before it finishes the utterance) is
+    False while the receive loop is held up (a stall: as audio backpressure holds it) with
+    the peer's frames unread behind it; once the stall is over it is True when every frame
+    the peer had sent was read and carried out (the speech side has all of the audio), not
+    before; a loop waiting for frames that do not come is caught up at once."""
+    record: list[str] = []
+    drivers: list[EchoDriver] = []
+    async with client(record, {}, drivers=drivers) as ws:
+        await ws.send("sync")
+        assert await ws.recv() == "SYNC"
+        [driver] = drivers
+        assert await asyncio.wait_for(driver.caught_up(5), 5)  # nothing sent: caught up
+        await ws.send("listen")
+        await ws.send("stall 1")
+        for i in range(50):
+            await ws.send(f"audio {i}")
+        assert not await driver.caught_up(0.2)  # the stall holds the loop (1 s)
+        assert await driver.caught_up(10)
+        fed = [r for r in record if r.startswith("feed")]  # no await since it returned
+        assert fed == [f"feed 1 {i}" for i in range(50)]
+        await ws.send("sync")
+        while await ws.recv() != "SYNC":
+            pass
 
 
 async def test_a_quiet_peer_is_closed_after_the_idle_timeout() -> None:
