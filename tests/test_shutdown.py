@@ -635,6 +635,71 @@ async def test_sigterm_a_v1_duplex_utterance_being_heard_is_answered_before_1012
     assert_nothing_failed(proc)
 
 
+MUSIC = "play some music please"
+TABLE = "i would like to book a table for two"
+
+
+async def test_sigterm_a_v1_utterance_hears_the_audio_sent_before_the_signal_not_read_yet(
+    gateway_processes: list[GatewayProcess], corpus: dict[str, Pcm]
+) -> None:
+    """A V1 client that sent its whole utterance in a burst just before SIGTERM: the
+    gateway had not read its end yet (more than MAX_PENDING_AUDIO_MS of it waited for the
+    recognizer, so the receive loop stopped reading: backpressure, the rest in uvicorn's
+    queue and the socket's buffers). The shutdown finished the utterance with what was read
+    and dropped the rest: the ``Recognized`` lacked the last words the user said. The
+    receive loop now reads what was received (the backpressure lifted, a few hundred ms at
+    most) before the finish: the ``Recognized`` ends with the last sentence.
+
+    Deterministic: one recognizer (GATEWAY_STT_MAX_STREAMS 1), held by another socket's
+    utterance being heard (its open stream took it at once) until the shutdown finishes
+    that one; the burst's utterance waits for it meanwhile (the queue's wait 60 s), so none
+    of its audio is recognised and the receive loop stops after 10 s of it. Its speech has
+    no pause (the sentences back to back): no end of speech before the tail. Both sockets
+    get their ``Recognized``, ``Response`` and the close 1012."""
+    env = {
+        "GATEWAY_STT_MAX_STREAMS": "1",
+        "GATEWAY_STT_QUEUE_WAIT_MS": "60000",
+        # the burst's 14 s of audio is recognised after the signal, on a loaded machine
+        "GATEWAY_SHUTDOWN_TIMEOUT_S": "60",
+    }
+    proc = GatewayProcess(env).start()
+    gateway_processes.append(proc)
+    assert proc.proc is not None
+    url = ws_url(proc.url)
+    # the one recognizer is taken by this socket's utterance (being heard, no final)
+    holder = await connect(url)
+    await send_json(holder, init_frame("k", tts="None", silenceTimeout=60_000))
+    assert (await recv_json(holder))["type"] == "Ready"
+    await open_stream(holder)
+    await send_audio(holder, pcm_at(corpus[PLACE], 16000, after_ms=0), 16000)
+    # the burst: no write limit, so each send returns once its frame is written to the
+    # socket (or the client's buffer): the client has sent all of it before the signal
+    burst = await connect(url, write_limit=2**26)
+    await send_json(burst, init_frame("k", tts="None", silenceTimeout=60_000))
+    assert (await recv_json(burst))["type"] == "Ready"
+    await open_stream(burst)
+    head = [pcm_at(corpus[s], 16000, before_ms=0, after_ms=0) for s in (MUSIC, TABLE, PLACE)]
+    talk = b""
+    while len(talk) < 12 * 32000:  # 12 s, over the 10 s that may wait for the recognizer
+        talk += b"".join(head)
+    tail = pcm_at(corpus[WEATHER], 16000, before_ms=0, after_ms=200)
+    await send_audio(burst, talk + tail, 16000)
+    await asyncio.sleep(0.5)  # the gateway reads up to the backpressure's bound meanwhile
+    proc.proc.send_signal(signal.SIGTERM)
+    held, told = await asyncio.gather(until_closed(holder), until_closed(burst))
+    assert [f["type"] for f in held] == ["Recognized", "SessionStarted", "Response"], held
+    assert close_to(PLACE, held[0]["text"]), held
+    assert holder.close_code == 1012
+    assert [f["type"] for f in told] == ["Recognized", "SessionStarted", "Response"], told
+    words = normalise(told[0]["text"]).split()
+    # the last sentence, sent last: heard (the old code: the Recognized ended in the head)
+    assert close_to(WEATHER, " ".join(words[-len(WEATHER.split()) :])), told[0]["text"]
+    assert [i["text"] for i in told[-1]["response"]["items"]] == [f"You said: {told[0]['text']}"]
+    assert burst.close_code == 1012
+    assert await asyncio.to_thread(proc.proc.wait, 60) == 0
+    assert_nothing_failed(proc)
+
+
 # ------------------------------------------- Flowstorm V2: a realtime PUT's utterance at SIGTERM
 
 

@@ -173,9 +173,11 @@ Decisions where the spec is silent:
 - A graceful shutdown (the socket is closed 1012: :meth:`V1Connection.server_restart`)
   first ends the client's open audio stream as its ``InputAudioStreamClose`` would
   (:meth:`V1Connection.server_draining`): the user already said it, so the utterance
-  being heard gets its final ``Recognized`` and its turn, answered before the close
-  when the shutdown leaves time; one still not recognised at the close is dropped with
-  an ``Error`` of source ``gateway``. One in which nothing was said gives no
+  being heard (with the audio the client sent before the shutdown: the I/O layer
+  reads what was received first, :attr:`V1Connection.taking_audio`) gets its final
+  ``Recognized`` and its turn, answered before the close when the shutdown leaves
+  time; one still not recognised at the close is dropped with an ``Error`` of source
+  ``gateway``. One in which nothing was said gives no
   ``#silence`` turn (the user did not end it: the shutdown did, and a made-up
   silence would move the dialogue on); the client reopens its microphone after
   reconnecting. Audio the client sends after that is dropped silently (no new
@@ -1411,6 +1413,15 @@ class V1Connection:
         its final result, silence or failure has not been reported yet."""
         return self._utterance is not None and self.state is not State.CLOSED
 
+    @property
+    def taking_audio(self) -> bool:
+        """Whether the client's audio goes to an utterance being heard now (state
+        ``listening``, or ``duplex``: a Duplex stream between turns): at a graceful
+        shutdown the I/O layer first reads the audio the client already sent, so that it
+        is heard too (the end of what the user said), and only then calls
+        :meth:`server_draining`."""
+        return self.state in (State.LISTENING, State.DUPLEX)
+
     def server_draining(self) -> list[Action]:
         """The gateway begins a graceful shutdown (a rolling deploy): the audio stream the
         client has open is ended now, as its ``InputAudioStreamClose`` would end it, so what
@@ -1418,14 +1429,14 @@ class V1Connection:
 
         While an utterance is being heard (state ``listening``, or a Duplex stream's
         utterance): ``[FinishListening]``: the recognizer's final result of the audio heard
-        so far comes as usual (:meth:`heard`: ``Recognized`` and its turn; an utterance in
-        which nothing was said gives no turn, not the ``#silence`` one: the user did not
-        end it, and a made-up silence would move the dialogue on). A
-        Duplex stream while its turn runs: ``[CancelListening]``, no next utterance is
-        listened for. Audio the client sends after this is no new utterance: it is dropped
-        without a frame (as audio after an utterance's end, or with no stream open, is).
-        ``[]`` in every other state (a turn running goes on; nothing to do idle). Never
-        raises."""
+        so far (the audio received before this call too: :attr:`taking_audio`) comes as
+        usual (:meth:`heard`: ``Recognized`` and its turn; an utterance in which nothing
+        was said gives no turn, not the ``#silence`` one: the user did not end it, and a
+        made-up silence would move the dialogue on). A Duplex stream while its turn runs:
+        ``[CancelListening]``, no next utterance is listened for. Audio the client sends
+        after this is no new utterance: it is dropped without a frame (as audio after an
+        utterance's end, or with no stream open, is). ``[]`` in every other state (a turn
+        running goes on; nothing to do idle). Never raises."""
         if not self.machine.allows(RESTART):
             return []
         self._draining = True

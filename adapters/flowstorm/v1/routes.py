@@ -40,10 +40,12 @@ still running then is no longer forwarded and the client gets an ``Error`` of so
 is in the outbox (an Init with ``sessionId`` and ``lastSeq`` gets it). A socket whose
 client is speaking (an utterance being heard, no turn yet) has that utterance finished
 first, as its InputAudioStreamClose would (V1Connection.server_draining: the recognizer's
-final of the audio heard so far, ``Recognized`` and its turn), within the same wait; one
-still not recognised then is dropped, with an ``Error`` of source ``gateway``
-(V1Connection.server_restart); audio sent after the finish is dropped. A socket with
-neither is closed 1012 at once.
+final of the audio heard so far, ``Recognized`` and its turn), within the same wait; the
+audio the client sent before is heard first: the receive loop reads what was received and
+not read yet (the backpressure lifted; at most :data:`DRAIN_READ_MS`, until it waits for a
+frame none comes for: WebSocketDriver.caught_up); one still not recognised then is
+dropped, with an ``Error`` of source ``gateway`` (V1Connection.server_restart); audio sent
+after the finish is dropped. A socket with neither is closed 1012 at once.
 
 Close codes: 1008 unknown or missing application key, or more frames than
 GATEWAY_FLOWSTORM_V1_FRAME_BURST at once / GATEWAY_FLOWSTORM_V1_FRAMES_PER_S a second,
@@ -114,6 +116,10 @@ DUPLEX_KEEP_MS: Final = 3000
 recognised from its onset, as far back as this."""
 PREROLL_MS: Final = 300
 """Audio before a voice onset given to a Duplex stream's utterance (word beginnings are soft)."""
+DRAIN_READ_MS: Final = 300
+"""At a graceful shutdown, the longest wait (ms) for the receive loop to read the audio the
+client already sent (received, not read yet) before its utterance is finished
+(:meth:`_Socket.restart`); within what the shutdown leaves."""
 
 
 @dataclass
@@ -229,6 +235,13 @@ class _Listening:
             # own reports (a Duplex stream's end) cancels only the wait for that report,
             # whose frames go out whole (shielded, see _listen)
             task.cancel()
+
+    def unbound(self) -> None:
+        """No more backpressure on the utterance being heard (SpeechStage.unbound): at a
+        graceful shutdown the receive loop reads the audio already received at once, a put
+        waiting for the recognizer takes its chunk now (:meth:`_Socket.restart`)."""
+        if (utterance := self._utterance) is not None:
+            utterance.stage.unbound()
 
     def hearing(self) -> asyncio.Task[None] | None:
         """The task running the utterance being heard (it ends once its result, silence or
@@ -406,19 +419,27 @@ class _Socket(WebSocketDriver[Action]):
 
     async def restart(self, wait_s: float) -> bool:
         """The graceful shutdown (:meth:`_Sockets.restart`): the utterance being heard is
-        finished now (V1Connection.server_draining: as the client's InputAudioStreamClose
-        would), and its result waited for (the report carrying it out too: a Duplex
-        stream's last one outlives its task, :meth:`_Listening.reporting`), then the turns
-        running then (the utterance's too), all within ``wait_s`` counted from the call;
-        then the socket is closed 1012 at once. A turn still running
-        then is no longer forwarded (the engine's turn goes on and saves the session), and
-        the client gets an Error first (V1Connection.server_restart); so does an utterance
-        still being recognised (it is dropped). A turn whose frames all went out (its
+        finished (V1Connection.server_draining: as the client's InputAudioStreamClose
+        would) once the receive loop has read the audio the client already sent (while
+        V1Connection.taking_audio: the frames received and not read yet, those held back
+        by the backpressure too, which is lifted; at most :data:`DRAIN_READ_MS`, counted in
+        ``wait_s``: WebSocketDriver.caught_up), and its result waited for (the report
+        carrying it out too: a Duplex stream's last one outlives its task,
+        :meth:`_Listening.reporting`), then the turns running then (the utterance's too),
+        all within ``wait_s`` counted from the call; then the socket is closed 1012 at
+        once. A turn still running then is no longer forwarded (the engine's turn goes on
+        and saves the session), and the client gets an Error first
+        (V1Connection.server_restart); so does an utterance still being recognised (it is
+        dropped). A turn whose frames all went out (its
         Response too) and that only raises the outbox's mark still (Following.settle,
         catch_up: Redis round trips) counts as answered. True when an answer was not
         ready."""
         loop = asyncio.get_running_loop()
         until = loop.time() + wait_s
+        if self.conn.taking_audio and self.open:
+            # what the user said before the signal is the utterance's, to its last frame
+            self.speech.unbound()
+            await self.caught_up(min(DRAIN_READ_MS / 1000, until - loop.time()))
         await self.run(self.conn.server_draining())
         hearing = self.speech.hearing()
         if hearing is not None and self.open and until > loop.time():
