@@ -656,7 +656,7 @@ class _Listening:
     async def start(self, action: StartListening) -> None:
         await self._stop()
         self._stream = action.stream
-        self.speech.listen(action.from_ms)
+        self.speech.listen(action.from_ms, until_ms=action.until_ms)
         name = f"{self.call.config.channel} call listener"
         self._task = asyncio.create_task(self._listen(), name=name)
 

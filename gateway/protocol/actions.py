@@ -100,7 +100,10 @@ class StartListening:
     ``"default"`` is the service's (GATEWAY_SILENCE_TIMEOUT_MS), None is none at all.
     With ``from_ms`` set, the utterance first gets the audio the stage kept from that
     audio time (ms of the stream; the preroll before an onset the stage's endpointer
-    noticed). With ``idle_timeout_ms`` set, the peer sending no audio for that long
+    noticed). With ``until_ms`` set as well, the speech to hear is over already (it ended
+    at that audio time): the utterance is the kept audio from ``from_ms`` to ``until_ms``
+    alone, recognised to its end at once (the FeedAudio that follow are heard by the
+    stage, not recognised). With ``idle_timeout_ms`` set, the peer sending no audio for that long
     (wall clock, from this action or the latest FeedAudio until FinishListening) is
     reported once to the protocol object.
     With ``continuous`` the utterance is one of a stream that stays open across
@@ -120,6 +123,7 @@ class StartListening:
     idle_timeout_ms: int | None = None
     from_ms: int | None = None
     continuous: bool = False
+    until_ms: int | None = None
 
 
 @dataclass(frozen=True)

@@ -416,16 +416,31 @@ class SpeechStage:
                 self._enqueue(item)
         return onsets
 
-    def recent(self, from_ms: int) -> bytes:
-        """The audio kept from audio time ``from_ms`` (or the oldest kept) to now."""
+    def recent(self, from_ms: int, until_ms: int | None = None) -> bytes:
+        """The audio kept from audio time ``from_ms`` (or the oldest kept) to ``until_ms``
+        (None: now)."""
         start = max(self.fmt.bytes_for_ms(max(from_ms, 0)) - self._ring_start, 0)
-        return bytes(self._ring[start:])
+        if until_ms is None:
+            return bytes(self._ring[start:])
+        end = max(self.fmt.bytes_for_ms(max(until_ms, 0)) - self._ring_start, start)
+        return bytes(self._ring[start:end])
 
     # -------------------------------------------------------------- the utterance
 
-    def listen(self, preroll_from_ms: int | None = None, *, at_onset: int | None = None) -> None:
+    def listen(
+        self,
+        preroll_from_ms: int | None = None,
+        *,
+        at_onset: int | None = None,
+        until_ms: int | None = None,
+    ) -> None:
         """Open an utterance: what is heard from now on is recognised, after the kept audio
         from ``preroll_from_ms`` (None: none). Speech going on now counts as its start.
+
+        With ``until_ms`` (audio ms; with ``preroll_from_ms``) the speech is over already
+        (it ended then, a phone call's caller speaking while the recognizer was behind):
+        the utterance is the kept audio from ``preroll_from_ms`` to ``until_ms`` alone, and
+        it ends after that (:meth:`finish_soon`: nothing heard from now on is recognised).
 
         With ``at_onset`` (ms; endpointing, ``keep_ms`` of at least that) the utterance is
         recognised only from the next voice onset on, with the ``at_onset`` ms of audio
@@ -442,6 +457,14 @@ class SpeechStage:
         self._open = True
         self.speaking = self.onset_ms is not None
         self._origin_ms = self.now_ms
+        if until_ms is not None and preroll_from_ms is not None:
+            self.speaking = False  # (another speech may have begun since it ended)
+            audio = self.recent(preroll_from_ms, until_ms)
+            self._origin_ms = min(until_ms, self.now_ms) - int(self.fmt.duration_ms(len(audio)))
+            if audio:
+                self._enqueue(_Item(audio))
+            self.finish_soon()
+            return
         if at_onset is not None and self._endpointer is not None:
             if self.onset_ms is None:
                 self._onset_preroll_ms = at_onset

@@ -107,6 +107,48 @@ async def test_two_utterances_on_one_stream(
     assert once(stage)  # one endpointer for the whole stream
 
 
+async def test_speech_over_already_is_recognised_from_the_kept_audio_to_its_end(
+    recognizer: PocketsphinxRecognizer, corpus: dict[str, Pcm]
+) -> None:
+    """``listen(from, until_ms=end)``: a phrase the endpointer ended before anyone
+    listened (a call's caller speaking while the recognizer was behind) is recognised
+    from the kept audio alone, up to its end, and ends there: the next phrase, begun
+    before and going on after, is not in it."""
+    stage = SpeechStage(
+        recognizer,
+        MULAW8,
+        ListenOptions(interim=False, silence_timeout_ms=None),
+        frame_ms=20,
+        keep_ms=3000,
+        batch_ms=60,
+    )
+    first = QUIET * 25 + phone(padded(corpus["play some music please"], 0, 1200))
+    onset = end = None
+    for i in range(0, len(first), FRAME):
+        if stage.hear(first[i : i + FRAME]):
+            onset = stage.onset_ms
+        if onset is not None and end is None and stage.onset_ms is None:
+            end = stage.now_ms  # the endpointer ended it
+    assert onset is not None
+    assert end is not None
+    then = phone(padded(corpus["what is the weather like today"], 0, 1200))
+    half = len(then) // 2 // FRAME * FRAME
+    for i in range(0, half, FRAME):  # the next phrase begins
+        stage.hear(then[i : i + FRAME])
+    assert stage.onset_ms is not None
+    stage.listen(onset - 300, until_ms=end)
+    task = asyncio.create_task(stage.run(_nothing))
+    for i in range(half, len(then), FRAME):  # heard, not recognised
+        stage.hear(then[i : i + FRAME])
+        await asyncio.sleep(0)
+    await asyncio.wait_for(task, 30)
+    assert stage.result is not None
+    assert stage.result.kind == "final"
+    assert wer([("play some music please", normalise(stage.result.text))]) <= 0.34
+    assert "weather" not in stage.result.text
+    assert stage.audio_ms == end - (onset - 300)
+
+
 async def _nothing(heard: Heard) -> None:
     """A report that keeps nothing."""
 
