@@ -67,10 +67,15 @@ full; :data:`TRANSITIONS` is the same state machine):
    - the final held no words on the caller's floor: the new speech is the next
      utterance.
 
-   Speech that began and also ended before that final (a recognizer a whole utterance
-   behind) is not heard, nor the start of speech whose onset is older than the audio
-   the stage keeps (:attr:`CarrierCall.keep_ms`: a final later than
-   :data:`FINAL_LAG_MS`).
+   Speech that began and also ended before that final (a quick "yes" ... "no wait", a
+   recognizer a whole short phrase behind) is heard the same way, from its onset to its
+   end: the endpointer's onsets and ends are followed while the final is awaited, and
+   the utterance opened is the stage's kept audio alone (StartListening ``until_ms``),
+   recognised at once; speech from that end on follows it in turn. Several such speeches,
+   or one and speech going on at the final, are one utterance from the first onset (its
+   words joined; one input, as one utterance would be). The start of speech whose onset
+   is older than the audio the stage keeps (:attr:`CarrierCall.keep_ms`: a final later
+   than :data:`FINAL_LAG_MS`) is not heard, nor ended speech none of whose voice is kept.
 5. DTMF (:class:`~gateway.callcodec.Digit`): ``digit`` or ``collect`` mode, as Twilio.
    Keys collected when the stream ends (no ``#`` or pause yet) are still the caller's
    input, as Twilio's ``<Gather>`` submits the digits typed before a hang-up (step 6).
@@ -165,8 +170,9 @@ PREROLL_MS: Final = 300
 FINAL_LAG_MS: Final = 2000
 """How late (audio ms after the onset was confirmed) an utterance's final may come while
 the caller speaks again and that speech is still heard from its onset (module doc step
-4, "Speech begun before a final"): the speech stage keeps that much more audio
-(:attr:`CarrierCall.keep_ms`; 2.45 s at the defaults, ~80 KB a call at 8 kHz)."""
+4, "Speech begun before a final"; speech that also ended before the final: its onset to
+its end): the speech stage keeps that much more audio (:attr:`CarrierCall.keep_ms`;
+2.45 s at the defaults, ~80 KB a call at 8 kHz)."""
 TTS: Final = TtsRequest("audio", "wav")
 """What a call asks of the turn engine before its media format is known: each item's
 speech as WAV after it (decoded to PCM, then encoded by the codec)."""
@@ -808,6 +814,15 @@ class CarrierCall:
         self._heard_end: int | None = None
         """Audio time the endpointer ended the utterance listened to last (None: not yet):
         speech with an onset from then on is the caller's next speech (:meth:`_heard_next`)."""
+        self._next_onset: int | None = None
+        """The onset (audio ms) of the caller's first speech begun after the utterance
+        listened to ended, before its final (None: none yet); from there that speech is
+        heard once the final is taken (:meth:`_heard_next`)."""
+        self._next_end: int | None = None
+        """When such speech ended (the latest one, audio ms; None: none ended): speech
+        that began and also ended before the final is heard up to there."""
+        self._next_voiced_end: int | None = None
+        """The end of the last voiced frame of that ended speech (audio ms)."""
         self._judging = False  # resumed early: the utterance's final is still judged
         self._judged: tuple[int, int] | None = None  # (onset, voiced end) when it resumed
         self.extra_parameters: dict[str, str] = {}
@@ -1068,6 +1083,8 @@ class CarrierCall:
         ``barge_in_max_backchannel_ms``; the silence timeout and the DTMF pause are
         checked here too (once per inbound frame).
         """
+        if self._heard_end is not None and self._awaits_final():
+            self._track_next(onset_ms)
         if self.onset_ms is not None and onset_ms is None and self._heard_end is None:
             self._heard_end = self.now_ms  # the utterance listened to ended: its final comes
         self.onset_ms = onset_ms
@@ -1095,6 +1112,23 @@ class CarrierCall:
             actions += self._digits(digits)
         return actions
 
+    def _awaits_final(self) -> bool:
+        """Whether an utterance is being recognised: its final (or silence) is to come."""
+        state = self.state
+        return state in (State.HEARING, State.HOLDING) or (state is State.BOT and self._judging)
+
+    def _track_next(self, onset_ms: int | None) -> None:
+        """The endpointer's onset now (``onset_ms``) while the final of an utterance it
+        ended is awaited: the caller's next speech begins (its first onset is kept) or
+        ends (its end and voiced end are kept), module doc step 4."""
+        ended = self._heard_end
+        assert ended is not None
+        if onset_ms is not None and onset_ms >= ended and self._next_onset is None:
+            self._next_onset = onset_ms
+        elif onset_ms is None and self.onset_ms is not None and self._next_onset is not None:
+            self._next_end = self.now_ms
+            self._next_voiced_end = self.onset_ms + self.voiced_ms
+
     def _silence_due(self, now_ms: int) -> bool:
         due = self._silence_at
         return due is not None and now_ms >= due and not self.dtmf.collecting
@@ -1108,16 +1142,17 @@ class CarrierCall:
             and self.onset_ms >= self._bot_since
         )
 
-    def _hold(self, *, listen: bool = True) -> list[CallAction]:
+    def _hold(self, *, listen: bool = True, following: bool = False) -> list[CallAction]:
         """Speech over the bot: pause its audio and hear the utterance out (HOLDING);
-        ``listen`` False: its utterance is open already (the caller went on)."""
+        ``listen`` False: its utterance is open already (the caller went on);
+        ``following``: the speech is the one that followed a final (:meth:`_listen`)."""
         self.machine.advance(HOLD)
         self._held_at = self.now_ms
         self._judging = False
         if not listen:
             return [PausePlayback()]
         self.partial = ""
-        return [PausePlayback(), *self._listen(interrupted=True)]
+        return [PausePlayback(), *self._listen(interrupted=True, following=following)]
 
     def _judge_holding(self) -> list[CallAction]:
         """HOLDING, after each inbound frame: voiced too long for a backchannel -> barge-in;
@@ -1177,15 +1212,18 @@ class CarrierCall:
             return len(found) >= 2
         return bool(found) and confidence >= self.config.barge_in_min_confidence
 
-    def _barge_in(self) -> list[CallAction]:
+    def _barge_in(self, *, following: bool = False) -> list[CallAction]:
         """A real interruption: clear the bot (HEARING); the utterance is heard on (opened
-        now unless the bot was holding for it or judging it)."""
+        now unless the bot was holding for it or judging it; ``following``: as
+        :meth:`_listen`)."""
         held = self.state is State.HOLDING or self._judging
         self._judging = False
         self._interrupted = True
         self.machine.advance(BARGE_IN)
         actions = self._silence_the_bot()
-        return actions if held else [*actions, *self._listen(interrupted=True)]
+        if held:
+            return actions
+        return [*actions, *self._listen(interrupted=True, following=following)]
 
     def _resume(self) -> list[CallAction]:
         """The speech over the bot was a backchannel or noise: its audio goes on (BOT)."""
@@ -1227,17 +1265,31 @@ class CarrierCall:
         self._judging = False
         return self._stop_listening()
 
-    def _hear(self, *, interrupted: bool) -> list[CallAction]:
+    def _hear(self, *, interrupted: bool, following: bool = False) -> list[CallAction]:
         self.machine.advance(SPEECH)
-        return self._listen(interrupted=interrupted)
+        return self._listen(interrupted=interrupted, following=following)
 
-    def _listen(self, *, interrupted: bool) -> list[CallAction]:
+    def _listen(self, *, interrupted: bool, following: bool = False) -> list[CallAction]:
+        """Open the next utterance (StartListening) from the caller's speech's onset
+        (less :data:`PREROLL_MS`). ``following``: the speech begun after the utterance
+        before ended and before its final (:meth:`_heard_next`): from its first onset;
+        when the caller no longer speaks, it is over: the utterance is the stage's kept
+        audio up to its end (``until_ms``), and speech from then on follows it."""
         self._silence_at = None
         self._interrupted = interrupted
         self._heard_end = None
         onset = self.now_ms if self.onset_ms is None else self.onset_ms
+        until = None
+        if following and self._next_onset is not None:
+            onset = self._next_onset
+            if self.onset_ms is None:  # over already: it ended where it ended
+                until = self._heard_end = self._next_end
+        self._next_onset = self._next_end = self._next_voiced_end = None
         self.stream = next(self._streams)
-        return [StartListening(self.stream, self.listen_format, from_ms=onset - PREROLL_MS)]
+        start = StartListening(
+            self.stream, self.listen_format, from_ms=onset - PREROLL_MS, until_ms=until
+        )
+        return [start]
 
     def _stop_listening(self) -> list[CallAction]:
         """CancelListening for the utterance being heard (in HEARING)."""
@@ -1355,10 +1407,10 @@ class CarrierCall:
         after an early resume, is forgotten).
 
         Speech the caller began after the endpointer ended this utterance (before this
-        result came) and still going is heard now, from its onset (module doc step 4,
-        "Speech begun before a final"): over the bot's answer when the result made an
-        input, held on (no ResumePlayback) when it was no interruption over the bot, the
-        next utterance when it was nothing on the caller's floor.
+        result came), still going or ended since, is heard now, from its onset (module
+        doc step 4, "Speech begun before a final"): over the bot's answer when the result
+        made an input, held on (no ResumePlayback) when it was no interruption over the
+        bot, the next utterance when it was nothing on the caller's floor.
         """
         state = self.state
         text = text.strip() if kind == "final" else ""
@@ -1373,7 +1425,7 @@ class CarrierCall:
                 return []
             if self._speaks_on():  # over the bot still: held on, the next speech judged
                 self.partial = ""
-                return self._listen(interrupted=True)
+                return self._listen(interrupted=True, following=True)
             return self._resume()
         if state is not State.HEARING:
             return []
@@ -1384,28 +1436,38 @@ class CarrierCall:
         return self._heard_next()
 
     def _speaks_on(self) -> bool:
-        """Whether the caller's next speech (begun after the utterance listened to ended,
-        before its final) goes on now, long enough to be speech over the bot."""
-        onset, ended = self.onset_ms, self._heard_end
+        """Whether the caller spoke again after the utterance listened to ended, before its
+        final: speech that goes on now, long enough to be speech over the bot, or speech
+        that was that long and ended meanwhile, its voice still in the audio the stage
+        keeps (:attr:`keep_ms`)."""
+        onset, ended, first = self.onset_ms, self._heard_end, self._next_onset
+        if ended is None or first is None:
+            return False
+        least = self.config.barge_in_min_speech_ms
+        if onset is not None and onset >= ended and self.speech_ms >= least:
+            return True
+        end, voiced_end = self._next_end, self._next_voiced_end
         return (
-            onset is not None
-            and ended is not None
-            and onset >= ended
-            and self.speech_ms >= self.config.barge_in_min_speech_ms
+            end is not None
+            and voiced_end is not None
+            and end - first >= least
+            and voiced_end > self.now_ms - self.keep_ms
         )
 
     def _heard_next(self) -> list[CallAction]:
         """After an utterance's final was taken: the caller's speech begun after the
-        endpointer ended that utterance (before its final came) and still going is heard
-        now, from its onset (module doc step 4): on the bot's floor as speech over the
-        bot (the floor counts from the utterance's end, :meth:`_commit`), on the caller's
-        as the next utterance."""
+        endpointer ended that utterance (before its final came), still going or over
+        (:meth:`_speaks_on`), is heard now, from its onset (module doc step 4): on the
+        bot's floor as speech over the bot (the floor counts from the utterance's end,
+        :meth:`_commit`), on the caller's as the next utterance."""
         if not self._speaks_on():
             return []
+        first = self._next_onset
+        assert first is not None
         if self.state is State.CALLER:
-            return self._hear(interrupted=False)
-        if self.state is State.BOT and self._may_barge_in():
-            return self._hold() if self.holds else self._barge_in()
+            return self._hear(interrupted=False, following=True)
+        if self.state is State.BOT and self.config.barge_in and first >= self._bot_since:
+            return self._hold(following=True) if self.holds else self._barge_in(following=True)
         return []
 
     def listener_failed(self) -> list[CallAction]:

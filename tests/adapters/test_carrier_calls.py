@@ -368,6 +368,70 @@ async def test_speech_begun_before_the_final_on_the_caller_s_floor_is_heard(
         assert len(gw.core.turns) == 3, gw.core.turns  # the first sentence an input too
 
 
+@pytest.fixture
+def first_final_after_next_speech(monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
+    """The recognizer's final of the call's first utterance comes only once the caller
+    has spoken again AND the endpointer has ended that speech too (a recognizer a whole
+    short phrase behind the caller): made when due (the real recognizer's), given at that
+    end, no later (so the phrase's audio is well within what the stage keeps). The event
+    is set when that first final is due: the test has the caller speak again then."""
+    original_final, original_hear = SpeechStage._final, SpeechStage.hear
+    due, onset, ended = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    def hear(self: SpeechStage, chunk: bytes) -> list[Heard]:
+        onsets = original_hear(self, chunk)
+        if onsets and due.is_set():
+            onset.set()  # the next speech's onset, confirmed
+        if onset.is_set() and self.onset_ms is None:
+            ended.set()  # and the endpointer ended it
+        return onsets
+
+    async def final(self: SpeechStage, at_ms: int) -> Heard:
+        if due.is_set():
+            return await original_final(self, at_ms)
+        due.set()
+        result = await original_final(self, at_ms)
+        await asyncio.wait_for(ended.wait(), 20)
+        return result
+
+    monkeypatch.setattr(SpeechStage, "hear", hear)
+    monkeypatch.setattr(SpeechStage, "_final", final)
+    return due
+
+
+QUICK = "yes please"
+"""A quick phrase the caller says whole before the final of what it said first came (a
+real interruption: "please" is a content word; short enough for its audio to be kept,
+:data:`~gateway.protocol.call.FINAL_LAG_MS`)."""
+
+
+async def test_speech_over_before_the_final_on_the_caller_s_floor_is_heard(
+    speech: SpeechService,
+    corpus: dict[str, Pcm],
+    piper: PiperSynthesizer,
+    first_final_after_next_speech: asyncio.Event,
+) -> None:
+    """The caller's floor: a sentence, a pause that ends it, and a quick phrase said whole
+    (begun and ended) before the first one's final came. Both are inputs, the phrase
+    recognised from the audio the stage kept (speech over the answer to the first, whose
+    words interrupt it); before, the phrase never reached the core (only speech still
+    going on at the first final was listened to)."""
+    quick = await piper.synthesize(QUICK)
+    async with (
+        TWILIO.gateway(speech) as (gw, _),
+        TWILIO.dial(gw.url, mic_speed=1.0) as call,
+    ):
+        await gw.wait_answers(call, 1)
+        call.say(corpus[FIRST])
+        await asyncio.wait_for(first_final_after_next_speech.wait(), 20)
+        call.say(quick)
+
+        def heard() -> bool:
+            return len(gw.core.turns) == 3 and wer([(QUICK, normalise(gw.core.turns[2][0]))]) <= 0.5
+
+        assert await until(heard, 30), gw.core.turns  # the first sentence an input too
+
+
 @each(ALL)
 async def test_a_key_pressed_as_the_caller_hangs_up_leaves_no_session(
     carrier: Carrier, speech: SpeechService, redis_url: str

@@ -659,3 +659,157 @@ def test_a_bot_cut_off_twice_before_it_spoke_again_keeps_what_was_heard() -> Non
     [turn] = call.heard("final", "i want to change my order", 0.9)
     assert isinstance(turn, StartTurn)
     assert turn.input.attributes == heard
+
+
+# ------------------------------------------------------------------ speech over before a final
+
+
+def speak_and_end(call: TwilioCall, ms: int = 200) -> tuple[int, int]:
+    """Before the final of the utterance listened to came, the caller says something
+    short (``ms`` of voice, "no wait") and the endpointer ends it too: its onset and end
+    (audio ms). Nothing is decided meanwhile (only that final decides)."""
+    assert frames(call, 4) == []
+    onset = call.now_ms
+    assert frames(call, ms // 20, onset=onset, voiced=10_000) == []
+    assert frames(call, 1) == []  # the endpointer ended it
+    end = call.now_ms
+    assert frames(call, 10) == []
+    return onset, end
+
+
+def caller_s_floor() -> TwilioCall:
+    call = started()
+    say_item(call, "Hello.")
+    call.turn_event(ResponseEvent(response=Response()))
+    call.turn_finished()
+    assert call.receive(mark("1")) == []
+    assert state_of(call) is State.CALLER
+    return call
+
+
+def hear_and_end(call: TwilioCall) -> None:
+    """On the caller's floor: an utterance (StartListening), voiced 300 ms, ended by the
+    endpointer; its final has not come."""
+    frames(call, 5)
+    onset = call.now_ms
+    assert [type(a) for a in frames(call, 8, onset=onset, voiced=10_000)] == [StartListening]
+    assert frames(call, 12, onset=onset, voiced=300) == []
+    assert frames(call, 4) == []  # ended
+    assert state_of(call) is State.HEARING
+
+
+def test_speech_over_before_the_final_on_the_caller_s_floor_is_heard_over_the_answer() -> None:
+    """ "yes", ended, then "no wait" begun AND ended before the final of "yes" came (a
+    recognizer a whole short phrase behind): that final is the input, and "no wait" is
+    speech over its answer all the same: heard from its onset to its end (the stage's
+    kept audio: StartListening ``until_ms``), judged, and its words interrupt the answer
+    and are the input after it. Before, nothing listened to it: the caller's words never
+    reached the core (only speech still going on at the final was heard)."""
+    call = caller_s_floor()
+    hear_and_end(call)
+    again, end = speak_and_end(call)
+    actions = call.heard("final", "yes", 0.9)
+    assert [type(a) for a in actions] == [StartTurn, PausePlayback, StartListening]
+    turn, listen = actions[0], actions[2]
+    assert isinstance(turn, StartTurn)
+    assert isinstance(listen, StartListening)
+    assert turn.input.text == "yes"
+    assert listen.from_ms == again - 300  # from its onset (the preroll) ...
+    assert listen.until_ms == end  # ... to its end: it is over
+    assert call.state is State.HOLDING
+    assert frames(call, 20) == []  # judged by its final alone
+    [interrupt] = call.heard("final", "no wait", 0.9)
+    assert isinstance(interrupt, Interrupt)
+    assert call.turn_event(BinaryEvent(data=SECOND)) == []  # the answer to "yes": dropped
+    call.turn_event(ResponseEvent(response=Response()))
+    [second] = call.turn_finished()
+    assert isinstance(second, StartTurn)
+    assert second.input.text == "no wait"
+    assert second.input.attributes[INTERRUPTED] is True
+    # a backchannel over before the final lets the answer play
+    call = caller_s_floor()
+    hear_and_end(call)
+    speak_and_end(call)
+    assert [type(a) for a in call.heard("final", "yes", 0.9)] == [
+        StartTurn,
+        PausePlayback,
+        StartListening,
+    ]
+    assert call.heard("final", "uh huh", 0.9) == [ResumePlayback()]
+    assert call.state is State.BOT
+
+
+def test_speech_over_before_a_wordless_final_is_the_next_utterance() -> None:
+    """The first utterance was noise (its final holds no words): the short speech the
+    caller began and ended before that final is the next utterance, heard from its
+    onset to its end, and its text the input."""
+    call = caller_s_floor()
+    hear_and_end(call)
+    again, end = speak_and_end(call)
+    [listen] = call.heard("silence", "")
+    assert isinstance(listen, StartListening)
+    assert (listen.from_ms, listen.until_ms) == (again - 300, end)
+    assert call.state is State.HEARING
+    [turn] = call.heard("final", "no wait", 0.9)
+    assert isinstance(turn, StartTurn)
+    assert turn.input.text == "no wait"
+
+
+def test_speech_over_before_the_final_of_a_backchannel_holds_the_bot_on() -> None:
+    """Over the bot: "yeah", ended, then "no wait" begun and ended before the final of
+    "yeah": that final is no interruption, but the bot stays paused while "no wait" is
+    recognised (from its onset to its end) and judged; its words clear the bot and are
+    the input. Before, the bot resumed and "no wait" was never recognised."""
+    call = started()
+    say_item(call, "Thank you for calling the pizza shop.", SECOND * 3)
+    onset = hold(call)
+    assert frames(call, 15, onset=onset, voiced=300) == []
+    assert frames(call, 4) == []  # the endpointer ended "yeah"
+    again, end = speak_and_end(call)
+    assert call.state is State.HOLDING
+    [listen] = call.heard("final", "yeah", 0.9)
+    assert isinstance(listen, StartListening)
+    assert (listen.from_ms, listen.until_ms) == (again - 300, end)
+    assert call.state is State.HOLDING
+    actions = call.heard("final", "no wait", 0.9)
+    assert [type(a) for a in actions] == [Interrupt]
+    call.turn_event(ResponseEvent(response=Response()))
+    [turn] = call.turn_finished()
+    assert isinstance(turn, StartTurn)
+    assert turn.input.text == "no wait"
+    assert turn.input.attributes[INTERRUPTED] is True
+
+
+def test_speeches_over_before_a_final_are_heard_as_one_utterance() -> None:
+    """Two short phrases, each begun and ended before the final of the utterance heard,
+    and a third one going on when that final comes: heard as one utterance, from the
+    first one's onset (the speech that goes on ends it; its words are joined)."""
+    call = caller_s_floor()
+    hear_and_end(call)
+    first, _ = speak_and_end(call)
+    _, end = speak_and_end(call)
+    [listen] = call.heard("silence", "")
+    assert isinstance(listen, StartListening)
+    assert (listen.from_ms, listen.until_ms) == (first - 300, end)
+    # the same with speech going on at the final: until its end, not a given time
+    call = caller_s_floor()
+    hear_and_end(call)
+    first, _ = speak_and_end(call)
+    again = call.now_ms
+    assert frames(call, 3, onset=again, voiced=10_000) == []  # 60 ms so far
+    [listen] = call.heard("silence", "")
+    assert isinstance(listen, StartListening)
+    assert (listen.from_ms, listen.until_ms) == (first - 300, None)
+
+
+def test_speech_over_before_a_final_later_than_the_kept_audio_is_not_heard() -> None:
+    """A final so late that the stage no longer keeps the short speech's audio (the
+    speech ended more than ``keep_ms`` before): nothing listens to what is gone (it would
+    hear silence, pause the bot for nothing)."""
+    call = caller_s_floor()
+    hear_and_end(call)
+    speak_and_end(call)
+    frames(call, call.keep_ms // 20)
+    [turn] = call.heard("final", "yes", 0.9)
+    assert isinstance(turn, StartTurn)
+    assert call.state is State.BOT
