@@ -664,7 +664,10 @@ async def test_two_overlapping_restarts_tell_a_client_once(transport: str) -> No
             assert await vf.expect("action.status") == {"status": "accepted", "messageID": "second"}
             server = app.state.voiceflow
             told = await asyncio.gather(server.restart(), server.restart())
-            assert list(told) == [1, 1]
+            # each counts the client if it was still connected when that restart got to
+            # it: the second one's wait may end after the first ended its session (one CI
+            # run under load: [1, 0]); what the client got is checked below
+            assert sorted(told) in ([0, 1], [1, 1]), told
             assert await vf.expect("server.restart") == {"action": second}
             await vf.nothing_more(0.5)
             core.release.set()
