@@ -879,3 +879,112 @@ async def test_sigterm_a_v2_realtime_put_not_recognised_in_time_gets_the_error(
         assert arrived == ["#intro"]
         assert await asyncio.to_thread(proc.proc.wait, 30) == 0
     assert_nothing_failed(proc)
+
+
+async def test_sigterm_a_v2_realtime_put_hears_the_audio_sent_before_the_signal_not_recognised_yet(
+    gateway_processes: list[GatewayProcess], corpus: dict[str, Pcm]
+) -> None:
+    """A V2 client that sent its whole utterance into a realtime PUT in a burst just before
+    SIGTERM, none of it recognised yet (the recognizer was busy): the shutdown finishes the
+    utterance with ALL of that audio, so the ``RecognizedInput`` ends with the last sentence
+    the user said. V1's socket lost that end (its receive loop stopped reading behind the
+    speech stage's backpressure, the rest unread at the finish); V2 never had that gap,
+    and this pins why: the PUT's body is read as it arrives by a task of its own into the
+    body's queue, whatever the recognizer's pace (routes.py ``_Hearing._read``; the
+    recognition is fed from that queue, inline, so no backpressure holds the reading), and
+    the shutdown's finish is queued behind every chunk read before it (``_Hearing.drain``).
+    A reader that waited for the recognizer, as V1's loop did, fails this test: the
+    ``RecognizedInput`` ends in the head.
+
+    Deterministic: one recognizer (GATEWAY_STT_MAX_STREAMS 1), held by a V1 socket's
+    utterance being heard (its open stream took it at once) until the shutdown finishes
+    that one; the PUT's first audio waits for it meanwhile (the queue's wait 60 s), so none
+    of the burst is recognised before the signal. Its speech has no pause (the sentences
+    back to back): no end of speech before the tail. The V1 socket gets its ``Recognized``,
+    ``Response`` and the close 1012; the PUT its ``RecognizedInput`` and turn, and the
+    parallel GET the same final text."""
+    env = {
+        "GATEWAY_STT_MAX_STREAMS": "1",
+        "GATEWAY_STT_QUEUE_WAIT_MS": "60000",
+        # the burst's 14 s of audio is recognised after the signal, on a loaded machine
+        "GATEWAY_SHUTDOWN_TIMEOUT_S": "60",
+    }
+    proc = GatewayProcess(env).start()
+    gateway_processes.append(proc)
+    process = proc.proc
+    assert process is not None
+    # the one recognizer is taken by this socket's utterance (being heard, no final)
+    holder = await connect(ws_url(proc.url))
+    await send_json(holder, init_frame("k", tts="None", silenceTimeout=60_000))
+    assert (await recv_json(holder))["type"] == "Ready"
+    await open_stream(holder)
+    await send_audio(holder, pcm_at(corpus[PLACE], 16000, after_ms=0), 16000)
+    head = [pcm_at(corpus[s], 16000, before_ms=0, after_ms=0) for s in (MUSIC, TABLE, PLACE)]
+    talk = b""
+    while len(talk) < 12 * 32000:  # 12 s, as V1's test (over its 10 s of backpressure)
+        talk += b"".join(head)
+    burst = talk + pcm_at(corpus[WEATHER], 16000, before_ms=0, after_ms=200)
+    step = 16000 * 2 // 10  # 100 ms chunks, sent without a pause
+    async with httpx.AsyncClient(timeout=120) as client:
+        intro = await client.put(
+            f"{proc.url}/client?key=k&tts=None",
+            headers={"Content-Type": "text/plain"},
+            content="#intro",
+        )
+        assert intro.status_code == 200, intro.text
+        sent = asyncio.Event()
+        stop = asyncio.Event()
+
+        async def microphone() -> AsyncIterator[bytes]:
+            for start in range(0, len(burst), step):
+                yield burst[start : start + step]
+            # httpx asks for more once the last chunk is written to the socket
+            sent.set()
+            with contextlib.suppress(TimeoutError):  # the body stays open until the GET ends
+                async with asyncio.timeout(90):
+                    await stop.wait()
+
+        async def follow() -> list[str]:
+            lines: list[str] = []
+            try:
+                async with client.stream("GET", f"{proc.url}/client?key=k") as got:
+                    async for line in got.aiter_lines():
+                        if line.strip():
+                            lines.append(line)
+            finally:
+                stop.set()
+            return lines
+
+        async def signal_it() -> None:
+            await sent.wait()
+            await asyncio.sleep(0.5)  # the gateway reads what it is given meanwhile
+            process.send_signal(signal.SIGTERM)
+
+        following = asyncio.create_task(follow())
+        await asyncio.sleep(0.3)  # the GET waits for the PUT's recognition (marker wait 3 s)
+        signalling = asyncio.create_task(signal_it())
+        answer, held = await asyncio.gather(
+            client.put(
+                f"{proc.url}/client?key=k&tts=None&realtime=1",
+                headers={"Content-Type": "audio/basic"},
+                content=microphone(),
+            ),
+            until_closed(holder),
+        )
+        await signalling
+        get_lines = await following
+    assert [f["type"] for f in held] == ["Recognized", "SessionStarted", "Response"], held
+    assert close_to(PLACE, held[0]["text"]), held
+    assert holder.close_code == 1012
+    assert answer.status_code == 200, answer.text
+    lines = [json.loads(line) for line in answer.text.splitlines()]
+    assert [e["type"] for e in lines] == ["RecognizedInput", "ResponseItem", "Response"], lines
+    recognized = lines[0]["input"]["transcript"]["text"]
+    words = normalise(recognized).split()
+    # the last sentence, sent last: heard (a reader held by the recognizer: the head only)
+    assert close_to(WEATHER, " ".join(words[-len(WEATHER.split()) :])), recognized
+    assert lines[1]["responseItem"]["text"] == f"You said: {recognized}"
+    final = json.loads(get_lines[-1])
+    assert (final["isFinal"], final["input"]["transcript"]["text"]) == (True, recognized)
+    assert await asyncio.to_thread(process.wait, 60) == 0
+    assert_nothing_failed(proc)
