@@ -87,9 +87,13 @@ TEXT_WAIT_S (60 s; else 408). The body's end ends the utterance too.
 
 Graceful shutdown (``gateway serve``, SIGTERM): :func:`_drain_hearings`, a Gateway
 ``before_close`` hook, finishes every realtime PUT still hearing its audio as the body's
-end would (StreamedBody.server_draining: the final of the audio received so far; the GET
-ends, the PUT answers with the turn as usual, which the server waits for); its recognition
-must end within what GATEWAY_SHUTDOWN_TIMEOUT_S leaves less 1 s (Gateway.drain_left_s).
+end would (StreamedBody.server_draining: the final of the audio received so far, all of
+it, however far behind the recognition is: the body is read as it arrives by a task of its
+own, never held back by the recognizer, and the finish is queued behind every chunk read
+before it, :meth:`_Hearing.drain`; so V2 needs no catch-up read as V1's socket does; the
+GET ends, the PUT answers with the turn as usual, which the server waits for); its
+recognition must end within what GATEWAY_SHUTDOWN_TIMEOUT_S leaves less 1 s
+(Gateway.drain_left_s).
 One in which nothing was said, or not recognised by then, is answered 503 (``Retry-After``:
 :data:`RESTART_RETRY_AFTER_S`) with an ErrorEvent of source ``gateway``, no turn (no
 ``#silence``: the user did not end the stream).
@@ -996,7 +1000,11 @@ class _Hearing:
     # ------------------------------------------------------------- the body
 
     async def _read(self) -> None:
-        """Move the body's chunks to the queue (bounded); then _END or the exception."""
+        """Move the body's chunks to the queue as they arrive (bounded by the body's size
+        limit, 413 past it); then _END or the exception. It never waits for the loop, which
+        may be held by the recognizer (a busy one, audio sent faster than real time): what
+        the client sent is read, not left in the socket, so the shutdown's finish
+        (:meth:`drain`), queued behind it, hears all of it."""
         total = 0
         limit = self.body.body_limit
         try:
