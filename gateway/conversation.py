@@ -848,11 +848,21 @@ class Conversation:
         The pipeline may change ``session`` even when it fails; ``snapshot()`` (the
         session as it was before the turn, with the core's durable state: :func:`_restored`)
         gives the #error turn a clean copy.
+
+        With GATEWAY_ERROR_TURN the whole turn, first try and ``#error`` turn, is bounded:
+        the ``#error`` turn gets what is left of the turn's GATEWAY_TURN_TIMEOUT_S, but at
+        least GATEWAY_ERROR_TURN_MIN_S (so the turn takes at most their sum, not twice the
+        timeout), and none is run after a core that could not be reached
+        (:attr:`PipelineError.unreachable`): the ErrorEvent comes at once.
         """
+        loop = asyncio.get_running_loop()
+        ends = loop.time() + self.settings.turn_timeout_s
+        unreachable = False
         try:
             return await self._pipeline_turn(session, input, out, tts)
         except PipelineError as exc:
             failure = str(exc)
+            unreachable = exc.unreachable
         except TimeoutError:
             core = _core_name(self.pipeline, session.app_key)
             failure = (
@@ -867,12 +877,25 @@ class Conversation:
             failure,
         )
         if self.settings.error_turn and input.action != ERROR:
+            if unreachable:  # the #error turn would go to the same core: not waited for
+                log.warning(
+                    "no #error turn in session %s: the core could not be reached",
+                    session_ref(session.key),
+                )
+                return ErrorEvent(text=failure, source="pipeline")
+            budget = max(ends - loop.time(), self.settings.error_turn_min_s)
             try:
                 restored = _restored(self.pipeline, snapshot, session)
-                return await self._pipeline_turn(restored, Input.of(ERROR), out, tts)
-            except (PipelineError, TimeoutError) as exc:
+                return await self._pipeline_turn(restored, Input.of(ERROR), out, tts, budget)
+            except PipelineError as exc:
                 log.warning(
                     "the #error turn failed too in session %s: %s", session_ref(session.key), exc
+                )
+            except TimeoutError:
+                log.warning(
+                    "the #error turn failed too in session %s: no answer within %.1f s",
+                    session_ref(session.key),
+                    budget,
                 )
         return ErrorEvent(text=failure, source="pipeline")
 
@@ -882,13 +905,18 @@ class Conversation:
         input: Input,
         out: _TurnQueue,
         tts: TtsRequest | None,
+        timeout_s: float | None = None,
     ) -> tuple[Session, Response]:
+        """One run of the pipeline on ``input``, bounded by ``timeout_s`` (s; None:
+        GATEWAY_TURN_TIMEOUT_S), which the core's clients see as TURN_DEADLINE: the
+        session and Response. Raises PipelineError, TimeoutError when the time is up."""
         items: list[ResponseItem] = []
         response: Response | None = None
         outputs = self.pipeline.process(session, input)
         deadline: Token[float | None] | None = None
         try:
-            async with asyncio.timeout(self.settings.turn_timeout_s) as budget:
+            limit = self.settings.turn_timeout_s if timeout_s is None else timeout_s
+            async with asyncio.timeout(limit) as budget:
                 # the core's clients run in this task (each anext): they see when it ends
                 deadline = TURN_DEADLINE.set(budget.when())
                 while True:

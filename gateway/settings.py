@@ -246,6 +246,13 @@ class Settings(BaseSettings):
         default=False,
         description="On a pipeline failure run the `#error` turn before giving an ErrorEvent.",
     )
+    error_turn_min_s: float = Field(
+        default=2.0,
+        gt=0,
+        description="Least core time (s) of the `#error` turn: it gets what is left of the "
+        "turn's GATEWAY_TURN_TIMEOUT_S, but at least this, so a turn with GATEWAY_ERROR_TURN "
+        "takes at most GATEWAY_TURN_TIMEOUT_S + this.",
+    )
     max_body_bytes: int = Field(
         default=1_048_576, gt=0, description="Largest text/JSON request body or WebSocket text."
     )

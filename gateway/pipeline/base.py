@@ -28,8 +28,17 @@ class PipelineError(Exception):
     """The core pipeline failed: it could not be reached, timed out or answered garbage.
 
     The turn engine turns it into an ErrorEvent with source ``pipeline`` (or the
-    ``#error`` turn when GATEWAY_ERROR_TURN is on).
+    ``#error`` turn when GATEWAY_ERROR_TURN is on, but not after one with
+    ``unreachable``: the ``#error`` turn would go to the same core).
+
+    ``unreachable`` (keyword, default False): no connection to the core was made
+    (refused, no route, the connect timed out: :func:`gateway.pipeline.cores.connection_failed`),
+    so the core cannot have seen the turn.
     """
+
+    def __init__(self, *args: object, unreachable: bool = False) -> None:
+        super().__init__(*args)
+        self.unreachable = unreachable
 
 
 class PipelineConfigError(ValueError):

@@ -312,7 +312,8 @@ def connection_failed(core: str, exc: httpx.HTTPError) -> PipelineError:
     ``Voiceflow``, ``the core``, ``the OpenAI-compatible core``...):
 
     - ``<core> could not be reached: ConnectError`` when no connection was made
-      (:data:`_NOT_CONNECTED`);
+      (:data:`_NOT_CONNECTED`), with ``unreachable`` set (the turn engine runs no
+      ``#error`` turn after it);
     - ``<core> answered a body that is not valid gzip`` (or ``deflate``) for a compressed
       body that does not inflate (httpx.DecodingError, :func:`body_chunks`);
     - else ``the connection to <core> failed: RemoteProtocolError`` (a connection broken
@@ -321,7 +322,7 @@ def connection_failed(core: str, exc: httpx.HTTPError) -> PipelineError:
     """
     kind = type(exc).__name__
     if isinstance(exc, _NOT_CONNECTED):
-        return PipelineError(f"{core} could not be reached: {kind}")
+        return PipelineError(f"{core} could not be reached: {kind}", unreachable=True)
     if isinstance(exc, httpx.DecodingError):
         coding = "deflate" if str(exc).startswith("the deflate") else "gzip"
         return PipelineError(f"{core} answered a body that is not valid {coding}")

@@ -11,7 +11,8 @@ import time
 from collections.abc import AsyncIterator
 
 import pytest
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -419,6 +420,123 @@ async def test_error_turn_answers_when_enabled(core: tuple[str, FastAPI]) -> Non
     assert isinstance(events[-1], ResponseEvent)
     assert [r["input"]["transcript"]["text"] for r in app.state.requests] == ["hello", "#error"]
     await conv.pipeline.aclose()
+
+
+def hanging_core(
+    app: FastAPI, path: str, hang: set[str], refuse_once: str | None = None
+) -> asyncio.Event:
+    """Adds ``POST path`` to the test core ``app``: a turn whose transcript is in ``hang``
+    gets no answer until the Event returned is set (at most 30 s; a gateway that gives
+    up closes the connection), the first whose transcript is ``refuse_once`` HTTP 429
+    with ``Retry-After: 1``, any other one the answer ``sorry: <transcript>`` at once.
+    The transcripts asked are in ``app.state.requests``."""
+    release = asyncio.Event()
+
+    @app.post(path)
+    async def hanging(request: Request) -> JSONResponse:
+        said = (await request.json())["input"]["transcript"]["text"]
+        app.state.requests.append(said)
+        if said == refuse_once and app.state.requests.count(said) == 1:
+            return JSONResponse({}, status_code=429, headers={"Retry-After": "1"})
+        if said in hang:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(release.wait(), 30)
+        return JSONResponse({"items": [{"text": f"sorry: {said}"}]})
+
+    return release
+
+
+async def test_the_error_turn_of_a_turn_that_timed_out_answers(
+    core: tuple[str, FastAPI],
+) -> None:
+    """A core that does not answer the turn within GATEWAY_TURN_TIMEOUT_S and answers
+    ``#error`` at once: the ``#error`` answer comes, though no time of the turn is left
+    (the ``#error`` turn has at least GATEWAY_ERROR_TURN_MIN_S), well before twice the
+    timeout."""
+    url, app = core
+    release = hanging_core(app, "/hang-turn", {"hello"})
+    conv = engine(pipeline=f"{url}/hang-turn", error_turn=True, turn_timeout_s=1.5)
+    try:
+        start = time.monotonic()
+        events = await conv.turn(ctx(), Input.of("hello")).collect()
+        took = time.monotonic() - start
+        assert texts(events) == ["sorry: #error"]
+        assert isinstance(events[-1], ResponseEvent)
+        assert app.state.requests == ["hello", "#error"]
+        assert took < 2 * 1.5, took
+    finally:
+        release.set()
+        await conv.pipeline.aclose()
+
+
+async def test_the_error_turn_has_what_is_left_of_the_turn(
+    core: tuple[str, FastAPI], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A core that hangs on the turn and on ``#error``: the ErrorEvent comes after
+    GATEWAY_TURN_TIMEOUT_S + GATEWAY_ERROR_TURN_MIN_S (4.3 s here), not twice the timeout
+    (8 s: the ``#error`` turn had a whole new timeout, and a channel's deadline was long
+    gone)."""
+    url, app = core
+    release = hanging_core(app, "/hang-both", {"hello", "#error"})
+    conv = engine(
+        pipeline=f"{url}/hang-both", error_turn=True, turn_timeout_s=4, error_turn_min_s=0.3
+    )
+    try:
+        with caplog.at_level(logging.WARNING, logger="gateway.conversation"):
+            start = time.monotonic()
+            await pipeline_error(conv, "did not answer within 4 s")
+            took = time.monotonic() - start
+        assert app.state.requests == ["hello", "#error"]
+        assert 4 <= took < 6.5, took  # 4.3 s and a loaded machine's margin; old: 8 s
+        assert "the #error turn failed too in session" in caplog.text
+        assert "no answer within 0.3 s" in caplog.text
+    finally:
+        release.set()
+        await conv.pipeline.aclose()
+
+
+async def test_the_error_turns_core_client_sees_the_error_turns_deadline(
+    core: tuple[str, FastAPI], caplog: pytest.LogCaptureFixture
+) -> None:
+    """TURN_DEADLINE during the ``#error`` turn is that turn's end (GATEWAY_ERROR_TURN_MIN_S
+    after the first try timed out), not a whole new GATEWAY_TURN_TIMEOUT_S: a core that
+    refuses ``#error`` with HTTP 429 ``Retry-After: 1`` is not waited for when the wait
+    does not fit in what the ``#error`` turn has left (it was, 1 s more)."""
+    url, app = core
+    release = hanging_core(app, "/hang-429", {"hello"}, refuse_once="#error")
+    conv = engine(pipeline=f"{url}/hang-429", error_turn=True, turn_timeout_s=3, error_turn_min_s=1)
+    try:
+        with caplog.at_level(logging.WARNING, logger="gateway.conversation"):
+            await pipeline_error(conv, "did not answer within 3 s")
+        assert app.state.requests == ["hello", "#error"]  # refused, not sent again
+        # the 1 s wait and the 1 s the request sent again needs (RETRY_RESERVE_S) do
+        # not fit in the #error turn's 1 s; they did in a new 3 s
+        assert "the #error turn failed too" in caplog.text
+        assert "not retried: a wait of 1 s does not fit in the" in caplog.text
+    finally:
+        release.set()
+        await conv.pipeline.aclose()
+
+
+async def test_no_error_turn_after_a_core_that_could_not_be_reached(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A core that refuses connections: the ErrorEvent at once, no ``#error`` turn sent
+    after it (it would go to the same core): one core failure counted, one WARNING saying
+    why. It was a second failing request, and with a core whose connect times out a
+    second GATEWAY_PIPELINE_CONNECT_TIMEOUT_S."""
+    conv = engine(pipeline=f"http://127.0.0.1:{free_port()}/core", error_turn=True)
+    before = REGISTRY.get_sample_value("gateway_core_errors_total", {"core": "http"}) or 0
+    try:
+        with caplog.at_level(logging.WARNING, logger="gateway.conversation"):
+            await pipeline_error(conv, "the core could not be reached: ConnectError")
+        after = REGISTRY.get_sample_value("gateway_core_errors_total", {"core": "http"})
+        assert after == before + 1  # the turn's; no #error turn
+        assert "no #error turn in session" in caplog.text
+        assert "could not be reached" in caplog.text
+        assert "failed too" not in caplog.text
+    finally:
+        await conv.pipeline.aclose()
 
 
 async def test_client_leaving_mid_turn_does_not_cut_the_turn(core: tuple[str, FastAPI]) -> None:
