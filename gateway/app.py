@@ -199,9 +199,10 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
             yield
         finally:
             # a turn's task waits up to GATEWAY_LOCK_WAIT_S for its session's lock, then
-            # runs GATEWAY_TURN_TIMEOUT_S (+ 1 s to save); those of WebSockets (closed
-            # 1012 at once) started before the shutdown, so this adds nothing to its bound
-            left = await conversation.drain(settings.lock_wait_s + settings.turn_timeout_s + 1)
+            # runs GATEWAY_TURN_TIMEOUT_S (and its #error turn: Settings.turn_max_s; + 1 s
+            # to save); those of WebSockets (closed 1012 at once) started before the
+            # shutdown, so this adds nothing to its bound
+            left = await conversation.drain(settings.lock_wait_s + settings.turn_max_s + 1)
             if left:
                 log.warning("%d turns were still running at shutdown", left)
             if warming is not None:

@@ -170,7 +170,8 @@ def startup_warnings(settings: Settings, file_limit: int) -> list[str]:
       (:func:`gateway.server.auto_max_connections`): past that, connections fail
       unanswered.
     - GATEWAY_SHUTDOWN_TIMEOUT_S not longer than GATEWAY_LOCK_WAIT_S +
-      GATEWAY_TURN_TIMEOUT_S (an HTTP turn accepted just before SIGTERM may wait that
+      GATEWAY_TURN_TIMEOUT_S (+ GATEWAY_ERROR_TURN_MIN_S with GATEWAY_ERROR_TURN:
+      Settings.turn_max_s; an HTTP turn accepted just before SIGTERM may wait that
       long for its session's lock, then run): on SIGTERM a turn may still run when
       uvicorn stops waiting and cancels its request; its client gets a 500 though the
       turn goes on and its session is saved (the lifespan waits for it), so a retry
@@ -186,14 +187,19 @@ def startup_warnings(settings: Settings, file_limit: int) -> list[str]:
             f"limit {file_limit} leaves ({room}): past that, connections fail unanswered; "
             "raise the limit (ulimit -n, nofile)"
         )
-    if settings.shutdown_timeout_s <= settings.lock_wait_s + settings.turn_timeout_s:
+    if settings.shutdown_timeout_s <= settings.lock_wait_s + settings.turn_max_s:
+        error_turn = (
+            f" + GATEWAY_ERROR_TURN_MIN_S={settings.error_turn_min_s:g} (GATEWAY_ERROR_TURN)"
+            if settings.error_turn
+            else ""
+        )
         warnings.append(
             f"GATEWAY_SHUTDOWN_TIMEOUT_S={settings.shutdown_timeout_s} is not longer than "
             f"GATEWAY_LOCK_WAIT_S={settings.lock_wait_s:g} + "
-            f"GATEWAY_TURN_TIMEOUT_S={settings.turn_timeout_s:g}: on SIGTERM a turn still "
-            "running when the wait ends is answered 500 though it goes on and is saved (a "
-            "retry repeats it); give the shutdown more time than a turn may wait for its "
-            "session and run"
+            f"GATEWAY_TURN_TIMEOUT_S={settings.turn_timeout_s:g}{error_turn}: on SIGTERM a "
+            "turn still running when the wait ends is answered 500 though it goes on and is "
+            "saved (a retry repeats it); give the shutdown more time than a turn may wait for "
+            "its session and run"
         )
     return warnings
 

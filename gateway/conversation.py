@@ -1064,12 +1064,13 @@ class Conversation:
         may mean a session still kept, by the clock of another instance), or None when
         :meth:`find` would say ``not-found`` or ``foreign``. A session being made (not
         stored yet, a turn holding its lock: :meth:`find`'s ``creating``) is let go no
-        sooner than that turn saves it: now + GATEWAY_TURN_TIMEOUT_S, when to ask again.
+        sooner than that turn saves it: now + GATEWAY_TURN_TIMEOUT_S (and its ``#error``
+        turn's GATEWAY_ERROR_TURN_MIN_S: Settings.turn_max_s), when to ask again.
         One read of the store (:meth:`~gateway.sessions.SessionStore.peek`). Raises
         StoreUnavailable when the store fails."""
         session, locked = await self.store.peek(ctx.key)
         if session is None:
-            return time.time() + self.settings.turn_timeout_s if locked else None
+            return time.time() + self.settings.turn_max_s if locked else None
         if session.app_key != ctx.app_key:
             return None
         return session.updated_at + session.timeout_s

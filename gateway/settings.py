@@ -1082,6 +1082,14 @@ class Settings(BaseSettings):
             self.public_url = f"http://localhost:{self.port}"
         return self
 
+    @property
+    def turn_max_s(self) -> float:
+        """The longest core time of one turn (s): GATEWAY_TURN_TIMEOUT_S, plus
+        GATEWAY_ERROR_TURN_MIN_S with GATEWAY_ERROR_TURN (the ``#error`` turn after a try
+        that used the whole timeout has that much: gateway/conversation.py ``_process``).
+        What the waits for a running turn (shutdown drain, a page's answer) count on."""
+        return self.turn_timeout_s + (self.error_turn_min_s if self.error_turn else 0.0)
+
     @model_validator(mode="after")
     def _v1_byte_burst_holds_a_frame(self) -> Settings:
         """GATEWAY_FLOWSTORM_V1_BYTE_BURST holds one frame of GATEWAY_MAX_BODY_BYTES: a

@@ -754,7 +754,7 @@ class VoiceflowServer:
             for task in list(client.tasks):
                 task.cancel()
         if self._detached:  # clients that left mid-action: their answers are kept first
-            wait_s = self.settings.lock_wait_s + self.settings.turn_timeout_s + 1
+            wait_s = self.settings.lock_wait_s + self.settings.turn_max_s + 1
             await asyncio.wait(set(self._detached), timeout=wait_s)
         await self.sio.shutdown()
         manager = self.sio.manager

@@ -123,10 +123,11 @@ the answer's trip, a loaded gateway."""
 def answer_timeout_s(settings: Settings) -> float:
     """How long (s) the page's Processing may go without an event of the gateway before its
     connection is taken for dropped: a turn waits for its session's lock up to
-    GATEWAY_LOCK_WAIT_S, runs up to GATEWAY_TURN_TIMEOUT_S (then the gateway answers an
-    Error itself), plus :data:`ANSWER_MARGIN_S`. (The page had 60 s, whatever the turn
-    timeout: a longer one was cut short.)"""
-    return settings.lock_wait_s + settings.turn_timeout_s + ANSWER_MARGIN_S
+    GATEWAY_LOCK_WAIT_S, runs up to GATEWAY_TURN_TIMEOUT_S (with GATEWAY_ERROR_TURN, its
+    ``#error`` turn up to GATEWAY_ERROR_TURN_MIN_S more: Settings.turn_max_s; then the
+    gateway answers an Error itself), plus :data:`ANSWER_MARGIN_S`. (The page had 60 s,
+    whatever the turn timeout: a longer one was cut short.)"""
+    return settings.lock_wait_s + settings.turn_max_s + ANSWER_MARGIN_S
 
 
 async def page_config(request: Request) -> Response:

@@ -28,7 +28,12 @@ from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket
 
 from gateway.app import create_app
-from gateway.console import ANSWER_MARGIN_S, CONTENT_SECURITY_POLICY, SECURITY_HEADERS
+from gateway.console import (
+    ANSWER_MARGIN_S,
+    CONTENT_SECURITY_POLICY,
+    SECURITY_HEADERS,
+    answer_timeout_s,
+)
 from gateway.server import GatewayWebSocketProtocol
 from gateway.settings import Settings
 from gateway.speech.audio import Pcm, encode_wav
@@ -221,6 +226,9 @@ async def test_the_console_config_names_the_gateways_answer_limit() -> None:
         config = await client.get(f"{url}/console/config.json")
     assert config.status_code == 200
     assert config.json() == {"answerTimeoutS": 90 + 15 + ANSWER_MARGIN_S, "turnTimeoutS": 90}
+    # with GATEWAY_ERROR_TURN the #error turn may run GATEWAY_ERROR_TURN_MIN_S more
+    error_turn = settings.model_copy(update={"error_turn": True, "error_turn_min_s": 3})
+    assert answer_timeout_s(error_turn) == 90 + 3 + 15 + ANSWER_MARGIN_S
     assert config.headers["cache-control"] == "no-store"
     for name, value in SECURITY_HEADERS.items():
         assert config.headers[name] == value

@@ -214,6 +214,19 @@ def test_settings_that_fail_some_clients_are_warned_of_at_startup() -> None:
         assert startup_warnings(settings, 65536) == [expected[0].format(short_s)]
     long_enough = Settings(shutdown_timeout_s=26, turn_timeout_s=10, lock_wait_s=15)
     assert startup_warnings(long_enough, 65536) == []
+    # the #error turn (GATEWAY_ERROR_TURN) may run GATEWAY_ERROR_TURN_MIN_S after the
+    # timeout: 26 s is no longer enough for 15 + 10 + 2 (it was not warned of)
+    error_turn = Settings(shutdown_timeout_s=26, turn_timeout_s=10, lock_wait_s=15, error_turn=True)
+    assert error_turn.turn_max_s == 12
+    assert startup_warnings(error_turn, 65536) == [
+        expected[0]
+        .format(26)
+        .replace(
+            "GATEWAY_TURN_TIMEOUT_S=10:",
+            "GATEWAY_TURN_TIMEOUT_S=10 + GATEWAY_ERROR_TURN_MIN_S=2 (GATEWAY_ERROR_TURN):",
+        )
+    ]
+    assert startup_warnings(error_turn.model_copy(update={"shutdown_timeout_s": 28}), 65536) == []
     crowded = startup_warnings(Settings(max_connections=1000), 256)
     assert len(crowded) == 1
     assert crowded[0].startswith("GATEWAY_MAX_CONNECTIONS=1000 is more than the open-file limit")

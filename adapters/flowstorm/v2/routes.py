@@ -841,7 +841,7 @@ class _Hearing:
             max_body_bytes=settings.max_body_bytes,
             max_audio_s=settings.max_audio_s,
             silence_timeout_ms=settings.silence_timeout_ms,
-            done_retain_s=settings.turn_timeout_s + settings.lock_wait_s + 5,
+            done_retain_s=settings.turn_max_s + settings.lock_wait_s + 5,
         )
         self.stage: SpeechStage | None = None
         self._queue: asyncio.Queue[object] = asyncio.Queue()
