@@ -54,7 +54,10 @@ Traces -> items:
 
 A non-2xx status, invalid JSON, an answer that is not a list of traces, a ``choice``,
 ``cardV2`` or ``carousel`` whose ``buttons``/``cards`` are not an array, or a stream that
-breaks off is a PipelineError.
+breaks off (the connection dropped, or the body ended without ``event: end``) is a
+PipelineError: the traces received before a cut were forwarded already, a completion not
+ended is dropped, and the turn fails, as every streaming core's cut answer does (a cut
+answer is not taken for the whole one).
 """
 
 from __future__ import annotations

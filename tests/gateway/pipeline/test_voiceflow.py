@@ -370,6 +370,22 @@ async def test_an_answer_that_breaks_off_is_not_called_unreachable(
     await conv.pipeline.aclose()
 
 
+async def test_a_stream_cut_before_its_end_event_forwards_its_traces_and_fails(
+    voiceflow: tuple[str, FastAPI],
+) -> None:
+    """An interact stream whose body ends without ``event: end``: the whole traces
+    received were forwarded as they came, and the turn fails (an Error of source
+    ``pipeline``), as every streaming core's cut answer does (Rasa's NDJSON cut inside a
+    line, an OpenAI stream without finish_reason or [DONE], Dialogflow CX's without its
+    FINAL response, the webhook core's stream without a Response): a cut answer is not
+    taken for the whole one (the session's buttons and end would be the half answer's)."""
+    url, _ = voiceflow
+    conv = vf_engine(url, stream=True)
+    events = await pipeline_error(conv, "Voiceflow's stream ended without its end event", "cut")
+    assert texts(events) == ["You said: cut"]
+    await conv.pipeline.aclose()
+
+
 async def test_an_endless_line_of_the_stream_is_cut_at_the_bound(
     voiceflow: tuple[str, FastAPI],
 ) -> None:
