@@ -111,7 +111,9 @@ Decisions where the spec is silent:
   on. Whatever its session's activity, a key older than
   GATEWAY_VOICEFLOW_SESSION_KEY_MAX_AGE_S (7 days; 0: no limit) from its ``iat`` is
   refused the same way (``newSessionRequired: true``): a key leaked once does not
-  open its session for as long as the session lives.
+  open its session for as long as the session lives. So is a key whose ``iat`` is
+  more than 5 minutes ahead of this instance's clock (issued by an instance whose clock
+  runs ahead: its age would count from then, beyond both bounds).
 - A valid sessionKey resumes its session only when the store still has it (it
   expired, or it never had a turn: ``newSessionRequired: true``, and the client makes a
   new one with ``session.create``, as the spec's client does, instead of being told
@@ -526,7 +528,8 @@ class KeyCheck:
 
     ``problem`` is one of ``missing``, ``malformed``, ``forged``, ``expired`` (a key
     with an ``exp`` claim, as earlier versions made them, on or after it), ``too-old``
-    (issued :attr:`SessionKeys.max_age_s` or more ago), ``foreign`` (another project or
+    (issued :attr:`SessionKeys.max_age_s` or more ago), ``premature`` (an ``iat`` more
+    than :attr:`SessionKeys.MAX_SKEW_S` after now), ``foreign`` (another project or
     user); ``None`` when the key is valid. ``active_since`` is set
     (epoch s) when the key is older than :attr:`SessionKeys.ttl_s`: it resumes its
     session only if the session was active at or after that time (saved by a turn, or
@@ -556,14 +559,20 @@ class SessionKeys:
     does not open its session for as long as the session lives (``too-old``; every key
     made by any version carries ``iat``, so keys of instances without the limit are
     bounded alike). A key with an ``exp`` claim (made by an earlier version) is refused
-    from then on (RFC 7519 section 4.1.4). Times come from the ``now`` each call is
-    handed (epoch s).
+    from then on (RFC 7519 section 4.1.4). A key whose ``iat`` is more than
+    :attr:`MAX_SKEW_S` after ``now`` (made by an instance whose clock runs ahead) is
+    refused (``premature``): its age would count from then, so it would outlive
+    ``ttl_s`` and ``max_age_s`` by as much as that clock is ahead. Times come from the
+    ``now`` each call is handed (epoch s).
 
     Raises ValueError for a secret shorter than 32 characters.
     """
 
     ISSUER = "channel-gateway"
     AUDIENCE = "voiceflow-session"
+    MAX_SKEW_S = 300
+    """How far (s) a key's ``iat`` may lie after ``now`` (the instances' clocks differ a
+    little); a key issued later than that is refused (``premature``)."""
 
     def __init__(self, secret: str | bytes, ttl_s: int, max_age_s: int = 0) -> None:
         if len(secret) < 32:
@@ -589,7 +598,8 @@ class SessionKeys:
         """The session id of ``token`` when it is ours and was made for ``project_id`` and
         ``user_id`` (with :attr:`KeyCheck.active_since` ``now - ttl_s`` when it was issued
         ``ttl_s`` or more before ``now``); else a KeyCheck naming the problem (``too-old``
-        for a key issued :attr:`max_age_s` or more before ``now``, when it is not 0)."""
+        for a key issued :attr:`max_age_s` or more before ``now``, when it is not 0;
+        ``premature`` for one issued more than :attr:`MAX_SKEW_S` after ``now``)."""
         if not token:
             return KeyCheck(None, "missing")
         try:
@@ -617,6 +627,8 @@ class SessionKeys:
             return KeyCheck(None, "malformed")
         if exp is not None and now >= exp:
             return KeyCheck(None, "expired")
+        if iat > now + self.MAX_SKEW_S:  # else its age, counted from then, is unbounded
+            return KeyCheck(None, "premature")
         if self.max_age_s and now >= iat + self.max_age_s:
             return KeyCheck(None, "too-old")
         if claims.get("pid") != project_id or claims.get("uid") != user_id:

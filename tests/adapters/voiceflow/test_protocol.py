@@ -263,6 +263,24 @@ def test_a_session_key_older_than_its_max_age_is_refused() -> None:
     )
 
 
+def test_a_session_key_issued_in_the_future_is_refused() -> None:
+    """A key whose ``iat`` lies ahead of the checking instance's clock (issued by an
+    instance whose clock runs ahead) aged from that future time: ``max_age_s`` and
+    ``ttl_s`` were out-waited by as much as that clock was ahead (a key of an instance a
+    month ahead resumed its session for a month and a week). Now it is refused
+    (``premature``) beyond :attr:`SessionKeys.MAX_SKEW_S` of skew; within it, it is valid."""
+    week, month = 7 * 86_400, 30 * 86_400
+    keys = SessionKeys(SECRET, ttl_s=60, max_age_s=week)
+    ahead = keys.issue(session_id="s1", project_id=PROJECT, user_id=USER, now=NOW + month)
+    for later in (0, 8 * 86_400, month - 600):  # all but the first over a week after
+        check = keys.verify(ahead, project_id=PROJECT, user_id=USER, now=NOW + later)
+        assert (check.session_id, check.problem) == (None, "premature"), later
+    skewed = keys.issue(session_id="s1", project_id=PROJECT, user_id=USER, now=NOW + 300)
+    check = keys.verify(skewed, project_id=PROJECT, user_id=USER, now=NOW)
+    assert (check.session_id, check.problem, check.active_since) == ("s1", None, None)
+    assert SessionKeys.MAX_SKEW_S == 300  # the skew tolerated, as the README says
+
+
 # ------------------------------------------------------- actions -> Input
 
 
