@@ -374,7 +374,7 @@ def first_final_after_next_speech(monkeypatch: pytest.MonkeyPatch) -> asyncio.Ev
     has spoken again AND the endpointer has ended that speech too (a recognizer a whole
     short phrase behind the caller): made when due (the real recognizer's), given at that
     end, no later (so the phrase's audio is well within what the stage keeps). The event
-    is set when that first final is due: the test has the caller speak again then."""
+    is set once that first final is made: the test has the caller speak again then."""
     original_final, original_hear = SpeechStage._final, SpeechStage.hear
     due, onset, ended = asyncio.Event(), asyncio.Event(), asyncio.Event()
 
@@ -389,8 +389,10 @@ def first_final_after_next_speech(monkeypatch: pytest.MonkeyPatch) -> asyncio.Ev
     async def final(self: SpeechStage, at_ms: int) -> Heard:
         if due.is_set():
             return await original_final(self, at_ms)
-        due.set()
+        # made first, then the caller speaks: a recognizer slow to make it (a loaded
+        # machine) does not give it later than the next speech's end
         result = await original_final(self, at_ms)
+        due.set()
         await asyncio.wait_for(ended.wait(), 20)
         return result
 
