@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
+import tomllib
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -953,6 +956,20 @@ async def test_a_push_in_snake_case_is_refused_naming_the_documented_name(
         assert answer.status_code == 200, answer.text
         [got] = (await recv_json(ws))["response"]["items"]
         assert {k: got[k] for k in item} == item
+
+
+def test_pyproject_asks_for_a_pydantic_that_refuses_snake_case() -> None:
+    """The push models refuse the snake_case names with ``validate_by_name=False`` (and
+    every wire model writes camelCase with ``serialize_by_alias``): config keys pydantic
+    has since 2.11; an older one ignores them, and the push API would take
+    ``target.session_id`` again. pyproject.toml allowed ``pydantic>=2.7``."""
+    pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    [lowest] = [
+        found.groups()
+        for spec in pyproject["project"]["dependencies"]
+        if (found := re.fullmatch(r"pydantic>=(\d+)\.(\d+)(?:\.\d+)?", spec.replace(" ", "")))
+    ]
+    assert tuple(map(int, lowest)) >= (2, 11), lowest
 
 
 async def test_a_push_body_is_not_read_before_the_key_nor_past_the_body_limit() -> None:
