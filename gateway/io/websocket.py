@@ -256,6 +256,13 @@ CAUGHT_UP_S: Final = 0.02
 uvicorn reads the socket again once the app took the frames it had, at the next loop
 iteration, so a frame still in the socket's receive buffer comes well within it."""
 
+CAUGHT_UP_LOOKS: Final = 4
+"""How many looks, each a turn of the event loop apart, :meth:`WebSocketDriver.caught_up`
+needs to find the receive loop waiting, no frame read meanwhile: a frame still in the
+socket's buffer reaches the loop within two turns (uvicorn reads it, then the loop's
+receive returns it), so a machine that stalled the process through the whole quiet time
+gives the frame its turns before the peer counts as quiet."""
+
 DRAINED_S: Final = 0.001
 """A read that waited at least this long (s) found no frame queued for the driver (the
 peer's frames may still be in the socket, a loop iteration away: see :class:`FrameRate`)."""
@@ -622,8 +629,12 @@ class WebSocketDriver(Generic[A]):
         receive buffer; uvicorn stops reading the socket while a frame waits for the app),
         and those behind a frame whose actions the loop is still carrying out. That is the
         loop waiting for the next frame with none coming for ``quiet_s`` seconds since the
-        call at least; a peer that goes on sending (a microphone) is caught up between two
-        of its frames. At most ``within_s`` seconds (<= 0: no wait).
+        call at least, and over :data:`CAUGHT_UP_LOOKS` looks at it, each a turn of the event
+        loop apart (``quiet_s`` / :data:`CAUGHT_UP_LOOKS` s): a process the machine stalled
+        for longer than ``quiet_s`` has had one turn in that time, not the turns uvicorn
+        needs to read what the socket's buffer got meanwhile, so the stall does not pass
+        for a quiet peer. A peer that goes on sending (a microphone) is caught up between
+        two of its frames. At most ``within_s`` seconds (<= 0: no wait).
 
         True when caught up; False when ``within_s`` ran out first (a peer sending without
         a pause, or a loop held up by backpressure) or the socket is no longer open or
@@ -631,26 +642,28 @@ class WebSocketDriver(Generic[A]):
         loop = asyncio.get_running_loop()
         start = loop.time()
         end = start + within_s
+        look_s = quiet_s / CAUGHT_UP_LOOKS
+        seen: tuple[float | None, int] | None = None  # (waiting since, frames read) as last seen
+        looks = 0  # the looks in a row that saw the loop waiting, as it was
         while self.open:
+            state = (self._waiting_since, self._frames_read)
+            if state[0] is None or state != seen:
+                looks = 0  # busy with a frame, or a frame came: quiet from now on
+            else:
+                looks += 1
+            seen = state
             now = loop.time()
-            since, read = self._waiting_since, self._frames_read
-            pause_s = quiet_s  # the loop is busy: look again then
-            if since is not None:
-                # quiet since the call at least: what is in the socket's buffer now is read
-                # at the loop's next iterations, however long the loop has waited before
-                quiet_from = max(since, start)
-                if now - quiet_from >= quiet_s:
-                    # a frame the loop's wait got in this iteration is handed to it in
-                    # this one: let it run first, then look again
-                    await asyncio.sleep(0)
-                    if self._waiting_since == since and self._frames_read == read:
-                        return True
-                    continue
-                pause_s = quiet_from + quiet_s - now
+            since = state[0]
+            if (
+                since is not None
+                and looks >= CAUGHT_UP_LOOKS
+                and now - max(since, start) >= quiet_s
+            ):
+                return True
             left_s = end - now
             if left_s <= 0:
                 return False
-            await asyncio.sleep(min(pause_s, left_s))
+            await asyncio.sleep(min(look_s, left_s))
         return False
 
     def received(self, frame: str | bytes) -> Sequence[A]:
