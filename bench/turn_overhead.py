@@ -18,9 +18,11 @@ Rows, in this order, each a fresh server:
 5. ``/alexa`` — the gateway as ``gateway serve`` runs it (bench/pki_serve.py: the same
    serve function, its app given the local keys) with Redis, verification on (a local
    CA made here, the signing chain fetched once and cached, as Amazon's is), every
-   request signed and new (LaunchRequest-free IntentRequests with their own session),
-   so each costs the signature check, the turn, its log line and two Redis round
-   trips.
+   request signed (LaunchRequest-free IntentRequests, 4,000 of them, each with its own
+   session; wrk sends them round and round, so past the first 4,000 of a row a request
+   is a later turn of its session, which loads it: at 2,000 req/s a 10 s row is mostly
+   such turns, as a skill's conversations are), so each costs the signature check, the
+   turn, its log line and two Redis round trips.
    ``/alexa, Redis, verification OFF`` is the same with GATEWAY_ALEXA_VERIFY=false:
    what the signature check costs (a setting for local development only).
 
