@@ -498,6 +498,7 @@ def speech_ssml(
     elements: frozenset[str] | None = None,
     max_audio: int | None = None,
     utf16: bool = False,
+    then: ResponseItem | None = None,
 ) -> str | None:
     """The items' speech as one ``<speak>`` document of at most ``max_chars`` characters
     (code points; UTF-16 code units with ``utf16``, :func:`utf16_len`, as Alexa counts).
@@ -511,7 +512,14 @@ def speech_ssml(
     tags in one output speech), an item whose ``<audio>`` tags (its ``audio`` URL and
     those in its ``ssml``) would pass that count says only its spoken text, and the
     items after it are still said. Returns None when no item says anything.
+
+    ``then``, when given, is said whole after the items (a failed turn's apology after
+    what the core said before it failed): its speech takes its room first and the items
+    are cut to what is left, as above, so the limit never cuts it (only when it alone is
+    over ``max_chars``).
     """
+    if then is not None:
+        return _speech_then(items, then, max_chars, audio_schemes, elements, max_audio, utf16)
     budget = max_chars - len(_SPEAK_OPEN) - len(_SPEAK_CLOSE)
     out: list[str] = []
     used = 0
@@ -542,12 +550,59 @@ def speech_ssml(
     return _SPEAK_OPEN + " ".join(out) + _SPEAK_CLOSE
 
 
-def display_text(items: Sequence[ResponseItem], max_chars: int, *, utf16: bool = False) -> str:
+def _speech_then(
+    items: Sequence[ResponseItem],
+    then: ResponseItem,
+    max_chars: int,
+    audio_schemes: tuple[str, ...],
+    elements: frozenset[str] | None,
+    max_audio: int | None,
+    utf16: bool,
+) -> str | None:
+    """:func:`speech_ssml` of ``items`` and then ``then``, ``then`` said whole (its doc)."""
+
+    def speech(of: Sequence[ResponseItem], chars: int, audio: int | None) -> str | None:
+        return speech_ssml(
+            of, chars, audio_schemes=audio_schemes, elements=elements, max_audio=audio, utf16=utf16
+        )
+
+    tail = speech([then], max_chars, max_audio)
+    if tail is None:
+        return speech(items, max_chars, max_audio)
+    said = tail[len(_SPEAK_OPEN) : -len(_SPEAK_CLOSE)]
+    if said != item_ssml(then, audio_schemes=audio_schemes, elements=elements):
+        return tail  # cut itself (or its audio over max_audio): no room for the items
+    room = max_chars - (utf16_len(said) if utf16 else len(said)) - 1  # and a space
+    audio_left = None if max_audio is None else max_audio - said.count(_AUDIO_TAG)
+    head = speech(items, room, audio_left)
+    if head is None:
+        return tail
+    return head[: -len(_SPEAK_CLOSE)] + " " + said + _SPEAK_CLOSE
+
+
+def display_text(
+    items: Sequence[ResponseItem],
+    max_chars: int,
+    *,
+    utf16: bool = False,
+    then: ResponseItem | None = None,
+) -> str:
     """The items' text for a screen or card: texts (or SSML's spoken text) joined by spaces.
 
     ``#command`` items are skipped; the result is cut by :func:`truncate_text` to
-    ``max_chars`` code points (UTF-16 code units with ``utf16``).
+    ``max_chars`` code points (UTF-16 code units with ``utf16``). ``then``, when given,
+    is shown whole after the items (as :func:`speech_ssml`'s: its text takes its room
+    first, the items' text is cut to what is left).
     """
+    if then is not None:
+        whole = display_text([then], 1 << 30)
+        tail = truncate_text(whole, max_chars, utf16=utf16)
+        if tail != whole:  # cut itself: no room for the items
+            return tail
+        if tail:
+            room = max_chars - (utf16_len(tail) if utf16 else len(tail)) - 1  # and a space
+            head = display_text(items, max(room, 0), utf16=utf16)
+            return f"{head} {tail}" if head else tail
     parts: list[str] = []
     for item in items:
         if item.text and not _is_command(item):

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Final, Literal, NamedTuple
 
-from gateway.events import ErrorEvent, FrozenDict, LogEntry, Response
+from gateway.events import ErrorEvent, FrozenDict, LogEntry, Response, ResponseItem
 from gateway.protocol.values import clipped
 from gateway.speech.types import TtsRequest
 
@@ -177,8 +177,11 @@ class TurnOutcome(NamedTuple):
 
     Exactly one of ``response``, ``error``, ``rejected`` is set, or none when
     ``late``. ``session_ended`` is True when the engine ended (deleted) the
-    session; ``session_started`` when the turn created it. A named tuple: made once
-    per webhook turn, at a third of a frozen dataclass's cost.
+    session; ``session_started`` when the turn created it. ``said``: with ``error``, the
+    items the turn handed out before it failed (a streaming core's sentences before its
+    stream broke or its time ran out; what a streaming channel already got), in order;
+    else empty. A named tuple: made once per webhook turn, at a third of a frozen
+    dataclass's cost.
     """
 
     response: Response | None = None
@@ -187,6 +190,7 @@ class TurnOutcome(NamedTuple):
     late: bool = False
     session_started: bool = False
     session_ended: bool = False
+    said: tuple[ResponseItem, ...] = ()
 
     @property
     def end(self) -> TurnEnd:

@@ -570,11 +570,17 @@ def can_fulfill_response(envelope: AlexaEnvelope) -> AlexaResponseEnvelope:
     return AlexaResponseEnvelope(response=AlexaResponseBody(can_fulfill_intent=can))
 
 
-def fallback_response(plan: Plan, text: str, end: bool) -> AlexaResponseEnvelope:
+def fallback_response(
+    plan: Plan, text: str, end: bool, said: Sequence[ResponseItem] = ()
+) -> AlexaResponseEnvelope:
     """The answer saying the gateway's own ``text`` (still working, errors) in ``plan``'s
-    session (:data:`gateway.turn.VOICE_FALLBACKS`): a turn's answer to one plain item."""
-    response = Response(items=[ResponseItem(text=text)], session_ended=end)
-    return turn_response(response, session_id=plan.session_id)
+    session (:data:`gateway.turn.VOICE_FALLBACKS`): a turn's answer to one plain item.
+
+    ``said`` are the items a failed turn's core gave before it failed: they are said
+    first (as a turn's, their card too), then ``text`` whole (``turn_wire``'s ``then``:
+    the 8000-character limit cuts them, never it); the reprompt is ``text``."""
+    response = Response(items=tuple(said), session_ended=end)
+    return turn_response(response, session_id=plan.session_id, then=ResponseItem(text=text))
 
 
 def answer_response(plan: Plan, response: Response) -> tuple[bytes, bool]:
@@ -595,12 +601,13 @@ def answer_response(plan: Plan, response: Response) -> tuple[bytes, bool]:
 
 class TurnOptions(TypedDict, total=False):
     """The keyword arguments of :func:`turn_wire` (and :func:`turn_response`): ``session_id``
-    (required), ``force_end``, ``reprompt`` and ``max_speech_chars``."""
+    (required), ``force_end``, ``reprompt``, ``max_speech_chars`` and ``then``."""
 
     session_id: Required[str | None]
     force_end: bool
     reprompt: bool
     max_speech_chars: int
+    then: ResponseItem | None
 
 
 def turn_response(response: Response, **options: Unpack[TurnOptions]) -> AlexaResponseEnvelope:
@@ -616,6 +623,7 @@ def turn_wire(
     force_end: bool = False,
     reprompt: bool = True,
     max_speech_chars: int = MAX_SPEECH_CHARS,
+    then: ResponseItem | None = None,
 ) -> dict[str, Any]:
     """The wire dict of the Alexa answer to a turn's Response (issue section "Response").
 
@@ -636,23 +644,30 @@ def turn_wire(
     - ``shouldEndSession`` (always present, a bool): ``sessionEnded and
       sleepTimeout == 0``, or True with ``force_end``; a response that says nothing
       ends the session.
+
+    ``then``, when given (the gateway's apology after a failed turn's items), is said whole
+    after the items (:func:`gateway.ssml.speech_ssml`'s ``then``: the limit cuts the items,
+    not it), shown after them on the card, and is the reprompt.
     """
     items = response.items
     end = force_end or (response.session_ended and response.sleep_timeout == 0)
-    speech = _speech(items, max_speech_chars)
+    speech = _speech(items, max_speech_chars, then)
     should_end = end or speech is None
     body: dict[str, Any] = {}
     if speech is not None:
         body["outputSpeech"] = {"type": "SSML", "ssml": speech}
         again = None
         if reprompt and not should_end:
-            again = _reprompt_ssml(items, speech, max_speech_chars)
+            if then is not None and (said := _speech([then], max_speech_chars)) is not None:
+                again = said
+            else:
+                again = _reprompt_ssml(items, speech, max_speech_chars)
         if again:
             body["reprompt"] = {"outputSpeech": {"type": "SSML", "ssml": again}}
     image = next((i.image for i in items if i.image and i.image.startswith("https://")), None)
     if image:
         card: dict[str, Any] = {"type": "Standard"}
-        text = display_text(items, MAX_CARD_CHARS, utf16=True)
+        text = display_text(items, MAX_CARD_CHARS, utf16=True, then=then)
         if text:
             card["text"] = text
         card["image"] = {"smallImageUrl": image, "largeImageUrl": image}
@@ -678,10 +693,12 @@ def _reprompt_ssml(items: Sequence[ResponseItem], speech: str, max_chars: int) -
     return None
 
 
-def _speech(items: Sequence[ResponseItem], max_chars: int) -> str | None:
+def _speech(
+    items: Sequence[ResponseItem], max_chars: int, then: ResponseItem | None = None
+) -> str | None:
     """:func:`gateway.ssml.speech_ssml` within Alexa's :data:`MAX_AUDIO_TAGS`, with only the
     audio Alexa plays (:data:`gateway.ssml.ALEXA_AUDIO`) and the SSML elements it speaks
-    (:data:`gateway.ssml.ALEXA_ELEMENTS`)."""
+    (:data:`gateway.ssml.ALEXA_ELEMENTS`); ``then`` said whole after ``items``."""
     return speech_ssml(
         items,
         max_chars,
@@ -689,6 +706,7 @@ def _speech(items: Sequence[ResponseItem], max_chars: int) -> str | None:
         elements=ALEXA_ELEMENTS,
         max_audio=MAX_AUDIO_TAGS,
         utf16=True,
+        then=then,
     )
 
 

@@ -25,7 +25,7 @@ own trust store, fetcher or clock), else by :func:`default_verifier_factory`.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, FastAPI
@@ -50,7 +50,7 @@ from adapters.alexa.protocol import (
 )
 from adapters.alexa.verify import AlexaVerifier
 from gateway.deps import Gateway
-from gateway.events import Input, Response
+from gateway.events import Input, Response, ResponseItem
 from gateway.io.webhook import WebhookChannel, refusal_at_startup
 from gateway.logs import session_ref
 from gateway.protocol import ProtocolError, clipped
@@ -160,9 +160,12 @@ class AlexaWebhook(WebhookChannel[Planned, bytes]):
         """AMAZON.StopIntent and CancelIntent end the session whatever the core does."""
         return planned[1].end_session
 
-    def fallback(self, planned: Planned, text: str, end: bool) -> bytes:
-        """:func:`adapters.alexa.protocol.fallback_response`, encoded."""
-        return encode(fallback_response(planned[1], text, end))
+    def fallback(
+        self, planned: Planned, text: str, end: bool, said: Sequence[ResponseItem] = ()
+    ) -> bytes:
+        """:func:`adapters.alexa.protocol.fallback_response` (``said`` first, then
+        ``text``), encoded."""
+        return encode(fallback_response(planned[1], text, end, said))
 
     def encode(self, answer: bytes) -> HTTPResponse:
         """The encoded envelope (within Alexa's size limits) as the HTTP answer."""

@@ -646,10 +646,15 @@ def _cx_plan(request: CxRequest) -> Plan:
 
 @dataclass(frozen=True)
 class Answer:
-    """What to say, in the gateway's terms: the items, and whether the conversation ends."""
+    """What to say, in the gateway's terms: the items, and whether the conversation ends.
+
+    ``then``, when set, is said and shown whole after the items (the gateway's apology
+    after the items a failed turn's core gave before it failed): the limits of each
+    format (speech, display text, Dialogflow messages) cut the items, never it."""
 
     items: Sequence[ResponseItem] = field(default_factory=tuple)
     end: bool = False
+    then: ResponseItem | None = None
 
 
 # What the user hears when a turn gives no Response (TurnEnd -> prompt and whether the
@@ -677,9 +682,19 @@ def answer_json(plan: Plan, response: Response) -> tuple[dict[str, Any], bool]:
     return render(plan, answer, plan.session_id), answer.end
 
 
-def fallback_json(plan: Plan, text: str, end: bool) -> dict[str, Any]:
-    """The webhook JSON saying the gateway's own ``text`` (:data:`gateway.turn.VOICE_FALLBACKS`)."""
-    return render(plan, Answer((ResponseItem(text=text),), end=end), plan.session_id)
+def fallback_json(
+    plan: Plan, text: str, end: bool, said: Sequence[ResponseItem] = ()
+) -> dict[str, Any]:
+    """The webhook JSON saying the gateway's own ``text`` (:data:`gateway.turn.VOICE_FALLBACKS`).
+
+    ``said`` are the items a failed turn's core gave before it failed: they are said
+    first, as a turn's answer says them, then ``text`` whole (:attr:`Answer.then`), in
+    the same simple response / messages."""
+    if said:
+        answer = Answer(tuple(said), end=end, then=ResponseItem(text=text))
+    else:
+        answer = Answer((ResponseItem(text=text),), end=end)
+    return render(plan, answer, plan.session_id)
 
 
 def speaks_ssml(plan: Plan) -> bool:
@@ -736,16 +751,20 @@ def health_response(plan: Plan) -> dict[str, Any]:
     return {} if plan.format is Format.ACTIONS_BUILDER else fallback_json(plan, "OK", True)
 
 
-def _speech(items: Sequence[ResponseItem], max_chars: int) -> str | None:
+def _speech(
+    items: Sequence[ResponseItem], max_chars: int, then: ResponseItem | None = None
+) -> str | None:
     """:func:`gateway.ssml.speech_ssml` with only the audio Google plays
     (:data:`gateway.ssml.HTTPS_AUDIO`) and the SSML elements it speaks
-    (:data:`gateway.ssml.GOOGLE_ELEMENTS`)."""
-    return speech_ssml(items, max_chars, audio_schemes=HTTPS_AUDIO, elements=GOOGLE_ELEMENTS)
+    (:data:`gateway.ssml.GOOGLE_ELEMENTS`); ``then`` said whole after ``items``."""
+    return speech_ssml(
+        items, max_chars, audio_schemes=HTTPS_AUDIO, elements=GOOGLE_ELEMENTS, then=then
+    )
 
 
 def _v3_response(plan: Plan, answer: Answer, gateway_session_id: str) -> dict[str, Any]:
-    speech = _speech(answer.items, MAX_SPEECH_CHARS)
-    text = display_text(answer.items, MAX_DISPLAY_CHARS, utf16=True)
+    speech = _speech(answer.items, MAX_SPEECH_CHARS, answer.then)
+    text = display_text(answer.items, MAX_DISPLAY_CHARS, utf16=True, then=answer.then)
     prompt: dict[str, Any] = {"override": False}
     simple = {k: v for k, v in (("speech", speech), ("text", text or None)) if v is not None}
     if simple:
@@ -790,9 +809,9 @@ def _rich_response(plan: Plan, answer: Answer, max_chars: int = MAX_SPEECH_CHARS
     ``textToSpeech`` and ``displayText`` the answer's text cut to :data:`MAX_EXIT_CHARS`
     (no SSML, no card). ``max_chars`` bounds the speech and the text (a Dialogflow answer
     that must fit, :func:`_fit`)."""
-    speech = None if plan.exit else _speech(answer.items, max_chars)
+    speech = None if plan.exit else _speech(answer.items, max_chars, answer.then)
     limit = MAX_EXIT_CHARS if plan.exit else MAX_DISPLAY_CHARS
-    text = display_text(answer.items, min(limit, max_chars), utf16=True)
+    text = display_text(answer.items, min(limit, max_chars), utf16=True, then=answer.then)
     simple = {"textToSpeech": text} if text and not speech else {"ssml": speech or SILENT_SSML}
     if text:
         simple["displayText"] = text
@@ -818,10 +837,17 @@ def _v2_body(plan: Plan, answer: Answer, gateway_session_id: str) -> dict[str, A
     }
 
 
-def _messages(items: Sequence[ResponseItem], max_chars: int) -> list[dict[str, Any]]:
+def _messages(
+    items: Sequence[ResponseItem], max_chars: int, then: ResponseItem | None = None
+) -> list[dict[str, Any]]:
     """One Dialogflow message per item's text and per https image, in order; their texts
     and image URLs together at most ``max_chars`` characters: the text that passes it is cut
-    at a sentence or word boundary and nothing after it is said."""
+    at a sentence or word boundary and nothing after it is said. ``then``'s messages come
+    last, whole: the items' take what is left of ``max_chars`` after them."""
+    if then is not None:
+        tail = _messages([then], max_chars)
+        room = max_chars - sum(len(m["text"]["text"][0]) + 1 for m in tail if "text" in m)
+        return _messages(items, max(room, 0)) + tail
     messages: list[dict[str, Any]] = []
     left = max_chars
     for item in items:
@@ -840,8 +866,8 @@ def _messages(items: Sequence[ResponseItem], max_chars: int) -> list[dict[str, A
 
 def _es_response(plan: Plan, answer: Answer, max_chars: int) -> dict[str, Any]:
     out: dict[str, Any] = {
-        "fulfillmentText": display_text(answer.items, max_chars),
-        "fulfillmentMessages": _messages(answer.items, max_chars),
+        "fulfillmentText": display_text(answer.items, max_chars, then=answer.then),
+        "fulfillmentMessages": _messages(answer.items, max_chars, answer.then),
     }
     if plan.google_payload:
         rich = _rich_response(plan, answer, max_chars)
@@ -854,7 +880,7 @@ def _cx_response(
 ) -> dict[str, Any]:
     out: dict[str, Any] = {
         "fulfillmentResponse": {
-            "messages": [m for m in _messages(answer.items, max_chars) if "text" in m],
+            "messages": [m for m in _messages(answer.items, max_chars, answer.then) if "text" in m],
             "mergeBehavior": "REPLACE",
         },
         "sessionInfo": {"parameters": {SESSION_PARAM: gateway_session_id}},

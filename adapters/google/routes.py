@@ -44,7 +44,7 @@ bring their own certificate source or clock), else by
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import Any
@@ -71,7 +71,7 @@ from adapters.google.protocol import (
 )
 from adapters.google.verify import DialogflowAuth, GoogleVerifier
 from gateway.deps import Gateway
-from gateway.events import Input, Response
+from gateway.events import Input, Response, ResponseItem
 from gateway.io.webhook import WebhookChannel, WebhookRefused, refusal_at_startup
 from gateway.protocol import clipped
 from gateway.settings import Settings
@@ -121,9 +121,11 @@ class _Webhook(WebhookChannel[Plan, dict[str, Any]]):
         the core does."""
         return planned.end_session
 
-    def fallback(self, planned: Plan, text: str, end: bool) -> dict[str, Any]:
-        """:func:`adapters.google.protocol.fallback_json`."""
-        return fallback_json(planned, text, end)
+    def fallback(
+        self, planned: Plan, text: str, end: bool, said: Sequence[ResponseItem] = ()
+    ) -> dict[str, Any]:
+        """:func:`adapters.google.protocol.fallback_json` (``said`` first, then ``text``)."""
+        return fallback_json(planned, text, end, said)
 
     def encode(self, answer: dict[str, Any]) -> HTTPResponse:
         """The JSON answer."""

@@ -47,7 +47,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import ClassVar, Generic, TypeVar
 
 from fastapi.responses import Response as HTTPResponse
@@ -63,6 +63,8 @@ from gateway.events import (
     Input,
     Response,
     ResponseEvent,
+    ResponseItem,
+    ResponseItemEvent,
     SessionEndedEvent,
     SessionStartedEvent,
 )
@@ -184,8 +186,14 @@ class WebhookChannel(ABC, Generic[_PlanT, _AnswerT]):
         """The answer to a turn's Response, and whether it closes the conversation."""
 
     @abstractmethod
-    def fallback(self, planned: _PlanT, text: str, end: bool) -> _AnswerT:
-        """An answer saying the gateway's own ``text``; ``end`` closes the conversation."""
+    def fallback(
+        self, planned: _PlanT, text: str, end: bool, said: Sequence[ResponseItem] = ()
+    ) -> _AnswerT:
+        """An answer saying the gateway's own ``text``; ``end`` closes the conversation.
+
+        ``said`` (a failed turn's: :attr:`~gateway.turn.TurnOutcome.said`) are the items
+        the core gave before the turn failed: the answer says them first, as its answer to
+        a Response would, then ``text`` whole (the platform's limits cut them, not it)."""
 
     def speaks(self, planned: _PlanT) -> bool:
         """Whether the answer to ``planned`` is SSML speech, limited to ``audio_schemes``
@@ -325,7 +333,14 @@ class WebhookChannel(ABC, Generic[_PlanT, _AnswerT]):
                 self.platform,
             )
         rule = self.fallbacks[end]
-        return self.fallback(planned, self.prompt_text(rule.prompt), rule.end)
+        said = outcome.said
+        if said and self.speaks(planned):
+            told = Response(items=said)
+            if self.audio_schemes is not None:
+                self._log_left_out_audio(ctx, told, self.audio_schemes)
+            if self.ssml_elements is not None:
+                self._log_left_out_elements(ctx, told, self.ssml_elements)
+        return self.fallback(planned, self.prompt_text(rule.prompt), rule.end, said)
 
     def prompt_text(self, prompt: Prompt) -> str:
         """The settings' text of ``prompt`` (GATEWAY_VOICE_STILL_WORKING_TEXT, ..._ERROR_TEXT)."""
@@ -391,10 +406,11 @@ async def run_turn(
     """Run one turn and wait for its end at most ``deadline_s`` seconds.
 
     Returns a :class:`~gateway.turn.TurnOutcome`: the Response, the ErrorEvent (the
-    pipeline or the gateway failed), the TurnRejected (the turn could not start), or
-    ``late=True`` when the deadline passed first. A late turn keeps running in its own
-    task and saves the session; only the waiting stops. Never raises for the turn's
-    own failures.
+    pipeline or the gateway failed) with the items handed out before it (``said``: a
+    streaming core's sentences before its stream broke), the TurnRejected (the turn
+    could not start), or ``late=True`` when the deadline passed first. A late turn keeps
+    running in its own task and saves the session; only the waiting stops. Never raises
+    for the turn's own failures.
     """
     deadline = asyncio.get_running_loop().time() + max(deadline_s, 0.0)
     stream = conversation.turn(ctx, input)
@@ -414,8 +430,11 @@ async def run_turn(
     started = ended = False
     response: Response | None = None
     error: ErrorEvent | None = None
+    said: list[ResponseItem] = []
     for event in events:
-        if isinstance(event, SessionStartedEvent):
+        if isinstance(event, ResponseItemEvent):
+            said.append(event.response_item)
+        elif isinstance(event, SessionStartedEvent):
             started = True
         elif isinstance(event, ResponseEvent):
             response = event.response
@@ -425,7 +444,15 @@ async def run_turn(
             ended = True
     if response is None and error is None:  # defensive: the engine always ends a turn
         error = ErrorEvent(text="The turn ended without a response.", source="gateway")
-    return TurnOutcome(response=response, error=error, session_started=started, session_ended=ended)
+    if error is None or response is not None:
+        said.clear()  # the Response has its items: they are its answer
+    return TurnOutcome(
+        response=response,
+        error=error,
+        session_started=started,
+        session_ended=ended,
+        said=tuple(said),
+    )
 
 
 _ENDING: set[asyncio.Task[bool]] = set()  # ends still running past their caller's wait

@@ -36,6 +36,7 @@ from adapters.alexa.protocol import (
     can_fulfill_response,
     empty_response,
     encode,
+    fallback_response,
     parse_envelope,
     plan,
     session_attributes,
@@ -53,6 +54,7 @@ from gateway.ssml import (
     refused_elements,
     speech_ssml,
     truncate_text,
+    utf16_len,
 )
 from tests.conftest import FIXTURES
 
@@ -976,3 +978,66 @@ def test_answer_response_is_the_encoded_turn_response() -> None:
 
 def fixture_bytes() -> bytes:
     return json.dumps(intent_request("AMAZON.HelpIntent", {"query": "x"})).encode()
+
+
+# ------------------------------------------------------- what a failed turn said before
+
+
+def test_a_failed_turns_answer_says_what_the_core_said_then_the_error_whole() -> None:
+    """fallback_response with the items a failed turn's core gave before it failed: they
+    are said first, cut to leave room for the error text, which is said whole last (not
+    cut off by the 8000-character limit) and is the reprompt; the card (an item had an
+    image) ends with it too; the session stays open as for any failure."""
+    error = "Sorry, something went wrong."
+    said = [
+        ResponseItem(text="First sentence.", image="https://example.com/a.png"),
+        ResponseItem(text="Many words here. " * 600),  # over the limit with the error
+    ]
+    planned = Plan(Handling.TURN, session_id="S-1")
+    data = json.loads(encode(fallback_response(planned, error, False, said)))
+    body = data["response"]
+    ssml = body["outputSpeech"]["ssml"]
+    assert len(ssml) <= MAX_SPEECH_CHARS
+    words = "".join(ET.fromstring(ssml).itertext())
+    assert words.startswith("First sentence. Many words here.")
+    assert words.endswith(f"here. {error}")  # the items cut at a sentence end, then it
+    assert body["reprompt"]["outputSpeech"]["ssml"] == f"<speak>{error}</speak>"
+    assert body["card"]["text"].endswith(f"here. {error}")
+    assert len(body["card"]["text"]) <= MAX_CARD_CHARS
+    assert body["shouldEndSession"] is False
+    assert data["sessionAttributes"] == {"gatewaySessionId": "S-1"}
+    short = json.loads(encode(fallback_response(planned, error, False, said[:1])))
+    assert short["response"]["outputSpeech"]["ssml"] == f"<speak>First sentence. {error}</speak>"
+
+
+def test_a_failed_turn_that_said_nothing_is_answered_as_before() -> None:
+    """No items before the failure: the error text alone, as a turn's answer to it."""
+    planned = Plan(Handling.TURN, session_id="S-1")
+    for end in (False, True):
+        alone = Response(items=[ResponseItem(text="Oops.")], session_ended=end)
+        assert fallback_response(planned, "Oops.", end) == turn_response(alone, session_id="S-1")
+
+
+def test_then_is_said_and_shown_whole_after_the_items_within_the_limit() -> None:
+    """speech_ssml / display_text with ``then``: the items first, then ``then`` whole; the
+    limit (UTF-16 units with ``utf16``) cuts the items, not ``then``; without items, or
+    items that say nothing, ``then`` alone; ``then`` over the limit alone is cut."""
+    then = ResponseItem(text="Sorry & goodbye.")
+    items = [ResponseItem(text="One. Two. Three.")]
+    assert speech_ssml(items, 8000, then=then) == "<speak>One. Two. Three. Sorry &amp; goodbye.</speak>"  # fmt: skip
+    cut = speech_ssml(items, len("<speak>One. Two. Sorry &amp; goodbye.</speak>"), then=then)
+    assert cut == "<speak>One. Two. Sorry &amp; goodbye.</speak>"
+    assert speech_ssml([], 8000, then=then) == "<speak>Sorry &amp; goodbye.</speak>"
+    assert speech_ssml([ResponseItem(text="#cmd")], 8000, then=then) == speech_ssml([then], 8000)
+    assert speech_ssml(items, 30, then=then) == speech_ssml([then], 30)  # no room left
+    emoji = [ResponseItem(text="😀 " * 10)]
+    spoken = speech_ssml(emoji, 40, utf16=True, then=then)
+    assert spoken is not None
+    assert utf16_len(spoken) <= 40
+    assert spoken.endswith(" Sorry &amp; goodbye.</speak>")
+    assert display_text(items, 100, then=then) == "One. Two. Three. Sorry & goodbye."
+    assert display_text(items, 26, then=then) == "One. Two. Sorry & goodbye."
+    assert display_text([], 100, then=then) == "Sorry & goodbye."
+    assert display_text(items, 10, then=then) == display_text([then], 10)  # no room left
+    assert display_text(emoji, 30, utf16=True, then=then).endswith("… Sorry & goodbye.")
+    assert utf16_len(display_text(emoji, 30, utf16=True, then=then)) <= 30

@@ -16,6 +16,7 @@ import re
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -31,12 +32,17 @@ from cryptography.hazmat.primitives.asymmetric import padding
 from cryptography.x509.verification import Store
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from pydantic import SecretStr
 
 from adapters.alexa.verify import AlexaVerifier
 from gateway.app import create_app
 from gateway.settings import Settings
 from tests.adapters.alexa.test_verify import Pki
 from tests.conftest import FIXTURES, gateway, refused_port, serve, served_app
+from tests.gateway.pipeline.fake_voiceflow import API_KEY as VOICEFLOW_KEY
+from tests.gateway.pipeline.fake_voiceflow import make_voiceflow
+from tests.gateway.pipeline.openai_server import KEY as OPENAI_KEY
+from tests.gateway.pipeline.openai_server import make_openai_server
 
 ALEXA = FIXTURES / "alexa"
 FIXTURE_FILES = sorted(p.relative_to(ALEXA).as_posix() for p in ALEXA.rglob("*.json"))
@@ -898,6 +904,90 @@ async def test_a_failing_core_is_apologised_for_and_the_session_kept() -> None:
         assert reply(failed).should_end_session is False
         after = await say(client, envelope("S-fail", text="next"))
         assert spoken(after) == "turn 1 slowDone None"  # the failed turn did not advance it
+
+
+@asynccontextmanager
+async def streaming_core(kind: str) -> AsyncIterator[dict[str, Any]]:
+    """A real streaming core of ``kind`` on a free port; yields the gateway's settings for it.
+
+    ``voiceflow``: the fake Voiceflow runtime's interact stream (its ``cut`` stream sends
+    one text trace, "You said: cut", then ends without its ``end`` event: the turn fails);
+    ``openai``: the fake OpenAI-compatible server, which pauses 30 s after the first
+    sentence ("You said <text>.") while the turn's time (2 s) runs out.
+    """
+    if kind == "voiceflow":
+        async with serve(make_voiceflow()) as url:
+            yield {
+                "pipeline": "voiceflow:",
+                "voiceflow_api_key": SecretStr(VOICEFLOW_KEY),
+                "voiceflow_runtime_url": url,
+                "voiceflow_project_id": "proj1",
+            }
+        return
+    llm = make_openai_server()
+    llm.state.gap_s = 30.0
+    llm.state.release = asyncio.Event()
+    try:
+        async with serve(llm) as url:
+            yield {
+                "pipeline": f"openai+{url}/chat/v1",
+                "openai_model": "test-model",
+                "openai_api_key": SecretStr(OPENAI_KEY),
+                "turn_timeout_s": 2.0,  # the first sentence comes at once; then the pause
+            }
+    finally:
+        llm.state.release.set()
+
+
+@pytest.mark.parametrize(
+    ("kind", "text", "sentence"),
+    [("voiceflow", "cut", "You said: cut"), ("openai", "hello", "You said hello.")],
+)
+async def test_what_a_failing_core_said_before_it_failed_is_spoken_before_the_apology(
+    kind: str, text: str, sentence: str
+) -> None:
+    """A streaming core that gave a sentence, then broke off (Voiceflow's stream cut
+    before its end event) or ran out of time (an OpenAI stream pausing past the turn's
+    timeout): Alexa says the sentence, then the error text, as a socket's user got them
+    (was: only the error text); the reprompt and the session stay the error's: the
+    conversation goes on."""
+    error = Settings().voice_error_text
+    async with (
+        streaming_core(kind) as core,
+        gateway(**core, **OFF) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        failed = await say(client, envelope(f"S-said-{kind}", text=text))
+        assert spoken(failed) == f"{sentence} {error}"
+        body = reply(failed)
+        assert body.should_end_session is False
+        assert body.reprompt is not None
+        again = body.reprompt.output_speech
+        assert isinstance(again, SsmlOutputSpeech)
+        assert again.ssml == f"<speak>{error}</speak>"
+        assert body.card is None
+
+
+async def test_a_core_failing_before_it_said_anything_is_answered_with_the_error_alone() -> None:
+    """Nothing said before the failure (the Voiceflow runtime answered 500): the answer is
+    the error text alone, byte for byte what it always was."""
+    error = Settings().voice_error_text
+    async with (
+        streaming_core("voiceflow") as core,
+        gateway(**core, **OFF) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        answer = await client.post("/alexa", json=envelope("S-boom", text="boom"))
+        assert answer.status_code == 200
+        assert answer.json() == {
+            "version": "1.0",
+            "sessionAttributes": {"gatewaySessionId": "S-boom"},
+            "response": {
+                "outputSpeech": {"type": "SSML", "ssml": f"<speak>{error}</speak>"},
+                "reprompt": {"outputSpeech": {"type": "SSML", "ssml": f"<speak>{error}</speak>"}},
+                "shouldEndSession": False,
+            },
+        }
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,7 @@ from adapters.google.protocol import (
     agent_of,
     detect,
     dialogflow_plan,
+    fallback_json,
     google_plan,
     health_response,
     load_json,
@@ -26,6 +27,7 @@ from adapters.google.protocol import (
 )
 from gateway.events import Input, ResponseItem
 from gateway.protocol import ProtocolError
+from tests.adapters.google.requests import cx, es, v2, v3
 from tests.conftest import FIXTURES
 
 GOOGLE = FIXTURES / "google"
@@ -616,3 +618,62 @@ def test_dialogflow_es_wrapping_leaves_the_v2_input_unchanged(
     assert {k: v for k, v in heard.wire().items() if k not in rest} == {
         k: v for k, v in v2_wire.items() if k not in rest
     }
+
+
+# ------------------------------------------------------- what a failed turn said before
+
+ERROR = "Sorry, something went wrong."
+LONG = [ResponseItem(text="First sentence."), ResponseItem(text="Many words here. " * 600)]
+
+
+def test_a_failed_turns_answer_says_what_the_core_said_then_the_error_whole() -> None:
+    """fallback_json with the items a failed turn's core gave before it failed: in every
+    format they come first, cut to leave room for the error text, which comes whole last
+    (never cut off by the speech's 8000 characters, the display text's 640, the
+    Dialogflow messages' budget), in the one simple response the answers have."""
+    v3_json = fallback_json(google_plan(v3("s", "FreeText", "x")), ERROR, False, LONG)
+    simple = v3_json["prompt"]["firstSimple"]
+    assert len(simple["speech"]) <= 8000
+    assert "".join(ET.fromstring(simple["speech"]).itertext()).endswith(f"here. {ERROR}")
+    assert len(simple["text"]) <= MAX_DISPLAY_CHARS
+    assert simple["text"].startswith("First sentence. Many words here.")
+    assert simple["text"].endswith(f" {ERROR}")
+    assert "scene" not in v3_json  # the conversation goes on
+
+    v2_json = fallback_json(google_plan(v2("c", "actions.intent.TEXT", "x")), ERROR, False, LONG)
+    assert v2_json["expectUserResponse"] is True
+    (item,) = v2_json["expectedInputs"][0]["inputPrompt"]["richInitialPrompt"]["items"]
+    assert item["simpleResponse"]["displayText"].endswith(f" {ERROR}")
+    assert item["simpleResponse"]["ssml"].endswith(f"here. {ERROR}</speak>")
+
+    es_json = fallback_json(dialogflow_plan(es("projects/p/agent/sessions/s", "x")), ERROR, False, LONG)  # fmt: skip
+    texts = [m["text"]["text"][0] for m in es_json["fulfillmentMessages"]]
+    assert texts[0] == "First sentence."
+    assert texts[-1] == ERROR
+    assert es_json["fulfillmentText"].endswith(f"here. {ERROR}")
+    assert len(es_json["fulfillmentText"]) <= 8000
+
+    cx_session = "projects/p/locations/l/agents/a/sessions/s"
+    cx_json = fallback_json(dialogflow_plan(cx(cx_session, "x")), ERROR, False, LONG)
+    texts = [m["text"]["text"][0] for m in cx_json["fulfillmentResponse"]["messages"]]
+    assert texts[0] == "First sentence."
+    assert texts[-1] == ERROR
+    assert sum(len(t) + 1 for t in texts) <= 8000 + 1
+    assert "targetPage" not in cx_json
+
+
+def test_a_failed_turn_that_said_nothing_is_answered_as_before() -> None:
+    """No items before the failure: the answer to the error text alone, in every format."""
+    plans = [
+        google_plan(v3("s", "FreeText", "x")),
+        google_plan(v2("c", "actions.intent.TEXT", "x")),
+        dialogflow_plan(es("projects/p/agent/sessions/s", "x")),
+        dialogflow_plan(cx("projects/p/locations/l/agents/a/sessions/s", "x")),
+    ]
+    for planned in plans:
+        for end in (False, True):
+            alone = render(
+                planned, Answer((ResponseItem(text=ERROR),), end=end), planned.session_id
+            )
+            assert fallback_json(planned, ERROR, end) == alone
+            assert fallback_json(planned, ERROR, end, ()) == alone

@@ -30,6 +30,7 @@ from gateway.settings import Settings
 from tests.adapters.google.requests import cx, es, v2, v3
 from tests.adapters.google.test_verify import PROJECT, Key
 from tests.conftest import FIXTURES, gateway, serve, served
+from tests.gateway.pipeline.fake_rasa import make_rasa
 
 GOOGLE = FIXTURES / "google"
 BUILDER = sorted((GOOGLE / "actions-builder").glob("*.json"))
@@ -669,6 +670,65 @@ async def test_a_slow_or_failing_core_gets_a_spoken_answer() -> None:
         failed = ok(await client.post("/google", json=v3("fails", "FreeText", "fail")))
         assert check_v3(v3("fails", "x"), failed) == Settings().voice_error_text
         assert "scene" not in failed  # the conversation goes on
+
+
+SAID_BEFORE: dict[str, tuple[str, Callable[[str, str], dict[str, Any]]]] = {
+    "v3": ("/google", lambda s, t: v3(s, "FreeText", t)),
+    "v2": ("/google", lambda s, t: v2(s, "actions.intent.TEXT", t)),
+    "es": ("/dialogflow", lambda s, t: es(f"projects/p/agent/sessions/{s}", t)),
+    "cx": ("/dialogflow", lambda s, t: cx(f"projects/p/locations/l/agents/a/sessions/{s}", t)),
+}
+
+
+def said_and_open(fmt: str, request: dict[str, Any], data: dict[str, Any]) -> tuple[str, bool]:
+    """What an answer of ``fmt`` says, and whether the conversation stays open."""
+    if fmt == "v3":
+        return check_v3(request, data), "scene" not in data
+    if fmt == "v2":
+        return check_v2(data)
+    if fmt == "es":
+        return check_es(data, google=False), True
+    return check_cx(request, data), "targetPage" not in data
+
+
+@pytest.mark.parametrize("fmt", list(SAID_BEFORE))
+async def test_what_a_failing_core_said_before_it_failed_is_said_before_the_apology(
+    fmt: str,
+) -> None:
+    """A streaming core (Rasa's NDJSON) that sent a message ("Let me") and then dropped the
+    connection: every Google format says the message, then the error text, in the one
+    simple response / the messages its answers have (was: only the error text); the
+    conversation goes on, as after any failure."""
+    path, request = SAID_BEFORE[fmt]
+    error = Settings().voice_error_text
+    async with (
+        serve(make_rasa()) as rasa_url,
+        gateway(pipeline=f"rasa+{rasa_url}", rasa_stream=True, **OFF) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        sent = request(f"said-{fmt}", "crash")
+        said, open_ = said_and_open(fmt, sent, ok(await client.post(path, json=sent)))
+        assert said == f"Let me {error}"
+        assert open_
+
+
+async def test_a_core_failing_before_it_said_anything_is_apologised_for_as_before() -> None:
+    """Nothing said before the failure (Rasa answered 500): the answer is the error text
+    alone, as it always was."""
+    error = Settings().voice_error_text
+    async with (
+        serve(make_rasa()) as rasa_url,
+        gateway(pipeline=f"rasa+{rasa_url}", rasa_stream=True, **OFF) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        answer = ok(await client.post("/google", json=v3("boom", "FreeText", "boom")))
+        assert answer == {
+            "session": {"id": "boom", "params": {"gatewaySessionId": "boom"}},
+            "prompt": {
+                "override": False,
+                "firstSimple": {"speech": f"<speak>{error}</speak>", "text": error},
+            },
+        }
 
 
 def _failing_on_stop(answer: Callable[[dict[str, Any]], dict[str, Any]]) -> FastAPI:

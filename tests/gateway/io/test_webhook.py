@@ -15,7 +15,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -27,7 +27,7 @@ from fastapi.responses import Response as HTTPResponse
 from starlette.datastructures import Headers
 
 from gateway.app import create_app
-from gateway.events import Input, Response
+from gateway.events import Input, Response, ResponseItem
 from gateway.io.webhook import WebhookChannel, WebhookRefused, run_turn
 from gateway.protocol import ProtocolError, load_json
 from gateway.ratelimit import LOGGED_REFUSALS_BURST
@@ -98,8 +98,10 @@ class EchoWebhook(WebhookChannel[Plan, Answer]):
         end = bool(planned.get("end")) or response.session_ended
         return {"say": " ".join(i.text or "" for i in response.items), "end": end}, end
 
-    def fallback(self, planned: Plan, text: str, end: bool) -> Answer:
-        return {"say": text, "end": end}
+    def fallback(
+        self, planned: Plan, text: str, end: bool, said: Sequence[ResponseItem] = ()
+    ) -> Answer:
+        return {"say": " ".join([*(i.text or "" for i in said), text]), "end": end}
 
     async def end(self, ctx: TurnContext, wait_s: float | None = None) -> None:
         """The driver's end of the session, logged (INFO) with how long it may wait."""
@@ -424,3 +426,28 @@ async def test_a_turn_stream_waits_without_taking_its_events(core: tuple[str, Fa
         "ResponseEvent",
     ]
     await conv.pipeline.aclose()
+
+
+async def test_run_turn_reports_what_a_failed_turn_said_before_it_failed(
+    core: tuple[str, FastAPI],
+) -> None:
+    """A core whose stream gave an item and then ended without its Response: the turn
+    FAILED, ``said`` holds the item (what a streaming channel got); the session is saved
+    as for any failure (Failed, not advanced). An answered turn's ``said`` is empty: its
+    Response has the items."""
+    url, _ = core
+    conv = engine(pipeline=f"{url}/stream-no-response")
+    failed = await run_turn(conv, ctx("RT-said"), Input.of("hello"), 5)
+    assert failed.end is TurnEnd.FAILED
+    assert failed.error is not None
+    assert [item.text for item in failed.said] == ["only"]
+    session = await conv.store.get(ctx("RT-said").key)
+    assert session is not None
+    assert (session.client_state, session.turn_count) == ("Failed", 0)
+    await conv.pipeline.aclose()
+    answering = engine(pipeline=f"{url}/json")
+    answered = await run_turn(answering, ctx("RT-said"), Input.of("hello"), 5)
+    assert answered.end is TurnEnd.ANSWERED
+    assert answered.said == ()
+    await answering.pipeline.aclose()
+
