@@ -177,11 +177,12 @@ class TurnOutcome(NamedTuple):
 
     Exactly one of ``response``, ``error``, ``rejected`` is set, or none when
     ``late``. ``session_ended`` is True when the engine ended (deleted) the
-    session; ``session_started`` when the turn created it. ``said``: with ``error``, the
-    items the turn handed out before it failed (a streaming core's sentences before its
-    stream broke or its time ran out; what a streaming channel already got), in order;
-    else empty. A named tuple: made once per webhook turn, at a third of a frozen
-    dataclass's cost.
+    session; ``session_started`` when the turn created it. ``said``: with an ``error`` of
+    source ``pipeline``, the items the turn handed out before it failed (a streaming
+    core's sentences before its stream broke or its time ran out; what a streaming
+    channel already got), in order; else empty (an Error of the gateway's, the session
+    store failing as the turn was saved, leaves its answer unsaid). A named tuple: made
+    once per webhook turn, at a third of a frozen dataclass's cost.
     """
 
     response: Response | None = None

@@ -7,8 +7,8 @@ GATEWAY_ALEXA_VERIFY=false) and plans it; the driver runs the turn through the t
 engine within GATEWAY_ALEXA_DEADLINE_S and answers one JSON response envelope.
 
 Status codes: 200 with a response envelope for every request Alexa should act on
-(including a failing core or session store: the user hears GATEWAY_VOICE_ERROR_TEXT and
-the session stays open); 400 with a
+(including a failing core or session store: the user hears GATEWAY_VOICE_ERROR_TEXT, after
+what a failing core said before it failed, and the session stays open); 400 with a
 problem body for a request that fails verification, is malformed or is larger
 than the limit (Amazon's certification expects 400 for every unusable request),
 each logged with its reason (at WARNING in a bounded burst, then DEBUG:

@@ -22,7 +22,8 @@ session path names none) is the application key: with GATEWAY_APP_KEYS set, an
 agent not listed there is refused with 403.
 
 Status codes: 200 with the platform's JSON for every request it should act on (a
-failing core or session store is answered with GATEWAY_VOICE_ERROR_TEXT, the
+failing core or session store is answered with GATEWAY_VOICE_ERROR_TEXT (after what a
+failing core said before it failed), the
 conversation kept open, a turn slower than
 GATEWAY_GOOGLE_DEADLINE_S / GATEWAY_DIALOGFLOW_DEADLINE_S with
 GATEWAY_VOICE_STILL_WORKING_TEXT while the turn finishes and saves its session);

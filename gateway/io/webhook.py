@@ -23,7 +23,10 @@ I/O, the same for all:
    pure table ``fallbacks`` (TurnEnd -> Fallback, e.g.
    :data:`gateway.turn.VOICE_FALLBACKS`: a store that fails keeps the conversation
    open, so the user's next words find the session once it answers) into
-   :meth:`~WebhookChannel.fallback` with the prompt's text from the settings; but a
+   :meth:`~WebhookChannel.fallback` with the prompt's text from the settings (a turn
+   the pipeline FAILED hands it the items the core gave before it failed,
+   :attr:`~gateway.turn.TurnOutcome.said`: they are said first, then the error text
+   whole, as a streaming channel's user got them; the row's end is the same); but a
    request that closes the conversation whatever the core says
    (:meth:`~WebhookChannel.ends_anyway`: the user said stop or cancel) is answered as
    an empty Response that ends the session would be, and the gateway's session ends
@@ -406,8 +409,9 @@ async def run_turn(
     """Run one turn and wait for its end at most ``deadline_s`` seconds.
 
     Returns a :class:`~gateway.turn.TurnOutcome`: the Response, the ErrorEvent (the
-    pipeline or the gateway failed) with the items handed out before it (``said``: a
-    streaming core's sentences before its stream broke), the TurnRejected (the turn
+    pipeline or the gateway failed) with, when the pipeline failed, the items handed out
+    before it (``said``: a streaming core's sentences before its stream broke or its time
+    ran out), the TurnRejected (the turn
     could not start), or ``late=True`` when the deadline passed first. A late turn keeps
     running in its own task and saves the session; only the waiting stops. Never raises
     for the turn's own failures.
@@ -444,8 +448,10 @@ async def run_turn(
             ended = True
     if response is None and error is None:  # defensive: the engine always ends a turn
         error = ErrorEvent(text="The turn ended without a response.", source="gateway")
-    if error is None or response is not None:
-        said.clear()  # the Response has its items: they are its answer
+    if error is None or error.source != "pipeline":
+        # answered: the Response has the items; the gateway failed (the store, when the
+        # session was saved): the answer was not saved, it is left unsaid
+        said.clear()
     return TurnOutcome(
         response=response,
         error=error,

@@ -450,4 +450,3 @@ async def test_run_turn_reports_what_a_failed_turn_said_before_it_failed(
     assert answered.end is TurnEnd.ANSWERED
     assert answered.said == ()
     await answering.pipeline.aclose()
-
