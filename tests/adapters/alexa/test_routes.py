@@ -913,7 +913,7 @@ async def streaming_core(kind: str) -> AsyncIterator[dict[str, Any]]:
     ``voiceflow``: the fake Voiceflow runtime's interact stream (its ``cut`` stream sends
     one text trace, "You said: cut", then ends without its ``end`` event: the turn fails);
     ``openai``: the fake OpenAI-compatible server, which pauses 30 s after the first
-    sentence ("You said <text>.") while the turn's time (2 s) runs out.
+    sentence ("You said <text>.") while the turn's time (3 s) runs out.
     """
     if kind == "voiceflow":
         async with serve(make_voiceflow()) as url:
@@ -933,7 +933,7 @@ async def streaming_core(kind: str) -> AsyncIterator[dict[str, Any]]:
                 "pipeline": f"openai+{url}/chat/v1",
                 "openai_model": "test-model",
                 "openai_api_key": SecretStr(OPENAI_KEY),
-                "turn_timeout_s": 2.0,  # the first sentence comes at once; then the pause
+                "turn_timeout_s": 3.0,  # the first sentence comes at once; then the pause
             }
     finally:
         llm.state.release.set()
