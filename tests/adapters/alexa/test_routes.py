@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
 from cryptography.x509.verification import Store
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import SecretStr
 
 from adapters.alexa.verify import AlexaVerifier
@@ -966,6 +966,36 @@ async def test_what_a_failing_core_said_before_it_failed_is_spoken_before_the_ap
         assert isinstance(again, SsmlOutputSpeech)
         assert again.ssml == f"<speak>{error}</speak>"
         assert body.card is None
+
+
+async def test_audio_alexa_refuses_in_what_a_failing_core_said_is_left_out_and_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A core whose NDJSON stream gave an item with http audio (which Alexa refuses the
+    whole speech for) and then ended without its Response: the item's words are said, its
+    audio left out with the WARNING naming it, then the error text."""
+    core = FastAPI()
+
+    @core.post("/turn")
+    async def turn() -> Response:
+        item = {"text": "Here it is.", "audio": "http://cdn.example.com/a.mp3?sig=secret"}
+        line = json.dumps({"type": "ResponseItem", "responseItem": item}) + "\n"
+        return Response(line, media_type="application/x-ndjson")
+
+    caplog.set_level(logging.WARNING, logger="adapters.alexa")
+    async with (
+        serve(core) as core_url,
+        gateway(pipeline=f"{core_url}/turn", **OFF) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        failed = await say(client, envelope("S-said-audio", text="play"))
+    speech = reply(failed).output_speech
+    assert isinstance(speech, SsmlOutputSpeech)
+    assert "<audio" not in (speech.ssml or "")
+    assert spoken(failed) == f"Here it is. {Settings().voice_error_text}"
+    (line,) = [r.getMessage() for r in caplog.records if "left out of the speech" in r.getMessage()]
+    assert "item 0 <audio src='http://cdn.example.com/a.mp3'>" in line
+    assert "secret" not in line
 
 
 async def test_a_core_failing_before_it_said_anything_is_answered_with_the_error_alone() -> None:
