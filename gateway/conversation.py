@@ -711,7 +711,9 @@ class Conversation:
                 snapshot = functools.partial(self._reloaded_session, ctx, input, txn.raw)
             else:
                 snapshot = functools.partial(Session.model_validate_json, session.model_dump_json())
-            result = await self._process(session, snapshot, input, out, ctx.tts)
+            result = await self._process(
+                session, snapshot, input, out, ctx.tts, lost=lambda: txn.lost
+            )
             out.saving = True  # the rest is the store's: see TurnStream.saving
             if isinstance(result, ErrorEvent):
                 session = _restored(self.pipeline, snapshot, session)
@@ -842,6 +844,7 @@ class Conversation:
         input: Input,
         out: _TurnQueue,
         tts: TtsRequest | None,
+        lost: Callable[[], bool] = lambda: False,
     ) -> tuple[Session, Response] | ErrorEvent:
         """Run the pipeline on ``session``: the session and Response, or an ErrorEvent.
 
@@ -853,7 +856,10 @@ class Conversation:
         the ``#error`` turn gets what is left of the turn's GATEWAY_TURN_TIMEOUT_S, but at
         least GATEWAY_ERROR_TURN_MIN_S (so the turn takes at most their sum, not twice the
         timeout), and none is run after a core that could not be reached
-        (:attr:`PipelineError.unreachable`): the ErrorEvent comes at once.
+        (:attr:`PipelineError.unreachable`): the ErrorEvent comes at once. Nor is one run
+        when ``lost()`` (the session's lock was found lost while the first try ran:
+        :attr:`gateway.sessions.SessionTxn.lost`): the turn's outcome will not be saved,
+        and another turn may hold the session, so the core is not asked again.
         """
         loop = asyncio.get_running_loop()
         ends = loop.time() + self.settings.turn_timeout_s
@@ -880,6 +886,12 @@ class Conversation:
             if unreachable:  # the #error turn would go to the same core: not waited for
                 log.warning(
                     "no #error turn in session %s: the core could not be reached",
+                    session_ref(session.key),
+                )
+                return ErrorEvent(text=failure, source="pipeline")
+            if lost():  # the outcome is dropped; the session may be another turn's now
+                log.warning(
+                    "no #error turn in session %s: its lock was lost while the turn ran",
                     session_ref(session.key),
                 )
                 return ErrorEvent(text=failure, source="pipeline")

@@ -539,6 +539,45 @@ async def test_no_error_turn_after_a_core_that_could_not_be_reached(
         await conv.pipeline.aclose()
 
 
+async def test_no_error_turn_after_the_sessions_lock_was_lost(
+    core: tuple[str, FastAPI],
+    redis_url: str,
+    redis_prefix: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The session's lock taken by another (its lease ran out: here its token replaced)
+    while the core hangs on the turn: when the turn times out, no ``#error`` turn is sent
+    to the core (it was: a request on a session another turn may hold, whose outcome is
+    dropped anyway); the turn ends with the lost lock's Error, one WARNING says why."""
+    url, app = core
+    release = hanging_core(app, "/hang-lost", {"hello"})
+    store = RedisSessionStore(redis_url, prefix=redis_prefix)
+    # a lease of 0.6 s, renewed every 0.2 s: the loss is seen well within the 4 s
+    conv = engine(
+        store, pipeline=f"{url}/hang-lost", error_turn=True, turn_timeout_s=4, lock_lease_s=0.6
+    )
+    try:
+        with caplog.at_level(logging.WARNING, logger="gateway"):
+            turn = asyncio.ensure_future(conv.turn(ctx(), Input.of("hello")).collect())
+            for _ in range(500):  # until the turn holds the lock, in the core
+                if app.state.requests:
+                    break
+                await asyncio.sleep(0.02)
+            async with Redis.from_url(redis_url) as admin:  # another instance's lock now
+                await admin.set(f"{redis_prefix}:{{{ctx().key}}}:lock", "another", px=30_000)
+            events = await turn
+        assert app.state.requests == ["hello"]  # no #error request
+        assert events[-1] == ErrorEvent(
+            text="The session's lock was lost before the turn was saved.", source="gateway"
+        )
+        assert "no #error turn in session" in caplog.text
+        assert "its lock was lost while the turn ran" in caplog.text
+    finally:
+        release.set()
+        await conv.pipeline.aclose()
+        await store.aclose()
+
+
 async def test_client_leaving_mid_turn_does_not_cut_the_turn(core: tuple[str, FastAPI]) -> None:
     url, _ = core
     conv = engine(pipeline=f"{url}/slow?s=0.3")
