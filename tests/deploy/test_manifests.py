@@ -103,16 +103,23 @@ def _shutdown_bound_s() -> float:
 
     server.restart to socket.io clients (restart grace + 1 s), then a turn accepted
     just before uvicorn stopped accepting may wait LOCK_WAIT_S for its session and run
-    TURN_TIMEOUT_S; the lifespan drain (LOCK_WAIT_S + TURN_TIMEOUT_S + 1) covers turns
+    TURN_TIMEOUT_S (+ ERROR_TURN_MIN_S with GATEWAY_ERROR_TURN: its ``#error`` turn,
+    Settings.turn_max_s); the lifespan drain (LOCK_WAIT_S + that + 1) covers turns
     whose request is gone, which started no later; + 1 s to save and close.
     """
+    error_turn = CONFIG.get("GATEWAY_ERROR_TURN", "false").strip().lower() in _TRUE
     return (
         _setting("voiceflow_restart_grace_s")
         + 1
         + _setting("lock_wait_s")
         + _setting("turn_timeout_s")
+        + (_setting("error_turn_min_s") if error_turn else 0.0)
         + 1
     )
+
+
+_TRUE = {"1", "true", "yes", "on", "t", "y"}
+"""The values pydantic reads as True for a bool setting (GATEWAY_ERROR_TURN)."""
 
 
 # ---------------------------------------------------------------- YAML, kustomize
