@@ -105,7 +105,7 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
 
     The store, pipeline and turn engine are made when the app starts (lifespan)
     and closed when it stops, after running turns have finished (bounded by
-    GATEWAY_LOCK_WAIT_S + GATEWAY_TURN_TIMEOUT_S + 1 s: a turn may wait for its session's
+    GATEWAY_LOCK_WAIT_S + Settings.turn_max_s + 1 s: a turn may wait for its session's
     lock before it runs). ``freeze_gc`` (``gateway serve``: the app owns its
     process) moves everything alive once the app has started out of the garbage
     collector's reach (``gc.freeze()``): its full passes otherwise walk every module

@@ -743,7 +743,8 @@ class VoiceflowServer:
     async def stop(self) -> None:
         """Tell remaining clients ``server.restart``, let the actions of clients that left
         while they ran end and keep their answers (as long as a turn may take:
-        GATEWAY_LOCK_WAIT_S + GATEWAY_TURN_TIMEOUT_S + 1 s, which the app's shutdown waits
+        GATEWAY_LOCK_WAIT_S + Settings.turn_max_s (GATEWAY_TURN_TIMEOUT_S, + its ``#error``
+        turn's GATEWAY_ERROR_TURN_MIN_S) + 1 s, which the app's shutdown waits
         for its turns anyway), stop socket.io's background tasks."""
         self._remove_signal_hooks()
         try:

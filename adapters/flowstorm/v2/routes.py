@@ -71,7 +71,8 @@ The bus messages (protocol.py, "recognition bus"):
 - ``interim {id, text, confidence}``;
 - ``done {id, result, text?, error?}``: retained until the PUT's answer ends
   (then cleared, before its last line is written, so the next turn's GET never
-  sees it; retained at most GATEWAY_TURN_TIMEOUT_S + GATEWAY_LOCK_WAIT_S + 5 s
+  sees it; retained at most GATEWAY_TURN_TIMEOUT_S (+ GATEWAY_ERROR_TURN_MIN_S with
+  GATEWAY_ERROR_TURN: Settings.turn_max_s) + GATEWAY_LOCK_WAIT_S + 5 s
   should the PUT die; a clear that found the bus down is tried again every
   CLEAR_RETRY_S, 0.5 s, until it answers), so a GET that comes after recognition
   ended ends at once.
