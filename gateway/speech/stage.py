@@ -226,6 +226,9 @@ class SpeechStage:
         self._given = 0  # bytes of it given to the recognizer (not held back or dropped)
         self.speaking = False
         """Whether speech started in the open utterance (it ends at the speech's end)."""
+        self._onset_heard = False
+        """Whether the endpointer heard a voice onset in the open utterance (see
+        :attr:`onset_heard`)."""
         self.result: Heard | None = None
         self.cancelled = False
         self.partial = ""
@@ -340,6 +343,16 @@ class SpeechStage:
         return self.result is not None or self.cancelled
 
     @property
+    def onset_heard(self) -> bool:
+        """Whether the endpointer has heard a voice onset in the open utterance: since
+        :meth:`listen` opened it (speech going on then counts), in the audio heard so far
+        (:meth:`hear`, synchronous: however far the recognition is behind). False: nothing
+        was said in it yet (a Duplex stream's utterance still waiting for its onset, a
+        stream of silence or noise the VAD did not take for speech, one with no audio).
+        Always True without endpointing (not known)."""
+        return self._endpointer is None or self._onset_heard
+
+    @property
     def taking(self) -> bool:
         """Whether :meth:`put` queues audio for an open utterance now: one is open and
         neither finishing, stopped nor done (else it drops the chunk unheard; a stream
@@ -390,6 +403,7 @@ class SpeechStage:
             for event in self._endpointer.feed(pcm):
                 if event.kind == "speech_started":
                     self.onset_ms = event.at_ms
+                    self._onset_heard = True
                     onsets.append(Heard("speech_started", at_ms=event.at_ms))
                     decisions.append(("started", event.at_ms))
                 elif event.kind == "speech_ended":
@@ -455,10 +469,11 @@ class SpeechStage:
         self._reset_utterance()
         self._generation += 1
         self._open = True
-        self.speaking = self.onset_ms is not None
+        self.speaking = self._onset_heard = self.onset_ms is not None
         self._origin_ms = self.now_ms
         if until_ms is not None and preroll_from_ms is not None:
             self.speaking = False  # (another speech may have begun since it ended)
+            self._onset_heard = True  # the utterance is speech heard already
             audio = self.recent(preroll_from_ms, until_ms)
             self._origin_ms = min(until_ms, self.now_ms) - int(self.fmt.duration_ms(len(audio)))
             if audio:

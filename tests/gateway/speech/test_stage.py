@@ -305,3 +305,33 @@ async def test_an_utterance_listening_at_onset_is_recognised_from_the_next_voice
     await asyncio.wait_for(run, 30)
     assert stage.result is not None
     assert wer([("play some music please", normalise(stage.result.text))]) <= 0.34
+
+
+async def test_onset_heard_tells_whether_anything_was_said_in_the_open_utterance(
+    recognizer: PocketsphinxRecognizer, corpus: dict[str, Pcm]
+) -> None:
+    """What a graceful shutdown asks of an utterance it could not wait for (Flowstorm V1):
+    whether its endpointer heard a voice onset in it, known as the audio is heard, however
+    far the recognition is behind (no run here: nothing of it is recognised)."""
+    stage = call_stage(recognizer)
+    stage.listen()
+    assert not stage.onset_heard  # no audio yet
+    for _ in range(50):  # 1 s of quiet
+        await stage.put(QUIET)
+    assert not stage.onset_heard
+    speech = phone(padded(corpus["play some music please"], 0, 1200))
+    for i in range(0, len(speech), FRAME):
+        await stage.put(speech[i : i + FRAME])
+    assert stage.onset_heard
+    assert stage.audio_ms == 0  # none of it recognised
+    assert stage.onset_ms is None  # the speech is over
+    stage.stop()
+    # the next utterance (a Duplex stream's, at the next onset): its own onsets count
+    stage.listen(at_onset=300)
+    assert not stage.onset_heard
+    for i in range(0, FRAME * 40, FRAME):  # the first 800 ms of the speech
+        stage.hear(speech[i : i + FRAME])
+    assert stage.onset_heard
+    stage.listen(at_onset=300)  # opened while someone speaks: that speech is the utterance's
+    assert stage.onset_heard
+    stage.stop()
