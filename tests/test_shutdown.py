@@ -522,6 +522,35 @@ async def test_sigterm_a_v1_utterance_not_recognised_in_time_gets_an_error_befor
     assert_nothing_failed(proc)
 
 
+async def test_sigterm_a_v1_stream_in_which_nothing_was_said_not_recognised_in_time_gets_no_error(
+    gateway_processes: list[GatewayProcess],
+) -> None:
+    """GATEWAY_SHUTDOWN_TIMEOUT_S 1 s leaves no time to finish the streams open at SIGTERM,
+    but nothing was said in these: a Duplex stream quiet while its client listens (its
+    utterance waits for a voice onset), a stream of silence, and one opened just before the
+    signal with no audio yet. Each got the Error of an utterance lost ("reconnect and say
+    it again") though the user had said nothing; now only the close 1012, as a silent
+    stream whose result comes in time gets (no ``#silence`` turn, no Error)."""
+    env = {"GATEWAY_SHUTDOWN_TIMEOUT_S": "1"}
+    proc = GatewayProcess(env).start()
+    gateway_processes.append(proc)
+    assert proc.proc is not None
+    quiet = await connect(ws_url(proc.url))
+    await send_json(quiet, init_frame("k", tts="None", sttMode="Duplex"))
+    assert (await recv_json(quiet))["type"] == "Ready"
+    await open_stream(quiet)
+    await send_audio(quiet, silence(1000, 16000).data, 16000)
+    await open_stream(quiet)  # a Duplex stream's Open again: acknowledged after the audio
+    silent = await speaking_socket(proc.url, silence(400, 16000).data)
+    opening = await speaking_socket(proc.url, b"")
+    proc.proc.send_signal(signal.SIGTERM)
+    told = await asyncio.gather(until_closed(quiet), until_closed(silent), until_closed(opening))
+    assert list(told) == [[], [], []]
+    assert [ws.close_code for ws in (quiet, silent, opening)] == [1012, 1012, 1012]
+    assert await asyncio.to_thread(proc.proc.wait, 30) == 0
+    assert_nothing_failed(proc)
+
+
 def streaming_until_closed(url: str, signal_it: Callable[[], None]) -> list[Frame]:
     """A V1 client on a raw socket (websockets' sans-I/O client): Init, then audio frames
     (ignored: no stream open) every 3 ms; ``signal_it()`` once Ready came. It reads

@@ -179,9 +179,10 @@ Decisions where the spec is silent:
   time; one still not recognised at the close is dropped with an ``Error`` of source
   ``gateway``. One in which nothing was said gives no
   ``#silence`` turn (the user did not end it: the shutdown did, and a made-up
-  silence would move the dialogue on); the client reopens its microphone after
-  reconnecting. Audio the client sends after that is dropped silently (no new
-  utterance is opened).
+  silence would move the dialogue on), and no ``Error`` either when it is not
+  recognised in time (the endpointer heard no voice onset in it: nothing was lost);
+  the client reopens its microphone after reconnecting. Audio the client sends after
+  that is dropped silently (no new utterance is opened).
 """
 
 from __future__ import annotations
@@ -1442,7 +1443,7 @@ class V1Connection:
         self._draining = True
         return self._on_audio_close(RESTART)
 
-    def server_restart(self, *, unanswered: bool) -> list[Action]:
+    def server_restart(self, *, unanswered: bool, said: bool = True) -> list[Action]:
         """The gateway shuts down gracefully (a rolling deploy; the I/O layer first waited
         for the running turn's answer as long as the shutdown allows): close 1012 (service
         restart, :data:`CLOSE_RESTART`) so that the client reconnects, to another instance.
@@ -1455,12 +1456,18 @@ class V1Connection:
         An utterance whose result has still not come (:attr:`hearing`; its recognition did
         not finish in time, see :meth:`server_draining`) is dropped: ``[CancelListening,
         Send(Error), Close(1012)]``, the Error of source ``gateway``
-        (:data:`UTTERANCE_LOST_TEXT`: nothing of it was saved); a late result is stale."""
+        (:data:`UTTERANCE_LOST_TEXT`: nothing of it was saved); a late result is stale.
+        Unless nothing was said in it (``said`` False: the I/O layer's endpointer heard no
+        voice onset in it, SpeechStage.onset_heard; a Duplex stream's utterance still
+        waiting for one, a stream opened just before the shutdown): ``[CancelListening,
+        Close(1012)]``, no Error, as one whose silence came in time gives no turn (nothing
+        is lost: the client opens its microphone again after reconnecting)."""
         closing = Close(CLOSE_RESTART, RESTART_REASON)
         if self.hearing:
             if self.machine.allows(CANCEL):
                 self.machine.advance(CANCEL)
-            return [*self._stop_listening(), error_frame(UTTERANCE_LOST_TEXT, "gateway"), closing]
+            lost = [error_frame(UTTERANCE_LOST_TEXT, "gateway")] if said else []
+            return [*self._stop_listening(), *lost, closing]
         return [error_frame(ANSWER_LOST_TEXT, "gateway"), closing] if unanswered else [closing]
 
     def connection_lost(self) -> list[Action]:

@@ -44,7 +44,8 @@ final of the audio heard so far, ``Recognized`` and its turn), within the same w
 audio the client sent before is heard first: the receive loop reads what was received and
 not read yet (the backpressure lifted; at most :data:`DRAIN_READ_MS`, until it waits for a
 frame none comes for: WebSocketDriver.caught_up); one still not recognised then is
-dropped, with an ``Error`` of source ``gateway`` (V1Connection.server_restart); audio sent
+dropped, with an ``Error`` of source ``gateway`` (V1Connection.server_restart) unless its
+endpointer heard no voice onset in it (nothing was said: dropped with no Error); audio sent
 after the finish is dropped. A socket with neither is closed 1012 at once.
 
 Close codes: 1008 unknown or missing application key, or more frames than
@@ -243,6 +244,13 @@ class _Listening:
         if (utterance := self._utterance) is not None:
             utterance.stage.unbound()
 
+    def onset_heard(self) -> bool:
+        """Whether anything was said in the utterance being heard: its stage's endpointer
+        heard a voice onset in it (SpeechStage.onset_heard: in all the audio read so far,
+        however far its recognition is behind); True when none is heard (not known)."""
+        utterance = self._utterance
+        return utterance is None or utterance.stage.onset_heard
+
     def hearing(self) -> asyncio.Task[None] | None:
         """The task running the utterance being heard (it ends once its result, silence or
         failure is reported, its turn started; or, cancelled, while its last report still
@@ -430,10 +438,11 @@ class _Socket(WebSocketDriver[Action]):
         once. A turn still running then is no longer forwarded (the engine's turn goes on
         and saves the session), and the client gets an Error first
         (V1Connection.server_restart); so does an utterance still being recognised (it is
-        dropped). A turn whose frames all went out (its
-        Response too) and that only raises the outbox's mark still (Following.settle,
-        catch_up: Redis round trips) counts as answered. True when an answer was not
-        ready."""
+        dropped), unless nothing was said in it (its endpointer heard no voice onset:
+        _Listening.onset_heard), which is dropped with no Error. A turn whose frames all
+        went out (its Response too) and that only raises the outbox's mark still
+        (Following.settle, catch_up: Redis round trips) counts as answered. True when an
+        answer was not ready (an utterance in which nothing was said is not counted)."""
         loop = asyncio.get_running_loop()
         until = loop.time() + wait_s
         if self.conn.taking_audio and self.open:
@@ -459,12 +468,14 @@ class _Socket(WebSocketDriver[Action]):
             for task in forwarders:
                 task.cancel()
             await asyncio.gather(*forwarders, return_exceptions=True)
-        for action in self.conn.server_restart(unanswered=unanswered):
+        said = self.speech.onset_heard()
+        quiet = self.conn.hearing and not said  # dropped unrecognised, but nothing is lost
+        for action in self.conn.server_restart(unanswered=unanswered, said=said):
             if isinstance(action, Close):  # one line for all the sockets, not one each
                 await self.close(action.code, action.reason)
             else:
                 await self.run([action])
-        return unanswered
+        return unanswered and not quiet
 
     # ------------------------------------------------------- turns and the outbox
 

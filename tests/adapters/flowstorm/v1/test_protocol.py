@@ -1410,6 +1410,26 @@ def test_an_utterance_not_recognised_by_the_close_is_dropped_with_an_error() -> 
     assert conn.server_restart(unanswered=False) == [RESTARTED]
 
 
+def test_an_utterance_in_which_nothing_was_said_not_recognised_by_the_close_gets_no_error() -> None:
+    """The wait ended before the result of an utterance in which the endpointer heard no
+    voice onset (``said`` False): a Duplex stream quiet while the bot spoke, a stream of
+    silence, one opened just before the signal with no audio yet. Nothing the user said is
+    lost, so no Error blames it ("say it again"): only the close, as when its silence came
+    in time (no turn)."""
+    for duplex in (False, True):
+        conn = ready(sttMode="Duplex") if duplex else ready()
+        stream = (duplex_opened if duplex else opened)(conn).stream
+        assert conn.receive_bytes(b"\x00\x00" * 160) == [FeedAudio(stream, b"\x00\x00" * 160)]
+        assert conn.server_draining() == [FinishListening(stream)]
+        assert conn.hearing
+        assert conn.server_restart(unanswered=True, said=False) == [
+            CancelListening(stream),
+            RESTARTED,
+        ]
+        assert not conn.hearing
+        assert conn.heard(stream, Heard("silence", at_ms=320)) == []  # late: stale
+
+
 def test_a_restart_changes_nothing_idle_or_while_a_turn_runs() -> None:
     conn = connection()
     assert conn.server_draining() == []  # before Init
