@@ -182,7 +182,9 @@ Decisions where the spec is silent:
   silence would move the dialogue on), and no ``Error`` either when it is not
   recognised in time (the endpointer heard no voice onset in it: nothing was lost);
   the client reopens its microphone after reconnecting. Audio the client sends after
-  that is dropped silently (no new utterance is opened).
+  that is dropped silently (no new utterance is opened), and an
+  ``InputAudioStreamOpen`` then is refused with an ``Error`` of source ``gateway``
+  saying the gateway is restarting (no stream is opened on a socket about to close).
 """
 
 from __future__ import annotations
@@ -276,6 +278,12 @@ UTTERANCE_LOST_TEXT: Final = (
 )
 """The Error text of an utterance still being recognised when the socket closes for a
 graceful shutdown (:meth:`V1Connection.server_restart`): it is dropped, nothing is saved."""
+STREAM_REFUSED_TEXT: Final = (
+    "The gateway is restarting: the audio stream was not opened; reconnect and open it again."
+)
+"""The Error text (source ``gateway``) of an ``InputAudioStreamOpen`` that comes once a
+graceful shutdown began (:meth:`V1Connection.server_draining`): no stream is opened on a
+socket about to close (nothing was said in it yet, no utterance is lost)."""
 _MISSING_KEY: Final = "The application key is missing: send it as Init.key."
 _LONG_KEY: Final = f"Init.key is longer than {MAX_ID_CHARS} characters."
 """The refusal of a key no application has (GATEWAY_APP_KEYS names none that long): with
@@ -1112,6 +1120,8 @@ class V1Connection:
             self.machine.feed(OPEN_DUPLEX)
             return [ack]
         self.machine.check(OPEN)  # a turn runs, or a stream is open: nothing changes
+        if self._draining:  # the socket closes 1012 now: no utterance is begun on it
+            return [error_frame(STREAM_REFUSED_TEXT, "gateway")]
         assert self.init is not None
         listen = listen_config(self.init.config, self._silence_timeout_ms)  # unsupported: Error
         session_id = self._proposed(event.session_id)  # invalid: Error
@@ -1436,8 +1446,11 @@ class V1Connection:
         made-up silence would move the dialogue on). A Duplex stream while its turn runs:
         ``[CancelListening]``, no next utterance is listened for. Audio the client sends
         after this is no new utterance: it is dropped without a frame (as audio after an
-        utterance's end, or with no stream open, is). ``[]`` in every other state (a turn
-        running goes on; nothing to do idle). Never raises."""
+        utterance's end, or with no stream open, is); an ``InputAudioStreamOpen`` opens no
+        stream: it is refused with an ``Error`` of source ``gateway``
+        (:data:`STREAM_REFUSED_TEXT`), as a turn too late to be answered gets one
+        (:data:`ANSWER_LOST_TEXT`). ``[]`` in every other state (a turn running goes on;
+        nothing to do idle). Never raises."""
         if not self.machine.allows(RESTART):
             return []
         self._draining = True

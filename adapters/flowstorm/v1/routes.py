@@ -46,7 +46,8 @@ not read yet (the backpressure lifted; at most :data:`DRAIN_READ_MS`, until it w
 frame none comes for: WebSocketDriver.caught_up); one still not recognised then is
 dropped, with an ``Error`` of source ``gateway`` (V1Connection.server_restart) unless its
 endpointer heard no voice onset in it (nothing was said: dropped with no Error); audio sent
-after the finish is dropped. A socket with neither is closed 1012 at once.
+after the finish is dropped, and an InputAudioStreamOpen then is refused with an ``Error`` of
+source ``gateway`` (no stream is opened). A socket with neither is closed 1012 at once.
 
 Close codes: 1008 unknown or missing application key, or more frames than
 GATEWAY_FLOWSTORM_V1_FRAME_BURST at once / GATEWAY_FLOWSTORM_V1_FRAMES_PER_S a second,

@@ -16,6 +16,7 @@ from adapters.flowstorm.v1.protocol import (
     CLOSE_RESTART,
     CLOSE_TOO_BIG,
     RESTART_REASON,
+    STREAM_REFUSED_TEXT,
     STT_SAMPLE_RATES,
     TRANSITIONS,
     UTTERANCE_LOST_TEXT,
@@ -1428,6 +1429,40 @@ def test_an_utterance_in_which_nothing_was_said_not_recognised_by_the_close_gets
         ]
         assert not conn.hearing
         assert conn.heard(stream, Heard("silence", at_ms=320)) == []  # late: stale
+
+
+def test_a_stream_opened_once_the_restart_began_is_refused_not_lost() -> None:
+    """An InputAudioStreamOpen that comes after the shutdown began (the socket is about to
+    close 1012) opens no stream: it is refused with an Error of source ``gateway`` saying
+    the gateway restarts, as a turn too late to be answered is; not left open to be
+    dropped at the close with the Error of an utterance lost ("say it again") though
+    nothing was said. Its audio is ignored; the close comes alone."""
+    idle = ready()
+    assert idle.server_draining() == []
+    # after a drained utterance's silence (no turn), and of a Duplex client alike
+    silent = ready()
+    stream = opened(silent).stream
+    assert silent.server_draining() == [FinishListening(stream)]
+    assert silent.heard(stream, Heard("silence", at_ms=400)) == []
+    duplex = ready(sttMode="Duplex")
+    stream = duplex_opened(duplex).stream
+    assert duplex.server_draining() == [FinishListening(stream)]
+    assert duplex.heard(stream, Heard("silence", at_ms=0)) == [CancelListening(stream)]
+    for conn in (idle, silent, duplex):
+        assert state(conn) is State.IDLE
+        refused = send_open(conn, sessionId="elsewhere")  # no session check either
+        assert one_error(refused, source="gateway") == STREAM_REFUSED_TEXT
+        assert "restarting" in STREAM_REFUSED_TEXT
+        assert state(conn) is State.IDLE
+        assert not conn.hearing
+        assert not conn.taking_audio
+        assert conn.receive_bytes(b"\x01\x00" * 160) == []
+        assert conn.server_restart(unanswered=False) == [RESTARTED]
+    # while a turn still runs, an Open is out of order as ever (the client's error)
+    conn = ready()
+    start(conn, request_frame("hello"))
+    assert conn.server_draining() == []
+    one_error(send_open(conn), "turn", source="client")
 
 
 def test_a_restart_changes_nothing_idle_or_while_a_turn_runs() -> None:
