@@ -101,6 +101,7 @@ from gateway.protocol.call import (
     CallInfo,
     CarrierCall,
     HangUp,
+    InputsDropped,
     Interrupt,
     PausePlayback,
     Play,
@@ -1000,6 +1001,14 @@ class CallRunner(WebSocketDriver[CallAction]):
             log.debug("%s: speech over the bot was no interruption; resumed", self.name)
         elif isinstance(action, Speak):
             await self._speak(action.text)
+        elif isinstance(action, InputsDropped):
+            log.warning(
+                "%s: the caller's inputs waiting for the bot outgrew their bounds: the "
+                "oldest %d characters of words and %d whole inputs dropped",
+                self.name,
+                action.chars,
+                action.inputs,
+            )
         elif isinstance(action, HangUp):
             self._hangup = self.spawn(self._end(action.call_id, None), "hang-up")
         elif isinstance(action, Transfer):

@@ -58,9 +58,10 @@ full; :data:`TRANSITIONS` is the same state machine):
      utterance on the caller's floor): the bot's floor counts from the utterance's end,
      so the speech is speech over the answer to it, paused and judged as any
      (:meth:`CarrierCall._commit` ``since``): a real interruption cuts that answer off
-     and is the input after it (its ``heard`` is what the caller heard of the answer:
-     nothing, or of the bot cut off before when that answer had not started); a
-     backchannel lets it play. Speech the endpointer confirms only after the final
+     and is the input after it (its ``heard`` is what the caller heard of the answer);
+     when that answer had not started (the input waits for the turn cut off before),
+     its words are joined to that input ("Inputs that wait" below); a backchannel lets
+     it play. Speech the endpointer confirms only after the final
      (it began just before) is treated the same way;
    - the final was a backchannel, filler or noise over the bot: the bot is not resumed
      over the caller speaking again; it stays paused and the new speech is judged;
@@ -84,11 +85,12 @@ full; :data:`TRANSITIONS` is the same state machine):
    caller hung up) or a lost connection (:meth:`CarrierCall.connection_lost`: the
    socket closed or failed without a ``stop``) ends the session (:class:`EndSession`)
    unless the core ended it; an input still waiting then (a key pressed just before,
-   while the bot's turn ran or its audio played; keys collected in ``collect`` mode)
-   gets its turn first, its output dropped: at once, or once the running turn finished
-   (:meth:`CarrierCall.turn_finished`; not when that turn ended the session). The turn
-   running at the end is likewise discarded: it finishes and is saved, but nothing of
-   it is played, marked or spoken (no error text) after the stream ended.
+   while the bot's turn ran or its audio played; keys collected in ``collect`` mode;
+   "Inputs that wait" below: each in turn) gets its turn first, its output dropped: at
+   once, or once the running turn finished (:meth:`CarrierCall.turn_finished`; not when
+   that turn ended the session). The turn running at the end is likewise discarded: it
+   finishes and is saved, but nothing of it is played, marked or spoken (no error text)
+   after the stream ended.
 7. A transfer [transferring] the carrier refused (or could not be asked for) is not
    the end: :meth:`CarrierCall.transfer_finished` gives the core the input
    :data:`TRANSFER_FAILED` (attributes ``target``, ``reason``, ``error``) on the
@@ -99,6 +101,33 @@ full; :data:`TRANSITIONS` is the same state machine):
    session open (no EndSession, an input waiting is dropped); the call's next stream, started
    with the parameter :data:`RESUMED` ``"1"``, continues the session: no ``#intro``,
    the caller's floor.
+
+**Inputs that wait.** An input made while a turn runs (the interrupted one finishing,
+or the answer's) or its audio plays waits for the bot's floor (:meth:`CarrierCall._wait`,
+:attr:`CarrierCall.waiting`); none is replaced by a later one, so everything the caller
+said reaches the core:
+
+- the caller's words said while their words before wait (the interrupted turn has not
+  finished: "Book a table for two" ... "at seven", the second a real interruption over
+  the silent bot) are **joined** into that input, in the order said with a space
+  between: the core hears "Book a table for two at seven" as one input (with the
+  interruption's :data:`~gateway.events.HEARD` attributes of the first). Past
+  :data:`MAX_JOINED_CHARS` the oldest words are dropped (never the newest utterance),
+  and past :data:`MAX_WAITING_INPUTS` inputs the oldest input: the
+  :class:`InputsDropped` action, logged by the runner;
+- keys (DTMF) are **an input of their own**: the core reads a key's text as a key (a
+  menu choice, ``"5"``; keys collected in ``collect`` mode, ``"1234"``), which joined
+  to words, or keys to keys, would change it. Each waits its turn in the order pressed
+  (the keys pressed ahead of a menu reach it one by one), and words said after them
+  wait after them. Likewise ``#machine`` (which drops the inputs waiting: the
+  answering machine's words are not the caller's);
+- ``#silence`` and ``#fallback`` (no words came) never wait beside an input: dropped
+  when one waits, replaced by the next.
+
+Speech over the bot that is no real interruption (a backchannel) is still no input,
+and a turn that started is the core's: speech interrupting it is the input after it, as
+before. An input waiting when a key cuts the bot in ``collect`` mode goes when the keys
+are done (or at once for ``#`` alone).
 
 **Time is the caller's audio time** (ms of inbound audio received), so timeouts do
 not depend on how fast a peer sends.
@@ -130,6 +159,7 @@ from gateway.callcodec import (
     WireFrame,
 )
 from gateway.events import (
+    ACTION_PREFIX,
     FALLBACK,
     HEARD,
     INTERRUPTED,
@@ -208,6 +238,16 @@ MAX_ATTRIBUTES_CHARS: Final = 4000
 """Longest JSON ``attributes`` parameter of an outbound call that is read."""
 KEPT_ERRORS: Final = 20
 """How many of the errors a carrier reported a call keeps (:attr:`CarrierCall.errors`)."""
+MAX_JOINED_CHARS: Final = 2000
+"""Longest input that the caller's speech waiting for the bot's floor is joined into
+(module doc, "Inputs that wait"): past it the oldest words are dropped
+(:class:`InputsDropped`), never the newest utterance (one utterance is bounded by the
+speech stage, GATEWAY_MAX_AUDIO_S). About two minutes of speech."""
+MAX_WAITING_INPUTS: Final = 16
+"""Most inputs that wait at once (speech joined counts as one; keys pressed ahead are
+each their own): past it the oldest is dropped (:class:`InputsDropped`)."""
+_NO_WORDS: Final = frozenset({SILENCE, FALLBACK})
+"""Inputs saying that no words came: they never wait beside the caller's words."""
 
 
 # ------------------------------------------------------------------ state machine
@@ -575,6 +615,21 @@ class Playout:
         return " ".join(heard), " ".join(unheard)
 
 
+def _join(older: str, newer: str, max_chars: int) -> tuple[str, int]:
+    """``older`` and ``newer`` (the caller's words waiting, and the words said next) as
+    one input, a space between, and how many characters were dropped: past ``max_chars``
+    characters the oldest whole words of ``older`` go first, all of it if need be
+    (``newer`` is kept whole, however long)."""
+    joined = f"{older} {newer}"
+    excess = len(joined) - max_chars
+    if excess <= 0:
+        return joined, 0
+    # dropping older[:cut] and the space after it leaves len(joined) - cut - 1 characters
+    cut = older.find(" ", max(excess - 1, 0))
+    kept = newer if cut < 0 else f"{older[cut + 1 :].lstrip()} {newer}"
+    return kept, len(joined) - len(kept)
+
+
 def _split_words(text: str, fraction: float) -> tuple[str, str]:
     """``text`` split after the last whole word within its first ``fraction`` of characters."""
     cut = round(len(text) * fraction)
@@ -631,6 +686,17 @@ class Speak:
 
 
 @dataclass(frozen=True)
+class InputsDropped:
+    """Inputs waiting for the bot's floor outgrew their bounds and the oldest part was
+    dropped (module doc, "Inputs that wait"): ``chars`` characters of the oldest words of
+    the joined speech (:data:`MAX_JOINED_CHARS`), ``inputs`` whole waiting inputs
+    (:data:`MAX_WAITING_INPUTS`). The runner logs it (WARNING); nothing else changes."""
+
+    chars: int = 0
+    inputs: int = 0
+
+
+@dataclass(frozen=True)
 class HangUp:
     """End the call ``call_id``: the carrier's REST hang-up, or close the stream."""
 
@@ -657,13 +723,14 @@ CallAction = (
     | FeedAudio
     | CancelListening
     | Speak
+    | InputsDropped
     | HangUp
     | Transfer
     | EndSession
     | Close
 )
-"""The engine's own actions (Play, Interrupt, PausePlayback, ResumePlayback, Speak, HangUp,
-Transfer) and the kit's."""
+"""The engine's own actions (Play, Interrupt, PausePlayback, ResumePlayback, Speak,
+InputsDropped, HangUp, Transfer) and the kit's."""
 
 
 # ------------------------------------------------------------------ the call
@@ -769,8 +836,10 @@ class CarrierCall:
         self.onset_ms: int | None = None
         """Audio time the caller's current speech began, as the speech stage last said."""
         self.turn: _Turn | None = None
-        self.pending: str | None = None
-        """An input waiting for the running turn to end (or the bot's audio to play out)."""
+        self._waiting: deque[tuple[str, bool]] = deque()
+        """Inputs waiting for the running turn to end (or the bot's audio to play out), in
+        the order said: ``(text, speech)``; speech said while one waits is joined into it
+        (:meth:`_wait`, module doc "Inputs that wait")."""
         self.session_started = False
         self.session_over = False
         self.stopped = False
@@ -841,6 +910,17 @@ class CarrierCall:
     def state(self) -> State:
         """The state of :attr:`machine`."""
         return self.machine.state
+
+    @property
+    def pending(self) -> str | None:
+        """The input whose turn starts next (the first of :attr:`waiting`), None when none."""
+        return self._waiting[0][0] if self._waiting else None
+
+    @property
+    def waiting(self) -> tuple[str, ...]:
+        """The inputs waiting for the bot's floor, in the order said (module doc, "Inputs
+        that wait"): each a turn of its own, the first :attr:`pending`."""
+        return tuple(text for text, _ in self._waiting)
 
     @property
     def closed(self) -> bool:
@@ -1039,6 +1119,9 @@ class CarrierCall:
         elif state is State.BOT:
             actions += [*self._stop_judging(), *self._silence_the_bot()]
         self.interruption = None  # not the caller's interruption
+        # nor the caller's words: what waits (the machine's greeting heard as speech) is
+        # dropped, #machine is the next input (the core leaves its message at once)
+        self._waiting.clear()
         return [*actions, *self._commit(MACHINE)]
 
     def _media(self, message: Media) -> list[CallAction]:
@@ -1246,7 +1329,8 @@ class CarrierCall:
             self.interruption = {INTERRUPTED: True, HEARD: heard, UNHEARD: unheard}
         self._held_at = None
         self.marks.forget()
-        self.pending = None
+        # the inputs waiting never reached the core: they stay (the caller's next words
+        # join them, _wait), they are not the bot's to drop
         return [Interrupt(self.codec.clear())]
 
     def interim(self, text: str) -> list[CallAction]:
@@ -1315,18 +1399,19 @@ class CarrierCall:
             actions += self._digits(done)
         elif self.state is State.CALLER:
             # no input yet (keys collected: the timeout waits for them, _silence_due), or
-            # none at all ('#' alone): the silence timeout runs again from the key
+            # none at all ('#' alone): the silence timeout runs again from the key; an
+            # input waiting (said before the key interrupted the bot) then goes
             self._silence_at = self.now_ms + self.config.silence_timeout_ms
+            actions += self._waiting_goes()
         return actions
 
     def _digits(self, text: str) -> list[CallAction]:
         if self.state is State.BOT:  # without barge-in: after the bot's floor
-            self.pending = text
-            return self._advance()
+            return [*self._wait(text, speech=False), *self._advance()]
         if self.state is State.HEARING:
-            return [*self._stop_listening(), *self._commit(text)]
+            return [*self._stop_listening(), *self._commit(text, keys=True)]
         if self.state is State.CALLER:
-            return self._commit(text)
+            return self._commit(text, keys=True)
         return []
 
     def _mark(self, name: str) -> list[CallAction]:
@@ -1352,25 +1437,68 @@ class CarrierCall:
 
     # -------------------------------------------------------------- the floor
 
-    def _commit(self, text: str, *, since: int | None = None) -> list[CallAction]:
-        """Make ``text`` the next input (state -> bot); it starts when nothing runs. The
-        bot's floor counts from ``since`` (audio ms; None: now): speech begun from then on
-        is speech over the bot (:meth:`_may_barge_in`), heard when the floor passes."""
+    def _commit(
+        self, text: str, *, since: int | None = None, keys: bool = False
+    ) -> list[CallAction]:
+        """Make ``text`` the next input (state -> bot): it waits behind the inputs waiting
+        (:meth:`_wait`; speech joins the caller's words waiting, ``keys`` are their own
+        input) and starts when nothing runs. The bot's floor counts from ``since`` (audio
+        ms; None: now): speech begun from then on is speech over the bot
+        (:meth:`_may_barge_in`), heard when the floor passes."""
         self.machine.advance(INPUT)
         self._bot_since = self.now_ms if since is None else since
         self._silence_at = None
-        self.pending = text  # the latest input wins
+        speech = not keys and not text.startswith(ACTION_PREFIX)
+        return [*self._wait(text, speech=speech), *self._advance()]
+
+    def _wait(self, text: str, *, speech: bool) -> list[CallAction]:
+        """``text`` waits for the bot's floor (module doc, "Inputs that wait"): ``speech``
+        (the caller's words) said while the caller's words wait last is joined into them
+        (a space between, the order said): one input, so the core hears all of it;
+        anything else (keys, an action such as ``#machine``) is an input of its own after
+        those waiting. ``#silence`` and ``#fallback`` (no words came) never wait beside
+        an input: dropped when one waits, replaced by the next. Bounds: the joined speech
+        keeps at most :data:`MAX_JOINED_CHARS` (oldest words dropped first), at most
+        :data:`MAX_WAITING_INPUTS` inputs wait (the oldest dropped first); a drop is
+        ``[InputsDropped]`` (for the runner's log), else ``[]``."""
+        waiting = self._waiting
+        if text in _NO_WORDS:
+            if not waiting:
+                waiting.append((text, False))
+            return []
+        if waiting and waiting[-1][0] in _NO_WORDS:
+            waiting.pop()  # words (or keys) came after all
+        chars = inputs = 0
+        if speech and waiting and waiting[-1][1]:
+            joined, chars = _join(waiting[-1][0], text, MAX_JOINED_CHARS)
+            waiting[-1] = (joined, True)
+        else:
+            waiting.append((text, speech))
+        while len(waiting) > MAX_WAITING_INPUTS:
+            waiting.popleft()
+            inputs += 1
+        return [InputsDropped(chars, inputs)] if chars or inputs else []
+
+    def _waiting_goes(self) -> list[CallAction]:
+        """On the caller's floor with inputs waiting (said before a key interrupted the
+        bot) and no keys being collected (``#`` alone, a noise): the bot's floor again,
+        for their turn (once the running one finished). Else ``[]``."""
+        if self.state is not State.CALLER or not self._waiting or self.dtmf.collecting:
+            return []
+        self.machine.advance(INPUT)
+        self._bot_since = self.now_ms
+        self._silence_at = None
         return self._advance()
 
     def _advance(self) -> list[CallAction]:
-        """On the bot's floor with no turn running and every mark back: the waiting
-        input's turn, or the floor goes to the caller."""
+        """On the bot's floor with no turn running and every mark back: the first waiting
+        input's turn (the rest wait for it), or the floor goes to the caller."""
         if self.state is not State.BOT or self.turn is not None or self.marks.outstanding:
             return []
-        if self.pending is not None:
+        if self._waiting:
             if self.moved:  # no turn starts for a call moving away (move): nobody hears it
                 return []
-            text, self.pending = self.pending, None
+            text, _ = self._waiting.popleft()
             return self._start_turn(text)
         self.machine.advance(FLOOR)
         self._silence_at = self.now_ms + self.config.silence_timeout_ms
@@ -1433,7 +1561,7 @@ class CarrierCall:
             return [*self._commit(text or FALLBACK, since=ended), *self._heard_next()]
         self.machine.advance(NOISE)
         self._silence_at = self.now_ms + self.config.silence_timeout_ms
-        return self._heard_next()
+        return [*self._waiting_goes(), *self._heard_next()]
 
     def _speaks_on(self) -> bool:
         """Whether the caller spoke again after the utterance listened to ended, before its
@@ -1575,7 +1703,7 @@ class CarrierCall:
                 stop = [*self._stop_listening(), ResumePlayback()]
                 self._held_at = None
             self.machine.advance(SESSION_END)
-            self.pending = None
+            self._waiting.clear()
             self.dtmf.reset()  # keys collected before the end go the pending input's way
             return [*stop, *end, self._play(b"", final=True)]
         return self._advance()
@@ -1598,7 +1726,7 @@ class CarrierCall:
         self.transfer = None
         self.session_over = False  # a session the core ended is opened again by the turn
         self.marks.forget()  # a final mark given up on (final_mark_overdue) is not awaited
-        self.pending = None
+        self._waiting.clear()
         self._bot_since = self.now_ms
         self._silence_at = None
         self._input_attributes[TRANSFER_FAILED] = {
@@ -1644,19 +1772,21 @@ class CarrierCall:
         return self._ending_actions(State.CLOSED) if self.closed else self._advance()
 
     def _last_input(self) -> list[CallAction]:
-        """The stream ended (the carrier's ``stop`` or a lost connection) while an input
-        was waiting (:attr:`pending`: a key pressed as the caller hung up, while the bot's
-        turn ran or its audio played; keys collected in ``collect`` mode,
-        :meth:`_stream_ended`): that input's turn, so the caller's last input reaches the
-        core before the session ends (the runner's EndSession waits for it:
-        gateway/io/call.py ``CallRunner.end_session``). Nothing of it is played (the turn
-        is discarded). ``[]`` when no input waits or the stream has not ended (its callers
-        check that the core did not end the session) or the call moved (:meth:`move`:
-        the input is dropped)."""
-        text, self.pending = self.pending, None
+        """The stream ended (the carrier's ``stop`` or a lost connection) while inputs
+        were waiting (:attr:`waiting`: a key pressed as the caller hung up, words said
+        while the bot's turn ran or its audio played; keys collected in ``collect`` mode,
+        :meth:`_stream_ended`): the first one's turn, so the caller's last inputs reach
+        the core before the session ends (the runner's EndSession waits for them:
+        gateway/io/call.py ``CallRunner.end_session``); the next one's when it finished
+        (:meth:`turn_finished`), unless it ended the session. Nothing of them is played
+        (the turn is discarded). ``[]`` when no input waits or the stream has not ended
+        (its callers check that the core did not end the session) or the call moved
+        (:meth:`move`): the inputs waiting are dropped."""
         ended = self.stopped or self.disconnected
-        if text is None or not ended or self.ctx is None or self.moved:
+        if not self._waiting or not ended or self.ctx is None or self.moved:
+            self._waiting.clear()
             return []
+        text, _ = self._waiting.popleft()  # the others follow it (turn_finished)
         actions = self._start_turn(text)
         assert self.turn is not None
         self.turn.discarded = True
@@ -1675,10 +1805,11 @@ class CarrierCall:
     def _stream_ended(self, was: State) -> list[CallAction]:
         """The stream ended in state ``was`` (``stop`` or :meth:`connection_lost`; the
         call is now CLOSED). Unless the call was over already or the core ended the
-        session: keys collected in ``collect`` mode (no ``#`` or pause yet) become the
-        waiting input (the latest input wins, as the pause would have made them), and a
-        waiting input is the core's before the end: its turn at once when no turn runs,
-        else once the running one finished (:meth:`turn_finished`, which drops it when
+        session: keys collected in ``collect`` mode (no ``#`` or pause yet) become an
+        input, waiting after those waiting (:meth:`_wait`: keys are an input of their own,
+        as the pause would have made them), and the inputs waiting are the core's before
+        the end, one turn each in the order said: the first at once when no turn runs,
+        else once the running one finished (:meth:`turn_finished`, which drops them when
         that turn ended the session). The turn running now is discarded as the last
         input's is (:meth:`_last_input`): it finishes and saves (the runner's EndSession
         waits for it), but none of its audio is played, no mark sent (the carrier's
@@ -1690,9 +1821,9 @@ class CarrierCall:
         if was is not State.CLOSED and not self.session_over:
             digits = self.dtmf.flush()
             if digits is not None:
-                self.pending = digits
+                last += self._wait(digits, speech=False)
             if self.turn is None:
-                last = self._last_input()
+                last += self._last_input()
         return [*last, *self._ending_actions(was)]
 
     def _ending_actions(self, was: State) -> list[CallAction]:

@@ -26,9 +26,18 @@ from gateway.events import (
     ResponseItemEvent,
 )
 from gateway.io.call import call_config
-from gateway.protocol.actions import CancelListening, FeedAudio, StartListening, StartTurn
+from gateway.protocol.actions import (
+    CancelListening,
+    EndSession,
+    FeedAudio,
+    StartListening,
+    StartTurn,
+)
 from gateway.protocol.call import (
+    MAX_JOINED_CHARS,
+    MAX_WAITING_INPUTS,
     CallConfig,
+    InputsDropped,
     Interrupt,
     PausePlayback,
     Play,
@@ -38,7 +47,7 @@ from gateway.protocol.call import (
 )
 from gateway.settings import Settings
 from gateway.speech.endofturn import content_words
-from tests.adapters.twilio.test_protocol import CALL, CONNECTED, START, dtmf, mark, media
+from tests.adapters.twilio.test_protocol import CALL, CONNECTED, START, STOP, dtmf, mark, media
 from tests.conftest import state_of
 
 SILENCE = b"\xff" * 160
@@ -813,3 +822,178 @@ def test_speech_over_before_a_final_later_than_the_kept_audio_is_not_heard() -> 
     [turn] = call.heard("final", "yes", 0.9)
     assert isinstance(turn, StartTurn)
     assert call.state is State.BOT
+
+
+# ------------------------------------------------------------------ inputs that wait
+
+
+def waiting_words(call: TwilioCall, text: str) -> None:
+    """``text`` interrupts the bot for real while its turn still runs: the input waits
+    for that (interrupted) turn to finish."""
+    hold(call)
+    actions = call.heard("final", text, 0.9)
+    assert [type(a) for a in actions] == [Interrupt]
+    assert call.state is State.BOT
+    assert call.turn is not None
+
+
+def test_words_said_while_words_wait_reach_the_core_as_one_input() -> None:
+    """ "Book a table for two" cuts the greeting off; before its turn could start (the
+    greeting's turn still runs), "at seven" interrupts again. The core hears both, as one
+    input in the order said, with what was heard of the greeting. Before, the second
+    replaced the first: the core heard only "at seven"."""
+    call = started()
+    say_item(call, "Your order of two pizzas will arrive in thirty minutes.", SECOND * 3)
+    waiting_words(call, "book a table for two")
+    heard = call.interruption
+    assert heard is not None
+    waiting_words(call, "at seven")
+    assert list(call.waiting) == ["book a table for two at seven"]
+    call.turn_event(ResponseEvent(response=Response()))
+    [turn] = call.turn_finished()
+    assert isinstance(turn, StartTurn)
+    assert turn.input.text == "book a table for two at seven"
+    assert turn.input.attributes == heard
+    assert list(call.waiting) == []
+
+
+def test_an_interruption_without_words_does_not_replace_words_waiting() -> None:
+    """Words wait; the caller then speaks over the silent bot longer than any backchannel
+    but nothing is recognised: that gives no ``#fallback`` over the words (the words are
+    the input to answer)."""
+    call = started()
+    say_item(call, "Hello, this is a long answer.", SECOND * 5)
+    waiting_words(call, "i want a pizza")
+    onset = hold(call)
+    actions = frames(call, 50, onset=onset, voiced=10_000)
+    assert Interrupt in [type(a) for a in actions]
+    assert call.state is State.HEARING
+    assert call.heard("silence", "") == []
+    assert list(call.waiting) == ["i want a pizza"]
+    call.turn_event(ResponseEvent(response=Response()))
+    [turn] = call.turn_finished()
+    assert isinstance(turn, StartTurn)
+    assert turn.input.text == "i want a pizza"
+
+
+def finish_turn(call: TwilioCall) -> list[Any]:
+    call.turn_event(ResponseEvent(response=Response()))
+    return call.turn_finished()
+
+
+def test_keys_are_an_input_of_their_own_in_the_order_pressed() -> None:
+    """Keys are the core's keys ("5" a menu choice): never joined to words or to other
+    keys. Words wait, then "5" is pressed, then more words are said: three turns, in the
+    order said, each once the one before finished. Before, the key replaced the words
+    (and the words after it the key)."""
+    call = started()
+    say_item(call, "Press 5 for the menu.", SECOND * 3)
+    waiting_words(call, "book a table")
+    actions = call.receive(dtmf("5"))
+    assert [type(a) for a in actions] == [Interrupt]
+    assert list(call.waiting) == ["book a table", "5"]
+    waiting_words(call, "for two")
+    assert list(call.waiting) == ["book a table", "5", "for two"]
+    texts = []
+    for _ in range(3):
+        [turn] = finish_turn(call)
+        assert isinstance(turn, StartTurn)
+        texts.append(turn.input.text)
+    assert texts == ["book a table", "5", "for two"]
+    assert finish_turn(call) == []
+    assert state_of(call) is State.CALLER
+
+
+def test_keys_pressed_ahead_each_reach_the_core() -> None:
+    """``digit`` mode, no barge-in: keys pressed while the bot speaks are each an input,
+    in the order pressed (typed ahead of a menu); ``collect`` mode: each collected run
+    (up to ``#``) is one. Before, only the last key (run) reached the core."""
+    call = started(barge_in=False)
+    say_item(call, "Press 1 for sales, 2 for support.")
+    for key in "12":
+        assert call.receive(dtmf(key)) == []
+    assert list(call.waiting) == ["1", "2"]
+    assert [a.input.text for a in finish_turn(call)] == []  # the audio still plays
+    [turn] = call.receive(mark("1"))
+    assert isinstance(turn, StartTurn)
+    assert turn.input.text == "1"
+    [turn] = finish_turn(call)
+    assert isinstance(turn, StartTurn)
+    assert turn.input.text == "2"
+    call = started(barge_in=False, dtmf_mode="collect")
+    say_item(call, "Your account number, then the hash key.")
+    for key in "12#34#":
+        assert call.receive(dtmf(key)) == []
+    assert list(call.waiting) == ["12", "34"]
+
+
+def test_inputs_waiting_when_the_caller_hangs_up_each_reach_the_core() -> None:
+    """Words wait and keys are being collected (``collect`` mode, no ``#`` yet) when the
+    caller hangs up: the words' turn, then the keys', both before the session ends.
+    Before, the keys replaced the words."""
+    call = started(dtmf_mode="collect")
+    say_item(call, "Your account number, then the hash key.", SECOND * 3)
+    waiting_words(call, "my account number is")
+    actions = call.receive(dtmf("4"))
+    assert [type(a) for a in actions] == [Interrupt]  # the keys are collected
+    assert call.receive(dtmf("2")) == []
+    [end] = call.receive(STOP)
+    assert isinstance(end, EndSession)
+    assert list(call.waiting) == ["my account number is", "42"]
+    [turn] = finish_turn(call)
+    assert isinstance(turn, StartTurn)
+    assert turn.input.text == "my account number is"
+    [turn] = finish_turn(call)
+    assert isinstance(turn, StartTurn)
+    assert turn.input.text == "42"
+    assert finish_turn(call) == []
+
+
+def test_words_waiting_go_after_a_hash_alone() -> None:
+    """``collect`` mode: a key cuts the bot off while words wait, but it is ``#`` alone
+    (no keys): the words' turn comes when the running turn finished, not after the
+    silence timeout."""
+    call = started(dtmf_mode="collect")
+    say_item(call, "Hello.", SECOND * 3)
+    waiting_words(call, "i want a pizza")
+    assert [type(a) for a in call.receive(dtmf("#"))] == [Interrupt]
+    assert call.state is State.BOT
+    [turn] = finish_turn(call)
+    assert isinstance(turn, StartTurn)
+    assert turn.input.text == "i want a pizza"
+
+
+def test_words_joined_are_bounded_the_oldest_dropped_first() -> None:
+    """Words joined while they wait keep at most MAX_JOINED_CHARS: the oldest whole words
+    go first (the newest utterance is kept whole), said in InputsDropped for the log."""
+    call = started()
+    say_item(call, "Hello.", SECOND * 3)
+    first = " ".join(f"one{i:03}" for i in range(150))  # 150 words, 1049 characters
+    second = " ".join(f"two{i:03}" for i in range(150))
+    waiting_words(call, first)
+    hold(call)
+    actions = call.heard("final", second, 0.9)
+    assert [type(a) for a in actions] == [Interrupt, InputsDropped]
+    [joined] = call.waiting
+    assert len(joined) <= MAX_JOINED_CHARS
+    assert joined.endswith(" " + second)
+    kept = joined[: -len(second) - 1].split()
+    assert kept == first.split()[-len(kept) :]  # whole words, the newest of the first
+    assert len(joined) > MAX_JOINED_CHARS - 8  # no more dropped than need be
+    dropped = actions[1]
+    assert dropped == InputsDropped(chars=len(first) + 1 + len(second) - len(joined))
+    [turn] = finish_turn(call)
+    assert isinstance(turn, StartTurn)
+    assert turn.input.text == joined
+
+
+def test_inputs_waiting_are_bounded_the_oldest_dropped_first() -> None:
+    """At most MAX_WAITING_INPUTS inputs wait (keys typed ahead without end): the oldest
+    goes first, said in InputsDropped."""
+    call = started(barge_in=False)
+    say_item(call, "Hello.")
+    keys = "1234567890*1234567"
+    for key in keys[:MAX_WAITING_INPUTS]:
+        assert call.receive(dtmf(key)) == []
+    assert call.receive(dtmf(keys[MAX_WAITING_INPUTS])) == [InputsDropped(inputs=1)]
+    assert call.waiting == tuple(keys[1 : MAX_WAITING_INPUTS + 1])
