@@ -1452,17 +1452,20 @@ class CarrierCall:
         return [*self._wait(text, speech=speech), *self._advance()]
 
     def _wait(self, text: str, *, speech: bool) -> list[CallAction]:
-        """``text`` waits for the bot's floor (module doc, "Inputs that wait"): ``speech``
-        (the caller's words) said while the caller's words wait last is joined into them
-        (a space between, the order said): one input, so the core hears all of it;
-        anything else (keys, an action such as ``#machine``) is an input of its own after
-        those waiting. ``#silence`` and ``#fallback`` (no words came) never wait beside
-        an input: dropped when one waits, replaced by the next. Bounds: the joined speech
-        keeps at most :data:`MAX_JOINED_CHARS` (oldest words dropped first), at most
-        :data:`MAX_WAITING_INPUTS` inputs wait (the oldest dropped first); a drop is
-        ``[InputsDropped]`` (for the runner's log), else ``[]``."""
+        """``text`` waits for the bot's floor (module doc, "Inputs that wait"). ``speech``
+        (the caller's words) is joined into the input waiting last when that is words
+        too (a space between, in the order said): one input, so the core hears all of it;
+        anything else (keys, an action such as ``#machine``), or words after such an
+        input, is an input of its own after those waiting. ``#silence`` and
+        ``#fallback`` (no words came) never wait beside an input: dropped when one
+        waits, replaced by the next (words, keys or another of them). Bounds: the
+        joined speech keeps at most :data:`MAX_JOINED_CHARS` (oldest words dropped
+        first), at most :data:`MAX_WAITING_INPUTS` inputs wait (the oldest dropped
+        first); a drop is ``[InputsDropped]`` (for the runner's log), else ``[]``."""
         waiting = self._waiting
         if text in _NO_WORDS:
+            if waiting and waiting[-1][0] in _NO_WORDS:
+                waiting.pop()  # (alone) the latest of them says it
             if not waiting:
                 waiting.append((text, False))
             return []
