@@ -26,7 +26,7 @@ from adapters.twilio.protocol import MAX_MEDIA_BYTES, MULAW_8K
 from gateway.events import Input, Response, ResponseItem
 from gateway.io.call import LOGGED_BAD_FRAMES, MAX_BAD_FRAMES
 from gateway.metrics import REGISTRY
-from gateway.protocol.call import MAX_DTMF_DIGITS
+from gateway.protocol.call import MAX_DTMF_DIGITS, MAX_WAITING_INPUTS
 from gateway.sessions import Session
 from gateway.speech.audio import Pcm
 from gateway.speech.service import SpeechService
@@ -578,6 +578,43 @@ async def test_a_key_waiting_for_the_intro_reaches_the_core_when_the_tcp_connect
                 assert core.inputs == ["#intro"]
                 core.finish.set()
             await _the_key_had_its_turn_before_the_end(gw, core, call.call_sid)
+
+
+async def test_keys_pressed_while_the_intro_runs_each_reach_the_core_in_order(
+    speech: SpeechService, redis_url: str, redis_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # keys typed ahead while the intro's turn still runs (each cuts the bot off and waits
+    # for that turn), then the caller hangs up: every key reaches the core, in the order
+    # pressed, one turn each, before the session ends. It used to be the last key only
+    # (each replaced the one waiting). Past MAX_WAITING_INPUTS the oldest is dropped,
+    # logged at WARNING
+    keys = "1234567890*1234567"[: MAX_WAITING_INPUTS + 1]
+    async with twilio_gateway(speech, redis_url=redis_url, redis_prefix=redis_prefix) as gw:
+        core = SlowIntro()
+        gw.app.state.gateway.conversation.pipeline = core
+        caplog.set_level(logging.WARNING, "gateway.call")
+        with no_server_errors():
+            async with TwilioHarness.dial(gw.url, PUBLIC, auth_token=AUTH) as call:
+                await call.wait_for(lambda: "1" in call.echoed)  # the intro was heard
+                runner = gw.app.state.twilio.calls[call.call_sid]
+                for key in keys:
+                    await call.send(call.dtmf_frame(key))
+                want = tuple(keys[1:])
+                assert await until(lambda: runner.call.waiting == want, 10)
+                await call.send(call.stop_frame())
+                assert await until(lambda: runner.call.stopped, 5)
+                assert core.inputs == ["#intro"]
+                core.finish.set()
+                await call.wait_for(lambda: call.closed_at is not None)
+        await gw.wait_no_calls()
+        assert await until(lambda: not gw.app.state.gateway.conversation.turns_in_flight, 10)
+        assert core.inputs == ["#intro", *keys[1:]]
+        assert core.turn_count == len(keys)  # all in the intro's session
+        assert not await session_exists(gw.app, call.call_sid)
+        dropped = [r for r in caplog.records if "outgrew their bounds" in r.getMessage()]
+        assert len(dropped) == 1
+        assert dropped[0].levelno == logging.WARNING
+        assert "0 characters of words and 1 whole inputs dropped" in dropped[0].getMessage()
 
 
 class SlowGoodbye(SlowIntro):
