@@ -16,7 +16,16 @@ connection per process serves all subscribers of that process.
 Redis Cluster: sharded pub/sub instead (``SPUBLISH``/``SSUBSCRIBE``, Redis >= 7):
 the channel lives in the slot of its hash tag, beside the retained key, so a message
 goes to one shard only rather than to every node; redis-py's ClusterPubSub keeps one
-connection per node that holds a subscribed channel and follows slots that move.
+connection per node that holds a subscribed channel and follows slots that move. Each of
+those connections that goes silent is dropped and subscribed again within the bound of
+one server's (see :class:`RedisBus`), checked after every read, so the messages of a busy
+node do not hide a silent one.
+
+A re-subscribe (a connection made again after it failed or went silent) promises the
+messages published after it, not those before: what was published while the connection
+was silent or down is lost (Redis pub/sub keeps nothing; a silent subscriber is even
+counted by the publish), and the retained value is not given again: a state that must
+not be missed is kept as the retained value, which :meth:`RedisBus.retained` reads.
 """
 
 from __future__ import annotations
@@ -256,7 +265,10 @@ class RedisBus:
     (a partition, a vanished Redis host) is found by its health check, dropped and made
     again, its channels subscribed again, within 27 s of its last message
     (:func:`gateway.redisconn.drop_if_silent`, with the default health check interval
-    and command timeout); before, it stayed deaf until TCP gave up (~15 min).
+    and command timeout); before, it stayed deaf until TCP gave up (~15 min). On a
+    Cluster so is each node's connection, checked after every read (before, only after a
+    read that found nothing on any node: a busy node's messages hid a silent one for
+    good). What was published meanwhile is lost (see the module doc).
 
     A retained value that is not a JSON object (written by something else, cut short,
     not UTF-8) is taken as none: :meth:`retained` answers None, :meth:`subscribe` gives
@@ -552,7 +564,9 @@ class RedisBus:
             if failures:
                 log.info("bus reader: reading again after %d failed read(s)", failures)
                 failures = 0
-            if message is None:  # a silent connection (no reset) is dropped, made again
+            if message is None or self._sharded:
+                # a silent connection (no reset) is dropped, made again; on a Cluster after
+                # every read: another node's messages must not hide a silent node's
                 for pubsub in self._pubsubs():
                     await drop_if_silent(pubsub)
             if message is None and self._sharded and loop.time() - started < 0.01:

@@ -37,7 +37,9 @@ check interval (:data:`HEALTH_CHECK_S`) can be shortened by the URL of one serve
   :data:`HEALTH_CHECK_S` (20 s) without a message, and dropped when no answer came within
   the command timeout (:func:`drop_if_silent`): noticed within
   ``HEALTH_CHECK_S + 5 + 2`` = 27 s of its last message, then made again and subscribed
-  again (a new connection, so a fresh path when there is one);
+  again (a new connection, so a fresh path when there is one; on a Cluster, each node's
+  connection of the bus's sharded subscriptions alike); what was published to it
+  meanwhile is lost (gateway/bus.py);
 - TCP keepalive (:func:`keepalive_options`: probes after 10 s idle, every 5 s, 3 of
   them, where the platform has these options) closes an idle TCP connection whose peer
   vanished within ~25 s, before anyone uses it.

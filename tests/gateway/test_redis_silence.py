@@ -590,3 +590,52 @@ async def test_a_cluster_bus_subscription_comes_back_after_a_partition_ends(
             n += 1
             await direct.spublish(channel, f'{{"n": {n}}}')
             heard = await sub.get(0.2)
+
+
+async def test_a_cluster_bus_subscription_gone_silent_is_found_while_another_node_is_busy(
+    proxied_cluster: tuple[ReplyDropper, RedisCluster],
+    own_cluster: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The reader also holds a subscription on another node, whose topic gets a message
+    every few milliseconds (another session's stream of results), when the proxied
+    node's subscription goes silent: that one is still dropped and subscribed again
+    within the bound. Before, the reader checked its connections only after a read that
+    found nothing on any node, which the busy node's messages made rare: deaf for good."""
+    proxy, client = proxied_cluster
+    await client.initialize()
+    async with cluster_bus_through(own_cluster, proxy, monkeypatch) as (bus, direct, channel, sub):
+        proxied = client.get_node_from_key(channel)
+        busy, node = next(  # a topic whose slot is on another node
+            (f"busy{i}", node)
+            for i in range(1000)
+            if (node := client.get_node_from_key(f"{{busy{i}}}")) is not None
+            and proxied is not None
+            and node.name != proxied.name
+        )
+        busy_channel = f"silent-bus:{{{busy}}}:bus"
+        other = aioredis.Redis(host=node.host, port=int(node.port))  # not proxied
+
+        async def stream() -> None:
+            while True:
+                await other.spublish(busy_channel, '{"busy": 1}')
+                await asyncio.sleep(0.005)
+
+        async with bus.subscribe(busy) as busy_sub:
+            streaming = asyncio.create_task(stream())
+            try:
+                assert await busy_sub.get(2) == {"busy": 1}
+                assert proxy.silence() >= 1
+                silenced = time.perf_counter()
+                n, heard = 0, None
+                while heard is None:
+                    assert time.perf_counter() - silenced < SILENT_BOUND_S + 5.0, "still deaf"
+                    n += 1
+                    await direct.spublish(channel, f'{{"n": {n}}}')
+                    heard = await sub.get(0.2)
+                assert await busy_sub.get(2) == {"busy": 1}  # the busy node was heard all along
+            finally:
+                streaming.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await streaming
+                await other.aclose()
