@@ -1323,7 +1323,9 @@ class CallRunner(WebSocketDriver[CallAction]):
         the caller hangs up: StartTurn, then ``stop``). Turns started meanwhile are
         waited for too, within the same GATEWAY_LOCK_WAIT_S: a key that waited for the
         running turn starts when that turn finishes (:meth:`CarrierCall.turn_finished`
-        after ``stop`` or a lost connection, :meth:`shutdown`)."""
+        after ``stop`` or a lost connection, :meth:`shutdown`). The inputs still waiting
+        when that time ran out are dropped (:meth:`CarrierCall.drop_waiting`, logged at
+        WARNING): none starts a turn after the end."""
         current = asyncio.current_task()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.gw.settings.lock_wait_s
@@ -1332,6 +1334,16 @@ class CallRunner(WebSocketDriver[CallAction]):
             if left_s <= 0:
                 break
             await asyncio.wait(turns, timeout=left_s)
+        # the inputs still waiting then start no turn: each would begin once the turn
+        # running finished, after the session's end (and make the session anew)
+        if dropped := self.call.drop_waiting():
+            log.warning(
+                "%s: %d inputs waiting at the call's end dropped: the turns before them "
+                "did not finish within GATEWAY_LOCK_WAIT_S (%g s)",
+                self.name,
+                dropped,
+                self.gw.settings.lock_wait_s,
+            )
         await super().end_session(ctx)
 
     async def shutdown(self) -> None:

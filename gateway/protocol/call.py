@@ -88,7 +88,8 @@ full; :data:`TRANSITIONS` is the same state machine):
    while the bot's turn ran or its audio played; keys collected in ``collect`` mode;
    "Inputs that wait" below: each in turn) gets its turn first, its output dropped: at
    once, or once the running turn finished (:meth:`CarrierCall.turn_finished`; not when
-   that turn ended the session). The turn running at the end is likewise discarded: it
+   that turn ended the session; nor once the runner's EndSession waits no longer,
+   :meth:`CarrierCall.drop_waiting`). The turn running at the end is likewise discarded: it
    finishes and is saved, but nothing of it is played, marked or spoken (no error text)
    after the stream ended.
 7. A transfer [transferring] the carrier refused (or could not be asked for) is not
@@ -1794,6 +1795,19 @@ class CarrierCall:
         assert self.turn is not None
         self.turn.discarded = True
         return actions
+
+    def drop_waiting(self) -> int:
+        """The call is over and the session's end waits no longer for the turns of the
+        inputs that waited at the stream's end (the runner's EndSession: its
+        GATEWAY_LOCK_WAIT_S ran out, gateway/io/call.py ``CallRunner.end_session``): the
+        inputs still waiting are dropped, so none starts a turn once the session is ended
+        (it would make the session anew, left behind the call). How many were dropped
+        (0 when none waited, or the call is not over: nothing is dropped then)."""
+        if not self.closed:
+            return 0
+        dropped = len(self._waiting)
+        self._waiting.clear()
+        return dropped
 
     def connection_lost(self) -> list[CallAction]:
         """The socket is gone (or the call is being torn down) without the carrier's

@@ -617,6 +617,75 @@ async def test_keys_pressed_while_the_intro_runs_each_reach_the_core_in_order(
         assert "0 characters of words and 1 whole inputs dropped" in dropped[0].getMessage()
 
 
+class SlowSecondKey(SlowIntro):
+    """A :class:`SlowIntro` whose turn of the key ``"2"``, its item said, ends only once
+    ``release`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+
+    async def process(self, session: Session, input: Input) -> AsyncIterator[Any]:
+        self.inputs.append(input.text)
+        session.attributes["turns"] = self.turn_count = session.attributes.get("turns", 0) + 1
+        yield ResponseItem(text="Okay.")
+        if input.text == "#intro":
+            await self.finish.wait()
+        if input.text == "2":
+            await self.release.wait()
+        yield Response()
+
+
+async def test_no_input_waiting_at_a_hang_up_starts_a_turn_once_the_end_stopped_waiting(
+    speech: SpeechService, redis_url: str, redis_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # keys "1" "2" "3" wait for the intro's turn as the caller hangs up; the key "2"'s
+    # turn outlasts GATEWAY_LOCK_WAIT_S, so the session's end waits no longer for the
+    # turns (it ends the session once that turn saved). The key "3" then starts no turn:
+    # it used to start once "2"'s finished, as the session was ended (its turn after the
+    # end, or making the session anew, left behind the call). Its drop is logged
+    async with twilio_gateway(
+        speech, redis_url=redis_url, redis_prefix=redis_prefix, lock_wait_s=2.0
+    ) as gw:
+        core = SlowSecondKey()
+        conversation = gw.app.state.gateway.conversation
+        conversation.pipeline = core
+        ending = asyncio.Event()
+        end = conversation.end
+
+        async def end_noted(ctx: Any) -> bool:  # the real end, its start noted
+            ending.set()
+            return await end(ctx)
+
+        conversation.end = end_noted
+        caplog.set_level(logging.WARNING, "gateway.call")
+        with no_server_errors():
+            async with TwilioHarness.dial(gw.url, PUBLIC, auth_token=AUTH) as call:
+                await call.wait_for(lambda: "1" in call.echoed)  # the intro was heard
+                runner = gw.app.state.twilio.calls[call.call_sid]
+                for key in "123":
+                    await call.send(call.dtmf_frame(key))
+                assert await until(lambda: runner.call.waiting == ("1", "2", "3"), 10)
+                await call.send(call.stop_frame())
+                assert await until(lambda: runner.call.stopped, 5)
+                core.finish.set()
+                assert await until(lambda: core.inputs[-1:] == ["2"], 10)
+                # the wait for the turns ran out: the end waits for the session's lock
+                await asyncio.wait_for(ending.wait(), 30)
+                core.release.set()
+                await call.wait_for(lambda: call.closed_at is not None)
+        await gw.wait_no_calls()
+        assert await until(lambda: not conversation.turns_in_flight, 10)
+        assert core.inputs == ["#intro", "1", "2"]
+        assert not await session_exists(gw.app, call.call_sid)
+        dropped = [
+            r for r in caplog.records if "waiting at the call's end dropped" in r.getMessage()
+        ]
+        assert len(dropped) == 1
+        assert dropped[0].levelno == logging.WARNING
+        assert "1 inputs waiting" in dropped[0].getMessage()
+
+
 class SlowGoodbye(SlowIntro):
     """A :class:`SlowIntro` whose ``#intro`` turn ends the session (once ``finish`` is set)."""
 
