@@ -128,6 +128,10 @@ MAX_BAD_FRAMES: Final = 500
 """Invalid frames (malformed, unknown events, out of order) one stream may send: the last
 closes it (1008 "Too many invalid messages."), a bound against a peer sending junk."""
 LOGGED_BAD_FRAMES: Final = 5
+LOGGED_INPUT_DROPS: Final = 5
+"""The caller's inputs dropped from those waiting (InputsDropped) logged at WARNING per
+call; later drops at DEBUG (a stream sending endless keys while a turn runs drops one
+per key)."""
 LISTEN_BATCH_MS: Final = 60
 """Audio goes to the recognizer in batches of at least this many ms."""
 UNPACED_AHEAD_MS: Final = 3_600_000
@@ -769,6 +773,9 @@ class CallRunner(WebSocketDriver[CallAction]):
         self.gw = gw
         self.codec = codec
         self.bad_frames = 0
+        self.input_drops = 0
+        """InputsDropped of the call so far (the first :data:`LOGGED_INPUT_DROPS` logged at
+        WARNING, then DEBUG)."""
         self.start_timeout_s = START_TIMEOUT_S
         """Seconds a new stream gets to send its start (then closed 1008)."""
         self._hang_up_hook = hang_up
@@ -1002,7 +1009,10 @@ class CallRunner(WebSocketDriver[CallAction]):
         elif isinstance(action, Speak):
             await self._speak(action.text)
         elif isinstance(action, InputsDropped):
-            log.warning(
+            self.input_drops += 1
+            level = logging.WARNING if self.input_drops <= LOGGED_INPUT_DROPS else logging.DEBUG
+            log.log(
+                level,
                 "%s: the caller's inputs waiting for the bot outgrew their bounds: the "
                 "oldest %d characters of words and %d whole inputs dropped",
                 self.name,

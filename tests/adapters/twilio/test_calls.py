@@ -24,7 +24,7 @@ from websockets.exceptions import ConnectionClosed
 
 from adapters.twilio.protocol import MAX_MEDIA_BYTES, MULAW_8K
 from gateway.events import Input, Response, ResponseItem
-from gateway.io.call import LOGGED_BAD_FRAMES, MAX_BAD_FRAMES
+from gateway.io.call import LOGGED_BAD_FRAMES, LOGGED_INPUT_DROPS, MAX_BAD_FRAMES
 from gateway.metrics import REGISTRY
 from gateway.protocol.call import MAX_DTMF_DIGITS, MAX_WAITING_INPUTS
 from gateway.sessions import Session
@@ -615,6 +615,37 @@ async def test_keys_pressed_while_the_intro_runs_each_reach_the_core_in_order(
         assert len(dropped) == 1
         assert dropped[0].levelno == logging.WARNING
         assert "0 characters of words and 1 whole inputs dropped" in dropped[0].getMessage()
+
+
+async def test_keys_dropped_from_those_waiting_are_logged_at_warning_a_bounded_number_of_times(
+    speech: SpeechService, redis_url: str, redis_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # a stream sending keys on and on while a turn runs drops one waiting input per key
+    # past MAX_WAITING_INPUTS: the call's first LOGGED_INPUT_DROPS drops are WARNING
+    # lines, the rest DEBUG (it used to be a WARNING line per key, without bound)
+    extra = LOGGED_INPUT_DROPS + 10
+    async with twilio_gateway(speech, redis_url=redis_url, redis_prefix=redis_prefix) as gw:
+        core = SlowIntro()
+        gw.app.state.gateway.conversation.pipeline = core
+        caplog.set_level(logging.DEBUG, "gateway.call")
+
+        def drops(level: int) -> int:
+            return sum(
+                "outgrew their bounds" in r.getMessage() and r.levelno == level
+                for r in caplog.records
+            )
+
+        with no_server_errors():
+            async with TwilioHarness.dial(gw.url, PUBLIC, auth_token=AUTH) as call:
+                await call.wait_for(lambda: "1" in call.echoed)  # the intro was heard
+                for _ in range(MAX_WAITING_INPUTS + extra):
+                    await call.send(call.dtmf_frame("5"))
+                assert await until(
+                    lambda: drops(logging.WARNING) + drops(logging.DEBUG) == extra, 10
+                )
+                core.finish.set()
+        assert drops(logging.WARNING) == LOGGED_INPUT_DROPS
+        assert drops(logging.DEBUG) == extra - LOGGED_INPUT_DROPS
 
 
 class SlowSecondKey(SlowIntro):
