@@ -1697,7 +1697,10 @@ class CarrierCall:
         if turn is None:
             return []
         if self.state is State.CLOSED:
-            return [] if turn.ended or turn.transfer else self._last_input()
+            if turn.ended or turn.transfer:
+                self._waiting.clear()  # the core ended the session: theirs is no turn
+                return []
+            return self._last_input()
         if turn.ended or turn.transfer:
             # a transfer ends the session once the carrier took it (transfer_finished)
             end = [] if turn.ended or turn.transfer or self.ctx is None else [EndSession(self.ctx)]

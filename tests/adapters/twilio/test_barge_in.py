@@ -949,6 +949,24 @@ def test_inputs_waiting_when_the_caller_hangs_up_each_reach_the_core() -> None:
     assert finish_turn(call) == []
 
 
+def test_inputs_waiting_at_a_hang_up_are_dropped_when_the_running_turn_ends_the_session() -> None:
+    """Keys wait behind the running turn as the caller hangs up, and that turn ends the
+    session: they get no turn and wait no longer (none is left for the runner's end to
+    drop and log as outlasting GATEWAY_LOCK_WAIT_S: gateway/io/call.py ``end_session``).
+    Before, they stayed waiting, dropped only there, logged as if the turns had been too
+    slow."""
+    call = started(barge_in=False)
+    say_item(call, "Press 1 for sales, 2 for support.")
+    for key in "12":
+        assert call.receive(dtmf(key)) == []
+    [end] = call.receive(STOP)
+    assert isinstance(end, EndSession)
+    call.turn_event(ResponseEvent(response=Response(session_ended=True)))
+    assert call.turn_finished() == []
+    assert call.waiting == ()
+    assert call.drop_waiting() == 0
+
+
 def test_words_waiting_go_after_a_hash_alone() -> None:
     """``collect`` mode: a key cuts the bot off while words wait, but it is ``#`` alone
     (no keys): the words' turn comes when the running turn finished, not after the
