@@ -674,9 +674,10 @@ async def test_no_input_waiting_at_a_hang_up_starts_a_turn_once_the_end_stopped_
     # turn outlasts GATEWAY_LOCK_WAIT_S, so the session's end waits no longer for the
     # turns (it ends the session once that turn saved). The key "3" then starts no turn:
     # it used to start once "2"'s finished, as the session was ended (its turn after the
-    # end, or making the session anew, left behind the call). Its drop is logged
+    # end, or making the session anew, left behind the call). Its drop is logged.
+    # GATEWAY_LOCK_WAIT_S 5 s: the intro's and the key "1"'s turns finish well within it
     async with twilio_gateway(
-        speech, redis_url=redis_url, redis_prefix=redis_prefix, lock_wait_s=2.0
+        speech, redis_url=redis_url, redis_prefix=redis_prefix, lock_wait_s=5.0
     ) as gw:
         core = SlowSecondKey()
         conversation = gw.app.state.gateway.conversation
