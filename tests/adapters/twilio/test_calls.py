@@ -687,7 +687,8 @@ async def test_no_input_waiting_at_a_hang_up_starts_a_turn_once_the_end_stopped_
 
         async def end_noted(ctx: Any) -> bool:  # the real end, its start noted
             ending.set()
-            return await end(ctx)
+            existed: bool = await end(ctx)
+            return existed
 
         conversation.end = end_noted
         caplog.set_level(logging.WARNING, "gateway.call")
