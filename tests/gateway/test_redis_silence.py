@@ -16,7 +16,8 @@ shortened by patching :data:`gateway.redisconn.COMMAND_TIMEOUT_S`) is checked on
 cluster of its own, one node reached through the proxy: the node announces the proxy's
 port (``cluster-announce-port``), so the client's connections to it, found through the
 slot map, go through the proxy; so do the bus's sharded subscriptions on it (the health
-check interval shortened by patching :data:`gateway.redisconn.HEALTH_CHECK_S`).
+check interval shortened by patching :data:`gateway.redisconn.HEALTH_CHECK_S`), and the
+Voiceflow socket.io manager's classic subscription (on the node of its channel's slot).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from gateway.bus import BusUnavailable, RedisBus, Subscription
 from gateway.sessions import RedisSessionStore, StoreUnavailable
 from gateway.settings import Settings
 from tests.adapters.flowstorm.v1.helpers import init, request_frame, turn, ws_url
+from tests.adapters.voiceflow.helpers import client as voiceflow_client
 from tests.conftest import served, served_app
 from tests.gateway.redis_proxy import ReplyDropper
 from tests.redis_topologies import start_cluster
@@ -639,3 +641,50 @@ async def test_a_cluster_bus_subscription_gone_silent_is_found_while_another_nod
                 with contextlib.suppress(asyncio.CancelledError):
                     await streaming
                 await other.aclose()
+
+
+async def test_a_cluster_socketio_subscription_gone_silent_hears_another_instance_again(
+    proxied_cluster: tuple[ReplyDropper, RedisCluster],
+    own_cluster: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The Voiceflow socket.io manager of instance B (gateway.redisconn.SocketIoRedisManager
+    on the Cluster) holds its classic SUBSCRIBE on the node of its channel's slot (the
+    prefix :data:`TAG`: the proxied node). That connection goes silent (no reset, new
+    connections reach the node): its reads find nothing and its health check's PING goes
+    unanswered; the connection is dropped (gateway.redisconn.drop_if_silent, as on one
+    server: tests/adapters/voiceflow/test_redis_outage.py) and the manager subscribes
+    again, so an emit of instance A (another manager on the Cluster, emitting to every
+    client as a server's ``emit`` does) reaches B's connected client within
+    ``health_check_interval + socket_timeout + 2`` s of the silence (27 s by default)."""
+    proxy, _client = proxied_cluster
+    monkeypatch.setattr(redisconn, "HEALTH_CHECK_S", HEALTH_S)
+    channel = f"{TAG}:voiceflow:socket.io"
+    direct = aioredis.Redis(host=proxy.host, port=proxy.port)  # the node, not proxied
+    emitter: redisconn.SocketIoRedisManager | None = None
+    try:
+        async with (
+            served(redis_url=own_cluster, redis_prefix=TAG) as url,
+            voiceflow_client(url) as vf,
+        ):
+            # python-socketio starts its listener with the first connection: on this node
+            deadline = time.perf_counter() + 10
+            while (await direct.pubsub_numsub(channel))[0][1] != 1:
+                assert time.perf_counter() < deadline, "the manager did not subscribe"
+                await asyncio.sleep(0.05)
+            assert proxy.silence() >= 1
+            silenced = time.perf_counter()
+            # instance A: made now, its connections reach the node on a fresh path
+            emitter = redisconn.SocketIoRedisManager(own_cluster, channel=channel)
+            heard = None
+            while heard is None:
+                waited = time.perf_counter() - silenced
+                assert waited < SILENT_BOUND_S + 5.0, "still deaf"  # before: for good
+                await emitter.emit("heard.again", {"ok": True}, namespace="/")
+                with contextlib.suppress(TimeoutError):
+                    heard = await asyncio.wait_for(vf.events.get(), 0.3)
+            assert heard == ("heard.again", {"ok": True})
+    finally:
+        if emitter is not None and emitter.redis is not None:
+            await redisconn.aclose(emitter.redis)
+        await direct.aclose()
