@@ -120,7 +120,9 @@ said reaches the core:
   menu choice, ``"5"``; keys collected in ``collect`` mode, ``"1234"``), which joined
   to words, or keys to keys, would change it. Each waits its turn in the order pressed
   (the keys pressed ahead of a menu reach it one by one), and words said after them
-  wait after them. Likewise ``#machine`` (which drops the inputs waiting: the
+  wait after them: keys still being collected in ``collect`` mode (no ``#`` or pause
+  yet) when words after them are taken are an input then, before the words, as the
+  pause would have made them. Likewise ``#machine`` (which drops the inputs waiting: the
   answering machine's words are not the caller's);
 - ``#silence`` and ``#fallback`` (no words came) never wait beside an input: dropped
   when one waits, replaced by the next.
@@ -1443,14 +1445,21 @@ class CarrierCall:
     ) -> list[CallAction]:
         """Make ``text`` the next input (state -> bot): it waits behind the inputs waiting
         (:meth:`_wait`; speech joins the caller's words waiting, ``keys`` are their own
-        input) and starts when nothing runs. The bot's floor counts from ``since`` (audio
-        ms; None: now): speech begun from then on is speech over the bot
-        (:meth:`_may_barge_in`), heard when the floor passes."""
+        input) and starts when nothing runs. Keys still being collected (``collect``
+        mode, no ``#`` or pause yet) were pressed before the words (or ``#fallback``)
+        committed now: they are committed first, as an input of their own, as the pause
+        would have made them (module doc, "Inputs that wait": words said after keys wait
+        after them). The bot's floor counts from ``since`` (audio ms; None: now): speech
+        begun from then on is speech over the bot (:meth:`_may_barge_in`), heard when the
+        floor passes."""
         self.machine.advance(INPUT)
         self._bot_since = self.now_ms if since is None else since
         self._silence_at = None
         speech = not keys and not text.startswith(ACTION_PREFIX)
-        return [*self._wait(text, speech=speech), *self._advance()]
+        actions: list[CallAction] = []
+        if not keys and text != MACHINE and (digits := self.dtmf.flush()) is not None:
+            actions += self._wait(digits, speech=False)
+        return [*actions, *self._wait(text, speech=speech), *self._advance()]
 
     def _wait(self, text: str, *, speech: bool) -> list[CallAction]:
         """``text`` waits for the bot's floor (module doc, "Inputs that wait"). ``speech``

@@ -949,6 +949,56 @@ def test_inputs_waiting_when_the_caller_hangs_up_each_reach_the_core() -> None:
     assert finish_turn(call) == []
 
 
+def test_keys_being_collected_go_before_the_words_said_after_them() -> None:
+    """``collect`` mode: words wait, the caller presses 4, 2 (cutting the bot off) and,
+    before ``#`` or the pause, says more words: three inputs in the order the caller made
+    them, the keys committed when the words are, as the pause would have made them.
+    Before, the new words were joined to the words waiting and the keys came after both
+    (once the pause passed)."""
+    call = started(dtmf_mode="collect")
+    say_item(call, "Your account number, then the hash key.", SECOND * 3)
+    waiting_words(call, "my account number is")
+    assert [type(a) for a in call.receive(dtmf("4"))] == [Interrupt]
+    assert call.receive(dtmf("2")) == []
+    assert state_of(call) is State.CALLER
+    onset = call.now_ms
+    assert [type(a) for a in frames(call, 8, onset=onset, voiced=10_000)] == [StartListening]
+    assert frames(call, 4) == []  # ended, well within the keys' pause (2 s)
+    assert call.heard("final", "sorry it is wrong", 0.9) == []
+    assert list(call.waiting) == ["my account number is", "42", "sorry it is wrong"]
+    texts = []
+    for _ in range(3):
+        [turn] = finish_turn(call)
+        assert isinstance(turn, StartTurn)
+        texts.append(turn.input.text)
+    assert texts == ["my account number is", "42", "sorry it is wrong"]
+    frames(call, 200)  # past the keys' pause: nothing more comes of them
+    assert finish_turn(call) == []
+
+
+def test_keys_being_collected_on_the_caller_s_floor_are_the_input_before_words() -> None:
+    """``collect`` mode, the caller's floor, no turn running: 1, 2 pressed, then words
+    before ``#`` or the pause: the keys' turn starts at once, the words wait for it.
+    Before, the words' turn started and the keys came after it."""
+    call = started(dtmf_mode="collect")
+    say_item(call, "Hello.")
+    call.turn_event(ResponseEvent(response=Response()))
+    call.turn_finished()
+    assert call.receive(mark("1")) == []
+    for key in "12":
+        assert call.receive(dtmf(key)) == []
+    onset = call.now_ms
+    assert [type(a) for a in frames(call, 8, onset=onset, voiced=10_000)] == [StartListening]
+    assert frames(call, 4) == []
+    [turn] = call.heard("final", "operator please", 0.9)
+    assert isinstance(turn, StartTurn)
+    assert turn.input.text == "12"
+    assert list(call.waiting) == ["operator please"]
+    [turn] = finish_turn(call)
+    assert isinstance(turn, StartTurn)
+    assert turn.input.text == "operator please"
+
+
 def test_inputs_waiting_at_a_hang_up_are_dropped_when_the_running_turn_ends_the_session() -> None:
     """Keys wait behind the running turn as the caller hangs up, and that turn ends the
     session: they get no turn and wait no longer (none is left for the runner's end to
