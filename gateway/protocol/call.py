@@ -122,8 +122,11 @@ said reaches the core:
   (the keys pressed ahead of a menu reach it one by one), and words said after them
   wait after them: keys still being collected in ``collect`` mode (no ``#`` or pause
   yet) when words after them are taken are an input then, before the words, as the
-  pause would have made them. Likewise ``#machine`` (which drops the inputs waiting: the
-  answering machine's words are not the caller's);
+  pause would have made them; when the pause ends while the caller speaks, the keys are
+  an input then and the utterance is heard out, its words the input after them (the
+  keys' turn starts once it is over: the bot does not answer over the caller). Likewise
+  ``#machine`` (which drops the inputs waiting: the answering machine's words are not
+  the caller's);
 - ``#silence`` and ``#fallback`` (no words came) never wait beside an input: dropped
   when one waits, replaced by the next.
 
@@ -1409,10 +1412,17 @@ class CarrierCall:
         return actions
 
     def _digits(self, text: str) -> list[CallAction]:
-        if self.state is State.BOT:  # without barge-in: after the bot's floor
+        """Keys done (``text``: a key in ``digit`` mode; ``collect`` mode: ``#``, the pause
+        or ``max_digits``): the next input. In HEARING the utterance began after the keys
+        (a key pressed while it is heard cancels it, :meth:`_dtmf`): the pause ran out
+        while the caller speaks, so the keys wait (an input then, as the pause made them)
+        and the utterance is heard out, its words the input after them; the keys' turn
+        starts once the utterance is over (its final, no words, or the listener's
+        failure), so the bot does not answer them over the caller (module doc, "Inputs
+        that wait"). The call stays HEARING. In BOT or HOLDING (the caller speaks over
+        the paused bot) they wait likewise, for the bot's floor."""
+        if self.state in (State.BOT, State.HOLDING, State.HEARING):
             return [*self._wait(text, speech=False), *self._advance()]
-        if self.state is State.HEARING:
-            return [*self._stop_listening(), *self._commit(text, keys=True)]
         if self.state is State.CALLER:
             return self._commit(text, keys=True)
         return []

@@ -1065,3 +1065,70 @@ def test_inputs_waiting_are_bounded_the_oldest_dropped_first() -> None:
         assert call.receive(dtmf(key)) == []
     assert call.receive(dtmf(keys[MAX_WAITING_INPUTS])) == [InputsDropped(inputs=1)]
     assert call.waiting == tuple(keys[1 : MAX_WAITING_INPUTS + 1])
+
+
+def test_keys_whose_pause_ends_while_the_caller_speaks_go_before_the_words() -> None:
+    """``collect`` mode, the caller's floor: 1, 2 pressed, then the caller speaks longer
+    than the rest of the pause (2 s): the keys are an input when the pause ends, the
+    utterance is heard out (not cancelled) and its words are the input after them; the
+    keys' turn waits for the utterance's end (the bot does not answer over the caller).
+    Before, the pause cancelled the utterance: its words were lost."""
+    call = caller_s_floor_collecting()
+    onset = call.now_ms
+    actions = frames(call, 150, onset=onset, voiced=10_000)  # 3 s of speech
+    assert [type(a) for a in actions] == [StartListening]  # no CancelListening, no turn
+    assert state_of(call) is State.HEARING
+    assert list(call.waiting) == ["12"]
+    assert frames(call, 4) == []  # ended
+    [turn] = call.heard("final", "i need help with my account", 0.9)
+    assert isinstance(turn, StartTurn)
+    assert turn.input.text == "12"
+    assert list(call.waiting) == ["i need help with my account"]
+    [turn] = finish_turn(call)
+    assert isinstance(turn, StartTurn)
+    assert turn.input.text == "i need help with my account"
+
+
+def test_keys_whose_pause_ends_while_the_caller_speaks_go_after_a_wordless_utterance() -> None:
+    """As above, but nothing is recognised (a cough): the keys' turn starts then."""
+    call = caller_s_floor_collecting()
+    onset = call.now_ms
+    assert [type(a) for a in frames(call, 150, onset=onset, voiced=10_000)] == [StartListening]
+    assert frames(call, 4) == []
+    [turn] = call.heard("silence", "")
+    assert isinstance(turn, StartTurn)
+    assert turn.input.text == "12"
+    assert call.waiting == ()
+
+
+def caller_s_floor_collecting() -> TwilioCall:
+    """``collect`` mode, the caller's floor, 1 and 2 pressed (no ``#``, the pause runs)."""
+    call = started(dtmf_mode="collect")
+    say_item(call, "Hello.")
+    finish_turn(call)
+    assert call.receive(mark("1")) == []
+    for key in "12":
+        assert call.receive(dtmf(key)) == []
+    assert state_of(call) is State.CALLER
+    return call
+
+
+def test_keys_whose_pause_ends_while_the_bot_holds_wait_for_its_floor() -> None:
+    """``collect`` mode: 1, 2 pressed, then an answering machine is detected (its ``#machine``
+    turn speaks; the keys are still collected), and speech over that turn pauses it; the
+    pause of the keys ends while the bot holds: they wait for the bot's floor. Before,
+    they were dropped."""
+    call = caller_s_floor_collecting()
+    [turn] = call.machine_answered("machine_start")
+    assert isinstance(turn, StartTurn)
+    assert turn.input.text == "#machine"
+    say_item(call, "Hello, this is a message.", SECOND * 5)
+    hold(call)
+    assert frames(call, 100) == []  # ended, its final awaited: the pause ends meanwhile
+    assert state_of(call) is State.HOLDING
+    assert list(call.waiting) == ["12"]
+    assert call.heard("final", "uh huh", 0.9) == [ResumePlayback()]
+    assert finish_turn(call) == []  # its audio plays on
+    [turn] = call.receive(mark("2"))
+    assert isinstance(turn, StartTurn)
+    assert turn.input.text == "12"
