@@ -84,9 +84,11 @@ full; :data:`TRANSITIONS` is the same state machine):
    :class:`Transfer` when a response item asked for one). The carrier's ``stop`` (the
    caller hung up) or a lost connection (:meth:`CarrierCall.connection_lost`: the
    socket closed or failed without a ``stop``) ends the session (:class:`EndSession`)
-   unless the core ended it; an input still waiting then (a key pressed just before,
-   while the bot's turn ran or its audio played; keys collected in ``collect`` mode;
-   "Inputs that wait" below: each in turn) gets its turn first, its output dropped: at
+   unless the core ended it; an input of the caller's still waiting then (a key pressed
+   just before, while the bot's turn ran or its audio played; keys collected in
+   ``collect`` mode; "Inputs that wait" below: each in turn; not ``#silence``,
+   ``#fallback`` or ``#machine``, dropped: no words of the caller's, nobody to answer)
+   gets its turn first, its output dropped: at
    once, or once the running turn finished (:meth:`CarrierCall.turn_finished`; not when
    that turn ended the session; nor once the runner's EndSession waits no longer,
    :meth:`CarrierCall.drop_waiting`). The turn running at the end is likewise discarded: it
@@ -254,6 +256,9 @@ MAX_WAITING_INPUTS: Final = 16
 each their own): past it the oldest is dropped (:class:`InputsDropped`)."""
 _NO_WORDS: Final = frozenset({SILENCE, FALLBACK})
 """Inputs saying that no words came: they never wait beside the caller's words."""
+_NOT_THE_CALLER: Final = _NO_WORDS | {MACHINE}
+"""Inputs waiting that carry none of the caller's words or keys: dropped when the caller
+hangs up (:meth:`CarrierCall._last_input`): nobody is left to answer."""
 
 
 # ------------------------------------------------------------------ state machine
@@ -1805,10 +1810,15 @@ class CarrierCall:
         the core before the session ends (the runner's EndSession waits for them:
         gateway/io/call.py ``CallRunner.end_session``); the next one's when it finished
         (:meth:`turn_finished`), unless it ended the session. Nothing of them is played
-        (the turn is discarded). ``[]`` when no input waits or the stream has not ended
-        (its callers check that the core did not end the session) or the call moved
+        (the turn is discarded). ``#silence``, ``#fallback`` and ``#machine`` waiting
+        are dropped (none of the caller's words or keys: no muted turn after the caller
+        is gone). ``[]`` when no other input waits or the stream has not ended (its
+        callers check that the core did not end the session) or the call moved
         (:meth:`move`): the inputs waiting are dropped."""
         ended = self.stopped or self.disconnected
+        if ended:
+            kept = [(text, speech) for text, speech in self._waiting if text not in _NOT_THE_CALLER]
+            self._waiting = deque(kept)
         if not self._waiting or not ended or self.ctx is None or self.moved:
             self._waiting.clear()
             return []

@@ -1132,3 +1132,36 @@ def test_keys_whose_pause_ends_while_the_bot_holds_wait_for_its_floor() -> None:
     [turn] = call.receive(mark("2"))
     assert isinstance(turn, StartTurn)
     assert turn.input.text == "12"
+
+
+def test_a_fallback_waiting_at_a_hang_up_gets_no_turn() -> None:
+    """A ``#fallback`` (an interruption with no words) waits behind the interrupted turn as
+    the caller hangs up: no turn (nobody is left to answer it, and it carries nothing of
+    the caller's). Before, it got a (muted) turn after the caller was gone."""
+    call = started()
+    say_item(call, "Hello, this is a long answer.", SECOND * 5)
+    onset = hold(call)
+    assert Interrupt in [type(a) for a in frames(call, 50, onset=onset, voiced=10_000)]
+    assert call.heard("silence", "") == []
+    assert list(call.waiting) == ["#fallback"]
+    [end] = call.receive(STOP)
+    assert isinstance(end, EndSession)
+    assert finish_turn(call) == []
+    assert call.waiting == ()
+
+
+def test_a_machine_waiting_at_a_hang_up_gets_no_turn_keys_after_it_do() -> None:
+    """``#machine`` waits behind the turn it silenced, a key after it, as the caller hangs
+    up: the key is the caller's and reaches the core, ``#machine`` gets no turn. Before,
+    it got a (muted) turn first."""
+    call = started(barge_in=False)
+    say_item(call, "Hello, this is a long answer.", SECOND * 5)
+    assert [type(a) for a in call.machine_answered("machine_start")] == [Interrupt]
+    assert call.receive(dtmf("5")) == []
+    assert list(call.waiting) == ["#machine", "5"]
+    [end] = call.receive(STOP)
+    assert isinstance(end, EndSession)
+    [turn] = finish_turn(call)
+    assert isinstance(turn, StartTurn)
+    assert turn.input.text == "5"
+    assert finish_turn(call) == []
