@@ -1507,14 +1507,17 @@ class CarrierCall:
             inputs += 1
         return [InputsDropped(chars, inputs)] if chars or inputs else []
 
-    def _waiting_goes(self) -> list[CallAction]:
+    def _waiting_goes(self, since: int | None = None) -> list[CallAction]:
         """On the caller's floor with inputs waiting (said before a key interrupted the
-        bot) and no keys being collected (``#`` alone, a noise): the bot's floor again,
-        for their turn (once the running one finished). Else ``[]``."""
+        bot; keys whose pause ended while the caller spoke) and no keys being collected
+        (``#`` alone, a noise): the bot's floor again, for their turn (once the running
+        one finished). The floor counts from ``since`` (audio ms; None: now) as in
+        :meth:`_commit`: after a wordless final, from the utterance's end, so speech
+        begun before that final is speech over the bot (:meth:`_heard_next`). Else ``[]``."""
         if self.state is not State.CALLER or not self._waiting or self.dtmf.collecting:
             return []
         self.machine.advance(INPUT)
-        self._bot_since = self.now_ms
+        self._bot_since = self.now_ms if since is None else since
         self._silence_at = None
         return self._advance()
 
@@ -1589,7 +1592,7 @@ class CarrierCall:
             return [*self._commit(text or FALLBACK, since=ended), *self._heard_next()]
         self.machine.advance(NOISE)
         self._silence_at = self.now_ms + self.config.silence_timeout_ms
-        return [*self._waiting_goes(), *self._heard_next()]
+        return [*self._waiting_goes(since=ended), *self._heard_next()]
 
     def _speaks_on(self) -> bool:
         """Whether the caller spoke again after the utterance listened to ended, before its

@@ -1165,3 +1165,31 @@ def test_a_machine_waiting_at_a_hang_up_gets_no_turn_keys_after_it_do() -> None:
     assert isinstance(turn, StartTurn)
     assert turn.input.text == "5"
     assert finish_turn(call) == []
+
+
+def test_speech_begun_before_a_wordless_final_is_heard_over_the_keys_answer() -> None:
+    """``collect`` mode: 1, 2 pressed, a cough outlasts the keys' pause (the keys wait), it
+    ends, and the caller says "no wait" before the cough's (wordless) final came: the
+    keys' turn starts at that final and "no wait" is speech over its answer, heard from
+    its onset to its end (the bot's floor counts from the cough's end, as for a final
+    with words). Before, the floor counted from the final: "no wait" began before it, so
+    it was neither heard over the answer nor after it (the caller's words were lost)."""
+    call = caller_s_floor_collecting()
+    onset = call.now_ms
+    assert [type(a) for a in frames(call, 150, onset=onset, voiced=10_000)] == [StartListening]
+    assert list(call.waiting) == ["12"]
+    assert frames(call, 4) == []  # the cough ended
+    again, end = speak_and_end(call)
+    actions = call.heard("silence", "")
+    assert [type(a) for a in actions] == [StartTurn, PausePlayback, StartListening]
+    turn, listen = actions[0], actions[2]
+    assert isinstance(turn, StartTurn)
+    assert isinstance(listen, StartListening)
+    assert turn.input.text == "12"
+    assert (listen.from_ms, listen.until_ms) == (again - 300, end)
+    [interrupt] = call.heard("final", "no wait", 0.9)
+    assert isinstance(interrupt, Interrupt)
+    call.turn_event(ResponseEvent(response=Response()))
+    [second] = call.turn_finished()
+    assert isinstance(second, StartTurn)
+    assert second.input.text == "no wait"
