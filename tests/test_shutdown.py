@@ -66,6 +66,20 @@ def slow_core(
     return app
 
 
+async def v2_lines(client: httpx.AsyncClient, url: str, done: asyncio.Event) -> list[str]:
+    """The non-blank lines of a Flowstorm V2 GET of ``url`` (a session's long poll) until
+    its answer ends; sets ``done`` then (also when it fails)."""
+    lines: list[str] = []
+    try:
+        async with client.stream("GET", url) as got:
+            async for line in got.aiter_lines():
+                if line.strip():
+                    lines.append(line)
+    finally:
+        done.set()
+    return lines
+
+
 async def test_sigterm_lets_accepted_turns_finish(
     gateway_processes: list[GatewayProcess],
 ) -> None:
@@ -775,18 +789,7 @@ async def realtime_put_at_sigterm(
                 yield after[start : start + step]
                 await asyncio.sleep(0.1)
 
-        async def follow() -> list[str]:
-            lines: list[str] = []
-            try:
-                async with client.stream("GET", f"{proc.url}/client?key=k") as got:
-                    async for line in got.aiter_lines():
-                        if line.strip():
-                            lines.append(line)
-            finally:
-                stop.set()
-            return lines
-
-        following = asyncio.create_task(follow())
+        following = asyncio.create_task(v2_lines(client, f"{proc.url}/client?key=k", stop))
         await asyncio.sleep(0.3)  # the GET waits for the PUT's recognition (marker wait 3 s)
         try:
             put: httpx.Response | BaseException = await client.put(
@@ -973,23 +976,12 @@ async def test_sigterm_a_v2_realtime_put_hears_the_audio_sent_before_the_signal_
                 async with asyncio.timeout(90):
                     await stop.wait()
 
-        async def follow() -> list[str]:
-            lines: list[str] = []
-            try:
-                async with client.stream("GET", f"{proc.url}/client?key=k") as got:
-                    async for line in got.aiter_lines():
-                        if line.strip():
-                            lines.append(line)
-            finally:
-                stop.set()
-            return lines
-
         async def signal_it() -> None:
             await sent.wait()
             await asyncio.sleep(0.5)  # the gateway reads what it is given meanwhile
             process.send_signal(signal.SIGTERM)
 
-        following = asyncio.create_task(follow())
+        following = asyncio.create_task(v2_lines(client, f"{proc.url}/client?key=k", stop))
         await asyncio.sleep(0.3)  # the GET waits for the PUT's recognition (marker wait 3 s)
         signalling = asyncio.create_task(signal_it())
         answer, held = await asyncio.gather(
