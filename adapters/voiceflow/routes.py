@@ -1245,16 +1245,32 @@ class VoiceflowServer:
         client's and stays kept for the session's next connection. While a client.start is
         being answered (state ``starting``) nothing: that handshake decides, and takes it
         after its ``client.started`` when it resumes the session (the answer was kept
-        before it was announced). Never raises."""
-        if client.conn.state is State.STARTING or key != client.handshake_key:
-            log.debug(
-                "kept answer of session %s not taken here: a client.start is answered, "
-                "or the connection left the session",
-                session_ref(key),
-            )
+        before it was announced). The test is made again under ``_Client.answering``: a
+        handshake being received (session.create, or a client.start past its lookup,
+        emitting its answer) sets ``handshake_key`` only at its end, so a notice of the old
+        session that lands meanwhile would otherwise take what is due then (the old
+        session's answers into the new session, or the new session's before the
+        connection follows its topic). Never raises."""
+        if not self._notice_is_ours(client, key):
             return
-        client.kept_due = key
+        async with client.answering:  # (a handshake being received ends first)
+            if not self._notice_is_ours(client, key):
+                return
+            client.kept_due = key
         await self._take_due(client)
+
+    @staticmethod
+    def _notice_is_ours(client: _Client, key: str) -> bool:
+        """Whether a notice of an answer kept for session ``key`` is for ``client`` now
+        (:meth:`_kept_announced`); logged at DEBUG when not."""
+        if client.conn.state is not State.STARTING and key == client.handshake_key:
+            return True
+        log.debug(
+            "kept answer of session %s not taken here: a client.start is answered, "
+            "or the connection left the session",
+            session_ref(key),
+        )
+        return False
 
     async def _take_due(self, client: _Client) -> None:
         """Take and deliver the answers kept for session ``client.kept_due`` (resumed here,

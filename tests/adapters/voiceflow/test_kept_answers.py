@@ -376,6 +376,48 @@ async def test_a_notice_for_a_session_the_connection_left_is_ignored(
         assert len(answers_of(app)) == 0
 
 
+async def test_a_notice_of_the_old_session_landing_during_session_create_is_ignored(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A connection resumed the session while its old action ran, then sent
+    session.create (a new session). The old action's answer was announced while that
+    session.create was being answered (its ``session.created`` going out): the notice
+    passed the test of the session the connection was in (the handshake records the new
+    one at its end) and the old session's answer was taken and sent after
+    ``session.created``, into the new session. The notice is now tested again once the
+    handshake is received: the answer stays kept for the old session, and the
+    connection gets it when it resumes that session, after that ``client.started``."""
+    core = RecordingCore()
+    async with gateway_app(core) as (url, app):
+        server = app.state.voiceflow
+        notices = step(monkeypatch, server, "_kept_announced")
+        announced = step(monkeypatch, server, "_announce_kept", held=True)
+        takes = step(monkeypatch, answers_of(app), "take")
+        key = await leave_mid_action(url, core)
+        async with client(url) as again:
+            assert await again.start(key) is False
+            await until(lambda: takes.done == 1)  # (nothing yet) it follows the session's topic
+            core.release.set()
+            await until(lambda: len(answers_of(app)) == 1)  # kept; its notice held
+            real_emit = server.sio.emit
+
+            async def emit(event: str, *args: Any, **kwargs: Any) -> Any:
+                if event == "session.created":  # the notice lands while it goes out
+                    announced.go.set()
+                    await until(lambda: notices.calls == 1)
+                    await asyncio.sleep(0.2)  # (the notice is past its first test)
+                return await real_emit(event, *args, **kwargs)
+
+            monkeypatch.setattr(server.sio, "emit", emit)
+            await again.create()
+            await again.nothing_more(0.5)  # before: the old session's answer came here
+            assert len(answers_of(app)) == 1  # still kept for the old session
+            assert await again.start(key) is False
+            await expect_first_answer(again)
+            await again.nothing_more()
+        assert len(answers_of(app)) == 0
+
+
 async def test_a_second_client_start_before_the_kept_answer_is_taken_leaves_it_kept(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
