@@ -880,7 +880,8 @@ class Settings(BaseSettings):
         description="The oldest a Voiceflow sessionKey may be (from its issue) to resume its "
         "session, however active the session: an older one gets `newSessionRequired: "
         "true` as a forged one does, so a key leaked once does not open its session for "
-        "as long as the session lives. 0: no limit.",
+        "as long as the session lives; a connection whose key reaches it is told "
+        '`session.ended {reason: "session_key_expired"}` at its next event. 0: no limit.',
     )
     voiceflow_api_keys: Annotated[frozenset[str], NoDecode] = Field(
         default=frozenset(),

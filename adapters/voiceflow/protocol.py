@@ -113,7 +113,15 @@ Decisions where the spec is silent:
   refused the same way (``newSessionRequired: true``): a key leaked once does not
   open its session for as long as the session lives. So is a key whose ``iat`` is
   more than 5 minutes ahead of this instance's clock (issued by an instance whose clock
-  runs ahead: its age would count from then, beyond both bounds).
+  runs ahead: its age would count from then, beyond both bounds). A connection
+  already in a session (resumed with its key, or made by session.create) is held to the
+  same bound: at its first client event (but client.start and session.create, which
+  begin anew) once the key has reached that age, and before a queued action starts or
+  pushed items go out, it gets ``session.ended {reason: "session_key_expired"}``
+  (:meth:`VoiceflowConnection.key_aged_out`; an action.send is then rejected
+  ``no-session``) and needs a new session, as a client.start with that key would be
+  told. A connection that sends nothing is told at its next event (no timer runs for
+  it; it receives no push past that age).
 - A valid sessionKey resumes its session only when the store still has it (it
   expired, or it never had a turn: ``newSessionRequired: true``, and the client makes a
   new one with ``session.create``, as the spec's client does, instead of being told
@@ -342,6 +350,9 @@ ENDED_EXPIRED = "session_expired"
 ENDED_IDLE = "inactivity_timeout"
 """session.ended reason when the session expired while the connection was idle (the
 spec's example reason)."""
+ENDED_KEY_AGED = "session_key_expired"
+"""session.ended reason when the connection's sessionKey reached
+GATEWAY_VOICEFLOW_SESSION_KEY_MAX_AGE_S (:meth:`VoiceflowConnection.key_aged_out`)."""
 
 
 # ------------------------------------------------------------------ payloads
@@ -539,6 +550,10 @@ class KeyCheck:
     session_id: str | None
     problem: str | None = None
     active_since: float | None = None
+    issued_at: float | None = None
+    """The key's ``iat`` (epoch s) when it is valid: the connection it resumes its
+    session on ends that session when the key reaches :attr:`SessionKeys.max_age_s`
+    (:meth:`VoiceflowConnection.key_aged_out`)."""
 
 
 class SessionKeys:
@@ -634,7 +649,8 @@ class SessionKeys:
         if claims.get("pid") != project_id or claims.get("uid") != user_id:
             return KeyCheck(None, "foreign")
         lapsed = now >= iat + self.ttl_s
-        return KeyCheck(session_id, active_since=now - self.ttl_s if lapsed else None)
+        since = now - self.ttl_s if lapsed else None
+        return KeyCheck(session_id, active_since=since, issued_at=float(iat))
 
 
 # ------------------------------------------------------------- actions -> Input
@@ -1026,6 +1042,7 @@ TURN_REJECTED = "TurnRejected"
 TURN_REJECTED_GONE = "TurnRejected (session not found)"
 TURN_FINISHED = "TurnFinished"
 SESSION_TIMED_OUT = "SessionTimedOut"
+KEY_AGED_OUT = "SessionKeyAgedOut"
 DISCONNECT = "Disconnect"
 
 
@@ -1047,6 +1064,8 @@ def _build_transitions() -> dict[tuple[State, str], State]:
         (State.ENDING, TURN_FINISHED): State.STARTED,
         # the session expired while the connection was idle
         (State.READY, SESSION_TIMED_OUT): State.STARTED,
+        # the connection's sessionKey reached its max age (seen at a client event)
+        (State.READY, KEY_AGED_OUT): State.STARTED,
         # the store's answer for a valid sessionKey: resumed, or a new session is needed
         # (also when the store could not answer: client.start again)
         (State.STARTING, SESSION_FOUND): State.READY,
@@ -1078,9 +1097,9 @@ turn engine's (``SessionStarted``, ``ResponseItem``, ``Binary``, ``Response``,
 ``Error``, ``SessionEnded``) and the connection's own (:data:`START_CHECKING`,
 :data:`ACTION_QUEUED`, :data:`TURN_REJECTED`,
 :data:`TURN_REJECTED_GONE`, :data:`TURN_FINISHED`, :data:`SESSION_TIMED_OUT`,
-:data:`DISCONNECT`) and the store's answer for a sessionKey (:data:`SESSION_FOUND`,
-:data:`SESSION_MISSING`, :data:`SESSION_CHECK_FAILED`). Anything else is a
-ProtocolError.
+:data:`KEY_AGED_OUT`, :data:`DISCONNECT`) and the store's answer for a sessionKey
+(:data:`SESSION_FOUND`, :data:`SESSION_MISSING`, :data:`SESSION_CHECK_FAILED`). Anything
+else is a ProtocolError.
 """
 
 _REFUSALS: dict[State, tuple[str, str, str]] = {
@@ -1177,6 +1196,9 @@ class VoiceflowConnection:
     """Accepted actions waiting for the running one, oldest first (:data:`MAX_QUEUED_ACTIONS`)."""
     _kept_s: int | None = field(default=None, init=False)
     """How long the last Response keeps the session (s)."""
+    _key_iat: float | None = field(default=None, init=False)
+    """The ``iat`` (epoch s) of the sessionKey of the connection's session: the one its
+    client.start resumed it with, or the one session.create issued (:meth:`key_aged_out`)."""
     _restarting: bool = field(default=False, init=False)
     """Told ``server.restart`` (:meth:`server_restart`): actions are refused from then on."""
     _holding: bool = field(default=False, init=False)
@@ -1260,12 +1282,16 @@ class VoiceflowConnection:
         """
         payload = args[0] if args else None
         handler = _EVENTS.get(event)
+        # a key past its max age ends the session first (client.start and session.create
+        # make a new handshake or session: they need none of the old key)
+        ended = self.key_aged_out() if event not in (CLIENT_START, SESSION_CREATE) else []
         if handler is None:
-            return [error("unknown-event", f"Unknown event {clipped(event)}: expected {_KNOWN}.")]
+            text = f"Unknown event {clipped(event)}: expected {_KNOWN}."
+            return [*ended, error("unknown-event", text)]
         if event != ACTION_SEND and not self.machine.allows(event):  # (action.send: a status)
             code, refused = self.machine.refusal(event)
-            return [error(code, refused.text)]
-        return handler(self, payload)
+            return [*ended, error(code, refused.text)]
+        return [*ended, *handler(self, payload)]
 
     def _on_client_start(self, payload: Any) -> list[Action]:
         try:
@@ -1281,7 +1307,7 @@ class VoiceflowConnection:
             start.session_key, project_id=start.project_id, user_id=start.user_id, now=self.clock()
         )
         self.start = start
-        self._talk_in(check.session_id)
+        self._talk_in(check.session_id, key_iat=check.issued_at)
         if check.session_id is None:
             self.machine.feed(CLIENT_START)
             return [Emit(CLIENT_STARTED, {"newSessionRequired": True})]
@@ -1321,12 +1347,13 @@ class VoiceflowConnection:
         start = self.start
         assert start is not None  # the table allows session.create only after client.start
         self.machine.feed(SESSION_CREATE)
-        self._talk_in(session_id := self.new_id(), fresh=True)
+        now = self.clock()
+        self._talk_in(session_id := self.new_id(), fresh=True, key_iat=int(now))
         key = self._signer().issue(
             session_id=session_id,
             project_id=start.project_id,
             user_id=start.user_id,
-            now=self.clock(),
+            now=now,
         )
         return [Emit(SESSION_CREATED, {"sessionKey": key})]
 
@@ -1392,6 +1419,8 @@ class VoiceflowConnection:
         while the connection cannot start one (the session ended: ``no-session``; another
         connection runs an action of it: ``action-running``) each is rejected instead."""
         out: list[Action] = []
+        if self._queued and self._running is None and not self._holding:
+            out.extend(self.key_aged_out())  # (then each is rejected no-session)
         while self._queued and self._running is None and not self._holding:
             action = self._queued.popleft()
             if self.machine.allows(ACTION_SEND):
@@ -1595,12 +1624,36 @@ class VoiceflowConnection:
         self._talk_in(None)
         return Emit(SESSION_ENDED, {"reason": reason})
 
-    def _talk_in(self, session_id: str | None, *, fresh: bool = False) -> None:
+    def _talk_in(
+        self, session_id: str | None, *, fresh: bool = False, key_iat: float | None = None
+    ) -> None:
         """Talk in session ``session_id`` from now (None: none), ``fresh`` when made here
-        by session.create: nothing is known yet of how long the store keeps it."""
+        by session.create: nothing is known yet of how long the store keeps it;
+        ``key_iat`` is the ``iat`` of the sessionKey that names it (:meth:`key_aged_out`)."""
         self.session_id = session_id
         self._fresh = fresh
         self._kept_s = None
+        self._key_iat = key_iat if session_id is not None else None
+
+    def key_aged_out(self) -> list[Action]:
+        """The sessionKey of this ready connection's session has reached its max age
+        (:attr:`SessionKeys.max_age_s`, GATEWAY_VOICEFLOW_SESSION_KEY_MAX_AGE_S, from its
+        ``iat``; 0: no limit): ``session.ended {reason: "session_key_expired"}`` and the
+        connection needs a new session (``session.create``, or client.start with a younger
+        key), as a client.start with that key would now be told ``newSessionRequired:
+        true``. Checked at each client event but client.start and session.create (before
+        it is handled: an action.send is then rejected ``no-session``), before a queued
+        action starts, and before pushed items go out (the I/O layer). ``[]`` while the
+        key is younger, or when the connection is not ready in a session (an action runs:
+        checked when it has ended and another would start)."""
+        max_age_s = self._signer().max_age_s
+        iat = self._key_iat
+        if self.state is not State.READY or iat is None or not max_age_s:
+            return []
+        if self.clock() < iat + max_age_s:
+            return []
+        self.machine.advance(KEY_AGED_OUT)
+        return [self._session_ended(ENDED_KEY_AGED)]
 
     def connection_lost(self) -> bool:
         """The socket.io connection is gone; nothing more is accepted and the queued

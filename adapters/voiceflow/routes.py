@@ -1025,8 +1025,11 @@ class VoiceflowServer:
     async def _pushed(self, client: _Client, entries: list[Entry]) -> bool:
         """Emit pushed items as traces (VoiceflowConnection.pushed); False when it cannot now:
         an action runs, or answers kept for the session are still to go out (they come
-        first: :meth:`_take_due` catches up on the pushes after them). Never while a kept
-        answer goes out (``_Client.answering``: the two never interleave)."""
+        first: :meth:`_take_due` catches up on the pushes after them), or the connection's
+        sessionKey has reached its max age (it is told ``session.ended``,
+        VoiceflowConnection.key_aged_out, and the items stay pending for the session).
+        Never while a kept answer goes out (``_Client.answering``: the two never
+        interleave)."""
         if client.conn.state is not State.READY or client.sid not in self._clients:
             return False
         if client.kept_due is not None:
@@ -1035,6 +1038,9 @@ class VoiceflowServer:
         async with client.answering:
             if client.conn.state is not State.READY or client.kept_due is not None:
                 client.pushes_held = client.kept_due is not None
+                return False
+            if ended := client.conn.key_aged_out():  # its key is too old: not for it
+                await self._do(client, ended)
                 return False
             for entry in entries:
                 if entry.kind != "push":

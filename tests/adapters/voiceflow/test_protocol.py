@@ -281,6 +281,58 @@ def test_a_session_key_issued_in_the_future_is_refused() -> None:
     assert SessionKeys.MAX_SKEW_S == 300  # the skew tolerated, as the README says
 
 
+def test_a_connection_ends_its_session_when_its_key_reaches_the_max_age() -> None:
+    """The key's max age was checked at client.start only. Now a ready connection whose
+    key (made by its session.create, or the one its client.start resumed the session with:
+    its ``iat`` skewed ahead counts from then) has reached ``max_age_s`` answers its next
+    client event with ``session.ended {reason: "session_key_expired"}`` first (an unknown
+    event too: its error follows); client.start and session.create start anew without it;
+    0 is no limit; a younger key goes on."""
+    now = [NOW]
+    limited = SessionKeys(SECRET, ttl_s=60, max_age_s=100)
+    conn = connection(keys=limited, clock=lambda: now[0])
+    ready(conn)  # its key issued at NOW
+    now[0] = NOW + 99.5
+    send(conn, {"type": "text", "payload": "young"}, "m1")
+    assert conn.turn_finished()  # completed
+    now[0] = NOW + 100
+    answer = emitted(conn.receive("nonsense", [{}]))
+    assert answer[0] == ("session.ended", {"reason": "session_key_expired"})
+    assert [(event, data["code"]) for event, data in answer[1:]] == [("error", "unknown-event")]
+    assert conn.state is State.STARTED
+    assert conn.session_id is None
+    assert conn.key_aged_out() == []  # told once
+    assert emitted(conn.receive(SESSION_CREATE, [{}]))[0][0] == "session.created"  # anew
+    now[0] = NOW + 150
+    send(conn, {"type": "text", "payload": "new key"}, "m2")  # its new key is 50 s old
+    # resumed with a key issued 10 s ahead of this clock (within the skew): aged from then
+    ahead = limited.issue(session_id="s9", project_id=PROJECT, user_id=USER, now=NOW + 10)
+    resumed = connection(keys=limited, clock=lambda: now[0])
+    now[0] = NOW
+    [check] = resumed.receive(
+        CLIENT_START, [{"userID": USER, "projectID": PROJECT, "sessionKey": ahead}]
+    )
+    assert isinstance(check, CheckSession)
+    assert emitted(resumed.session_checked("found"))[0][1] == {"newSessionRequired": False}
+    now[0] = NOW + 109
+    send(resumed, {"type": "text", "payload": "young"}, "m1")
+    assert resumed.turn_finished()
+    now[0] = NOW + 110
+    ended, rejected = emitted(resumed.receive(ACTION_SEND, [{"action": {"type": "launch"}}]))
+    assert ended == ("session.ended", {"reason": "session_key_expired"})
+    assert (rejected[1]["status"], rejected[1]["reason"]) == ("rejected", "no-session")
+    # a new client.start with the old key: refused as at any time (not ended twice)
+    again = resumed.receive(
+        CLIENT_START, [{"userID": USER, "projectID": PROJECT, "sessionKey": ahead}]
+    )
+    assert emitted(again) == [("client.started", {"newSessionRequired": True})]
+    unlimited = connection(keys=SessionKeys(SECRET, ttl_s=60, max_age_s=0), clock=lambda: now[0])
+    now[0] = NOW
+    ready(unlimited)
+    now[0] = NOW + 10 * 365 * 86_400
+    send(unlimited, {"type": "text", "payload": "years later"})
+
+
 # ------------------------------------------------------- actions -> Input
 
 

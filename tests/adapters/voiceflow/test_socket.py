@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 from urllib.parse import urlparse
 
 import httpx
+import jwt
 import pytest
 import redis.asyncio as aioredis
 from fastapi import FastAPI
@@ -929,6 +930,129 @@ async def test_a_session_key_older_than_its_max_age_requires_a_new_session(
         async with client(url) as again:  # no limit: a year-old key of an active session
             assert await again.start(signer.issue(**claims, now=time.time() - 365 * day)) is False
             assert await again.say("what is my name") == ["Your name is Grace."]
+
+
+async def until_key_age(key: str, age_s: float) -> None:
+    """Sleep until sessionKey ``key`` (SECRET's) is ``age_s`` old (from its ``iat``)."""
+    iat = jwt.decode(key, options={"verify_signature": False})["iat"]
+    await asyncio.sleep(max(0.0, iat + age_s - time.time()))
+
+
+async def expect_key_aged_out(vf: VoiceflowClient, message_id: str) -> None:
+    """An action.send on a connection whose key reached its max age: ``session.ended
+    {reason: "session_key_expired"}``, then the action rejected ``no-session``."""
+    await vf.send({"type": "text", "payload": "still me?"}, message_id)
+    assert await vf.expect("session.ended") == {"reason": "session_key_expired"}
+    rejected = await vf.expect("action.status")
+    assert (rejected["status"], rejected["reason"]) == ("rejected", "no-session")
+    assert rejected["messageID"] == message_id
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_connection_whose_key_reaches_its_max_age_is_told_a_new_session_is_needed(
+    transport: str, store: dict[str, Any]
+) -> None:
+    """GATEWAY_VOICEFLOW_SESSION_KEY_MAX_AGE_S was checked only at client.start: a
+    connection that made its session (session.create) or resumed it with its key went
+    on in it past the key's max age for as long as it stayed connected. Now its next
+    action.send once the key is that old is answered ``session.ended {reason:
+    "session_key_expired"}`` and rejected ``no-session`` (the session is left to the
+    store, its conversation untouched); session.create then makes a new session, whose
+    new key counts afresh. A younger key's connection goes on meanwhile."""
+    max_age_s = 4
+    settings = {"voiceflow_session_key_max_age_s": max_age_s, **store}
+    async with (
+        served_with_store(**settings) as (url, _),
+        client(url, transport) as made,
+        client(url, transport) as resumed,
+    ):
+        key = await made.handshake()  # issued now: its iat is its session.create
+        assert await made.say("my name is Ada") == ["Nice to meet you, Ada."]
+        # a key of the same session issued 2 s later: resumed on a second connection
+        await until_key_age(key, 2.0)
+        check = SessionKeys(SECRET, ttl_s=3600).verify(
+            key, project_id=PROJECT, user_id=USER, now=time.time()
+        )
+        assert check.session_id is not None
+        later = SessionKeys(SECRET, ttl_s=3600).issue(
+            session_id=check.session_id, project_id=PROJECT, user_id=USER, now=time.time()
+        )
+        assert await resumed.start(later) is False
+        await until_key_age(key, max_age_s - 0.5)
+        assert await made.say("what is my name") == ["Your name is Ada."]  # still young
+        await until_key_age(key, max_age_s + 0.1)
+        await expect_key_aged_out(made, "m-old")
+        assert await resumed.say("what is my name") == ["Your name is Ada."]  # younger
+        await until_key_age(later, max_age_s + 0.1)
+        await expect_key_aged_out(resumed, "m-resumed")
+        await resumed.nothing_more()
+        fresh = await made.create()
+        assert fresh != key
+        assert await made.say("hello") == ["You said: hello"]
+        await made.nothing_more()
+
+
+async def test_a_key_past_its_max_age_ends_a_queued_action_before_it_starts() -> None:
+    """An action queued behind a running one when the connection's key reaches its max
+    age started all the same (the key was checked at client.start only). Now the running
+    action ends as usual, then ``session.ended {reason: "session_key_expired"}`` and the
+    queued action is rejected ``no-session``: no turn runs for it."""
+    core = RecordingCore()
+    async with core.running() as core_url:
+        overrides = {"pipeline": core_url, "voiceflow_session_key_max_age_s": 2}
+        async with served_with_store(**overrides) as (url, _), client(url) as vf:
+            key = await vf.handshake()
+            await vf.send({"type": "text", "payload": "slow"}, "running")
+            assert (await vf.expect("action.status"))["status"] == "accepted"
+            await vf.send({"type": "text", "payload": "queued"}, "queued")
+            assert await vf.expect("action.status") == {"status": "accepted", "messageID": "queued"}
+            await until_key_age(key, 2.1)
+            core.release.set()
+            traces, done = await vf.traces_until_status("running")
+            assert (messages(traces), done["status"]) == (["slow answer"], "completed")
+            assert await vf.expect("session.ended") == {"reason": "session_key_expired"}
+            rejected = await vf.expect("action.status")
+            assert (rejected["messageID"], rejected["status"], rejected["reason"]) == (
+                "queued",
+                "rejected",
+                "no-session",
+            )
+            await vf.nothing_more(0.5)
+            assert (await core.next_request())["input"]["transcript"]["text"] == "slow"
+            assert core.requests.empty()  # no turn for the queued action
+
+
+async def test_a_push_to_a_connection_whose_key_is_past_its_max_age_ends_its_session(
+    store: dict[str, Any],
+) -> None:
+    """An idle connection whose key reached its max age still received what was pushed to
+    its session. Now the push tells it ``session.ended {reason: "session_key_expired"}``
+    instead and the items stay pending (``delivery: queued``): a connection that resumes
+    the session with a younger key gets them."""
+    admin = "admin-key-of-the-key-age-test"
+    overrides = {"voiceflow_session_key_max_age_s": 2, "admin_keys": frozenset({admin})}
+    async with served_with_store(**overrides, **store) as (url, _):
+        async with client(url) as vf:
+            key = await vf.handshake()
+            assert await vf.say("hello") == ["You said: hello"]
+            await until_key_age(key, 2.1)
+            session_id = jwt.decode(key, options={"verify_signature": False})["sub"]
+            async with httpx.AsyncClient() as http:
+                pushed = await http.post(
+                    f"{url}/v1/push",
+                    json={"target": {"sessionId": session_id}, "items": [{"text": "p1"}]},
+                    headers={"Authorization": f"Bearer {admin}"},
+                )
+            assert pushed.json()["delivery"] == "queued", pushed.text
+            assert await vf.expect("session.ended") == {"reason": "session_key_expired"}
+            await vf.nothing_more()
+        younger = SessionKeys(SECRET, ttl_s=3600).issue(
+            session_id=session_id, project_id=PROJECT, user_id=USER, now=time.time()
+        )
+        async with client(url) as again:
+            assert await again.start(younger) is False
+            _, data = await again.next()
+            assert messages([data["trace"]]) == ["p1"]
 
 
 async def test_a_valid_key_of_a_session_the_store_let_go_after_client_start_ends_it() -> None:
