@@ -63,10 +63,14 @@ Operations:
   it (``_Client.answering``: the two never interleave). Delivered answers are not kept;
   a connection gone before it was told keeps them again. The client's events are
   received under ``_Client.answering`` too, so kept answers are never preceded or split
-  by a second ``client.started``; a notice that lands while a client.start is answered is
+  by a second ``client.started`` (the lock is let go while a client.start's sessionKey is
+  looked up in the store: a store that hangs holds that lookup up to the Redis command
+  timeout, 5 s, and the client's other events are answered meanwhile, ``not-started``,
+  VoiceflowServer._find_unheld); a notice that lands while a client.start is answered is
   left to that handshake (it takes them after its ``client.started`` when it resumes the
   session), and one for a session the connection left by a later handshake (it still
-  listens to the old topic until it has a new session) is ignored: the answer stays kept.
+  listens to the old topic until it has a new session) is ignored: the answer stays kept
+  (tested again under ``_Client.answering``, once a handshake being received has ended).
   At shutdown the detached actions are waited for (as long as a turn may take) so their
   answers are kept.
 - **Graceful shutdown.** ``server.restart`` goes to every client connected to this
@@ -355,6 +359,21 @@ async def _emit(sio: socketio.AsyncServer, sid: str, action: Emit) -> None:
         await sio.emit(action.event, action.data, to=sid, namespace=NAMESPACE, ignore_queue=True)
     except Exception as exc:
         log.debug("emit %s to %s failed: %s", action.event, sid, exc)
+
+
+async def _reacquire(lock: asyncio.Lock) -> None:
+    """Acquire ``lock`` again (a caller released it for a while inside its ``async with``),
+    also when the task is cancelled meanwhile: the lock is then held before the
+    cancellation goes on, so that the ``async with`` releases a lock it holds."""
+    acquiring = asyncio.ensure_future(lock.acquire())
+    cancelled = False
+    while not acquiring.done():
+        try:
+            await asyncio.shield(acquiring)
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
 
 
 CLOSE_PROTOCOL_ERROR = 1002
@@ -1007,9 +1026,13 @@ class VoiceflowServer:
             await client.following.aclose()
 
     async def _follow(self, client: _Client) -> None:
-        """Follow the outbox of the client's session (pushes), or catch up on it."""
+        """Follow the outbox of the client's session (pushes), or catch up on it; not while
+        a client.start is being answered (its session is not known yet: that client.start
+        follows it once answered)."""
         gw, key = self._gateway, client.conn.session_key
         if gw is None or gw.journal is None or key is None or client.sid not in self._clients:
+            return
+        if client.conn.state is State.STARTING:
             return
         if client.following is None:
             client.following = Following(
@@ -1120,7 +1143,7 @@ class VoiceflowServer:
             if isinstance(action, Emit):
                 await _emit(self.sio, client.sid, action)
             elif isinstance(action, CheckSession):
-                found = await self._find(action)
+                found = await self._find_unheld(client, action)
                 answer = client.conn.session_checked(found)
                 if Emit(CLIENT_STARTED, {"newSessionRequired": False}) in answer:
                     await self._supersede(client)
@@ -1133,6 +1156,23 @@ class VoiceflowServer:
                 task.add_done_callback(client.tasks.discard)
                 client.turns.add(task)
                 task.add_done_callback(client.turns.discard)
+
+    async def _find_unheld(self, client: _Client, check: CheckSession) -> SessionCheck:
+        """:meth:`_find` for ``client``'s client.start, with ``client.answering`` (held by
+        :meth:`_event`, which is receiving that client.start) released while the store is
+        asked and held again after. A store that hangs holds the lookup up to the Redis
+        command timeout (gateway.redisconn.COMMAND_TIMEOUT_S, 5 s; then ``error
+        store-unavailable``, and at once while the store's circuit breaker is open); the
+        client's other events are answered meanwhile (``not-started``: the connection is
+        ``starting``, in which nothing else goes out: no kept answer, push or turn) instead
+        of waiting for the lock as long. Other connections never wait for it."""
+        lock = client.answering
+        assert lock.locked()
+        lock.release()
+        try:
+            return await self._find(check)
+        finally:
+            await _reacquire(lock)
 
     async def _find(self, check: CheckSession) -> SessionCheck:
         """Whether the store has (or a first turn is making) the session a client.start's

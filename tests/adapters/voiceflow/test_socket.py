@@ -1149,6 +1149,56 @@ async def test_a_store_outage_at_client_start_is_a_store_unavailable_error(
     assert all(r.levelno == logging.INFO for r in refused)
 
 
+async def test_events_sent_while_a_hung_store_is_asked_for_a_key_are_answered_at_once(
+    reply_dropper: tuple[ReplyDropper, str], redis_prefix: str
+) -> None:
+    """A Redis that accepts connections and does not answer (a stopped server, a
+    partition: the proxy holds every byte) while a client.start's sessionKey is looked up:
+    the lookup held the connection's delivery lock up to the Redis command timeout, so
+    the client's next events waited as long, answered only after the client.start's
+    ``error store-unavailable``. Now they are answered at once (``action.status rejected
+    not-started``: the client.start is still being answered), the client.start itself
+    gets ``error {code: "store-unavailable"}`` (the session store, not the core) within
+    the command timeout (``socket_timeout``, here 2 s; 5 s by default), and another
+    session's connection on the same instance is answered meanwhile."""
+    timeout_s = 2.0
+    proxy, redis_url = reply_dropper
+    async with served(
+        voiceflow_secret=SecretStr(SECRET),
+        redis_url=f"{redis_url}?socket_timeout={timeout_s}",
+        redis_prefix=redis_prefix,
+    ) as url:
+        async with client(url) as first:
+            key = await first.handshake()
+            assert await first.say("my name is Ada") == ["Nice to meet you, Ada."]
+        async with client(url) as vf, client(url) as other:
+            proxy.hung = True
+            try:
+                began = time.monotonic()
+                await vf.emit(
+                    "client.start", {"userID": USER, "projectID": PROJECT, "sessionKey": key}
+                )
+                await vf.send({"type": "text", "payload": "meanwhile"}, "m")
+                event, data = await vf.next()
+                waited = time.monotonic() - began
+                assert event == "action.status", (event, data, waited)  # before: the error
+                assert (event, data["status"], data["reason"]) == (
+                    "action.status",
+                    "rejected",
+                    "not-started",
+                ), (event, data)
+                assert waited < timeout_s / 2, waited  # before: after the lookup's timeout
+                assert await other.start(None) is True  # another connection: served at once
+                assert time.monotonic() - began < timeout_s / 2
+                event, data = await vf.next()
+                assert (event, data["code"]) == ("error", "store-unavailable"), (event, data)
+                assert "session store" in data["error"]
+                assert time.monotonic() - began < timeout_s + 2.0
+                await vf.nothing_more()
+            finally:
+                proxy.hung = False
+
+
 async def test_an_idle_session_that_times_out_is_ended_with_inactivity_timeout() -> None:
     """Spec "End": the session ending "can also occur because of timeouts". A client whose
     session expired while it was idle was told nothing until its next action (rejected
