@@ -855,7 +855,9 @@ class Conversation:
         With GATEWAY_ERROR_TURN the whole turn, first try and ``#error`` turn, is bounded:
         the ``#error`` turn gets what is left of the turn's GATEWAY_TURN_TIMEOUT_S, but at
         least GATEWAY_ERROR_TURN_MIN_S (so the turn takes at most their sum, not twice the
-        timeout), and none is run after a core that could not be reached
+        timeout; its Response's items follow those the failed try handed out, which the
+        user heard already: see :meth:`_pipeline_turn`), and none is run after a core that
+        could not be reached
         (:attr:`PipelineError.unreachable`): the ErrorEvent comes at once. Nor is one run
         when ``lost()`` (the session's lock was found lost while the first try ran:
         :attr:`gateway.sessions.SessionTxn.lost`): the turn's outcome will not be saved,
@@ -864,8 +866,9 @@ class Conversation:
         loop = asyncio.get_running_loop()
         ends = loop.time() + self.settings.turn_timeout_s
         unreachable = False
+        handed: list[ResponseItem] = []  # the items out so far: the #error turn's Response's too
         try:
-            return await self._pipeline_turn(session, input, out, tts)
+            return await self._pipeline_turn(session, input, out, tts, items=handed)
         except PipelineError as exc:
             failure = str(exc)
             unreachable = exc.unreachable
@@ -898,7 +901,9 @@ class Conversation:
             budget = max(ends - loop.time(), self.settings.error_turn_min_s)
             try:
                 restored = _restored(self.pipeline, snapshot, session)
-                return await self._pipeline_turn(restored, Input.of(ERROR), out, tts, budget)
+                return await self._pipeline_turn(
+                    restored, Input.of(ERROR), out, tts, budget, items=handed
+                )
             except PipelineError as exc:
                 log.warning(
                     "the #error turn failed too in session %s: %s", session_ref(session.key), exc
@@ -918,11 +923,19 @@ class Conversation:
         out: _TurnQueue,
         tts: TtsRequest | None,
         timeout_s: float | None = None,
+        items: list[ResponseItem] | None = None,
     ) -> tuple[Session, Response]:
         """One run of the pipeline on ``input``, bounded by ``timeout_s`` (s; None:
         GATEWAY_TURN_TIMEOUT_S), which the core's clients see as TURN_DEADLINE: the
-        session and Response. Raises PipelineError, TimeoutError when the time is up."""
-        items: list[ResponseItem] = []
+        session and Response. Raises PipelineError, TimeoutError when the time is up.
+
+        Each item handed out is appended to ``items`` (a new list when None), and the
+        Response's items are all of ``items``: for the ``#error`` turn, the failed try's
+        items (handed out already) and then its own, so the Response holds every item the
+        turn handed out, as it does for a turn that did not fail (a channel that answers
+        with the Response alone, a webhook or a Flowstorm client without
+        sendResponseItems, says what a streaming channel's user heard)."""
+        items = [] if items is None else items
         response: Response | None = None
         outputs = self.pipeline.process(session, input)
         deadline: Token[float | None] | None = None

@@ -181,7 +181,9 @@ class TurnOutcome(NamedTuple):
     source ``pipeline``, the items the turn handed out before it failed (a streaming
     core's sentences before its stream broke or its time ran out; what a streaming
     channel already got), in order; else empty (an Error of the gateway's, the session
-    store failing as the turn was saved, leaves its answer unsaid). A named tuple: made
+    store failing as the turn was saved, leaves its answer unsaid; a ``response`` holds
+    every item the turn handed out, an ``#error`` turn's after those of the try that
+    failed: :meth:`gateway.conversation.Conversation._process`). A named tuple: made
     once per webhook turn, at a third of a frozen dataclass's cost.
     """
 

@@ -279,6 +279,16 @@ def make_core() -> FastAPI:
         line = json.dumps({"type": "ResponseItem", "responseItem": {"text": "only"}}) + "\n"
         return Response(line, media_type="application/x-ndjson")
 
+    @app.post("/said-then-fails")
+    async def said_then_fails(request: Request) -> Response:
+        # a sentence streamed, then the stream ends without its Response: the turn fails;
+        # the #error turn is answered
+        text = (await body(request))["input"]["transcript"]["text"]
+        if text == "#error":
+            return JSONResponse({"items": [{"text": "sorry, the core tripped"}]})
+        line = json.dumps({"type": "ResponseItem", "responseItem": {"text": "Let me look."}})
+        return Response(line + "\n", media_type="application/x-ndjson")
+
     @app.post("/stream-unknown")
     async def stream_unknown(request: Request) -> Response:
         await body(request)

@@ -422,6 +422,29 @@ async def test_error_turn_answers_when_enabled(core: tuple[str, FastAPI]) -> Non
     await conv.pipeline.aclose()
 
 
+async def test_the_error_turns_response_holds_what_the_failed_try_said_first(
+    core: tuple[str, FastAPI],
+) -> None:
+    """A core that streams a sentence, then fails (its NDJSON ends without a Response), and
+    answers ``#error``: both go out as items, and the Response holds both, the failed
+    try's first, as it holds every item of a turn that did not fail (a webhook, or a
+    Flowstorm client without sendResponseItems, answers with the Response alone). Before,
+    the Response held only the ``#error`` turn's: those channels dropped the sentence
+    the streaming channels' users heard."""
+    url, app = core
+    conv = engine(pipeline=f"{url}/said-then-fails", error_turn=True)
+    try:
+        events = await conv.turn(ctx(), Input.of("hello")).collect()
+        assert texts(events) == ["Let me look.", "sorry, the core tripped"]
+        end = events[-1]
+        assert isinstance(end, ResponseEvent)
+        assert [i.text for i in end.response.items] == ["Let me look.", "sorry, the core tripped"]
+        said = [r["input"]["transcript"]["text"] for r in app.state.requests]
+        assert said == ["hello", "#error"]
+    finally:
+        await conv.pipeline.aclose()
+
+
 def hanging_core(
     app: FastAPI, path: str, hang: set[str], refuse_once: str | None = None
 ) -> asyncio.Event:

@@ -39,6 +39,7 @@ from gateway.app import create_app
 from gateway.settings import Settings
 from tests.adapters.alexa.test_verify import Pki
 from tests.conftest import FIXTURES, gateway, refused_port, serve, served_app
+from tests.gateway.core_app import make_core as make_test_core
 from tests.gateway.pipeline.fake_voiceflow import API_KEY as VOICEFLOW_KEY
 from tests.gateway.pipeline.fake_voiceflow import make_voiceflow
 from tests.gateway.pipeline.openai_server import KEY as OPENAI_KEY
@@ -1018,6 +1019,21 @@ async def test_a_core_failing_before_it_said_anything_is_answered_with_the_error
                 "shouldEndSession": False,
             },
         }
+
+
+async def test_the_error_turns_answer_follows_what_the_failed_try_said() -> None:
+    """With GATEWAY_ERROR_TURN, a core that streamed a sentence and then failed, and
+    answers ``#error``: Alexa says the sentence, then the ``#error`` turn's answer, as a
+    streaming channel's user heard them (was: the ``#error`` turn's answer alone, the
+    sentence dropped); the conversation goes on."""
+    async with (
+        serve(make_test_core()) as core_url,
+        gateway(pipeline=f"{core_url}/said-then-fails", error_turn=True, **OFF) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        answer = await say(client, envelope("S-error-turn-said", text="hello"))
+        assert spoken(answer) == "Let me look. sorry, the core tripped"
+        assert reply(answer).should_end_session is False
 
 
 @pytest.mark.parametrize(

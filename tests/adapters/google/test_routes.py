@@ -30,6 +30,7 @@ from gateway.settings import Settings
 from tests.adapters.google.requests import cx, es, v2, v3
 from tests.adapters.google.test_verify import PROJECT, Key
 from tests.conftest import FIXTURES, gateway, serve, served
+from tests.gateway.core_app import make_core
 from tests.gateway.pipeline.fake_rasa import make_rasa
 
 GOOGLE = FIXTURES / "google"
@@ -709,6 +710,23 @@ async def test_what_a_failing_core_said_before_it_failed_is_said_before_the_apol
         sent = request(f"said-{fmt}", "crash")
         said, open_ = said_and_open(fmt, sent, ok(await client.post(path, json=sent)))
         assert said == f"Let me {error}"
+        assert open_
+
+
+@pytest.mark.parametrize("fmt", list(SAID_BEFORE))
+async def test_the_error_turns_answer_follows_what_the_failed_try_said(fmt: str) -> None:
+    """With GATEWAY_ERROR_TURN, a core that streamed a sentence, then failed, and answers
+    ``#error``: every Google format says the sentence, then the ``#error`` turn's answer
+    (was: the ``#error`` turn's answer alone); the conversation goes on."""
+    path, request = SAID_BEFORE[fmt]
+    async with (
+        serve(make_core()) as core_url,
+        gateway(pipeline=f"{core_url}/said-then-fails", error_turn=True, **OFF) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        sent = request(f"error-turn-{fmt}", "hello")
+        said, open_ = said_and_open(fmt, sent, ok(await client.post(path, json=sent)))
+        assert said == "Let me look. sorry, the core tripped"
         assert open_
 
 

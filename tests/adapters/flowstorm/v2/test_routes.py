@@ -119,6 +119,35 @@ async def test_seed_curl_example_and_cookie_jar_continues(base: str, tmp_path: P
     assert spoken(bye) == "< Goodbye, Ada!\n.\n"
 
 
+@pytest.mark.parametrize("send_items", [True, False])
+async def test_the_error_turns_response_follows_what_the_failed_try_said(
+    send_items: bool,
+) -> None:
+    """With GATEWAY_ERROR_TURN, a core that streamed a sentence, then failed, and answers
+    ``#error``: with sendResponseItems both go out as ResponseItems (as ever); without
+    it, the one Response carries both, the failed try's first (was: only the ``#error``
+    turn's: the sentence was lost). Every channel says the same."""
+    texts = ["Let me look.", "sorry, the core tripped"]
+    async with (
+        serve(make_core()) as core_url,
+        gateway(
+            pipeline=f"{core_url}/said-then-fails", error_turn=True, tts_provider="espeak-ng"
+        ) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        answer = await client.put(
+            "/client",
+            headers={**JSON, "X-Key": KEY, "X-SendResponseItems": str(send_items).lower()},
+            content=input_event("hello"),
+        )
+        assert answer.status_code == 200
+        lines = events(answer)
+        items = [e["responseItem"]["text"] for e in lines if e["type"] == "ResponseItem"]
+        assert lines[-1]["type"] == "Response"
+        in_response = [i["text"] for i in lines[-1]["response"]["items"]]
+        assert (items, in_response) == ((texts, []) if send_items else ([], texts))
+
+
 async def test_json_turns_stream_items_then_response(base: str) -> None:
     async with httpx.AsyncClient(base_url=base) as client:
         intro = await client.put(f"/client?key={KEY}", headers=JSON, content=input_event("#intro"))
