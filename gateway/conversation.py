@@ -81,7 +81,7 @@ from gateway.events import (
 )
 from gateway.logs import SessionRef, session_ref
 from gateway.outbox import Journal, OutboxError
-from gateway.pipeline.base import TURN_DEADLINE, Pipeline, PipelineError
+from gateway.pipeline.base import ANSWER_DEADLINE, TURN_DEADLINE, Pipeline, PipelineError
 from gateway.protocol import clipped
 from gateway.redisconn import REDIS_ERRORS
 from gateway.sessions import (
@@ -861,7 +861,11 @@ class Conversation:
         (:attr:`PipelineError.unreachable`): the ErrorEvent comes at once. Nor is one run
         when ``lost()`` (the session's lock was found lost while the first try ran:
         :attr:`gateway.sessions.SessionTxn.lost`): the turn's outcome will not be saved,
-        and another turn may hold the session, so the core is not asked again.
+        and another turn may hold the session, so the core is not asked again. Nor when
+        the channel answers (a webhook's ANSWER_DEADLINE,
+        :data:`gateway.pipeline.base.ANSWER_DEADLINE`) in less than
+        GATEWAY_ERROR_TURN_MIN_S: its user would hear "still working" instead of the
+        failure's answer.
         """
         loop = asyncio.get_running_loop()
         ends = loop.time() + self.settings.turn_timeout_s
@@ -898,7 +902,19 @@ class Conversation:
                     session_ref(session.key),
                 )
                 return ErrorEvent(text=failure, source="pipeline")
-            budget = max(ends - loop.time(), self.settings.error_turn_min_s)
+            answer_by = ANSWER_DEADLINE.get()
+            least = self.settings.error_turn_min_s
+            if answer_by is not None and answer_by - loop.time() < least:
+                # a webhook answers before the #error turn could: its failure answer now
+                log.warning(
+                    "no #error turn in session %s: the channel answers in %.1f s, "
+                    "less than GATEWAY_ERROR_TURN_MIN_S (%g s)",
+                    session_ref(session.key),
+                    max(answer_by - loop.time(), 0.0),
+                    least,
+                )
+                return ErrorEvent(text=failure, source="pipeline")
+            budget = max(ends - loop.time(), least)
             try:
                 restored = _restored(self.pipeline, snapshot, session)
                 return await self._pipeline_turn(
@@ -928,6 +944,8 @@ class Conversation:
         """One run of the pipeline on ``input``, bounded by ``timeout_s`` (s; None:
         GATEWAY_TURN_TIMEOUT_S), which the core's clients see as TURN_DEADLINE: the
         session and Response. Raises PipelineError, TimeoutError when the time is up.
+        TURN_DEADLINE is the sooner of that end and the channel's ANSWER_DEADLINE (a
+        webhook's: a core's retry that would end past it is not made).
 
         Each item handed out is appended to ``items`` (a new list when None), and the
         Response's items are all of ``items``: for the ``#error`` turn, the failed try's
@@ -943,7 +961,10 @@ class Conversation:
             limit = self.settings.turn_timeout_s if timeout_s is None else timeout_s
             async with asyncio.timeout(limit) as budget:
                 # the core's clients run in this task (each anext): they see when it ends
-                deadline = TURN_DEADLINE.set(budget.when())
+                ends = budget.when()
+                assert ends is not None  # a limit was given
+                answer_by = ANSWER_DEADLINE.get()
+                deadline = TURN_DEADLINE.set(ends if answer_by is None else min(ends, answer_by))
                 while True:
                     try:
                         produced = await anext(outputs)

@@ -16,9 +16,11 @@ I/O, the same for all:
 5. a request that is no turn (:meth:`~WebhookChannel.turn` gives None) is answered by
    :meth:`~WebhookChannel.other` (health checks, session ends, ...);
 6. a turn runs through the turn engine (:func:`run_turn`) until the platform's
-   deadline less the time already spent, and its :class:`~gateway.turn.TurnOutcome`
-   is mapped: ANSWERED by :meth:`~WebhookChannel.answer` (when that answer closes the
-   conversation the gateway ends its session too, :func:`end_session`); LATE, BUSY,
+   deadline less the time already spent (the turn's ANSWER_DEADLINE: no core retry or
+   ``#error`` turn is started that would answer past it), and its
+   :class:`~gateway.turn.TurnOutcome` is mapped: ANSWERED by
+   :meth:`~WebhookChannel.answer` (when that answer closes the conversation the gateway
+   ends its session too, :func:`end_session`); LATE, BUSY,
    REFUSED, UNAVAILABLE (the session store failed) and FAILED through the channel's
    pure table ``fallbacks`` (TurnEnd -> Fallback, e.g.
    :data:`gateway.turn.VOICE_FALLBACKS`: a store that fails keeps the conversation
@@ -73,6 +75,7 @@ from gateway.events import (
 )
 from gateway.httputil import problem, read_body, status_phrase
 from gateway.logs import session_ref
+from gateway.pipeline.base import ANSWER_DEADLINE
 from gateway.protocol import ProtocolError, clipped
 from gateway.protocol.errors import RequestVerificationError
 from gateway.ratelimit import RefusalLog
@@ -415,9 +418,19 @@ async def run_turn(
     could not start), or ``late=True`` when the deadline passed first. A late turn keeps
     running in its own task and saves the session; only the waiting stops. Never raises
     for the turn's own failures.
+
+    The turn runs with the deadline as its ANSWER_DEADLINE
+    (:data:`gateway.pipeline.base.ANSWER_DEADLINE`): a core's retry that would end past
+    it is not made, nor an ``#error`` turn that would have less than
+    GATEWAY_ERROR_TURN_MIN_S before it, so a failure is answered in time (what was said,
+    then the error text) rather than "still working".
     """
     deadline = asyncio.get_running_loop().time() + max(deadline_s, 0.0)
-    stream = conversation.turn(ctx, input)
+    answering = ANSWER_DEADLINE.set(deadline)  # the turn's task keeps it (a copy)
+    try:
+        stream = conversation.turn(ctx, input)
+    finally:
+        ANSWER_DEADLINE.reset(answering)
     try:
         # the whole turn at once: one timer, no event-by-event iteration under a timeout
         if not await stream.wait(deadline_s):

@@ -15,10 +15,25 @@ REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
 
 TURN_DEADLINE: ContextVar[float | None] = ContextVar("turn_deadline", default=None)
 """When the running turn's core time ends: the event loop's clock (``loop.time()``, s) at
-which the turn engine's GATEWAY_TURN_TIMEOUT_S cancels the pipeline; None outside a turn
-(a core driven directly, as in tests). Set by the engine around each turn's pipeline; a
-core client reads it to know how long it may still wait (the retry after a core's
-``Retry-After``: :func:`gateway.pipeline.cores.send_retried`)."""
+which the turn engine's GATEWAY_TURN_TIMEOUT_S cancels the pipeline, or, sooner, the
+channel's :data:`ANSWER_DEADLINE`; None outside a turn (a core driven directly, as in
+tests). Set by the engine around each turn's pipeline; a core client reads it to know how
+long it may still wait (the retry after a core's ``Retry-After``:
+:func:`gateway.pipeline.cores.send_retried`)."""
+
+ANSWER_DEADLINE: ContextVar[float | None] = ContextVar("answer_deadline", default=None)
+"""When the channel that started the turn answers whatever the turn has come to: the event
+loop's clock (``loop.time()``, s) of a webhook's deadline (GATEWAY_ALEXA_DEADLINE_S,
+..._GOOGLE_..., ..._DIALOGFLOW_..., less the time the request took to read; a turn still
+running then is answered "still working"); None for a channel that hands the turn's
+events out as they come (it waits for the turn's end). Set by the webhook driver
+(:func:`gateway.io.webhook.run_turn`) as it starts the turn, whose task keeps it (a copy
+of the context). The engine bounds the turn's waits by it: :data:`TURN_DEADLINE` is the
+sooner of the two (a core's retry that would end past it is not made), and no ``#error``
+turn is started that would have less than GATEWAY_ERROR_TURN_MIN_S before it; the
+pipeline's own timeout is still GATEWAY_TURN_TIMEOUT_S (a late turn goes on and saves
+the session)."""
+
 
 PipelineOutput = ResponseItem | Response
 """What a pipeline yields: any number of ResponseItems, then exactly one Response."""

@@ -17,7 +17,8 @@ the fixed text naming the core and the status, and logs the detail (cut to
 Every request to a core goes through :func:`send_retried` (:func:`core_stream`): a core
 that refuses it with HTTP 429 (Too Many Requests), or 503 with a ``Retry-After``, did not
 process it, so it is sent once more after the ``Retry-After`` delay (1 s for a 429
-without one) when that wait fits in what is left of the turn's GATEWAY_TURN_TIMEOUT_S
+without one) when that wait fits in what is left of the turn's GATEWAY_TURN_TIMEOUT_S,
+or of a webhook's time before its platform's deadline when that ends first
 (:data:`gateway.pipeline.base.TURN_DEADLINE`, less :data:`RETRY_RESERVE_S`) and in
 :data:`MAX_RETRY_WAIT_S`; else, or when the core refuses again, :func:`check_status`
 fails the turn saying the core is rate limiting (or unavailable) and what Retry-After
@@ -428,7 +429,9 @@ async def send_retried(
 
     The request is sent again after the delay only when the delay is at most
     :data:`MAX_RETRY_WAIT_S` and, within a turn (:data:`gateway.pipeline.base.TURN_DEADLINE`
-    set), leaves at least :data:`RETRY_RESERVE_S` of the turn's GATEWAY_TURN_TIMEOUT_S;
+    set), leaves at least :data:`RETRY_RESERVE_S` of the turn's GATEWAY_TURN_TIMEOUT_S
+    (of a webhook's time before its deadline, when that ends first: the failure is then
+    answered in time, where the platform would have heard "still working");
     each such retry is one WARNING naming ``core`` (``Rasa``, ``the OpenAI-compatible
     core``...) and the delay, and counts in ``gateway_core_retries_total{core=label}``
     (``label``: the core's pipeline name, ``rasa``). Only the refused request is sent

@@ -44,6 +44,7 @@ from tests.gateway.pipeline.fake_voiceflow import API_KEY as VOICEFLOW_KEY
 from tests.gateway.pipeline.fake_voiceflow import make_voiceflow
 from tests.gateway.pipeline.openai_server import KEY as OPENAI_KEY
 from tests.gateway.pipeline.openai_server import make_openai_server
+from tests.gateway.turns import said, v2_put
 
 ALEXA = FIXTURES / "alexa"
 FIXTURE_FILES = sorted(p.relative_to(ALEXA).as_posix() for p in ALEXA.rglob("*.json"))
@@ -1034,6 +1035,89 @@ async def test_the_error_turns_answer_follows_what_the_failed_try_said() -> None
         answer = await say(client, envelope("S-error-turn-said", text="hello"))
         assert spoken(answer) == "Let me look. sorry, the core tripped"
         assert reply(answer).should_end_session is False
+
+
+def deadline_core() -> FastAPI:
+    """A core for the webhook's deadline: ``busy`` is refused HTTP 429 ``Retry-After: 3``
+    while ``core.state.refusals`` is above 0 (one each), ``fail slowly`` fails (HTTP 500)
+    after 1 s, ``#error`` is answered after 3 s, anything else at once (``You said:
+    <text>``). The texts asked are in ``core.state.requests``."""
+    core = FastAPI()
+    core.state.requests = []
+    core.state.refusals = 0
+
+    @core.post("/turn")
+    async def turn(request: Request) -> JSONResponse:
+        text = (await request.json())["input"]["transcript"]["text"]
+        core.state.requests.append(text)
+        if text == "busy" and core.state.refusals > 0:
+            core.state.refusals -= 1
+            return JSONResponse({}, status_code=429, headers={"Retry-After": "3"})
+        if text == "fail slowly":
+            await asyncio.sleep(1)
+            return JSONResponse({"detail": "the core tripped"}, status_code=500)
+        if text == "#error":
+            await asyncio.sleep(3)
+            return JSONResponse({"items": [{"text": "sorry, slowly"}]})
+        return JSONResponse({"items": [{"text": f"You said: {text}"}]})
+
+    return core
+
+
+async def test_a_retry_that_cannot_end_before_alexas_deadline_is_not_made(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A core refusing the turn with 429 ``Retry-After: 3`` when Alexa must be answered
+    within 2 s: the request is not sent again (it would end past the deadline), and the
+    failure is answered at once with the error text (was: the gateway waited the 3 s,
+    within its 10 s turn, and Alexa heard "still working"). A streaming channel (V2) of
+    the same gateway waits for its turn: its request is sent once more, and answered."""
+    core = deadline_core()
+    caplog.set_level(logging.WARNING, logger="gateway")
+    async with (
+        serve(core) as core_url,
+        gateway(alexa_deadline_s=2, pipeline=f"{core_url}/turn", **OFF) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        core.state.refusals = 1
+        answer = await say(client, envelope("S-busy", text="busy"))
+        assert spoken(answer) == Settings().voice_error_text
+        assert reply(answer).should_end_session is False
+        assert core.state.requests == ["busy"]  # not sent again
+        assert "not retried: a wait of 3 s does not fit in the" in caplog.text
+        core.state.refusals = 1
+        start = time.monotonic()
+        streamed = await v2_put(client, "app", "busy")
+        assert said(streamed.text) == ["You said: busy"]
+        assert time.monotonic() - start >= 3  # the Retry-After waited for
+        assert core.state.requests == ["busy", "busy", "busy"]
+
+
+async def test_no_error_turn_is_started_that_cannot_answer_before_alexas_deadline(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With GATEWAY_ERROR_TURN, a core that fails after 1 s when Alexa must be answered
+    within 2.5 s: the 1.5 s left are less than GATEWAY_ERROR_TURN_MIN_S (2 s), so no
+    ``#error`` turn is started and the error text is said at once (was: the ``#error``
+    turn ran past the deadline and Alexa heard "still working"), with a WARNING saying
+    why. A streaming channel (V2) of the same gateway still gets its ``#error`` turn."""
+    core = deadline_core()
+    caplog.set_level(logging.WARNING, logger="gateway.conversation")
+    async with (
+        serve(core) as core_url,
+        gateway(alexa_deadline_s=2.5, pipeline=f"{core_url}/turn", error_turn=True, **OFF) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        answer = await say(client, envelope("S-fail-slowly", text="fail slowly"))
+        assert spoken(answer) == Settings().voice_error_text
+        assert reply(answer).should_end_session is False
+        await asyncio.sleep(0.3)  # an #error turn would have been sent by now
+        assert core.state.requests == ["fail slowly"]
+        assert "no #error turn in session" in caplog.text
+        assert "less than GATEWAY_ERROR_TURN_MIN_S (2 s)" in caplog.text
+        streamed = await v2_put(client, "app", "fail slowly")
+        assert said(streamed.text) == ["sorry, slowly"]
+        assert core.state.requests == ["fail slowly", "fail slowly", "#error"]
 
 
 @pytest.mark.parametrize(
