@@ -81,7 +81,14 @@ from gateway.events import (
 )
 from gateway.logs import SessionRef, session_ref
 from gateway.outbox import Journal, OutboxError
-from gateway.pipeline.base import ANSWER_DEADLINE, TURN_DEADLINE, Pipeline, PipelineError
+from gateway.pipeline.base import (
+    ANSWER_DEADLINE,
+    CONNECT_WATCH,
+    TURN_DEADLINE,
+    ConnectWatch,
+    Pipeline,
+    PipelineError,
+)
 from gateway.protocol import clipped
 from gateway.redisconn import REDIS_ERRORS
 from gateway.sessions import (
@@ -945,7 +952,11 @@ class Conversation:
         GATEWAY_TURN_TIMEOUT_S), which the core's clients see as TURN_DEADLINE: the
         session and Response. Raises PipelineError, TimeoutError when the time is up.
         TURN_DEADLINE is the sooner of that end and the channel's ANSWER_DEADLINE (a
-        webhook's: a core's retry that would end past it is not made).
+        webhook's: a core's retry that would end past it is not made). When the time ran
+        out while a connection to the core was being opened (:class:`ConnectWatch`: a
+        GATEWAY_PIPELINE_CONNECT_TIMEOUT_S longer than the time left), the PipelineError
+        ``The core pipeline (<core>) could not be reached within <timeout_s> s.`` with
+        ``unreachable`` instead: the core never saw the turn.
 
         Each item handed out is appended to ``items`` (a new list when None), and the
         Response's items are all of ``items``: for the ``#error`` turn, the failed try's
@@ -957,14 +968,18 @@ class Conversation:
         response: Response | None = None
         outputs = self.pipeline.process(session, input)
         deadline: Token[float | None] | None = None
+        watching: Token[ConnectWatch | None] | None = None
+        limit = self.settings.turn_timeout_s if timeout_s is None else timeout_s
+        watch: ConnectWatch | None = None
         try:
-            limit = self.settings.turn_timeout_s if timeout_s is None else timeout_s
             async with asyncio.timeout(limit) as budget:
                 # the core's clients run in this task (each anext): they see when it ends
                 ends = budget.when()
                 assert ends is not None  # a limit was given
                 answer_by = ANSWER_DEADLINE.get()
                 deadline = TURN_DEADLINE.set(ends if answer_by is None else min(ends, answer_by))
+                watch = ConnectWatch(budget.expired)
+                watching = CONNECT_WATCH.set(watch)
                 while True:
                     try:
                         produced = await anext(outputs)
@@ -984,11 +999,22 @@ class Conversation:
                 response = response or Response()
                 for item in response.items:
                     items.append(await self._emit(item, out, tts, session.channel, final=True))
+        except TimeoutError:
+            if watch is None or not watch.cut:
+                raise
+            core = _core_name(self.pipeline, session.app_key)
+            raise PipelineError(  # the connect was cut: the core never had the turn
+                f"The core pipeline{f' ({core})' if core else ''} could not be reached within "
+                f"{limit:g} s.",
+                unreachable=True,
+            ) from None
         finally:
             # closed here, not by the event loop's async-generator finalizer (a task per turn)
             aclose = getattr(outputs, "aclose", None)
             if aclose is not None:
                 await aclose()
+            if watching is not None:
+                CONNECT_WATCH.reset(watching)
             if deadline is not None:
                 TURN_DEADLINE.reset(deadline)
         response = response.model_copy(

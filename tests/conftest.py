@@ -107,6 +107,26 @@ def refused_port() -> int:
     return port
 
 
+def hanging_port() -> int:
+    """A TCP port on 127.0.0.1 where a connection is never made for the rest of the run
+    (a connect hangs until its own timeout): a socket of this process listens on it with
+    a backlog of 0 and never accepts, and a few connections of this process fill its
+    queue, so the kernel drops every further SYN (the client retries in vain), as for a
+    host that silently drops packets."""
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen(0)
+    _HELD.append(held)
+    port: int = held.getsockname()[1]
+    for _ in range(4):
+        filler = socket.socket()
+        filler.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            filler.connect(("127.0.0.1", port))
+        _HELD.append(filler)
+    return port
+
+
 def _answers(url: str) -> bool:
     try:
         return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextvars import ContextVar
 from typing import Protocol
 
@@ -35,6 +35,25 @@ pipeline's own timeout is still GATEWAY_TURN_TIMEOUT_S (a late turn goes on and 
 the session)."""
 
 
+class ConnectWatch:
+    """What one run of a turn's pipeline knows of its core's connections: ``cut`` is set
+    when its time ran out (``expired()``, the run's timeout's: True once it fired) while
+    a connection to the core was being opened (its TCP connect or TLS handshake
+    cancelled), so the core could not be reached in the turn's time, where a core that
+    was reached did not answer in it. Made by the engine for each run
+    (:data:`CONNECT_WATCH`), marked by the core's HTTP client
+    (:func:`gateway.pipeline.cores.send_retried`)."""
+
+    __slots__ = ("cut", "expired")
+
+    def __init__(self, expired: Callable[[], bool]) -> None:
+        self.expired = expired
+        self.cut = False
+
+
+CONNECT_WATCH: ContextVar[ConnectWatch | None] = ContextVar("connect_watch", default=None)
+"""The running turn's :class:`ConnectWatch`; None outside a turn."""
+
 PipelineOutput = ResponseItem | Response
 """What a pipeline yields: any number of ResponseItems, then exactly one Response."""
 
@@ -47,8 +66,9 @@ class PipelineError(Exception):
     ``unreachable``: the ``#error`` turn would go to the same core).
 
     ``unreachable`` (keyword, default False): no connection to the core was made
-    (refused, no route, the connect timed out: :func:`gateway.pipeline.cores.connection_failed`),
-    so the core cannot have seen the turn.
+    (refused, no route, the connect timed out: :func:`gateway.pipeline.cores.connection_failed`;
+    or the turn's time ran out while it was being made: :class:`ConnectWatch`), so the core
+    cannot have seen the turn.
     """
 
     def __init__(self, *args: object, unreachable: bool = False) -> None:

@@ -48,6 +48,7 @@ import zlib
 from collections.abc import (
     AsyncGenerator,
     AsyncIterator,
+    Awaitable,
     Callable,
     Collection,
     Iterator,
@@ -64,7 +65,7 @@ from httpx_sse import SSEError
 
 from gateway import metrics
 from gateway.events import ResponseItem, transfer_item
-from gateway.pipeline.base import TURN_DEADLINE, PipelineError
+from gateway.pipeline.base import CONNECT_WATCH, TURN_DEADLINE, ConnectWatch, PipelineError
 from gateway.protocol import ProtocolError, clipped, load_json, media_type
 from gateway.ratelimit import RefusalLog
 from gateway.settings import Settings
@@ -419,6 +420,23 @@ def _shown_delay(seconds: float) -> str:
     return "forever" if math.isinf(seconds) else f"{round(seconds, 1):g} s"
 
 
+_CONNECTING = (".connect_tcp.failed", ".start_tls.failed")
+"""httpcore's trace events of a connection to a server (or a proxy) that was not made."""
+
+
+def _connect_tracer(watch: ConnectWatch) -> Callable[[str, dict[str, Any]], Awaitable[None]]:
+    """httpx's ``trace`` extension marking ``watch.cut`` when a connect or TLS handshake
+    is cancelled once the turn's timeout fired (``watch.expired()``: it cut the connect;
+    a cancel before, a core's own, is not the turn's time running out)."""
+
+    async def trace(event: str, info: dict[str, Any]) -> None:
+        cancelled = isinstance(info.get("exception"), asyncio.CancelledError)
+        if cancelled and event.endswith(_CONNECTING) and watch.expired():
+            watch.cut = True
+
+    return trace
+
+
 async def send_retried(
     client: httpx.AsyncClient, request: httpx.Request, core: str, label: str
 ) -> httpx.Response:
@@ -439,9 +457,17 @@ async def send_retried(
     whatever its status. A refused answer returned (not retried, or refused again) says
     why in its ``extensions`` for :func:`check_status`'s message.
 
+    Within a turn (:data:`gateway.pipeline.base.CONNECT_WATCH` set) the request's
+    connecting is watched (httpx's ``trace`` extension, unless the caller set one): a
+    TCP connect or TLS handshake cancelled when the turn's time is up marks the turn's
+    :class:`~gateway.pipeline.base.ConnectWatch` (the core could not be reached in it).
+
     Raises what ``client.send`` raises (httpx.HTTPError), and CancelledError when the
     turn's timeout ends the wait.
     """
+    watch = CONNECT_WATCH.get()
+    if watch is not None and "trace" not in request.extensions:
+        request.extensions["trace"] = _connect_tracer(watch)
     answer = await client.send(request, stream=True)
     refusal = _refusal(answer)
     if refusal is None:

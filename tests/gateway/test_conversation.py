@@ -40,7 +40,7 @@ from gateway.sessions import (
     SessionStore,
 )
 from gateway.settings import Settings
-from tests.conftest import free_port
+from tests.conftest import free_port, hanging_port
 from tests.gateway.turns import (
     ctx,
     engine,
@@ -559,6 +559,68 @@ async def test_no_error_turn_after_a_core_that_could_not_be_reached(
         assert "could not be reached" in caplog.text
         assert "failed too" not in caplog.text
     finally:
+        await conv.pipeline.aclose()
+
+
+@pytest.mark.parametrize("error_turn", [False, True])
+async def test_a_connect_cut_by_the_turns_timeout_is_a_core_that_could_not_be_reached(
+    caplog: pytest.LogCaptureFixture, error_turn: bool
+) -> None:
+    """A core whose connect hangs (its host drops the SYNs) with a connect timeout longer
+    than the turn's: the turn's timeout cuts the connect, and the Error says the core
+    could not be reached within the turn's time, with no ``#error`` turn after it (it would
+    go to the same core), as a ConnectTimeout within the turn does. Before, it said the
+    core "did not answer within 1 s" (as if it had the turn) and, with
+    GATEWAY_ERROR_TURN, waited GATEWAY_ERROR_TURN_MIN_S more for a second connect."""
+    conv = engine(
+        pipeline=f"http://127.0.0.1:{hanging_port()}/core",
+        turn_timeout_s=1,
+        pipeline_connect_timeout_s=30,
+        error_turn=error_turn,
+        error_turn_min_s=2,
+    )
+    try:
+        with caplog.at_level(logging.WARNING, logger="gateway.conversation"):
+            start = time.monotonic()
+            events = await pipeline_error(conv, "could not be reached within 1 s")
+            took = time.monotonic() - start
+        error = events[-1]
+        assert isinstance(error, ErrorEvent)
+        assert error.text == "The core pipeline (http) could not be reached within 1 s."
+        assert took < 2.5, took  # the turn's 1 s, no #error turn's 2 s after it
+        assert "failed too" not in caplog.text
+        if error_turn:
+            assert "no #error turn in session" in caplog.text
+        await failed_session(conv, 0)
+    finally:
+        await conv.pipeline.aclose()
+
+
+async def test_a_core_reached_that_does_not_answer_in_time_still_did_not_answer(
+    core: tuple[str, FastAPI],
+) -> None:
+    """The other side of the connect watch: a core that took the connection (and the
+    turn) and holds its answer past the turn's time did not answer; it is no core that
+    could not be reached (the #error turn is sent to it)."""
+    url, app = core
+    release = hanging_core(app, "/hang-reached", {"hello"})
+    conv = engine(
+        pipeline=f"{url}/hang-reached",
+        turn_timeout_s=1,
+        pipeline_connect_timeout_s=30,
+        error_turn=True,
+        error_turn_min_s=1,
+    )
+    try:
+        events = await conv.turn(ctx(), Input.of("hello")).collect()
+        assert texts(events) == ["sorry: #error"]
+        assert app.state.requests == ["hello", "#error"]
+        await pipeline_error(
+            engine(pipeline=f"{url}/hang-reached", turn_timeout_s=1),
+            "The core pipeline (http) did not answer within 1 s.",
+        )
+    finally:
+        release.set()
         await conv.pipeline.aclose()
 
 
