@@ -80,6 +80,11 @@ full; :data:`TRANSITIONS` is the same state machine):
 5. DTMF (:class:`~gateway.callcodec.Digit`): ``digit`` or ``collect`` mode, as Twilio.
    Keys collected when the stream ends (no ``#`` or pause yet) are still the caller's
    input, as Twilio's ``<Gather>`` submits the digits typed before a hang-up (step 6).
+   A key pressed while the caller speaks (an utterance open: its onset heard, no final
+   yet) does not cancel the utterance: it is heard out and its words are an input, the
+   keys after it ("Inputs that wait" below). Over the paused bot (held, or resumed early
+   and judged) the key cuts the bot off and the utterance's final is judged as speech
+   over the bot: a real interruption is an input, a backchannel or noise is not.
 6. The end: a final mark after the last audio; its echo -> :class:`HangUp` (or
    :class:`Transfer` when a response item asked for one). The carrier's ``stop`` (the
    caller hung up) or a lost connection (:meth:`CarrierCall.connection_lost`: the
@@ -126,9 +131,14 @@ said reaches the core:
   yet) when words after them are taken are an input then, before the words, as the
   pause would have made them; when the pause ends while the caller speaks, the keys are
   an input then and the utterance is heard out, its words the input after them (the
-  keys' turn starts once it is over: the bot does not answer over the caller). Likewise
-  ``#machine`` (which drops the inputs waiting: the answering machine's words are not
-  the caller's);
+  keys' turn starts once it is over: the bot does not answer over the caller). Keys
+  pressed while the caller speaks come after the utterance's words (the words began
+  first): held until its result, then each an input of its own after them (at most
+  :data:`MAX_WAITING_INPUTS` held); keys begun then and still being collected at its
+  final are not cut short: the words wait on the caller's floor until ``#`` or the
+  pause, then the words' turn, the keys after it. ``#machine`` comes after the keys a
+  human pressed (waiting, held or being collected, in that order) and drops the words
+  waiting (the answering machine's words are not the caller's);
 - ``#silence`` and ``#fallback`` (no words came) never wait beside an input: dropped
   when one waits, replaced by the next.
 
@@ -903,6 +913,17 @@ class CarrierCall:
         that began and also ended before the final is heard up to there."""
         self._next_voiced_end: int | None = None
         """The end of the last voiced frame of that ended speech (audio ms)."""
+        self._keys_stream: int | None = None
+        """The utterance (:attr:`stream`) open when the keys being collected began (digit
+        mode: the latest key), None: none was open. Keys begun during an utterance come
+        after its words (:meth:`_keys_during`)."""
+        self._held_keys: deque[str] = deque()
+        """Keys pressed while the caller speaks (an utterance open), done before its
+        result came: they wait after its words (:meth:`_release_keys`), in the order
+        pressed; at most :data:`MAX_WAITING_INPUTS`."""
+        self._key_cut_in = False
+        """Whether a key cut the bot off while the utterance heard was speech over it (held
+        or judged): its final is judged as such (:meth:`_utterance_result`)."""
         self._judging = False  # resumed early: the utterance's final is still judged
         self._judged: tuple[int, int] | None = None  # (onset, voiced end) when it resumed
         self.extra_parameters: dict[str, str] = {}
@@ -1106,8 +1127,13 @@ class CarrierCall:
     def machine_answered(self, answered_by: str) -> list[CallAction]:
         """An answering machine (or fax) took the call (``AnsweredBy``, asynchronous AMD):
         the bot falls silent and ``#machine`` (attributes ``answeredBy``) is the next
-        input, for the core to leave a message or hang up. Before ``start`` it only goes
-        into the ``#intro`` attributes; once the call is ending it is ignored.
+        input, for the core to leave a message or hang up. Words waiting (the machine's
+        greeting heard as speech) are dropped; keys a human pressed are not: those
+        waiting, held (pressed while an utterance was heard, now cancelled) and being
+        collected (``collect`` mode, no ``#`` or pause yet: an input now, as the pause
+        would have made them, as for words committed then) go first, each an input of
+        its own. Before ``start`` it only goes into the ``#intro`` attributes; once the
+        call is ending it is ignored.
 
         Only the call's first result is taken (:attr:`machine_heard`): carriers deliver
         webhooks at least once (Telnyx's retries, Twilio's on a timeout), so a second
@@ -1130,9 +1156,14 @@ class CarrierCall:
         elif state is State.BOT:
             actions += [*self._stop_judging(), *self._silence_the_bot()]
         self.interruption = None  # not the caller's interruption
-        # nor the caller's words: what waits (the machine's greeting heard as speech) is
-        # dropped, #machine is the next input (the core leaves its message at once)
-        self._waiting.clear()
+        # nor the caller's words: words waiting (the machine's greeting heard as speech)
+        # are dropped, #machine is the next input after the keys a human pressed (waiting,
+        # held or being collected: _commit), which are no machine's
+        self._waiting = deque(
+            (text, speech)
+            for text, speech in self._waiting
+            if not speech and text not in _NOT_THE_CALLER
+        )
         return [*actions, *self._commit(MACHINE)]
 
     def _media(self, message: Media) -> list[CallAction]:
@@ -1372,6 +1403,7 @@ class CarrierCall:
         audio up to its end (``until_ms``), and speech from then on follows it."""
         self._silence_at = None
         self._interrupted = interrupted
+        self._key_cut_in = False
         self._heard_end = None
         onset = self.now_ms if self.onset_ms is None else self.onset_ms
         until = None
@@ -1395,16 +1427,17 @@ class CarrierCall:
         if state in (State.ENDING, State.TRANSFERRING):
             return []
         actions: list[CallAction] = []
-        if state is State.HEARING:
-            actions += self._stop_listening()
-            self.machine.advance(NOISE)  # the key, not the utterance, is the input
-        elif state is State.HOLDING:
-            actions += [*self._stop_listening(), *self._silence_the_bot()]
-            self.machine.advance(INTERRUPT)
+        if state is State.HOLDING or (state is State.BOT and self._judging):
+            # a key over the bot is a real interruption: the bot is cut off and the
+            # utterance held (or judged) is heard out, its final judged as speech over the
+            # bot (a backchannel is no input, _utterance_result)
+            actions += self._barge_in()
+            self._key_cut_in = True
         elif state is State.BOT and self.config.barge_in:
-            actions += self._stop_judging()
             actions += self._silence_the_bot()
             self.machine.advance(INTERRUPT)
+        if not self.dtmf.collecting:  # the first key of an input: pressed while one speaks?
+            self._keys_stream = self.stream if self.state is State.HEARING else None
         done = self.dtmf.press(digit, self.now_ms)
         if done is not None:
             actions += self._digits(done)
@@ -1418,19 +1451,51 @@ class CarrierCall:
 
     def _digits(self, text: str) -> list[CallAction]:
         """Keys done (``text``: a key in ``digit`` mode; ``collect`` mode: ``#``, the pause
-        or ``max_digits``): the next input. In HEARING the utterance began after the keys
-        (a key pressed while it is heard cancels it, :meth:`_dtmf`): the pause ran out
-        while the caller speaks, so the keys wait (an input then, as the pause made them)
-        and the utterance is heard out, its words the input after them; the keys' turn
+        or ``max_digits``): the next input. In HEARING, keys begun while the utterance was
+        open (:meth:`_keys_during`: pressed while the caller speaks) are held until its
+        result: they wait after its words (:meth:`_release_keys`), the order the caller
+        used (the words began first). Keys begun before the utterance (the pause ran out
+        while the caller speaks) wait now (an input then, as the pause made them) and
+        the utterance is heard out, its words the input after them; the keys' turn
         starts once the utterance is over (its final, no words, or the listener's
         failure), so the bot does not answer them over the caller (module doc, "Inputs
         that wait"). The call stays HEARING. In BOT or HOLDING (the caller speaks over
         the paused bot) they wait likewise, for the bot's floor."""
+        if self._keys_during():
+            return self._hold_keys(text)
         if self.state in (State.BOT, State.HOLDING, State.HEARING):
             return [*self._wait(text, speech=False), *self._advance()]
         if self.state is State.CALLER:
             return self._commit(text, keys=True)
         return []
+
+    def _keys_during(self) -> bool:
+        """Whether the keys being collected (``digit`` mode: the key just pressed) began
+        while the utterance being heard was open (HEARING): they come after its words."""
+        return self.state is State.HEARING and self._keys_stream == self.stream
+
+    def _hold_keys(self, text: str) -> list[CallAction]:
+        """Keys done while the caller speaks (:meth:`_keys_during`): held until the
+        utterance's result, then they wait after its words (:meth:`_release_keys`). At
+        most :data:`MAX_WAITING_INPUTS` are held: past it the oldest is dropped
+        (``[InputsDropped]``), else ``[]``."""
+        self._held_keys.append(text)
+        if len(self._held_keys) > MAX_WAITING_INPUTS:
+            self._held_keys.popleft()
+            return [InputsDropped(inputs=1)]
+        return []
+
+    def _release_keys(self) -> list[CallAction]:
+        """The keys held while the utterance was heard (:meth:`_hold_keys`) wait now, each
+        an input of its own in the order pressed (:meth:`_wait`, its bounds: one
+        ``InputsDropped`` for all drops, else ``[]``)."""
+        inputs = chars = 0
+        while self._held_keys:
+            for action in self._wait(self._held_keys.popleft(), speech=False):
+                if isinstance(action, InputsDropped):
+                    inputs += action.inputs
+                    chars += action.chars
+        return [InputsDropped(chars, inputs)] if inputs or chars else []
 
     def _mark(self, name: str) -> list[CallAction]:
         self.playout.echoed(name, self.now_ms)
@@ -1464,17 +1529,29 @@ class CarrierCall:
         mode, no ``#`` or pause yet) were pressed before the words (or ``#fallback``)
         committed now: they are committed first, as an input of their own, as the pause
         would have made them (module doc, "Inputs that wait": words said after keys wait
-        after them). The bot's floor counts from ``since`` (audio ms; None: now): speech
+        after them). Keys pressed while the utterance committed now was heard (held,
+        :meth:`_hold_keys`) wait after its words; when keys begun during it are still
+        being collected, the words wait for them on the caller's floor (the bot does not
+        answer while the caller types; their turn starts once the keys are done). For
+        ``#machine`` every key of the caller's goes first: held, then collected, as the
+        pause would have made them (a human pressed them before the machine was heard).
+        The bot's floor counts from ``since`` (audio ms; None: now): speech
         begun from then on is speech over the bot (:meth:`_may_barge_in`), heard when the
         floor passes."""
-        self.machine.advance(INPUT)
+        typing = not keys and text != MACHINE and self.dtmf.collecting and self._keys_during()
+        self.machine.advance(NOISE if typing else INPUT)  # typing: the caller's floor still
         self._bot_since = self.now_ms if since is None else since
         self._silence_at = None
         speech = not keys and not text.startswith(ACTION_PREFIX)
         actions: list[CallAction] = []
-        if not keys and text != MACHINE and (digits := self.dtmf.flush()) is not None:
+        if text == MACHINE:
+            actions += self._release_keys()
+        if not keys and not typing and (digits := self.dtmf.flush()) is not None:
             actions += self._wait(digits, speech=False)
-        return [*actions, *self._wait(text, speech=speech), *self._advance()]
+        actions += self._wait(text, speech=speech)
+        if text != MACHINE:
+            actions += self._release_keys()
+        return [*actions, *self._advance()]
 
     def _wait(self, text: str, *, speech: bool) -> list[CallAction]:
         """``text`` waits for the bot's floor (module doc, "Inputs that wait"). ``speech``
@@ -1588,11 +1665,23 @@ class CarrierCall:
             return self._resume()
         if state is not State.HEARING:
             return []
-        if text or self._interrupted:
-            return [*self._commit(text or FALLBACK, since=ended), *self._heard_next()]
+        if self._key_cut_in and not self._is_interruption(text, final=True, confidence=confidence):
+            text = ""  # a backchannel or noise over the bot: the key, not it, cut the bot off
+        return self._utterance_result(text, since=ended)
+
+    def _utterance_result(self, text: str, *, since: int | None) -> list[CallAction]:
+        """HEARING: the utterance is over, ``text`` its words ("": none). Words are the next
+        input (:meth:`_commit`, from ``since``: the utterance's end), ``#fallback`` when
+        it cut the bot off with none (not when a key did: the keys are the input); else
+        the caller's floor again, a fresh silence timeout, the keys pressed meanwhile and
+        inputs waiting going (:meth:`_waiting_goes`). Then the caller's speech begun
+        since the utterance ended (:meth:`_heard_next`)."""
+        if text or (self._interrupted and not self._key_cut_in):
+            return [*self._commit(text or FALLBACK, since=since), *self._heard_next()]
         self.machine.advance(NOISE)
         self._silence_at = self.now_ms + self.config.silence_timeout_ms
-        return [*self._waiting_goes(since=ended), *self._heard_next()]
+        released = self._release_keys()
+        return [*released, *self._waiting_goes(since=since), *self._heard_next()]
 
     def _speaks_on(self) -> bool:
         """Whether the caller spoke again after the utterance listened to ended, before its
@@ -1639,6 +1728,8 @@ class CarrierCall:
             return []
         if self.state is not State.HEARING:
             return []
+        if self._key_cut_in:  # a key cut the bot off: the keys are the input
+            return self._utterance_result("", since=self._heard_end)
         return [*self._commit(FALLBACK, since=self._heard_end), *self._heard_next()]
 
     # -------------------------------------------------------------- turns
@@ -1738,6 +1829,7 @@ class CarrierCall:
                 self._held_at = None
             self.machine.advance(SESSION_END)
             self._waiting.clear()
+            self._held_keys.clear()
             self.dtmf.reset()  # keys collected before the end go the pending input's way
             return [*stop, *end, self._play(b"", final=True)]
         return self._advance()
@@ -1871,6 +1963,7 @@ class CarrierCall:
             self.turn.discarded = True
         last: list[CallAction] = []
         if was is not State.CLOSED and not self.session_over:
+            last += self._release_keys()  # pressed while the caller spoke: after those waiting
             digits = self.dtmf.flush()
             if digits is not None:
                 last += self._wait(digits, speech=False)

@@ -262,16 +262,22 @@ def test_without_holding_speech_interrupts_at_once() -> None:
 
 
 def test_a_key_while_holding_interrupts_and_is_the_input() -> None:
+    """A key over the paused bot cuts it off; the utterance held is heard out (no
+    CancelListening) and judged as speech over the bot: a backchannel is no input, the
+    key is (with what was heard of the bot). Before, the utterance was cancelled."""
     call = started()
     say_item(call, "Hello there.")
     hold(call)
     actions = call.receive(dtmf("4"))
-    assert [type(a) for a in actions] == [CancelListening, Interrupt]
+    assert [type(a) for a in actions] == [Interrupt]
+    assert call.state is State.HEARING
+    assert call.heard("final", "uh huh", 0.9) == []  # a backchannel: the key is the input
     call.turn_event(ResponseEvent(response=Response()))
     [turn] = call.turn_finished()  # the key's turn once the interrupted one ends
     assert isinstance(turn, StartTurn)
     assert turn.input.text == "4"
     assert turn.input.attributes[INTERRUPTED] is True
+    assert call.waiting == ()
 
 
 def test_the_session_ending_while_holding_says_its_last_words() -> None:
@@ -1113,25 +1119,24 @@ def caller_s_floor_collecting() -> TwilioCall:
     return call
 
 
-def test_keys_whose_pause_ends_while_the_bot_holds_wait_for_its_floor() -> None:
-    """``collect`` mode: 1, 2 pressed, then an answering machine is detected (its ``#machine``
-    turn speaks; the keys are still collected), and speech over that turn pauses it; the
-    pause of the keys ends while the bot holds: they wait for the bot's floor. Before,
-    they were dropped."""
+def test_keys_being_collected_when_a_machine_is_detected_go_before_it() -> None:
+    """``collect`` mode: 1, 2 pressed (no ``#`` or pause yet), then an answering machine
+    is detected: a human pressed the keys, so they are an input of their own first (as
+    words committed while keys are collected: the pause would have made them), then
+    ``#machine``; the pause later gives nothing. Before, ``#machine``'s turn started and
+    the keys, still collected, came after it (their pause ending while the bot held for
+    speech over the machine's message)."""
     call = caller_s_floor_collecting()
     [turn] = call.machine_answered("machine_start")
     assert isinstance(turn, StartTurn)
-    assert turn.input.text == "#machine"
-    say_item(call, "Hello, this is a message.", SECOND * 5)
-    hold(call)
-    assert frames(call, 100) == []  # ended, its final awaited: the pause ends meanwhile
-    assert state_of(call) is State.HOLDING
-    assert list(call.waiting) == ["12"]
-    assert call.heard("final", "uh huh", 0.9) == [ResumePlayback()]
-    assert finish_turn(call) == []  # its audio plays on
-    [turn] = call.receive(mark("2"))
-    assert isinstance(turn, StartTurn)
     assert turn.input.text == "12"
+    assert list(call.waiting) == ["#machine"]
+    assert frames(call, 150) == []  # past the keys' pause: nothing more comes of them
+    [turn] = finish_turn(call)
+    assert isinstance(turn, StartTurn)
+    assert turn.input.text == "#machine"
+    assert turn.input.attributes == {"answeredBy": "machine_start"}
+    assert call.waiting == ()
 
 
 def test_a_fallback_waiting_at_a_hang_up_gets_no_turn() -> None:

@@ -26,7 +26,7 @@ from adapters.twilio.protocol import MAX_MEDIA_BYTES, MULAW_8K
 from gateway.events import Input, Response, ResponseItem
 from gateway.io.call import LOGGED_BAD_FRAMES, LOGGED_INPUT_DROPS, MAX_BAD_FRAMES
 from gateway.metrics import REGISTRY
-from gateway.protocol.call import MAX_DTMF_DIGITS, MAX_WAITING_INPUTS
+from gateway.protocol.call import MAX_DTMF_DIGITS, MAX_WAITING_INPUTS, State
 from gateway.sessions import Session
 from gateway.speech.audio import Pcm
 from gateway.speech.service import SpeechService
@@ -393,6 +393,34 @@ async def test_collected_digits_end_with_hash_or_a_pause(speech: SpeechService, 
         await gw.wait_turns(3)  # after 1 s of the caller's audio (0.25 s at 4x)
         assert gw.core.turns[2] == ("17", ["You said: 17"])
         await call.stop()
+
+
+@pytest.mark.parametrize(
+    ("mode", "keys", "key_input"), [("digit", "5", "5"), ("collect", "12#", "12")]
+)
+async def test_keys_pressed_mid_sentence_come_after_the_sentence(
+    speech: SpeechService, corpus: dict[str, Pcm], mode: str, keys: str, key_input: str
+) -> None:
+    """The caller says a sentence and presses keys while saying it (the utterance open:
+    the engine HEARING, no final yet): the sentence is heard out and is the next input,
+    the keys the one after it. Before, the first key cancelled the utterance: the core
+    got only the keys, the sentence was lost."""
+    async with (
+        twilio_gateway(speech, twilio_dtmf_mode=mode, twilio_dtmf_timeout_ms=1000) as gw,
+        TwilioHarness.dial(gw.url, PUBLIC, auth_token=AUTH, mic_speed=1.0) as call,
+    ):
+        await gw.wait_answers(call, 1, 30)
+        runner = gw.channel.calls[call.call_sid]
+        utterance = call.say(corpus[SENTENCE])
+        assert await until(lambda: runner.call.state is State.HEARING, 10)
+        assert not utterance.finished.done()  # mid-sentence
+        for key in keys:
+            await call.dtmf(key)
+        await gw.wait_turns(3, 60)  # generous: recognition on a loaded machine
+        assert wer([(SENTENCE, normalise(gw.core.turns[1][0]))]) <= 0.34, gw.core.turns
+        assert gw.core.turns[2] == (key_input, [f"You said: {key_input}"])
+        await call.stop()
+    await gw.wait_no_calls()
 
 
 async def test_collected_digits_are_bounded_the_key_at_the_cap_ends_the_input(

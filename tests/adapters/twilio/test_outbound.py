@@ -115,6 +115,43 @@ async def test_outbound_call_intro_knows_it_and_a_machine_answer_is_an_input(
         await gw.wait_no_calls()
 
 
+async def test_keys_being_collected_when_a_machine_is_detected_reach_the_core_before_it(
+    speech: SpeechService,
+) -> None:
+    """``collect`` mode: the callee presses 1, 2 (no ``#``, the pause not over) and the
+    signed AMD result then says a machine answered: a human pressed the keys, so "12" is
+    the core's input first (as the pause would have made it), ``#machine`` after it.
+    Before, ``#machine`` went first and the keys came after it, once their pause ended."""
+    async with twilio_gateway(
+        speech,
+        twilio_account_sid=SID,
+        twilio_dtmf_mode="collect",
+        twilio_dtmf_timeout_ms=60_000,
+    ) as gw:
+        core = Scripted({"#intro": [ResponseItem(text="Hello.")]})
+        gw.app.state.gateway.conversation.pipeline = core
+        async with TwilioHarness.dial(gw.url, PUBLIC, auth_token=AUTH, mic_speed=4.0) as call:
+            await call.wait_for(lambda: len(call.echoed) >= 1, 20)  # the intro was heard
+            for key in "12":
+                await call.dtmf(key)
+            runner = gw.app.state.twilio.calls[call.call_sid]
+            await call.wait_for(lambda: runner.call.dtmf.collecting, 5)  # the keys are in
+            amd = {"CallSid": call.call_sid, "AccountSid": SID, "AnsweredBy": "machine_start"}
+            amd_url = f"{PUBLIC}/twilio/amd?key=twilio"
+            async with httpx.AsyncClient(base_url=gw.url) as client:
+                signed = await client.post(
+                    "/twilio/amd?key=twilio",
+                    data=amd,
+                    headers={"X-Twilio-Signature": sign(AUTH, amd_url, amd)},
+                )
+            assert signed.status_code == 204
+            assert await until(lambda: len(core.inputs) >= 3, 20), core.inputs
+            assert [i.text for i in core.inputs] == ["#intro", "12", "#machine"]
+            assert core.inputs[2].attributes == {"answeredBy": "machine_start"}
+            await call.stop()
+        await gw.wait_no_calls()
+
+
 async def test_post_v1_calls_refusals() -> None:
     async with (
         twilio_gateway(admin_keys=frozenset({ADMIN})) as gw,
