@@ -102,6 +102,7 @@ from gateway.protocol.call import (
     CarrierCall,
     HangUp,
     InputsDropped,
+    InputsUnanswered,
     Interrupt,
     PausePlayback,
     Play,
@@ -1018,6 +1019,16 @@ class CallRunner(WebSocketDriver[CallAction]):
                 self.name,
                 action.chars,
                 action.inputs,
+            )
+        elif isinstance(action, InputsUnanswered):
+            log.debug(
+                "%s: %d of the caller's inputs%s get no turn: %s",
+                self.name,
+                action.inputs,
+                " and the utterance being heard" if action.listening else "",
+                "the call is transferred (the person it goes to hears the caller)"
+                if action.reason == "transfer"
+                else "the core ended the session",
             )
         elif isinstance(action, HangUp):
             self._hangup = self.spawn(self._end(action.call_id, None), "hang-up")

@@ -103,7 +103,16 @@ full; :data:`TRANSITIONS` is the same state machine):
    the end: :meth:`CarrierCall.transfer_finished` gives the core the input
    :data:`TRANSFER_FAILED` (attributes ``target``, ``reason``, ``error``) on the
    bot's floor, and the call goes on in the same session; a transfer that happened
-   ends the session (unless the core ended it already).
+   ends the session (unless the core ended it already). The core's transfer stands once
+   its turn asked for it, as a session it ended does, whether the caller cut the turn
+   off (barge-in) before or after its transfer item came (not a race with the
+   synthesis of the announcement), but not once the caller hung up. So the caller's
+   words and keys over the announcement (while the turn runs; once it finished, in
+   ENDING, the caller is not heard) get no turn: the person the call goes to hears the
+   caller, and nobody would answer them here. They are dropped when the turn finishes,
+   said in :class:`InputsUnanswered` (the runner logs it at DEBUG), as the caller's
+   inputs over a farewell are. When the carrier refuses the transfer, the core gets
+   :data:`TRANSFER_FAILED`, not those words (said before it knew).
 8. Moving (a gateway instance shutting down hands its calls to another:
    :meth:`CarrierCall.move`): no turn starts any more, and the stream's end leaves the
    session open (no EndSession, an input waiting is dropped); the call's next stream, started
@@ -717,6 +726,25 @@ class InputsDropped:
     inputs: int = 0
 
 
+UnansweredReason = Literal["transfer", "session ended"]
+"""Why the caller's inputs get no turn (:class:`InputsUnanswered`)."""
+
+
+@dataclass(frozen=True)
+class InputsUnanswered:
+    """The caller's inputs get no turn: the turn running asked for a transfer
+    (``reason`` ``"transfer"``) or ended the session (``"session ended"``) and finished
+    while the caller spoke over its last words (module doc, step 7): ``inputs`` of theirs
+    waiting (words, keys; held or being collected) are dropped, and the utterance being
+    heard (``listening``) is cancelled. The core decided: the call is handed over (the
+    person it goes to hears the caller) or ended, so nobody would answer them. The runner
+    logs it (DEBUG); nothing else changes."""
+
+    reason: UnansweredReason
+    inputs: int = 0
+    listening: bool = False
+
+
 @dataclass(frozen=True)
 class HangUp:
     """End the call ``call_id``: the carrier's REST hang-up, or close the stream."""
@@ -745,13 +773,14 @@ CallAction = (
     | CancelListening
     | Speak
     | InputsDropped
+    | InputsUnanswered
     | HangUp
     | Transfer
     | EndSession
     | Close
 )
 """The engine's own actions (Play, Interrupt, PausePlayback, ResumePlayback, Speak,
-InputsDropped, HangUp, Transfer) and the kit's."""
+InputsDropped, InputsUnanswered, HangUp, Transfer) and the kit's."""
 
 
 # ------------------------------------------------------------------ the call
@@ -1748,11 +1777,16 @@ class CarrierCall:
         if isinstance(event, ErrorEvent):
             turn.failed = True
             return [] if turn.discarded else [Speak(self.config.error_text)]
-        if isinstance(event, ResponseItemEvent) and not turn.discarded and self.transfer is None:
-            item_text = (event.response_item.text or "").strip()
-            self.playout.item("" if item_text.startswith("#") else item_text)
+        if isinstance(event, ResponseItemEvent) and self.transfer is None:
             target = transfer_target(event.response_item)
-            if target is not None:  # what follows it in the turn is not played
+            if not turn.discarded:
+                item_text = (event.response_item.text or "").strip()
+                self.playout.item("" if item_text.startswith("#") else item_text)
+            # what follows it in the turn is not played. The core's transfer stands when
+            # the caller cut the turn off before this item came (module doc step 7), as it
+            # does once it came: not a race with the synthesis of the announcement before
+            # it; not once the caller is gone (their inputs waiting still reach the core)
+            if target is not None and (not turn.discarded or self.state is not State.CLOSED):
                 self.transfer, turn.transfer = target, True
             return []
         if isinstance(event, BinaryEvent) and not turn.discarded and not turn.transfer:
@@ -1827,12 +1861,24 @@ class CarrierCall:
             if self.state is State.HOLDING:  # the farewell is said all the same
                 stop = [*self._stop_listening(), ResumePlayback()]
                 self._held_at = None
+            unanswered = self._unanswered(
+                "transfer" if turn.transfer else "session ended", listening=bool(stop)
+            )
             self.machine.advance(SESSION_END)
             self._waiting.clear()
             self._held_keys.clear()
             self.dtmf.reset()  # keys collected before the end go the pending input's way
-            return [*stop, *end, self._play(b"", final=True)]
+            return [*stop, *unanswered, *end, self._play(b"", final=True)]
         return self._advance()
+
+    def _unanswered(self, reason: UnansweredReason, *, listening: bool) -> list[CallAction]:
+        """The caller's inputs dropped now that the turn which ended the session or asked
+        for a transfer finished (``reason``):
+        ``[InputsUnanswered]`` when any (waiting, held or being collected, or the utterance
+        heard cancelled: ``listening``), else ``[]``."""
+        inputs = sum(1 for text, _ in self._waiting if text not in _NOT_THE_CALLER)
+        inputs += len(self._held_keys) + self.dtmf.collecting
+        return [InputsUnanswered(reason, inputs, listening)] if inputs or listening else []
 
     # -------------------------------------------------------------- the end
 

@@ -850,6 +850,76 @@ async def test_transfer_happens_only_after_the_preceding_audio_played(
         await carrier.ended(gw, call)  # the session ended with the transfer
 
 
+ANNOUNCEMENT = "Please hold on while I put you through to a colleague from our sales team."
+
+
+class SlowTransfer(Scripted):
+    """A core whose ``#intro`` says :data:`ANNOUNCEMENT` and asks for a transfer, its turn
+    ending only once :attr:`done` is set (the announcement plays meanwhile)."""
+
+    def __init__(self) -> None:
+        super().__init__({})
+        self.done = asyncio.Event()
+
+    async def process(self, session: Session, input: Input) -> AsyncIterator[Any]:
+        self.inputs.append(input)
+        if input.text == "#intro":
+            yield ResponseItem(text=ANNOUNCEMENT)
+            yield transfer_item("+15550123", reason="asked for a person")
+            await self.done.wait()
+        else:
+            yield ResponseItem(text="Okay.")
+        yield Response()
+
+
+@each([TWILIO])
+async def test_words_over_a_transfer_announcement_are_dropped_and_logged_the_transfer_goes_on(
+    carrier: Carrier,
+    speech: SpeechService,
+    corpus: dict[str, Pcm],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The caller speaks over the announcement of a transfer (its turn still running):
+    the speech cuts the announcement off (barge-in), but the transfer the core asked for
+    still happens and the words get no turn (the person the call goes to hears the
+    caller); the runner says so at DEBUG with the reason. Before, they were dropped
+    without a word in the log."""
+    caplog.set_level(logging.INFO, "gateway.callcontrol")
+    caplog.set_level(logging.DEBUG, "gateway.call")  # (last: the handler's level too)
+    transfer = carrier.transfer
+    assert transfer is not None
+    core = SlowTransfer()
+    async with carrier.gateway(speech, more=transfer.settings, **carrier.barge_in) as (gw, api):
+        gw.app.state.gateway.conversation.pipeline = core
+        async with carrier.dial(gw.url, mic_speed=1.0, play_speed=1.0) as call:
+            await call.wait_for(lambda: bool(call.media_frames()))
+            await asyncio.sleep(0.5)
+            call.say(corpus[SENTENCE])
+            await call.wait_for(lambda: bool(call.clears()), within_s=10)  # barge-in
+            core.done.set()  # the transfer turn ends while (or after) the caller speaks
+            assert await until(lambda: len(api.requests) >= 1, 20)
+            (command,) = api.requests
+            transfer.check(command, call)
+            if transfer.closes:
+                await call.wait_for(lambda: call.closed_at is not None, within_s=10)
+            else:
+                await call.stop()
+        assert [i.text for i in core.inputs] == ["#intro"]  # the words reached no turn
+        assert logged_transfers(caplog.records) == [
+            (carrier.name, call.call_id, "+15550123", "asked for a person", True)
+        ]
+        unanswered = [
+            r.getMessage()
+            for r in caplog.records
+            if r.name == "gateway.call" and "get no turn" in r.getMessage()
+        ]
+        assert len(unanswered) == 1, unanswered
+        assert "the call is transferred" in unanswered[0]
+        assert [r.levelno for r in caplog.records if "get no turn" in r.getMessage()] == [
+            logging.DEBUG
+        ]
+
+
 @each(ALL)
 async def test_unsigned_forged_and_tokenless_requests_are_refused(
     carrier: Carrier, speech: SpeechService

@@ -38,6 +38,7 @@ from gateway.protocol.call import (
     MAX_WAITING_INPUTS,
     CallConfig,
     InputsDropped,
+    InputsUnanswered,
     Interrupt,
     PausePlayback,
     Play,
@@ -286,7 +287,8 @@ def test_the_session_ending_while_holding_says_its_last_words() -> None:
     hold(call)
     call.turn_event(ResponseEvent(response=Response(session_ended=True)))
     actions = call.turn_finished()
-    assert [type(a) for a in actions] == [CancelListening, ResumePlayback, Play]
+    assert [type(a) for a in actions] == [CancelListening, ResumePlayback, InputsUnanswered, Play]
+    assert actions[2] == InputsUnanswered("session ended", 0, listening=True)  # for the log
     assert call.state is State.ENDING
     assert call.heard("final", "wait") == []  # too late: ignored
 

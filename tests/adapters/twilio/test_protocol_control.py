@@ -20,7 +20,7 @@ from gateway.events import (
     ResponseItemEvent,
     transfer_item,
 )
-from gateway.protocol.call import MACHINE, HangUp, Interrupt, Play, Transfer
+from gateway.protocol.call import MACHINE, Interrupt, Play, Transfer
 from tests.conftest import state_of
 
 CALL = "CA" + "c" * 32
@@ -227,15 +227,19 @@ def test_a_transfer_in_a_turn_that_ended_the_session_is_not_ended_twice() -> Non
     assert call.final_mark_overdue() == [Transfer(CALL, "+15550123", None)]
 
 
-def test_a_transfer_of_an_interrupted_turn_is_dropped() -> None:
+def test_a_transfer_of_an_interrupted_turn_still_happens() -> None:
+    """The caller cut the turn off (barge-in) before its transfer item came: the core's
+    transfer stands, as it does when the item came before the barge-in (and as a session
+    the turn ended stays ended): whether the announcement's synthesis or the caller was
+    first does not decide whether the call is handed over. Before, the item was dropped
+    with the turn's rest (a hang-up here) when it came after the barge-in."""
     call = new_call()
     call.receive(start(appKey="app"))
     call.turn_event(BinaryEvent(data=b"\xff" * 1600))
     assert call.turn is not None
     call.turn.discarded = True  # barge-in
     call.turn_event(ResponseItemEvent(response_item=transfer_item("+15550123")))
-    assert call.transfer is None
+    assert call.transfer == ("+15550123", None)
     call.turn_event(ResponseEvent(response=Response(session_ended=True)))
     call.turn_finished()
-    (hang_up,) = call.final_mark_overdue()
-    assert isinstance(hang_up, HangUp)
+    assert call.final_mark_overdue() == [Transfer(CALL, "+15550123", None)]
