@@ -65,7 +65,13 @@ from httpx_sse import SSEError
 
 from gateway import metrics
 from gateway.events import ResponseItem, transfer_item
-from gateway.pipeline.base import CONNECT_WATCH, TURN_DEADLINE, ConnectWatch, PipelineError
+from gateway.pipeline.base import (
+    ANSWER_DEADLINE,
+    CONNECT_WATCH,
+    TURN_DEADLINE,
+    ConnectWatch,
+    PipelineError,
+)
 from gateway.protocol import ProtocolError, clipped, load_json, media_type
 from gateway.ratelimit import RefusalLog
 from gateway.settings import Settings
@@ -437,6 +443,15 @@ def _connect_tracer(watch: ConnectWatch) -> Callable[[str, dict[str, Any]], Awai
     return trace
 
 
+def _answer_bound(deadline: float | None, answer_by: float | None) -> bool:
+    """Whether the turn's :data:`~gateway.pipeline.base.TURN_DEADLINE` ``deadline`` is the
+    channel's :data:`~gateway.pipeline.base.ANSWER_DEADLINE` ``answer_by`` (a webhook's
+    platform must be answered before the turn's GATEWAY_TURN_TIMEOUT_S ends), so a retry
+    that does not fit is said not to fit before the platform must answer, not in the
+    turn (both loop times, s; None: not set)."""
+    return deadline is not None and answer_by is not None and answer_by <= deadline
+
+
 async def send_retried(
     client: httpx.AsyncClient, request: httpx.Request, core: str, label: str
 ) -> httpx.Response:
@@ -449,7 +464,9 @@ async def send_retried(
     :data:`MAX_RETRY_WAIT_S` and, within a turn (:data:`gateway.pipeline.base.TURN_DEADLINE`
     set), leaves at least :data:`RETRY_RESERVE_S` of the turn's GATEWAY_TURN_TIMEOUT_S
     (of a webhook's time before its deadline, when that ends first: the failure is then
-    answered in time, where the platform would have heard "still working");
+    answered in time, where the platform would have heard "still working"; the note then
+    says ``does not fit in the 1.9 s left before the platform must answer``, else ``...
+    left of the turn``);
     each such retry is one WARNING naming ``core`` (``Rasa``, ``the OpenAI-compatible
     core``...) and the delay, and counts in ``gateway_core_retries_total{core=label}``
     (``label``: the core's pipeline name, ``rasa``). Only the refused request is sent
@@ -487,9 +504,12 @@ async def send_retried(
         )
         return answer
     if delay + RETRY_RESERVE_S > left:
+        # which limit binds (TURN_DEADLINE is the sooner of the two): the note names it
+        webhook = _answer_bound(deadline, ANSWER_DEADLINE.get())
+        bound = "before the platform must answer" if webhook else "of the turn"
         answer.extensions[_RETRY_NOTE] = (
             f"not retried: a wait of {_shown_delay(delay)} does not fit in the "
-            f"{_shown_delay(max(left, 0.0))} left of the turn"
+            f"{_shown_delay(max(left, 0.0))} left {bound}"
         )
         return answer
     await answer.aclose()

@@ -1085,6 +1085,7 @@ async def test_a_retry_that_cannot_end_before_alexas_deadline_is_not_made(
         assert reply(answer).should_end_session is False
         assert core.state.requests == ["busy"]  # not sent again
         assert "not retried: a wait of 3 s does not fit in the" in caplog.text
+        assert "s left before the platform must answer)" in caplog.text  # (not the turn's)
         core.state.refusals = 1
         start = time.monotonic()
         streamed = await v2_put(client, "app", "busy")

@@ -6,8 +6,10 @@ Before, every such answer failed the turn at once (``<core> answered HTTP 429``)
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -22,6 +24,7 @@ from pydantic import SecretStr
 from gateway.conversation import Conversation
 from gateway.events import ErrorEvent, Input, ResponseEvent
 from gateway.metrics import REGISTRY
+from gateway.pipeline.base import ANSWER_DEADLINE
 from gateway.pipeline.cores import MAX_RETRY_WAIT_S, retry_after_s
 from gateway.pipeline.openai import OpenAIPipeline
 from gateway.sessions import MemorySessionStore
@@ -293,6 +296,45 @@ async def test_a_retry_after_past_the_turns_time_fails_the_turn_at_once(
     assert served.refusing.seen == 1
     assert _retry_lines(caplog) == []
     await conv.pipeline.aclose()
+
+
+@pytest.mark.parametrize(
+    ("answer_in_s", "limit"),
+    [(3.0, "before the platform must answer"), (60.0, "of the turn"), (None, "of the turn")],
+)
+async def test_a_retry_that_does_not_fit_names_the_limit_that_stops_it(
+    answer_in_s: float | None, limit: str
+) -> None:
+    """A webhook's turn runs with the platform's deadline (ANSWER_DEADLINE, as
+    gateway.io.webhook.run_turn sets it as it starts the turn). A Retry-After of 9 s
+    that does not fit before that deadline (3 s away, within the turn's 8 s) is said not
+    to fit "before the platform must answer" (was: "left of the turn", the turn's
+    8 s not being what stopped it); when the turn's time ends first (a deadline 60 s
+    away) or there is none (a streaming channel) it is "of the turn", as before."""
+    served = Refusing(make_core(), "/json")
+    served.refusals.append((429, "9"))
+    async with serve(served) as url:
+        conv = engine(pipeline=f"{url}/json", turn_timeout_s=8.0)
+        loop = asyncio.get_running_loop()
+        try:
+            answering = ANSWER_DEADLINE.set(
+                None if answer_in_s is None else loop.time() + answer_in_s
+            )
+            try:  # the turn's task keeps it (a copy of this context)
+                stream = conv.turn(ctx(), Input.of("hi"))
+            finally:
+                ANSWER_DEADLINE.reset(answering)
+            events = await stream.collect()
+        finally:
+            await conv.pipeline.aclose()
+    error = events[-1]
+    assert isinstance(error, ErrorEvent), events
+    assert re.fullmatch(
+        r"the core answered HTTP 429 \(rate limiting; Retry-After: 9 s; not retried: a wait "
+        rf"of 9 s does not fit in the [0-9.]+ s left {limit}\)",
+        error.text,
+    ), error.text
+    assert served.seen == 1
 
 
 @pytest.mark.parametrize(
