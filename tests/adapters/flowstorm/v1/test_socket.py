@@ -46,7 +46,8 @@ from tests.adapters.flowstorm.v1.helpers import (
     turn_frames,
     ws_url,
 )
-from tests.conftest import gateway, no_server_errors, served_app
+from tests.conftest import gateway, no_server_errors, serve, served_app
+from tests.gateway.core_app import make_core
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -153,6 +154,35 @@ async def test_the_2022_input_form_with_response_items_shows_each_item_once() ->
             "Hello, I am the gateway demo bot.",
             "Tell me your name, or say anything, and I will answer.",
         ]
+
+
+@pytest.mark.parametrize("send_items", [True, False])
+async def test_the_error_turns_response_follows_what_the_failed_try_said(
+    send_items: bool,
+) -> None:
+    """With GATEWAY_ERROR_TURN, a core that streamed a sentence, then failed
+    (``/said-then-fails``), and answers ``#error``. Without sendResponseItems (a 2021
+    client: the Response alone is shown) that Response carries the failed try's sentence,
+    then the ``#error`` turn's answer (before 4017594: only the ``#error`` turn's, the
+    sentence lost). With it each goes out once, as its ResponseItem, in that order, and the
+    Response carries none: a 2022 client, which shows both, shows neither twice."""
+    texts_said = ["Let me look.", "sorry, the core tripped"]
+    async with (
+        serve(make_core()) as core_url,
+        served(pipeline=f"{core_url}/said-then-fails", error_turn=True) as url,
+        connect(ws_url(url, "/socket/")) as ws,
+    ):
+        await init(ws, init_frame(locale="en", sendResponseItems=send_items))
+        frames = await turn(ws, input_frame("hello"))
+        kinds = ["SessionStarted", *(["ResponseItem"] * 2 if send_items else []), "Response"]
+        assert [f["type"] for f in frames] == kinds
+        assert shown(frames) == texts_said
+        response = frames[-1]["response"]
+        assert [item["text"] for item in response["items"]] == ([] if send_items else texts_said)
+        assert response["sessionEnded"] is False
+        # the session goes on: the next turn fails and is answered the same way
+        again = await turn(ws, input_frame("again"))
+        assert shown(again) == texts_said
 
 
 async def test_the_web_clients_empty_binary_ping_keeps_the_session_and_gets_no_error() -> None:
