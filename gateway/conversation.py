@@ -872,7 +872,8 @@ class Conversation:
         the channel answers (a webhook's ANSWER_DEADLINE,
         :data:`gateway.pipeline.base.ANSWER_DEADLINE`) in less than
         GATEWAY_ERROR_TURN_MIN_S: its user would hear "still working" instead of the
-        failure's answer.
+        failure's answer (a turn failing once that deadline has passed, the platform
+        answered already, gets its ``#error`` turn).
         """
         loop = asyncio.get_running_loop()
         ends = loop.time() + self.settings.turn_timeout_s
@@ -911,13 +912,16 @@ class Conversation:
                 return ErrorEvent(text=failure, source="pipeline")
             answer_by = ANSWER_DEADLINE.get()
             least = self.settings.error_turn_min_s
-            if answer_by is not None and answer_by - loop.time() < least:
+            answer_in = None if answer_by is None else answer_by - loop.time()
+            if answer_in is not None and 0 < answer_in < least:
                 # a webhook answers before the #error turn could: its failure answer now
+                # (once it has passed, the platform heard "still working": a late turn
+                # gets its #error turn, as on a streaming channel)
                 log.warning(
                     "no #error turn in session %s: the channel answers in %.1f s, "
                     "less than GATEWAY_ERROR_TURN_MIN_S (%g s)",
                     session_ref(session.key),
-                    max(answer_by - loop.time(), 0.0),
+                    answer_in,
                     least,
                 )
                 return ErrorEvent(text=failure, source="pipeline")
@@ -951,8 +955,8 @@ class Conversation:
         """One run of the pipeline on ``input``, bounded by ``timeout_s`` (s; None:
         GATEWAY_TURN_TIMEOUT_S), which the core's clients see as TURN_DEADLINE: the
         session and Response. Raises PipelineError, TimeoutError when the time is up.
-        TURN_DEADLINE is the sooner of that end and the channel's ANSWER_DEADLINE (a
-        webhook's: a core's retry that would end past it is not made). When the time ran
+        (A core's client also reads the channel's ANSWER_DEADLINE, a webhook's: a retry
+        that would end past it, while it is ahead, is not made.) When the time ran
         out while a connection to the core was being opened (:class:`ConnectWatch`: a
         GATEWAY_PIPELINE_CONNECT_TIMEOUT_S longer than the time left), the PipelineError
         ``The core pipeline (<core>) could not be reached within <timeout_s> s.`` with
@@ -974,10 +978,7 @@ class Conversation:
         try:
             async with asyncio.timeout(limit) as budget:
                 # the core's clients run in this task (each anext): they see when it ends
-                ends = budget.when()
-                assert ends is not None  # a limit was given
-                answer_by = ANSWER_DEADLINE.get()
-                deadline = TURN_DEADLINE.set(ends if answer_by is None else min(ends, answer_by))
+                deadline = TURN_DEADLINE.set(budget.when())
                 watch = ConnectWatch(budget.expired)
                 watching = CONNECT_WATCH.set(watch)
                 while True:

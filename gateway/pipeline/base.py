@@ -15,11 +15,11 @@ REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
 
 TURN_DEADLINE: ContextVar[float | None] = ContextVar("turn_deadline", default=None)
 """When the running turn's core time ends: the event loop's clock (``loop.time()``, s) at
-which the turn engine's GATEWAY_TURN_TIMEOUT_S cancels the pipeline, or, sooner, the
-channel's :data:`ANSWER_DEADLINE`; None outside a turn (a core driven directly, as in
-tests). Set by the engine around each turn's pipeline; a core client reads it to know how
-long it may still wait (the retry after a core's ``Retry-After``:
-:func:`gateway.pipeline.cores.send_retried`)."""
+which the turn engine's GATEWAY_TURN_TIMEOUT_S cancels the pipeline; None outside a turn
+(a core driven directly, as in tests). Set by the engine around each turn's pipeline; a
+core client reads it to know how long it may still wait (the retry after a core's
+``Retry-After``: :func:`gateway.pipeline.cores.send_retried`, which also heeds the
+channel's :data:`ANSWER_DEADLINE` while it is ahead)."""
 
 ANSWER_DEADLINE: ContextVar[float | None] = ContextVar("answer_deadline", default=None)
 """When the channel that started the turn answers whatever the turn has come to: the event
@@ -28,11 +28,12 @@ loop's clock (``loop.time()``, s) of a webhook's deadline (GATEWAY_ALEXA_DEADLIN
 running then is answered "still working"); None for a channel that hands the turn's
 events out as they come (it waits for the turn's end). Set by the webhook driver
 (:func:`gateway.io.webhook.run_turn`) as it starts the turn, whose task keeps it (a copy
-of the context). The engine bounds the turn's waits by it: :data:`TURN_DEADLINE` is the
-sooner of the two (a core's retry that would end past it is not made), and no ``#error``
-turn is started that would have less than GATEWAY_ERROR_TURN_MIN_S before it; the
-pipeline's own timeout is still GATEWAY_TURN_TIMEOUT_S (a late turn goes on and saves
-the session)."""
+of the context). While it is ahead it bounds the turn's waits: a core's retry that would
+end past it is not made (:func:`gateway.pipeline.cores.send_retried`), and no ``#error``
+turn is started that would have less than GATEWAY_ERROR_TURN_MIN_S before it. Once it
+has passed (the platform heard "still working") it bounds nothing: the pipeline's own
+timeout is GATEWAY_TURN_TIMEOUT_S either way, and a late turn goes on within it as on a
+streaming channel (its retry, its ``#error`` turn) and saves the session."""
 
 
 class ConnectWatch:

@@ -18,8 +18,9 @@ Every request to a core goes through :func:`send_retried` (:func:`core_stream`):
 that refuses it with HTTP 429 (Too Many Requests), or 503 with a ``Retry-After``, did not
 process it, so it is sent once more after the ``Retry-After`` delay (1 s for a 429
 without one) when that wait fits in what is left of the turn's GATEWAY_TURN_TIMEOUT_S,
-or of a webhook's time before its platform's deadline when that ends first
-(:data:`gateway.pipeline.base.TURN_DEADLINE`, less :data:`RETRY_RESERVE_S`) and in
+or of a webhook's time before its platform's deadline when that ends first and has not
+passed (:data:`gateway.pipeline.base.TURN_DEADLINE`, ``ANSWER_DEADLINE``, less
+:data:`RETRY_RESERVE_S`) and in
 :data:`MAX_RETRY_WAIT_S`; else, or when the core refuses again, :func:`check_status`
 fails the turn saying the core is rate limiting (or unavailable) and what Retry-After
 it gave.
@@ -443,13 +444,20 @@ def _connect_tracer(watch: ConnectWatch) -> Callable[[str, dict[str, Any]], Awai
     return trace
 
 
-def _answer_bound(deadline: float | None, answer_by: float | None) -> bool:
-    """Whether the turn's :data:`~gateway.pipeline.base.TURN_DEADLINE` ``deadline`` is the
-    channel's :data:`~gateway.pipeline.base.ANSWER_DEADLINE` ``answer_by`` (a webhook's
-    platform must be answered before the turn's GATEWAY_TURN_TIMEOUT_S ends), so a retry
-    that does not fit is said not to fit before the platform must answer, not in the
-    turn (both loop times, s; None: not set)."""
-    return deadline is not None and answer_by is not None and answer_by <= deadline
+def _time_left(now: float) -> tuple[float, bool]:
+    """How long (s) a core's client may still wait at loop time ``now``, and whether the
+    channel's deadline is what bounds it: the turn's :data:`~gateway.pipeline.base.TURN_DEADLINE`
+    (``math.inf`` outside a turn), or, sooner, a webhook's
+    :data:`~gateway.pipeline.base.ANSWER_DEADLINE` while it is still ahead (True). Once
+    that deadline has passed the platform was answered ("still working"): the late turn
+    goes on within its own time, as on a streaming channel."""
+    deadline = TURN_DEADLINE.get()
+    if deadline is None:
+        return math.inf, False
+    answer_by = ANSWER_DEADLINE.get()
+    if answer_by is not None and now < answer_by < deadline:
+        return answer_by - now, True
+    return deadline - now, False
 
 
 async def send_retried(
@@ -463,10 +471,11 @@ async def send_retried(
     The request is sent again after the delay only when the delay is at most
     :data:`MAX_RETRY_WAIT_S` and, within a turn (:data:`gateway.pipeline.base.TURN_DEADLINE`
     set), leaves at least :data:`RETRY_RESERVE_S` of the turn's GATEWAY_TURN_TIMEOUT_S
-    (of a webhook's time before its deadline, when that ends first: the failure is then
-    answered in time, where the platform would have heard "still working"; the note then
-    says ``does not fit in the 1.9 s left before the platform must answer``, else ``...
-    left of the turn``);
+    (of a webhook's time before its deadline, :data:`gateway.pipeline.base.ANSWER_DEADLINE`,
+    when that ends first and has not passed: the failure is then answered in time, where
+    the platform would have heard "still working"; the note then says ``does not fit in
+    the 1.9 s left before the platform must answer``, else ``... left of the turn``; a
+    late turn, the platform answered already, has the rest of its own time);
     each such retry is one WARNING naming ``core`` (``Rasa``, ``the OpenAI-compatible
     core``...) and the delay, and counts in ``gateway_core_retries_total{core=label}``
     (``label``: the core's pipeline name, ``rasa``). Only the refused request is sent
@@ -495,8 +504,7 @@ async def send_retried(
             answer.extensions[_RETRY_NOTE] = "not retried"
             return answer
         delay = DEFAULT_RETRY_AFTER_S
-    deadline = TURN_DEADLINE.get()
-    left = math.inf if deadline is None else deadline - asyncio.get_running_loop().time()
+    left, platform = _time_left(asyncio.get_running_loop().time())
     if delay > MAX_RETRY_WAIT_S:
         answer.extensions[_RETRY_NOTE] = (
             f"not retried: a wait of {_shown_delay(delay)} is more than the "
@@ -504,9 +512,7 @@ async def send_retried(
         )
         return answer
     if delay + RETRY_RESERVE_S > left:
-        # which limit binds (TURN_DEADLINE is the sooner of the two): the note names it
-        webhook = _answer_bound(deadline, ANSWER_DEADLINE.get())
-        bound = "before the platform must answer" if webhook else "of the turn"
+        bound = "before the platform must answer" if platform else "of the turn"
         answer.extensions[_RETRY_NOTE] = (
             f"not retried: a wait of {_shown_delay(delay)} does not fit in the "
             f"{_shown_delay(max(left, 0.0))} left {bound}"

@@ -1041,7 +1041,10 @@ def deadline_core() -> FastAPI:
     """A core for the webhook's deadline: ``busy`` is refused HTTP 429 ``Retry-After: 3``
     while ``core.state.refusals`` is above 0 (one each), ``fail slowly`` fails (HTTP 500)
     after 1 s, ``#error`` is answered after 3 s, anything else at once (``You said:
-    <text>``). The texts asked are in ``core.state.requests``."""
+    <text>``). ``busy late`` (HTTP 429 ``Retry-After: 1``) and ``fail late`` (HTTP 500) are
+    refused after 1.5 s while ``refusals`` is above 0, and the ``#error`` turn after a
+    first ``fail late`` is answered at once. The texts asked are in
+    ``core.state.requests``."""
     core = FastAPI()
     core.state.requests = []
     core.state.refusals = 0
@@ -1056,6 +1059,14 @@ def deadline_core() -> FastAPI:
         if text == "fail slowly":
             await asyncio.sleep(1)
             return JSONResponse({"detail": "the core tripped"}, status_code=500)
+        if text in ("busy late", "fail late") and core.state.refusals > 0:
+            await asyncio.sleep(1.5)
+            core.state.refusals -= 1
+            if text == "fail late":
+                return JSONResponse({"detail": "the core tripped"}, status_code=500)
+            return JSONResponse({}, status_code=429, headers={"Retry-After": "1"})
+        if text == "#error" and core.state.requests[:1] == ["fail late"]:
+            return JSONResponse({"items": [{"text": "sorry, late"}]})
         if text == "#error":
             await asyncio.sleep(3)
             return JSONResponse({"items": [{"text": "sorry, slowly"}]})
@@ -1119,6 +1130,45 @@ async def test_no_error_turn_is_started_that_cannot_answer_before_alexas_deadlin
         streamed = await v2_put(client, "app", "fail slowly")
         assert said(streamed.text) == ["sorry, slowly"]
         assert core.state.requests == ["fail slowly", "fail slowly", "#error"]
+
+
+async def test_a_late_turn_still_retries_and_gets_its_error_turn(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Alexa must be answered within 1 s; the core refuses the turn (429 ``Retry-After:
+    1``) or fails it (HTTP 500) only after 1.5 s, when Alexa has been told "still working"
+    already. The platform's deadline, passed, bounds nothing any more: the late turn goes
+    on within its own GATEWAY_TURN_TIMEOUT_S as before, its request is sent once more and
+    answered (the session saved, the next turn is its second), and a failure still gets
+    its ``#error`` turn. Was: the retry was not made ("a wait of 1 s does not fit in the
+    0 s left"), the turn failed and its input was lost; no ``#error`` turn was run."""
+    core = deadline_core()
+    caplog.set_level(logging.WARNING, logger="gateway")
+    async with (
+        serve(core) as core_url,
+        gateway(alexa_deadline_s=1, pipeline=f"{core_url}/turn", error_turn=True, **OFF) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        core.state.refusals = 1
+        late = await say(client, envelope("S-busy-late", text="busy late"))
+        assert spoken(late) == Settings().voice_still_working_text
+        for _ in range(100):  # the refusal after 1.5 s, the retry 1 s later
+            if len(core.state.requests) == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert core.state.requests == ["busy late", "busy late"]
+        assert "not retried" not in caplog.text
+        assert "sending the request once more in 1 s" in caplog.text
+        core.state.requests.clear()
+        core.state.refusals = 1
+        late = await say(client, envelope("S-fail-late", text="fail late"))
+        assert spoken(late) == Settings().voice_still_working_text
+        for _ in range(100):
+            if len(core.state.requests) == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert core.state.requests == ["fail late", "#error"]
+        assert "no #error turn" not in caplog.text
 
 
 @pytest.mark.parametrize(

@@ -300,7 +300,12 @@ async def test_a_retry_after_past_the_turns_time_fails_the_turn_at_once(
 
 @pytest.mark.parametrize(
     ("answer_in_s", "limit"),
-    [(3.0, "before the platform must answer"), (60.0, "of the turn"), (None, "of the turn")],
+    [
+        (3.0, "before the platform must answer"),
+        (60.0, "of the turn"),
+        (-1.0, "of the turn"),
+        (None, "of the turn"),
+    ],
 )
 async def test_a_retry_that_does_not_fit_names_the_limit_that_stops_it(
     answer_in_s: float | None, limit: str
@@ -310,7 +315,8 @@ async def test_a_retry_that_does_not_fit_names_the_limit_that_stops_it(
     that does not fit before that deadline (3 s away, within the turn's 8 s) is said not
     to fit "before the platform must answer" (was: "left of the turn", the turn's
     8 s not being what stopped it); when the turn's time ends first (a deadline 60 s
-    away) or there is none (a streaming channel) it is "of the turn", as before."""
+    away), the deadline has passed (a late turn: the platform was answered, the turn has
+    its own time) or there is none (a streaming channel) it is "of the turn"."""
     served = Refusing(make_core(), "/json")
     served.refusals.append((429, "9"))
     async with serve(served) as url:
