@@ -428,7 +428,12 @@ def _shown_delay(seconds: float) -> str:
 
 
 _CONNECTING = (".connect_tcp.failed", ".start_tls.failed")
-"""httpcore's trace events of a connection to a server (or a proxy) that was not made."""
+"""httpcore's trace events of a connection to a server (or a proxy) that was not made:
+``connection.connect_tcp``, ``connection.start_tls`` (HTTP/1.1 and HTTP/2 alike: the
+protocol is chosen after them), ``proxy.start_tls`` (TLS to the core through a proxy's
+tunnel). Through a proxy the TCP connect watched is the proxy's, and the proxy's own
+connect to the core (its ``CONNECT``, or a forwarded request) is a request the proxy
+has not answered: a core it cannot reach in time "did not answer"."""
 
 
 def _connect_tracer(watch: ConnectWatch) -> Callable[[str, dict[str, Any]], Awaitable[None]]:
