@@ -29,7 +29,10 @@ Failures: before anything was handed out the turn is rejected (TurnRejected on
 the first step, e.g. ``store-unavailable``); once events went out, a store that
 fails when the session is saved (StoreUnavailable, LockLost) ends the turn with
 an ErrorEvent of source ``gateway`` instead, so an adapter's answer is always
-complete. Logs name sessions by :func:`gateway.logs.session_ref`, never by id.
+complete; its text names the session store (:data:`gateway.turn.STORE_UNSAVED_TEXT`,
+:data:`~gateway.turn.STORE_LOCK_LOST_TEXT`, told from the gateway's other failures by
+:func:`gateway.turn.store_failed`). Logs name sessions by :func:`gateway.logs.session_ref`,
+never by id.
 
 Speech never holds a turn up. TTS links (``tts.mode == "links"``) are issued at
 once (synthesis waits for the link's first GET). Audio sent in the turn
@@ -106,6 +109,7 @@ from gateway.speech.tts import SynthesisError
 from gateway.speech.tts_cache import RedisTtsCache
 from gateway.speech.tts_pool import TtsOverloaded
 from gateway.speech.types import TtsRequest
+from gateway.turn import STORE_LOCK_LOST_TEXT, STORE_UNSAVED_TEXT
 from gateway.turn import RejectReason as RejectReason  # defined there: protocols import them
 from gateway.turn import TurnContext as TurnContext
 from gateway.turn import TurnRejected as TurnRejected
@@ -563,12 +567,7 @@ class Conversation:
             )
             if out.sent:  # the answer has begun: the turn ends with an Error event
                 outcome.error = "gateway"
-                out.put_nowait(
-                    ErrorEvent(
-                        text="The session store is unavailable: this turn was not saved.",
-                        source="gateway",
-                    )
-                )
+                out.put_nowait(ErrorEvent(text=STORE_UNSAVED_TEXT, source="gateway"))
             else:
                 rejected = TurnRejected("store-unavailable", "The session store is unavailable.")
                 outcome.reject(rejected)
@@ -581,14 +580,12 @@ class Conversation:
                     session_ref(ctx.key),
                 )
             else:
-                log.error("turn of %s: its lock was lost before the save", session_ref(ctx.key))
-            outcome.error = "gateway"
-            out.put_nowait(
-                ErrorEvent(
-                    text="The session's lock was lost before the turn was saved.",
-                    source="gateway",
+                log.error(
+                    "turn of %s: not saved, the session store lost its lock before the save",
+                    session_ref(ctx.key),
                 )
-            )
+            outcome.error = "gateway"
+            out.put_nowait(ErrorEvent(text=STORE_LOCK_LOST_TEXT, source="gateway"))
         except Exception:
             log.exception("turn of %s failed", session_ref(ctx.key))
             outcome.error = "gateway"

@@ -34,6 +34,7 @@ __all__ = [
     "TurnOutcome",
     "TurnRejected",
     "new_session_id",
+    "store_failed",
 ]
 
 RejectReason = Literal[
@@ -80,6 +81,29 @@ class TurnRejected(Exception):
         another application key; its text names the id clipped (a client's value)."""
         shown = clipped(session_id, quote=False)
         return cls("session-foreign", f"Session {shown} belongs to another application.")
+
+
+STORE_UNSAVED_TEXT: Final = "The session store is unavailable: this turn was not saved."
+"""The ErrorEvent text (source ``gateway``) ending a turn whose session the store could not
+save once the turn's answer had begun going out (StoreUnavailable at the save)."""
+
+STORE_LOCK_LOST_TEXT: Final = (
+    "The session store lost this session's lock before the turn was saved."
+)
+"""The ErrorEvent text (source ``gateway``) ending a turn whose lock the store no longer
+held when the turn saved (LockLost: its lease ran out, or Redis lost its data)."""
+
+_STORE_TEXTS: Final = frozenset((STORE_UNSAVED_TEXT, STORE_LOCK_LOST_TEXT))
+
+
+def store_failed(event: ErrorEvent) -> bool:
+    """Whether ``event`` is the turn engine's Error for the session store failing once the
+    turn's answer had begun (:data:`STORE_UNSAVED_TEXT`, :data:`STORE_LOCK_LOST_TEXT`):
+    source ``gateway`` on the wire (Flowstorm's ``source``, no store value in its specs),
+    which a channel with a code of its own for the store tells from the gateway's other
+    failures by this (Voiceflow's ``error {code: "store-unavailable"}``, not
+    ``gateway-error``). False for every other Error (the core's, speech's, a bug's)."""
+    return event.source == "gateway" and event.text in _STORE_TEXTS
 
 
 _NOTHING: Final[Mapping[str, Any]] = FrozenDict()

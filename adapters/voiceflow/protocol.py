@@ -54,6 +54,10 @@ text (``1.5`` -> ``"1.5"``), bytes as ``""``; none (absent or null) gets a new U
 - ``store-unavailable``: client.start with a valid sessionKey while the session store
   is down (whether it still has the session cannot be told; send client.start again);
 - ``pipeline-error``: the core failed or timed out on an action (with messageID);
+- ``store-unavailable`` also ends an action (with messageID; ``action.status completed``
+  ``reason: "error"`` follows) whose session the store could not save once its traces
+  had begun going out, or whose lock the store lost before the save: the action's
+  traces were sent, its session did not keep it;
 - ``gateway-error``: the gateway failed on an action (with messageID), or on the
   store lookup of a client.start.
 - ``answer-lost``: the server shut down gracefully before the running action's answer was
@@ -299,7 +303,7 @@ from gateway.protocol import (
 )
 from gateway.protocol.actions import StartTurn as StartTurn
 from gateway.speech.types import TtsFileFormat, TtsRequest
-from gateway.turn import TurnContext, TurnRejected, new_session_id
+from gateway.turn import TurnContext, TurnRejected, new_session_id, store_failed
 
 CHANNEL = "voiceflow"
 NAMESPACE = "voiceflow"
@@ -990,6 +994,15 @@ Action = Emit | StartTurn | CheckSession
 the store lookup of a resumed session (CheckSession)."""
 
 
+def _error_code(event: ErrorEvent) -> str:
+    """The ``error`` code of a turn's Error: ``pipeline-error`` (the core failed or timed
+    out), ``store-unavailable`` (the session store failed at the save once the answer had
+    begun, or lost the lock: :func:`gateway.turn.store_failed`), else ``gateway-error``."""
+    if event.source == "pipeline":
+        return "pipeline-error"
+    return "store-unavailable" if store_failed(event) else "gateway-error"
+
+
 def error(code: str, text: str, message_id: str | None = None) -> Emit:
     """``error {code, error, messageID?}`` (codes: the module doc)."""
     return Emit(ERROR, _fields(code=code, error=text, messageID=message_id))
@@ -1543,7 +1556,8 @@ class VoiceflowConnection:
         end and, when it ends the conversation, the ``end`` trace, else the ``no-reply
         {timeout}`` trace when the core set a no-reply timeout
         (:func:`no_reply_timeout`); Error -> ``error
-        {code: pipeline-error|gateway-error, error, messageID}``; SessionStarted,
+        {code: pipeline-error|store-unavailable|gateway-error, error, messageID}``
+        (:func:`_error_code`); SessionStarted,
         Binary and SessionEnded -> nothing now (see :meth:`turn_finished`). Raises
         LocalProtocolError when no action runs or the engine broke its order (a gateway bug).
         """
@@ -1569,7 +1583,7 @@ class VoiceflowConnection:
             return _trace_emits(running.message_id, traces)
         if isinstance(event, ErrorEvent):
             running.failed = True
-            code = "pipeline-error" if event.source == "pipeline" else "gateway-error"
+            code = _error_code(event)
             out = _trace_emits(running.message_id, running.writer.close())
             return [*out, error(code, event.text, running.message_id)]
         return []

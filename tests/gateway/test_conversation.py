@@ -40,6 +40,7 @@ from gateway.sessions import (
     SessionStore,
 )
 from gateway.settings import Settings
+from gateway.turn import STORE_LOCK_LOST_TEXT
 from tests.conftest import free_port, hanging_port
 from tests.gateway.turns import (
     ctx,
@@ -652,9 +653,7 @@ async def test_no_error_turn_after_the_sessions_lock_was_lost(
                 await admin.set(f"{redis_prefix}:{{{ctx().key}}}:lock", "another", px=30_000)
             events = await turn
         assert app.state.requests == ["hello"]  # no #error request
-        assert events[-1] == ErrorEvent(
-            text="The session's lock was lost before the turn was saved.", source="gateway"
-        )
+        assert events[-1] == ErrorEvent(text=STORE_LOCK_LOST_TEXT, source="gateway")
         assert "no #error turn in session" in caplog.text
         assert "its lock was lost while the turn ran" in caplog.text
     finally:
@@ -761,7 +760,7 @@ async def lose_data_during_two_turns(
                 await restarted.enter_async_context(own_redis(port))
             for events in await asyncio.gather(*turns):
                 assert events[-1] == ErrorEvent(
-                    text="The session's lock was lost before the turn was saved.",
+                    text=STORE_LOCK_LOST_TEXT,
                     source="gateway",
                 )
         await slow.pipeline.aclose()

@@ -54,6 +54,7 @@ from gateway.events import (
 )
 from gateway.protocol import ProtocolError
 from gateway.speech.service import TtsRequest
+from gateway.turn import STORE_LOCK_LOST_TEXT, STORE_UNSAVED_TEXT
 from tests.conftest import state_of
 
 SECRET = "protocol-test-secret-0123456789abcdef"
@@ -1243,6 +1244,38 @@ def test_a_failed_turn() -> None:
         "error",
         {"code": "pipeline-error", "error": "The core failed.", "messageID": "m1"},
     )
+    assert emitted(conn.turn_finished()) == [
+        ("action.status", {"status": "completed", "messageID": "m1", "reason": "error"})
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "source", "code"),
+    [
+        (STORE_UNSAVED_TEXT, "gateway", "store-unavailable"),
+        (STORE_LOCK_LOST_TEXT, "gateway", "store-unavailable"),
+        # the store's text under another source is no store failure: the source decides
+        (STORE_UNSAVED_TEXT, "pipeline", "pipeline-error"),
+        (STORE_UNSAVED_TEXT, "tts", "gateway-error"),
+        # the gateway's other failures, and a text that merely mentions the store
+        ("Internal gateway error.", "gateway", "gateway-error"),
+        (STORE_UNSAVED_TEXT.upper(), "gateway", "gateway-error"),
+        ("", "gateway", "gateway-error"),
+    ],
+)
+def test_a_turn_the_store_failed_once_its_answer_began_is_store_unavailable(
+    text: str, source: str, code: str
+) -> None:
+    """The engine's Error for the session store failing at the save (or losing the lock)
+    once the action's traces went out is ``error {code: "store-unavailable"}`` (it was
+    ``gateway-error``, a fault of the gateway's own); the core's stays ``pipeline-error``,
+    every other Error ``gateway-error``."""
+    conn = connection()
+    ready(conn)
+    send(conn, {"type": "text", "payload": "hi"}, "m1")
+    conn.turn_event(item(text="said"))
+    out = emitted(conn.turn_event(ErrorEvent(text=text, source=source)))
+    assert out[-1] == ("error", {"code": code, "error": text, "messageID": "m1"})
     assert emitted(conn.turn_finished()) == [
         ("action.status", {"status": "completed", "messageID": "m1", "reason": "error"})
     ]

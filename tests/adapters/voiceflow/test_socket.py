@@ -1823,3 +1823,119 @@ def test_an_actions_claim_is_released_by_its_own_session() -> None:
     server._release(client, second)
     assert server._running == {}
     assert client.claimed is None
+
+
+async def _held_action(vf: VoiceflowClient, core: RecordingCore, mid: str) -> dict[str, Any]:
+    """Send a ``slow`` action ``mid`` and wait until the core holds it; the core's request."""
+    await vf.send({"type": "text", "payload": "slow"}, mid)
+    assert await vf.expect("action.status") == {"status": "accepted", "messageID": mid}
+    return await core.next_request()
+
+
+async def _store_failed_at_the_save(vf: VoiceflowClient, mid: str) -> dict[str, Any]:
+    """The held action ``mid``'s end once the store failed as its session was saved: its
+    trace went out, then ``error`` (returned), then ``action.status completed error``."""
+    trace = await vf.expect("action.trace")
+    assert (trace["messageID"], trace["trace"]["payload"]["message"]) == (mid, "slow answer")
+    failed = await vf.expect("error")
+    assert await vf.expect("action.status") == {
+        "status": "completed",
+        "messageID": mid,
+        "reason": "error",
+    }
+    assert isinstance(failed, dict)
+    return failed
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_store_that_fails_saving_an_answered_action_is_a_store_unavailable_error(
+    transport: str,
+    reply_dropper: tuple[ReplyDropper, str],
+    redis_prefix: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Redis cut off while the core answers an action: its trace has gone out when the
+    session's save fails, and the client is told ``error {code: "store-unavailable"}``
+    naming the session store (before: ``gateway-error``, as for a bug of the gateway's),
+    never ``pipeline-error``; the log blames the store. The failed action did not advance
+    its session, and another connection's session is untouched: once Redis is back both go
+    on from where they were."""
+    proxy, redis_url = reply_dropper
+    caplog.set_level(logging.INFO)
+    core = RecordingCore()
+    async with (
+        core.running() as core_url,
+        served(pipeline=core_url, redis_url=redis_url, redis_prefix=redis_prefix) as url,
+        client(url, transport) as vf,
+        client(url, transport) as other,
+    ):
+        await vf.handshake()
+        await other.handshake()
+        assert await vf.say("one") == ["core heard one"]
+        assert await other.say("one") == ["core heard one"]
+        before = [(await core.next_request())["turn"] for _ in range(2)]
+        assert before == [1, 1]
+
+        await _held_action(vf, core, "m-save")
+        proxy.cut()
+        core.release.set()
+        failed = await _store_failed_at_the_save(vf, "m-save")
+        assert failed == {
+            "code": "store-unavailable",
+            "error": "The session store is unavailable: this turn was not saved.",
+            "messageID": "m-save",
+        }
+
+        proxy.restore()
+        deadline = time.monotonic() + 15
+        while True:  # the store's circuit breaker may refuse a while longer
+            await other.send({"type": "text", "payload": "two"}, "o-2")
+            assert await other.expect("action.status") == {"status": "accepted", "messageID": "o-2"}
+            traces, last = await other.traces_until_status("o-2")
+            if last["status"] == "completed":
+                break
+            assert last["reason"] == "store-unavailable", last
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.3)
+        assert messages(traces) == ["core heard two"]
+        assert (await core.next_request())["turn"] == 2  # the other session goes on
+        assert await vf.say("two") == ["core heard two"]
+        assert (await core.next_request())["turn"] == 2  # the failed action was not kept
+    blamed = [r.getMessage() for r in caplog.records if "in a turn of" in r.getMessage()]
+    assert blamed
+    assert all("session store unavailable" in m for m in blamed)
+
+
+async def test_a_lock_the_store_lost_before_the_save_is_a_store_unavailable_error(
+    redis_url: str, redis_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The session's lock taken by another while the core answers (its lease ran out:
+    here its token replaced in Redis): the save finds it lost, and the client is told
+    ``error {code: "store-unavailable"}`` naming the session store (before:
+    ``gateway-error``); the ERROR line blames the store, not the core."""
+    core = RecordingCore()
+    async with (
+        core.running() as core_url,
+        # not ``served``: its guard fails a test whose server logs an ERROR, as this must
+        gateway(pipeline=core_url, redis_url=redis_url, redis_prefix=redis_prefix) as url,
+        client(url) as vf,
+    ):
+        await vf.handshake()
+        assert await vf.say("one") == ["core heard one"]  # a session the store has
+        await core.next_request()
+        request = await _held_action(vf, core, "m-lock")
+        lock = f"{redis_prefix}:{{voiceflow:{request['sessionId']}}}:lock"
+        async with aioredis.from_url(redis_url) as admin:
+            assert await admin.exists(lock)
+            await admin.set(lock, "another", px=30_000)
+        with caplog.at_level(logging.DEBUG):
+            core.release.set()
+            failed = await _store_failed_at_the_save(vf, "m-lock")
+        assert failed == {
+            "code": "store-unavailable",
+            "error": "The session store lost this session's lock before the turn was saved.",
+            "messageID": "m-lock",
+        }
+    lost = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(lost) == 1, lost
+    assert "not saved, the session store lost its lock before the save" in lost[0]
