@@ -182,11 +182,14 @@ class TurnEnd(StrEnum):
     """The session store failed before anything of the turn went out (``store-unavailable``:
     Redis unreachable, timing out, or its client's circuit breaker open; mostly as the turn
     took its session, or as it saved a turn that said nothing). A passing fault of the
-    gateway's own, neither the user's nor the core's: the session is as it was. (A store
-    that fails once the turn's items went out ends it FAILED, an Error of source
-    ``gateway``.)"""
+    gateway's own, neither the user's nor the core's: the session is as it was. A webhook
+    turn whose session the store could not save once the core had answered (or whose lock
+    the store lost), an Error of source ``gateway`` (:func:`store_failed`), ends so too:
+    its answer is not given (nothing of it reached the platform), the session is as it
+    was."""
     FAILED = "failed"
-    """The turn ran and failed (the pipeline or the gateway): an ErrorEvent, no Response."""
+    """The turn ran and failed (the pipeline, or the gateway but for its session store): an
+    ErrorEvent, no Response."""
 
 
 _REJECTED_ENDS: Mapping[str, TurnEnd] = {
@@ -226,7 +229,11 @@ class TurnOutcome(NamedTuple):
             return TurnEnd.LATE
         if self.rejected is not None:
             return _REJECTED_ENDS.get(self.rejected.reason, TurnEnd.REFUSED)
-        return TurnEnd.FAILED if self.response is None else TurnEnd.ANSWERED
+        if self.response is not None:
+            return TurnEnd.ANSWERED
+        if self.error is not None and store_failed(self.error):
+            return TurnEnd.UNAVAILABLE  # the store, as the turn was saved: not the core
+        return TurnEnd.FAILED
 
 
 class Prompt(StrEnum):

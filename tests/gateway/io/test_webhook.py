@@ -27,12 +27,15 @@ from fastapi.responses import Response as HTTPResponse
 from starlette.datastructures import Headers
 
 from gateway.app import create_app
-from gateway.events import Input, Response, ResponseItem
+from gateway.events import ErrorEvent, Input, Response, ResponseItem
 from gateway.io.webhook import WebhookChannel, WebhookRefused, run_turn
 from gateway.protocol import ProtocolError, load_json
 from gateway.ratelimit import LOGGED_REFUSALS_BURST
+from gateway.sessions import RedisSessionStore
 from gateway.settings import Settings
 from gateway.turn import (
+    STORE_LOCK_LOST_TEXT,
+    STORE_UNSAVED_TEXT,
     VOICE_FALLBACKS,
     Fallback,
     Prompt,
@@ -43,6 +46,8 @@ from gateway.turn import (
 )
 from tests.adapters.alexa.test_routes import make_core
 from tests.conftest import serve, served_app
+from tests.gateway.core_app import WebhookCore
+from tests.gateway.redis_proxy import ReplyDropper
 from tests.gateway.turns import ctx, engine
 
 log = logging.getLogger("tests.echo")
@@ -244,6 +249,58 @@ def test_an_outcome_names_its_row_and_every_row_but_answered_is_in_the_voice_tab
     assert VOICE_FALLBACKS[TurnEnd.UNAVAILABLE] == Fallback(Prompt.ERROR, end=False)
     assert VOICE_FALLBACKS[TurnEnd.REFUSED] == Fallback(Prompt.ERROR, end=True)
     assert set(VOICE_FALLBACKS) == set(TurnEnd) - {TurnEnd.ANSWERED} == set(TABLE)
+
+
+@pytest.mark.parametrize(
+    ("text", "source", "end"),
+    [
+        (STORE_UNSAVED_TEXT, "gateway", TurnEnd.UNAVAILABLE),
+        (STORE_LOCK_LOST_TEXT, "gateway", TurnEnd.UNAVAILABLE),
+        (STORE_UNSAVED_TEXT, "pipeline", TurnEnd.FAILED),  # the source decides: the core's
+        ("Internal gateway error.", "gateway", TurnEnd.FAILED),
+        ("The session store", "gateway", TurnEnd.FAILED),  # only resembles the store's
+    ],
+)
+def test_an_error_of_the_store_at_the_save_is_unavailable_not_failed(
+    text: str, source: str, end: TurnEnd
+) -> None:
+    """The engine's Error for the session store failing as the turn was saved (or losing
+    its lock) is the UNAVAILABLE row, as the store failing before the turn is (it was
+    FAILED, the row of a turn the core or the gateway failed); every other Error FAILED."""
+    assert TurnOutcome(error=ErrorEvent(text=text, source=source)).end is end
+
+
+class _HeldCore(WebhookCore):
+    """A core whose answer (``held``) waits for :attr:`release`."""
+
+    async def answer(self, body: dict[str, Any]) -> Any:
+        await self.release.wait()
+        return {"items": [{"text": "held"}]}
+
+
+async def test_run_turn_reports_a_store_that_failed_saving_the_answer_as_unavailable(
+    reply_dropper: tuple[ReplyDropper, str], redis_prefix: str
+) -> None:
+    """Redis (behind the proxy) cut off while the core answers a webhook turn: the save
+    fails, and the outcome is UNAVAILABLE with the store's Error (it was FAILED, as if the
+    core or a bug of the gateway's had failed), the core's answer left unsaid."""
+    proxy, url = reply_dropper
+    core = _HeldCore()
+    store = RedisSessionStore(url, prefix=redis_prefix)
+    async with core.running() as core_url:
+        conv = engine(store, pipeline=core_url)
+        try:
+            turn = asyncio.create_task(run_turn(conv, ctx("RT-store"), Input.of("hello"), 10))
+            await core.next_request()
+            proxy.cut()
+            core.release.set()
+            outcome = await turn
+        finally:
+            await conv.pipeline.aclose()
+            await store.aclose()
+    assert outcome.end is TurnEnd.UNAVAILABLE
+    assert outcome.error == ErrorEvent(text=STORE_UNSAVED_TEXT, source="gateway")
+    assert (outcome.response, outcome.said) == (None, ())
 
 
 async def test_a_late_turn_is_still_working_within_the_deadline_and_saves_its_session(
