@@ -21,6 +21,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis.asyncio as aioredis
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 from fastapi.responses import Response as HTTPResponse
@@ -300,6 +301,46 @@ async def test_run_turn_reports_a_store_that_failed_saving_the_answer_as_unavail
             await store.aclose()
     assert outcome.end is TurnEnd.UNAVAILABLE
     assert outcome.error == ErrorEvent(text=STORE_UNSAVED_TEXT, source="gateway")
+    assert (outcome.response, outcome.said) == (None, ())
+
+
+class _HoldingCore(WebhookCore):
+    """A core: ``hold`` answers ``held`` once :attr:`release` is set, anything else at once."""
+
+    async def answer(self, body: dict[str, Any]) -> Any:
+        if body["input"]["transcript"]["text"] == "hold":
+            await self.release.wait()
+            return {"items": [{"text": "held"}]}
+        return {"items": [{"text": f"turn {body['turn']}"}]}
+
+
+async def test_run_turn_reports_a_lock_the_store_lost_before_the_save_as_unavailable(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """The session's lock taken by another while the core answers (its token replaced in
+    Redis): the save finds it lost, and the outcome is UNAVAILABLE with the store's Error
+    naming the session store (it was FAILED, with "The session's lock was lost ...")."""
+    core = _HoldingCore()
+    store = RedisSessionStore(redis_url, prefix=redis_prefix)
+    context = ctx("RT-lock")
+    lock = f"{redis_prefix}:{{{context.key}}}:lock"
+    async with core.running() as core_url:
+        conv = engine(store, pipeline=core_url)
+        try:
+            assert (await run_turn(conv, context, Input.of("one"), 10)).end is TurnEnd.ANSWERED
+            turn = asyncio.create_task(run_turn(conv, context, Input.of("hold"), 10))
+            await core.next_request()
+            await core.next_request()  # the held one
+            async with aioredis.from_url(redis_url) as admin:
+                assert await admin.exists(lock)
+                await admin.set(lock, "another", px=30_000)
+            core.release.set()
+            outcome = await turn
+        finally:
+            await conv.pipeline.aclose()
+            await store.aclose()
+    assert outcome.end is TurnEnd.UNAVAILABLE
+    assert outcome.error == ErrorEvent(text=STORE_LOCK_LOST_TEXT, source="gateway")
     assert (outcome.response, outcome.said) == (None, ())
 
 
