@@ -328,7 +328,14 @@ class _Watched:
         self._on_close()
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self.transport, name)
+        # called only when the lookup on the instance failed (an AttributeError raised
+        # and caught: about a microsecond); uvicorn calls write() and is_closing() twice a
+        # request. The transport's methods (bound to it for its life) are kept on the
+        # instance, found there from then on; any other attribute is read each time
+        value = getattr(self.transport, name)
+        if callable(value):
+            self.__dict__[name] = value
+        return value
 
 
 def _unwrapped(transport: asyncio.BaseTransport) -> asyncio.Transport:

@@ -29,6 +29,7 @@ from gateway.server import (
     MIN_SLACK,
     SETTLE_S,
     GatewayHttpProtocol,
+    _Watched,
     auto_max_connections,
     uvicorn_options,
 )
@@ -489,3 +490,34 @@ def test_a_waiting_connection_whose_request_is_in_its_socket_is_not_evicted() ->
         second.sendall(GET)
         assert_ok(read_answer(second))
     assert judged == [(True, True, True)]
+
+
+def test_watched_transport_forwards_to_the_transport_and_keeps_its_own_close() -> None:
+    """_Watched (every HTTP connection's transport under ``gateway serve``) keeps the
+    transport's methods it was asked for (uvicorn's write() and is_closing(), twice a
+    request: a failed lookup then ``__getattr__`` each time cost about a microsecond)
+    and forwards them to the real transport; its own close() still starts the owner's
+    close deadline; a value that is no method is read from the transport each time."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair()
+        with theirs:
+            transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, ours)
+            closed: list[bool] = []
+            watched = _Watched(transport, lambda: closed.append(True))
+            for _ in range(2):
+                watched.write(b"ab")
+                assert watched.is_closing() is False
+            assert watched.__dict__["write"] == transport.write  # looked up once
+            assert watched.__dict__["is_closing"] == transport.is_closing
+            assert watched.get_extra_info("socket") is not None
+            theirs.setblocking(False)
+            await asyncio.sleep(0.05)
+            assert theirs.recv(16) == b"abab"
+            watched.close()  # the wrapper's: the transport closes and the owner learns it
+            assert closed == [True]
+            assert transport.is_closing()
+            assert watched.is_closing()
+
+    uvloop.run(main())
