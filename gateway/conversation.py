@@ -393,7 +393,7 @@ class TurnStream:
         task = self.task
         if task.done():
             return True
-        loop = asyncio.get_running_loop()
+        loop = task.get_loop()  # the running loop, without get_running_loop()'s getpid(2)
         waiter: asyncio.Future[None] = loop.create_future()
 
         def wake(_: object) -> None:

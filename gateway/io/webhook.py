@@ -241,7 +241,7 @@ class WebhookChannel(ABC, Generic[_PlanT, _AnswerT]):
             return self.encode(await self.other(planned))
         ctx, input = turn
         deadline_s = self.deadline_s - (loop.time() - started)
-        return self.encode(await self._turn(planned, ctx, input, deadline_s))
+        return self.encode(await self._turn(planned, ctx, input, deadline_s, loop))
 
     def _log_left_out_audio(
         self, ctx: TurnContext, response: Response, schemes: tuple[str, ...]
@@ -303,9 +303,14 @@ class WebhookChannel(ABC, Generic[_PlanT, _AnswerT]):
             raise WebhookRefused(self.body_too_large_status, "body_too_large", exc.text) from None
 
     async def _turn(
-        self, planned: _PlanT, ctx: TurnContext, input: Input, deadline_s: float
+        self,
+        planned: _PlanT,
+        ctx: TurnContext,
+        input: Input,
+        deadline_s: float,
+        loop: asyncio.AbstractEventLoop,
     ) -> _AnswerT:
-        loop = asyncio.get_running_loop()
+        # ``loop``: handle()'s (asyncio.get_running_loop() asks getpid(2) on each call)
         started = loop.time()
         outcome = await run_turn(self.gw.conversation, ctx, input, deadline_s)
         end = outcome.end
