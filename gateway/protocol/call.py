@@ -106,7 +106,9 @@ full; :data:`TRANSITIONS` is the same state machine):
    ends the session (unless the core ended it already). The core's transfer stands once
    its turn asked for it, as a session it ended does, whether the caller cut the turn
    off (barge-in) before or after its transfer item came (not a race with the
-   synthesis of the announcement), but not once the caller hung up. So the caller's
+   synthesis of the announcement), but not once the caller hung up, nor when an
+   answering machine was detected before the turn finished (``#machine`` is the next
+   input, its item taken or still to come: the callee is no person). So the caller's
    words and keys over the announcement (while the turn runs; once it finished, in
    ENDING, the caller is not heard) get no turn: the person the call goes to hears the
    caller, and nobody would answer them here. They are dropped when the turn finishes,
@@ -836,6 +838,7 @@ class _Turn:
     ended: bool = False  # its Response ended the session
     transfer: bool = False  # it holds a transfer item: the call is handed over after its audio
     failed: bool = False  # it gave an ErrorEvent (said as error_text)
+    machine: bool = False  # an answering machine cut it off (#machine): no transfer of it
 
 
 @dataclass
@@ -1161,8 +1164,10 @@ class CarrierCall:
         waiting, held (pressed while an utterance was heard, now cancelled) and being
         collected (``collect`` mode, no ``#`` or pause yet: an input now, as the pause
         would have made them, as for words committed then) go first, each an input of
-        its own. Before ``start`` it only goes into the ``#intro`` attributes; once the
-        call is ending it is ignored.
+        its own. The turn running is cut off and its transfer is not carried out, whether
+        its transfer item came before or comes after (the callee is a machine; module doc
+        step 7). Before ``start`` it only goes into the ``#intro`` attributes; once the
+        call is ending (the transfer's turn finished, say) it is ignored.
 
         Only the call's first result is taken (:attr:`machine_heard`): carriers deliver
         webhooks at least once (Telnyx's retries, Twilio's on a timeout), so a second
@@ -1177,6 +1182,13 @@ class CarrierCall:
         if self.info is None:
             return []  # into the #intro attributes
         self._input_attributes[MACHINE] = {"answeredBy": answered_by}
+        if (turn := self.turn) is not None:
+            # the machine cut the turn off, not the caller: its transfer (taken, or its
+            # item still to come) is not carried out (a person would be handed a
+            # voicemail); #machine lets the core decide (module doc step 7)
+            turn.machine = True
+            if turn.transfer:
+                turn.transfer, self.transfer = False, None
         actions: list[CallAction] = []
         if state is State.HEARING:
             actions += self._stop_listening()
@@ -1785,8 +1797,10 @@ class CarrierCall:
             # what follows it in the turn is not played. The core's transfer stands when
             # the caller cut the turn off before this item came (module doc step 7), as it
             # does once it came: not a race with the synthesis of the announcement before
-            # it; not once the caller is gone (their inputs waiting still reach the core)
-            if target is not None and (not turn.discarded or self.state is not State.CLOSED):
+            # it; not once the caller is gone (their inputs waiting still reach the core),
+            # nor once an answering machine cut it off (machine_answered)
+            taken = not turn.discarded or self.state is not State.CLOSED
+            if target is not None and taken and not turn.machine:
                 self.transfer, turn.transfer = target, True
             return []
         if isinstance(event, BinaryEvent) and not turn.discarded and not turn.transfer:

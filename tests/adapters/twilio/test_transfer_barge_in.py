@@ -11,7 +11,7 @@ from __future__ import annotations
 from adapters.twilio.protocol import TwilioCall
 from gateway.events import ResponseItemEvent, transfer_item
 from gateway.protocol.actions import CancelListening, EndSession, StartTurn
-from gateway.protocol.call import InputsUnanswered, Interrupt, Play, State, Transfer
+from gateway.protocol.call import MACHINE, InputsUnanswered, Interrupt, Play, State, Transfer
 from tests.adapters.twilio.test_barge_in import finish_turn, frames, hold, say_item, started
 from tests.adapters.twilio.test_protocol import CALL, STOP, dtmf, mark
 from tests.conftest import state_of
@@ -106,3 +106,49 @@ def test_a_transfer_item_of_a_turn_running_when_the_caller_hung_up_is_not_carrie
     [turn] = finish_turn(call)
     assert isinstance(turn, StartTurn)
     assert turn.input.text == "no wait"
+
+
+def test_a_transfer_item_after_an_answering_machine_was_detected_is_not_carried_out() -> None:
+    """An outbound call's turn says "Connecting you to an agent." and an answering
+    machine is detected (``#machine`` cuts the turn off) before the turn's transfer item
+    came: the machine cut the turn off, not the caller, so the transfer is not carried out
+    (the person would be handed a voicemail) and ``#machine`` is the next input (the core
+    leaves its message or hangs up). Before, since the transfer of a discarded turn is
+    taken (for the caller's barge-in), the transfer stood and ``#machine`` was dropped."""
+    call = started()
+    say_item(call, "Connecting you to an agent.", b"\x00" * 24_000)
+    assert [type(a) for a in call.machine_answered("machine_start")] == [Interrupt]
+    item = transfer_item("+15550100", reason="agent")
+    assert call.turn_event(ResponseItemEvent(response_item=item)) == []
+    assert call.transfer is None
+    [turn] = finish_turn(call)
+    assert isinstance(turn, StartTurn)
+    assert turn.input.text == MACHINE
+    assert turn.input.attributes == {"answeredBy": "machine_start"}
+    assert call.state is State.BOT
+
+
+def test_an_answering_machine_detected_after_the_transfer_item_cancels_the_transfer() -> None:
+    """As above, the machine detected after the transfer item came (its announcement still
+    playing): the same outcome, no race with the synthesis. Before, the transfer stood and
+    ``#machine`` was dropped at the turn's end."""
+    call = started()
+    transfer_turn(call)
+    assert [type(a) for a in call.machine_answered("machine_end_beep")] == [Interrupt]
+    assert call.transfer is None
+    [turn] = finish_turn(call)
+    assert isinstance(turn, StartTurn)
+    assert turn.input.text == MACHINE
+    assert call.state is State.BOT
+
+
+def test_an_answering_machine_detected_once_the_transfer_turn_finished_changes_nothing() -> None:
+    """Once the transfer's turn finished (ENDING: its last audio plays) the call is handed
+    over: a machine result then is ignored (as any once the call ends)."""
+    call = started()
+    transfer_turn(call)
+    [final] = finish_turn(call)
+    assert isinstance(final, Play)
+    assert call.machine_answered("machine_start") == []
+    [transfer] = call.receive(mark("end-2"))
+    assert transfer == Transfer(CALL, "+15550100", "agent")
