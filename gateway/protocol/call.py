@@ -106,7 +106,8 @@ full; :data:`TRANSITIONS` is the same state machine):
    ends the session (unless the core ended it already). The core's transfer stands once
    its turn asked for it, as a session it ended does, whether the caller cut the turn
    off (barge-in) before or after its transfer item came (not a race with the
-   synthesis of the announcement), but not once the caller hung up, nor when an
+   synthesis of the announcement), but not once the caller hung up (its item before or
+   after the hang-up: the caller's inputs waiting still reach the core), nor when an
    answering machine was detected before the turn finished (``#machine`` is the next
    input, its item taken or still to come: the callee is no person). So the caller's
    words and keys over the announcement (while the turn runs; once it finished, in
@@ -1863,9 +1864,12 @@ class CarrierCall:
         if turn is None:
             return []
         if self.state is State.CLOSED:
-            if turn.ended or turn.transfer:
+            if turn.ended:
                 self._waiting.clear()  # the core ended the session: theirs is no turn
                 return []
+            # a transfer asked for is not carried out once the caller hung up (module doc
+            # step 7): their inputs waiting reach the core, as for any turn
+            self.transfer = None
             return self._last_input()
         if turn.ended or turn.transfer:
             # a transfer ends the session once the carrier took it (transfer_finished)

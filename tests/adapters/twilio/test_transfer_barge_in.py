@@ -9,7 +9,7 @@ the runner at DEBUG). The real call: tests/adapters/test_carrier_calls.py
 from __future__ import annotations
 
 from adapters.twilio.protocol import TwilioCall
-from gateway.events import ResponseItemEvent, transfer_item
+from gateway.events import Response, ResponseEvent, ResponseItemEvent, transfer_item
 from gateway.protocol.actions import CancelListening, EndSession, StartTurn
 from gateway.protocol.call import MACHINE, InputsUnanswered, Interrupt, Play, State, Transfer
 from tests.adapters.twilio.test_barge_in import finish_turn, frames, hold, say_item, started
@@ -152,3 +152,36 @@ def test_an_answering_machine_detected_once_the_transfer_turn_finished_changes_n
     assert call.machine_answered("machine_start") == []
     [transfer] = call.receive(mark("end-2"))
     assert transfer == Transfer(CALL, "+15550100", "agent")
+
+
+def test_words_over_a_transfer_announcement_reach_the_core_when_the_caller_hangs_up() -> None:
+    """The caller interrupts "Transferring you now." after its transfer item came, then
+    hangs up before the turn finished: the transfer cannot happen any more (nobody to hand
+    over), so the words waiting reach the core before the end, as when the item comes
+    after the hang-up (test_a_transfer_item_of_a_turn_running_when_the_caller_hung_up_is_not_carried_out):
+    not a race with the item. Before, they were dropped without a word (no turn, no
+    InputsUnanswered) when the item came first."""
+    call = started()
+    transfer_turn(call)
+    hold(call)
+    assert [type(a) for a in call.heard("final", "no wait", 0.9)] == [Interrupt]
+    [end] = call.receive(STOP)
+    assert isinstance(end, EndSession)
+    [turn] = finish_turn(call)
+    assert isinstance(turn, StartTurn)
+    assert turn.input.text == "no wait"
+    assert call.transfer is None
+    assert finish_turn(call) == []  # its answer is not played; nothing more
+
+
+def test_a_transfer_turn_that_also_ended_the_session_drops_the_words_at_a_hang_up() -> None:
+    """As above, but the transfer's turn also ended the session: the core ended it, so the
+    words get no turn (module doc step 6), as before."""
+    call = started()
+    transfer_turn(call)
+    hold(call)
+    call.heard("final", "no wait", 0.9)
+    call.receive(STOP)
+    call.turn_event(ResponseEvent(response=Response(session_ended=True)))
+    assert call.turn_finished() == []
+    assert call.waiting == ()
