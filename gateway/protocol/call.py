@@ -1501,8 +1501,9 @@ class CarrierCall:
         the utterance is heard out, its words the input after them; the keys' turn
         starts once the utterance is over (its final, no words, or the listener's
         failure), so the bot does not answer them over the caller (module doc, "Inputs
-        that wait"). The call stays HEARING. In BOT or HOLDING (the caller speaks over
-        the paused bot) they wait likewise, for the bot's floor."""
+        that wait"). The call stays HEARING. In BOT (without barge-in: keys collected over
+        the bot's audio, their pause ended) or HOLDING they wait likewise, for the bot's
+        floor; the bot is not cut off."""
         if self._keys_during():
             return self._hold_keys(text)
         if self.state in (State.BOT, State.HOLDING, State.HEARING):

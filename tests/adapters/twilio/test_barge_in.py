@@ -935,6 +935,33 @@ def test_keys_pressed_ahead_each_reach_the_core() -> None:
     assert list(call.waiting) == ["12", "34"]
 
 
+def test_keys_whose_pause_ends_while_the_bot_speaks_wait_for_its_floor() -> None:
+    """``collect`` mode, no barge-in (the one way keys are still being collected while the
+    bot has the floor: with barge-in a key cuts the bot off, and ``#machine`` now takes
+    the keys being collected): 1, 2 pressed over the bot's answer, no ``#``; their pause
+    (2 s) ends while the answer still plays: "12" is an input then (the pause made it),
+    the bot is not cut off, and it waits for the bot's floor: its turn starts once the
+    answer's turn finished and its audio played, then the caller's floor."""
+    call = started(barge_in=False, dtmf_mode="collect")
+    say_item(call, "Your account number, then the hash key.", SECOND * 5)
+    for key in "12":
+        assert call.receive(dtmf(key)) == []
+    assert call.dtmf.collecting
+    assert frames(call, 99) == []  # 1.98 s: still collected
+    assert call.waiting == ()
+    assert frames(call, 1) == []  # the pause ends over the bot: no Interrupt, no turn
+    assert call.state is State.BOT
+    assert not call.dtmf.collecting
+    assert list(call.waiting) == ["12"]
+    assert finish_turn(call) == []  # the answer's audio still plays
+    [turn] = call.receive(mark("1"))
+    assert isinstance(turn, StartTurn)
+    assert turn.input.text == "12"
+    assert INTERRUPTED not in turn.input.attributes  # nothing was cut off
+    assert finish_turn(call) == []
+    assert state_of(call) is State.CALLER
+
+
 def test_inputs_waiting_when_the_caller_hangs_up_each_reach_the_core() -> None:
     """Words wait and keys are being collected (``collect`` mode, no ``#`` yet) when the
     caller hangs up: the words' turn, then the keys', both before the session ends.
