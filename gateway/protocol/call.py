@@ -1679,11 +1679,14 @@ class CarrierCall:
         """The listener's result: ``kind`` ``final`` (with ``text`` and its ``confidence``,
         0..1) or ``silence``. Ignored unless the call is hearing, holding or judging.
 
-        A final text is the next input. No words: ``#fallback`` when the utterance
-        cut the bot off (the bot fell silent and must answer), else the caller's
-        floor again with a fresh silence timeout (a cough is not an input). Speech over
-        the bot that is no real interruption (module doc step 4) resumes it (or, judged
-        after an early resume, is forgotten).
+        A final text is the next input (:meth:`_commit`; it waits on the caller's floor
+        while keys begun during the utterance are still being collected, and keys pressed
+        during it come after it). No words: ``#fallback`` when the utterance cut the bot
+        off (the bot fell silent and must answer; not when a key cut it off: the keys are
+        the input), else the caller's floor again with a fresh silence timeout (a cough is
+        not an input; keys pressed during it are the inputs). Speech over the bot that is
+        no real interruption (module doc step 4) resumes it (or, judged after an early
+        resume, is forgotten); after a key cut the bot off, it is no input.
 
         Speech the caller began after the endpointer ended this utterance (before this
         result came), still going or ended since, is heard now, from its onset (module
@@ -1762,8 +1765,10 @@ class CarrierCall:
         return []
 
     def listener_failed(self) -> list[CallAction]:
-        """The listener failed (recognizer error, utterance too long): ``#fallback``; while
-        the bot holds for the utterance, its audio goes on (a longer one interrupted it)."""
+        """The listener failed (recognizer error, utterance too long): ``#fallback`` (keys
+        pressed during the utterance replace it: they are the inputs; none when a key cut
+        the bot off, :meth:`_utterance_result`); while the bot holds for the utterance,
+        its audio goes on (a longer one interrupted it)."""
         if self.state is State.HOLDING:
             return self._resume()
         if self.state is State.BOT and self._judging:
@@ -1886,7 +1891,7 @@ class CarrierCall:
             self.machine.advance(SESSION_END)
             self._waiting.clear()
             self._held_keys.clear()
-            self.dtmf.reset()  # keys collected before the end go the pending input's way
+            self.dtmf.reset()  # keys being collected get no turn (counted in unanswered)
             return [*stop, *unanswered, *end, self._play(b"", final=True)]
         return self._advance()
 
@@ -2014,12 +2019,13 @@ class CarrierCall:
     def _stream_ended(self, was: State) -> list[CallAction]:
         """The stream ended in state ``was`` (``stop`` or :meth:`connection_lost`; the
         call is now CLOSED). Unless the call was over already or the core ended the
-        session: keys collected in ``collect`` mode (no ``#`` or pause yet) become an
-        input, waiting after those waiting (:meth:`_wait`: keys are an input of their own,
-        as the pause would have made them), and the inputs waiting are the core's before
-        the end, one turn each in the order said: the first at once when no turn runs,
-        else once the running one finished (:meth:`turn_finished`, which drops them when
-        that turn ended the session). The turn running now is discarded as the last
+        session: keys held while the utterance was heard (:meth:`_hold_keys`; its words
+        are lost with it), then keys collected in ``collect`` mode (no ``#`` or pause yet),
+        become inputs, waiting after those waiting (:meth:`_wait`: keys are an input of
+        their own, as the pause would have made them), and the inputs waiting are the
+        core's before the end, one turn each in the order said: the first at once when no
+        turn runs, else once the running one finished (:meth:`turn_finished`, which drops
+        them when that turn ended the session). The turn running now is discarded as the last
         input's is (:meth:`_last_input`): it finishes and saves (the runner's EndSession
         waits for it), but none of its audio is played, no mark sent (the carrier's
         socket may still be open after its ``stop``: frames then are a protocol error to
