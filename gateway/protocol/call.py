@@ -146,7 +146,9 @@ said reaches the core:
   keys' turn starts once it is over: the bot does not answer over the caller). Keys
   pressed while the caller speaks come after the utterance's words (the words began
   first): held until its result, then each an input of its own after them (at most
-  :data:`MAX_WAITING_INPUTS` held); keys begun then and still being collected at its
+  :data:`MAX_WAITING_INPUTS` held; keys pressed while the caller speaks again after the
+  utterance ended, before its final, come after that next speech's words, a key over
+  the bot cutting it off as below); keys begun then and still being collected at its
   final are not cut short: the words wait on the caller's floor until ``#`` or the
   pause, then the words' turn, the keys after it. ``#machine`` comes after the keys a
   human pressed (waiting, held or being collected, in that order) and drops the words
@@ -954,6 +956,14 @@ class CarrierCall:
         """Keys pressed while the caller speaks (an utterance open), done before its
         result came: they wait after its words (:meth:`_release_keys`), in the order
         pressed; at most :data:`MAX_WAITING_INPUTS`."""
+        self._next_keys: deque[str] = deque()
+        """Keys pressed while the caller speaks again after the utterance heard ended,
+        before its final (:attr:`_next_onset`): they come after the words of that next
+        speech, held for it once it is heard (:meth:`_heard_next`); at most
+        :data:`MAX_WAITING_INPUTS`."""
+        self._keys_next = False
+        """Whether the keys being collected (``digit`` mode: the latest key) began during
+        such next speech."""
         self._key_cut_in = False
         """Whether a key cut the bot off while the utterance heard was speech over it (held
         or judged): its final is judged as such (:meth:`_utterance_result`)."""
@@ -1480,6 +1490,7 @@ class CarrierCall:
             self.machine.advance(INTERRUPT)
         if not self.dtmf.collecting:  # the first key of an input: pressed while one speaks?
             self._keys_stream = self.stream if self.state is State.HEARING else None
+            self._keys_next = self._keys_stream is not None and self._next_onset is not None
         done = self.dtmf.press(digit, self.now_ms)
         if done is not None:
             actions += self._digits(done)
@@ -1521,18 +1532,27 @@ class CarrierCall:
         """Keys done while the caller speaks (:meth:`_keys_during`): held until the
         utterance's result, then they wait after its words (:meth:`_release_keys`). At
         most :data:`MAX_WAITING_INPUTS` are held: past it the oldest is dropped
-        (``[InputsDropped]``), else ``[]``."""
-        self._held_keys.append(text)
-        if len(self._held_keys) > MAX_WAITING_INPUTS:
-            self._held_keys.popleft()
+        (``[InputsDropped]``), else ``[]``. Keys begun while the caller spoke again after
+        the utterance ended (before its final) are held for that next speech
+        (:attr:`_next_keys`)."""
+        held = self._next_keys if self._keys_next else self._held_keys
+        held.append(text)
+        if len(held) > MAX_WAITING_INPUTS:
+            held.popleft()
             return [InputsDropped(inputs=1)]
         return []
 
-    def _release_keys(self) -> list[CallAction]:
+    def _release_keys(self, *, next_keys: bool = True) -> list[CallAction]:
         """The keys held while the utterance was heard (:meth:`_hold_keys`) wait now, each
         an input of its own in the order pressed (:meth:`_wait`, its bounds: one
-        ``InputsDropped`` for all drops, else ``[]``)."""
+        ``InputsDropped`` for all drops, else ``[]``). ``next_keys``: those held for
+        the caller's next speech too, after them (the utterance's result with no next
+        speech heard, a hang-up, ``#machine``)."""
         inputs = chars = 0
+        if next_keys:
+            self._held_keys.extend(self._next_keys)
+            self._next_keys.clear()
+            self._keys_next = False
         while self._held_keys:
             for action in self._wait(self._held_keys.popleft(), speech=False):
                 if isinstance(action, InputsDropped):
@@ -1593,7 +1613,7 @@ class CarrierCall:
             actions += self._wait(digits, speech=False)
         actions += self._wait(text, speech=speech)
         if text != MACHINE:
-            actions += self._release_keys()
+            actions += self._release_keys(next_keys=False)  # those: _heard_next
         return [*actions, *self._advance()]
 
     def _wait(self, text: str, *, speech: bool) -> list[CallAction]:
@@ -1726,7 +1746,7 @@ class CarrierCall:
             return [*self._commit(text or FALLBACK, since=since), *self._heard_next()]
         self.machine.advance(NOISE)
         self._silence_at = self.now_ms + self.config.silence_timeout_ms
-        released = self._release_keys()
+        released = self._release_keys(next_keys=False)  # those of the next speech: _heard_next
         return [*released, *self._waiting_goes(since=since), *self._heard_next()]
 
     def _speaks_on(self) -> bool:
@@ -1753,7 +1773,31 @@ class CarrierCall:
         endpointer ended that utterance (before its final came), still going or over
         (:meth:`_speaks_on`), is heard now, from its onset (module doc step 4): on the
         bot's floor as speech over the bot (the floor counts from the utterance's end,
-        :meth:`_commit`), on the caller's as the next utterance."""
+        :meth:`_commit`), on the caller's as the next utterance. Keys pressed during that
+        speech (:attr:`_next_keys`) come after its words: held for it once it is heard
+        (over the bot a key is a real interruption: it cuts the bot off, the speech judged
+        as over it, as for a key over the paused bot), else they wait now."""
+        stream = self.stream
+        actions = self._hear_next()
+        keys = bool(self._next_keys) or (self._keys_next and self.dtmf.collecting)
+        if not keys:
+            self._keys_next = False
+            return actions
+        if self.state is State.HEARING and self.stream != stream:  # heard: held for it
+            # (those of the utterance before were released with its result: none left)
+            self._held_keys.extend(self._next_keys)
+            self._next_keys.clear()
+            if self._keys_next and self.dtmf.collecting:
+                self._keys_stream = self.stream
+            self._keys_next = False
+            return actions
+        released = self._release_keys()
+        if self.state is State.CALLER:
+            return [*actions, *released, *self._waiting_goes()]
+        return [*actions, *released, *self._advance()]
+
+    def _hear_next(self) -> list[CallAction]:
+        """:meth:`_heard_next`'s speech: heard from its onset, ``[]`` when none."""
         if not self._speaks_on():
             return []
         first = self._next_onset
@@ -1761,6 +1805,10 @@ class CarrierCall:
         if self.state is State.CALLER:
             return self._hear(interrupted=False, following=True)
         if self.state is State.BOT and self.config.barge_in and first >= self._bot_since:
+            if self._next_keys or (self._keys_next and self.dtmf.collecting):
+                actions = self._barge_in(following=True)  # a key over the bot
+                self._key_cut_in = True
+                return actions
             return self._hold(following=True) if self.holds else self._barge_in(following=True)
         return []
 
@@ -1891,6 +1939,7 @@ class CarrierCall:
             self.machine.advance(SESSION_END)
             self._waiting.clear()
             self._held_keys.clear()
+            self._next_keys.clear()
             self.dtmf.reset()  # keys being collected get no turn (counted in unanswered)
             return [*stop, *unanswered, *end, self._play(b"", final=True)]
         return self._advance()
@@ -1901,7 +1950,7 @@ class CarrierCall:
         ``[InputsUnanswered]`` when any (waiting, held or being collected, or the utterance
         heard cancelled: ``listening``), else ``[]``."""
         inputs = sum(1 for text, _ in self._waiting if text not in _NOT_THE_CALLER)
-        inputs += len(self._held_keys) + self.dtmf.collecting
+        inputs += len(self._held_keys) + len(self._next_keys) + self.dtmf.collecting
         return [InputsUnanswered(reason, inputs, listening)] if inputs or listening else []
 
     # -------------------------------------------------------------- the end

@@ -253,3 +253,84 @@ def test_keys_pressed_while_a_machine_s_greeting_is_heard_go_before_machine() ->
     assert [type(a) for a in actions] == [CancelListening, StartTurn]
     assert texts(actions) == ["4"]
     assert list(call.waiting) == ["#machine"]
+
+
+def speaks_again(call: TwilioCall, onset: int) -> int:
+    """The utterance open since ``onset`` ends (the endpointer), then the caller speaks
+    again before its final came (a recognizer behind the caller): 300 ms of that next
+    speech. Its onset."""
+    assert frames(call, 20, onset=onset, voiced=10_000) == []
+    assert frames(call, 5) == []  # ended: its final is awaited
+    again = call.now_ms
+    assert frames(call, 15, onset=again, voiced=10_000) == []
+    return again
+
+
+def test_a_key_pressed_during_the_next_speech_comes_after_its_words() -> None:
+    """ "i want" (its final late) ... "sales please" with 5 pressed during the second: the
+    key comes after the words said with it, not between the two. The first final makes
+    "i want" the input; the speech going on is speech over its answer, and a key over the
+    bot is a real interruption: it is heard out at once (no pause to judge it), its words
+    the input, 5 after them. Before, 5 was released with the first final: "i want", "5",
+    "sales please"."""
+    call, onset = speaking()
+    again = speaks_again(call, onset)
+    assert call.receive(dtmf("5")) == []
+    actions = call.heard("final", "i want", 0.9)
+    assert [type(a) for a in actions] == [StartTurn, Interrupt, StartListening]
+    assert texts(actions) == ["i want"]
+    assert call.waiting == ()  # 5 is held for the speech going on
+    assert frames(call, 10, onset=again, voiced=10_000) == []
+    assert frames(call, 5) == []
+    assert call.heard("final", "sales please", 0.9) == []  # "i want"'s turn still runs
+    assert list(call.waiting) == ["sales please", "5"]
+    assert texts(finish_turn(call)) == ["sales please"]
+    assert texts(finish_turn(call)) == ["5"]
+
+
+def test_a_key_during_the_next_speech_after_a_wordless_utterance_comes_after_its_words() -> None:
+    """A cough (no words), then "sales please" begun before the cough's result came, 5
+    pressed during it: the cough is nothing, "sales please" is the next utterance and 5
+    comes after it. Before, 5 was the input at the cough's result and "sales please" was
+    heard as speech over the key's answer."""
+    call, onset = speaking()
+    again = speaks_again(call, onset)
+    assert call.receive(dtmf("5")) == []
+    assert [type(a) for a in call.heard("silence", "")] == [StartListening]
+    assert call.state is State.HEARING
+    assert call.waiting == ()
+    assert frames(call, 10, onset=again, voiced=10_000) == []
+    assert frames(call, 5) == []
+    assert texts(call.heard("final", "sales please", 0.9)) == ["sales please"]
+    assert list(call.waiting) == ["5"]
+
+
+def test_keys_collected_during_the_next_speech_come_after_its_words() -> None:
+    """``collect`` mode: "my number is" (its final late) ... "one two" with 1, 2 pressed
+    during the second, ``#`` once its final is awaited: the words are one input (the
+    caller's floor: they wait while the keys are collected, then join), "12" after them.
+    Before, "12" went between the two utterances' words."""
+    call, onset = speaking(dtmf_mode="collect")
+    again = speaks_again(call, onset)
+    for key in "12":
+        assert call.receive(dtmf(key)) == []
+    assert [type(a) for a in call.heard("final", "my number is", 0.9)] == [StartListening]
+    assert call.state is State.HEARING  # the next speech, heard from its onset
+    assert frames(call, 10, onset=again, voiced=10_000) == []
+    assert frames(call, 5) == []
+    assert call.receive(dtmf("#")) == []  # done while that speech is heard: held
+    assert texts(call.heard("final", "one two", 0.9)) == ["my number is one two"]
+    assert list(call.waiting) == ["12"]
+
+
+def test_keys_of_the_next_speech_reach_the_core_when_the_caller_hangs_up() -> None:
+    """3 pressed in the utterance, 4 in the speech after it, then the caller hangs up
+    before the final: both keys reach the core, in the order pressed."""
+    call, onset = speaking()
+    assert call.receive(dtmf("3")) == []
+    speaks_again(call, onset)
+    assert call.receive(dtmf("4")) == []
+    actions = call.receive(STOP)
+    assert texts(actions) == ["3"]
+    assert list(call.waiting) == ["4"]
+    assert texts(finish_turn(call)) == ["4"]
