@@ -10,6 +10,9 @@ removed) at the end:
 - :func:`start_sentinel` — a master, one replica of it and one sentinel (quorum 1)
   monitoring it as ``mymaster``. Yields a :class:`SentinelSetup` whose ``url`` is
   ``redis+sentinel://127.0.0.1:<sentinel port>/0/mymaster``.
+- :func:`start_server` and :func:`start_monitor` — a lone server, and a sentinel that
+  names as ``mymaster`` whatever port it is given (a proxy in front of that server, so
+  that every connection the gateway makes to the master goes through it).
 
 The sentinel runs as ``redis-server <conf> --sentinel`` (what the redis-sentinel
 binary is), so only the redis-server package (and redis-cli, same package) is needed.
@@ -253,6 +256,59 @@ def start_sentinel() -> Iterator[SentinelSetup]:
                 )
 
         _wait("the sentinel to see the replica", knows_replica)
+        yield setup
+    finally:
+        _stop(procs)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def start_server() -> Iterator[int]:
+    """A lone ``redis-server`` on a free port (no replica); yields the port."""
+    tmp = Path(tempfile.mkdtemp(prefix="gw-server-"))
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        (port,) = _free_ports(1)
+        procs.append(_server(["--port", str(port), *_COMMON], tmp, "redis.log"))
+        with redis.Redis(port=port, socket_connect_timeout=1) as client:
+            _wait("the server", client.ping)
+        yield port
+    finally:
+        _stop(procs)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def start_monitor(master_port: int, *, down_after_ms: int = 60_000) -> Iterator[SentinelSetup]:
+    """One sentinel (quorum 1) naming ``127.0.0.1:master_port`` the master ``mymaster``
+    (a server of :func:`start_server`, or a proxy in front of it: the sentinel's own
+    links to the master go through it too). With no replica there is nothing to fail
+    over to, and ``down_after_ms`` (60 s by default) keeps a link of the sentinel that
+    went silent from marking the master down meanwhile (a lone sentinel makes a new
+    link after ``down_after_ms / 2`` without an answer). Ready once the sentinel
+    answers; yields a :class:`SentinelSetup` (``data_ports`` empty)."""
+    tmp = Path(tempfile.mkdtemp(prefix="gw-monitor-"))
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        (sentinel,) = _free_ports(1)
+        conf = tmp / "sentinel.conf"
+        conf.write_text(
+            f"port {sentinel}\n"
+            "bind 127.0.0.1\n"
+            f"dir {tmp}\n"
+            f"sentinel monitor {SERVICE} 127.0.0.1 {master_port} 1\n"
+            f"sentinel down-after-milliseconds {SERVICE} {down_after_ms}\n"
+        )
+        procs.append(_server([str(conf), "--sentinel"], tmp, "sentinel.log"))
+        setup = SentinelSetup(
+            url=f"redis+sentinel://127.0.0.1:{sentinel}/0/{SERVICE}", sentinel_port=sentinel
+        )
+
+        def names_the_master() -> bool:
+            with setup.sentinel() as s:
+                return setup.master_port() == master_port and bool(s.ping())
+
+        _wait("the sentinel", names_the_master)
         yield setup
     finally:
         _stop(procs)

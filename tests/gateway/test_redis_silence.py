@@ -18,6 +18,11 @@ port (``cluster-announce-port``), so the client's connections to it, found throu
 slot map, go through the proxy; so do the bus's sharded subscriptions on it (the health
 check interval shortened by patching :data:`gateway.redisconn.HEALTH_CHECK_S`), and the
 Voiceflow socket.io manager's classic subscription (on the node of its channel's slot).
+
+A Sentinel-managed master (whose URL takes no query options either: both constants are
+patched) is checked behind a sentinel of its own that names the proxy as the master
+(tests/redis_topologies.py: :func:`start_monitor`), so every connection the client makes
+to the master, the socket.io manager's subscription among them, goes through the proxy.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ from tests.adapters.flowstorm.v1.helpers import init, request_frame, turn, ws_ur
 from tests.adapters.voiceflow.helpers import client as voiceflow_client
 from tests.conftest import served, served_app
 from tests.gateway.redis_proxy import ReplyDropper
-from tests.redis_topologies import start_cluster
+from tests.redis_topologies import start_cluster, start_monitor, start_server
 
 TEXT = {"Content-Type": "text/plain"}
 TIMEOUT_S = 0.5
@@ -684,6 +689,79 @@ async def test_a_cluster_socketio_subscription_gone_silent_hears_another_instanc
                 with contextlib.suppress(TimeoutError):
                     heard = await asyncio.wait_for(vf.events.get(), 0.3)
             assert heard == ("heard.again", {"ok": True})
+    finally:
+        if emitter is not None and emitter.redis is not None:
+            await redisconn.aclose(emitter.redis)
+        await direct.aclose()
+
+
+# ------------------------------------------------------------------ Redis Sentinel
+
+
+@pytest.fixture
+async def proxied_sentinel(
+    monkeypatch: pytest.MonkeyPatch,
+) -> AsyncIterator[tuple[ReplyDropper, str, int]]:
+    """A lone Redis server behind a :class:`ReplyDropper`, and a sentinel of its own that
+    names the proxy the master ``mymaster`` (no replica: nothing to fail over to, and
+    its down-after of 60 s marks nothing down during a test); the command timeout
+    :data:`TIMEOUT_S` and the health check every :data:`HEALTH_S` for the clients made
+    from here on (a Sentinel URL takes no query options). Yields (the proxy, the
+    ``redis+sentinel://`` URL, the server's own port, not proxied)."""
+    monkeypatch.setattr(redisconn, "COMMAND_TIMEOUT_S", TIMEOUT_S)
+    monkeypatch.setattr(redisconn, "HEALTH_CHECK_S", HEALTH_S)
+    with start_server() as port:
+        proxy = ReplyDropper("127.0.0.1", port)
+        proxy_port = await proxy.start()
+        try:
+            with start_monitor(proxy_port) as setup:
+                yield proxy, setup.url, port
+        finally:
+            proxy.hung = False
+            await proxy.close()
+
+
+async def test_a_sentinel_socketio_subscription_gone_silent_hears_another_instance_again(
+    proxied_sentinel: tuple[ReplyDropper, str, int], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The Voiceflow socket.io manager of instance B on a Sentinel-managed master
+    (gateway.redisconn.SocketIoRedisManager, its pool a WatchedSentinelPool) holds its
+    classic SUBSCRIBE on the master the sentinel names. That connection goes silent (no
+    reset, new connections reach the master; no sentinel event, the sentinel sees the
+    master up): its health check's PING goes unanswered, the connection is dropped
+    (gateway.redisconn.drop_if_silent, as on one server and on a Cluster), made again
+    through the sentinel and subscribed again, so an emit of instance A (another manager
+    on the same Sentinel URL) reaches B's connected client within
+    ``health_check_interval + socket_timeout + 2`` s of the silence (27 s by default)."""
+    proxy, url, port = proxied_sentinel
+    channel = "silent-sentinel:voiceflow:socket.io"
+    direct = aioredis.Redis(port=port)  # the master, not proxied
+    emitter: redisconn.SocketIoRedisManager | None = None
+    try:
+        async with (
+            served(redis_url=url, redis_prefix="silent-sentinel") as base,
+            voiceflow_client(base) as vf,
+        ):
+            # python-socketio starts its listener with the first connection
+            deadline = time.perf_counter() + 10
+            while (await direct.pubsub_numsub(channel))[0][1] != 1:
+                assert time.perf_counter() < deadline, "the manager did not subscribe"
+                await asyncio.sleep(0.05)
+            assert proxy.silence() >= 1
+            silenced = time.perf_counter()
+            # instance A: made now, its connections reach the master on a fresh path
+            emitter = redisconn.SocketIoRedisManager(url, channel=channel)
+            heard = None
+            while heard is None:
+                waited = time.perf_counter() - silenced
+                assert waited < SILENT_BOUND_S + 5.0, "still deaf"
+                await emitter.emit("heard.again", {"ok": True}, namespace="/")
+                with contextlib.suppress(TimeoutError):
+                    heard = await asyncio.wait_for(vf.events.get(), 0.3)
+            assert heard == ("heard.again", {"ok": True})
+            # subscribed again on the master, the silent connection's subscription aside
+            assert (await direct.pubsub_numsub(channel))[0][1] >= 1
+        assert "the health check's PING unanswered" in caplog.text
     finally:
         if emitter is not None and emitter.redis is not None:
             await redisconn.aclose(emitter.redis)
