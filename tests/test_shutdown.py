@@ -26,7 +26,7 @@ from websockets.frames import Close, Frame, Opcode
 from websockets.protocol import State
 from websockets.uri import parse_uri
 
-from adapters.flowstorm.v1.protocol import UTTERANCE_LOST_TEXT
+from adapters.flowstorm.v1.protocol import REQUEST_REFUSED_TEXT, UTTERANCE_LOST_TEXT
 from adapters.flowstorm.v2.hearing import NOTHING_SAID_TEXT
 from adapters.flowstorm.v2.hearing import UTTERANCE_LOST_TEXT as UTTERANCE_LOST_TEXT_V2
 from gateway.speech.audio import Pcm, silence
@@ -305,6 +305,81 @@ async def test_sigterm_a_v1_turn_running_gets_its_answer_before_the_1012_close(
         assert not [f for f in frames if f["type"] == "Error"], frames
         exit_code = await asyncio.to_thread(proc.proc.wait, 30)
     assert exit_code == 0
+
+
+async def test_sigterm_a_v1_request_during_the_drain_is_refused_before_the_1012_close(
+    gateway_processes: list[GatewayProcess],
+) -> None:
+    """A Flowstorm V1 socket whose turn runs at SIGTERM, waited for by the drain: its
+    client sends another Request meanwhile (the user typed again). It got the client's
+    Error "a turn is still running" (wait for the Response, then send it again: to a socket
+    that then closed 1012). It is now refused with an Error of source ``gateway`` saying
+    the gateway restarts and the request was not run (send it again after reconnecting);
+    no turn runs for it; the running turn's Response still comes, then 1012."""
+    arrived: list[str] = []
+    came = asyncio.Event()
+    async with serve(held_core(2.5, arrived, came)) as core:
+        proc = GatewayProcess({"GATEWAY_PIPELINE": f"{core}/turn"}).start()
+        gateway_processes.append(proc)
+        assert proc.proc is not None
+        busy = await connect(ws_url(proc.url))
+        idle = await connect(ws_url(proc.url))
+        for ws in (busy, idle):
+            await send_json(ws, init_frame("k", tts="None"))
+            assert (await recv_json(ws))["type"] == "Ready"
+        await send_json(busy, request_frame("mid-turn"))
+        await asyncio.wait_for(came.wait(), 10)
+        proc.proc.send_signal(signal.SIGTERM)
+        # the idle socket closed: the drain began on every socket (busy's waits for its turn)
+        assert await until_closed(idle) == []
+        assert idle.close_code == 1012
+        await send_json(busy, request_frame("typed again"))
+        frames = await until_closed(busy)
+        assert busy.close_code == 1012
+        frames = [f for f in frames if f["type"] != "SessionStarted"]  # the turn's, earlier
+        assert [f["type"] for f in frames] == ["Error", "Response"], frames
+        assert (frames[0]["source"], frames[0]["text"]) == ("gateway", REQUEST_REFUSED_TEXT)
+        assert [i["text"] for i in frames[-1]["response"]["items"]] == ["done mid-turn"]
+        assert arrived == ["mid-turn"]  # no turn for the refused Request
+        assert await asyncio.to_thread(proc.proc.wait, 30) == 0
+        assert_nothing_failed(proc)
+
+
+async def test_sigterm_a_v1_request_sent_as_the_drain_closes_is_refused_before_1012(
+    gateway_processes: list[GatewayProcess],
+) -> None:
+    """A V1 client answers its turn's Response at once with the next Request, while the
+    drain, which waited for that turn, closes the socket: the Request was read after the
+    close (1012 alone, nothing said of it: the client could not tell whether it ran), or
+    just before it (a turn started whose answer the close cut: the answer-lost Error). The
+    drain now reads what the client sent before it closes, and refuses a Request from
+    its start on: the Error of source ``gateway`` that the request was not run, then
+    1012; no turn ran for it."""
+    arrived: list[str] = []
+    came = asyncio.Event()
+    async with serve(held_core(1.0, arrived, came)) as core:
+        proc = GatewayProcess({"GATEWAY_PIPELINE": f"{core}/turn"}).start()
+        gateway_processes.append(proc)
+        assert proc.proc is not None
+        ws = await connect(ws_url(proc.url))
+        await send_json(ws, init_frame("k", tts="None"))
+        assert (await recv_json(ws))["type"] == "Ready"
+        await send_json(ws, request_frame("mid-turn"))
+        await asyncio.wait_for(came.wait(), 10)
+        proc.proc.send_signal(signal.SIGTERM)
+        frames: list[dict[str, Any]] = []
+        with pytest.raises(ConnectionClosed):
+            async with asyncio.timeout(10):
+                while True:
+                    frames.append(json.loads(await ws.recv()))
+                    if frames[-1]["type"] == "Response":
+                        await send_json(ws, request_frame("next"))  # at once, as answered
+        assert ws.close_code == 1012
+        assert [f["type"] for f in frames] == ["SessionStarted", "Response", "Error"], frames
+        assert (frames[-1]["source"], frames[-1]["text"]) == ("gateway", REQUEST_REFUSED_TEXT)
+        assert arrived == ["mid-turn"]
+        assert await asyncio.to_thread(proc.proc.wait, 30) == 0
+        assert_nothing_failed(proc)
 
 
 async def test_sigterm_a_realtime_put_answered_while_its_audio_still_arrives_gets_its_answer(

@@ -185,6 +185,10 @@ Decisions where the spec is silent:
   that is dropped silently (no new utterance is opened), and an
   ``InputAudioStreamOpen`` then is refused with an ``Error`` of source ``gateway``
   saying the gateway is restarting (no stream is opened on a socket about to close).
+  So is a ``Request`` or ``Input`` from then on until the close, whatever the state
+  (:data:`REQUEST_REFUSED_TEXT`: no turn is started; the client resends it after
+  reconnecting), also one the client sent just before the close: the I/O layer reads
+  what was received before it closes the socket.
 """
 
 from __future__ import annotations
@@ -284,6 +288,14 @@ STREAM_REFUSED_TEXT: Final = (
 """The Error text (source ``gateway``) of an ``InputAudioStreamOpen`` that comes once a
 graceful shutdown began (:meth:`V1Connection.server_draining`): no stream is opened on a
 socket about to close (nothing was said in it yet, no utterance is lost)."""
+REQUEST_REFUSED_TEXT: Final = (
+    "The gateway is restarting: this request was not run; send it again after reconnecting."
+)
+"""The Error text (source ``gateway``) of a ``Request`` or ``Input`` that comes once a
+graceful shutdown began (:meth:`V1Connection.server_draining`), until the close 1012: no
+turn is started on a socket about to close (its answer could not reach the client), so
+the client resends it to the instance it reconnects to (the Voiceflow adapter rejects an
+``action.send`` then the same way, ``server-restart``)."""
 _MISSING_KEY: Final = "The application key is missing: send it as Init.key."
 _LONG_KEY: Final = f"Init.key is longer than {MAX_ID_CHARS} characters."
 """The refusal of a key no application has (GATEWAY_APP_KEYS names none that long): with
@@ -861,7 +873,7 @@ class V1Connection:
         self._turn: _Turn | None = None
         self._utterance: _Utterance | None = None
         self._duplex: _Duplex | None = None
-        self._draining = False  # server_draining ran: a silent utterance is no turn
+        self._draining = False  # a graceful shutdown began: no turn, no stream is begun now
         self._streams = itertools.count(1)
         self._logs: deque[LogEntry] = deque(maxlen=log_buffer)
         self._log_chars = log_chars
@@ -907,7 +919,9 @@ class V1Connection:
         ``[Send(Error)]`` for an invalid tts config;
         ``Request``/``Input`` -> ``[StartTurn]`` (``[CancelListening, StartTurn]``
         while an utterance is recognised; of an open Duplex stream with ``hear_on``:
-        the stream's stage goes on hearing it); ``Log`` -> ``[StoreLogs]`` or ``[]``
+        the stream's stage goes on hearing it; ``[Send(Error)]`` of source ``gateway``,
+        :data:`REQUEST_REFUSED_TEXT`, once :meth:`server_draining` ran); ``Log`` ->
+        ``[StoreLogs]`` or ``[]``
         (buffered); ``InputAudioStreamOpen`` -> ``[StartListening,
         Send(InputAudioStreamOpen)]`` (``[CheckSession]`` first when it proposes a
         ``sessionId`` other than the connection's: :meth:`session_checked`);
@@ -1014,6 +1028,8 @@ class V1Connection:
         return [ready, Follow(self._context(resumed), event.last_seq)]
 
     def _on_input(self, event: RequestEvent | InputEvent) -> list[Action]:
+        if self._draining:  # the socket closes 1012 now: whatever the state, no turn is run
+            return [error_frame(REQUEST_REFUSED_TEXT, "gateway")]
         self.machine.check(event.type)  # out of order: nothing changes
         # the session id, TurnContext fields and Input; invalid: ProtocolError, nothing changes
         assert self.init is not None  # the table allows input only after Init
@@ -1449,8 +1465,9 @@ class V1Connection:
         utterance's end, or with no stream open, is); an ``InputAudioStreamOpen`` opens no
         stream: it is refused with an ``Error`` of source ``gateway``
         (:data:`STREAM_REFUSED_TEXT`), as a turn too late to be answered gets one
-        (:data:`ANSWER_LOST_TEXT`). ``[]`` in every other state (a turn running goes on;
-        nothing to do idle). Never raises."""
+        (:data:`ANSWER_LOST_TEXT`); so is a ``Request`` or ``Input``, in every state
+        (:data:`REQUEST_REFUSED_TEXT`: no turn is started). ``[]`` in every other state
+        (a turn running goes on; nothing to do idle). Never raises."""
         if not self.machine.allows(RESTART):
             return []
         self._draining = True
@@ -1474,7 +1491,12 @@ class V1Connection:
         voice onset in it, SpeechStage.onset_heard; a Duplex stream's utterance still
         waiting for one, a stream opened just before the shutdown): ``[CancelListening,
         Close(1012)]``, no Error, as one whose silence came in time gives no turn (nothing
-        is lost: the client opens its microphone again after reconnecting)."""
+        is lost: the client opens its microphone again after reconnecting).
+
+        From here on a ``Request`` or ``Input`` is refused as after :meth:`server_draining`
+        (:data:`REQUEST_REFUSED_TEXT`), also on a socket that had not sent its ``Init`` when
+        the shutdown began: the I/O layer reads what the client sent before the close."""
+        self._draining = True
         closing = Close(CLOSE_RESTART, RESTART_REASON)
         if self.hearing:
             if self.machine.allows(CANCEL):

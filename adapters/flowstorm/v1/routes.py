@@ -47,7 +47,10 @@ frame none comes for: WebSocketDriver.caught_up); one still not recognised then 
 dropped, with an ``Error`` of source ``gateway`` (V1Connection.server_restart) unless its
 endpointer heard no voice onset in it (nothing was said: dropped with no Error); audio sent
 after the finish is dropped, and an InputAudioStreamOpen then is refused with an ``Error`` of
-source ``gateway`` (no stream is opened). A socket with neither is closed 1012 at once.
+source ``gateway`` (no stream is opened); so is a Request or Input (no turn is started: the
+client sends it again after reconnecting), also one received just before the close, which
+reads what the client sent first (at most :data:`DRAIN_READ_MS`). A socket with neither is
+closed 1012 at once, after that read.
 
 Close codes: 1008 unknown or missing application key, or more frames than
 GATEWAY_FLOWSTORM_V1_FRAME_BURST at once / GATEWAY_FLOWSTORM_V1_FRAMES_PER_S a second,
@@ -442,8 +445,13 @@ class _Socket(WebSocketDriver[Action]):
         dropped), unless nothing was said in it (its endpointer heard no voice onset:
         _Listening.onset_heard), which is dropped with no Error. A turn whose frames all
         went out (its Response too) and that only raises the outbox's mark still
-        (Following.settle, catch_up: Redis round trips) counts as answered. True when an
-        answer was not ready (an utterance in which nothing was said is not counted)."""
+        (Following.settle, catch_up: Redis round trips) counts as answered. A ``Request``
+        or ``Input`` that comes once the utterance was finished is refused with an Error
+        (V1Connection.server_draining: no turn is started), also one the client sent just
+        before the close: the receive loop reads what was received first (at most
+        :data:`DRAIN_READ_MS`, from the 1 s the shutdown keeps for closing the sockets).
+        True when an answer was not ready (an utterance in which nothing was said is not
+        counted)."""
         loop = asyncio.get_running_loop()
         until = loop.time() + wait_s
         if self.conn.taking_audio and self.open:
@@ -473,6 +481,9 @@ class _Socket(WebSocketDriver[Action]):
         quiet = self.conn.hearing and not said  # dropped unrecognised, but nothing is lost
         for action in self.conn.server_restart(unanswered=unanswered, said=said):
             if isinstance(action, Close):  # one line for all the sockets, not one each
+                # a Request the client sent meanwhile, received and not read yet, is
+                # refused before the close (V1Connection.server_restart): not left unanswered
+                await self.caught_up(DRAIN_READ_MS / 1000)
                 await self.close(action.code, action.reason)
             else:
                 await self.run([action])

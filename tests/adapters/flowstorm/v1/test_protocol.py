@@ -15,6 +15,7 @@ from adapters.flowstorm.v1.protocol import (
     CLOSE_POLICY,
     CLOSE_RESTART,
     CLOSE_TOO_BIG,
+    REQUEST_REFUSED_TEXT,
     RESTART_REASON,
     STREAM_REFUSED_TEXT,
     STT_SAMPLE_RATES,
@@ -1472,6 +1473,7 @@ def test_a_restart_changes_nothing_idle_or_while_a_turn_runs() -> None:
     assert conn.server_draining() == []
     assert state(conn) is State.IDLE
     assert conn.server_restart(unanswered=False) == [RESTARTED]
+    conn = ready()
     start(conn, request_frame("hello"))
     assert conn.server_draining() == []
     assert state(conn) is State.TURN
@@ -1524,3 +1526,51 @@ def test_the_table_ends_an_open_stream_at_a_restart() -> None:
         State.DUPLEX_TURN: State.TURN,
         State.DUPLEX_TURN_ENDING: State.TURN_ENDING,
     }
+
+
+def test_a_request_once_the_restart_began_is_refused_not_run() -> None:
+    """A ``Request`` or ``Input`` that comes once the shutdown began (the socket is about
+    to close 1012), in every state: no turn is started (its answer could not reach the
+    client); it is refused with an Error of source ``gateway`` saying the gateway restarts
+    and the request was not run, so the client sends it again after reconnecting (as the
+    Voiceflow adapter rejects an action then). Before, an idle socket's Request started a
+    turn, and one the client sent just before the close got the close alone; one while a
+    turn ran got the client's "a turn is still running". Nothing else changes: the close
+    comes as it would."""
+    idle = ready()
+    assert idle.server_draining() == []
+    listening = ready()
+    stream = opened(listening, sessionId="spoken").stream
+    assert listening.server_draining() == [FinishListening(stream)]  # FINISHING
+    running = ready()
+    start(running, request_frame("hello"))
+    assert running.server_draining() == []
+    for conn, before in ((idle, State.IDLE), (listening, State.FINISHING), (running, State.TURN)):
+        for frame in (request_frame("what is my name"), input_frame("what is my name")):
+            refused = send(conn, frame)
+            assert one_error(refused, "restarting", "not run", source="gateway") == (
+                REQUEST_REFUSED_TEXT
+            )
+            assert state(conn) is before
+        # a malformed one is the client's error as ever (it would be after reconnecting)
+        one_error(send(conn, {"type": "Request", "request": {}}), source="client")
+        assert state(conn) is before
+    # the utterance being finished is still answered (a typed Request no longer drops it)
+    recognized, turn = listening.heard(stream, Heard("final", "tell me about it", 0.8))
+    assert frames([recognized])[0]["text"] == "tell me about it"
+    assert isinstance(turn, StartTurn)
+    assert idle.server_restart(unanswered=False) == [RESTARTED]
+    error, close = running.server_restart(unanswered=True)
+    assert one_error([error], source="gateway") == ANSWER_LOST_TEXT
+    assert close == RESTARTED
+
+
+def test_a_request_after_the_close_decision_is_refused_also_before_init_was_drained() -> None:
+    """A socket whose Init came only after the shutdown began (its drain found it not
+    initialised: nothing to finish), and whose Request the I/O layer reads just before the
+    close (what the client sent is read first): refused, not run."""
+    conn = connection()
+    assert conn.server_draining() == []
+    assert frames(send(conn, init_frame())) == [{"type": "Ready"}]
+    assert conn.server_restart(unanswered=False) == [RESTARTED]
+    one_error(send(conn, request_frame("hello")), "restarting", source="gateway")
