@@ -95,10 +95,10 @@ full; :data:`TRANSITIONS` is the same state machine):
    ``#fallback`` or ``#machine``, dropped: no words of the caller's, nobody to answer)
    gets its turn first, its output dropped: at
    once, or once the running turn finished (:meth:`CarrierCall.turn_finished`; not when
-   that turn ended the session; nor once the runner's EndSession waits no longer,
-   :meth:`CarrierCall.drop_waiting`). The turn running at the end is likewise discarded: it
-   finishes and is saved, but nothing of it is played, marked or spoken (no error text)
-   after the stream ended.
+   that turn ended the session: :class:`InputsUnanswered` says so; nor once the
+   runner's EndSession waits no longer, :meth:`CarrierCall.drop_waiting`). The turn
+   running at the end is likewise discarded: it finishes and is saved, but nothing of it
+   is played, marked or spoken (no error text) after the stream ended.
 7. A transfer [transferring] the carrier refused (or could not be asked for) is not
    the end: :meth:`CarrierCall.transfer_finished` gives the core the input
    :data:`TRANSFER_FAILED` (attributes ``target``, ``reason``, ``error``) on the
@@ -739,7 +739,8 @@ UnansweredReason = Literal["transfer", "session ended"]
 class InputsUnanswered:
     """The caller's inputs get no turn: the turn running asked for a transfer
     (``reason`` ``"transfer"``) or ended the session (``"session ended"``) and finished
-    while the caller spoke over its last words (module doc, step 7): ``inputs`` of theirs
+    while the caller spoke over its last words, or after the caller hung up (module doc,
+    steps 6 and 7): ``inputs`` of theirs
     waiting (words, keys; held or being collected) are dropped, and the utterance being
     heard (``listening``) is cancelled. The core decided: the call is handed over (the
     person it goes to hears the caller) or ended, so nobody would answer them. The runner
@@ -1918,9 +1919,10 @@ class CarrierCall:
         if turn is None:
             return []
         if self.state is State.CLOSED:
-            if turn.ended:
-                self._waiting.clear()  # the core ended the session: theirs is no turn
-                return []
+            if turn.ended:  # the core ended the session: theirs is no turn (said)
+                unanswered = self._unanswered("session ended", listening=False)
+                self._waiting.clear()
+                return unanswered
             # a transfer asked for is not carried out once the caller hung up (module doc
             # step 7): their inputs waiting reach the core, as for any turn
             self.transfer = None

@@ -183,5 +183,22 @@ def test_a_transfer_turn_that_also_ended_the_session_drops_the_words_at_a_hang_u
     call.heard("final", "no wait", 0.9)
     call.receive(STOP)
     call.turn_event(ResponseEvent(response=Response(session_ended=True)))
-    assert call.turn_finished() == []
+    assert call.turn_finished() == [InputsUnanswered("session ended", 1)]  # (DEBUG log)
     assert call.waiting == ()
+
+
+def test_words_waiting_at_a_hang_up_during_a_farewell_are_said_unanswered() -> None:
+    """The caller speaks over the core's farewell (its words wait), then hangs up before
+    the turn finished: the core ended the session, so the words get no turn, said in
+    InputsUnanswered ("session ended") for the runner's DEBUG log, as for the same words
+    when the caller stays on the line. Before, they were dropped without a trace."""
+    call = started()
+    say_item(call, "Goodbye.")
+    call.turn_event(ResponseEvent(response=Response(session_ended=True)))
+    hold(call)
+    assert [type(a) for a in call.heard("final", "wait one more thing", 0.9)] == [Interrupt]
+    [end] = call.receive(STOP)
+    assert isinstance(end, EndSession)
+    assert call.turn_finished() == [InputsUnanswered("session ended", 1)]
+    assert call.waiting == ()
+    assert call.drop_waiting() == 0
