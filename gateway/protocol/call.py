@@ -109,13 +109,30 @@ full; :data:`TRANSITIONS` is the same state machine):
    synthesis of the announcement), but not once the caller hung up (its item before or
    after the hang-up: the caller's inputs waiting still reach the core), nor when an
    answering machine was detected before the turn finished (``#machine`` is the next
-   input, its item taken or still to come: the callee is no person). So the caller's
-   words and keys over the announcement (while the turn runs; once it finished, in
-   ENDING, the caller is not heard) get no turn: the person the call goes to hears the
-   caller, and nobody would answer them here. They are dropped when the turn finishes,
-   said in :class:`InputsUnanswered` (the runner logs it at DEBUG), as the caller's
-   inputs over a farewell are. When the carrier refuses the transfer, the core gets
-   :data:`TRANSFER_FAILED`, not those words (said before it knew).
+   input, its item taken or still to come: the callee is no person). The caller's
+   words and keys over the announcement wait for the transfer's result: the inputs
+   waiting when its turn finishes (keys held or being collected then are inputs of
+   their own, as at a hang-up; ``#silence`` and ``#fallback`` dropped) and the keys
+   pressed after it, in ENDING and TRANSFERRING (collected as any; the bounds of
+   "Inputs that wait"). A transfer that happened (the carrier took it, or the stream
+   ended once it was asked: the carrier's transfer ends it) drops them: the person the
+   call goes to hears the caller, nobody would answer them here; said in one
+   :class:`InputsUnanswered` (the runner logs it at DEBUG). A refused one gives the
+   core :data:`TRANSFER_FAILED` first (it learns it is still in charge; it carries the
+   cut-off announcement's :data:`~gateway.events.HEARD` attributes, the input after the
+   interruption), then each of them its turn in the order said: the caller is still on
+   the line. A hang-up before the carrier was asked (ENDING) means no transfer: they
+   reach the core as at any hang-up (step 6). The utterance being heard when the turn
+   finishes is cancelled then, not kept (said in :class:`InputsUnanswered` at once):
+   the engine hears nothing in ENDING or TRANSFERRING (no audio is fed to the speech
+   stage and audio time stands still, so its end and final would never come, nor the
+   ``collect`` mode's pause); hearing it out would need the caller's floor during the
+   transfer, while the carrier may be handing the call over.
+
+   The core's farewell (a turn that ended the session) likewise: the caller's inputs
+   waiting when it finishes (or when it finishes after a hang-up), and keys pressed
+   while its last audio plays (said at the hang-up or the stream's end, not per key),
+   get no turn, said in :class:`InputsUnanswered` (``"session ended"``).
 8. Moving (a gateway instance shutting down hands its calls to another:
    :meth:`CarrierCall.move`): no turn starts any more, and the stream's end leaves the
    session open (no EndSession, an input waiting is dropped); the call's next stream, started
@@ -737,14 +754,16 @@ UnansweredReason = Literal["transfer", "session ended"]
 
 @dataclass(frozen=True)
 class InputsUnanswered:
-    """The caller's inputs get no turn: the turn running asked for a transfer
-    (``reason`` ``"transfer"``) or ended the session (``"session ended"``) and finished
-    while the caller spoke over its last words, or after the caller hung up (module doc,
-    steps 6 and 7): ``inputs`` of theirs
-    waiting (words, keys; held or being collected) are dropped, and the utterance being
-    heard (``listening``) is cancelled. The core decided: the call is handed over (the
-    person it goes to hears the caller) or ended, so nobody would answer them. The runner
-    logs it (DEBUG); nothing else changes."""
+    """The caller's inputs get no turn (module doc, step 7): ``inputs`` of theirs (words,
+    keys; waiting, held or being collected) are dropped, and the utterance being heard
+    (``listening``) is cancelled. ``reason`` ``"transfer"``: the utterance heard when a
+    transfer's turn finished (at once), the inputs kept for the transfer's result once
+    it happened (the carrier took it, or the stream ended once it was asked);
+    ``"session ended"``: the turn that ended the session finished (on the line or after
+    a hang-up), or the call hung up after its farewell with keys pressed meanwhile. The
+    core decided: the call is handed over (the person it goes to hears the caller) or
+    ended, so nobody would answer them. The runner logs it (DEBUG); nothing else
+    changes."""
 
     reason: UnansweredReason
     inputs: int = 0
@@ -1478,7 +1497,7 @@ class CarrierCall:
     def _dtmf(self, digit: str) -> list[CallAction]:
         state = self.state
         if state in (State.ENDING, State.TRANSFERRING):
-            return []
+            return self._key_after_turn(digit)
         actions: list[CallAction] = []
         if state is State.HOLDING or (state is State.BOT and self._judging):
             # a key over the bot is a real interruption: the bot is cut off and the
@@ -1502,6 +1521,18 @@ class CarrierCall:
             self._silence_at = self.now_ms + self.config.silence_timeout_ms
             actions += self._waiting_goes()
         return actions
+
+    def _key_after_turn(self, digit: str) -> list[CallAction]:
+        """A key pressed once the turn that ended the session or asked for a transfer
+        finished (ENDING, TRANSFERRING): collected and kept as an input waiting (nothing
+        is cut off, no turn starts; :meth:`_wait`'s bounds, ``[InputsDropped]`` past
+        them, else ``[]``) until the call's end is known: after a refused transfer it is
+        answered after ``#transfer-failed`` (:meth:`transfer_finished`); a transfer that
+        happened or the hang-up after a farewell drops it, said in one
+        :class:`InputsUnanswered` (module doc step 7), so the DEBUG log says so: no
+        action, nor log, per key."""
+        done = self.dtmf.press(digit, self.now_ms)
+        return [] if done is None else self._wait(done, speech=False)
 
     def _digits(self, text: str) -> list[CallAction]:
         """Keys done (``text``: a key in ``digit`` mode; ``collect`` mode: ``#``, the pause
@@ -1576,7 +1607,8 @@ class CarrierCall:
             self.machine.advance(TRANSFER)
             return [Transfer(self.info.call_id, *self.transfer)]
         self.machine.advance(FINAL_MARK)
-        return [HangUp(self.info.call_id)]
+        # keys pressed while the farewell's last audio played: nobody answers them
+        return [*self._drop_unanswered("session ended"), HangUp(self.info.call_id)]
 
     def final_mark_overdue(self) -> list[CallAction]:
         """The final mark did not come back in time: hang up all the same."""
@@ -1913,67 +1945,96 @@ class CarrierCall:
 
     def turn_finished(self) -> list[CallAction]:
         """The running turn's events have ended: the session's end (a final mark after
-        the audio), the waiting input's turn, or the caller's floor."""
+        the audio), the waiting input's turn, or the caller's floor. When the turn ended
+        the session, the caller's inputs are dropped (``[InputsUnanswered]`` before the
+        final mark; after a hang-up, alone); when it asked for a transfer they are kept
+        for its result (:meth:`transfer_finished`, module doc step 7)."""
         turn, self.turn = self.turn, None
         self.playout.done()
         if turn is None:
             return []
         if self.state is State.CLOSED:
             if turn.ended:  # the core ended the session: theirs is no turn (said)
-                unanswered = self._unanswered("session ended", listening=False)
-                self._waiting.clear()
-                return unanswered
+                return self._drop_unanswered("session ended")
             # a transfer asked for is not carried out once the caller hung up (module doc
             # step 7): their inputs waiting reach the core, as for any turn
             self.transfer = None
             return self._last_input()
         if turn.ended or turn.transfer:
             # a transfer ends the session once the carrier took it (transfer_finished)
-            end = [] if turn.ended or turn.transfer or self.ctx is None else [EndSession(self.ctx)]
             self.session_over = turn.ended
             stop = self._stop_listening() if self.state is State.HEARING else self._stop_judging()
             if self.state is State.HOLDING:  # the farewell is said all the same
                 stop = [*self._stop_listening(), ResumePlayback()]
                 self._held_at = None
-            unanswered = self._unanswered(
-                "transfer" if turn.transfer else "session ended", listening=bool(stop)
-            )
             self.machine.advance(SESSION_END)
-            self._waiting.clear()
-            self._held_keys.clear()
-            self._next_keys.clear()
-            self.dtmf.reset()  # keys being collected get no turn (counted in unanswered)
-            return [*stop, *unanswered, *end, self._play(b"", final=True)]
+            if turn.transfer:
+                # the caller's inputs wait for the transfer's result (transfer_finished:
+                # answered after #transfer-failed when the carrier refuses it, dropped
+                # when it happened); the utterance being heard is cut off now (nothing is
+                # heard in ENDING or TRANSFERRING): said now
+                kept = self._keep_for_transfer()
+                cut = [InputsUnanswered("transfer", 0, listening=True)] if stop else []
+                return [*stop, *kept, *cut, self._play(b"", final=True)]
+            unanswered = self._drop_unanswered("session ended", listening=bool(stop))
+            return [*stop, *unanswered, self._play(b"", final=True)]
         return self._advance()
 
-    def _unanswered(self, reason: UnansweredReason, *, listening: bool) -> list[CallAction]:
-        """The caller's inputs dropped now that the turn which ended the session or asked
-        for a transfer finished (``reason``):
-        ``[InputsUnanswered]`` when any (waiting, held or being collected, or the utterance
-        heard cancelled: ``listening``), else ``[]``."""
+    def _keep_for_transfer(self) -> list[CallAction]:
+        """The turn that asked for a transfer finished: the caller's inputs said over its
+        announcement wait for the transfer's result (module doc step 7), in the order
+        said: those waiting (``#silence``, ``#fallback`` dropped: no words of the
+        caller's), then the keys held while the utterance now cut off was heard, then
+        keys being collected (an input now, as the pause would have made them).
+        ``[InputsDropped]`` past the bounds (:meth:`_wait`), else ``[]``."""
+        self._waiting = deque(item for item in self._waiting if item[0] not in _NOT_THE_CALLER)
+        actions = self._release_keys()
+        if (digits := self.dtmf.flush()) is not None:
+            actions += self._wait(digits, speech=False)
+        return actions
+
+    def _drop_unanswered(
+        self, reason: UnansweredReason, *, listening: bool = False
+    ) -> list[CallAction]:
+        """Drop the caller's inputs (waiting, held or being collected: none gets a turn)
+        because of ``reason`` (the call was transferred, the core ended the session):
+        ``[InputsUnanswered]`` when there were any (``#silence``, ``#fallback`` and
+        ``#machine`` not counted) or the utterance heard was cancelled (``listening``),
+        else ``[]``."""
         inputs = sum(1 for text, _ in self._waiting if text not in _NOT_THE_CALLER)
         inputs += len(self._held_keys) + len(self._next_keys) + self.dtmf.collecting
+        self._waiting.clear()
+        self._held_keys.clear()
+        self._next_keys.clear()
+        self._keys_next = False
+        self.dtmf.reset()
         return [InputsUnanswered(reason, inputs, listening)] if inputs or listening else []
 
     # -------------------------------------------------------------- the end
 
     def transfer_finished(self, ok: bool, error: str | None = None) -> list[CallAction]:
         """The carrier's answer to the :class:`Transfer`: ``ok`` (it took the call) ends
-        the session unless the core ended it; a refusal (``error``: what went wrong)
-        gives the bot the floor back with the input :data:`TRANSFER_FAILED` (module doc).
-        Ignored unless a transfer is under way (the stream may have stopped meanwhile)."""
+        the session unless the core ended it, the caller's inputs kept for the result
+        dropped (``[InputsUnanswered]`` first when any); a refusal (``error``: what went
+        wrong) gives the bot the floor back with the input :data:`TRANSFER_FAILED`, those
+        inputs waiting after it (module doc step 7; keys being collected an input now,
+        ``[InputsDropped]`` first past the bounds). Ignored unless a transfer is under
+        way (the stream may have stopped meanwhile)."""
         if self.state is not State.TRANSFERRING:
             return []
         if ok:
             self.machine.advance(TRANSFERRED)
-            return self._ending_actions(State.TRANSFERRING)
+            dropped = self._drop_unanswered("transfer")  # kept for a refusal: none came
+            return [*dropped, *self._ending_actions(State.TRANSFERRING)]
         self.machine.advance(TRANSFER_REFUSED)
         assert self.transfer is not None
         target, reason = self.transfer
         self.transfer = None
         self.session_over = False  # a session the core ended is opened again by the turn
         self.marks.forget()  # a final mark given up on (final_mark_overdue) is not awaited
-        self._waiting.clear()
+        # the caller's inputs kept since the transfer's turn (_keep_for_transfer, keys
+        # pressed after it: _key_after_turn) wait after #transfer-failed, each its turn
+        flushed = [] if (digits := self.dtmf.flush()) is None else self._wait(digits, speech=False)
         self._bot_since = self.now_ms
         self._silence_at = None
         self._input_attributes[TRANSFER_FAILED] = {
@@ -1981,7 +2042,7 @@ class CarrierCall:
             "reason": reason,
             "error": error or "refused",
         }
-        return self._start_turn(TRANSFER_FAILED)
+        return [*flushed, *self._start_turn(TRANSFER_FAILED)]
 
     @property
     def movable(self) -> bool:
@@ -2080,11 +2141,20 @@ class CarrierCall:
         input's is (:meth:`_last_input`): it finishes and saves (the runner's EndSession
         waits for it), but none of its audio is played, no mark sent (the carrier's
         socket may still be open after its ``stop``: frames then are a protocol error to
-        it) and its error text is not synthesized. Then the ending actions (EndSession)."""
+        it) and its error text is not synthesized. Then the ending actions (EndSession).
+
+        Ended while a transfer was asked (TRANSFERRING: the carrier's transfer ends the
+        stream), or after the core's farewell (ENDING, the session over): the caller's
+        inputs kept then are dropped (``[InputsUnanswered]``, module doc step 7);
+        ended in ENDING before a transfer was asked, they reach the core as above."""
         if self.turn is not None:  # the caller is gone: nothing of it is played or said
             self.turn.discarded = True
         last: list[CallAction] = []
-        if was is not State.CLOSED and not self.session_over:
+        if was is State.TRANSFERRING:  # the transfer was asked (the stream's end is its own)
+            last += self._drop_unanswered("transfer")
+        elif was is State.ENDING and self.session_over:  # after the core's farewell
+            last += self._drop_unanswered("session ended")
+        elif was is not State.CLOSED and not self.session_over:
             last += self._release_keys()  # pressed while the caller spoke: after those waiting
             digits = self.dtmf.flush()
             if digits is not None:

@@ -47,6 +47,7 @@ from gateway.protocol.call import (
     CallStateMachine,
     DtmfCollector,
     HangUp,
+    InputsUnanswered,
     Interrupt,
     MarkBook,
     Play,
@@ -584,9 +585,10 @@ def test_the_end_waits_for_the_final_mark_then_hangs_up() -> None:
     assert final.messages == ()
     assert json.loads(final.mark)["mark"]["name"] == "end-2"
     assert call.state is State.ENDING
-    assert call.receive(dtmf("1")) == []  # no more input
+    assert call.receive(dtmf("1")) == []  # no more input (no turn)
     assert call.receive(mark("1")) == []
-    assert call.receive(mark("end-2")) == [HangUp(CALL)]
+    # the key gets no turn: said once, with the hang-up (the runner's DEBUG log)
+    assert call.receive(mark("end-2")) == [InputsUnanswered("session ended", 1), HangUp(CALL)]
     assert call.closed
     assert call.receive(STOP) == []  # the core ended the session: nothing to end
 

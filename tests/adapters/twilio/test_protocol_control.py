@@ -20,7 +20,7 @@ from gateway.events import (
     ResponseItemEvent,
     transfer_item,
 )
-from gateway.protocol.call import MACHINE, Interrupt, Play, Transfer
+from gateway.protocol.call import MACHINE, InputsUnanswered, Interrupt, Play, Transfer
 from tests.conftest import state_of
 
 CALL = "CA" + "c" * 32
@@ -203,8 +203,9 @@ def test_a_transfer_waits_for_the_final_mark_after_the_audio_before_it() -> None
 
 
 def test_keys_collected_before_a_transfer_are_not_an_input_when_the_stream_stops() -> None:
-    # keys the caller typed while the transfer's turn ran are dropped with it, as a waiting
-    # input is at the session's end: the stop after the carrier moved the call starts no turn
+    # keys the caller typed while the transfer's turn ran wait for its result (an input
+    # when the turn finished); the stop after the carrier moved the call (the transfer
+    # asked) drops them, said in InputsUnanswered: no turn starts
     call = TwilioCall(
         CALL, CallConfig(key_allowed=lambda key: bool(key), dtmf_mode="collect", barge_in=False)
     )
@@ -214,7 +215,9 @@ def test_keys_collected_before_a_transfer_are_not_an_input_when_the_stream_stops
     call.turn_event(ResponseEvent(response=Response()))
     call.turn_finished()
     assert call.final_mark_overdue() == [Transfer(CALL, "+15550123", None)]
-    assert [type(a) for a in call.receive(STOP)] == [EndSession]
+    unanswered, end = call.receive(STOP)
+    assert unanswered == InputsUnanswered("transfer", 1)
+    assert isinstance(end, EndSession)
 
 
 def test_a_transfer_in_a_turn_that_ended_the_session_is_not_ended_twice() -> None:
