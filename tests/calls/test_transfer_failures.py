@@ -183,6 +183,35 @@ async def test_a_refused_twilio_transfer_keeps_the_call_and_tells_the_core(
         ]
 
 
+async def test_a_key_pressed_over_a_refused_transfer_s_announcement_is_answered_after_it(
+    speech: SpeechService,
+) -> None:
+    """The caller presses 5 while "Let me put you through..." plays, and the carrier
+    refuses the transfer: the caller is still on the line, so the key is answered, after
+    ``#transfer-failed`` (the core learns first that it is still in charge). Before, the
+    key was dropped when the transfer's turn finished (or, once it had, ignored), though
+    nobody took the call."""
+    async with (
+        carrier_api() as api,
+        twilio_gateway(speech, twilio_account_sid=SID, twilio_api_base_url=api.url) as gw,
+    ):
+        api.answers[("POST", r"/2010-04-01/Accounts/AC\w+/Calls/CA\w+\.json")] = JSONResponse(
+            {"code": 21220, "message": "Invalid call state"}, 503
+        )
+        core = scripted()
+        gw.app.state.gateway.conversation.pipeline = core
+        async with TwilioHarness.dial(gw.url, PUBLIC, auth_token=AUTH) as call:
+            await call.wait_for(lambda: bool(call.media_frames()), 20)  # the announcement
+            assert not api.requests  # the transfer not asked yet: the key is over it
+            await call.dtmf("5")
+            await call.wait_for(lambda: len(core.inputs) >= 3, 20)
+            assert [i.text for i in core.inputs] == ["#intro", TRANSFER_FAILED, "5"]
+            assert len(api.requests) == 1
+            assert call.close_code is None
+            await call.stop()
+        await gw.wait_no_calls()
+
+
 async def test_a_transfer_whose_api_cannot_be_reached_keeps_the_call(
     speech: SpeechService, caplog: pytest.LogCaptureFixture
 ) -> None:
