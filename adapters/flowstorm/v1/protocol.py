@@ -188,7 +188,9 @@ Decisions where the spec is silent:
   So is a ``Request`` or ``Input`` from then on until the close, whatever the state
   (:data:`REQUEST_REFUSED_TEXT`: no turn is started; the client resends it after
   reconnecting), also one the client sent just before the close: the I/O layer reads
-  what was received before it closes the socket.
+  what was received before it closes the socket. One any instance would refuse (before
+  ``Init``, another ``appKey``, an invalid input or session id) is still the client's
+  ``Error``: resending it could not help.
 """
 
 from __future__ import annotations
@@ -295,7 +297,8 @@ REQUEST_REFUSED_TEXT: Final = (
 graceful shutdown began (:meth:`V1Connection.server_draining`), until the close 1012: no
 turn is started on a socket about to close (its answer could not reach the client), so
 the client resends it to the instance it reconnects to (the Voiceflow adapter rejects an
-``action.send`` then the same way, ``server-restart``)."""
+``action.send`` then the same way, ``server-restart``). Only a valid one after ``Init``:
+an invalid one is the client's Error as ever."""
 _MISSING_KEY: Final = "The application key is missing: send it as Init.key."
 _LONG_KEY: Final = f"Init.key is longer than {MAX_ID_CHARS} characters."
 """The refusal of a key no application has (GATEWAY_APP_KEYS names none that long): with
@@ -920,7 +923,8 @@ class V1Connection:
         ``Request``/``Input`` -> ``[StartTurn]`` (``[CancelListening, StartTurn]``
         while an utterance is recognised; of an open Duplex stream with ``hear_on``:
         the stream's stage goes on hearing it; ``[Send(Error)]`` of source ``gateway``,
-        :data:`REQUEST_REFUSED_TEXT`, once :meth:`server_draining` ran); ``Log`` ->
+        :data:`REQUEST_REFUSED_TEXT`, once :meth:`server_draining` ran, for a valid one
+        after Init); ``Log`` ->
         ``[StoreLogs]`` or ``[]``
         (buffered); ``InputAudioStreamOpen`` -> ``[StartListening,
         Send(InputAudioStreamOpen)]`` (``[CheckSession]`` first when it proposes a
@@ -1028,17 +1032,14 @@ class V1Connection:
         return [ready, Follow(self._context(resumed), event.last_seq)]
 
     def _on_input(self, event: RequestEvent | InputEvent) -> list[Action]:
-        if self._draining:  # the socket closes 1012 now: whatever the state, no turn is run
+        if self._draining and self.init is not None:
+            # the socket closes 1012 now: whatever the state, no turn is run; but an invalid
+            # one (checked as below) is the client's error, as it would be after reconnecting
+            self._checked_input(event)
             return [error_frame(REQUEST_REFUSED_TEXT, "gateway")]
-        self.machine.check(event.type)  # out of order: nothing changes
-        # the session id, TurnContext fields and Input; invalid: ProtocolError, nothing changes
-        assert self.init is not None  # the table allows input only after Init
-        said = event.request if isinstance(event, RequestEvent) else event  # Request | InputEvent
-        request = said if isinstance(said, Request) else None
-        if request is not None and request.app_key and request.app_key != self.init.key:
-            raise ProtocolError("request.appKey differs from the key of the connection's Init.")
-        input_ = check_input(said.input)  # text, locale, zoneId: as V2's
-        session_id = self._proposed(said.session_id)
+        self.machine.check(event.type)  # out of order (before Init too): nothing changes
+        request, input_, proposed = self._checked_input(event)
+        session_id = self._proposed(proposed)
         self.machine.feed(event.type)
         utterance, self._utterance = self._utterance, None  # the user typed instead of speaking
         turn = self._start_turn(session_id, input_, request)
@@ -1046,6 +1047,24 @@ class V1Connection:
             return [turn]
         # an open Duplex stream stays heard through the text turn, as through any turn
         return [CancelListening(utterance.stream, hear_on=self._duplex is not None), turn]
+
+    def _checked_input(
+        self, event: RequestEvent | InputEvent
+    ) -> tuple[Request | None, Input, str | None]:
+        """A Request's or Input's 2021 ``Request`` payload (None for an ``Input``), its
+        checked Input (:func:`check_input`: text, locale, zoneId, as V2's) and the session
+        id it proposes (checked; None: none, :meth:`_proposed`); no id is generated.
+        Raises ProtocolError (the client's Error, nothing changes) for a
+        ``request.appKey`` other than the Init's, an invalid input or session id. Only
+        after Init."""
+        assert self.init is not None  # the table allows input only after Init
+        said = event.request if isinstance(event, RequestEvent) else event  # Request | InputEvent
+        request = said if isinstance(said, Request) else None
+        if request is not None and request.app_key and request.app_key != self.init.key:
+            raise ProtocolError("request.appKey differs from the key of the connection's Init.")
+        input_ = check_input(said.input)  # text, locale, zoneId: as V2's
+        proposed = check_session_id(said.session_id) if said.session_id else None
+        return request, input_, proposed
 
     def _start_turn(self, session_id: str, input_: Input, request: Request | None) -> StartTurn:
         logs = tuple(self._logs)
@@ -1465,8 +1484,9 @@ class V1Connection:
         utterance's end, or with no stream open, is); an ``InputAudioStreamOpen`` opens no
         stream: it is refused with an ``Error`` of source ``gateway``
         (:data:`STREAM_REFUSED_TEXT`), as a turn too late to be answered gets one
-        (:data:`ANSWER_LOST_TEXT`); so is a ``Request`` or ``Input``, in every state
-        (:data:`REQUEST_REFUSED_TEXT`: no turn is started). ``[]`` in every other state
+        (:data:`ANSWER_LOST_TEXT`); so is a valid ``Request`` or ``Input``, in every state
+        (:data:`REQUEST_REFUSED_TEXT`: no turn is started; an invalid one is the client's
+        Error as ever). ``[]`` in every other state
         (a turn running goes on; nothing to do idle). Never raises."""
         if not self.machine.allows(RESTART):
             return []

@@ -1574,3 +1574,37 @@ def test_a_request_after_the_close_decision_is_refused_also_before_init_was_drai
     assert frames(send(conn, init_frame())) == [{"type": "Ready"}]
     assert conn.server_restart(unanswered=False) == [RESTARTED]
     one_error(send(conn, request_frame("hello")), "restarting", source="gateway")
+
+
+def test_an_invalid_request_during_the_restart_is_still_the_clients_error() -> None:
+    """Once the shutdown began, a ``Request`` or ``Input`` the gateway would refuse on any
+    instance (blank text, an invalid locale or session id, another application's
+    ``appKey``, one before ``Init``) gets the client's Error as ever, not the restart's
+    "send it again after reconnecting" (resent, it would only fail there). Before, every
+    one of them past the parse got REQUEST_REFUSED_TEXT. No turn is started, no session id
+    is generated for a refused one."""
+    conn = ready()
+    assert conn.server_draining() == []
+    other_key = request_frame("hello")
+    other_key["request"]["appKey"] = "another-application"
+    bad_id = request_frame("hello", session_id="not a session id/..")
+    for frame, words in (
+        (request_frame("   "), ("empty",)),
+        (input_frame(""), ("empty",)),
+        (request_frame("hello", input={"transcript": {"text": "hi"}, "locale": "no tag!"}), ()),
+        (other_key, ("appKey",)),
+        (bad_id, ()),
+        (input_frame("hello", session_id="not a session id/.."), ()),
+    ):
+        text = one_error(send(conn, frame), *words, source="client")
+        assert text != REQUEST_REFUSED_TEXT
+        assert state(conn) is State.IDLE
+    # a valid one is refused, and the counter of generated ids was not touched meanwhile
+    assert one_error(send(conn, request_frame("hello")), source="gateway") == REQUEST_REFUSED_TEXT
+    assert conn._new_id() == "generated-1"
+    # before Init (the close decision taken, the Init not read yet): the client's order error
+    early = connection()
+    assert early.server_draining() == []
+    assert early.server_restart(unanswered=False) == [RESTARTED]
+    one_error(send(early, request_frame("hello")), "Init", source="client")
+    assert state(early) is State.AWAIT_INIT
