@@ -269,6 +269,26 @@ async def test_sigterm_a_websocket_turn_waiting_for_its_session_lock_is_saved(
         assert texts == ["done first", "done second"]
 
 
+async def _busy_and_idle_at_sigterm(
+    gateway_processes: list[GatewayProcess], core: str, came: asyncio.Event
+) -> tuple[GatewayProcess, ClientConnection, ClientConnection]:
+    """A gateway process on the core at ``core`` (its ``/turn``), two Flowstorm V1 sockets
+    made ready (``tts=None``), a turn ("mid-turn") running on the first (``came``: set by
+    the core once it has it), then SIGTERM: (the process, the busy socket, the idle one)."""
+    proc = GatewayProcess({"GATEWAY_PIPELINE": f"{core}/turn"}).start()
+    gateway_processes.append(proc)
+    assert proc.proc is not None
+    busy = await connect(ws_url(proc.url))
+    idle = await connect(ws_url(proc.url))
+    for ws in (busy, idle):
+        await send_json(ws, init_frame("k", tts="None"))
+        assert (await recv_json(ws))["type"] == "Ready"
+    await send_json(busy, request_frame("mid-turn"))
+    await asyncio.wait_for(came.wait(), 10)
+    proc.proc.send_signal(signal.SIGTERM)
+    return proc, busy, idle
+
+
 async def test_sigterm_a_v1_turn_running_gets_its_answer_before_the_1012_close(
     gateway_processes: list[GatewayProcess],
 ) -> None:
@@ -279,17 +299,7 @@ async def test_sigterm_a_v1_turn_running_gets_its_answer_before_the_1012_close(
     arrived: list[str] = []
     came = asyncio.Event()
     async with serve(held_core(2.5, arrived, came)) as core:
-        proc = GatewayProcess({"GATEWAY_PIPELINE": f"{core}/turn"}).start()
-        gateway_processes.append(proc)
-        assert proc.proc is not None
-        busy = await connect(ws_url(proc.url))
-        idle = await connect(ws_url(proc.url))
-        for ws in (busy, idle):
-            await send_json(ws, init_frame("k", tts="None"))
-            assert (await recv_json(ws))["type"] == "Ready"
-        await send_json(busy, request_frame("mid-turn"))
-        await asyncio.wait_for(came.wait(), 10)
-        proc.proc.send_signal(signal.SIGTERM)
+        proc, busy, idle = await _busy_and_idle_at_sigterm(gateway_processes, core, came)
         with pytest.raises(ConnectionClosed):
             async with asyncio.timeout(2):  # the turn has 2.5 s to go: idle is not waited for
                 await idle.recv()
@@ -303,6 +313,7 @@ async def test_sigterm_a_v1_turn_running_gets_its_answer_before_the_1012_close(
         responses = [f for f in frames if f["type"] == "Response"]
         assert [i["text"] for r in responses for i in r["response"]["items"]] == ["done mid-turn"]
         assert not [f for f in frames if f["type"] == "Error"], frames
+        assert proc.proc is not None
         exit_code = await asyncio.to_thread(proc.proc.wait, 30)
     assert exit_code == 0
 
@@ -319,17 +330,7 @@ async def test_sigterm_a_v1_request_during_the_drain_is_refused_before_the_1012_
     arrived: list[str] = []
     came = asyncio.Event()
     async with serve(held_core(2.5, arrived, came)) as core:
-        proc = GatewayProcess({"GATEWAY_PIPELINE": f"{core}/turn"}).start()
-        gateway_processes.append(proc)
-        assert proc.proc is not None
-        busy = await connect(ws_url(proc.url))
-        idle = await connect(ws_url(proc.url))
-        for ws in (busy, idle):
-            await send_json(ws, init_frame("k", tts="None"))
-            assert (await recv_json(ws))["type"] == "Ready"
-        await send_json(busy, request_frame("mid-turn"))
-        await asyncio.wait_for(came.wait(), 10)
-        proc.proc.send_signal(signal.SIGTERM)
+        proc, busy, idle = await _busy_and_idle_at_sigterm(gateway_processes, core, came)
         # the idle socket closed: the drain began on every socket (busy's waits for its turn)
         assert await until_closed(idle) == []
         assert idle.close_code == 1012
@@ -341,6 +342,7 @@ async def test_sigterm_a_v1_request_during_the_drain_is_refused_before_the_1012_
         assert (frames[0]["source"], frames[0]["text"]) == ("gateway", REQUEST_REFUSED_TEXT)
         assert [i["text"] for i in frames[-1]["response"]["items"]] == ["done mid-turn"]
         assert arrived == ["mid-turn"]  # no turn for the refused Request
+        assert proc.proc is not None
         assert await asyncio.to_thread(proc.proc.wait, 30) == 0
         assert_nothing_failed(proc)
 

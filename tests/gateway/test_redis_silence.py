@@ -48,6 +48,7 @@ from gateway.bus import BusUnavailable, RedisBus, Subscription
 from gateway.sessions import RedisSessionStore, StoreUnavailable
 from gateway.settings import Settings
 from tests.adapters.flowstorm.v1.helpers import init, request_frame, turn, ws_url
+from tests.adapters.voiceflow.helpers import VoiceflowClient
 from tests.adapters.voiceflow.helpers import client as voiceflow_client
 from tests.conftest import served, served_app
 from tests.gateway.redis_proxy import ReplyDropper
@@ -648,6 +649,41 @@ async def test_a_cluster_bus_subscription_gone_silent_is_found_while_another_nod
                 await other.aclose()
 
 
+async def _silenced_then_heard_again(
+    direct: aioredis.Redis,
+    channel: str,
+    proxy: ReplyDropper,
+    redis_url: str,
+    vf: VoiceflowClient,
+) -> redisconn.SocketIoRedisManager:
+    """Instance B's socket.io manager subscribed to ``channel`` (seen on the server through
+    ``direct``, not proxied), its connection silenced by ``proxy``; then instance A (a
+    manager on ``redis_url`` made now: its connections reach the server on a fresh path)
+    emits until B's client ``vf`` hears it, within ``SILENT_BOUND_S + 5`` s of the silence
+    (before the managers' silence check: deaf for good). Returns A's manager (the caller
+    closes its connections; closed here when it is not heard)."""
+    deadline = time.perf_counter() + 10
+    while (await direct.pubsub_numsub(channel))[0][1] != 1:
+        assert time.perf_counter() < deadline, "the manager did not subscribe"
+        await asyncio.sleep(0.05)
+    assert proxy.silence() >= 1
+    silenced = time.perf_counter()
+    emitter = redisconn.SocketIoRedisManager(redis_url, channel=channel)
+    try:
+        heard = None
+        while heard is None:
+            assert time.perf_counter() - silenced < SILENT_BOUND_S + 5.0, "still deaf"
+            await emitter.emit("heard.again", {"ok": True}, namespace="/")
+            with contextlib.suppress(TimeoutError):
+                heard = await asyncio.wait_for(vf.events.get(), 0.3)
+        assert heard == ("heard.again", {"ok": True})
+    except BaseException:
+        if emitter.redis is not None:
+            await redisconn.aclose(emitter.redis)
+        raise
+    return emitter
+
+
 async def test_a_cluster_socketio_subscription_gone_silent_hears_another_instance_again(
     proxied_cluster: tuple[ReplyDropper, RedisCluster],
     own_cluster: str,
@@ -673,22 +709,7 @@ async def test_a_cluster_socketio_subscription_gone_silent_hears_another_instanc
             voiceflow_client(url) as vf,
         ):
             # python-socketio starts its listener with the first connection: on this node
-            deadline = time.perf_counter() + 10
-            while (await direct.pubsub_numsub(channel))[0][1] != 1:
-                assert time.perf_counter() < deadline, "the manager did not subscribe"
-                await asyncio.sleep(0.05)
-            assert proxy.silence() >= 1
-            silenced = time.perf_counter()
-            # instance A: made now, its connections reach the node on a fresh path
-            emitter = redisconn.SocketIoRedisManager(own_cluster, channel=channel)
-            heard = None
-            while heard is None:
-                waited = time.perf_counter() - silenced
-                assert waited < SILENT_BOUND_S + 5.0, "still deaf"  # before: for good
-                await emitter.emit("heard.again", {"ok": True}, namespace="/")
-                with contextlib.suppress(TimeoutError):
-                    heard = await asyncio.wait_for(vf.events.get(), 0.3)
-            assert heard == ("heard.again", {"ok": True})
+            emitter = await _silenced_then_heard_again(direct, channel, proxy, own_cluster, vf)
     finally:
         if emitter is not None and emitter.redis is not None:
             await redisconn.aclose(emitter.redis)
@@ -743,22 +764,7 @@ async def test_a_sentinel_socketio_subscription_gone_silent_hears_another_instan
             voiceflow_client(base) as vf,
         ):
             # python-socketio starts its listener with the first connection
-            deadline = time.perf_counter() + 10
-            while (await direct.pubsub_numsub(channel))[0][1] != 1:
-                assert time.perf_counter() < deadline, "the manager did not subscribe"
-                await asyncio.sleep(0.05)
-            assert proxy.silence() >= 1
-            silenced = time.perf_counter()
-            # instance A: made now, its connections reach the master on a fresh path
-            emitter = redisconn.SocketIoRedisManager(url, channel=channel)
-            heard = None
-            while heard is None:
-                waited = time.perf_counter() - silenced
-                assert waited < SILENT_BOUND_S + 5.0, "still deaf"
-                await emitter.emit("heard.again", {"ok": True}, namespace="/")
-                with contextlib.suppress(TimeoutError):
-                    heard = await asyncio.wait_for(vf.events.get(), 0.3)
-            assert heard == ("heard.again", {"ok": True})
+            emitter = await _silenced_then_heard_again(direct, channel, proxy, url, vf)
             # subscribed again on the master, the silent connection's subscription aside
             assert (await direct.pubsub_numsub(channel))[0][1] >= 1
         assert "the health check's PING unanswered" in caplog.text
