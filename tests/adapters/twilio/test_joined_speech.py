@@ -89,9 +89,29 @@ def in_order(text: str, key_words: tuple[str, ...]) -> bool:
     return all(word in said for word in key_words)
 
 
+async def _inputs_after_release(core: FastAPI) -> list[str]:
+    """The core's inputs once the held turn was let go: at least three, then a second
+    more (nothing more comes)."""
+    assert await until(lambda: len(core.state.inputs) >= 3, WAIT_S), core.state.inputs
+    await asyncio.sleep(1.0)
+    return list(core.state.inputs)
+
+
+def _assert_joined(inputs: list[str]) -> None:
+    """``#intro``, the held turn's words, then both phrases as one input, in order: no
+    ``#fallback``, no turn of either phrase alone."""
+    assert len(inputs) == 3, inputs
+    assert inputs[0] == "#intro"
+    assert in_order(inputs[1], ("about", "place")), inputs
+    assert in_order(inputs[2], KEY_WORDS), inputs
+
+
 async def test_two_phrases_said_while_a_turn_runs_reach_the_core_joined_in_order(
     speech: SpeechService, piper: PiperSynthesizer
 ) -> None:
+    """The caller's first words start a turn the core holds; meanwhile they say two
+    phrases with a pause between them (each ended by the endpointer): the core's next
+    input is both, joined in the order said."""
     first = phone(await piper.synthesize(FIRST))
     phrases = [phone(await piper.synthesize(text)) for text in PHRASES]
     async with held_call(speech) as (gw, core, call):
@@ -109,18 +129,12 @@ async def test_two_phrases_said_while_a_turn_runs_reach_the_core_joined_in_order
                 ),
                 WAIT_S,
             ), runner.call.waiting
-            assert core.state.inputs[1:] == [core.state.inputs[1]]  # still the held turn
+            assert len(core.state.inputs) == 2  # #intro and the held turn's, no more
             core.state.release.set()
-            assert await until(lambda: len(core.state.inputs) >= 3, WAIT_S), core.state.inputs
-            await asyncio.sleep(1.0)  # nothing more comes
-            inputs = list(core.state.inputs)
+            inputs = await _inputs_after_release(core)
             await call.stop()
         await gw.wait_no_calls()
-    assert len(inputs) == 3, inputs  # no #fallback, no turn of either phrase alone
-    assert inputs[0] == "#intro"
-    assert in_order(inputs[1], ("about", "place")), inputs
-    joined = inputs[2]
-    assert in_order(joined, KEY_WORDS), inputs
+    _assert_joined(inputs)
 
 
 async def test_a_phrase_being_said_as_the_held_turn_finishes_is_joined_to_the_one_waiting(
@@ -152,12 +166,7 @@ async def test_a_phrase_being_said_as_the_held_turn_finishes_is_joined_to_the_on
                 runner.call.state
             )
             core.state.release.set()  # the held turn finishes as the caller speaks
-            assert await until(lambda: len(core.state.inputs) >= 3, WAIT_S), core.state.inputs
-            await asyncio.sleep(1.0)  # nothing more comes
-            inputs = list(core.state.inputs)
+            inputs = await _inputs_after_release(core)
             await call.stop()
         await gw.wait_no_calls()
-    assert len(inputs) == 3, inputs  # no #fallback, no turn of either phrase alone
-    assert inputs[0] == "#intro"
-    assert in_order(inputs[1], ("about", "place")), inputs
-    assert in_order(inputs[2], KEY_WORDS), inputs
+    _assert_joined(inputs)
