@@ -27,6 +27,7 @@ from websockets.protocol import State
 from websockets.uri import parse_uri
 
 from adapters.flowstorm.v1.protocol import REQUEST_REFUSED_TEXT, UTTERANCE_LOST_TEXT
+from adapters.flowstorm.v1.routes import CLOSE_RESERVE_S, DRAIN_READ_MS, drain_read_s
 from adapters.flowstorm.v2.hearing import NOTHING_SAID_TEXT
 from adapters.flowstorm.v2.hearing import UTTERANCE_LOST_TEXT as UTTERANCE_LOST_TEXT_V2
 from gateway.speech.audio import Pcm, silence
@@ -345,6 +346,21 @@ async def test_sigterm_a_v1_request_during_the_drain_is_refused_before_the_1012_
         assert proc.proc is not None
         assert await asyncio.to_thread(proc.proc.wait, 30) == 0
         assert_nothing_failed(proc)
+
+
+def test_the_v1_drain_reads_ahead_at_most_300_ms_and_never_past_the_shutdown_timeout() -> None:
+    """The V1 drain reads what the client already sent before it finishes an utterance and
+    before its 1012 close (a Request sent just before gets the refused Error): that read
+    waited its full 300 ms even when the shutdown had less left (earlier phases, or the
+    turns' answers, used GATEWAY_SHUTDOWN_TIMEOUT_S up), so the shutdown could run up to
+    0.3 s past it. Its budget is now min(300 ms, what is left), never below 0."""
+    assert DRAIN_READ_MS == 300
+    assert drain_read_s(5.0) == 0.3  # the 1 s kept for the close: the whole read
+    assert drain_read_s(0.3) == 0.3
+    assert drain_read_s(0.12) == pytest.approx(0.12)  # only what the shutdown has left
+    assert drain_read_s(0.0) == 0.0
+    assert drain_read_s(-0.4) == 0.0  # the shutdown's time is over: no read at all
+    assert CLOSE_RESERVE_S >= DRAIN_READ_MS / 1000  # a drain in time reads in full
 
 
 async def test_sigterm_a_v1_request_sent_as_the_drain_closes_is_refused_before_1012(

@@ -29,28 +29,28 @@ for all its utterances: between them (while a turn runs) the stage's endpointer
 hears its audio, keeping the last :data:`DUPLEX_KEEP_MS`; each utterance takes a
 recognizer only at the next voice onset, from :data:`PREROLL_MS` before it.
 
-Graceful shutdown (SIGTERM; README "Operations"): :meth:`_Sockets.restart` is the
-Gateway's ``before_close`` hook, run once the server no longer accepts and before it
-closes the connections (uvicorn: 1012 at once, whatever is running). Each open socket
-with a turn running waits for that turn's answer (its Response, SessionEnded and what the
-outbox holds for it) for what GATEWAY_SHUTDOWN_TIMEOUT_S leaves since the signal, less
-1 s for the server to close the rest (Gateway.drain_left_s), then is closed 1012; a turn
-still running then is no longer forwarded and the client gets an ``Error`` of source
+Graceful shutdown (SIGTERM; README "Operations"): :meth:`_Sockets.restart` is the Gateway's
+``before_close`` hook, run once the server no longer accepts and before it closes the
+connections (uvicorn: 1012 at once, whatever is running). Each open socket with a turn
+running waits for that turn's answer (its Response, SessionEnded and what the outbox holds
+for it) for what GATEWAY_SHUTDOWN_TIMEOUT_S leaves since the signal, less 1 s for the server
+to close the rest (Gateway.drain_left_s, :data:`CLOSE_RESERVE_S`), then is closed 1012; a
+turn still running then is no longer forwarded and the client gets an ``Error`` of source
 ``gateway`` first (V1Connection.server_restart): the turn saves its session and its answer
-is in the outbox (an Init with ``sessionId`` and ``lastSeq`` gets it). A socket whose
-client is speaking (an utterance being heard, no turn yet) has that utterance finished
-first, as its InputAudioStreamClose would (V1Connection.server_draining: the recognizer's
-final of the audio heard so far, ``Recognized`` and its turn), within the same wait; the
-audio the client sent before is heard first: the receive loop reads what was received and
-not read yet (the backpressure lifted; at most :data:`DRAIN_READ_MS`, until it waits for a
-frame none comes for: WebSocketDriver.caught_up); one still not recognised then is
-dropped, with an ``Error`` of source ``gateway`` (V1Connection.server_restart) unless its
-endpointer heard no voice onset in it (nothing was said: dropped with no Error); audio sent
-after the finish is dropped, and an InputAudioStreamOpen then is refused with an ``Error`` of
-source ``gateway`` (no stream is opened); so is a Request or Input (no turn is started: the
-client sends it again after reconnecting), also one received just before the close, which
-reads what the client sent first (at most :data:`DRAIN_READ_MS`). A socket with neither is
-closed 1012 at once, after that read.
+is in the outbox (an Init with ``sessionId`` and ``lastSeq`` gets it). A socket whose client
+is speaking (an utterance being heard, no turn yet) has that utterance finished first, as
+its InputAudioStreamClose would (V1Connection.server_draining: the recognizer's final of the
+audio heard so far, ``Recognized`` and its turn), within the same wait; the audio the client
+sent before is heard first: the receive loop reads what was received and not read yet (the
+backpressure lifted; at most :data:`DRAIN_READ_MS`, until it waits for a frame none comes
+for: WebSocketDriver.caught_up); one still not recognised then is dropped, with an ``Error``
+of source ``gateway`` (V1Connection.server_restart) unless its endpointer heard no voice
+onset in it (nothing was said: dropped with no Error); audio sent after the finish is
+dropped, and an InputAudioStreamOpen then is refused with an ``Error`` of source ``gateway``
+(no stream is opened); so is a Request or Input (no turn is started: the client sends it
+again after reconnecting), also one received just before the close, which reads what the
+client sent first (at most :data:`DRAIN_READ_MS`, and never past what the shutdown has left:
+:func:`drain_read_s`). A socket with neither is closed 1012 at once, after that read.
 
 Close codes: 1008 unknown or missing application key, or more frames than
 GATEWAY_FLOWSTORM_V1_FRAME_BURST at once / GATEWAY_FLOWSTORM_V1_FRAMES_PER_S a second,
@@ -122,9 +122,22 @@ recognised from its onset, as far back as this."""
 PREROLL_MS: Final = 300
 """Audio before a voice onset given to a Duplex stream's utterance (word beginnings are soft)."""
 DRAIN_READ_MS: Final = 300
-"""At a graceful shutdown, the longest wait (ms) for the receive loop to read the audio the
-client already sent (received, not read yet) before its utterance is finished
-(:meth:`_Socket.restart`); within what the shutdown leaves."""
+"""At a graceful shutdown, the longest wait (ms) for the receive loop to read what the
+client already sent (received, not read yet): the audio before its utterance is finished,
+a Request before the 1012 close (:meth:`_Socket.restart`); within what the shutdown leaves
+(:func:`drain_read_s`)."""
+CLOSE_RESERVE_S: Final = 1.0
+"""Of what GATEWAY_SHUTDOWN_TIMEOUT_S leaves (Gateway.drain_left_s), the seconds the V1
+drain keeps for closing the sockets (its last read, the 1012) and the server for closing
+the rest: the turns' answers are waited for until then."""
+
+
+def drain_read_s(left_s: float) -> float:
+    """The wait (s) at a graceful shutdown for the receive loop to read what the client
+    already sent (:meth:`_Socket.restart`, WebSocketDriver.caught_up): :data:`DRAIN_READ_MS`,
+    but no more than ``left_s``, the seconds the shutdown has left for that step (<= 0:
+    none, 0.0)."""
+    return max(0.0, min(DRAIN_READ_MS / 1000, left_s))
 
 
 @dataclass
@@ -429,14 +442,16 @@ class _Socket(WebSocketDriver[Action]):
         if self.following is not None:
             await self.following.leave()  # the mark over what went out (Following.leave)
 
-    async def restart(self, wait_s: float) -> bool:
-        """The graceful shutdown (:meth:`_Sockets.restart`): the utterance being heard is
+    async def restart(self, left_s: float) -> bool:
+        """The graceful shutdown (:meth:`_Sockets.restart`), ``left_s`` the seconds it has
+        left (Gateway.drain_left_s; less :data:`CLOSE_RESERVE_S`: ``wait_s``, the wait for
+        the answers): the utterance being heard is
         finished (V1Connection.server_draining: as the client's InputAudioStreamClose
         would) once the receive loop has read the audio the client already sent (while
         V1Connection.taking_audio: the frames received and not read yet, those held back
         by the backpressure too, which is lifted; at most :data:`DRAIN_READ_MS`, counted in
-        ``wait_s``: WebSocketDriver.caught_up), and its result waited for (the report
-        carrying it out too: a Duplex stream's last one outlives its task,
+        ``wait_s``: WebSocketDriver.caught_up, :func:`drain_read_s`), and its result waited
+        for (the report carrying it out too: a Duplex stream's last one outlives its task,
         :meth:`_Listening.reporting`), then the turns running then (the utterance's too),
         all within ``wait_s`` counted from the call; then the socket is closed 1012 at
         once. A turn still running then is no longer forwarded (the engine's turn goes on
@@ -449,15 +464,17 @@ class _Socket(WebSocketDriver[Action]):
         or ``Input`` that comes once the utterance was finished is refused with an Error
         (V1Connection.server_draining: no turn is started), also one the client sent just
         before the close: the receive loop reads what was received first (at most
-        :data:`DRAIN_READ_MS`, from the 1 s the shutdown keeps for closing the sockets).
+        :data:`DRAIN_READ_MS`, from the :data:`CLOSE_RESERVE_S` kept for closing the
+        sockets, and never past ``left_s``: :func:`drain_read_s`).
         True when an answer was not ready (an utterance in which nothing was said is not
         counted)."""
         loop = asyncio.get_running_loop()
-        until = loop.time() + wait_s
+        end = loop.time() + left_s  # the shutdown's own end
+        until = end - CLOSE_RESERVE_S  # wait_s from now
         if self.conn.taking_audio and self.open:
             # what the user said before the signal is the utterance's, to its last frame
             self.speech.unbound()
-            await self.caught_up(min(DRAIN_READ_MS / 1000, until - loop.time()))
+            await self.caught_up(drain_read_s(until - loop.time()))
         await self.run(self.conn.server_draining())
         hearing = self.speech.hearing()
         if hearing is not None and self.open and until > loop.time():
@@ -483,7 +500,7 @@ class _Socket(WebSocketDriver[Action]):
             if isinstance(action, Close):  # one line for all the sockets, not one each
                 # a Request the client sent meanwhile, received and not read yet, is
                 # refused before the close (V1Connection.server_restart): not left unanswered
-                await self.caught_up(DRAIN_READ_MS / 1000)
+                await self.caught_up(drain_read_s(end - loop.time()))
                 await self.close(action.code, action.reason)
             else:
                 await self.run([action])
@@ -649,14 +666,14 @@ class _Sockets:
     async def restart(self, gw: Gateway) -> None:
         """The Gateway's ``before_close`` hook (see the module doc): every open socket is
         closed 1012, each once its utterance being heard and its running turns have
-        answered, within what
-        GATEWAY_SHUTDOWN_TIMEOUT_S leaves since the signal less 1 s (Gateway.drain_left_s);
-        one INFO line. Never raises."""
+        answered, within what GATEWAY_SHUTDOWN_TIMEOUT_S leaves since the signal less 1 s
+        (Gateway.drain_left_s, :data:`CLOSE_RESERVE_S`), the last read before the close
+        within what it leaves at all; one INFO line. Never raises."""
         sockets = list(self.open)
         if not sockets:
             return
-        wait_s = gw.drain_left_s() - 1.0
-        done = await asyncio.gather(*(s.restart(wait_s) for s in sockets), return_exceptions=True)
+        left_s = gw.drain_left_s()
+        done = await asyncio.gather(*(s.restart(left_s) for s in sockets), return_exceptions=True)
         for failure in [d for d in done if isinstance(d, Exception)]:
             log.error("closing a Flowstorm V1 socket at shutdown failed", exc_info=failure)
         lost = sum(1 for d in done if d is True)
