@@ -956,8 +956,8 @@ class Conversation:
         that would end past it, while it is ahead, is not made.) When the time ran
         out while a connection to the core was being opened (:class:`ConnectWatch`: a
         GATEWAY_PIPELINE_CONNECT_TIMEOUT_S longer than the time left), the PipelineError
-        ``The core pipeline (<core>) could not be reached within <timeout_s> s.`` with
-        ``unreachable`` instead: the core never saw the turn.
+        ``The core pipeline (<core>) could not be reached within <timeout_s> s.`` (to 0.1 s)
+        with ``unreachable`` instead: the core never saw the turn.
 
         Each item handed out is appended to ``items`` (a new list when None), and the
         Response's items are all of ``items``: for the ``#error`` turn, the failed try's
@@ -1003,7 +1003,7 @@ class Conversation:
             core = _core_name(self.pipeline, session.app_key)
             raise PipelineError(  # the connect was cut: the core never had the turn
                 f"The core pipeline{f' ({core})' if core else ''} could not be reached within "
-                f"{limit:g} s.",
+                f"{round(limit, 1):g} s.",  # an #error turn's is what was left: 1.2, not 1.23456
                 unreachable=True,
             ) from None
         finally:

@@ -7,6 +7,8 @@ import asyncio
 import contextlib
 import logging
 import shutil
+import socket
+import threading
 import time
 from collections.abc import AsyncIterator
 
@@ -595,6 +597,66 @@ async def test_a_connect_cut_by_the_turns_timeout_is_a_core_that_could_not_be_re
         await failed_session(conv, 0)
     finally:
         await conv.pipeline.aclose()
+
+
+def _one_connection_then_hanging(held: list[socket.socket]) -> int:
+    """A TCP port on 127.0.0.1 whose first connection is accepted and read, never
+    answered; every later connect hangs (as :func:`tests.conftest.hanging_port`'s: a
+    backlog of 0, its queue filled once the first was accepted). The sockets go into
+    ``held`` (the caller closes them)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    held.append(listener)
+    port: int = listener.getsockname()[1]
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            conn, _ = listener.accept()
+            held.append(conn)
+            for _ in range(4):  # the queue full: the kernel drops every further SYN
+                filler = socket.socket()
+                filler.setblocking(False)
+                with contextlib.suppress(BlockingIOError):
+                    filler.connect(("127.0.0.1", port))
+                held.append(filler)
+            conn.recv(65536)  # the request, never answered
+
+    threading.Thread(target=serve, daemon=True).start()
+    return port
+
+
+async def test_the_error_turns_connect_cut_by_its_timeout_says_its_budget_rounded(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The turn's core took the connection and held its answer past the turn's time; the
+    ``#error`` turn's own connect to it hangs (no SYN answered) until that turn's time
+    (GATEWAY_ERROR_TURN_MIN_S, 1.23456 s here) cuts it. Its WARNING said "could not be
+    reached within 1.23456 s"; it now rounds the budget as the other messages do (1.2 s).
+    The turn ends with the first try's Error."""
+    held: list[socket.socket] = []
+    conv = engine(
+        pipeline=f"http://127.0.0.1:{_one_connection_then_hanging(held)}/core",
+        turn_timeout_s=1,
+        pipeline_connect_timeout_s=30,
+        error_turn=True,
+        error_turn_min_s=1.23456,
+    )
+    try:
+        with caplog.at_level(logging.WARNING, logger="gateway.conversation"):
+            events = await pipeline_error(conv, "did not answer within 1 s")
+        assert events[-1] == ErrorEvent(
+            text="The core pipeline (http) did not answer within 1 s.", source="pipeline"
+        )
+        failed = [r.getMessage() for r in caplog.records if "failed too" in r.getMessage()]
+        assert len(failed) == 1, caplog.text
+        assert failed[0].endswith(
+            ": The core pipeline (http) could not be reached within 1.2 s."
+        ), failed
+    finally:
+        await conv.pipeline.aclose()
+        for sock in held:
+            sock.close()
 
 
 async def test_a_core_reached_that_does_not_answer_in_time_still_did_not_answer(
