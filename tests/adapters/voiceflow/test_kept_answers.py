@@ -418,6 +418,63 @@ async def test_a_notice_of_the_old_session_landing_during_session_create_is_igno
         assert len(answers_of(app)) == 0
 
 
+@pytest.mark.parametrize("resumes", ["another session", "none"])
+async def test_a_notice_of_the_old_session_landing_during_a_second_client_start_is_ignored(
+    monkeypatch: pytest.MonkeyPatch, resumes: str
+) -> None:
+    """A connection resumed the session while its old action ran, then sent client.start
+    again: with another session's key (it resumes that one), or without a key (it starts
+    anew: ``newSessionRequired: true``). The old action's answer was announced while that
+    client.start was being answered, its ``client.started`` going out (past the store's
+    lookup of the other session): the notice passed the test of the session the
+    connection was in, since the handshake records its session only at its end. Without a
+    key, the old session's answer was then taken and sent after ``client.started``, to a
+    connection that had left that session (with another session's key, the resumed
+    session's own due answers replaced the old one's: guarded here too). The notice is now tested again once the
+    handshake is received: the answer stays kept for the old session (the other session
+    goes on: a turn of it is answered), and the connection gets it when it resumes the
+    old session, after that ``client.started``."""
+    core = RecordingCore()
+    async with gateway_app(core) as (url, app):
+        server = app.state.voiceflow
+        other_key: str | None = None
+        if resumes == "another session":
+            async with client(url) as elsewhere:  # the other session, its intro answered
+                other_key = await elsewhere.handshake()
+                await elsewhere.act({"type": "launch"})
+                assert (await core.next_request())["input"]["transcript"]["text"] == "#intro"
+        notices = step(monkeypatch, server, "_kept_announced")
+        announced = step(monkeypatch, server, "_announce_kept", held=True)
+        takes = step(monkeypatch, answers_of(app), "take")
+        key = await leave_mid_action(url, core)
+        async with client(url) as again:
+            assert await again.start(key) is False
+            await until(lambda: takes.done == 1)  # (nothing yet) it follows the session's topic
+            core.release.set()
+            await until(lambda: len(answers_of(app)) == 1)  # kept; its notice held
+            real_emit = server.sio.emit
+
+            async def emit(event: str, *args: Any, **kwargs: Any) -> Any:
+                if event == "client.started" and not announced.go.is_set():
+                    announced.go.set()  # the notice lands while it goes out
+                    await until(lambda: notices.calls == 1)
+                    await asyncio.sleep(0.2)  # (the notice is past its first test)
+                return await real_emit(event, *args, **kwargs)
+
+            monkeypatch.setattr(server.sio, "emit", emit)
+            assert await again.start(other_key) is (other_key is None)
+            await again.nothing_more(0.5)  # before, without a key: the old answer came here
+            assert announced.go.is_set()
+            await until(lambda: notices.done == 1)
+            assert len(answers_of(app)) == 1  # still kept for the old session
+            if other_key is not None:
+                assert await again.say("hello") == ["core heard hello"]  # the other one's turn
+            assert await again.start(key) is False
+            await expect_first_answer(again)
+            await again.nothing_more()
+        assert len(answers_of(app)) == 0
+
+
 async def test_a_second_client_start_before_the_kept_answer_is_taken_leaves_it_kept(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
