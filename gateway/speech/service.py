@@ -12,6 +12,7 @@ so a gateway that never hears audio never starts them.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
 from collections.abc import AsyncIterator, Callable
@@ -125,18 +126,11 @@ class SpeechService:
         defaults = self.listen_defaults
         if silence_timeout_ms == "default":
             silence_timeout_ms = defaults.silence_timeout_ms
-        options = ListenOptions(
+        options = dataclasses.replace(
+            defaults,
             endpointing=endpointing,
             interim=interim,
             silence_timeout_ms=silence_timeout_ms,
-            trailing_silence_ms=defaults.trailing_silence_ms,
-            end_of_turn_short_ms=defaults.end_of_turn_short_ms,
-            tentative_end_ms=defaults.tentative_end_ms,
-            energy_floor=defaults.energy_floor,
-            silence_tail_ms=defaults.silence_tail_ms,
-            min_speech_ms=defaults.min_speech_ms,
-            aggressiveness=defaults.aggressiveness,
-            max_audio_ms=defaults.max_audio_ms,
         )
         return SpeechStage(
             self.recognizer,
