@@ -274,9 +274,10 @@ class SpeechService:
             yield chunk
 
     async def file_source(self, file_id: str, fmt: str) -> bytes | AsyncIterator[bytes] | None:
-        """The file behind a link: its bytes when cached, else its chunks as they are
-        synthesized from the registered spec (:meth:`TtsPool.stream`, shared with
-        other requests for it; nothing starts before the first ``__anext__``).
+        """The file behind a link, as :meth:`file_known` finds it: its bytes when cached,
+        else its chunks as they are synthesized from the registered spec
+        (:meth:`TtsPool.stream`, shared with other requests for it; nothing starts before
+        the first ``__anext__``).
         None: unknown or expired id, or a file registered or made in another format
         than ``fmt``, the link's extension: ``<id>.wav`` of an MP3 link is no file, not
         the MP3's bytes under a WAV media type, also once the link's spec has expired
@@ -287,15 +288,10 @@ class SpeechService:
             (from the iterator) TtsOverloaded: the pool is full; SynthesisError,
             ValueError: the engine failed.
         """
-        spec = await self.cache.spec(file_id)
-        if spec is not None and spec.fmt != fmt:
-            return None
-        data = await self.cache.get(file_id, fmt)  # (cached past its spec's expiry: served)
-        if data is not None:
-            return data
-        if spec is None:
-            return None
-        return self.pool.stream(file_id, spec)
+        known = await self.file_known(file_id, fmt)
+        if known is None or isinstance(known, bytes):
+            return known
+        return self.pool.stream(file_id, known)
 
     async def file_known(self, file_id: str, fmt: str) -> bytes | TtsSpec | None:
         """What is known of a link without synthesizing anything (``HEAD /file/tts``):
