@@ -468,9 +468,6 @@ class _AdminRoute(APIRoute):
         return guarded
 
 
-router = APIRouter(prefix="/v1", tags=["admin"], route_class=_AdminRoute)
-
-
 def _admin(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)],
@@ -482,6 +479,11 @@ def _admin(
 
 
 ADMIN_CHECKS.add(_admin)
+
+router = APIRouter(
+    prefix="/v1", tags=["admin"], route_class=_AdminRoute, dependencies=[Depends(_admin)]
+)
+"""The admin routes: each checks the admin key (:func:`_admin`)."""
 
 
 def install(app: Any) -> None:
@@ -504,7 +506,6 @@ _STATUS: dict[str, int] = {"unknown-target": 404, "outbox-full": 409, "session-b
 @router.post(
     "/push",
     summary="Push response items to a session's client (live, or queued in its outbox)",
-    dependencies=[Depends(_admin)],
     response_model=PushResult,
     responses={
         202: {"description": "Queued in the session's outbox", "model": PushResult},
@@ -551,7 +552,6 @@ async def push(request: Request, body: PushRequest) -> JSONResponse:
 @router.get(
     "/sessions/{session_id}",
     summary="What the gateway knows of one session",
-    dependencies=[Depends(_admin)],
     response_model=SessionView,
     responses={
         404: _problem_doc("No such session (an id over 256 characters is none)"),
