@@ -7,7 +7,7 @@ import asyncio
 import hashlib
 import logging
 from collections.abc import AsyncIterator, Awaitable
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 from fastapi import APIRouter
 from fastapi.responses import Response, StreamingResponse
@@ -31,6 +31,13 @@ router = APIRouter(tags=["files"])
 
 CACHED: Final = "public, max-age=86400, immutable"
 """``Cache-Control`` of a cached (whole, immutable) file."""
+
+_AUDIO: Final[dict[str, Any]] = {media: {} for media in MEDIA_TYPES.values()}
+"""The OpenAPI ``content`` of an answer with a file: any of the speech media types."""
+_CONTENT_RANGE: Final = {"Content-Range": {"schema": {"type": "string"}}}
+"""The OpenAPI ``headers`` of a 206 or 416 answer."""
+_RETRY_AFTER: Final = {"Retry-After": {"schema": {"type": "integer"}}}
+"""The OpenAPI ``headers`` of a 503 answer (seconds)."""
 
 
 async def _disconnected(request: Request) -> None:
@@ -60,27 +67,27 @@ def _store_unavailable(file_id: str, exc: BaseException) -> Response:
             "synthesis failure then closes the connection before the body's end (an "
             "incomplete body, not a short file). Cached: `Content-Length`, `ETag`, "
             "`Accept-Ranges: bytes` and `Cache-Control: public, max-age=86400, immutable`",
-            "content": {media: {} for media in MEDIA_TYPES.values()},
+            "content": _AUDIO,
         },
         206: {
             "description": "One byte range of the file (a `Range` request, RFC 9110 "
             "section 14; one not yet synthesized is waited for), with `Content-Range`",
-            "headers": {"Content-Range": {"schema": {"type": "string"}}},
-            "content": {media: {} for media in MEDIA_TYPES.values()},
+            "headers": _CONTENT_RANGE,
+            "content": _AUDIO,
         },
         304: {"description": "`If-None-Match` holds the file's `ETag`: not modified"},
         404: {"description": "Unknown or expired file (problem body)", "content": PROBLEM},
         416: {
             "description": "The range starts past the file's end; `Content-Range: "
             "bytes */size` (problem body)",
-            "headers": {"Content-Range": {"schema": {"type": "string"}}},
+            "headers": _CONTENT_RANGE,
             "content": PROBLEM,
         },
         500: {"description": "Speech synthesis failed (problem body)", "content": PROBLEM},
         503: {
             "description": "Speech synthesis is saturated, or the speech file store is "
             "unavailable; retry after `Retry-After` seconds (problem body)",
-            "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+            "headers": _RETRY_AFTER,
             "content": PROBLEM,
         },
     },
@@ -252,14 +259,14 @@ async def _rest(file_id: str, first: bytes, chunks: AsyncIterator[bytes]) -> Asy
             "`Content-Length`, `ETag`, `Accept-Ranges` and caching headers (`Range` is "
             "ignored); not synthesized yet: its "
             "`Content-Type` and `Cache-Control: no-cache`, no `Content-Length`",
-            "content": {media: {} for media in MEDIA_TYPES.values()},
+            "content": _AUDIO,
         },
         304: {"description": "`If-None-Match` holds the cached file's `ETag`: not modified"},
         404: {"description": "Unknown or expired file", "content": PROBLEM},
         503: {
             "description": "The speech file store is unavailable; retry after `Retry-After` "
             "seconds",
-            "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+            "headers": _RETRY_AFTER,
             "content": PROBLEM,
         },
     },
