@@ -111,6 +111,7 @@ from gateway.pipeline.cores import (
     core_stream,
     is_url,
     log_dropped,
+    objects_in,
     read_json,
     talking_to,
     transfer_to,
@@ -418,11 +419,11 @@ def _items(payload: Any, offered: list[dict[str, Any]]) -> list[ResponseItem]:
     if kind == "card":
         return [_card(payload, offered)]
     if kind == "carousel":
-        return [_card(c, offered) for c in _array(payload, "items") if isinstance(c, dict)]
+        return [_card(c, offered) for c in _objects(payload, "items")]
     if kind in ("choice", "dropdown"):
         buttons = [
             button(str(o.get("label", "")), {"type": "text", "payload": str(o.get("value", ""))})
-            for o in _options(payload)
+            for o in _objects(payload, "options")
         ]
         offered.extend(buttons)
         text = payload.get("text")
@@ -435,9 +436,7 @@ def _items(payload: Any, offered: list[dict[str, Any]]) -> list[ResponseItem]:
         # the Chat integration spreads each item's payload); a bot's SDK form nests them,
         # {type, payload: {text}}: both are read
         out: list[ResponseItem] = []
-        for part in _array(payload, "items"):
-            if not isinstance(part, dict):
-                continue
+        for part in _objects(payload, "items"):
             inner = part.get("payload")
             fields = inner if isinstance(inner, dict) else part
             out.extend(_items({**fields, "type": part.get("type")}, offered))
@@ -450,31 +449,19 @@ def _card(card: dict[str, Any], offered: list[dict[str, Any]]) -> ResponseItem:
         t for t in (card.get("title"), card.get("subtitle")) if isinstance(t, str) and t
     )
     buttons = []
-    for action in _array(card, "actions"):
-        if isinstance(action, dict):
-            kind = "url" if action.get("action") == "url" else "text"
-            request = {"type": kind, "payload": str(action.get("value", ""))}
-            buttons.append(button(str(action.get("label", "")), request))
+    for action in _objects(card, "actions"):
+        kind = "url" if action.get("action") == "url" else "text"
+        request = {"type": kind, "payload": str(action.get("value", ""))}
+        buttons.append(button(str(action.get("label", "")), request))
     offered.extend(b for b in buttons if b["request"]["type"] == "text")
     return card_item(text, card.get("imageUrl"), buttons)
 
 
-def _options(payload: dict[str, Any]) -> list[dict[str, Any]]:
-    """The options (objects) of a ``choice``/``dropdown`` payload."""
-    return [o for o in _array(payload, "options") if isinstance(o, dict)]
-
-
-def _array(payload: dict[str, Any], field: str) -> list[Any]:
-    """The array ``payload[field]`` (empty when absent or null); PipelineError naming
-    Botpress when it is something else (a number iterated as a list failed the turn as
-    the gateway's own fault)."""
-    value = payload.get(field)
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        kind = payload["type"] if isinstance(payload.get("type"), str) else "card"
-        raise PipelineError(f"Botpress sent a {kind} whose {field} are not an array")
-    return value
+def _objects(payload: dict[str, Any], field: str) -> list[dict[str, Any]]:
+    """The objects in the array ``payload[field]`` (:func:`objects_in`; the PipelineError
+    names the payload's ``type``, ``card`` for a carousel's card without one)."""
+    kind = payload["type"] if isinstance(payload.get("type"), str) else "card"
+    return objects_in(payload, field, "Botpress", kind)
 
 
 def _final(kind: str, payload: Any) -> bool:
@@ -489,7 +476,7 @@ def _final(kind: str, payload: Any) -> bool:
     if not isinstance(payload, dict):
         return False
     if kind == "message":
-        return payload.get("type") in ("choice", "dropdown") and bool(_options(payload))
+        return payload.get("type") in ("choice", "dropdown") and bool(_objects(payload, "options"))
     return payload.get("type") in ("transfer", "handoff", "end")
 
 

@@ -778,6 +778,23 @@ def chosen(state: dict[str, Any], text: str) -> dict[str, Any] | None:
     return None
 
 
+def objects_in(payload: dict[str, Any], field: str, core: str, kind: str) -> list[dict[str, Any]]:
+    """The objects in the array ``payload[field]`` of a ``kind`` message, trace or card
+    ``core`` sent (``Botpress``, ``Voiceflow``), other elements skipped; empty when the
+    field is absent or null.
+
+    Raises PipelineError ``<core> sent a <kind> whose <field> are not an array`` for
+    anything else there (a number iterated as a list failed the turn as the gateway's own
+    fault: "the core pipeline failed unexpectedly (TypeError)").
+    """
+    value = payload.get(field)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise PipelineError(f"{core} sent a {kind} whose {field} are not an array")
+    return [element for element in value if isinstance(element, dict)]
+
+
 def is_url(value: Any) -> bool:
     """Whether ``value`` is an absolute http(s) URL (what items' media fields hold)."""
     return isinstance(value, str) and value.startswith(("http://", "https://"))

@@ -87,6 +87,7 @@ from gateway.pipeline.cores import (
     core_stream,
     is_url,
     log_dropped,
+    objects_in,
     read_json,
     talking_to,
     transfer_to,
@@ -283,13 +284,13 @@ def _items(trace: Any, turn: _Turn) -> list[ResponseItem]:
         image = body.get("image")
         return [ResponseItem(image=image)] if is_url(image) else []
     if kind == "choice":
-        buttons = [_button(b) for b in _array(body, "buttons", kind) if isinstance(b, dict)]
+        buttons = [_button(b) for b in objects_in(body, "buttons", "Voiceflow", kind)]
         turn.buttons.extend(buttons)
         return [buttons_item(buttons)] if buttons else []
     if kind == "cardV2":
         return [_card(body, turn)]
     if kind == "carousel":
-        return [_card(c, turn) for c in _array(body, "cards", kind) if isinstance(c, dict)]
+        return [_card(c, turn) for c in objects_in(body, "cards", "Voiceflow", kind)]
     if kind == "end":
         turn.ended = True
         return []
@@ -349,19 +350,6 @@ def _slate(body: dict[str, Any]) -> str:
     return "\n".join(lines).strip()
 
 
-def _array(payload: dict[str, Any], field: str, kind: str) -> list[Any]:
-    """The array ``payload[field]`` of a ``kind`` trace or card (empty when absent or
-    null); PipelineError naming Voiceflow when it is something else (a number was
-    iterated: "the core pipeline failed unexpectedly (TypeError)", logged as the
-    gateway's own fault)."""
-    value = payload.get(field)
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise PipelineError(f"Voiceflow sent a {kind} whose {field} are not an array")
-    return value
-
-
 def _button(b: dict[str, Any]) -> dict[str, Any]:
     request = b.get("request") if isinstance(b.get("request"), dict) else None
     name = b.get("name")
@@ -376,7 +364,7 @@ def _card(card: dict[str, Any], turn: _Turn) -> ResponseItem:
     if isinstance(description, dict):
         description = description.get("text")
     text = ". ".join(t for t in (card.get("title"), description) if isinstance(t, str) and t)
-    buttons = [_button(b) for b in _array(card, "buttons", "card") if isinstance(b, dict)]
+    buttons = [_button(b) for b in objects_in(card, "buttons", "Voiceflow", "card")]
     turn.buttons.extend(buttons)
     return card_item(text, card.get("imageUrl"), buttons)
 
