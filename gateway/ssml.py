@@ -22,6 +22,7 @@ from __future__ import annotations
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
+from html.parser import HTMLParser
 from xml.sax.saxutils import escape, quoteattr
 
 from gateway.events import ResponseItem
@@ -34,6 +35,7 @@ __all__ = [
     "HTTPS_AUDIO",
     "display_text",
     "item_ssml",
+    "loose_text",
     "refused_audio",
     "refused_elements",
     "speech_ssml",
@@ -210,6 +212,58 @@ def ssml_to_text(ssml: str) -> str | None:
     except ET.ParseError:
         return None
     return " ".join("".join(root.itertext()).split())
+
+
+_WITH_UNSPOKEN_CONTENT = frozenset({"desc", "metadata"})
+"""The elements of :data:`_UNSPOKEN` that have content (``<meta>`` and ``<lexicon>`` are
+empty): what :class:`_LooseText` leaves out up to their end tag."""
+
+
+class _LooseText(HTMLParser):
+    """The character data of markup that is not well-formed, read leniently (the standard
+    library's HTML tokenizer: a bare ``&`` or ``<`` is text, an unclosed or stray tag is
+    skipped); the content of ``<desc>`` and ``<metadata>`` (the elements of :data:`_UNSPOKEN`
+    that have content) is left out."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.words: list[str] = []
+        self._skip = 0  # depth inside elements whose content is not spoken
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in _WITH_UNSPOKEN_CONTENT:
+            self._skip += 1
+        self.words.append(" ")  # a tag parts words, as in the speech
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in _WITH_UNSPOKEN_CONTENT and self._skip:
+            self._skip -= 1
+        self.words.append(" ")
+
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.words.append(" ")
+
+    def handle_data(self, data: str) -> None:
+        if not self._skip:
+            self.words.append(data)
+
+    def close(self) -> None:
+        if self.rawdata.startswith("<"):  # an unfinished tag at the end is no word
+            self.rawdata = ""
+        super().close()
+
+
+def loose_text(ssml: str) -> str:
+    """The words of SSML that is not well-formed (``<speak>Tom & Jerry</speak>``, an
+    unclosed ``<emphasis>``: a core that writes its SSML by hand), as the gateway's own
+    speech reads them (gateway/speech/tts.py): tags left out, entities decoded, the
+    content of ``<desc>`` and the like left out, whitespace collapsed; ``""`` when none.
+    Never raises. (A platform refuses the whole speech for such SSML, so its words are
+    said as text instead of nothing.)"""
+    parser = _LooseText()
+    parser.feed(ssml)
+    parser.close()
+    return " ".join("".join(parser.words).split())
 
 
 _XML_DECLARATION = re.compile(r"<\?xml\s[^<>]*\?>\s*")
@@ -460,7 +514,8 @@ def item_ssml(
 ) -> str:
     """One item as an SSML fragment (no ``<speak>``), ``""`` when it says nothing.
 
-    The item's ``ssml`` when it is well-formed, else its ``text`` escaped;
+    The item's ``ssml`` when it is well-formed, else its ``text`` escaped, else (no text)
+    the words of its ``ssml`` read leniently (:func:`loose_text`), escaped;
     ``#command`` items say nothing; an ``audio`` URL becomes ``<audio src="..."/>``.
     Only audio whose ``src`` begins with one of ``audio_schemes`` is said
     (:data:`HTTPS_AUDIO`, :data:`ALEXA_AUDIO`): the platforms refuse the WHOLE speech
@@ -484,6 +539,8 @@ def item_ssml(
         parts.append(fragment)
     elif item.text and not _is_command(item):
         parts.append(xml_text(item.text.strip()))
+    elif item.ssml:  # not well-formed, and no text: its words (loose_text), not silence
+        parts.append(xml_text(loose_text(item.ssml)))
     audio = item.audio
     if audio and audio.startswith(audio_schemes) and not _NOT_XML.search(audio):
         parts.append(f"<audio src={quoteattr(audio)}/>")
@@ -609,6 +666,8 @@ def display_text(
             parts.append(" ".join(item.text.split()))
         elif item.ssml:
             spoken = ssml_to_text(item.ssml)
+            if spoken is None:  # not well-formed: its words as the speech says them
+                spoken = loose_text(item.ssml)
             if spoken:
                 parts.append(spoken)
     return truncate_text(" ".join(p for p in parts if p), max_chars, utf16=utf16)

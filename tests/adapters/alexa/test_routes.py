@@ -874,6 +874,33 @@ async def test_ssml_elements_alexa_refuses_are_replaced_by_their_content(
     assert "amazon:effect" not in line
 
 
+async def test_ssml_that_is_not_well_formed_is_said_as_its_words() -> None:
+    """A core that writes its SSML by hand (a bare ``&``, an unclosed tag) and gives no
+    ``text``: its words are said, the session kept open. Before, such an item said
+    nothing, so the answer was empty and ended the user's session in silence."""
+    core = FastAPI()
+
+    @core.post("/turn")
+    async def turn(request: Request) -> JSONResponse:
+        items = [{"ssml": "<speak>Tom & Jerry are <emphasis>here.</speak>"}]
+        return JSONResponse({"items": items})
+
+    async with (
+        serve(core) as core_url,
+        gateway(pipeline=f"{core_url}/turn", **OFF) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        heard = await say(client, envelope("S-loose-ssml", text="who is here"))
+        again = await say(client, envelope("S-loose-ssml", text="again"))
+    for answer in (heard, again):
+        assert spoken(answer) == "Tom & Jerry are here."
+        assert reply(answer).should_end_session is False
+        reprompt = reply(answer).reprompt
+        assert reprompt is not None
+        assert isinstance(reprompt.output_speech, SsmlOutputSpeech)
+        assert reprompt.output_speech.ssml == "<speak>Tom &amp; Jerry are here.</speak>"
+
+
 async def test_session_ended_during_a_late_turn_answers_at_once_and_ends_it_after() -> None:
     core = make_core(delay_s=1.5)
     async with (

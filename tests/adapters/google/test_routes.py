@@ -1220,3 +1220,39 @@ async def test_ssml_elements_google_refuses_are_replaced_by_their_content(
     assert all(r.levelno == logging.WARNING for r in lines)
     assert "item 0 <speak>, item 1 <amazon:effect>" in lines[0].getMessage()
     assert "Google turn of google:" in lines[0].getMessage()
+
+
+async def test_ssml_that_is_not_well_formed_is_said_and_shown_as_its_words() -> None:
+    """A core that writes its SSML by hand (a bare ``&``, an unclosed tag) and gives no
+    ``text``: its words are said and shown in every format. Before, such an item said and
+    showed nothing (v2: the silent simple response; Dialogflow: no message at all)."""
+    core = FastAPI()
+
+    @core.post("/turn")
+    async def turn(request: Request) -> JSONResponse:
+        items = [{"ssml": "<speak>Tom & Jerry are <emphasis>here.</speak>"}]
+        return JSONResponse({"items": items})
+
+    words = "Tom & Jerry are here."
+    agent = "projects/p1/locations/global/agents/a1"
+    async with (
+        serve(core) as core_url,
+        gateway(pipeline=f"{core_url}/turn", **OFF) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        builder = ok(await client.post("/google", json=v3("loose-ssml", "Free", "x")))
+        sdk = ok(await client.post("/google", json=v2("loose-ssml", "actions.intent.TEXT", "x")))
+        es_answer = ok(
+            await client.post("/dialogflow", json=es("projects/p1/agent/sessions/l", "x"))
+        )
+        cx_answer = ok(await client.post("/dialogflow", json=cx(f"{agent}/sessions/loose", "x")))
+    first = builder["prompt"]["firstSimple"]
+    assert speech_text(first["speech"]) == words
+    assert first["text"] == words
+    assert "scene" not in builder  # the conversation goes on
+    simple = sdk["expectedInputs"][0]["inputPrompt"]["richInitialPrompt"]["items"][0]
+    assert speech_text(simple["simpleResponse"]["ssml"]) == words
+    assert simple["simpleResponse"]["displayText"] == words
+    assert es_answer["fulfillmentText"] == words
+    assert es_answer["fulfillmentMessages"] == [{"text": {"text": [words]}}]
+    assert cx_answer["fulfillmentResponse"]["messages"] == [{"text": {"text": [words]}}]
