@@ -49,7 +49,7 @@ from pydantic_core import to_json
 
 from gateway.events import FALLBACK, INTRO, Input, Response, ResponseItem, Wire
 from gateway.protocol import ProtocolError, load_json, validate
-from gateway.ssml import ALEXA_AUDIO, ALEXA_ELEMENTS, display_text, speech_ssml
+from gateway.ssml import ALEXA_AUDIO, ALEXA_ELEMENTS, display_text, speech_ssml, utf16_len
 from gateway.turn import IntentRule, TurnContext
 
 NAMESPACE = "alexa"
@@ -65,8 +65,13 @@ are the stricter measure either way."""
 MAX_AUDIO_TAGS = 5
 """Alexa's limit on ``<audio>`` tags in one output speech (SSML reference, ``audio``)."""
 MAX_CARD_CHARS = 8000
-"""Alexa's limit on a card's title + text, counted as :data:`MAX_SPEECH_CHARS` is (UTF-16
-code units)."""
+"""Alexa's limit on ALL the text of a card: "the title, content, text, and image URLs"
+(Request and Response JSON Reference, "Response format"; over it Alexa refuses the whole
+response), counted as :data:`MAX_SPEECH_CHARS` is (UTF-16 code units). The card's text
+gets what its two image URLs (small and large, the same URL here) leave of it."""
+MAX_IMAGE_URL_CHARS = 2000
+"""Alexa's limit on a card's ``smallImageUrl`` / ``largeImageUrl`` (same reference; over it
+Alexa refuses the whole response): a longer image URL (a signed one, say) is no card's."""
 MAX_RESPONSE_BYTES = 24 * 1024
 """Alexa's limit on the whole serialised response."""
 SESSION_ATTRIBUTE = "gatewaySessionId"
@@ -639,8 +644,9 @@ def turn_wire(
       :data:`MAX_AUDIO_TAGS` ``<audio>`` tags (an item past them says its words only);
     - ``reprompt``: the last item that says something, while the session stays
       open (and ``reprompt`` is True);
-    - ``card``: Standard, with the items' text and the first https image, when
-      an item has an image;
+    - ``card``: Standard, with the items' text and the first https image of at most
+      :data:`MAX_IMAGE_URL_CHARS`, when an item has one; the text within what the two
+      image URLs leave of :data:`MAX_CARD_CHARS`;
     - ``shouldEndSession`` (always present, a bool): ``sessionEnded and
       sleepTimeout == 0``, or True with ``force_end``; a response that says nothing
       ends the session.
@@ -664,10 +670,11 @@ def turn_wire(
                 again = _reprompt_ssml(items, speech, max_speech_chars)
         if again:
             body["reprompt"] = {"outputSpeech": {"type": "SSML", "ssml": again}}
-    image = next((i.image for i in items if i.image and i.image.startswith("https://")), None)
+    image = next((i.image for i in items if _card_image(i.image)), None)
     if image:
         card: dict[str, Any] = {"type": "Standard"}
-        text = display_text(items, MAX_CARD_CHARS, utf16=True, then=then)
+        room = MAX_CARD_CHARS - 2 * utf16_len(image)  # both URLs count (MAX_CARD_CHARS)
+        text = display_text(items, room, utf16=True, then=then)
         if text:
             card["text"] = text
         card["image"] = {"smallImageUrl": image, "largeImageUrl": image}
@@ -675,6 +682,11 @@ def turn_wire(
     body["shouldEndSession"] = should_end
     attributes = {"sessionAttributes": session_attributes(session_id)} if session_id else {}
     return {"version": VERSION, **attributes, "response": body}
+
+
+def _card_image(url: str | None) -> bool:
+    """Whether ``url`` can be a card's image: https, at most :data:`MAX_IMAGE_URL_CHARS`."""
+    return bool(url and url.startswith("https://") and utf16_len(url) <= MAX_IMAGE_URL_CHARS)
 
 
 def _reprompt_ssml(items: Sequence[ResponseItem], speech: str, max_chars: int) -> str | None:

@@ -886,10 +886,13 @@ def _old_turn_response(
             again = speech_ssml([last], max_speech_chars) if last else None
             if again:
                 body.reprompt = Reprompt(output_speech=OutputSpeech(ssml=again))
-    image = next((i.image for i in items if i.image and i.image.startswith("https://")), None)
+    image = next(
+        (i.image for i in items if i.image and i.image.startswith("https://")), None
+    )  # (an image URL over 2000 characters, no card's since, is none of _ITEMS')
     if image:
+        room = MAX_CARD_CHARS - 2 * len(image)  # the card's text and both image URLs
         body.card = Card(
-            text=display_text(items, MAX_CARD_CHARS) or None,
+            text=display_text(items, room) or None,
             image=CardImage(small_image_url=image, large_image_url=image),
         )
     return AlexaResponseEnvelope(session_attributes=session_attributes(session_id), response=body)

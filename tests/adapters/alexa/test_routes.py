@@ -26,6 +26,7 @@ import pytest
 from ask_sdk_model.response import Response as AskResponse
 from ask_sdk_model.response_envelope import ResponseEnvelope
 from ask_sdk_model.ui.ssml_output_speech import SsmlOutputSpeech
+from ask_sdk_model.ui.standard_card import StandardCard
 from ask_sdk_model_runtime.serializer import DefaultSerializer
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
@@ -899,6 +900,41 @@ async def test_ssml_that_is_not_well_formed_is_said_as_its_words() -> None:
         assert reprompt is not None
         assert isinstance(reprompt.output_speech, SsmlOutputSpeech)
         assert reprompt.output_speech.ssml == "<speak>Tom &amp; Jerry are here.</speak>"
+
+
+async def test_a_card_keeps_alexas_8000_characters_with_its_image_urls() -> None:
+    """Alexa counts a card's image URLs in its 8000 characters and refuses the WHOLE
+    response over it, or for an image URL over 2000 characters. Before, the card's text
+    alone took 8000 (a long answer with a picture: nothing said, Alexa's error instead),
+    and a long (signed) image URL went on the card as it was."""
+    picture = "https://cdn.example/" + "p" * 280 + ".png"  # 304 characters
+    signed = "https://cdn.example/cat.png?X-Amz-Signature=" + "s" * 2000
+    core = FastAPI()
+
+    @core.post("/turn")
+    async def turn(request: Request) -> JSONResponse:
+        text = (await request.json())["input"]["transcript"]["text"]
+        image = picture if text == "long" else signed
+        return JSONResponse({"items": [{"text": "A sentence. " * 633, "image": image}]})
+
+    async with (
+        serve(core) as core_url,
+        gateway(pipeline=f"{core_url}/turn", **OFF) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        long = await say(client, envelope("S-card-long", text="long"))
+        signed_answer = await say(client, envelope("S-card-signed", text="signed"))
+    card = reply(long).card
+    assert isinstance(card, StandardCard)
+    assert card.image is not None
+    assert card.image.small_image_url == card.image.large_image_url == picture
+    assert card.text is not None
+    assert card.text.startswith("A sentence. A sentence.")
+    assert len(card.text) + 2 * len(picture) <= 8000
+    assert spoken(long).startswith("A sentence.")
+    assert reply(signed_answer).card is None  # no image Alexa takes: no card
+    assert spoken(signed_answer).startswith("A sentence.")
+    assert reply(signed_answer).should_end_session is False
 
 
 async def test_session_ended_during_a_late_turn_answers_at_once_and_ends_it_after() -> None:
