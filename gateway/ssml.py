@@ -35,6 +35,7 @@ __all__ = [
     "HTTPS_AUDIO",
     "display_text",
     "item_ssml",
+    "loose_ssml",
     "loose_text",
     "refused_audio",
     "refused_elements",
@@ -479,6 +480,20 @@ def _kept_elements(fragment: str, elements: frozenset[str]) -> tuple[str, list[s
     if open_kept or dropping or ssml_to_text(kept) is None:
         return xml_text(ssml_to_text(fragment) or ""), removed
     return kept, removed
+
+
+def loose_ssml(items: Sequence[ResponseItem]) -> list[int]:
+    """The index of each item of ``items`` whose speech :func:`item_ssml` reads from SSML
+    that is not well-formed (:func:`loose_text`: its words said, its markup lost): an
+    item with ``ssml`` and no ``text`` to say instead. For the route's log line; costs a
+    test per item unless an item has SSML and no text (then one parse of that SSML)."""
+    return [
+        index
+        for index, item in enumerate(items)
+        if item.ssml
+        and not (item.text and not _is_command(item))
+        and ssml_to_text(item.ssml) is None
+    ]
 
 
 def refused_elements(

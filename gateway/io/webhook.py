@@ -79,7 +79,7 @@ from gateway.pipeline.base import ANSWER_DEADLINE
 from gateway.protocol import ProtocolError, clipped
 from gateway.protocol.errors import RequestVerificationError
 from gateway.ratelimit import RefusalLog
-from gateway.ssml import refused_audio, refused_elements
+from gateway.ssml import loose_ssml, refused_audio, refused_elements
 from gateway.startup import not_configured
 from gateway.turn import Fallback, Prompt, TurnContext, TurnEnd, TurnOutcome, TurnRejected
 
@@ -142,7 +142,10 @@ class WebhookChannel(ABC, Generic[_PlanT, _AnswerT]):
     speech (:meth:`speaks`). ``ssml_elements``, when set (:data:`gateway.ssml.ALEXA_ELEMENTS`,
     :data:`gateway.ssml.GOOGLE_ELEMENTS`), are the SSML elements the platform speaks; the
     core's elements its speech replaces by their content are logged the same way
-    (:meth:`_log_left_out_elements`, bounded by ``left_out_elements``).
+    (:meth:`_log_left_out_elements`, bounded by ``left_out_elements``). The core's items
+    whose speech comes from SSML that is not well-formed (said as their words,
+    :func:`gateway.ssml.loose_text`) are logged the same way for an answer that is speech
+    (:meth:`_log_loose_ssml`, bounded by ``loose_ssml``).
     """
 
     platform: ClassVar[str]
@@ -159,6 +162,7 @@ class WebhookChannel(ABC, Generic[_PlanT, _AnswerT]):
         self.refusals = RefusalLog()
         self.left_out_audio = RefusalLog()
         self.left_out_elements = RefusalLog()
+        self.loose_ssml = RefusalLog()
 
     # ------------------------------------------------------------------ the hooks
 
@@ -294,6 +298,24 @@ class WebhookChannel(ABC, Generic[_PlanT, _AnswerT]):
             self.platform,
         )
 
+    def _log_loose_ssml(self, ctx: TurnContext, response: Response) -> None:
+        """One WARNING line (bounded: ``loose_ssml``, a burst then one a minute, the rest at
+        DEBUG) naming the core's items whose speech is read from SSML that is not
+        well-formed (:func:`gateway.ssml.loose_ssml`: their words said, their markup lost):
+        ``item 0, item 2``, the first three. The core's fault, said so; nothing when there
+        is none (a test per item unless an item has SSML and no text)."""
+        loose = loose_ssml(response.items)
+        if not loose:
+            return
+        self.loose_ssml.log(
+            self.log,
+            "%s turn of %s: the core's SSML of %s is not well-formed: said as its words, "
+            "its markup left out",
+            self.platform,
+            session_ref(ctx.key),
+            _first_three([f"item {i}" for i in loose]),
+        )
+
     async def _body(self, request: Request) -> bytes:
         try:
             return await read_body(request, self.gw.settings.max_body_bytes)
@@ -321,6 +343,7 @@ class WebhookChannel(ABC, Generic[_PlanT, _AnswerT]):
                     self._log_left_out_audio(ctx, outcome.response, self.audio_schemes)
                 if self.ssml_elements is not None:
                     self._log_left_out_elements(ctx, outcome.response, self.ssml_elements)
+                self._log_loose_ssml(ctx, outcome.response)
             answer, closes = self.answer(planned, outcome.response)
             if closes and not outcome.session_ended:  # the platform closes it: so does the gateway
                 left = deadline_s - (loop.time() - started)
@@ -351,6 +374,7 @@ class WebhookChannel(ABC, Generic[_PlanT, _AnswerT]):
                 self._log_left_out_audio(ctx, told, self.audio_schemes)
             if self.ssml_elements is not None:
                 self._log_left_out_elements(ctx, told, self.ssml_elements)
+            self._log_loose_ssml(ctx, told)
         return self.fallback(planned, self.prompt_text(rule.prompt), rule.end, said)
 
     def prompt_text(self, prompt: Prompt) -> str:

@@ -902,6 +902,41 @@ async def test_ssml_that_is_not_well_formed_is_said_as_its_words() -> None:
         assert reprompt.output_speech.ssml == "<speak>Tom &amp; Jerry are here.</speak>"
 
 
+async def test_ssml_that_is_not_well_formed_is_blamed_on_the_core(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The core's SSML that is not well-formed (said as its words, its markup lost) is the
+    core's fault: one WARNING line per answer names the core's items, none for an item
+    whose text is said instead, nor for well-formed SSML. Before, nothing was logged: the
+    core's author could not tell why its pauses and emphasis were never heard."""
+    core = FastAPI()
+
+    @core.post("/turn")
+    async def turn(request: Request) -> JSONResponse:
+        items = [
+            {"ssml": "<speak>Fine <break time='1s'/> words.</speak>"},
+            {"ssml": "<speak>Tom & Jerry.</speak>"},
+            {"ssml": "<speak>broken <b>", "text": "said as text"},
+            {"ssml": "<speak>Unclosed <emphasis>here.</speak>"},
+        ]
+        return JSONResponse({"items": items})
+
+    caplog.set_level(logging.WARNING, logger="adapters.alexa")
+    async with (
+        serve(core) as core_url,
+        gateway(pipeline=f"{core_url}/turn", **OFF) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        answer = await say(client, envelope("S-loose-log", text="hello"))
+    assert spoken(answer) == "Fine  words. Tom & Jerry. said as text Unclosed here."
+    lines = [r for r in caplog.records if "not well-formed" in r.getMessage()]
+    assert len(lines) == 1
+    assert lines[0].levelno == logging.WARNING
+    line = lines[0].getMessage()
+    assert "Alexa turn of alexa:" in line
+    assert "the core's SSML of item 1, item 3 is not well-formed" in line
+
+
 async def test_a_card_keeps_alexas_8000_characters_with_its_image_urls() -> None:
     """Alexa counts a card's image URLs in its 8000 characters and refuses the WHOLE
     response over it, or for an image URL over 2000 characters. Before, the card's text
