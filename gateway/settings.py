@@ -55,6 +55,10 @@ dial, and binds the token to the call when the dial's answer comes, within this 
 after the token expired: the call was placed but neither bound nor hung up (its stream
 refused, the callee hearing nothing). A fifth of the token's life at most, so the rest
 is left for the call to ring and its stream to open."""
+MAX_PIPELINE_RETRIES: Final = 10
+"""The most GATEWAY_PIPELINE_RETRIES: every retry is a request more to a core that is
+refusing them (one answering ``Retry-After: 0`` is sent them back to back, the turn's time
+bounding only the waits), so the count is bounded; more is a configuration mistake."""
 LOG_LEVELS: Final = ("TRACE", "DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 """The values of GATEWAY_LOG_LEVEL (and ``gateway serve --log-level``), any case: the
 levels uvicorn knows (TRACE, below DEBUG, is uvicorn's: it names it in logging when
@@ -146,6 +150,27 @@ class Settings(BaseSettings):
     )
     pipeline_max_response_bytes: int = Field(
         default=1_048_576, gt=0, description="Largest answer of a core per turn (bytes)."
+    )
+    pipeline_retries: int = Field(
+        default=1,
+        ge=0,
+        le=MAX_PIPELINE_RETRIES,
+        description="How many times a request a core refused unprocessed (HTTP 429, or 503 "
+        "with Retry-After) is sent again, each after the wait it asks for, while that fits in "
+        "the turn (gateway/pipeline/cores.py, send_retried); 0: never sent again.",
+    )
+    pipeline_retry_max_wait_s: float = Field(
+        default=10.0,
+        ge=0,
+        description="Longest Retry-After (s) a refused request is sent again after: a core "
+        "asking for more is not waited for (the turn fails at once).",
+    )
+    pipeline_retry_default_wait_s: float = Field(
+        default=1.0,
+        ge=0,
+        description="Wait (s) before sending again a request refused with HTTP 429 and no "
+        "readable Retry-After; at most GATEWAY_PIPELINE_RETRY_MAX_WAIT_S (unset: lowered to "
+        "it).",
     )
     # -- cores (issue 15): each core's own settings; secrets never in the spec
     rasa_token: SecretStr | None = Field(
@@ -1105,6 +1130,25 @@ class Settings(BaseSettings):
             f"GATEWAY_FLOWSTORM_V1_BYTE_BURST ({self.flowstorm_v1_byte_burst}) must be at "
             f"least GATEWAY_MAX_BODY_BYTES ({self.max_body_bytes}): a V1 frame of the "
             "largest size accepted must fit in the burst"
+        )
+
+    @model_validator(mode="after")
+    def _retry_default_wait_within_max(self) -> Settings:
+        """GATEWAY_PIPELINE_RETRY_DEFAULT_WAIT_S is at most GATEWAY_PIPELINE_RETRY_MAX_WAIT_S:
+        a longer default wait is more than the gateway waits, so a 429 without
+        ``Retry-After`` would never be sent again, whatever GATEWAY_PIPELINE_RETRIES says.
+        Unset, it is lowered to GATEWAY_PIPELINE_RETRY_MAX_WAIT_S (a max wait of 0: only a
+        ``Retry-After: 0`` or none is sent again, at once); set above it: ValueError."""
+        if self.pipeline_retry_default_wait_s <= self.pipeline_retry_max_wait_s:
+            return self
+        if "pipeline_retry_default_wait_s" not in self.model_fields_set:
+            self.pipeline_retry_default_wait_s = self.pipeline_retry_max_wait_s
+            return self
+        raise ValueError(
+            f"GATEWAY_PIPELINE_RETRY_DEFAULT_WAIT_S ({self.pipeline_retry_default_wait_s:g} s) "
+            "must be at most GATEWAY_PIPELINE_RETRY_MAX_WAIT_S "
+            f"({self.pipeline_retry_max_wait_s:g} s): a 429 without Retry-After would never "
+            "be sent again"
         )
 
     @field_validator("telnyx_public_key", mode="after")

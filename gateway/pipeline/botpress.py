@@ -96,7 +96,9 @@ from httpx_sse import SSEError
 from gateway.events import Input, Response, ResponseItem
 from gateway.pipeline.base import PipelineConfigError, PipelineError, PipelineOutput
 from gateway.pipeline.cores import (
+    DEFAULT_RETRY,
     PooledCore,
+    RetryPolicy,
     SseEvent,
     UntargetedHandoffs,
     bounded_sse,
@@ -148,7 +150,10 @@ def usable_key(key: object) -> bool:
 
 
 class BotpressPipeline(PooledCore):
-    """A Botpress bot through its Chat integration's Chat API (see the module doc)."""
+    """A Botpress bot through its Chat integration's Chat API (see the module doc).
+
+    ``retry`` (a :class:`~gateway.pipeline.cores.RetryPolicy`: GATEWAY_PIPELINE_RETRIES and
+    its limits) says how a request the core refused unprocessed is sent again."""
 
     name = "botpress"
     durable_state = ("userId", "userKey", "conversationId")
@@ -164,6 +169,7 @@ class BotpressPipeline(PooledCore):
         idle_s: float = 1.0,
         reply_timeout_s: float = 8.0,
         max_response_bytes: int = 1_048_576,
+        retry: RetryPolicy = DEFAULT_RETRY,
         client: httpx.AsyncClient,
     ) -> None:
         self.base_url = base_url.rstrip("/")
@@ -171,6 +177,7 @@ class BotpressPipeline(PooledCore):
         self._idle_s = idle_s
         self._reply_timeout_s = reply_timeout_s
         self._max = max_response_bytes
+        self._retry = retry
         self._client = client
         self.untargeted_handoffs = UntargetedHandoffs(log, "Botpress", "the event names none")
         """The lines of transfer/handoff events that name no target (not carried out)."""
@@ -194,6 +201,7 @@ class BotpressPipeline(PooledCore):
             idle_s=settings.botpress_idle_s,
             reply_timeout_s=settings.botpress_reply_timeout_s,
             max_response_bytes=settings.pipeline_max_response_bytes,
+            retry=RetryPolicy.of(settings),
             client=core_client(settings),
         )
 
@@ -206,6 +214,7 @@ class BotpressPipeline(PooledCore):
             f"{self.base_url}{path}",
             core="Botpress",
             label=self.name,
+            retry=self._retry,
             json=body,
             headers=headers,
         ) as answer:
@@ -282,6 +291,7 @@ class BotpressPipeline(PooledCore):
                     listen_url,
                     core="Botpress",
                     label=self.name,
+                    retry=self._retry,
                     headers=headers,
                 ) as listen:
                     status = listen.status_code

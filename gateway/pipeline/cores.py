@@ -16,14 +16,15 @@ the fixed text naming the core and the status, and logs the detail (cut to
 
 Every request to a core goes through :func:`send_retried` (:func:`core_stream`): a core
 that refuses it with HTTP 429 (Too Many Requests), or 503 with a ``Retry-After``, did not
-process it, so it is sent once more after the ``Retry-After`` delay (1 s for a 429
-without one) when that wait fits in what is left of the turn's GATEWAY_TURN_TIMEOUT_S,
-or of a webhook's time before its platform's deadline when that ends first and has not
-passed (:data:`gateway.pipeline.base.TURN_DEADLINE`, ``ANSWER_DEADLINE``, less
-:data:`RETRY_RESERVE_S`) and in
-:data:`MAX_RETRY_WAIT_S`; else, or when the core refuses again, :func:`check_status`
-fails the turn saying the core is rate limiting (or unavailable) and what Retry-After
-it gave.
+process it, so it is sent again after the ``Retry-After`` delay (1 s for a 429 without
+one: GATEWAY_PIPELINE_RETRY_DEFAULT_WAIT_S) when that wait fits in what is left of the
+turn's GATEWAY_TURN_TIMEOUT_S, or of a webhook's time before its platform's deadline when
+that ends first and has not passed (:data:`gateway.pipeline.base.TURN_DEADLINE`,
+``ANSWER_DEADLINE``, less :data:`RETRY_RESERVE_S`) and in GATEWAY_PIPELINE_RETRY_MAX_WAIT_S
+(10 s), at most GATEWAY_PIPELINE_RETRIES times (1; 0: never). The core's client is given
+these limits as a :class:`RetryPolicy` when it is made (its ``retry`` parameter); else, or
+when the core refuses again after the last retry, :func:`check_status` fails the turn
+saying the core is rate limiting (or unavailable) and what Retry-After it gave.
 
 Quick replies (Rasa ``buttons``, Voiceflow ``choice``, Botpress ``choice``) become an
 item's ``code`` as the JSON object ``{"buttons": [{"name", "request": {"type", "payload"}}]}``,
@@ -370,13 +371,59 @@ async def check_status(
         raise PipelineError(what)
 
 
+RETRIES = 1
+"""How many times, by default, a request a core refused unprocessed is sent again
+(GATEWAY_PIPELINE_RETRIES; :class:`RetryPolicy`)."""
+
 DEFAULT_RETRY_AFTER_S = 1.0
-"""The wait (s) before sending again a request a core refused with HTTP 429 and no
-(readable) ``Retry-After``."""
+"""The wait (s), by default, before sending again a request a core refused with HTTP 429
+and no (readable) ``Retry-After`` (GATEWAY_PIPELINE_RETRY_DEFAULT_WAIT_S)."""
 
 MAX_RETRY_WAIT_S = 10.0
-"""The longest ``Retry-After`` (s) a request is sent again after, whatever time the turn
-has left: a core asking for more (``Retry-After: 3600``) is not waited for."""
+"""The longest ``Retry-After`` (s), by default, a request is sent again after, whatever
+time the turn has left: a core asking for more (``Retry-After: 3600``) is not waited for
+(GATEWAY_PIPELINE_RETRY_MAX_WAIT_S)."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How :func:`send_retried` sends again a request a core refused unprocessed (HTTP
+    429, or 503 with a ``Retry-After``): at most ``retries`` times (0: never), each after
+    the ``Retry-After`` the refusal gave, ``default_wait_s`` (s) for a 429 without one,
+    and never after a wait longer than ``max_wait_s`` (s). The defaults are today's
+    (:data:`RETRIES`, :data:`DEFAULT_RETRY_AFTER_S`, :data:`MAX_RETRY_WAIT_S`) and those
+    of GATEWAY_PIPELINE_RETRIES, ..._RETRY_DEFAULT_WAIT_S and ..._RETRY_MAX_WAIT_S, which
+    :meth:`of` reads. Each core's client is given one (its ``retry`` parameter).
+
+    Raises ValueError for a negative count or wait, or a wait that is no finite number
+    (the settings refuse them at startup, naming the setting)."""
+
+    retries: int = RETRIES
+    max_wait_s: float = MAX_RETRY_WAIT_S
+    default_wait_s: float = DEFAULT_RETRY_AFTER_S
+
+    def __post_init__(self) -> None:
+        if self.retries < 0:
+            raise ValueError(f"retries must be 0 or more, not {self.retries}")
+        for name in ("max_wait_s", "default_wait_s"):
+            value = getattr(self, name)
+            if not 0 <= value < math.inf:
+                raise ValueError(f"{name} must be a number of seconds, 0 or more, not {value}")
+
+    @classmethod
+    def of(cls, settings: Settings) -> RetryPolicy:
+        """The policy of GATEWAY_PIPELINE_RETRIES, GATEWAY_PIPELINE_RETRY_MAX_WAIT_S and
+        GATEWAY_PIPELINE_RETRY_DEFAULT_WAIT_S."""
+        return cls(
+            retries=settings.pipeline_retries,
+            max_wait_s=settings.pipeline_retry_max_wait_s,
+            default_wait_s=settings.pipeline_retry_default_wait_s,
+        )
+
+
+DEFAULT_RETRY: Final = RetryPolicy()
+"""The default :class:`RetryPolicy` (one retry, 10 s at most, 1 s without Retry-After): a
+core client's when none is given (a core made directly, as in tests)."""
 
 RETRY_RESERVE_S = 1.0
 """Time (s) of the turn that must be left after the wait for the request sent again: a
@@ -466,15 +513,20 @@ def _time_left(now: float) -> tuple[float, bool]:
 
 
 async def send_retried(
-    client: httpx.AsyncClient, request: httpx.Request, core: str, label: str
+    client: httpx.AsyncClient,
+    request: httpx.Request,
+    core: str,
+    label: str,
+    *,
+    retry: RetryPolicy,
 ) -> httpx.Response:
     """``client``'s answer to ``request`` (sent with ``stream=True``: its body not read;
-    the caller closes it), sent once more when the core refused it unprocessed: HTTP 429,
+    the caller closes it), sent again when the core refused it unprocessed: HTTP 429,
     or 503 with a ``Retry-After`` (:func:`retry_after_s`; a 429 without a readable one
-    waits :data:`DEFAULT_RETRY_AFTER_S`).
+    waits ``retry.default_wait_s``), at most ``retry.retries`` times (0: never).
 
     The request is sent again after the delay only when the delay is at most
-    :data:`MAX_RETRY_WAIT_S` and, within a turn (:data:`gateway.pipeline.base.TURN_DEADLINE`
+    ``retry.max_wait_s`` and, within a turn (:data:`gateway.pipeline.base.TURN_DEADLINE`
     set), leaves at least :data:`RETRY_RESERVE_S` of the turn's GATEWAY_TURN_TIMEOUT_S
     (of a webhook's time before its deadline, :data:`gateway.pipeline.base.ANSWER_DEADLINE`,
     when that ends first and has not passed: the failure is then answered in time, where
@@ -482,11 +534,16 @@ async def send_retried(
     the 1.9 s left before the platform must answer``, else ``... left of the turn``; a
     late turn, the platform answered already, has the rest of its own time);
     each such retry is one WARNING naming ``core`` (``Rasa``, ``the OpenAI-compatible
-    core``...) and the delay, and counts in ``gateway_core_retries_total{core=label}``
-    (``label``: the core's pipeline name, ``rasa``). Only the refused request is sent
-    again, never one whose 2xx answer was begun: the answer returned is the second's,
-    whatever its status. A refused answer returned (not retried, or refused again) says
-    why in its ``extensions`` for :func:`check_status`'s message.
+    core``...) and the delay (and, when more than one retry is allowed, which retry it
+    is: ``(retry 2 of 3)``), and counts in ``gateway_core_retries_total{core=label}``
+    (``label``: the core's pipeline name, ``rasa``). Only a refused request is sent
+    again, never one whose 2xx answer was begun: the answer returned is the last one's,
+    whatever its status. A refused answer returned says why in its ``extensions`` for
+    :func:`check_status`'s message: ``not retried: retries are off`` (``retry.retries``
+    0), ``not retried: a wait of 3600 s is more than the 10 s the gateway waits``,
+    ``refused again after one retry 1 s later`` (``after 2 retries, the last 1 s
+    later``), the latter followed by ``; not retried: ...`` when a further retry was
+    allowed but its wait was not.
 
     Within a turn (:data:`gateway.pipeline.base.CONNECT_WATCH` set) the request's
     connecting is watched (httpx's ``trace`` extension, unless the caller set one): a
@@ -494,60 +551,94 @@ async def send_retried(
     :class:`~gateway.pipeline.base.ConnectWatch` (the core could not be reached in it).
 
     Raises what ``client.send`` raises (httpx.HTTPError), and CancelledError when the
-    turn's timeout ends the wait.
+    turn's timeout ends a wait.
     """
     watch = CONNECT_WATCH.get()
     if watch is not None and "trace" not in request.extensions:
         request.extensions["trace"] = _connect_tracer(watch)
     answer = await client.send(request, stream=True)
-    refusal = _refusal(answer)
-    if refusal is None:
-        return answer
+    done = 0  # retries made
+    last = 0.0  # the wait before the last one (s)
+    while (refusal := _refusal(answer)) is not None:
+        again = _refused_again(done, last)
+        if done >= retry.retries:
+            answer.extensions[_RETRY_NOTE] = again or "not retried: retries are off"
+            return answer
+        delay, why_not = _retry_wait(answer, retry)
+        if why_not is not None:
+            answer.extensions[_RETRY_NOTE] = f"{again}; {why_not}" if again else why_not
+            return answer
+        await answer.aclose()
+        done += 1
+        which = f" (retry {done} of {retry.retries})" if retry.retries > 1 else ""
+        log.warning(
+            "%s answered HTTP %d (%s): sending the request once more in %s%s",
+            core,
+            answer.status_code,
+            refusal,
+            _shown_delay(delay),
+            which,
+        )
+        metrics.labelled(metrics.CORE_RETRIES, label).inc()
+        await asyncio.sleep(delay)
+        last = delay
+        answer = await client.send(request, stream=True)
+    return answer
+
+
+def _retry_wait(answer: httpx.Response, retry: RetryPolicy) -> tuple[float, str | None]:
+    """How long (s) to wait before sending again the request ``answer`` refused, and why
+    it is not to be sent again (``not retried: ...``), or None when it is: a 503 whose
+    Retry-After is no delay, a wait past ``retry.max_wait_s``, or one that leaves less
+    than :data:`RETRY_RESERVE_S` of the time left (:func:`_time_left`)."""
     delay = retry_after_s(answer.headers.get("retry-after"))
     if delay is None:
         if answer.status_code != 429:  # a 503 whose Retry-After is no delay: not retried
-            answer.extensions[_RETRY_NOTE] = "not retried"
-            return answer
-        delay = DEFAULT_RETRY_AFTER_S
-    left, platform = _time_left(asyncio.get_running_loop().time())
-    if delay > MAX_RETRY_WAIT_S:
-        answer.extensions[_RETRY_NOTE] = (
+            return 0.0, "not retried"
+        delay = retry.default_wait_s
+    if delay > retry.max_wait_s:
+        return delay, (
             f"not retried: a wait of {_shown_delay(delay)} is more than the "
-            f"{_shown_delay(MAX_RETRY_WAIT_S)} the gateway waits"
+            f"{_shown_delay(retry.max_wait_s)} the gateway waits"
         )
-        return answer
+    left, platform = _time_left(asyncio.get_running_loop().time())
     if delay + RETRY_RESERVE_S > left:
         bound = "before the platform must answer" if platform else "of the turn"
-        answer.extensions[_RETRY_NOTE] = (
+        return delay, (
             f"not retried: a wait of {_shown_delay(delay)} does not fit in the "
             f"{_shown_delay(max(left, 0.0))} left {bound}"
         )
-        return answer
-    await answer.aclose()
-    log.warning(
-        "%s answered HTTP %d (%s): sending the request once more in %s",
-        core,
-        answer.status_code,
-        refusal,
-        _shown_delay(delay),
-    )
-    metrics.labelled(metrics.CORE_RETRIES, label).inc()
-    await asyncio.sleep(delay)
-    again = await client.send(request, stream=True)
-    if _refusal(again) is not None:
-        again.extensions[_RETRY_NOTE] = f"refused again after one retry {_shown_delay(delay)} later"
-    return again
+    return delay, None
+
+
+def _refused_again(done: int, last: float) -> str:
+    """What the note of a refusal says after ``done`` retries, the last ``last`` s after
+    the refusal before it: ``refused again after one retry 1 s later``, ``refused again
+    after 2 retries, the last 1 s later``; empty for none."""
+    if done == 0:
+        return ""
+    if done == 1:
+        return f"refused again after one retry {_shown_delay(last)} later"
+    return f"refused again after {done} retries, the last {_shown_delay(last)} later"
 
 
 @contextlib.asynccontextmanager
 async def core_stream(
-    client: httpx.AsyncClient, method: str, url: str, *, core: str, label: str, **options: Any
+    client: httpx.AsyncClient,
+    method: str,
+    url: str,
+    *,
+    core: str,
+    label: str,
+    retry: RetryPolicy,
+    **options: Any,
 ) -> AsyncIterator[httpx.Response]:
     """``client.stream(method, url, **options)`` (``options``: what
     ``client.build_request`` takes: ``json``, ``content``, ``params``, ``headers``...),
-    its request sent by :func:`send_retried` (``core``, ``label``): the answer, its body
-    not read, closed at the end of the block."""
-    answer = await send_retried(client, client.build_request(method, url, **options), core, label)
+    its request sent by :func:`send_retried` (``core``, ``label``, ``retry``): the answer,
+    its body not read, closed at the end of the block."""
+    request = client.build_request(method, url, **options)
+    answer = await send_retried(client, request, core, label, retry=retry)
     try:
         yield answer
     finally:

@@ -83,6 +83,8 @@ from google.oauth2 import service_account
 from gateway.events import INTRO, SILENCE, Input, Response, ResponseItem, transfer_item
 from gateway.pipeline.base import PipelineConfigError, PipelineError, PipelineOutput, shown_spec
 from gateway.pipeline.cores import (
+    DEFAULT_RETRY,
+    RetryPolicy,
     UntargetedHandoffs,
     body_chunks,
     bounded_lines,
@@ -192,8 +194,10 @@ class DialogflowCxPipeline:
     """A Dialogflow CX agent as the core (see the module doc).
 
     ``agent`` is ``projects/P/locations/L/agents/A``; ``credentials`` google-auth
-    credentials with the cloud-platform scope. Raises PipelineError on the failures
-    of the module doc.
+    credentials with the cloud-platform scope; ``retry`` (a
+    :class:`~gateway.pipeline.cores.RetryPolicy`, GATEWAY_PIPELINE_RETRIES and its limits)
+    says how a request the API refused unprocessed is sent again. Raises PipelineError on
+    the failures of the module doc.
     """
 
     name = "dialogflow-cx"
@@ -212,6 +216,7 @@ class DialogflowCxPipeline:
         streaming: bool = False,
         connect_timeout_s: float = 3.0,
         max_response_bytes: int = 1_048_576,
+        retry: RetryPolicy = DEFAULT_RETRY,
         client: httpx.AsyncClient | None = None,
     ) -> None:
         match = _AGENT.fullmatch(agent)
@@ -230,6 +235,7 @@ class DialogflowCxPipeline:
         self._auth_session = requests.Session()
         self._refreshing: asyncio.Future[None] | None = None
         self._max = max_response_bytes
+        self._retry = retry
         self._client = client or pooled_client(connect_timeout_s)
         self.dropped_audio = RefusalLog()
         """The lines of audio URIs dropped (not http(s)): a burst at WARNING, then one a
@@ -291,6 +297,7 @@ class DialogflowCxPipeline:
             streaming=settings.dialogflow_cx_streaming,
             connect_timeout_s=settings.pipeline_connect_timeout_s,
             max_response_bytes=settings.pipeline_max_response_bytes,
+            retry=RetryPolicy.of(settings),
         )
 
     # ------------------------------------------------------------------ requests
@@ -363,8 +370,9 @@ class DialogflowCxPipeline:
         a fresh one, as google-auth's own transports do. CX refused the request without
         running it, so this repeats no turn; without it the refused token would be sent
         on every turn until its expiry (up to an hour). A second 401 is the answer.
-        Each request is sent by :func:`gateway.pipeline.cores.send_retried`: once more
-        after a 429 (or a 503 with ``Retry-After``) when the wait fits in the turn.
+        Each request is sent by :func:`gateway.pipeline.cores.send_retried`: again after
+        a 429 (or a 503 with ``Retry-After``) when the wait fits in the turn, as many
+        times as this core's ``retry`` policy allows (GATEWAY_PIPELINE_RETRIES).
         """
         token = await self._token()
         answer = await self._post(url, body, token)
@@ -386,7 +394,9 @@ class DialogflowCxPipeline:
                 "Content-Type": "application/json; charset=utf-8",
             },
         )
-        return await send_retried(self._client, request, f"the {KIND} core", self.name)
+        return await send_retried(
+            self._client, request, f"the {KIND} core", self.name, retry=self._retry
+        )
 
     async def process(self, session: Session, input: Input) -> AsyncIterator[PipelineOutput]:
         path = self.session_path(session)

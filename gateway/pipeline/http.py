@@ -33,7 +33,9 @@ from pydantic import Field, ValidationError
 from gateway.events import Input, Response, ResponseItem, Wire
 from gateway.pipeline.base import REQUEST_ID, PipelineConfigError, PipelineError, PipelineOutput
 from gateway.pipeline.cores import (
+    DEFAULT_RETRY,
     PooledCore,
+    RetryPolicy,
     bounded_lines,
     check_status,
     core_json,
@@ -89,8 +91,11 @@ class HttpPipeline(PooledCore):
     """Forwards turns to a core webhook (GATEWAY_PIPELINE=http(s)://...).
 
     ``connect_timeout_s`` bounds connecting; the turn engine bounds the whole
-    turn. Raises PipelineError on connection errors, non-2xx answers, answers
-    over ``max_response_bytes`` and answers that break the contract above.
+    turn. ``retry`` (a :class:`~gateway.pipeline.cores.RetryPolicy`:
+    GATEWAY_PIPELINE_RETRIES and its limits) says how a request the core refused
+    unprocessed is sent again. Raises PipelineError on connection errors, non-2xx
+    answers, answers over ``max_response_bytes`` and answers that break the contract
+    above.
     """
 
     name = "http"
@@ -101,10 +106,12 @@ class HttpPipeline(PooledCore):
         *,
         connect_timeout_s: float = 3.0,
         max_response_bytes: int = 1_048_576,
+        retry: RetryPolicy = DEFAULT_RETRY,
         client: httpx.AsyncClient | None = None,
     ) -> None:
         self.url = url
         self._max = max_response_bytes
+        self._retry = retry
         self._client = client or pooled_client(connect_timeout_s)
 
     @classmethod
@@ -127,6 +134,7 @@ class HttpPipeline(PooledCore):
             spec,
             connect_timeout_s=settings.pipeline_connect_timeout_s,
             max_response_bytes=settings.pipeline_max_response_bytes,
+            retry=RetryPolicy.of(settings),
         )
 
     async def process(self, session: Session, input: Input) -> AsyncIterator[PipelineOutput]:
@@ -154,6 +162,7 @@ class HttpPipeline(PooledCore):
                 self.url,
                 core="the core",
                 label=self.name,
+                retry=self._retry,
                 content=body,
                 headers=headers,
             ) as answer:

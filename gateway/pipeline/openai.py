@@ -62,8 +62,10 @@ import httpx
 from gateway.events import INTRO, SILENCE, Input, Response, ResponseItem, transfer_item
 from gateway.pipeline.base import PipelineConfigError, PipelineError, PipelineOutput, shown_spec
 from gateway.pipeline.cores import (
+    DEFAULT_RETRY,
     DROPPED_CHARS,
     PooledCore,
+    RetryPolicy,
     SseEvent,
     bounded_lines,
     check_status,
@@ -150,9 +152,11 @@ class OpenAIPipeline(PooledCore):
     """An OpenAI-compatible chat completions server as the core (see the module doc).
 
     ``base_url`` is the API base (``https://api.openai.com/v1``); ``connect_timeout_s``
-    bounds connecting, the turn engine the whole turn. Raises PipelineError when the
-    server cannot be reached, answers non-2xx, streams an error, answers more than
-    ``max_response_bytes`` or something that is not a chat completion.
+    bounds connecting, the turn engine the whole turn; ``retry`` (a
+    :class:`~gateway.pipeline.cores.RetryPolicy`: GATEWAY_PIPELINE_RETRIES and its
+    limits) says how a request the core refused unprocessed is sent again. Raises
+    PipelineError when the server cannot be reached, answers non-2xx, streams an error,
+    answers more than ``max_response_bytes`` or something that is not a chat completion.
     """
 
     name = "openai"
@@ -171,6 +175,7 @@ class OpenAIPipeline(PooledCore):
         transfer_target: str | None = None,
         connect_timeout_s: float = 3.0,
         max_response_bytes: int = 1_048_576,
+        retry: RetryPolicy = DEFAULT_RETRY,
         client: httpx.AsyncClient | None = None,
     ) -> None:
         self.url = base_url.rstrip("/") + "/chat/completions"
@@ -190,6 +195,7 @@ class OpenAIPipeline(PooledCore):
             self._headers["Authorization"] = f"Bearer {api_key}"
         self._secrets = (api_key,)  # hidden in the logged detail of the server's errors
         self._max = max_response_bytes
+        self._retry = retry
         self._client = client or pooled_client(connect_timeout_s)
 
     @classmethod
@@ -232,6 +238,7 @@ class OpenAIPipeline(PooledCore):
             transfer_target=settings.openai_transfer_target,
             connect_timeout_s=settings.pipeline_connect_timeout_s,
             max_response_bytes=settings.pipeline_max_response_bytes,
+            retry=RetryPolicy.of(settings),
         )
 
     # ------------------------------------------------------------------ the turn
@@ -264,6 +271,7 @@ class OpenAIPipeline(PooledCore):
                 self.url,
                 core=f"the {KIND} core",
                 label=self.name,
+                retry=self._retry,
                 json=body,
                 headers=self._headers,
             ) as answer:

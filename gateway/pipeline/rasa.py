@@ -59,8 +59,10 @@ import httpx
 from gateway.events import INTRO, Input, Response, ResponseItem
 from gateway.pipeline.base import PipelineConfigError, PipelineError, PipelineOutput
 from gateway.pipeline.cores import (
+    DEFAULT_RETRY,
     MEDIA_KINDS,
     PooledCore,
+    RetryPolicy,
     UntargetedHandoffs,
     bounded_lines,
     button,
@@ -91,8 +93,10 @@ _STREAM_TYPES = ("text/event-stream", "application/x-ndjson", "application/jsonl
 class RasaPipeline(PooledCore):
     """A Rasa bot's REST channel (see the module doc).
 
-    ``url`` is the webhook URL; ``token`` goes in ``?token=``. Raises PipelineError as
-    the module doc says.
+    ``url`` is the webhook URL; ``token`` goes in ``?token=``; ``retry`` (a
+    :class:`~gateway.pipeline.cores.RetryPolicy`: GATEWAY_PIPELINE_RETRIES and its
+    limits) says how a request the core refused unprocessed is sent again. Raises
+    PipelineError as the module doc says.
     """
 
     name = "rasa"
@@ -105,6 +109,7 @@ class RasaPipeline(PooledCore):
         stream: bool = True,
         intro_message: str = "/greet",
         max_response_bytes: int = 1_048_576,
+        retry: RetryPolicy = DEFAULT_RETRY,
         client: httpx.AsyncClient,
     ) -> None:
         self.url = url
@@ -114,6 +119,7 @@ class RasaPipeline(PooledCore):
         self._secrets = (token,)  # hidden in the logged body of an error answer
         self._intro = intro_message
         self._max = max_response_bytes
+        self._retry = retry
         self._client = client
         self.untargeted_handoffs = UntargetedHandoffs(log, "Rasa", "the custom names none")
         """The lines of ``custom`` transfers that name no target (not carried out)."""
@@ -150,6 +156,7 @@ class RasaPipeline(PooledCore):
             stream=settings.rasa_stream,
             intro_message=settings.rasa_intro_message,
             max_response_bytes=settings.pipeline_max_response_bytes,
+            retry=RetryPolicy.of(settings),
             client=core_client(settings),
         )
 
@@ -186,6 +193,7 @@ class RasaPipeline(PooledCore):
                 self.url,
                 core="Rasa",
                 label=self.name,
+                retry=self._retry,
                 params=self._params,
                 json=body,
             ) as answer:

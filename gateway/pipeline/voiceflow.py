@@ -73,7 +73,9 @@ from httpx_sse import SSEError
 from gateway.events import INTRO, MAX_TIMEOUT_S, SILENCE, Input, Response, ResponseItem
 from gateway.pipeline.base import PipelineConfigError, PipelineError, PipelineOutput
 from gateway.pipeline.cores import (
+    DEFAULT_RETRY,
     PooledCore,
+    RetryPolicy,
     UntargetedHandoffs,
     bounded_sse,
     buttons_item,
@@ -119,7 +121,10 @@ class _Turn:
 
 
 class VoiceflowPipeline(PooledCore):
-    """A Voiceflow agent through the Dialog Manager API (see the module doc)."""
+    """A Voiceflow agent through the Dialog Manager API (see the module doc).
+
+    ``retry`` (a :class:`~gateway.pipeline.cores.RetryPolicy`: GATEWAY_PIPELINE_RETRIES and
+    its limits) says how a request the core refused unprocessed is sent again."""
 
     name = "voiceflow"
 
@@ -132,6 +137,7 @@ class VoiceflowPipeline(PooledCore):
         project_id: str | None = None,
         tts: bool = False,
         max_response_bytes: int = 1_048_576,
+        retry: RetryPolicy = DEFAULT_RETRY,
         client: httpx.AsyncClient,
     ) -> None:
         self._base = runtime_url.rstrip("/")
@@ -141,6 +147,7 @@ class VoiceflowPipeline(PooledCore):
         self._environment = {"environment": version_id}  # the interact stream's choice
         self._config = {"tts": tts, "stripSSML": True}
         self._max = max_response_bytes
+        self._retry = retry
         self._client = client
         self.untargeted_handoffs = UntargetedHandoffs(log, "Voiceflow", "the payload names none")
         """The lines of transfer/handoff custom actions that name no target (not carried
@@ -164,6 +171,7 @@ class VoiceflowPipeline(PooledCore):
             project_id=settings.voiceflow_project_id,
             tts=settings.voiceflow_tts,
             max_response_bytes=settings.pipeline_max_response_bytes,
+            retry=RetryPolicy.of(settings),
             client=core_client(settings),
         )
 
@@ -190,6 +198,7 @@ class VoiceflowPipeline(PooledCore):
                     f"{self._base}/v2/project/{project}/user/{user}/interact/stream",
                     core="Voiceflow",
                     label=self.name,
+                    retry=self._retry,
                     params=self._environment,
                     json=body,
                     headers={**self._headers, "Accept": "text/event-stream"},
@@ -206,6 +215,7 @@ class VoiceflowPipeline(PooledCore):
                     url,
                     core="Voiceflow",
                     label=self.name,
+                    retry=self._retry,
                     json=body,
                     headers=self._headers,
                 ) as answer:

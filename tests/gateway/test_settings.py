@@ -524,3 +524,75 @@ def test_a_host_that_does_not_resolve_stops_the_start_naming_the_setting(
     ), done.stderr
     assert "Traceback" not in done.stderr
     assert "Application startup" not in done.stderr  # stopped before the app started
+
+
+@pytest.mark.parametrize(
+    ("env", "line"),
+    [
+        (
+            {"GATEWAY_PIPELINE_RETRIES": "-1"},
+            "GATEWAY_PIPELINE_RETRIES: Input should be greater than or equal to 0 (got '-1')",
+        ),
+        (
+            {"GATEWAY_PIPELINE_RETRIES": "11"},
+            "GATEWAY_PIPELINE_RETRIES: Input should be less than or equal to 10 (got '11')",
+        ),
+        (
+            {"GATEWAY_PIPELINE_RETRY_MAX_WAIT_S": "-0.5"},
+            "GATEWAY_PIPELINE_RETRY_MAX_WAIT_S: Input should be greater than or equal to 0 "
+            "(got '-0.5')",
+        ),
+        (
+            {"GATEWAY_PIPELINE_RETRY_DEFAULT_WAIT_S": "-1"},
+            "GATEWAY_PIPELINE_RETRY_DEFAULT_WAIT_S: Input should be greater than or equal to "
+            "0 (got '-1')",
+        ),
+        (
+            {
+                "GATEWAY_PIPELINE_RETRY_MAX_WAIT_S": "2",
+                "GATEWAY_PIPELINE_RETRY_DEFAULT_WAIT_S": "5",
+            },
+            "the settings: GATEWAY_PIPELINE_RETRY_DEFAULT_WAIT_S (5 s) must be at most "
+            "GATEWAY_PIPELINE_RETRY_MAX_WAIT_S (2 s): a 429 without Retry-After would never "
+            "be sent again",
+        ),
+    ],
+)
+def test_a_retry_limit_out_of_range_stops_the_start(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], line: str
+) -> None:
+    """The core retry limits are settings (were constants): a negative count or wait, more
+    than 10 retries, or a default wait the max wait would never allow stops the start
+    with one line naming the setting; 0 retries (never sent again) and 0 s waits start."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError) as refused:
+        Settings()
+    assert setting_errors(refused.value) == [line]
+    for name in env:
+        monkeypatch.setenv(name, "0")
+    settings = Settings()
+    for name in env:
+        assert getattr(settings, name.removeprefix("GATEWAY_").lower()) == 0
+
+
+def test_an_unset_default_retry_wait_is_lowered_to_the_max_wait(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """GATEWAY_PIPELINE_RETRY_MAX_WAIT_S=0.5 alone starts: the default wait of a 429
+    without Retry-After (1 s, unset) is lowered to it, as the V1 byte burst is raised to
+    the body bound; only one set above the max wait is refused."""
+    monkeypatch.setenv("GATEWAY_PIPELINE_RETRY_MAX_WAIT_S", "0.5")
+    assert Settings().pipeline_retry_default_wait_s == 0.5
+    monkeypatch.setenv("GATEWAY_PIPELINE_RETRY_MAX_WAIT_S", "20")
+    assert Settings().pipeline_retry_default_wait_s == 1.0
+
+
+def test_negative_retries_stop_gateway_serve_naming_the_setting() -> None:
+    """``gateway serve`` with GATEWAY_PIPELINE_RETRIES=-1 exits 2 with one line naming it
+    (the setting did not exist: the count was a constant)."""
+    stderr = serve_refused({"GATEWAY_PIPELINE_RETRIES": "-1"})
+    assert (
+        "gateway: GATEWAY_PIPELINE_RETRIES: Input should be greater than or equal to 0 (got '-1')"
+    ) in stderr
+    assert "Traceback" not in stderr

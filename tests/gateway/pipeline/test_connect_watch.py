@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from gateway.pipeline.base import CONNECT_WATCH, ConnectWatch
-from gateway.pipeline.cores import pooled_client, send_retried
+from gateway.pipeline.cores import DEFAULT_RETRY, pooled_client, send_retried
 from tests.conftest import hanging_port
 
 TCP_WAIT_S = 0.3
@@ -102,7 +102,7 @@ async def cut(stage: Stage, watch: ConnectWatch, expired: list[bool], trace: Any
         token = CONNECT_WATCH.set(watch)
         try:
             task: asyncio.Task[Any] = asyncio.create_task(
-                send_retried(client, request, "the test core", "test")
+                send_retried(client, request, "the test core", "test", retry=DEFAULT_RETRY)
             )
         finally:
             CONNECT_WATCH.reset(token)

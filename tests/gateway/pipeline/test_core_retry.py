@@ -25,7 +25,7 @@ from gateway.conversation import Conversation
 from gateway.events import ErrorEvent, Input, ResponseEvent
 from gateway.metrics import REGISTRY
 from gateway.pipeline.base import ANSWER_DEADLINE
-from gateway.pipeline.cores import MAX_RETRY_WAIT_S, retry_after_s
+from gateway.pipeline.cores import MAX_RETRY_WAIT_S, RetryPolicy, retry_after_s
 from gateway.pipeline.openai import OpenAIPipeline
 from gateway.sessions import MemorySessionStore
 from gateway.settings import Settings
@@ -89,8 +89,11 @@ class Core:
 
 
 def _openai(url: str, overrides: dict[str, Any]) -> Conversation:
-    pipe = OpenAIPipeline(f"{url}/chat/v1", model="test-model", api_key=KEY)
-    return Conversation(MemorySessionStore(), pipe, Settings().model_copy(update=overrides))
+    settings = Settings().model_copy(update=overrides)
+    pipe = OpenAIPipeline(
+        f"{url}/chat/v1", model="test-model", api_key=KEY, retry=RetryPolicy.of(settings)
+    )
+    return Conversation(MemorySessionStore(), pipe, settings)
 
 
 def _voiceflow(stream: bool) -> Callable[[str, dict[str, Any]], Conversation]:
@@ -450,6 +453,178 @@ async def test_dialogflow_cx_retries_a_429_once(
             "pizza",
         )
         await conv.pipeline.aclose()
+
+
+# ------------------------------------------------------------------ the retry settings
+
+
+async def test_no_retries_fail_a_refused_request_at_once(
+    every_core: Served, caplog: pytest.LogCaptureFixture
+) -> None:
+    """GATEWAY_PIPELINE_RETRIES=0: a 503 with ``Retry-After: 0`` fails the turn at once,
+    with the usual words and why it was not sent again; one request, no retry counted.
+    Before, the count was a constant (1): the request was sent again and answered."""
+    served, core = every_core, every_core.core
+    served.refusing.refusals.append((503, "0"))
+    conv = served.conversation(pipeline_retries=0)
+    before = _retries(core.label)
+    with caplog.at_level(logging.WARNING, logger="gateway.pipeline"):
+        events = await pipeline_error(conv, f"{core.shown} answered HTTP 503", core.said)
+    error = events[-1]
+    assert isinstance(error, ErrorEvent)
+    assert error.text == (
+        f"{core.shown} answered HTTP 503 (unavailable; Retry-After: 0 s; not retried: "
+        "retries are off)"
+    )
+    assert served.refusing.seen == 1
+    assert _retry_lines(caplog) == []
+    assert _retries(core.label) == before
+    await conv.pipeline.aclose()
+
+
+async def test_two_retries_send_a_request_three_times(
+    every_core: Served, caplog: pytest.LogCaptureFixture
+) -> None:
+    """GATEWAY_PIPELINE_RETRIES=2: a core that refuses twice (a 503, then a 429) and then
+    answers gets the request three times and the turn answers; each retry is one WARNING
+    saying which it is, and counts. Before, the second refusal failed the turn."""
+    served, core = every_core, every_core.core
+    served.refusing.refusals += [(503, "0"), (429, "0")]
+    conv = served.conversation(pipeline_retries=2)
+    before = _retries(core.label)
+    with caplog.at_level(logging.WARNING, logger="gateway.pipeline"):
+        await _answered(conv, core)
+    assert served.refusing.seen == 3
+    assert _retry_lines(caplog) == [
+        f"{core.shown} answered HTTP 503 (unavailable): sending the request once more in 0 s "
+        "(retry 1 of 2)",
+        f"{core.shown} answered HTTP 429 (rate limiting): sending the request once more in "
+        "0 s (retry 2 of 2)",
+    ]
+    assert _retries(core.label) == before + 2
+    await conv.pipeline.aclose()
+
+
+async def test_a_request_refused_past_its_retries_says_how_many(some_core: Served) -> None:
+    """Refused three times with two retries: the turn fails after the third request
+    (no fourth), saying it was refused again after 2 retries."""
+    served, core = some_core, some_core.core
+    served.refusing.refusals += [(429, "0"), (429, "0"), (429, "0"), (429, "0")]
+    conv = served.conversation(pipeline_retries=2)
+    events = await pipeline_error(conv, f"{core.shown} answered HTTP 429", core.said)
+    error = events[-1]
+    assert isinstance(error, ErrorEvent)
+    assert error.text == (
+        f"{core.shown} answered HTTP 429 (rate limiting; Retry-After: 0 s; refused again "
+        "after 2 retries, the last 0 s later)"
+    )
+    assert served.refusing.seen == 3
+    await conv.pipeline.aclose()
+
+
+async def test_a_retry_after_past_the_set_max_wait_is_not_waited_for(some_core: Served) -> None:
+    """GATEWAY_PIPELINE_RETRY_MAX_WAIT_S=2: a ``Retry-After: 3``, which the turn's minute
+    and the default 10 s would allow, is not waited for: the turn fails at once, its
+    message naming the 2 s limit. Before, the bound was a constant: the gateway waited
+    3 s and the turn answered."""
+    served, core = some_core, some_core.core
+    served.refusing.refusals.append((429, "3"))
+    conv = served.conversation(turn_timeout_s=60.0, pipeline_retry_max_wait_s=2.0)
+    started = time.monotonic()
+    events = await pipeline_error(conv, f"{core.shown} answered HTTP 429", core.said)
+    assert time.monotonic() - started < 2.5  # not the 3 s asked for (nor a wait at all)
+    error = events[-1]
+    assert isinstance(error, ErrorEvent)
+    assert error.text == (
+        f"{core.shown} answered HTTP 429 (rate limiting; Retry-After: 3 s; not retried: a "
+        "wait of 3 s is more than the 2 s the gateway waits)"
+    )
+    assert served.refusing.seen == 1
+    await conv.pipeline.aclose()
+
+
+async def test_a_later_retry_past_the_max_wait_says_what_came_before(some_core: Served) -> None:
+    """Two retries allowed, the first made (``Retry-After: 0``), the second refusal asking
+    for an hour: not waited for; the message says the request was refused again after
+    one retry and why it was not sent a third time."""
+    served, core = some_core, some_core.core
+    served.refusing.refusals += [(429, "0"), (429, "3600")]
+    conv = served.conversation(turn_timeout_s=60.0, pipeline_retries=2)
+    events = await pipeline_error(conv, f"{core.shown} answered HTTP 429", core.said)
+    error = events[-1]
+    assert isinstance(error, ErrorEvent)
+    assert error.text == (
+        f"{core.shown} answered HTTP 429 (rate limiting; Retry-After: 3600 s; refused again "
+        f"after one retry 0 s later; not retried: a wait of 3600 s is more than the "
+        f"{MAX_RETRY_WAIT_S:g} s the gateway waits)"
+    )
+    assert served.refusing.seen == 2
+    await conv.pipeline.aclose()
+
+
+async def test_a_429_without_retry_after_waits_the_set_default(
+    some_core: Served, caplog: pytest.LogCaptureFixture
+) -> None:
+    """GATEWAY_PIPELINE_RETRY_DEFAULT_WAIT_S=0: a 429 without Retry-After is sent again
+    at once (was: always after 1 s)."""
+    served, core = some_core, some_core.core
+    served.refusing.refusals.append((429, None))
+    conv = served.conversation(pipeline_retry_default_wait_s=0.0)
+    with caplog.at_level(logging.WARNING, logger="gateway.pipeline"):
+        await _answered(conv, core)
+    assert served.refusing.seen == 2
+    assert _retry_lines(caplog) == [
+        f"{core.shown} answered HTTP 429 (rate limiting): sending the request once more in 0 s"
+    ]
+    await conv.pipeline.aclose()
+
+
+@pytest.mark.parametrize(("retries", "seen"), [(0, 1), (2, 3)])
+async def test_dialogflow_cx_takes_the_retry_settings(
+    tmp_path: Path, retries: int, seen: int
+) -> None:
+    """Dialogflow CX's client gets GATEWAY_PIPELINE_RETRIES too: none, the first 429
+    fails the turn; two, the third request is answered."""
+    private, public = _key()
+    refusing = Refusing(make_cx_server(public), ":detectIntent")
+    async with serve(refusing) as url:
+        settings = Settings(
+            pipeline=f"dialogflow-cx:{AGENT}",
+            dialogflow_cx_credentials=key_file(tmp_path, private, f"{url}/token"),
+            dialogflow_cx_endpoint=url,
+            pipeline_retries=retries,
+        )
+        conv = cx_engine(settings)
+        refusing.refusals += [(429, "0"), (429, "0")]
+        events = await conv.turn(ctx(), Input.of("pizza")).collect()
+        if retries:
+            assert texts(events) == ["What size?"]
+        else:
+            assert isinstance(events[-1], ErrorEvent), events
+            assert events[-1].text == (
+                "the Dialogflow CX core answered HTTP 429 (rate limiting; Retry-After: 0 s; "
+                "not retried: retries are off)"
+            )
+        assert refusing.seen == seen
+        await conv.pipeline.aclose()
+
+
+def test_the_default_retry_policy_is_the_settings_defaults() -> None:
+    """Unset, the retry settings are the limits the gateway always had: one retry, at
+    most 10 s, 1 s for a 429 without Retry-After."""
+    assert RetryPolicy.of(Settings()) == RetryPolicy() == RetryPolicy(1, 10.0, 1.0)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"retries": -1}, {"max_wait_s": -0.5}, {"default_wait_s": -1.0}, {"max_wait_s": math.inf}],
+)
+def test_a_retry_policy_refuses_negative_limits(fields: dict[str, Any]) -> None:
+    """A core made directly (not from the settings, which refuse them at startup) is
+    refused a negative count or wait, or an endless one."""
+    (name,) = fields
+    with pytest.raises(ValueError, match=name):
+        RetryPolicy(**fields)
 
 
 # ------------------------------------------------------------------ Retry-After values
