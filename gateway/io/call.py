@@ -628,6 +628,13 @@ def machine_answer_undelivered() -> JSONResponse:
     return unavailable
 
 
+_UNANSWERED: Final[dict[str, str]] = {
+    "transfer": "the call is transferred (the person it goes to hears the caller)",
+    "session ended": "the core ended the session",
+}
+"""The runner's DEBUG words for each reason of :class:`InputsUnanswered`."""
+
+
 # ------------------------------------------------------------------ listening
 
 
@@ -1022,13 +1029,12 @@ class CallRunner(WebSocketDriver[CallAction]):
             )
         elif isinstance(action, InputsUnanswered):
             log.debug(
-                "%s: %d of the caller's inputs%s get no turn: %s",
+                "%s: %d of the caller's inputs%s%s get no turn: %s",
                 self.name,
                 action.inputs,
                 " and the utterance being heard" if action.listening else "",
-                "the call is transferred (the person it goes to hears the caller)"
-                if action.reason == "transfer"
-                else "the core ended the session",
+                f" and {action.utterances} utterances not recognised" if action.utterances else "",
+                _UNANSWERED[action.reason],
             )
         elif isinstance(action, HangUp):
             self._hangup = self.spawn(self._end(action.call_id, None), "hang-up")

@@ -110,29 +110,39 @@ full; :data:`TRANSITIONS` is the same state machine):
    after the hang-up: the caller's inputs waiting still reach the core), nor when an
    answering machine was detected before the turn finished (``#machine`` is the next
    input, its item taken or still to come: the callee is no person). The caller's
-   words and keys over the announcement wait for the transfer's result: the inputs
-   waiting when its turn finishes (keys held or being collected then are inputs of
-   their own, as at a hang-up; ``#silence`` and ``#fallback`` dropped) and the keys
-   pressed after it, in ENDING and TRANSFERRING (collected as any; the bounds of
-   "Inputs that wait"). A transfer that happened (the carrier took it, or the stream
-   ended once it was asked: the carrier's transfer ends it) drops them: the person the
-   call goes to hears the caller, nobody would answer them here; said in one
-   :class:`InputsUnanswered` (the runner logs it at DEBUG). A refused one gives the
-   core :data:`TRANSFER_FAILED` first (it learns it is still in charge; it carries the
-   cut-off announcement's :data:`~gateway.events.HEARD` attributes, the input after the
-   interruption), then each of them its turn in the order said: the caller is still on
-   the line. A hang-up before the carrier was asked (ENDING) means no transfer: they
-   reach the core as at any hang-up (step 6). The utterance being heard when the turn
-   finishes is cancelled then, not kept (said in :class:`InputsUnanswered` at once):
-   the engine hears nothing in ENDING or TRANSFERRING (no audio is fed to the speech
-   stage and audio time stands still, so its end and final would never come, nor the
-   ``collect`` mode's pause); hearing it out would need the caller's floor during the
-   transfer, while the carrier may be handing the call over.
+   words and keys over the announcement wait for the transfer's result: the inputs waiting
+   when its turn finishes (keys held or being collected then are inputs of their own, as
+   at a hang-up; ``#silence`` and ``#fallback`` dropped), and the words and keys after it,
+   in ENDING and TRANSFERRING (collected as any; the bounds of "Inputs that wait"). The
+   caller's audio is still fed to the speech stage then (audio time goes on): the
+   utterance being heard when the turn finishes is heard out, and speech begun after it
+   (lasting ``barge_in_min_speech_ms``) opens an utterance
+   (:meth:`CarrierCall._heard_after_turn`): its words wait likewise, the keys pressed
+   during it after them. Speech over the bot's audio (held or judged when the turn
+   finished, or begun while the announcement's rest plays, ENDING) counts only as a real
+   interruption (a backchannel is no input); the announcement's rest is said all the same
+   (no barge-in once its turn finished). A transfer that happened (the carrier took it, or
+   the stream ended once it was asked: the carrier's transfer ends it) drops them, and
+   cancels the utterance being heard: the person the call goes to hears the caller, nobody
+   would answer them here; said in one :class:`InputsUnanswered` (the runner logs it at
+   DEBUG). A refused one gives the core :data:`TRANSFER_FAILED` first (it learns it is
+   still in charge; it carries the cut-off announcement's :data:`~gateway.events.HEARD`
+   attributes, the input after the interruption), then each of them its turn in the order
+   said: the caller is still on the line. An utterance still awaiting its final then is
+   one of them, its words waiting once recognised (the bot's floor waits for them; speech
+   after it is speech over the bot, heard at that final); speech going on at the refusal
+   is speech over the bot from its onset, held and judged as any (a real interruption cuts
+   off the answer to :data:`TRANSFER_FAILED`, its words the input after it). A hang-up
+   before the carrier was asked (ENDING) means no transfer: they reach the core as at any
+   hang-up (step 6; the utterance being heard is cancelled, as at any hang-up).
 
    The core's farewell (a turn that ended the session) likewise: the caller's inputs
-   waiting when it finishes (or when it finishes after a hang-up), and keys pressed
-   while its last audio plays (said at the hang-up or the stream's end, not per key),
-   get no turn, said in :class:`InputsUnanswered` (``"session ended"``).
+   waiting when it finishes (or when it finishes after a hang-up), the utterance being
+   heard then (cancelled), and keys pressed while its last audio plays (said at the
+   hang-up or the stream's end, not per key), get no turn, said in
+   :class:`InputsUnanswered` (``"session ended"``). Speech begun while its last audio
+   plays is not recognised (nobody would answer it; only the speech stage's VAD runs),
+   but counted there (``utterances``).
 8. Moving (a gateway instance shutting down hands its calls to another:
    :meth:`CarrierCall.move`): no turn starts any more, and the stream's end leaves the
    session open (no EndSession, an input waiting is dropped); the call's next stream, started
@@ -756,18 +766,20 @@ UnansweredReason = Literal["transfer", "session ended"]
 class InputsUnanswered:
     """The caller's inputs get no turn (module doc, step 7): ``inputs`` of theirs (words,
     keys; waiting, held or being collected) are dropped, and the utterance being heard
-    (``listening``) is cancelled. ``reason`` ``"transfer"``: the utterance heard when a
-    transfer's turn finished (at once), the inputs kept for the transfer's result once
-    it happened (the carrier took it, or the stream ended once it was asked);
-    ``"session ended"``: the turn that ended the session finished (on the line or after
-    a hang-up), or the call hung up after its farewell with keys pressed meanwhile. The
-    core decided: the call is handed over (the person it goes to hears the caller) or
-    ended, so nobody would answer them. The runner logs it (DEBUG); nothing else
-    changes."""
+    (``listening``) is cancelled; ``utterances``: speeches the caller began once the
+    farewell's turn finished, not recognised (nobody would answer them), counted.
+    ``reason`` ``"transfer"``: the inputs (and the utterance being heard) kept for the
+    transfer's result once it happened (the carrier took it, or the stream ended once it
+    was asked); ``"session ended"``: the turn that ended the session finished (on the line or after
+    a hang-up), or the call hung up after its farewell with keys pressed or speech
+    meanwhile. The core decided: the call is handed over (the person it goes to hears
+    the caller) or ended, so nobody would answer them. The runner logs it (DEBUG);
+    nothing else changes."""
 
     reason: UnansweredReason
     inputs: int = 0
     listening: bool = False
+    utterances: int = 0
 
 
 @dataclass(frozen=True)
@@ -988,6 +1000,20 @@ class CarrierCall:
         """Whether a key cut the bot off while the utterance heard was speech over it (held
         or judged): its final is judged as such (:meth:`_utterance_result`)."""
         self._judging = False  # resumed early: the utterance's final is still judged
+        self._after_open = False
+        """Whether an utterance is heard once the turn that asked for a transfer finished
+        (ENDING, TRANSFERRING; BOT after a refusal, until its result): its words are kept
+        for the transfer's result (:meth:`_heard_after_turn`, module doc step 7)."""
+        self._after_judged = False
+        """Whether that utterance's words count only as a real interruption: speech over
+        the bot's audio (held or judged when the turn finished, or begun while the
+        announcement's rest plays, ENDING)."""
+        self._listened_onset: int | None = None
+        """The onset (audio ms) of the speech the latest utterance was opened for (or the
+        latest speech counted after a farewell): not heard twice after the turn."""
+        self._unheard_speech = 0
+        """Speeches begun once the farewell's turn finished (not recognised: nobody would
+        answer them), said in :class:`InputsUnanswered` at the end."""
         self._judged: tuple[int, int] | None = None  # (onset, voiced end) when it resumed
         self.extra_parameters: dict[str, str] = {}
         """Parameters the adapter learnt outside the codec's start: the ``appKey`` of the
@@ -1226,7 +1252,7 @@ class CarrierCall:
         elif state is State.HOLDING:
             actions += [*self._stop_listening(), *self._silence_the_bot()]
         elif state is State.BOT:
-            actions += [*self._stop_judging(), *self._silence_the_bot()]
+            actions += [*self._stop_judging(), *self._stop_after(), *self._silence_the_bot()]
         self.interruption = None  # not the caller's interruption
         # nor the caller's words: words waiting (the machine's greeting heard as speech)
         # are dropped, #machine is the next input after the keys a human pressed (waiting,
@@ -1248,14 +1274,17 @@ class CarrierCall:
         self, track: str, data: bytes, samples: int, *, heard: bool = True
     ) -> list[CallAction]:
         """Inbound audio ``data`` (``samples`` long, in :attr:`listen_format`) of ``track``:
-        FeedAudio for the caller's track once started and not ending (``heard``).
+        FeedAudio for the caller's track once started (``heard``), also while the call ends
+        or transfers (ENDING, TRANSFERRING: the caller's speech then is heard or counted,
+        module doc step 7; the speech stage runs its VAD, a recognizer only for an
+        utterance opened).
 
         Raises ProtocolError before the start."""
         state = self.state
         if state is State.CLOSED or track != "inbound":
             return []
         self.machine.feed("media")  # raises before start
-        if state in (State.ENDING, State.TRANSFERRING) or not heard:
+        if not heard:
             return []
         self.received += samples
         return [FeedAudio(self.stream, data)]
@@ -1290,10 +1319,15 @@ class CarrierCall:
         )
         self.heard_to_ms = heard_to_ms
         state = self.state
-        if state not in (State.BOT, State.HOLDING, State.CALLER, State.HEARING):
-            return []
         now = self.now_ms
         actions: list[CallAction] = []
+        if state in (State.ENDING, State.TRANSFERRING):
+            actions += self._hear_after_turn()
+            if self.dtmf.collecting and (digits := self.dtmf.poll(now)) is not None:
+                actions += self._after_turn_keys(digits)
+            return actions
+        if state not in (State.BOT, State.HOLDING, State.CALLER, State.HEARING):
+            return []
         if state is State.HOLDING:
             actions += self._judge_holding()
         elif state is State.BOT and self._judging:
@@ -1303,16 +1337,22 @@ class CarrierCall:
                 actions += self._hear(interrupted=False)
             elif self._silence_due(now):
                 actions += self._commit(SILENCE)
-        elif state is State.BOT and self._may_barge_in():
+        elif state is State.BOT and not self._after_open and self._may_barge_in():
+            # (speech after the words heard after a refused transfer: heard at their final)
             actions += self._hold() if self.holds else self._barge_in()
         if self.dtmf.collecting and (digits := self.dtmf.poll(now)) is not None:
-            actions += self._digits(digits)
+            after = self._after_open  # keys begun while its words are awaited: after them
+            actions += self._keys_done_after_turn(digits) if after else self._digits(digits)
         return actions
 
     def _awaits_final(self) -> bool:
         """Whether an utterance is being recognised: its final (or silence) is to come."""
         state = self.state
-        return state in (State.HEARING, State.HOLDING) or (state is State.BOT and self._judging)
+        return (
+            state in (State.HEARING, State.HOLDING)
+            or (state is State.BOT and self._judging)
+            or self._after_open
+        )
 
     def _track_next(self, onset_ms: int | None) -> None:
         """The endpointer's onset now (``onset_ms``) while the final of an utterance it
@@ -1409,11 +1449,11 @@ class CarrierCall:
             return len(found) >= 2
         return bool(found) and confidence >= self.config.barge_in_min_confidence
 
-    def _barge_in(self, *, following: bool = False) -> list[CallAction]:
+    def _barge_in(self, *, following: bool = False, listen: bool = True) -> list[CallAction]:
         """A real interruption: clear the bot (HEARING); the utterance is heard on (opened
-        now unless the bot was holding for it or judging it; ``following``: as
-        :meth:`_listen`)."""
-        held = self.state is State.HOLDING or self._judging
+        now unless the bot was holding for it or judging it, or ``listen`` is False: it
+        is open already; ``following``: as :meth:`_listen`)."""
+        held = self.state is State.HOLDING or self._judging or not listen
         self._judging = False
         self._interrupted = True
         self.machine.advance(BARGE_IN)
@@ -1484,6 +1524,8 @@ class CarrierCall:
             if self.onset_ms is None:  # over already: it ended where it ended
                 until = self._heard_end = self._next_end
         self._next_onset = self._next_end = self._next_voiced_end = None
+        self._listened_onset = onset
+        self._after_judged = False
         self.stream = next(self._streams)
         start = StartListening(
             self.stream, self.listen_format, from_ms=onset - PREROLL_MS, until_ms=until
@@ -1496,7 +1538,7 @@ class CarrierCall:
 
     def _dtmf(self, digit: str) -> list[CallAction]:
         state = self.state
-        if state in (State.ENDING, State.TRANSFERRING):
+        if state in (State.ENDING, State.TRANSFERRING) or self._after_open:
             return self._key_after_turn(digit)
         actions: list[CallAction] = []
         if state is State.HOLDING or (state is State.BOT and self._judging):
@@ -1524,15 +1566,34 @@ class CarrierCall:
 
     def _key_after_turn(self, digit: str) -> list[CallAction]:
         """A key pressed once the turn that ended the session or asked for a transfer
-        finished (ENDING, TRANSFERRING): collected and kept as an input waiting (nothing
-        is cut off, no turn starts; :meth:`_wait`'s bounds, ``[InputsDropped]`` past
-        them, else ``[]``) until the call's end is known: after a refused transfer it is
-        answered after ``#transfer-failed`` (:meth:`transfer_finished`); a transfer that
-        happened or the hang-up after a farewell drops it, said in one
+        finished (ENDING, TRANSFERRING; or while the words heard then are awaited after a
+        refusal, BOT): collected and kept as an input waiting (nothing is cut off;
+        :meth:`_after_turn_keys`) until the call's end is known: after a refused transfer
+        it is answered after ``#transfer-failed`` (:meth:`transfer_finished`); a transfer
+        that happened or the hang-up after a farewell drops it, said in one
         :class:`InputsUnanswered` (module doc step 7), so the DEBUG log says so: no
-        action, nor log, per key."""
+        action, nor log, per key. Keys pressed while the caller speaks (an utterance
+        heard after the turn) come after its words."""
+        if not self.dtmf.collecting:  # the first key of an input: pressed while one speaks?
+            self._keys_stream = self.stream if self._after_open else None
+            self._keys_next = self._after_open and self._next_onset is not None
         done = self.dtmf.press(digit, self.now_ms)
-        return [] if done is None else self._wait(done, speech=False)
+        return [] if done is None else self._keys_done_after_turn(done)
+
+    def _after_turn_keys(self, text: str) -> list[CallAction]:
+        """Keys done (``text``) once a transfer's or farewell's turn finished: held after
+        the words of the utterance heard then when they began during it
+        (:meth:`_hold_keys`), else waiting (:meth:`_wait`); ``[InputsDropped]`` past the
+        bounds, else ``[]``. No turn starts."""
+        if self._after_open and self._keys_stream == self.stream:
+            return self._hold_keys(text)
+        return self._wait(text, speech=False)
+
+    def _keys_done_after_turn(self, text: str) -> list[CallAction]:
+        """:meth:`_after_turn_keys`, then on the bot's floor (after a refusal) the next
+        waiting input's turn when nothing runs."""
+        actions = self._after_turn_keys(text)
+        return [*actions, *self._advance()] if self.state is State.BOT else actions
 
     def _digits(self, text: str) -> list[CallAction]:
         """Keys done (``text``: a key in ``digit`` mode; ``collect`` mode: ``#``, the pause
@@ -1704,6 +1765,8 @@ class CarrierCall:
                 return []
             text, _ = self._waiting.popleft()
             return self._start_turn(text)
+        if self._after_open:  # the words heard while a refused transfer was asked: awaited
+            return []
         self.machine.advance(FLOOR)
         self._silence_at = self.now_ms + self.config.silence_timeout_ms
         if self._judging:  # the bot finished while its final was judged: that is the input
@@ -1749,6 +1812,8 @@ class CarrierCall:
         """
         state = self.state
         text = text.strip() if kind == "final" else ""
+        if self._after_open:
+            return self._heard_after_turn(text, confidence)
         judging = state is State.BOT and self._judging
         ended = self._heard_end  # speech begun since then is the caller's next (_heard_next)
         if state is State.HOLDING or judging:
@@ -1767,6 +1832,62 @@ class CarrierCall:
         if self._key_cut_in and not self._is_interruption(text, final=True, confidence=confidence):
             text = ""  # a backchannel or noise over the bot: the key, not it, cut the bot off
         return self._utterance_result(text, since=ended)
+
+    # ---------------------------------------------------------- after the turn
+
+    def _hear_after_turn(self) -> list[CallAction]:
+        """ENDING, TRANSFERRING, after each inbound frame: speech the caller begins (lasting
+        ``barge_in_min_speech_ms``, not heard before) while a transfer is under way opens an
+        utterance (:meth:`_listen_after_turn`) whose words are kept for its result; after
+        the core's farewell it is only counted (nobody would answer it: no recognition),
+        said in :class:`InputsUnanswered` at the end (module doc step 7)."""
+        onset = self.onset_ms
+        if (
+            onset is None
+            or self._after_open
+            or onset == self._listened_onset
+            or onset < self._bot_since
+            or self.speech_ms < self.config.barge_in_min_speech_ms
+        ):
+            return []
+        if self.transfer is None:  # the core's farewell
+            self._listened_onset = onset
+            self._unheard_speech += 1
+            return []
+        return self._listen_after_turn()
+
+    def _listen_after_turn(self, *, following: bool = False) -> list[CallAction]:
+        """Open an utterance after a transfer's turn (:meth:`_listen`): its words count
+        only as a real interruption while the announcement's rest plays (ENDING)."""
+        actions = self._listen(interrupted=False, following=following)
+        self._after_open = True
+        self._after_judged = self.state is State.ENDING
+        return actions
+
+    def _heard_after_turn(self, text: str, confidence: float) -> list[CallAction]:
+        """The result of the utterance heard after a transfer's turn (``text``: its words,
+        "" none or the listener failed): the words wait for the transfer's result (module
+        doc step 7; over the bot's audio only a real interruption), the keys pressed
+        during it after them. Then speech begun after it ended, before this result, is
+        heard from its onset: the next such utterance while the transfer is under way;
+        after a refusal (BOT), as :meth:`_heard_next` (speech over the bot)."""
+        self._after_open = False
+        judged, self._after_judged = self._after_judged, False
+        if text and judged and not self._is_interruption(text, final=True, confidence=confidence):
+            text = ""  # a backchannel over the announcement: no input
+        actions = self._wait(text, speech=True) if text else []
+        actions += self._release_keys(next_keys=False)
+        if self.state is State.BOT:  # the transfer was refused meanwhile
+            return [*actions, *self._heard_next(), *self._advance()]
+        if not self._speaks_on():
+            return [*actions, *self._release_keys()]
+        actions += self._listen_after_turn(following=True)
+        self._held_keys.extend(self._next_keys)  # pressed during that speech: after it
+        self._next_keys.clear()
+        if self._keys_next and self.dtmf.collecting:
+            self._keys_stream = self.stream
+        self._keys_next = False
+        return actions
 
     def _utterance_result(self, text: str, *, since: int | None) -> list[CallAction]:
         """HEARING: the utterance is over, ``text`` its words ("": none). Words are the next
@@ -1849,7 +1970,10 @@ class CarrierCall:
         """The listener failed (recognizer error, utterance too long): ``#fallback`` (keys
         pressed during the utterance replace it: they are the inputs; none when a key cut
         the bot off, :meth:`_utterance_result`); while the bot holds for the utterance,
-        its audio goes on (a longer one interrupted it)."""
+        its audio goes on (a longer one interrupted it). One heard after a transfer's turn
+        brings no words (:meth:`_heard_after_turn`)."""
+        if self._after_open:
+            return self._heard_after_turn("", 0.0)
         if self.state is State.HOLDING:
             return self._resume()
         if self.state is State.BOT and self._judging:
@@ -1947,8 +2071,10 @@ class CarrierCall:
         """The running turn's events have ended: the session's end (a final mark after
         the audio), the waiting input's turn, or the caller's floor. When the turn ended
         the session, the caller's inputs are dropped (``[InputsUnanswered]`` before the
-        final mark; after a hang-up, alone); when it asked for a transfer they are kept
-        for its result (:meth:`transfer_finished`, module doc step 7)."""
+        final mark; after a hang-up, alone) and the utterance being heard is cancelled;
+        when it asked for a transfer they are kept for its result
+        (:meth:`transfer_finished`, module doc step 7), and the utterance being heard is
+        heard out, its words kept likewise (:meth:`_heard_after_turn`)."""
         turn, self.turn = self.turn, None
         self.playout.done()
         if turn is None:
@@ -1963,33 +2089,49 @@ class CarrierCall:
         if turn.ended or turn.transfer:
             # a transfer ends the session once the carrier took it (transfer_finished)
             self.session_over = turn.ended
-            stop = self._stop_listening() if self.state is State.HEARING else self._stop_judging()
-            if self.state is State.HOLDING:  # the farewell is said all the same
-                stop = [*self._stop_listening(), ResumePlayback()]
+            state = self.state
+            hearing = state in (State.HEARING, State.HOLDING) or self._judging or self._after_open
+            # speech over the bot (held, judged) counts only as a real interruption
+            judged = (
+                state is State.HOLDING
+                or self._judging
+                or (state is State.HEARING and self._key_cut_in)
+                or (self._after_open and self._after_judged)
+            )
+            resume: list[CallAction] = []
+            if state is State.HOLDING:  # the farewell (announcement) is said all the same
+                resume = [ResumePlayback()]
                 self._held_at = None
+            self._judging = False
             self.machine.advance(SESSION_END)
             if turn.transfer:
                 # the caller's inputs wait for the transfer's result (transfer_finished:
                 # answered after #transfer-failed when the carrier refuses it, dropped
-                # when it happened); the utterance being heard is cut off now (nothing is
-                # heard in ENDING or TRANSFERRING): said now
-                kept = self._keep_for_transfer()
-                cut = [InputsUnanswered("transfer", 0, listening=True)] if stop else []
-                return [*stop, *kept, *cut, self._play(b"", final=True)]
-            unanswered = self._drop_unanswered("session ended", listening=bool(stop))
-            return [*stop, *unanswered, self._play(b"", final=True)]
+                # when it happened); the utterance being heard is heard out, its words
+                # kept likewise (_heard_after_turn)
+                kept = self._keep_for_transfer(utterance=hearing)
+                self._after_open, self._after_judged = hearing, judged
+                return [*resume, *kept, self._play(b"", final=True)]
+            # the core's farewell: nobody would answer the utterance: cancelled, said
+            stop = self._stop_listening() if hearing else []
+            self._after_open = self._after_judged = False
+            unanswered = self._drop_unanswered("session ended", listening=hearing)
+            return [*stop, *resume, *unanswered, self._play(b"", final=True)]
         return self._advance()
 
-    def _keep_for_transfer(self) -> list[CallAction]:
+    def _keep_for_transfer(self, *, utterance: bool) -> list[CallAction]:
         """The turn that asked for a transfer finished: the caller's inputs said over its
         announcement wait for the transfer's result (module doc step 7), in the order
         said: those waiting (``#silence``, ``#fallback`` dropped: no words of the
-        caller's), then the keys held while the utterance now cut off was heard, then
-        keys being collected (an input now, as the pause would have made them).
-        ``[InputsDropped]`` past the bounds (:meth:`_wait`), else ``[]``."""
+        caller's), then keys being collected (an input now, as the pause would have made
+        them). The ``utterance`` being heard goes on (:meth:`_heard_after_turn`): keys
+        pressed during it (held, or still being collected) come after its words; with
+        none, the keys held are released now. ``[InputsDropped]`` past the bounds
+        (:meth:`_wait`), else ``[]``."""
         self._waiting = deque(item for item in self._waiting if item[0] not in _NOT_THE_CALLER)
-        actions = self._release_keys()
-        if (digits := self.dtmf.flush()) is not None:
+        actions = [] if utterance else self._release_keys()
+        during = utterance and self._keys_stream == self.stream
+        if not during and (digits := self.dtmf.flush()) is not None:
             actions += self._wait(digits, speech=False)
         return actions
 
@@ -1999,8 +2141,12 @@ class CarrierCall:
         """Drop the caller's inputs (waiting, held or being collected: none gets a turn)
         because of ``reason`` (the call was transferred, the core ended the session):
         ``[InputsUnanswered]`` when there were any (``#silence``, ``#fallback`` and
-        ``#machine`` not counted) or the utterance heard was cancelled (``listening``),
-        else ``[]``."""
+        ``#machine`` not counted), the utterance heard was cancelled (``listening``; one
+        heard after a transfer's turn is cancelled here: ``CancelListening`` after it) or
+        speech after a farewell was counted, else ``[]``."""
+        cancel = self._stop_after()
+        listening = listening or bool(cancel)
+        utterances, self._unheard_speech = self._unheard_speech, 0
         inputs = sum(1 for text, _ in self._waiting if text not in _NOT_THE_CALLER)
         inputs += len(self._held_keys) + len(self._next_keys) + self.dtmf.collecting
         self._waiting.clear()
@@ -2008,7 +2154,17 @@ class CarrierCall:
         self._next_keys.clear()
         self._keys_next = False
         self.dtmf.reset()
-        return [InputsUnanswered(reason, inputs, listening)] if inputs or listening else []
+        if not (inputs or listening or utterances):
+            return cancel
+        # said first: the runner's cancel awaits the listener, its task may end meanwhile
+        return [InputsUnanswered(reason, inputs, listening, utterances), *cancel]
+
+    def _stop_after(self) -> list[CallAction]:
+        """CancelListening for the utterance heard after a transfer's turn (when one is)."""
+        if not self._after_open:
+            return []
+        self._after_open = self._after_judged = False
+        return self._stop_listening()
 
     # -------------------------------------------------------------- the end
 
@@ -2018,8 +2174,13 @@ class CarrierCall:
         dropped (``[InputsUnanswered]`` first when any); a refusal (``error``: what went
         wrong) gives the bot the floor back with the input :data:`TRANSFER_FAILED`, those
         inputs waiting after it (module doc step 7; keys being collected an input now,
-        ``[InputsDropped]`` first past the bounds). Ignored unless a transfer is under
-        way (the stream may have stopped meanwhile)."""
+        ``[InputsDropped]`` first past the bounds). The utterance heard while the carrier
+        was asked: when it ended, its words (still to be recognised) wait likewise; when
+        the caller still speaks, it is speech over the bot from now on, held and judged
+        as any (``PausePlayback`` after the ``StartTurn``; carriers that cannot pause: cut
+        at once). Speech begun then and too short to be heard yet is speech over the bot
+        from its onset. Ignored unless a transfer is under way (the stream may have
+        stopped meanwhile)."""
         if self.state is not State.TRANSFERRING:
             return []
         if ok:
@@ -2034,15 +2195,40 @@ class CarrierCall:
         self.marks.forget()  # a final mark given up on (final_mark_overdue) is not awaited
         # the caller's inputs kept since the transfer's turn (_keep_for_transfer, keys
         # pressed after it: _key_after_turn) wait after #transfer-failed, each its turn
-        flushed = [] if (digits := self.dtmf.flush()) is None else self._wait(digits, speech=False)
-        self._bot_since = self.now_ms
+        flushed = [] if (digits := self.dtmf.flush()) is None else self._after_turn_keys(digits)
         self._silence_at = None
+        onset = self.onset_ms
+        # the utterance heard while the carrier was asked: the caller still speaks it?
+        speaking = (
+            self._after_open
+            and onset is not None
+            and self._heard_end is None
+            and self.config.barge_in
+        )
+        if self._after_open and not speaking and self._heard_end is not None:
+            # it ended: its words wait after #transfer-failed once recognised; speech
+            # after it is speech over the bot (heard at its final, _heard_after_turn)
+            self._bot_since = self._heard_end
+        elif (
+            not self._after_open
+            and onset is not None
+            and onset != self._listened_onset
+            and onset >= self._bot_since
+        ):
+            self._bot_since = onset  # speech just begun, not heard yet: over the bot
+        else:
+            self._bot_since = self.now_ms
         self._input_attributes[TRANSFER_FAILED] = {
             "target": target,
             "reason": reason,
             "error": error or "refused",
         }
-        return [*flushed, *self._start_turn(TRANSFER_FAILED)]
+        actions = [*flushed, *self._start_turn(TRANSFER_FAILED)]
+        if speaking:  # speech over the bot now, from its onset: held and judged as any
+            self._after_open = self._after_judged = False
+            actions += self._release_keys()  # pressed during it: they wait now
+            actions += self._hold(listen=False) if self.holds else self._barge_in(listen=False)
+        return actions
 
     @property
     def movable(self) -> bool:
@@ -2165,8 +2351,8 @@ class CarrierCall:
 
     def _ending_actions(self, was: State) -> list[CallAction]:
         actions: list[CallAction] = []
-        if was in (State.HEARING, State.HOLDING) or self._judging:
-            self._judging = False
+        if was in (State.HEARING, State.HOLDING) or self._judging or self._after_open:
+            self._judging = self._after_open = self._after_judged = False
             actions += self._stop_listening()
         if self.moved:  # the session goes on in the call's next stream (move)
             return actions

@@ -1,6 +1,7 @@
 """The call engine, sans I/O, around a transfer: the carrier asked only at the final mark,
-nothing heard while it is asked, a refusal giving the core ``#transfer-failed`` in the
-same session (the call goes on), an acceptance ending the session."""
+no turn while it is asked (the caller's audio still heard, keys kept for its result), a
+refusal giving the core ``#transfer-failed`` in the same session (the call goes on), an
+acceptance ending the session."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from gateway.events import (
     ResponseItemEvent,
     transfer_item,
 )
-from gateway.protocol.actions import EndSession, StartTurn
+from gateway.protocol.actions import EndSession, FeedAudio, StartTurn
 from gateway.protocol.call import CallConfig, Play, State, Transfer
 from tests.conftest import state_of
 
@@ -62,10 +63,15 @@ def transferring(*, core_ended: bool = False) -> TwilioCall:
     return call
 
 
-def test_nothing_is_heard_or_pressed_while_the_carrier_is_asked() -> None:
+def test_no_turn_starts_while_the_carrier_is_asked_audio_is_fed_keys_kept() -> None:
+    """The caller's audio still goes to the speech stage (their speech is heard and kept
+    for the transfer's result: tests/adapters/twilio/test_transfer_speech.py), a key is
+    kept for it (no action), an answering machine's result is ignored."""
     call = transferring()
-    assert call.receive(media()) == []
+    (feed,) = call.receive(media())
+    assert isinstance(feed, FeedAudio)
     assert call.receive(frame("dtmf", dtmf={"digit": "5", "track": "inbound_track"})) == []
+    assert call.waiting == ("5",)
     assert call.machine_answered("machine_start") == []
     assert call.state is State.TRANSFERRING
 

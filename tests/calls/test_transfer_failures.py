@@ -21,6 +21,8 @@ from starlette.responses import JSONResponse
 
 from adapters.plivo.verify import signature
 from gateway.events import TRANSFER_FAILED, Response, ResponseItem, transfer_item
+from gateway.protocol.call import State
+from gateway.speech.audio import Pcm
 from gateway.speech.service import SpeechService
 from tests.adapters.carriers import Carrier, Scripted, Transfer
 from tests.adapters.plivo.harness import AUTH_ID, AUTH_TOKEN, PlivoHarness
@@ -36,8 +38,10 @@ from tests.adapters.twilio.test_outbound import SID
 from tests.adapters.vonage.harness import CARRIER as VONAGE
 from tests.calls.carrier_api import Captured, carrier_api, logged_transfers
 from tests.conftest import refused_port
+from tests.speech import normalise, wer
 
 TARGET = "+15550123"
+SENTENCE = "tell me about this place"
 
 
 def scripted() -> Scripted:
@@ -207,6 +211,41 @@ async def test_a_key_pressed_over_a_refused_transfer_s_announcement_is_answered_
             await call.wait_for(lambda: len(core.inputs) >= 3, 20)
             assert [i.text for i in core.inputs] == ["#intro", TRANSFER_FAILED, "5"]
             assert len(api.requests) == 1
+            assert call.close_code is None
+            await call.stop()
+        await gw.wait_no_calls()
+
+
+async def test_words_said_while_a_refused_transfer_is_asked_are_answered_after_it(
+    speech: SpeechService, corpus: dict[str, Pcm]
+) -> None:
+    """The caller says a sentence while the carrier is asked for the transfer (its API
+    slow to answer, then refusing): the caller's audio is still heard then, so the words
+    are kept for the transfer's result and reach the core after ``#transfer-failed``, the
+    caller being still on the line. Before, no audio was fed to the speech stage while
+    the carrier was asked: the sentence was lost without a trace."""
+    async with (
+        carrier_api() as api,
+        twilio_gateway(speech, twilio_account_sid=SID, twilio_api_base_url=api.url) as gw,
+    ):
+        update = ("POST", r"/2010-04-01/Accounts/AC\w+/Calls/CA\w+\.json")
+        api.answers[update] = JSONResponse({"code": 21220, "message": "Invalid call state"}, 503)
+        api.delays[update] = 8.0  # the sentence is said (and ends) before the refusal
+        core = scripted()
+        gw.app.state.gateway.conversation.pipeline = core
+        async with TwilioHarness.dial(gw.url, PUBLIC, auth_token=AUTH, mic_speed=1.0) as call:
+            assert await until(lambda: len(api.requests) == 1, 30)  # the carrier is asked
+            runner = gw.channel.calls[call.call_sid]
+            assert runner.call.state is State.TRANSFERRING
+            utterance = call.say(corpus[SENTENCE])
+            await asyncio.wait_for(utterance.finished, 20)
+            # said whole while the carrier was asked (no refusal yet)
+            assert [i.text for i in core.inputs] == ["#intro"]
+            assert runner.call.state is State.TRANSFERRING
+            await call.wait_for(lambda: len(core.inputs) >= 3, 60)  # generous: loaded machine
+            assert core.inputs[1].text == TRANSFER_FAILED
+            heard = core.inputs[2].text
+            assert wer([(SENTENCE, normalise(heard))]) <= 0.34, core.inputs
             assert call.close_code is None
             await call.stop()
         await gw.wait_no_calls()

@@ -19,7 +19,7 @@ from gateway.events import (
     ResponseItemEvent,
     transfer_item,
 )
-from gateway.protocol.actions import CancelListening, EndSession, StartTurn
+from gateway.protocol.actions import EndSession, StartTurn
 from gateway.protocol.call import (
     MACHINE,
     MAX_WAITING_INPUTS,
@@ -47,24 +47,25 @@ def test_words_over_a_transfer_announcement_are_dropped_the_transfer_goes_on() -
     """The caller speaks over "Transferring you now." and the words interrupt it: the
     transfer the core asked for still happens (the turn is the core's, as a session it
     ended stays ended), so the words get no turn (the person the call goes to hears the
-    caller): the utterance is cancelled and InputsUnanswered says so for the runner's
-    DEBUG log; the final mark then asks the carrier for the transfer."""
+    caller). The utterance being heard when the turn finishes is heard out (its words
+    kept for the transfer's result: test_transfer_speech.py); once the carrier took the
+    call, InputsUnanswered says they were dropped, for the runner's DEBUG log."""
     call = started()
     transfer_turn(call)
     onset = hold(call)
     assert Interrupt in [type(a) for a in frames(call, 60, onset=onset, voiced=10_000)]
     assert call.state is State.HEARING
-    actions = finish_turn(call)
-    assert [type(a) for a in actions] == [CancelListening, InputsUnanswered, Play]
-    assert actions[1] == InputsUnanswered("transfer", 0, listening=True)
-    assert state_of(call) is State.ENDING
-    assert call.heard("final", "no wait", 0.9) == []  # too late: ignored
-    final = actions[2]
+    [final] = finish_turn(call)
     assert isinstance(final, Play)
     assert final.final
+    assert state_of(call) is State.ENDING
+    assert call.heard("final", "no wait", 0.9) == []  # kept for the transfer's result
     [transfer] = call.receive(mark("end-2"))
     assert isinstance(transfer, Transfer)
     assert transfer.target == "+15550100"
+    unanswered, end = call.transfer_finished(True)
+    assert unanswered == InputsUnanswered("transfer", 1)
+    assert isinstance(end, EndSession)
 
 
 def test_words_and_keys_waiting_at_a_transfer_are_counted_as_unanswered() -> None:
@@ -302,21 +303,23 @@ def test_keys_being_collected_over_the_announcement_are_one_input_after_a_refusa
     assert list(call.waiting) == ["12", "34"]
 
 
-def test_an_utterance_cut_off_at_the_transfer_s_turn_end_is_no_input_after_a_refusal() -> None:
-    """The utterance being heard when the transfer's turn finished is cut off then (the
-    call hears nothing while its transfer is under way) and said so; a refusal then gives
-    the core ``#transfer-failed`` alone: those words were never recognised."""
+def test_an_utterance_heard_at_the_transfer_s_turn_end_is_an_input_after_a_refusal() -> None:
+    """The utterance being heard when the transfer's turn finished is heard out (the
+    caller's audio is still fed while the transfer is under way), its words kept: a
+    refusal gives the core ``#transfer-failed``, then them. Before, the utterance was cut
+    off then and its words never recognised."""
     call = started()
     transfer_turn(call)
     onset = hold(call)
     frames(call, 60, onset=onset, voiced=10_000)
-    actions = finish_turn(call)
-    assert actions[1] == InputsUnanswered("transfer", 0, listening=True)
+    assert [type(a) for a in finish_turn(call)] == [Play]
+    frames(call, 10)  # the caller stops speaking
+    assert call.heard("final", "no wait", 0.9) == []
     call.receive(mark("end-2"))
     [turn] = call.transfer_finished(False, "busy")
     assert isinstance(turn, StartTurn)
     assert turn.input.text == TRANSFER_FAILED
-    assert call.waiting == ()
+    assert call.waiting == ("no wait",)
 
 
 def test_keys_pressed_without_end_while_a_transfer_is_asked_stay_bounded() -> None:

@@ -1,0 +1,314 @@
+"""The caller's speech once a transfer's (or farewell's) turn finished, the call engine's
+rule, pure (module doc of gateway/protocol/call.py, step 7): the caller's audio is still
+fed to the speech stage in ENDING and TRANSFERRING (audio time goes on), so
+
+- words said while the transfer's last audio plays or while the carrier is asked are
+  heard and kept for the transfer's result, as the words over the announcement: after a
+  refusal they reach the core after ``#transfer-failed``; once it happened they are
+  dropped, said in InputsUnanswered;
+- the utterance being heard when the transfer's turn finishes is heard out, not cut off;
+- speech going on at a refusal is heard as speech over the bot, from its real onset;
+- speech after a farewell's turn finished is not recognised (nobody would answer it) but
+  counted in InputsUnanswered ("session ended").
+
+The speech stage's verdicts and the listener's transcripts are given by hand (as in
+test_barge_in.py); audio time advances 20 ms per inbound frame.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from adapters.twilio.protocol import TwilioCall
+from gateway.events import TRANSFER_FAILED, Response, ResponseEvent
+from gateway.protocol.actions import CancelListening, EndSession, StartListening, StartTurn
+from gateway.protocol.call import (
+    HangUp,
+    InputsUnanswered,
+    Interrupt,
+    PausePlayback,
+    Play,
+    ResumePlayback,
+    State,
+    Transfer,
+)
+from tests.adapters.twilio.test_barge_in import finish_turn, frames, hold, say_item, started
+from tests.adapters.twilio.test_protocol import CALL, STOP, dtmf, mark
+from tests.adapters.twilio.test_transfer_barge_in import next_input, transfer_turn
+from tests.conftest import state_of
+
+
+def types(actions: list[Any]) -> list[type]:
+    return [type(a) for a in actions]
+
+
+def asked(call: TwilioCall) -> None:
+    """The transfer's turn finished and its final mark came back: the carrier is asked."""
+    [transfer] = call.receive(mark("end-2"))
+    assert transfer == Transfer(CALL, "+15550100", "agent")
+    assert state_of(call) is State.TRANSFERRING
+
+
+def speak(call: TwilioCall, n: int = 40) -> tuple[int, list[Any]]:
+    """The caller speaks for ``n`` frames from now (voiced throughout), then is quiet for
+    10: the onset and the actions."""
+    onset = call.now_ms
+    actions = frames(call, n, onset=onset, voiced=10_000)
+    return onset, actions + frames(call, 10)
+
+
+# ------------------------------------------------------------ while the carrier is asked
+
+
+def test_words_said_while_the_carrier_is_asked_are_answered_after_a_refusal() -> None:
+    """The caller says "hello are you there" while the carrier is asked for the transfer:
+    the speech is heard (StartListening from its onset) and its words wait for the
+    transfer's result; the carrier refuses, so ``#transfer-failed`` goes to the core first,
+    then the words, each its turn. Before, no audio was fed in TRANSFERRING (no FeedAudio,
+    audio time stood still) and the words were lost without a trace."""
+    call = started()
+    transfer_turn(call)
+    assert types(finish_turn(call)) == [Play]
+    asked(call)
+    onset, actions = speak(call)
+    [start] = actions
+    assert isinstance(start, StartListening)
+    assert start.from_ms is not None
+    assert start.from_ms < onset  # from its onset (with the preroll)
+    assert call.heard("final", "hello are you there", 0.9) == []
+    assert call.waiting == ("hello are you there",)
+    [turn] = call.transfer_finished(False, "busy")
+    assert isinstance(turn, StartTurn)
+    assert turn.input.text == TRANSFER_FAILED
+    assert next_input(call) == "hello are you there"
+    assert finish_turn(call) == []
+    assert state_of(call) is State.CALLER
+
+
+def test_words_said_while_the_carrier_is_asked_are_said_unanswered_once_it_took_the_call() -> None:
+    """As above, the carrier takes the call: the words get no turn (the person the call
+    goes to hears the caller), counted in InputsUnanswered."""
+    call = started()
+    transfer_turn(call)
+    finish_turn(call)
+    asked(call)
+    speak(call)
+    call.heard("final", "hello are you there", 0.9)
+    unanswered, end = call.transfer_finished(True)
+    assert unanswered == InputsUnanswered("transfer", 1)
+    assert isinstance(end, EndSession)
+
+
+def test_an_utterance_open_when_the_carrier_took_the_call_is_cancelled_and_said() -> None:
+    """The caller still speaks when the carrier takes the call: the listener is cancelled
+    and InputsUnanswered says an utterance was being heard."""
+    call = started()
+    transfer_turn(call)
+    finish_turn(call)
+    asked(call)
+    frames(call, 20, onset=call.now_ms, voiced=10_000)
+    unanswered, cancel, end = call.transfer_finished(True)
+    assert isinstance(cancel, CancelListening)
+    assert cancel.stream == call.stream
+    assert unanswered == InputsUnanswered("transfer", 0, listening=True)
+    assert isinstance(end, EndSession)
+
+
+def test_words_whose_final_comes_after_a_refusal_wait_after_transfer_failed() -> None:
+    """The caller's speech while the carrier is asked ended before the refusal, its final
+    comes after it: the words still wait after ``#transfer-failed`` (said while the
+    transfer was asked; not a race with the recognizer), whose answer is not cut off."""
+    call = started()
+    transfer_turn(call)
+    finish_turn(call)
+    asked(call)
+    speak(call)
+    [turn] = call.transfer_finished(False, "busy")
+    assert isinstance(turn, StartTurn)
+    assert turn.input.text == TRANSFER_FAILED
+    assert state_of(call) is State.BOT
+    assert call.heard("final", "hello are you there", 0.9) == []  # the turn runs: it waits
+    assert call.waiting == ("hello are you there",)
+    say_item(call, "Sorry, nobody is free.")  # the answer to #transfer-failed plays out
+    assert finish_turn(call) == []
+    [words] = call.receive(mark("3"))
+    assert isinstance(words, StartTurn)
+    assert words.input.text == "hello are you there"
+    assert "interrupted" not in words.input.attributes
+
+
+def test_speech_going_on_at_a_refusal_is_speech_over_the_bot_from_its_onset() -> None:
+    """The caller speaks while the carrier is asked and goes on as it refuses: the
+    utterance (open since its onset) is speech over the bot's floor now, held and judged
+    as any: a real interruption, its words the input after ``#transfer-failed``. Before,
+    the speech kept the onset it had when audio time stood still, older than the bot's
+    floor, so nothing of it was heard until the caller's next speech."""
+    call = started()
+    transfer_turn(call)
+    finish_turn(call)
+    asked(call)
+    onset = call.now_ms
+    [start] = frames(call, 20, onset=onset, voiced=10_000)
+    assert isinstance(start, StartListening)
+    turn, pause = call.transfer_finished(False, "busy")
+    assert isinstance(turn, StartTurn)
+    assert turn.input.text == TRANSFER_FAILED
+    assert isinstance(pause, PausePlayback)
+    assert state_of(call) is State.HOLDING
+    actions = frames(call, 40, onset=onset, voiced=10_000)  # voiced past any backchannel
+    assert types(actions) == [Interrupt]
+    assert state_of(call) is State.HEARING
+    frames(call, 10)
+    assert call.heard("final", "I need to speak to someone now", 0.9) == []
+    [words] = finish_turn(call)  # #transfer-failed's turn (cut off) finishes
+    assert isinstance(words, StartTurn)
+    assert words.input.text == "I need to speak to someone now"
+    assert words.input.attributes["interrupted"] is True
+
+
+# ------------------------------------------------------------ at the transfer's turn end
+
+
+def test_an_utterance_heard_when_the_transfer_s_turn_finishes_is_heard_out() -> None:
+    """The caller's words cut off the announcement and are still being heard when the
+    transfer's turn finishes: the utterance is heard out (no CancelListening) and its
+    words are kept for the transfer's result; refused, they are answered after
+    ``#transfer-failed``. Before, the utterance was cancelled then and its words lost."""
+    call = started()
+    transfer_turn(call)
+    onset = hold(call)
+    assert Interrupt in types(frames(call, 60, onset=onset, voiced=10_000))
+    assert state_of(call) is State.HEARING
+    assert types(finish_turn(call)) == [Play]  # no CancelListening, nothing unanswered
+    frames(call, 10, onset=onset, voiced=10_000)  # the caller goes on (fed, heard)
+    frames(call, 10)
+    assert call.heard("final", "no wait I changed my mind", 0.9) == []
+    assert call.waiting == ("no wait I changed my mind",)
+    asked(call)
+    [turn] = call.transfer_finished(False, "busy")
+    assert isinstance(turn, StartTurn)
+    assert turn.input.text == TRANSFER_FAILED
+    assert next_input(call) == "no wait I changed my mind"
+
+
+def test_speech_held_when_the_transfer_s_turn_finishes_is_judged_a_backchannel_dropped() -> None:
+    """Speech over the announcement being judged when its turn finishes: the announcement
+    is said all the same (ResumePlayback) and the utterance heard out, judged as speech
+    over the bot: "okay" is a backchannel, no input; a refusal gives ``#transfer-failed``
+    alone."""
+    call = started()
+    transfer_turn(call)
+    hold(call)
+    assert types(finish_turn(call)) == [ResumePlayback, Play]
+    frames(call, 10)
+    assert call.heard("final", "okay", 0.9) == []
+    assert call.waiting == ()
+    asked(call)
+    [turn] = call.transfer_finished(False, "busy")
+    assert isinstance(turn, StartTurn)
+    assert finish_turn(call) == []
+    assert state_of(call) is State.CALLER
+
+
+def test_a_key_pressed_while_the_caller_speaks_after_the_turn_comes_after_the_words() -> None:
+    """A key pressed while the caller speaks during the transfer request comes after the
+    utterance's words (they began first), each its own input after a refusal."""
+    call = started()
+    transfer_turn(call)
+    finish_turn(call)
+    asked(call)
+    onset = call.now_ms
+    frames(call, 20, onset=onset, voiced=10_000)
+    assert call.receive(dtmf("0")) == []
+    frames(call, 10)
+    assert call.waiting == ()  # the key waits for the words
+    call.heard("final", "operator", 0.9)
+    assert state_of(call) is State.TRANSFERRING
+    assert list(call.waiting) == ["operator", "0"]
+    call.transfer_finished(False, "busy")
+    assert next_input(call) == "operator"
+    assert next_input(call) == "0"
+
+
+# ------------------------------------------------------------ the farewell
+
+
+def test_speech_after_a_farewell_s_turn_finished_is_counted_not_recognised() -> None:
+    """Speech while the farewell's last audio plays opens no listener (nobody would
+    answer it: no recognition), but it is said at the hang-up, in InputsUnanswered
+    ("session ended"). Before, it was not fed nor logged at all."""
+    call = started()
+    say_item(call, "Goodbye.")
+    call.turn_event(ResponseEvent(response=Response(session_ended=True)))
+    [final] = call.turn_finished()
+    assert isinstance(final, Play)
+    _, actions = speak(call)
+    assert actions == []  # not recognised
+    _, actions = speak(call)
+    assert actions == []
+    unanswered, hang_up = call.receive(mark("end-2"))
+    assert unanswered == InputsUnanswered("session ended", 0, utterances=2)
+    assert hang_up == HangUp(CALL)
+
+
+def test_speech_after_a_farewell_is_said_at_a_stop_too() -> None:
+    call = started()
+    say_item(call, "Goodbye.")
+    call.turn_event(ResponseEvent(response=Response(session_ended=True)))
+    call.turn_finished()
+    speak(call)
+    assert call.receive(STOP) == [InputsUnanswered("session ended", 0, utterances=1)]
+
+
+def test_speech_just_begun_at_a_refusal_is_speech_over_the_bot_from_its_onset() -> None:
+    """The caller starts speaking just before the carrier refuses (too short yet to be
+    heard): once long enough it is speech over the bot's floor, heard from its onset
+    (StartListening from before the refusal)."""
+    call = started()
+    transfer_turn(call)
+    finish_turn(call)
+    asked(call)
+    onset = call.now_ms
+    assert frames(call, 4, onset=onset, voiced=10_000) == []  # 80 ms
+    [turn] = call.transfer_finished(False, "busy")
+    assert isinstance(turn, StartTurn)
+    pause, start = frames(call, 4, onset=onset, voiced=10_000)
+    assert isinstance(pause, PausePlayback)
+    assert isinstance(start, StartListening)
+    assert start.from_ms is not None
+    assert start.from_ms < onset  # from its onset, not from the refusal
+
+
+def test_speech_going_on_at_a_refusal_interrupts_at_once_where_the_bot_cannot_pause() -> None:
+    """A carrier that cannot pause the bot (or barge-in without holding): the speech going
+    on at the refusal cuts the bot off at once, its utterance heard on (no second
+    StartListening)."""
+    call = started(barge_in_max_backchannel_ms=0)
+    transfer_turn(call)
+    finish_turn(call)
+    asked(call)
+    frames(call, 20, onset=call.now_ms, voiced=10_000)
+    turn, cut = call.transfer_finished(False, "busy")
+    assert isinstance(turn, StartTurn)
+    assert isinstance(cut, Interrupt)
+    assert state_of(call) is State.HEARING
+    frames(call, 10)
+    assert call.heard("final", "is anybody there", 0.9) == []
+    assert next_input(call) == "is anybody there"
+
+
+def test_keys_collected_while_the_carrier_is_asked_end_at_their_pause() -> None:
+    """``collect`` mode: audio time goes on while the carrier is asked, so the pause after
+    keys ends them there as anywhere: two inputs, each its turn after a refusal."""
+    call = started(dtmf_mode="collect")
+    transfer_turn(call)
+    finish_turn(call)
+    asked(call)
+    for key in "12":
+        call.receive(dtmf(key))
+    frames(call, 110)  # 2.2 s: past the 2 s pause
+    assert call.waiting == ("12",)
+    for key in "34":
+        call.receive(dtmf(key))
+    call.transfer_finished(False, "busy")
+    assert list(call.waiting) == ["12", "34"]
