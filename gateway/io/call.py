@@ -630,6 +630,8 @@ def machine_answer_undelivered() -> JSONResponse:
 
 _UNANSWERED: Final[dict[str, str]] = {
     "transfer": "the call is transferred (the person it goes to hears the caller)",
+    "stream closed": "the stream closed while the carrier was asked for the transfer "
+    "(its answer is logged on its own)",
     "session ended": "the core ended the session",
 }
 """The runner's DEBUG words for each reason of :class:`InputsUnanswered`."""

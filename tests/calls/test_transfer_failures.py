@@ -251,6 +251,49 @@ async def test_words_said_while_a_refused_transfer_is_asked_are_answered_after_i
         await gw.wait_no_calls()
 
 
+async def test_inputs_kept_for_a_transfer_are_said_stream_closed_when_the_socket_drops(
+    speech: SpeechService, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The caller presses 5 over the announcement (kept for the transfer's result), then
+    the stream's TCP connection dies while the carrier is asked, and the carrier refuses:
+    nobody can be answered on the lost stream, so the key gets no turn, and the DEBUG line
+    says the stream closed while the transfer was asked, not that the call was transferred
+    (the refusal is logged on its own). Before, it said "the call is transferred (the
+    person it goes to hears the caller)" though nobody took the call."""
+    caplog.set_level(logging.INFO, "gateway.callcontrol")
+    caplog.set_level(logging.DEBUG, "gateway.call")  # (last: the handler's level too)
+    async with (
+        carrier_api() as api,
+        twilio_gateway(speech, twilio_account_sid=SID, twilio_api_base_url=api.url) as gw,
+    ):
+        update = ("POST", r"/2010-04-01/Accounts/AC\w+/Calls/CA\w+\.json")
+        api.answers[update] = JSONResponse({"code": 21220, "message": "Invalid call state"}, 503)
+        api.delays[update] = 2.0
+        core = scripted()
+        gw.app.state.gateway.conversation.pipeline = core
+        async with TwilioHarness.dial(gw.url, PUBLIC, auth_token=AUTH) as call:
+            await call.wait_for(lambda: bool(call.media_frames()), 20)  # the announcement
+            assert not api.requests
+            await call.dtmf("5")
+            assert await until(lambda: len(api.requests) == 1, 30)  # the carrier is asked
+            call.ws.transport.abort()  # TCP gone: no stop, no close frame
+            await gw.wait_no_calls()
+        assert await until(lambda: bool(logged_transfers(caplog.records)), 15)
+    assert logged_transfers(caplog.records) == [
+        ("twilio", call.call_sid, TARGET, "asked for a person", False)
+    ]
+    assert [i.text for i in core.inputs] == ["#intro"]  # the call is over: no turn
+    unanswered = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "gateway.call" and "get no turn" in r.getMessage()
+    ]
+    assert len(unanswered) == 1, unanswered
+    assert "1 of the caller's inputs get no turn" in unanswered[0]
+    assert "the stream closed while the carrier was asked for the transfer" in unanswered[0]
+    assert "transferred" not in unanswered[0]
+
+
 async def test_a_transfer_whose_api_cannot_be_reached_keeps_the_call(
     speech: SpeechService, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -11,6 +11,9 @@ fed to the speech stage in ENDING and TRANSFERRING (audio time goes on), so
 - speech after a farewell's turn finished is not recognised (nobody would answer it) but
   counted in InputsUnanswered ("session ended").
 
+A stream lost (no ``stop``) while the carrier is asked reports its inputs with the reason
+``"stream closed"`` (the transfer's result is unknown then), not ``"transfer"``.
+
 The speech stage's verdicts and the listener's transcripts are given by hand (as in
 test_barge_in.py); audio time advances 20 ms per inbound frame.
 """
@@ -258,6 +261,26 @@ def test_speech_after_a_farewell_is_said_at_a_stop_too() -> None:
     call.turn_finished()
     speak(call)
     assert call.receive(STOP) == [InputsUnanswered("session ended", 0, utterances=1)]
+
+
+# ------------------------------------------------------------ the stream lost while asked
+
+
+def test_inputs_kept_for_a_transfer_are_said_stream_closed_when_the_socket_drops() -> None:
+    """Our socket drops (no ``stop``) while the carrier is asked: the transfer's result is
+    not known (the carrier may still refuse it), and the stream is gone, so the kept
+    inputs get no turn; the reason says the stream closed, not that the call was
+    transferred. A refusal after that changes nothing."""
+    call = started()
+    transfer_turn(call)
+    hold(call)
+    call.heard("final", "no wait", 0.9)
+    finish_turn(call)
+    asked(call)
+    unanswered, end = call.connection_lost()
+    assert unanswered == InputsUnanswered("stream closed", 1)
+    assert isinstance(end, EndSession)
+    assert call.transfer_finished(False, "busy") == []
 
 
 def test_speech_just_begun_at_a_refusal_is_speech_over_the_bot_from_its_onset() -> None:
