@@ -226,11 +226,13 @@ async def test_words_said_while_a_refused_transfer_is_asked_are_answered_after_i
     the carrier was asked: the sentence was lost without a trace."""
     async with (
         carrier_api() as api,
-        twilio_gateway(speech, twilio_account_sid=SID, twilio_api_base_url=api.url) as gw,
+        twilio_gateway(
+            speech, twilio_account_sid=SID, twilio_api_base_url=api.url, calls_timeout_s=30.0
+        ) as gw,
     ):
         update = ("POST", r"/2010-04-01/Accounts/AC\w+/Calls/CA\w+\.json")
         api.answers[update] = JSONResponse({"code": 21220, "message": "Invalid call state"}, 503)
-        api.delays[update] = 8.0  # the sentence is said (and ends) before the refusal
+        api.delays[update] = 12.0  # the sentence is said (and ends) before the refusal
         core = scripted()
         gw.app.state.gateway.conversation.pipeline = core
         async with TwilioHarness.dial(gw.url, PUBLIC, auth_token=AUTH, mic_speed=1.0) as call:
