@@ -2148,10 +2148,9 @@ class CarrierCall:
         because of ``reason`` (the call was transferred, the core ended the session):
         ``[InputsUnanswered]`` when there were any (``#silence``, ``#fallback`` and
         ``#machine`` not counted), the utterance heard was cancelled (``listening``; one
-        heard after a transfer's turn is cancelled here: ``CancelListening`` after it) or
-        speech after a farewell was counted, else ``[]``."""
-        cancel = self._stop_after()
-        listening = listening or bool(cancel)
+        heard after a transfer's turn counts: the call's end, :meth:`_ending_actions`,
+        cancels it) or speech after a farewell was counted, else ``[]``."""
+        listening = listening or self._after_open
         utterances, self._unheard_speech = self._unheard_speech, 0
         inputs = sum(1 for text, _ in self._waiting if text not in _NOT_THE_CALLER)
         inputs += len(self._held_keys) + len(self._next_keys) + self.dtmf.collecting
@@ -2161,9 +2160,8 @@ class CarrierCall:
         self._keys_next = False
         self.dtmf.reset()
         if not (inputs or listening or utterances):
-            return cancel
-        # said first: the runner's cancel awaits the listener, its task may end meanwhile
-        return [InputsUnanswered(reason, inputs, listening, utterances), *cancel]
+            return []
+        return [InputsUnanswered(reason, inputs, listening, utterances)]
 
     def _stop_after(self) -> list[CallAction]:
         """CancelListening for the utterance heard after a transfer's turn (when one is)."""
@@ -2360,12 +2358,16 @@ class CarrierCall:
 
     def _ending_actions(self, was: State) -> list[CallAction]:
         actions: list[CallAction] = []
-        if was in (State.HEARING, State.HOLDING) or self._judging or self._after_open:
-            self._judging = self._after_open = self._after_judged = False
+        if was in (State.HEARING, State.HOLDING) or self._judging:
+            self._judging = False
             actions += self._stop_listening()
+        # the utterance heard after a transfer's turn: cancelled last (the runner may carry
+        # these out in the transfer's task, which the stream's end cancels: the session's
+        # end goes first)
+        after = self._stop_after()
         if self.moved:  # the session goes on in the call's next stream (move)
-            return actions
+            return [*actions, *after]
         if self.ctx is not None and self.session_started and not self.session_over:
             self.session_over = True
             actions.append(EndSession(self.ctx))
-        return actions
+        return [*actions, *after]

@@ -110,7 +110,7 @@ def test_an_utterance_open_when_the_carrier_took_the_call_is_cancelled_and_said(
     finish_turn(call)
     asked(call)
     frames(call, 20, onset=call.now_ms, voiced=10_000)
-    unanswered, cancel, end = call.transfer_finished(True)
+    unanswered, end, cancel = call.transfer_finished(True)
     assert isinstance(cancel, CancelListening)
     assert cancel.stream == call.stream
     assert unanswered == InputsUnanswered("transfer", 0, listening=True)
