@@ -56,7 +56,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, Protocol, TypeAlias, runtime_checkable
 
-from gateway.protocol import LocalProtocolError, ProtocolError, clipped, load_json
+from gateway.protocol import LocalProtocolError, ProtocolError, clipped, integer, load_json
 from gateway.speech.audio import SUPPORTED_RATES, AudioFormatError, Pcm, audioop, resample
 
 __all__ = [
@@ -687,17 +687,23 @@ class JsonCarrierCodec:
     def media_event(self, frame: dict[str, Any], sequence_key: str, *, track: bool = True) -> Media:
         """``{"media":{"payload":<base64>,"track","timestamp"},<sequence_key>:n}`` as
         :class:`Media` (``track`` False: the carrier sends none). Raises ProtocolError
-        before the start or for a bad field."""
+        before the start or for a bad ``media`` or ``payload`` (the audio).
+
+        The other fields are informational (time here is the audio received), read as
+        Twilio's are (adapters/twilio/protocol.py): a ``timestamp`` or sequence number
+        that is no integer (a fraction, a date, empty) is None, a ``track`` that is not a
+        string ``inbound``; none of them drops the caller's audio."""
         where = "media message"
         if self._format is None:
             raise ProtocolError(f"Invalid {where}: media before start")
         media = get_object(frame, "media", where)
         payload = b64_payload(media, self._format, where)
+        kind = media.get("track", "inbound") if track else "inbound"
         return Media(
             pcm=self._format.decode(payload, where),
-            track=get_str(media, "track", where, default="inbound") if track else "inbound",
-            timestamp_ms=get_int(media, "timestamp", where),
-            sequence=get_int(frame, sequence_key, where),
+            track=kind if isinstance(kind, str) else "inbound",
+            timestamp_ms=integer(media.get("timestamp")),
+            sequence=integer(frame.get(sequence_key)),
         )
 
     @staticmethod

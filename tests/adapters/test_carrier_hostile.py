@@ -26,6 +26,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 from gateway.events import Input, Response, ResponseItem
+from gateway.io.call import MAX_BAD_FRAMES
 from gateway.sessions import Session
 from gateway.speech.service import SpeechService
 from tests.adapters.carriers import closed_with, upgrade_status
@@ -325,3 +326,89 @@ async def test_a_plivo_or_vonage_token_admits_only_a_start_naming_its_call(
         assert (code, reason) == (1008, "The stream was admitted for another call.")
         assert not gw.core.turns
         assert await upgrade_status(url) == 403
+
+
+ODD_INFORMATION: list[dict[str, Any]] = [
+    {"timestamp": 20.5},  # a fraction of a ms
+    {"timestamp": "2026-12-07T10:00:00.020Z"},  # a date, not ms
+    {"timestamp": ""},
+    {"track": 1},  # not a string
+    {"chunk": "x", "sequence": "2.0"},  # (the message's sequence number)
+]
+"""What a carrier may put in a ``media`` message's informational fields (its stream
+time, sequence number, chunk count, track): not what the gateway expects, and none of
+it used (time is the audio received)."""
+
+
+@pytest.mark.parametrize("carrier", ["telnyx", "plivo", "exotel"])
+async def test_media_whose_informational_fields_are_odd_is_heard_not_dropped(
+    speech: SpeechService, carrier: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The caller's audio in ``media`` messages whose stream time (``timestamp``), sequence
+    number or track is not what the gateway reads (a fraction, a date, empty, a number for
+    the track) is the caller's audio all the same, as Twilio's is (those fields are
+    informational; adapters/twilio/protocol.py reads them as "not given"): the call goes
+    on, every message's audio is heard, and a key pressed after them reaches the core.
+    Each such message was dropped as invalid (a WARNING; one whose track was a number was
+    taken as another track's and not heard), and MAX_BAD_FRAMES of them (10 s of audio)
+    closed the call 1008 "Too many invalid messages.", the key never heard."""
+    caplog.set_level(logging.INFO)
+    chosen = {"telnyx": TELNYX, "plivo": PLIVO, "exotel": EXOTEL}[carrier]
+    async with chosen.gateway(speech) as (gw, _):
+        call_id = str(uuid.uuid4())
+        headers: dict[str, str] = {}
+        opening: list[dict[str, Any]]
+        silence = base64.b64encode(b"\xff" * 160 if carrier != "exotel" else b"\0" * 320)
+        media = {"track": "inbound", "chunk": "1", "timestamp": "20", "payload": silence.decode()}
+        if carrier == "telnyx":
+            url = await _telnyx_stream(gw, call_id)
+            fmt = {"encoding": "PCMU", "sample_rate": 8000, "channels": 1}
+            start = {"call_control_id": call_id, "media_format": fmt}
+            opening = [
+                {"event": "connected", "version": "1.0.0"},
+                {"event": "start", "stream_id": "s-1", "start": start},
+            ]
+            frame: dict[str, Any] = {"event": "media", "stream_id": "s-1"}
+            sequence_key = "sequence_number"
+            key = {"event": "dtmf", "stream_id": "s-1", "dtmf": {"digit": "7"}}
+        elif carrier == "plivo":
+            url = await _plivo_stream(gw, call_id)
+            fmt = {"encoding": "audio/x-mulaw", "sampleRate": 8000}
+            start = {"callId": call_id, "streamId": "s-1", "mediaFormat": fmt}
+            opening = [{"event": "start", "sequenceNumber": 0, "start": start}]
+            frame = {"event": "media", "streamId": "s-1"}
+            sequence_key = "sequenceNumber"
+            key = {"event": "dtmf", "streamId": "s-1", "dtmf": {"track": "inbound", "digit": "7"}}
+        else:
+            url = f"ws://{urlsplit(gw.url).netloc}/exotel/stream"
+            headers = basic()
+            fmt = {"encoding": "audio/x-raw", "sample_rate": "8000", "bit_rate": "16"}
+            start = {"stream_sid": "s-1", "call_sid": call_id, "media_format": fmt}
+            opening = [{"event": "connected"}, {"event": "start", "start": start}]
+            frame = {"event": "media", "stream_sid": "s-1"}
+            sequence_key = "sequence_number"
+            key = {"event": "dtmf", "stream_sid": "s-1", "dtmf": {"digit": "7"}}
+        calls = {
+            "telnyx": lambda: gw.app.state.telnyx_calls,
+            "plivo": lambda: gw.app.state.plivo.calls,
+            "exotel": lambda: gw.app.state.exotel.calls,
+        }[carrier]()
+        async with connect(url, additional_headers=headers) as ws:
+            for message in opening:
+                await ws.send(json.dumps(message))
+            assert await until(lambda: call_id in calls, 10)
+            frames = 2 * MAX_BAD_FRAMES
+            for n in range(frames):
+                odd = dict(ODD_INFORMATION[n % len(ODD_INFORMATION)])
+                sequence = odd.pop("sequence", str(n + 2))
+                body = {**frame, sequence_key: sequence, "media": {**media, **odd}}
+                await ws.send(json.dumps(body))
+            runner = calls[call_id]
+            # every frame's 20 ms is the caller's audio (the audio time the call keeps)
+            assert await until(lambda: runner.call.now_ms == frames * 20, 30), runner.call.now_ms
+            await ws.send(json.dumps(key))
+            assert await until(lambda: "7" in gw.core.inputs(), 30), gw.core.inputs()
+            assert ws.protocol.close_rcvd is None
+    dropped = [r.getMessage() for r in caplog.records if "frame dropped" in r.getMessage()]
+    assert not dropped, dropped[:3]
+    assert not _errors(caplog)
