@@ -14,6 +14,9 @@ from collections.abc import Iterable, Mapping
 from typing import Annotated, Final, Literal
 from urllib.parse import urlsplit
 
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -832,7 +835,8 @@ class Settings(BaseSettings):
     )
     vonage_private_key: SecretStr | None = Field(
         default=None,
-        description="The Vonage application's private key (PEM) that signs API JWTs (RS256).",
+        description="The Vonage application's private key (PEM) that signs API JWTs (RS256); "
+        "anything but an unencrypted RSA private key stops the start.",
     )
     vonage_api_base_url: str = Field(
         default="https://api.nexmo.com", description="Base URL of the Vonage Voice API."
@@ -1165,6 +1169,29 @@ class Settings(BaseSettings):
             raw = b""
         if len(raw) != 32:
             raise ValueError("must be base64 of the 32 raw bytes of an Ed25519 public key")
+        return value
+
+    @field_validator("vonage_private_key", mode="after")
+    @classmethod
+    def _check_vonage_private_key(cls, value: SecretStr | None) -> SecretStr | None:
+        """A key that is not the PEM of an unencrypted RSA private key (what the Vonage
+        dashboard's ``private.key`` holds, and RS256 signs the Voice API's JWTs with)
+        stops the gateway at startup, naming GATEWAY_VONAGE_PRIVATE_KEY (else the
+        gateway started, and every transfer failed, logged as the Vonage API's fault,
+        and every call was cut at shutdown instead of moved). Unset or empty: the Voice
+        API is not configured."""
+        pem = value.get_secret_value() if value is not None else ""
+        if not pem:
+            return value
+        try:
+            key = load_pem_private_key(pem.encode("utf-8"), password=None)
+        except (ValueError, TypeError, UnsupportedAlgorithm):
+            key = None
+        if not isinstance(key, rsa.RSAPrivateKey):
+            raise ValueError(
+                "must be the PEM of the Vonage application's RSA private key (its "
+                "private.key file, unencrypted, line breaks kept)"
+            )
         return value
 
     @field_validator("calls_timeout_s", mode="after")

@@ -17,9 +17,12 @@ import pytest
 from gateway.calls import public_url_problem
 from gateway.settings import Settings
 from tests.adapters.telnyx.harness import PUBLIC_KEY as TELNYX_PUBLIC_KEY
+from tests.adapters.vonage.harness import application
 from tests.conftest import gateway
 
 PUBLIC = "https://gateway.example.com"
+VONAGE_PRIVATE_KEY = application("https://api.example.com")["vonage_private_key"]
+"""The PEM of a Vonage application's RSA private key (GATEWAY_VONAGE_PRIVATE_KEY)."""
 
 
 @pytest.mark.parametrize(
@@ -100,7 +103,7 @@ CARRIERS: dict[str, tuple[str, dict[str, Any]]] = {
     "Vonage": ("gateway.vonage", {"vonage_signature_secret": "vonage-secret-0123456789"}),
     "Vonage REST": (
         "gateway.vonage",
-        {"vonage_application_id": "app-id", "vonage_private_key": "-----BEGIN PRIVATE KEY-----"},
+        {"vonage_application_id": "app-id", "vonage_private_key": VONAGE_PRIVATE_KEY},
     ),
 }
 

@@ -12,6 +12,8 @@ import sys
 
 import httpx
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from pydantic import ValidationError
 
 from adapters.vonage.protocol import RATES
@@ -20,6 +22,7 @@ from gateway.events import MAX_TIMEOUT_S
 from gateway.io.call import TOKEN_TTL_S
 from gateway.protocol import MAX_ID_CHARS
 from gateway.settings import MAX_CALLS_TIMEOUT_S, Settings
+from tests.adapters.vonage.harness import application_key
 from tests.conftest import ROOT, GatewayProcess, free_port, serve_refused
 
 
@@ -248,6 +251,47 @@ def test_a_telnyx_public_key_that_is_no_key_stops_the_start(
     key = base64.b64encode(bytes(range(32))).decode()
     monkeypatch.setenv("GATEWAY_TELNYX_PUBLIC_KEY", key)
     assert Settings().telnyx_public_key == key
+
+
+def _pem(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> str:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        pytest.param("-----BEGIN PRIVATE KEY-----", id="a-header-alone"),
+        pytest.param(_pem(application_key()).replace("\n", "\\n"), id="line-breaks-escaped"),
+        pytest.param(_pem(ec.generate_private_key(ec.SECP256R1())), id="not-rsa"),
+    ],
+)
+def test_a_vonage_private_key_that_cannot_sign_stops_the_start(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    """A GATEWAY_VONAGE_PRIVATE_KEY that is no PEM RSA private key (a header alone, its
+    line breaks written as ``\\n``, another kind of key) cannot sign the Voice API's RS256
+    JWTs: the gateway does not start, the line naming the setting without its value.
+    Before, it started; every transfer then failed, logged as ``component: vonage-api``
+    (the Vonage API blamed for the gateway's setting), and every call was cut at
+    shutdown. The application's RSA key, as the dashboard's ``private.key`` holds it,
+    starts it."""
+    monkeypatch.setenv("GATEWAY_VONAGE_PRIVATE_KEY", value)
+    with pytest.raises(ValidationError, match="vonage_private_key") as refused:
+        Settings()
+    (line,) = setting_errors(refused.value)
+    assert line == (
+        "GATEWAY_VONAGE_PRIVATE_KEY: must be the PEM of the Vonage application's RSA "
+        "private key (its private.key file, unencrypted, line breaks kept)"
+    )
+    pem = _pem(application_key())
+    monkeypatch.setenv("GATEWAY_VONAGE_PRIVATE_KEY", pem)
+    key = Settings().vonage_private_key
+    assert key is not None
+    assert key.get_secret_value() == pem
 
 
 @pytest.mark.parametrize(
