@@ -709,9 +709,11 @@ class JsonCarrierCodec:
     @staticmethod
     def dtmf_event(frame: dict[str, Any], *, duration: bool = False) -> Digit:
         """``{"dtmf":{"digit":…[,"duration":ms]}}`` as :class:`Digit` (``duration``
-        read when the carrier sends it). Raises ProtocolError for a bad field."""
+        read when the carrier sends it). Raises ProtocolError for a bad ``dtmf`` or
+        ``digit``; a ``duration`` that is no integer (informational, as Vonage's) is None:
+        it does not drop the caller's key."""
         dtmf = get_object(frame, "dtmf", "dtmf message")
-        ms = get_int(dtmf, "duration", "dtmf message") if duration else None
+        ms = integer(dtmf.get("duration")) if duration else None
         return Digit(get_digit(dtmf, "dtmf message"), ms)
 
     @staticmethod

@@ -228,6 +228,24 @@ async def test_the_stream_urls_app_key_wins_over_a_custom_parameter(speech: Spee
                 assert session.app_key == expected, query
 
 
+async def test_a_key_whose_duration_is_no_integer_reaches_the_core(
+    speech: SpeechService, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A ``dtmf`` message whose ``duration`` is not an integer (a word, empty, a fraction:
+    informational, the gateway uses none of it) is the key all the same, as a Vonage key's
+    duration is and Twilio's: each key reaches the core. Such a key was dropped as an
+    invalid frame (a WARNING), the caller's press lost."""
+    caplog.set_level(logging.INFO)
+    async with CARRIER.gateway(speech) as (gw, _), ExotelHarness.dial(gw.url) as call:
+        await gw.wait_turns(1)  # #intro
+        for digit, duration in (("1", "long"), ("2", ""), ("3", 100.5)):
+            dtmf = {"digit": digit, "duration": duration}
+            await call.send({"event": "dtmf", "stream_sid": call.stream_sid, "dtmf": dtmf})
+        assert await until(lambda: gw.core.inputs()[1:4] == ["1", "2", "3"], 30), gw.core.inputs()
+    dropped = [r.getMessage() for r in caplog.records if "frame dropped" in r.getMessage()]
+    assert not dropped, dropped
+
+
 @pytest.mark.parametrize(("params", "fault"), OVERSIZED_PARAMS)
 async def test_custom_parameters_beyond_bounds_close_the_stream_1008(
     params: dict[str, str], fault: str
