@@ -815,7 +815,8 @@ class Settings(BaseSettings):
     )
     telnyx_api_key: SecretStr | None = Field(
         default=None,
-        description="Telnyx API key (Bearer) for Call Control: outbound calls, transfer, hang-up.",
+        description="Telnyx API key (Bearer) for Call Control: outbound calls, transfer, "
+        "hang-up; one that is no bearer token stops the start.",
     )
     telnyx_connection_id: str | None = Field(
         default=None,
@@ -850,7 +851,11 @@ class Settings(BaseSettings):
         default=16000,
         description="The rate of the Vonage WebSocket's linear PCM (Hz): 16000, 8000 or 24000.",
     )
-    plivo_auth_id: str | None = Field(default=None, description="Plivo Auth ID (Basic auth user).")
+    plivo_auth_id: str | None = Field(
+        default=None,
+        description="Plivo Auth ID (Basic auth user); one that is not letters and digits "
+        "stops the start.",
+    )
     plivo_auth_token: SecretStr | None = Field(
         default=None, description="Plivo Auth Token (Basic auth password)."
     )
@@ -1169,6 +1174,40 @@ class Settings(BaseSettings):
             raw = b""
         if len(raw) != 32:
             raise ValueError("must be base64 of the 32 raw bytes of an Ed25519 public key")
+        return value
+
+    @field_validator("telnyx_api_key", mode="after")
+    @classmethod
+    def _check_telnyx_api_key(cls, value: SecretStr | None) -> SecretStr | None:
+        """A Telnyx API key that is no RFC 6750 bearer token (a space, a line break such
+        as a secret file's last newline, a non-ASCII character) stops the gateway at
+        startup, naming GATEWAY_TELNYX_API_KEY without its value: no ``Authorization:
+        Bearer`` header can carry it, so every Call Control command (hang-up, transfer,
+        dial, a move at shutdown) failed, logged as Telnyx's API being unreachable or
+        not as the setting's fault. Unset or empty: Telnyx's API is not configured."""
+        key = value.get_secret_value() if value is not None else ""
+        if key and not _B64TOKEN.fullmatch(key):
+            raise ValueError(
+                "is no bearer token (RFC 6750 section 2.1: letters, digits and -._~+/, then "
+                "any '='; no spaces or line breaks, such as a secret file's last newline): "
+                "no Authorization header could carry it to Telnyx's API"
+            )
+        return value
+
+    @field_validator("plivo_auth_id", mode="after")
+    @classmethod
+    def _check_plivo_auth_id(cls, value: str | None) -> str | None:
+        """A Plivo Auth ID that is not letters and digits (as Plivo's console shows it: a
+        space, a line break, a ``/``) stops the gateway at startup, naming
+        GATEWAY_PLIVO_AUTH_ID: it is a path segment of every Plivo API URL
+        (``/v1/Account/{auth_id}/...``), so every hang-up, transfer and move at shutdown
+        failed (a line break: no URL at all; a ``/``: another endpoint), the transfer
+        logged as Plivo's API's fault. Unset or empty: Plivo's API is not configured."""
+        if value and not (value.isascii() and value.isalnum()):
+            raise ValueError(
+                "must be letters and digits, as Plivo's console shows the Auth ID (no "
+                "spaces or line breaks): it is a path segment of every Plivo API URL"
+            )
         return value
 
     @field_validator("vonage_private_key", mode="after")

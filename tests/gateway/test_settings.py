@@ -253,6 +253,53 @@ def test_a_telnyx_public_key_that_is_no_key_stops_the_start(
     assert Settings().telnyx_public_key == key
 
 
+@pytest.mark.parametrize(
+    ("name", "value", "words"),
+    [
+        pytest.param(
+            "GATEWAY_TELNYX_API_KEY", "KEY0188_abc\n", "is no bearer token", id="telnyx-newline"
+        ),
+        pytest.param(
+            "GATEWAY_TELNYX_API_KEY", "KEY0188_abc\u00a0", "is no bearer token", id="telnyx-nbsp"
+        ),
+        pytest.param(
+            "GATEWAY_TELNYX_API_KEY", "KEY 0188_abc", "is no bearer token", id="telnyx-space"
+        ),
+        pytest.param(
+            "GATEWAY_PLIVO_AUTH_ID",
+            "MAXXXXXXXXXXXXXXXXXX\n",
+            "must be letters and digits",
+            id="plivo-newline",
+        ),
+        pytest.param(
+            "GATEWAY_PLIVO_AUTH_ID", "MAXX/../SAXX", "must be letters and digits", id="plivo-slash"
+        ),
+    ],
+)
+def test_a_carrier_api_credential_no_request_can_carry_stops_the_start(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, words: str
+) -> None:
+    """A Telnyx API key that is no bearer token (a secret file's last newline, a
+    non-breaking space pasted with it, a space) or a Plivo Auth ID that is not letters and
+    digits (a newline, a ``/``) cannot go in a request to the carrier's API (the
+    ``Authorization: Bearer`` header; the ``/v1/Account/{auth_id}/`` path): the gateway
+    does not start, the line naming the setting without its value. Before, it started
+    and every hang-up, transfer and dial failed, each logged as the carrier's API being
+    unreachable (``component: telnyx-api``, ``plivo-api``), not as the setting's fault.
+    The values as the consoles show them start it."""
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError) as refused:
+        Settings()
+    (line,) = setting_errors(refused.value)
+    assert line.startswith(f"{name}: {words}"), line
+    assert value.strip() not in line or name == "GATEWAY_PLIVO_AUTH_ID"
+    monkeypatch.setenv("GATEWAY_TELNYX_API_KEY", "KEY0188D8D2E4B3CA_aB-c.d~e+f/g==")
+    monkeypatch.setenv("GATEWAY_PLIVO_AUTH_ID", "MAXXXXXXXXXXXXXXXXXX")
+    settings = Settings()
+    assert settings.plivo_auth_id == "MAXXXXXXXXXXXXXXXXXX"
+    assert settings.telnyx_api_key is not None
+
+
 def _pem(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> str:
     return key.private_bytes(
         serialization.Encoding.PEM,
