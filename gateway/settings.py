@@ -1210,6 +1210,28 @@ class Settings(BaseSettings):
             )
         return value
 
+    @field_validator("exotel_api_key", "exotel_api_token", mode="after")
+    @classmethod
+    def _check_exotel_credentials(
+        cls, value: str | SecretStr | None, info: ValidationInfo
+    ) -> str | SecretStr | None:
+        """An Exotel API key holding ``:`` (no Basic user-id can, RFC 7617 section 2), or a
+        key or token holding a space, a line break (a secret file's last newline) or
+        another control character, stops the gateway at startup naming the setting (the
+        token's value not shown): the key with ``:`` crashed the startup with a traceback
+        (:class:`adapters.exotel.verify.ExotelVerifier`), and with a space or line break
+        every stream was refused 403 as "wrong Exotel credentials", Exotel's applet never
+        sending them so. Unset or empty: streams refused (not configured)."""
+        text = value.get_secret_value() if isinstance(value, SecretStr) else value or ""
+        if info.field_name == "exotel_api_key" and ":" in text:
+            raise ValueError("holds ':', which no Basic user-id can (the applet URL's KEY:TOKEN)")
+        if any(char.isspace() or not char.isprintable() for char in text):
+            raise ValueError(
+                "holds a space, a line break or another control character (a secret file's "
+                "last newline?): Exotel's Basic credentials never do"
+            )
+        return value
+
     @field_validator("vonage_private_key", mode="after")
     @classmethod
     def _check_vonage_private_key(cls, value: SecretStr | None) -> SecretStr | None:

@@ -300,6 +300,40 @@ def test_a_carrier_api_credential_no_request_can_carry_stops_the_start(
     assert settings.telnyx_api_key is not None
 
 
+@pytest.mark.parametrize(
+    ("name", "value", "words"),
+    [
+        ("GATEWAY_EXOTEL_API_KEY", "exotel:key", "holds ':', which no Basic user-id can"),
+        ("GATEWAY_EXOTEL_API_KEY", "exotel-key\n", "holds a space, a line break"),
+        ("GATEWAY_EXOTEL_API_TOKEN", "exotel-token\n", "holds a space, a line break"),
+        ("GATEWAY_EXOTEL_API_TOKEN", "exotel token", "holds a space, a line break"),
+    ],
+    ids=["key-colon", "key-newline", "token-newline", "token-space"],
+)
+def test_exotel_credentials_no_applet_sends_stop_the_start(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, words: str
+) -> None:
+    """Exotel credentials its applet could never present as Basic credentials (a key
+    holding ':', a key or token holding a space or a line break): the gateway does not
+    start, the CLI line naming the setting (the token's value not shown). A key with ':'
+    crashed the startup with a traceback (ExotelVerifier's ValueError in the router's
+    lifespan); with a line break every stream was refused 403 "wrong Exotel credentials".
+    The values of the applet's URL start it."""
+    monkeypatch.setenv("GATEWAY_EXOTEL_API_KEY", "exotel-key")
+    monkeypatch.setenv("GATEWAY_EXOTEL_API_TOKEN", "exotel-token-0123")
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError) as refused:
+        Settings()
+    (line,) = setting_errors(refused.value)
+    assert line.startswith(f"{name}: {words}"), line
+    if name == "GATEWAY_EXOTEL_API_TOKEN":
+        assert value.strip() not in line
+    monkeypatch.setenv(name, value.strip().replace(":", "-").replace(" ", "-"))
+    settings = Settings()
+    assert settings.exotel_api_key == "exotel-key"
+    assert settings.exotel_api_token is not None
+
+
 def _pem(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> str:
     return key.private_bytes(
         serialization.Encoding.PEM,
