@@ -459,13 +459,15 @@ def transfer_target(item: ResponseItem) -> tuple[str, str | None] | None:
     """``(target, reason)`` when ``item`` is a transfer action (:func:`transfer_item`), else None.
 
     An item whose text is ``#transfer`` but whose ``code`` does not hold a transfer
-    with a non-empty string target is not a transfer (None).
+    with a non-empty string target is not a transfer (None): a ``code`` that is no JSON
+    object, or JSON nested deeper than the parser recurses (a core's text: it ended the
+    call engine's turn with a RecursionError, the call closed 1011).
     """
     if item.text != TRANSFER or not item.code:
         return None
     try:
         body = json.loads(item.code).get("transfer")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         return None
     if not isinstance(body, dict):
         return None

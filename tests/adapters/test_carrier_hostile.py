@@ -412,3 +412,47 @@ async def test_media_whose_informational_fields_are_odd_is_heard_not_dropped(
     dropped = [r.getMessage() for r in caplog.records if "frame dropped" in r.getMessage()]
     assert not dropped, dropped[:3]
     assert not _errors(caplog)
+
+
+class _DeepTransfer:
+    """A core answering ``#intro`` with a ``#transfer`` item whose ``code`` nests deeper
+    than the parser recurses, then a word to say."""
+
+    name = "deep-transfer"
+
+    async def process(self, session: Session, input: Input) -> AsyncIterator[Any]:
+        yield ResponseItem(text="#transfer", code='{"transfer":' + DEEP + "}")
+        yield ResponseItem(text="Hello.")
+        yield Response()
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_a_transfer_item_whose_code_nests_too_deep_is_no_transfer_and_the_call_goes_on(
+    speech: SpeechService, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A core's ``#transfer`` item whose ``code`` is JSON nested deeper than the parser
+    recurses holds no transfer (gateway/events.py ``transfer_target``, as a malformed code
+    is): the call goes on, the rest of the turn is said, nothing is transferred. It was a
+    RecursionError in the call engine: the turn's forwarding failed (an ERROR with a
+    traceback blaming the gateway) and the call was closed 1011."""
+    caplog.set_level(logging.INFO)
+    async with EXOTEL.gateway(speech) as (gw, api):
+        gw.app.state.gateway.conversation.pipeline = _DeepTransfer()
+        url = f"ws://{urlsplit(gw.url).netloc}/exotel/stream"
+        sid = uuid.uuid4().hex
+        fmt = {"encoding": "audio/x-raw", "sample_rate": "8000", "bit_rate": "16"}
+        start = {"stream_sid": sid, "call_sid": sid, "media_format": fmt}
+        async with connect(url, additional_headers=basic()) as ws:
+            await ws.send(json.dumps({"event": "connected"}))
+            await ws.send(json.dumps({"event": "start", "stream_sid": sid, "start": start}))
+            events: list[str] = []
+            async with asyncio.timeout(20):
+                while "mark" not in events:  # "Hello." said: its audio, then its mark
+                    events.append(json.loads(await ws.recv())["event"])
+            assert events[0] == "media", events
+            await asyncio.sleep(0.3)
+            assert ws.protocol.close_rcvd is None
+        assert not api.requests
+    assert not _errors(caplog)
