@@ -13,9 +13,9 @@ when another realtime PUT holds its recognition), 413 too large or
 too long, 405 a method other than GET and PUT (with ``Allow: GET, PUT``; a ``!`` line
 when ``Accept`` ranks ``text/plain`` first, as for GET), 415 unsupported content type,
 429 too many unknown sessions, 503 store
-down (with ``Retry-After``: :data:`STORE_RETRY_AFTER_S`) or recognizer down, or all
-recognizers busy: then with ``Retry-After`` and an ErrorEvent of source ``stt``, see
-GATEWAY_STT_QUEUE). A ``flowstorm-session-id``
+down (with ``Retry-After``: :data:`STORE_RETRY_AFTER_S`), recognizer failed (an ErrorEvent
+of source ``stt``), or all recognizers busy: then with ``Retry-After`` and an ErrorEvent of
+source ``stt``, see GATEWAY_STT_QUEUE). A ``flowstorm-session-id``
 cookie that cannot be a session id (over 256 characters, whitespace or control
 characters: :func:`adapters.flowstorm.events.check_session_id`, as V1 checks its
 ``sessionId``) is refused with 400 (source ``client``) and cleared, before any session
@@ -449,8 +449,8 @@ _COOKIE_SAFE: Final = re.compile(r"[A-Za-z0-9._-]{1,256}")
 @contextlib.contextmanager
 def _refusals() -> Iterator[None]:
     """A client's mistake (ProtocolError) and speech stage errors as _Refused: client errors
-    (400 / 413 / 415), a busy recognizer (503 with Retry-After, source ``stt``) or an
-    unavailable one (503, source ``gateway``)."""
+    (400 / 413 / 415), a busy recognizer (503 with Retry-After, source ``stt``) or a failed
+    one (503, source ``stt``, as V1's Error for it)."""
     try:
         yield
     except RecognizerBusy as exc:
@@ -461,9 +461,10 @@ def _refusals() -> Iterator[None]:
         raise _Refused(413, f"The audio is too long: {exc}.", "client") from None
     except AudioFormatError as exc:
         raise _Refused(400, f"The audio is not valid: {exc}.", "client") from None
-    except RecognitionError as exc:
+    except RecognitionError as exc:  # the recognizer failed: the stt component, as V1 names it
         log.error("speech recognition failed: %s", exc)
-        raise _Refused(503, "Speech recognition is unavailable.", "gateway") from None
+        metrics.ERRORS.labels(CHANNEL, "stt").inc()
+        raise _Refused(503, "Speech recognition is unavailable.", "stt") from None
     except ProtocolError as exc:  # a client's mistake
         raise _Refused(exc.status, exc.text, "client") from None
     except Restarting as exc:  # the graceful shutdown finished the realtime PUT (no turn)
