@@ -101,7 +101,8 @@ One in which nothing was said, or not recognised by then, is answered 503 (``Ret
 
 Session: as for text, the ``flowstorm-session-id`` cookie or a new session; an audio
 or realtime PUT whose cookie names a session that is unknown (404) or another
-application's (403) is refused before its body is read, not after its audio was
+application's (403) is refused before its body is read (a JSON body of Binary events
+without ``realtime``: before its audio is recognised), not after its audio was
 recognised. A client learns the cookie from a PUT's answer headers, which it reads
 only after its body ended; so a realtime PUT without the cookie works (it creates
 the session and its recognition ends by endpointing) but no GET can follow it:
@@ -575,10 +576,14 @@ async def _stream_turn(
 ) -> HTTPResponse:
     """A JSON body (any) or a realtime audio body: read as it streams, then the turn.
 
-    Raises _Refused (the body's refusal, or 409 with ``Retry-After``:
+    Raises _Refused (the body's refusal; 403 / 404 when a JSON body's audio, recognised whole,
+    is of a session that is another application's or unknown; or 409 with ``Retry-After``:
     :data:`STREAMING_RETRY_AFTER_S` while another realtime PUT of the session holds its
     recognition) or ClientDisconnect."""
-    hearing = _Hearing(request, gw, config, container, ctx.key)  # the bus topic is the session key
+    # a JSON body's audio (no realtime) is recognised whole at its end: its session is looked
+    # up before that, as an audio file's is before its body is read (put_client)
+    known = None if ctx.create or config.realtime else functools.partial(_known_session, gw, ctx)
+    hearing = _Hearing(request, gw, config, container, ctx.key, known)  # topic: the session key
     if config.realtime and not await hearing.claim():
         raise _Refused(409, _STREAMING, "session", STREAMING_RETRY_AFTER_S)
     hearings: set[_Hearing] = request.app.state.v2_hearings
@@ -827,8 +832,12 @@ class _Hearing:
         config: ClientConfig,
         container: AudioContainer | None,
         topic: str,
+        known: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         settings = gw.settings
+        self.known = known
+        """Raises _Refused unless the cookie's session may take an audio turn (403 / 404 /
+        503: :func:`_known_session`), awaited before a whole body's audio is recognised."""
         self.request = request
         self.gw = gw
         self.topic = topic
@@ -991,6 +1000,8 @@ class _Hearing:
                 if self.stage is not None:
                     await self.stage.cancel()
             elif isinstance(action, RecognizeFile):
+                if self.known is not None:
+                    await self.known()
                 await self._do(body.heard(await _recognise_file(self.gw, action.fmt, action.data)))
             else:
                 if action.done:

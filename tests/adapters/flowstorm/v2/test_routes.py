@@ -334,6 +334,44 @@ async def test_audio_of_a_session_that_is_gone_is_refused_before_it_is_recognise
     await ok_turn(base)
 
 
+async def test_json_audio_of_a_session_that_is_gone_is_refused_before_it_is_recognised(
+    base: str,
+) -> None:
+    """A JSON body of Binary events without ``realtime`` is an audio file too (its audio
+    is recognised whole at the body's end), but its session was looked up only by the
+    turn, after the recognition: the audio of an unknown (or another application's)
+    session took a recognizer and was answered 404 / 403 only then. Now the session is
+    looked up before its audio is recognised, as for an audio/* file."""
+    silence = b"\x00\x00" * 16000 * 3  # 3 s of LINEAR16 at 16 kHz
+    binary = json.dumps({"type": "Binary", "data": base64.b64encode(silence).decode()})
+    async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+        before = recognitions()
+        gone = await client.put(
+            f"/client?key={KEY}",
+            headers={**JSON, "Cookie": "flowstorm-session-id=gone-session"},
+            content=binary,
+        )
+        assert gone.status_code == 404, gone.text
+        text = "Session gone-session is unknown or has expired."
+        assert events(gone) == [{"type": "Error", "text": text, "source": "session"}]
+        assert 'flowstorm-session-id=""' in gone.headers["set-cookie"]
+        assert recognitions() == before  # no recognizer was used
+        client.cookies.clear()
+        mine = await client.put(f"/client?key={KEY}&tts=None", headers=TEXT, content="hi")
+        own = {**JSON, "Cookie": f"flowstorm-session-id={mine.cookies['flowstorm-session-id']}"}
+        client.cookies.clear()
+        foreign = await client.put("/client?key=another-app", headers=own, content=binary)
+        assert foreign.status_code == 403, foreign.text
+        assert events(foreign)[0]["source"] == "session"
+        assert recognitions() == before
+        # the session's own audio is recognised (the check lets it through): the #silence turn
+        answer = await client.put(f"/client?key={KEY}&tts=None", headers=own, content=binary)
+        assert answer.status_code == 200, answer.text
+        assert [e["type"] for e in events(answer)] == ["ResponseItem", "Response"]
+        assert recognitions() == before + 1
+    await ok_turn(base)
+
+
 async def test_logs_sent_with_realtime_are_stored_not_a_silent_turn() -> None:
     """flowstorm-socket-v2.md asks clients to send the same socket properties with every
     request, and PUT also writes "other client related data (e.g. client logs)". A body
