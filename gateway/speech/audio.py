@@ -463,7 +463,8 @@ def decode_wav(data: bytes) -> Pcm:
     the declared size must be present.
 
     Raises:
-        AudioFormatError: not RIFF/WAVE, truncated, another sample format (e.g. float),
+        AudioFormatError: not RIFF/WAVE, truncated (also: a chunk whose declared size runs
+            past the end of the input), another sample format (e.g. float),
             more than two channels, an unsupported width (G.711 of other than 8 bits) or
             sample rate.
     """
@@ -478,6 +479,9 @@ def decode_wav(data: bytes) -> Pcm:
             raw = reader.readframes(declared)
     except (wave.Error, EOFError) as exc:
         reason = str(exc) or "truncated header"
+        raise AudioFormatError(f"expected {what}: {reason}") from exc
+    except RuntimeError as exc:  # wave's chunk reader: a seek past the chunk (its size is wrong)
+        reason = "a chunk's declared size runs past the end of the file"
         raise AudioFormatError(f"expected {what}: {reason}") from exc
     if channels not in (1, 2):
         raise AudioFormatError(f"expected {what}: {channels} channels (mono or stereo only)")

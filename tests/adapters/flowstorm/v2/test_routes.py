@@ -34,7 +34,7 @@ from gateway.push import push_event
 from gateway.server import uvicorn_options
 from gateway.sessions import redis_client
 from gateway.settings import Settings
-from gateway.speech.audio import Pcm, encode_mp3, silence
+from gateway.speech.audio import Pcm, encode_mp3, encode_wav, silence
 from tests.adapters.flowstorm_shapes import check_v2
 from tests.conftest import gateway, refused_port, serve, served, served_app
 from tests.gateway.core_app import make_core
@@ -370,6 +370,31 @@ async def test_json_audio_of_a_session_that_is_gone_is_refused_before_it_is_reco
         assert [e["type"] for e in events(answer)] == ["ResponseItem", "Response"]
         assert recognitions() == before + 1
     await ok_turn(base)
+
+
+async def test_a_wav_file_whose_chunk_runs_past_its_end_is_a_400_not_a_500(base: str) -> None:
+    """An ``audio/wav`` body with a chunk whose declared size runs past the end of the body
+    (a ``LIST`` chunk before the audio, or the ``fmt `` chunk, with a wrong size: a bad
+    recorder, a corrupted upload) made Python's ``wave`` raise a bare RuntimeError, which
+    nothing caught: the client got a 500 problem body, not V2's Error, and the server logged
+    an ERROR with a traceback. Now it is bad audio: 400, an Error of source ``client``."""
+    wav = encode_wav(Pcm(silence(300, 16000).data, 16000))
+    listed = wav[:36] + b"LIST" + (10**6).to_bytes(4, "little") + b"INFO" + wav[36:]
+    huge_fmt = wav[:16] + (0xFFFF).to_bytes(4, "little") + wav[20:]
+    async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+        named = await client.put(f"/client?key={KEY}&tts=None", headers=TEXT, content="hi")
+        assert named.status_code == 200
+        for body in (listed, huge_fmt):
+            answer = await client.put(
+                f"/client?key={KEY}", headers={"Content-Type": "audio/wav"}, content=body
+            )
+            assert answer.status_code == 400, answer.text
+            [error] = events(answer)
+            assert error["source"] == "client"
+            assert error["text"].startswith("The audio/wav body is not valid audio: expected WAV")
+            assert "runs past the end" in error["text"], error["text"]
+        again = await client.put(f"/client?key={KEY}&tts=None", headers=TEXT, content="again")
+        assert again.text == "< You said: again\n"  # the same session goes on
 
 
 async def test_logs_sent_with_realtime_are_stored_not_a_silent_turn() -> None:
