@@ -625,7 +625,7 @@ _STOPPED: Final = "The turn was stopped before it answered."
 async def _store_logs(gw: Gateway, ctx: TurnContext) -> HTTPResponse:
     """Store a body's Log events with the session (204). Raises _Refused: 409 busy (with
     ``Retry-After``: :data:`BUSY_RETRY_AFTER_S`), 503 the
-    store down, 403 / 404 (:func:`_session_refused`)."""
+    store down, 403 / 404 (:func:`_session_refused`; the cookie cleared with a 404)."""
     if ctx.create:  # no session yet: nothing to attach the logs to
         return HTTPResponse(status_code=204)
     try:
@@ -634,8 +634,8 @@ async def _store_logs(gw: Gateway, ctx: TurnContext) -> HTTPResponse:
         raise _Refused(409, _BUSY, "session", BUSY_RETRY_AFTER_S) from None
     except StoreUnavailable:
         raise _store_down() from None
-    if stored != "stored":
-        raise _session_refused(stored, ctx.session_id)
+    if stored != "stored":  # (an unknown session's cookie is cleared, as for a turn)
+        raise _session_refused(stored, ctx.session_id, forget=stored == "not-found")
     return HTTPResponse(status_code=204)
 
 

@@ -199,6 +199,29 @@ async def test_logs_alone_are_stored_with_the_session() -> None:
         assert [e.text for e in session.logs] == ["mic muted"]
 
 
+async def test_logs_of_an_unknown_session_clear_the_cookie_as_a_turn_does(base: str) -> None:
+    """A body of Log events whose cookie names an unknown or expired session was answered
+    404 without clearing the cookie, while a turn's, an audio PUT's and a GET's 404 clear it
+    (README: "404 unknown or expired session (the cookie is cleared)"): a client that sends
+    its logs kept the dead id, and each of its log PUTs was another 404 counted against its
+    allowance of unknown sessions. Now the cookie is cleared, with or without realtime."""
+    logs = '{"type":"Log","entries":[{"text":"mic muted"}]}'
+    gone = {**JSON, "Cookie": "flowstorm-session-id=gone-session"}
+    async with httpx.AsyncClient(base_url=base) as client:
+        for query in ("", "&realtime=1"):
+            answer = await client.put(f"/client?key={KEY}{query}", headers=gone, content=logs)
+            assert answer.status_code == 404, answer.text
+            assert events(answer) == [
+                {
+                    "type": "Error",
+                    "text": "Session gone-session is unknown or has expired.",
+                    "source": "session",
+                }
+            ]
+            assert 'flowstorm-session-id=""' in answer.headers.get("set-cookie", ""), query
+            assert "Max-Age=0" in answer.headers["set-cookie"]
+
+
 async def test_a_busy_session_is_409_with_retry_after(redis_url: str, redis_prefix: str) -> None:
     """A turn, or a body of Log events alone, of a session whose lock another turn (here
     another instance's, the lock held through the store) holds for all of
