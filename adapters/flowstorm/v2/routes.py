@@ -1127,8 +1127,8 @@ async def get_client(request: Request) -> HTTPResponse:
     answer is empty and ends at once (recognition has "finished"). With one, it must
     be a session id (400 otherwise, as for PUT) and the session must exist (404,
     also for one not stored yet while its first turn makes it, which counts against
-    the client's allowance of unknown sessions; 429 when that is used up) and belong to
-    ``key`` (403).
+    the client's allowance of unknown sessions but keeps the cookie; 429 when that is
+    used up) and belong to ``key`` (403).
     """
     gw = gateway_of(request)
     plain = plain_accepted(request.headers.get("accept"))
@@ -1148,8 +1148,9 @@ async def get_client(request: Request) -> HTTPResponse:
             raise _store_down() from None
         if found == "foreign":
             raise _session_refused(found, cookie)
-        if found != "found":  # also "creating": not stored yet, nothing to follow
-            raise _session_refused("not-found", cookie, forget=True)
+        if found != "found":  # also "creating": not stored yet, nothing to follow; its
+            # cookie (from its first turn's streaming answer) is kept: the session is coming
+            raise _session_refused("not-found", cookie, forget=found == "not-found")
     except _Refused as exc:
         return exc.answer(request, plain=plain)
     body = _follow(gw, ctx.key, config, plain=plain)  # a session's recognition topic: its key

@@ -425,3 +425,22 @@ async def test_get_client_of_a_session_being_made_is_a_404_not_a_500() -> None:
         assert made.status_code == 404
         (error,) = [json.loads(line) for line in made.text.splitlines()]
         assert (error["type"], error["source"]) == ("Error", "session")
+
+
+async def test_get_client_of_a_session_being_made_keeps_its_cookie() -> None:
+    """A client holds the cookie of a session still being made when its first turn's
+    answer streams (its headers, with the cookie, go out before the turn saves the
+    session). A GET it sends meanwhile was answered 404 with the cookie cleared, as for a
+    session that is gone: the client's cookie jar dropped the id, and its next PUT began
+    a new conversation, losing the one being made. The 404 stays (nothing to follow yet);
+    the cookie is kept. An unknown session's 404 still clears it."""
+    app = create_app(Settings())
+    async with served_app(app) as url, httpx.AsyncClient(base_url=url) as client:
+        store = app.state.gateway.conversation.store
+        async with store.open("flowstorm:being-made", lease_s=5, wait_s=1):
+            made = await call(client, "GET", f"/client?key={KEY}", session="being-made")
+        assert made.status_code == 404
+        assert "set-cookie" not in made.headers, made.headers["set-cookie"]
+        gone = await call(client, "GET", f"/client?key={KEY}", session="being-made")
+        assert gone.status_code == 404  # (its turn ended without saving it: it is unknown)
+        assert 'flowstorm-session-id=""' in gone.headers["set-cookie"]
