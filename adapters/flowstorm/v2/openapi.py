@@ -104,7 +104,10 @@ _TURN_DOC: dict[int | str, dict[str, Any]] = {
         "description": "Body larger than GATEWAY_MAX_BODY_BYTES (text, JSON) or "
         "GATEWAY_MAX_AUDIO_BYTES (audio), or more than GATEWAY_MAX_AUDIO_S of audio"
     },
-    415: {"description": "Content type not supported, or a text/plain charset not known"},
+    415: {
+        "description": "Content type not supported, a text/plain charset not known, or a "
+        "Content-Encoding other than identity (send the body uncompressed)"
+    },
     503: {
         "description": "The session store (`Retry-After` s) or the speech recognizer is "
         "unavailable, or all recognizers are busy (an audio request: ErrorEvent source `stt`, "

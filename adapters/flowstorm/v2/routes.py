@@ -11,7 +11,8 @@ unknown session, 408 a stream that stopped, 409 busy session (with ``Retry-After
 :data:`BUSY_RETRY_AFTER_S` when its lock wait ran out, :data:`STREAMING_RETRY_AFTER_S`
 when another realtime PUT holds its recognition), 413 too large or
 too long, 405 a method other than GET and PUT (with ``Allow: GET, PUT``; a ``!`` line
-when ``Accept`` ranks ``text/plain`` first, as for GET), 415 unsupported content type,
+when ``Accept`` ranks ``text/plain`` first, as for GET), 415 unsupported content type
+(or a ``Content-Encoding`` other than ``identity``: no body is decompressed),
 429 too many unknown sessions, 503 store
 down (with ``Retry-After``: :data:`STORE_RETRY_AFTER_S`), recognizer failed (an ErrorEvent
 of source ``stt``), or all recognizers busy: then with ``Retry-After`` and an ErrorEvent of
@@ -486,6 +487,10 @@ async def put_client(request: Request) -> HTTPResponse:
             raise _Refused(415, text, "client")
         if config.realtime and container == "mp3":
             raise _Refused(415, _NO_MP3_STREAM, "client")
+        coding = request.headers.get("content-encoding", "").strip()
+        if coding and coding.lower() != "identity":  # (RFC 9110 section 15.5.16)
+            text = f"Unsupported Content-Encoding {clipped(coding)}: send the body uncompressed."
+            raise _Refused(415, text, "client")
         cookie = request.cookies.get(SESSION_COOKIE) or None
         if cookie:
             _check_cookie(request, cookie)

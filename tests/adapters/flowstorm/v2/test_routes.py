@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import codecs
+import gzip
 import json
 import logging
 import re
@@ -418,6 +419,43 @@ async def test_a_wav_file_whose_chunk_runs_past_its_end_is_a_400_not_a_500(base:
             assert "runs past the end" in error["text"], error["text"]
         again = await client.put(f"/client?key={KEY}&tts=None", headers=TEXT, content="again")
         assert again.text == "< You said: again\n"  # the same session goes on
+
+
+async def test_a_compressed_body_is_refused_not_misread(base: str) -> None:
+    """A body sent with ``Content-Encoding: gzip`` (some HTTP clients compress request
+    bodies) was read as if it were not: gzip bytes taken for raw audio made a turn of
+    noise (200, here the ``#silence`` turn: the user's words lost without a word why),
+    and a compressed text or JSON body was refused as "not UTF-8 text" / "got '\\x1f'".
+    The gateway decodes no content coding: 415 (RFC 9110 section 15.5.16) naming it, in
+    V2's form; ``identity`` is no coding and is accepted."""
+    audio = gzip.compress(b"\x00\x00" * 16004, mtime=0)
+    assert len(audio) % 2 == 0  # a whole number of LINEAR16 samples, as raw audio
+    cases = [
+        ("audio/basic", "", audio),
+        ("audio/basic", "&realtime=1", audio),
+        ("text/plain", "", gzip.compress(b"hello")),
+        ("application/json", "", gzip.compress(input_event("hello").encode())),
+    ]
+    async with httpx.AsyncClient(base_url=base) as client:
+        await client.put(f"/client?key={KEY}&tts=None", headers=TEXT, content="#intro")
+        for content_type, query, body in cases:
+            answer = await client.put(
+                f"/client?key={KEY}&tts=None{query}",
+                headers={"Content-Type": content_type, "Content-Encoding": "gzip"},
+                content=body,
+            )
+            assert answer.status_code == 415, (content_type, query, answer.text)
+            text = "Unsupported Content-Encoding 'gzip': send the body uncompressed."
+            if content_type == "text/plain":
+                assert answer.text == f"! client: {text}\n"
+            else:
+                assert events(answer) == [{"type": "Error", "text": text, "source": "client"}]
+        identity = await client.put(
+            f"/client?key={KEY}&tts=None",
+            headers={**TEXT, "Content-Encoding": "identity"},
+            content="hello",
+        )
+        assert identity.text == "< You said: hello\n"
 
 
 async def test_logs_sent_with_realtime_are_stored_not_a_silent_turn() -> None:
