@@ -45,6 +45,7 @@ from adapters.flowstorm.events import (
     check_input,
 )
 from adapters.flowstorm.v2.protocol import (
+    FILE_HEAD_BYTES,
     AudioContainer,
     BusMessage,
     ClientConfig,
@@ -53,6 +54,7 @@ from adapters.flowstorm.v2.protocol import (
     RequestStream,
     StreamState,
     WavStreamReader,
+    check_not_a_file,
     check_raw_audio,
     done_message,
     interim_message,
@@ -211,6 +213,7 @@ class StreamedBody:
         self.listening = False
         """Whether audio went to the stage (it exists)."""
         self.audio = bytearray()  # not realtime: all the audio, recognised at the end
+        self._head = b""  # realtime raw audio: its first bytes, until checked (no file header)
         self.audio_bytes = 0
         self.max_audio_bytes = max_audio_bytes
         self.max_audio_s = max_audio_s
@@ -291,6 +294,10 @@ class StreamedBody:
         if not self.realtime:
             self.audio += data
             return []
+        if self.wav is None and len(self._head) < FILE_HEAD_BYTES:  # raw: no file's header
+            self._head += data[: FILE_HEAD_BYTES - len(self._head)]
+            what = "audio/basic" if self.json is None else "BinaryEvent"
+            check_not_a_file(self._head, what=what)
         fmt = self.wav.format if self.wav is not None else self.config.raw_format()
         assert fmt is not None  # the WAV reader returns audio only after its header
         start: list[Action] = [] if self.listening else [StartListening(STREAM, fmt, interim=True)]

@@ -25,7 +25,9 @@ Decisions where the spec is silent:
 
 - ``audio/basic`` is raw audio in the request's ``sttEncoding`` (LINEAR16:
   16-bit signed little-endian; MULAW: G.711 u-law, one byte a sample) at its
-  ``sttSampleRate`` (Hz), mono, no header. WAV and MP3 carry their own rate.
+  ``sttSampleRate`` (Hz), mono, no header. WAV and MP3 carry their own rate. Raw audio
+  (``audio/basic``, BinaryEvent data) that begins with a WAV or MP3 file's header is
+  refused naming the content type to send it as (:func:`check_not_a_file`).
 - Every turn's items get TTS links (``audio``, absolute URLs under
   ``/file/tts/``; format ``ttsFileType``), as the spec's plain-text example
   shows. A ``tts`` value (header ``X-Tts``, query ``tts``; V1's name) of
@@ -670,9 +672,10 @@ def decode_audio_file(
 
     Raises ProtocolError: status 400 naming the expected format when the body is
     not valid audio of its type (truncated WAV, MP3 without frames, LINEAR16 of
-    an odd number of bytes, empty), 413 when it holds more than ``max_audio_s``
-    seconds (GATEWAY_MAX_AUDIO_S; an MP3 is measured from its frames' headers before
-    it is decoded), 415 for a content type that is not audio.
+    an odd number of bytes, empty, a WAV or MP3 file sent as ``audio/basic``), 413
+    when it holds more than ``max_audio_s`` seconds (GATEWAY_MAX_AUDIO_S; an MP3 is
+    measured from its frames' headers before it is decoded), 415 for a content type
+    that is not audio.
     """
     container = AUDIO_CONTAINERS.get(kind)
     if container is None:
@@ -694,12 +697,37 @@ def decode_audio_file(
     return fmt, data
 
 
+FILE_HEAD_BYTES: Final = 12
+"""Bytes at the start of raw audio that :func:`check_not_a_file` looks at."""
+
+
+def check_not_a_file(head: bytes, *, what: str) -> None:
+    """Raise ProtocolError (400) when raw audio (``what``: where it came from, e.g.
+    ``audio/basic``) begins as an audio file does: a RIFF/WAVE header (WAV) or an ID3v2
+    tag (MP3), naming the content type to send it as. Raw audio has no header: such a file
+    would be recognised as samples (its header, and all of an MP3 or of a WAV at another
+    rate, as noise). ``head``: the first :data:`FILE_HEAD_BYTES` bytes (or all, if fewer).
+    Audio whose first samples happen to spell these is not real audio."""
+    if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
+        kind, content_type = "WAV", "audio/wav"
+    elif head[:3] == b"ID3" and head[3:4] in (b"\x02", b"\x03", b"\x04"):
+        kind, content_type = "MP3", "audio/mpeg"
+    else:
+        return
+    raise ProtocolError(
+        f"The {what} audio is a {kind} file, not raw audio (sttEncoding at sttSampleRate, "
+        f"no header): send it as {content_type}."
+    )
+
+
 def check_raw_audio(fmt: AudioFormat, data: bytes, *, what: str, max_audio_s: float) -> None:
     """Check raw audio (``what``: where it came from, e.g. ``audio/basic``) before recognition.
 
-    Raises ProtocolError: 400 for LINEAR16 of an odd number of bytes (naming
+    Raises ProtocolError: 400 for an audio file sent as raw audio
+    (:func:`check_not_a_file`) or LINEAR16 of an odd number of bytes (naming
     sttEncoding and sttSampleRate), 413 for more than ``max_audio_s`` seconds.
     """
+    check_not_a_file(data[:FILE_HEAD_BYTES], what=what)
     if len(data) % fmt.sample_width:
         raise ProtocolError(
             f"The {what} audio is not valid: expected {fmt.encoding} "

@@ -458,6 +458,46 @@ async def test_a_compressed_body_is_refused_not_misread(base: str) -> None:
         assert identity.text == "< You said: hello\n"
 
 
+async def test_a_wav_or_mp3_file_sent_as_raw_audio_is_refused_naming_its_type(base: str) -> None:
+    """``audio/basic`` and BinaryEvents are raw audio (sttEncoding at sttSampleRate, no
+    header). A WAV or MP3 file sent so was recognised as raw samples: its header and, for
+    an MP3 or a WAV at another rate, all of it heard as noise, a turn of nothing the user
+    said (200) without a word why. A body (or realtime stream, or BinaryEvent audio) that
+    begins with a RIFF/WAVE header or an ID3 tag is refused: 400 naming the file type and
+    the content type to send it as; the session goes on."""
+    wav = encode_wav(Pcm(silence(1000, 8000).data, 8000))
+    mp3 = b"ID3\x04\x00\x00\x00\x00\x00\x00" + encode_mp3(Pcm(silence(1000, 16000).data, 16000))
+    mp3 += bytes(len(mp3) % 2)  # a whole number of LINEAR16 samples
+
+    def binary(data: bytes) -> str:
+        return json.dumps({"type": "Binary", "data": base64.b64encode(data).decode()})
+
+    cases = [
+        ("audio/basic", "", wav, "WAV", "audio/wav"),
+        ("audio/basic", "", mp3, "MP3", "audio/mpeg"),
+        ("audio/basic", "&realtime=1", wav, "WAV", "audio/wav"),
+        ("application/json", "", binary(wav).encode(), "WAV", "audio/wav"),
+        ("application/json", "&realtime=1", binary(mp3).encode(), "MP3", "audio/mpeg"),
+    ]
+    async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+        await client.put(f"/client?key={KEY}&tts=None", headers=TEXT, content="my name is Ada")
+        for content_type, query, body, kind, as_type in cases:
+            answer = await client.put(
+                f"/client?key={KEY}&tts=None{query}",
+                headers={"Content-Type": content_type},
+                content=body,
+            )
+            assert answer.status_code == 400, (content_type, query, answer.text)
+            [error] = events(answer)
+            assert error["source"] == "client"
+            assert f"is a {kind} file, not raw audio" in error["text"], error["text"]
+            assert f"send it as {as_type}" in error["text"], error["text"]
+        asked = await client.put(
+            f"/client?key={KEY}&tts=None", headers=TEXT, content="what is my name"
+        )
+        assert asked.text == "< Your name is Ada.\n"  # the session goes on
+
+
 async def test_logs_sent_with_realtime_are_stored_not_a_silent_turn() -> None:
     """flowstorm-socket-v2.md asks clients to send the same socket properties with every
     request, and PUT also writes "other client related data (e.g. client logs)". A body
