@@ -83,6 +83,7 @@ from gateway.speech.audio import (
     decode_wav,
     mp3_duration_s,
 )
+from gateway.ssml import ssml_to_text
 
 SESSION_COOKIE = "flowstorm-session-id"
 NDJSON = "application/x-ndjson"
@@ -1004,12 +1005,15 @@ _ITEM_PROPS: Final = ("audio", "video", "image", "code", "background")
 
 
 def item_lines(item: ResponseItem) -> str:
-    """The ``#`` and ``<`` lines of one response item (spec "Plain text")."""
+    """The ``#`` and ``<`` lines of one response item (spec "Plain text"). The speech text
+    of an item without ``text`` is its ``ssml``'s spoken text (markup dropped:
+    :func:`gateway.ssml.ssml_to_text`; none when it is not well-formed), which its TTS link
+    says."""
     out = []
     props = [f"{name}={value}" for name in _ITEM_PROPS if (value := getattr(item, name))]
     if props:
         out.append(f"# ({', '.join(_one_line(p) for p in props)})\n")
-    text = _one_line(item.text or "")
+    text = _one_line(item.text or (item.ssml and ssml_to_text(item.ssml)) or "")
     if text and not text.startswith("#"):
         voice = item.tts_config.name if item.tts_config and item.tts_config.name else None
         out.append(f"< [{voice}] {text}\n" if voice else f"< {text}\n")

@@ -21,6 +21,7 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi import FastAPI
 from redis.asyncio import Redis
 
 from adapters.flowstorm.v2.protocol import ClientConfig, parse_config
@@ -496,6 +497,39 @@ async def test_a_wav_or_mp3_file_sent_as_raw_audio_is_refused_naming_its_type(ba
             f"/client?key={KEY}&tts=None", headers=TEXT, content="what is my name"
         )
         assert asked.text == "< Your name is Ada.\n"  # the session goes on
+
+
+async def test_an_ssml_item_has_its_speech_text_in_the_plain_text_answer() -> None:
+    """An item a core sends as SSML only (no ``text``) is spoken: its TTS link is made of
+    the SSML. But the plain-text answer showed only its ``# (audio=...)`` line and no ``<``
+    line: a text/plain client (the spec's curl example) saw nothing said. Now its ``<``
+    line is the SSML's spoken text (markup dropped), as other channels show it; the NDJSON
+    answer is unchanged (the item with its ``ssml``)."""
+    core = FastAPI()
+
+    @core.post("/ssml")
+    async def ssml_only() -> dict[str, object]:
+        ssml = "<speak>Hello <break time='200ms'/> there, <emphasis>friend</emphasis>.</speak>"
+        return {"items": [{"ssml": ssml}, {"ssml": "<speak>not <b>well formed</speak>"}]}
+
+    async with (
+        serve(core) as core_url,
+        gateway(pipeline=f"{core_url}/ssml", tts_provider="espeak-ng") as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        answer = await client.put(f"/client?key={KEY}", headers=TEXT, content="hi")
+        assert answer.status_code == 200, answer.text
+        lines = answer.text.splitlines()
+        # (an SSML that is not well-formed has no text to show: its audio line only)
+        assert [line[0] for line in lines] == ["#", "<", "#"], answer.text
+        assert AUDIO_LINE.match(lines[0]), lines[0]
+        assert lines[1] == "< Hello there, friend."
+        json_answer = await client.put(
+            f"/client?key={KEY}&tts=None", headers=JSON, content=input_event("hi")
+        )
+        item = events(json_answer)[0]["responseItem"]
+        assert "text" not in item
+        assert item["ssml"].startswith("<speak>Hello")
 
 
 async def test_logs_sent_with_realtime_are_stored_not_a_silent_turn() -> None:
