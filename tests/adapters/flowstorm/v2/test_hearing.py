@@ -233,3 +233,21 @@ def test_draining_changes_nothing_but_a_realtime_utterance() -> None:
     run(typing, (binary_line(b"\x00\x01" * 800) + CLOSE).encode(), 100.0)  # switched to text
     assert not typing.hearing_audio
     assert typing.server_draining(100.5, 108.0) == []
+
+
+def test_a_wav_header_split_over_realtime_chunks_is_refused() -> None:
+    """Realtime raw audio is checked for a file's header over its first bytes whatever its
+    chunks: a RIFF/WAVE header arriving 4 bytes at a time is refused once it is whole (the
+    bytes before it were audio for all the body could tell)."""
+    header = b"RIFF\x24\x7d\x00\x00WAVEfmt "
+    streamed = body(realtime=True)
+    assert len(run(streamed, header[:4], 100.0)) == 2  # StartListening, FeedAudio
+    run(streamed, header[4:8], 100.1)
+    with pytest.raises(ProtocolError) as refused:
+        run(streamed, header[8:], 100.2)
+    assert refused.value.text.startswith("The audio/basic audio is a WAV file, not raw audio")
+    plain = body(realtime=True)  # audio that is no file's goes on past its first 12 bytes
+    assert len(run(plain, b"\x00\x01" * 3, 100.0)) == 2
+    assert run(plain, b"RIFF\x00\x00\x00\x00WAVE", 100.1) == [
+        FeedAudio(STREAM, b"RIFF\x00\x00\x00\x00WAVE")
+    ]
