@@ -33,6 +33,7 @@ __all__ = [
     "ELLIPSIS",
     "GOOGLE_ELEMENTS",
     "HTTPS_AUDIO",
+    "LenientHTMLParser",
     "display_text",
     "item_ssml",
     "loose_ssml",
@@ -220,14 +221,39 @@ _WITH_UNSPOKEN_CONTENT = frozenset({"desc", "metadata"})
 empty): what :class:`_LooseText` leaves out up to their end tag."""
 
 
-class _LooseText(HTMLParser):
-    """The character data of markup that is not well-formed, read leniently (the standard
-    library's HTML tokenizer: a bare ``&`` or ``<`` is text, an unclosed or stray tag is
-    skipped); the content of ``<desc>`` and ``<metadata>`` (the elements of :data:`_UNSPOKEN`
-    that have content) is left out."""
+class LenientHTMLParser(HTMLParser):
+    """The standard library's HTML tokenizer (character references converted), made never
+    to raise on markup: a ``<![`` that opens no marked section it knows (``<![draft[``,
+    ``<![ x ]]>``, ``<![]>``: anything but ``CDATA``, ``temp``, ``ignore``, ``include``,
+    ``rcdata``, ``if``, ``else``, ``endif``) is a bogus comment up to the next ``>``, as
+    HTML reads it (WHATWG HTML, "markup declaration open state"), where Python's parser
+    before 3.13.4 raises AssertionError (``unknown status keyword ... in marked section``,
+    ``expected name token``). Without a ``>`` it has not ended yet (as an unclosed
+    comment: the parser waits for more). The base of
+    :func:`loose_text`'s reader and of the gateway's own TTS's (gateway/speech/tts.py)."""
 
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
+
+    def parse_marked_section(self, i: int, report: bool = True) -> int:
+        """The index past the marked section at ``i`` (``<![CDATA[ ... ]]>``), or past the
+        bogus comment of one the tokenizer does not know; -1 when it does not end yet."""
+        try:
+            return super().parse_marked_section(i, report)
+        except AssertionError:  # not a section it knows: a bogus comment, to the next '>'
+            end = self.rawdata.find(">", i + 3)
+            return -1 if end < 0 else end + 1
+
+
+class _LooseText(LenientHTMLParser):
+    """The character data of markup that is not well-formed, read leniently (the standard
+    library's HTML tokenizer: a bare ``&`` or ``<`` is text, an unclosed or stray tag is
+    skipped, an unknown ``<![`` section too: :class:`LenientHTMLParser`); the content of
+    ``<desc>`` and ``<metadata>`` (the elements of :data:`_UNSPOKEN` that have content) is
+    left out."""
+
+    def __init__(self) -> None:
+        super().__init__()
         self.words: list[str] = []
         self._skip = 0  # depth inside elements whose content is not spoken
 

@@ -937,6 +937,39 @@ async def test_ssml_that_is_not_well_formed_is_blamed_on_the_core(
     assert "the core's SSML of item 1, item 3 is not well-formed" in line
 
 
+async def test_ssml_with_a_marked_section_the_html_tokenizer_does_not_know_is_said() -> None:
+    """A ``<![`` that opens no CDATA section (``<![draft[ ... ]]>``, ``<![ x ]]>``) makes
+    the SSML not well-formed: its words are said as for any such SSML, the section left
+    out as HTML reads it (a bogus comment, up to the next ``>``). Before, the standard
+    library's HTML tokenizer raised AssertionError on it (Python < 3.13.4: "unknown status
+    keyword in marked section", "expected name token"): the whole answer failed, the user
+    heard no words at all."""
+    core = FastAPI()
+
+    @core.post("/turn")
+    async def turn(request: Request) -> JSONResponse:
+        items = [
+            {"ssml": "<speak>Tom & Jerry <![draft[ not yet ]]>are here.</speak>"},
+            {
+                "ssml": "<speak>And <![ x ]]>so & <![]>on.</speak>",
+                "image": "https://cdn.example/cat.png",
+            },
+        ]
+        return JSONResponse({"items": items})
+
+    async with (
+        serve(core) as core_url,
+        gateway(pipeline=f"{core_url}/turn", **OFF) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        answer = await say(client, envelope("S-marked-section", text="who is here"))
+    assert spoken(answer) == "Tom & Jerry are here. And so & on."
+    assert reply(answer).should_end_session is False
+    card = reply(answer).card
+    assert card is not None
+    assert getattr(card, "text", None) == "Tom & Jerry are here. And so & on."
+
+
 async def test_a_card_keeps_alexas_8000_characters_with_its_image_urls() -> None:
     """Alexa counts a card's image URLs in its 8000 characters and refuses the WHOLE
     response over it, or for an image URL over 2000 characters. Before, the card's text
