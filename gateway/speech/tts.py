@@ -33,11 +33,11 @@ import unicodedata
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from html.parser import HTMLParser
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, Protocol, runtime_checkable
 
 from gateway.speech.audio import AudioFormatError, Pcm, decode_wav, silence
+from gateway.ssml import LenientHTMLParser
 
 if TYPE_CHECKING:
     from piper import PiperVoice, SynthesisConfig
@@ -202,11 +202,12 @@ def _break_ms(attrs: dict[str, str | None]) -> int:
     return _BREAK_STRENGTH_MS.get((attrs.get("strength") or "medium").lower(), 500)
 
 
-class _SsmlParser(HTMLParser):
-    """Collects text runs and pauses; tolerant of any markup errors."""
+class _SsmlParser(LenientHTMLParser):
+    """Collects text runs and pauses; tolerant of any markup errors (an unknown ``<![``
+    section too: :class:`~gateway.ssml.LenientHTMLParser`)."""
 
     def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
+        super().__init__()
         self.parts: list[str | Pause] = []
         self._text: list[str] = []
         self._skip = 0  # depth inside elements whose content is not spoken
