@@ -33,6 +33,7 @@ __all__ = [
     "ELLIPSIS",
     "GOOGLE_ELEMENTS",
     "HTTPS_AUDIO",
+    "LOOSE_MAX_CHARS",
     "LenientHTMLParser",
     "display_text",
     "item_ssml",
@@ -280,15 +281,25 @@ class _LooseText(LenientHTMLParser):
         super().close()
 
 
+LOOSE_MAX_CHARS = 32_768
+"""The most characters of SSML that is not well-formed :func:`loose_text` reads: four times
+the most a platform says or shows (8000, Alexa's and Google's speech), so only a core's
+SSML of more markup than words loses words past it. The lenient reader is pure Python
+(about 2 s a megabyte of tags): unbounded, one answer of a core (up to
+GATEWAY_PIPELINE_MAX_RESPONSE_BYTES) held the event loop, every connection's, for
+seconds, read again for the speech, the card, the display text."""
+
+
 def loose_text(ssml: str) -> str:
     """The words of SSML that is not well-formed (``<speak>Tom & Jerry</speak>``, an
     unclosed ``<emphasis>``: a core that writes its SSML by hand), as the gateway's own
     speech reads them (gateway/speech/tts.py): tags left out, entities decoded, the
     content of ``<desc>`` and the like left out, whitespace collapsed; ``""`` when none.
-    Never raises. (A platform refuses the whole speech for such SSML, so its words are
-    said as text instead of nothing.)"""
+    Only the first :data:`LOOSE_MAX_CHARS` characters of ``ssml`` are read (a tag cut
+    there is left out). Never raises. (A platform refuses the whole speech for such SSML,
+    so its words are said as text instead of nothing.)"""
     parser = _LooseText()
-    parser.feed(ssml)
+    parser.feed(ssml[:LOOSE_MAX_CHARS])
     parser.close()
     return " ".join("".join(parser.words).split())
 
