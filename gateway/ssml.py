@@ -206,15 +206,35 @@ _SPEAK_PARSED = f'<speak xmlns:amazon="{AMAZON_NAMESPACE}">'
 """The root a fragment is parsed in: Alexa's undeclared ``amazon:`` prefix declared."""
 
 
+_BOUNDARY: frozenset[str] = frozenset({"break", "p", "s", "audio", "speak", "par", "seq", "media"})
+"""Elements that part the words around them (a pause, a paragraph or sentence, a sound, a
+whole document): ``Hi<break/>there`` is two words, ``Hi there``; the other elements
+(``<emphasis>``, ``<say-as>``...) are inline, ``<say-as>42</say-as>.`` stays ``42.``."""
+
+
 def ssml_to_text(ssml: str) -> str | None:
     """The spoken text of an SSML fragment or document, or None when it is not well-formed
-    (the ``amazon:`` prefix of Alexa's elements needs no declaration)."""
+    (the ``amazon:`` prefix of Alexa's elements needs no declaration): its character data,
+    the words on either side of a :data:`_BOUNDARY` element parted, whitespace collapsed."""
     inner = _strip_speak(ssml)
     try:
         root = ET.fromstring(f"{_SPEAK_PARSED}{inner}{_SPEAK_CLOSE}")
     except ET.ParseError:
         return None
-    return " ".join("".join(root.itertext()).split())
+    out: list[str] = []
+    # document order without recursion (the parser takes SSML nested deeper than Python's
+    # recursion limit): (element, False) opens it, (element, True) closes it
+    stack: list[tuple[ET.Element, bool]] = [(root, False)]
+    while stack:
+        element, closing = stack.pop()
+        parts = element.tag.rpartition("}")[2] in _BOUNDARY
+        if closing:
+            out += [" " if parts else "", element.tail or ""]
+            continue
+        out += [" " if parts else "", element.text or ""]
+        stack.append((element, True))
+        stack.extend((child, False) for child in reversed(element))
+    return " ".join("".join(out).split())
 
 
 _WITH_UNSPOKEN_CONTENT = frozenset({"desc", "metadata"})

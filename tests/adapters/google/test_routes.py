@@ -1256,3 +1256,36 @@ async def test_ssml_that_is_not_well_formed_is_said_and_shown_as_its_words() -> 
     assert es_answer["fulfillmentText"] == words
     assert es_answer["fulfillmentMessages"] == [{"text": {"text": [words]}}]
     assert cx_answer["fulfillmentResponse"]["messages"] == [{"text": {"text": [words]}}]
+
+
+async def test_words_parted_by_a_pause_or_sentence_in_ssml_are_shown_apart() -> None:
+    """A core's SSML whose words touch a ``<break>``, ``<s>``, ``<p>`` or ``<audio>``
+    (``Hi<break time="1s"/>there``): the display text (v3 chat bubble, Dialogflow messages)
+    shows them as words apart, as they are said; inline elements (``<emphasis>``,
+    ``<say-as>``) part nothing. Before, the element was dropped and the words glued:
+    "Hithere", "One.Two."."""
+    core = FastAPI()
+
+    @core.post("/turn")
+    async def turn(request: Request) -> JSONResponse:
+        ssml = (
+            '<speak>Hi<break time="1s"/>there.<s>One.</s><s>Two.</s><p>Un<emphasis>believ'
+            '</emphasis>able <say-as interpret-as="digits">42</say-as>.</p>Ding'
+            '<audio src="https://cdn.example.com/ding.mp3">dong</audio>!</speak>'
+        )
+        return JSONResponse({"items": [{"ssml": ssml}]})
+
+    words = "Hi there. One. Two. Unbelievable 42. Ding dong !"
+    async with (
+        serve(core) as core_url,
+        gateway(pipeline=f"{core_url}/turn", **OFF) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        builder = ok(await client.post("/google", json=v3("parted", "Free", "x")))
+        es_answer = ok(
+            await client.post("/dialogflow", json=es("projects/p1/agent/sessions/p", "x"))
+        )
+    assert builder["prompt"]["firstSimple"]["text"] == words
+    assert '<break time="1s"/>' in builder["prompt"]["firstSimple"]["speech"]
+    assert es_answer["fulfillmentText"] == words
+    assert es_answer["fulfillmentMessages"] == [{"text": {"text": [words]}}]
