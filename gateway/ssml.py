@@ -11,7 +11,8 @@ protocols use it without loading the turn engine (DESIGN.md, "Rules of the house
 - with ``elements`` (:data:`ALEXA_ELEMENTS`, :data:`GOOGLE_ELEMENTS`), it keeps only the
   SSML elements the platform supports, each other one (a nested ``<speak>`` too) replaced
   by its content, which :func:`refused_elements` names for the log;
-- :func:`display_text` gives their text for a screen or card;
+- :func:`display_text` gives their text for a screen or card, control characters left
+  out as the speech leaves them out (:func:`without_controls`);
 - both cut at a sentence or word boundary with :func:`truncate_text`.
 
 The webhook driver (:mod:`gateway.io.webhook`) runs the turns whose answers these write.
@@ -45,6 +46,7 @@ __all__ = [
     "ssml_to_text",
     "truncate_text",
     "utf16_len",
+    "without_controls",
 ]
 
 ELLIPSIS = "…"
@@ -167,11 +169,30 @@ _NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 C0 controls but tab, line feed and carriage return; surrogates; U+FFFE and U+FFFF."""
 
 
+_CONTROL = re.compile("[\x00-\x08\x0e-\x1b\x7f-\x84\x86-\x9f\ud800-\udfff\ufffe\uffff]")
+"""Characters that are neither said nor shown: the C0 controls but the whitespace ones, DEL,
+the C1 controls but NEL, surrogates, U+FFFE and U+FFFF (those of :data:`_NOT_XML` among
+them, which no XML document may hold)."""
+_CONTROL_SPACE = re.compile("[\x0b\x0c\x1c-\x1f]")
+"""The whitespace controls XML does not allow (vertical tab, form feed, the information
+separators): each a space, as it parts words."""
+
+
+def without_controls(text: str) -> str:
+    """``text`` without control characters (:data:`_CONTROL`; a NUL, a bell ``\\x07``, an
+    escape, DEL), those XML does not allow that are whitespace (:data:`_CONTROL_SPACE`, a
+    form feed) replaced by a space: what the speech says and the display text shows of it.
+    Tab, line feed, carriage return and NEL are kept (whitespace either way). None of
+    :data:`_NOT_XML` is left."""
+    return _CONTROL.sub("", _CONTROL_SPACE.sub(" ", text))
+
+
 def xml_text(text: str) -> str:
-    """``text`` as SSML character data: ``&``, ``<``, ``>`` escaped and the characters XML
-    does not allow (:data:`_NOT_XML`, a bell ``\\x07`` say) removed, so the document a
-    platform parses stays well-formed."""
-    return escape(_NOT_XML.sub("", text))
+    """``text`` as SSML character data: ``&``, ``<``, ``>`` escaped and control characters
+    (:func:`without_controls`: a bell ``\\x07`` removed, a form feed a space; the characters
+    XML does not allow, :data:`_NOT_XML`, among them) left out, so the document a platform
+    parses stays well-formed."""
+    return escape(without_controls(text))
 
 
 def utf16_len(text: str) -> int:
@@ -187,7 +208,7 @@ def _truncate_escaped(text: str, budget: int, *, utf16: bool = False) -> str:
     (UTF-16 code units with ``utf16``): cut (sensibly, by :func:`truncate_text`) before
     escaping, at the longest prefix whose escaped form fits, so text full of ``&`` or ``<``
     is cut where it must be, not dropped."""
-    text = _NOT_XML.sub("", text)
+    text = without_controls(text)
     fits = used = 0
     for char in text:
         used += _ESCAPED_WIDTH.get(char, 1) + (utf16 and char > "\uffff")
@@ -718,7 +739,9 @@ def display_text(
 ) -> str:
     """The items' text for a screen or card: texts (or SSML's spoken text) joined by spaces.
 
-    ``#command`` items are skipped; the result is cut by :func:`truncate_text` to
+    Whitespace is collapsed and control characters left out, as the speech leaves them out
+    (:func:`without_controls`: a NUL, a bell or DEL removed; a form feed, like a line feed,
+    parts words). ``#command`` items are skipped; the result is cut by :func:`truncate_text` to
     ``max_chars`` code points (UTF-16 code units with ``utf16``). ``then``, when given,
     is shown whole after the items (as :func:`speech_ssml`'s: its text takes its room
     first, the items' text is cut to what is left).
@@ -735,11 +758,11 @@ def display_text(
     parts: list[str] = []
     for item in items:
         if item.text and not _is_command(item):
-            parts.append(" ".join(item.text.split()))
+            parts.append(item.text)
         elif item.ssml:
             spoken = ssml_to_text(item.ssml)
             if spoken is None:  # not well-formed: its words as the speech says them
                 spoken = loose_text(item.ssml)
-            if spoken:
-                parts.append(spoken)
-    return truncate_text(" ".join(p for p in parts if p), max_chars, utf16=utf16)
+            parts.append(spoken)
+    shown = (" ".join(without_controls(p).split()) for p in parts)
+    return truncate_text(" ".join(p for p in shown if p), max_chars, utf16=utf16)

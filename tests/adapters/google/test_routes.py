@@ -819,7 +819,9 @@ async def test_a_silent_end_is_a_valid_v2_final_response() -> None:
 LONG_ANSWERS: dict[str, list[str]] = {
     "many": [("word " * 1500) + f"end {i}." for i in range(100)],  # 100 items of 7.5 KB
     "emoji": ["\U0001f600" * 8000] * 3,  # 4 bytes each in UTF-8
-    "control": ["\x01" * 8000] * 3,  # 6 bytes each as JSON (\u0001)
+    # control characters are left out of what is said and shown (6 bytes each as JSON,
+    # \u0001, when they were not): the words between them kept
+    "control": ["\x01word " * 1600] * 3,
 }
 
 
@@ -843,7 +845,7 @@ async def test_dialogflow_answers_fit_in_64_kib() -> None:
         httpx.AsyncClient(base_url=url) as client,
     ):
         for kind, texts in LONG_ANSWERS.items():
-            start = texts[0][:20]
+            start = texts[0][:20].replace("\x01", "")
             es_answer = await client.post(
                 "/dialogflow", json=es(f"projects/p/agent/sessions/long-{kind}", kind)
             )
@@ -1289,3 +1291,43 @@ async def test_words_parted_by_a_pause_or_sentence_in_ssml_are_shown_apart() -> 
     assert '<break time="1s"/>' in builder["prompt"]["firstSimple"]["speech"]
     assert es_answer["fulfillmentText"] == words
     assert es_answer["fulfillmentMessages"] == [{"text": {"text": [words]}}]
+
+
+async def test_control_characters_are_not_shown() -> None:
+    """Control characters in a core's text or SSML (a NUL, a bell, an escape, DEL, a C1
+    control) are left out of the display text (v3 chat bubble, v2 displayText, Dialogflow
+    messages), as the speech leaves them out; those that are whitespace (tab, line feed,
+    vertical tab, form feed, the separators ``\\x1c``-``\\x1f``, NEL) part words, as a space.
+    Before, the display text kept them: "Hello\\x00 there\\x07", shown as boxes or refused."""
+    core = FastAPI()
+
+    @core.post("/turn")
+    async def turn(request: Request) -> JSONResponse:
+        items = [
+            {"text": "He\x00llo\x07 there\x1b[31m!\x7f\x9b"},
+            {"text": "tab\there\x0bvt\x0cff\x1cfs\x85nel\nend"},
+            {"ssml": "<speak>Bell\x07 <break/>rings\x01.</speak>"},  # not well-formed XML
+        ]
+        return JSONResponse({"items": items})
+
+    words = "Hello there[31m! tab here vt ff fs nel end Bell rings."
+    agent = "projects/p1/locations/global/agents/a1"
+    async with (
+        serve(core) as core_url,
+        gateway(pipeline=f"{core_url}/turn", **OFF) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        builder = ok(await client.post("/google", json=v3("ctl", "Free", "x")))
+        sdk = ok(await client.post("/google", json=v2("ctl", "actions.intent.TEXT", "x")))
+        es_answer = ok(
+            await client.post("/dialogflow", json=es("projects/p1/agent/sessions/c", "x"))
+        )
+        cx_answer = ok(await client.post("/dialogflow", json=cx(f"{agent}/sessions/ctl", "x")))
+    first = builder["prompt"]["firstSimple"]
+    assert first["text"] == words
+    assert " ".join(speech_text(first["speech"]).split()) == words  # shown as it is said
+    simple = sdk["expectedInputs"][0]["inputPrompt"]["richInitialPrompt"]["items"][0]
+    assert simple["simpleResponse"]["displayText"] == words
+    assert es_answer["fulfillmentText"] == words
+    shown = [m["text"]["text"][0] for m in cx_answer["fulfillmentResponse"]["messages"]]
+    assert shown == ["Hello there[31m!", "tab here vt ff fs nel end", "Bell rings."]
