@@ -13,7 +13,9 @@ protocols use it without loading the turn engine (DESIGN.md, "Rules of the house
   by its content, which :func:`refused_elements` names for the log;
 - :func:`display_text` gives their text for a screen or card, control characters left
   out as the speech leaves them out (:func:`without_controls`);
-- both cut at a sentence or word boundary with :func:`truncate_text`.
+- both cut at a sentence or word boundary with :func:`truncate_text`;
+- :func:`ssml_in_text` tells a core's message that carries SSML markup from plain text
+  (Voiceflow's ``speak`` message holds either), as a ``<speak>`` document.
 
 The webhook driver (:mod:`gateway.io.webhook`) runs the turns whose answers these write.
 """
@@ -43,6 +45,7 @@ __all__ = [
     "refused_audio",
     "refused_elements",
     "speech_ssml",
+    "ssml_in_text",
     "ssml_to_text",
     "truncate_text",
     "utf16_len",
@@ -256,6 +259,55 @@ def ssml_to_text(ssml: str) -> str | None:
         stack.append((element, True))
         stack.extend((child, False) for child in reversed(element))
     return " ".join("".join(out).split())
+
+
+_MARKUP_NAMES: frozenset[str] = ALEXA_ELEMENTS | GOOGLE_ELEMENTS | {"speak"}
+"""The element names whose tags mark a text as SSML (:func:`ssml_in_text`): the SSML elements
+Alexa or Google speak, and ``<speak>``; ``amazon:`` ones besides (:data:`_SSML_TAG`)."""
+_SSML_TAG = re.compile(
+    r"""<(?:([\w:-]++)(?:\s++[^\s=/<>]++\s*+=\s*+(?:"[^"<]*+"|'[^'<]*+'))*+\s*+/?|/([\w:-]++)\s*+)>"""
+)
+"""A start, empty-element or end tag as XML writes it (group 1 or 2 its name; attributes
+``name="value"`` or ``name='value'``): ``<break time="1s"/>``, ``</voice>``, not ``5 < 6`` nor
+``<s and y>``. Possessive: linear however the text around a ``<`` looks."""
+_BARE_AMPERSAND = re.compile(r"&(?![A-Za-z_][\w.-]*+;|#[0-9]++;|#x[0-9A-Fa-f]++;)")
+"""An ``&`` that begins no character or entity reference (XML 1.0 section 4.1): ``Tom & Jerry``."""
+_BARE_LESS_THAN = re.compile(r"<(?![A-Za-z_/!?])")
+"""A ``<`` that begins no tag, comment or instruction (``5 < 6``, ``<3``)."""
+
+
+def ssml_in_text(text: str) -> str | None:
+    """The ``<speak>`` document of a ``text`` that carries SSML markup, None for plain text.
+
+    For a core whose one message field holds either (Voiceflow's ``speak`` trace
+    ``message``: ``<voice name="Joanna">Hello</voice>``, ``Hi<break time="500ms"/>there``,
+    ``<speak>...</speak>``). ``text`` is SSML when it holds a tag of an SSML element a
+    platform speaks (:data:`_MARKUP_NAMES`, any ``amazon:`` element) written as XML writes
+    tags (:data:`_SSML_TAG`); text without one (``5 < 6 & 7``, ``<b>hi</b>``, ``a <s and
+    y>``) is plain text, None. The document is ``text`` itself when it is a ``<speak>``
+    document, else ``text`` wrapped in ``<speak>``. When that is not well-formed, the bare
+    ``&`` and ``<`` that begin no reference or tag (``Tom & Jerry <break/>``: a message
+    written by hand) are escaped and control characters left out (:func:`without_controls`);
+    a document still not well-formed is given as it is (the channels then say and show its
+    words, :func:`loose_text`, its markup lost). Never raises."""
+    if "<" not in text:
+        return None
+    if not any(
+        (name := tag[1] or tag[2]) in _MARKUP_NAMES or name.startswith("amazon:")
+        for tag in _SSML_TAG.finditer(text)
+    ):
+        return None
+    document = text.strip()
+    inner = _strip_speak(document)
+    if inner == document:
+        document = f"{_SPEAK_OPEN}{inner}{_SPEAK_CLOSE}"
+    if ssml_to_text(document) is not None:
+        return document
+    repaired = _BARE_LESS_THAN.sub("&lt;", _BARE_AMPERSAND.sub("&amp;", without_controls(inner)))
+    if ssml_to_text(repaired) is None:
+        return document
+    head = document[: len(document) - len(inner) - len(_SPEAK_CLOSE)]  # <speak ...>
+    return f"{head}{repaired}{_SPEAK_CLOSE}"
 
 
 _WITH_UNSPOKEN_CONTENT = frozenset({"desc", "metadata"})

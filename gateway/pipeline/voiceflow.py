@@ -27,8 +27,11 @@ entities and confidence.
 Traces -> items:
 
 - ``text`` -> ``payload.message`` (else the slate's text); ``speak`` -> its ``message``
-  as text, with ``src`` as the item's ``audio`` when an http(s) URL (``data:`` TTS is
-  left to the gateway's own speech); a ``speak`` of type ``audio`` -> an audio item;
+  as text, or, when it carries SSML markup (a voice agent's ``<voice name="Joanna">Hi
+  </voice>``; :func:`gateway.ssml.ssml_in_text`), as the item's ``ssml`` (a ``<speak>``
+  document) with its words as ``text``; with ``src`` as the item's ``audio`` when an
+  http(s) URL (``data:`` TTS is left to the gateway's own speech); a ``speak`` of type
+  ``audio`` -> an audio item;
   ``stream`` (the audio player step) -> its http(s) ``src`` as an audio item (none for
   its ``PAUSE``/``END`` actions);
 - ``visual`` (image) -> ``image``; ``cardV2`` -> title/description text, ``imageUrl``
@@ -96,6 +99,7 @@ from gateway.pipeline.cores import (
 )
 from gateway.sessions import Session
 from gateway.settings import Settings
+from gateway.ssml import loose_text, ssml_in_text, ssml_to_text
 
 log = logging.getLogger(__name__)
 
@@ -285,7 +289,7 @@ def _items(trace: Any, turn: _Turn) -> list[ResponseItem]:
         message = body.get("message")
         if not isinstance(message, str) or not message:
             return []
-        return [ResponseItem(text=message, audio=src if is_url(src) else None)]
+        return [_spoken(message, src if is_url(src) else None)]
     if kind == "stream":  # the audio player step: play ``src`` (not its PAUSE/END)
         src = body.get("src")
         playing = body.get("action") not in ("PAUSE", "END")
@@ -329,6 +333,22 @@ def _items(trace: Any, turn: _Turn) -> list[ResponseItem]:
         turn.unknown[kind] = None  # not a custom action: logged at the end of the turn
         return []
     return _custom_action(kind, payload, turn)
+
+
+def _spoken(message: str, audio: str | None) -> ResponseItem:
+    """The item of a ``speak`` message: SSML (a voice agent's ``<voice name="Joanna">Hi</voice>``,
+    ``Hi<break time="500ms"/>there``; :func:`gateway.ssml.ssml_in_text`) as the item's
+    ``ssml``, a ``<speak>`` document, with its words as ``text`` (what a screen shows; none
+    when it has none, an ``<audio>`` alone say); plain text as ``text``. Before, the markup
+    was the item's text: voice assistants and the gateway's own speech read the tags out,
+    text clients showed them."""
+    ssml = ssml_in_text(message)
+    if ssml is None:
+        return ResponseItem(text=message, audio=audio)
+    words = ssml_to_text(ssml)
+    if words is None:  # not well-formed: its words as the channels read them
+        words = loose_text(ssml)
+    return ResponseItem(text=words or None, ssml=ssml, audio=audio)
 
 
 def _unended_completion(turn: _Turn, why: str) -> list[ResponseItem]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import html
 import json
 import logging
 import re
@@ -998,6 +999,36 @@ async def test_ssml_that_is_not_well_formed_is_read_up_to_its_bound() -> None:
     card = reply(answer).card
     assert card is not None
     assert getattr(card, "text", None) == "Tom & Jerry are here."
+
+
+async def test_a_voiceflow_speak_messages_ssml_is_spoken_not_read_out() -> None:
+    """A Voiceflow voice agent's ``speak`` messages (the fake runtime's ``voice``:
+    tests/gateway/pipeline/fake_voiceflow.py) carry SSML: Alexa gets their ``<voice>``,
+    ``<break>``, ``<emphasis>`` and ``<audio>`` as markup, and their words; plain text with
+    ``<`` and ``&`` is said as it is. Before, the message was the item's text, escaped:
+    Alexa read out "voice name equals Joanna", "break time"..."""
+    async with (
+        serve(make_voiceflow()) as runtime,
+        gateway(
+            pipeline="voiceflow:",
+            voiceflow_api_key=SecretStr(VOICEFLOW_KEY),
+            voiceflow_runtime_url=runtime,
+            **OFF,
+        ) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        answer = await say(client, envelope("S-vf-ssml", text="voice"))
+    speech = reply(answer).output_speech
+    assert isinstance(speech, SsmlOutputSpeech)
+    ssml = speech.ssml or ""
+    assert '<voice name="Joanna">Hello <emphasis level="strong">there</emphasis></voice>' in ssml
+    assert 'Hi<break time="500ms"/>again' in ssml
+    assert '<audio src="https://cdn.example.com/chime.mp3"/>' in ssml
+    spoken(answer)  # well-formed
+    words = " ".join(html.unescape(re.sub(r"<[^>]*>", " ", ssml)).split())  # a tag parts words
+    said = "Hello there Hi again Tom & Jerry are here. 5 < 6 & 7 > 2 I <3 pizza & <b>pasta</b>"
+    assert words == said
+    assert reply(answer).should_end_session is False
 
 
 async def test_a_card_keeps_alexas_8000_characters_with_its_image_urls() -> None:

@@ -1668,6 +1668,28 @@ async def test_a_voiceflow_cores_custom_action_round_trip() -> None:
         assert runtime_app.state.requests[-1]["action"] == {"type": "done"}
 
 
+async def test_a_voiceflow_cores_ssml_reaches_the_client_as_its_words() -> None:
+    """A Voiceflow voice agent's ``speak`` messages carry SSML (the fake runtime's
+    ``voice``, tests/gateway/pipeline/fake_voiceflow.py): the socket client's ``text``
+    traces show their words (the item's text), neither the tags nor a ``<speak>`` wrapped
+    around them, and plain text with ``<`` and ``&`` as it came. A message that is a sound
+    alone has no words, so no text trace. Before, the client was shown the markup."""
+    async with voiceflow_core(make_voiceflow()) as vf:
+        await vf.handshake()
+        _, traces, last = await vf.act({"type": "text", "payload": "voice"})
+        assert last["status"] == "completed"
+        said = [
+            "Hello there",
+            "Hi again",
+            "Tom & Jerry are here.",
+            "5 < 6 & 7 > 2",
+            "I <3 pizza & <b>pasta</b>",
+        ]
+        assert [t["type"] for t in traces] == ["text"] * 5
+        assert messages(traces) == said
+        assert [t["payload"]["slate"]["content"][0]["children"][0]["text"] for t in traces] == said
+
+
 class SsmlCore(WebhookCore):
     """A core that answers SSML alone, with XML character references in it."""
 

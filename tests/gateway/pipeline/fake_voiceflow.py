@@ -14,7 +14,8 @@ The agent: ``launch`` -> a text (slate + message), a ``speak`` with an audio URL
 ``path-large``/``path-small`` -> a text and a ``visual`` image; ``what size`` answers the
 stored size; ``agent`` -> the custom action trace ``transfer``; ``nobody`` -> a text and
 the custom action trace ``handoff`` without a target; ``bye`` -> a text and
-``end``; ``music`` -> a text and a ``stream`` trace (an audio player step's song);
+``end``; ``voice`` -> ``speak`` traces whose messages are SSML or plain text
+(:data:`VOICE`); ``music`` -> a text and a ``stream`` trace (an audio player step's song);
 ``no-reply`` -> "Still there?"; ``menu`` -> a text and the custom action trace
 ``open_menu`` with the plain text payload ``main``, whose path ``done`` answers "Back
 from the menu."; ``news`` -> a text and traces of unknown types without paths
@@ -232,6 +233,8 @@ def agent(app: FastAPI, user_id: str, action: dict[str, Any]) -> list[Any]:
         return [text("Here is a song."), trace("stream", {**song, "loop": False})]
     if payload == "bye":
         return [text("Goodbye."), trace("end", None)]
+    if payload == "voice":  # a voice agent's speak steps: SSML in the message, or plain text
+        return [trace("speak", {"type": "message", "message": m}) for m in VOICE]
     if payload == "news":  # traces of types the connector does not know, no paths
         kinds = ["carouselV3", "x" * 5_000, "carouselV3", "debug"]
         return [text("The news."), *(trace(k, {"data": 1}) for k in kinds)]
@@ -243,6 +246,19 @@ def agent(app: FastAPI, user_id: str, action: dict[str, Any]) -> list[Any]:
         ]
         return [trace("completion", part) for part in parts]
     return [text(f"You said: {payload}")]
+
+
+VOICE: list[str] = [
+    '<voice name="Joanna">Hello <emphasis level="strong">there</emphasis></voice>',
+    'Hi<break time="500ms"/>again',
+    "<speak>Tom & Jerry<break/>are here.</speak>",
+    "5 < 6 & 7 > 2",
+    "I <3 pizza & <b>pasta</b>",
+    '<audio src="https://cdn.example.com/chime.mp3"/>',
+]
+"""The ``message`` of each ``speak`` trace answered to ``voice`` (a voice agent's, as the
+runtime sends them): SSML in a voice, a pause between two words, a document written by hand
+(a bare ``&``), plain text with ``<``, ``&`` and ``>`` or HTML tags, a sound alone."""
 
 
 COMPLETIONS: dict[str, list[tuple[str, str | None]]] = {

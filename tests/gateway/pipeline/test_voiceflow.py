@@ -235,6 +235,34 @@ async def test_an_audio_player_stream_trace_is_an_audio_item(
     await conv.pipeline.aclose()
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_speak_message_with_ssml_is_an_ssml_item_with_its_words_as_text(
+    voiceflow: tuple[str, FastAPI], stream: bool
+) -> None:
+    """A voice agent's ``speak`` message carries SSML (CORES.md, the mapping's text / ssml:
+    ``speak.message``): it is the item's ``ssml``, a ``<speak>`` document (wrapped when it
+    was not; a bare ``&`` of a message written by hand escaped), and its words the item's
+    ``text``, so voice assistants speak the markup and screens show the words. A message
+    without SSML tags (``5 < 6 & 7 > 2``, HTML's ``<b>``) stays plain text. Before, every message was the
+    item's text: the tags were read out and shown."""
+    url, _ = voiceflow
+    conv = vf_engine(url, stream)
+    got = items(await conv.turn(ctx(), Input.of("voice")).collect())
+    assert [(i.text, i.ssml) for i in got] == [
+        (
+            "Hello there",
+            '<speak><voice name="Joanna">Hello <emphasis level="strong">there</emphasis>'
+            "</voice></speak>",
+        ),
+        ("Hi again", '<speak>Hi<break time="500ms"/>again</speak>'),
+        ("Tom & Jerry are here.", "<speak>Tom &amp; Jerry<break/>are here.</speak>"),
+        ("5 < 6 & 7 > 2", None),
+        ("I <3 pizza & <b>pasta</b>", None),
+        (None, '<speak><audio src="https://cdn.example.com/chime.mp3"/></speak>'),
+    ]
+    await conv.pipeline.aclose()
+
+
 @pytest.mark.parametrize(
     ("spec", "version"), [("voiceflow:", "production"), ("voiceflow:development", "development")]
 )
