@@ -15,7 +15,12 @@ Voiceflow). Each turn is either
 with ``Authorization: <GATEWAY_VOICEFLOW_API_KEY>`` (no ``Bearer``), ``versionID`` (the
 spec's, else GATEWAY_VOICEFLOW_VERSION_ID; the stream endpoint takes it as its
 ``?environment=`` query parameter, whose default is ``development``) and the body
-``{"action": ..., "config": {"tts": GATEWAY_VOICEFLOW_TTS, "stripSSML": true}}``.
+``{"action": ..., "config": {"tts": GATEWAY_VOICEFLOW_TTS, "stripSSML": false}}``: the
+runtime's ``stripSSML`` removes whatever looks like a tag from ``speak`` messages
+(general-runtime ``lib/services/filter``, ``sanitizeSSML``: the regex ``</?[^>]+(>|$)``),
+so a voice agent's pauses and voices were lost before they reached Alexa or Google,
+``Hi<break/>there`` became ``Hithere``, and plain text lost words (``5 < 6 & 7 > 2`` became
+``5  2``); the SSML is read here instead (:func:`_spoken`).
 
 Input -> action: ``#intro`` -> ``{"type": "launch"}``; ``#silence`` -> ``{"type":
 "no-reply"}``; another action ``#name`` -> ``{"type": "name"}`` (a custom action's path);
@@ -149,7 +154,7 @@ class VoiceflowPipeline(PooledCore):
         self._headers = {"Authorization": api_key, "versionID": version_id}
         self._secrets = (api_key,)  # hidden in the logged body of an error answer
         self._environment = {"environment": version_id}  # the interact stream's choice
-        self._config = {"tts": tts, "stripSSML": True}
+        self._config = {"tts": tts, "stripSSML": False}  # the SSML is read here: _spoken
         self._max = max_response_bytes
         self._retry = retry
         self._client = client

@@ -6,8 +6,10 @@ interact stream) with a small pizza agent behind it.
 ``{state, trace, action}``); ``POST /v2/project/{projectID}/user/{userID}/interact/stream``
 answers the same traces as SSE (``event: trace``, ``id``, ``data``), then ``event: end``,
 each written when the agent reaches it. Both need ``Authorization`` = :data:`API_KEY` (no
-Bearer; else 401); the state endpoint reads the ``versionID`` header, the stream endpoint
-the ``environment`` query parameter (``development`` when absent, as Voiceflow's). The agent's variables are per userID.
+Bearer; else 401); ``config.stripSSML`` strips the tags of ``speak`` messages, as the
+runtime's does (:func:`stripped`); the state endpoint reads the ``versionID`` header, the
+stream endpoint the ``environment`` query parameter (``development`` when absent, as
+Voiceflow's). The agent's variables are per userID.
 
 The agent: ``launch`` -> a text (slate + message), a ``speak`` with an audio URL, a
 ``choice`` of two path buttons, a ``debug`` trace and ``no-reply {timeout: 7}``; the path
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -64,6 +67,22 @@ SHAPES: dict[str, dict[str, Any]] = {
     "bad slate": trace("text", {"slate": {"id": "s1", "content": [{"children": 2}]}}),
 }
 """Texts answered (state interact) with a trace whose array is a number."""
+
+
+SSML_TAG = re.compile(r"</?[^>]+(>|$)")
+"""What Voiceflow's runtime strips from a ``speak`` message with ``config.stripSSML``
+(general-runtime ``lib/services/filter``: ``sanitizeSSML``, this regex): every tag."""
+
+
+def stripped(trace: Any, config: Any) -> Any:
+    """``trace`` as the runtime sends it for the request's ``config``: with ``stripSSML``, a
+    ``speak`` message's tags removed (``Hi<break/>there`` -> ``Hithere``)."""
+    if not (isinstance(config, dict) and config.get("stripSSML")) or trace["type"] != "speak":
+        return trace
+    payload = trace["payload"]
+    if payload.get("type") != "message":
+        return trace
+    return {**trace, "payload": {**payload, "message": SSML_TAG.sub("", payload["message"])}}
 
 
 def make_voiceflow() -> FastAPI:
@@ -102,7 +121,8 @@ def make_voiceflow() -> FastAPI:
             return Response(no_reply, media_type="application/json")
         if (shape := SHAPES.get(str(said.get("payload")))) is not None:  # an array a number
             return JSONResponse([shape])
-        traces = [t for t in agent(app, user_id, said) if t != "WAIT"]
+        config = body.get("config")
+        traces = [stripped(t, config) for t in agent(app, user_id, said) if t != "WAIT"]
         if request.query_params.get("verbose") == "true":
             return JSONResponse({"state": {}, "trace": traces, "action": said})
         return JSONResponse(traces)
@@ -136,6 +156,7 @@ def make_voiceflow() -> FastAPI:
                     await app.state.release.wait()
                     continue
                 n += 1
+                t = stripped(t, body.get("config"))
                 yield f"event: trace\nid: {n}\ndata: {json.dumps(t)}\n\n"
             if said.get("payload") != "cut":
                 yield f"event: end\nid: {n + 1}\n\n"

@@ -88,7 +88,7 @@ async def test_conversation_state_and_traces_mapped(
     ]
     assert {r["_user"] for r in sent} == {"test:s1"}  # the session key, URL-quoted
     assert {r["_version"] for r in sent} == {"development"}
-    assert sent[0]["config"] == {"tts": False, "stripSSML": True}
+    assert sent[0]["config"] == {"tts": False, "stripSSML": False}  # (the SSML is read here)
     if stream:
         assert {r["_project"] for r in sent} == {"proj1"}
     await conv.pipeline.aclose()
@@ -243,8 +243,10 @@ async def test_a_speak_message_with_ssml_is_an_ssml_item_with_its_words_as_text(
     ``speak.message``): it is the item's ``ssml``, a ``<speak>`` document (wrapped when it
     was not; a bare ``&`` of a message written by hand escaped), and its words the item's
     ``text``, so voice assistants speak the markup and screens show the words. A message
-    without SSML tags (``5 < 6 & 7 > 2``, HTML's ``<b>``) stays plain text. Before, every message was the
-    item's text: the tags were read out and shown."""
+    without SSML tags (``5 < 6 & 7 > 2``, HTML's ``<b>``) stays plain text. Before, the
+    runtime was asked to strip the tags (``stripSSML``, as the fake runtime does too), so the
+    markup was lost and the plain text mangled (``5  2``); a runtime that sent the tags had
+    them read out and shown (the message was the item's text)."""
     url, _ = voiceflow
     conv = vf_engine(url, stream)
     got = items(await conv.turn(ctx(), Input.of("voice")).collect())
