@@ -136,9 +136,10 @@ full; :data:`TRANSITIONS` is the same state machine):
    its words waiting once recognised (the bot's floor waits for them; speech after it is
    speech over the bot, heard at that final); speech going on at the refusal is speech
    over the bot from its onset, held and judged as any (a real interruption cuts off the
-   answer to :data:`TRANSFER_FAILED`, its words the input after it). A hang-up before the
-   carrier was asked (ENDING) means no transfer: they reach the core as at any hang-up
-   (step 6; the utterance being heard is cancelled, as at any hang-up).
+   answer to :data:`TRANSFER_FAILED`, its words the input after it; keys pressed during
+   it are keys over the paused bot, step 5: they cut it off and come after its words). A
+   hang-up before the carrier was asked (ENDING) means no transfer: they reach the core
+   as at any hang-up (step 6; the utterance being heard is cancelled, as at any hang-up).
 
    The core's farewell (a turn that ended the session) likewise: the caller's inputs
    waiting when it finishes (or when it finishes after a hang-up), the utterance being
@@ -2182,9 +2183,10 @@ class CarrierCall:
         was asked: when it ended, its words (still to be recognised) wait likewise; when
         the caller still speaks, it is speech over the bot from now on, held and judged
         as any (``PausePlayback`` after the ``StartTurn``; carriers that cannot pause: cut
-        at once). Speech begun then and too short to be heard yet is speech over the bot
-        from its onset. Ignored unless a transfer is under way (the stream may have
-        stopped meanwhile)."""
+        at once; keys pressed during it: cut at once, as keys over the paused bot, and
+        held for after its words). Speech begun then and too short to be heard yet is
+        speech over the bot from its onset. Ignored unless a transfer is under way (the
+        stream may have stopped meanwhile)."""
         if self.state is not State.TRANSFERRING:
             return []
         if ok:
@@ -2230,8 +2232,14 @@ class CarrierCall:
         actions = [*flushed, *self._start_turn(TRANSFER_FAILED)]
         if speaking:  # speech over the bot now, from its onset: held and judged as any
             self._after_open = self._after_judged = False
-            actions += self._release_keys()  # pressed during it: they wait now
-            actions += self._hold(listen=False) if self.holds else self._barge_in(listen=False)
+            if self._held_keys:
+                # keys pressed during it (held for after its words): as keys over the
+                # paused bot (module doc step 5), they cut it off and the speech is judged
+                # as over it; the keys stay held, after its words (the order said)
+                actions += self._barge_in(listen=False)
+                self._key_cut_in = True
+            else:
+                actions += self._hold(listen=False) if self.holds else self._barge_in(listen=False)
         return actions
 
     @property

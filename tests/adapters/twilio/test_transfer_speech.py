@@ -169,6 +169,51 @@ def test_speech_going_on_at_a_refusal_is_speech_over_the_bot_from_its_onset() ->
     assert words.input.attributes["interrupted"] is True
 
 
+def test_a_key_pressed_during_speech_going_on_at_a_refusal_comes_after_its_words() -> None:
+    """The caller speaks while the carrier is asked, presses 0 mid-sentence and goes on as
+    the carrier refuses: the utterance is speech over the bot's floor now with a key
+    pressed during it, as a key over the paused bot (module doc step 5): the bot is cut
+    off, the utterance heard out and judged as speech over it, its words the input before
+    the key (the order said). Before, the key was released at the refusal and waited
+    ahead of the words: the core got "0" before "I need the sales team"."""
+    call = started()
+    transfer_turn(call)
+    finish_turn(call)
+    asked(call)
+    onset = call.now_ms
+    frames(call, 20, onset=onset, voiced=10_000)
+    assert call.receive(dtmf("0")) == []
+    turn, cut = call.transfer_finished(False, "busy")
+    assert isinstance(turn, StartTurn)
+    assert turn.input.text == TRANSFER_FAILED
+    assert isinstance(cut, Interrupt)
+    assert call.waiting == ()  # the key waits for the words
+    frames(call, 20, onset=onset, voiced=10_000)
+    frames(call, 10)
+    assert call.heard("final", "I need the sales team", 0.9) == []
+    assert list(call.waiting) == ["I need the sales team", "0"]
+    assert next_input(call) == "I need the sales team"
+    assert next_input(call) == "0"
+
+
+def test_a_backchannel_with_a_key_pressed_at_a_refusal_leaves_the_key_alone() -> None:
+    """As above, the speech is "uh huh": the key cut the bot off (no ResumePlayback for the
+    backchannel), and judged as speech over the bot the "uh huh" is no input; the key is,
+    after ``#transfer-failed``."""
+    call = started()
+    transfer_turn(call)
+    finish_turn(call)
+    asked(call)
+    onset = call.now_ms
+    frames(call, 20, onset=onset, voiced=10_000)
+    call.receive(dtmf("0"))
+    call.transfer_finished(False, "busy")
+    frames(call, 10)
+    assert call.heard("final", "uh huh", 0.9) == []
+    assert call.waiting == ("0",)
+    assert next_input(call) == "0"
+
+
 # ------------------------------------------------------------ at the transfer's turn end
 
 
