@@ -109,7 +109,9 @@ full; :data:`TRANSITIONS` is the same state machine):
    synthesis of the announcement), but not once the caller hung up (its item before or
    after the hang-up: the caller's inputs waiting still reach the core), nor when an
    answering machine was detected before the turn finished (``#machine`` is the next
-   input, its item taken or still to come: the callee is no person). The caller's
+   input, its item taken or still to come: the callee is no person; detected after, the
+   transfer goes on, the speech kept for it is the machine's: dropped, no more heard, and
+   a refusal gives ``#machine`` after :data:`TRANSFER_FAILED` and the keys). The caller's
    words and keys over the announcement wait for the transfer's result: the inputs waiting
    when its turn finishes (keys held or being collected then are inputs of their own, as
    at a hang-up; ``#silence`` and ``#fallback`` dropped), and the words and keys after it,
@@ -1021,6 +1023,9 @@ class CarrierCall:
         self._unheard_speech = 0
         """Speeches begun once the farewell's turn finished (not recognised: nobody would
         answer them), said in :class:`InputsUnanswered` at the end."""
+        self._machine_kept = False
+        """Whether an answering machine was detected once a transfer's turn finished: its
+        ``#machine`` follows ``#transfer-failed`` at a refusal (:meth:`_machine_over_transfer`)."""
         self._judged: tuple[int, int] | None = None  # (onset, voiced end) when it resumed
         self.extra_parameters: dict[str, str] = {}
         """Parameters the adapter learnt outside the codec's start: the ``appKey`` of the
@@ -1231,7 +1236,10 @@ class CarrierCall:
         its own. The turn running is cut off and its transfer is not carried out, whether
         its transfer item came before or comes after (the callee is a machine; module doc
         step 7). Before ``start`` it only goes into the ``#intro`` attributes; once the
-        call is ending (the transfer's turn finished, say) it is ignored.
+        call is ending (the farewell's turn finished) it is ignored. Once the turn that
+        asked for a transfer finished (ENDING, TRANSFERRING) the transfer goes on (the
+        call is handed over), but the result is kept for its refusal
+        (:meth:`_machine_over_transfer`).
 
         Only the call's first result is taken (:attr:`machine_heard`): carriers deliver
         webhooks at least once (Telnyx's retries, Twilio's on a timeout), so a second
@@ -1239,6 +1247,8 @@ class CarrierCall:
         if self.machine_heard is not None:
             return []
         state = self.state
+        if state in (State.ENDING, State.TRANSFERRING) and self.transfer is not None:
+            return self._machine_over_transfer(answered_by)
         if state in (State.ENDING, State.TRANSFERRING, State.CLOSED):
             return []
         self.answered_by = answered_by
@@ -1270,6 +1280,25 @@ class CarrierCall:
             if not speech and text not in _NOT_THE_CALLER
         )
         return [*actions, *self._commit(MACHINE)]
+
+    def _machine_over_transfer(self, answered_by: str) -> list[CallAction]:
+        """:meth:`machine_answered` once the turn that asked for a transfer finished: the
+        transfer goes on, and the caller's speech kept for its result is the machine's (no
+        caller's words): the words waiting are dropped, the utterance heard after the turn
+        cancelled (``[CancelListening]``; keys pressed during it wait now, a person's) and
+        no more speech is heard (:meth:`_hear_after_turn`). A refusal gives the core
+        ``#machine`` after ``#transfer-failed`` and the keys (:meth:`transfer_finished`);
+        a transfer that happened drops nothing more. ``[]`` when no utterance was open."""
+        self.answered_by = self.machine_heard = answered_by
+        self._input_attributes[MACHINE] = {"answeredBy": answered_by}
+        self._machine_kept = True
+        actions = [*self._stop_after(), *self._release_keys()]
+        self._waiting = deque(
+            (text, speech)
+            for text, speech in self._waiting
+            if not speech and text not in _NOT_THE_CALLER
+        )
+        return actions
 
     def _media(self, message: Media) -> list[CallAction]:
         pcm = message.pcm
@@ -1852,6 +1881,7 @@ class CarrierCall:
         if (
             onset is None
             or self._after_open
+            or self._machine_kept  # the machine's speech: no caller's words
             or onset == self._listened_onset
             or onset < self._bot_since
             or self.speech_ms < self.config.barge_in_min_speech_ms
@@ -2211,7 +2241,9 @@ class CarrierCall:
             and self._heard_end is None
             and self.config.barge_in
         )
-        if self._after_open and not speaking and self._heard_end is not None:
+        if self._machine_kept:  # the machine's speech going on is no speech over the bot
+            self._bot_since = self.now_ms
+        elif self._after_open and not speaking and self._heard_end is not None:
             # it ended: its words wait after #transfer-failed once recognised; speech
             # after it is speech over the bot (heard at its final, _heard_after_turn)
             self._bot_since = self._heard_end
@@ -2230,6 +2262,9 @@ class CarrierCall:
             "error": error or "refused",
         }
         actions = [*flushed, *self._start_turn(TRANSFER_FAILED)]
+        if self._machine_kept:  # detected while the transfer was under way: after the keys
+            self._machine_kept = False
+            actions += self._wait(MACHINE, speech=False)
         if speaking:  # speech over the bot now, from its onset: held and judged as any
             self._after_open = self._after_judged = False
             if self._held_keys:

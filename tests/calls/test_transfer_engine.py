@@ -66,7 +66,8 @@ def transferring(*, core_ended: bool = False) -> TwilioCall:
 def test_no_turn_starts_while_the_carrier_is_asked_audio_is_fed_keys_kept() -> None:
     """The caller's audio still goes to the speech stage (their speech is heard and kept
     for the transfer's result: tests/adapters/twilio/test_transfer_speech.py), a key is
-    kept for it (no action), an answering machine's result is ignored."""
+    kept for it (no action), an answering machine's result gives no action (kept for a
+    refusal: test_transfer_speech.py)."""
     call = transferring()
     (feed,) = call.receive(media())
     assert isinstance(feed, FeedAudio)

@@ -170,7 +170,8 @@ def test_an_answering_machine_detected_after_the_transfer_item_cancels_the_trans
 
 def test_an_answering_machine_detected_once_the_transfer_turn_finished_changes_nothing() -> None:
     """Once the transfer's turn finished (ENDING: its last audio plays) the call is handed
-    over: a machine result then is ignored (as any once the call ends)."""
+    over: a machine result then leaves the transfer alone (no action; kept for a refusal:
+    test_transfer_speech.py)."""
     call = started()
     transfer_turn(call)
     [final] = finish_turn(call)

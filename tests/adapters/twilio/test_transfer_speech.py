@@ -26,6 +26,7 @@ from adapters.twilio.protocol import TwilioCall
 from gateway.events import TRANSFER_FAILED, Response, ResponseEvent
 from gateway.protocol.actions import CancelListening, EndSession, StartListening, StartTurn
 from gateway.protocol.call import (
+    MACHINE,
     HangUp,
     InputsUnanswered,
     Interrupt,
@@ -276,6 +277,60 @@ def test_a_key_pressed_while_the_caller_speaks_after_the_turn_comes_after_the_wo
     call.transfer_finished(False, "busy")
     assert next_input(call) == "operator"
     assert next_input(call) == "0"
+
+
+# ------------------------------------------------------------ an answering machine
+
+
+def test_a_machine_detected_while_the_carrier_is_asked_is_told_after_a_refusal() -> None:
+    """An outbound call's transfer is asked; the callee's voicemail greeting is heard
+    meanwhile (an utterance opened), then the answering-machine result comes: the greeting
+    is no caller's words (the utterance is cancelled, no more speech is heard), and once
+    the carrier refused the transfer the core gets ``#machine`` after
+    ``#transfer-failed`` (it leaves its message or hangs up). Before, the result was
+    ignored and the greeting's words reached the core as the caller's input after
+    ``#transfer-failed``; ``#machine`` never came."""
+    call = started()
+    transfer_turn(call)
+    finish_turn(call)
+    asked(call)
+    onset = call.now_ms
+    [start] = frames(call, 20, onset=onset, voiced=10_000)
+    assert isinstance(start, StartListening)
+    assert call.machine_answered("machine_end_beep") == [CancelListening(start.stream)]
+    assert call.heard("final", "hi you have reached john leave a message", 0.9) == []
+    _, actions = speak(call)  # more of the greeting: not heard
+    assert actions == []
+    assert call.waiting == ()
+    [turn] = call.transfer_finished(False, "busy")
+    assert isinstance(turn, StartTurn)
+    assert turn.input.text == TRANSFER_FAILED
+    [machine] = finish_turn(call)
+    assert isinstance(machine, StartTurn)
+    assert machine.input.text == MACHINE
+    assert machine.input.attributes == {"answeredBy": "machine_end_beep"}
+    assert finish_turn(call) == []
+    assert call.waiting == ()
+
+
+def test_a_machine_detected_while_the_announcement_ends_leaves_the_transfer_alone() -> None:
+    """The result comes while the transfer's announcement plays out (its turn finished):
+    the transfer is still asked (the call is handed over), the words over the
+    announcement are dropped (the machine's); taken, nothing more; a key pressed is a
+    person's and stays, before ``#machine``, when the carrier refuses."""
+    call = started()
+    transfer_turn(call)
+    hold(call)
+    call.heard("final", "hi you have reached", 0.9)
+    finish_turn(call)
+    assert call.waiting == ("hi you have reached",)
+    call.receive(dtmf("5"))
+    assert call.machine_answered("machine_start") == []
+    assert call.waiting == ("5",)
+    asked(call)
+    call.transfer_finished(False, "busy")
+    assert next_input(call) == "5"
+    assert next_input(call) == MACHINE
 
 
 # ------------------------------------------------------------ the farewell
