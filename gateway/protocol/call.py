@@ -1023,6 +1023,10 @@ class CarrierCall:
         self._unheard_speech = 0
         """Speeches begun once the farewell's turn finished (not recognised: nobody would
         answer them), said in :class:`InputsUnanswered` at the end."""
+        self._asked_at = 0
+        """Audio time (ms) the carrier was asked for the latest transfer (its final mark
+        came back): speech begun before it was over the announcement
+        (:meth:`_listen_after_turn`)."""
         self._machine_kept = False
         """Whether an answering machine was detected once a transfer's turn finished: its
         ``#machine`` follows ``#transfer-failed`` at a refusal (:meth:`_machine_over_transfer`)."""
@@ -1701,6 +1705,7 @@ class CarrierCall:
             return []
         assert self.info is not None
         if self.transfer is not None:  # the audio before the transfer item has played
+            self._asked_at = self.now_ms
             self.machine.advance(TRANSFER)
             return [Transfer(self.info.call_id, *self.transfer)]
         self.machine.advance(FINAL_MARK)
@@ -1895,10 +1900,13 @@ class CarrierCall:
 
     def _listen_after_turn(self, *, following: bool = False) -> list[CallAction]:
         """Open an utterance after a transfer's turn (:meth:`_listen`): its words count
-        only as a real interruption while the announcement's rest plays (ENDING)."""
+        only as a real interruption when it began while the announcement's rest played
+        (ENDING; opened later, ``following``: its onset before the final mark)."""
         actions = self._listen(interrupted=False, following=following)
+        onset = self._listened_onset
+        over_the_bot = onset is not None and onset < self._asked_at
         self._after_open = True
-        self._after_judged = self.state is State.ENDING
+        self._after_judged = self.state is State.ENDING or over_the_bot
         return actions
 
     def _heard_after_turn(self, text: str, confidence: float) -> list[CallAction]:

@@ -259,6 +259,35 @@ def test_speech_held_when_the_transfer_s_turn_finishes_is_judged_a_backchannel_d
     assert state_of(call) is State.CALLER
 
 
+def test_a_backchannel_begun_over_the_announcement_s_rest_is_judged_when_heard_later() -> None:
+    """Speech over the announcement is heard out after its turn finished; while its final
+    is awaited the caller says "okay" over the announcement's rest, and that final comes
+    only once the carrier is asked: the "okay" (heard from its onset then) began over the
+    bot's audio, so it is judged as speech over it, a backchannel, no input. Before, it
+    was judged by when it was opened (TRANSFERRING: not over the bot), so after a refusal
+    the core got "no wait I want sales okay"."""
+    call = started()
+    transfer_turn(call)
+    onset = hold(call)
+    assert types(finish_turn(call)) == [ResumePlayback, Play]
+    frames(call, 20, onset=onset, voiced=10_000)
+    frames(call, 10)  # the speech ended: its final is awaited
+    okay = call.now_ms
+    assert frames(call, 15, onset=okay, voiced=10_000) == []  # "okay", over the rest
+    asked(call)
+    frames(call, 5, onset=okay, voiced=10_000)
+    frames(call, 10)
+    [start] = call.heard("final", "no wait I want sales", 0.9)
+    assert isinstance(start, StartListening)  # the "okay", from its onset
+    assert start.from_ms is not None
+    assert start.from_ms < okay
+    assert call.heard("final", "okay", 0.9) == []
+    assert call.waiting == ("no wait I want sales",)
+    call.transfer_finished(False, "busy")
+    assert next_input(call) == "no wait I want sales"
+    assert finish_turn(call) == []
+
+
 def test_a_key_pressed_while_the_caller_speaks_after_the_turn_comes_after_the_words() -> None:
     """A key pressed while the caller speaks during the transfer request comes after the
     utterance's words (they began first), each its own input after a refusal."""
