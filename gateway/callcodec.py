@@ -69,6 +69,7 @@ __all__ = [
     "CallEvent",
     "CarrierCodec",
     "CarrierError",
+    "ChunkingCodec",
     "Cleared",
     "Connected",
     "Digit",
@@ -379,6 +380,30 @@ class CarrierCodec(Protocol):
 
     def clear(self) -> WireFrame:
         """Drop the audio the carrier holds (barge-in)."""
+        ...
+
+
+@runtime_checkable
+class ChunkingCodec(Protocol):
+    """What a :class:`CarrierCodec` whose outbound chunks are long (Exotel's: at least
+    200 ms) adds so that the pieces of one answer (its sentences, each its own
+    :meth:`CarrierCodec.audio`) follow each other without silence between them: the
+    call engine (gateway/protocol/call.py ``CarrierCall``) sends each piece with
+    :meth:`carry`, which holds back the audio that does not fill a chunk and puts it at
+    the head of the next piece's, and :meth:`flush` at the end of the turn's audio,
+    which sends it padded with silence by the carrier's rule. The codec's ``clear``
+    drops the audio held back (the carrier drops what it holds). Both return the frames
+    and the milliseconds of audio in them, padding included: what the carrier plays."""
+
+    def carry(self, pcm: Pcm) -> tuple[list[WireFrame], int]:
+        """The audio held back, then ``pcm`` (any rate), as the whole chunks it fills
+        (maybe none), and their ms; the rest is held back. LocalProtocolError before
+        the start."""
+        ...
+
+    def flush(self) -> tuple[list[WireFrame], int]:
+        """The audio held back, padded with silence to a chunk (``([], 0)`` when none is
+        held), and its ms, padding included."""
         ...
 
 

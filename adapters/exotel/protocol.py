@@ -19,7 +19,8 @@ Exotel -> gateway (text frames, JSON)::
     {"event":"mark",…,"mark":{"name":…}}    {"event":"stop",…}
 
 gateway -> Exotel: ``{"event":"media","stream_sid":…,"media":{"payload":…}}`` in
-**chunks of a multiple of 320 bytes, 3.2 KB to 100 KB** (Exotel buffers them),
+**chunks of a multiple of 320 bytes, 3.2 KB to 100 KB** (Exotel buffers them; the
+pieces of one answer back to back, only its end padded: :class:`ExotelCodec`),
 ``{"event":"mark","stream_sid":…,"mark":{"name":…}}``, ``{"event":"clear",
 "stream_sid":…}``. Hang up by closing the socket (the next applet runs).
 
@@ -83,15 +84,45 @@ def media_format(encoding: str, sample_rate: int) -> MediaFormat:
     )
 
 
-def chunks(audio: bytes, chunk_bytes: int, silence: bytes) -> list[bytes]:
-    """``audio`` cut into chunks of ``chunk_bytes``; the last one padded with
-    ``silence`` to a multiple of :data:`CHUNK_UNIT` and at least :data:`MIN_CHUNK`
-    (Exotel's rule). Raises ValueError for a ``chunk_bytes`` outside the rule."""
+def _check_chunk(chunk_bytes: int) -> None:
+    """Raises ValueError for a ``chunk_bytes`` outside Exotel's chunk rule."""
     if chunk_bytes % CHUNK_UNIT or not MIN_CHUNK <= chunk_bytes <= MAX_CHUNK:
         raise ValueError(
             f"an Exotel chunk is a multiple of {CHUNK_UNIT} bytes from {MIN_CHUNK} to "
             f"{MAX_CHUNK}, not {chunk_bytes}"
         )
+
+
+def whole_chunks(audio: bytes, chunk_bytes: int) -> tuple[list[bytes], bytes]:
+    """``audio`` as the chunks it fills without padding, and the rest.
+
+    The chunks are ``chunk_bytes`` long but the last, which is at least
+    :data:`MIN_CHUNK` (what is short of it joins the one before, or borrows from it
+    when both would outgrow :data:`MAX_CHUNK`); all are multiples of
+    :data:`CHUNK_UNIT`. The rest is shorter than :data:`CHUNK_UNIT`, or all of
+    ``audio`` when it is shorter than :data:`MIN_CHUNK`. Raises ValueError for a
+    ``chunk_bytes`` outside the rule."""
+    _check_chunk(chunk_bytes)
+    whole = len(audio) // CHUNK_UNIT * CHUNK_UNIT
+    if whole < MIN_CHUNK:
+        return [], audio
+    body = audio[:whole]
+    out = [body[i : i + chunk_bytes] for i in range(0, whole, chunk_bytes)]
+    if len(out) > 1 and len(out[-1]) < MIN_CHUNK:
+        short = len(out[-1])
+        if chunk_bytes + short <= MAX_CHUNK:
+            out[-2:] = [out[-2] + out[-1]]
+        else:  # the one before gives what the last lacks (it stays >= MIN_CHUNK)
+            cut = whole - MIN_CHUNK
+            out[-2:] = [body[whole - short - chunk_bytes : cut], body[cut:]]
+    return out, audio[whole:]
+
+
+def chunks(audio: bytes, chunk_bytes: int, silence: bytes) -> list[bytes]:
+    """``audio`` cut into chunks of ``chunk_bytes``; the last one padded with
+    ``silence`` to a multiple of :data:`CHUNK_UNIT` and at least :data:`MIN_CHUNK`
+    (Exotel's rule). Raises ValueError for a ``chunk_bytes`` outside the rule."""
+    _check_chunk(chunk_bytes)
     out = [audio[i : i + chunk_bytes] for i in range(0, len(audio), chunk_bytes)]
     if out:
         tail = out[-1]
@@ -102,10 +133,17 @@ def chunks(audio: bytes, chunk_bytes: int, silence: bytes) -> list[bytes]:
 
 class ExotelCodec(JsonCarrierCodec):
     """One Exotel Voicebot stream (see the module doc); a
-    :class:`~gateway.callcodec.CarrierCodec`.
+    :class:`~gateway.callcodec.CarrierCodec` and a
+    :class:`~gateway.callcodec.ChunkingCodec`.
 
     ``chunk_ms``: audio per outbound ``media`` message (200 ms: 3200 bytes at 8 kHz,
     the smallest chunk Exotel takes); the byte size is rounded to the chunk rule.
+
+    The call engine sends each piece of an answer with :meth:`carry` (whole chunks; the
+    rest, under 320 bytes, or all of what is held when under 3.2 KB, held back for the
+    next piece's first chunk) and :meth:`flush` at the end of the turn's audio (the rest
+    padded to 3.2 KB): only the answer's end is padded, not each piece's (which put up
+    to 200 ms of silence, 400 ms in μ-law, between its sentences).
     """
 
     carrier: str = CARRIER
@@ -115,6 +153,11 @@ class ExotelCodec(JsonCarrierCodec):
     def __init__(self, chunk_ms: int = 200) -> None:
         super().__init__(frame_ms=0)
         self.chunk_ms = chunk_ms
+        self.held = b""
+        """Wire audio held back by :meth:`carry` (less than a chunk), sent by the next
+        :meth:`carry` or :meth:`flush`, dropped by :meth:`clear`."""
+        self.sent_bytes = 0
+        """Wire audio sent by :meth:`carry` and :meth:`flush` (padding included)."""
 
     def handlers(self) -> Mapping[str, EventHandler]:
         """Exotel's events (module doc)."""
@@ -155,12 +198,38 @@ class ExotelCodec(JsonCarrierCodec):
         return self.begin_start(start, fmt, call_sid, stream_sid, "account_sid")
 
     def audio(self, pcm: Pcm) -> list[WireFrame]:
-        """``pcm`` as ``media`` messages by Exotel's chunk rule (the stream's format)."""
+        """``pcm`` as ``media`` messages by Exotel's chunk rule (the stream's format), the
+        last padded: :meth:`carry` then :meth:`flush`."""
+        carried, _ = self.carry(pcm)
+        flushed, _ = self.flush()
+        return carried + flushed
+
+    def carry(self, pcm: Pcm) -> tuple[list[WireFrame], int]:
+        """The audio :attr:`held` back, then ``pcm``, as ``media`` messages of the whole
+        chunks they fill (:func:`whole_chunks`), and their ms; the rest is held back.
+        LocalProtocolError before the start."""
         fmt = self.started_format("audio")
-        return [
-            self.audio_frame(fmt, chunk)
-            for chunk in chunks(fmt.encode(pcm), self.chunk_bytes, fmt.silence)
-        ]
+        out, self.held = whole_chunks(self.held + fmt.encode(pcm), self.chunk_bytes)
+        return self._sent(fmt, out)
+
+    def flush(self) -> tuple[list[WireFrame], int]:
+        """The audio :attr:`held` back as one ``media`` message, padded with silence to
+        the chunk rule (:func:`chunks`), and its ms, padding included; ``([], 0)`` when
+        nothing is held."""
+        if not self.held:
+            return [], 0
+        fmt = self.started_format("audio")
+        out, self.held = chunks(self.held, self.chunk_bytes, fmt.silence), b""
+        return self._sent(fmt, out)
+
+    def _sent(self, fmt: MediaFormat, payloads: list[bytes]) -> tuple[list[WireFrame], int]:
+        """``payloads`` as ``media`` messages, and their ms: the whole ms of all audio sent
+        so far less those before them (no rounding drift at 24 kHz, where a unit of 320
+        bytes is 6.67 ms)."""
+        before = self.sent_bytes
+        self.sent_bytes += sum(map(len, payloads))
+        ms = int(fmt.duration_ms(self.sent_bytes)) - int(fmt.duration_ms(before))
+        return [self.audio_frame(fmt, payload) for payload in payloads], ms
 
     def audio_frame(self, fmt: MediaFormat, payload: bytes) -> WireFrame:
         """``{"event":"media","stream_sid":…,"media":{"payload":…}}``."""
@@ -171,8 +240,11 @@ class ExotelCodec(JsonCarrierCodec):
         return mark_message(self.started_stream("mark"), name)
 
     def clear(self) -> WireFrame:
-        """``{"event":"clear","stream_sid":…}``."""
-        return clear_message(self.started_stream("clear"))
+        """``{"event":"clear","stream_sid":…}``; the audio :attr:`held` back is dropped
+        with what Exotel holds."""
+        frame = clear_message(self.started_stream("clear"))
+        self.held = b""
+        return frame
 
 
 def media_message(stream_sid: str, payload: bytes) -> str:

@@ -106,6 +106,7 @@ from gateway.protocol.call import (
     Interrupt,
     PausePlayback,
     Play,
+    PlayTail,
     ResumePlayback,
     Speak,
     Transfer,
@@ -1007,6 +1008,10 @@ class CallRunner(WebSocketDriver[CallAction]):
                 wait_s = playing_s + self.gw.settings.call_final_mark_grace_s
                 self._stop_final_watch()
                 self._final_watch = self.spawn(self._final_mark_watch(wait_s), "final mark")
+        elif isinstance(action, PlayTail):  # after the turn's last mark (none of its own)
+            self.sender.play(action.messages, None)
+            now = asyncio.get_running_loop().time()
+            self._played_until = max(self._played_until, now) + action.audio_ms / 1000
         elif isinstance(action, Interrupt):
             await self.sender.interrupt(action.clear)
             self._played_until = 0.0  # the carrier drops what it holds

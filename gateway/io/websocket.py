@@ -939,10 +939,11 @@ class PacedSender(Generic[T]):
         """Audio queued and not yet sent, in ms."""
         return round(sum(1 for media, _ in self._queue if media) * self._frame_s * 1000)
 
-    def play(self, messages: Sequence[T], mark: T) -> None:
-        """Queue media frames and the mark after them."""
+    def play(self, messages: Sequence[T], mark: T | None) -> None:
+        """Queue media frames and the mark after them (None: no mark)."""
         self._queue.extend((True, message) for message in messages)
-        self._queue.append((False, mark))
+        if mark is not None:
+            self._queue.append((False, mark))
         self._wake.set()
 
     async def interrupt(self, clear: T) -> None:

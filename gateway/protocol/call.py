@@ -24,7 +24,12 @@ full; :data:`TRANSITIONS` is the same state machine):
    **streamed**: asked for in a headerless format close to the wire's
    (:func:`speech_request`: μ-law for PCMU 8 kHz, 16-bit PCM at 8 or 16 kHz for A-law
    and L16), so each synthesized piece (a sentence or clause) is played as soon as it
-   is made, not the whole item after its synthesis (WAV only for other rates).
+   is made, not the whole item after its synthesis (WAV only for other rates). A
+   codec whose chunks are long (:class:`~gateway.callcodec.ChunkingCodec`: Exotel's,
+   200 ms at least) carries each piece's tail into the next piece's first chunk (a
+   piece's mark follows its whole chunks) and pads only the turn's last tail, sent
+   unmarked at its Response (or before the error text), so no silence falls between
+   the pieces; the padding sent counts as audio played.
 3. Every inbound audio chunk (16-bit PCM at the stream's rate) goes to the call's
    speech stage (:class:`FeedAudio`); its verdict comes back through
    :meth:`CarrierCall.voice`: onset -> StartListening; final text -> the next input;
@@ -212,6 +217,7 @@ from gateway.callcodec import (
     CallEvent,
     CarrierCodec,
     CarrierError,
+    ChunkingCodec,
     Cleared,
     Connected,
     Digit,
@@ -647,6 +653,15 @@ class Playout:
         item.total_ms += audio_ms
         self._chunks.append(_Chunk(mark, item, audio_ms, now_ms))
 
+    def queued_more(self, audio_ms: int) -> None:
+        """``audio_ms`` more of the latest Play's audio, sent after its mark (a tail the
+        codec held back, :meth:`CarrierCall._flush`); nothing when no Play waits for
+        its mark (its audio was all heard: so is this)."""
+        if self._chunks:
+            chunk = self._chunks[-1]
+            chunk.audio_ms += audio_ms
+            chunk.item.total_ms += audio_ms
+
     def echoed(self, mark: str, now_ms: int) -> None:
         """``mark`` came back at ``now_ms``: its audio and all before it were heard."""
         if all(chunk.mark != mark for chunk in self._chunks):
@@ -718,12 +733,23 @@ def _split_words(text: str, fraction: float) -> tuple[str, str]:
 class Play:
     """Queue ``messages`` (the codec's audio frames, paced when it is real-time), then
     ``mark``. ``final`` marks the last audio of the call: hang up when its mark comes
-    back. ``audio_ms`` is the audio in ``messages``."""
+    back. ``audio_ms`` is the audio in ``messages`` (padding included)."""
 
     messages: tuple[WireFrame, ...]
     mark: WireFrame
     audio_ms: int
     final: bool = False
+
+
+@dataclass(frozen=True)
+class PlayTail:
+    """Queue ``messages`` after the turn's last :class:`Play`, without a mark: the tail of
+    the turn's audio a :class:`~gateway.callcodec.ChunkingCodec` held back, padded
+    (:meth:`CarrierCall._flush`; the mark before it stands for it). ``audio_ms`` is the
+    audio in ``messages``, padding included."""
+
+    messages: tuple[WireFrame, ...]
+    audio_ms: int
 
 
 @dataclass(frozen=True)
@@ -810,6 +836,7 @@ class Transfer:
 
 CallAction = (
     Play
+    | PlayTail
     | Interrupt
     | PausePlayback
     | ResumePlayback
@@ -2039,13 +2066,14 @@ class CarrierCall:
         if turn is None or self.info is None:
             return []
         if isinstance(event, ResponseEvent):
+            tail = [] if turn.discarded else self._flush()  # the turn's audio is all out
             self.playout.done()
             if event.response.session_ended:
                 turn.ended = True
-            return []
+            return tail
         if isinstance(event, ErrorEvent):
             turn.failed = True
-            return [] if turn.discarded else [Speak(self.config.error_text)]
+            return [] if turn.discarded else [*self._flush(), Speak(self.config.error_text)]
         if isinstance(event, ResponseItemEvent) and self.transfer is None:
             target = transfer_target(event.response_item)
             if not turn.discarded:
@@ -2083,6 +2111,9 @@ class CarrierCall:
         """``audio`` (as :attr:`tts` asks: a WAV file, or a chunk of μ-law or 16-bit PCM
         without header) as the codec's frames, and its ms.
 
+        A :class:`~gateway.callcodec.ChunkingCodec` sends the whole chunks it fills (its
+        tail waits for the next piece or :meth:`_flush`): their ms.
+
         Raises AudioFormatError for a WAV that is not one, or PCM of an odd length."""
         rate = _PCM_RATES.get(self.tts.file_type)
         if rate is None:
@@ -2091,7 +2122,25 @@ class CarrierCall:
             pcm = mulaw_to_pcm(audio, rate)
         else:
             pcm = Pcm(audio, rate)
+        if isinstance(self.codec, ChunkingCodec):
+            frames, audio_ms = self.codec.carry(pcm)
+            return tuple(frames), audio_ms
         return tuple(self.codec.audio(pcm)), len(pcm.data) * 500 // pcm.sample_rate
+
+    def _flush(self) -> list[CallAction]:
+        """The audio a :class:`~gateway.callcodec.ChunkingCodec` holds back, padded, as a
+        :class:`PlayTail` without a mark of its own (less than a chunk's unit of speech,
+        then silence: the piece's mark before it stands for it, so a turn sends a mark
+        per piece as on every carrier), its ms (padding included) counted with that
+        piece's (:meth:`Playout.queued_more`); ``[]`` when none is held (or the codec holds none
+        back). At the end of the turn's audio (its Response; before the error text)."""
+        if not isinstance(self.codec, ChunkingCodec):
+            return []
+        frames, audio_ms = self.codec.flush()
+        if not frames:
+            return []
+        self.playout.queued_more(audio_ms)
+        return [PlayTail(tuple(frames), audio_ms)]
 
     def spoken(self, audio: bytes | None) -> list[CallAction]:
         """The audio of a Speak (None: synthesis failed; nothing is played)."""
@@ -2101,8 +2150,9 @@ class CarrierCall:
             return []
         self.playout.item(self.config.error_text)
         play = self._play(audio)
-        self.playout.done()  # the error text's audio comes whole
-        return [play]
+        tail = self._flush()  # the error text's audio comes whole
+        self.playout.done()
+        return [play, *tail]
 
     def turn_rejected(self, exc: TurnRejected) -> list[CallAction]:
         """The engine refused the turn (session busy, store down, ...): say the error text;

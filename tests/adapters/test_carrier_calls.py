@@ -76,7 +76,13 @@ async def test_a_whole_call_intro_speech_dtmf_and_stop(
         marks = call.marks()
         assert 2 <= len(marks) <= 4, marks
         assert marks == [str(n) for n in range(1, len(marks) + 1)]
-        assert call.received[-1].event == "mark"
+        # (Exotel: each piece's tail, under 320 bytes, goes out in the next piece's first
+        # chunk, the answer's last one after its last mark, padded to a chunk of 200 ms)
+        tail = (
+            call.received[-1:] if carrier is EXOTEL and call.received[-1].event == "media" else []
+        )
+        assert all(call.seconds([r]) == 0.2 for r in tail)
+        assert call.received[-1 - len(tail)].event == "mark"
         intro_s = call.seconds(call.media_frames())
         assert 3.0 < intro_s < 9.0, intro_s  # two sentences of speech
         pieces: list[list[Received]] = [[]]  # the audio frames before each mark

@@ -9,14 +9,24 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 from pydantic import SecretStr
 
+from adapters.exotel.protocol import CHUNK_UNIT, MIN_CHUNK
+from gateway.events import ResponseItem
 from gateway.metrics import REGISTRY
 from gateway.speech.service import SpeechService
-from tests.adapters.carriers import OVERSIZED_PARAMS, closed_with, session_of, upgrade_status
+from tests.adapters.carriers import (
+    OVERSIZED_PARAMS,
+    Scripted,
+    closed_with,
+    session_of,
+    upgrade_status,
+)
 from tests.adapters.exotel.harness import CARRIER, KEY, TOKEN, ExotelHarness, basic
 from tests.adapters.twilio.helpers import twilio_gateway, until
 from tests.conftest import refused_port, served
@@ -270,3 +280,39 @@ async def test_custom_parameters_beyond_bounds_close_the_stream_1008(
         assert reason.startswith("Invalid start: custom_parameters: "), reason
         assert fault in reason, reason
         assert not gw.core.turns
+
+
+async def test_an_answer_s_sentences_reach_the_caller_back_to_back(
+    speech: SpeechService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An answer of two items (each its own streamed piece of speech, their lengths no
+    multiple of Exotel's 320-byte unit): the caller receives the pieces' audio back to
+    back, silence only after the last (the chunk rule applied once). Each piece's last
+    chunk was padded to 3.2 KB, so up to 200 ms of silence fell between the sentences."""
+    pieces: list[bytes] = []  # the speech the turn engine streamed (slin 8 kHz: the wire's)
+    audio_chunks = speech.audio_chunks
+
+    async def chunks(item: ResponseItem, file_type: Any) -> AsyncIterator[bytes]:
+        async for chunk in audio_chunks(item, file_type):
+            pieces.append(chunk)
+            yield chunk
+
+    monkeypatch.setattr(speech, "audio_chunks", chunks)
+    answer = [ResponseItem(text="Welcome to the museum."), ResponseItem(text="How can I help?")]
+    core = Scripted({"#intro": answer})
+    async with CARRIER.gateway(speech) as (gw, _):
+        gw.app.state.gateway.conversation.pipeline = core
+        async with ExotelHarness.dial(gw.url) as call:
+            await gw.wait_answers(call, 1)
+            audio = b"".join(pieces)  # all synthesized: the turn ended
+            # the answer's tail (after its last mark) may still be on its way
+            await call.wait_for(
+                lambda: sum(len(r.payload) for r in call.media_frames()) >= len(audio)
+            )
+            wire = b"".join(r.payload for r in call.media_frames())
+    assert [i.text for i in core.inputs] == ["#intro"]
+    assert len(pieces) >= 2, [len(p) for p in pieces]
+    assert any(len(p) % CHUNK_UNIT for p in pieces[:-1]), [len(p) for p in pieces]
+    assert wire[: len(audio)] == audio  # back to back: no silence between the pieces
+    assert set(wire[len(audio) :]) <= {0}  # the padding, at the end only
+    assert len(wire) - len(audio) < MIN_CHUNK
