@@ -1103,22 +1103,25 @@ class CallRunner(WebSocketDriver[CallAction]):
     async def transferred(self, transfer: Transfer) -> bool:
         """Ask the adapter's transfer hook to hand the call over; whether the carrier
         took it. Either way the engine hears of it (:meth:`CarrierCall.transfer_finished`):
-        a transfer taken ends the session; a refused one (or no hook, or its exception)
-        is logged at WARNING naming the carrier's API and the call goes on with
-        ``#transfer-failed``."""
+        a transfer taken ends the session; a refused one or no hook is logged at WARNING
+        (the hook logs the carrier API's refusals and outages, naming the API:
+        gateway/calls.py ``send_transfer``) and the call goes on with ``#transfer-failed``.
+        An exception of the hook is none of those (they are its result): a bug, logged
+        at ERROR with its traceback naming the component ``gateway``, as
+        :meth:`_move_error` does; the call goes on likewise."""
         if self._transfer_hook is None:
             result = TransferResult(False, f"{self.carrier} transfers are not configured")
             log.warning("%s NOT transferred to %s: %s", self.name, transfer.target, result.error)
         else:
             try:
                 result = await self._transfer_hook(self, transfer)
-            except Exception as exc:  # an adapter's own REST errors
-                result = TransferResult(False, f"the {self.carrier} API failed: {exc!r}")
-                log.warning(
-                    "%s: transfer failed (component: %s-api): %s",
+            except Exception as exc:  # a bug: the API's failures are the hook's result
+                result = TransferResult(False, f"the gateway failed to ask for it: {exc!r}")
+                log.error(
+                    "%s: transfer failed (component: gateway): %s",
                     self.name,
-                    self.carrier,
                     result.error,
+                    exc_info=exc,
                 )
         actions = self.call.transfer_finished(result.ok, result.error)
         if not result.ok:
