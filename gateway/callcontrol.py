@@ -183,7 +183,7 @@ class CallControl:
                 f"{request.method} {request.url}: no whole answer within {self._timeout_s} s"
             ) from None
         whole = len(kept) <= MAX_ANSWER_BYTES
-        text = bytes(kept[:MAX_ANSWER_BYTES]).decode(response.encoding or "utf-8", "replace")
+        text = _decoded(bytes(kept[:MAX_ANSWER_BYTES]), response.encoding)
         body: Any = text
         if whole and text and "json" in response.headers.get("content-type", ""):
             with contextlib.suppress(ProtocolError):  # bounded: no NaN, no 100,000 levels
@@ -195,6 +195,17 @@ class CallControl:
         for client in [*self._clients.values(), *([self._given] if self._given else [])]:
             await client.aclose()
         self._clients.clear()
+
+
+def _decoded(data: bytes, charset: str | None) -> str:
+    """``data``, an API's answer, as text in its ``charset`` (UTF-8 when none), undecodable
+    bytes replaced; in UTF-8 when the charset is no text codec Python can decode with
+    replacement (``charset=idna`` raised UnicodeError, ``charset=rot13`` LookupError, out
+    of a transfer or hang-up instead of its CallControlError or answer)."""
+    try:
+        return data.decode(charset or "utf-8", "replace")
+    except (UnicodeError, LookupError):
+        return data.decode("utf-8", "replace")
 
 
 def log_transfer(

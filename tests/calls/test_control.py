@@ -469,3 +469,28 @@ def test_telnyx_client_state_round_trip() -> None:
     assert telnyx.read_client_state(telnyx.client_state(state)) == state
     assert telnyx.read_client_state(None) == {}
     assert telnyx.read_client_state("not base64!") == {}
+
+
+@pytest.mark.parametrize("charset", ["idna", "rot13", "utf-16"])
+async def test_an_answer_in_a_charset_that_cannot_be_decoded_is_read_as_utf8(
+    charset: str,
+) -> None:
+    """An API answer whose ``charset`` is no codec Python decodes with replacement
+    (``idna`` raised UnicodeError, ``rot13`` LookupError) is read as UTF-8, its bad bytes
+    replaced: the transfer or hang-up gets its answer (the status, the text) instead of an
+    exception escaping ``CallControl.send``; a real text charset is still honoured."""
+    api = FastAPI()
+
+    @api.post("/v2/calls/{ccid}/actions/hangup")
+    async def hang_up() -> Response:
+        body = "call ended: ok".encode("utf-16" if charset == "utf-16" else "utf-8")
+        return Response(body, status_code=409, media_type=f"text/plain; charset={charset}")
+
+    control = CallControl(5.0)
+    async with serve(api) as url:
+        try:
+            answer = await control.send(telnyx.hang_up(telnyx.TelnyxAuth("KEY", url), "v3:abc"))
+        finally:
+            await control.aclose()
+    assert answer.status == 409
+    assert answer.body == "call ended: ok"
