@@ -448,6 +448,19 @@ def _set_cookie(answer: HTTPResponse, gw: Gateway, session_id: str, age: int | N
 _COOKIE_SAFE: Final = re.compile(r"[A-Za-z0-9._-]{1,256}")
 
 
+def _content_coding(request: Request) -> str | None:
+    """The first content coding of ``request``'s body other than ``identity`` (as sent), or
+    None when it has none: ``Content-Encoding`` is a comma-separated list, empty elements
+    ignored (RFC 9110 sections 8.4 and 5.6.1), and its header lines are one list (section
+    5.3), so ``identity,`` is no coding and a ``gzip`` on a second line is one."""
+    for line in request.headers.getlist("content-encoding"):
+        for coding in line.split(","):
+            coding = coding.strip(" \t")
+            if coding and coding.lower() != "identity":
+                return coding
+    return None
+
+
 @contextlib.contextmanager
 def _refusals() -> Iterator[None]:
     """A client's mistake (ProtocolError) and speech stage errors as _Refused: client errors
@@ -487,8 +500,8 @@ async def put_client(request: Request) -> HTTPResponse:
             raise _Refused(415, text, "client")
         if config.realtime and container == "mp3":
             raise _Refused(415, _NO_MP3_STREAM, "client")
-        coding = request.headers.get("content-encoding", "").strip()
-        if coding and coding.lower() != "identity":  # (RFC 9110 section 15.5.16)
+        coding = _content_coding(request)
+        if coding is not None:  # (RFC 9110 section 15.5.16)
             text = f"Unsupported Content-Encoding {clipped(coding)}: send the body uncompressed."
             raise _Refused(415, text, "client")
         cookie = request.cookies.get(SESSION_COOKIE) or None

@@ -459,6 +459,40 @@ async def test_a_compressed_body_is_refused_not_misread(base: str) -> None:
         assert identity.text == "< You said: hello\n"
 
 
+async def test_a_content_encoding_is_read_as_the_list_it_is(base: str) -> None:
+    """``Content-Encoding`` is a comma-separated list (RFC 9110 sections 8.4 and 5.6.1:
+    empty elements are ignored) and may come as several header lines, which a recipient
+    reads as one list (section 5.3). Only its first line was read, whole: ``identity,``
+    or ``identity, identity`` (no coding at all) was refused 415, and a gzip body whose
+    ``gzip`` came on a second line after ``identity`` was read as if uncompressed (here a
+    text turn of gzip bytes refused as not UTF-8, a 400). Now every coding of every line
+    counts: identity only is accepted, any other coding is the 415 naming it."""
+    async with httpx.AsyncClient(base_url=base) as client:
+        await client.put(f"/client?key={KEY}&tts=None", headers=TEXT, content="#intro")
+        for coding in ("identity,", "identity, identity", "IDENTITY ,identity", ","):
+            answer = await client.put(
+                f"/client?key={KEY}&tts=None",
+                headers={**TEXT, "Content-Encoding": coding},
+                content="hello",
+            )
+            assert answer.status_code == 200, (coding, answer.text)
+            assert answer.text == "< You said: hello\n", coding
+        for lines in (
+            [("Content-Encoding", "identity"), ("Content-Encoding", "gzip")],
+            [("Content-Encoding", "identity, gzip")],
+            [("Content-Encoding", ", GZIP")],
+        ):
+            answer = await client.put(
+                f"/client?key={KEY}&tts=None",
+                headers=[("Content-Type", "text/plain"), *lines],
+                content=gzip.compress(b"hello"),
+            )
+            assert answer.status_code == 415, (lines, answer.text)
+            coding = "GZIP" if "GZIP" in str(lines) else "gzip"
+            text = f"Unsupported Content-Encoding '{coding}': send the body uncompressed."
+            assert answer.text == f"! client: {text}\n", lines
+
+
 async def test_a_wav_or_mp3_file_sent_as_raw_audio_is_refused_naming_its_type(base: str) -> None:
     """``audio/basic`` and BinaryEvents are raw audio (sttEncoding at sttSampleRate, no
     header). A WAV or MP3 file sent so was recognised as raw samples: its header and, for
