@@ -83,7 +83,7 @@ from gateway.speech.audio import (
     decode_wav,
     mp3_duration_s,
 )
-from gateway.ssml import ssml_to_text
+from gateway.ssml import loose_text, ssml_to_text
 
 SESSION_COOKIE = "flowstorm-session-id"
 NDJSON = "application/x-ndjson"
@@ -1004,16 +1004,24 @@ _ITEM_PROPS: Final = ("audio", "video", "image", "code", "background")
 """The ResponseItem fields a ``#`` line shows, in this order."""
 
 
+def _ssml_speech(ssml: str) -> str:
+    """The words ``ssml`` says: its spoken text, or the words of SSML that is not
+    well-formed as the gateway's TTS reads it (``<speak>Tom & Jerry</speak>``)."""
+    spoken = ssml_to_text(ssml)
+    return spoken if spoken is not None else loose_text(ssml)
+
+
 def item_lines(item: ResponseItem) -> str:
     """The ``#`` and ``<`` lines of one response item (spec "Plain text"). The speech text
     of an item without ``text`` is its ``ssml``'s spoken text (markup dropped:
-    :func:`gateway.ssml.ssml_to_text`; none when it is not well-formed), which its TTS link
-    says."""
+    :func:`gateway.ssml.ssml_to_text`; SSML that is not well-formed read leniently,
+    :func:`gateway.ssml.loose_text`), which its TTS link says, as other channels show it
+    (:func:`gateway.ssml.display_text`)."""
     out = []
     props = [f"{name}={value}" for name in _ITEM_PROPS if (value := getattr(item, name))]
     if props:
         out.append(f"# ({', '.join(_one_line(p) for p in props)})\n")
-    text = _one_line(item.text or (item.ssml and ssml_to_text(item.ssml)) or "")
+    text = _one_line(item.text or (item.ssml and _ssml_speech(item.ssml)) or "")
     if text and not text.startswith("#"):
         voice = item.tts_config.name if item.tts_config and item.tts_config.name else None
         out.append(f"< [{voice}] {text}\n" if voice else f"< {text}\n")

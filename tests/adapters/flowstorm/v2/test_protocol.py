@@ -31,6 +31,7 @@ from adapters.flowstorm.v2.protocol import (
     decode_audio_file,
     done_message,
     interim_message,
+    item_lines,
     json_lines,
     parse_config,
     plain_accepted,
@@ -761,3 +762,16 @@ def test_pretty_printed_events_are_read_byte_by_byte() -> None:
     [event] = events
     assert isinstance(event, InputEvent)
     assert event.input.attributes == {"a": [1, True, None, -1500.0, "x\\n"]}
+
+
+def test_the_plain_line_of_an_ssml_item_says_what_its_tts_link_says() -> None:
+    """An item sent as SSML only shows its spoken text as its ``<`` line (c6cab02); one
+    whose SSML is not well-formed (an unescaped ``&``, an unclosed tag: a core writing SSML
+    by hand) showed none, though its TTS link says its words (gateway/speech/tts.py reads
+    such SSML leniently) and every other channel shows them (gateway.ssml.display_text:
+    :func:`gateway.ssml.loose_text`). Now its words are its ``<`` line too."""
+    assert item_lines(ResponseItem(ssml="<speak>Tom & Jerry</speak>")) == "< Tom & Jerry\n"
+    unclosed = ResponseItem(ssml="<speak>not <b>well formed</speak>")
+    assert item_lines(unclosed) == "< not well formed\n"
+    assert item_lines(ResponseItem(ssml="<speak>A <emphasis>b</emphasis></speak>")) == "< A b\n"
+    assert item_lines(ResponseItem(ssml="<speak><break time='1s'/></speak>")) == ""

@@ -554,10 +554,11 @@ async def test_an_ssml_item_has_its_speech_text_in_the_plain_text_answer() -> No
         answer = await client.put(f"/client?key={KEY}", headers=TEXT, content="hi")
         assert answer.status_code == 200, answer.text
         lines = answer.text.splitlines()
-        # (an SSML that is not well-formed has no text to show: its audio line only)
-        assert [line[0] for line in lines] == ["#", "<", "#"], answer.text
+        # (an SSML that is not well-formed: its words, as its TTS link says them)
+        assert [line[0] for line in lines] == ["#", "<", "#", "<"], answer.text
         assert AUDIO_LINE.match(lines[0]), lines[0]
         assert lines[1] == "< Hello there, friend."
+        assert lines[3] == "< not well formed"
         json_answer = await client.put(
             f"/client?key={KEY}&tts=None", headers=JSON, content=input_event("hi")
         )
