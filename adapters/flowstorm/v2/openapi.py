@@ -109,11 +109,11 @@ _TURN_DOC: dict[int | str, dict[str, Any]] = {
         "Content-Encoding other than identity (send the body uncompressed)"
     },
     503: {
-        "description": "The session store (`Retry-After` s) or the speech recognizer is "
-        "unavailable, or all recognizers are busy (an audio request: ErrorEvent source `stt`, "
-        "`Retry-After` s), or the gateway is shutting down and a realtime PUT's audio held "
-        "nothing said or was not recognised in time (ErrorEvent source `gateway`, no turn, "
-        "`Retry-After` s)",
+        "description": "The session store is unavailable (ErrorEvent source `gateway`, "
+        "`Retry-After` s), the speech recognizer failed (ErrorEvent source `stt`), or all "
+        "recognizers are busy (an audio request: ErrorEvent source `stt`, `Retry-After` s), "
+        "or the gateway is shutting down and a realtime PUT's audio held nothing said or "
+        "was not recognised in time (ErrorEvent source `gateway`, no turn, `Retry-After` s)",
         "headers": {"Retry-After": {"description": _RETRY_AFTER, "schema": {"type": "integer"}}},
     },
 }
