@@ -106,7 +106,14 @@ _TURN_DOC: dict[int | str, dict[str, Any]] = {
     },
     415: {
         "description": "Content type not supported, a text/plain charset not known, or a "
-        "Content-Encoding other than identity (send the body uncompressed)"
+        "Content-Encoding other than identity (send the body uncompressed)",
+        "headers": {
+            "Accept-Encoding": {
+                "description": "`identity`: with the 415 of a Content-Encoding (RFC 9110 "
+                "section 12.5.3)",
+                "schema": {"type": "string"},
+            }
+        },
     },
     503: {
         "description": "The session store is unavailable (ErrorEvent source `gateway`, "

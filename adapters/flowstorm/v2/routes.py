@@ -12,7 +12,8 @@ unknown session, 408 a stream that stopped, 409 busy session (with ``Retry-After
 when another realtime PUT holds its recognition), 413 too large or
 too long, 405 a method other than GET and PUT (with ``Allow: GET, PUT``; a ``!`` line
 when ``Accept`` ranks ``text/plain`` first, as for GET), 415 unsupported content type
-(or a ``Content-Encoding`` other than ``identity``: no body is decompressed),
+(or a ``Content-Encoding`` other than ``identity``: no body is decompressed; with
+``Accept-Encoding: identity``),
 429 too many unknown sessions, 503 store
 down (with ``Retry-After``: :data:`STORE_RETRY_AFTER_S`), recognizer failed (an ErrorEvent
 of source ``stt``), or all recognizers busy: then with ``Retry-After`` and an ErrorEvent of
@@ -278,13 +279,21 @@ _REJECT_STATUS = {
 class _Refused(Exception):
     """A request answered with one ErrorEvent and an HTTP status: with ``Retry-After`` when
     it has ``retry_s`` (409 session busy or streaming, 429, 503), the key's challenge when
-    401, and the session cookie cleared when ``forget``."""
+    401, the session cookie cleared when ``forget``, and ``headers`` (e.g. the
+    ``Accept-Encoding`` of a 415 for a content coding)."""
 
     def __init__(
-        self, status: int, text: str, source: str, retry_s: int | None = None, forget: bool = False
+        self,
+        status: int,
+        text: str,
+        source: str,
+        retry_s: int | None = None,
+        forget: bool = False,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(text)
         self.status, self.retry_after_s, self.forget = status, retry_s, forget
+        self.headers = dict(headers or {})
         self.error = ErrorEvent(text=text, source=source)
 
     def answer(self, request: Request, *, plain: bool) -> HTTPResponse:
@@ -294,7 +303,9 @@ class _Refused(Exception):
         if self.status == 404:
             request.app.state.v2_guesses.take(_client_ip(request))
         retry = self.retry_after_s
-        headers = {"Retry-After": str(retry)} if retry is not None else {}
+        headers = dict(self.headers)
+        if retry is not None:
+            headers["Retry-After"] = str(retry)
         if self.status == 401:  # RFC 9110 section 11.6.1: every 401 carries a challenge
             headers["WWW-Authenticate"] = KEY_CHALLENGE
         body, media = answer_line(self.error, plain=plain), TEXT if plain else NDJSON
@@ -501,9 +512,9 @@ async def put_client(request: Request) -> HTTPResponse:
         if config.realtime and container == "mp3":
             raise _Refused(415, _NO_MP3_STREAM, "client")
         coding = _content_coding(request)
-        if coding is not None:  # (RFC 9110 section 15.5.16)
+        if coding is not None:  # RFC 9110 sections 15.5.16 and 12.5.3: with Accept-Encoding
             text = f"Unsupported Content-Encoding {clipped(coding)}: send the body uncompressed."
-            raise _Refused(415, text, "client")
+            raise _Refused(415, text, "client", headers={"Accept-Encoding": "identity"})
         cookie = request.cookies.get(SESSION_COOKIE) or None
         if cookie:
             _check_cookie(request, cookie)

@@ -428,7 +428,8 @@ async def test_a_compressed_body_is_refused_not_misread(base: str) -> None:
     noise (200, here the ``#silence`` turn: the user's words lost without a word why),
     and a compressed text or JSON body was refused as "not UTF-8 text" / "got '\\x1f'".
     The gateway decodes no content coding: 415 (RFC 9110 section 15.5.16) naming it, in
-    V2's form; ``identity`` is no coding and is accepted."""
+    V2's form, with ``Accept-Encoding: identity`` (section 12.5.3; it had none);
+    ``identity`` is no coding and is accepted."""
     audio = gzip.compress(b"\x00\x00" * 16004, mtime=0)
     assert len(audio) % 2 == 0  # a whole number of LINEAR16 samples, as raw audio
     cases = [
@@ -446,6 +447,9 @@ async def test_a_compressed_body_is_refused_not_misread(base: str) -> None:
                 content=body,
             )
             assert answer.status_code == 415, (content_type, query, answer.text)
+            # RFC 9110 section 12.5.3: the codings it takes, so that a client can tell a
+            # content coding's 415 from a media type's (and send the body uncompressed)
+            assert answer.headers.get("accept-encoding") == "identity", answer.headers
             text = "Unsupported Content-Encoding 'gzip': send the body uncompressed."
             if content_type == "text/plain":
                 assert answer.text == f"! client: {text}\n"
