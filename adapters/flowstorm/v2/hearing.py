@@ -9,9 +9,11 @@ all pure (no network, no task; the wall clock is passed in as ``now``, seconds):
   raw / WAV audio, read to its :class:`Outcome`. Realtime audio goes to the request's
   speech stage (the kit's StartListening / FeedAudio) and what the stage hears comes back through
   :meth:`StreamedBody.heard`; interim and final results become bus messages
-  (:class:`Publish`); the outcome is known when recognition ends, the client
-  switches to text, a wall-clock bound passes, or the body ends. Without
-  ``realtime`` the body's audio is recognised whole at its end (:class:`RecognizeFile`).
+  (:class:`Publish`); the outcome is known when recognition ends, the ``Input``
+  comes (the spec's realtime flow ends with it: its turn runs at once, as a final
+  result's does; what follows it is dropped, :meth:`StreamedBody.drop`), a wall-clock
+  bound passes, or the body ends. Without ``realtime`` the body's audio is recognised
+  whole at its end (:class:`RecognizeFile`), and an ``Input`` is the outcome at the end.
 - :func:`heard_input`: a recognition result as the turn's input and the
   RecognizedInput sent before the turn's events.
 
@@ -164,7 +166,8 @@ class StreamedBody:
     returns None, carrying out the actions; :meth:`heard` (the stage's events and
     results), :meth:`timed_out` when :meth:`timeout` passed, :meth:`ended` at the
     body's end and :meth:`failed` when the request failed. :attr:`decided` says the
-    outcome is known: answer with :meth:`outcome` without waiting for the body's end.
+    outcome is known: answer with :meth:`outcome` without waiting for the body's end
+    (what arrives after it goes to :meth:`drop`).
     Every method raises ProtocolError (status 400, 408 or 413) for a bad body (an Input
     whose text is empty or whose ``locale`` is no language tag: 400).
 
@@ -231,6 +234,7 @@ class StreamedBody:
         self._last_chunk = now
         self._switched: float | None = None
         self._drain_until: float | None = None
+        self._told_tail = False  # drop() said that something followed the typed Input
 
     # -------------------------------------------------------------- the outcome
 
@@ -280,6 +284,8 @@ class StreamedBody:
         elif isinstance(event, InputEvent):
             self.typed = check_input(event.input)  # text, locale, zoneId: as V1's Input
             self._switched = self._switched or now
+            if self.realtime:  # the Input ends a realtime body (spec): its turn runs now
+                self._outcome = Outcome(self.typed, [], self.logs)
             return self._done("text")
         return []
 
@@ -306,6 +312,20 @@ class StreamedBody:
         samples = self.wav.decode(data) if self.wav is not None else data
         return [*start, FeedAudio(STREAM, samples)]
 
+    def drop(self, data: bytes = b"") -> bool:
+        """A chunk received once the outcome is known (none: what was left of the chunk that
+        decided it): dropped, as the rest of a realtime body is (the client writes until the
+        GET's end tells it to stop). True once, the first time what is dropped follows a
+        typed Input and is more than white space: the Input ends a realtime body (spec:
+        ``Binary``* then ``InputStreamClose`` and the ``Input``), so that is a client's
+        mistake, worth saying (the audio after a final result is the mic's tail: not)."""
+        leftover = bool(self._pending)
+        self._pending.clear()
+        if self.typed is None or self._told_tail or not (leftover or data.strip()):
+            return False
+        self._told_tail = True
+        return True
+
     def heard(self, heard: Heard) -> list[Action]:
         """An event of the stage (or the file's recognition): interim results are
         published; a final result or silence decides the outcome. Raises
@@ -331,7 +351,7 @@ class StreamedBody:
         """Seconds to wait for the next chunk (None: no bound); then :meth:`timed_out`."""
         if not self.realtime:
             return None
-        if self._switched is not None:  # InputStreamClose or Input: waiting for the text / end
+        if self._switched is not None:  # InputStreamClose: waiting for the Input
             return max(0.0, self._switched + self.text_wait_s - now)
         stalled = self._last_chunk + self.stall_s
         latest = self._latest if self._drain_until is None else self._drain_until
@@ -344,10 +364,7 @@ class StreamedBody:
         (:data:`UTTERANCE_LOST_TEXT`)."""
         if self._drain_until is not None and self._switched is None:
             raise Restarting(UTTERANCE_LOST_TEXT)
-        if self._switched is not None:
-            if self.typed is not None:  # the Input came; the body did not end: go on
-                self._outcome = Outcome(self.typed, [], self.logs)
-                return []
+        if self._switched is not None:  # (an Input decides at once: it did not come)
             raise ProtocolError(
                 f"Event out of order: expected an InputEvent within {self.text_wait_s:g} s "
                 "after InputStreamClose, got nothing",

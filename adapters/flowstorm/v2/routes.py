@@ -59,7 +59,9 @@ cookie follows them; when recognition ends (final, silence, the switch to text,
 an error) the GET ends, which tells the client to stop writing, and the PUT
 answers at once, like a file turn, without waiting for the rest of the body
 (which is read and dropped). ``InputStreamClose`` + ``Input`` makes the turn a
-text turn. One recognition a session at a time (the spec's turns alternate): a
+text turn; the ``Input`` ends a realtime body (the spec's realtime flow): its turn
+runs and its answer streams at once, as for a final result, and what the client
+writes after it is dropped. One recognition a session at a time (the spec's turns alternate): a
 realtime PUT takes the session's topic (:meth:`gateway.bus.Bus.claim` of its
 ``recognizing`` marker) from its start until its answer ends; another realtime PUT of
 the session meanwhile is answered 409 (source ``session``, ``Retry-After``:

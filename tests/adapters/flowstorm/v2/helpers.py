@@ -210,3 +210,82 @@ def split_events(
         else:
             audio.append(event)
     return found, logs, audio
+
+
+class RawPut:
+    """A ``PUT /client`` written by hand on a TCP connection of its own: its chunked body
+    can stay open while its answer is read (httpx sends a whole body before it reads the
+    answer), and the connection can be dropped (a TCP reset) at any point."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.status = 0
+        self.body = b""
+        """The answer's body read so far (de-chunked)."""
+        self._raw = b""
+        self._head_read = False
+        self._chunked = False
+
+    @classmethod
+    async def open(cls, base_url: str, target: str, content_type: str, cookie: str) -> RawPut:
+        """Connect to ``base_url`` and send the head of ``PUT {target}`` (chunked body)."""
+        url = httpx.URL(base_url)
+        assert url.host
+        assert url.port
+        reader, writer = await asyncio.open_connection(url.host, url.port)
+        head = (
+            f"PUT {target} HTTP/1.1\r\nHost: {url.host}:{url.port}\r\n"
+            f"Content-Type: {content_type}\r\nTransfer-Encoding: chunked\r\n"
+            f"Cookie: flowstorm-session-id={cookie}\r\n\r\n"
+        )
+        writer.write(head.encode())
+        await writer.drain()
+        return cls(reader, writer)
+
+    async def send(self, data: bytes) -> None:
+        """One chunk of the body."""
+        self.writer.write(b"%x\r\n%s\r\n" % (len(data), data))
+        await self.writer.drain()
+
+    async def end(self) -> None:
+        """End the body (its last, empty chunk)."""
+        self.writer.write(b"0\r\n\r\n")
+        await self.writer.drain()
+
+    async def read_until(self, needle: bytes, timeout_s: float) -> bytes:
+        """Read the answer until its body holds ``needle`` (AssertionError when the
+        answer ends without it; TimeoutError after ``timeout_s``); returns the body."""
+        async with asyncio.timeout(timeout_s):
+            while needle not in self.body:
+                data = await self.reader.read(65536)
+                assert data, f"the answer ended without {needle!r}: {self.status} {self.body!r}"
+                self._raw += data
+                self._parse()
+        return self.body
+
+    def _parse(self) -> None:
+        if not self._head_read:
+            head, sep, rest = self._raw.partition(b"\r\n\r\n")
+            if not sep:
+                return
+            self.status = int(head.split(b" ", 2)[1])
+            self._chunked = b"transfer-encoding: chunked" in head.lower()
+            self._head_read, self._raw = True, rest
+        if not self._chunked:
+            self.body, self._raw = self.body + self._raw, b""
+            return
+        while True:  # whole chunks: size line, data, CRLF
+            size_line, sep, rest = self._raw.partition(b"\r\n")
+            if not sep:
+                return
+            size = int(size_line.split(b";")[0], 16)
+            if len(rest) < size + 2:
+                return
+            self.body += rest[:size]
+            self._raw = rest[size + 2 :]
+            if size == 0:
+                return
+
+    def drop(self) -> None:
+        """Drop the connection at once (a TCP reset, as a client that vanished)."""
+        self.writer.transport.abort()

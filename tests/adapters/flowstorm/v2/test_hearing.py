@@ -104,11 +104,46 @@ def test_switching_to_text_cancels_listening_and_the_input_is_the_outcome() -> N
     assert isinstance(done, Publish)
     assert done.message["result"] == "text"
     assert streamed.timeout(101.0) == pytest.approx(60.0)  # TEXT_WAIT_S for the Input
+    assert not streamed.decided
     assert run(streamed, INPUT.encode(), 102.0) == []  # "done" was published once
-    assert streamed.ended() == []
+    assert streamed.decided  # the Input ends a realtime body: no wait for the body's end
     outcome = streamed.outcome()
     assert outcome.input is not None
     assert outcome.input.text == "hello"
+
+
+def test_a_realtime_input_decides_at_once_and_what_follows_is_dropped() -> None:
+    """The spec's realtime flow ends with the Input: it decides (the turn runs at once, as
+    for a final result), with the Logs before it; what follows (a Log in its chunk, later
+    chunks) is dropped, and :meth:`StreamedBody.drop` says so once (white space and audio
+    after a final result: never)."""
+    log_line = json.dumps({"type": "Log", "entries": [{"text": "early"}]}) + "\n"
+    streamed = body(realtime=True, container=None)
+    [done] = run(streamed, (log_line + INPUT + log_line).encode(), 100.5)
+    assert isinstance(done, Publish)
+    assert done.message["result"] == "text"
+    assert streamed.decided
+    outcome = streamed.outcome()
+    assert outcome.input is not None
+    assert outcome.input.text == "hello"
+    assert [entry.text for entry in outcome.logs] == ["early"]  # the Log after it: dropped
+    assert streamed.drop() is True  # the Log left in the Input's chunk
+    assert streamed.drop(INPUT.encode()) is False  # said once
+    assert [entry.text for entry in outcome.logs] == ["early"]
+    spaced = body(realtime=True, container=None)
+    run(spaced, INPUT.encode(), 100.5)
+    assert spaced.drop() is False
+    assert spaced.drop(b"\n \r\n") is False  # white space is nothing
+    assert spaced.drop(binary_line(b"\x00\x00").encode()) is True
+    heard = body(realtime=True)
+    run(heard, b"\x00\x01" * 800, 100.0)
+    heard.heard(Heard("final", "hello", 0.9))
+    assert heard.drop(b"\x00\x01" * 800) is False  # the mic's tail after a final result
+    file = body(realtime=False, container=None)  # not realtime: the Input decides at the end
+    assert run(file, INPUT.encode(), 100.0) == []
+    assert not file.decided
+    assert file.ended() == []
+    assert file.decided
 
 
 def test_no_input_after_input_stream_close_is_a_408() -> None:

@@ -36,6 +36,7 @@ from tests.adapters.flowstorm.v2.helpers import (
     CHUNK_MS,
     KEY,
     PACE_S,
+    RawPut,
     at,
     binary_line,
     check_turn,
@@ -383,6 +384,61 @@ async def test_input_stream_close_then_input_switches_to_text(
         assert [e["type"] for e in answer] == ["ResponseItem", "Response"]  # no RecognizedInput
         assert answer[0]["responseItem"]["text"] == "Nice to meet you, Ada."
         assert all(not json.loads(line)["isFinal"] for line in turn.get_lines)  # interim only
+        asked = await client.put(
+            f"/client?key={KEY}&tts=None",
+            headers={"Content-Type": "text/plain"},
+            content="what is my name",
+        )
+        assert asked.text == "< Your name is Ada.\n"
+
+
+TYPED_ANSWER_S = 10.0
+"""The bound on the answer to a realtime PUT's typed Input while its body stays open: the
+turn runs at once (as for a final result); the old code waited for the body's end, or
+60 s (TEXT_WAIT_S) for a body left open."""
+
+
+async def test_a_typed_input_is_answered_while_the_realtime_body_is_open(
+    server: str, corpus: dict[str, Pcm]
+) -> None:
+    """The spec's realtime flow: Binary events, InputStreamClose, then the Input, which
+    ends it. Its turn runs and its answer streams at once, while the client's body is still
+    open; the parallel GET ends (done, the switch to text). What the client writes after
+    the Input (a Log, more audio) is dropped: the answer is the Input's alone, and the
+    session goes on."""
+    speech = pcm_chunks(at(corpus["tell me about this place"], 16000))
+    typed = json.dumps({"type": "Input", "input": {"transcript": {"text": "my name is Ada"}}})
+    log_line = json.dumps({"type": "Log", "entries": [{"text": "after the Input"}]})
+    async with httpx.AsyncClient(base_url=server, timeout=60) as client:
+        await intro(client)
+        getter = asyncio.create_task(client.get(f"/client?key={KEY}"))
+        await asyncio.sleep(0.2)
+        put = await RawPut.open(
+            server,
+            f"/client?key={KEY}&tts=None&realtime=1",
+            "application/json",
+            client.cookies["flowstorm-session-id"],
+        )
+        try:
+            for chunk in speech[:6]:  # the user starts speaking...
+                await put.send(binary_line(chunk).encode())
+                await asyncio.sleep(PACE_S)
+            # ...then types; a Log follows in the same write (after the Input: dropped)
+            await put.send(f'{{"type":"InputStreamClose"}}\n{typed}\n{log_line}\n'.encode())
+            t0 = time.monotonic()
+            body = await put.read_until(b'"type":"Response"', TYPED_ANSWER_S)  # body open
+            assert time.monotonic() - t0 < TYPED_ANSWER_S
+            assert put.status == 200, body
+            await put.read_until(b"}\n", 5)  # the Response's whole line
+            answer = [json.loads(line) for line in put.body.decode().splitlines()]
+            assert [e["type"] for e in answer] == ["ResponseItem", "Response"]
+            assert answer[0]["responseItem"]["text"] == "Nice to meet you, Ada."
+            get = await asyncio.wait_for(getter, 10)  # the switch to text ended it
+            assert get.status_code == 200
+            await put.send(binary_line(speech[6]).encode())  # the mic's tail: dropped
+            await put.end()
+        finally:
+            put.drop()
         asked = await client.put(
             f"/client?key={KEY}&tts=None",
             headers={"Content-Type": "text/plain"},
