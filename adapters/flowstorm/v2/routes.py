@@ -61,11 +61,15 @@ answers at once, like a file turn, without waiting for the rest of the body
 (which is read and dropped). ``InputStreamClose`` + ``Input`` makes the turn a
 text turn; the ``Input`` ends a realtime body (the spec's realtime flow): its turn
 runs and its answer streams at once, as for a final result, and what the client
-writes after it is dropped. One recognition a session at a time (the spec's turns alternate): a
-realtime PUT takes the session's topic (:meth:`gateway.bus.Bus.claim` of its
-``recognizing`` marker) from its start until its answer ends; another realtime PUT of
-the session meanwhile is answered 409 (source ``session``, ``Retry-After``:
-:data:`STREAMING_RETRY_AFTER_S`) before it reads any audio.
+writes after it is dropped (said once in an INFO line). One recognition a session at
+a time (the spec's turns alternate): a realtime PUT takes the session's topic
+(:meth:`gateway.bus.Bus.claim` of its ``recognizing`` marker) from its start until its
+answer ends, or until its client leaves: while its turn runs, the PUT reads on (the
+rest of the body, dropped, then the ``http.disconnect``), and a client whose connection
+closes or drops gives the topic back at once (``_Hearing._watch``; the turn runs on to
+its end, its answer unread); another realtime PUT of the session meanwhile is answered
+409 (source ``session``, ``Retry-After``: :data:`STREAMING_RETRY_AFTER_S`) before it
+reads any audio.
 The bus messages (protocol.py, "recognition bus"):
 
 - ``recognizing {id}``: published retained when the PUT starts and again every
@@ -77,9 +81,9 @@ The bus messages (protocol.py, "recognition bus"):
   (then cleared, before its last line is written, so the next turn's GET never
   sees it; retained at most GATEWAY_TURN_TIMEOUT_S (+ GATEWAY_ERROR_TURN_MIN_S with
   GATEWAY_ERROR_TURN: Settings.turn_max_s) + GATEWAY_LOCK_WAIT_S + 5 s
-  should the PUT die; a clear that found the bus down is tried again every
-  CLEAR_RETRY_S, 0.5 s, until it answers), so a GET that comes after recognition
-  ended ends at once.
+  should the PUT die with its process (a PUT whose client leaves clears it at once);
+  a clear that found the bus down is tried again every CLEAR_RETRY_S, 0.5 s, until it
+  answers), so a GET that comes after recognition ended ends at once.
 
 Wall-clock bounds of a realtime PUT (audio time is the speech stage's own; the body's
 protocol is adapters/flowstorm/v2/hearing.py, these are its defaults):
@@ -893,6 +897,8 @@ class _Hearing:
         self._bus_warned = False
         self._drain_until: float | None = None
         self._cutoff: asyncio.Timeout | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------- running
 
@@ -949,13 +955,21 @@ class _Hearing:
             return True
 
     async def run(self) -> Outcome:
-        """Read the body to its outcome (see the class doc)."""
+        """Read the body to its outcome (see the class doc). A realtime body's rest is then
+        read and dropped by :meth:`_watch` until :meth:`release`, which it calls itself when
+        the client goes away."""
         reader = asyncio.create_task(self._read(), name="v2 body reader")
+        self._reader = reader
         if self.body.realtime:
             self._heartbeat = asyncio.create_task(self._beat(), name="v2 recognition heartbeat")
+        watching = False
         try:
             with _refusals():
-                return await self._drained_loop()
+                outcome = await self._drained_loop()
+            if self.body.realtime and not self._released:  # the reader goes on for _watch
+                self._watcher = asyncio.create_task(self._watch(), name="v2 client watch")
+                watching = True
+            return outcome
         except Exception as exc:  # a following GET learns of it: refused, gone, or a failure
             if isinstance(exc, ClientDisconnect):
                 await self._do(self.body.failed("cancelled"))
@@ -965,9 +979,10 @@ class _Hearing:
             raise
         finally:
             self._stop_heartbeat.set()  # on every way out; the marker expires after LOST_S
-            reader.cancel()  # (a no-op once it ended: it raises nothing but its cancel)
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
+            if not watching:
+                reader.cancel()  # (a no-op once it ended: it raises nothing but its cancel)
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reader
             if self.stage is not None and not self.stage.done:
                 await self.stage.cancel()
 
@@ -1045,7 +1060,8 @@ class _Hearing:
 
     async def _read(self) -> None:
         """Move the body's chunks to the queue as they arrive (bounded by the body's size
-        limit, 413 past it); then _END or the exception. It never waits for the loop, which
+        limit, 413 past it, until the outcome is known: then :meth:`_watch` drops them); then
+        _END or the exception. It never waits for the loop, which
         may be held by the recognizer (a busy one, audio sent faster than real time): what
         the client sent is read, not left in the socket, so the shutdown's finish
         (:meth:`drain`), queued behind it, hears all of it."""
@@ -1056,7 +1072,7 @@ class _Hearing:
                 if not chunk:
                     continue
                 total += len(chunk)
-                if total > limit:
+                if total > limit and not self.body.decided:
                     raise ProtocolError(
                         f"The request body is larger than {limit} bytes.", status=413
                     )
@@ -1065,6 +1081,43 @@ class _Hearing:
         except Exception as exc:
             # ProtocolError, ClientDisconnect, or a failure: the loop raises it
             self._queue.put_nowait(exc)
+
+    async def _watch(self) -> None:
+        """While a realtime PUT's turn runs and its answer streams (its outcome is known):
+        read the rest of its body and drop it (the client writes until the GET's end tells
+        it to stop; what follows a typed Input is a client's mistake: logged once at INFO),
+        then wait for the client's disconnect. A client that goes away (its connection
+        closed or dropped: ``http.disconnect``) gives the session's recognition back at once
+        (:meth:`release`): its next realtime PUT is taken and its GETs follow it, while the
+        turn already started runs on to its end (its answer is not sent: nobody reads it).
+        Cancelled by :meth:`release` (the answer's end, or the turn refused)."""
+        body = self.body
+        if body.drop():  # events after the Input, in its chunk
+            self._dropped_input_tail()
+        while (item := await self._queue.get()) is not _END:
+            if isinstance(item, ClientDisconnect):
+                break  # the client went away
+            if isinstance(item, BaseException):
+                return  # the body cannot be read further: the answer's end releases
+            if isinstance(item, bytes) and body.drop(item):
+                self._dropped_input_tail()
+        else:  # the body ended: the client reads the answer; wait until it leaves
+            while (await self.request.receive())["type"] != "http.disconnect":
+                pass  # (nothing else comes once the body ended)
+        log.info(
+            "the client of a realtime PUT of %s left while its turn runs: its recognition "
+            "is given back (the turn runs on, its answer unread)",
+            self.ref,
+        )
+        await self.release()
+
+    def _dropped_input_tail(self) -> None:
+        """Say (INFO) that the client wrote more after its Input (StreamedBody.drop)."""
+        log.info(
+            "a realtime PUT of %s sent more after its Input, which ends a realtime body: "
+            "dropped (the turn answers the Input)",
+            self.ref,
+        )
 
     # ------------------------------------------------------------- the bus
 
@@ -1087,7 +1140,8 @@ class _Hearing:
                 )
 
     async def release(self) -> None:
-        """Forget the retained ``done`` (the PUT's answer is on its way); idempotent.
+        """Forget the retained ``done`` (the PUT's answer is on its way, or its client left)
+        and end the client's watch (:meth:`_watch`); idempotent.
 
         When the bus cannot be reached, the clear is tried again in the background every
         CLEAR_RETRY_S while the value may last (:meth:`_clear_later`), so the session's
@@ -1095,6 +1149,9 @@ class _Hearing:
         if self._released:
             return
         self._released = True
+        for task in (self._watcher, self._reader):  # the client's watch ends here (unless it
+            if task is not None and task is not asyncio.current_task():  # is what releases)
+                task.cancel()
         self._stop_heartbeat.set()
         if self._heartbeat is not None:
             await self._heartbeat

@@ -32,6 +32,7 @@ from gateway.bus import MemoryBus, RedisBus
 from gateway.deps import Gateway
 from gateway.server import uvicorn_options
 from gateway.settings import Settings
+from tests.adapters.flowstorm.v2.helpers import RawPut
 from tests.conftest import serve
 from tests.gateway.core_app import make_core
 
@@ -90,6 +91,14 @@ class Leaving:
             f"still held after {PROMPT_S} s: {self.gw.conversation.turns_in_flight} turn(s), "
             f"retained {getattr(bus, '_retained', {}).get(self.topic)}"
         )
+
+    async def recognition_free(self) -> None:
+        """Wait (at most PROMPT_S) until the session's recognition topic is free."""
+        for _ in range(int(PROMPT_S / 0.02)):
+            if not await self.retained():
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"the recognition of the session is still held after {PROMPT_S} s")
 
     async def served_at_once(self, query: str, kind: dict[str, str], body: bytes) -> None:
         """The session's next request is answered 200 within PROMPT_S, in the same session."""
@@ -151,8 +160,9 @@ async def leaving(request: pytest.FixtureRequest) -> AsyncIterator[Leaving]:
 @pytest.mark.parametrize("path", ["text", "realtime"])
 async def test_a_client_that_leaves_mid_answer_holds_nothing(leaving: Leaving, path: str) -> None:
     """The answer's body runs to the turn's end although nobody reads it: the realtime
-    claim stays the session's while the turn runs (one recognition and turn at a time) and
-    is given back at its end, the text PUT waiting on the lock is served then."""
+    claim is given back as soon as the client left (its next realtime PUT is taken: see
+    :func:`test_a_realtime_put_whose_client_vanishes_after_done_frees_the_session`), the
+    turn still running; the text PUT waiting on the lock is served once the turn ends."""
     client = leaving.client
     realtime = path == "realtime"
     query = f"/client?key={KEY}&tts=None" + ("&realtime=1" if realtime else "")
@@ -172,8 +182,9 @@ async def test_a_client_that_leaves_mid_answer_holds_nothing(leaving: Leaving, p
         assert (await follower).status_code == 200
     await asyncio.sleep(0.2)
     assert leaving.gw.conversation.turns_in_flight == 1  # the turn goes on, held by the core
-    if realtime:
-        assert await leaving.retained()  # its recognition is the session's until its end
+    if realtime:  # the client left: its recognition is given back, the turn runs on
+        await leaving.recognition_free()
+        assert leaving.gw.conversation.turns_in_flight == 1
     leaving.core.state.release.set()  # the core answers the rest: nobody reads it
     if not realtime:  # a text PUT waits for the session lock: it is served once the turn ends
         await leaving.served_at_once(query, kind, again)
@@ -225,3 +236,57 @@ async def test_a_client_that_leaves_mid_recognition_holds_nothing(leaving: Leavi
     await leaving.released()
     await leaving.served_at_once(query, JSON, input_line("back"))
     await leaving.nothing_held()
+
+
+@pytest.mark.parametrize("body", ["ended", "open"])
+async def test_a_realtime_put_whose_client_vanishes_after_done_frees_the_session(
+    leaving: Leaving, body: str
+) -> None:
+    """A realtime PUT whose recognition ended (``done``: the typed Input) and whose turn
+    runs (held by the core after its first item) loses its client: the TCP connection is
+    dropped. The session's recognition is given back within PROMPT_S of that, the turn
+    still running: a new GET of the session follows the next recognition (the old code:
+    it ended at once on the retained ``done``) and the next realtime PUT is taken (the old
+    code: 409 until the turn ended, or ``done`` expired after GATEWAY_TURN_TIMEOUT_S +
+    GATEWAY_LOCK_WAIT_S + 5 s should the PUT die). Its turn waits for the session lock
+    and answers once the first turn ended. Another session's realtime PUT meanwhile is
+    never refused. The client ended its body before it vanished, or left it open (the
+    answer streams at once all the same)."""
+    client = leaving.client
+    query = f"/client?key={KEY}&tts=None&realtime=1"
+    follower = asyncio.create_task(client.get(f"/client?key={KEY}"))
+    await asyncio.sleep(0.2)
+    put = await RawPut.open(str(client.base_url), query, JSON["Content-Type"], leaving.session)
+    try:
+        await put.send(input_line("again"))
+        if body == "ended":
+            await put.end()  # (the old code answers only a whole body)
+        await put.read_until(b"first", PROMPT_S * 5)  # the turn runs, held by the core
+        assert put.status == 200
+        assert (await asyncio.wait_for(follower, PROMPT_S)).status_code == 200  # done
+        assert await leaving.retained()  # the recognition is the session's while it answers
+    finally:
+        put.drop()  # the client vanishes
+    await leaving.recognition_free()
+    assert leaving.gw.conversation.turns_in_flight == 1  # the first turn runs on
+
+    async with httpx.AsyncClient(base_url=client.base_url, timeout=20) as other:
+        other_put = asyncio.create_task(  # a new session's realtime PUT (no cookie)
+            other.put(query, headers=JSON, content=input_line("other"))
+        )
+        getter = asyncio.create_task(client.get(f"/client?key={KEY}"))
+        await asyncio.sleep(0.3)
+        assert not getter.done()  # it waits for the next recognition of the session
+        again = asyncio.create_task(client.put(query, headers=JSON, content=input_line("back")))
+        await asyncio.sleep(0.3)
+        assert not again.done(), again.result().text  # taken (not a 409): its turn waits
+        assert (await asyncio.wait_for(getter, PROMPT_S)).status_code == 200  # its done
+        leaving.core.state.release.set()  # the first turn ends: the next one runs
+        answer = await asyncio.wait_for(again, PROMPT_S * 5)
+        assert answer.status_code == 200, answer.text
+        assert "second" in answer.text
+        assert client.cookies["flowstorm-session-id"] == leaving.session
+        other_answer = await asyncio.wait_for(other_put, PROMPT_S * 5)
+        assert other_answer.status_code == 200, other_answer.text
+        assert "second" in other_answer.text
+    await leaving.released()

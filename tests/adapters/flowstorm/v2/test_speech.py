@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import struct
 import time
 from collections.abc import AsyncIterator
@@ -399,13 +400,14 @@ turn runs at once (as for a final result); the old code waited for the body's en
 
 
 async def test_a_typed_input_is_answered_while_the_realtime_body_is_open(
-    server: str, corpus: dict[str, Pcm]
+    server: str, corpus: dict[str, Pcm], caplog: pytest.LogCaptureFixture
 ) -> None:
     """The spec's realtime flow: Binary events, InputStreamClose, then the Input, which
     ends it. Its turn runs and its answer streams at once, while the client's body is still
     open; the parallel GET ends (done, the switch to text). What the client writes after
-    the Input (a Log, more audio) is dropped: the answer is the Input's alone, and the
-    session goes on."""
+    the Input (a Log, more audio) is dropped, said once in an INFO line: the answer is the
+    Input's alone, and the session goes on."""
+    caplog.set_level(logging.INFO, logger="adapters.flowstorm.v2.routes")
     speech = pcm_chunks(at(corpus["tell me about this place"], 16000))
     typed = json.dumps({"type": "Input", "input": {"transcript": {"text": "my name is Ada"}}})
     log_line = json.dumps({"type": "Log", "entries": [{"text": "after the Input"}]})
@@ -445,6 +447,8 @@ async def test_a_typed_input_is_answered_while_the_realtime_body_is_open(
             content="what is my name",
         )
         assert asked.text == "< Your name is Ada.\n"
+    dropped = [r for r in caplog.records if "sent more after its Input" in r.getMessage()]
+    assert len(dropped) == 1, caplog.text
 
 
 async def test_get_without_a_recognition_ends_after_a_bounded_wait() -> None:
