@@ -31,9 +31,11 @@ and pocketsphinx (tests/adapters/twilio/barge.py has the scenario).
   core, whose intro lasts over 3 s; the gateway's Piper voice): the caller says a
   sentence 1 s into the intro, in real time both ways, one call each; onset -> the bot
   falls silent for the caller (:meth:`CarrierHarness.silent_at`: a paced carrier's bot
-  pauses after 150 ms of speech, an unpaced one, Plivo and Exotel, is cleared at once),
-  onset -> ``clear``, and how long the sentence's speech lasts. The test checks only that
-  the bot falls silent while the caller speaks; ~300 ms is this figure.
+  pauses after 150 ms of speech; an unpaced one, Plivo and Exotel, plays on while the
+  speech is judged and is cleared once it is a real interruption: two content words in
+  an interim transcript, or 1 s voiced), onset -> ``clear``, and how long the
+  sentence's speech lasts. The test checks only that the bot falls silent while the
+  caller speaks; ~300 ms is this figure (paced).
 
 Figures are wall-clock on whatever machine runs it; recognition latency (and so the
 clear and the resume) grows with machine load.

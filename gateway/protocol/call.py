@@ -47,9 +47,15 @@ full; :data:`TRANSITIONS` is the same state machine):
    the audio goes on where it paused, nothing lost [bot]; its final transcript is
    still judged (an interruption then interrupts). Speech the endpointer ended first
    (its short end of turn, or a pause within a sentence: "hold on, | that is...")
-   resumes only at its final, if that holds no interruption. ``barge_in_max_backchannel_ms`` 0,
-   or a carrier that is sent the whole answer at once (codec not ``realtime``: Plivo,
-   Exotel, which cannot be paused): every such speech interrupts at once.
+   resumes only at its final, if that holds no interruption. ``barge_in_max_backchannel_ms`` 0:
+   every such speech interrupts at once. A carrier that is sent the whole answer at
+   once (codec not ``realtime``: Plivo, Exotel) cannot be paused: its speech over the
+   bot is judged the same way while the bot plays on (no PausePlayback or
+   ResumePlayback, :attr:`CarrierCall.pauses`), so a cough or a backchannel does not
+   cut the answer off, and a real interruption clears it once judged (its ``heard``
+   counts to the clear). Before, any such speech cleared it at once: a cough just
+   after the caller's words (before their final) cut their answer off before a word of
+   it played, and the core got ``#fallback``.
 
    **Speech begun before a final.** The speech stage listens to one utterance at a
    time; the caller may speak again after the endpointer ended the utterance heard and
@@ -871,7 +877,8 @@ class CallConfig:
     kept for a StartListening's ``from_ms``. ``error_text`` is said when a turn fails.
 
     Barge-in (module doc, step 4): speech over the bot lasting ``barge_in_min_speech_ms``
-    pauses it. It is a real interruption when its voiced part lasts
+    pauses it (a carrier that cannot be paused plays on) while it is judged. It is a
+    real interruption when its voiced part lasts
     ``barge_in_max_backchannel_ms`` (0: every such speech interrupts at once, the
     behaviour before issue 16), when an interim transcript holds two content words
     (:func:`~gateway.speech.endofturn.content_words`: not in ``barge_in_backchannels``,
@@ -1103,11 +1110,20 @@ class CarrierCall:
 
     @property
     def holds(self) -> bool:
-        """Whether speech over the bot pauses it to be judged (module doc step 4): with
-        ``barge_in_max_backchannel_ms`` set and a paced codec (``realtime``: the carrier
-        holds only the send-ahead). A carrier given the whole answer at once (Plivo,
-        Exotel) cannot be paused: its speech over the bot interrupts at once."""
-        return bool(self.config.barge_in_max_backchannel_ms) and self.codec.realtime
+        """Whether speech over the bot is judged before it interrupts (module doc step 4):
+        with ``barge_in_max_backchannel_ms`` set (0: every such speech interrupts at
+        once), on every carrier; whether the bot is also paused meanwhile is
+        :attr:`pauses`."""
+        return bool(self.config.barge_in_max_backchannel_ms)
+
+    @property
+    def pauses(self) -> bool:
+        """Whether holding for speech over the bot pauses its audio: a paced codec
+        (``realtime``: the carrier holds only the send-ahead). A carrier given the whole
+        answer at once (Plivo, Exotel) cannot be paused: its bot plays on while the
+        speech is judged, and is cleared once it is a real interruption (a cough or a
+        backchannel does not cut it off)."""
+        return self.codec.realtime
 
     @property
     def keep_ms(self) -> int:
@@ -1451,12 +1467,14 @@ class CarrierCall:
         ``listen`` False: its utterance is open already (the caller went on);
         ``following``: the speech is the one that followed a final (:meth:`_listen`)."""
         self.machine.advance(HOLD)
-        self._held_at = self.now_ms
+        # the bot's audio stops here (its playout too), unless it cannot be paused
+        self._held_at = self.now_ms if self.pauses else None
         self._judging = False
+        pause: list[CallAction] = [PausePlayback()] if self.pauses else []
         if not listen:
-            return [PausePlayback()]
+            return pause
         self.partial = ""
-        return [PausePlayback(), *self._listen(interrupted=True, following=following)]
+        return [*pause, *self._listen(interrupted=True, following=following)]
 
     def _judge_holding(self) -> list[CallAction]:
         """HOLDING, after each inbound frame: voiced too long for a backchannel -> barge-in;
@@ -1536,7 +1554,8 @@ class CarrierCall:
             self.playout.paused(self.now_ms - self._held_at)
         self._held_at = None
         self._interrupted = False
-        return [ResumePlayback(), *self._advance()]
+        resume: list[CallAction] = [ResumePlayback()] if self.pauses else []
+        return [*resume, *self._advance()]
 
     def _silence_the_bot(self) -> list[CallAction]:
         """Drop the bot's queued audio and the rest of its turn's output; the next input
@@ -2195,7 +2214,7 @@ class CarrierCall:
             )
             resume: list[CallAction] = []
             if state is State.HOLDING:  # the farewell (announcement) is said all the same
-                resume = [ResumePlayback()]
+                resume = [ResumePlayback()] if self.pauses else []
                 self._held_at = None
             self._judging = False
             self.machine.advance(SESSION_END)
