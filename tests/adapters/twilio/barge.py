@@ -215,11 +215,16 @@ class InterruptionRun:
     clear_s: float
     """Onset -> ``clear``."""
     frames_after_clear: int
-    """Audio frames received after the clear and before the core got that input: the
-    greeting's rest, had it not been dropped (its frames would follow the clear within
-    the send-ahead; the answer's come only after the input)."""
+    """Audio frames received after the clear and before the core got the first input
+    after it: the greeting's rest, had it not been dropped (its frames would follow the
+    clear within the send-ahead; the answer's come only after the input)."""
     attributes: dict[str, Any]
+    """The first input's after the clear (what the caller heard of the greeting)."""
     answer_input: str
+    """The words of the inputs after the intro, joined: one input, or two when the
+    endpointer ended the speech at a pause within it ("wait, | I want to ...": the short
+    end of turn, while the partial read complete), its first words then an input of
+    their own and the rest speech over their answer."""
 
 
 INPUT_WAIT_S = 60.0
@@ -237,10 +242,12 @@ async def interruption_call(
     *,
     after_s: float = 1.5,
     answer: bool = True,
+    last_word: str = "",
     **overrides: Any,
 ) -> InterruptionRun:
     """Interrupt the greeting ``after_s`` into it with ``audio``; wait for the core's
-    input it makes (``answer`` False: only for the clear). ``overrides``: gateway
+    input it makes (``answer`` False: only for the clear), until the inputs after the
+    intro hold ``last_word`` ("": the first input is enough). ``overrides``: gateway
     settings."""
     await greeting_frames(speech)
     async with shop_call(speech, **overrides) as (_, core, call):
@@ -255,8 +262,15 @@ async def interruption_call(
         silent = min(last.until, clear.at) - onset  # a clear drops what the phone holds
         if not answer:
             return InterruptionRun(last.at - onset, silent, clear.at - onset, 0, {}, "")
-        await call.wait_for(lambda: len(core.state.requests) >= 2, within_s=INPUT_WAIT_S)
-        request, asked = core.state.requests[1], core.state.request_times[1]
+        requests = core.state.requests
+
+        def words() -> str:
+            return " ".join(r["input"]["transcript"]["text"] for r in requests[1:])
+
+        await call.wait_for(
+            lambda: len(requests) >= 2 and last_word in words(), within_s=INPUT_WAIT_S
+        )
+        request, asked = requests[1], core.state.request_times[1]
         after_clear = call.received[call.received.index(clear) + 1 :]
         return InterruptionRun(
             pause_s=last.at - onset,
@@ -264,7 +278,7 @@ async def interruption_call(
             clear_s=clear.at - onset,
             frames_after_clear=sum(1 for r in after_clear if r.event == "media" and r.at < asked),
             attributes=dict(request["input"].get("attributes", {})),
-            answer_input=request["input"]["transcript"]["text"],
+            answer_input=words(),
         )
 
 
