@@ -85,9 +85,16 @@ full; :data:`TRANSITIONS` is the same state machine):
    the utterance opened is the stage's kept audio alone (StartListening ``until_ms``),
    recognised at once; speech from that end on follows it in turn. Several such speeches,
    or one and speech going on at the final, are one utterance from the first onset (its
-   words joined; one input, as one utterance would be). The start of speech whose onset
-   is older than the audio the stage keeps (:attr:`CarrierCall.keep_ms`: a final later
-   than :data:`FINAL_LAG_MS`) is not heard, nor ended speech none of whose voice is kept.
+   words joined; one input, as one utterance would be). However late the final comes,
+   such speech is heard whole: the stage keeps its audio from before its onset until
+   the next utterance opens (:class:`~gateway.speech.stage.SpeechStage`, bounded by the
+   utterance limit GATEWAY_MAX_AUDIO_S), except over the paused bot after a backchannel's
+   or a noise's final: ended speech whose voice ended more than :attr:`CarrierCall.keep_ms`
+   before that final is let go and the bot resumes (holding it on would keep it silent
+   for a second final of a recognizer that far behind). Before, the stage kept only
+   :attr:`CarrierCall.keep_ms` (2.45 s), and a final later than :data:`FINAL_LAG_MS`
+   after that speech began (a loaded machine's recognizer, several seconds behind) lost
+   its start, or all of it.
 5. DTMF (:class:`~gateway.callcodec.Digit`): ``digit`` or ``collect`` mode, as Twilio.
    Keys collected when the stream ends (no ``#`` or pause yet) are still the caller's
    input, as Twilio's ``<Gather>`` submits the digits typed before a hang-up (step 6).
@@ -276,11 +283,12 @@ CLOSE_POLICY: Final = 1008
 PREROLL_MS: Final = 300
 """Audio before a voice onset handed to the listener (word beginnings are soft)."""
 FINAL_LAG_MS: Final = 2000
-"""How late (audio ms after the onset was confirmed) an utterance's final may come while
-the caller speaks again and that speech is still heard from its onset (module doc step
-4, "Speech begun before a final"; speech that also ended before the final: its onset to
-its end): the speech stage keeps that much more audio (:attr:`CarrierCall.keep_ms`;
-2.45 s at the defaults, ~80 KB a call at 8 kHz)."""
+"""Audio (ms) the speech stage keeps past the preroll (:attr:`CarrierCall.keep_ms`; 2.45 s
+at the defaults, ~40-80 KB a call at 8 kHz): speech begun just after an utterance's final
+came, before the engine opened the next utterance, is heard from its onset. Speech
+begun before that final (module doc step 4, "Speech begun before a final") is kept
+whole by the stage until the next utterance opens, however late the final; this was
+its bound before."""
 TTS: Final = TtsRequest("audio", "wav")
 """What a call asks of the turn engine before its media format is known: each item's
 speech as WAV after it (decoded to PCM, then encoded by the codec)."""
@@ -1910,7 +1918,7 @@ class CarrierCall:
             self._judging = False
             if judging:
                 return []
-            if self._speaks_on():  # over the bot still: held on, the next speech judged
+            if self._speaks_on(recent=True):  # over the bot still: held on, the next judged
                 self.partial = ""
                 return self._listen(interrupted=True, following=True)
             return self._resume()
@@ -1994,11 +2002,16 @@ class CarrierCall:
         released = self._release_keys(next_keys=False)  # those of the next speech: _heard_next
         return [*released, *self._waiting_goes(since=since), *self._heard_next()]
 
-    def _speaks_on(self) -> bool:
+    def _speaks_on(self, *, recent: bool = False) -> bool:
         """Whether the caller spoke again after the utterance listened to ended, before its
         final: speech that goes on now, long enough to be speech over the bot, or speech
-        that was that long and ended meanwhile, its voice still in the audio the stage
-        keeps (:attr:`keep_ms`)."""
+        that was that long and ended meanwhile (the speech stage keeps its audio from
+        before its onset until the next utterance opens, however late the final:
+        :class:`~gateway.speech.stage.SpeechStage` ``_pin``). ``recent``: ended speech
+        only while its voice ended within :attr:`keep_ms` (over the paused bot after a
+        backchannel's or a noise's final: holding the bot on for speech a recognizer that
+        far behind has still to hear would keep it silent for a second final; it resumes,
+        as before)."""
         onset, ended, first = self.onset_ms, self._heard_end, self._next_onset
         if ended is None or first is None:
             return False
@@ -2010,7 +2023,7 @@ class CarrierCall:
             end is not None
             and voiced_end is not None
             and end - first >= least
-            and voiced_end > self.now_ms - self.keep_ms
+            and (not recent or voiced_end > self.now_ms - self.keep_ms)
         )
 
     def _heard_next(self) -> list[CallAction]:

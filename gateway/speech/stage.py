@@ -15,7 +15,11 @@ frame exactly once (:meth:`SpeechStage.hear`, synchronous and cheap), whether or
 not an utterance is being recognised: its onsets serve barge-in at once, and the
 same decisions end the utterance that a recognition stream (opened by
 :meth:`SpeechStage.listen`) is fed. The stage keeps the last ``keep_ms`` of audio,
-so an utterance opened at an onset gets the audio from just before it (preroll).
+so an utterance opened at an onset gets the audio from just before it (preroll); once
+the open utterance's speech ended and before its result came, speech begun meanwhile
+is kept from ``keep_ms`` before its onset until the next :meth:`SpeechStage.listen`
+(at most ``max_audio_ms`` more), so a late result (a recognizer behind the caller)
+does not lose it.
 
 Two ways to drive the recognition, one implementation:
 
@@ -189,6 +193,13 @@ class SpeechStage:
             else None
         )
         self._keep = fmt.bytes_for_ms(keep_ms)
+        self._keep_ms = keep_ms
+        self._pin: int | None = None
+        """Byte offset (in the stream) below which kept audio is not dropped (None: none):
+        set at the first voice onset after the open utterance's speech ended, before its
+        result (:meth:`hear`), so the caller's next speech is kept whole however late that
+        result comes, until :meth:`listen` opens the next utterance (bounded: at most
+        ``max_audio_ms`` more than ``keep_ms`` is kept)."""
         self._batch = fmt.bytes_for_ms(batch_ms)
         self._max_pending = (
             None if max_pending_ms is None else max(fmt.bytes_for_ms(max_pending_ms), 1)
@@ -229,6 +240,10 @@ class SpeechStage:
         self._onset_heard = False
         """Whether the endpointer heard a voice onset in the open utterance (see
         :attr:`onset_heard`)."""
+        self._ended = False
+        """Whether the open utterance's speech has ended (the endpointer's end, or the
+        utterance was speech over already): a voice onset from then on, before its
+        result, is the caller's next speech (kept from :attr:`_pin`)."""
         self.result: Heard | None = None
         self.cancelled = False
         self.partial = ""
@@ -387,11 +402,7 @@ class SpeechStage:
             return []
         self._bytes += len(chunk)
         if self._keep:
-            self._ring += chunk
-            if len(self._ring) > 2 * self._keep:
-                cut = len(self._ring) - self._keep
-                del self._ring[:cut]
-                self._ring_start += cut
+            self._keep_chunk(chunk)
         decisions: list[_Decision] = []
         onsets: list[Heard] = []
         if self._open:
@@ -411,6 +422,8 @@ class SpeechStage:
                     decisions.append(("ended", event.at_ms))
                 else:
                     decisions.append(("timeout", event.at_ms))
+        if self._open and not self._stopped and not self.done:
+            self._pin_next(decisions)
         if self._open and not self._finishing and not self._stopped and not self.done:
             self._last_audio = time.monotonic()
             endpointer = self._endpointer
@@ -429,6 +442,34 @@ class SpeechStage:
                 )
                 self._enqueue(item)
         return onsets
+
+    def _keep_chunk(self, chunk: bytes) -> None:
+        """Keep ``chunk`` in the ring: the last ``keep_ms`` (up to twice that between
+        trims), and from :attr:`_pin` on while it is set (at most ``max_audio_ms`` more)."""
+        ring = self._ring
+        ring += chunk
+        if len(ring) <= 2 * self._keep:
+            return
+        cut = len(ring) - self._keep
+        if self._pin is not None:
+            if len(ring) <= 2 * self._keep + self._limit:
+                cut = min(cut, max(self._pin - self._ring_start, 0))
+            else:  # the bound: the utterance limit past keep_ms
+                cut = len(ring) - self._keep - self._limit
+        if cut > 0:
+            del ring[:cut]
+            self._ring_start += cut
+
+    def _pin_next(self, decisions: list[_Decision]) -> None:
+        """Follow the open utterance's speech (not done yet): once it ended, the first
+        voice onset after is the caller's next speech, whose audio the ring keeps from
+        ``keep_ms`` before that onset until :meth:`listen` (:attr:`_pin`): a result that
+        comes late (a recognizer behind the caller) no longer loses its start."""
+        for kind, at_ms in decisions:
+            if kind == "ended":
+                self._ended = True
+            elif kind == "started" and self._ended and self._pin is None and self._keep:
+                self._pin = self.fmt.bytes_for_ms(max(at_ms - self._keep_ms, 0))
 
     def recent(self, from_ms: int, until_ms: int | None = None) -> bytes:
         """The audio kept from audio time ``from_ms`` (or the oldest kept) to ``until_ms``
@@ -464,8 +505,18 @@ class SpeechStage:
 
         A stream has one utterance open at a time; the previous one must be over (its
         result reported, or cancelled, or stopped). A :meth:`run` still reporting the
-        previous one's result returns without touching this one.
+        previous one's result returns without touching this one. The audio kept for
+        speech begun before the previous one's result (:attr:`_pin`) is let go once this
+        one took what it needs of it.
         """
+        try:
+            self._listen(preroll_from_ms, at_onset=at_onset, until_ms=until_ms)
+        finally:
+            self._pin = None
+
+    def _listen(
+        self, preroll_from_ms: int | None, *, at_onset: int | None, until_ms: int | None
+    ) -> None:
         self._reset_utterance()
         self._generation += 1
         self._open = True
@@ -474,6 +525,7 @@ class SpeechStage:
         if until_ms is not None and preroll_from_ms is not None:
             self.speaking = False  # (another speech may have begun since it ended)
             self._onset_heard = True  # the utterance is speech heard already
+            self._ended = True  # an onset from now on is the caller's next speech
             audio = self.recent(preroll_from_ms, until_ms)
             self._origin_ms = min(until_ms, self.now_ms) - int(self.fmt.duration_ms(len(audio)))
             if audio:

@@ -463,8 +463,7 @@ def first_final_after_next_speech(monkeypatch: pytest.MonkeyPatch) -> asyncio.Ev
 
 QUICK = "yes please"
 """A quick phrase the caller says whole before the final of what it said first came (a
-real interruption: "please" is a content word; short enough for its audio to be kept,
-:data:`~gateway.protocol.call.FINAL_LAG_MS`)."""
+real interruption: "please" is a content word)."""
 
 
 async def test_speech_over_before_the_final_on_the_caller_s_floor_is_heard(
@@ -492,6 +491,69 @@ async def test_speech_over_before_the_final_on_the_caller_s_floor_is_heard(
             return len(gw.core.turns) == 3 and wer([(QUICK, normalise(gw.core.turns[2][0]))]) <= 0.5
 
         assert await until(heard, 30), gw.core.turns  # the first sentence an input too
+
+
+LATE_MS = 6000
+"""How much of the caller's audio after the quick phrase ended its first final waits
+(:func:`first_final_long_after_next_speech`): past what the stage kept before (the last
+``keep_ms``, 2.45 s, trimmed when it held twice that)."""
+
+
+@pytest.fixture
+def first_final_long_after_next_speech(monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
+    """As :func:`first_final_after_next_speech`, but the recognizer starts the first
+    final only :data:`LATE_MS` of the caller's audio after the endpointer ended the next
+    speech (a recognizer several seconds behind the caller: a loaded machine, 8-9 s in a
+    loaded run here)."""
+    original_final, original_hear = SpeechStage._final, SpeechStage.hear
+    due, onset, late = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    ended_at: list[int] = []
+
+    def hear(self: SpeechStage, chunk: bytes) -> list[Heard]:
+        onsets = original_hear(self, chunk)
+        if onsets and due.is_set():
+            onset.set()
+        if onset.is_set() and self.onset_ms is None and not ended_at:
+            ended_at.append(self.now_ms)  # the endpointer ended the next speech
+        if ended_at and self.now_ms >= ended_at[0] + LATE_MS:
+            late.set()
+        return onsets
+
+    async def final(self: SpeechStage, at_ms: int) -> Heard:
+        if not due.is_set():
+            due.set()
+            await asyncio.wait_for(late.wait(), 30)
+        return await original_final(self, at_ms)
+
+    monkeypatch.setattr(SpeechStage, "hear", hear)
+    monkeypatch.setattr(SpeechStage, "_final", final)
+    return due
+
+
+async def test_speech_over_long_before_the_final_on_the_caller_s_floor_is_heard(
+    speech: SpeechService,
+    corpus: dict[str, Pcm],
+    piper: PiperSynthesizer,
+    first_final_long_after_next_speech: asyncio.Event,
+) -> None:
+    """As above, but the first final comes 6 s after the quick phrase ended: the phrase
+    is still heard (the stage keeps the audio of speech begun before a final until the
+    next utterance opens). Before, only its last 2.45 s (at most twice that) were kept:
+    a final that late lost the phrase, which never reached the core."""
+    quick = await piper.synthesize(QUICK)
+    async with (
+        TWILIO.gateway(speech) as (gw, _),
+        TWILIO.dial(gw.url, mic_speed=1.0) as call,
+    ):
+        await gw.wait_answers(call, 1)
+        call.say(corpus[FIRST])
+        await asyncio.wait_for(first_final_long_after_next_speech.wait(), 20)
+        call.say(quick)
+
+        def heard() -> bool:
+            return len(gw.core.turns) == 3 and wer([(QUICK, normalise(gw.core.turns[2][0]))]) <= 0.5
+
+        assert await until(heard, 40), gw.core.turns  # the first sentence an input too
 
 
 @each(ALL)

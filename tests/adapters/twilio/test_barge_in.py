@@ -578,6 +578,31 @@ def test_speech_begun_before_the_final_of_a_backchannel_holds_the_bot_on() -> No
     assert call.state is State.BOT
 
 
+def test_over_the_paused_bot_speech_ended_long_before_a_backchannel_s_final_resumes_it() -> None:
+    """ "yeah" over the bot, ended; a short speech begun and ended before its final; that
+    final ("yeah": no interruption) comes more than ``keep_ms`` after the short speech
+    ended (a recognizer far behind): the bot resumes rather than staying silent for a
+    second final (as before; on the caller's floor, or after an input, such speech is
+    heard however late: test_speech_over_before_a_final_later_than_the_kept_audio_...).
+    Heard soon enough, it holds the bot on."""
+    for late, held in ((0, True), (2, False)):
+        call = started()
+        say_item(call, "Thank you for calling the pizza shop.", SECOND * 10)
+        onset = hold(call)
+        again = end_then_speak_again(call, onset)
+        assert frames(call, 2) == []  # the short speech ended
+        frames(call, late * call.keep_ms // 20)  # keep_ms: 2.45 s
+        actions = call.heard("final", "yeah", 0.9)
+        if held:
+            assert [type(a) for a in actions] == [StartListening], actions
+            assert call.state is State.HOLDING
+            assert isinstance(actions[0], StartListening)
+            assert actions[0].from_ms == again - 300
+        else:
+            assert actions == [ResumePlayback()], actions
+            assert call.state is State.BOT
+
+
 def test_speech_begun_before_the_final_on_the_caller_s_floor_is_heard_over_the_answer() -> None:
     """On the caller's floor: "I want a pizza", ended, then "with extra cheese" before its
     final came. The final is the input; the speech after it was begun after the first
@@ -819,17 +844,22 @@ def test_speeches_over_before_a_final_are_heard_as_one_utterance() -> None:
     assert (listen.from_ms, listen.until_ms) == (first - 300, None)
 
 
-def test_speech_over_before_a_final_later_than_the_kept_audio_is_not_heard() -> None:
-    """A final so late that the stage no longer keeps the short speech's audio (the
-    speech ended more than ``keep_ms`` before): nothing listens to what is gone (it would
-    hear silence, pause the bot for nothing)."""
+def test_speech_over_before_a_final_later_than_the_kept_audio_is_still_heard() -> None:
+    """A final later than ``keep_ms`` after the short speech ended: the stage keeps that
+    speech's audio from its onset until the next utterance opens (SpeechStage ``_pin``),
+    so it is still heard, from its onset to its end. Before, the engine let it go (the
+    stage kept only the last ``keep_ms``, 2.45 s: a recognizer that far behind, a
+    loaded machine, lost the caller's quick "no wait")."""
     call = caller_s_floor()
     hear_and_end(call)
-    speak_and_end(call)
-    frames(call, call.keep_ms // 20)
-    [turn] = call.heard("final", "yes", 0.9)
-    assert isinstance(turn, StartTurn)
-    assert call.state is State.BOT
+    onset, end = speak_and_end(call)
+    frames(call, 2 * call.keep_ms // 20)
+    actions = call.heard("final", "yes", 0.9)
+    assert [type(a) for a in actions] == [StartTurn, PausePlayback, StartListening]
+    listen = actions[2]
+    assert isinstance(listen, StartListening)
+    assert (listen.from_ms, listen.until_ms) == (onset - 300, end)  # over the answer
+    assert call.state is State.HOLDING
 
 
 # ------------------------------------------------------------------ inputs that wait

@@ -149,6 +149,43 @@ async def test_speech_over_already_is_recognised_from_the_kept_audio_to_its_end(
     assert stage.audio_ms == end - (onset - 300)
 
 
+async def test_speech_begun_before_a_late_result_is_kept_until_the_next_utterance(
+    recognizer: PocketsphinxRecognizer, corpus: dict[str, Pcm]
+) -> None:
+    """An utterance ended (the endpointer's end) and its result has not come (the
+    recognizer behind the caller); the caller says a phrase and goes quiet for 5 s, five
+    times ``keep_ms``: the phrase's audio is still kept from before its onset, and the next
+    utterance (``listen(from, until_ms=end)``) recognises it. Before, the stage kept only
+    the last ``keep_ms`` (up to twice that): the phrase was gone, the result silence. Once
+    that utterance opened, the ring keeps ``keep_ms`` again."""
+    stage = call_stage(recognizer)
+    first = QUIET * 25 + phone(padded(corpus["play some music please"], 0, 1200))
+    stage.listen(at_onset=300)
+    for i in range(0, len(first), FRAME):
+        stage.hear(first[i : i + FRAME])
+    assert stage.onset_ms is None  # the endpointer ended it; no result yet (no run)
+    assert not stage.done
+    then = phone(padded(corpus["what is the weather like today"], 0, 5000))
+    onset = end = None
+    for i in range(0, len(then), FRAME):
+        if stage.hear(then[i : i + FRAME]):
+            onset = stage.onset_ms
+        if onset is not None and end is None and stage.onset_ms is None:
+            end = stage.now_ms
+    assert onset is not None
+    assert end is not None
+    assert stage.now_ms - onset > 5 * 1000  # far past keep_ms
+    stage.stop()  # the first utterance's result came (or it was let go)
+    stage.listen(onset - 300, until_ms=end)
+    await asyncio.wait_for(stage.run(_nothing), 30)
+    assert stage.result is not None
+    assert stage.result.kind == "final"
+    assert wer([("what is the weather like today", normalise(stage.result.text))]) <= 0.34
+    for _ in range(150):  # 3 s more: the kept audio is bounded again
+        stage.hear(QUIET)
+    assert len(stage.recent(0)) <= 2 * MULAW8.bytes_for_ms(1000)
+
+
 async def _nothing(heard: Heard) -> None:
     """A report that keeps nothing."""
 
