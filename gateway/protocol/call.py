@@ -747,7 +747,9 @@ def _split_words(text: str, fraction: float) -> tuple[str, str]:
 class Play:
     """Queue ``messages`` (the codec's audio frames, paced when it is real-time), then
     ``mark``. ``final`` marks the last audio of the call: hang up when its mark comes
-    back. ``audio_ms`` is the audio in ``messages`` (padding included)."""
+    back. ``audio_ms`` is the audio in ``messages`` (padding included); with a
+    :class:`~gateway.callcodec.ChunkingCodec`, the piece's own, what of it the codec held
+    back sent with the next Play or :class:`PlayTail`."""
 
     messages: tuple[WireFrame, ...]
     mark: WireFrame
@@ -759,8 +761,8 @@ class Play:
 class PlayTail:
     """Queue ``messages`` after the turn's last :class:`Play`, without a mark: the tail of
     the turn's audio a :class:`~gateway.callcodec.ChunkingCodec` held back, padded
-    (:meth:`CarrierCall._flush`; the mark before it stands for it). ``audio_ms`` is the
-    audio in ``messages``, padding included."""
+    (:meth:`CarrierCall._flush`; the mark before it stands for it). ``audio_ms`` is its
+    padding: the speech in ``messages`` was counted with the Plays of its pieces."""
 
     messages: tuple[WireFrame, ...]
     audio_ms: int
@@ -1008,6 +1010,9 @@ class CarrierCall:
         self._input_attributes: dict[str, dict[str, Any]] = {}
         self.playout = Playout()
         """What of the bot's speech the caller heard (from the marks)."""
+        self._held_ms = 0
+        """The ms of speech a :class:`~gateway.callcodec.ChunkingCodec` holds back, already
+        counted with the Plays of their pieces (:meth:`_frames`, :meth:`_flush`)."""
         self.interruption: dict[str, Any] | None = None
         """The attributes of the input after an interruption (:data:`~gateway.events.HEARD`):
         set when the bot is cut off, given to the next turn's input."""
@@ -1577,6 +1582,7 @@ class CarrierCall:
             self.interruption = {INTERRUPTED: True, HEARD: heard, UNHEARD: unheard}
         self._held_at = None
         self.marks.forget()
+        self._held_ms = 0  # the codec's clear drops what it holds back
         # the inputs waiting never reached the core: they stay (the caller's next words
         # join them, _wait), they are not the bot's to drop
         return [Interrupt(self.codec.clear())]
@@ -2144,7 +2150,10 @@ class CarrierCall:
         without header) as the codec's frames, and its ms.
 
         A :class:`~gateway.callcodec.ChunkingCodec` sends the whole chunks it fills (its
-        tail waits for the next piece or :meth:`_flush`): their ms.
+        tail waits for the next piece or :meth:`_flush`); the ms are still the piece's
+        own, so each item's speech counts its own audio in the heard/unheard split (a
+        piece shorter than a chunk, held back whole, is not 0 ms, its ms the next
+        item's); what is held back is :attr:`_held_ms`.
 
         Raises AudioFormatError for a WAV that is not one, or PCM of an odd length."""
         rate = _PCM_RATES.get(self.tts.file_type)
@@ -2154,21 +2163,25 @@ class CarrierCall:
             pcm = mulaw_to_pcm(audio, rate)
         else:
             pcm = Pcm(audio, rate)
+        audio_ms = len(pcm.data) * 500 // pcm.sample_rate
         if isinstance(self.codec, ChunkingCodec):
-            frames, audio_ms = self.codec.carry(pcm)
+            frames, sent_ms = self.codec.carry(pcm)
+            self._held_ms += audio_ms - sent_ms
             return tuple(frames), audio_ms
-        return tuple(self.codec.audio(pcm)), len(pcm.data) * 500 // pcm.sample_rate
+        return tuple(self.codec.audio(pcm)), audio_ms
 
     def _flush(self) -> list[CallAction]:
         """The audio a :class:`~gateway.callcodec.ChunkingCodec` holds back, padded, as a
         :class:`PlayTail` without a mark of its own (less than a chunk's unit of speech,
         then silence: the piece's mark before it stands for it, so a turn sends a mark
-        per piece as on every carrier), its ms (padding included) counted with that
-        piece's (:meth:`Playout.queued_more`); ``[]`` when none is held (or the codec holds none
-        back). At the end of the turn's audio (its Response; before the error text)."""
+        per piece as on every carrier), its padding's ms counted with that piece's
+        (:meth:`Playout.queued_more`; the speech held back was counted with its pieces:
+        :meth:`_frames`); ``[]`` when none is held (or the codec holds none back). At the
+        end of the turn's audio (its Response; before the error text)."""
         if not isinstance(self.codec, ChunkingCodec):
             return []
-        frames, audio_ms = self.codec.flush()
+        frames, sent_ms = self.codec.flush()
+        audio_ms, self._held_ms = max(sent_ms - self._held_ms, 0), 0  # the padding
         if not frames:
             return []
         self.playout.queued_more(audio_ms)

@@ -13,9 +13,17 @@ from collections.abc import Sequence
 
 import pytest
 
-from adapters.exotel.protocol import CHUNK_UNIT, MIN_CHUNK, ExotelCodec, whole_chunks
+from adapters.exotel.protocol import (
+    CHUNK_UNIT,
+    MIN_CHUNK,
+    ExotelCodec,
+    mark_message,
+    whole_chunks,
+)
 from gateway.callcodec import MediaFormat
 from gateway.events import (
+    HEARD,
+    UNHEARD,
     BinaryEvent,
     ErrorEvent,
     Response,
@@ -35,7 +43,7 @@ from gateway.protocol.call import (
 )
 from gateway.speech.audio import Pcm, pcm_to_mulaw
 from tests.adapters.carrier_audio import tone
-from tests.adapters.exotel.test_protocol import START, media, start
+from tests.adapters.exotel.test_protocol import SID, START, media, start
 
 ENCODINGS = [("audio/x-raw", 8000), ("audio/x-mulaw", 8000), ("audio/x-raw", 16000)]
 IDS = ["slin-8k", "mulaw-8k", "slin-16k"]
@@ -197,3 +205,41 @@ def test_an_interruption_drops_the_tail() -> None:
     assert [type(a) for a in over][:1] == [Interrupt]
     assert codec.held == b""
     assert call.turn_event(ResponseEvent(response=Response())) == []
+
+
+@pytest.mark.parametrize(("encoding", "rate"), ENCODINGS, ids=IDS)
+def test_a_short_sentence_held_back_whole_is_heard_as_its_own(encoding: str, rate: int) -> None:
+    """An answer's first item is shorter than a chunk (held back whole, sent at the head of
+    the next item's first chunk): once its mark came back and the caller cuts in a while
+    into the next item, the first item counts as heard, its ms its own. Before, its Play
+    counted the 0 ms sent with it and the next item's Play its audio: the first item had
+    no audio, so none of it was heard ("Sure." unheard though it played)."""
+    call = started_call(encoding, rate)
+    file_type = call.tts.file_type
+    per_ms = rate // 1000 * (1 if file_type == "mulaw" else 2)  # wire bytes
+    short_ms = MIN_CHUNK // per_ms - 10  # under 3.2 KB: 190 ms (slin 8 kHz), 390 (μ-law), 90
+    short, long = tone(440, short_ms, rate), tone(660, 1500, rate)
+    first = call.turn_event(ResponseItemEvent(response_item=ResponseItem(text="Sure.")))
+    first += call.turn_event(BinaryEvent(data=piece(short, file_type)))
+    (play,) = plays(first)
+    assert isinstance(play, Play)
+    assert play.messages == ()  # all of it held back
+    text = "Your order ships tomorrow at noon."
+    rest = call.turn_event(ResponseItemEvent(response_item=ResponseItem(text=text)))
+    rest += call.turn_event(BinaryEvent(data=piece(long, file_type)))
+    rest += call.turn_event(ResponseEvent(response=Response()))
+    played = [play, *plays(rest)]
+    fmt = call.codec.outbound_format
+    assert fmt is not None
+    wire = sum(len(p) for one in played for p in payloads(one.messages))
+    assert sum(p.audio_ms for p in played) == int(fmt.duration_ms(wire))  # all counted once
+    call.receive(mark_message(SID, "1"))  # nothing was before it: back at once
+    for n in range(40):  # 800 ms of the caller's audio: the bot speaks on meanwhile
+        call.receive(media(b"\0\0" * (rate // 50), n + 3))
+    over = call.voice(400, started=True, voiced_ms=300)  # the caller speaks over the bot
+    assert any(isinstance(a, Interrupt) for a in over)
+    assert call.interruption is not None
+    heard, unheard = call.interruption[HEARD], call.interruption[UNHEARD]
+    assert heard.startswith("Sure. "), (heard, unheard)
+    assert "Sure." not in unheard, (heard, unheard)
+    assert unheard.endswith("at noon."), (heard, unheard)
