@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 
@@ -31,7 +32,7 @@ from gateway.events import (
     ResponseItem,
     ResponseItemEvent,
 )
-from gateway.protocol.actions import StartTurn
+from gateway.protocol.actions import StartListening, StartTurn
 from gateway.protocol.call import (
     CallAction,
     CallConfig,
@@ -68,9 +69,11 @@ def padded_once(n_bytes: int, chunk_bytes: int) -> int:
     return sum(map(len, chunks)) + padded
 
 
-def started_call(encoding: str, rate: int) -> CarrierCall:
+def started_call(encoding: str, rate: int, **config: Any) -> CarrierCall:
     codec = ExotelCodec()
-    call = CarrierCall(codec, None, CallConfig(key_allowed=lambda key: True, channel="exotel"))
+    call = CarrierCall(
+        codec, None, CallConfig(key_allowed=lambda key: True, channel="exotel", **config)
+    )
     call.receive('{"event":"connected"}')
     actions = call.receive(start(str(rate), encoding, "8" if "mulaw" in encoding else "16"))
     assert any(isinstance(a, StartTurn) for a in actions)
@@ -192,9 +195,10 @@ def test_the_tail_goes_out_before_the_error_text_and_after_it() -> None:
 
 
 def test_an_interruption_drops_the_tail() -> None:
-    """Speech over the bot cuts it off (Exotel: at once): the tail held back is not sent
-    after the clear."""
-    call = started_call("audio/x-raw", 8000)
+    """Speech over the bot that cuts it off (here at once: GATEWAY_BARGE_IN_MAX_BACKCHANNEL_MS
+    =0; by default Exotel's bot plays on while the speech is judged, and is cleared once it
+    is a real interruption): the tail held back is not sent after the clear."""
+    call = started_call("audio/x-raw", 8000, barge_in_max_backchannel_ms=0)
     codec = call.codec
     assert isinstance(codec, ExotelCodec)
     call.turn_event(BinaryEvent(data=tone(440, 251, 8000).data))
@@ -207,6 +211,28 @@ def test_an_interruption_drops_the_tail() -> None:
     assert call.turn_event(ResponseEvent(response=Response())) == []
 
 
+def test_a_judged_interruption_drops_the_tail() -> None:
+    """By default Exotel's bot plays on while speech over it is judged; once the speech is
+    a real interruption (GATEWAY_BARGE_IN_MAX_BACKCHANNEL_MS of voice) the bot is cleared
+    and the tail held back is dropped with it, not sent at the turn's end."""
+    call = started_call("audio/x-raw", 8000)
+    codec = call.codec
+    assert isinstance(codec, ExotelCodec)
+    call.turn_event(BinaryEvent(data=tone(440, 251, 8000).data))
+    assert codec.held
+    actions: list[CallAction] = []
+    for n in range(90):  # 1.8 s of the caller's audio, voice from the 10th frame on
+        actions += call.receive(media(b"\0\0" * 160, n + 3))
+        if n >= 10:
+            actions += call.voice(200, started=n == 10, voiced_ms=(n - 10) * 20)
+    assert [type(a) for a in actions if isinstance(a, StartListening | Interrupt)] == [
+        StartListening,
+        Interrupt,
+    ]
+    assert codec.held == b""
+    assert call.turn_event(ResponseEvent(response=Response())) == []
+
+
 @pytest.mark.parametrize(("encoding", "rate"), ENCODINGS, ids=IDS)
 def test_a_short_sentence_held_back_whole_is_heard_as_its_own(encoding: str, rate: int) -> None:
     """An answer's first item is shorter than a chunk (held back whole, sent at the head of
@@ -214,7 +240,9 @@ def test_a_short_sentence_held_back_whole_is_heard_as_its_own(encoding: str, rat
     into the next item, the first item counts as heard, its ms its own. Before, its Play
     counted the 0 ms sent with it and the next item's Play its audio: the first item had
     no audio, so none of it was heard ("Sure." unheard though it played)."""
-    call = started_call(encoding, rate)
+    # cut off at once (GATEWAY_BARGE_IN_MAX_BACKCHANNEL_MS=0): by default the bot plays on
+    # while the speech over it is judged
+    call = started_call(encoding, rate, barge_in_max_backchannel_ms=0)
     file_type = call.tts.file_type
     per_ms = rate // 1000 * (1 if file_type == "mulaw" else 2)  # wire bytes
     short_ms = MIN_CHUNK // per_ms - 10  # under 3.2 KB: 190 ms (slin 8 kHz), 390 (μ-law), 90
