@@ -631,6 +631,8 @@ def machine_answer_undelivered() -> JSONResponse:
 
 _UNANSWERED: Final[dict[str, str]] = {
     "transfer": "the call is transferred (the person it goes to hears the caller)",
+    "stream stopped": "the carrier stopped the stream while it was asked for the transfer "
+    "(its answer is logged on its own)",
     "stream closed": "the stream closed while the carrier was asked for the transfer "
     "(its answer is logged on its own)",
     "session ended": "the core ended the session",

@@ -141,14 +141,16 @@ full; :data:`TRANSITIONS` is the same state machine):
    during it after them. Speech over the bot's audio (held or judged when the turn
    finished, or begun while the announcement's rest plays, ENDING) counts only as a real
    interruption (a backchannel is no input); the announcement's rest is said all the same
-   (no barge-in once its turn finished). A transfer that happened (the carrier took it, or
-   its ``stop`` ended the stream once it was asked: the carrier's transfer ends it) drops
-   them, and cancels the utterance being heard: the person the call goes to hears the
-   caller, nobody would answer them here; said in one :class:`InputsUnanswered` (the
-   runner logs it at DEBUG). The stream lost without a ``stop`` once the carrier was asked
-   drops them too (nobody could be answered on it), said with the reason ``"stream
-   closed"``: whether the carrier took the transfer is not known then (the runner's
-   transfer logs its answer on its own), so the log does not say the call was transferred.
+   (no barge-in once its turn finished). A transfer that happened (the carrier took it)
+   drops them, and cancels the utterance being heard: the person the call goes to hears
+   the caller, nobody would answer them here; said in one :class:`InputsUnanswered` (the
+   runner logs it at DEBUG). The stream's end once the carrier was asked, before its
+   answer, drops them too (nobody could be answered on it), said with the reason
+   ``"stream stopped"`` (the carrier's ``stop``: its transfer ends the stream, but so does
+   the caller hanging up, and the carrier may then refuse the transfer) or ``"stream
+   closed"`` (lost without a ``stop``): whether the carrier took the transfer is not known
+   then (the runner's transfer logs its answer on its own), so the log does not say the
+   call was transferred.
    A refused one gives the core :data:`TRANSFER_FAILED` first (it learns it is still in
    charge; it carries the cut-off announcement's :data:`~gateway.events.HEARD` attributes,
    the input after the interruption), then each of them its turn in the order said: the
@@ -807,7 +809,7 @@ class InputsDropped:
     inputs: int = 0
 
 
-UnansweredReason = Literal["transfer", "stream closed", "session ended"]
+UnansweredReason = Literal["transfer", "stream stopped", "stream closed", "session ended"]
 """Why the caller's inputs get no turn (:class:`InputsUnanswered`)."""
 
 
@@ -818,9 +820,11 @@ class InputsUnanswered:
     (``listening``) is cancelled; ``utterances``: speeches the caller began once the
     farewell's turn finished, not recognised (nobody would answer them), counted.
     ``reason`` ``"transfer"``: the inputs (and the utterance being heard) kept for the
-    transfer's result once it happened (the carrier took it, or its ``stop`` ended the
-    stream once it was asked); ``"stream closed"``: the stream was lost (no ``stop``)
-    while the carrier was asked, its result not known then (it is logged on its own);
+    transfer's result once it happened (the carrier took it); ``"stream stopped"``: the
+    carrier's ``stop`` ended the stream while the carrier was asked, before its answer
+    (its transfer ends the stream, but so does the caller hanging up, after which it may
+    refuse the transfer), ``"stream closed"``: the stream was lost (no ``stop``) then;
+    either way its result is not known then (it is logged on its own);
     ``"session ended"``: the turn that ended the session finished (on the line or after
     a hang-up), or the call hung up after its farewell with keys pressed or speech
     meanwhile. The core decided: the call is handed over (the person it goes to hears
@@ -2482,15 +2486,16 @@ class CarrierCall:
         Ended while a transfer was asked (TRANSFERRING: the carrier's transfer ends the
         stream), or after the core's farewell (ENDING, the session over): the caller's
         inputs kept then are dropped (``[InputsUnanswered]``, module doc step 7; reason
-        ``"transfer"`` at the carrier's ``stop``, ``"stream closed"`` when the stream was
-        lost: the carrier may still refuse the transfer, and nobody could be answered on
-        this stream any more); ended in ENDING before a transfer was asked, they reach the
-        core as above."""
+        ``"stream stopped"`` at the carrier's ``stop``, ``"stream closed"`` when the stream
+        was lost: the carrier's answer has not come, it may still refuse the transfer (a
+        caller who hung up), and nobody could be answered on this stream any more); ended
+        in ENDING before a transfer was asked, they reach the core as above."""
         if self.turn is not None:  # the caller is gone: nothing of it is played or said
             self.turn.discarded = True
         last: list[CallAction] = []
         if was is State.TRANSFERRING:  # the transfer was asked (the stream's end is its own)
-            last += self._drop_unanswered("stream closed" if self.disconnected else "transfer")
+            reason: UnansweredReason = "stream closed" if self.disconnected else "stream stopped"
+            last += self._drop_unanswered(reason)
         elif was is State.ENDING and self.session_over:  # after the core's farewell
             last += self._drop_unanswered("session ended")
         elif was is not State.CLOSED and not self.session_over:

@@ -204,8 +204,8 @@ def test_a_transfer_waits_for_the_final_mark_after_the_audio_before_it() -> None
 
 def test_keys_collected_before_a_transfer_are_not_an_input_when_the_stream_stops() -> None:
     # keys the caller typed while the transfer's turn ran wait for its result (an input
-    # when the turn finished); the stop after the carrier moved the call (the transfer
-    # asked) drops them, said in InputsUnanswered: no turn starts
+    # when the turn finished); the stop while the carrier is asked (the transfer's
+    # result not known yet) drops them, said in InputsUnanswered: no turn starts
     call = TwilioCall(
         CALL, CallConfig(key_allowed=lambda key: bool(key), dtmf_mode="collect", barge_in=False)
     )
@@ -216,7 +216,7 @@ def test_keys_collected_before_a_transfer_are_not_an_input_when_the_stream_stops
     call.turn_finished()
     assert call.final_mark_overdue() == [Transfer(CALL, "+15550123", None)]
     unanswered, end = call.receive(STOP)
-    assert unanswered == InputsUnanswered("transfer", 1)
+    assert unanswered == InputsUnanswered("stream stopped", 1)
     assert isinstance(end, EndSession)
 
 

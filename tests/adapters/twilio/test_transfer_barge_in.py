@@ -259,11 +259,12 @@ def test_words_and_keys_over_the_announcement_are_answered_after_a_refused_trans
 
 def test_inputs_kept_for_a_transfer_are_dropped_when_its_stream_stops() -> None:
     """The carrier's transfer ends the stream (its ``stop`` before the API's answer): the
-    transfer was asked, so the inputs kept for a refusal get no turn, said once."""
+    transfer was asked, so the inputs kept for a refusal get no turn, said once (the
+    stream stopped: the transfer's result is not known yet)."""
     call = started()
     over_the_announcement(call)
     unanswered, end = call.receive(STOP)
-    assert unanswered == InputsUnanswered("transfer", 2)
+    assert unanswered == InputsUnanswered("stream stopped", 2)
     assert isinstance(end, EndSession)
     assert call.waiting == ()
     assert call.transfer_finished(True) == []  # late: nothing more

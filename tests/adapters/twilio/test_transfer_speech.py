@@ -12,7 +12,8 @@ fed to the speech stage in ENDING and TRANSFERRING (audio time goes on), so
   counted in InputsUnanswered ("session ended").
 
 A stream lost (no ``stop``) while the carrier is asked reports its inputs with the reason
-``"stream closed"`` (the transfer's result is unknown then), not ``"transfer"``.
+``"stream closed"``, one the carrier's ``stop`` ended then ``"stream stopped"`` (the
+transfer's result is unknown then either way), not ``"transfer"``.
 
 The speech stage's verdicts and the listener's transcripts are given by hand (as in
 test_barge_in.py); audio time advances 20 ms per inbound frame.
@@ -392,7 +393,7 @@ def test_speech_after_a_farewell_is_said_at_a_stop_too() -> None:
     assert call.receive(STOP) == [InputsUnanswered("session ended", 0, utterances=1)]
 
 
-# ------------------------------------------------------------ the stream lost while asked
+# ------------------------------------------------------------ the stream ended while asked
 
 
 def test_inputs_kept_for_a_transfer_are_said_stream_closed_when_the_socket_drops() -> None:
@@ -410,6 +411,28 @@ def test_inputs_kept_for_a_transfer_are_said_stream_closed_when_the_socket_drops
     assert unanswered == InputsUnanswered("stream closed", 1)
     assert isinstance(end, EndSession)
     assert call.transfer_finished(False, "busy") == []
+
+
+def test_inputs_kept_for_a_transfer_are_said_stream_stopped_at_the_carrier_s_stop() -> None:
+    """The carrier's ``stop`` comes while it is asked for the transfer, before its answer:
+    its transfer ends the stream so, but so does the caller hanging up, after which the
+    carrier refuses the transfer. The kept inputs get no turn (the stream is over), and
+    the reason says the stream stopped, not that the call was transferred: the
+    transfer's result is not known then (the runner logs it on its own). Before, the
+    reason was ``"transfer"`` ("the call is transferred") whatever the carrier answered."""
+    call = started()
+    transfer_turn(call)
+    hold(call)
+    call.heard("final", "no wait", 0.9)
+    finish_turn(call)
+    asked(call)
+    frames(call, 20, onset=call.now_ms, voiced=10_000)  # the caller still speaks
+    unanswered, end, cancel = call.receive(STOP)
+    assert unanswered == InputsUnanswered("stream stopped", 1, listening=True)
+    assert isinstance(end, EndSession)
+    assert isinstance(cancel, CancelListening)
+    assert call.transfer_finished(False, "the caller hung up") == []  # nothing more
+    assert call.closed
 
 
 def test_speech_just_begun_at_a_refusal_is_speech_over_the_bot_from_its_onset() -> None:
