@@ -1364,8 +1364,37 @@ class CallRunner(WebSocketDriver[CallAction]):
         running turn starts when that turn finishes (:meth:`CarrierCall.turn_finished`
         after ``stop`` or a lost connection, :meth:`shutdown`). The inputs still waiting
         when that time ran out are dropped (:meth:`CarrierCall.drop_waiting`, logged at
-        WARNING): none starts a turn after the end."""
+        WARNING): none starts a turn after the end.
+
+        The end runs in a background task of its own (:meth:`spawn`), awaited shielded: the
+        task carrying out the EndSession may be cancelled by the stream's shutdown (the
+        transfer's task after the carrier took the call: Telnyx and Vonage then close the
+        socket, without a ``stop``, maybe before the end is done), and the end goes on
+        all the same, the shutdown awaiting it (:meth:`WebSocketDriver.shutdown`), bounded
+        by GATEWAY_LOCK_WAIT_S for the turns, then the store's lock wait (the same) and
+        timeouts. Before, the session stayed in the store until its timeout. An unexpected
+        error of it is raised to its caller, or logged at ERROR once that was cancelled."""
         current = asyncio.current_task()
+        ending = self.spawn(self._end_session(ctx, current), "session end", background=True)
+        try:
+            await asyncio.shield(ending)
+        except asyncio.CancelledError:
+            if not ending.done():  # the caller is gone: nobody else sees its failure
+                ending.add_done_callback(self._end_failed)
+            raise
+
+    def _end_failed(self, ending: asyncio.Task[None]) -> None:
+        """Log an unexpected error of a session's end whose caller was cancelled
+        (:meth:`end_session`): ERROR with its traceback, naming the component ``gateway``."""
+        if ending.cancelled() or (exc := ending.exception()) is None:
+            return
+        log.error(
+            "%s: the session's end failed (component: gateway): %r", self.name, exc, exc_info=exc
+        )
+
+    async def _end_session(self, ctx: TurnContext, current: asyncio.Task[object] | None) -> None:
+        """:meth:`end_session`'s work, in its own task: ``current`` is the task that carries
+        out the EndSession (a turn's forwarding: not waited for)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.gw.settings.lock_wait_s
         while turns := [turn for turn in self.turns if turn is not current]:

@@ -2514,7 +2514,7 @@ class CarrierCall:
             actions += self._stop_listening()
         # the utterance heard after a transfer's turn: cancelled last (the runner may carry
         # these out in the transfer's task, which the stream's end cancels: the session's
-        # end goes first)
+        # end, which the runner lets outlast that, goes first)
         after = self._stop_after()
         if self.moved:  # the session goes on in the call's next stream (move)
             return [*actions, *after]

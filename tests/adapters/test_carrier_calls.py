@@ -972,6 +972,56 @@ async def test_transfer_happens_only_after_the_preceding_audio_played(
         await carrier.ended(gw, call)  # the session ended with the transfer
 
 
+@each([TELNYX, VONAGE])
+async def test_a_taken_transfer_ends_the_session_when_the_carrier_closes_the_stream_meanwhile(
+    carrier: Carrier,
+    speech: SpeechService,
+    redis_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Telnyx and Vonage end the stream once they take a transfer, closing the socket
+    without a stop: here it closes after the carrier's API (slow) took the transfer, while
+    the session's end that follows waits for the session's lock (held by the test, as a
+    slow store or a turn saving would). The session still ends once the lock is free: the
+    stream's shutdown waits for that end (bounded by the store's lock wait). Before, the
+    shutdown cancelled the transfer's task with the end in it, and the session stayed in
+    the store until its timeout."""
+    caplog.set_level(logging.INFO, "gateway.callcontrol")
+    transfer = carrier.transfer
+    assert transfer is not None
+    async with carrier.gateway(speech, more=transfer.settings, redis_url=redis_url) as (gw, api):
+        api.delays[("PUT", r"/v1/calls/[^/]+")] = 1.0  # Vonage's transfer, slow
+        api.delays[("POST", r"/v2/calls/[^/]+/actions/transfer")] = 1.0  # Telnyx's
+        gw.app.state.gateway.conversation.pipeline = Scripted(
+            {
+                "#intro": [
+                    ResponseItem(text="One moment, please."),
+                    transfer_item("+15550123", reason="asked for a person"),
+                ]
+            }
+        )
+        runners = carrier.calls(gw) if carrier.calls is not None else gw.app.state.telnyx_calls
+        with connections_lost(monkeypatch) as lost:
+            async with carrier.dial(gw.url) as call:
+                assert await until(lambda: len(api.requests) >= 1, 20)  # the carrier is asked
+                (runner,) = runners.values()
+                key = f"{carrier}:{call.call_id}"
+                async with gw.app.state.gateway.store.open(key, lease_s=5, wait_s=5) as txn:
+                    assert txn.session is not None
+                    # the carrier took it: the engine is over, its session's end waits
+                    assert await until(lambda: runner.call.closed, 10)
+                    closing = asyncio.create_task(call.ws.close())  # no stop frame
+                    await asyncio.wait_for(lost.wait(), 10)  # the stream's shutdown runs
+                await asyncio.wait_for(closing, 10)
+            (command,) = api.requests
+            transfer.check(command, call)
+        assert logged_transfers(caplog.records) == [
+            (carrier.name, call.call_id, "+15550123", "asked for a person", True)
+        ]
+        await carrier.ended(gw, call)  # the session ended with the transfer
+
+
 ANNOUNCEMENT = "Please hold on while I put you through to a colleague from our sales team."
 
 
