@@ -1224,30 +1224,38 @@ async def test_ssml_elements_google_refuses_are_replaced_by_their_content(
     assert "Google turn of google:" in lines[0].getMessage()
 
 
-async def test_ssml_that_is_not_well_formed_is_said_and_shown_as_its_words() -> None:
-    """A core that writes its SSML by hand (a bare ``&``, an unclosed tag) and gives no
-    ``text``: its words are said and shown in every format. Before, such an item said and
-    showed nothing (v2: the silent simple response; Dialogflow: no message at all)."""
+async def _answers_in_every_format(
+    items: list[dict[str, Any]], name: str
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The answers to one turn (a core answering ``items``) in each format: Actions Builder
+    (v3), Actions SDK (v2), Dialogflow ES and CX; ``name`` tells their sessions apart."""
     core = FastAPI()
 
     @core.post("/turn")
     async def turn(request: Request) -> JSONResponse:
-        items = [{"ssml": "<speak>Tom & Jerry are <emphasis>here.</speak>"}]
         return JSONResponse({"items": items})
 
-    words = "Tom & Jerry are here."
     agent = "projects/p1/locations/global/agents/a1"
     async with (
         serve(core) as core_url,
         gateway(pipeline=f"{core_url}/turn", **OFF) as url,
         httpx.AsyncClient(base_url=url) as client,
     ):
-        builder = ok(await client.post("/google", json=v3("loose-ssml", "Free", "x")))
-        sdk = ok(await client.post("/google", json=v2("loose-ssml", "actions.intent.TEXT", "x")))
-        es_answer = ok(
-            await client.post("/dialogflow", json=es("projects/p1/agent/sessions/l", "x"))
-        )
-        cx_answer = ok(await client.post("/dialogflow", json=cx(f"{agent}/sessions/loose", "x")))
+        builder = ok(await client.post("/google", json=v3(name, "Free", "x")))
+        sdk = ok(await client.post("/google", json=v2(name, "actions.intent.TEXT", "x")))
+        es_session = f"projects/p1/agent/sessions/{name}"
+        es_answer = ok(await client.post("/dialogflow", json=es(es_session, "x")))
+        cx_answer = ok(await client.post("/dialogflow", json=cx(f"{agent}/sessions/{name}", "x")))
+    return builder, sdk, es_answer, cx_answer
+
+
+async def test_ssml_that_is_not_well_formed_is_said_and_shown_as_its_words() -> None:
+    """A core that writes its SSML by hand (a bare ``&``, an unclosed tag) and gives no
+    ``text``: its words are said and shown in every format. Before, such an item said and
+    showed nothing (v2: the silent simple response; Dialogflow: no message at all)."""
+    items = [{"ssml": "<speak>Tom & Jerry are <emphasis>here.</speak>"}]
+    words = "Tom & Jerry are here."
+    builder, sdk, es_answer, cx_answer = await _answers_in_every_format(items, "loose")
     first = builder["prompt"]["firstSimple"]
     assert speech_text(first["speech"]) == words
     assert first["text"] == words
@@ -1299,30 +1307,13 @@ async def test_control_characters_are_not_shown() -> None:
     messages), as the speech leaves them out; those that are whitespace (tab, line feed,
     vertical tab, form feed, the separators ``\\x1c``-``\\x1f``, NEL) part words, as a space.
     Before, the display text kept them: "Hello\\x00 there\\x07", shown as boxes or refused."""
-    core = FastAPI()
-
-    @core.post("/turn")
-    async def turn(request: Request) -> JSONResponse:
-        items = [
-            {"text": "He\x00llo\x07 there\x1b[31m!\x7f\x9b"},
-            {"text": "tab\there\x0bvt\x0cff\x1cfs\x85nel\nend"},
-            {"ssml": "<speak>Bell\x07 <break/>rings\x01.</speak>"},  # not well-formed XML
-        ]
-        return JSONResponse({"items": items})
-
+    items = [
+        {"text": "He\x00llo\x07 there\x1b[31m!\x7f\x9b"},
+        {"text": "tab\there\x0bvt\x0cff\x1cfs\x85nel\nend"},
+        {"ssml": "<speak>Bell\x07 <break/>rings\x01.</speak>"},  # not well-formed XML
+    ]
     words = "Hello there[31m! tab here vt ff fs nel end Bell rings."
-    agent = "projects/p1/locations/global/agents/a1"
-    async with (
-        serve(core) as core_url,
-        gateway(pipeline=f"{core_url}/turn", **OFF) as url,
-        httpx.AsyncClient(base_url=url) as client,
-    ):
-        builder = ok(await client.post("/google", json=v3("ctl", "Free", "x")))
-        sdk = ok(await client.post("/google", json=v2("ctl", "actions.intent.TEXT", "x")))
-        es_answer = ok(
-            await client.post("/dialogflow", json=es("projects/p1/agent/sessions/c", "x"))
-        )
-        cx_answer = ok(await client.post("/dialogflow", json=cx(f"{agent}/sessions/ctl", "x")))
+    builder, sdk, es_answer, cx_answer = await _answers_in_every_format(items, "ctl")
     first = builder["prompt"]["firstSimple"]
     assert first["text"] == words
     assert " ".join(speech_text(first["speech"]).split()) == words  # shown as it is said
