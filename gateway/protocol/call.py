@@ -91,7 +91,9 @@ full; :data:`TRANSITIONS` is the same state machine):
    utterance limit GATEWAY_MAX_AUDIO_S), except over the paused bot after a backchannel's
    or a noise's final: ended speech whose voice ended more than :attr:`CarrierCall.keep_ms`
    before that final is let go and the bot resumes (holding it on would keep it silent
-   for a second final of a recognizer that far behind). Before, the stage kept only
+   for a second final of a recognizer that far behind; a bot that cannot be paused,
+   Plivo's or Exotel's, plays on meanwhile: such speech over it is heard and judged).
+   Before, the stage kept only
    :attr:`CarrierCall.keep_ms` (2.45 s), and a final later than :data:`FINAL_LAG_MS`
    after that speech began (a loaded machine's recognizer, several seconds behind) lost
    its start, or all of it.
@@ -1928,7 +1930,9 @@ class CarrierCall:
             self._judging = False
             if judging:
                 return []
-            if self._speaks_on(recent=True):  # over the bot still: held on, the next judged
+            # over the bot still: held on, the next judged (over a paused bot only speech
+            # ended lately: holding it silent for a second slow final costs the caller)
+            if self._speaks_on(recent=self.pauses):
                 self.partial = ""
                 return self._listen(interrupted=True, following=True)
             return self._resume()
@@ -2021,7 +2025,8 @@ class CarrierCall:
         only while its voice ended within :attr:`keep_ms` (over the paused bot after a
         backchannel's or a noise's final: holding the bot on for speech a recognizer that
         far behind has still to hear would keep it silent for a second final; it resumes,
-        as before)."""
+        as before; a bot that cannot be paused, :attr:`pauses`, plays on meanwhile: such
+        speech is heard however late, as anywhere else)."""
         onset, ended, first = self.onset_ms, self._heard_end, self._next_onset
         if ended is None or first is None:
             return False

@@ -241,3 +241,37 @@ def test_without_judging_speech_over_the_bot_still_clears_at_once() -> None:
     frames(call, wire, 5)
     actions = frames(call, wire, 8, onset=call.now_ms, voiced=10_000)
     assert [type(a) for a in actions] == [Interrupt, StartListening]  # nothing paused
+
+
+@pytest.mark.parametrize("wire", WIRES, ids=str)
+def test_speech_ended_long_before_a_backchannel_s_final_is_heard_as_the_bot_plays_on(
+    wire: Wire,
+) -> None:
+    """ "yeah" over the bot, ended; "no wait" begun and ended before its final; that final
+    ("yeah": no interruption) comes more than ``keep_ms`` after "no wait" ended (a
+    recognizer far behind). A paced carrier's bot, paused all that time, resumes and lets
+    "no wait" go (test_barge_in.py ..._resumes_it: holding it on would keep it silent for
+    a second final); this bot was never paused, so nothing is lost by judging "no wait":
+    it is heard from its onset (the stage keeps it) and judged over the bot. Before, it
+    was let go as on a paced carrier: the caller's words never reached the core."""
+    call = started(wire)
+    say_item(call, "Thank you for calling the pizza shop, how can I help you?", 10)
+    onset = speech_over_the_bot(call, wire)
+    assert frames(call, wire, 15, onset=onset, voiced=300) == []
+    assert frames(call, wire, 4) == []  # the endpointer ended it: its final decides
+    again = call.now_ms
+    assert frames(call, wire, 10, onset=again, voiced=10_000) == []  # "no wait"
+    end = call.now_ms
+    assert frames(call, wire, 2) == []
+    frames(call, wire, 2 * call.keep_ms // 20)  # the final comes late
+    assert call.state is State.HOLDING
+    actions = call.heard("final", "yeah", 0.9)
+    assert [type(a) for a in actions] == [StartListening], actions
+    [listen] = actions
+    assert isinstance(listen, StartListening)
+    assert (listen.from_ms, listen.until_ms) == (again - 300, end + 20)
+    assert call.state is State.HOLDING
+    # its words are a real interruption: the bot is cleared, the words the next input
+    [cut] = call.heard("final", "no wait", 0.9)
+    assert isinstance(cut, Interrupt)
+    assert call.waiting == ("no wait",)
