@@ -1556,10 +1556,13 @@ class CarrierCall:
     def _barge_in(self, *, following: bool = False, listen: bool = True) -> list[CallAction]:
         """A real interruption: clear the bot (HEARING); the utterance is heard on (opened
         now unless the bot was holding for it or judging it, or ``listen`` is False: it
-        is open already; ``following``: as :meth:`_listen`)."""
+        is open already; ``following``: as :meth:`_listen`). When the bot had finished
+        meanwhile (no turn runs, every mark back: a bot that cannot be paused plays on
+        while judged) nothing is cut off: the utterance is the caller's, no ``#fallback``
+        when it has no words (as on the caller's floor)."""
         held = self.state is State.HOLDING or self._judging or not listen
         self._judging = False
-        self._interrupted = True
+        self._interrupted = self.turn is not None or bool(self.marks.outstanding)
         self.machine.advance(BARGE_IN)
         actions = self._silence_the_bot()
         if held:

@@ -275,3 +275,28 @@ def test_speech_ended_long_before_a_backchannel_s_final_is_heard_as_the_bot_play
     [cut] = call.heard("final", "no wait", 0.9)
     assert isinstance(cut, Interrupt)
     assert call.waiting == ("no wait",)
+
+
+@pytest.mark.parametrize("wire", WIRES, ids=str)
+def test_long_noise_judged_once_the_answer_played_out_is_no_fallback(wire: Wire) -> None:
+    """The bot plays on while speech over it is judged, so its answer may play out
+    meanwhile (its last mark back); the speech then goes on past any backchannel (a TV,
+    a long breath) with no words. Nothing of the bot was cut off (it had finished), so
+    the wordless speech is no input, as the same noise on the caller's floor: the core
+    gets no ``#fallback`` (its answer would be "sorry, I did not catch that" to nobody).
+    Before, judged an interruption once voiced that long, it counted as the caller
+    cutting the bot off, and a wordless final gave ``#fallback``."""
+    call = started(wire)
+    say_item(call, "Hello.")
+    onset = speech_over_the_bot(call, wire)
+    call.turn_event(ResponseEvent(response=Response()))
+    assert call.turn_finished() == []
+    assert call.receive(wire.mark("1")) == []  # played out while the caller is judged
+    assert call.state is State.HOLDING
+    frames(call, wire, 60, onset=onset, voiced=10_000)  # past any backchannel
+    frames(call, wire, 5)
+    assert state_of(call) is State.HEARING
+    assert call.heard("silence", "") == []
+    assert state_of(call) is State.CALLER
+    assert call.waiting == ()
+    assert call.interruption is None
