@@ -697,12 +697,25 @@ class Playout:
         for chunk in self._chunks:
             chunk.queued_ms += pause_ms
 
-    def cut(self, at_ms: int) -> tuple[str, str]:
-        """``(heard, unheard)`` text when the audio stopped at ``at_ms``; then forgets all."""
+    def cut(self, at_ms: int, unsent_ms: int = 0) -> tuple[str, str]:
+        """``(heard, unheard)`` text when the audio stopped at ``at_ms``; then forgets all.
+        ``unsent_ms``: the last ms of the speech queued never went out (a
+        :class:`~gateway.callcodec.ChunkingCodec` held them back, the clear dropped them):
+        none of them was heard, whatever the marks or the time say (a piece held back
+        whole has its mark sent before its audio)."""
         if self._chunks:
             head = self._chunks[0]
             start = max(head.queued_ms, self._since_ms)
             head.item.played_ms += min(max(at_ms - start, 0), head.audio_ms)
+        if unsent_ms > 0:  # the latest speech first: it is what was held back
+            sent_ms = sum(item.total_ms for item in self._items) - unsent_ms
+            excess = sum(item.played_ms for item in self._items) - max(sent_ms, 0)
+            for item in reversed(self._items):
+                if excess <= 0:
+                    break
+                less = min(item.played_ms, excess)
+                item.played_ms -= less
+                excess -= less
         heard: list[str] = []
         unheard: list[str] = []
         for item in self._items:
@@ -1587,7 +1600,7 @@ class CarrierCall:
             self.turn.discarded = True
         if cut:  # (a turn cut off before, by the caller's speech just before: as it was)
             stop = self.now_ms if self._held_at is None else self._held_at
-            heard, unheard = self.playout.cut(stop)
+            heard, unheard = self.playout.cut(stop, unsent_ms=self._held_ms)
             self.interruption = {INTERRUPTED: True, HEARD: heard, UNHEARD: unheard}
         self._held_at = None
         self.marks.forget()

@@ -271,3 +271,34 @@ def test_a_short_sentence_held_back_whole_is_heard_as_its_own(encoding: str, rat
     assert heard.startswith("Sure. "), (heard, unheard)
     assert "Sure." not in unheard, (heard, unheard)
     assert unheard.endswith("at noon."), (heard, unheard)
+
+
+@pytest.mark.parametrize(("encoding", "rate"), ENCODINGS, ids=IDS)
+def test_a_sentence_still_held_back_at_a_judged_interruption_is_unheard(
+    encoding: str, rate: int
+) -> None:
+    """An answer's first item is shorter than a chunk: held back whole for the next item,
+    its mark sent at once (nothing before it: back at once). The caller speaks over the
+    bot before the next item's speech came (a slow synthesis) and is judged a real interruption (the
+    bot plays on meanwhile): the clear drops "Sure." unsent, so it counts as unheard.
+    Before, its mark's echo (and the time passed while judged) counted it heard: the
+    core was told the caller heard "Sure." though none of it was ever sent."""
+    call = started_call(encoding, rate)
+    short_ms = MIN_CHUNK // (rate // 1000 * (1 if "mulaw" in encoding else 2)) - 10
+    first = call.turn_event(ResponseItemEvent(response_item=ResponseItem(text="Sure.")))
+    first += call.turn_event(BinaryEvent(data=piece(tone(440, short_ms, rate), call.tts.file_type)))
+    (play,) = plays(first)
+    assert isinstance(play, Play)
+    assert play.messages == ()  # all of it held back
+    text = "Your order ships tomorrow at noon."
+    assert call.turn_event(ResponseItemEvent(response_item=ResponseItem(text=text))) == []
+    call.receive(mark_message(SID, "1"))  # nothing was before it: back at once
+    actions: list[CallAction] = []
+    for n in range(90):  # 1.8 s of the caller's audio, voice from the 10th frame on
+        actions += call.receive(media(b"\0\0" * (rate // 50), n + 3))
+        if n >= 10:
+            actions += call.voice(200, started=n == 10, voiced_ms=(n - 10) * 20)
+    assert [type(a) for a in actions if isinstance(a, Interrupt)] == [Interrupt]
+    assert call.interruption is not None
+    assert call.interruption[HEARD] == "", call.interruption
+    assert call.interruption[UNHEARD] == f"Sure. {text}", call.interruption
