@@ -2340,11 +2340,12 @@ class CarrierCall:
         ``[InputsDropped]`` first past the bounds). The utterance heard while the carrier
         was asked: when it ended, its words (still to be recognised) wait likewise; when
         the caller still speaks, it is speech over the bot from now on, held and judged
-        as any (``PausePlayback`` after the ``StartTurn``; carriers that cannot pause: cut
-        at once; keys pressed during it: cut at once, as keys over the paused bot, and
-        held for after its words). Speech begun then and too short to be heard yet is
-        speech over the bot from its onset. Ignored unless a transfer is under way (the
-        stream may have stopped meanwhile)."""
+        as any (``PausePlayback`` after the ``StartTurn``; a bot that cannot be paused,
+        :attr:`pauses`, plays on while it is judged; without judging,
+        ``barge_in_max_backchannel_ms`` 0: cut at once; keys pressed during it: cut at
+        once, as keys over the paused bot, and held for after its words). Speech begun
+        then and too short to be heard yet is speech over the bot from its onset. Ignored
+        unless a transfer is under way (the stream may have stopped meanwhile)."""
         if self.state is not State.TRANSFERRING:
             return []
         if ok:

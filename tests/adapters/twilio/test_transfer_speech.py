@@ -455,7 +455,8 @@ def test_speech_just_begun_at_a_refusal_is_speech_over_the_bot_from_its_onset() 
 
 
 def test_speech_going_on_at_a_refusal_interrupts_at_once_where_the_bot_cannot_pause() -> None:
-    """A carrier that cannot pause the bot (or barge-in without holding): the speech going
+    """Barge-in without judging (GATEWAY_BARGE_IN_MAX_BACKCHANNEL_MS=0; Plivo and Exotel,
+    which cannot pause, judge while the bot plays on: test_call_unpaced.py): the speech going
     on at the refusal cuts the bot off at once, its utterance heard on (no second
     StartListening)."""
     call = started(barge_in_max_backchannel_ms=0)

@@ -30,6 +30,7 @@ from gateway.events import (
     ResponseEvent,
     ResponseItem,
     ResponseItemEvent,
+    transfer_item,
 )
 from gateway.protocol.actions import FeedAudio, StartListening, StartTurn
 from gateway.protocol.call import (
@@ -38,6 +39,7 @@ from gateway.protocol.call import (
     Interrupt,
     Play,
     State,
+    Transfer,
 )
 from tests.conftest import state_of
 
@@ -300,3 +302,54 @@ def test_long_noise_judged_once_the_answer_played_out_is_no_fallback(wire: Wire)
     assert state_of(call) is State.CALLER
     assert call.waiting == ()
     assert call.interruption is None
+
+
+def transfer_asked(call: CarrierCall, wire: Wire) -> None:
+    """The running turn says "Transferring you now." and asks for a transfer; its turn
+    finishes, its audio plays out: the carrier is asked."""
+    say_item(call, "Transferring you now.")
+    item = transfer_item("+15550100", reason="agent")
+    assert call.turn_event(ResponseItemEvent(response_item=item)) == []
+    call.turn_event(ResponseEvent(response=Response()))
+    [final] = call.turn_finished()
+    assert isinstance(final, Play)
+    assert call.receive(wire.mark("1")) == []
+    [transfer] = call.receive(wire.mark("end-2"))
+    assert isinstance(transfer, Transfer)
+    assert call.state is State.TRANSFERRING
+
+
+@pytest.mark.parametrize("wire", WIRES, ids=str)
+def test_speech_held_when_a_transfer_s_turn_finishes_resumes_nothing(wire: Wire) -> None:
+    """Speech over the transfer's announcement is judged when its turn finishes: the
+    announcement played on, so nothing is resumed (no ResumePlayback: the carrier's
+    ``resume`` is no message it knows), only the final mark is sent."""
+    call = started(wire)
+    say_item(call, "Transferring you now.", 3)
+    item = transfer_item("+15550100", reason="agent")
+    assert call.turn_event(ResponseItemEvent(response_item=item)) == []
+    speech_over_the_bot(call, wire)
+    call.turn_event(ResponseEvent(response=Response()))
+    [final] = call.turn_finished()
+    assert isinstance(final, Play)
+    assert final.final
+    assert call.state is State.ENDING
+
+
+@pytest.mark.parametrize("wire", WIRES, ids=str)
+def test_speech_going_on_at_a_refusal_is_judged_as_the_bot_plays_on(wire: Wire) -> None:
+    """The caller speaks while the carrier is asked and goes on as it refuses: speech over
+    the bot's answer to ``#transfer-failed``, judged while that answer plays (no
+    PausePlayback), and cleared once voiced past any backchannel."""
+    call = started(wire)
+    transfer_asked(call, wire)
+    onset = call.now_ms
+    [start] = frames(call, wire, 20, onset=onset, voiced=10_000)
+    assert isinstance(start, StartListening)
+    [turn] = call.transfer_finished(False, "busy")
+    assert isinstance(turn, StartTurn)
+    assert call.state is State.HOLDING
+    say_item(call, "Sorry, nobody is free right now.", 3)
+    actions = frames(call, wire, 40, onset=onset, voiced=10_000)
+    assert [type(a) for a in actions] == [Interrupt], actions
+    assert state_of(call) is State.HEARING
