@@ -1379,8 +1379,9 @@ class CallRunner(WebSocketDriver[CallAction]):
         try:
             await asyncio.shield(ending)
         except asyncio.CancelledError:
-            if not ending.done():  # the caller is gone: nobody else sees its failure
-                ending.add_done_callback(self._end_failed)
+            # the caller is gone: nobody else sees its failure (also one that came in the
+            # same loop step as the cancel: a done task's callback runs all the same)
+            ending.add_done_callback(self._end_failed)
             raise
 
     def _end_failed(self, ending: asyncio.Task[None]) -> None:
