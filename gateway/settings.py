@@ -726,8 +726,8 @@ class Settings(BaseSettings):
     barge_in_backchannels: Annotated[tuple[str, ...], NoDecode] = Field(
         default=BACKCHANNELS,
         description="Comma-separated backchannels and fillers that, said over the bot on a "
-        "call, do not interrupt it (its audio pauses and resumes); fillers such as `um` "
-        "and noise (no words) never do.",
+        "call, do not interrupt it (its audio pauses and resumes; Plivo's and Exotel's, which "
+        "cannot be paused, plays on); fillers such as `um` and noise (no words) never do.",
     )
     barge_in_max_backchannel_ms: int = Field(
         default=1000,
