@@ -11,6 +11,10 @@ protocols use it without loading the turn engine (DESIGN.md, "Rules of the house
 - with ``elements`` (:data:`ALEXA_ELEMENTS`, :data:`GOOGLE_ELEMENTS`), it keeps only the
   SSML elements the platform supports, each other one (a nested ``<speak>`` too) replaced
   by its content, which :func:`refused_elements` names for the log;
+- an attribute value of ``<break>``, ``<prosody>`` or ``<emphasis>`` that the platforms
+  refuse the whole speech for is made one they take (a break over :data:`MAX_BREAK_S`
+  clamped, a ``<prosody rate="x">`` dropped);
+- a ``#command`` item (an action for the client) says and shows nothing, its ``ssml`` too;
 - :func:`display_text` gives their text for a screen or card, control characters left
   out as the speech leaves them out (:func:`without_controls`);
 - both cut at a sentence or word boundary with :func:`truncate_text`;
@@ -26,7 +30,7 @@ import re
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from html.parser import HTMLParser
-from xml.sax.saxutils import escape, quoteattr
+from xml.sax.saxutils import escape, quoteattr, unescape
 
 from gateway.events import ResponseItem
 
@@ -37,6 +41,7 @@ __all__ = [
     "GOOGLE_ELEMENTS",
     "HTTPS_AUDIO",
     "LOOSE_MAX_CHARS",
+    "MAX_BREAK_S",
     "LenientHTMLParser",
     "display_text",
     "item_ssml",
@@ -230,20 +235,34 @@ _SPEAK_PARSED = f'<speak xmlns:amazon="{AMAZON_NAMESPACE}">'
 """The root a fragment is parsed in: Alexa's undeclared ``amazon:`` prefix declared."""
 
 
-_BOUNDARY: frozenset[str] = frozenset({"break", "p", "s", "audio", "speak", "par", "seq", "media"})
+_BOUNDARY: frozenset[str] = frozenset(
+    {"break", "p", "s", "audio", "speak", "par", "seq", "media", "voice", "lang"}
+)
 """Elements that part the words around them (a pause, a paragraph or sentence, a sound, a
-whole document): ``Hi<break/>there`` is two words, ``Hi there``; the other elements
+whole document, another voice or language): ``Hi<break/>there`` is two words, ``Hi there``,
+and so is ``<voice name="a">Hi</voice><voice name="b">there</voice>``; the other elements
 (``<emphasis>``, ``<say-as>``...) are inline, ``<say-as>42</say-as>.`` stays ``42.``."""
+
+
+_PARTED = "\x00"
+"""Where an element parted the words in :func:`ssml_to_text`'s text (a space in the end): a
+NUL, which no parsed XML text holds."""
+_PARTED_BEFORE_PUNCTUATION = re.compile("\x00++(?=[.,!?;:…])")
+"""Parting before punctuation: ``<voice name="a">Hi</voice>.`` reads ``Hi.``, not ``Hi .``."""
 
 
 def ssml_to_text(ssml: str) -> str | None:
     """The spoken text of an SSML fragment or document, or None when it is not well-formed
     (the ``amazon:`` prefix of Alexa's elements needs no declaration): its character data,
-    the words on either side of a :data:`_BOUNDARY` element parted, whitespace collapsed."""
+    the words on either side of a :data:`_BOUNDARY` element parted, whitespace collapsed;
+    the content of a ``<desc>`` or ``<metadata>`` (:data:`_WITH_UNSPOKEN_CONTENT`: an
+    audio's description, no speech) left out. SSML holding a character no XML document may
+    hold (:data:`_NOT_XML`: a NUL, a lone surrogate ``"\\ud800"``) is not well-formed:
+    None, never an exception."""
     inner = _strip_speak(ssml)
     try:
         root = ET.fromstring(f"{_SPEAK_PARSED}{inner}{_SPEAK_CLOSE}")
-    except ET.ParseError:
+    except (ET.ParseError, UnicodeEncodeError):  # (a lone surrogate cannot be UTF-8)
         return None
     out: list[str] = []
     # document order without recursion (the parser takes SSML nested deeper than Python's
@@ -251,14 +270,21 @@ def ssml_to_text(ssml: str) -> str | None:
     stack: list[tuple[ET.Element, bool]] = [(root, False)]
     while stack:
         element, closing = stack.pop()
-        parts = element.tag.rpartition("}")[2] in _BOUNDARY
+        name = element.tag.rpartition("}")[2]
+        parts = name in _BOUNDARY
         if closing:
-            out += [" " if parts else "", element.tail or ""]
+            out += [_PARTED if parts else "", element.tail or ""]
             continue
-        out += [" " if parts else "", element.text or ""]
+        if name in _WITH_UNSPOKEN_CONTENT:  # its content is no speech; its tail is
+            out += [_PARTED, element.tail or ""]
+            continue
+        out += [_PARTED if parts else "", element.text or ""]
         stack.append((element, True))
         stack.extend((child, False) for child in reversed(element))
-    return " ".join("".join(out).split())
+    text = "".join(out)
+    if _PARTED in text:  # no space where a tag parted a word from the punctuation after it
+        text = _PARTED_BEFORE_PUNCTUATION.sub("", text).replace(_PARTED, " ")
+    return " ".join(text.split())
 
 
 _MARKUP_NAMES: frozenset[str] = ALEXA_ELEMENTS | GOOGLE_ELEMENTS | {"speak"}
@@ -403,16 +429,20 @@ allowed only at a document's very start, so it is dropped before the items are j
 into one ``<speak>``."""
 
 
+_SPEAK_START = re.compile(r"""<speak(?:\s++[^\s=/<>]++\s*+=\s*+(?:"[^"<]*+"|'[^'<]*+'))*+\s*+>""")
+"""A ``<speak>`` start tag, its attributes read as XML writes them (XML 1.0 section 3.1):
+a ``>`` inside an attribute value (``<speak foo="a>b">``) does not end it."""
+
+
 def _strip_speak(ssml: str) -> str:
-    """The content of an SSML document's ``<speak>`` (its XML declaration dropped), or the
-    fragment itself."""
+    """The content of an SSML document's ``<speak>`` (its XML declaration dropped; the start
+    tag read to its end, :data:`_SPEAK_START`, not to the first ``>``, which may be inside
+    an attribute value), or the fragment itself."""
     text = ssml.strip()
     if text.startswith("<?xml") and (declaration := _XML_DECLARATION.match(text)):
         text = text[declaration.end() :]
-    if text.startswith("<speak") and text.endswith(_SPEAK_CLOSE):
-        start = text.find(">")
-        if start != -1:
-            return text[start + 1 : -len(_SPEAK_CLOSE)]
+    if text.endswith(_SPEAK_CLOSE) and (start := _SPEAK_START.match(text)):
+        return text[start.end() : -len(_SPEAK_CLOSE)]
     return text
 
 
@@ -492,7 +522,7 @@ def refused_audio(items: Sequence[ResponseItem], schemes: tuple[str, ...]) -> li
     found: list[tuple[int, str]] = []
     for index, item in enumerate(items):
         ssml = item.ssml
-        if ssml and _AUDIO_TAG in ssml and ssml_to_text(ssml) is not None:
+        if ssml and _AUDIO_TAG in ssml and not _is_command(item) and ssml_to_text(ssml) is not None:
             found += [(index, src) for src in _kept_audio(_strip_speak(ssml), schemes)[1]]
         audio = item.audio
         if audio and (not audio.startswith(schemes) or _NOT_XML.search(audio)):
@@ -612,17 +642,93 @@ def _kept_elements(fragment: str, elements: frozenset[str]) -> tuple[str, list[s
     return kept, removed
 
 
+MAX_BREAK_S = 10
+"""The longest ``<break time>`` Alexa takes (Alexa SSML reference, ``break``: "up to 10
+seconds (10s) or 10000 milliseconds (10000ms)"); a longer one fails the whole speech. Google
+is held to it too (ten seconds of silence is already long on a speaker)."""
+_BREAK_TIME = re.compile(r"\s*+(\d++(?:\.\d*+)?|\.\d++)\s*+(ms|s)\s*+")
+"""A ``<break time>`` as the platforms take it: a number and its unit, ``500ms``, ``1.5s``."""
+_PROSODY_NUMBER = r"[+-]?+(?:\d++(?:\.\d*+)?|\.\d++)"
+_VALID_VALUES: dict[tuple[str, str], re.Pattern[str]] = {
+    ("break", "strength"): re.compile(r"none|x-weak|weak|medium|strong|x-strong"),
+    ("emphasis", "level"): re.compile(r"strong|moderate|reduced|none"),
+    ("prosody", "rate"): re.compile(rf"x-slow|slow|medium|fast|x-fast|default|{_PROSODY_NUMBER}%"),
+    ("prosody", "pitch"): re.compile(
+        rf"x-low|low|medium|high|x-high|default|{_PROSODY_NUMBER}(?:%|st|Hz)"
+    ),
+    ("prosody", "volume"): re.compile(
+        rf"silent|x-soft|soft|medium|loud|x-loud|default|{_PROSODY_NUMBER}dB"
+    ),
+}
+"""The values an attribute of ``<break>``, ``<emphasis>`` or ``<prosody>`` may take (SSML 1.1
+sections 3.2.3, 3.2.2, 3.2.4, as Alexa's and Google's SSML references list them: keywords, a
+percentage, a relative pitch or volume); the platforms refuse the whole speech for another
+(``<prosody rate="x">``)."""
+_VALUED_TAG = re.compile(  # (in a well-formed fragment: its tags as XML writes them)
+    r"""<(break|prosody|emphasis)((?:\s++[^\s=/>]++\s*+=\s*+(?:"[^"]*+"|'[^']*+'))*+)(\s*+/?>)"""
+)
+"""A ``<break>``, ``<prosody>`` or ``<emphasis>`` start or empty-element tag: group 2 its
+attributes, group 3 its end (attribute values may hold ``>``)."""
+_VALUED_ATTRIBUTE = re.compile(r"""(\s++)([^\s=/>]++)(\s*+=\s*+)("[^"]*+"|'[^']*+')""")
+"""One attribute: its leading space, name, ``=`` with its spaces, quoted value."""
+_QUOTES = {"&quot;": '"', "&apos;": "'"}
+"""The entities :func:`xml.sax.saxutils.unescape` decodes besides ``&amp;``, ``&lt;``, ``&gt;``."""
+
+
+def _checked_value(element: str, name: str, value: str) -> str | None:
+    """The value to give attribute ``name`` of ``element`` for ``value``: itself when the
+    platforms take it, a ``<break time>`` over :data:`MAX_BREAK_S` that many seconds, None
+    (the attribute dropped, so its default holds) for one they do not take."""
+    if element == "break" and name == "time":
+        time = _BREAK_TIME.fullmatch(value)
+        if time is None:
+            return None
+        seconds = float(time[1]) / (1000 if time[2] == "ms" else 1)
+        return value if seconds <= MAX_BREAK_S else f"{MAX_BREAK_S}s"
+    valid = _VALID_VALUES.get((element, name))
+    if valid is None:
+        return value  # not one checked here
+    return value if valid.fullmatch(value.strip()) else None
+
+
+def _checked_values(fragment: str) -> tuple[str, list[str]]:
+    """``fragment`` (well-formed SSML content) with the attribute values of its ``<break>``,
+    ``<prosody>`` and ``<emphasis>`` tags that the platforms refuse the whole speech for
+    made ones they take (:func:`_checked_value`: ``<break time="999999s"/>`` a 10 s break,
+    ``<prosody rate="x">`` without its ``rate``), and each changed ``name="value"``, in
+    document order. A quick substring test first; linear (one regex pass over the tags)."""
+    if "<break" not in fragment and "<prosody" not in fragment and "<emphasis" not in fragment:
+        return fragment, []
+    changed: list[str] = []
+
+    def tag(mark: re.Match[str]) -> str:
+        element = mark[1]
+
+        def attribute(a: re.Match[str]) -> str:
+            quoted = a[4]
+            value = unescape(quoted[1:-1], _QUOTES)
+            checked = _checked_value(element, a[2], value)
+            if checked == value:
+                return a[0]
+            changed.append(f"{a[2]}={quoted}")
+            return "" if checked is None else f"{a[1]}{a[2]}{a[3]}{quoteattr(checked)}"
+
+        return f"<{element}{_VALUED_ATTRIBUTE.sub(attribute, mark[2])}{mark[3]}"
+
+    checked = _VALUED_TAG.sub(tag, fragment)
+    return (checked, changed) if changed else (fragment, [])
+
+
 def loose_ssml(items: Sequence[ResponseItem]) -> list[int]:
     """The index of each item of ``items`` whose speech :func:`item_ssml` reads from SSML
     that is not well-formed (:func:`loose_text`: its words said, its markup lost): an
-    item with ``ssml`` and no ``text`` to say instead. For the route's log line; costs a
-    test per item unless an item has SSML and no text (then one parse of that SSML)."""
+    item with ``ssml`` and no ``text`` (a ``#command`` item says nothing). For the route's
+    log line; costs a test per item unless an item has SSML and no text (then one parse of
+    that SSML)."""
     return [
         index
         for index, item in enumerate(items)
-        if item.ssml
-        and not (item.text and not _is_command(item))
-        and ssml_to_text(item.ssml) is None
+        if item.ssml and not item.text and ssml_to_text(item.ssml) is None
     ]
 
 
@@ -637,7 +743,7 @@ def refused_elements(
     found: list[tuple[int, str]] = []
     for index, item in enumerate(items):
         ssml = item.ssml
-        if not ssml or "<" not in ssml:
+        if not ssml or "<" not in ssml or _is_command(item):
             continue
         fragment = _strip_speak(ssml).strip()
         if elements.issuperset(_TAG_NAME.findall(fragment)) or ssml_to_text(ssml) is None:
@@ -648,6 +754,9 @@ def refused_elements(
 
 
 def _is_command(item: ResponseItem) -> bool:
+    """Whether ``item`` is a command item: its ``text`` a ``#command`` (PROTOCOL-NOTES.md:
+    an action for the client, no speech), so neither its text nor its ``ssml`` is said or
+    shown."""
     return bool(item.text and item.text.strip().startswith("#"))
 
 
@@ -661,7 +770,8 @@ def item_ssml(
 
     The item's ``ssml`` when it is well-formed, else its ``text`` escaped, else (no text)
     the words of its ``ssml`` read leniently (:func:`loose_text`), escaped;
-    ``#command`` items say nothing; an ``audio`` URL becomes ``<audio src="..."/>``.
+    ``#command`` items (their ``text`` a ``#command``) say neither their text nor their
+    ``ssml``; an ``audio`` URL becomes ``<audio src="..."/>``.
     Only audio whose ``src`` begins with one of ``audio_schemes`` is said
     (:data:`HTTPS_AUDIO`, :data:`ALEXA_AUDIO`): the platforms refuse the WHOLE speech
     for one other ``<audio>`` (an ``http://`` one, say), so an ``<audio>`` element of the
@@ -672,17 +782,23 @@ def item_ssml(
     (:data:`ALEXA_ELEMENTS`, :data:`GOOGLE_ELEMENTS`), an element of the ``ssml`` not named
     there (the platform refuses the whole speech for it; a ``<speak>`` nested in the
     document too) is replaced by its content (:func:`_kept_elements`; scanned only when a
-    tag names another element); :func:`refused_elements` names them.
+    tag names another element); :func:`refused_elements` names them. An attribute value of a
+    ``<break>``, ``<prosody>`` or ``<emphasis>`` the platforms refuse the whole speech for is
+    made one they take (:func:`_checked_values`: a ``<break time>`` over :data:`MAX_BREAK_S`
+    clamped to it, a ``<prosody rate="x">`` without its ``rate``).
     """
     parts: list[str] = []
-    if item.ssml and ssml_to_text(item.ssml) is not None:
+    command = _is_command(item)
+    if command:
+        pass  # an action for the client, no speech: neither its text nor its ssml is said
+    elif item.ssml and ssml_to_text(item.ssml) is not None:
         fragment = _strip_speak(item.ssml).strip()
         if _AUDIO_TAG in fragment:
             fragment = _kept_audio(fragment, audio_schemes)[0]
         if elements is not None:
             fragment = _kept_elements(fragment, elements)[0].strip()
-        parts.append(fragment)
-    elif item.text and not _is_command(item):
+        parts.append(_checked_values(fragment)[0])
+    elif item.text:
         parts.append(xml_text(item.text.strip()))
     elif item.ssml:  # not well-formed, and no text: its words (loose_text), not silence
         parts.append(xml_text(loose_text(item.ssml)))
@@ -793,10 +909,10 @@ def display_text(
 
     Whitespace is collapsed and control characters left out, as the speech leaves them out
     (:func:`without_controls`: a NUL, a bell or DEL removed; a form feed, like a line feed,
-    parts words). ``#command`` items are skipped; the result is cut by :func:`truncate_text` to
-    ``max_chars`` code points (UTF-16 code units with ``utf16``). ``then``, when given,
-    is shown whole after the items (as :func:`speech_ssml`'s: its text takes its room
-    first, the items' text is cut to what is left).
+    parts words). ``#command`` items are skipped (their ``ssml`` too); the result is cut by
+    :func:`truncate_text` to ``max_chars`` code points (UTF-16 code units with ``utf16``).
+    ``then``, when given, is shown whole after the items (as :func:`speech_ssml`'s: its
+    text takes its room first, the items' text is cut to what is left).
     """
     if then is not None:
         whole = display_text([then], 1 << 30)
@@ -809,7 +925,9 @@ def display_text(
             return f"{head} {tail}" if head else tail
     parts: list[str] = []
     for item in items:
-        if item.text and not _is_command(item):
+        if _is_command(item):
+            continue  # an action for the client: neither its text nor its ssml is shown
+        if item.text:
             parts.append(item.text)
         elif item.ssml:
             spoken = ssml_to_text(item.ssml)

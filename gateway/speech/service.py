@@ -38,15 +38,15 @@ log = logging.getLogger(__name__)
 def speakable(item: ResponseItem) -> str | None:
     """The text to synthesize for ``item`` (its SSML or text), or None when it has none.
 
-    Items whose text is a ``#command`` and items that carry audio of their own are
-    not spoken.
+    Items whose text is a ``#command`` (an action for the client, PROTOCOL-NOTES.md: not
+    their ``ssml`` either) and items that carry audio of their own are not spoken.
     """
-    if item.audio:
+    text = (item.text or "").strip()
+    if item.audio or text.startswith("#"):
         return None
     if item.ssml:
         return item.ssml
-    text = (item.text or "").strip()
-    return text if text and not text.startswith("#") else None
+    return text or None
 
 
 class SpeechService:

@@ -189,6 +189,10 @@ _BREAK_STRENGTH_MS: Final = {
 _TIME_RE: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s)\s*$", re.IGNORECASE)
 _SENTENCE_END: Final = (".", "!", "?", ";", ":", ",")
 _UNSPOKEN: Final = frozenset({"desc", "lexicon", "metadata"})
+_WORD_PARTING: Final = frozenset({"voice", "lang", "audio", "par", "seq", "media"})
+"""Elements whose tags part the words on either side (another voice or language, a sound),
+as :data:`gateway.ssml._BOUNDARY` parts them for the voice assistants: ``<voice name="a">
+hello</voice><voice name="b">world</voice>`` says "hello world", not "helloworld"."""
 
 
 def _break_ms(attrs: dict[str, str | None]) -> int:
@@ -237,6 +241,8 @@ class _SsmlParser(LenientHTMLParser):
             self._skip += 1
         elif tag in ("p", "s", "paragraph", "sentence"):
             self._sentence_end()
+        elif tag in _WORD_PARTING:
+            self._text.append(" ")
 
     def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         tag = tag.lower()
@@ -246,6 +252,8 @@ class _SsmlParser(LenientHTMLParser):
             self._sentence_end()
         elif tag == "sub":
             self._text.append(f" {dict(attrs).get('alias') or ''} ")
+        elif tag in _WORD_PARTING:
+            self._text.append(" ")
 
     def handle_endtag(self, tag: str) -> None:
         tag = tag.lower()
@@ -253,6 +261,8 @@ class _SsmlParser(LenientHTMLParser):
             self._skip -= 1
         elif tag in ("p", "s", "paragraph", "sentence"):
             self._sentence_end()
+        elif tag in _WORD_PARTING:
+            self._text.append(" ")
 
     def handle_data(self, data: str) -> None:
         if not self._skip:
@@ -269,7 +279,8 @@ def parse_ssml(ssml: str) -> list[str | Pause]:
     """Split SSML into spoken text runs and :class:`Pause` items, in order.
 
     Text content of all elements is kept (whitespace collapsed, entities decoded),
-    ``<sub alias="x">`` speaks ``x``, ``<break time="300ms"|"1.5s"|strength=...>``
+    ``<sub alias="x">`` speaks ``x``, ``<voice>``, ``<lang>`` and ``<audio>`` part the
+    words on either side, ``<break time="300ms"|"1.5s"|strength=...>``
     becomes a pause (default "medium" = 500 ms, capped at :data:`MAX_BREAK_MS`, 5 s),
     ``<p>``/``<s>``
     end a sentence; ``<desc>``, ``<lexicon>``, ``<metadata>`` are dropped and all

@@ -1412,3 +1412,45 @@ async def test_sessions_ended_through_a_redis_outage_are_one_warning_not_one_eac
     assert [r.name for r in warnings] == ["gateway.breaker", "gateway.io.webhook"], [
         r.getMessage() for r in warnings
     ]
+
+
+async def test_a_cores_ssml_reaches_alexa_as_ssml_alexa_takes() -> None:
+    """A core's SSML with a ``>`` in a ``<speak>`` attribute, an audio's ``<desc>``, two
+    voices side by side, a 999999 s break and a ``<prosody rate="x">``, and a ``#command``
+    item carrying SSML: Alexa gets well-formed SSML it takes (a break of at most 10 s, no
+    invalid rate), the card shows the words as said, the command says nothing. Before, the
+    speech began ``b">Hello``, the card showed the description and ``JoannaMatthew`` and
+    the command's secret, and Alexa refused the whole response for the break and the rate
+    (the user heard an error instead of the answer)."""
+    core = FastAPI()
+
+    @core.post("/turn")
+    async def turn(request: Request) -> JSONResponse:
+        items = [
+            {"ssml": '<speak foo="a>b">Hello <break time="999999s"/> there.</speak>'},
+            {"text": "#volume", "code": "up", "ssml": "<speak>secret</speak>"},
+            {
+                "ssml": "<speak><voice name='Joanna'>Joanna</voice><voice name='Matthew'>"
+                "Matthew</voice> <audio src='https://cdn.example.com/d.mp3'><desc>A dog"
+                "</desc>woof</audio> <prosody rate='x'>slowly</prosody></speak>",
+                "image": "https://cdn.example.com/i.png",
+            },
+        ]
+        return JSONResponse({"items": items})
+
+    async with (
+        serve(core) as core_url,
+        gateway(pipeline=f"{core_url}/turn", **OFF) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        answer = await say(client, envelope("S-ssml-values", text="hi"))
+    speech = reply(answer).output_speech
+    assert isinstance(speech, SsmlOutputSpeech)
+    assert speech.ssml == (
+        "<speak>Hello <break time=\"10s\"/> there. <voice name='Joanna'>Joanna</voice>"
+        "<voice name='Matthew'>Matthew</voice> <audio src='https://cdn.example.com/d.mp3'>"
+        "woof</audio> <prosody>slowly</prosody></speak>"  # (Alexa takes no <desc>)
+    )
+    card = reply(answer).card
+    assert isinstance(card, StandardCard)
+    assert card.text == "Hello there. Joanna Matthew woof slowly"

@@ -1285,7 +1285,7 @@ async def test_words_parted_by_a_pause_or_sentence_in_ssml_are_shown_apart() -> 
         )
         return JSONResponse({"items": [{"ssml": ssml}]})
 
-    words = "Hi there. One. Two. Unbelievable 42. Ding dong !"
+    words = "Hi there. One. Two. Unbelievable 42. Ding dong!"  # (no space before the "!")
     async with (
         serve(core) as core_url,
         gateway(pipeline=f"{core_url}/turn", **OFF) as url,
@@ -1322,3 +1322,41 @@ async def test_control_characters_are_not_shown() -> None:
     assert es_answer["fulfillmentText"] == words
     shown = [m["text"]["text"][0] for m in cx_answer["fulfillmentResponse"]["messages"]]
     assert shown == ["Hello there[31m!", "tab here vt ff fs nel end", "Bell rings."]
+
+
+async def test_a_cores_ssml_reaches_google_as_ssml_google_takes() -> None:
+    """A core's SSML with a ``>`` in a ``<speak>`` attribute, an audio's ``<desc>``, a
+    999999 s break and a ``<prosody rate="x">``, and a ``#command`` item carrying SSML:
+    Google gets well-formed SSML it takes (a break of at most 10 s, no invalid rate), the
+    display text is the words as said, the command says nothing. Before, the speech began
+    ``b">Hello``, the display text held the description and the command's secret, and the
+    break and rate went to Google as the core wrote them."""
+    core = FastAPI()
+
+    @core.post("/turn")
+    async def turn(request: Request) -> JSONResponse:
+        items = [
+            {"ssml": '<speak foo="a>b">Hello <break time="999999s"/> there.</speak>'},
+            {"text": "#volume", "code": "up", "ssml": "<speak>secret</speak>"},
+            {
+                "ssml": "<speak><audio src='https://cdn.example.com/d.mp3'><desc>A dog"
+                "</desc>woof</audio> <prosody rate='x'>slowly</prosody></speak>"
+            },
+        ]
+        return JSONResponse({"items": items})
+
+    async with (
+        serve(core) as core_url,
+        gateway(pipeline=f"{core_url}/turn", **OFF) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        request = v3("ssml-values", "FreeText", "hi")
+        data = ok(await client.post("/google", json=request))
+    check_v3(request, data)
+    simple = data["prompt"]["firstSimple"]
+    assert simple["speech"] == (
+        '<speak>Hello <break time="10s"/> there. '
+        "<audio src='https://cdn.example.com/d.mp3'><desc>A dog</desc>woof</audio> "
+        "<prosody>slowly</prosody></speak>"
+    )
+    assert simple["text"] == "Hello there. woof slowly"

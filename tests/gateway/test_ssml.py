@@ -1,0 +1,185 @@
+"""gateway/ssml.py: the spoken text of SSML, the speech of the voice assistants (Alexa,
+Google) and the display text, for SSML a core writes: a ``>`` in a ``<speak>`` attribute,
+an audio's ``<desc>``, voices side by side, characters XML does not allow, attribute values
+the platforms refuse, a ``#command`` item that carries SSML. Pure functions: no I/O."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from gateway.events import ResponseItem
+from gateway.speech.service import speakable
+from gateway.speech.tts import ssml_to_text as tts_text
+from gateway.ssml import (
+    ALEXA_AUDIO,
+    ALEXA_ELEMENTS,
+    GOOGLE_ELEMENTS,
+    HTTPS_AUDIO,
+    display_text,
+    loose_ssml,
+    refused_audio,
+    refused_elements,
+    speech_ssml,
+    ssml_in_text,
+    ssml_to_text,
+)
+
+PLATFORMS = [(ALEXA_AUDIO, ALEXA_ELEMENTS), (HTTPS_AUDIO, GOOGLE_ELEMENTS)]
+
+
+def speech(ssml: str, audio: tuple[str, ...], elements: frozenset[str]) -> str:
+    said = speech_ssml([ResponseItem(ssml=ssml)], 8000, audio_schemes=audio, elements=elements)
+    assert said is not None
+    ET.fromstring(said.replace("<speak>", '<speak xmlns:amazon="urn:a">', 1))  # well-formed
+    return said
+
+
+def test_a_greater_than_in_a_speak_attribute_does_not_end_its_start_tag() -> None:
+    """``<speak foo="a>b">Hello</speak>``: the start tag ends at its own ``>``, not at the
+    first one, inside the attribute value. Before, the speech and display text were
+    ``b">Hello`` (the rest of the tag said as words)."""
+    ssml = '<speak foo="a>b">Hello <break time="1s"/> world</speak>'
+    assert ssml_to_text(ssml) == "Hello world"
+    assert display_text([ResponseItem(ssml=ssml)], 640) == "Hello world"
+    for audio, elements in PLATFORMS:
+        assert speech(ssml, audio, elements) == '<speak>Hello <break time="1s"/> world</speak>'
+    assert ssml_in_text("<speak xml:lang='en>US'>Tom & Jerry<break/></speak>") == (
+        "<speak xml:lang='en>US'>Tom &amp; Jerry<break/></speak>"
+    )
+
+
+def test_an_audio_description_is_neither_said_nor_shown() -> None:
+    """An ``<audio>``'s ``<desc>`` describes the sound for a screen reader; it is not
+    speech. Before, its words were in the display text and in the speech a cut item says
+    as text (``Hi A dog barkingwoof``)."""
+    ssml = (
+        '<speak>Hi <audio src="https://cdn.example.com/dog.mp3">'
+        "<desc>A dog barking</desc>woof</audio> there.</speak>"
+    )
+    assert ssml_to_text(ssml) == "Hi woof there."
+    assert display_text([ResponseItem(ssml=ssml)], 640) == "Hi woof there."
+    # a speech too long for the budget says its spoken text, cut: no description in it
+    cut = speech_ssml([ResponseItem(ssml=ssml)], 30)
+    assert cut is not None
+    assert "dog" not in cut.lower()
+    assert "woof" in cut
+
+
+@pytest.mark.parametrize(
+    ("ssml", "text"),
+    [
+        ("<voice name='Joanna'>hello</voice><voice name='Matthew'>world</voice>", "hello world"),
+        (
+            "<speak><lang xml:lang='en-US'>hello</lang><lang xml:lang='fr-FR'>monde</lang></speak>",
+            "hello monde",
+        ),
+        ("<speak><voice name='Joanna'>Hi</voice>.</speak>", "Hi."),
+        ("<speak><s>One</s><s>two</s>!</speak>", "One two!"),
+        ("<speak><say-as interpret-as='digits'>42</say-as>.</speak>", "42."),
+    ],
+)
+def test_voices_and_languages_part_the_words_on_either_side(ssml: str, text: str) -> None:
+    """Two voices (or languages) side by side are two words, as the platforms say them.
+    Before, ``<voice>`` and ``<lang>`` were inline: ``helloworld`` on the screen and in a cut
+    speech (said as its spoken text). Inline elements stay inline, and a
+    parting tag puts no space before the punctuation after it."""
+    assert ssml_to_text(ssml) == text
+    assert display_text([ResponseItem(ssml=ssml)], 640) == text
+
+
+def test_the_gateways_tts_parts_voices_and_audio() -> None:
+    """The gateway's own speech (gateway/speech/tts.py) reads voices and sounds as the
+    platforms do. Before: ``helloworld``, ``Hiwoof``."""
+    assert tts_text("<voice name='a'>hello</voice><voice name='b'>world</voice>") == "hello world"
+    assert tts_text("Hi<audio src='https://x/y.mp3'>woof</audio>there") == "Hi woof there"
+    assert tts_text("Hi<audio src='https://x/y.mp3'/>there") == "Hi there"
+    assert tts_text("<lang xml:lang='de'>Hallo</lang><lang xml:lang='fr'>monde</lang>") == (
+        "Hallo monde"
+    )
+
+
+@pytest.mark.parametrize("bad", [chr(0xD800), chr(0xDFFF), "\x00", "\x07"])
+def test_ssml_holding_a_character_xml_forbids_is_not_well_formed_never_an_exception(
+    bad: str,
+) -> None:
+    """A lone surrogate, like a NUL, makes SSML that is not well-formed: ``ssml_to_text`` is
+    None and the speech and display text are its words without it. Before, a lone surrogate
+    raised UnicodeEncodeError from ``ssml_to_text`` (and from ``ssml_in_text``, documented as
+    never raising, and every speech and display text of such an item). The cores' JSON is
+    refused with a lone surrogate (gateway/protocol/load.py), so no request path reached it."""
+    ssml = f"<speak>Tom{bad} and Jerry</speak>"
+    assert ssml_to_text(ssml) is None
+    item = ResponseItem(ssml=ssml)
+    assert display_text([item], 640) == "Tom and Jerry"
+    for audio, elements in PLATFORMS:
+        assert speech(ssml, audio, elements) == "<speak>Tom and Jerry</speak>"
+    assert loose_ssml([item]) == [0]
+    assert refused_audio([item], HTTPS_AUDIO) == []
+    assert refused_elements([item], GOOGLE_ELEMENTS) == []
+    assert ssml_in_text(f"Tom{bad} <break/> Jerry") == "<speak>Tom <break/> Jerry</speak>"
+
+
+@pytest.mark.parametrize(
+    ("ssml", "said"),
+    [
+        ('a <break time="999999s"/> b', 'a <break time="10s"/> b'),
+        ('a <break time="10001ms"/> b', 'a <break time="10s"/> b'),
+        ('a <break time="10s"/> b', 'a <break time="10s"/> b'),
+        ("a <break time='1.5s'/> b", "a <break time='1.5s'/> b"),
+        ('a <break time="soon"/> b', "a <break/> b"),
+        ('a <break time="5"/> b', "a <break/> b"),
+        ('a <break strength="huge" time="2s"/> b', 'a <break time="2s"/> b'),
+        ('<prosody rate="x">a</prosody>', "<prosody>a</prosody>"),
+        ('<prosody rate="a>b" pitch="+10%">a</prosody>', '<prosody pitch="+10%">a</prosody>'),
+        (
+            "<prosody volume='+2dB' rate='150%'>a</prosody>",
+            "<prosody volume='+2dB' rate='150%'>a</prosody>",
+        ),
+        ('<prosody volume="very loud" rate="slow">a</prosody>', '<prosody rate="slow">a</prosody>'),
+        ('<emphasis level="loud">a</emphasis>', "<emphasis>a</emphasis>"),
+        ('<emphasis level="strong">a</emphasis>', '<emphasis level="strong">a</emphasis>'),
+    ],
+)
+def test_attribute_values_the_platforms_refuse_are_made_ones_they_take(
+    ssml: str, said: str
+) -> None:
+    """Alexa refuses the whole speech for a ``<break>`` over 10 s or an attribute value not
+    in its SSML reference (``<prosody rate="x">``): the user hears an error instead of the
+    answer. A break is clamped to 10 s (Google the same), a value the platforms do not take
+    is dropped (the attribute's default holds), the rest kept as written. Before, they went
+    to the platform as the core wrote them."""
+    for audio, elements in PLATFORMS:
+        assert speech(f"<speak>{ssml}</speak>", audio, elements) == f"<speak>{said}</speak>"
+
+
+def test_audio_of_another_scheme_never_reaches_the_platform() -> None:
+    """``<audio src="javascript:...">`` (any ``src`` not https, or soundbank on Alexa) is
+    replaced by its fallback content (this held before; a guard with the checks above)."""
+    ssml = '<speak>a <audio src="javascript:alert(1)">b</audio> c</speak>'
+    for audio, elements in PLATFORMS:
+        assert speech(ssml, audio, elements) == "<speak>a b c</speak>"
+
+
+def test_a_command_items_ssml_is_neither_said_nor_shown() -> None:
+    """An item whose text is a ``#command`` is an action for the client (PROTOCOL-NOTES.md),
+    not speech: its ``ssml`` is not said (voice assistants, the gateway's own TTS for the
+    carriers and Flowstorm) nor shown, as its text is not. Before, the voice assistants said
+    it, the display text showed it and the gateway's TTS synthesized it."""
+    command = ResponseItem(text="#volume", code="up", ssml="<speak>secret</speak>")
+    said = ResponseItem(text="Turning it up.")
+    for audio, elements in PLATFORMS:
+        assert speech_ssml([command], 8000, audio_schemes=audio, elements=elements) is None
+        assert speech_ssml([command, said], 8000, audio_schemes=audio, elements=elements) == (
+            "<speak>Turning it up.</speak>"
+        )
+    assert display_text([command, said], 640) == "Turning it up."
+    assert speakable(command) is None
+    broken = ResponseItem(text="#x", ssml="<speak>Tom & Jerry<audio src='http://a'/><foo/>")
+    assert loose_ssml([broken]) == []
+    odd = ResponseItem(text="#x", ssml="<speak><foo>a</foo><audio src='http://a/b'/></speak>")
+    assert refused_elements([odd], GOOGLE_ELEMENTS) == []
+    assert refused_audio([odd], HTTPS_AUDIO) == []
+    # an item with ssml and no text is still said (and synthesized)
+    assert speakable(ResponseItem(ssml="<speak>Hi</speak>")) == "<speak>Hi</speak>"
