@@ -601,6 +601,17 @@ class Settings(BaseSettings):
         description="Comma-separated Actions project ids (the JWT audience); with "
         "verification on and none set, /google refuses requests (503).",
     )
+    google_trusted_accounts: Annotated[frozenset[str], NoDecode] = Field(
+        default=frozenset(),
+        description="Comma-separated Google account emails (e.g. a monitoring probe's "
+        "service account) whose ID tokens /google accepts besides Google Assistant's own "
+        "request tokens: the token must still have a project id of "
+        "GATEWAY_GOOGLE_PROJECT_IDS as audience, and carry this `email` with "
+        "`email_verified` true. Unset (the default), every token naming an account "
+        "(`sub`, `azp` or `email`) is refused (401, reason `account_token`): any Google "
+        "Cloud service account can get a Google-signed ID token for any audience, your "
+        "project id too, while Assistant's tokens name no account.",
+    )
     google_deadline_s: float = Field(
         default=9.0,
         gt=0,
@@ -1428,7 +1439,12 @@ class Settings(BaseSettings):
         return not self.app_keys or key in self.app_keys
 
     @field_validator(
-        "alexa_skill_ids", "google_project_ids", "admin_keys", "voiceflow_api_keys", mode="before"
+        "alexa_skill_ids",
+        "google_project_ids",
+        "google_trusted_accounts",
+        "admin_keys",
+        "voiceflow_api_keys",
+        mode="before",
     )
     @classmethod
     def _split_ids(cls, value: object) -> object:

@@ -95,7 +95,9 @@ POST_GOOGLE: dict[str, Any] = dict(
     description=(
         "Register `{GATEWAY_PUBLIC_URL}/google` as the Action's webhook. The "
         "Google-Assistant-Signature (v2: Authorization) JWT must have a project id of "
-        "GATEWAY_GOOGLE_PROJECT_IDS as audience unless GATEWAY_GOOGLE_VERIFY=false. "
+        "GATEWAY_GOOGLE_PROJECT_IDS as audience unless GATEWAY_GOOGLE_VERIFY=false, and name "
+        "no Google account (`sub`, `azp`, `email`: a service account's ID token is refused "
+        "unless its email is in GATEWAY_GOOGLE_TRUSTED_ACCOUNTS). "
         "`actions.intent.MAIN` starts the conversation (`#intro`), the user's query is the "
         "turn's text, `actions.handler.HEALTH_CHECK` is answered `{}`; the end of the session "
         "is `scene.next.name = actions.scene.END_CONVERSATION` (v3) or "
@@ -107,7 +109,7 @@ POST_GOOGLE: dict[str, Any] = dict(
             "description": "The webhook response in the request's format.",
             "content": {"application/json": {"example": _GOOGLE_RESPONSE}},
         },
-        **problems({400: _MALFORMED, 401: "The JWT failed verification (reason logged)"}),
+        **problems({400: _MALFORMED, 401: "The JWT failed verification (`reason`, also logged)"}),
         **problems({413: _TOO_LARGE}),
         503: {
             "description": "Verification is on but GATEWAY_GOOGLE_PROJECT_IDS is empty; or "

@@ -7,8 +7,10 @@ the deadline and maps its outcome through the protocol's table.
 ``POST /google`` (Actions Builder / Actions SDK conversation webhook, and the older
 Actions SDK v2 AppRequest): the ``Google-Assistant-Signature`` (v2:
 ``Authorization``) JWT is verified against GATEWAY_GOOGLE_PROJECT_IDS unless
-GATEWAY_GOOGLE_VERIFY=false; the verified audience (the project id) is the
-application key of the session.
+GATEWAY_GOOGLE_VERIFY=false; a Google account's ID token (``sub``, ``azp`` or
+``email``: any service account can get one for any audience) is refused unless its
+email is in GATEWAY_GOOGLE_TRUSTED_ACCOUNTS; the verified audience (the project id) is
+the application key of the session.
 
 ``POST /dialogflow`` (Dialogflow ES and CX fulfillment): Dialogflow signs
 nothing, so the agent is configured to send a secret: with GATEWAY_DIALOGFLOW_AUTH
@@ -86,8 +88,11 @@ GoogleVerifierFactory = Callable[[Settings], GoogleVerifier]
 
 
 def default_verifier_factory(settings: Settings) -> GoogleVerifier:
-    """The production verifier: GATEWAY_GOOGLE_PROJECT_IDS and Google's published certificates."""
-    return GoogleVerifier(settings.google_project_ids)
+    """The production verifier: GATEWAY_GOOGLE_PROJECT_IDS, GATEWAY_GOOGLE_TRUSTED_ACCOUNTS
+    and Google's published certificates."""
+    return GoogleVerifier(
+        settings.google_project_ids, trusted_accounts=settings.google_trusted_accounts
+    )
 
 
 class _Webhook(WebhookChannel[Plan, dict[str, Any]]):

@@ -1,12 +1,23 @@
 """Verification of Google Assistant conversation webhook requests.
 
-Google signs each webhook call with a JWT (an ID token) in the header
-``Google-Assistant-Signature`` (Actions Builder / conversation webhook) or
-``Authorization`` (Actions SDK v2, sometimes as ``Bearer <jwt>``). The token is RS256,
-issued by ``https://accounts.google.com`` (or ``accounts.google.com``), with ``aud``
-= the Actions project id, and signed with one of the keys published at
-https://www.googleapis.com/oauth2/v1/certs (``{kid: PEM certificate}``), the source
-google-auth's ``id_token.verify_oauth2_token`` uses.
+Google signs each webhook call with a JWT in the header ``Google-Assistant-Signature``
+(Actions Builder / conversation webhook) or ``Authorization`` (Actions SDK v2, sometimes
+as ``Bearer <jwt>``). The token is RS256, issued by ``https://accounts.google.com`` (or
+``accounts.google.com``), with ``aud`` = the Actions project id, and signed with one of
+the keys published at https://www.googleapis.com/oauth2/v1/certs (``{kid: PEM
+certificate}``), the source google-auth's ``id_token.verify_oauth2_token`` uses.
+
+Its claims are ``iss``, ``aud``, ``nbf``, ``iat``, ``exp`` and ``jti`` (Google's "Verify
+requests" page of the conversational webhook; a token Google sent, captured in a public
+test fixture, has exactly these: ``nbf`` 300 s before ``iat``, ``exp`` 120 s after). It
+names no account: no ``sub``, ``azp`` or ``email``. The same issuer and keys also sign
+the OpenID Connect ID tokens of Google accounts, and any Google Cloud service account can
+have one minted for an audience of its choosing (IAM Credentials ``generateIdToken``,
+``gcloud auth print-identity-token --audiences=...``, the metadata server): an
+``aud`` equal to our project id proves nothing then. Such a token always carries ``sub``
+and ``azp`` (``email`` when asked for), so a token naming an account is refused
+(``account_token``) unless its verified ``email`` is one the operator trusts
+(``trusted_accounts``, GATEWAY_GOOGLE_TRUSTED_ACCOUNTS).
 
 :class:`GoogleVerifier` checks it with google-auth's primitives
 (``google.auth.jwt`` to decode, ``google.auth.crypt.RSAVerifier`` for the signature)
@@ -48,6 +59,7 @@ from gateway.protocol.errors import RequestVerificationError
 from gateway.ratelimit import VerifierLogs
 
 __all__ = [
+    "ACCOUNT_CLAIMS",
     "CERTS_RETRY_AFTER_S",
     "GOOGLE_CERTS_URL",
     "GOOGLE_ISSUERS",
@@ -66,6 +78,9 @@ GOOGLE_CERTS_URL = "https://www.googleapis.com/oauth2/v1/certs"
 """Google's OAuth2 signing certificates, ``{kid: PEM X.509 certificate}``."""
 GOOGLE_ISSUERS = frozenset({"https://accounts.google.com", "accounts.google.com"})
 """Accepted ``iss`` claims."""
+ACCOUNT_CLAIMS = ("sub", "azp", "email")
+"""Claims naming a Google account (OpenID Connect Core 1.0 section 2: ``sub`` is in every
+ID token). Assistant's request tokens have none of them."""
 
 DEFAULT_TIMEOUT_S = 3.0
 CERTS_RETRY_AFTER_S = 5
@@ -92,6 +107,10 @@ class GoogleReason(StrEnum):
     """``iss`` is not accounts.google.com."""
     WRONG_AUDIENCE = "wrong_audience"
     """``aud`` is not one of the configured project ids."""
+    ACCOUNT_TOKEN = "account_token"
+    """A Google account's ID token (it has ``sub``, ``azp`` or ``email``), which any
+    Google Cloud service account can get for any audience, not Assistant's request token;
+    and not of a trusted account's verified ``email``."""
     EXPIRED = "expired"
     """``exp`` (plus leeway) is before now."""
     NOT_YET_VALID = "not_yet_valid"
@@ -282,6 +301,13 @@ class GoogleVerifier(VerifierLogs):
         clock: returns now as an aware datetime.
         leeway_s: clock skew allowed on ``exp``, ``iat`` and ``nbf``, seconds.
         certs_timeout_s: time limit for ``cert_source.get_certs()``, seconds.
+        trusted_accounts: Google account emails (compared case-insensitively) whose ID
+            tokens are accepted too, when their ``email`` is there with
+            ``email_verified`` true: e.g. the service account of a synthetic probe,
+            minting tokens with ``gcloud auth print-identity-token
+            --impersonate-service-account=EMAIL --audiences=PROJECT --include-email``.
+            Empty (the default): every token naming an account (:data:`ACCOUNT_CLAIMS`)
+            is refused with ``account_token``.
 
     ``refusals`` (a :class:`~gateway.ratelimit.RefusalLog`, one per verifier: one per
     app) gives the level of each refusal's line: a flood of forged requests is logged
@@ -302,10 +328,12 @@ class GoogleVerifier(VerifierLogs):
         clock: Callable[[], datetime] = _utc_now,
         leeway_s: float = 30.0,
         certs_timeout_s: float = DEFAULT_TIMEOUT_S,
+        trusted_accounts: frozenset[str] = frozenset(),
     ) -> None:
         if not project_ids:
             raise ValueError("GoogleVerifier needs at least one project id")
         self.project_ids = frozenset(project_ids)
+        self.trusted_accounts = frozenset(a.strip().lower() for a in trusted_accounts)
         self._source = cert_source or GoogleCertsFetcher(timeout_s=certs_timeout_s)
         self._clock = clock
         self._leeway_s = leeway_s
@@ -321,8 +349,8 @@ class GoogleVerifier(VerifierLogs):
                 (with or without a ``Bearer`` prefix).
 
         Returns:
-            The JWT claims (``iss``, ``aud``, ``iat``, ``exp``, ...; Actions SDK v2
-            tokens also carry user claims).
+            The JWT claims (``iss``, ``aud``, ``nbf``, ``iat``, ``exp``, ``jti``; a
+            trusted account's token also ``sub``, ``azp``, ``email``, ...).
 
         Raises:
             GoogleVerificationError: any check failed, or Google's certificates
@@ -404,6 +432,7 @@ class GoogleVerifier(VerifierLogs):
                 GoogleReason.WRONG_AUDIENCE,
                 f"audience {str(claims.get('aud'))[:80]!r} is not a configured project id",
             )
+        self._check_account(claims)
         exp, iat = _seconds(claims.get("exp")), _seconds(claims.get("iat"))
         nbf = _seconds(claims.get("nbf")) if "nbf" in claims else iat
         if exp is None or iat is None or nbf is None:
@@ -420,6 +449,22 @@ class GoogleVerifier(VerifierLogs):
             raise GoogleVerificationError(
                 GoogleReason.NOT_YET_VALID, f"token valid only in {not_before - now:.0f} s"
             )
+
+    def _check_account(self, claims: Mapping[str, Any]) -> None:
+        """Refuse a Google account's ID token unless it is a trusted account's."""
+        named = [claim for claim in ACCOUNT_CLAIMS if claim in claims]
+        if not named:
+            return  # Assistant's request token
+        email = claims.get("email")
+        verified = claims.get("email_verified") is True or claims.get("email_verified") == "true"
+        if isinstance(email, str) and verified and email.lower() in self.trusted_accounts:
+            return
+        whose = f" of {email[:80]!r}" if isinstance(email, str) else ""
+        raise GoogleVerificationError(
+            GoogleReason.ACCOUNT_TOKEN,
+            f"the token is a Google account's ID token{whose} (it has {', '.join(named)}), "
+            "not Google Assistant's request token, and not of a trusted account",
+        )
 
 
 _BEARER = re.compile(r"^bearer(?:\s+|$)", re.IGNORECASE)

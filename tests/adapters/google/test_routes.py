@@ -24,11 +24,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from adapters.google.protocol import SILENT_SSML
+from adapters.google.routes import default_verifier_factory
 from adapters.google.verify import GoogleVerifier, StaticCertSource
 from gateway.app import create_app
 from gateway.settings import Settings
 from tests.adapters.google.requests import cx, es, v2, v3
-from tests.adapters.google.test_verify import PROJECT, Key
+from tests.adapters.google.test_verify import PROJECT, Key, account_claims, exactly
 from tests.conftest import FIXTURES, gateway, serve, served
 from tests.gateway.core_app import make_core
 from tests.gateway.pipeline.fake_rasa import make_rasa
@@ -382,6 +383,118 @@ async def test_verification_failures_are_401_with_the_reason_logged(
             await client.post("/google", json=v3("refused", "FreeText", "hello"), headers=good)
         )
         assert check_v3(v3("refused", "x"), data) == "You said: hello"
+
+
+def account_token(key: Key, **claims: Any) -> str:
+    """A Google service account's ID token asked for with PROJECT as its audience, now: as
+    anyone with a Google Cloud project can get one (``generateIdToken``)."""
+    now = int(time.time())
+    return exactly(key, account_claims(iat=now, exp=now + 3600, **claims))
+
+
+async def test_a_service_accounts_id_token_for_our_project_is_refused(
+    key: Key, verified: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Google signed it, for our project id, and it is fresh: still no request from Google
+    Assistant (whose tokens name no account). 401 with the Bearer challenge and a problem
+    body, the reason logged; no turn is run for it, in either header."""
+    forged = account_token(key)
+    async with httpx.AsyncClient(base_url=verified) as client:
+        for headers in (
+            {"Google-Assistant-Signature": forged},
+            {"Authorization": f"Bearer {forged}"},  # where v2 sends its token
+        ):
+            caplog.clear()
+            with caplog.at_level(logging.DEBUG, logger="adapters.google"):
+                answer = await client.post(
+                    "/google", json=v3("forged", "FreeText", "my name is Mallory"), headers=headers
+                )
+            assert answer.status_code == 401
+            assert answer.headers["content-type"] == "application/problem+json"
+            assert answer.headers["www-authenticate"] == (
+                'Bearer realm="google", error="invalid_token"'
+            )
+            problem = answer.json()
+            assert problem["reason"] == "account_token"
+            assert "gae-gcp@appspot.gserviceaccount.com" in problem["detail"]
+            assert forged not in answer.text
+            assert any(
+                "account_token" in r.getMessage()
+                for r in caplog.records
+                if r.name == "adapters.google"
+            )
+        genuine = {"Google-Assistant-Signature": token(key)}
+        asked = ok(
+            await client.post(
+                "/google", json=v3("forged", "FreeText", "what is my name"), headers=genuine
+            )
+        )
+        assert check_v3(v3("forged", "x"), asked) == "I do not know your name yet."
+
+
+async def test_a_trusted_accounts_id_token_is_accepted(key: Key) -> None:
+    """GATEWAY_GOOGLE_TRUSTED_ACCOUNTS lets a named account's token in (a probe); no other."""
+    settings = Settings(
+        google_project_ids=frozenset({PROJECT}),
+        google_trusted_accounts="Probe@p.iam.gserviceaccount.com, other@p.iam.gserviceaccount.com",
+    )
+    assert default_verifier_factory(settings).trusted_accounts == {
+        "probe@p.iam.gserviceaccount.com",
+        "other@p.iam.gserviceaccount.com",
+    }
+    app = create_app(settings)
+    app.state.google_verifier_factory = lambda s: GoogleVerifier(
+        s.google_project_ids,
+        StaticCertSource({key.kid: key.cert_pem}),
+        trusted_accounts=s.google_trusted_accounts,
+    )
+    probe = account_token(key, email="probe@p.iam.gserviceaccount.com")
+    stranger = account_token(key, email="mallory@evil.iam.gserviceaccount.com")
+    async with serve(app) as url, httpx.AsyncClient(base_url=url) as client:
+        data = ok(
+            await client.post(
+                "/google",
+                json=v3("probe", "FreeText", "hello"),
+                headers={"Google-Assistant-Signature": probe},
+            )
+        )
+        assert check_v3(v3("probe", "x"), data) == "You said: hello"
+        answer = await client.post(
+            "/google",
+            json=v3("probe", "FreeText", "hello"),
+            headers={"Google-Assistant-Signature": stranger},
+        )
+        assert answer.status_code == 401
+        assert answer.json()["reason"] == "account_token"
+
+
+async def test_a_token_for_one_project_cannot_continue_anothers_session(key: Key) -> None:
+    """With two projects configured, the verified audience is the session's application
+    key: project B's token cannot continue project A's session."""
+    app = create_app(Settings(google_project_ids=frozenset({PROJECT, "project-b"})))
+    app.state.google_verifier_factory = lambda s: GoogleVerifier(
+        s.google_project_ids, StaticCertSource({key.kid: key.cert_pem})
+    )
+    async with serve(app) as url, httpx.AsyncClient(base_url=url) as client:
+        as_a = {"Google-Assistant-Signature": token(key)}
+        ok(
+            await client.post(
+                "/google", json=v3("shared", "FreeText", "my name is Ada"), headers=as_a
+            )
+        )
+        as_b = {"Google-Assistant-Signature": token(key, aud="project-b")}
+        answer = await client.post(
+            "/google", json=v3("shared", "FreeText", "what is my name"), headers=as_b
+        )
+        # a session of another application key: the turn is refused (session-foreign),
+        # answered with the error text as any turn that cannot run
+        assert check_v3(v3("shared", "x"), ok(answer)) == Settings().voice_error_text
+        asked = ok(
+            await client.post(
+                "/google", json=v3("shared", "FreeText", "what is my name"), headers=as_a
+            )
+        )
+        assert check_v3(v3("shared", "x"), asked) == "Your name is Ada."
 
 
 class Unreachable:

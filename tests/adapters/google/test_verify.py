@@ -12,7 +12,7 @@ import base64
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import suppress
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -63,19 +63,57 @@ class Key:
         self.kid = kid
 
     def token(self, **overrides: Any) -> str:
-        """A Google-style ID token for PROJECT issued at NOW; ``None`` drops a claim."""
+        """A Google Assistant request token for PROJECT issued at NOW, with the claims
+        and lifetimes of one Google sent (ASSISTANT_CLAIMS); ``None`` drops a claim."""
         claims: dict[str, Any] = {
             "iss": "https://accounts.google.com",
             "aud": PROJECT,
+            "nbf": int(NOW.timestamp()) - 300,
             "iat": int(NOW.timestamp()),
-            "exp": int(NOW.timestamp()) + 3600,
-            "sub": "1234567890",
-            "nbf": int(NOW.timestamp()) - 10,
+            "exp": int(NOW.timestamp()) + 120,
+            "jti": "d03456e74991e14f4600b6aeb11e337dd7682db2",
         }
         claims.update(overrides)
         claims = {k: v for k, v in claims.items() if v is not None}
         token: bytes = jwt.encode(self.signer, claims)  # type: ignore[no-untyped-call]
         return token.decode()
+
+
+ASSISTANT_CLAIMS: dict[str, Any] = {
+    "iss": "https://accounts.google.com",
+    "aud": "edrlab-1",
+    "nbf": 1643905649,
+    "iat": 1643905949,
+    "exp": 1643906069,
+    "jti": "d03456e74991e14f4600b6aeb11e337dd7682db2",
+}
+"""The claims of a Google-Assistant-Signature token Google sent to an Actions Builder
+webhook (captured in edrlab/lis-mon-livre-google-actions, webhooks/functions/src/sdk/
+conv.test.ts): no account is named."""
+
+SERVICE_ACCOUNT_CLAIMS: dict[str, Any] = {
+    "aud": "https://example.com",
+    "azp": "113774264463038321964",
+    "email": "gae-gcp@appspot.gserviceaccount.com",
+    "email_verified": True,
+    "exp": 1550185935,
+    "iat": 1550182335,
+    "iss": "https://accounts.google.com",
+    "sub": "113774264463038321964",
+}
+"""The claims of a Google service account's ID token (Google Cloud's Pub/Sub "Authentication
+for push subscriptions" example): ``aud`` is whatever the account asked for."""
+
+
+def exactly(key: Key, claims: Mapping[str, Any]) -> str:
+    """A token signed by ``key`` with these claims and no others."""
+    return key.token(**{**dict.fromkeys(ASSISTANT_CLAIMS), **claims})
+
+
+def account_claims(**overrides: Any) -> dict[str, Any]:
+    """A service account's ID token's claims, asked for with PROJECT as audience, at NOW."""
+    now = int(NOW.timestamp())
+    return {**SERVICE_ACCOUNT_CLAIMS, "aud": PROJECT, "iat": now, "exp": now + 3600, **overrides}
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +158,18 @@ async def test_valid_token(key: Key) -> None:
     claims = await make_verifier(key).verify({"Google-Assistant-Signature": key.token()})
     assert claims["aud"] == PROJECT
     assert claims["iss"] == "https://accounts.google.com"
-    assert claims["sub"] == "1234567890"
+    assert claims["jti"] == "d03456e74991e14f4600b6aeb11e337dd7682db2"
+    assert "sub" not in claims
+
+
+async def test_a_token_as_google_sent_it_is_accepted(key: Key) -> None:
+    """Exactly the claims of a token Google sent (its project, its times): accepted."""
+    token = key.token(**ASSISTANT_CLAIMS)
+    sent = datetime.fromtimestamp(ASSISTANT_CLAIMS["iat"] + 5, UTC)
+    verifier = GoogleVerifier(
+        frozenset({"edrlab-1"}), StaticCertSource({key.kid: key.cert_pem}), clock=lambda: sent
+    )
+    assert await verifier.verify({"Google-Assistant-Signature": token}) == ASSISTANT_CLAIMS
 
 
 @pytest.mark.parametrize(
@@ -237,6 +286,78 @@ async def test_unknown_kid(key: Key) -> None:
 )
 async def test_malformed_token(key: Key, token: str) -> None:
     assert await token_refused(key, token) == "malformed_token"
+
+
+# ---------------------------------------------------------------------------
+# Google account ID tokens: any service account can get one for our project id
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [
+        account_claims(),
+        # generateIdToken without includeEmail: no email, still sub and azp
+        account_claims(email=None, email_verified=None),
+        # a user's token (Sign in with Google) has the same account claims
+        account_claims(azp="32555940559.apps.googleusercontent.com", email="ada@gmail.com"),
+        # any one of them is enough
+        {**ASSISTANT_CLAIMS, "aud": PROJECT, "sub": "1"},
+        {**ASSISTANT_CLAIMS, "aud": PROJECT, "azp": "1"},
+        {**ASSISTANT_CLAIMS, "aud": PROJECT, "email": "x@example.com"},
+    ],
+)
+async def test_an_account_id_token_for_our_project_is_refused(
+    key: Key, claims: dict[str, Any]
+) -> None:
+    """Google signs it, for our project id, and it is within its time: still not a
+    request from Google Assistant."""
+    now = int(NOW.timestamp())
+    claims = {**claims, "iat": now, "exp": now + 3600}
+    if "nbf" in claims:
+        claims["nbf"] = now - 300
+    assert await token_refused(key, exactly(key, claims)) == GoogleReason.ACCOUNT_TOKEN
+
+
+async def test_a_trusted_accounts_token_is_accepted(key: Key) -> None:
+    trusting = make_verifier(
+        key, trusted_accounts=frozenset({" GAE-gcp@appspot.gserviceaccount.com"})
+    )
+    token = exactly(key, account_claims())
+    claims = await trusting.verify({"Google-Assistant-Signature": token})
+    assert claims["email"] == "gae-gcp@appspot.gserviceaccount.com"
+    assert trusting.project_of(claims) == PROJECT
+    # not verified, no email, another account, another audience: refused all the same
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"email_verified": False}, "account_token"),
+        ({"email_verified": None}, "account_token"),
+        ({"email": None}, "account_token"),
+        ({"email": "mallory@evil.iam.gserviceaccount.com"}, "account_token"),
+        ({"aud": "another-project"}, "wrong_audience"),
+    ]
+    for overrides, reason in cases:
+        other = exactly(key, account_claims(**overrides))
+        assert await refused(trusting, {"Google-Assistant-Signature": other}) == reason
+
+
+async def test_the_account_token_refusal_names_the_claims_not_the_token(
+    key: Key, caplog: pytest.LogCaptureFixture
+) -> None:
+    token = exactly(key, account_claims())
+    with (
+        caplog.at_level(logging.WARNING, logger="adapters.google"),
+        pytest.raises(GoogleVerificationError) as caught,
+    ):
+        await make_verifier(key).verify({"Authorization": f"Bearer {token}"})
+    assert caught.value.status == 401
+    assert caught.value.headers == {
+        "WWW-Authenticate": 'Bearer realm="google", error="invalid_token"'
+    }
+    assert "sub, azp, email" in caught.value.message
+    assert "gae-gcp@appspot.gserviceaccount.com" in caught.value.message
+    (record,) = [r for r in caplog.records if r.name == "adapters.google"]
+    assert record.levelno == logging.WARNING
+    assert "account_token" in record.getMessage()
+    assert token.split(".")[2] not in record.getMessage()
 
 
 @pytest.mark.parametrize(
