@@ -63,6 +63,7 @@ __all__ = [
     "CERTS_RETRY_AFTER_S",
     "GOOGLE_CERTS_URL",
     "GOOGLE_ISSUERS",
+    "MAX_TOKEN_CHARS",
     "DialogflowAuth",
     "GoogleCertSource",
     "GoogleCertsFetcher",
@@ -81,6 +82,9 @@ GOOGLE_ISSUERS = frozenset({"https://accounts.google.com", "accounts.google.com"
 ACCOUNT_CLAIMS = ("sub", "azp", "email")
 """Claims naming a Google account (OpenID Connect Core 1.0 section 2: ``sub`` is in every
 ID token). Assistant's request tokens have none of them."""
+MAX_TOKEN_CHARS = 8192
+"""The longest token judged, characters (Assistant's are under 1,000): a longer one is
+``malformed_token`` before it is decoded."""
 
 DEFAULT_TIMEOUT_S = 3.0
 CERTS_RETRY_AFTER_S = 5
@@ -94,7 +98,8 @@ class GoogleReason(StrEnum):
     MISSING_TOKEN = "missing_token"
     """Neither ``Google-Assistant-Signature`` nor ``Authorization`` carries a token."""
     MALFORMED_TOKEN = "malformed_token"
-    """Not a JWT: segments, base64url, JSON objects, or required claims missing."""
+    """Not a JWT: segments, base64url, JSON objects, or required claims missing; or longer
+    than :data:`MAX_TOKEN_CHARS`."""
     UNSUPPORTED_ALGORITHM = "unsupported_algorithm"
     """The header's ``alg`` is not RS256."""
     CERTS_UNAVAILABLE = "certs_unavailable"
@@ -106,7 +111,7 @@ class GoogleReason(StrEnum):
     WRONG_ISSUER = "wrong_issuer"
     """``iss`` is not accounts.google.com."""
     WRONG_AUDIENCE = "wrong_audience"
-    """``aud`` is not one of the configured project ids."""
+    """``aud`` names none of the configured project ids, or (a list) more than one."""
     ACCOUNT_TOKEN = "account_token"
     """A Google account's ID token (it has ``sub``, ``azp`` or ``email``), which any
     Google Cloud service account can get for any audience, not Assistant's request token;
@@ -416,10 +421,12 @@ class GoogleVerifier(VerifierLogs):
 
     def project_of(self, claims: Mapping[str, Any]) -> str | None:
         """The configured project id the token's ``aud`` names (a string, or one of a
-        list of them), or None when it names none."""
+        list of them), or None when it names none, or (a list) more than one: the
+        project is the session's application key, so it must be unambiguous."""
         audience = claims.get("aud")
         candidates = audience if isinstance(audience, list) else [audience]
-        return next((a for a in candidates if isinstance(a, str) and a in self.project_ids), None)
+        named = {a for a in candidates if isinstance(a, str) and a in self.project_ids}
+        return named.pop() if len(named) == 1 else None
 
     def _check_claims(self, claims: Mapping[str, Any]) -> None:
         issuer = claims.get("iss")
@@ -430,7 +437,7 @@ class GoogleVerifier(VerifierLogs):
         if self.project_of(claims) is None:
             raise GoogleVerificationError(
                 GoogleReason.WRONG_AUDIENCE,
-                f"audience {str(claims.get('aud'))[:80]!r} is not a configured project id",
+                f"audience {str(claims.get('aud'))[:80]!r} is not one configured project id",
             )
         self._check_account(claims)
         exp, iat = _seconds(claims.get("exp")), _seconds(claims.get("iat"))
@@ -477,6 +484,10 @@ def _token_from(headers: Mapping[str, str]) -> str:
     if not raw:
         raise GoogleVerificationError(
             GoogleReason.MISSING_TOKEN, "missing Google-Assistant-Signature or Authorization header"
+        )
+    if len(raw) > MAX_TOKEN_CHARS:
+        raise GoogleVerificationError(
+            GoogleReason.MALFORMED_TOKEN, f"the token is longer than {MAX_TOKEN_CHARS} characters"
         )
     if not raw.isascii():
         raise GoogleVerificationError(GoogleReason.MALFORMED_TOKEN, "the token is not ASCII")

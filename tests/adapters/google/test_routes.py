@@ -470,7 +470,8 @@ async def test_a_trusted_accounts_id_token_is_accepted(key: Key) -> None:
 
 async def test_a_token_for_one_project_cannot_continue_anothers_session(key: Key) -> None:
     """With two projects configured, the verified audience is the session's application
-    key: project B's token cannot continue project A's session."""
+    key: project B's token cannot continue project A's session, and a token listing both
+    projects is refused (it would be either)."""
     app = create_app(Settings(google_project_ids=frozenset({PROJECT, "project-b"})))
     app.state.google_verifier_factory = lambda s: GoogleVerifier(
         s.google_project_ids, StaticCertSource({key.kid: key.cert_pem})
@@ -489,6 +490,12 @@ async def test_a_token_for_one_project_cannot_continue_anothers_session(key: Key
         # a session of another application key: the turn is refused (session-foreign),
         # answered with the error text as any turn that cannot run
         assert check_v3(v3("shared", "x"), ok(answer)) == Settings().voice_error_text
+        both = {"Google-Assistant-Signature": token(key, aud=["project-b", PROJECT])}
+        answer = await client.post(
+            "/google", json=v3("shared", "FreeText", "what is my name"), headers=both
+        )
+        assert answer.status_code == 401
+        assert answer.json()["reason"] == "wrong_audience"
         asked = ok(
             await client.post(
                 "/google", json=v3("shared", "FreeText", "what is my name"), headers=as_a

@@ -25,6 +25,7 @@ from cryptography.x509.oid import NameOID
 from google.auth import crypt, jwt
 
 from adapters.google.verify import (
+    MAX_TOKEN_CHARS,
     GoogleCertsFetcher,
     GoogleReason,
     GoogleVerificationError,
@@ -204,6 +205,21 @@ async def test_issuer_without_scheme_and_one_of_several_projects(key: Key) -> No
     )
     listed = key.token(aud=["someone-else", PROJECT])
     assert (await verifier.verify({"Google-Assistant-Signature": listed}))["aud"][1] == PROJECT
+    assert verifier.project_of({"aud": ["someone-else", PROJECT]}) == PROJECT
+
+
+async def test_an_audience_naming_two_configured_projects_is_refused(key: Key) -> None:
+    """The project is the session's application key: a token listing both of two
+    configured projects would be for either; refused rather than given the first."""
+    verifier = GoogleVerifier(
+        frozenset({"other-project", PROJECT}),
+        StaticCertSource({key.kid: key.cert_pem}),
+        clock=lambda: NOW,
+    )
+    both = key.token(aud=[PROJECT, "other-project"])
+    assert await refused(verifier, {"Google-Assistant-Signature": both}) == "wrong_audience"
+    assert verifier.project_of({"aud": [PROJECT, "other-project"]}) is None
+    assert verifier.project_of({"aud": [PROJECT, PROJECT]}) == PROJECT
 
 
 async def test_leeway_on_expiry(key: Key) -> None:
@@ -358,6 +374,27 @@ async def test_the_account_token_refusal_names_the_claims_not_the_token(
     assert record.levelno == logging.WARNING
     assert "account_token" in record.getMessage()
     assert token.split(".")[2] not in record.getMessage()
+
+
+async def test_an_oversized_token_is_refused_unread(key: Key) -> None:
+    """A token longer than MAX_TOKEN_CHARS (Google's are under 1,000) is not decoded,
+    even when Google signed it; the certificates are not asked for."""
+    big = key.token(pad="x" * MAX_TOKEN_CHARS)
+
+    class Counting(StaticCertSource):
+        asked = 0
+
+        async def get_certs(self) -> Mapping[str, str]:
+            Counting.asked += 1
+            return await super().get_certs()
+
+    verifier = GoogleVerifier(
+        frozenset({PROJECT}), Counting({key.kid: key.cert_pem}), clock=lambda: NOW
+    )
+    assert await refused(verifier, {"Google-Assistant-Signature": big}) == "malformed_token"
+    assert Counting.asked == 0
+    assert await verifier.verify({"Google-Assistant-Signature": key.token(pad="x" * 4000)})
+    assert Counting.asked == 1
 
 
 @pytest.mark.parametrize(
