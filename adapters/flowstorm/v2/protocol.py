@@ -41,7 +41,7 @@ import contextlib
 import json
 import re
 import struct
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from enum import StrEnum
 from typing import Any, Final, Literal
 
@@ -192,11 +192,30 @@ _ONLY_VALUE: Final[Mapping[str, tuple[str | bool, str]]] = {
 spec's default; a string in the spelling of :data:`_CANONICAL_VALUES`, so in any case):
 (that value, why). Any other value is refused naming both."""
 _FIELD_OF_HEADER: Final = {header: name for name, header, _ in CONFIG_SOURCES if header}
-_FIELD_OF_PARAM: Final = {param: name for name, _, param in CONFIG_SOURCES}
+_FIELD_OF_PARAM: Final = {param.lower(): name for name, _, param in CONFIG_SOURCES}
+"""Configuration field by query parameter name in lower case (names match in any case)."""
+_KNOWN_PARAMS: Final = ", ".join(param for _, _, param in CONFIG_SOURCES)
 
 
-def parse_config(headers: Mapping[str, str], query: Mapping[str, str]) -> ClientConfig:
-    """The ClientConfig of a request; ``headers`` keys are matched case-insensitively.
+def _unknown_param(param: str) -> ProtocolError:
+    """The 400 of a query parameter that is no configuration value of the spec's table."""
+    where = (
+        " (the locale comes from the Accept-Language header)"
+        if param.strip().lower() == "locale"
+        else ""
+    )
+    return ProtocolError(
+        f"Unknown query parameter {clipped(param)}{where}: the parameters are {_KNOWN_PARAMS} "
+        "(names in any case)."
+    )
+
+
+def parse_config(
+    headers: Mapping[str, str], query: Mapping[str, str] | Iterable[tuple[str, str]]
+) -> ClientConfig:
+    """The ClientConfig of a request; ``headers`` keys and ``query`` parameter names (a
+    mapping, or the (name, value) pairs in their order, repeats included) are matched
+    case-insensitively (``sttsamplerate=8000`` is ``sttSampleRate``).
 
     Raises ProtocolError (400) naming the first invalid value (for example
     ``sttSampleRate=abc``), and naming the accepted value when ``sttMode``,
@@ -211,7 +230,10 @@ def parse_config(headers: Mapping[str, str], query: Mapping[str, str]) -> Client
     is the Accept-Language tag of the highest weight (see :func:`_preferred_language`).
     An empty value is no value (the spec's default, or the query parameter's when the
     header's is empty). A missing key is not an error here: the route decides (it
-    answers 401).
+    answers 401). A query parameter that is none of the spec's table (nor ``tts``,
+    ``sendResponseItems``, ``videoFile``, ``realtime``), say ``locale`` or a misspelt
+    ``sampleRate``, is refused (ProtocolError naming it and the known names), as is one
+    given twice (in any case) with two values: neither is silently ignored.
     """
     found: dict[str, str] = {}
     language = ""
@@ -222,9 +244,18 @@ def parse_config(headers: Mapping[str, str], query: Mapping[str, str]) -> Client
                 found.setdefault(_FIELD_OF_HEADER[lower], raw)
         elif lower == "accept-language":
             language = raw
-    for param, raw in query.items():
-        if param in _FIELD_OF_PARAM and raw:  # (``timeZone=``: the default)
-            found.setdefault(_FIELD_OF_PARAM[param], raw)
+    queried: dict[str, str] = {}
+    for param, raw in query.items() if isinstance(query, Mapping) else query:
+        name = _FIELD_OF_PARAM.get(param.lower())
+        if name is None:
+            raise _unknown_param(param)
+        if not raw:  # (``timeZone=``: the default)
+            continue
+        if queried.setdefault(name, raw) != raw:
+            raise ProtocolError(
+                f"{_PARAM_OF_FIELD[name]} is given twice in the query, with two values."
+            )
+        found.setdefault(name, raw)
     values: dict[str, Any] = {}
     for name, raw in found.items():
         param = _PARAM_OF_FIELD[name]

@@ -404,7 +404,7 @@ def _parsed_config(
     requests repeat theirs (ClientConfig is immutable, the session config a read-only
     view: a turn copies it into its session). A ProtocolError is raised again each time
     (not kept)."""
-    config = parse_config(Headers(raw=list(headers)), QueryParams(query_string))
+    config = parse_config(Headers(raw=list(headers)), QueryParams(query_string).multi_items())
     return config, MappingProxyType(config.session_config())
 
 

@@ -121,12 +121,23 @@ def test_config_headers_win_over_query_and_booleans_parse() -> None:
         ({"timeZone": "Mars/Olympus"}, "invalid timeZone: unknown IANA time zone 'Mars/Olympus'."),
         ({"timeZone": "../../etc/passwd"}, "unknown IANA time zone '../../etc/passwd'"),
         ({"timeZone": "America"}, "unknown IANA time zone 'America'"),
+        ({"locale": "de-DE"}, "Unknown query parameter 'locale' (the locale comes from"),
+        ({"sample_rate": "8000"}, "Unknown query parameter 'sample_rate': the parameters"),
     ],
 )
 def test_invalid_config_values_are_named(query: dict[str, str], words: str) -> None:
     with pytest.raises(ProtocolError) as err:
         parse_config({}, {"key": "k", **query})
     assert words in err.value.text
+
+
+def test_config_query_names_are_read_in_any_case_and_repeats_must_agree() -> None:
+    pairs = [("KEY", "k"), ("sttsamplerate", "8000"), ("SttEncoding", "mulaw"), ("key", "k")]
+    config = parse_config({}, pairs)
+    assert (config.key, config.stt_sample_rate, config.stt_encoding) == ("k", 8000, "MULAW")
+    with pytest.raises(ProtocolError) as err:
+        parse_config({}, [("key", "k"), ("sttSampleRate", "8000"), ("sttsamplerate", "16000")])
+    assert err.value.text == "sttSampleRate is given twice in the query, with two values."
 
 
 def test_json_body_forms() -> None:

@@ -1162,6 +1162,60 @@ async def test_encoding_and_file_type_are_read_in_any_case(base: str) -> None:
         assert events(mp3)[0]["responseItem"]["audio"].endswith(".mp3")
 
 
+async def test_query_parameter_names_are_read_in_any_case_and_unknown_ones_refused() -> None:
+    """The spec's query parameters (``sttSampleRate``...) were matched only in the table's
+    spelling: ``sendresponseitems=no``, ``TTS=none`` or ``sttsamplerate=-5`` were dropped
+    without a word (the turn ran with the defaults: items streamed, links made, the rate
+    unchecked), as was any unknown parameter (``locale=de-DE``, whose V2 source is
+    Accept-Language). Names are now read in any case, as the headers are; an unknown
+    name, or one given twice with two values, is a 400 in V2's form naming it."""
+    async with served() as url, httpx.AsyncClient(base_url=url) as client:
+        turn = await client.put(
+            f"/client?KEY={KEY}&TTS=none&sendresponseitems=no",
+            headers=JSON,
+            content=input_event("hello there"),
+        )
+        assert turn.status_code == 200, turn.text
+        lines = events(turn)
+        assert [e["type"] for e in lines] == ["Response"]  # the items in it, no links
+        (item,) = lines[0]["response"]["items"]
+        assert item["text"] == "You said: hello there"
+        assert "audio" not in item
+        rate = await client.put(
+            f"/client?key={KEY}&tts=None&STTSAMPLERATE=-5", headers=TEXT, content="hi"
+        )
+        assert rate.status_code == 400
+        assert rate.text.startswith("! client: invalid sttSampleRate: "), rate.text
+        for query, named in (
+            ("locale=de-DE", "'locale' (the locale comes from the Accept-Language header)"),
+            ("sampleRate=8000", "'sampleRate'"),
+        ):
+            unknown = await client.put(
+                f"/client?key={KEY}&tts=None&{query}", headers=TEXT, content="hi"
+            )
+            assert unknown.status_code == 400
+            assert unknown.text.startswith(f"! client: Unknown query parameter {named}: ")
+            assert "sttSampleRate" in unknown.text  # the known names are listed
+            assert "flowstorm-session-id" not in unknown.cookies
+            get = await client.get(f"/client?key={KEY}&{query}")  # the GET's query too
+            assert get.status_code == 400
+            (error,) = events(get)
+            assert (error["source"], error["text"]) == ("client", unknown.text[10:-1])
+        twice = await client.put(
+            f"/client?key={KEY}&tts=None&ttsFileType=wav&TTSFILETYPE=mp3",
+            headers=TEXT,
+            content="hi",
+        )
+        assert twice.status_code == 400
+        assert twice.text == "! client: ttsFileType is given twice in the query, with two values.\n"
+        same = await client.put(
+            f"/client?key={KEY}&tts=None&ttsFileType=wav&ttsfiletype=wav&timeZone=",
+            headers=TEXT,
+            content="hi",
+        )
+        assert same.status_code == 200, same.text
+
+
 async def test_the_locale_is_the_accept_language_tag_of_the_highest_weight() -> None:
     """Accept-Language weights rank its tags (RFC 9110 section 12.5.4): the core got the
     first tag whatever its weight (``en`` for ``en;q=0.3, cs-CZ;q=0.9``, ``de`` for a
