@@ -124,6 +124,10 @@ _TURN_DOC: dict[int | str, dict[str, Any]] = {
         "was not recognised in time (ErrorEvent source `gateway`, no turn, `Retry-After` s)",
         "headers": {"Retry-After": {"description": _RETRY_AFTER, "schema": {"type": "integer"}}},
     },
+    500: {
+        "description": "An unexpected gateway failure, logged (ErrorEvent source `gateway`, "
+        "`! gateway: Internal gateway error.` in plain text)"
+    },
 }
 
 
@@ -244,7 +248,7 @@ GET_CLIENT: dict[str, Any] = dict(
             "flowstorm-session-id cookie that is no session id (the "
             "cookie is cleared) (ErrorEvent / `!` line)"
         },
-        **{status: _TURN_DOC[status] for status in (401, 403, 404, 429)},  # as PUT's
+        **{status: _TURN_DOC[status] for status in (401, 403, 404, 429, 500)},  # as PUT's
         503: {"description": "The session store is unavailable"},
     },
     openapi_extra={"parameters": [p for p in _CONFIG_PARAMETERS if p["name"] in _GET_PARAMETERS]},

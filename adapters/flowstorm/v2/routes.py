@@ -14,7 +14,8 @@ too long, 405 a method other than GET and PUT (with ``Allow: GET, PUT``; a ``!``
 when ``Accept`` ranks ``text/plain`` first, as for GET), 415 unsupported content type
 (or a ``Content-Encoding`` other than ``identity``: no body is decompressed; with
 ``Accept-Encoding: identity``),
-429 too many unknown sessions, 503 store
+429 too many unknown sessions, 500 an unexpected failure (a gateway bug: logged, an
+ErrorEvent of source ``gateway``, never the app's problem body), 503 store
 down (with ``Retry-After``: :data:`STORE_RETRY_AFTER_S`), recognizer failed (an ErrorEvent
 of source ``stt``), or all recognizers busy: then with ``Retry-After`` and an ErrorEvent of
 source ``stt``, see GATEWAY_STT_QUEUE). A ``flowstorm-session-id``
@@ -552,6 +553,19 @@ async def put_client(request: Request) -> HTTPResponse:
         return exc.answer(request, plain=plain)
     except ClientDisconnect:  # the client went away while sending: nobody reads an answer
         return HTTPResponse(status_code=400)
+    except Exception:
+        return _failed(request, plain=plain)
+
+
+def _failed(request: Request, *, plain: bool) -> HTTPResponse:
+    """The answer of a request that failed unexpectedly (a gateway bug, or a failure of a
+    kind nothing here expects), logged with its traceback: 500 with V2's own error form, an
+    ErrorEvent of source ``gateway`` (``! gateway: Internal gateway error.`` in plain
+    text), as V1 says it on its socket and as a realtime PUT's GET is told
+    (:data:`_FAILED`); not the gateway's problem body, which a V2 client cannot read.
+    Called in an ``except`` block (the traceback logged is the exception being handled)."""
+    log.exception("Flowstorm V2 %s /client failed", request.method)
+    return _Refused(500, _FAILED.text, _FAILED.source).answer(request, plain=plain)
 
 
 async def _known_session(gw: Gateway, ctx: TurnContext) -> None:
@@ -1241,6 +1255,8 @@ async def get_client(request: Request) -> HTTPResponse:
             raise _session_refused("not-found", cookie, forget=found == "not-found")
     except _Refused as exc:
         return exc.answer(request, plain=plain)
+    except Exception:
+        return _failed(request, plain=plain)
     body = _follow(gw, ctx.key, config, plain=plain)  # a session's recognition topic: its key
     return StreamingResponse(body, media_type=media, headers={"Cache-Control": "no-store"})
 

@@ -1216,6 +1216,59 @@ async def test_query_parameter_names_are_read_in_any_case_and_unknown_ones_refus
         assert same.status_code == 200, same.text
 
 
+async def test_an_unexpected_failure_is_a_500_in_v2s_own_form(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A failure nothing in the route expects (a gateway bug: here the turn engine and the
+    session lookup raise RuntimeError) came out of PUT and GET as the app's generic
+    ``application/problem+json`` 500, which a V2 client cannot read. It is V2's own error
+    form, blamed on the gateway (``! gateway: ...`` / an Error event of source ``gateway``,
+    as V1 says it), and logged at ERROR with its traceback."""
+    settings = Settings()
+    app = create_app(settings)
+
+    def broken_turn(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a gateway bug")
+
+    async def broken_find(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a gateway bug")
+
+    async with (
+        serve(app, **uvicorn_options(settings)) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        intro = await client.put(f"/client?key={KEY}&tts=None", headers=TEXT, content="#intro")
+        assert intro.status_code == 200, intro.text
+        conversation = app.state.gateway.conversation
+        monkeypatch.setattr(conversation, "turn", broken_turn)
+        text = await client.put(f"/client?key={KEY}&tts=None", headers=TEXT, content="hi")
+        assert text.status_code == 500
+        assert text.headers["content-type"] == "text/plain; charset=utf-8"
+        assert text.text == "! gateway: Internal gateway error.\n"
+        json_turn = await client.put(
+            f"/client?key={KEY}&tts=None", headers=JSON, content=input_event("hi")
+        )
+        assert json_turn.status_code == 500
+        assert json_turn.headers["content-type"] == "application/x-ndjson"
+        assert events(json_turn) == [
+            {"type": "Error", "text": "Internal gateway error.", "source": "gateway"}
+        ]
+        monkeypatch.setattr(conversation, "find", broken_find)
+        get = await client.get(f"/client?key={KEY}")
+        assert get.status_code == 500
+        assert [(e["type"], e["source"]) for e in events(get)] == [("Error", "gateway")]
+        plain = await client.get(f"/client?key={KEY}", headers={"Accept": "text/plain"})
+        assert (plain.status_code, plain.text) == (500, "! gateway: Internal gateway error.\n")
+    failed = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [r.getMessage() for r in failed] == [
+        "Flowstorm V2 PUT /client failed",
+        "Flowstorm V2 PUT /client failed",
+        "Flowstorm V2 GET /client failed",
+        "Flowstorm V2 GET /client failed",
+    ]
+    assert all(r.exc_info and "a gateway bug" in str(r.exc_info[1]) for r in failed)
+
+
 async def test_the_locale_is_the_accept_language_tag_of_the_highest_weight() -> None:
     """Accept-Language weights rank its tags (RFC 9110 section 12.5.4): the core got the
     first tag whatever its weight (``en`` for ``en;q=0.3, cs-CZ;q=0.9``, ``de`` for a
