@@ -28,7 +28,8 @@ after its answer began (the store fails when the session is saved) ends its
 
 **Session-id guessing** is slowed per client IP (:mod:`gateway.ratelimit`, per process; an
 IPv6 address counted by its /64, :func:`gateway.ratelimit.client_key`): every 404 "unknown
-session" answer (PUT or GET) takes a token from the client's bucket (GATEWAY_NOT_FOUND_BURST
+session" answer (PUT or GET; not a GET's 404 of a session its first turn is making) takes a
+token from the client's bucket (GATEWAY_NOT_FOUND_BURST
 tokens, refilled at GATEWAY_NOT_FOUND_PER_S per second); while it is empty, every request of
 that client that carries a session cookie is answered 429 with ``Retry-After`` (an
 ErrorEvent / ``!`` line of source ``client``) before the session is looked up. Requests
@@ -287,7 +288,8 @@ class _Refused(Exception):
     """A request answered with one ErrorEvent and an HTTP status: with ``Retry-After`` when
     it has ``retry_s`` (409 session busy or streaming, 429, 503), the key's challenge when
     401, the session cookie cleared when ``forget``, and ``headers`` (e.g. the
-    ``Accept-Encoding`` of a 415 for a content coding)."""
+    ``Accept-Encoding`` of a 415 for a content coding). A 404 is a guess of the client's
+    (see :meth:`answer`) unless ``guess`` is False (a session that exists, being made)."""
 
     def __init__(
         self,
@@ -297,17 +299,20 @@ class _Refused(Exception):
         retry_s: int | None = None,
         forget: bool = False,
         headers: Mapping[str, str] | None = None,
+        guess: bool = True,
     ) -> None:
         super().__init__(text)
         self.status, self.retry_after_s, self.forget = status, retry_s, forget
+        self.guess = guess
         self.headers = dict(headers or {})
         self.error = ErrorEvent(text=text, source=source)
 
     def answer(self, request: Request, *, plain: bool) -> HTTPResponse:
         """The refusal as an answer: its ErrorEvent as a ``!`` line when ``plain``, else NDJSON
         (audio requests never get plain text). A 404 (an unknown session) takes a token from
-        the client's allowance of "unknown session" answers (see the module doc)."""
-        if self.status == 404:
+        the client's allowance of "unknown session" answers (see the module doc), unless it
+        is no ``guess``."""
+        if self.status == 404 and self.guess:
             request.app.state.v2_guesses.take(_client_ip(request))
         retry = self.retry_after_s
         headers = dict(self.headers)
@@ -440,10 +445,14 @@ _SESSION_REFUSALS: Final[Mapping[str, tuple[int, str]]] = {
 finds another application's or does not find (``Conversation.find`` / ``log``)."""
 
 
-def _session_refused(found: str, session_id: str, *, forget: bool = False) -> _Refused:
-    """The 403 / 404 refusal of :data:`_SESSION_REFUSALS` for ``found``."""
+def _session_refused(
+    found: str, session_id: str, *, forget: bool = False, guess: bool = True
+) -> _Refused:
+    """The 403 / 404 refusal of :data:`_SESSION_REFUSALS` for ``found`` (``guess``: as
+    :class:`_Refused`'s)."""
     status, text = _SESSION_REFUSALS[found]
-    return _Refused(status, text.format(clipped(session_id, quote=False)), "session", forget=forget)
+    shown = clipped(session_id, quote=False)
+    return _Refused(status, text.format(shown), "session", forget=forget, guess=guess)
 
 
 def _set_cookie(answer: HTTPResponse, gw: Gateway, session_id: str, age: int | None) -> None:
@@ -1228,8 +1237,8 @@ async def get_client(request: Request) -> HTTPResponse:
     Without a ``flowstorm-session-id`` cookie there is nothing to follow: the
     answer is empty and ends at once (recognition has "finished"). With one, it must
     be a session id (400 otherwise, as for PUT) and the session must exist (404,
-    also for one not stored yet while its first turn makes it, which counts against
-    the client's allowance of unknown sessions but keeps the cookie; 429 when that is
+    also for one not stored yet while its first turn makes it, which keeps the cookie and
+    does not count against the client's allowance of unknown sessions; 429 when that is
     used up) and belong to ``key`` (403).
     """
     gw = gateway_of(request)
@@ -1251,8 +1260,10 @@ async def get_client(request: Request) -> HTTPResponse:
         if found == "foreign":
             raise _session_refused(found, cookie)
         if found != "found":  # also "creating": not stored yet, nothing to follow; its
-            # cookie (from its first turn's streaming answer) is kept: the session is coming
-            raise _session_refused("not-found", cookie, forget=found == "not-found")
+            # cookie (from its first turn's streaming answer) is kept: the session is coming,
+            # and the client guessed nothing (its allowance of unknown sessions is kept too)
+            unknown = found == "not-found"
+            raise _session_refused("not-found", cookie, forget=unknown, guess=unknown)
     except _Refused as exc:
         return exc.answer(request, plain=plain)
     except Exception:

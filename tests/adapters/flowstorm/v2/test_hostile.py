@@ -444,3 +444,31 @@ async def test_get_client_of_a_session_being_made_keeps_its_cookie() -> None:
         gone = await call(client, "GET", f"/client?key={KEY}", session="being-made")
         assert gone.status_code == 404  # (its turn ended without saving it: it is unknown)
         assert 'flowstorm-session-id=""' in gone.headers["set-cookie"]
+
+
+async def test_get_client_of_a_session_being_made_takes_nothing_of_the_guessing_allowance() -> None:
+    """A GET whose cookie names a session its first turn is still making (the cookie came
+    with the turn's streaming answer) is a 404 (nothing to follow yet), but the session
+    exists: no guess. Each such 404 took a token of the client IP's allowance of "unknown
+    session" answers, so a client polling GET while its first turn ran (a core taking
+    seconds) used it up, and then every request of it with a cookie, its PUTs too, was
+    answered 429. A real unknown session's 404 still takes one."""
+    settings = Settings(not_found_burst=1, not_found_per_s=0.001)
+    app = create_app(settings)
+    async with served_app(app, settings) as url, httpx.AsyncClient(base_url=url) as client:
+        intro = await call(client, "PUT", f"/client?key={KEY}&tts=None", headers=TEXT, content="hi")
+        assert intro.status_code == 200, intro.text
+        session = intro.cookies["flowstorm-session-id"]
+        store = app.state.gateway.conversation.store
+        async with store.open("flowstorm:being-made", lease_s=5, wait_s=1):
+            for _ in range(3):  # polling: the burst is 1
+                made = await call(client, "GET", f"/client?key={KEY}", session="being-made")
+                assert made.status_code == 404, made.text
+        turn = await call(
+            client, "PUT", f"/client?key={KEY}&tts=None", session, headers=TEXT, content="more"
+        )
+        assert turn.status_code == 200, turn.text  # the allowance is whole
+        gone = await call(client, "GET", f"/client?key={KEY}", session="never-was")
+        assert gone.status_code == 404  # a guess: the one token
+        limited = await call(client, "GET", f"/client?key={KEY}", session="never-was-either")
+        assert limited.status_code == 429
