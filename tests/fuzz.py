@@ -534,7 +534,7 @@ def targets() -> list[Target]:
         Target(
             "v2.parse_config(query)",
             config,
-            ({"key": "k", "sttSampleRate": "16000", "locale": "en", "tts": "None"},),
+            ({"key": "k", "sttSampleRate": "16000", "timeZone": "UTC", "tts": "None"},),
         ),
         Target("twilio.parse_message", parse_message, TWILIO_SEEDS),
         Target("twilio.call(before start)", lambda t: twilio(t, started=False), TWILIO_SEEDS),
