@@ -533,6 +533,21 @@ class Conversation:
         # instance frees its session within one lease (see gateway.sessions)
         return self.settings.lock_lease_s
 
+    def _lock_wait_s(self) -> float:
+        """How long a turn waits for its session's lock (s): GATEWAY_LOCK_WAIT_S, but no
+        longer than the channel's ANSWER_DEADLINE (:data:`gateway.pipeline.base.ANSWER_DEADLINE`,
+        a webhook's: none is set on other channels) while it is ahead, and only one try of
+        the lock once it has passed. A webhook answers at that deadline whatever the turn
+        has come to ("still working ... ask me again"): a turn that has not started by then
+        would run for nobody, and the user's repeated words would run a second one, so it
+        is not run at all (SessionBusy: the turn is rejected ``session-busy``). A turn that
+        took its lock runs on past the deadline and saves its session, as before."""
+        wait = self.settings.lock_wait_s
+        answer_by = ANSWER_DEADLINE.get()
+        if answer_by is not None:
+            wait = min(wait, max(answer_by - asyncio.get_running_loop().time(), 0.0))
+        return wait
+
     def turn(self, ctx: TurnContext, input: Input) -> TurnStream:
         """Start one turn of ``ctx``'s session on ``input``; see the module doc."""
         queue = _TurnQueue(ctx.key if ctx.outbox and self.journal is not None else None)
@@ -673,9 +688,8 @@ class Conversation:
     ) -> list[TurnEvent]:
         """The turn under the session's lock; the events of its end, to go out once the
         session is saved (and the lock released)."""
-        settings = self.settings
         async with self.store.open(
-            ctx.key, lease_s=self._lease_s(), wait_s=settings.lock_wait_s
+            ctx.key, lease_s=self._lease_s(), wait_s=self._lock_wait_s()
         ) as txn:
             out.pushes_pending = txn.pushes_pending
             self._link_batch(txn, ctx.tts, out)

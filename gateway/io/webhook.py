@@ -36,7 +36,12 @@ I/O, the same for all:
 
 A late turn is not cancelled: it runs in its own task (gateway/conversation.py),
 finishes and saves the session, and the platform hears "still working" instead of
-timing out. Refusals (:class:`WebhookRefused`; a ProtocolError from reading or parsing,
+timing out. A turn still waiting for its session's lock at the deadline (another turn
+of the session holds it) gives up then and is not run (the engine's lock wait is bounded
+by the turn's ANSWER_DEADLINE): its user hears "still working ... ask me again", so no
+turn runs for nobody, and the repeated words do not run twice.
+
+Refusals (:class:`WebhookRefused`; a ProtocolError from reading or parsing,
 reason ``malformed_request``) are answered with an RFC 9457 problem body and logged on
 the channel's logger with their reason, through the channel's
 :class:`~gateway.ratelimit.RefusalLog` (``refusals``: the first few at WARNING, then one

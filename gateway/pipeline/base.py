@@ -28,10 +28,12 @@ loop's clock (``loop.time()``, s) of a webhook's deadline (GATEWAY_ALEXA_DEADLIN
 running then is answered "still working"); None for a channel that hands the turn's
 events out as they come (it waits for the turn's end). Set by the webhook driver
 (:func:`gateway.io.webhook.run_turn`) as it starts the turn, whose task keeps it (a copy
-of the context). While it is ahead it bounds the turn's waits: a core's retry that would
-end past it is not made (:func:`gateway.pipeline.cores.send_retried`), and no ``#error``
-turn is started that would have less than GATEWAY_ERROR_TURN_MIN_S before it. Once it
-has passed (the platform heard "still working") it bounds nothing: the pipeline's own
+of the context). While it is ahead it bounds the turn's waits: the wait for the session's
+lock (a turn not started by then is not run: ``Conversation._lock_wait_s``), a core's retry
+that would end past it is not made (:func:`gateway.pipeline.cores.send_retried`), and no
+``#error`` turn is started that would have less than GATEWAY_ERROR_TURN_MIN_S before it.
+Once it has passed (the platform heard "still working") it bounds nothing else (a turn
+that has its lock runs on): the pipeline's own
 timeout is GATEWAY_TURN_TIMEOUT_S either way, and a late turn goes on within it as on a
 streaming channel (its retry, its ``#error`` turn) and saves the session."""
 

@@ -376,6 +376,31 @@ async def test_a_busy_session_is_answered_by_its_row_without_waiting_for_the_dea
         assert after["say"] == "turn 2 slowDone True"  # the busy turn changed nothing
 
 
+async def test_a_turn_still_waiting_for_its_session_at_the_deadline_is_not_run(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """A turn that cannot take its session's lock before the platform's deadline is
+    answered at the deadline and never runs: its user was told "still working, ask me
+    again", so running it later would give the core a turn nobody hears, and the repeated
+    question a second one. Before, it waited the whole GATEWAY_LOCK_WAIT_S (15 s) in the
+    background and ran as soon as the late turn let the session go (the session then
+    counted one turn more). Real Redis store."""
+    store = {"redis_url": redis_url, "redis_prefix": redis_prefix}
+    async with echo(alexa_deadline_s=0.5, **store) as (client, core):
+        await say(client, "S-queued", "hello")  # turn 1
+        slow = asyncio.create_task(say(client, "S-queued", "slow"))  # turn 2: the core 1.5 s
+        await asyncio.sleep(0.2)  # the slow turn holds the session's lock
+        queued = await say(client, "S-queued", "hello")  # waits for the lock past 0.5 s
+        assert queued["say"] == WORKING
+        assert not core.state.finished.is_set()  # answered while the slow turn held on
+        assert await slow == {"say": WORKING, "end": False}
+        await asyncio.wait_for(core.state.finished.wait(), 5)
+        await asyncio.sleep(0.3)  # the slow turn saves; a queued turn would run now
+        after = await say(client, "S-queued", "next")
+        # turn 3: the queued turn never ran (before: "turn 4", it had run unheard)
+        assert after["say"] == "turn 3 slowDone True"
+
+
 async def test_a_failing_pipeline_is_apologised_for_and_the_session_kept() -> None:
     async with echo() as (client, _):
         await say(client, "S-fail", "hello")
