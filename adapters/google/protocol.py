@@ -792,6 +792,13 @@ conversation cannot end with no items. A pause of 1 ms is speech that says nothi
 Alexa's silent end (no ``outputSpeech``) does."""
 
 
+EXIT_DEADLINE_S = 1.5
+"""The deadline of the turn of a conversation exit (``plan.exit``), in seconds: Google
+allows "2 seconds" for conversation exit requests, then ends with its earcon whatever is
+answered later (Actions on Google "Conversation exits"); 0.5 s is left for the network.
+The exit's answer is the same with or without the core's (the conversation ends), so a
+late core is answered quietly in time rather than after the channel's whole deadline."""
+
 MAX_EXIT_CHARS = 60
 """Google's limit on the answer to a conversation exit (Actions SDK v2
 ``actions.intent.CANCEL``, also through Dialogflow): "a single simple response with a

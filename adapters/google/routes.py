@@ -28,7 +28,8 @@ failing core or session store is answered with GATEWAY_VOICE_ERROR_TEXT (after w
 failing core said before it failed), the
 conversation kept open, a turn slower than
 GATEWAY_GOOGLE_DEADLINE_S / GATEWAY_DIALOGFLOW_DEADLINE_S with
-GATEWAY_VOICE_STILL_WORKING_TEXT while the turn finishes and saves its session);
+GATEWAY_VOICE_STILL_WORKING_TEXT while the turn finishes and saves its session; a v2
+conversation exit's turn gets EXIT_DEADLINE_S, Google waiting 2 s for its answer);
 400 malformed body; 401 failed verification / authentication (reason logged at
 WARNING); 403 an agent not in GATEWAY_APP_KEYS; 413 body over
 GATEWAY_MAX_BODY_BYTES; 503 /google with verification on and no project ids,
@@ -61,6 +62,7 @@ from starlette.requests import Request
 from adapters.google.openapi import POST_DIALOGFLOW, POST_GOOGLE
 from adapters.google.protocol import (
     DIALOGFLOW_NAMESPACE,
+    EXIT_DEADLINE_S,
     GOOGLE_NAMESPACE,
     Plan,
     answer_json,
@@ -121,6 +123,14 @@ class _Webhook(WebhookChannel[Plan, dict[str, Any]]):
     def answer(self, planned: Plan, response: Response) -> tuple[dict[str, Any], bool]:
         """:func:`adapters.google.protocol.answer_json`."""
         return answer_json(planned, response)
+
+    def deadline_of(self, planned: Plan) -> float:
+        """The channel's deadline; a v2 conversation exit's (``planned.exit``, also through
+        Dialogflow ES) is at most :data:`adapters.google.protocol.EXIT_DEADLINE_S` (Google
+        waits 2 s for it)."""
+        if planned.exit:
+            return min(self.deadline_s, EXIT_DEADLINE_S)
+        return self.deadline_s
 
     def ends_anyway(self, planned: Plan) -> bool:
         """Cancel and the final no-input and no-match intents end the conversation whatever

@@ -32,7 +32,10 @@ I/O, the same for all:
    request that closes the conversation whatever the core says
    (:meth:`~WebhookChannel.ends_anyway`: the user said stop or cancel) is answered as
    an empty Response that ends the session would be, and the gateway's session ends
-   (after a late turn, in the background).
+   (after a late turn, in the background). The deadline is the channel's, or less for a
+   request the platform waits less for (:meth:`~WebhookChannel.deadline_of`: Google's
+   conversation exit). A session's end waits at most :data:`END_WAIT_S` (nothing more is
+   said), then goes on in the background.
 
 A late turn is not cancelled: it runs in its own task (gateway/conversation.py),
 finishes and saves the session, and the platform hears "still working" instead of
@@ -95,7 +98,15 @@ log = logging.getLogger(__name__)
 END_MARGIN_S = 0.5
 """After an answer that closes the conversation, ending the session may take what is left
 of the turn's deadline less this (nothing when less is left: the end then goes on in the
-background), so the answer still beats the platform's deadline."""
+background), so the answer still beats the platform's deadline; and never more than
+:data:`END_WAIT_S`."""
+
+END_WAIT_S = 1.0
+"""The most a request waits for its session's end (Alexa's SessionEndedRequest and the
+in-session requests ending it, an answer that closes the conversation, a stop): nothing
+more is said to the user, and the end is one round trip of the store unless a turn of the
+session holds its lock (a late turn): past this wait it goes on in the background
+(:func:`end_session`) rather than hold the platform's request up to its deadline."""
 
 _PlanT = TypeVar("_PlanT")
 _AnswerT = TypeVar("_AnswerT")
@@ -216,6 +227,12 @@ class WebhookChannel(ABC, Generic[_PlanT, _AnswerT]):
         only (Dialogflow CX) says False."""
         return True
 
+    def deadline_of(self, planned: _PlanT) -> float:
+        """The platform's answer deadline for ``planned`` in seconds, counted from the
+        request's arrival: ``deadline_s`` by default; a request the platform waits less
+        for says less (Google's conversation exit: 2 s)."""
+        return self.deadline_s
+
     def ends_anyway(self, planned: _PlanT) -> bool:
         """Whether ``planned`` closes the conversation whatever the turn gives (the user
         said stop or cancel): False by default."""
@@ -249,7 +266,7 @@ class WebhookChannel(ABC, Generic[_PlanT, _AnswerT]):
         if turn is None:
             return self.encode(await self.other(planned))
         ctx, input = turn
-        deadline_s = self.deadline_s - (loop.time() - started)
+        deadline_s = self.deadline_of(planned) - (loop.time() - started)
         return self.encode(await self._turn(planned, ctx, input, deadline_s, loop))
 
     def _log_left_out_audio(
@@ -391,8 +408,9 @@ class WebhookChannel(ABC, Generic[_PlanT, _AnswerT]):
 
     async def end(self, ctx: TurnContext, wait_s: float | None = None) -> None:
         """End ``ctx``'s session (the platform ended it), waiting at most ``wait_s``
-        (default: the whole deadline); see :func:`end_session`."""
-        wait = self.deadline_s if wait_s is None else wait_s
+        seconds and never more than :data:`END_WAIT_S` (the default); see
+        :func:`end_session` (past the wait the end goes on in the background)."""
+        wait = END_WAIT_S if wait_s is None else min(wait_s, END_WAIT_S)
         await end_session(self.gw.conversation, ctx, wait)
 
     def refuse(self, exc: WebhookRefused) -> HTTPResponse:

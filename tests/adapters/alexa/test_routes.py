@@ -1087,6 +1087,32 @@ async def test_session_ended_during_a_late_turn_answers_at_once_and_ends_it_afte
         assert spoken(fresh) == "turn 1 slowDone None"
 
 
+async def test_session_ended_waits_briefly_not_the_whole_deadline(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """A SessionEndedRequest (its answer says nothing; Alexa ignores it) waits for the end
+    of the session at most END_WAIT_S (1 s), then lets it go on in the background: before,
+    it waited the whole GATEWAY_ALEXA_DEADLINE_S (6.5 s) for a turn of the session holding
+    its lock, so it was answered only when that turn's 3 s core had answered. Real Redis."""
+    core = make_core(delay_s=3.0)
+    store: dict[str, Any] = {"redis_url": redis_url, "redis_prefix": redis_prefix}
+    async with (
+        serve(core) as core_url,
+        gateway(pipeline=f"{core_url}/turn", **store, **OFF) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        await say(client, envelope("S-end-wait", text="hello"))
+        slow = asyncio.create_task(say(client, envelope("S-end-wait", text="slow")))
+        await asyncio.sleep(0.3)  # the slow turn holds the session's lock
+        ended = await say(client, envelope("S-end-wait", kind="SessionEndedRequest"))
+        assert spoken(ended) == ""
+        assert not core.state.finished.is_set()  # answered while the slow turn held on
+        assert spoken(await slow) == "finally"  # 3 s < the 6.5 s deadline: answered
+        await asyncio.sleep(0.3)  # the slow turn saved, then the pending end deleted
+        fresh = await say(client, envelope("S-end-wait", text="next"))
+        assert spoken(fresh) == "turn 1 slowDone None"  # the session did end
+
+
 async def test_a_failing_core_is_apologised_for_and_the_session_kept() -> None:
     async with (
         serve(make_core(0)) as core_url,

@@ -903,6 +903,52 @@ async def test_cancel_ends_the_conversation_when_the_core_fails() -> None:
         assert check_v3(v3(sid, "x"), again) == "turn 1"  # the gateway's session ended too
 
 
+async def test_a_v2_conversation_exit_is_answered_within_googles_2_s(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """Google waits 2 s for the answer to a conversation exit (v2 ``actions.intent.CANCEL``,
+    also through Dialogflow ES), then ends with its earcon: the exit's turn gets
+    EXIT_DEADLINE_S (1.5 s), not the whole GATEWAY_GOOGLE_DEADLINE_S (9 s) or
+    GATEWAY_DIALOGFLOW_DEADLINE_S (4.5 s). A core taking 3 s over "stop" is answered quietly
+    (the conversation ends whatever the core does) before it is done; before, the answer
+    waited for it, past Google's 2 s. The late turn still ends the session. Real Redis."""
+    core = FastAPI()
+    core.state.finished = asyncio.Event()
+
+    @core.post("/turn")
+    async def turn(request: Request) -> JSONResponse:
+        body = await request.json()
+        if body["input"]["transcript"]["text"] == "stop":
+            await asyncio.sleep(3.0)
+            core.state.finished.set()
+            return JSONResponse({"items": [{"text": "Goodbye."}], "sessionEnded": True})
+        return JSONResponse({"items": [{"text": f"turn {body['turn']}"}]})
+
+    cancel = json.loads((GOOGLE / "actions-sdk-v2-via-dialogflow" / "Cancel.json").read_text())
+    store: dict[str, Any] = {"redis_url": redis_url, "redis_prefix": redis_prefix}
+    async with (
+        serve(core) as core_url,
+        gateway(pipeline=f"{core_url}/turn", **store, **OFF) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        hi = ok(await client.post("/google", json=v2("exit-wait", "actions.intent.TEXT", "hi")))
+        assert check_v2(hi) == ("turn 1", True)
+        exits = await asyncio.gather(
+            client.post("/google", json=v2("exit-wait", "actions.intent.CANCEL", "stop")),
+            client.post("/dialogflow", json=cancel),
+        )
+        assert not core.state.finished.is_set()  # both answered before the core: in 2 s
+        bye, via_es = map(ok, exits)
+        assert bye["expectUserResponse"] is False
+        check_silent_rich(bye["finalResponse"]["richResponse"])  # quiet: the core was late
+        assert via_es["payload"]["google"]["expectUserResponse"] is False
+        check_silent_rich(via_es["payload"]["google"]["richResponse"])
+        await asyncio.wait_for(core.state.finished.wait(), 10)
+        await asyncio.sleep(0.3)  # the late turns save (end) their sessions
+        again = ok(await client.post("/google", json=v2("exit-wait", "actions.intent.TEXT", "hi")))
+        assert check_v2(again) == ("turn 1", True)  # the session ended
+
+
 def check_silent_rich(rich: dict[str, Any]) -> None:
     """A v2 RichResponse that says nothing, yet valid: its items begin with a simple response
     with speech (the platform refuses an empty item list or an empty speech)."""

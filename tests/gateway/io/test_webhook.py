@@ -29,7 +29,7 @@ from starlette.datastructures import Headers
 
 from gateway.app import create_app
 from gateway.events import ErrorEvent, Input, Response, ResponseItem
-from gateway.io.webhook import WebhookChannel, WebhookRefused, run_turn
+from gateway.io.webhook import END_WAIT_S, WebhookChannel, WebhookRefused, run_turn
 from gateway.protocol import ProtocolError, load_json
 from gateway.ratelimit import LOGGED_REFUSALS_BURST
 from gateway.sessions import RedisSessionStore
@@ -111,7 +111,7 @@ class EchoWebhook(WebhookChannel[Plan, Answer]):
 
     async def end(self, ctx: TurnContext, wait_s: float | None = None) -> None:
         """The driver's end of the session, logged (INFO) with how long it may wait."""
-        wait = self.deadline_s if wait_s is None else wait_s
+        wait = END_WAIT_S if wait_s is None else min(wait_s, END_WAIT_S)
         self.log.info("ending %s waits at most %.3f s", ctx.session_id, wait)
         await super().end(ctx, wait_s)
 
@@ -385,7 +385,7 @@ async def test_a_turn_still_waiting_for_its_session_at_the_deadline_is_not_run(
     question a second one. Before, it waited the whole GATEWAY_LOCK_WAIT_S (15 s) in the
     background and ran as soon as the late turn let the session go (the session then
     counted one turn more). Real Redis store."""
-    store = {"redis_url": redis_url, "redis_prefix": redis_prefix}
+    store: dict[str, Any] = {"redis_url": redis_url, "redis_prefix": redis_prefix}
     async with echo(alexa_deadline_s=0.5, **store) as (client, core):
         await say(client, "S-queued", "hello")  # turn 1
         slow = asyncio.create_task(say(client, "S-queued", "slow"))  # turn 2: the core 1.5 s
