@@ -19,8 +19,9 @@ I/O, the same for all:
    deadline less the time already spent (the turn's ANSWER_DEADLINE: no core retry or
    ``#error`` turn is started that would answer past it), and its
    :class:`~gateway.turn.TurnOutcome` is mapped: ANSWERED by
-   :meth:`~WebhookChannel.answer` (when that answer closes the conversation the gateway
-   ends its session too, :func:`end_session`); LATE, BUSY,
+   :meth:`~WebhookChannel.answer`, the core's SSML read up to a bound per answer
+   (:data:`SSML_ANSWER_MAX_CHARS`, :data:`LOOSE_ANSWER_MAX_CHARS`; when that answer
+   closes the conversation the gateway ends its session too, :func:`end_session`); LATE, BUSY,
    REFUSED, UNAVAILABLE (the session store failed) and FAILED through the channel's
    pure table ``fallbacks`` (TurnEnd -> Fallback, e.g.
    :data:`gateway.turn.VOICE_FALLBACKS`: a store that fails keeps the conversation
@@ -87,7 +88,7 @@ from gateway.pipeline.base import ANSWER_DEADLINE
 from gateway.protocol import ProtocolError, clipped
 from gateway.protocol.errors import RequestVerificationError
 from gateway.ratelimit import RefusalLog
-from gateway.ssml import loose_ssml, refused_audio, refused_elements
+from gateway.ssml import LOOSE_MAX_CHARS, loose_ssml, refused_audio, refused_elements
 from gateway.startup import not_configured
 from gateway.turn import Fallback, Prompt, TurnContext, TurnEnd, TurnOutcome, TurnRejected
 
@@ -107,6 +108,24 @@ in-session requests ending it, an answer that closes the conversation, a stop): 
 more is said to the user, and the end is one round trip of the store unless a turn of the
 session holds its lock (a late turn): past this wait it goes on in the background
 (:func:`end_session`) rather than hold the platform's request up to its deadline."""
+
+SSML_ANSWER_MAX_CHARS = 65_536
+"""The most characters of the core's SSML one answer reads, all its items together, in
+order: an item's ``ssml`` past it is cut there (SSML cut is not well-formed: its words
+are read leniently, :data:`LOOSE_ANSWER_MAX_CHARS`), a later item's left empty (it says
+its text or audio only). Eight times the most a platform says (8000 characters of speech,
+its markup counted), so only an answer of far more markup than words loses words. Each
+item's SSML is parsed several times (whether it is well-formed, the speech, the display
+text, the left-out elements and audio): unbounded, an answer of up to
+GATEWAY_PIPELINE_MAX_RESPONSE_BYTES of it held the event loop, every connection's, for
+seconds (:func:`_bounded_ssml`)."""
+
+LOOSE_ANSWER_MAX_CHARS = LOOSE_MAX_CHARS
+"""The most characters of SSML that is not well-formed read leniently
+(:func:`gateway.ssml.loose_text`, pure Python, about 2 s a megabyte of tags) for one answer,
+all its items together, as :data:`~gateway.ssml.LOOSE_MAX_CHARS` bounds one item: the
+items' words are read from their first characters in order up to it, a later such item
+says only its audio (:func:`_bounded_ssml`)."""
 
 _PlanT = TypeVar("_PlanT")
 _AnswerT = TypeVar("_AnswerT")
@@ -320,13 +339,12 @@ class WebhookChannel(ABC, Generic[_PlanT, _AnswerT]):
             self.platform,
         )
 
-    def _log_loose_ssml(self, ctx: TurnContext, response: Response) -> None:
+    def _log_loose_ssml(self, ctx: TurnContext, loose: Sequence[int]) -> None:
         """One WARNING line (bounded: ``loose_ssml``, a burst then one a minute, the rest at
         DEBUG) naming the core's items whose speech is read from SSML that is not
-        well-formed (:func:`gateway.ssml.loose_ssml`: their words said, their markup lost):
-        ``item 0, item 2``, the first three. The core's fault, said so; nothing when there
-        is none (a test per item unless an item has SSML and no text)."""
-        loose = loose_ssml(response.items)
+        well-formed (``loose``, their indexes: :func:`gateway.ssml.loose_ssml`, their words
+        said, their markup lost): ``item 0, item 2``, the first three. The core's fault,
+        said so; nothing when there is none."""
         if not loose:
             return
         self.loose_ssml.log(
@@ -360,13 +378,14 @@ class WebhookChannel(ABC, Generic[_PlanT, _AnswerT]):
         end = outcome.end
         if end is TurnEnd.ANSWERED:
             assert outcome.response is not None
+            response, loose = _bounded_ssml(outcome.response)
             if self.speaks(planned):
                 if self.audio_schemes is not None:
-                    self._log_left_out_audio(ctx, outcome.response, self.audio_schemes)
+                    self._log_left_out_audio(ctx, response, self.audio_schemes)
                 if self.ssml_elements is not None:
-                    self._log_left_out_elements(ctx, outcome.response, self.ssml_elements)
-                self._log_loose_ssml(ctx, outcome.response)
-            answer, closes = self.answer(planned, outcome.response)
+                    self._log_left_out_elements(ctx, response, self.ssml_elements)
+                self._log_loose_ssml(ctx, loose)
+            answer, closes = self.answer(planned, response)
             if closes and not outcome.session_ended:  # the platform closes it: so does the gateway
                 left = deadline_s - (loop.time() - started)
                 await self.end(ctx, max(left - END_MARGIN_S, 0.0))
@@ -389,14 +408,16 @@ class WebhookChannel(ABC, Generic[_PlanT, _AnswerT]):
                 self.platform,
             )
         rule = self.fallbacks[end]
-        said = outcome.said
-        if said and self.speaks(planned):
-            told = Response(items=said)
-            if self.audio_schemes is not None:
-                self._log_left_out_audio(ctx, told, self.audio_schemes)
-            if self.ssml_elements is not None:
-                self._log_left_out_elements(ctx, told, self.ssml_elements)
-            self._log_loose_ssml(ctx, told)
+        said: Sequence[ResponseItem] = outcome.said
+        if said:
+            told, loose = _bounded_ssml(Response(items=said))
+            said = told.items
+            if self.speaks(planned):
+                if self.audio_schemes is not None:
+                    self._log_left_out_audio(ctx, told, self.audio_schemes)
+                if self.ssml_elements is not None:
+                    self._log_left_out_elements(ctx, told, self.ssml_elements)
+                self._log_loose_ssml(ctx, loose)
         return self.fallback(planned, self.prompt_text(rule.prompt), rule.end, said)
 
     def prompt_text(self, prompt: Prompt) -> str:
@@ -557,6 +578,41 @@ def _ended(task: asyncio.Task[bool]) -> None:
     if not task.cancelled() and (exc := task.exception()) is not None:
         ref = task.get_name().removeprefix("end ")
         log.log(outage_level(exc), "could not end session %s: %r", ref, exc)
+
+
+def _bounded_ssml(response: Response) -> tuple[Response, list[int]]:
+    """``response`` with its items' SSML bounded for the answer, and the indexes of the
+    items whose SSML is read leniently (not well-formed: :func:`gateway.ssml.loose_ssml`).
+
+    The items' ``ssml`` hold at most :data:`SSML_ANSWER_MAX_CHARS` characters together
+    (the item at the bound cut there, later ones emptied), then those read leniently at
+    most :data:`LOOSE_ANSWER_MAX_CHARS` together (each is read to
+    :data:`~gateway.ssml.LOOSE_MAX_CHARS` at most anyway; the item at the bound cut there,
+    later ones emptied: they say their audio only). ``response`` itself when nothing is
+    cut: an answer within the bounds is untouched."""
+    items = list(response.items)
+    cut = False
+    left = SSML_ANSWER_MAX_CHARS
+    for index, item in enumerate(items):
+        if item.ssml:
+            if len(item.ssml) > left:
+                items[index] = item.model_copy(update={"ssml": item.ssml[:left]})
+                cut = True
+            left -= len(items[index].ssml or "")
+    loose = loose_ssml(items)
+    left = LOOSE_ANSWER_MAX_CHARS
+    for index in loose:
+        item = items[index]
+        ssml = item.ssml or ""
+        read = min(len(ssml), LOOSE_MAX_CHARS)  # what loose_text reads of it
+        if read > left:
+            items[index] = item.model_copy(update={"ssml": ssml[:left]})
+            cut = True
+            read = left
+        left -= read
+    if not cut:
+        return response, loose
+    return response.model_copy(update={"items": items}), loose
 
 
 def _first_three(named: list[str]) -> str:

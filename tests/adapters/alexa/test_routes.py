@@ -1001,6 +1001,57 @@ async def test_ssml_that_is_not_well_formed_is_read_up_to_its_bound() -> None:
     assert getattr(card, "text", None) == "Tom & Jerry are here."
 
 
+async def test_an_answer_of_much_ssml_is_read_up_to_a_bound_per_answer() -> None:
+    """The core's SSML is read up to a bound for the whole answer (gateway/io/webhook.py:
+    SSML_ANSWER_MAX_CHARS, 64 KiB, the items in order; of SSML that is not well-formed,
+    read leniently, LOOSE_ANSWER_MAX_CHARS, 32 KiB), not only per item: before, a core's
+    answer of 30 items of 30 KB of unclosed tags each (900 KB, within
+    GATEWAY_PIPELINE_MAX_RESPONSE_BYTES) was parsed and read leniently whole for the
+    speech, the reprompt and the card, the event loop (every connection's) held for about
+    11 s here. The stall is measured as the longest gap of a ticker on the served app's own
+    loop. A well-formed item before them is said as SSML; the words of the first such
+    items are said, the items past the bound say nothing (an image still makes a card)."""
+    tags = "<b>" * 10_000
+    fine = {"ssml": "<speak>Fine <break time='1s'/> here.</speak>"}
+    items = [fine, *({"ssml": f"<speak>Word{i}. {tags}</speak>"} for i in range(30))]
+    items.append({"text": "The end.", "image": "https://cdn.example/c.png"})  # no SSML: said
+    core = FastAPI()
+
+    @core.post("/turn")
+    async def turn(request: Request) -> JSONResponse:
+        return JSONResponse({"items": items})
+
+    gaps: list[float] = []
+
+    async def tick() -> None:
+        last = time.perf_counter()
+        while True:
+            await asyncio.sleep(0.01)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    async with (
+        serve(core) as core_url,
+        gateway(pipeline=f"{core_url}/turn", **OFF) as url,
+        httpx.AsyncClient(base_url=url, timeout=60) as client,
+    ):
+        ticker = asyncio.create_task(tick())
+        try:
+            answer = await say(client, envelope("S-loose-many", text="hello"))
+        finally:
+            ticker.cancel()
+    # (the app is served on this test's loop: its work holds the ticker up)
+    assert max(gaps) < 3.0, max(gaps)  # ~0.5 s; before: 11 to 16 s (speech, reprompt, card)
+    assert spoken(answer) == "Fine  here. Word0. Word1. The end."
+    speech = reply(answer).output_speech
+    assert isinstance(speech, SsmlOutputSpeech)
+    assert "Fine <break time='1s'/> here." in (speech.ssml or "")  # well-formed: as SSML
+    card = reply(answer).card
+    assert card is not None
+    assert getattr(card, "text", None) == "Fine here. Word0. Word1. The end."
+
+
 async def test_a_voiceflow_speak_messages_ssml_is_spoken_not_read_out() -> None:
     """A Voiceflow voice agent's ``speak`` messages (the fake runtime's ``voice``:
     tests/gateway/pipeline/fake_voiceflow.py) carry SSML: Alexa gets their ``<voice>``,
