@@ -18,6 +18,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.routing import Match
+from starlette.types import ASGIApp
 
 from adapters.alexa.routes import post_alexa
 from adapters.alexa.routes import router as alexa_router
@@ -57,7 +58,7 @@ from gateway.httputil import problem, quiet_aborts, status_phrase
 from gateway.logs import logged_path, set_hash_key
 from gateway.metrics import REGISTRY
 from gateway.metricsauth import METRICS_OPENAPI, require_metrics_token
-from gateway.middleware import RequestIdMiddleware
+from gateway.middleware import Endpoint, RequestIdMiddleware
 from gateway.nonces import MemoryNonceStore, NonceStore, RedisNonceStore
 from gateway.outbox import Journal, MemoryOutbox, Outbox, RedisOutbox
 from gateway.pipeline import make_pipeline
@@ -225,11 +226,20 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     # the turn routes are called by the middleware itself (see RequestIdMiddleware):
-    # their routes below still document them and answer their paths' other methods
-    app.add_middleware(
-        RequestIdMiddleware,
-        direct={("PUT", "/client"): put_client, ("POST", "/alexa"): post_alexa},
-    )
+    # their routes below still document them and answer their paths' other methods.
+    # It wraps the whole stack, Starlette's ServerErrorMiddleware too (add_middleware
+    # puts it inside that one): the 500 of an unhandled error carries the X-Request-Id
+    # as every other answer does, and its ERROR line the request id
+    build_stack = app.build_middleware_stack
+    direct: dict[tuple[str, str], Endpoint] = {
+        ("PUT", "/client"): put_client,
+        ("POST", "/alexa"): post_alexa,
+    }
+
+    def build_middleware_stack() -> ASGIApp:
+        return RequestIdMiddleware(build_stack(), direct=direct)
+
+    app.build_middleware_stack = build_middleware_stack  # type: ignore[method-assign]
     app.include_router(flowstorm_v2_router)
     app.include_router(flowstorm_v1_router)
     app.include_router(files_router)

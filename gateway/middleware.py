@@ -26,7 +26,9 @@ class RequestIdMiddleware:
     The id is the client's ``X-Request-Id`` when it is 1-128 characters of
     ``[A-Za-z0-9._:-]``, else a new UUID4 hex. It is set in the REQUEST_ID
     context variable (the http pipeline sends it as ``X-Request-Id``) and echoed
-    in the HTTP answer's ``X-Request-Id`` header.
+    in the HTTP answer's ``X-Request-Id`` header. The app wraps its whole middleware
+    stack in it (gateway/app.py), Starlette's ServerErrorMiddleware included, so the
+    500 of an unhandled error carries the header and its log line the id as well.
 
     ``direct`` maps ``(method, path)`` to the endpoint of a route (registered with
     FastAPI as usual: its OpenAPI operation, and every other method of its path, stay

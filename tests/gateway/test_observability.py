@@ -4,6 +4,7 @@ log format."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 
@@ -16,7 +17,7 @@ from gateway.logs import JsonFormatter, session_ref
 from gateway.pipeline.base import REQUEST_ID
 from gateway.settings import Settings
 from tests.adapters.alexa.test_routes import envelope
-from tests.conftest import gateway, served_app
+from tests.conftest import gateway, serve, served_app
 
 METRICS_TOKEN = "metrics-token-of-this-test"
 ADMIN_KEY = "admin-key-of-this-test"
@@ -372,3 +373,36 @@ async def test_metrics_with_a_token_answer_only_its_bearer(
     assert len(refusals) == 2 * 6 + 1, refusals
     assert all(m.startswith("Metrics request from 127.0.0.1 refused (401): ") for m in refusals)
     assert not [m for m in refusals if METRICS_TOKEN in m or ADMIN_KEY in m]
+
+
+async def test_an_unhandled_error_s_500_and_its_log_line_carry_the_request_id() -> None:
+    # The 500 of an unhandled error is answered by Starlette's ServerErrorMiddleware (the
+    # app's Exception handler), which ran outside RequestIdMiddleware: the answer had no
+    # X-Request-Id and its ERROR line no request_id (the id was reset by then), though
+    # that is the answer whose log line an operator most needs to find.
+    app = create_app(Settings())
+
+    async def broken() -> None:  # a route with a bug: what the 500 handler is there for
+        raise RuntimeError("a bug")
+
+    app.add_api_route("/broken", broken)
+    lines = io.StringIO()
+    handler = logging.StreamHandler(lines)
+    handler.setFormatter(JsonFormatter())
+    app_log = logging.getLogger("gateway.app")
+    app_log.addHandler(handler)
+    try:
+        async with serve(app) as url, httpx.AsyncClient(base_url=url) as client:
+            given = await client.get("/broken", headers={"X-Request-Id": "req-of-a-bug"})
+            made = await client.get("/broken")
+    finally:
+        app_log.removeHandler(handler)
+    assert given.status_code == made.status_code == 500
+    assert given.headers["content-type"] == "application/problem+json"
+    assert given.headers["x-request-id"] == "req-of-a-bug"
+    made_id = made.headers["x-request-id"]
+    assert len(made_id) == 32
+    entries = [json.loads(line) for line in lines.getvalue().splitlines()]
+    failures = [e for e in entries if e["message"] == "unhandled error serving GET /broken"]
+    assert [e.get("request_id") for e in failures] == ["req-of-a-bug", made_id]
+    assert all("RuntimeError: a bug" in e["exc"] for e in failures)
