@@ -150,14 +150,16 @@ class TurnContext(NamedTuple):
         return f"{self.namespace or self.channel}:{self.session_id}"
 
 
-_V4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))
-_V4_SET = (0x4000 << 64) | (0x8000 << 48)
-
-
 def uuid4_hex() -> str:
     """A random UUID (version 4, RFC 9562 variant) as 32 hex digits: ``uuid.uuid4().hex``
-    without the UUID object (its checks in Python are most of uuid4's cost)."""
-    return f"{int.from_bytes(os.urandom(16)) & _V4_CLEAR | _V4_SET:032x}"
+    without the UUID object (its checks in Python are most of uuid4's cost). The version
+    and variant bits are set in the 16 random bytes themselves, then ``bytes.hex``: about
+    half the time of going through a 128-bit int and its ``032x`` formatting (one call
+    per HTTP request for its request id, :class:`gateway.middleware.RequestIdMiddleware`)."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = raw[6] & 0x0F | 0x40  # version 4
+    raw[8] = raw[8] & 0x3F | 0x80  # variant 10 (RFC 9562)
+    return raw.hex()
 
 
 def new_session_id() -> str:
