@@ -221,8 +221,8 @@ Decisions where the spec is silent:
 
 Response items -> traces (:class:`TraceWriter`), in this order per item:
 
-- text (not a ``#command``; when there is only SSML, its tags stripped and its
-  character references such as ``&amp;`` decoded) ->
+- text (not a ``#command``: an item with SSML never is one; when there is only SSML, its
+  tags stripped and its character references such as ``&amp;`` decoded) ->
   ``speak {type: "message", message, src?, voice?}`` when ``config.audioEvents``
   (``src`` is the TTS audio link), else ``completion`` chunks when
   ``config.completionEvents`` (``{state: "start"}``, ``{state: "content",
@@ -244,8 +244,8 @@ Response items -> traces (:class:`TraceWriter`), in this order per item:
   carousels, custom actions) when its ``type`` is a trace name (no whitespace, at
   most :data:`MAX_NAME` characters) and not one of :data:`OWN_TRACES`, which the
   gateway writes itself from the items and the Response; others are left out;
-- an item whose text is ``#name`` (a client command) and whose code is anything
-  else -> the custom action trace ``{type: "name", payload: <code, parsed when
+- an item whose text is ``#name`` (a client command; no SSML) and whose code is
+  anything else -> the custom action trace ``{type: "name", payload: <code, parsed when
   JSON>}`` (any JSON value: ``'"main"'``, what a core's command item carries for the
   string ``main``, is ``"main"``; JSON ``null`` leaves the payload out).
 - ``video`` has no Voiceflow trace and is not sent.
@@ -884,8 +884,8 @@ class TraceWriter:
                 if isinstance(raw, dict) and _passable(raw.get("type")):
                     out.append(trace(raw["type"], raw.get("payload"), now))
             return out
-        command = (item.text or "").strip()
-        if command.startswith("#") and len(command) > 1:
+        command = _command(item) or ""
+        if len(command) > 1:
             out.append(trace(command[1:].split()[0], value, now))
         return out
 
@@ -906,12 +906,21 @@ def no_reply_timeout(attributes: Mapping[str, Any]) -> int | float | None:
     return int(seconds) if seconds.is_integer() else seconds
 
 
+def _command(item: ResponseItem) -> str | None:
+    """The ``#command`` an item is (its text, stripped, starting with ``#``), or None. An
+    item with ``ssml`` is speech, never a command (a command item carries ``code``, no
+    SSML): a Voiceflow ``speak`` of ``<speak>#1 hit</speak>`` has the words ``#1 hit`` as
+    its text, which were dropped as if a command."""
+    text = (item.text or "").strip()
+    return text if text.startswith("#") and not item.ssml else None
+
+
 def _message(item: ResponseItem) -> str | None:
     """The text an item says: its text, else its SSML without tags and with its character
-    references decoded; None for ``#commands``."""
-    text = (item.text or "").strip()
-    if text.startswith("#"):
+    references decoded; None for ``#commands`` (:func:`_command`)."""
+    if _command(item) is not None:
         return None
+    text = (item.text or "").strip()
     if not text and item.ssml:  # its text: tags out, then entities (&amp; -> &) decoded
         text = " ".join(html.unescape(_TAG.sub(" ", item.ssml)).split())
     return text or None

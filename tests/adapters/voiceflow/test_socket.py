@@ -1961,3 +1961,55 @@ async def test_a_lock_the_store_lost_before_the_save_is_a_store_unavailable_erro
     lost = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert len(lost) == 1, lost
     assert "not saved, the session store lost its lock before the save" in lost[0]
+
+
+def scripted_runtime(script: dict[str, list[dict[str, Any]]]) -> FastAPI:
+    """A Voiceflow runtime (the state interact endpoint, CORES.md (a)) answering the
+    traces of ``script`` for a ``text`` action's payload (``[]`` for anything else)."""
+    app = FastAPI()
+
+    @app.post("/state/user/{user_id}/interact")
+    async def interact(user_id: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+        return script.get(body["action"].get("payload"), [])
+
+    return app
+
+
+def speak(message: str, src: str | None = None) -> dict[str, Any]:
+    """A ``speak`` trace of type message, as Voiceflow's runtime sends it."""
+    payload = {"type": "message", "message": message, **({"src": src} if src else {})}
+    return {"type": "speak", "payload": payload, "time": 1}
+
+
+@pytest.mark.parametrize("config", [{}, {"audioEvents": True}])
+async def test_a_word_starting_with_a_hash_in_speak_ssml_is_said(
+    config: dict[str, Any],
+) -> None:
+    """A voice agent's ``speak`` SSML whose words begin with ``#`` (``<speak>#1 hit</speak>``)
+    reaches the socket client as its words: the item is speech (it has SSML), not a
+    ``#command``. Before, its text ``#1 hit`` was taken for a command and dropped: nothing
+    was shown (with audioEvents, a ``speak`` of type audio with no message). Plain SSML with
+    a ``#`` inside (``call #5``) was said already."""
+    runtime = scripted_runtime(
+        {"hash": [speak("<speak>#1 hit</speak>"), speak("<speak>call <break/>#5</speak>")]}
+    )
+    async with (
+        serve(runtime) as runtime_url,
+        served(
+            pipeline="voiceflow:",
+            voiceflow_api_key=SecretStr(API_KEY),
+            voiceflow_runtime_url=runtime_url,
+            tts_provider="espeak-ng",
+        ) as url,
+        client(url) as vf,
+    ):
+        await vf.handshake(config=config)
+        _, traces, last = await vf.act({"type": "text", "payload": "hash"})
+        assert last["status"] == "completed"
+        if config:
+            assert [(t["type"], t["payload"]["type"]) for t in traces] == [("speak", "message")] * 2
+            assert [t["payload"]["message"] for t in traces] == ["#1 hit", "call #5"]
+            assert all(t["payload"]["src"].endswith(".mp3") for t in traces)
+        else:
+            assert [t["type"] for t in traces] == ["text", "text"]
+            assert messages(traces) == ["#1 hit", "call #5"]
