@@ -254,11 +254,13 @@ _PARTED_BEFORE_PUNCTUATION = re.compile("\x00++(?=[.,!?;:…])")
 def ssml_to_text(ssml: str) -> str | None:
     """The spoken text of an SSML fragment or document, or None when it is not well-formed
     (the ``amazon:`` prefix of Alexa's elements needs no declaration): its character data,
-    the words on either side of a :data:`_BOUNDARY` element parted, whitespace collapsed;
-    the content of a ``<desc>`` or ``<metadata>`` (:data:`_WITH_UNSPOKEN_CONTENT`: an
-    audio's description, no speech) left out. SSML holding a character no XML document may
-    hold (:data:`_NOT_XML`: a NUL, a lone surrogate ``"\\ud800"``) is not well-formed:
-    None, never an exception."""
+    the words on either side of a :data:`_BOUNDARY` element parted, control characters left
+    out (:func:`without_controls`: DEL and the C1 controls are XML characters, literal or
+    as ``&#127;``, but neither said nor shown), whitespace collapsed; the content of a
+    ``<desc>`` or ``<metadata>`` (:data:`_WITH_UNSPOKEN_CONTENT`: an audio's description,
+    no speech) left out. SSML holding a character no XML document may hold
+    (:data:`_NOT_XML`: a NUL, a lone surrogate ``"\\ud800"``) is not well-formed: None,
+    never an exception."""
     inner = _strip_speak(ssml)
     try:
         root = ET.fromstring(f"{_SPEAK_PARSED}{inner}{_SPEAK_CLOSE}")
@@ -284,7 +286,7 @@ def ssml_to_text(ssml: str) -> str | None:
     text = "".join(out)
     if _PARTED in text:  # no space where a tag parted a word from the punctuation after it
         text = _PARTED_BEFORE_PUNCTUATION.sub("", text).replace(_PARTED, " ")
-    return " ".join(text.split())
+    return " ".join(without_controls(text).split())
 
 
 _MARKUP_NAMES: frozenset[str] = ALEXA_ELEMENTS | GOOGLE_ELEMENTS | {"speak"}
@@ -413,14 +415,15 @@ def loose_text(ssml: str) -> str:
     """The words of SSML that is not well-formed (``<speak>Tom & Jerry</speak>``, an
     unclosed ``<emphasis>``: a core that writes its SSML by hand), as the gateway's own
     speech reads them (gateway/speech/tts.py): tags left out, entities decoded, the
-    content of ``<desc>`` and the like left out, whitespace collapsed; ``""`` when none.
+    content of ``<desc>`` and the like left out, control characters left out
+    (:func:`without_controls`), whitespace collapsed; ``""`` when none.
     Only the first :data:`LOOSE_MAX_CHARS` characters of ``ssml`` are read (a tag cut
     there is left out). Never raises. (A platform refuses the whole speech for such SSML,
     so its words are said as text instead of nothing.)"""
     parser = _LooseText()
     parser.feed(ssml[:LOOSE_MAX_CHARS])
     parser.close()
-    return " ".join("".join(parser.words).split())
+    return " ".join(without_controls("".join(parser.words)).split())
 
 
 _XML_DECLARATION = re.compile(r"<\?xml\s[^<>]*\?>\s*")

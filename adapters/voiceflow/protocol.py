@@ -222,7 +222,8 @@ Decisions where the spec is silent:
 Response items -> traces (:class:`TraceWriter`), in this order per item:
 
 - text (not a ``#command``: an item with SSML never is one; when there is only SSML, its
-  tags stripped and its character references such as ``&amp;`` decoded) ->
+  words: tags stripped, character references such as ``&amp;`` decoded and control
+  characters left out, :func:`gateway.ssml.ssml_to_text`) ->
   ``speak {type: "message", message, src?, voice?}`` when ``config.audioEvents``
   (``src`` is the TTS audio link), else ``completion`` chunks when
   ``config.completionEvents`` (``{state: "start"}``, ``{state: "content",
@@ -262,7 +263,6 @@ Actions -> Input (:data:`ACTIONS`, and :data:`PATH_PREFIX` for choice paths): se
 from __future__ import annotations
 
 import base64
-import html
 import json
 import re
 import urllib.parse
@@ -303,6 +303,7 @@ from gateway.protocol import (
 )
 from gateway.protocol.actions import StartTurn as StartTurn
 from gateway.speech.types import TtsFileFormat, TtsRequest
+from gateway.ssml import loose_text, ssml_to_text
 from gateway.turn import TurnContext, TurnRejected, new_session_id, store_failed
 
 CHANNEL = "voiceflow"
@@ -789,8 +790,6 @@ def _name(kind: Any) -> bool:
 
 # -------------------------------------------------------- turn events -> traces
 
-_TAG = re.compile(r"<[^>]+>")
-
 
 def _fields(**values: Any) -> dict[str, Any]:
     """A wire object of ``values`` in their order, those that are None left out (the
@@ -916,13 +915,18 @@ def _command(item: ResponseItem) -> str | None:
 
 
 def _message(item: ResponseItem) -> str | None:
-    """The text an item says: its text, else its SSML without tags and with its character
-    references decoded; None for ``#commands`` (:func:`_command`)."""
+    """The text an item says: its text, else the words of its SSML
+    (:func:`gateway.ssml.ssml_to_text`: tags out, character references decoded as XML
+    decodes them, control characters left out; SSML that is not well-formed read
+    leniently, :func:`gateway.ssml.loose_text`); None for ``#commands`` (:func:`_command`).
+    Before, the tags were cut out by a regex and the references decoded as HTML's:
+    ``&#x80;`` became ``€`` and DEL or a C1 control was shown."""
     if _command(item) is not None:
         return None
     text = (item.text or "").strip()
-    if not text and item.ssml:  # its text: tags out, then entities (&amp; -> &) decoded
-        text = " ".join(html.unescape(_TAG.sub(" ", item.ssml)).split())
+    if not text and item.ssml:  # its words, as the speech says them and screens show them
+        spoken = ssml_to_text(item.ssml)
+        text = spoken if spoken is not None else loose_text(item.ssml)
     return text or None
 
 

@@ -2013,3 +2013,41 @@ async def test_a_word_starting_with_a_hash_in_speak_ssml_is_said(
         else:
             assert [t["type"] for t in traces] == ["text", "text"]
             assert messages(traces) == ["#1 hit", "call #5"]
+
+
+class ControlsSsmlCore(WebhookCore):
+    """A core that answers well-formed SSML alone holding DEL and C1 controls, literal and
+    as character references (XML characters, which XML 1.0 allows)."""
+
+    async def answer(self, body: dict[str, Any]) -> Any:
+        return {"items": [{"ssml": "<speak>Table&#127; for\x9b two&#x80;</speak>"}]}
+
+
+async def test_control_characters_of_well_formed_ssml_reach_no_client() -> None:
+    """DEL and C1 control characters in well-formed SSML (literal, or ``&#127;``) are
+    neither said nor shown: a Voiceflow voice agent's ``speak`` message and a core's
+    SSML-only item reach the socket client as their words without them, as the speech
+    and the other channels' display text leave them out; ``&#x80;`` is U+0080, as XML
+    reads it. Before, they reached the ``text`` trace (only SSML that was not
+    well-formed, repaired, lost them), and the SSML-only item's ``&#x80;`` was shown as
+    ``€`` (its references were decoded as HTML decodes them)."""
+    runtime = scripted_runtime(
+        {"ctl": [speak("<speak>Hi\x7f the\x9bre<break/>no&#x85;w&#127;</speak>")]}
+    )
+    async with (
+        serve(runtime) as runtime_url,
+        served(
+            pipeline="voiceflow:",
+            voiceflow_api_key=SecretStr(API_KEY),
+            voiceflow_runtime_url=runtime_url,
+        ) as url,
+        client(url) as vf,
+    ):
+        await vf.handshake()
+        _, traces, _ = await vf.act({"type": "text", "payload": "ctl"})
+        assert messages(traces) == ["Hi there no w"]  # (NEL, U+0085, is whitespace)
+    core = ControlsSsmlCore()
+    async with core.running() as core_url, served(pipeline=core_url) as url, client(url) as vf:
+        await vf.handshake()
+        _, traces, _ = await vf.act({"type": "launch"})
+        assert messages(traces) == ["Table for two"]
