@@ -19,7 +19,8 @@ protocols use it without loading the turn engine (DESIGN.md, "Rules of the house
   out as the speech leaves them out (:func:`without_controls`);
 - both cut at a sentence or word boundary with :func:`truncate_text`;
 - :func:`ssml_in_text` tells a core's message that carries SSML markup from plain text
-  (Voiceflow's ``speak`` message holds either), as a ``<speak>`` document.
+  (Voiceflow's ``speak`` message holds either), as a ``<speak>`` document, and
+  :func:`audio_only` the sounds of one that says nothing else.
 
 The webhook driver (:mod:`gateway.io.webhook`) runs the turns whose answers these write.
 """
@@ -43,6 +44,7 @@ __all__ = [
     "LOOSE_MAX_CHARS",
     "MAX_BREAK_S",
     "LenientHTMLParser",
+    "audio_only",
     "display_text",
     "item_ssml",
     "loose_ssml",
@@ -287,6 +289,27 @@ def ssml_to_text(ssml: str) -> str | None:
     if _PARTED in text:  # no space where a tag parted a word from the punctuation after it
         text = _PARTED_BEFORE_PUNCTUATION.sub("", text).replace(_PARTED, " ")
     return " ".join(without_controls(text).split())
+
+
+def audio_only(ssml: str, schemes: tuple[str, ...] = ("https://", "http://")) -> list[str] | None:
+    """The ``src`` of each ``<audio>`` element of ``ssml`` (a fragment or ``<speak>``
+    document), in document order, when that is all it says: well-formed, no words
+    (:func:`ssml_to_text` empty: no fallback content either) and every ``<audio>``'s
+    ``src`` beginning with one of ``schemes`` (http(s), what items' media fields hold);
+    None otherwise (not well-formed, words, no ``<audio>``, one of another scheme such as
+    Alexa's ``soundbank://``, which only the SSML can carry). A core's message of sounds
+    alone (Voiceflow's ``speak`` of ``<audio src="..."/>``) is then those audio items."""
+    if _AUDIO_TAG not in ssml or ssml_to_text(ssml) != "":
+        return None
+    root = ET.fromstring(f"{_SPEAK_PARSED}{_strip_speak(ssml)}{_SPEAK_CLOSE}")
+    sources = [
+        element.get("src") or ""
+        for element in root.iter()
+        if element.tag.rpartition("}")[2] == "audio"
+    ]
+    if not sources or not all(src.startswith(schemes) for src in sources):
+        return None
+    return sources
 
 
 _MARKUP_NAMES: frozenset[str] = ALEXA_ELEMENTS | GOOGLE_ELEMENTS | {"speak"}

@@ -36,7 +36,8 @@ Traces -> items:
   </voice>``; :func:`gateway.ssml.ssml_in_text`), as the item's ``ssml`` (a ``<speak>``
   document) with its words as ``text``; with ``src`` as the item's ``audio`` when an
   http(s) URL (``data:`` TTS is left to the gateway's own speech); a ``speak`` of type
-  ``audio`` -> an audio item;
+  ``audio`` -> an audio item, and so is each ``<audio src>`` (http(s)) of SSML that says
+  nothing else (:func:`gateway.ssml.audio_only`);
   ``stream`` (the audio player step) -> its http(s) ``src`` as an audio item (none for
   its ``PAUSE``/``END`` actions);
 - ``visual`` (image) -> ``image``; ``cardV2`` -> title/description text, ``imageUrl``
@@ -104,7 +105,7 @@ from gateway.pipeline.cores import (
 )
 from gateway.sessions import Session
 from gateway.settings import Settings
-from gateway.ssml import loose_text, ssml_in_text, ssml_to_text
+from gateway.ssml import audio_only, loose_text, ssml_in_text, ssml_to_text
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +295,7 @@ def _items(trace: Any, turn: _Turn) -> list[ResponseItem]:
         message = body.get("message")
         if not isinstance(message, str) or not message:
             return []
-        return [_spoken(message, src if is_url(src) else None)]
+        return _spoken(message, src if is_url(src) else None)
     if kind == "stream":  # the audio player step: play ``src`` (not its PAUSE/END)
         src = body.get("src")
         playing = body.get("action") not in ("PAUSE", "END")
@@ -340,20 +341,27 @@ def _items(trace: Any, turn: _Turn) -> list[ResponseItem]:
     return _custom_action(kind, payload, turn)
 
 
-def _spoken(message: str, audio: str | None) -> ResponseItem:
-    """The item of a ``speak`` message: SSML (a voice agent's ``<voice name="Joanna">Hi</voice>``,
-    ``Hi<break time="500ms"/>there``; :func:`gateway.ssml.ssml_in_text`) as the item's
-    ``ssml``, a ``<speak>`` document, with its words as ``text`` (what a screen shows; none
-    when it has none, an ``<audio>`` alone say); plain text as ``text``. Before, the markup
-    was the item's text: voice assistants and the gateway's own speech read the tags out,
-    text clients showed them."""
+def _spoken(message: str, audio: str | None) -> list[ResponseItem]:
+    """The items of a ``speak`` message: SSML (a voice agent's ``<voice name="Joanna">Hi
+    </voice>``, ``Hi<break time="500ms"/>there``; :func:`gateway.ssml.ssml_in_text`) as the
+    item's ``ssml``, a ``<speak>`` document, with its words as ``text`` (what a screen
+    shows); plain text as ``text``. SSML of sounds alone (``<audio src="https://..."/>``,
+    no words: :func:`gateway.ssml.audio_only`) is one audio item per sound (the trace's own
+    ``src``, when given, alone: its rendering of the whole message), as a ``speak`` of type
+    ``audio`` is. Before, the markup was the item's text: voice assistants and the
+    gateway's own speech read the tags out, text clients showed them; and a message of
+    sounds alone was an item with neither text nor audio, which a text client (the
+    Voiceflow socket's) was shown nothing of and the gateway's own speech synthesized."""
     ssml = ssml_in_text(message)
     if ssml is None:
-        return ResponseItem(text=message, audio=audio)
+        return [ResponseItem(text=message, audio=audio)]
+    sounds = audio_only(ssml)
+    if sounds is not None:
+        return [ResponseItem(audio=src) for src in ([audio] if audio else sounds)]
     words = ssml_to_text(ssml)
     if words is None:  # not well-formed: its words as the channels read them
         words = loose_text(ssml)
-    return ResponseItem(text=words or None, ssml=ssml, audio=audio)
+    return [ResponseItem(text=words or None, ssml=ssml, audio=audio)]
 
 
 def _unended_completion(turn: _Turn, why: str) -> list[ResponseItem]:

@@ -1673,7 +1673,8 @@ async def test_a_voiceflow_cores_ssml_reaches_the_client_as_its_words() -> None:
     ``voice``, tests/gateway/pipeline/fake_voiceflow.py): the socket client's ``text``
     traces show their words (the item's text), neither the tags nor a ``<speak>`` wrapped
     around them, and plain text with ``<`` and ``&`` as it came. A message that is a sound
-    alone has no words, so no text trace. Before, the client was shown the markup."""
+    alone has no words: it is a ``speak`` of type audio with the sound's ``src``. Before,
+    the client was shown the markup; and nothing at all of a sound alone."""
     async with voiceflow_core(make_voiceflow()) as vf:
         await vf.handshake()
         _, traces, last = await vf.act({"type": "text", "payload": "voice"})
@@ -1685,9 +1686,12 @@ async def test_a_voiceflow_cores_ssml_reaches_the_client_as_its_words() -> None:
             "5 < 6 & 7 > 2",
             "I <3 pizza & <b>pasta</b>",
         ]
-        assert [t["type"] for t in traces] == ["text"] * 5
+        assert [t["type"] for t in traces] == ["text"] * 5 + ["speak"]
         assert messages(traces) == said
-        assert [t["payload"]["slate"]["content"][0]["children"][0]["text"] for t in traces] == said
+        chime = {"type": "audio", "message": "", "src": "https://cdn.example.com/chime.mp3"}
+        assert traces[-1]["payload"] == chime
+        slates = [t["payload"]["slate"]["content"][0]["children"][0]["text"] for t in traces[:-1]]
+        assert slates == said
 
 
 class SsmlCore(WebhookCore):
@@ -2051,3 +2055,43 @@ async def test_control_characters_of_well_formed_ssml_reach_no_client() -> None:
         await vf.handshake()
         _, traces, _ = await vf.act({"type": "launch"})
         assert messages(traces) == ["Table for two"]
+
+
+@pytest.mark.parametrize("config", [{}, {"audioEvents": True}])
+async def test_a_speak_of_sounds_alone_reaches_the_client_as_those_sounds(
+    config: dict[str, Any],
+) -> None:
+    """A ``speak`` whose SSML holds only ``<audio src>`` elements is a ``speak`` of type audio
+    per sound, with its ``src`` (with audioEvents too: no TTS link of the gateway's speech,
+    which has nothing to say); with a ``src`` of its own (the runtime's rendering of the
+    message), that one alone. Before, the client got no trace of it at all (with
+    audioEvents: a TTS link of silence instead of the sounds)."""
+    one, two = "https://cdn.example.com/a.mp3", "https://cdn.example.com/b.mp3"
+    runtime = scripted_runtime(
+        {
+            "sounds": [
+                speak(
+                    f'<speak><audio src="{one}"/> <break time="1s"/><audio src="{two}"/></speak>'
+                ),
+                speak(f'<audio src="{one}"/>', src="https://cdn.example.com/tts/whole.mp3"),
+            ]
+        }
+    )
+    async with (
+        serve(runtime) as runtime_url,
+        served(
+            pipeline="voiceflow:",
+            voiceflow_api_key=SecretStr(API_KEY),
+            voiceflow_runtime_url=runtime_url,
+            tts_provider="espeak-ng",
+        ) as url,
+        client(url) as vf,
+    ):
+        await vf.handshake(config=config)
+        _, traces, last = await vf.act({"type": "text", "payload": "sounds"})
+        assert last["status"] == "completed"
+        assert [t["type"] for t in traces] == ["speak"] * 3
+        assert [t["payload"] for t in traces] == [
+            {"type": "audio", "message": "", "src": src}
+            for src in (one, two, "https://cdn.example.com/tts/whole.mp3")
+        ]

@@ -19,6 +19,7 @@ from gateway.conversation import Conversation
 from gateway.events import (
     Input,
     ResponseEvent,
+    ResponseItem,
     SessionEndedEvent,
     transfer_target,
 )
@@ -246,11 +247,12 @@ async def test_a_speak_message_with_ssml_is_an_ssml_item_with_its_words_as_text(
     without SSML tags (``5 < 6 & 7 > 2``, HTML's ``<b>``) stays plain text. Before, the
     runtime was asked to strip the tags (``stripSSML``, as the fake runtime does too), so the
     markup was lost and the plain text mangled (``5  2``); a runtime that sent the tags had
-    them read out and shown (the message was the item's text)."""
+    them read out and shown (the message was the item's text). A message of a sound alone
+    is that audio item."""
     url, _ = voiceflow
     conv = vf_engine(url, stream)
     got = items(await conv.turn(ctx(), Input.of("voice")).collect())
-    assert [(i.text, i.ssml) for i in got] == [
+    assert [(i.text, i.ssml) for i in got[:-1]] == [
         (
             "Hello there",
             '<speak><voice name="Joanna">Hello <emphasis level="strong">there</emphasis>'
@@ -260,8 +262,9 @@ async def test_a_speak_message_with_ssml_is_an_ssml_item_with_its_words_as_text(
         ("Tom & Jerry are here.", "<speak>Tom &amp; Jerry<break/>are here.</speak>"),
         ("5 < 6 & 7 > 2", None),
         ("I <3 pizza & <b>pasta</b>", None),
-        (None, '<speak><audio src="https://cdn.example.com/chime.mp3"/></speak>'),
     ]
+    # a sound alone: an audio item, as a speak of type audio (before: SSML, no text or audio)
+    assert got[-1] == ResponseItem(audio="https://cdn.example.com/chime.mp3")
     await conv.pipeline.aclose()
 
 
