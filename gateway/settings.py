@@ -926,7 +926,8 @@ class Settings(BaseSettings):
         "session, however active the session: an older one gets `newSessionRequired: "
         "true` as a forged one does, so a key leaked once does not open its session for "
         "as long as the session lives; a connection whose key reaches it is told "
-        '`session.ended {reason: "session_key_expired"}` at its next event. 0: no limit.',
+        '`session.ended {reason: "session_key_expired"}` then (or, while an action runs, '
+        "when it has ended). 0: no limit.",
     )
     voiceflow_api_keys: Annotated[frozenset[str], NoDecode] = Field(
         default=frozenset(),

@@ -124,8 +124,10 @@ Decisions where the spec is silent:
   pushed items go out, it gets ``session.ended {reason: "session_key_expired"}``
   (:meth:`VoiceflowConnection.key_aged_out`; an action.send is then rejected
   ``no-session``) and needs a new session, as a client.start with that key would be
-  told. A connection that sends nothing is told at its next event (no timer runs for
-  it; it receives no push past that age).
+  told. A connection that sends nothing is told when the key reaches that age (the I/O
+  layer waits :meth:`VoiceflowConnection.key_age_left_s`), so its client makes a new
+  session before its user's next action instead of having that action rejected; it
+  receives no push past that age.
 - A valid sessionKey resumes its session only when the store still has it (it
   expired, or it never had a turn: ``newSessionRequired: true``, and the client makes a
   new one with ``session.create``, as the spec's client does, instead of being told
@@ -1670,7 +1672,8 @@ class VoiceflowConnection:
         key), as a client.start with that key would now be told ``newSessionRequired:
         true``. Checked at each client event but client.start and session.create (before
         it is handled: an action.send is then rejected ``no-session``), before a queued
-        action starts, and before pushed items go out (the I/O layer). ``[]`` while the
+        action starts, before pushed items go out and when :meth:`key_age_left_s` has
+        passed (the I/O layer). ``[]`` while the
         key is younger, or when the connection is not ready in a session (an action runs:
         checked when it has ended and another would start)."""
         max_age_s = self._signer().max_age_s
@@ -1681,6 +1684,18 @@ class VoiceflowConnection:
             return []
         self.machine.advance(KEY_AGED_OUT)
         return [self._session_ended(ENDED_KEY_AGED)]
+
+    def key_age_left_s(self) -> float | None:
+        """Seconds until the sessionKey of this ready connection's session reaches its max
+        age (0 when it has: :meth:`key_aged_out` ends the session now), for the I/O layer to
+        call :meth:`key_aged_out` then; None when nothing ages: the connection is not ready
+        in a session (an action runs: asked again when it has ended), its key's ``iat`` is
+        not known, or there is no limit."""
+        max_age_s = self._signer().max_age_s
+        iat = self._key_iat
+        if self.state is not State.READY or iat is None or not max_age_s:
+            return None
+        return max(0.0, iat + max_age_s - self.clock())
 
     def connection_lost(self) -> bool:
         """The socket.io connection is gone; nothing more is accepted and the queued

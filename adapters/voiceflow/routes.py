@@ -639,6 +639,8 @@ class _Client:
     """The session's outbox (pushes), once the connection has a session."""
     idle: asyncio.Task[None] | None = None
     """The wait for the session's idle timeout (:meth:`VoiceflowServer._watch_idle`)."""
+    key_watch: asyncio.Task[None] | None = None
+    """The wait for the sessionKey's max age (:meth:`VoiceflowServer._watch_key_age`)."""
     claimed: str | None = None
     """The store key of the session the client's last started action claimed."""
     kept: list[Action] | None = None
@@ -1122,6 +1124,7 @@ class VoiceflowServer:
             watching = client.idle is not None and not client.idle.done()
             if not watching or idle != (conn.state, conn.session_id, conn.idle_timeout_s()):
                 self._arm_idle(client)
+            self._arm_key_watch(client)
         except Exception:
             log.exception("Voiceflow event %r failed", event)
             await _emit(self.sio, sid, error("gateway-error", "Internal gateway error."))
@@ -1236,6 +1239,7 @@ class VoiceflowServer:
         await self._take_due(client)  # kept for the session while this action ran
         await self._follow(client)  # what was pushed while the action ran
         self._arm_idle(client)
+        self._arm_key_watch(client)
 
     async def _keep(self, client: _Client, start: StartTurn) -> None:
         """Keep the answer of ``start``, the action of ``client`` that left while it ran
@@ -1423,6 +1427,39 @@ class VoiceflowServer:
         client.idle = task
         client.tasks.add(task)  # cancelled with the connection
         task.add_done_callback(client.tasks.discard)
+
+    def _arm_key_watch(self, client: _Client) -> None:
+        """Start the wait for the client's sessionKey to reach its max age
+        (:meth:`_watch_key_age`) unless one runs or nothing ages (the connection's
+        :meth:`~adapters.voiceflow.protocol.VoiceflowConnection.key_age_left_s` is None):
+        after each client event and each action's end."""
+        if client.key_watch is not None and not client.key_watch.done():
+            return
+        if client.conn.key_age_left_s() is None or client.sid not in self._clients:
+            return
+        task = asyncio.create_task(self._watch_key_age(client))
+        client.key_watch = task
+        client.tasks.add(task)  # cancelled with the connection
+        task.add_done_callback(client.tasks.discard)
+
+    async def _watch_key_age(self, client: _Client) -> None:
+        """Wait until the connection's sessionKey reaches its max age (asked again after
+        each wait: a new session or a younger key moves it), then tell the client
+        ``session.ended {reason: "session_key_expired"}``
+        (:meth:`~adapters.voiceflow.protocol.VoiceflowConnection.key_aged_out`, under
+        ``_Client.answering``: never inside a kept answer or a push). Before, an idle
+        connection was told only at its next event: its user's next action was rejected
+        ``no-session`` instead of going to a new session. Ends when nothing ages any more
+        (an action runs: armed again at its end)."""
+        conn = client.conn
+        while (left := conn.key_age_left_s()) is not None:
+            if left > 0:
+                await asyncio.sleep(left)
+                continue
+            async with client.answering:
+                if ended := conn.key_aged_out():
+                    await self._do(client, ended)
+                    return
 
     async def _watch_idle(self, client: _Client, wait_s: float) -> None:
         """Wait ``wait_s`` (+ :data:`IDLE_MARGIN_S`, so the store has let the session go),

@@ -992,6 +992,43 @@ async def test_a_connection_whose_key_reaches_its_max_age_is_told_a_new_session_
         await made.nothing_more()
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_an_idle_connection_is_told_when_its_key_reaches_its_max_age(
+    transport: str, store: dict[str, Any]
+) -> None:
+    """A connection that sends nothing was told its sessionKey had reached
+    GATEWAY_VOICEFLOW_SESSION_KEY_MAX_AGE_S only at its next event: its user's next action
+    was rejected ``no-session`` instead of going to a new session. Now it gets
+    ``session.ended {reason: "session_key_expired"}`` when the key reaches that age (not
+    before), then makes a new session, whose key counts afresh; a client.start with a
+    younger key of the same session moves the moment to that key's age."""
+    max_age_s = 3
+    settings = {"voiceflow_session_key_max_age_s": max_age_s, **store}
+    async with served_with_store(**settings) as (url, _), client(url, transport) as vf:
+        key = await vf.handshake()
+        assert await vf.say("my name is Ada") == ["Nice to meet you, Ada."]
+        await until_key_age(key, max_age_s - 0.7)
+        await vf.nothing_more(0.2)  # still young
+        assert await vf.expect("session.ended") == {"reason": "session_key_expired"}
+        assert time.time() >= jwt.decode(key, options={"verify_signature": False})["iat"] + 3
+        fresh = await vf.create()
+        assert await vf.say("hello") == ["You said: hello"]
+        await until_key_age(fresh, 1.0)
+        check = SessionKeys(SECRET, ttl_s=3600).verify(
+            fresh, project_id=PROJECT, user_id=USER, now=time.time()
+        )
+        assert check.session_id is not None
+        younger = SessionKeys(SECRET, ttl_s=3600).issue(
+            session_id=check.session_id, project_id=PROJECT, user_id=USER, now=time.time()
+        )
+        assert await vf.start(younger) is False  # the same session, by a younger key
+        await until_key_age(fresh, max_age_s + 0.3)
+        await vf.nothing_more(0.2)  # the first key's age is past: not this key's
+        assert await vf.expect("session.ended") == {"reason": "session_key_expired"}
+        assert time.time() >= jwt.decode(younger, options={"verify_signature": False})["iat"] + 3
+        await vf.nothing_more()
+
+
 async def test_a_key_past_its_max_age_ends_a_queued_action_before_it_starts() -> None:
     """An action queued behind a running one when the connection's key reaches its max
     age started all the same (the key was checked at client.start only). Now the running
