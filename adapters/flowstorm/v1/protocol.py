@@ -362,7 +362,8 @@ class Follow:
     delivered mark), and what is appended later, to :meth:`V1Connection.deliver` whenever
     :attr:`V1Connection.can_deliver`. The check is made with or without an outbox, and
     the I/O layer reads no frame meanwhile: an audio stream opened after the Init is
-    never heard in another application's session."""
+    never heard in another application's session. A session whose first turn is still
+    making it (not stored yet) is asked about again until that turn has stored it."""
 
     ctx: TurnContext
     after: int | None

@@ -126,6 +126,12 @@ DRAIN_READ_MS: Final = 300
 client already sent (received, not read yet): the audio before its utterance is finished,
 a Request before the 1012 close (:meth:`_Socket.restart`); within what the shutdown leaves
 (:func:`drain_read_s`)."""
+MADE_POLL_S: Final = 0.05
+"""The first pause (s) before the session an Init resumes is looked up again while its
+first turn still makes it (:meth:`_Socket._made`); each pause doubles, up to
+:data:`MADE_POLL_MAX_S`."""
+MADE_POLL_MAX_S: Final = 0.5
+"""The longest pause (s) between those look-ups."""
 CLOSE_RESERVE_S: Final = 1.0
 """Of what GATEWAY_SHUTDOWN_TIMEOUT_S leaves (Gateway.drain_left_s), the seconds the V1
 drain keeps for closing the sockets (its last read, the 1012) and the server for closing
@@ -412,6 +418,25 @@ class _Socket(WebSocketDriver[Action]):
             log.info("%s: %s refused: session-foreign", self.name, what)
         return found
 
+    async def _made(self, ctx: TurnContext, refused: str) -> str | None:
+        """:meth:`_find`, asked again while it says ``creating`` (a turn holds the session's
+        lock and has not stored it yet: its first turn makes it, or a turn about to be
+        refused), every :data:`MADE_POLL_S` at first, then less often (at most
+        :data:`MADE_POLL_MAX_S`), until the store says more, for at most
+        GATEWAY_LOCK_WAIT_S + Settings.turn_max_s + 1 s (how long such a turn may hold
+        the lock) and while the socket is open; ``creating`` when it still says so then.
+        The receive loop awaits this, so no frame is read meanwhile."""
+        loop = asyncio.get_running_loop()
+        settings = self.gw.settings
+        end = loop.time() + settings.lock_wait_s + settings.turn_max_s + 1.0
+        pause = MADE_POLL_S
+        found = await self._find(ctx, refused)
+        while found == "creating" and self.open and loop.time() < end:
+            await asyncio.sleep(min(pause, max(end - loop.time(), 0.0)))
+            pause = min(pause * 2, MADE_POLL_MAX_S)
+            found = await self._find(ctx, refused)
+        return found
+
     async def _check_session(self, action: CheckSession) -> None:
         """Whether the session an InputAudioStreamOpen proposes is another application's
         (:meth:`_find`), handed to V1Connection.session_checked and its actions carried
@@ -428,8 +453,14 @@ class _Socket(WebSocketDriver[Action]):
         refusal's text; neither its answers and pushes nor its turns are the client's); an
         unknown one is not followed (the turn that creates it adopts it); a store failure
         is an Error frame of source ``gateway``. No frame (an InputAudioStreamOpen) is
-        taken before the refusal."""
-        found = await self._find(action.ctx, "session {} resumed by Init")
+        taken before the refusal.
+
+        A session not stored yet while a turn holds its lock (``creating``: its first turn
+        makes it, the client's own whose socket dropped) is asked about again
+        (:meth:`_made`) until that turn has stored it, so the answer it leaves in the
+        outbox comes to the client after Ready; it was taken for an unknown one, and the
+        answer never came (the client's next turn passed it over)."""
+        found = await self._made(action.ctx, "session {} resumed by Init")
         if found is None:
             await self.run([error_frame("The session store is unavailable.", "gateway")])
         elif found == "foreign":

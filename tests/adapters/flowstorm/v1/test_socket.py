@@ -862,6 +862,41 @@ async def test_a_client_that_leaves_mid_turn_does_not_lose_the_turn(
         await assert_serving(url)
 
 
+@pytest.mark.parametrize("last_seq", [0, None])
+async def test_a_client_back_while_its_sessions_first_turn_runs_gets_that_answer(
+    store: dict[str, Any], last_seq: int | None
+) -> None:
+    """A client whose socket dropped during the first turn of its session (the session is
+    not stored yet: the turn holds its lock and makes it) comes back with Init
+    ``sessionId`` (and ``lastSeq``, or none) before that turn ends. The session's check
+    (Conversation.find) said ``creating``, which the resume took for "nothing to follow":
+    the answer went to the session's outbox and never to the client, whose next turn
+    passed it over (README "Resume"). Now the resume waits for the turn to store the
+    session, then follows it: the answer comes after Ready."""
+    core = SlowCore()
+    session_id = f"first-turn-{last_seq}-{store.get('redis_prefix', 'memory')}"
+    async with core.running() as core_url, served(pipeline=core_url, **store) as url:
+        async with connect(ws_url(url)) as ws:
+            await init(ws, {**init_frame(), "lastSeq": 0})
+            await send_json(ws, request_frame("#intro", session_id))
+            await core.next_request()  # the session's first turn runs: it is being made
+        resume = {**init_frame(), "sessionId": session_id}
+        if last_seq is not None:
+            resume["lastSeq"] = last_seq
+        async with connect(ws_url(url)) as ws:
+            await init(ws, resume)
+            core.release.set()
+            answer = await recv_json(ws)  # before: nothing came
+            assert texts(answer) == ["slow answer"]
+            assert ("seq" in answer) is (last_seq is not None)
+            # the connection is in the session: its next turn continues it
+            [again] = await turn(ws, input_frame("again"))
+            assert texts(again) == ["slow answer"]
+        second = await core.next_request()
+        assert second["sessionId"] == session_id
+        assert second["attributes"]["answered1"] == "#intro"
+
+
 @pytest.mark.parametrize("tts", ["RequiredLinks", "None"])
 async def test_a_pushed_event_that_is_not_a_response_is_dropped_with_a_warning(
     caplog: pytest.LogCaptureFixture, tts: str
