@@ -618,10 +618,16 @@ class Journal:
     ) -> AsyncIterator[Follower]:
         """Listen to ``key``'s outbox: a Follower whose ``floor`` is ``after`` (what the
         client saw last) or, when None, the delivered mark (``only_new``: the last seq
-        given, so only later appends are read). Subscribes before reading the mark, so
-        no append is missed. Raises BusUnavailable or OutboxError."""
+        given, so only later appends are read). An ``after`` above the last seq given
+        counts as None: it is a number of an outbox that expired while its session lived
+        on (this one numbers from 1 again, every entry below it), or of no outbox of this
+        session; from it, nothing appended would be read until the numbers passed it.
+        Subscribes before reading the mark, so no append is missed. Raises
+        BusUnavailable or OutboxError."""
         async with self.bus.subscribe(topic(key)) as sub:
             state = await self.outbox.state(key)
+            if after is not None and after > state.last_seq:
+                after = None  # a number of another outbox: the mark, as without one
             floor = state.last_seq if only_new else state.mark if after is None else after
             yield Follower(self, key, sub, floor)
 

@@ -1092,6 +1092,40 @@ async def test_an_answer_cut_by_a_dropped_socket_is_resumed_without_last_seq(
         assert view["outbox"]["length"] == 0  # all delivered now
 
 
+async def test_a_v1_resume_past_an_expired_outbox_gets_the_pushes(
+    shared: dict[str, Any],
+) -> None:
+    """A session outlives its outbox (GATEWAY_OUTBOX_TTL_S after its last change; a
+    session lives GATEWAY_SESSION_TIMEOUT_S, or a core's ``sessionTimeout``): the outbox
+    made again numbers its events from 1. A client back with the ``lastSeq`` it saw in
+    the expired one followed the outbox from that number, above every event of the new
+    one: a push was never sent to it, yet confirmed ``live`` to the pusher. A ``lastSeq``
+    above the outbox's last number now counts as none (the delivered mark)."""
+    async with (
+        served(**{**shared, "outbox_ttl_s": 1}) as a,
+        httpx.AsyncClient(timeout=10) as http,
+    ):
+        async with connect(ws_url(a)) as ws:
+            last = await hello(ws, "outlived-1")
+            [named] = await turn(ws, request_frame("my name is Ada"))
+            last = named["seq"]
+        assert last > 2
+        await asyncio.sleep(1.5)  # the outbox expires; the session lives on
+        async with connect(ws_url(a)) as ws:
+            resume = {**init_frame(), "sessionId": "outlived-1", "lastSeq": last}
+            await send_json(ws, resume)
+            assert await recv_json(ws) == {"type": "Ready"}
+            [answer] = await turn(ws, request_frame("what is my name"))  # (followed now)
+            assert texts(answer) == ["Your name is Ada."]
+            assert answer["seq"] < last  # the new outbox's numbers
+            pushed = await push(http, a, {"sessionId": "outlived-1"}, "Pushed.")
+            assert pushed.status_code == 200, pushed.text
+            assert pushed.json()["delivery"] == "live"
+            frame = await recv_json(ws)  # before: nothing came
+            assert texts(frame) == ["Pushed."]
+            assert frame["seq"] == pushed.json()["seq"]
+
+
 async def test_a_push_wakes_a_sleeping_client(shared: dict[str, Any]) -> None:
     core = StreamingCore()
     async with (
