@@ -817,9 +817,16 @@ class SpeechStage:
         return await self._final(self.audio_ms)
 
     async def cancel(self) -> None:
-        """Drop the utterance (the recognition stream is released); nothing more is reported."""
+        """Drop the utterance (the recognition stream is released); nothing more is reported.
+
+        A release can take a while (a recognizer's waits for the decoding it is doing): an
+        utterance opened meanwhile (:meth:`listen`, a Duplex stream's next one: the caller
+        need not wait for this) is left as it is."""
+        generation = self._generation
         if self._stream is not None and not self.done:
             await self._stream.cancel()
+        if generation != self._generation:
+            return  # (its own stream was released: the one it had when called)
         self.cancelled = True
         self._queue.clear()
         self._pending = 0

@@ -244,12 +244,15 @@ class _Listening:
         stage.stop()
         if action.hear_on and stage is self._duplex:
             # only the utterance is dropped (typed input): the stream's stage goes on
-            # hearing it (feed: stage.hear), as between utterances. Its recognition is
-            # released before the stream's next utterance opens on the stage (SpeechStage.run
-            # releases only the utterance it serves)
+            # hearing it (feed: stage.hear), as between utterances. Its task releases its
+            # recognition on the way out (SpeechStage.run, .cancel: a next utterance opened
+            # on the stage meanwhile is left as it is), not awaited here: the receive loop
+            # carries this out and the typed input's turn starts after it, and a
+            # recognizer's release waits for the decoding it is doing (it held the loop
+            # for 150-650 ms on a loaded machine). The task begins its release at the next
+            # loop turn; the stream's next utterance opens only once the typed turn ended
             if task is not None and task is not asyncio.current_task():
                 task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
             return
         self._utterance = None
         if stage is self._duplex:

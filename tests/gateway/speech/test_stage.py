@@ -372,3 +372,73 @@ async def test_onset_heard_tells_whether_anything_was_said_in_the_open_utterance
     stage.listen(at_onset=300)  # opened while someone speaks: that speech is the utterance's
     assert stage.onset_heard
     stage.stop()
+
+
+class _SlowRelease:
+    """The real recognizer whose streams take ``release_s`` to be released (a cloud
+    recognizer's close is a round trip; pocketsphinx's waits for the decoding it does)."""
+
+    def __init__(self, inner: PocketsphinxRecognizer, release_s: float) -> None:
+        self._inner = inner
+        self._release_s = release_s
+        self.opened = asyncio.Event()
+        self.released = asyncio.Event()
+
+    async def open_stream(self, fmt: AudioFormat) -> object:
+        stream = await self._inner.open_stream(fmt)
+        self.opened.set()
+        release_s, released = self._release_s, self.released
+
+        class Slow:
+            async def cancel(self) -> None:
+                await asyncio.sleep(release_s)
+                await stream.cancel()
+                released.set()
+
+            def __getattr__(self, name: str) -> object:
+                return getattr(stream, name)
+
+        return Slow()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._inner, name)
+
+
+async def test_an_utterance_opened_while_the_one_before_is_released_is_left_as_it_is(
+    recognizer: PocketsphinxRecognizer, corpus: dict[str, Pcm]
+) -> None:
+    """An utterance dropped while it is recognised (its run cancelled: Flowstorm V1's typed
+    input on a Duplex stream) releases its recognition stream on the way out
+    (SpeechStage.cancel), which may take a while; the stream's next utterance may be
+    opened on the stage meanwhile (the V1 receive loop no longer waits for the release).
+    The release then marked that next utterance cancelled and emptied its queue: it
+    ended without a result. Now it is left as it is and recognised."""
+    slow = _SlowRelease(recognizer, release_s=1.0)
+    stage = SpeechStage(slow, PCM16, ListenOptions(interim=False))  # type: ignore[arg-type]
+    speech = resample(padded(corpus["tell me about this place"]), 16000).data
+    chunk = PCM16.bytes_for_ms(100)
+    stage.listen()
+    dropped = asyncio.create_task(stage.run(_nothing))
+    await stage.put(speech[: chunk * 10])
+    async with asyncio.timeout(30):
+        await slow.opened.wait()  # its recognition stream is open
+    stage.stop()
+    dropped.cancel()  # not awaited: its release goes on
+    await asyncio.sleep(0.05)  # it begins (V1: the typed turn runs meanwhile)
+    stage.listen()  # the next utterance
+    heard: list[Heard] = []
+
+    async def report(event: Heard) -> None:
+        heard.append(event)
+
+    run = asyncio.create_task(stage.run(report))
+    await stage.put(speech[:chunk])
+    async with asyncio.timeout(10):
+        await slow.released.wait()  # the release ends while the next utterance is heard
+    for i in range(chunk, len(speech), chunk):
+        await stage.put(speech[i : i + chunk])
+    stage.finish_soon()
+    await asyncio.wait_for(run, 30)
+    assert dropped.cancelled()
+    assert [h.kind for h in heard] == ["final"]  # before: none, the run ended cancelled
+    assert wer([("tell me about this place", normalise(heard[0].text))]) <= 0.34

@@ -32,6 +32,7 @@ from tests.adapters.flowstorm.v1.helpers import (
     request_frame,
     send_audio,
     send_json,
+    texts,
     turn,
     ws_url,
 )
@@ -120,3 +121,92 @@ async def test_a_typed_turn_on_a_duplex_stream_keeps_its_stage(
         await send_audio(ws, pcm_at(corpus["tell me about this place"], 16000), 16000)
         heard = await frames_until_response(ws)
         assert [f["type"] for f in heard if isinstance(f, dict)] == ["Recognized", "Response"]
+
+
+RELEASE_S = 3.0
+"""How long a :class:`SlowRelease` recognizer's stream takes to be released (s)."""
+
+
+class _SlowStream:
+    """A stream of :class:`SlowRelease`: the real one, released :data:`RELEASE_S` late."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    async def cancel(self) -> None:
+        await asyncio.sleep(RELEASE_S)
+        await self._inner.cancel()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+class SlowRelease:
+    """The real recognizer (pocketsphinx) whose streams take :data:`RELEASE_S` to release,
+    as a cloud recognizer's close is a round trip, and pocketsphinx's own release waits
+    for the decoding it is doing (150-650 ms measured on a loaded machine)."""
+
+    def __init__(self, inner: PocketsphinxRecognizer) -> None:
+        self._inner = inner
+        self.opened = asyncio.Event()
+        """Set once a stream was opened."""
+
+    async def open_stream(self, fmt: Any) -> _SlowStream:
+        stream = _SlowStream(await self._inner.open_stream(fmt))
+        self.opened.set()
+        return stream
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+async def test_typed_input_on_a_duplex_utterance_is_answered_while_its_recognizer_releases(
+    recognizer: PocketsphinxRecognizer, corpus: dict[str, Pcm]
+) -> None:
+    """Typed input while a Duplex stream's utterance is being recognised drops that
+    utterance; the receive loop waited for its recognizer to be released before it
+    started the typed turn (and read no frame meanwhile): the answer came a release late
+    (150-650 ms with pocketsphinx on a loaded machine; RELEASE_S here). Now the release
+    goes on beside the turn, and the stream's next utterance, opened on the stage while
+    it still goes on, is recognised and answered."""
+    settings = Settings(public_url="http://gw.test")
+    app = create_app(settings)
+    speech = pcm_at(corpus["tell me about this place"], 16000)
+    async with served_app(app, settings) as url, connect(ws_url(url)) as ws:
+        gw = app.state.gateway
+        slow = SlowRelease(recognizer)
+        gw.speech = SpeechService(
+            recognizer_factory=lambda: slow,
+            synthesizer=gw.speech.synthesizer,
+            cache=gw.speech.cache,
+            public_url="http://gw.test/",
+            listen_defaults=ListenOptions(),
+        )
+        await init(ws, init_frame(sttMode="Duplex", tts="None"))
+        await open_stream(ws)
+        await send_audio(ws, speech[: len(speech) // 2], 16000)  # speaking: recognised
+        async with asyncio.timeout(30):
+            await slow.opened.wait()  # its recognizer is taken (at the voice onset)
+        loop = asyncio.get_running_loop()
+        typed = loop.time()
+        frames = await turn(ws, input_frame("my name is Ada"))
+        took_s = loop.time() - typed
+        assert [f["type"] for f in frames] == ["SessionStarted", "Response"]
+        assert texts(frames[-1]) == ["Nice to meet you, Ada."]
+        assert took_s < RELEASE_S - 1.0, took_s  # before: RELEASE_S at least
+
+        # the next utterance opens on the stage while the dropped one's release goes on,
+        # which ends in the middle of it (spoken in real time)
+        async def real_time() -> None:
+            step = 3200  # 100 ms
+            for start in range(0, len(speech), step):
+                await ws.send(speech[start : start + step])
+                await asyncio.sleep(0.1)
+
+        talking = asyncio.create_task(real_time())
+        heard = await frames_until_response(ws)  # before (the stage's release): none came
+        await talking
+        [recognized, answer] = [f for f in heard if isinstance(f, dict)]
+        assert recognized["type"] == "Recognized"
+        assert "place" in recognized["text"], recognized
+        assert texts(answer) == [f"You said: {recognized['text']}"]
