@@ -224,8 +224,10 @@ Decisions where the spec is silent:
 Response items -> traces (:class:`TraceWriter`), in this order per item:
 
 - text (not a ``#command``: an item with SSML never is one; when there is only SSML, its
-  words: tags stripped, character references such as ``&amp;`` decoded and control
-  characters left out, :func:`gateway.ssml.ssml_to_text`) ->
+  words as the voice assistants show them, :func:`gateway.ssml.ssml_to_text`: tags out,
+  character references such as ``&amp;`` decoded, control characters and an audio's
+  ``<desc>`` left out; SSML that is not well-formed read leniently,
+  :func:`gateway.ssml.loose_text`) ->
   ``speak {type: "message", message, src?, voice?}`` when ``config.audioEvents``
   (``src`` is the TTS audio link), else ``completion`` chunks when
   ``config.completionEvents`` (``{state: "start"}``, ``{state: "content",

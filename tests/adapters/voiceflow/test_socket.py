@@ -1765,6 +1765,38 @@ async def test_ssml_only_items_are_their_text_with_character_references_decoded(
             ] == said
 
 
+class DescribedSsmlCore(WebhookCore):
+    """A core that answers SSML alone: a sound with its ``<desc>``, two voices, a ``<speak>``
+    whose attribute value holds a ``>``."""
+
+    async def answer(self, body: dict[str, Any]) -> Any:
+        return {
+            "items": [
+                {
+                    "ssml": '<speak>Ding<audio src="https://example.com/dong.mp3">'
+                    "<desc>A doorbell rings</desc></audio>dong!</speak>"
+                },
+                {"ssml": '<voice name="a">Hello</voice><voice name="b">world</voice>.'},
+                {"ssml": '<speak data-note="a>b">Welcome back</speak>'},
+            ]
+        }
+
+
+async def test_ssml_only_items_are_their_words_as_the_other_channels_show_them() -> None:
+    """An item with SSML alone shows the words the voice assistants show and say
+    (gateway.ssml.ssml_to_text): an audio's ``<desc>`` is not said, so not shown; two
+    voices part their words; a ``>`` inside the ``<speak>`` tag's attribute value is no
+    text. Before, the ``text`` trace was cut at every ``>`` and its ``<desc>`` shown:
+    ``Ding A doorbell rings dong!``, ``b"> Welcome back``."""
+    core = DescribedSsmlCore()
+    async with core.running() as core_url, served(pipeline=core_url) as url, client(url) as vf:
+        await vf.handshake()
+        _, traces, _ = await vf.act({"type": "launch"})
+        said = ["Ding dong!", "Hello world.", "Welcome back"]
+        assert messages(traces) == said
+        assert [t["payload"]["slate"]["content"][0]["children"][0]["text"] for t in traces] == said
+
+
 async def test_intent_classes_and_attributes_reach_the_core() -> None:
     core = RecordingCore()
     async with core.running() as core_url, served(pipeline=core_url) as url, client(url) as vf:
