@@ -89,6 +89,27 @@ def test_voices_and_languages_part_the_words_on_either_side(ssml: str, text: str
     assert display_text([ResponseItem(ssml=ssml)], 640) == text
 
 
+@pytest.mark.parametrize(
+    ("ssml", "text"),
+    [
+        ("<speak><p>Take one</p><p>.5 cups of water</p></speak>", "Take one .5 cups of water"),
+        ("<speak><s>Well</s><s>...maybe</s></speak>", "Well ...maybe"),
+        ('<speak>Pi is 3<break time="1s"/>,14</speak>', "Pi is 3 ,14"),
+        ("<speak><voice name='a'>Hi</voice>...</speak>", "Hi..."),
+        ("<speak><s>Yes</s>!? <s>No</s></speak>", "Yes!? No"),
+    ],
+)
+def test_punctuation_that_begins_a_word_stays_parted_from_the_word_before(
+    ssml: str, text: str
+) -> None:
+    """A parting tag puts no space before punctuation that ends the words before it
+    (``Hi</voice>.``), but one that begins the next word (``.5``, ``...maybe``) keeps it:
+    the display text and a cut speech (said as its spoken text) must not glue two numbers
+    into one. Before, ``<p>Take one</p><p>.5 cups</p>`` read ``Take one.5 cups``."""
+    assert ssml_to_text(ssml) == text
+    assert display_text([ResponseItem(ssml=ssml)], 640) == text
+
+
 def test_the_gateways_tts_parts_voices_and_audio() -> None:
     """The gateway's own speech (gateway/speech/tts.py) reads voices and sounds as the
     platforms do. Before: ``helloworld``, ``Hiwoof``."""
