@@ -693,10 +693,15 @@ sections 3.2.3, 3.2.2, 3.2.4, as Alexa's and Google's SSML references list them:
 percentage, a relative pitch or volume); the platforms refuse the whole speech for another
 (``<prosody rate="x">``)."""
 _VALUED_TAG = re.compile(  # (in a well-formed fragment: its tags as XML writes them)
-    r"""<(break|prosody|emphasis)((?:\s++[^\s=/>]++\s*+=\s*+(?:"[^"]*+"|'[^']*+'))*+)(\s*+/?>)"""
+    r"<!--.*?-->|<!\[CDATA\[.*?\]\]>|<\?.*?\?>"
+    r"""|<(break|prosody|emphasis)((?:\s++[^\s=/>]++\s*+=\s*+(?:"[^"]*+"|'[^']*+'))*+)(\s*+/?>)""",
+    re.DOTALL,
 )
-"""A ``<break>``, ``<prosody>`` or ``<emphasis>`` start or empty-element tag: group 2 its
-attributes, group 3 its end (attribute values may hold ``>``)."""
+"""A comment, CDATA section or processing instruction (group 1 None: text or no speech, a
+``<break>`` written in one is not a tag, left as it is), or a ``<break>``, ``<prosody>`` or
+``<emphasis>`` start or empty-element tag: group 2 its attributes, group 3 its end
+(attribute values may hold ``>``). In a well-formed fragment each comment, section or
+instruction ends, so the scan is linear."""
 _VALUED_ATTRIBUTE = re.compile(r"""(\s++)([^\s=/>]++)(\s*+=\s*+)("[^"]*+"|'[^']*+')""")
 """One attribute: its leading space, name, ``=`` with its spaces, quoted value."""
 _QUOTES = {"&quot;": '"', "&apos;": "'"}
@@ -724,13 +729,16 @@ def _checked_values(fragment: str) -> tuple[str, list[str]]:
     ``<prosody>`` and ``<emphasis>`` tags that the platforms refuse the whole speech for
     made ones they take (:func:`_checked_value`: ``<break time="999999s"/>`` a 10 s break,
     ``<prosody rate="x">`` without its ``rate``), and each changed ``name="value"``, in
-    document order. A quick substring test first; linear (one regex pass over the tags)."""
+    document order; a tag written in a comment or CDATA section is left as it is. A quick
+    substring test first; linear (one regex pass over the tags)."""
     if "<break" not in fragment and "<prosody" not in fragment and "<emphasis" not in fragment:
         return fragment, []
     changed: list[str] = []
 
     def tag(mark: re.Match[str]) -> str:
         element = mark[1]
+        if element is None:  # a comment, CDATA section or instruction: as it is
+            return mark[0]
 
         def attribute(a: re.Match[str]) -> str:
             quoted = a[4]

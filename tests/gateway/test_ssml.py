@@ -175,6 +175,24 @@ def test_attribute_values_the_platforms_refuse_are_made_ones_they_take(
         assert speech(f"<speak>{ssml}</speak>", audio, elements) == f"<speak>{said}</speak>"
 
 
+def test_a_tag_written_as_text_in_cdata_is_said_as_written() -> None:
+    """A CDATA section is text (XML 1.0 section 2.7): a ``<break time="20s"/>`` written in
+    one is words the platform says, not a tag, so its value is said as written while a
+    real break beside it is clamped. Before, the text was rewritten (``10s`` said, the
+    display text showing ``20s``)."""
+    ssml = (
+        '<speak>Type <![CDATA[<break time="20s"/>]]> to wait.'
+        '<break time="20s"/><!-- <prosody rate="x"> --></speak>'
+    )
+    said = (
+        '<speak>Type <![CDATA[<break time="20s"/>]]> to wait.'
+        '<break time="10s"/><!-- <prosody rate="x"> --></speak>'
+    )
+    for audio, elements in PLATFORMS:
+        assert speech(ssml, audio, elements) == said
+    assert display_text([ResponseItem(ssml=ssml)], 640) == 'Type <break time="20s"/> to wait.'
+
+
 def test_audio_of_another_scheme_never_reaches_the_platform() -> None:
     """``<audio src="javascript:...">`` (any ``src`` not https, or soundbank on Alexa) is
     replaced by its fallback content (this held before; a guard with the checks above)."""
