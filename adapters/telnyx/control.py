@@ -7,14 +7,16 @@ From Telnyx's API reference (https://developers.telnyx.com/api-reference/call-co
 - dial: ``POST /v2/calls`` JSON ``connection_id``, ``to``, ``from``,
   ``answering_machine_detection`` (``detect`` ...), ``client_state`` (base64),
   ``webhook_url`` and the stream fields ``stream_url``, ``stream_track``,
+  ``stream_codec`` (the inbound codec: ``default``, the call's own, when left out),
   ``stream_bidirectional_mode``, ``stream_bidirectional_codec``,
   ``stream_bidirectional_sampling_rate`` (CARRIERS.md "Telnyx", "Enable");
 - transfer: ``POST /v2/calls/{call_control_id}/actions/transfer`` JSON ``to``
   (the id one path segment, percent-encoded: :func:`gateway.callcontrol.path_segment`);
 - streaming start: ``POST /v2/calls/{call_control_id}/actions/streaming_start`` JSON
   ``stream_url`` (the WebSocket address the stream is delivered to), ``stream_track``,
-  ``stream_bidirectional_mode`` (``mp3``/``rtp``), ``stream_bidirectional_codec``,
-  ``stream_bidirectional_sampling_rate``, ``stream_auth_token``; ``client_state`` would
+  ``stream_codec``, ``stream_bidirectional_mode`` (``mp3``/``rtp``),
+  ``stream_bidirectional_codec``, ``stream_bidirectional_sampling_rate``,
+  ``stream_auth_token``; ``client_state`` would
   replace the call's state on every later webhook, so it is not sent
   (https://developers.telnyx.com/api-reference/call-commands/streaming-start): a call
   moved to another instance at shutdown (:func:`streaming_start`);
@@ -149,15 +151,16 @@ def dial(
     webhook_url: str | None = None,
     stream_auth_token: str | None = None,
 ) -> RestRequest:
-    """Place a call whose answer streams to ``stream_url`` (bidirectional RTP, PCMU
-    8 kHz: :func:`adapters.telnyx.protocol.stream_fields`); ``state`` travels as
-    ``client_state``; AMD ``detect`` when ``machine_detection``; the call's webhooks
-    go to ``webhook_url`` when given (else the connection's). ``stream_auth_token``
-    becomes the dial's ``stream_auth_token`` field when given: the gateway sets it to the
-    one-time stream token that ``stream_url`` carries in its ``token`` query. The stream
-    is admitted by that URL's token alone (adapters/telnyx/routes.py ``/telnyx/stream``:
-    how Telnyx presents ``stream_auth_token`` on the upgrade is not documented,
-    CARRIERS.md "Telnyx", so no header is read); the field is where
+    """Place a call whose answer streams to ``stream_url`` (the callee's audio in PCMU,
+    bidirectional RTP PCMU 8 kHz: :func:`adapters.telnyx.protocol.stream_fields`);
+    ``state`` travels as ``client_state``; AMD ``detect`` when ``machine_detection``;
+    the call's webhooks go to ``webhook_url`` when given (else the connection's).
+    ``stream_auth_token`` becomes the dial's ``stream_auth_token`` field when given: the
+    gateway sets it to the one-time stream token that ``stream_url`` carries in its
+    ``token`` query. The stream is admitted by that URL's token alone
+    (adapters/telnyx/routes.py ``/telnyx/stream``: how Telnyx presents
+    ``stream_auth_token`` on the upgrade is not documented, CARRIERS.md "Telnyx", so no
+    header is read); the field is where
     :meth:`adapters.telnyx.routes.TelnyxDialer.placed` reads the token back to bind it to
     the call Telnyx names."""
     body: dict[str, Any] = {
@@ -190,9 +193,9 @@ def streaming_start(
     auth: TelnyxAuth, call_control_id: str, stream_url: str, token: str
 ) -> RestRequest:
     """Start a new stream of the call to ``stream_url`` (the gateway's stream route,
-    bidirectional RTP, PCMU 8 kHz: :func:`adapters.telnyx.protocol.stream_fields`, with
-    ``stream_auth_token`` ``token``, the one-time token the URL carries, as the dial
-    sends it)."""
+    the caller's audio in PCMU, bidirectional RTP PCMU 8 kHz:
+    :func:`adapters.telnyx.protocol.stream_fields`, with ``stream_auth_token``
+    ``token``, the one-time token the URL carries, as the dial sends it)."""
     return RestRequest(
         "POST",
         auth.url(f"/calls/{path_segment(call_control_id)}/actions/streaming_start"),

@@ -234,21 +234,33 @@ def texml(
 def stream_fields(
     stream_url: str,
     *,
+    stream_codec: str | None = BIDIRECTIONAL.encoding,
     codec: str = BIDIRECTIONAL.encoding,
     sampling_rate: int = BIDIRECTIONAL.sample_rate,
     auth_token: str | None = None,
 ) -> dict[str, Any]:
-    """The Call Control ``answer``/``streaming_start`` fields that open the stream
-    (CARRIERS.md "Enable"): ``stream_url``, ``stream_track`` ``inbound_track``,
-    ``stream_bidirectional_mode`` ``rtp``, its codec and sampling rate, and
-    ``stream_auth_token`` when given (sent as is; the gateway's stream route does not
-    read it, see :func:`adapters.telnyx.control.dial`); the codec is
-    :data:`BIDIRECTIONAL` by default.
+    """The Call Control ``dial``/``answer``/``streaming_start`` fields that open the
+    stream (CARRIERS.md "Enable"): ``stream_url``, ``stream_track`` ``inbound_track``,
+    ``stream_codec`` (the inbound codec), ``stream_bidirectional_mode`` ``rtp``, its
+    codec and sampling rate, and ``stream_auth_token`` when given (sent as is; the
+    gateway's stream route does not read it, see :func:`adapters.telnyx.control.dial`).
+
+    ``stream_codec`` is PCMU by default, as :func:`texml`'s ``codec``: left out, Telnyx
+    streams the call's own codec (``default``; Telnyx's ``streaming_start``/``dial``
+    reference: PCMU, PCMA, G722, OPUS, AMR-WB, L16 or ``default``), which for an HD
+    SIP or WebRTC party is G722, OPUS or AMR-WB, a start the gateway refuses (1003).
+    None leaves it out. The bidirectional codec is :data:`BIDIRECTIONAL` by default.
     Raises UnsupportedMediaFormat as :func:`texml`."""
     media_format(codec, sampling_rate)
+    if stream_codec is not None:
+        media_format(stream_codec, 16000 if stream_codec.upper() == "L16" else 8000)
     fields: dict[str, Any] = {
         "stream_url": stream_url,
         "stream_track": "inbound_track",
+    }
+    if stream_codec is not None:
+        fields["stream_codec"] = stream_codec
+    fields |= {
         "stream_bidirectional_mode": "rtp",
         "stream_bidirectional_codec": codec,
         "stream_bidirectional_sampling_rate": sampling_rate,

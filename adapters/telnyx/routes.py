@@ -114,7 +114,9 @@ nothing.
 
 Outbound (:class:`TelnyxDialer`): ``POST /v2/calls`` with ``connection_id``
 GATEWAY_TELNYX_CONNECTION_ID, ``stream_url`` = ``wss://<public host>/telnyx/stream?token=<a
-one-time stream token>``, ``stream_auth_token`` (the same token), ``client_state``
+one-time stream token>``, ``stream_auth_token`` (the same token), ``stream_codec``
+``PCMU`` (the callee's audio; left out, Telnyx streamed the call's own codec, G722 or
+OPUS for an HD party, a start refused with 1003), ``client_state``
 = base64 JSON ``{"direction": "outbound", "appKey", "to", "from", "attributes"}`` (Telnyx
 echoes it on the call's webhooks; :func:`adapters.telnyx.control.read_client_state` reads
 it), ``answering_machine_detection`` ``detect`` and

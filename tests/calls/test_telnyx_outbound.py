@@ -49,6 +49,14 @@ async def test_telnyx_outbound_call_and_its_machine_answer() -> None:
         token = body["stream_auth_token"]
         assert body["stream_url"] == f"wss://gateway.example.com/telnyx/stream?token={token}"
         assert body["stream_bidirectional_mode"] == "rtp"
+        # the callee's audio in PCMU, as the bidirectional codec: without stream_codec
+        # Telnyx streams the call's own codec (G722, OPUS... for an HD SIP or WebRTC
+        # callee), a start the gateway refuses with 1003
+        assert body["stream_codec"] == "PCMU"
+        assert (body["stream_bidirectional_codec"], body["stream_bidirectional_sampling_rate"]) == (
+            "PCMU",
+            8000,
+        )
         assert body["webhook_url"] == f"{PUBLIC}/telnyx/outbound"
         assert read_client_state(body["client_state"]) == {
             "direction": "outbound",

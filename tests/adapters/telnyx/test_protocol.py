@@ -212,11 +212,17 @@ def test_call_control_stream_fields() -> None:
     assert stream_fields("wss://x", codec="L16", sampling_rate=16000, auth_token="t") == {
         "stream_url": "wss://x",
         "stream_track": "inbound_track",
+        "stream_codec": "PCMU",  # the caller's audio: not the call's own codec (G722...)
         "stream_bidirectional_mode": "rtp",
         "stream_bidirectional_codec": "L16",
         "stream_bidirectional_sampling_rate": 16000,
         "stream_auth_token": "t",
     }
+    assert "stream_codec" not in stream_fields("wss://x", stream_codec=None)
+    assert stream_fields("wss://x", stream_codec="PCMA")["stream_codec"] == "PCMA"
+    for codec in ("G722", "OPUS", "AMR-WB", "default"):
+        with pytest.raises(UnsupportedMediaFormat):
+            stream_fields("wss://x", stream_codec=codec)
 
 
 BAD_FRAMES = [

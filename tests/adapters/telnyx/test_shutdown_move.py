@@ -84,6 +84,7 @@ async def test_sigterm_moves_a_telnyx_call_to_another_instance_where_it_goes_on_
         assert start.json == {
             "stream_url": stream_url,
             "stream_track": "inbound_track",
+            "stream_codec": "PCMU",  # the caller's audio, not the call's own codec
             "stream_bidirectional_mode": "rtp",
             "stream_bidirectional_codec": "PCMU",
             "stream_bidirectional_sampling_rate": 8000,
