@@ -24,14 +24,16 @@ pieces of one answer back to back, only its end padded: :class:`ExotelCodec`),
 ``{"event":"mark","stream_sid":…,"mark":{"name":…}}``, ``{"event":"clear",
 "stream_sid":…}``. Hang up by closing the socket (the next applet runs).
 
-Audio: raw 16-bit little-endian mono (``audio/x-raw``, "slin"), 8 kHz by default;
-the beta extension's ``audio/x-mulaw`` is taken too. Byte order: Exotel's "Working with
-the Stream and Voicebot Applet" (https://developer.exotel.com/docs/agentstream/stream-voicebot-applet,
-"Audio Format") says "All audio payloads are sent as raw/slin (16-bit, 8kHz, mono PCM
-little-endian) encoded in base64", both ways (the bot's media is played as sent). The
-beta extension guide (https://developer.exotel.com/docs/agentstream/stream-voicebot-extension)
-names ``audio/L16;rate=8000|16000`` "Raw linear PCM" without a byte order: taken as the
-same little-endian slin [unverified; RFC 3551's L16 is big-endian].
+Audio: raw 16-bit little-endian mono (``audio/x-raw``, "slin"), 8 kHz by default
+(16 or 24 kHz by the URL's ``sample-rate``); the beta extension's ``audio/x-mulaw`` is
+taken too, at 8 kHz only (G.711: a μ-law start at another rate is refused, 1003).
+Byte order: Exotel's "Working with the Stream and Voicebot Applet"
+(https://developer.exotel.com/docs/agentstream/stream-voicebot-applet, "Audio Format")
+says "All audio payloads are sent as raw/slin (16-bit, 8kHz, mono PCM little-endian)
+encoded in base64", both ways (the bot's media is played as sent). The beta extension
+guide (https://developer.exotel.com/docs/agentstream/stream-voicebot-extension) names
+``audio/L16;rate=8000|16000`` "Raw linear PCM" without a byte order: taken as the same
+little-endian slin [unverified; RFC 3551's L16 is big-endian].
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ from gateway.callcodec import (
     get_object,
     get_str,
 )
-from gateway.protocol import ProtocolError, media_type
+from gateway.protocol import ProtocolError, clipped, media_type
 from gateway.speech.audio import Pcm
 
 CARRIER: Final = "exotel"
@@ -65,19 +67,37 @@ MAX_CHUNK: Final = 100_000
 """Largest outbound chunk (bytes)."""
 
 _RAW: Final = frozenset({"audio/x-raw", "raw", "slin", "audio/l16", "pcm"})
+MULAW: Final = "audio/x-mulaw"
+RAW_RATES: Final = (8000, 16000, 24000)
+"""Sample rates (Hz) of Exotel's raw/slin audio: the stream URL's ``sample-rate`` (and
+the extension's ``audio/L16;rate=8000|16000``)."""
+MULAW_RATE: Final = 8000
+"""The one sample rate (Hz) of the extension's ``audio/x-mulaw;rate=8000`` (G.711)."""
 
 
 def media_format(encoding: str, sample_rate: int) -> MediaFormat:
-    """The wire format of an Exotel ``media_format.encoding``.
+    """The wire format of an Exotel ``media_format.encoding`` at ``sample_rate`` Hz.
 
     ``audio/x-raw`` (slin) is 16-bit little-endian (module doc: Exotel's words; its
-    extension's ``audio/L16`` too, [unverified]); ``audio/x-mulaw`` G.711 μ-law. Raises
-    UnsupportedMediaFormat for another encoding or rate.
+    extension's ``audio/L16`` too, [unverified]) at :data:`RAW_RATES`;
+    ``audio/x-mulaw`` G.711 μ-law at :data:`MULAW_RATE` only (CARRIERS.md "Exotel",
+    "Audio"). Raises UnsupportedMediaFormat for another encoding or rate (μ-law at any
+    rate but 8000 Hz, raw at any but 8000, 16000 or 24000 Hz, too).
     """
     kind = media_type(encoding)
     if kind in _RAW:
+        if sample_rate not in RAW_RATES:
+            raise UnsupportedMediaFormat(
+                f"Unsupported sample rate {clipped(sample_rate)} Hz of Exotel's raw audio: "
+                "expected " + ", ".join(map(str, RAW_RATES[:-1])) + f" or {RAW_RATES[-1]}"
+            )
         return MediaFormat("L16", sample_rate)
-    if kind == "audio/x-mulaw":
+    if kind == MULAW:
+        if sample_rate != MULAW_RATE:
+            raise UnsupportedMediaFormat(
+                f"Unsupported sample rate {clipped(sample_rate)} Hz of Exotel's {MULAW}: "
+                f"expected {MULAW_RATE}"
+            )
         return MediaFormat("PCMU", sample_rate)
     raise UnsupportedMediaFormat(
         f"Unsupported Exotel encoding {encoding[:80]!r}: expected audio/x-raw or audio/x-mulaw"

@@ -46,8 +46,23 @@ async def test_without_credentials_configured_every_stream_is_refused(
         ({"encoding": "audio/x-alaw", "sample_rate": "8000"}, "Unsupported Exotel encoding"),
         ({"encoding": "audio/x-raw", "sample_rate": "8000", "bit_rate": "8"}, "8-bit samples"),
         ({"encoding": "audio/x-raw", "sample_rate": "7000"}, "Unsupported sample rate 7000"),
+        # G.711 μ-law is 8 kHz (the extension's audio/x-mulaw;rate=8000): a 16 or 24 kHz
+        # μ-law start was taken, its audio decoded at a rate it is not in
+        (
+            {"encoding": "audio/x-mulaw", "sample_rate": "16000", "bit_rate": "8"},
+            "Unsupported sample rate 16000 Hz of Exotel's audio/x-mulaw: expected 8000",
+        ),
+        (
+            {"encoding": "audio/x-mulaw;rate=8000", "sample_rate": "24000"},
+            "Unsupported sample rate 24000 Hz of Exotel's audio/x-mulaw: expected 8000",
+        ),
+        # raw/slin is 8, 16 or 24 kHz (the URL's sample-rate): 48 kHz was taken
+        (
+            {"encoding": "audio/x-raw", "sample_rate": "48000", "bit_rate": "16"},
+            "Unsupported sample rate 48000 Hz of Exotel's raw audio: expected 8000, 16000 or 24000",
+        ),
     ],
-    ids=["alaw", "8-bit", "7000"],
+    ids=["alaw", "8-bit", "7000", "mulaw-16k", "mulaw-24k", "raw-48k"],
 )
 async def test_a_start_in_a_format_the_gateway_cannot_take_is_closed_1003(
     speech: SpeechService, media_format: dict[str, str], named: str

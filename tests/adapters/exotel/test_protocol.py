@@ -219,6 +219,27 @@ def test_mulaw_extension_is_taken() -> None:
     assert event.media_format == MediaFormat("PCMU", 8000)
 
 
+@pytest.mark.parametrize(
+    ("encoding", "rate", "named"),
+    [
+        ("audio/x-mulaw", "16000", "16000 Hz of Exotel's audio/x-mulaw: expected 8000"),
+        ("audio/x-mulaw", "24000", "24000 Hz of Exotel's audio/x-mulaw: expected 8000"),
+        ("audio/x-raw", "44100", "44100 Hz of Exotel's raw audio: expected 8000, 16000 or"),
+        ("audio/L16", "32000", "32000 Hz of Exotel's raw audio"),
+    ],
+)
+def test_a_format_exotel_does_not_send_is_refused(encoding: str, rate: str, named: str) -> None:
+    """μ-law is 8 kHz only (G.711; the extension's ``audio/x-mulaw;rate=8000``), raw/slin
+    8, 16 or 24 kHz (the URL's ``sample-rate``): another rate is UnsupportedMediaFormat
+    (the call engine closes the stream 1003), not audio decoded at a rate it is not in."""
+    with pytest.raises(UnsupportedMediaFormat, match="Unsupported sample rate " + named):
+        ExotelCodec().receive_text(start(rate, encoding, "8" if "mulaw" in encoding else "16"))
+    for good in ("8000", "16000", "24000"):
+        event = ExotelCodec().receive_text(start(good))
+        assert isinstance(event, Started)
+        assert event.media_format == MediaFormat("L16", int(good))
+
+
 BAD_FRAMES = [
     ("{'event': 'media'}", "Malformed JSON"),
     ('"x"', "must be a JSON object"),
