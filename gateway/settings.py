@@ -70,12 +70,15 @@ levels uvicorn knows (TRACE, below DEBUG, is uvicorn's: it names it in logging w
 
 class CallOverride(BaseModel):
     """One carrier's own call behaviour (a value of GATEWAY_CALL_OVERRIDES); a field left
-    unset is the generic GATEWAY_CALL_* setting. Times are ms of audio."""
+    unset is the generic GATEWAY_CALL_* setting (``barge_in_max_backchannel_ms``:
+    GATEWAY_BARGE_IN_MAX_BACKCHANNEL_MS). Times are ms of audio. Raises
+    pydantic.ValidationError for an unknown field or a value out of range."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     barge_in: bool | None = None
     barge_in_min_speech_ms: int | None = Field(default=None, ge=0)
+    barge_in_max_backchannel_ms: int | None = Field(default=None, ge=0)
     dtmf_mode: Literal["digit", "collect"] | None = None
     dtmf_timeout_ms: int | None = Field(default=None, gt=0)
     frame_ms: int | None = Field(default=None, ge=20, le=40)
@@ -88,6 +91,7 @@ class CallBehaviour(BaseModel):
 
     barge_in: bool
     barge_in_min_speech_ms: int
+    barge_in_max_backchannel_ms: int
     dtmf_mode: Literal["digit", "collect"]
     dtmf_timeout_ms: int
     frame_ms: int
@@ -683,7 +687,8 @@ class Settings(BaseSettings):
         default_factory=dict,
         description="Per-carrier call behaviour over the GATEWAY_CALL_* settings, JSON: "
         '`{"telnyx": {"dtmf_mode": "collect", "dtmf_timeout_ms": 3000}, "vonage": '
-        '{"barge_in": false}}` (fields: barge_in, barge_in_min_speech_ms, dtmf_mode, '
+        '{"barge_in": false}}` (fields: barge_in, barge_in_min_speech_ms, '
+        "barge_in_max_backchannel_ms (over GATEWAY_BARGE_IN_MAX_BACKCHANNEL_MS), dtmf_mode, "
         "dtmf_timeout_ms, frame_ms).",
     )
 
@@ -745,7 +750,8 @@ class Settings(BaseSettings):
         ge=0,
         description="Voiced speech over the bot this long interrupts it even before a word "
         "is recognised (longer than any backchannel); 0: any speech of "
-        "GATEWAY_CALL_BARGE_IN_MIN_SPEECH_MS interrupts at once (no pause and judging).",
+        "GATEWAY_CALL_BARGE_IN_MIN_SPEECH_MS interrupts at once (no pause and judging). A "
+        "carrier's own: `barge_in_max_backchannel_ms` in GATEWAY_CALL_OVERRIDES.",
     )
     twilio_dtmf_mode: Literal["digit", "collect"] | None = Field(
         default=None, description="Twilio's own GATEWAY_CALL_DTMF_MODE (unset: that one)."
@@ -1368,11 +1374,13 @@ class Settings(BaseSettings):
         return tuple(t.strip() for t in tokens if t.strip())
 
     def call_behaviour(self, carrier: str) -> CallBehaviour:
-        """The call behaviour of ``carrier``: GATEWAY_CALL_* under GATEWAY_CALL_OVERRIDES'
-        entry for it, under (Twilio) the GATEWAY_TWILIO_* aliases that are set."""
+        """The call behaviour of ``carrier``: GATEWAY_CALL_* (and
+        GATEWAY_BARGE_IN_MAX_BACKCHANNEL_MS) under GATEWAY_CALL_OVERRIDES' entry for it,
+        under (Twilio) the GATEWAY_TWILIO_* aliases that are set."""
         values = {
             "barge_in": self.call_barge_in,
             "barge_in_min_speech_ms": self.call_barge_in_min_speech_ms,
+            "barge_in_max_backchannel_ms": self.barge_in_max_backchannel_ms,
             "dtmf_mode": self.call_dtmf_mode,
             "dtmf_timeout_ms": self.call_dtmf_timeout_ms,
             "frame_ms": self.call_frame_ms,

@@ -187,8 +187,9 @@ T = TypeVar("T")
 
 
 def call_config(settings: Settings, channel: str) -> CallConfig:
-    """The engine's behaviour for carrier ``channel`` from ``settings``: barge-in, DTMF
-    and frame size from :meth:`Settings.call_behaviour` (GATEWAY_CALL_*, the carrier's
+    """The engine's behaviour for carrier ``channel`` from ``settings``: barge-in (the
+    backchannel bound too), DTMF and frame size from :meth:`Settings.call_behaviour`
+    (GATEWAY_CALL_*, GATEWAY_BARGE_IN_MAX_BACKCHANNEL_MS, the carrier's
     GATEWAY_CALL_OVERRIDES entry, Twilio's GATEWAY_TWILIO_* aliases)."""
     behaviour = settings.call_behaviour(channel)
     return CallConfig(
@@ -198,7 +199,7 @@ def call_config(settings: Settings, channel: str) -> CallConfig:
         barge_in=behaviour.barge_in,
         barge_in_min_speech_ms=behaviour.barge_in_min_speech_ms,
         barge_in_backchannels=settings.barge_in_backchannels,
-        barge_in_max_backchannel_ms=settings.barge_in_max_backchannel_ms,
+        barge_in_max_backchannel_ms=behaviour.barge_in_max_backchannel_ms,
         dtmf_mode=behaviour.dtmf_mode,
         dtmf_timeout_ms=behaviour.dtmf_timeout_ms,
         frame_ms=behaviour.frame_ms,
