@@ -17,9 +17,10 @@ gateway -> Telnyx: ``{"event":"media","media":{"payload":…}}`` (RTP bidirectio
 mode: 20 ms frames of the bidirectional codec, paced), ``{"event":"mark","mark":
 {"name":…}}``, ``{"event":"clear"}``.
 
-Encodings: PCMU, PCMA (8 kHz) and L16 (8/16 kHz), **L16 big-endian** (network byte
-order, RFC 2586): byte-swapped both ways. G722, OPUS and AMR-WB are refused
-(UnsupportedMediaFormat): the answer asks for a codec the gateway speaks.
+Encodings: PCMU, PCMA (8 kHz only: a start at another rate is refused) and L16
+(8/16 kHz), **L16 big-endian** (network byte order, RFC 2586): byte-swapped both ways.
+G722, OPUS and AMR-WB are refused (UnsupportedMediaFormat): the answers ask for a codec
+the gateway speaks (TeXML ``codec``, Call Control ``stream_codec``).
 """
 
 from __future__ import annotations
@@ -51,15 +52,26 @@ CODECS: Final[dict[str, WireEncoding]] = {"PCMU": "PCMU", "PCMA": "PCMA", "L16":
 """``media_format.encoding`` values the gateway takes (case-insensitive)."""
 
 
-def media_format(encoding: str, sample_rate: int) -> MediaFormat:
-    """The wire format of a Telnyx ``encoding`` name; L16 is big-endian.
+G711_RATE: Final = 8000
+"""The one sample rate (Hz) of PCMU and PCMA (G.711: 8 kHz, RFC 3551 section 4.5.14)."""
 
-    Raises UnsupportedMediaFormat for another encoding (G722, OPUS, AMR-WB) or rate.
+
+def media_format(encoding: str, sample_rate: int) -> MediaFormat:
+    """The wire format of a Telnyx ``encoding`` name at ``sample_rate`` Hz; L16 is
+    big-endian; PCMU and PCMA are 8 kHz (:data:`G711_RATE`).
+
+    Raises UnsupportedMediaFormat for another encoding (G722, OPUS, AMR-WB) or rate
+    (PCMU or PCMA at any but 8000 Hz: its audio would be decoded at a rate it is not in).
     """
     wire = CODECS.get(encoding.upper())
     if wire is None:
         raise UnsupportedMediaFormat(
             f"Unsupported Telnyx encoding {clipped(encoding)}: expected PCMU, PCMA or L16"
+        )
+    if wire != "L16" and sample_rate != G711_RATE:
+        raise UnsupportedMediaFormat(
+            f"Unsupported sample rate {clipped(sample_rate)} Hz of Telnyx's {wire}: "
+            f"expected {G711_RATE}"
         )
     return MediaFormat(wire, sample_rate, big_endian=wire == "L16")
 

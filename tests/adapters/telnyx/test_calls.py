@@ -165,9 +165,12 @@ async def test_the_bot_speaks_the_answer_s_pcmu_whatever_format_the_start_says(
         ("G722", 16000, "Unsupported Telnyx encoding 'G722'"),
         ("OPUS", 16000, "Unsupported Telnyx encoding 'OPUS'"),
         ("PCMU", 7000, "Unsupported sample rate 7000 Hz"),
+        # G.711 is 8 kHz: a 16 kHz PCMU or PCMA start was taken, decoded at that rate
+        ("PCMU", 16000, "Unsupported sample rate 16000 Hz of Telnyx's PCMU: expected 8000"),
+        ("pcma", 24000, "Unsupported sample rate 24000 Hz of Telnyx's PCMA: expected 8000"),
         ("é" * 200, 8000, "Unsupported Telnyx encoding 'éé"),  # a reason cut to 123 bytes
     ],
-    ids=["G722", "OPUS", "7000", "long"],
+    ids=["G722", "OPUS", "7000", "pcmu-16k", "pcma-24k", "long"],
 )
 async def test_a_start_in_a_format_the_gateway_cannot_take_is_closed_1003(
     speech: SpeechService, encoding: str, rate: int, named: str
