@@ -20,7 +20,11 @@ protocols use it without loading the turn engine (DESIGN.md, "Rules of the house
 - both cut at a sentence or word boundary with :func:`truncate_text`;
 - :func:`ssml_in_text` tells a core's message that carries SSML markup from plain text
   (Voiceflow's ``speak`` message holds either), as a ``<speak>`` document, and
-  :func:`audio_only` the sounds of one that says nothing else.
+  :func:`audio_only` the sounds of one that says nothing else;
+- :class:`SsmlBound` (:func:`bounded_items`) reads one answer's SSML up to a bound for
+  the whole answer (:data:`SSML_ANSWER_MAX_CHARS`, :data:`LOOSE_ANSWER_MAX_CHARS`), for
+  every channel that reads it (the webhooks, the Voiceflow socket, Flowstorm V2's plain
+  text), so a core's answer of much SSML does not hold the gateway up for seconds.
 
 The webhook driver (:mod:`gateway.io.webhook`) runs the turns whose answers these write.
 """
@@ -31,6 +35,7 @@ import re
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from html.parser import HTMLParser
+from typing import NamedTuple
 from xml.sax.saxutils import escape, quoteattr, unescape
 
 from gateway.events import ResponseItem
@@ -41,10 +46,16 @@ __all__ = [
     "ELLIPSIS",
     "GOOGLE_ELEMENTS",
     "HTTPS_AUDIO",
+    "LOOSE_ANSWER_MAX_CHARS",
     "LOOSE_MAX_CHARS",
     "MAX_BREAK_S",
+    "SSML_ANSWER_MAX_CHARS",
+    "BoundedItems",
     "LenientHTMLParser",
+    "SsmlBound",
+    "SsmlRead",
     "audio_only",
+    "bounded_items",
     "display_text",
     "item_ssml",
     "loose_ssml",
@@ -451,6 +462,112 @@ def loose_text(ssml: str) -> str:
     parser.feed(ssml[:LOOSE_MAX_CHARS])
     parser.close()
     return " ".join(without_controls("".join(parser.words)).split())
+
+
+SSML_ANSWER_MAX_CHARS = 65_536
+"""The most characters of the core's SSML one answer reads, all its items together, in
+order (:class:`SsmlBound`): an item's ``ssml`` past it is cut there (SSML cut is not
+well-formed: its words are read leniently, :data:`LOOSE_ANSWER_MAX_CHARS`), a later
+item's left out (it says its text or audio only). Eight times the most a platform says
+(8000 characters of speech, its markup counted), so only an answer of far more markup
+than words loses words. Each item's SSML is parsed, some of it several times (whether it
+is well-formed, the speech, the display text, the left-out elements and audio):
+unbounded, an answer of up to GATEWAY_PIPELINE_MAX_RESPONSE_BYTES (1 MiB) of it held the
+event loop, every connection's, for seconds (Alexa and Google: 11 to 16 s; a Flowstorm
+V2 plain-text answer: 4 s) or took seconds of CPU (the Voiceflow socket: 4 s)."""
+
+LOOSE_ANSWER_MAX_CHARS = LOOSE_MAX_CHARS
+"""The most characters of SSML that is not well-formed read leniently (:func:`loose_text`,
+pure Python, about 2 s a megabyte of tags) for one answer, all its items together, as
+:data:`LOOSE_MAX_CHARS` bounds one item: the items' words are read from their first
+characters in order up to it, a later such item says only its audio
+(:class:`SsmlBound`)."""
+
+
+class SsmlRead(NamedTuple):
+    """What :meth:`SsmlBound.read` reads of one item's SSML: ``ssml``, that SSML as far as
+    it is read (``""``: none of it); ``cut``, whether its end (or all of it) was left out
+    at :data:`SSML_ANSWER_MAX_CHARS`, the answer's bound, not for what the core wrote;
+    ``loose``, whether it is read leniently because the core's SSML is not well-formed
+    (:func:`loose_text`; never when ``cut``: SSML cut at the bound is not well-formed
+    either, which is no fault of the core's)."""
+
+    ssml: str
+    cut: bool
+    loose: bool
+
+
+class SsmlBound:
+    """The SSML of one answer (a core's Response, one turn's items) read up to a bound
+    for the whole answer, shared by every channel that reads it (pure: no I/O).
+
+    :meth:`read` takes the items' SSML in order: together they hold at most
+    :data:`SSML_ANSWER_MAX_CHARS` characters (the item at the bound is cut there, later
+    ones read as ``""``), and of those read leniently (not well-formed, an item without
+    ``text``) at most :data:`LOOSE_ANSWER_MAX_CHARS` (each is read to
+    :data:`LOOSE_MAX_CHARS` at most anyway; the item at the bound is cut there, later
+    ones read as ``""``: they say their audio only). An answer within the bounds is read
+    whole. :func:`bounded_items` applies it to a Response's items."""
+
+    def __init__(self) -> None:
+        self.left = SSML_ANSWER_MAX_CHARS
+        """Characters of SSML the answer may still read."""
+        self.loose_left = LOOSE_ANSWER_MAX_CHARS
+        """Characters of SSML that is not well-formed it may still read leniently."""
+
+    def read(self, ssml: str, *, text: bool = False) -> SsmlRead:
+        """What is read of ``ssml``, the answer's next item's SSML (in the items' order).
+        ``text``: that item has a ``text``, which is said instead of SSML that is not
+        well-formed (so it is not read leniently). Costs a parse of what is read unless
+        ``text`` (:func:`ssml_to_text`: whether it is well-formed)."""
+        cut = len(ssml) > self.left
+        if cut:
+            ssml = ssml[: self.left]
+        self.left -= len(ssml)
+        loose = False
+        if ssml and not text and ssml_to_text(ssml) is None:  # read leniently
+            loose = not cut
+            read = min(len(ssml), LOOSE_MAX_CHARS)  # what loose_text reads of it
+            if read > self.loose_left:
+                ssml = ssml[: self.loose_left]
+                read = self.loose_left
+            self.loose_left -= read
+        return SsmlRead(ssml, cut, loose)
+
+
+class BoundedItems(NamedTuple):
+    """:func:`bounded_items`' answer: ``items``, the items with their SSML as far as it
+    is read (the same objects when none is cut); ``loose``, the indexes of the items
+    whose SSML the core wrote not well-formed (read leniently, their markup lost);
+    ``cut``, the indexes of the items whose SSML was cut or left out at
+    :data:`SSML_ANSWER_MAX_CHARS` (the first of them cut, the later ones left out)."""
+
+    items: tuple[ResponseItem, ...]
+    loose: list[int]
+    cut: list[int]
+
+
+def bounded_items(items: Sequence[ResponseItem]) -> BoundedItems:
+    """``items``, one answer's (a Response's), with their SSML read up to the bound per
+    answer (:class:`SsmlBound`, the items in order), and which were read leniently or
+    cut. An item's ``ssml`` is read whether or not it has a ``text`` (the speech says
+    its SSML when that is well-formed, :func:`item_ssml`); only one without ``text`` is
+    read leniently. Costs a parse of each item's SSML, up to the bound."""
+    bound = SsmlBound()
+    out: list[ResponseItem] = []
+    loose: list[int] = []
+    cut: list[int] = []
+    for index, item in enumerate(items):
+        if item.ssml:
+            read = bound.read(item.ssml, text=bool(item.text))
+            if read.ssml != item.ssml:
+                item = item.model_copy(update={"ssml": read.ssml})
+            if read.loose:
+                loose.append(index)
+            if read.cut:
+                cut.append(index)
+        out.append(item)
+    return BoundedItems(tuple(out), loose, cut)
 
 
 _XML_DECLARATION = re.compile(r"<\?xml\s[^<>]*\?>\s*")

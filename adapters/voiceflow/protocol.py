@@ -227,7 +227,8 @@ Response items -> traces (:class:`TraceWriter`), in this order per item:
   words as the voice assistants show them, :func:`gateway.ssml.ssml_to_text`: tags out,
   character references such as ``&amp;`` decoded, control characters and an audio's
   ``<desc>`` left out; SSML that is not well-formed read leniently,
-  :func:`gateway.ssml.loose_text`) ->
+  :func:`gateway.ssml.loose_text`; the SSML of one turn's items read up to one bound,
+  :class:`gateway.ssml.SsmlBound`, so a later item past it has no message) ->
   ``speak {type: "message", message, src?, voice?}`` when ``config.audioEvents``
   (``src`` is the TTS audio link), else ``completion`` chunks when
   ``config.completionEvents`` (``{state: "start"}``, ``{state: "content",
@@ -307,7 +308,7 @@ from gateway.protocol import (
 )
 from gateway.protocol.actions import StartTurn as StartTurn
 from gateway.speech.types import TtsFileFormat, TtsRequest
-from gateway.ssml import loose_text, ssml_to_text
+from gateway.ssml import SsmlBound, loose_text, ssml_to_text
 from gateway.turn import TurnContext, TurnRejected, new_session_id, store_failed
 
 CHANNEL = "voiceflow"
@@ -823,20 +824,24 @@ class TraceWriter:
 
     ``clock_ms`` gives each trace's ``time`` (epoch ms); ``new_id`` the ``id`` of
     each ``text`` trace's Slate document (default: a random UUID, hex). Stateful
-    only for ``completion`` chunks: a completion opened by a text item is ended
-    (``{state: "end"}``) before any other trace and by :meth:`close`.
+    for ``completion`` chunks: a completion opened by a text item is ended
+    (``{state: "end"}``) before any other trace and by :meth:`close`; and for the SSML
+    its items' messages are read from (:func:`_message`): one bound for all the turn's
+    items (:class:`gateway.ssml.SsmlBound`), so a core's answer of much SSML (30 items of
+    30 KB took 4 s of the event loop's time) is read only up to it.
     """
 
     config: ClientConfig
     clock_ms: Callable[[], int]
     new_id: Callable[[], str] = lambda: uuid.uuid4().hex
     _open: bool = field(default=False, init=False)
+    _ssml: SsmlBound = field(default_factory=SsmlBound, init=False)
 
     def item(self, item: ResponseItem) -> list[dict[str, Any]]:
         """The traces of one response item, in order."""
         out: list[dict[str, Any]] = []
         now = self.clock_ms()
-        text = _message(item)
+        text = _message(item, self._ssml)
         if text is not None:
             if self.config.audio_events:
                 voice = (item.tts_config.name or None) if item.tts_config is not None else None
@@ -918,19 +923,22 @@ def _command(item: ResponseItem) -> str | None:
     return text if text.startswith("#") and not item.ssml else None
 
 
-def _message(item: ResponseItem) -> str | None:
+def _message(item: ResponseItem, bound: SsmlBound | None = None) -> str | None:
     """The text an item says: its text, else the words of its SSML
     (:func:`gateway.ssml.ssml_to_text`: tags out, character references decoded as XML
     decodes them, control characters left out; SSML that is not well-formed read
-    leniently, :func:`gateway.ssml.loose_text`); None for ``#commands`` (:func:`_command`).
+    leniently, :func:`gateway.ssml.loose_text`; with ``bound``, its turn's, only as much
+    of it as the turn still reads: :class:`gateway.ssml.SsmlBound`); None for
+    ``#commands`` (:func:`_command`).
     Before, the tags were cut out by a regex and the references decoded as HTML's:
     ``&#x80;`` became ``€`` and DEL or a C1 control was shown."""
     if _command(item) is not None:
         return None
     text = (item.text or "").strip()
     if not text and item.ssml:  # its words, as the speech says them and screens show them
-        spoken = ssml_to_text(item.ssml)
-        text = spoken if spoken is not None else loose_text(item.ssml)
+        ssml = item.ssml if bound is None else bound.read(item.ssml).ssml
+        spoken = ssml_to_text(ssml)
+        text = spoken if spoken is not None else loose_text(ssml)
     return text or None
 
 

@@ -20,7 +20,7 @@ I/O, the same for all:
    ``#error`` turn is started that would answer past it), and its
    :class:`~gateway.turn.TurnOutcome` is mapped: ANSWERED by
    :meth:`~WebhookChannel.answer`, the core's SSML read up to a bound per answer
-   (:data:`SSML_ANSWER_MAX_CHARS`, :data:`LOOSE_ANSWER_MAX_CHARS`; when that answer
+   (:func:`gateway.ssml.bounded_items`, as every channel reads it; when that answer
    closes the conversation the gateway ends its session too, :func:`end_session`); LATE, BUSY,
    REFUSED, UNAVAILABLE (the session store failed) and FAILED through the channel's
    pure table ``fallbacks`` (TurnEnd -> Fallback, e.g.
@@ -88,7 +88,12 @@ from gateway.pipeline.base import ANSWER_DEADLINE
 from gateway.protocol import ProtocolError, clipped
 from gateway.protocol.errors import RequestVerificationError
 from gateway.ratelimit import RefusalLog
-from gateway.ssml import LOOSE_MAX_CHARS, loose_ssml, refused_audio, refused_elements
+from gateway.ssml import (
+    SSML_ANSWER_MAX_CHARS,
+    bounded_items,
+    refused_audio,
+    refused_elements,
+)
 from gateway.startup import not_configured
 from gateway.turn import Fallback, Prompt, TurnContext, TurnEnd, TurnOutcome, TurnRejected
 
@@ -108,24 +113,6 @@ in-session requests ending it, an answer that closes the conversation, a stop): 
 more is said to the user, and the end is one round trip of the store unless a turn of the
 session holds its lock (a late turn): past this wait it goes on in the background
 (:func:`end_session`) rather than hold the platform's request up to its deadline."""
-
-SSML_ANSWER_MAX_CHARS = 65_536
-"""The most characters of the core's SSML one answer reads, all its items together, in
-order: an item's ``ssml`` past it is cut there (SSML cut is not well-formed: its words
-are read leniently, :data:`LOOSE_ANSWER_MAX_CHARS`), a later item's left empty (it says
-its text or audio only). Eight times the most a platform says (8000 characters of speech,
-its markup counted), so only an answer of far more markup than words loses words. Each
-item's SSML is parsed several times (whether it is well-formed, the speech, the display
-text, the left-out elements and audio): unbounded, an answer of up to
-GATEWAY_PIPELINE_MAX_RESPONSE_BYTES of it held the event loop, every connection's, for
-seconds (:func:`_bounded_ssml`)."""
-
-LOOSE_ANSWER_MAX_CHARS = LOOSE_MAX_CHARS
-"""The most characters of SSML that is not well-formed read leniently
-(:func:`gateway.ssml.loose_text`, pure Python, about 2 s a megabyte of tags) for one answer,
-all its items together, as :data:`~gateway.ssml.LOOSE_MAX_CHARS` bounds one item: the
-items' words are read from their first characters in order up to it, a later such item
-says only its audio (:func:`_bounded_ssml`)."""
 
 _PlanT = TypeVar("_PlanT")
 _AnswerT = TypeVar("_AnswerT")
@@ -180,7 +167,10 @@ class WebhookChannel(ABC, Generic[_PlanT, _AnswerT]):
     (:meth:`_log_left_out_elements`, bounded by ``left_out_elements``). The core's items
     whose speech comes from SSML that is not well-formed (said as their words,
     :func:`gateway.ssml.loose_text`) are logged the same way for an answer that is speech
-    (:meth:`_log_loose_ssml`, bounded by ``loose_ssml``).
+    (:meth:`_log_loose_ssml`, bounded by ``loose_ssml``), and an answer of more SSML than
+    one answer reads (:data:`gateway.ssml.SSML_ANSWER_MAX_CHARS`: cut there, not the
+    core's SSML not well-formed) on a line of its own (:meth:`_log_cut_ssml`, bounded by
+    ``cut_ssml``).
     """
 
     platform: ClassVar[str]
@@ -198,6 +188,7 @@ class WebhookChannel(ABC, Generic[_PlanT, _AnswerT]):
         self.left_out_audio = RefusalLog()
         self.left_out_elements = RefusalLog()
         self.loose_ssml = RefusalLog()
+        self.cut_ssml = RefusalLog()
 
     # ------------------------------------------------------------------ the hooks
 
@@ -342,9 +333,10 @@ class WebhookChannel(ABC, Generic[_PlanT, _AnswerT]):
     def _log_loose_ssml(self, ctx: TurnContext, loose: Sequence[int]) -> None:
         """One WARNING line (bounded: ``loose_ssml``, a burst then one a minute, the rest at
         DEBUG) naming the core's items whose speech is read from SSML that is not
-        well-formed (``loose``, their indexes: :func:`gateway.ssml.loose_ssml`, their words
-        said, their markup lost): ``item 0, item 2``, the first three. The core's fault,
-        said so; nothing when there is none."""
+        well-formed (``loose``, their indexes: :func:`gateway.ssml.bounded_items`, their
+        words said, their markup lost): ``item 0, item 2``, the first three. The core's
+        fault, said so; nothing when there is none (SSML cut at the bound per answer is
+        not the core's fault: :meth:`_log_cut_ssml`)."""
         if not loose:
             return
         self.loose_ssml.log(
@@ -354,6 +346,32 @@ class WebhookChannel(ABC, Generic[_PlanT, _AnswerT]):
             self.platform,
             session_ref(ctx.key),
             _first_three([f"item {i}" for i in loose]),
+        )
+
+    def _log_cut_ssml(self, ctx: TurnContext, cut: Sequence[int]) -> None:
+        """One WARNING line (bounded: ``cut_ssml``, a burst then one a minute, the rest at
+        DEBUG) saying the core's answer holds more SSML than one answer reads
+        (:data:`gateway.ssml.SSML_ANSWER_MAX_CHARS`; ``cut``, the indexes of the items
+        whose SSML was cut there, the first, or left out, the later ones): the first
+        item's SSML is read only up to the bound (its words said, its markup lost, as
+        SSML cut is not well-formed), the later items say only their text or audio.
+        Nothing when ``cut`` is empty."""
+        if not cut:
+            return
+        later = len(cut) - 1
+        self.cut_ssml.log(
+            self.log,
+            "%s turn of %s: the core's answer holds more SSML than one answer reads "
+            "(%d characters, all items together): item %d's cut there (its words said, "
+            "its markup left out)%s",
+            self.platform,
+            session_ref(ctx.key),
+            SSML_ANSWER_MAX_CHARS,
+            cut[0],
+            f", the SSML of {later} later item{'s' if later > 1 else ''} left out (text "
+            "or audio only)"
+            if later
+            else "",
         )
 
     async def _body(self, request: Request) -> bytes:
@@ -378,13 +396,14 @@ class WebhookChannel(ABC, Generic[_PlanT, _AnswerT]):
         end = outcome.end
         if end is TurnEnd.ANSWERED:
             assert outcome.response is not None
-            response, loose = _bounded_ssml(outcome.response)
+            response, loose, cut = _bounded_ssml(outcome.response)
             if self.speaks(planned):
                 if self.audio_schemes is not None:
                     self._log_left_out_audio(ctx, response, self.audio_schemes)
                 if self.ssml_elements is not None:
                     self._log_left_out_elements(ctx, response, self.ssml_elements)
                 self._log_loose_ssml(ctx, loose)
+                self._log_cut_ssml(ctx, cut)
             answer, closes = self.answer(planned, response)
             if closes and not outcome.session_ended:  # the platform closes it: so does the gateway
                 left = deadline_s - (loop.time() - started)
@@ -410,7 +429,7 @@ class WebhookChannel(ABC, Generic[_PlanT, _AnswerT]):
         rule = self.fallbacks[end]
         said: Sequence[ResponseItem] = outcome.said
         if said:
-            told, loose = _bounded_ssml(Response(items=said))
+            told, loose, cut = _bounded_ssml(Response(items=said))
             said = told.items
             if self.speaks(planned):
                 if self.audio_schemes is not None:
@@ -418,6 +437,7 @@ class WebhookChannel(ABC, Generic[_PlanT, _AnswerT]):
                 if self.ssml_elements is not None:
                     self._log_left_out_elements(ctx, told, self.ssml_elements)
                 self._log_loose_ssml(ctx, loose)
+                self._log_cut_ssml(ctx, cut)
         return self.fallback(planned, self.prompt_text(rule.prompt), rule.end, said)
 
     def prompt_text(self, prompt: Prompt) -> str:
@@ -580,39 +600,15 @@ def _ended(task: asyncio.Task[bool]) -> None:
         log.log(outage_level(exc), "could not end session %s: %r", ref, exc)
 
 
-def _bounded_ssml(response: Response) -> tuple[Response, list[int]]:
-    """``response`` with its items' SSML bounded for the answer, and the indexes of the
-    items whose SSML is read leniently (not well-formed: :func:`gateway.ssml.loose_ssml`).
-
-    The items' ``ssml`` hold at most :data:`SSML_ANSWER_MAX_CHARS` characters together
-    (the item at the bound cut there, later ones emptied), then those read leniently at
-    most :data:`LOOSE_ANSWER_MAX_CHARS` together (each is read to
-    :data:`~gateway.ssml.LOOSE_MAX_CHARS` at most anyway; the item at the bound cut there,
-    later ones emptied: they say their audio only). ``response`` itself when nothing is
-    cut: an answer within the bounds is untouched."""
-    items = list(response.items)
-    cut = False
-    left = SSML_ANSWER_MAX_CHARS
-    for index, item in enumerate(items):
-        if item.ssml:
-            if len(item.ssml) > left:
-                items[index] = item.model_copy(update={"ssml": item.ssml[:left]})
-                cut = True
-            left -= len(items[index].ssml or "")
-    loose = loose_ssml(items)
-    left = LOOSE_ANSWER_MAX_CHARS
-    for index in loose:
-        item = items[index]
-        ssml = item.ssml or ""
-        read = min(len(ssml), LOOSE_MAX_CHARS)  # what loose_text reads of it
-        if read > left:
-            items[index] = item.model_copy(update={"ssml": ssml[:left]})
-            cut = True
-            read = left
-        left -= read
-    if not cut:
-        return response, loose
-    return response.model_copy(update={"items": items}), loose
+def _bounded_ssml(response: Response) -> tuple[Response, list[int], list[int]]:
+    """``response`` with its items' SSML read up to the bound per answer
+    (:func:`gateway.ssml.bounded_items`), the indexes of the items whose SSML the core
+    wrote not well-formed (read leniently) and of those cut or left out at the bound.
+    ``response`` itself when nothing is cut: an answer within the bounds is untouched."""
+    items, loose, cut = bounded_items(response.items)
+    if all(a is b for a, b in zip(items, response.items, strict=True)):
+        return response, loose, cut
+    return response.model_copy(update={"items": items}), loose, cut
 
 
 def _first_three(named: list[str]) -> str:

@@ -83,7 +83,7 @@ from gateway.speech.audio import (
     decode_wav,
     mp3_duration_s,
 )
-from gateway.ssml import loose_text, ssml_to_text
+from gateway.ssml import SsmlBound, loose_text, ssml_to_text
 
 SESSION_COOKIE = "flowstorm-session-id"
 NDJSON = "application/x-ndjson"
@@ -1042,32 +1042,41 @@ def _ssml_speech(ssml: str) -> str:
     return spoken if spoken is not None else loose_text(ssml)
 
 
-def item_lines(item: ResponseItem) -> str:
+def item_lines(item: ResponseItem, bound: SsmlBound | None = None) -> str:
     """The ``#`` and ``<`` lines of one response item (spec "Plain text"). The speech text
     of an item without ``text`` is its ``ssml``'s spoken text (markup dropped:
     :func:`gateway.ssml.ssml_to_text`; SSML that is not well-formed read leniently,
     :func:`gateway.ssml.loose_text`), which its TTS link says, as other channels show it
-    (:func:`gateway.ssml.display_text`)."""
+    (:func:`gateway.ssml.display_text`). With ``bound``, its answer's
+    (:class:`gateway.ssml.SsmlBound`: the SSML of all the answer's items read up to one
+    bound, in order), only as much of that SSML as the answer still reads: a later item
+    past the bound has no ``<`` line. Without it, all of this item's SSML is read (an
+    answer of many such items held the event loop for seconds: 30 of 30 KB, 4 s)."""
     out = []
     props = [f"{name}={value}" for name in _ITEM_PROPS if (value := getattr(item, name))]
     if props:
         out.append(f"# ({', '.join(_one_line(p) for p in props)})\n")
-    text = _one_line(item.text or (item.ssml and _ssml_speech(item.ssml)) or "")
+    ssml = item.ssml
+    if ssml and not item.text and bound is not None:
+        ssml = bound.read(ssml).ssml
+    text = _one_line(item.text or (ssml and _ssml_speech(ssml)) or "")
     if text and not text.startswith("#"):
         voice = item.tts_config.name if item.tts_config and item.tts_config.name else None
         out.append(f"< [{voice}] {text}\n" if voice else f"< {text}\n")
     return "".join(out)
 
 
-def text_lines(event: TurnEvent | RecognizedInputEvent) -> str:
+def text_lines(event: TurnEvent | RecognizedInputEvent, bound: SsmlBound | None = None) -> str:
     """One turn event in the plain-text line format ('' for events it does not show).
 
     ``<`` speech text (with the voice in brackets when known), ``#`` other item
     properties, ``!`` an error as ``source: text``, ``.`` the session ended,
-    ``~`` an interim recognition result (GET).
+    ``~`` an interim recognition result (GET). ``bound``: the SSML bound of the answer
+    the event is part of (:func:`item_lines`; one :class:`gateway.ssml.SsmlBound` for
+    all the events of one answer).
     """
     if isinstance(event, ResponseItemEvent):
-        return item_lines(event.response_item)
+        return item_lines(event.response_item, bound)
     if isinstance(event, ResponseEvent):
         return ".\n" if event.response.session_ended else ""
     if isinstance(event, ErrorEvent):
@@ -1087,7 +1096,8 @@ def pushed_lines(event: ResponseEvent, *, plain: bool, send_items: bool) -> byte
         ResponseItemEvent(response_item=item, seq=event.seq) for item in event.response.items
     ]
     events.append(event)
-    return b"".join(answer_line(e, plain=plain, send_items=send_items) for e in events)
+    bound = SsmlBound()  # one push is one answer
+    return b"".join(answer_line(e, plain=plain, send_items=send_items, bound=bound) for e in events)
 
 
 def cookie_max_age(events: Sequence[TurnEvent], default_s: int) -> int | None:
@@ -1108,8 +1118,16 @@ def cookie_max_age(events: Sequence[TurnEvent], default_s: int) -> int | None:
 
 
 def answer_line(
-    event: TurnEvent | RecognizedInputEvent, *, plain: bool, send_items: bool = True
+    event: TurnEvent | RecognizedInputEvent,
+    *,
+    plain: bool,
+    send_items: bool = True,
+    bound: SsmlBound | None = None,
 ) -> bytes:
     """One event as an answer in the request's format writes it: :func:`text_lines` when
-    ``plain``, else :func:`json_lines` (an ErrorEvent alone is a whole refusal's body)."""
-    return text_lines(event).encode() if plain else json_lines(event, send_items=send_items)
+    ``plain`` (``bound``: its answer's SSML bound, one for all the answer's events), else
+    :func:`json_lines` (an ErrorEvent alone is a whole refusal's body; the items' SSML is
+    passed on, not read)."""
+    if plain:
+        return text_lines(event, bound).encode()
+    return json_lines(event, send_items=send_items)

@@ -218,6 +218,7 @@ from gateway.speech.service import TtsRequest
 from gateway.speech.stage import AudioLimitExceeded, SpeechStage
 from gateway.speech.stt import RecognitionError, RecognizerBusy
 from gateway.speech.types import Heard
+from gateway.ssml import SsmlBound
 
 log = logging.getLogger(__name__)
 
@@ -735,7 +736,11 @@ async def _turn(
         await on_end()
         raise
 
-    line = functools.partial(answer_line, plain=plain, send_items=config.send_response_items)
+    # one SSML bound for the whole answer (gateway.ssml.SsmlBound): its plain lines read
+    # the items' SSML up to it
+    line = functools.partial(
+        answer_line, plain=plain, send_items=config.send_response_items, bound=SsmlBound()
+    )
 
     # pushes queued for the session go out first (the turn was accepted: it answers)
     # (none when the store saw the outbox empty as the turn took the lock: a push after

@@ -39,7 +39,7 @@ from pydantic import SecretStr
 from adapters.alexa.verify import AlexaVerifier
 from gateway.app import create_app
 from gateway.settings import Settings
-from gateway.ssml import LOOSE_MAX_CHARS
+from gateway.ssml import LOOSE_MAX_CHARS, SSML_ANSWER_MAX_CHARS
 from tests.adapters.alexa.test_verify import Pki
 from tests.conftest import FIXTURES, gateway, refused_port, serve, served_app
 from tests.gateway.core_app import make_core as make_test_core
@@ -1050,6 +1050,49 @@ async def test_an_answer_of_much_ssml_is_read_up_to_a_bound_per_answer() -> None
     card = reply(answer).card
     assert card is not None
     assert getattr(card, "text", None) == "Fine here. Word0. Word1. The end."
+
+
+async def test_well_formed_ssml_cut_at_the_answers_bound_is_not_blamed_on_the_core(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An answer's well-formed SSML past the bound per answer (SSML_ANSWER_MAX_CHARS,
+    gateway/ssml.py) is cut there, and SSML cut is not well-formed: its words are said
+    leniently. The WARNING says the answer was cut at the bound (the item cut, the later
+    items left out), not that the core's SSML is not well-formed. Before, the cut item
+    was named as the core's SSML that "is not well-formed" (and the item after it, left
+    out, not at all): the core's author was told to fix SSML that had nothing wrong."""
+    emphasis = "<emphasis>word</emphasis> " * 3_000  # 78 KB, well-formed
+    assert len(emphasis) > SSML_ANSWER_MAX_CHARS
+    items = [
+        {"ssml": "<speak>Fine <break time='1s'/> here.</speak>"},
+        {"ssml": f"<speak>Long. {emphasis}</speak>"},
+        {"ssml": "<speak>Left <emphasis>out</emphasis>.</speak>", "text": "Said instead."},
+        {"ssml": "<speak>Tom & Jerry.</speak>"},  # not well-formed, but past the bound
+    ]
+    core = FastAPI()
+
+    @core.post("/turn")
+    async def turn(request: Request) -> JSONResponse:
+        return JSONResponse({"items": items})
+
+    caplog.set_level(logging.WARNING, logger="adapters.alexa")
+    async with (
+        serve(core) as core_url,
+        gateway(pipeline=f"{core_url}/turn", **OFF) as url,
+        httpx.AsyncClient(base_url=url, timeout=60) as client,
+    ):
+        answer = await say(client, envelope("S-cut-log", text="hello"))
+    said = spoken(answer)
+    assert said.startswith("Fine  here. Long. word word"), said[:80]
+    assert said.endswith("Said instead."), said[-80:]  # (its SSML left out: its text)
+    assert "Tom" not in said
+    logged = [r.getMessage() for r in caplog.records if r.name == "adapters.alexa"]
+    assert not [line for line in logged if "not well-formed" in line], logged
+    (line,) = [line for line in logged if "more SSML than one answer reads" in line]
+    assert "Alexa turn of alexa:" in line
+    assert f"({SSML_ANSWER_MAX_CHARS} characters, all items together)" in line
+    assert "item 1's cut there" in line
+    assert "the SSML of 2 later items left out (text or audio only)" in line
 
 
 async def test_a_voiceflow_speak_messages_ssml_is_spoken_not_read_out() -> None:

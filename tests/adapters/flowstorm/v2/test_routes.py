@@ -15,6 +15,7 @@ import logging
 import re
 import shutil
 import subprocess
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -569,6 +570,56 @@ async def test_an_ssml_item_has_its_speech_text_in_the_plain_text_answer() -> No
         item = events(json_answer)[0]["responseItem"]
         assert "text" not in item
         assert item["ssml"].startswith("<speak>Hello")
+
+
+async def test_an_answer_of_much_ssml_is_read_up_to_a_bound_per_answer_in_plain_text() -> None:
+    """The ``<`` lines of a plain-text answer read the items' SSML up to one bound for the
+    whole answer (gateway.ssml.SsmlBound: SSML_ANSWER_MAX_CHARS, 64 KiB, the items in
+    order; of SSML that is not well-formed, read leniently, LOOSE_ANSWER_MAX_CHARS,
+    32 KiB), as the webhooks do: before, a core's answer of 30 SSML-only items of 30 KB
+    of unclosed tags each (900 KB, within GATEWAY_PIPELINE_MAX_RESPONSE_BYTES) was read
+    leniently whole, the event loop (every connection's) held for about 4 s here. The
+    stall is the longest gap of a ticker on the served app's own loop. The words of the
+    first items are shown; the items past the bound have their ``#`` line only."""
+    tags = "<b>" * 10_000
+    items = [{"ssml": f"<speak>Word{i}. {tags}</speak>"} for i in range(30)]
+    items.append({"text": "The end."})  # no SSML: shown
+    core = FastAPI()
+
+    @core.post("/turn")
+    async def turn() -> dict[str, Any]:
+        return {"items": items}
+
+    gaps: list[float] = []
+
+    async def tick() -> None:
+        last = time.perf_counter()
+        while True:
+            await asyncio.sleep(0.01)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    async with (
+        serve(core) as core_url,
+        gateway(pipeline=f"{core_url}/turn", tts_provider="espeak-ng") as url,
+        httpx.AsyncClient(base_url=url, timeout=60) as client,
+    ):
+        ticker = asyncio.create_task(tick())
+        try:
+            answer = await client.put(f"/client?key={KEY}", headers=TEXT, content="hi")
+        finally:
+            ticker.cancel()
+    # (the app is served on this test's loop: its work holds the ticker up)
+    assert max(gaps) < 2.0, max(gaps)  # ~0.3 s; before: about 4 s
+    assert answer.status_code == 200, answer.text[:300]
+    lines = answer.text.splitlines()
+    assert [line for line in lines if line.startswith("<")] == [
+        "< Word0.",
+        "< Word1.",
+        "< The end.",
+    ]
+    assert sum(line.startswith("# (audio=") for line in lines) == 31  # each has its TTS link
 
 
 async def test_logs_sent_with_realtime_are_stored_not_a_silent_turn() -> None:
