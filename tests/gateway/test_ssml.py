@@ -18,6 +18,11 @@ from gateway.ssml import (
     ALEXA_ELEMENTS,
     GOOGLE_ELEMENTS,
     HTTPS_AUDIO,
+    LOOSE_ANSWER_MAX_CHARS,
+    LOOSE_MAX_CHARS,
+    SSML_ANSWER_MAX_CHARS,
+    SsmlBound,
+    bounded_items,
     display_text,
     loose_ssml,
     refused_audio,
@@ -244,3 +249,51 @@ def test_a_command_items_ssml_is_neither_said_nor_shown() -> None:
     assert refused_audio([odd], HTTPS_AUDIO) == []
     # an item with ssml and no text is still said (and synthesized)
     assert speakable(ResponseItem(ssml="<speak>Hi</speak>")) == "<speak>Hi</speak>"
+
+
+def test_an_answers_ssml_is_read_up_to_one_bound_in_order() -> None:
+    """:func:`bounded_items`: the items' SSML is read up to SSML_ANSWER_MAX_CHARS together,
+    in order: the item at the bound is cut there and named as cut (not as the core's SSML
+    not well-formed, though SSML cut is not), later items' SSML is read as nothing (they
+    keep their text); an answer within the bound comes back as the same items."""
+    small = [ResponseItem(ssml="<speak>Hi <break/> there.</speak>"), ResponseItem(text="Bye.")]
+    within = bounded_items(small)
+    assert within.items[0] is small[0]
+    assert within.items[1] is small[1]
+    assert (within.loose, within.cut) == ([], [])
+    words = "<emphasis>word</emphasis> " * 3_000  # well-formed, 78 KB
+    items = [
+        ResponseItem(ssml="<speak>Tom & Jerry.</speak>"),  # not well-formed: the core's
+        ResponseItem(ssml=f"<speak>{words}</speak>"),
+        ResponseItem(ssml="<speak>Later.</speak>", text="Later text."),
+    ]
+    bounded = bounded_items(items)
+    assert bounded.loose == [0]
+    assert bounded.cut == [1, 2]
+    assert sum(len(item.ssml or "") for item in bounded.items) <= SSML_ANSWER_MAX_CHARS
+    assert (bounded.items[1].ssml or "").startswith("<speak><emphasis>word")
+    assert bounded.items[2].ssml == ""
+    assert bounded.items[2].text == "Later text."
+    assert display_text(bounded.items, 8000).endswith("word Later text.")
+
+
+def test_ssml_read_leniently_is_bounded_per_answer() -> None:
+    """:class:`SsmlBound`: of SSML that is not well-formed (read leniently, pure Python),
+    one answer reads LOOSE_ANSWER_MAX_CHARS together: the item at that bound is cut
+    there, later ones read as nothing; an item with ``text`` (said instead of its SSML
+    that is not well-formed) takes none of it."""
+    tags = "<b>" * 6_000  # 18 KB, not well-formed
+    bound = SsmlBound()
+    first = bound.read(f"<speak>One. {tags}</speak>")
+    assert first.loose
+    assert not first.cut
+    assert len(first.ssml) == len(tags) + len("<speak>One. </speak>")
+    with_text = bound.read(f"<speak>Two. {tags}</speak>", text=True)
+    assert with_text.ssml.endswith("</speak>")
+    assert not with_text.loose
+    third = bound.read(f"<speak>Three. {tags}</speak>")
+    assert third.loose
+    assert not third.cut
+    assert len(third.ssml) == LOOSE_ANSWER_MAX_CHARS - len(first.ssml) < LOOSE_MAX_CHARS
+    assert bound.read("<speak>Four & five.</speak>").ssml == ""  # past the lenient bound
+    assert bound.read("<speak>Fine.</speak>").ssml == "<speak>Fine.</speak>"  # well-formed
