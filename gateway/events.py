@@ -235,7 +235,8 @@ class ResponseItem(Frozen):
 
     ``audio``, ``image`` and ``video`` are absolute URLs; ``code`` is a command
     payload the client interprets; items whose text is a ``#command`` carry
-    ``code`` and ``repeatable=False`` (PROTOCOL-NOTES.md).
+    ``code`` and ``repeatable=False`` (PROTOCOL-NOTES.md) and no ``ssml``: an item with
+    ``ssml`` is speech, never a command, whatever its text (``is_command``).
     """
 
     text: str | None = None
@@ -430,6 +431,22 @@ for audio), then Response or Error, then SessionEnded when it ended."""
 # ------------------------------------------------------------------- actions in items
 
 
+def is_command(item: ResponseItem) -> bool:
+    """Whether ``item`` is a command item, the gateway's one rule for every channel: its
+    ``text``, stripped, begins with ``#`` (:data:`ACTION_PREFIX`: ``#transfer``, a
+    client's ``#volume``; PROTOCOL-NOTES.md, "Text beginning with ``#`` is an action")
+    and it has no ``ssml``. A command is an action for the client (it carries ``code``,
+    no speech): no channel says or shows it, nor does the gateway's TTS synthesize it.
+    An item with ``ssml`` is speech, never a command, whatever its text: its ``ssml`` is
+    said and its words shown (a Voiceflow voice agent's ``speak`` of
+    ``<speak>#1 hit</speak>`` is an item with that ``ssml`` and the text ``#1 hit``,
+    :mod:`gateway.pipeline.voiceflow`). Every core's own command items
+    (:func:`transfer_item`, a core's custom action ``#name``) carry no ``ssml``. Pure;
+    never raises."""
+    text = item.text
+    return text is not None and not item.ssml and text.strip().startswith(ACTION_PREFIX)
+
+
 def transfer_item(target: str, *, reason: str | None = None) -> ResponseItem:
     """The documented transfer action as a response item: hand the call/conversation over.
 
@@ -461,9 +478,10 @@ def transfer_target(item: ResponseItem) -> tuple[str, str | None] | None:
     An item whose text is ``#transfer`` but whose ``code`` does not hold a transfer
     with a non-empty string target is not a transfer (None): a ``code`` that is no JSON
     object, or JSON nested deeper than the parser recurses (a core's text: it ended the
-    call engine's turn with a RecursionError, the call closed 1011).
+    call engine's turn with a RecursionError, the call closed 1011). Nor is one with
+    ``ssml``: that is speech, no command (:func:`is_command`), said on every channel.
     """
-    if item.text != TRANSFER or not item.code:
+    if item.text != TRANSFER or not item.code or not is_command(item):
         return None
     try:
         body = json.loads(item.code).get("transfer")

@@ -14,7 +14,9 @@ protocols use it without loading the turn engine (DESIGN.md, "Rules of the house
 - an attribute value of ``<break>``, ``<prosody>`` or ``<emphasis>`` that the platforms
   refuse the whole speech for is made one they take (a break over :data:`MAX_BREAK_S`
   clamped, a ``<prosody rate="x">`` dropped);
-- a ``#command`` item (an action for the client) says and shows nothing, its ``ssml`` too;
+- a command item (:func:`gateway.events.is_command`: a ``#command`` text and no ``ssml``,
+  an action for the client) says and shows nothing; an item with ``ssml`` is speech, its
+  ``ssml`` said and its words shown, whatever its text (``#1 hit``);
 - :func:`display_text` gives their text for a screen or card, control characters left
   out as the speech leaves them out (:func:`without_controls`);
 - both cut at a sentence or word boundary with :func:`truncate_text`;
@@ -38,7 +40,7 @@ from html.parser import HTMLParser
 from typing import NamedTuple
 from xml.sax.saxutils import escape, quoteattr, unescape
 
-from gateway.events import ResponseItem
+from gateway.events import ResponseItem, is_command
 
 __all__ = [
     "ALEXA_AUDIO",
@@ -669,7 +671,7 @@ def refused_audio(items: Sequence[ResponseItem], schemes: tuple[str, ...]) -> li
     found: list[tuple[int, str]] = []
     for index, item in enumerate(items):
         ssml = item.ssml
-        if ssml and _AUDIO_TAG in ssml and not _is_command(item) and ssml_to_text(ssml) is not None:
+        if ssml and _AUDIO_TAG in ssml and ssml_to_text(ssml) is not None:
             found += [(index, src) for src in _kept_audio(_strip_speak(ssml), schemes)[1]]
         audio = item.audio
         if audio and (not audio.startswith(schemes) or _NOT_XML.search(audio)):
@@ -877,9 +879,9 @@ def _checked_values(fragment: str) -> tuple[str, list[str]]:
 def loose_ssml(items: Sequence[ResponseItem]) -> list[int]:
     """The index of each item of ``items`` whose speech :func:`item_ssml` reads from SSML
     that is not well-formed (:func:`loose_text`: its words said, its markup lost): an
-    item with ``ssml`` and no ``text`` (a ``#command`` item says nothing). For the route's
-    log line; costs a test per item unless an item has SSML and no text (then one parse of
-    that SSML)."""
+    item with ``ssml`` and no ``text`` (an item with ``ssml`` is never a command,
+    :func:`gateway.events.is_command`). For the route's log line; costs a test per item
+    unless an item has SSML and no text (then one parse of that SSML)."""
     return [
         index
         for index, item in enumerate(items)
@@ -898,7 +900,7 @@ def refused_elements(
     found: list[tuple[int, str]] = []
     for index, item in enumerate(items):
         ssml = item.ssml
-        if not ssml or "<" not in ssml or _is_command(item):
+        if not ssml or "<" not in ssml:
             continue
         fragment = _strip_speak(ssml).strip()
         if elements.issuperset(_TAG_NAME.findall(fragment)) or ssml_to_text(ssml) is None:
@@ -906,13 +908,6 @@ def refused_elements(
         names = _kept_elements(fragment, elements)[1]
         found += [(index, name) for name in dict.fromkeys(names)]
     return found
-
-
-def _is_command(item: ResponseItem) -> bool:
-    """Whether ``item`` is a command item: its ``text`` a ``#command`` (PROTOCOL-NOTES.md:
-    an action for the client, no speech), so neither its text nor its ``ssml`` is said or
-    shown."""
-    return bool(item.text and item.text.strip().startswith("#"))
 
 
 def item_ssml(
@@ -925,8 +920,9 @@ def item_ssml(
 
     The item's ``ssml`` when it is well-formed, else its ``text`` escaped, else (no text)
     the words of its ``ssml`` read leniently (:func:`loose_text`), escaped;
-    ``#command`` items (their ``text`` a ``#command``) say neither their text nor their
-    ``ssml``; an ``audio`` URL becomes ``<audio src="..."/>``.
+    a command item (:func:`gateway.events.is_command`: a ``#command`` text, no ``ssml``)
+    says nothing, while an item with ``ssml`` says it whatever its text (``#1 hit``); an
+    ``audio`` URL becomes ``<audio src="..."/>``.
     Only audio whose ``src`` begins with one of ``audio_schemes`` is said
     (:data:`HTTPS_AUDIO`, :data:`ALEXA_AUDIO`): the platforms refuse the WHOLE speech
     for one other ``<audio>`` (an ``http://`` one, say), so an ``<audio>`` element of the
@@ -943,9 +939,8 @@ def item_ssml(
     clamped to it, a ``<prosody rate="x">`` without its ``rate``).
     """
     parts: list[str] = []
-    command = _is_command(item)
-    if command:
-        pass  # an action for the client, no speech: neither its text nor its ssml is said
+    if is_command(item):
+        pass  # an action for the client, no speech (it has no ssml: is_command)
     elif item.ssml and ssml_to_text(item.ssml) is not None:
         fragment = _strip_speak(item.ssml).strip()
         if _AUDIO_TAG in fragment:
@@ -1064,7 +1059,8 @@ def display_text(
 
     Whitespace is collapsed and control characters left out, as the speech leaves them out
     (:func:`without_controls`: a NUL, a bell or DEL removed; a form feed, like a line feed,
-    parts words). ``#command`` items are skipped (their ``ssml`` too); the result is cut by
+    parts words). Command items (:func:`gateway.events.is_command`) are skipped, an item
+    with ``ssml`` is shown whatever its text (``#1 hit``); the result is cut by
     :func:`truncate_text` to ``max_chars`` code points (UTF-16 code units with ``utf16``).
     ``then``, when given, is shown whole after the items (as :func:`speech_ssml`'s: its
     text takes its room first, the items' text is cut to what is left).
@@ -1080,8 +1076,8 @@ def display_text(
             return f"{head} {tail}" if head else tail
     parts: list[str] = []
     for item in items:
-        if _is_command(item):
-            continue  # an action for the client: neither its text nor its ssml is shown
+        if is_command(item):
+            continue  # an action for the client, no words (an item with ssml never is one)
         if item.text:
             parts.append(item.text)
         elif item.ssml:

@@ -293,6 +293,7 @@ from gateway.events import (
     ResponseItemEvent,
     TurnEvent,
     Wire,
+    is_command,
 )
 from gateway.protocol import (
     Expected,
@@ -915,12 +916,11 @@ def no_reply_timeout(attributes: Mapping[str, Any]) -> int | float | None:
 
 
 def _command(item: ResponseItem) -> str | None:
-    """The ``#command`` an item is (its text, stripped, starting with ``#``), or None. An
-    item with ``ssml`` is speech, never a command (a command item carries ``code``, no
-    SSML): a Voiceflow ``speak`` of ``<speak>#1 hit</speak>`` has the words ``#1 hit`` as
-    its text, which were dropped as if a command."""
-    text = (item.text or "").strip()
-    return text if text.startswith("#") and not item.ssml else None
+    """The ``#command`` an item is (its text, stripped), or None when it is no command
+    item (:func:`gateway.events.is_command`, the gateway's one rule: an item with ``ssml``
+    is speech, never a command; a Voiceflow ``speak`` of ``<speak>#1 hit</speak>`` has the
+    words ``#1 hit`` as its text, which were dropped as if a command)."""
+    return (item.text or "").strip() if is_command(item) else None
 
 
 def _message(item: ResponseItem, bound: SsmlBound | None = None) -> str | None:

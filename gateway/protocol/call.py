@@ -262,6 +262,7 @@ from gateway.events import (
     ResponseEvent,
     ResponseItemEvent,
     TurnEvent,
+    is_command,
     transfer_target,
 )
 from gateway.protocol import Expected, ProtocolError, StateMachine, load_json
@@ -2140,8 +2141,8 @@ class CarrierCall:
         if isinstance(event, ResponseItemEvent) and self.transfer is None:
             target = transfer_target(event.response_item)
             if not turn.discarded:
-                item_text = (event.response_item.text or "").strip()
-                self.playout.item("" if item_text.startswith("#") else item_text)
+                item = event.response_item  # a command says nothing (is_command)
+                self.playout.item("" if is_command(item) else (item.text or "").strip())
             # what follows it in the turn is not played. The core's transfer stands when
             # the caller cut the turn off before this item came (module doc step 7), as it
             # does once it came: not a race with the synthesis of the announcement before

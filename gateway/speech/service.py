@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Literal
 
 from gateway.breaker import outage_level
-from gateway.events import ResponseEvent, ResponseItem
+from gateway.events import ResponseEvent, ResponseItem, is_command
 from gateway.protocol.actions import StartListening
 from gateway.redisconn import REDIS_ERRORS, RedisClient
 from gateway.settings import Settings
@@ -38,15 +38,16 @@ log = logging.getLogger(__name__)
 def speakable(item: ResponseItem) -> str | None:
     """The text to synthesize for ``item`` (its SSML or text), or None when it has none.
 
-    Items whose text is a ``#command`` (an action for the client, PROTOCOL-NOTES.md: not
-    their ``ssml`` either) and items that carry audio of their own are not spoken.
+    Command items (:func:`gateway.events.is_command`: a ``#command`` text and no
+    ``ssml``, an action for the client) and items that carry audio of their own are not
+    spoken. An item with ``ssml`` is speech: its ``ssml`` is spoken whatever its text
+    (``#1 hit``, the words of a Voiceflow ``speak`` of ``<speak>#1 hit</speak>``).
     """
-    text = (item.text or "").strip()
-    if item.audio or text.startswith("#"):
+    if item.audio or is_command(item):
         return None
     if item.ssml:
         return item.ssml
-    return text or None
+    return (item.text or "").strip() or None
 
 
 class SpeechService:

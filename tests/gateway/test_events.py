@@ -94,6 +94,17 @@ def test_transfer_item_round_trips_and_refuses_what_is_not_one() -> None:
         transfer_item("  ")
 
 
+def test_an_item_with_ssml_is_no_transfer() -> None:
+    """The one rule of command items (is_command): an item with ``ssml`` is speech, so a
+    ``#transfer`` with ``ssml`` is said on every channel and hands no call over, as the
+    voice assistants and the Voiceflow socket take it. Before, the phone channels
+    transferred it (its ``ssml`` not said), while the Voiceflow socket showed its words."""
+    from gateway.events import transfer_item, transfer_target
+
+    item = transfer_item("+15551234567").model_copy(update={"ssml": "<speak>Hold on.</speak>"})
+    assert transfer_target(item) is None
+
+
 def _full_input() -> Input:
     return Input.model_validate(
         {

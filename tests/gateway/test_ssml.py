@@ -1,7 +1,8 @@
 """gateway/ssml.py: the spoken text of SSML, the speech of the voice assistants (Alexa,
 Google) and the display text, for SSML a core writes: a ``>`` in a ``<speak>`` attribute,
 an audio's ``<desc>``, voices side by side, characters XML does not allow, attribute values
-the platforms refuse, a ``#command`` item that carries SSML. Pure functions: no I/O."""
+the platforms refuse, an item with SSML whose text begins with ``#`` (speech, no
+command). Pure functions: no I/O."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from gateway.events import ResponseItem
+from gateway.events import ResponseItem, is_command
 from gateway.speech.service import speakable
 from gateway.speech.tts import ssml_to_text as tts_text
 from gateway.ssml import (
@@ -228,26 +229,52 @@ def test_audio_of_another_scheme_never_reaches_the_platform() -> None:
         assert speech(ssml, audio, elements) == "<speak>a b c</speak>"
 
 
-def test_a_command_items_ssml_is_neither_said_nor_shown() -> None:
-    """An item whose text is a ``#command`` is an action for the client (PROTOCOL-NOTES.md),
-    not speech: its ``ssml`` is not said (voice assistants, the gateway's own TTS for the
-    carriers and Flowstorm) nor shown, as its text is not. Before, the voice assistants said
-    it, the display text showed it and the gateway's TTS synthesized it."""
-    command = ResponseItem(text="#volume", code="up", ssml="<speak>secret</speak>")
+@pytest.mark.parametrize(
+    ("item", "command"),
+    [
+        (ResponseItem(text="#volume", code="up"), True),
+        (ResponseItem(text="  #transfer ", code="{}"), True),
+        (ResponseItem(text="#1 hit", ssml="<speak>#1 hit</speak>"), False),
+        (ResponseItem(text="#volume", code="up", ssml="<speak>louder</speak>"), False),
+        (ResponseItem(ssml="<speak>#1 hit</speak>"), False),
+        (ResponseItem(text="Number #1"), False),
+        (ResponseItem(text=""), False),
+        (ResponseItem(), False),
+    ],
+)
+def test_a_command_item_is_a_hash_text_without_ssml(item: ResponseItem, command: bool) -> None:
+    """The gateway's one rule (:func:`gateway.events.is_command`): a command item's text,
+    stripped, begins with ``#`` and it has no ``ssml``; an item with ``ssml`` is speech."""
+    assert is_command(item) is command
+
+
+def test_an_item_with_ssml_is_said_and_shown_whatever_its_text() -> None:
+    """An item with ``ssml`` is speech, never a command, on every channel: its ``ssml`` is
+    said (voice assistants, the gateway's own TTS for the carriers and Flowstorm) and its
+    words shown, also when its text begins with ``#`` (a Voiceflow voice agent's
+    ``<speak>#1 hit</speak>``: the ``ssml`` and the text ``#1 hit``). A command item (a
+    ``#`` text and no ``ssml``) says and shows nothing. Before, the voice assistants and the
+    gateway's TTS took the ``#1 hit`` item for a command (said nothing, showed nothing)
+    while the Voiceflow socket said it."""
+    hit = ResponseItem(text="#1 hit", ssml="<speak>#1 hit</speak>")
+    command = ResponseItem(text="#volume", code="up")
     said = ResponseItem(text="Turning it up.")
     for audio, elements in PLATFORMS:
-        assert speech_ssml([command], 8000, audio_schemes=audio, elements=elements) is None
-        assert speech_ssml([command, said], 8000, audio_schemes=audio, elements=elements) == (
-            "<speak>Turning it up.</speak>"
-        )
-    assert display_text([command, said], 640) == "Turning it up."
+        speech = speech_ssml([command], 8000, audio_schemes=audio, elements=elements)
+        assert speech is None
+        speech = speech_ssml([hit, command, said], 8000, audio_schemes=audio, elements=elements)
+        assert speech == "<speak>#1 hit Turning it up.</speak>"
+    assert display_text([hit, command, said], 640) == "#1 hit Turning it up."
     assert speakable(command) is None
+    assert speakable(hit) == "<speak>#1 hit</speak>"
+    # SSML not well-formed: its item's text is said instead, the core's items logged
     broken = ResponseItem(text="#x", ssml="<speak>Tom & Jerry<audio src='http://a'/><foo/>")
-    assert loose_ssml([broken]) == []
+    assert speech_ssml([broken], 8000) == "<speak>#x</speak>"
+    assert loose_ssml([broken]) == []  # (it has a text to say)
     odd = ResponseItem(text="#x", ssml="<speak><foo>a</foo><audio src='http://a/b'/></speak>")
-    assert refused_elements([odd], GOOGLE_ELEMENTS) == []
-    assert refused_audio([odd], HTTPS_AUDIO) == []
-    # an item with ssml and no text is still said (and synthesized)
+    assert refused_elements([odd], GOOGLE_ELEMENTS) == [(0, "foo")]
+    assert refused_audio([odd], HTTPS_AUDIO) == [(0, "http://a/b")]
+    # an item with ssml and no text is said (and synthesized)
     assert speakable(ResponseItem(ssml="<speak>Hi</speak>")) == "<speak>Hi</speak>"
 
 

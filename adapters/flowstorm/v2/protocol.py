@@ -59,6 +59,7 @@ from gateway.events import (
     SessionEndedEvent,
     Transcript,
     TurnEvent,
+    is_command,
 )
 from gateway.protocol import (
     MAX_ID_CHARS,
@@ -1047,7 +1048,9 @@ def item_lines(item: ResponseItem, bound: SsmlBound | None = None) -> str:
     of an item without ``text`` is its ``ssml``'s spoken text (markup dropped:
     :func:`gateway.ssml.ssml_to_text`; SSML that is not well-formed read leniently,
     :func:`gateway.ssml.loose_text`), which its TTS link says, as other channels show it
-    (:func:`gateway.ssml.display_text`). With ``bound``, its answer's
+    (:func:`gateway.ssml.display_text`). A command item (:func:`gateway.events.is_command`:
+    a ``#command`` text, no ``ssml``) has no ``<`` line; an item with ``ssml`` has one
+    whatever its words (``#1 hit``). With ``bound``, its answer's
     (:class:`gateway.ssml.SsmlBound`: the SSML of all the answer's items read up to one
     bound, in order), only as much of that SSML as the answer still reads: a later item
     past the bound has no ``<`` line. Without it, all of this item's SSML is read (an
@@ -1060,7 +1063,7 @@ def item_lines(item: ResponseItem, bound: SsmlBound | None = None) -> str:
     if ssml and not item.text and bound is not None:
         ssml = bound.read(ssml).ssml
     text = _one_line(item.text or (ssml and _ssml_speech(ssml)) or "")
-    if text and not text.startswith("#"):
+    if text and not is_command(item):
         voice = item.tts_config.name if item.tts_config and item.tts_config.name else None
         out.append(f"< [{voice}] {text}\n" if voice else f"< {text}\n")
     return "".join(out)

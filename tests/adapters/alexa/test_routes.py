@@ -1536,19 +1536,21 @@ async def test_sessions_ended_through_a_redis_outage_are_one_warning_not_one_eac
 
 async def test_a_cores_ssml_reaches_alexa_as_ssml_alexa_takes() -> None:
     """A core's SSML with a ``>`` in a ``<speak>`` attribute, an audio's ``<desc>``, two
-    voices side by side, a 999999 s break and a ``<prosody rate="x">``, and a ``#command``
-    item carrying SSML: Alexa gets well-formed SSML it takes (a break of at most 10 s, no
-    invalid rate), the card shows the words as said, the command says nothing. Before, the
-    speech began ``b">Hello``, the card showed the description and ``JoannaMatthew`` and
-    the command's secret, and Alexa refused the whole response for the break and the rate
-    (the user heard an error instead of the answer)."""
+    voices side by side, a 999999 s break and a ``<prosody rate="x">``, a ``#command``
+    item and an item with SSML whose text begins with ``#``: Alexa gets well-formed SSML it
+    takes (a break of at most 10 s, no invalid rate), the card shows the words as said, the
+    command (no SSML) says nothing, the item with SSML is speech (said and shown). Before,
+    the speech began ``b">Hello``, the card showed the description and ``JoannaMatthew``,
+    and Alexa refused the whole response for the break and the rate (the user heard an
+    error instead of the answer); the item ``#1 hit`` with SSML was taken for a command."""
     core = FastAPI()
 
     @core.post("/turn")
     async def turn(request: Request) -> JSONResponse:
         items = [
             {"ssml": '<speak foo="a>b">Hello <break time="999999s"/> there.</speak>'},
-            {"text": "#volume", "code": "up", "ssml": "<speak>secret</speak>"},
+            {"text": "#volume", "code": "up"},
+            {"text": "#1 hit", "ssml": "<speak>#1 hit</speak>"},
             {
                 "ssml": "<speak><voice name='Joanna'>Joanna</voice><voice name='Matthew'>"
                 "Matthew</voice> <audio src='https://cdn.example.com/d.mp3'><desc>A dog"
@@ -1567,10 +1569,57 @@ async def test_a_cores_ssml_reaches_alexa_as_ssml_alexa_takes() -> None:
     speech = reply(answer).output_speech
     assert isinstance(speech, SsmlOutputSpeech)
     assert speech.ssml == (
-        "<speak>Hello <break time=\"10s\"/> there. <voice name='Joanna'>Joanna</voice>"
+        "<speak>Hello <break time=\"10s\"/> there. #1 hit <voice name='Joanna'>Joanna</voice>"
         "<voice name='Matthew'>Matthew</voice> <audio src='https://cdn.example.com/d.mp3'>"
         "woof</audio> <prosody>slowly</prosody></speak>"  # (Alexa takes no <desc>)
     )
     card = reply(answer).card
     assert isinstance(card, StandardCard)
-    assert card.text == "Hello there. Joanna Matthew woof slowly"
+    assert card.text == "Hello there. #1 hit Joanna Matthew woof slowly"
+
+
+async def test_a_voice_agents_speak_whose_words_begin_with_a_hash_is_said_on_every_channel() -> (
+    None
+):
+    """One rule for every channel (gateway.events.is_command): a Voiceflow voice agent's
+    ``speak`` of ``<speak>#1 hit</speak>`` (the Voiceflow core's item: that ``ssml``, the
+    text ``#1 hit``) is speech, said by Alexa (its SSML) and
+    synthesized by the gateway's own TTS (a Flowstorm V2 turn: its audio link serves the
+    speech, its ``<`` line shows the words), while the agent's custom action (the command
+    item ``#open_menu``, no SSML) says and shows nothing. Before, Alexa said and showed
+    nothing of it and the gateway's TTS made no audio for it, while the Voiceflow socket
+    said it."""
+    runtime = FastAPI()
+
+    @runtime.post("/state/user/{user_id}/interact")
+    async def interact(user_id: str) -> list[dict[str, Any]]:
+        return [
+            {"type": "speak", "payload": {"type": "message", "message": "<speak>#1 hit</speak>"}},
+            {"type": "open_menu", "payload": "main", "paths": [{"event": {"type": "done"}}]},
+        ]
+
+    async with (
+        serve(runtime) as runtime_url,
+        gateway(
+            pipeline="voiceflow:",
+            voiceflow_api_key=SecretStr(VOICEFLOW_KEY),
+            voiceflow_runtime_url=runtime_url,
+            tts_provider="espeak-ng",
+            **OFF,
+        ) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        answer = await say(client, envelope("S-vf-hash", text="hits"))
+        v2 = await v2_put(client, "61f3f3270516dc6f15251ef2", "hits")
+        lines = v2.text.splitlines()
+        audio = re.fullmatch(r"# \(audio=https?://[^/]+(/file/tts/[0-9a-f]{64}\.mp3)\)", lines[0])
+        assert audio is not None, lines
+        mp3 = await client.get(audio[1])
+    speech = reply(answer).output_speech
+    assert isinstance(speech, SsmlOutputSpeech)
+    assert speech.ssml == "<speak>#1 hit</speak>"
+    assert said(v2.text) == ["#1 hit"]
+    assert "code=" in v2.text  # the command item: its code, no words
+    assert mp3.status_code == 200
+    assert mp3.headers["content-type"] == "audio/mpeg"
+    assert len(mp3.content) > 1000  # espeak-ng's "#1 hit"

@@ -1492,18 +1492,20 @@ async def test_control_characters_are_not_shown() -> None:
 
 async def test_a_cores_ssml_reaches_google_as_ssml_google_takes() -> None:
     """A core's SSML with a ``>`` in a ``<speak>`` attribute, an audio's ``<desc>``, a
-    999999 s break and a ``<prosody rate="x">``, and a ``#command`` item carrying SSML:
-    Google gets well-formed SSML it takes (a break of at most 10 s, no invalid rate), the
-    display text is the words as said, the command says nothing. Before, the speech began
-    ``b">Hello``, the display text held the description and the command's secret, and the
-    break and rate went to Google as the core wrote them."""
+    999999 s break and a ``<prosody rate="x">``, a ``#command`` item and an item with SSML
+    whose text begins with ``#``: Google gets well-formed SSML it takes (a break of at most
+    10 s, no invalid rate), the display text is the words as said, the command (no SSML)
+    says nothing, the item with SSML is speech (said and shown). Before, the speech began
+    ``b">Hello``, the display text held the description, and the break and rate went to
+    Google as the core wrote them; the item ``#1 hit`` with SSML was taken for a command."""
     core = FastAPI()
 
     @core.post("/turn")
     async def turn(request: Request) -> JSONResponse:
         items = [
             {"ssml": '<speak foo="a>b">Hello <break time="999999s"/> there.</speak>'},
-            {"text": "#volume", "code": "up", "ssml": "<speak>secret</speak>"},
+            {"text": "#volume", "code": "up"},
+            {"text": "#1 hit", "ssml": "<speak>#1 hit</speak>"},
             {
                 "ssml": "<speak><audio src='https://cdn.example.com/d.mp3'><desc>A dog"
                 "</desc>woof</audio> <prosody rate='x'>slowly</prosody></speak>"
@@ -1521,8 +1523,8 @@ async def test_a_cores_ssml_reaches_google_as_ssml_google_takes() -> None:
     check_v3(request, data)
     simple = data["prompt"]["firstSimple"]
     assert simple["speech"] == (
-        '<speak>Hello <break time="10s"/> there. '
+        '<speak>Hello <break time="10s"/> there. #1 hit '
         "<audio src='https://cdn.example.com/d.mp3'><desc>A dog</desc>woof</audio> "
         "<prosody>slowly</prosody></speak>"
     )
-    assert simple["text"] == "Hello there. woof slowly"
+    assert simple["text"] == "Hello there. #1 hit woof slowly"

@@ -468,6 +468,33 @@ def test_heard_counts_whole_items_whose_marks_came_back() -> None:
     }
 
 
+def test_heard_counts_an_item_with_ssml_whose_text_begins_with_a_hash() -> None:
+    """An item with SSML is speech whatever its text (gateway.events.is_command): the
+    ``#1 hit`` of a voice agent's ``<speak>#1 hit</speak>`` is what the caller heard; a
+    command item (``#volume``, no SSML) is no speech. Before, the item with SSML counted as
+    a command: ``heard`` was empty though its audio had played."""
+    call = started()
+    hit = ResponseItem(text="#1 hit", ssml="<speak>#1 hit</speak>")
+    assert call.turn_event(ResponseItemEvent(response_item=hit)) == []
+    [play] = call.turn_event(BinaryEvent(data=SECOND))
+    assert isinstance(play, Play)
+    command = ResponseItem(text="#volume", code="up", repeatable=False)
+    assert call.turn_event(ResponseItemEvent(response_item=command)) == []
+    say_item(call, "Second sentence here.", SECOND * 2)
+    frames(call, 50)  # 1 s
+    call.receive(mark("1"))
+    hold(call)
+    assert isinstance(call.heard("final", "what")[0], Interrupt)
+    call.turn_event(ResponseEvent(response=Response()))
+    [turn] = call.turn_finished()
+    assert isinstance(turn, StartTurn)
+    assert turn.input.attributes == {
+        INTERRUPTED: True,
+        HEARD: "#1 hit",
+        UNHEARD: "Second sentence here.",
+    }
+
+
 # ------------------------------------------------------------------ words and settings
 
 

@@ -786,3 +786,14 @@ def test_the_plain_line_of_an_ssml_item_says_what_its_tts_link_says() -> None:
     assert item_lines(unclosed) == "< not well formed\n"
     assert item_lines(ResponseItem(ssml="<speak>A <emphasis>b</emphasis></speak>")) == "< A b\n"
     assert item_lines(ResponseItem(ssml="<speak><break time='1s'/></speak>")) == ""
+
+
+def test_an_item_with_ssml_whose_words_begin_with_a_hash_has_its_line() -> None:
+    """An item with SSML is speech, never a command (gateway.events.is_command): its words
+    are its ``<`` line also when they begin with ``#`` (``<speak>#1 hit</speak>``, alone or
+    with the Voiceflow core's text ``#1 hit``), as its TTS link says them; a command item
+    (``#volume``, no SSML) has none. Before, both items with SSML showed no line."""
+    assert item_lines(ResponseItem(ssml="<speak>#1 hit</speak>")) == "< #1 hit\n"
+    hit = ResponseItem(text="#1 hit", ssml="<speak>#1 hit</speak>")
+    assert item_lines(hit) == "< #1 hit\n"
+    assert item_lines(ResponseItem(text="#volume", code="up")) == "# (code=up)\n"
