@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -37,8 +38,10 @@ class RequestIdMiddleware:
     ``root_path``) is answered by calling the endpoint here, as FastAPI's route would,
     without the router's matching, dependency solving and exception wrappers (the
     turn routes' share of a text turn's CPU time). An :class:`HTTPException` it raises
-    goes to the app's handler for it, any other exception up to the app's 500 handler,
-    as from the route.
+    goes to the app's handler for it, any other exception to the app's 500 handler (its
+    answer sent when the endpoint's had not begun; the exception then goes on up to the
+    server), as from the route: the direct endpoints run outside Starlette's
+    ServerErrorMiddleware, which this middleware wraps.
     """
 
     def __init__(self, app: ASGIApp, direct: Mapping[tuple[str, str], Endpoint] = {}) -> None:
@@ -58,9 +61,12 @@ class RequestIdMiddleware:
                 await self.app(scope, receive, send)
                 return
             header = (b"x-request-id", request_id.encode())
+            started = False
 
             async def send_with_id(message: Message) -> None:
+                nonlocal started
                 if message["type"] == "http.response.start":
+                    started = True
                     message = {**message, "headers": [*message.get("headers", ()), header]}
                 await send(message)
 
@@ -70,12 +76,35 @@ class RequestIdMiddleware:
                 return
             request = Request(scope, receive, send_with_id)
             try:
-                answer = await endpoint(request)
-            except HTTPException as exc:
-                handler = scope["app"].exception_handlers.get(HTTPException)
-                if handler is None:
+                try:
+                    answer = await endpoint(request)
+                except HTTPException as exc:
+                    handler = scope["app"].exception_handlers.get(HTTPException)
+                    if handler is None:
+                        raise
+                    answer = await handler(request, exc)
+                await answer(scope, receive, send_with_id)
+            except Exception as exc:
+                # what ServerErrorMiddleware does for the routes it wraps (a direct
+                # endpoint runs outside it): the app's 500 answer when nothing was sent
+                # yet, then the exception goes on up (the server logs it too)
+                failed = _server_error_handler(scope["app"])
+                if started or failed is None:
                     raise
-                answer = await handler(request, exc)
-            await answer(scope, receive, send_with_id)
+                await (await failed(request, exc))(scope, receive, send_with_id)
+                raise
         finally:
             REQUEST_ID.reset(token)
+
+
+def _server_error_handler(
+    app: Any,
+) -> Callable[[Request, Exception], Awaitable[Response]] | None:
+    """The app's handler of an unhandled error, as Starlette's ServerErrorMiddleware picks
+    it (the one registered for ``500`` or ``Exception``; an async handler), or None."""
+    handlers = getattr(app, "exception_handlers", {})
+    found = None
+    for key, value in handlers.items():
+        if key in (500, Exception):
+            found = value
+    return found

@@ -406,3 +406,40 @@ async def test_an_unhandled_error_s_500_and_its_log_line_carry_the_request_id() 
     failures = [e for e in entries if e["message"] == "unhandled error serving GET /broken"]
     assert [e.get("request_id") for e in failures] == ["req-of-a-bug", made_id]
     assert all("RuntimeError: a bug" in e["exc"] for e in failures)
+
+
+async def test_a_direct_turn_routes_unhandled_error_is_the_apps_500_with_the_request_id(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # POST /alexa is called by RequestIdMiddleware itself (a direct endpoint). Since the
+    # middleware wraps the whole stack (ServerErrorMiddleware too), a bug in such an
+    # endpoint went past the app's 500 handler: uvicorn answered its own text/plain 500,
+    # with no X-Request-Id and no 'unhandled error serving' line
+    settings = Settings(alexa_verify=False)
+    app = create_app(settings)
+    lines = io.StringIO()
+    handler = logging.StreamHandler(lines)
+    handler.setFormatter(JsonFormatter())
+    app_log = logging.getLogger("gateway.app")
+    app_log.addHandler(handler)
+
+    def broken_turn(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a bug")
+
+    try:
+        async with serve(app) as url, httpx.AsyncClient(base_url=url) as client:
+            monkeypatch.setattr(app.state.gateway.conversation, "turn", broken_turn)
+            answer = await client.post(
+                "/alexa",
+                content=json.dumps(envelope("S-bug", text="hi")).encode(),
+                headers={"X-Request-Id": "req-of-an-alexa-bug"},
+            )
+    finally:
+        app_log.removeHandler(handler)
+    assert answer.status_code == 500
+    assert answer.headers["content-type"] == "application/problem+json"
+    assert answer.headers.get_list("x-request-id") == ["req-of-an-alexa-bug"]
+    entries = [json.loads(line) for line in lines.getvalue().splitlines()]
+    failures = [e for e in entries if e["message"] == "unhandled error serving POST /alexa"]
+    assert [e.get("request_id") for e in failures] == ["req-of-an-alexa-bug"]
+    assert "RuntimeError: a bug" in failures[0]["exc"]
