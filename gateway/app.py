@@ -202,10 +202,11 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
             # a turn's task waits up to GATEWAY_LOCK_WAIT_S for its session's lock, then
             # runs GATEWAY_TURN_TIMEOUT_S (and its #error turn: Settings.turn_max_s; + 1 s
             # to save); those of WebSockets (closed 1012 at once) started before the
-            # shutdown, so this adds nothing to its bound
+            # shutdown, so this adds nothing to its bound. A webhook's session end gone on
+            # in the background (it waits for its session's turn) is waited for too
             left = await conversation.drain(settings.lock_wait_s + settings.turn_max_s + 1)
             if left:
-                log.warning("%d turns were still running at shutdown", left)
+                log.warning("%d turns or session ends were still running at shutdown", left)
             if warming is not None:
                 warming.cancel()
             await pipeline.aclose()

@@ -521,6 +521,7 @@ class Conversation:
         self.speech = speech
         self.journal = journal
         self._tasks: set[asyncio.Task[None]] = set()
+        self._ends: set[asyncio.Task[bool]] = set()  # end_soon's, until done
         _CONVERSATIONS.add(self)
 
     @property
@@ -1227,9 +1228,23 @@ class Conversation:
         metrics.labelled(metrics.SESSIONS_ENDED, ctx.channel).inc()
         return True
 
+    def end_soon(self, ctx: TurnContext) -> asyncio.Task[bool]:
+        """:meth:`end` of ``ctx``'s session in a task of its own (named ``end <session
+        ref>``), returned: its caller may stop waiting for it (a webhook's request,
+        :func:`gateway.io.webhook.end_session`, past END_WAIT_S while a late turn holds the
+        session) and it still runs to its end, referenced here until done and waited for
+        by :meth:`drain` at shutdown as the turns are (before the session store closes).
+        Its outcome and failure are the caller's to read (a done-callback)."""
+        task = asyncio.create_task(self.end(ctx), name=f"end {session_ref(ctx.key)}")
+        self._ends.add(task)
+        task.add_done_callback(self._ends.discard)
+        return task
+
     async def drain(self, timeout_s: float) -> int:
-        """Wait up to ``timeout_s`` s for running turns; returns how many were still running."""
-        pending = set(self._tasks)
+        """Wait up to ``timeout_s`` s for running turns and the session ends of
+        :meth:`end_soon` (one waits for its session's turn); returns how many were still
+        running."""
+        pending = self._tasks | self._ends
         if pending:
             _, still = await asyncio.wait(pending, timeout=timeout_s)
             return len(still)

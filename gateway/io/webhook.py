@@ -567,9 +567,6 @@ async def run_turn(
     )
 
 
-_ENDING: set[asyncio.Task[bool]] = set()  # ends still running past their caller's wait
-
-
 async def end_session(conversation: Conversation, ctx: TurnContext, wait_s: float) -> bool | None:
     """End ``ctx``'s session (the platform closed it), waiting at most ``wait_s`` seconds.
 
@@ -577,11 +574,11 @@ async def end_session(conversation: Conversation, ctx: TurnContext, wait_s: floa
     or None when it failed (logged at WARNING; DEBUG after the first failure of a Redis
     outage, :func:`gateway.breaker.outage_level`) or is still waiting for the session's
     lock (a late turn holds it): then it goes on in the background and finishes on
-    its own, so the platform's request never waits past its deadline and the store
-    is never interrupted mid-write.
+    its own (:meth:`Conversation.end_soon`: the shutdown waits for it, as for the turns),
+    so the platform's request never waits past its deadline and the store is never
+    interrupted mid-write.
     """
-    task = asyncio.create_task(conversation.end(ctx), name=f"end {session_ref(ctx.key)}")
-    _ENDING.add(task)
+    task = conversation.end_soon(ctx)
     task.add_done_callback(_ended)
     try:
         async with asyncio.timeout(max(wait_s, 0.0)):
@@ -594,7 +591,6 @@ async def end_session(conversation: Conversation, ctx: TurnContext, wait_s: floa
 
 
 def _ended(task: asyncio.Task[bool]) -> None:
-    _ENDING.discard(task)
     if not task.cancelled() and (exc := task.exception()) is not None:
         ref = task.get_name().removeprefix("end ")
         log.log(outage_level(exc), "could not end session %s: %r", ref, exc)

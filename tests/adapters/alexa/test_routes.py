@@ -24,6 +24,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 from ask_sdk_model.response import Response as AskResponse
 from ask_sdk_model.response_envelope import ResponseEnvelope
 from ask_sdk_model.ui.ssml_output_speech import SsmlOutputSpeech
@@ -1205,6 +1206,54 @@ async def test_session_ended_waits_briefly_not_the_whole_deadline(
         await asyncio.sleep(0.3)  # the slow turn saved, then the pending end deleted
         fresh = await say(client, envelope("S-end-wait", text="next"))
         assert spoken(fresh) == "turn 1 slowDone None"  # the session did end
+
+
+async def test_a_session_end_gone_on_in_the_background_is_done_before_the_shutdown(
+    redis_url: str, redis_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A session's end that went on in the background (its SessionEndedRequest answered
+    after END_WAIT_S while a late turn held the session) is waited for at shutdown, as
+    the turns are: before, the shutdown waited for the turn only, then closed the session
+    store under the end, which failed (or never ran): the session the user ended was
+    kept, its next request went on in it. Real Redis; the second gateway sees the store."""
+    core = make_core(delay_s=2.5)
+    store: dict[str, Any] = {"redis_url": redis_url, "redis_prefix": redis_prefix}
+    async with serve(core) as core_url:
+        settings = {"pipeline": f"{core_url}/turn", **store, **OFF}
+        async with (
+            gateway(alexa_deadline_s=0.8, **settings) as url,
+            httpx.AsyncClient(base_url=url) as client,
+        ):
+            assert spoken(await say(client, envelope("S-end-down", text="hello"))) == (
+                "turn 1 slowDone None"
+            )
+            slow = asyncio.create_task(say(client, envelope("S-end-down", text="slow")))
+            await asyncio.sleep(0.3)  # the slow turn holds the session's lock
+            ended = await say(client, envelope("S-end-down", kind="SessionEndedRequest"))
+            assert spoken(ended) == ""
+            assert spoken(await slow) == Settings().voice_still_working_text
+            assert not core.state.finished.is_set()  # the turn and the end still run
+        # shut down: the turn finished and saved, and the end that waited for it ran
+        # before the shutdown was over (after it, a process's event loop stops: an end
+        # still running then never ends the session)
+        assert core.state.finished.is_set()
+        sessions = redis.Redis.from_url(redis_url)
+        try:
+            kept = [
+                k
+                for k in sessions.scan_iter(match=f"{redis_prefix}:*")
+                if k.endswith(b"S-end-down}:s")
+            ]
+        finally:
+            sessions.close()
+        assert kept == []
+        assert not [r for r in caplog.records if "could not end session" in r.getMessage()]
+        async with (
+            gateway(**settings) as url,
+            httpx.AsyncClient(base_url=url) as client,
+        ):
+            fresh = await say(client, envelope("S-end-down", text="next"))
+            assert spoken(fresh) == "turn 1 slowDone None"  # the session did end
 
 
 async def test_a_failing_core_is_apologised_for_and_the_session_kept() -> None:
