@@ -641,6 +641,8 @@ class _Client:
     """The wait for the session's idle timeout (:meth:`VoiceflowServer._watch_idle`)."""
     key_watch: asyncio.Task[None] | None = None
     """The wait for the sessionKey's max age (:meth:`VoiceflowServer._watch_key_age`)."""
+    key_watch_until: float | None = None
+    """The loop time (s) ``key_watch`` sleeps until, None while it does not sleep."""
     claimed: str | None = None
     """The store key of the session the client's last started action claimed."""
     kept: list[Action] | None = None
@@ -1432,11 +1434,17 @@ class VoiceflowServer:
         """Start the wait for the client's sessionKey to reach its max age
         (:meth:`_watch_key_age`) unless one runs or nothing ages (the connection's
         :meth:`~adapters.voiceflow.protocol.VoiceflowConnection.key_age_left_s` is None):
-        after each client event and each action's end."""
+        after each client event and each action's end. A watch sleeping past the moment
+        the key now reaches its max age (a client.start with an older key of the session,
+        or another session's key) is started again: it re-reads the age only when it wakes."""
+        left = client.conn.key_age_left_s()
+        if left is None or client.sid not in self._clients:
+            return
         if client.key_watch is not None and not client.key_watch.done():
-            return
-        if client.conn.key_age_left_s() is None or client.sid not in self._clients:
-            return
+            until = client.key_watch_until
+            if until is None or asyncio.get_running_loop().time() + left >= until:
+                return  # awake (it reads the age again), or it wakes in time
+            client.key_watch.cancel()  # asleep: nothing of it is under way
         task = asyncio.create_task(self._watch_key_age(client))
         client.key_watch = task
         client.tasks.add(task)  # cancelled with the connection
@@ -1452,9 +1460,15 @@ class VoiceflowServer:
         ``no-session`` instead of going to a new session. Ends when nothing ages any more
         (an action runs: armed again at its end)."""
         conn = client.conn
+        loop = asyncio.get_running_loop()
         while (left := conn.key_age_left_s()) is not None:
             if left > 0:
-                await asyncio.sleep(left)
+                client.key_watch_until = loop.time() + left
+                try:
+                    await asyncio.sleep(left)
+                finally:
+                    if client.key_watch is asyncio.current_task():  # (not one started anew)
+                        client.key_watch_until = None
                 continue
             async with client.answering:
                 if ended := conn.key_aged_out():

@@ -1029,6 +1029,34 @@ async def test_an_idle_connection_is_told_when_its_key_reaches_its_max_age(
         await vf.nothing_more()
 
 
+async def test_an_older_key_of_the_session_brings_the_key_watch_forward(
+    store: dict[str, Any],
+) -> None:
+    """A client.start with an older key of the connection's session (one the client kept
+    from before) sets the moment its key reaches its max age earlier. The watch armed
+    for the first key slept on to that key's age and was not moved: the connection was
+    told ``session.ended {reason: "session_key_expired"}`` only then, seconds late (an
+    action sent meanwhile was rejected ``no-session``, what the watch is there to spare)."""
+    max_age_s = 4
+    settings = {"voiceflow_session_key_max_age_s": max_age_s, **store}
+    keys = SessionKeys(SECRET, ttl_s=3600)
+    async with served_with_store(**settings) as (url, _), client(url) as vf:
+        key = await vf.handshake()
+        assert await vf.say("my name is Ada") == ["Nice to meet you, Ada."]
+        check = keys.verify(key, project_id=PROJECT, user_id=USER, now=time.time())
+        assert check.session_id is not None
+        older = keys.issue(
+            session_id=check.session_id, project_id=PROJECT, user_id=USER, now=time.time() - 2
+        )
+        assert await vf.start(older) is False  # the same session, by an older key
+        await until_key_age(older, max_age_s - 0.5)
+        await vf.nothing_more(0.2)  # still young
+        ended = await asyncio.wait_for(vf.expect("session.ended"), 1.0)
+        assert ended == {"reason": "session_key_expired"}
+        assert time.time() >= jwt.decode(older, options={"verify_signature": False})["iat"] + 4
+        await vf.nothing_more()
+
+
 async def test_a_key_past_its_max_age_ends_a_queued_action_before_it_starts() -> None:
     """An action queued behind a running one when the connection's key reaches its max
     age started all the same (the key was checked at client.start only). Now the running
