@@ -75,7 +75,10 @@ def _store_unavailable(file_id: str, exc: BaseException) -> Response:
             "headers": _CONTENT_RANGE,
             "content": _AUDIO,
         },
-        304: {"description": "`If-None-Match` holds the file's `ETag`: not modified"},
+        304: {
+            "description": "`If-None-Match` holds the file's `ETag`, or `*` (the link is "
+            "known, synthesized or not; nothing is synthesized): not modified"
+        },
         404: {"description": "Unknown or expired file (problem body)", "content": PROBLEM},
         416: {
             "description": "The range starts past the file's end; `Content-Range: "
@@ -108,6 +111,9 @@ async def tts_file(file_id: str, ext: Literal["mp3", "wav", "mulaw"], request: R
     A cached file comes whole with its ``Content-Length``, an ``ETag`` (a hash of its
     bytes) and ``Accept-Ranges: bytes``; ``If-None-Match``, ``Range`` and ``If-Range``
     are answered as :func:`_cached` says (304; 206 with ``Content-Range``; 416).
+    ``If-None-Match: *`` asks whether the file exists (RFC 9110 section 13.1.2): for a
+    known link, synthesized or not, it is answered as HEAD answers it (304), and nothing
+    is synthesized. An ``If-None-Match`` over several header lines is one list.
     A GET with a ``Range`` is never streamed: a file not cached yet is synthesized
     to its end first (a media player, Safari's or AVPlayer's, opens audio with
     ``Range: bytes=0-1``, needs a 206 with the file's length, and hangs up after two
@@ -127,6 +133,8 @@ async def tts_file(file_id: str, ext: Literal["mp3", "wav", "mulaw"], request: R
     gw = gateway_of(request)
     if not is_tts_id(file_id):
         return _not_found(file_id, ext)
+    if "*" in _none_match(request):  # any current file: 304, nothing synthesized
+        return await tts_file_head(file_id, ext, request)
     chunks: AsyncIterator[bytes] | None = None
     whole = "range" in request.headers  # a byte range needs the file's length
     render = asyncio.ensure_future(_first(gw.speech.file_source(file_id, ext), whole=whole))
@@ -188,11 +196,25 @@ def _etag(data: bytes) -> str:
     return f'"{hashlib.blake2b(data, digest_size=16).hexdigest()}"'
 
 
+def _none_match(request: Request) -> list[str]:
+    """The entity tags of the request's ``If-None-Match`` (RFC 9110 section 13.1.2), ``W/``
+    dropped (its comparison is weak) and ``*`` kept as ``*``: of every line of the field
+    (a list field may be sent over several lines, section 5.3), in order; [] without
+    one."""
+    return [
+        tag.strip().removeprefix("W/")
+        for line in request.headers.getlist("if-none-match")
+        for tag in line.split(",")
+        if tag.strip()
+    ]
+
+
 def _cached(request: Request, data: bytes, ext: str) -> Response:
     """The answer to a GET or HEAD of a cached file ``data`` (RFC 9110 sections 13 and 14),
     with ``Cache-Control`` :data:`CACHED`, ``Accept-Ranges: bytes`` and an ``ETag``:
 
-    * 304, no body, when ``If-None-Match`` holds its ETag or ``*`` (weak comparison);
+    * 304, no body, when ``If-None-Match`` (all its lines) holds its ETag or ``*`` (weak
+      comparison);
     * GET with one satisfiable byte ``Range`` (parsed by Starlette's FileResponse), and
       an ``If-Range`` absent or its ETag: 206 with that slice and ``Content-Range:
       bytes first-last/size``; a range that starts past the end: 416 with
@@ -203,10 +225,7 @@ def _cached(request: Request, data: bytes, ext: str) -> Response:
     """
     size, etag = len(data), _etag(data)
     headers = {"Cache-Control": CACHED, "Accept-Ranges": "bytes", "ETag": etag}
-    if_none_match = request.headers.get("if-none-match")
-    if if_none_match is not None and any(
-        tag.strip().removeprefix("W/") in ("*", etag) for tag in if_none_match.split(",")
-    ):
+    if any(tag in ("*", etag) for tag in _none_match(request)):
         return Response(status_code=304, headers=headers)
     http_range = request.headers.get("range")
     if_range = request.headers.get("if-range")
@@ -261,7 +280,10 @@ async def _rest(file_id: str, first: bytes, chunks: AsyncIterator[bytes]) -> Asy
             "`Content-Type` and `Cache-Control: no-cache`, no `Content-Length`",
             "content": _AUDIO,
         },
-        304: {"description": "`If-None-Match` holds the cached file's `ETag`: not modified"},
+        304: {
+            "description": "`If-None-Match` holds the cached file's `ETag`, or `*` (the "
+            "link is known, synthesized or not): not modified"
+        },
         404: {"description": "Unknown or expired file", "content": PROBLEM},
         503: {
             "description": "The speech file store is unavailable; retry after `Retry-After` "
@@ -286,10 +308,11 @@ async def tts_file_head(
     ``Content-Type`` and ``Cache-Control: no-cache`` of the streamed GET it would get,
     and no ``Content-Length``: that GET is chunked and its length is not known before
     the synthesis, so none is claimed (``Content-Length: 0`` would say the file is
-    empty). An id not shaped like one, unknown, expired or of another extension is 404
-    as for GET (an extension not in the enum is 400 as for GET); a cache failure is 503
-    with ``Retry-After``. No 503 for a full TTS pool: nothing is
-    queued.
+    empty); with ``If-None-Match: *`` it is 304 with ``Cache-Control: no-cache`` (RFC
+    9110 section 13.1.2: the link is a current representation). An id not shaped like
+    one, unknown, expired or of another extension is 404 as for GET (an extension not
+    in the enum is 400 as for GET); a cache failure is 503 with ``Retry-After``. No 503
+    for a full TTS pool: nothing is queued.
     """
     gw = gateway_of(request)
     if not is_tts_id(file_id):
@@ -302,6 +325,8 @@ async def tts_file_head(
         return _not_found(file_id, ext)
     if isinstance(known, bytes):  # the GET's answer; Starlette sends only its headers
         return _cached(request, known, ext)
+    if "*" in _none_match(request):  # the link is a current file, not synthesized yet
+        return Response(status_code=304, headers={"Cache-Control": "no-cache"})
     pending = Response(media_type=MEDIA_TYPES[ext], headers={"Cache-Control": "no-cache"})
     del pending.headers["content-length"]  # unknown until synthesized, not 0
     return pending

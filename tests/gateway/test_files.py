@@ -189,3 +189,53 @@ async def test_a_cached_file_is_served_only_under_its_own_type_after_its_spec_ex
         assert got.status_code == 200
         assert got.headers["content-type"] == "audio/mpeg"
         assert got.content == body
+
+
+async def test_if_none_match_star_is_304_before_synthesis_and_its_lines_combine() -> None:
+    """``If-None-Match: *`` is false when a current representation exists (RFC 9110 section
+    13.1.2): a registered link is one, synthesized or not, so GET and HEAD answer 304 and
+    nothing is synthesized (before: 200, and the GET synthesized the file). An
+    ``If-None-Match`` split over several header lines is one list (section 5.3): its
+    second line's ETag matches too (before: only the first line was read)."""
+    settings = Settings(tts_provider="espeak-ng", public_url="http://gw.test")
+    app = create_app(settings)
+    async with served_app(app, settings) as url, httpx.AsyncClient(base_url=url) as client:
+        speech: SpeechService = app.state.gateway.speech
+        counter = CountingSynth(speech.pool.synthesizer)
+        speech.pool.synthesizer = counter
+        item = await speech.link_item(ResponseItem(text="Not made yet."), "mp3")
+        assert item.audio is not None
+        path = item.audio.removeprefix("http://gw.test")
+        file_id = path.rsplit("/", 1)[1].removesuffix(".mp3")
+
+        for method in ("GET", "HEAD"):
+            for tags in ("*", '"other", *', 'W/"x",*'):
+                got = await client.request(method, path, headers={"If-None-Match": tags})
+                assert got.status_code == 304, (method, tags, got.status_code)
+                assert got.content == b""
+                assert got.headers["cache-control"] == "no-cache"
+        assert counter.calls == 0
+        assert await speech.cache.get(file_id, "mp3") is None
+        # an unknown link has no current representation: 404 as without the header
+        unknown = f"/file/tts/{'a' * 64}.mp3"
+        for method in ("GET", "HEAD"):
+            got = await client.request(method, unknown, headers={"If-None-Match": "*"})
+            assert got.status_code == 404, (method, got.status_code)
+
+        body = (await client.get(path)).content  # synthesized now
+        assert counter.calls == 1
+        etag = (await client.head(path)).headers["etag"]
+        for method in ("GET", "HEAD"):
+            star = await client.request(method, path, headers={"If-None-Match": "*"})
+            assert star.status_code == 304, method
+            assert star.headers["etag"] == etag
+            # two header lines: '"other"' then the file's ETag
+            lines = httpx.Headers([("If-None-Match", '"other"'), ("If-None-Match", etag)])
+            split = await client.request(method, path, headers=lines)
+            assert split.status_code == 304, (method, split.status_code)
+            assert split.content == b""
+            neither = httpx.Headers([("If-None-Match", '"a"'), ("If-None-Match", '"b"')])
+            changed = await client.request(method, path, headers=neither)
+            assert changed.status_code == 200, method
+        assert (await client.get(path, headers=neither)).content == body
+        assert counter.calls == 1
