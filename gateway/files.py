@@ -12,7 +12,7 @@ from typing import Any, Final, Literal
 from fastapi import APIRouter
 from fastapi.responses import Response, StreamingResponse
 from starlette.requests import Request
-from starlette.responses import FileResponse, MalformedRangeHeader, RangeNotSatisfiable
+from starlette.responses import RangeNotSatisfiable
 
 from gateway.apidoc import PROBLEM
 from gateway.breaker import outage_level
@@ -71,7 +71,9 @@ def _store_unavailable(file_id: str, exc: BaseException) -> Response:
         },
         206: {
             "description": "One byte range of the file (a `Range` request, RFC 9110 "
-            "section 14; one not yet synthesized is waited for), with `Content-Range`",
+            "section 14; one not yet synthesized is waited for), with `Content-Range`; "
+            "several ranges that overlap or adjoin are coalesced into one (ranges with "
+            "gaps between them: 200 with the whole file)",
             "headers": _CONTENT_RANGE,
             "content": _AUDIO,
         },
@@ -81,7 +83,7 @@ def _store_unavailable(file_id: str, exc: BaseException) -> Response:
         },
         404: {"description": "Unknown or expired file (problem body)", "content": PROBLEM},
         416: {
-            "description": "The range starts past the file's end; `Content-Range: "
+            "description": "Every range starts past the file's end; `Content-Range: "
             "bytes */size` (problem body)",
             "headers": _CONTENT_RANGE,
             "content": PROBLEM,
@@ -215,13 +217,16 @@ def _cached(request: Request, data: bytes, ext: str) -> Response:
 
     * 304, no body, when ``If-None-Match`` (all its lines) holds its ETag or ``*`` (weak
       comparison);
-    * GET with one satisfiable byte ``Range`` (parsed by Starlette's FileResponse), and
-      an ``If-Range`` absent or its ETag: 206 with that slice and ``Content-Range:
-      bytes first-last/size``; a range that starts past the end: 416 with
-      ``Content-Range: bytes */size`` (problem body);
-    * else 200 with the whole file: also for several ranges, a malformed ``Range``, an
-      ``If-Range`` that does not match, or HEAD (section 14.2 lets a server ignore
-      Range, and defines it for GET only).
+    * GET with a byte ``Range`` (:func:`byte_range`) whose satisfiable ranges form one
+      contiguous span (one range, or several that overlap or adjoin, in any order:
+      coalesced, section 15.3.7.2), and an ``If-Range`` absent or its ETag: 206 with
+      that slice and ``Content-Range: bytes first-last/size``; no satisfiable range
+      (each starts past the end): 416 with ``Content-Range: bytes */size`` (problem
+      body);
+    * else 200 with the whole file: also for ranges with gaps between them (no
+      ``multipart/byteranges``), a malformed ``Range``, an ``If-Range`` that does not
+      match, or HEAD (section 14.2 lets a server ignore Range, and defines it for GET
+      only).
     """
     size, etag = len(data), _etag(data)
     headers = {"Cache-Control": CACHED, "Accept-Ranges": "bytes", "ETag": etag}
@@ -231,20 +236,78 @@ def _cached(request: Request, data: bytes, ext: str) -> Response:
     if_range = request.headers.get("if-range")
     if request.method == "GET" and http_range is not None and if_range in (None, etag):
         try:
-            ranges = FileResponse._parse_range_header(http_range, size)
-        except MalformedRangeHeader:
-            ranges = []
+            span = byte_range(http_range, size)
         except RangeNotSatisfiable:
             refused = problem(416, "Range Not Satisfiable", f"The file has {size} bytes.")
             refused.headers.update({"Accept-Ranges": "bytes", "Content-Range": f"bytes */{size}"})
             return refused
-        if len(ranges) == 1:
-            start, end = ranges[0]
+        if span is not None:
+            start, end = span
             headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
             return Response(
                 data[start:end], status_code=206, media_type=MEDIA_TYPES[ext], headers=headers
             )
     return Response(data, media_type=MEDIA_TYPES[ext], headers=headers)
+
+
+MAX_RANGES: Final = 100
+"""The most ranges of one ``Range`` header looked at; more: the header is ignored (RFC
+9110 section 14.2 lets a server ignore many small ranges)."""
+
+
+def byte_range(header: str, size: int) -> tuple[int, int] | None:
+    """The one span ``(start, end)`` (bytes, ``end`` exclusive) a ``Range`` header value
+    asks of a file of ``size`` bytes (RFC 9110 section 14.1.2), or None when the header
+    is to be ignored (the whole file is sent, section 14.2): another unit than
+    ``bytes``, a malformed range-spec (``bytes=abc``, ``bytes=5-3``, ``bytes=,``), more than
+    :data:`MAX_RANGES` ranges, or satisfiable ranges that do not form one contiguous
+    span (``bytes=0-1,5-6``: no ``multipart/byteranges``). Overlapping or adjoining
+    ranges, in any order, are coalesced (section 15.3.7.2: ``bytes=0-1,2-3`` is
+    ``(0, 4)``); unsatisfiable ones among satisfiable ones are left out (section
+    14.1.1: the set is satisfiable when one of them is).
+
+    Raises:
+        RangeNotSatisfiable: no range is satisfiable (each starts at or past ``size``,
+            or a suffix of 0 bytes, or the file is empty): a 416.
+    """
+    unit, equals, specs = header.partition("=")
+    if not equals or unit.strip().lower() != "bytes":
+        return None
+    parts = specs.split(",")
+    if len(parts) > MAX_RANGES:
+        return None
+    if not any(part.strip() for part in parts):  # no range-spec at all: malformed
+        return None
+    spans: list[tuple[int, int]] = []
+    for part in parts:
+        first, dash, last = (text.strip() for text in part.partition("-"))
+        if part.strip() == "":  # an empty list element (section 5.6.1)
+            continue
+        if not dash or not (first or last) or not all(_digits(n) for n in (first, last) if n):
+            return None
+        if not first:  # a suffix: the last ``last`` bytes
+            if int(last) > 0 and size > 0:
+                spans.append((max(size - int(last), 0), size))
+            continue
+        start = int(first)
+        if last and int(last) < start:
+            return None
+        if start < size:
+            spans.append((start, min(int(last) + 1, size) if last else size))
+    if not spans:
+        raise RangeNotSatisfiable(size)
+    spans.sort()
+    start, end = spans[0]
+    for next_start, next_end in spans[1:]:
+        if next_start > end:  # a gap
+            return None
+        end = max(end, next_end)
+    return start, end
+
+
+def _digits(text: str) -> bool:
+    """Whether ``text`` is ASCII digits (``str.isdigit`` also takes ``²`` and ``٣``)."""
+    return text.isascii() and text.isdigit()
 
 
 async def _rest(file_id: str, first: bytes, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:

@@ -239,3 +239,40 @@ async def test_if_none_match_star_is_304_before_synthesis_and_its_lines_combine(
             assert changed.status_code == 200, method
         assert (await client.get(path, headers=neither)).content == body
         assert counter.calls == 1
+
+
+async def test_several_ranges_are_one_206_when_they_form_one_span_else_the_whole_file() -> None:
+    """A ``Range`` of several ranges (RFC 9110 section 14.1.2): those that overlap or adjoin,
+    in any order, are coalesced into one 206 (section 15.3.7.2); ranges with a gap get the
+    whole file (200, no multipart); a range past the end beside a satisfiable one is left
+    out (section 14.1.1: the set is satisfiable), 416 only when none is (before: any
+    range past the end was a 416)."""
+    settings = Settings(tts_provider="espeak-ng", public_url="http://gw.test")
+    app = create_app(settings)
+    async with served_app(app, settings) as url, httpx.AsyncClient(base_url=url) as client:
+        speech: SpeechService = app.state.gateway.speech
+        item = await speech.link_item(ResponseItem(text="Several ranges of me."), "mp3")
+        assert item.audio is not None
+        path = item.audio.removeprefix("http://gw.test")
+        body = (await client.get(path)).content  # synthesized, cached
+        size = len(body)
+        assert size > 1000
+        for asked, start, end in (
+            ("bytes=0-1,2-3", 0, 3),
+            ("bytes=2-3, 0-1", 0, 3),
+            ("bytes=10-20,15-30,31-40", 10, 40),
+            (f"bytes=0-1,{size}-", 0, 1),
+            (f"bytes={size + 5}-{size + 9}, -4", size - 4, size - 1),
+            ("bytes=0-1,-0", 0, 1),
+        ):
+            part = await client.get(path, headers={"Range": asked})
+            assert part.status_code == 206, (asked, part.status_code)
+            assert part.headers["content-range"] == f"bytes {start}-{end}/{size}", asked
+            assert part.content == body[start : end + 1], asked
+        for whole in (b"bytes=0-1,5-6", b"bytes=,", b"bytes=0-1,x-y", "bytes=\uff11-2".encode()):
+            answer = await client.get(path, headers={b"Range": whole})
+            assert answer.status_code == 200, (whole, answer.status_code)
+            assert answer.content == body, whole
+        refused = await client.get(path, headers={"Range": f"bytes={size}-,-0"})
+        assert refused.status_code == 416
+        assert refused.headers["content-range"] == f"bytes */{size}"
