@@ -89,7 +89,7 @@ from gateway.callcontrol import (
     TransferResult,
     log_transfer,
 )
-from gateway.calls_openapi import CALL_FIELDS, GET_CALL, POST_CALLS
+from gateway.calls_openapi import CALL_FIELDS, GET_CALL, HEAD_CALL, POST_CALLS
 from gateway.deps import Gateway, gateway_of
 from gateway.httputil import check_json_type, problem, read_body, refused_request
 from gateway.logs import masked_number
@@ -592,11 +592,15 @@ Telnyx's ``call_control_id`` well under this; the carriers' callbacks with a lon
 are not recorded, adapters/telnyx/control.py ``MAX_CALL_ID``): a longer one is unknown."""
 
 
+# GET and HEAD (RFC 9110 section 9.3.2), one route each for their own operationIds
+@router.head("/v1/calls/{callId}", dependencies=[Depends(require_admin)], **HEAD_CALL)
 @router.get("/v1/calls/{callId}", dependencies=[Depends(require_admin)], **GET_CALL)
 async def call_outcome(request: Request, call_id: Annotated[str, Path(alias="callId")]) -> Response:
     """The outcome record of a placed call (module doc); 404 problem for an unknown id,
     at once (the store not asked) for one longer than :data:`MAX_CALL_ID_CHARS`. The id
-    quoted in the problem and the log is clipped (:func:`gateway.protocol.clipped`)."""
+    quoted in the problem and the log is clipped (:func:`gateway.protocol.clipped`).
+    ``HEAD`` answers the same status and headers without the body (RFC 9110 section
+    9.3.2)."""
     if len(call_id) > MAX_CALL_ID_CHARS:
         return problem(404, "Not Found", f"No call {clipped(call_id)} is known.")
     try:

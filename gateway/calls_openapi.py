@@ -153,3 +153,12 @@ GET_CALL: dict[str, Any] = dict(
     },
 )
 """Documenting keyword arguments of ``GET /v1/calls/{callId}``."""
+
+HEAD_CALL: dict[str, Any] = {
+    **GET_CALL,
+    "summary": "The headers of GET /v1/calls/{callId}, no body (admin key)",
+    "description": "The status and headers `GET /v1/calls/{callId}` answers, without its "
+    "body (RFC 9110 section 9.3.2).",
+}
+"""Documenting keyword arguments of ``HEAD /v1/calls/{callId}`` (RFC 9110 section 9.3.2:
+the GET's status and headers, no body)."""
