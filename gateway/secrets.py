@@ -127,7 +127,7 @@ class SecretKeys:
         if self._retry is not None:
             self._retry.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._retry
+                await asyncio.wait({self._retry})  # a failure was logged (_log_end)
             self._retry = None
 
 
@@ -138,10 +138,13 @@ async def shared_master_key(
     (a master key already in use) or a fresh random one.
 
     Two round trips: ``SET NX``, then ``GET`` (whoever won the race, every caller reads
-    the same value). Raises RedisError.
+    the same value). The value is bytes as Redis holds them, never decoded: a key this
+    gateway made is hex text, one written by another hand may be any bytes (not UTF-8:
+    its ``candidate`` was decoded to put it back, which raised UnicodeDecodeError and
+    ended the background check for good). Raises RedisError.
     """
     name = f"{prefix}:{REDIS_KEY_SUFFIX}"
-    fresh = candidate.decode() if candidate else secrets.token_hex(KEY_BYTES)
+    fresh: bytes | str = candidate if candidate else secrets.token_hex(KEY_BYTES)
     await redis.set(name, fresh, nx=True)
     value = await redis.get(name)
     if not value:  # deleted between the two commands: try once more
@@ -194,7 +197,23 @@ async def load_secret_keys(
         keys = SecretKeys.random()
         keys.warned = True
     keys._retry = asyncio.create_task(_keep_shared(keys, redis, prefix, retry_max_s, check_s))
+    keys._retry.add_done_callback(_log_end)
     return keys
+
+
+def _log_end(task: asyncio.Task[None]) -> None:
+    """Log at ERROR, with its traceback, a background key task that ended by an error
+    (it runs until cancelled): the shared key is no longer read or checked, which
+    would otherwise go unsaid until instances' tokens failed each other."""
+    if task.cancelled() or task.exception() is None:
+        return
+    exc = task.exception()
+    log.error(
+        "the shared secret key is no longer read or checked in Redis (its task failed: "
+        "%r); instances may sign with different keys until this one restarts",
+        exc,
+        exc_info=exc,
+    )
 
 
 async def _keep_shared(

@@ -21,6 +21,7 @@ from gateway.secrets import (
     VOICEFLOW_SESSION_KEY,
     SecretKeys,
     Source,
+    _log_end,
     derive_key,
     load_secret_keys,
 )
@@ -202,3 +203,62 @@ async def test_startup_warnings_with_redis_down_do_not_say_it_is_unset(
     assert len(random_key) >= 2  # the key's own and Twilio's (Voiceflow's was the same again)
     assert all("until Redis answers" in text for text in random_key), random_key
     assert not any("GATEWAY_REDIS_URL" in text for text in random_key), random_key
+
+
+async def test_a_shared_key_that_is_not_utf8_is_checked_and_put_back(
+    redis_url: str, redis_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A shared key of bytes that are not UTF-8 (written by another hand than the gateway's,
+    which writes hex): the background check decoded it to put it back, raised
+    UnicodeDecodeError on its first round and ended, silently (a Redis that lost its data
+    then left this instance on a key nobody else had), and ``aclose`` raised it at
+    shutdown. Now the bytes go back as they are, the check goes on, and a check task that
+    ends by an error is logged at ERROR."""
+    client = redis_client(redis_url)
+    name = f"{redis_prefix}:secret-key"
+    binary = bytes(range(128, 256)) + b"\xff\xfe" * 8
+    await client.set(name, binary)
+    keys = await load_secret_keys(None, client, prefix=redis_prefix, check_s=0.05)
+    try:
+        assert keys.master == binary
+        assert keys._retry is not None
+        await asyncio.sleep(0.2)  # a few checks
+        assert not keys._retry.done()
+        await client.delete(name)  # the data is lost: this instance puts its key back
+        for _ in range(100):
+            if await client.get(name) == binary:
+                break
+            await asyncio.sleep(0.02)
+        assert await client.get(name) == binary
+        assert keys.master == binary
+        assert not keys._retry.done()
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    finally:
+        await keys.aclose()  # no error raised at shutdown
+        await client.delete(name)
+        await client.aclose()
+
+
+async def test_a_key_task_that_fails_is_logged_as_an_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A background key task ending by an error (it runs until cancelled) is one ERROR
+    saying the shared key is no longer checked, with the error; a cancelled one is
+    not logged."""
+
+    async def broken() -> None:
+        raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+
+    failed = asyncio.create_task(broken())
+    await asyncio.wait({failed})
+    _log_end(failed)
+    [record] = [r for r in caplog.records if r.name == "gateway.secrets"]
+    assert record.levelno == logging.ERROR
+    assert "no longer read or checked" in record.getMessage()
+    assert "UnicodeDecodeError" in record.getMessage()
+    cancelled = asyncio.create_task(asyncio.sleep(10))
+    await asyncio.sleep(0)
+    cancelled.cancel()
+    await asyncio.wait({cancelled})
+    _log_end(cancelled)
+    assert len([r for r in caplog.records if r.name == "gateway.secrets"]) == 1
