@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
-from gateway.logs import configure_logging
+from gateway.logs import configure_logging, redact_query
+from gateway.pipeline.base import hide_userinfo
 from gateway.settings import LOG_LEVELS, Settings, unknown_settings
 
 if TYPE_CHECKING:
@@ -235,10 +236,6 @@ _SECRET_NAME = re.compile(r"(key|keys|token|secret|auth|password)$")
 """Settings named like a credential (GATEWAY_ADMIN_KEYS, GATEWAY_EXOTEL_API_KEY, ...)."""
 
 
-_URL_PASSWORD = re.compile(r"(//[^/:@\s]*:)[^/@\s]*@")
-"""The password of a URL's userinfo (``scheme://user:PASSWORD@host``)."""
-
-
 def secret_setting(name: str) -> bool:
     """Whether the setting ``name`` (a Settings field) holds a credential: a SecretStr, or
     named like one. :func:`setting_errors` never shows such a value."""
@@ -251,7 +248,9 @@ def setting_errors(exc: ValidationError) -> list[str]:
     """One line per invalid setting of ``exc`` (pydantic's, from Settings()), naming it by
     its environment variable: ``GATEWAY_TURN_TIMEOUT_S: Input should be greater than
     0 (got '-1')``. The value of a credential (:func:`secret_setting`) is not shown: the
-    line goes to stderr, the container's log."""
+    line goes to stderr, the container's log; a URL's userinfo (``user:password@``) and
+    credential query parameters (``?password=``) are written ``***`` in any value
+    (:func:`~gateway.pipeline.base.hide_userinfo`, :func:`~gateway.logs.redact_query`)."""
     lines = []
     for error in exc.errors():
         where = [str(part) for part in error["loc"]]
@@ -260,7 +259,7 @@ def setting_errors(exc: ValidationError) -> list[str]:
         message = str(error["msg"]).removeprefix("Value error, ")
         given = None if where and secret_setting(where[0]) else error.get("input")
         if isinstance(given, str):  # a URL's password (GATEWAY_REDIS_URL=redis://:pw@h)
-            given = _URL_PASSWORD.sub(r"\1***@", given)
+            given = hide_userinfo(redact_query(given))
         shown = f" (got {given!r:.80})" if isinstance(given, str | int | float) else ""
         lines.append(f"{name}{inner}: {message}{shown}")
     return lines

@@ -86,14 +86,31 @@ class PipelineConfigError(ValueError):
     gives it: the message goes to stderr and the logs)."""
 
 
-_URL_SECRETS = re.compile(r"(?<=//)[^/?#@\s]*@|(?<=[?&;])([^=&;#\s]*=)[^&;#\s]*")
+_QUERY_VALUE = re.compile(r"(?<=[?&;])([^=&;#\s]*=)[^&;#\s]*")
+
+
+def hide_userinfo(url: str) -> str:
+    """``url`` with the userinfo of its authority (``user:password@``) written ``***@``:
+    ``redis://:p@ss@host:6379`` is ``redis://***@host:6379``; the hosts of a Sentinel or
+    Cluster URL (``redis+sentinel://:pw@h1:26379,h2:26379/0/mymaster``) are kept.
+
+    The userinfo runs from the first ``//`` to the last ``@`` of the text: RFC 3986
+    (section 3.2.1) has a password percent-encode ``@``, ``/``, ``?`` and ``#``, but
+    pasted ones hold them as they are, and a ``@`` cut at the first one left the rest of
+    the password shown. A ``@`` in a path or query hides the text before it too (shown
+    less, never a password). A text without ``//`` or without ``@`` after it is returned
+    as it is. Pure; never raises."""
+    head, slashes, rest = url.partition("//")
+    if not slashes or "@" not in rest:
+        return url
+    return f"{head}//***@{rest.rpartition('@')[2]}"
 
 
 def shown_spec(spec: str) -> str:
     """``spec`` (a core spec, stripped) as an error message may quote it: a URL's userinfo
-    (``user:password@``) and the values of its query parameters (a webhook's
-    ``?token=``) replaced by ``***``."""
-    return _URL_SECRETS.sub(lambda m: f"{m[1]}***" if m[1] else "***@", spec.strip())
+    (``user:password@``, :func:`hide_userinfo`) and the values of its query parameters
+    (a webhook's ``?token=``) replaced by ``***``."""
+    return hide_userinfo(_QUERY_VALUE.sub(r"\1***", spec.strip()))
 
 
 class Pipeline(Protocol):

@@ -721,3 +721,29 @@ def test_negative_retries_stop_gateway_serve_naming_the_setting() -> None:
         "gateway: GATEWAY_PIPELINE_RETRIES: Input should be greater than or equal to 0 (got '-1')"
     ) in stderr
     assert "Traceback" not in stderr
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("ftp://:p@ss-w0rd@redis.example:6379", "'ftp://***@redis.example:6379'"),
+        ("redis://user:p@ss-w0rd@host:notaport", "'redis://***@host:notaport'"),
+        (
+            "redis+cluster://:p@ss-w0rd@h1:7000,h2:7000/3",
+            "'redis+cluster://***@h1:7000,h2:7000/3'",
+        ),
+        ("ftp://redis.example?password=p@ss-w0rd", "'ftp://redis.example?password=***'"),
+    ],
+    ids=["at-sign", "user-and-at-sign", "cluster-hosts", "query-password"],
+)
+def test_an_invalid_redis_url_is_quoted_without_any_of_its_password(url: str, shown: str) -> None:
+    """``gateway serve`` refusing GATEWAY_REDIS_URL quotes it with its userinfo hidden: a
+    password holding ``@`` (``redis://:p@ss@host``) had its part after the first ``@``
+    shown (``redis://:***@ss@host``). Now all of the userinfo up to the last ``@`` is
+    ``***``, the hosts of a cluster URL are kept, and a ``password=`` parameter is
+    hidden too."""
+    stderr = serve_refused({"GATEWAY_REDIS_URL": url})
+    assert "ss-w0rd" not in stderr, stderr
+    assert "w0rd" not in stderr, stderr
+    [line] = [line for line in stderr.splitlines() if "GATEWAY_REDIS_URL" in line]
+    assert line.endswith(f"(got {shown})"), line

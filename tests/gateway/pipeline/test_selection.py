@@ -146,6 +146,10 @@ def test_configuration_errors_name_the_setting(overrides: dict[str, Any], words:
             {"pipeline": "openai+https://gw:pa55word@llm.example/v1?key=s3cret"},
             "'openai+https://***@llm.example/v1?key=***' is not an OpenAI-compatible server",
         ),
+        (  # a password holding "@": its part after the first "@" was shown
+            {"pipeline": "https://gw:p@pa55word@core.example:99999/turn"},
+            "GATEWAY_PIPELINE='https://***@core.example:99999/turn': the webhook URL",
+        ),
     ],
 )
 def test_configuration_errors_quote_no_credential_of_the_spec(
