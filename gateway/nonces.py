@@ -72,12 +72,20 @@ class NonceStore(Protocol):
         ...
 
 
+_STALE_SLACK = 64
+"""Stale heap entries :class:`MemoryNonceStore` lets pass beyond the number of its kept
+keys before it compacts its heap (a few, so a small store is not rebuilt at every use)."""
+
+
 class MemoryNonceStore:
     """In-process one-time keys with expiry (the default without Redis).
 
     At most ``max_keys`` keys (> 0) are kept. Expired keys are dropped as new keys come,
     earliest expiry first from a heap of ``(expiry, key)``: O(log n) each, never a scan
-    of every kept key. When ``max_keys`` unexpired keys are kept, the new key is refused
+    of every kept key; the entries released keys leave in the heap are dropped by a
+    compaction once they outnumber the kept keys (O(1) per use, amortized), so the heap
+    too holds at most about 2 * ``max_keys`` entries, whatever the rate of uses and
+    releases. When ``max_keys`` unexpired keys are kept, the new key is refused
     with StoreUnavailable (the caller answers 503, as when Redis is down) rather than a
     used key forgotten: a forgotten key is a credential (a Telnyx or Vonage signature
     still inside its replay window) that would pass again. Such a spell is one WARNING
@@ -116,13 +124,27 @@ class MemoryNonceStore:
             self._refused = 0
         self._keys[key] = now + ttl_s
         heapq.heappush(self._expiries, (now + ttl_s, key))
+        if len(self._expiries) > 2 * len(self._keys) + _STALE_SLACK:
+            self._compact()
         return True
 
     async def release(self, key: str) -> None:
         """See :meth:`NonceStore.release` (never raises here). The key's heap entry
         stays until its expiry comes up (skipped then: the key is not kept, or kept
-        again with another expiry), so released keys leave no scan behind."""
+        again with another expiry) or the heap is compacted (:meth:`_compact`), so
+        releasing is O(1), no scan."""
         self._keys.pop(key, None)
+
+    def _compact(self) -> None:
+        """Rebuild the heap from the kept keys alone, dropping the entries released keys
+        left (O(n)). Called when stale entries outnumber the kept keys (and
+        :data:`_STALE_SLACK`): uses and releases within a TTL (a webhook answered with a
+        retryable error, redelivered) grew the heap by one entry each, bounded by
+        nothing but their rate times the TTL, not by ``max_keys``. Each entry is
+        dropped once, so the cost is O(1) per use, amortized; the heap holds at most
+        2 * ``max_keys`` + :data:`_STALE_SLACK` entries."""
+        self._expiries = [(expiry, key) for key, expiry in self._keys.items()]
+        heapq.heapify(self._expiries)
 
     async def used(self, key: str) -> bool:
         """See :meth:`NonceStore.used` (never raises here): a key whose expiry is past

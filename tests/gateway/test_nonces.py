@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import secrets
+import tracemalloc
 import uuid
 from collections.abc import AsyncIterator
 from typing import ClassVar
@@ -274,3 +275,29 @@ async def test_a_full_memory_store_takes_each_new_key_without_a_scan() -> None:
     assert await store.use_once(f"n{size - 1}", size) is False
     with pytest.raises(StoreUnavailable):  # full of unexpired keys: no more than max_keys
         await store.use_once("one-too-many", size)
+
+
+async def test_a_memory_store_used_and_released_in_a_flood_stays_small() -> None:
+    """Keys used then released within their TTL (signed webhooks answered with a retryable
+    error, each redelivered): each use left a heap entry until its expiry came up, so the
+    store grew with the rate of uses times the TTL, past ``max_keys`` (it bounds the kept
+    keys only): 50,000 of them held about 8 MB for the TTL. Now the released keys'
+    entries are compacted away: the store's memory stays that of a few keys, and what it
+    keeps is unchanged."""
+    store = MemoryNonceStore(max_keys=10)
+    assert await store.use_once("kept", 3600)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(50_000):
+            key = f"webhook-signature-{i:08d}"
+            assert await store.use_once(key, 3600)
+            await store.release(key)
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 64_000, grown  # before: about 8,000,000 bytes
+    assert await store.use_once("kept", 3600) is False  # a kept key stays used
+    for i in (0, 49_999):  # a released key is free again, once
+        assert await store.use_once(f"webhook-signature-{i:08d}", 3600) is True
+        assert await store.use_once(f"webhook-signature-{i:08d}", 3600) is False
