@@ -10,14 +10,16 @@ from __future__ import annotations
 import base64
 import contextlib
 import functools
+import json
 import os
 import re
 import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -605,6 +607,63 @@ def test_the_keyboard_alone_holds_a_conversation(
     page.wait_for(lambda: page.state == "Sleeping")
     assert focused() == "text"
     page.assert_no_failures()
+
+
+class _CoreHandler(BaseHTTPRequestHandler):
+    """A core (the gateway's webhook pipeline) whose every turn answers :data:`_ANSWER`."""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        body = json.dumps(_ANSWER).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+_ANSWER: dict[str, Any] = {
+    "items": [
+        {"text": "#1 hit", "ssml": "<speak>#1 hit</speak>"},  # a voice agent's speak
+        {"ssml": "<speak>Tom &amp; <break time='1s'/>Jerry <sub alias='x'>&lt;b&gt;</sub></speak>"},
+        {"text": "#open_menu", "code": '{"menu": "main"}'},  # a command: shown as nothing
+    ]
+}
+"""A core's answer: an item with ssml whose text begins with ``#``, an item with only
+ssml (its words shown), a command item."""
+
+
+def test_an_item_with_ssml_is_shown_and_only_a_command_item_is_hidden(
+    browser: webdriver.Chrome,
+) -> None:
+    # the gateway's one rule (gateway.events.is_command): a command item is a '#' text with
+    # no ssml. The console hid every item whose text began with '#' ("#1 hit" with ssml,
+    # said on every channel, was not shown) and showed nothing for an item with only ssml
+    # (Flowstorm V1 sent it without text). Now the gateway sends that item's words as its
+    # text (tags out, as every channel shows them; set as text, never as HTML) and the
+    # console hides command items only
+    core = ThreadingHTTPServer(("127.0.0.1", 0), _CoreHandler)
+    threading.Thread(target=core.serve_forever, daemon=True).start()
+    gateway = ThreadedGateway(pipeline=f"http://127.0.0.1:{core.server_address[1]}/turn").start()
+    try:
+        with no_server_errors():
+            page = Console(browser, gateway.url)
+            page.connect()
+            page.say("hello")
+            page.screenshot("ssml-and-commands")
+            assert page.bot_texts() == ["#1 hit", "Tom & Jerry <b>"]
+            assert [kind for kind, _ in page.chat()] == ["user", "bot", "bot"]
+            assert browser.find_elements("css selector", "#chat b") == []
+            frames = "".join(page.events())
+            assert '"text":"#open_menu"' in frames  # the command came, and shows nothing
+            page.assert_no_failures()
+    finally:
+        gateway.stop()
+        core.shutdown()
+        core.server_close()
 
 
 def test_the_console_runs_under_its_content_security_policy(

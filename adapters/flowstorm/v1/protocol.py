@@ -157,6 +157,9 @@ Decisions where the spec is silent:
   (``AbstractBotSocketAdapter.onInputAudio``): the 2022 web client pings with
   an EMPTY binary frame every 10 s and ends its session at any ``Error``
   (PROTOCOL-NOTES.md "Flowstorm Socket V1"). Only their size is checked.
+- An item with ``ssml`` and no ``text`` goes out with its SSML's words as ``text``
+  (:func:`shown_item`; the answer's SSML bound applies), so clients, which show
+  ``text``, show it; Flowstorm's own server always sent ``text`` with ``ssml``.
 - With ``config.sendResponseItems`` the items go out as ``ResponseItem``
   frames and the ``Response`` carries empty ``items``, as V2 does: the 2022
   web client shows every ResponseItem AND every item of Response.items, so
@@ -227,6 +230,7 @@ from gateway.events import (
     Input,
     LogEntry,
     ResponseEvent,
+    ResponseItem,
     ResponseItemEvent,
     SessionEndedEvent,
     SessionStartedEvent,
@@ -258,6 +262,7 @@ from gateway.protocol.actions import StartListening as StartListening
 from gateway.protocol.actions import StartTurn as StartTurn
 from gateway.speech.audio import AudioFormat, AudioFormatError
 from gateway.speech.types import Heard, SpeechBusy, TtsFileFormat, TtsMode, TtsRequest
+from gateway.ssml import SsmlBound, loose_text, ssml_to_text, without_controls
 from gateway.turn import TurnContext, TurnRejected, new_session_id
 
 CHANNEL = "flowstorm_v1"
@@ -786,6 +791,33 @@ _ENTRY_EVENTS: Final[dict[str, type[_EntryEvent]]] = {
 (the class name without ``Event``): ResponseItem, Response, Error, SessionEnded."""
 
 
+def shown_item(item: ResponseItem, bound: SsmlBound) -> ResponseItem:
+    """``item`` as it goes out to the client: an item with ``ssml`` and no ``text`` gets
+    its SSML's words as ``text``, which Flowstorm clients show (the 2022 web client, the
+    gateway's console): tags out, character references decoded as XML decodes them
+    (:func:`gateway.ssml.ssml_to_text`; SSML that is not well-formed read leniently,
+    :func:`gateway.ssml.loose_text`), control characters left out and whitespace
+    collapsed, as every channel shows them (:func:`gateway.ssml.display_text`). Its
+    ``ssml`` is sent as it is. Flowstorm's own server always sent ``text`` with
+    ``ssml``; before, such an item was shown as nothing.
+
+    ``bound``: the SSML bound of the item's answer (:class:`gateway.ssml.SsmlBound`,
+    the answer's items in order): every item's SSML is read through it, and one past the
+    bound gets only the words read within it (none: no ``text``). Any other item is
+    returned as it is (a command item, :func:`gateway.events.is_command`, has no
+    ``ssml``, so it stays a command). Pure; never raises."""
+    if not item.ssml:
+        return item
+    read = bound.read(item.ssml, text=bool(item.text))
+    if item.text:
+        return item
+    spoken = ssml_to_text(read.ssml)
+    words = " ".join(
+        without_controls(spoken if spoken is not None else loose_text(read.ssml)).split()
+    )
+    return item.model_copy(update={"text": words}) if words else item
+
+
 def missed_event(entry: Missed) -> _EntryEvent:
     """The core event of outbox entry ``entry``, with its ``seq``.
 
@@ -883,6 +915,7 @@ class V1Connection:
         self._log_chars = log_chars
         self.numbered = False
         """Whether server events carry ``seq`` (the client sent Init ``lastSeq``)."""
+        self._bound: SsmlBound | None = None  # the SSML bound of the answer going out
 
     # -------------------------------------------------------------- queries
 
@@ -1071,6 +1104,7 @@ class V1Connection:
         logs = tuple(self._logs)
         self._logs.clear()
         self._turn = _Turn(session_id, logs)
+        self._bound = None  # a new answer
         return StartTurn(self._context(session_id, request, logs), input_)
 
     def _proposed(self, proposed: str | None) -> str:
@@ -1379,16 +1413,35 @@ class V1Connection:
             self.session_id = None
             if self._duplex is not None:  # a pushed end: the stream's next utterance
                 self._duplex.session_id = self._new_id()  # starts a new session
-        elif isinstance(event, ResponseItemEvent) and not self.send_items:
-            return []
-        elif isinstance(event, ResponseEvent) and self.send_items and event.response.items:
-            items = [  # a push's items carry its seq (V2's too): they are of its entry
-                Send(ResponseItemEvent(response_item=item, seq=event.seq).wire_json())
-                for item in (event.response.items if push else ())
-            ]
-            response = event.response.model_copy(update={"items": ()})
-            return [*items, Send(event.model_copy(update={"response": response}).wire_json())]
+        elif isinstance(event, ResponseItemEvent):
+            if not self.send_items:
+                return []
+            item = shown_item(event.response_item, self._answer_bound())
+            event = event.model_copy(update={"response_item": item})
+        elif isinstance(event, ResponseEvent) and event.response.items:
+            bound, self._bound = self._answer_bound(), None  # the answer ends with it
+            if self.send_items:
+                items = [  # a push's items carry its seq (V2's too): they are of its entry
+                    Send(ResponseItemEvent(response_item=item, seq=event.seq).wire_json())
+                    for item in (event.response.items if push else ())
+                    for item in (shown_item(item, bound),)
+                ]
+                response = event.response.model_copy(update={"items": ()})
+                return [*items, Send(event.model_copy(update={"response": response}).wire_json())]
+            shown = tuple(shown_item(item, bound) for item in event.response.items)
+            event = event.model_copy(
+                update={"response": event.response.model_copy(update={"items": shown})}
+            )
+        elif isinstance(event, ResponseEvent | ErrorEvent):
+            self._bound = None  # the answer is over
         return [Send(event.wire_json())]
+
+    def _answer_bound(self) -> SsmlBound:
+        """The SSML bound of the answer going out (:class:`gateway.ssml.SsmlBound`), a new
+        one when this event begins an answer."""
+        if self._bound is None:
+            self._bound = SsmlBound()
+        return self._bound
 
     @property
     def session_key(self) -> str | None:

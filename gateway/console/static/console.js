@@ -431,8 +431,12 @@
     if (!turn) turn = {items: 0, done: false}; // a push while Sleeping starts an answer too
     for (const item of items) {
       turn.items++;
-      // commands (#...) carry code, not words; an item may be a sound or a picture alone
-      const words = item.text && !item.text.startsWith('#') ? item.text : '';
+      // the gateway's one rule (gateway.events.is_command): a command is a text beginning with
+      // '#' (stripped) and no ssml; it carries code, not words. An item with ssml is speech,
+      // its words shown whatever they are ("#1 hit"): the gateway sends an ssml-only item's
+      // words as its text. An item may be a sound or a picture alone.
+      const text = (item.text || '').trim();
+      const words = text.startsWith('#') && !item.ssml ? '' : text;
       if (!words && !item.image && !item.audio) continue;
       const li = say('bot', words);
       if (item.image) li.append(Object.assign(document.createElement('img'), {src: item.image, alt: ''}));

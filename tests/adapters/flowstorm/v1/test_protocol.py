@@ -59,6 +59,7 @@ from gateway.speech.service import TtsRequest
 from gateway.speech.stage import AudioLimitExceeded
 from gateway.speech.stt import RecognitionError, RecognizerBusy
 from gateway.speech.types import Heard
+from gateway.ssml import SSML_ANSWER_MAX_CHARS
 from tests.adapters.flowstorm.v1.helpers import (
     SPEC,
     SPEC_INIT,
@@ -1608,3 +1609,42 @@ def test_an_invalid_request_during_the_restart_is_still_the_clients_error() -> N
     assert early.server_restart(unanswered=False) == [RESTARTED]
     one_error(send(early, request_frame("hello")), "Init", source="client")
     assert state(early) is State.AWAIT_INIT
+
+
+@pytest.mark.parametrize("send_items", [False, True])
+def test_an_item_with_only_ssml_goes_out_with_its_words_as_text(send_items: bool) -> None:
+    # Flowstorm clients show an item's text: an item with only ssml went out without one
+    # and was shown as nothing (the gateway's console, the 2022 web client). Now its text is
+    # its SSML's words, as every channel shows them; its ssml goes as it is. An item with
+    # ssml and a text, and a command item (a '#' text, no ssml), go out as they are. The
+    # answer's SSML bound holds for all its items: one past it gets no words
+    tail = "<speak>" + "x" * SSML_ANSWER_MAX_CHARS + "</speak>"
+    items = [
+        ResponseItem(text="#1 hit", ssml="<speak>#1 hit</speak>"),
+        ResponseItem(
+            ssml="<speak>Tom &amp; <break/>Jerry <audio src='https://a/b.mp3'>"
+            "<desc>a dog</desc></audio>\x07!</speak>"
+        ),
+        ResponseItem(text="#open_menu", code='{"menu": "main"}'),
+        ResponseItem(ssml=tail),
+        ResponseItem(ssml="<speak>past the bound</speak>"),
+    ]
+    conn = ready(connection(), sendResponseItems=send_items)
+    start(conn, request_frame("hi"))
+    sent: list[dict[str, Any]] = []
+    if send_items:
+        for item in items:
+            sent += frames(conn.turn_event(ResponseItemEvent(response_item=item)))
+        out = [frame["responseItem"] for frame in sent if frame["type"] == "ResponseItem"]
+    else:
+        [response] = frames(answered(conn, Response(items=items)))[-1:]
+        out = response["response"]["items"]
+    assert [item.get("text") for item in out] == [
+        "#1 hit",
+        "Tom & Jerry !",
+        "#open_menu",
+        out[3]["text"],  # words read within the bound (leniently: it is cut there)
+        None,
+    ]
+    assert set(out[3]["text"]) == {"x"}
+    assert [item.get("ssml") for item in out] == [item.ssml for item in items]
