@@ -41,6 +41,7 @@ from gateway.settings import Settings
 from gateway.speech.audio import Pcm
 from gateway.speech.stt import PocketsphinxRecognizer
 from gateway.speech.tts import PiperSynthesizer
+from tests.gateway.core_app import answering_core
 from tests.gateway.redis_proxy import ReplyDropper
 from tests.redis_topologies import SentinelSetup, start_cluster, start_sentinel
 from tests.speech import SENTENCES
@@ -256,6 +257,48 @@ async def gateway(settings: Settings | None = None, **overrides: Any) -> AsyncIt
     settings = (settings or Settings()).model_copy(update=overrides)
     async with serve(create_app(settings), **uvicorn_options(settings)) as url:
         yield url
+
+
+@contextlib.asynccontextmanager
+async def gateway_answering(
+    items: list[dict[str, Any]], *, client_timeout_s: float = 5.0, **overrides: Any
+) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client (``client_timeout_s``: its timeout in seconds, httpx's 5 s by default) of a :func:`gateway`
+    (``overrides``: its settings) whose core answers every turn with ``items`` (the
+    webhook contract's ``{"items": items}``: tests/gateway/core_app.py
+    :func:`~tests.gateway.core_app.answering_core`, served on a free port)."""
+    async with (
+        serve(answering_core(items)) as core_url,
+        gateway(pipeline=f"{core_url}/turn", **overrides) as url,
+        httpx.AsyncClient(base_url=url, timeout=client_timeout_s) as client,
+    ):
+        yield client
+
+
+@contextlib.asynccontextmanager
+async def loop_gaps(period_s: float = 0.01) -> AsyncIterator[list[float]]:
+    """Watch this event loop while the block runs. Yields the gaps (seconds) between the
+    ticks of a ticker on the loop that sleeps ``period_s`` (10 ms) at a time, filled in as
+    it ticks: a server served on this loop (:func:`serve`, :func:`gateway`) whose work
+    holds the loop up shows as a long gap, ``max(gaps)`` the longest stall. The ticker is
+    stopped when the block ends."""
+    gaps: list[float] = []
+
+    async def tick() -> None:
+        last = time.perf_counter()
+        while True:
+            await asyncio.sleep(period_s)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    ticker = asyncio.create_task(tick())
+    try:
+        yield gaps
+    finally:
+        ticker.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await ticker
 
 
 class _ErrorRecorder(logging.Handler):

@@ -72,6 +72,17 @@ async def cut_early(app: FastAPI) -> None:
     assert app.state.sent < 16 * 1_048_576
 
 
+def answering_core(items: list[dict[str, Any]]) -> FastAPI:
+    """A core whose every turn (``POST /turn``) is answered ``{"items": items}``."""
+    app = FastAPI()
+
+    @app.post("/turn")
+    async def turn() -> JSONResponse:
+        return JSONResponse({"items": items})
+
+    return app
+
+
 def make_core() -> FastAPI:
     """The test core; ``app.state.release`` lets a test hold the streaming answer open."""
     app = FastAPI()

@@ -42,7 +42,15 @@ from gateway.app import create_app
 from gateway.settings import Settings
 from gateway.ssml import LOOSE_MAX_CHARS, SSML_ANSWER_MAX_CHARS
 from tests.adapters.alexa.test_verify import Pki
-from tests.conftest import FIXTURES, gateway, refused_port, serve, served_app
+from tests.conftest import (
+    FIXTURES,
+    gateway,
+    gateway_answering,
+    loop_gaps,
+    refused_port,
+    serve,
+    served_app,
+)
 from tests.gateway.core_app import make_core as make_test_core
 from tests.gateway.pipeline.fake_voiceflow import API_KEY as VOICEFLOW_KEY
 from tests.gateway.pipeline.fake_voiceflow import make_voiceflow
@@ -1016,32 +1024,8 @@ async def test_an_answer_of_much_ssml_is_read_up_to_a_bound_per_answer() -> None
     fine = {"ssml": "<speak>Fine <break time='1s'/> here.</speak>"}
     items = [fine, *({"ssml": f"<speak>Word{i}. {tags}</speak>"} for i in range(30))]
     items.append({"text": "The end.", "image": "https://cdn.example/c.png"})  # no SSML: said
-    core = FastAPI()
-
-    @core.post("/turn")
-    async def turn(request: Request) -> JSONResponse:
-        return JSONResponse({"items": items})
-
-    gaps: list[float] = []
-
-    async def tick() -> None:
-        last = time.perf_counter()
-        while True:
-            await asyncio.sleep(0.01)
-            now = time.perf_counter()
-            gaps.append(now - last)
-            last = now
-
-    async with (
-        serve(core) as core_url,
-        gateway(pipeline=f"{core_url}/turn", **OFF) as url,
-        httpx.AsyncClient(base_url=url, timeout=60) as client,
-    ):
-        ticker = asyncio.create_task(tick())
-        try:
-            answer = await say(client, envelope("S-loose-many", text="hello"))
-        finally:
-            ticker.cancel()
+    async with gateway_answering(items, client_timeout_s=60, **OFF) as client, loop_gaps() as gaps:
+        answer = await say(client, envelope("S-loose-many", text="hello"))
     # (the app is served on this test's loop: its work holds the ticker up)
     assert max(gaps) < 3.0, max(gaps)  # ~0.5 s; before: 11 to 16 s (speech, reprompt, card)
     assert spoken(answer) == "Fine  here. Word0. Word1. The end."
@@ -1070,18 +1054,8 @@ async def test_well_formed_ssml_cut_at_the_answers_bound_is_not_blamed_on_the_co
         {"ssml": "<speak>Left <emphasis>out</emphasis>.</speak>", "text": "Said instead."},
         {"ssml": "<speak>Tom & Jerry.</speak>"},  # not well-formed, but past the bound
     ]
-    core = FastAPI()
-
-    @core.post("/turn")
-    async def turn(request: Request) -> JSONResponse:
-        return JSONResponse({"items": items})
-
     caplog.set_level(logging.WARNING, logger="adapters.alexa")
-    async with (
-        serve(core) as core_url,
-        gateway(pipeline=f"{core_url}/turn", **OFF) as url,
-        httpx.AsyncClient(base_url=url, timeout=60) as client,
-    ):
+    async with gateway_answering(items, client_timeout_s=60, **OFF) as client:
         answer = await say(client, envelope("S-cut-log", text="hello"))
     said = spoken(answer)
     assert said.startswith("Fine  here. Long. word word"), said[:80]
@@ -1592,28 +1566,18 @@ async def test_a_cores_ssml_reaches_alexa_as_ssml_alexa_takes() -> None:
     the speech began ``b">Hello``, the card showed the description and ``JoannaMatthew``,
     and Alexa refused the whole response for the break and the rate (the user heard an
     error instead of the answer); the item ``#1 hit`` with SSML was taken for a command."""
-    core = FastAPI()
-
-    @core.post("/turn")
-    async def turn(request: Request) -> JSONResponse:
-        items = [
-            {"ssml": '<speak foo="a>b">Hello <break time="999999s"/> there.</speak>'},
-            {"text": "#volume", "code": "up"},
-            {"text": "#1 hit", "ssml": "<speak>#1 hit</speak>"},
-            {
-                "ssml": "<speak><voice name='Joanna'>Joanna</voice><voice name='Matthew'>"
-                "Matthew</voice> <audio src='https://cdn.example.com/d.mp3'><desc>A dog"
-                "</desc>woof</audio> <prosody rate='x'>slowly</prosody></speak>",
-                "image": "https://cdn.example.com/i.png",
-            },
-        ]
-        return JSONResponse({"items": items})
-
-    async with (
-        serve(core) as core_url,
-        gateway(pipeline=f"{core_url}/turn", **OFF) as url,
-        httpx.AsyncClient(base_url=url) as client,
-    ):
+    items = [
+        {"ssml": '<speak foo="a>b">Hello <break time="999999s"/> there.</speak>'},
+        {"text": "#volume", "code": "up"},
+        {"text": "#1 hit", "ssml": "<speak>#1 hit</speak>"},
+        {
+            "ssml": "<speak><voice name='Joanna'>Joanna</voice><voice name='Matthew'>"
+            "Matthew</voice> <audio src='https://cdn.example.com/d.mp3'><desc>A dog"
+            "</desc>woof</audio> <prosody rate='x'>slowly</prosody></speak>",
+            "image": "https://cdn.example.com/i.png",
+        },
+    ]
+    async with gateway_answering(items, **OFF) as client:
         answer = await say(client, envelope("S-ssml-values", text="hi"))
     speech = reply(answer).output_speech
     assert isinstance(speech, SsmlOutputSpeech)

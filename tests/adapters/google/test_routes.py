@@ -30,7 +30,7 @@ from gateway.app import create_app
 from gateway.settings import Settings
 from tests.adapters.google.requests import cx, es, v2, v3
 from tests.adapters.google.test_verify import PROJECT, Key, account_claims, exactly
-from tests.conftest import FIXTURES, gateway, serve, served
+from tests.conftest import FIXTURES, gateway, gateway_answering, serve, served
 from tests.gateway.core_app import make_core
 from tests.gateway.pipeline.fake_rasa import make_rasa
 
@@ -1395,18 +1395,8 @@ async def _answers_in_every_format(
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]:
     """The answers to one turn (a core answering ``items``) in each format: Actions Builder
     (v3), Actions SDK (v2), Dialogflow ES and CX; ``name`` tells their sessions apart."""
-    core = FastAPI()
-
-    @core.post("/turn")
-    async def turn(request: Request) -> JSONResponse:
-        return JSONResponse({"items": items})
-
     agent = "projects/p1/locations/global/agents/a1"
-    async with (
-        serve(core) as core_url,
-        gateway(pipeline=f"{core_url}/turn", **OFF) as url,
-        httpx.AsyncClient(base_url=url) as client,
-    ):
+    async with gateway_answering(items, **OFF) as client:
         builder = ok(await client.post("/google", json=v3(name, "Free", "x")))
         sdk = ok(await client.post("/google", json=v2(name, "actions.intent.TEXT", "x")))
         es_session = f"projects/p1/agent/sessions/{name}"
@@ -1498,26 +1488,16 @@ async def test_a_cores_ssml_reaches_google_as_ssml_google_takes() -> None:
     says nothing, the item with SSML is speech (said and shown). Before, the speech began
     ``b">Hello``, the display text held the description, and the break and rate went to
     Google as the core wrote them; the item ``#1 hit`` with SSML was taken for a command."""
-    core = FastAPI()
-
-    @core.post("/turn")
-    async def turn(request: Request) -> JSONResponse:
-        items = [
-            {"ssml": '<speak foo="a>b">Hello <break time="999999s"/> there.</speak>'},
-            {"text": "#volume", "code": "up"},
-            {"text": "#1 hit", "ssml": "<speak>#1 hit</speak>"},
-            {
-                "ssml": "<speak><audio src='https://cdn.example.com/d.mp3'><desc>A dog"
-                "</desc>woof</audio> <prosody rate='x'>slowly</prosody></speak>"
-            },
-        ]
-        return JSONResponse({"items": items})
-
-    async with (
-        serve(core) as core_url,
-        gateway(pipeline=f"{core_url}/turn", **OFF) as url,
-        httpx.AsyncClient(base_url=url) as client,
-    ):
+    items = [
+        {"ssml": '<speak foo="a>b">Hello <break time="999999s"/> there.</speak>'},
+        {"text": "#volume", "code": "up"},
+        {"text": "#1 hit", "ssml": "<speak>#1 hit</speak>"},
+        {
+            "ssml": "<speak><audio src='https://cdn.example.com/d.mp3'><desc>A dog"
+            "</desc>woof</audio> <prosody rate='x'>slowly</prosody></speak>"
+        },
+    ]
+    async with gateway_answering(items, **OFF) as client:
         request = v3("ssml-values", "FreeText", "hi")
         data = ok(await client.post("/google", json=request))
     check_v3(request, data)

@@ -15,7 +15,6 @@ import logging
 import re
 import shutil
 import subprocess
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,15 @@ from gateway.sessions import redis_client
 from gateway.settings import Settings
 from gateway.speech.audio import Pcm, encode_mp3, encode_wav, silence
 from tests.adapters.flowstorm_shapes import check_v2
-from tests.conftest import gateway, refused_port, serve, served, served_app
+from tests.conftest import (
+    gateway,
+    gateway_answering,
+    loop_gaps,
+    refused_port,
+    serve,
+    served,
+    served_app,
+)
 from tests.gateway.core_app import make_core
 from tests.gateway.redis_proxy import ReplyDropper
 
@@ -584,32 +591,11 @@ async def test_an_answer_of_much_ssml_is_read_up_to_a_bound_per_answer_in_plain_
     tags = "<b>" * 10_000
     items = [{"ssml": f"<speak>Word{i}. {tags}</speak>"} for i in range(30)]
     items.append({"text": "The end."})  # no SSML: shown
-    core = FastAPI()
-
-    @core.post("/turn")
-    async def turn() -> dict[str, Any]:
-        return {"items": items}
-
-    gaps: list[float] = []
-
-    async def tick() -> None:
-        last = time.perf_counter()
-        while True:
-            await asyncio.sleep(0.01)
-            now = time.perf_counter()
-            gaps.append(now - last)
-            last = now
-
     async with (
-        serve(core) as core_url,
-        gateway(pipeline=f"{core_url}/turn", tts_provider="espeak-ng") as url,
-        httpx.AsyncClient(base_url=url, timeout=60) as client,
+        gateway_answering(items, client_timeout_s=60, tts_provider="espeak-ng") as client,
+        loop_gaps() as gaps,
     ):
-        ticker = asyncio.create_task(tick())
-        try:
-            answer = await client.put(f"/client?key={KEY}", headers=TEXT, content="hi")
-        finally:
-            ticker.cancel()
+        answer = await client.put(f"/client?key={KEY}", headers=TEXT, content="hi")
     # (the app is served on this test's loop: its work holds the ticker up)
     assert max(gaps) < 2.0, max(gaps)  # ~0.3 s; before: about 4 s
     assert answer.status_code == 200, answer.text[:300]
