@@ -806,17 +806,36 @@ async def served_with_store(**overrides: Any) -> AsyncIterator[tuple[str, Sessio
         yield url, app.state.gateway.conversation.store
 
 
-async def forget(store: SessionStore, key: str) -> str:
-    """Delete the session sessionKey ``key`` names from ``store`` (as when it expires right
-    after a client resumed it); its session id."""
+def session_of(key: str) -> str:
+    """The session id sessionKey ``key`` (SECRET's, of PROJECT and USER, valid) names."""
     check = SessionKeys(SECRET, ttl_s=3600).verify(
         key, project_id=PROJECT, user_id=USER, now=time.time()
     )
     assert check.session_id is not None
-    async with store.open(f"voiceflow:{check.session_id}", lease_s=5, wait_s=5) as txn:
+    return check.session_id
+
+
+def key_of(session_id: str, *, age_s: float = 0.0) -> str:
+    """A sessionKey (SECRET's, of PROJECT and USER) of session ``session_id``, issued
+    ``age_s`` seconds ago (its ``iat``)."""
+    return SessionKeys(SECRET, ttl_s=3600).issue(
+        session_id=session_id, project_id=PROJECT, user_id=USER, now=time.time() - age_s
+    )
+
+
+def issued_at(key: str) -> float:
+    """SessionKey ``key``'s ``iat`` (Unix seconds), read without checking its signature."""
+    return float(jwt.decode(key, options={"verify_signature": False})["iat"])
+
+
+async def forget(store: SessionStore, key: str) -> str:
+    """Delete the session sessionKey ``key`` names from ``store`` (as when it expires right
+    after a client resumed it); its session id."""
+    session_id = session_of(key)
+    async with store.open(f"voiceflow:{session_id}", lease_s=5, wait_s=5) as txn:
         assert txn.session is not None
         txn.delete()
-    return check.session_id
+    return session_id
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
@@ -828,9 +847,7 @@ async def test_a_valid_key_of_a_session_the_store_does_not_have_requires_a_new_s
     false`` and, a second later, ``session.ended {reason: "inactivity_timeout"}``: it was
     told its session went on when it did not. The store is asked at client.start: a new
     session is required, and session.create makes one (with a new key)."""
-    never = SessionKeys(SECRET, ttl_s=3600).issue(
-        session_id="never-made", project_id=PROJECT, user_id=USER, now=time.time()
-    )
+    never = key_of("never-made")
     async with served(voiceflow_secret=SecretStr(SECRET), session_timeout_s=1, **store) as url:
         async with client(url, transport) as first:
             unused = await first.handshake()  # made, but no action: not in the store
@@ -934,8 +951,7 @@ async def test_a_session_key_older_than_its_max_age_requires_a_new_session(
 
 async def until_key_age(key: str, age_s: float) -> None:
     """Sleep until sessionKey ``key`` (SECRET's) is ``age_s`` old (from its ``iat``)."""
-    iat = jwt.decode(key, options={"verify_signature": False})["iat"]
-    await asyncio.sleep(max(0.0, iat + age_s - time.time()))
+    await asyncio.sleep(max(0.0, issued_at(key) + age_s - time.time()))
 
 
 async def expect_key_aged_out(vf: VoiceflowClient, message_id: str) -> None:
@@ -970,13 +986,7 @@ async def test_a_connection_whose_key_reaches_its_max_age_is_told_a_new_session_
         assert await made.say("my name is Ada") == ["Nice to meet you, Ada."]
         # a key of the same session issued 2 s later: resumed on a second connection
         await until_key_age(key, 2.0)
-        check = SessionKeys(SECRET, ttl_s=3600).verify(
-            key, project_id=PROJECT, user_id=USER, now=time.time()
-        )
-        assert check.session_id is not None
-        later = SessionKeys(SECRET, ttl_s=3600).issue(
-            session_id=check.session_id, project_id=PROJECT, user_id=USER, now=time.time()
-        )
+        later = key_of(session_of(key))
         assert await resumed.start(later) is False
         await until_key_age(key, max_age_s - 0.5)
         assert await made.say("what is my name") == ["Your name is Ada."]  # still young
@@ -1010,22 +1020,16 @@ async def test_an_idle_connection_is_told_when_its_key_reaches_its_max_age(
         await until_key_age(key, max_age_s - 0.7)
         await vf.nothing_more(0.2)  # still young
         assert await vf.expect("session.ended") == {"reason": "session_key_expired"}
-        assert time.time() >= jwt.decode(key, options={"verify_signature": False})["iat"] + 3
+        assert time.time() >= issued_at(key) + 3
         fresh = await vf.create()
         assert await vf.say("hello") == ["You said: hello"]
         await until_key_age(fresh, 1.0)
-        check = SessionKeys(SECRET, ttl_s=3600).verify(
-            fresh, project_id=PROJECT, user_id=USER, now=time.time()
-        )
-        assert check.session_id is not None
-        younger = SessionKeys(SECRET, ttl_s=3600).issue(
-            session_id=check.session_id, project_id=PROJECT, user_id=USER, now=time.time()
-        )
+        younger = key_of(session_of(fresh))
         assert await vf.start(younger) is False  # the same session, by a younger key
         await until_key_age(fresh, max_age_s + 0.3)
         await vf.nothing_more(0.2)  # the first key's age is past: not this key's
         assert await vf.expect("session.ended") == {"reason": "session_key_expired"}
-        assert time.time() >= jwt.decode(younger, options={"verify_signature": False})["iat"] + 3
+        assert time.time() >= issued_at(younger) + 3
         await vf.nothing_more()
 
 
@@ -1039,21 +1043,16 @@ async def test_an_older_key_of_the_session_brings_the_key_watch_forward(
     action sent meanwhile was rejected ``no-session``, what the watch is there to spare)."""
     max_age_s = 4
     settings = {"voiceflow_session_key_max_age_s": max_age_s, **store}
-    keys = SessionKeys(SECRET, ttl_s=3600)
     async with served_with_store(**settings) as (url, _), client(url) as vf:
         key = await vf.handshake()
         assert await vf.say("my name is Ada") == ["Nice to meet you, Ada."]
-        check = keys.verify(key, project_id=PROJECT, user_id=USER, now=time.time())
-        assert check.session_id is not None
-        older = keys.issue(
-            session_id=check.session_id, project_id=PROJECT, user_id=USER, now=time.time() - 2
-        )
+        older = key_of(session_of(key), age_s=2)
         assert await vf.start(older) is False  # the same session, by an older key
         await until_key_age(older, max_age_s - 0.5)
         await vf.nothing_more(0.2)  # still young
         ended = await asyncio.wait_for(vf.expect("session.ended"), 1.0)
         assert ended == {"reason": "session_key_expired"}
-        assert time.time() >= jwt.decode(older, options={"verify_signature": False})["iat"] + 4
+        assert time.time() >= issued_at(older) + 4
         await vf.nothing_more()
 
 
@@ -1111,9 +1110,7 @@ async def test_a_push_to_a_connection_whose_key_is_past_its_max_age_ends_its_ses
             assert pushed.json()["delivery"] == "queued", pushed.text
             assert await vf.expect("session.ended") == {"reason": "session_key_expired"}
             await vf.nothing_more()
-        younger = SessionKeys(SECRET, ttl_s=3600).issue(
-            session_id=session_id, project_id=PROJECT, user_id=USER, now=time.time()
-        )
+        younger = key_of(session_id)
         async with client(url) as again:
             assert await again.start(younger) is False
             _, data = await again.next()
@@ -1683,15 +1680,17 @@ async def test_every_button_of_a_choice_can_be_pressed() -> None:
 
 
 @contextlib.asynccontextmanager
-async def voiceflow_core(runtime_app: FastAPI) -> AsyncIterator[VoiceflowClient]:
-    """A socket client of a served gateway whose core is the Voiceflow runtime
-    ``runtime_app`` (tests/gateway/pipeline/fake_voiceflow.py), served on a free port."""
+async def voiceflow_core(runtime_app: FastAPI, **overrides: Any) -> AsyncIterator[VoiceflowClient]:
+    """A socket client of a served gateway (``overrides``: more of its settings) whose core
+    is the Voiceflow runtime ``runtime_app`` (tests/gateway/pipeline/fake_voiceflow.py,
+    :func:`scripted_runtime`), served on a free port."""
     async with (
         serve(runtime_app) as runtime,
         served(
             pipeline="voiceflow:",
             voiceflow_api_key=SecretStr(API_KEY),
             voiceflow_runtime_url=runtime,
+            **overrides,
         ) as url,
         client(url) as vf,
     ):
@@ -2125,16 +2124,7 @@ async def test_a_word_starting_with_a_hash_in_speak_ssml_is_said(
     runtime = scripted_runtime(
         {"hash": [speak("<speak>#1 hit</speak>"), speak("<speak>call <break/>#5</speak>")]}
     )
-    async with (
-        serve(runtime) as runtime_url,
-        served(
-            pipeline="voiceflow:",
-            voiceflow_api_key=SecretStr(API_KEY),
-            voiceflow_runtime_url=runtime_url,
-            tts_provider="espeak-ng",
-        ) as url,
-        client(url) as vf,
-    ):
+    async with voiceflow_core(runtime, tts_provider="espeak-ng") as vf:
         await vf.handshake(config=config)
         _, traces, last = await vf.act({"type": "text", "payload": "hash"})
         assert last["status"] == "completed"
@@ -2166,15 +2156,7 @@ async def test_control_characters_of_well_formed_ssml_reach_no_client() -> None:
     runtime = scripted_runtime(
         {"ctl": [speak("<speak>Hi\x7f the\x9bre<break/>no&#x85;w&#127;</speak>")]}
     )
-    async with (
-        serve(runtime) as runtime_url,
-        served(
-            pipeline="voiceflow:",
-            voiceflow_api_key=SecretStr(API_KEY),
-            voiceflow_runtime_url=runtime_url,
-        ) as url,
-        client(url) as vf,
-    ):
+    async with voiceflow_core(runtime) as vf:
         await vf.handshake()
         _, traces, _ = await vf.act({"type": "text", "payload": "ctl"})
         assert messages(traces) == ["Hi there no w"]  # (NEL, U+0085, is whitespace)
@@ -2205,16 +2187,7 @@ async def test_a_speak_of_sounds_alone_reaches_the_client_as_those_sounds(
             ]
         }
     )
-    async with (
-        serve(runtime) as runtime_url,
-        served(
-            pipeline="voiceflow:",
-            voiceflow_api_key=SecretStr(API_KEY),
-            voiceflow_runtime_url=runtime_url,
-            tts_provider="espeak-ng",
-        ) as url,
-        client(url) as vf,
-    ):
+    async with voiceflow_core(runtime, tts_provider="espeak-ng") as vf:
         await vf.handshake(config=config)
         _, traces, last = await vf.act({"type": "text", "payload": "sounds"})
         assert last["status"] == "completed"
