@@ -95,6 +95,21 @@ def hold(call: TwilioCall) -> int:
     return onset
 
 
+def interrupted_in_the_second_item(call: TwilioCall) -> StartTurn:
+    """The running turn has queued two items of audio (the first 1 s, the second 2 s): the
+    first's mark ("1") comes back after 1 s of the caller's silence, the caller then barges
+    in (360 ms into the second) and says ``what``, which interrupts; the turn ends.
+    Returns the next turn (its input's attributes: what was heard)."""
+    frames(call, 50)  # 1 s
+    call.receive(mark("1"))
+    hold(call)  # 360 ms into the 2 s second item
+    assert isinstance(call.heard("final", "what")[0], Interrupt)
+    call.turn_event(ResponseEvent(response=Response()))
+    [turn] = call.turn_finished()
+    assert isinstance(turn, StartTurn)
+    return turn
+
+
 @pytest.mark.parametrize(
     ("interim", "final"),
     [
@@ -454,13 +469,7 @@ def test_heard_counts_whole_items_whose_marks_came_back() -> None:
     call = started()
     say_item(call, "First sentence.", SECOND)
     say_item(call, "Second sentence here.", SECOND * 2)
-    frames(call, 50)  # 1 s
-    call.receive(mark("1"))
-    hold(call)  # 360 ms into the 2 s second item
-    assert isinstance(call.heard("final", "what")[0], Interrupt)
-    call.turn_event(ResponseEvent(response=Response()))
-    [turn] = call.turn_finished()
-    assert isinstance(turn, StartTurn)
+    turn = interrupted_in_the_second_item(call)
     assert turn.input.attributes == {
         INTERRUPTED: True,
         HEARD: "First sentence.",
@@ -481,13 +490,7 @@ def test_heard_counts_an_item_with_ssml_whose_text_begins_with_a_hash() -> None:
     command = ResponseItem(text="#volume", code="up", repeatable=False)
     assert call.turn_event(ResponseItemEvent(response_item=command)) == []
     say_item(call, "Second sentence here.", SECOND * 2)
-    frames(call, 50)  # 1 s
-    call.receive(mark("1"))
-    hold(call)
-    assert isinstance(call.heard("final", "what")[0], Interrupt)
-    call.turn_event(ResponseEvent(response=Response()))
-    [turn] = call.turn_finished()
-    assert isinstance(turn, StartTurn)
+    turn = interrupted_in_the_second_item(call)
     assert turn.input.attributes == {
         INTERRUPTED: True,
         HEARD: "#1 hit",
