@@ -264,7 +264,8 @@ def byte_range(header: str, size: int) -> tuple[int, int] | None:
     span (``bytes=0-1,5-6``: no ``multipart/byteranges``). Overlapping or adjoining
     ranges, in any order, are coalesced (section 15.3.7.2: ``bytes=0-1,2-3`` is
     ``(0, 4)``); unsatisfiable ones among satisfiable ones are left out (section
-    14.1.1: the set is satisfiable when one of them is).
+    14.1.1: the set is satisfiable when one of them is). A position may have any number
+    of digits (one past any file's size is capped, :func:`_position`).
 
     Raises:
         RangeNotSatisfiable: no range is satisfiable (each starts at or past ``size``,
@@ -286,14 +287,14 @@ def byte_range(header: str, size: int) -> tuple[int, int] | None:
         if not dash or not (first or last) or not all(_digits(n) for n in (first, last) if n):
             return None
         if not first:  # a suffix: the last ``last`` bytes
-            if int(last) > 0 and size > 0:
-                spans.append((max(size - int(last), 0), size))
+            if _position(last) > 0 and size > 0:
+                spans.append((max(size - _position(last), 0), size))
             continue
-        start = int(first)
-        if last and int(last) < start:
+        start = _position(first)
+        if last and _below(last, first):
             return None
         if start < size:
-            spans.append((start, min(int(last) + 1, size) if last else size))
+            spans.append((start, min(_position(last) + 1, size) if last else size))
     if not spans:
         raise RangeNotSatisfiable(size)
     spans.sort()
@@ -303,6 +304,27 @@ def byte_range(header: str, size: int) -> tuple[int, int] | None:
             return None
         end = max(end, next_end)
     return start, end
+
+
+POSITION_DIGITS: Final = 30
+"""The most significant digits of a byte position :func:`byte_range` converts; a larger
+number (past any file) counts as ``10**POSITION_DIGITS``."""
+
+
+def _position(digits: str) -> int:
+    """The byte position ``digits`` (ASCII digits) as an int, at most
+    ``10**POSITION_DIGITS``: RFC 9110 section 14.1.2 bounds no position's digits, and
+    ``int()`` raises ValueError for a string of more than 4,300 digits (Python's
+    int_max_str_digits), which was an unhandled error (a 500) for a ``Range`` naming one."""
+    number = digits.lstrip("0") or "0"
+    return int(number) if len(number) <= POSITION_DIGITS else 10**POSITION_DIGITS
+
+
+def _below(left: str, right: str) -> bool:
+    """Whether the number ``left`` is below ``right`` (both ASCII digits, any length),
+    compared exactly without converting them (:func:`_position` caps)."""
+    a, b = left.lstrip("0"), right.lstrip("0")
+    return (len(a), a) < (len(b), b)
 
 
 def _digits(text: str) -> bool:

@@ -276,3 +276,36 @@ async def test_several_ranges_are_one_206_when_they_form_one_span_else_the_whole
         refused = await client.get(path, headers={"Range": f"bytes={size}-,-0"})
         assert refused.status_code == 416
         assert refused.headers["content-range"] == f"bytes */{size}"
+
+
+async def test_a_range_of_positions_of_thousands_of_digits_is_answered_not_a_500() -> None:
+    """A byte position is any number of digits (RFC 9110 section 14.1.2: ``1*DIGIT``), and
+    Python's ``int()`` refuses a string of more than 4,300 digits (ValueError): a ``Range``
+    with such a position was an unhandled error (500). Now a position that large is past
+    any file: a last-pos or suffix that large reaches the end (206 to the end, or the whole
+    file), a first-pos that large is not satisfiable (416), and a last-pos below its
+    first-pos is still an invalid range (200), however many digits both have."""
+    settings = Settings(tts_provider="espeak-ng", public_url="http://gw.test")
+    app = create_app(settings)
+    async with served_app(app, settings) as url, httpx.AsyncClient(base_url=url) as client:
+        speech: SpeechService = app.state.gateway.speech
+        item = await speech.link_item(ResponseItem(text="Huge positions."), "mp3")
+        assert item.audio is not None
+        path = item.audio.removeprefix("http://gw.test")
+        body = (await client.get(path)).content  # synthesized, cached
+        size = len(body)
+        huge = "9" * 5000
+        for asked, start in ((f"bytes=10-{huge}", 10), (f"bytes=-{huge}", 0)):
+            part = await client.get(path, headers={"Range": asked})
+            assert part.status_code == 206, (asked[:20], part.status_code)
+            assert part.headers["content-range"] == f"bytes {start}-{size - 1}/{size}"
+            assert part.content == body[start:]
+        refused = await client.get(path, headers={"Range": f"bytes={huge}-"})
+        assert refused.status_code == 416
+        assert refused.headers["content-range"] == f"bytes */{size}"
+        invalid = await client.get(path, headers={"Range": f"bytes={huge}9-{huge}"})
+        assert invalid.status_code == 200
+        assert invalid.content == body
+        zeros = await client.get(path, headers={"Range": f"bytes={'0' * 5000}1-{'0' * 5000}2"})
+        assert zeros.status_code == 206
+        assert zeros.content == body[1:3]
