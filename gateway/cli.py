@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
-from gateway.logs import configure_logging, redact_query
-from gateway.pipeline.base import hide_userinfo
+from gateway.logs import CREDENTIAL_QUERY, configure_logging, redact_query
+from gateway.pipeline.base import hide_url_secrets
 from gateway.settings import LOG_LEVELS, Settings, unknown_settings
 
 if TYPE_CHECKING:
@@ -250,7 +250,8 @@ def setting_errors(exc: ValidationError) -> list[str]:
     0 (got '-1')``. The value of a credential (:func:`secret_setting`) is not shown: the
     line goes to stderr, the container's log; a URL's userinfo (``user:password@``) and
     credential query parameters (``?password=``) are written ``***`` in any value
-    (:func:`~gateway.pipeline.base.hide_userinfo`, :func:`~gateway.logs.redact_query`)."""
+    (:func:`~gateway.pipeline.base.hide_url_secrets`, :func:`~gateway.logs.redact_query`:
+    a password holding ``&token=`` is all hidden)."""
     lines = []
     for error in exc.errors():
         where = [str(part) for part in error["loc"]]
@@ -259,7 +260,7 @@ def setting_errors(exc: ValidationError) -> list[str]:
         message = str(error["msg"]).removeprefix("Value error, ")
         given = None if where and secret_setting(where[0]) else error.get("input")
         if isinstance(given, str):  # a URL's password (GATEWAY_REDIS_URL=redis://:pw@h)
-            given = hide_userinfo(redact_query(given))
+            given = redact_query(hide_url_secrets(given, CREDENTIAL_QUERY))
         shown = f" (got {given!r:.80})" if isinstance(given, str | int | float) else ""
         lines.append(f"{name}{inner}: {message}{shown}")
     return lines

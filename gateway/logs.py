@@ -44,7 +44,7 @@ import time
 import urllib.parse
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from gateway.pipeline.base import REQUEST_ID
 
@@ -152,6 +152,9 @@ CREDENTIAL_PARAMETERS = (
 """Query parameters (case-insensitive) whose values :class:`RedactQuery` hides."""
 
 _CREDENTIAL = re.compile(r"(?i)([?&;](?:" + "|".join(CREDENTIAL_PARAMETERS) + r")=)[^&;#\s\"]*")
+CREDENTIAL_QUERY: Final = _CREDENTIAL
+"""The credential query parameters :func:`redact_query` hides (group 1: ``?name=``; the
+rest of a match: the value), for :func:`gateway.pipeline.base.hide_url_secrets`."""
 
 
 CREDENTIAL_PATHS = ("/v1/sessions/", "/twilio/stream/", "/vonage/stream/", "/plivo/stream/")

@@ -106,11 +106,41 @@ def hide_userinfo(url: str) -> str:
     return f"{head}//***@{rest.rpartition('@')[2]}"
 
 
+def hide_url_secrets(url: str, values: re.Pattern[str] = _QUERY_VALUE) -> str:
+    """``url`` with its userinfo (as :func:`hide_userinfo` finds it: from the first ``//``
+    to the last ``@``) and the values of the query parameters ``values`` matches (group 1:
+    the text before the value, ``name=``; the rest of the match: the value) hidden
+    together: each run of hidden characters, found on ``url`` as given, is written
+    ``***`` once. The two overlap when a password holds ``?``, ``&`` or ``;`` and ``=``
+    (``https://u:pw;k=v@host``) or a query value holds ``@`` (``//host?password=p@ss``):
+    either redaction made first hid the other's part (the ``@``, or the query's name)
+    and left the rest of the secret shown; both found on the text as given hide it all.
+    Pure; never raises."""
+    hidden: list[tuple[int, int]] = [(m.end(1), m.end()) for m in values.finditer(url)]
+    head, slashes, rest = url.partition("//")
+    if slashes and "@" in rest:
+        hidden.append((len(head) + 2, len(head) + 2 + rest.rindex("@")))
+    runs: list[list[int]] = []  # [start, end) of each run of hidden characters
+    for start, end in sorted(hidden):
+        if runs and start <= runs[-1][1]:  # overlapping or adjoining: one run
+            runs[-1][1] = max(runs[-1][1], end)
+        else:
+            runs.append([start, end])
+    out: list[str] = []
+    shown_from = 0
+    for start, end in runs:
+        out += [url[shown_from:start], "***"]
+        shown_from = end
+    out.append(url[shown_from:])
+    return "".join(out)
+
+
 def shown_spec(spec: str) -> str:
     """``spec`` (a core spec, stripped) as an error message may quote it: a URL's userinfo
     (``user:password@``, :func:`hide_userinfo`) and the values of its query parameters
-    (a webhook's ``?token=``) replaced by ``***``."""
-    return hide_userinfo(_QUERY_VALUE.sub(r"\1***", spec.strip()))
+    (a webhook's ``?token=``) replaced by ``***`` (:func:`hide_url_secrets`: a password
+    holding ``;k=`` is all hidden)."""
+    return hide_url_secrets(spec.strip())
 
 
 class Pipeline(Protocol):

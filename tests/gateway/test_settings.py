@@ -732,9 +732,13 @@ def test_negative_retries_stop_gateway_serve_naming_the_setting() -> None:
             "redis+cluster://:p@ss-w0rd@h1:7000,h2:7000/3",
             "'redis+cluster://***@h1:7000,h2:7000/3'",
         ),
-        ("ftp://redis.example?password=p@ss-w0rd", "'ftp://redis.example?password=***'"),
+        # a query value holding "@" or a password holding "&token=": the userinfo and the
+        # value overlap (which one it is cannot be told), all of it is hidden; the second
+        # showed its part before the "&" ('ftp://:w0rd&token=***')
+        ("ftp://redis.example?password=p@ss-w0rd", "'ftp://***'"),
+        ("ftp://:w0rd&token=p@ss-w0rd@redis.example:6379", "'ftp://***'"),
     ],
-    ids=["at-sign", "user-and-at-sign", "cluster-hosts", "query-password"],
+    ids=["at-sign", "user-and-at-sign", "cluster-hosts", "query-password", "query-in-password"],
 )
 def test_an_invalid_redis_url_is_quoted_without_any_of_its_password(url: str, shown: str) -> None:
     """``gateway serve`` refusing GATEWAY_REDIS_URL quotes it with its userinfo hidden: a

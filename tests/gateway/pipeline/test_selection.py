@@ -150,6 +150,10 @@ def test_configuration_errors_name_the_setting(overrides: dict[str, Any], words:
             {"pipeline": "https://gw:p@pa55word@core.example:99999/turn"},
             "GATEWAY_PIPELINE='https://***@core.example:99999/turn': the webhook URL",
         ),
+        (  # a password holding ";k=": its part before the ";" was shown as a query's
+            {"pipeline": "https://gw:pa55word;k=s3cret@core.example:99999/turn"},
+            "GATEWAY_PIPELINE='https://***': the webhook URL",
+        ),
     ],
 )
 def test_configuration_errors_quote_no_credential_of_the_spec(
