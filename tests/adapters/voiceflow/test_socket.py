@@ -1793,12 +1793,11 @@ async def test_an_answer_of_much_ssml_is_read_up_to_a_bound_per_answer() -> None
     core = MuchSsmlCore()
     async with core.running() as core_url, served(pipeline=core_url) as url, client(url) as vf:
         await vf.handshake()
-        started = time.perf_counter()
         _, traces, last = await vf.act({"type": "launch"})
-        took = time.perf_counter() - started
     assert last["status"] == "completed"
+    # the bound itself, not a clock (a wall-clock limit failed under a loaded test run):
+    # before, every item's words were shown, all 30 read whole
     assert messages(traces) == ["Word0.", "Word1.", "The end."]
-    assert took < 2.0, took  # ~0.4 s; before: about 4.4 s
 
 
 @pytest.mark.parametrize("config", [{}, {"completionEvents": True}])
