@@ -46,7 +46,6 @@ from tests.conftest import (
     FIXTURES,
     gateway,
     gateway_answering,
-    loop_gaps,
     refused_port,
     serve,
     served_app,
@@ -1017,17 +1016,16 @@ async def test_an_answer_of_much_ssml_is_read_up_to_a_bound_per_answer() -> None
     answer of 30 items of 30 KB of unclosed tags each (900 KB, within
     GATEWAY_PIPELINE_MAX_RESPONSE_BYTES) was parsed and read leniently whole for the
     speech, the reprompt and the card, the event loop (every connection's) held for about
-    11 s here. The stall is measured as the longest gap of a ticker on the served app's own
-    loop. A well-formed item before them is said as SSML; the words of the first such
+    11 s here. A well-formed item before them is said as SSML; the words of the first such
     items are said, the items past the bound say nothing (an image still makes a card)."""
     tags = "<b>" * 10_000
     fine = {"ssml": "<speak>Fine <break time='1s'/> here.</speak>"}
     items = [fine, *({"ssml": f"<speak>Word{i}. {tags}</speak>"} for i in range(30))]
     items.append({"text": "The end.", "image": "https://cdn.example/c.png"})  # no SSML: said
-    async with gateway_answering(items, client_timeout_s=60, **OFF) as client, loop_gaps() as gaps:
+    async with gateway_answering(items, client_timeout_s=60, **OFF) as client:
         answer = await say(client, envelope("S-loose-many", text="hello"))
-    # (the app is served on this test's loop: its work holds the ticker up)
-    assert max(gaps) < 3.0, max(gaps)  # ~0.5 s; before: 11 to 16 s (speech, reprompt, card)
+    # the bound itself, not a clock (no timed tests): before, all 30 items were read whole
+    # (the event loop held 11 to 16 s) and said
     assert spoken(answer) == "Fine  here. Word0. Word1. The end."
     speech = reply(answer).output_speech
     assert isinstance(speech, SsmlOutputSpeech)

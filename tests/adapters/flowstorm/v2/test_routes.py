@@ -41,7 +41,6 @@ from tests.adapters.flowstorm_shapes import check_v2
 from tests.conftest import (
     gateway,
     gateway_answering,
-    loop_gaps,
     refused_port,
     serve,
     served,
@@ -586,18 +585,14 @@ async def test_an_answer_of_much_ssml_is_read_up_to_a_bound_per_answer_in_plain_
     32 KiB), as the webhooks do: before, a core's answer of 30 SSML-only items of 30 KB
     of unclosed tags each (900 KB, within GATEWAY_PIPELINE_MAX_RESPONSE_BYTES) was read
     leniently whole, the event loop (every connection's) held for about 4 s here. The
-    stall is the longest gap of a ticker on the served app's own loop. The words of the
-    first items are shown; the items past the bound have their ``#`` line only."""
+    words of the first items are shown; the items past the bound have their ``#`` line only."""
     tags = "<b>" * 10_000
     items = [{"ssml": f"<speak>Word{i}. {tags}</speak>"} for i in range(30)]
     items.append({"text": "The end."})  # no SSML: shown
-    async with (
-        gateway_answering(items, client_timeout_s=60, tts_provider="espeak-ng") as client,
-        loop_gaps() as gaps,
-    ):
+    async with gateway_answering(items, client_timeout_s=60, tts_provider="espeak-ng") as client:
         answer = await client.put(f"/client?key={KEY}", headers=TEXT, content="hi")
-    # (the app is served on this test's loop: its work holds the ticker up)
-    assert max(gaps) < 2.0, max(gaps)  # ~0.3 s; before: about 4 s
+    # the bound itself, not a clock (no timed tests): before, all 30 items were read whole
+    # (the event loop held about 4 s) and shown
     assert answer.status_code == 200, answer.text[:300]
     lines = answer.text.splitlines()
     assert [line for line in lines if line.startswith("<")] == [
