@@ -26,7 +26,9 @@ protocols use it without loading the turn engine (DESIGN.md, "Rules of the house
 - :class:`SsmlBound` (:func:`bounded_items`) reads one answer's SSML up to a bound for
   the whole answer (:data:`SSML_ANSWER_MAX_CHARS`, :data:`LOOSE_ANSWER_MAX_CHARS`), for
   every channel that reads it (the webhooks, the Voiceflow socket, Flowstorm V2's plain
-  text), so a core's answer of much SSML does not hold the gateway up for seconds.
+  text) and the Voiceflow core (its ``speak`` messages, :func:`ssml_markup` and
+  :func:`read_ssml_in_text`), so a core's answer of much SSML does not hold the gateway
+  up for seconds.
 
 The webhook driver (:mod:`gateway.io.webhook`) runs the turns whose answers these write.
 """
@@ -55,6 +57,7 @@ __all__ = [
     "BoundedItems",
     "LenientHTMLParser",
     "SsmlBound",
+    "SsmlInText",
     "SsmlRead",
     "audio_only",
     "bounded_items",
@@ -62,10 +65,12 @@ __all__ = [
     "item_ssml",
     "loose_ssml",
     "loose_text",
+    "read_ssml_in_text",
     "refused_audio",
     "refused_elements",
     "speech_ssml",
     "ssml_in_text",
+    "ssml_markup",
     "ssml_to_text",
     "truncate_text",
     "utf16_len",
@@ -344,20 +349,21 @@ _BARE_LESS_THAN = re.compile(r"<(?![A-Za-z_/!?])")
 """A ``<`` that begins no tag, comment or instruction (``5 < 6``, ``<3``)."""
 
 
-def ssml_in_text(text: str) -> str | None:
-    """The ``<speak>`` document of a ``text`` that carries SSML markup, None for plain text.
+def ssml_markup(text: str) -> str | None:
+    """The ``<speak>`` document of a ``text`` that carries SSML markup, as written (not
+    parsed, not repaired: :func:`read_ssml_in_text`), None for plain text; what
+    :func:`ssml_in_text` tells apart, in time linear in ``text`` (a scan of its tags, no
+    parse). ``text`` is SSML when it holds a tag of an SSML element a platform speaks
+    (:data:`_MARKUP_NAMES`, any ``amazon:`` element) written as XML writes tags
+    (:data:`_SSML_TAG`); the document is ``text`` itself (stripped) when it is a
+    ``<speak>`` document, else ``text`` wrapped in ``<speak>``. Its length is what a
+    bound per answer counts before it is parsed (:meth:`SsmlBound.take`)."""
+    markup = _markup(text)
+    return None if markup is None else markup[0]
 
-    For a core whose one message field holds either (Voiceflow's ``speak`` trace
-    ``message``: ``<voice name="Joanna">Hello</voice>``, ``Hi<break time="500ms"/>there``,
-    ``<speak>...</speak>``). ``text`` is SSML when it holds a tag of an SSML element a
-    platform speaks (:data:`_MARKUP_NAMES`, any ``amazon:`` element) written as XML writes
-    tags (:data:`_SSML_TAG`); text without one (``5 < 6 & 7``, ``<b>hi</b>``, ``a <s and
-    y>``) is plain text, None. The document is ``text`` itself when it is a ``<speak>``
-    document, else ``text`` wrapped in ``<speak>``. When that is not well-formed, the bare
-    ``&`` and ``<`` that begin no reference or tag (``Tom & Jerry <break/>``: a message
-    written by hand) are escaped and control characters left out (:func:`without_controls`);
-    a document still not well-formed is given as it is (the channels then say and show its
-    words, :func:`loose_text`, its markup lost). Never raises."""
+
+def _markup(text: str) -> tuple[str, str] | None:
+    """:func:`ssml_markup`'s document and the content of its ``<speak>``."""
     if "<" not in text:
         return None
     if not any(
@@ -369,13 +375,59 @@ def ssml_in_text(text: str) -> str | None:
     inner = _strip_speak(document)
     if inner == document:
         document = f"{_SPEAK_OPEN}{inner}{_SPEAK_CLOSE}"
-    if ssml_to_text(document) is not None:
-        return document
+    return document, inner
+
+
+class SsmlInText(NamedTuple):
+    """:func:`read_ssml_in_text`'s answer: ``document``, the ``<speak>`` document of a
+    text that carries SSML markup (:func:`ssml_in_text`'s); ``words``, its words
+    (:func:`ssml_to_text`), None when it is not well-formed (the channels then say and
+    show its words read leniently, :func:`loose_text`)."""
+
+    document: str
+    words: str | None
+
+
+def read_ssml_in_text(text: str) -> SsmlInText | None:
+    """:func:`ssml_in_text`'s document of ``text`` with its words, None for plain text,
+    parsed once (twice when it is not well-formed and the repair changes it: the bare
+    ``&`` and ``<`` escaped, control characters left out). For a reader that needs both
+    (the Voiceflow core, gateway/pipeline/voiceflow.py): before, the document was parsed
+    again for its words, and SSML not well-formed that the repair did not change (an
+    unclosed tag) parsed twice as it was. Never raises."""
+    markup = _markup(text)
+    if markup is None:
+        return None
+    document, inner = markup
+    words = ssml_to_text(document)
+    if words is not None:
+        return SsmlInText(document, words)
     repaired = _BARE_LESS_THAN.sub("&lt;", _BARE_AMPERSAND.sub("&amp;", without_controls(inner)))
-    if ssml_to_text(repaired) is None:
-        return document
+    if repaired == inner:  # the same document: not well-formed either
+        return SsmlInText(document, None)
     head = document[: len(document) - len(inner) - len(_SPEAK_CLOSE)]  # <speak ...>
-    return f"{head}{repaired}{_SPEAK_CLOSE}"
+    fixed = f"{head}{repaired}{_SPEAK_CLOSE}"
+    words = ssml_to_text(fixed)
+    return SsmlInText(document, None) if words is None else SsmlInText(fixed, words)
+
+
+def ssml_in_text(text: str) -> str | None:
+    """The ``<speak>`` document of a ``text`` that carries SSML markup, None for plain text.
+
+    For a core whose one message field holds either (Voiceflow's ``speak`` trace
+    ``message``: ``<voice name="Joanna">Hello</voice>``, ``Hi<break time="500ms"/>there``,
+    ``<speak>...</speak>``). ``text`` is SSML when it holds a tag of an SSML element a
+    platform speaks (:data:`_MARKUP_NAMES`, any ``amazon:`` element) written as XML writes
+    tags (:data:`_SSML_TAG`); text without one (``5 < 6 & 7``, ``<b>hi</b>``, ``a <s and
+    y>``) is plain text, None (:func:`ssml_markup`). The document is ``text`` itself when
+    it is a ``<speak>`` document, else ``text`` wrapped in ``<speak>``. When that is not
+    well-formed, the bare ``&`` and ``<`` that begin no reference or tag (``Tom & Jerry
+    <break/>``: a message written by hand) are escaped and control characters left out
+    (:func:`without_controls`); a document still not well-formed is given as it is (the
+    channels then say and show its words, :func:`loose_text`, its markup lost). Never
+    raises. (:func:`read_ssml_in_text` gives its words too.)"""
+    read = read_ssml_in_text(text)
+    return None if read is None else read.document
 
 
 _WITH_UNSPOKEN_CONTENT = frozenset({"desc", "metadata"})
@@ -522,19 +574,34 @@ class SsmlBound:
         ``text``: that item has a ``text``, which is said instead of SSML that is not
         well-formed (so it is not read leniently). Costs a parse of what is read unless
         ``text`` (:func:`ssml_to_text`: whether it is well-formed)."""
+        ssml, cut = self.take(ssml)
+        loose = False
+        if ssml and not text and ssml_to_text(ssml) is None:  # read leniently
+            loose = not cut
+            ssml = self.lenient(ssml)
+        return SsmlRead(ssml, cut, loose)
+
+    def take(self, ssml: str) -> tuple[str, bool]:
+        """The first step of :meth:`read`, for a reader that parses the SSML itself
+        (the Voiceflow core, gateway/pipeline/voiceflow.py): what the answer reads of
+        ``ssml``, its next item's SSML, up to :data:`SSML_ANSWER_MAX_CHARS` (``""`` when
+        past it), and whether its end (or all of it) was left out there. No parse."""
         cut = len(ssml) > self.left
         if cut:
             ssml = ssml[: self.left]
         self.left -= len(ssml)
-        loose = False
-        if ssml and not text and ssml_to_text(ssml) is None:  # read leniently
-            loose = not cut
-            read = min(len(ssml), LOOSE_MAX_CHARS)  # what loose_text reads of it
-            if read > self.loose_left:
-                ssml = ssml[: self.loose_left]
-                read = self.loose_left
-            self.loose_left -= read
-        return SsmlRead(ssml, cut, loose)
+        return ssml, cut
+
+    def lenient(self, ssml: str) -> str:
+        """The second step of :meth:`read`: what is read leniently (:func:`loose_text`) of
+        ``ssml``, SSML :meth:`take` gave that is not well-formed (or was cut), up to
+        :data:`LOOSE_ANSWER_MAX_CHARS` for the answer (``""`` when past it). No parse."""
+        read = min(len(ssml), LOOSE_MAX_CHARS)  # what loose_text reads of it
+        if read > self.loose_left:
+            ssml = ssml[: self.loose_left]
+            read = self.loose_left
+        self.loose_left -= read
+        return ssml
 
 
 class BoundedItems(NamedTuple):

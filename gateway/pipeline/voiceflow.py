@@ -37,7 +37,10 @@ Traces -> items:
   document) with its words as ``text``; with ``src`` as the item's ``audio`` when an
   http(s) URL (``data:`` TTS is left to the gateway's own speech); a ``speak`` of type
   ``audio`` -> an audio item, and so is each ``<audio src>`` (http(s)) of SSML that says
-  nothing else (:func:`gateway.ssml.audio_only`);
+  nothing else (:func:`gateway.ssml.audio_only`); the SSML of one turn's messages read up
+  to one bound (:class:`gateway.ssml.SsmlBound`, as the channels read an answer's: past
+  it a message says its words read leniently, or only its ``src``; one WARNING a turn,
+  bounded: :func:`_spoken`);
   ``stream`` (the audio player step) -> its http(s) ``src`` as an audio item (none for
   its ``PAUSE``/``END`` actions);
 - ``visual`` (image) -> ``image``; ``cardV2`` -> title/description text, ``imageUrl``
@@ -103,9 +106,17 @@ from gateway.pipeline.cores import (
     talking_to,
     transfer_to,
 )
+from gateway.ratelimit import RefusalLog
 from gateway.sessions import Session
 from gateway.settings import Settings
-from gateway.ssml import audio_only, loose_text, ssml_in_text, ssml_to_text
+from gateway.ssml import (
+    SSML_ANSWER_MAX_CHARS,
+    SsmlBound,
+    audio_only,
+    loose_text,
+    read_ssml_in_text,
+    ssml_markup,
+)
 
 log = logging.getLogger(__name__)
 
@@ -119,10 +130,15 @@ _ACTIONS = {INTRO: "launch", SILENCE: "no-reply"}
 
 class _Turn:
     """What the traces of one turn left for its Response; ``untargeted`` logs the
-    core's handoffs that name no target."""
+    core's handoffs that name no target; ``ssml`` reads the SSML of the turn's ``speak``
+    messages up to one bound for the whole answer (:class:`gateway.ssml.SsmlBound`, as
+    every channel reads an answer's SSML), ``cut_ssml`` counts those cut or left out
+    there (:func:`_spoken`)."""
 
     def __init__(self, untargeted: UntargetedHandoffs) -> None:
         self.untargeted = untargeted
+        self.ssml = SsmlBound()
+        self.cut_ssml = 0
         self.ended = False
         self.no_reply_ms: int | None = None
         self.buttons: list[dict[str, Any]] = []
@@ -162,6 +178,10 @@ class VoiceflowPipeline(PooledCore):
         self.untargeted_handoffs = UntargetedHandoffs(log, "Voiceflow", "the payload names none")
         """The lines of transfer/handoff custom actions that name no target (not carried
         out)."""
+        self.cut_ssml = RefusalLog()
+        """The WARNING lines of answers whose ``speak`` messages hold more SSML than one
+        answer reads (:meth:`_log_cut_ssml`): a burst, then one a minute, the rest at
+        DEBUG."""
 
     @classmethod
     def from_url(cls, spec: str, settings: Settings) -> Self:
@@ -241,9 +261,32 @@ class VoiceflowPipeline(PooledCore):
         for item in _unended_completion(turn, ended):
             yield item
         log_dropped(log, "Voiceflow", "traces", turn.unknown)
+        self._log_cut_ssml(turn)
         session.pipeline_state["buttons"] = turn.buttons
         attributes = {"noReplyTimeoutMs": turn.no_reply_ms} if turn.no_reply_ms else {}
         yield Response(session_ended=turn.ended, attributes=attributes)
+
+    def _log_cut_ssml(self, turn: _Turn) -> None:
+        """One WARNING line (bounded: :attr:`cut_ssml`) for a turn whose ``speak``
+        messages held more SSML than one answer reads
+        (:data:`gateway.ssml.SSML_ANSWER_MAX_CHARS`, all together: :func:`_spoken`), as
+        the webhooks log theirs (gateway/io/webhook.py, ``_log_cut_ssml``): the message
+        at the bound cut there (its words said, its markup left out), how many later ones
+        left out (their audio only). Nothing when none was."""
+        if not turn.cut_ssml:
+            return
+        later = turn.cut_ssml - 1
+        self.cut_ssml.log(
+            log,
+            "Voiceflow's answer holds more SSML than one answer reads (%d characters, all "
+            "speak messages together): a message cut there (its words said, its markup "
+            "left out)%s",
+            SSML_ANSWER_MAX_CHARS,
+            f", the SSML of {later} later message{'s' if later > 1 else ''} left out "
+            "(their audio only)"
+            if later
+            else "",
+        )
 
     async def _stream(self, answer: httpx.Response) -> AsyncIterator[Any]:
         """The traces of an interact stream, as they arrive, until ``event: end``."""
@@ -295,7 +338,7 @@ def _items(trace: Any, turn: _Turn) -> list[ResponseItem]:
         message = body.get("message")
         if not isinstance(message, str) or not message:
             return []
-        return _spoken(message, src if is_url(src) else None)
+        return _spoken(message, src if is_url(src) else None, turn)
     if kind == "stream":  # the audio player step: play ``src`` (not its PAUSE/END)
         src = body.get("src")
         playing = body.get("action") not in ("PAUSE", "END")
@@ -341,7 +384,7 @@ def _items(trace: Any, turn: _Turn) -> list[ResponseItem]:
     return _custom_action(kind, payload, turn)
 
 
-def _spoken(message: str, audio: str | None) -> list[ResponseItem]:
+def _spoken(message: str, audio: str | None, turn: _Turn) -> list[ResponseItem]:
     """The items of a ``speak`` message: SSML (a voice agent's ``<voice name="Joanna">Hi
     </voice>``, ``Hi<break time="500ms"/>there``; :func:`gateway.ssml.ssml_in_text`) as the
     item's ``ssml``, a ``<speak>`` document, with its words as ``text`` (what a screen
@@ -351,17 +394,40 @@ def _spoken(message: str, audio: str | None) -> list[ResponseItem]:
     ``audio`` is. Before, the markup was the item's text: voice assistants and the
     gateway's own speech read the tags out, text clients showed them; and a message of
     sounds alone was an item with neither text nor audio, which a text client (the
-    Voiceflow socket's) was shown nothing of and the gateway's own speech synthesized."""
-    ssml = ssml_in_text(message)
-    if ssml is None:
+    Voiceflow socket's) was shown nothing of and the gateway's own speech synthesized.
+
+    The SSML is read up to the turn's bound (``turn.ssml``, a
+    :class:`gateway.ssml.SsmlBound`, one for all its messages, as every channel reads an
+    answer's SSML) before it is parsed: the message at the bound
+    (:data:`gateway.ssml.SSML_ANSWER_MAX_CHARS`) says its words up to it, read leniently
+    (``text``; no ``ssml``: its markup is lost, and SSML cut there is no fault of the
+    core's), a later one its ``src`` alone (no item without one); of SSML that is not
+    well-formed, the words up to :data:`gateway.ssml.LOOSE_ANSWER_MAX_CHARS` (the
+    ``ssml`` as far as read). ``turn.cut_ssml`` counts the messages cut or left out
+    (logged once per turn). Before, a turn of 30 messages of 30 KB of SSML held the
+    event loop for 2.4 to 4 s (each parsed up to three times and read leniently whole)."""
+    document = ssml_markup(message)  # (a scan of its tags, no parse)
+    if document is None:
         return [ResponseItem(text=message, audio=audio)]
-    sounds = audio_only(ssml)
-    if sounds is not None:
-        return [ResponseItem(audio=src) for src in ([audio] if audio else sounds)]
-    words = ssml_to_text(ssml)
-    if words is None:  # not well-formed: its words as the channels read them
-        words = loose_text(ssml)
-    return [ResponseItem(text=words or None, ssml=ssml, audio=audio)]
+    bound = turn.ssml
+    taken, cut = bound.take(document)
+    if cut:  # at the answer's bound: its words up to it, its markup lost; later, none
+        turn.cut_ssml += 1
+        words = loose_text(bound.lenient(taken)) if taken else ""
+        return [ResponseItem(text=words or None, audio=audio)] if words or audio else []
+    read = read_ssml_in_text(message)
+    assert read is not None  # (ssml_markup found SSML markup in it)
+    ssml, spoken = read
+    if spoken == "":  # no words: maybe sounds alone
+        sounds = audio_only(ssml)
+        if sounds is not None:
+            return [ResponseItem(audio=src) for src in ([audio] if audio else sounds)]
+    if spoken is None:  # not well-formed: its words as the channels read them
+        ssml = bound.lenient(ssml)
+    words = loose_text(ssml) if spoken is None else spoken
+    if not (words or ssml or audio):
+        return []
+    return [ResponseItem(text=words or None, ssml=ssml or None, audio=audio)]
 
 
 def _unended_completion(turn: _Turn, why: str) -> list[ResponseItem]:

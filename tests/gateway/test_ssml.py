@@ -26,10 +26,12 @@ from gateway.ssml import (
     bounded_items,
     display_text,
     loose_ssml,
+    read_ssml_in_text,
     refused_audio,
     refused_elements,
     speech_ssml,
     ssml_in_text,
+    ssml_markup,
     ssml_to_text,
 )
 
@@ -324,3 +326,54 @@ def test_ssml_read_leniently_is_bounded_per_answer() -> None:
     assert len(third.ssml) == LOOSE_ANSWER_MAX_CHARS - len(first.ssml) < LOOSE_MAX_CHARS
     assert bound.read("<speak>Four & five.</speak>").ssml == ""  # past the lenient bound
     assert bound.read("<speak>Fine.</speak>").ssml == "<speak>Fine.</speak>"  # well-formed
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "plain text",
+        "5 < 6 & 7 > 2",
+        "I <3 pizza & <b>pasta</b>",
+        '<voice name="Joanna">Hello <emphasis level="strong">there</emphasis></voice>',
+        "Tom & Jerry<break/>are here.",
+        "<speak xml:lang='en>US'>Tom & Jerry<break/></speak>",
+        "Tom\x07 <break/> Jerry",
+        '<?xml version="1.0"?><speak>Hi <break/> there</speak>',
+        "<speak>Word. " + "<emphasis>" * 50 + "</speak>",  # not well-formed, not repaired
+        "<speak>A & B " + "<emphasis>" * 5 + "</speak>",  # repaired, still not well-formed
+        '<audio src="https://a.example/x.mp3"/>',
+    ],
+)
+def test_read_ssml_in_text_is_ssml_in_text_with_its_words(text: str) -> None:
+    """:func:`read_ssml_in_text` (the Voiceflow core's reader: one parse where the
+    document is well-formed or the repair changes nothing) gives what
+    :func:`ssml_in_text` gives and that document's words (:func:`ssml_to_text`);
+    :func:`ssml_markup` tells SSML from plain text as it does, without parsing: the
+    document as written, which a bound per answer counts."""
+    document = ssml_in_text(text)
+    read = read_ssml_in_text(text)
+    markup = ssml_markup(text)
+    if document is None:
+        assert read is None
+        assert markup is None
+        return
+    assert read is not None
+    assert markup is not None
+    assert read.document == document
+    assert read.words == ssml_to_text(document)
+    assert markup == document or ssml_to_text(markup) is None  # as written: not repaired
+
+
+def test_the_steps_of_an_ssml_bound_read_as_read_does() -> None:
+    """:meth:`SsmlBound.take` then :meth:`SsmlBound.lenient` (for a reader that parses
+    the SSML itself, the Voiceflow core) read what :meth:`SsmlBound.read` reads."""
+    tags = "<b>" * 6_000
+    messages = [f"<speak>{i}. {tags}</speak>" for i in range(5)] + ["<speak>Fine.</speak>"] * 3
+    whole, steps = SsmlBound(), SsmlBound()
+    for ssml in messages:
+        read = whole.read(ssml)
+        taken, cut = steps.take(ssml)
+        if taken and ssml_to_text(taken) is None:
+            taken = steps.lenient(taken)
+        assert (taken, cut) == (read.ssml, read.cut)
+    assert (whole.left, whole.loose_left) == (steps.left, steps.loose_left)

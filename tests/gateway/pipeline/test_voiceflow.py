@@ -4,14 +4,16 @@ interact stream: state, traces mapped to items, the end, failures, a V2 conversa
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
 import pytest
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 from pydantic import SecretStr
 
@@ -23,10 +25,11 @@ from gateway.events import (
     SessionEndedEvent,
     transfer_target,
 )
+from gateway.ssml import SSML_ANSWER_MAX_CHARS
 from gateway.turn import TurnContext
 from tests.conftest import gateway
 from tests.gateway.core_app import cut_early
-from tests.gateway.pipeline.fake_voiceflow import API_KEY
+from tests.gateway.pipeline.fake_voiceflow import API_KEY, trace
 from tests.gateway.turns import (
     ctx,
     engine,
@@ -266,6 +269,115 @@ async def test_a_speak_message_with_ssml_is_an_ssml_item_with_its_words_as_text(
     # a sound alone: an audio item, as a speak of type audio (before: SSML, no text or audio)
     assert got[-1] == ResponseItem(audio="https://cdn.example.com/chime.mp3")
     await conv.pipeline.aclose()
+
+
+_MUCH_SSML: dict[str, Callable[[int], str]] = {
+    # not well-formed (unclosed tags, read leniently: pure Python)
+    "unclosed": lambda i: f"<speak>Word{i}. " + "<emphasis>" * 3_000 + "</speak>",
+    # well-formed, 3,700 elements (parsed up to three times)
+    "elements": lambda i: f"<speak>Word{i}. " + "<break/>" * 3_700 + "</speak>",
+}
+"""Messages of 30 KB of SSML each (``Word<i>.`` and markup)."""
+
+
+async def _loop_time(conv: Conversation, said: str) -> tuple[float, list[ResponseItem]]:
+    """The time the event loop (this test's: it serves the fake runtime and runs the
+    turn) was held while ``conv`` answered ``said``: what a ticker of 5 ms lost, all its
+    gaps together; and the turn's items."""
+    gaps: list[float] = []
+
+    async def tick() -> None:
+        last = time.perf_counter()
+        while True:
+            await asyncio.sleep(0.005)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    ticker = asyncio.create_task(tick())
+    await asyncio.sleep(0.02)
+    try:
+        events = await conv.turn(ctx(), Input.of(said)).collect()
+        await asyncio.sleep(0.02)  # (the gap over the turn's last work, recorded)
+    finally:
+        ticker.cancel()
+    return sum(max(0.0, gap - 0.005) for gap in gaps), items(events)
+
+
+@pytest.mark.parametrize("shape", sorted(_MUCH_SSML))
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_answer_of_much_ssml_is_read_up_to_a_bound_per_turn(
+    voiceflow: tuple[str, FastAPI], stream: bool, shape: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The SSML of one turn's ``speak`` messages is read up to one bound for the whole
+    answer (gateway.ssml.SsmlBound, as the webhooks and the Voiceflow socket read theirs:
+    SSML_ANSWER_MAX_CHARS, 64 KiB, in order; of SSML not well-formed, read leniently,
+    LOOSE_ANSWER_MAX_CHARS), before it is parsed, so a turn of 30 messages of 30 KB of
+    SSML (900 KB, within GATEWAY_PIPELINE_MAX_RESPONSE_BYTES) holds the event loop
+    (every connection's) about as long as a turn of 2 such messages and 28 of plain
+    text (measured in the same run, so a loaded machine does not fail it); before, 8 to
+    15 times as long (1 to 2 s here: each message parsed whole up to three times and
+    read leniently whole). The first messages' words are said
+    (the message at the bound its words read leniently, its markup lost), the later
+    SSML-only ones give no item but for their ``src``; the text after them is said; one
+    WARNING says the answer was cut."""
+    url, app = voiceflow
+    make = _MUCH_SSML[shape]
+    late = "https://cdn.example.com/late.mp3"
+
+    def answer(ssml: int) -> list[dict[str, Any]]:
+        """30 messages of 30 KB, the first ``ssml`` of SSML, the others of plain text."""
+        speaks = [
+            trace(
+                "speak",
+                {
+                    "type": "message",
+                    "message": make(i) if i < ssml else f"Plain{i}. " + "word " * 6_000,
+                    **({"src": late} if i == 29 else {}),
+                },
+            )
+            for i in range(30)
+        ]
+        return [*speaks, trace("text", {"message": "The end."})]
+
+    @app.post("/much/{rest:path}")
+    async def much(rest: str, request: Request) -> Any:
+        body = await request.json()
+        traces = answer(2 if body["action"].get("payload") == "two" else 30)
+        if not rest.endswith("/stream"):
+            return traces
+
+        async def events() -> AsyncIterator[bytes]:
+            for t in traces:
+                yield f"event: trace\ndata: {json.dumps(t)}\n\n".encode()
+            yield b"event: end\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    conv = vf_engine(f"{url}/much", stream)
+    baselines: list[float] = []
+    helds: list[float] = []
+    with caplog.at_level(logging.WARNING, logger="gateway.pipeline.voiceflow"):
+        for _ in range(3):  # (the least of three of each: a hiccup of the machine is not it)
+            baseline, two = await _loop_time(conv, "two")
+            held, got = await _loop_time(conv, "thirty")
+            baselines.append(baseline)
+            helds.append(held)
+    await conv.pipeline.aclose()
+    assert min(helds) < 3 * min(baselines) + 0.05, (helds, baselines)  # ~1x; before 8-15x
+    assert [i.text for i in two[:2]] == ["Word0.", "Word1."]
+    assert got[:2] == two[:2]  # within the bound, as before (the SSML of the first kept)
+    assert got[0].ssml == make(0)
+    # the message at the bound: its words read leniently if the lenient bound is left
+    # (none for unclosed tags: the first two took it), its markup lost; later ones
+    # only their src; the text after them
+    cut = [ResponseItem(text="Word2.")] if shape == "elements" else []
+    assert got[2:] == [*cut, ResponseItem(audio=late), ResponseItem(text="The end.")]
+    assert sum(len(i.ssml or "") for i in got) <= SSML_ANSWER_MAX_CHARS
+    lines = [r.getMessage() for r in caplog.records if "more SSML than one" in r.getMessage()]
+    assert len(lines) == 3, lines  # one a turn of thirty (none for two: within the bound)
+    assert "a message cut there (its words said, its markup left out)" in lines[0]
+    assert "the SSML of 27 later messages left out" in lines[0]
 
 
 @pytest.mark.parametrize(
