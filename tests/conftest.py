@@ -275,32 +275,6 @@ async def gateway_answering(
         yield client
 
 
-@contextlib.asynccontextmanager
-async def loop_gaps(period_s: float = 0.01) -> AsyncIterator[list[float]]:
-    """Watch this event loop while the block runs. Yields the gaps (seconds) between the
-    ticks of a ticker on the loop that sleeps ``period_s`` (10 ms) at a time, filled in as
-    it ticks: a server served on this loop (:func:`serve`, :func:`gateway`) whose work
-    holds the loop up shows as a long gap, ``max(gaps)`` the longest stall. The ticker is
-    stopped when the block ends."""
-    gaps: list[float] = []
-
-    async def tick() -> None:
-        last = time.perf_counter()
-        while True:
-            await asyncio.sleep(period_s)
-            now = time.perf_counter()
-            gaps.append(now - last)
-            last = now
-
-    ticker = asyncio.create_task(tick())
-    try:
-        yield gaps
-    finally:
-        ticker.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await ticker
-
-
 class _ErrorRecorder(logging.Handler):
     """Collects ERROR records of the server's loggers (not the test client's)."""
 
