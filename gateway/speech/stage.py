@@ -628,12 +628,17 @@ class SpeechStage:
 
         Raises what :meth:`start` raises, AudioLimitExceeded, AudioFormatError,
         RecognitionError. The recognition stream is cancelled on every way out
-        without a result.
+        without a result: the stream of the utterance it ran, also when the next one was
+        opened (:meth:`listen`) before it got there (its task cancelled and not awaited:
+        Flowstorm V1's typed input on a Duplex stream), which it leaves as it is.
         """
         generation = self._generation
+        stream: RecognitionStream | None = None  # the utterance's, once opened
+        ended = False  # the utterance has its result (its stream finished or cancelled)
         try:
             if self._onset_preroll_ms is None:
                 await self.start()
+                stream = self._stream if generation == self._generation else stream
             while not self.done and not self._stopped and generation == self._generation:
                 item = await self._next()
                 if item is None:
@@ -643,11 +648,19 @@ class SpeechStage:
                     continue
                 if not item.finish:
                     await self.start()  # (opened already, or at the voice onset)
-                for heard in await self._process(item):
+                    stream = self._stream if generation == self._generation else stream
+                events = await self._process(item)
+                ended = ended or (generation == self._generation and self.done)
+                for heard in events:
                     await report(heard)
         finally:
-            if not self.done and generation == self._generation:
-                await asyncio.shield(self.cancel())
+            if generation != self._generation:
+                if stream is not None and not ended:  # the next utterance is left as it is
+                    await asyncio.shield(stream.cancel())
+            elif not self.done:
+                # what to drop is read now, not when the shielded task begins (a loop turn
+                # later: the next utterance may have been opened by then)
+                await asyncio.shield(self._drop(generation, self._stream))
 
     async def _next(self) -> _Item | Heard | None:
         """The next batch to recognise; ``idle`` once after ``idle_timeout_ms`` without
@@ -822,9 +835,15 @@ class SpeechStage:
         A release can take a while (a recognizer's waits for the decoding it is doing): an
         utterance opened meanwhile (:meth:`listen`, a Duplex stream's next one: the caller
         need not wait for this) is left as it is."""
-        generation = self._generation
-        if self._stream is not None and not self.done:
-            await self._stream.cancel()
+        await self._drop(self._generation, self._stream)
+
+    async def _drop(self, generation: int, stream: RecognitionStream | None) -> None:
+        """:meth:`cancel` of the utterance ``generation`` (``_generation`` when it was
+        open), ``stream`` its recognition stream then (None: none was opened): that stream
+        is released, and the stage's state is touched only while that utterance is still
+        the open one (checked again after the release)."""
+        if stream is not None and (generation != self._generation or not self.done):
+            await stream.cancel()
         if generation != self._generation:
             return  # (its own stream was released: the one it had when called)
         self.cancelled = True

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
 from gateway.speech.audio import AudioFormat, Pcm, pcm_to_mulaw, resample, silence
 from gateway.speech.stage import ListenOptions, SpeechStage
 from gateway.speech.stt import PocketsphinxRecognizer
@@ -442,3 +444,53 @@ async def test_an_utterance_opened_while_the_one_before_is_released_is_left_as_i
     assert dropped.cancelled()
     assert [h.kind for h in heard] == ["final"]  # before: none, the run ended cancelled
     assert wer([("tell me about this place", normalise(heard[0].text))]) <= 0.34
+
+
+@pytest.mark.parametrize("turns", [0, 1])
+async def test_an_utterance_opened_as_soon_as_the_one_before_is_dropped_frees_its_recognizer(
+    corpus: dict[str, Pcm], turns: int
+) -> None:
+    """The caller of a dropped utterance need not wait for its release (SpeechStage.cancel;
+    Flowstorm V1's typed input on a Duplex stream cancels the utterance's run and goes on):
+    the next utterance may be opened on the stage at once, before the cancelled run has
+    taken a step. The run then released nothing (its generation was no longer the
+    stage's), so the dropped utterance's recognizer was never given back (with one
+    decoder, no later utterance ever got one), and a release that began a loop turn later
+    read the next utterance's state and marked it cancelled. Now the dropped stream is
+    released and the next utterance recognised."""
+    recognizer = PocketsphinxRecognizer(max_streams=1, isolation="thread", queue_wait_s=10)
+    try:
+        opening = _SlowRelease(recognizer, release_s=0.0)  # (tells when a stream is open)
+        stage = SpeechStage(opening, PCM16, ListenOptions(interim=False))  # type: ignore[arg-type]
+        speech = resample(padded(corpus["tell me about this place"]), 16000).data
+        chunk = PCM16.bytes_for_ms(100)
+        stage.listen()
+        dropped = asyncio.create_task(stage.run(_nothing))
+        await stage.put(speech[: chunk * 10])
+        gate = recognizer._gate()
+        async with asyncio.timeout(30):
+            await opening.opened.wait()  # its recognition stream is open: the one decoder
+        assert gate.held == 1
+        await asyncio.sleep(1.0)  # it recognised what it had: it waits for more audio
+        stage.stop()
+        dropped.cancel()  # not awaited: the next utterance is opened at once
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        stage.listen()
+        heard: list[Heard] = []
+
+        async def report(event: Heard) -> None:
+            heard.append(event)
+
+        run = asyncio.create_task(stage.run(report))
+        for i in range(0, len(speech), chunk):
+            await stage.put(speech[i : i + chunk])
+        stage.finish_soon()
+        await asyncio.wait_for(run, 30)  # before: RecognizerBusy (0: never freed), no result (1)
+        await asyncio.gather(dropped, return_exceptions=True)
+        assert dropped.cancelled()
+        assert [h.kind for h in heard] == ["final"]
+        assert wer([("tell me about this place", normalise(heard[0].text))]) <= 0.34
+        assert gate.held == 0  # both streams given back
+    finally:
+        await recognizer.aclose()
