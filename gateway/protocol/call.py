@@ -260,6 +260,7 @@ from gateway.events import (
     ErrorEvent,
     Input,
     ResponseEvent,
+    ResponseItem,
     ResponseItemEvent,
     TurnEvent,
     is_command,
@@ -277,6 +278,7 @@ from gateway.protocol.actions import (
 from gateway.speech.audio import AudioFormat, Pcm, decode_wav, mulaw_to_pcm
 from gateway.speech.endofturn import BACKCHANNELS, content_words
 from gateway.speech.types import TtsRequest
+from gateway.ssml import loose_text, ssml_to_text
 from gateway.turn import TurnContext, TurnRejected
 
 CLOSE_NORMAL: Final = 1000
@@ -729,6 +731,23 @@ class Playout:
             unheard += [rest] if rest else []
         self.reset()
         return " ".join(heard), " ".join(unheard)
+
+
+def spoken_words(item: ResponseItem) -> str:
+    """The words of ``item`` the caller hears, as :class:`Playout` counts them (issue 16):
+    its text (stripped) or, when it has none, the words of its ``ssml`` (the speech says
+    its SSML: :func:`gateway.ssml.ssml_to_text`, or :func:`gateway.ssml.loose_text` for
+    SSML that is not well-formed, as :func:`gateway.ssml.display_text` shows them); ``""``
+    for a command item (:func:`gateway.events.is_command`: no speech) or one with neither.
+    Never raises. Before, an item with ``ssml`` and no text counted as ``""``: its words
+    were in neither ``heard`` nor ``unheard`` after an interruption."""
+    if is_command(item):
+        return ""
+    text = (item.text or "").strip()
+    if text or not item.ssml:
+        return text
+    words = ssml_to_text(item.ssml)
+    return loose_text(item.ssml) if words is None else words
 
 
 def _join(older: str, newer: str, max_chars: int) -> tuple[str, int]:
@@ -2141,8 +2160,7 @@ class CarrierCall:
         if isinstance(event, ResponseItemEvent) and self.transfer is None:
             target = transfer_target(event.response_item)
             if not turn.discarded:
-                item = event.response_item  # a command says nothing (is_command)
-                self.playout.item("" if is_command(item) else (item.text or "").strip())
+                self.playout.item(spoken_words(event.response_item))
             # what follows it in the turn is not played. The core's transfer stands when
             # the caller cut the turn off before this item came (module doc step 7), as it
             # does once it came: not a race with the synthesis of the announcement before

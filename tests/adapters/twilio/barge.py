@@ -48,10 +48,17 @@ BACKCHANNELS = ("uh-huh", "yeah", "mm hmm", "okay")
 INTERRUPTION = "wait, I want to change my order"
 
 
-def shop_core() -> FastAPI:
-    """A user core (webhook contract, gateway/pipeline/http.py): ``#intro`` -> :data:`GREETING`;
-    anything else -> "You said: ...". Request bodies are kept in ``app.state.requests``,
-    when each came (``time.monotonic()``) in ``app.state.request_times``."""
+def greeting_item(text: str, *, ssml: bool = False) -> dict[str, str]:
+    """One item of the greeting as the core answers it: ``{"text"}``, or with ``ssml``
+    ``{"ssml": "<speak>...</speak>"}`` alone (a core that answers in SSML only)."""
+    return {"ssml": f"<speak>{text}</speak>"} if ssml else {"text": text}
+
+
+def shop_core(*, ssml: bool = False) -> FastAPI:
+    """A user core (webhook contract, gateway/pipeline/http.py): ``#intro`` -> :data:`GREETING`
+    (with ``ssml``: as SSML items without text, :func:`greeting_item`); anything else ->
+    "You said: ...". Request bodies are kept in ``app.state.requests``, when each came
+    (``time.monotonic()``) in ``app.state.request_times``."""
     app = FastAPI()
     app.state.requests = []
     app.state.request_times = []
@@ -62,19 +69,20 @@ def shop_core() -> FastAPI:
         app.state.requests.append(turn)
         app.state.request_times.append(time.monotonic())
         text = turn["input"]["transcript"]["text"]
-        texts = GREETING if text == "#intro" else (f"You said: {text}",)
-        return JSONResponse({"items": [{"text": t} for t in texts]})
+        if text == "#intro":
+            return JSONResponse({"items": [greeting_item(t, ssml=ssml) for t in GREETING]})
+        return JSONResponse({"items": [{"text": f"You said: {text}"}]})
 
     return app
 
 
 @asynccontextmanager
 async def shop_call(
-    speech: SpeechService, **overrides: Any
+    speech: SpeechService, *, ssml: bool = False, **overrides: Any
 ) -> AsyncIterator[tuple[Served, FastAPI, TwilioHarness]]:
-    """A gateway on the shop core, paced as Twilio is (60 ms ahead), and a call on it
-    played at real time both ways."""
-    core = shop_core()
+    """A gateway on the shop core (its greeting in SSML with ``ssml``), paced as Twilio is
+    (60 ms ahead), and a call on it played at real time both ways."""
+    core = shop_core(ssml=ssml)
     async with (
         serve(core) as core_url,
         twilio_gateway(
@@ -194,12 +202,14 @@ async def backchannels_call(
     return run
 
 
-async def greeting_frames(speech: SpeechService) -> int:
-    """The media frames of :data:`GREETING` as a call says it (synthesized now: the calls
-    then find it in the TTS cache, as they would after the first caller)."""
+async def greeting_frames(speech: SpeechService, *, ssml: bool = False) -> int:
+    """The media frames of :data:`GREETING` (its SSML items with ``ssml``) as a call says
+    it (synthesized now: the calls then find it in the TTS cache, as they would after the
+    first caller)."""
     frames = 0
     for text in GREETING:
-        _, audio = await speech.voice_item(ResponseItem(text=text), TTS)
+        item = ResponseItem.model_validate(greeting_item(text, ssml=ssml))
+        _, audio = await speech.voice_item(item, TTS)
         frames += math.ceil(len(audio or b"") / FRAME)
     return frames
 
@@ -243,14 +253,15 @@ async def interruption_call(
     after_s: float = 1.5,
     answer: bool = True,
     last_word: str = "",
+    ssml: bool = False,
     **overrides: Any,
 ) -> InterruptionRun:
-    """Interrupt the greeting ``after_s`` into it with ``audio``; wait for the core's
-    input it makes (``answer`` False: only for the clear), until the inputs after the
-    intro hold ``last_word`` ("": the first input is enough). ``overrides``: gateway
-    settings."""
-    await greeting_frames(speech)
-    async with shop_call(speech, **overrides) as (_, core, call):
+    """Interrupt the greeting (its SSML items with ``ssml``) ``after_s`` into it with
+    ``audio``; wait for the core's input it makes (``answer`` False: only for the clear),
+    until the inputs after the intro hold ``last_word`` ("": the first input is enough).
+    ``overrides``: gateway settings."""
+    await greeting_frames(speech, ssml=ssml)
+    async with shop_call(speech, ssml=ssml, **overrides) as (_, core, call):
         await call.wait_for(lambda: bool(call.media_frames()), within_s=20)
         await asyncio.sleep(after_s)
         said = call.say(audio)

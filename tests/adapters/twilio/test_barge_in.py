@@ -45,6 +45,7 @@ from gateway.protocol.call import (
     Playout,
     ResumePlayback,
     State,
+    spoken_words,
 )
 from gateway.settings import Settings
 from gateway.speech.endofturn import content_words
@@ -496,6 +497,66 @@ def test_heard_counts_an_item_with_ssml_whose_text_begins_with_a_hash() -> None:
         HEARD: "#1 hit",
         UNHEARD: "Second sentence here.",
     }
+
+
+@pytest.mark.parametrize(
+    "ssml",
+    [
+        '<speak>Tom &amp; Jerry <break time="300ms"/>are <emphasis>here</emphasis>.</speak>',
+        "<speak>Tom & Jerry are <emphasis>here.</speak>",  # not well-formed: read leniently
+    ],
+)
+def test_heard_counts_an_item_of_ssml_without_text(ssml: str) -> None:
+    """An item with ``ssml`` and no text is speech (its SSML is said): its words (those
+    gateway.ssml reads, as on a screen) are what the caller heard. Before, the call
+    counted its text, none: ``heard`` was empty though its audio had played."""
+    call = started()
+    assert call.turn_event(ResponseItemEvent(response_item=ResponseItem(ssml=ssml))) == []
+    [play] = call.turn_event(BinaryEvent(data=SECOND))
+    assert isinstance(play, Play)
+    say_item(call, "Second sentence here.", SECOND * 2)
+    turn = interrupted_in_the_second_item(call)
+    assert turn.input.attributes == {
+        INTERRUPTED: True,
+        HEARD: "Tom & Jerry are here.",
+        UNHEARD: "Second sentence here.",
+    }
+
+
+def test_an_item_of_ssml_without_text_cut_off_is_split_at_its_words() -> None:
+    """The item of SSML playing at the cut is split as a text item is: the whole words of
+    the share of its words' characters its played audio covers (its Response not come,
+    it is still taken to last at least 60 ms a character, Playout: 360 ms of 63 x 60 ms
+    is 6 characters, "One tw", so "One"), the rest unheard. Before, neither held any of
+    its words."""
+    call = started()
+    say_item(call, "First sentence.", SECOND)
+    ssml = (
+        '<speak>One two <break time="1s"/>three four five <s>six seven eight</s> '
+        "nine ten eleven twelve.</speak>"
+    )
+    assert call.turn_event(ResponseItemEvent(response_item=ResponseItem(ssml=ssml))) == []
+    [play] = call.turn_event(BinaryEvent(data=SECOND * 2))
+    assert isinstance(play, Play)
+    turn = interrupted_in_the_second_item(call)
+    assert turn.input.attributes == {
+        INTERRUPTED: True,
+        HEARD: "First sentence. One",
+        UNHEARD: "two three four five six seven eight nine ten eleven twelve.",
+    }
+
+
+def test_the_words_of_an_item_said_or_not() -> None:
+    """:func:`spoken_words`: the text whenever there is one (``#1 hit`` with SSML too),
+    else the SSML's words; none for a command or an item with neither."""
+    assert spoken_words(ResponseItem(text="  Hello there. ", ssml="<speak>Hi</speak>")) == (
+        "Hello there."
+    )
+    assert spoken_words(ResponseItem(text="#1 hit", ssml="<speak>#1 hit</speak>")) == "#1 hit"
+    assert spoken_words(ResponseItem(text=" ", ssml="<speak>Hi <desc>x</desc></speak>")) == "Hi"
+    assert spoken_words(ResponseItem(ssml="<speak>a < b</speak>")) == "a < b"
+    assert spoken_words(ResponseItem(text="#volume", code="up")) == ""
+    assert spoken_words(ResponseItem()) == ""
 
 
 # ------------------------------------------------------------------ words and settings

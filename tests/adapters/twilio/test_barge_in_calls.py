@@ -99,3 +99,24 @@ async def test_a_real_interruption_silences_the_bot_while_the_caller_speaks_and_
     assert whole.startswith(heard), attributes
     assert len(heard) < len(GREETING[0]), attributes
     assert f"{heard} {unheard}" == whole, attributes
+
+
+async def test_an_interrupted_greeting_of_ssml_without_text_says_what_was_heard(
+    speech: SpeechService, piper: PiperSynthesizer
+) -> None:
+    """A core that answers in SSML items only (no ``text``): the input after the
+    interruption says which of their words the caller heard, and the rest, as for text
+    items. Before, an item without text counted no words: ``heard`` and ``unheard`` were
+    both empty though the greeting's audio had played."""
+    interruption = await spoken(piper, INTERRUPTION)
+    run = await interruption_call(speech, interruption, after_s=1.5, ssml=True)
+    assert run.clear_s < 3.0, run
+    attributes = run.attributes
+    assert attributes[INTERRUPTED] is True, attributes
+    whole = " ".join(GREETING)
+    heard, unheard = attributes[HEARD], attributes[UNHEARD]
+    # 1.5 s into the greeting: its first words, not the first item whole
+    assert heard, attributes
+    assert whole.startswith(heard), attributes
+    assert len(heard) < len(GREETING[0]), attributes
+    assert f"{heard} {unheard}" == whole, attributes
