@@ -26,7 +26,10 @@ pieces of one answer back to back, only its end padded: :class:`ExotelCodec`),
 
 Audio: raw 16-bit little-endian mono (``audio/x-raw``, "slin"), 8 kHz by default
 (16 or 24 kHz by the URL's ``sample-rate``); the beta extension's ``audio/x-mulaw`` is
-taken too, at 8 kHz only (G.711: a μ-law start at another rate is refused, 1003).
+taken too, at 8 kHz only (G.711: a μ-law start at another rate is refused, 1003). The
+rate is the start's own statement (``media_format.sample_rate`` or the encoding's
+``;rate=``, which must agree), else the URL's ``sample-rate``, else 8000 Hz
+(:func:`start_format`).
 Byte order: Exotel's "Working with the Stream and Voicebot Applet"
 (https://developer.exotel.com/docs/agentstream/stream-voicebot-applet, "Audio Format")
 says "All audio payloads are sent as raw/slin (16-bit, 8kHz, mono PCM little-endian)
@@ -104,6 +107,81 @@ def media_format(encoding: str, sample_rate: int) -> MediaFormat:
     )
 
 
+def stated_rate(encoding: str) -> int | None:
+    """The ``rate`` parameter of an Exotel ``media_format.encoding`` (the extension's
+    ``audio/L16;rate=16000``, ``audio/x-mulaw;rate=8000``) in Hz; None without one.
+
+    Parameter names are case-insensitive, a value may be quoted (RFC 9110 section 5.6.6).
+    Raises UnsupportedMediaFormat for a rate that is no whole number of Hz, or stated
+    twice differently.
+    """
+    rates: set[int] = set()
+    for param in encoding.split(";")[1:]:
+        name, _, value = param.partition("=")
+        if name.strip().lower() != "rate":
+            continue
+        digits = value.strip().strip('"')
+        if not (digits.isascii() and digits.isdigit() and len(digits) <= 9):
+            raise UnsupportedMediaFormat(
+                f"Unsupported Exotel encoding {clipped(encoding)}: its rate is no "
+                "whole number of Hz"
+            )
+        rates.add(int(digits))
+    if len(rates) > 1:
+        raise UnsupportedMediaFormat(
+            f"Unsupported Exotel encoding {clipped(encoding)}: it states two rates"
+        )
+    return rates.pop() if rates else None
+
+
+def url_rate(value: str | None) -> int | None:
+    """The stream URL's ``sample-rate`` query parameter (``8000|16000|24000``, CARRIERS.md
+    "Exotel": the rate the applet streams raw/slin at) in Hz; None when the URL has none.
+
+    Raises UnsupportedMediaFormat for a value that is no whole number of Hz (the rate
+    itself is checked by :func:`media_format`).
+    """
+    if value is None:
+        return None
+    digits = value.strip()
+    if not (digits.isascii() and digits.isdigit() and len(digits) <= 9):
+        raise UnsupportedMediaFormat(
+            f"Unsupported sample-rate {clipped(value)} of the Exotel stream URL: expected "
+            + ", ".join(map(str, RAW_RATES[:-1]))
+            + f" or {RAW_RATES[-1]}"
+        )
+    return int(digits)
+
+
+def start_format(
+    encoding: str, sample_rate: int | None, url_sample_rate: str | None = None
+) -> MediaFormat:
+    """The wire format of a start's ``media_format`` (``encoding``, ``sample_rate`` Hz or
+    None when missing) on a stream whose URL has ``sample-rate=url_sample_rate`` (or None).
+
+    The rate is the start's own statement: ``sample_rate``, or the encoding's ``rate``
+    parameter (:func:`stated_rate`); both must agree. Without either, the URL's
+    ``sample-rate`` (what the applet was told to stream at), else 8000 Hz (Exotel's
+    default). Raises UnsupportedMediaFormat (the call engine closes the stream 1003) for a
+    rate or encoding :func:`media_format` refuses, or a ``sample_rate`` and ``rate``
+    parameter that disagree.
+    """
+    named = stated_rate(encoding)
+    if sample_rate is not None:
+        fmt = media_format(encoding, sample_rate)
+        if named is not None and named != sample_rate:
+            media_format(encoding, named)  # an unsupported rate is named as such first
+            raise UnsupportedMediaFormat(
+                f"Exotel's start disagrees on its sample rate: media_format.sample_rate "
+                f"{sample_rate} Hz, encoding {clipped(encoding)}"
+            )
+        return fmt
+    if named is not None:
+        return media_format(encoding, named)
+    from_url = url_rate(url_sample_rate)
+    return media_format(encoding, 8000 if from_url is None else from_url)
+
+
 def _check_chunk(chunk_bytes: int) -> None:
     """Raises ValueError for a ``chunk_bytes`` outside Exotel's chunk rule."""
     if chunk_bytes % CHUNK_UNIT or not MIN_CHUNK <= chunk_bytes <= MAX_CHUNK:
@@ -158,6 +236,7 @@ class ExotelCodec(JsonCarrierCodec):
 
     ``chunk_ms``: audio per outbound ``media`` message (200 ms: 3200 bytes at 8 kHz,
     the smallest chunk Exotel takes); the byte size is rounded to the chunk rule.
+    ``url_sample_rate``: the stream URL's ``sample-rate`` (:func:`start_format`).
 
     The call engine sends each piece of an answer with :meth:`carry` (whole chunks; the
     rest, under 320 bytes, or all of what is held when under 3.2 KB, held back for the
@@ -170,9 +249,12 @@ class ExotelCodec(JsonCarrierCodec):
     title: str = "Exotel"
     realtime: bool = False
 
-    def __init__(self, chunk_ms: int = 200) -> None:
+    def __init__(self, chunk_ms: int = 200, url_sample_rate: str | None = None) -> None:
         super().__init__(frame_ms=0)
         self.chunk_ms = chunk_ms
+        self.url_sample_rate = url_sample_rate
+        """The stream URL's ``sample-rate`` query parameter as sent (None: the URL has
+        none): the rate of a start that states none itself (:func:`start_format`)."""
         self.held = b""
         """Wire audio held back by :meth:`carry` (less than a chunk), sent by the next
         :meth:`carry` or :meth:`flush`, dropped by :meth:`clear`."""
@@ -202,10 +284,10 @@ class ExotelCodec(JsonCarrierCodec):
         start = get_object(frame, "start", where)
         fmt_obj = get_object(start, "media_format", where)
         bits = get_int(fmt_obj, "bit_rate", where)
-        rate = get_int(fmt_obj, "sample_rate", where)  # missing: 8000; 0 is unsupported
-        fmt = media_format(
+        fmt = start_format(
             get_str(fmt_obj, "encoding", where, default="audio/x-raw"),
-            8000 if rate is None else rate,
+            get_int(fmt_obj, "sample_rate", where),  # 0 is unsupported
+            self.url_sample_rate,
         )
         if fmt.encoding == "L16" and bits not in (None, 16):
             raise UnsupportedMediaFormat(f"Unsupported Exotel audio: {bits}-bit samples")

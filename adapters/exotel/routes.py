@@ -2,9 +2,10 @@
 
 Spec: shared/specs/CARRIERS.md "Exotel". There is no answer document: the Voicebot applet of
 an App Bazaar flow points at ``wss://KEY:TOKEN@<public host>/exotel/stream``
-(``?sample-rate=8000|16000``, up to 3 custom query parameters such as ``appKey``, which
-Exotel also gives in the start's ``custom_parameters``: the URL's ``appKey`` is taken, the
-start's only when the URL has none), and Exotel presents the credentials as ``Authorization:
+(``?sample-rate=8000|16000|24000``: the rate of a start that states none, given to the
+codec; up to 3 custom query parameters such as ``appKey``, which Exotel also gives in the
+start's ``custom_parameters``: the URL's ``appKey`` is taken, the start's only when the
+URL has none), and Exotel presents the credentials as ``Authorization:
 Basic`` on the upgrade, checked by :class:`~adapters.exotel.verify.ExotelVerifier` against
 GATEWAY_EXOTEL_API_KEY / GATEWAY_EXOTEL_API_TOKEN: refused before the upgrade (HTTP 403)
 otherwise, and when they are unset. The stream (``connected``, ``start``, ``media``,
@@ -84,8 +85,9 @@ async def stream(websocket: WebSocket) -> None:
 
     if not await admit(websocket, "Exotel", check()):
         return
+    codec = ExotelCodec(url_sample_rate=websocket.query_params.get("sample-rate"))
     runner = CallRunner(
-        websocket, gw, ExotelCodec(), call_config(gw.settings, CHANNEL), calls=channel.calls
+        websocket, gw, codec, call_config(gw.settings, CHANNEL), calls=channel.calls
     )
     app_key = websocket.query_params.get("appKey")
     if app_key:  # the URL's, over a custom parameter of the start (module doc)

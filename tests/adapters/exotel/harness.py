@@ -12,7 +12,7 @@ import contextlib
 import json
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 from pydantic import SecretStr
@@ -34,6 +34,12 @@ class ExotelHarness(CarrierHarness):
     """Exotel's Voicebot stream (module doc)."""
 
     rate = 8000
+    media_format: ClassVar[dict[str, str]] = {
+        "encoding": "audio/x-raw",
+        "sample_rate": "8000",
+        "bit_rate": "16",
+    }
+    """The start's ``media_format``; a subclass states another (with its :attr:`rate`)."""
 
     def __init__(self, ws: Any, params: dict[str, str], **options: Any) -> None:
         super().__init__(ws, **options)
@@ -55,7 +61,7 @@ class ExotelHarness(CarrierHarness):
             "from": "09999900000",
             "to": "08000000000",
             "custom_parameters": self.params,
-            "media_format": {"encoding": "audio/x-raw", "sample_rate": "8000", "bit_rate": "16"},
+            "media_format": self.media_format,
         }
         await self.send(
             {

@@ -10,7 +10,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 import pytest
@@ -19,6 +19,7 @@ from pydantic import SecretStr
 from adapters.exotel.protocol import CHUNK_UNIT, MIN_CHUNK
 from gateway.events import ResponseItem
 from gateway.metrics import REGISTRY
+from gateway.speech.audio import Pcm
 from gateway.speech.service import SpeechService
 from tests.adapters.carriers import (
     OVERSIZED_PARAMS,
@@ -30,6 +31,10 @@ from tests.adapters.carriers import (
 from tests.adapters.exotel.harness import CARRIER, KEY, TOKEN, ExotelHarness, basic
 from tests.adapters.twilio.helpers import twilio_gateway, until
 from tests.conftest import refused_port, served
+from tests.speech import normalise, wer
+
+SENTENCE = "tell me about this place"
+"""What the caller says (the corpus': tests/adapters/test_carrier_calls.py's)."""
 
 
 async def test_without_credentials_configured_every_stream_is_refused(
@@ -331,3 +336,46 @@ async def test_an_answer_s_sentences_reach_the_caller_back_to_back(
     assert wire[: len(audio)] == audio  # back to back: no silence between the pieces
     assert set(wire[len(audio) :]) <= {0}  # the padding, at the end only
     assert len(wire) - len(audio) < MIN_CHUNK
+
+
+class L16Harness(ExotelHarness):
+    """A stream of the extension's ``audio/L16;rate=16000``: the start states its rate in
+    the encoding only (no ``sample_rate``)."""
+
+    rate = 16000
+    media_format: ClassVar[dict[str, str]] = {"encoding": "audio/L16;rate=16000", "bit_rate": "16"}
+
+
+class SilentRateHarness(ExotelHarness):
+    """A 16 kHz stream whose start states no rate (``audio/x-raw``, no ``sample_rate``):
+    the URL's ``sample-rate=16000`` does."""
+
+    rate = 16000
+    media_format: ClassVar[dict[str, str]] = {"encoding": "audio/x-raw"}
+
+
+@pytest.mark.parametrize(
+    ("harness", "query"),
+    [(L16Harness, ""), (SilentRateHarness, "?sample-rate=16000")],
+    ids=["encoding-rate", "url-sample-rate"],
+)
+async def test_a_start_stating_its_rate_in_the_encoding_is_served_at_that_rate(
+    speech: SpeechService, corpus: dict[str, Pcm], harness: type[ExotelHarness], query: str
+) -> None:
+    """A start of ``audio/L16;rate=16000`` without ``sample_rate`` (CARRIERS.md
+    "Exotel", the extension's formats), or of no rate at all on a URL of
+    ``sample-rate=16000``, is served at 16 kHz: the bot's audio goes out in chunks of
+    200 ms at 16 kHz (6400 bytes) and lasts as long as the intro's speech, and the
+    caller's 16 kHz speech is recognised. It was read as 8 kHz: 3200-byte chunks, and
+    the caller's audio decoded at half its rate (not recognised)."""
+    async with CARRIER.gateway(speech) as (gw, _):
+        url = f"ws://{urlsplit(gw.url).netloc}/exotel/stream{query}"
+        async with harness.opened(url, {"appKey": "exotel"}, headers=basic()) as call:
+            await gw.wait_answers(call, 1)
+            frames = call.media_frames()
+            assert len(frames[0].payload) == 6400  # 200 ms of 16 kHz PCM16
+            assert 3.0 < call.seconds(frames) < 9.0  # the intro's two sentences, at 16 kHz
+            call.say(corpus[SENTENCE])
+            await gw.wait_turns(2)
+            heard = gw.core.turns[1][0]
+            assert wer([(SENTENCE, normalise(heard))]) <= 0.34, heard

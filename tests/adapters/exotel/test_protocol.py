@@ -240,6 +240,100 @@ def test_a_format_exotel_does_not_send_is_refused(encoding: str, rate: str, name
         assert event.media_format == MediaFormat("L16", int(good))
 
 
+def start_of(media_format: dict[str, str]) -> str:
+    value = json.loads(START)
+    value["start"]["media_format"] = media_format
+    return json.dumps(value)
+
+
+@pytest.mark.parametrize(
+    ("media_format", "url", "expected"),
+    [
+        ({"encoding": "audio/L16;rate=16000", "bit_rate": "16"}, None, MediaFormat("L16", 16000)),
+        ({"encoding": 'audio/L16; Rate="16000"'}, "8000", MediaFormat("L16", 16000)),
+        ({"encoding": "audio/x-raw;rate=24000"}, None, MediaFormat("L16", 24000)),
+        (
+            {"encoding": "audio/L16;rate=16000", "sample_rate": "16000"},
+            None,
+            MediaFormat("L16", 16000),
+        ),
+        ({"encoding": "audio/x-mulaw;rate=8000"}, None, MediaFormat("PCMU", 8000)),
+        ({"encoding": "audio/x-raw"}, "16000", MediaFormat("L16", 16000)),
+        ({"encoding": "audio/x-raw", "sample_rate": "8000"}, "16000", MediaFormat("L16", 8000)),
+        ({"encoding": "audio/x-raw"}, None, MediaFormat("L16", 8000)),
+    ],
+    ids=["l16-16k", "quoted", "raw-24k", "both", "mulaw", "url", "frame-over-url", "default"],
+)
+def test_the_rate_is_the_start_s_own_statement(
+    media_format: dict[str, str], url: str | None, expected: MediaFormat
+) -> None:
+    """A start without ``sample_rate`` whose encoding states its rate (the extension's
+    ``audio/L16;rate=16000``) is in that rate: it was read as 8000 Hz, its audio decoded
+    at half its rate. Without either, the stream URL's ``sample-rate`` (what the applet
+    was told to stream), else 8000 Hz."""
+    codec = ExotelCodec() if url is None else ExotelCodec(url_sample_rate=url)
+    event = codec.receive_text(start_of(media_format))
+    assert isinstance(event, Started)
+    assert event.media_format == expected
+
+
+@pytest.mark.parametrize(
+    ("media_format", "url", "named"),
+    [
+        (
+            {"encoding": "audio/L16;rate=16000", "sample_rate": "8000"},
+            None,
+            "Exotel's start disagrees on its sample rate: media_format.sample_rate 8000 Hz, "
+            "encoding 'audio/L16;rate=16000'",
+        ),
+        (
+            {"encoding": "audio/L16;rate=32000", "sample_rate": "16000"},
+            None,
+            "Unsupported sample rate 32000 Hz of Exotel's raw audio",
+        ),
+        (
+            {"encoding": "audio/x-mulaw;rate=16000"},
+            None,
+            "Unsupported sample rate 16000 Hz of Exotel's audio/x-mulaw: expected 8000",
+        ),
+        (
+            {"encoding": "audio/L16;rate=44100"},
+            "16000",
+            "Unsupported sample rate 44100 Hz of Exotel's raw audio",
+        ),
+        ({"encoding": "audio/L16;rate=16k"}, None, "its rate is no whole number of Hz"),
+        ({"encoding": "audio/L16;rate=8000;rate=16000"}, None, "it states two rates"),
+        ({"encoding": "audio/x-raw"}, "48000", "Unsupported sample rate 48000 Hz of Exotel's raw"),
+        (
+            {"encoding": "audio/x-raw"},
+            "high",
+            "Unsupported sample-rate 'high' of the Exotel stream",
+        ),
+    ],
+    ids=[
+        "disagree",
+        "param-unsupported",
+        "mulaw-16k",
+        "param-44k",
+        "16k",
+        "two",
+        "url-48k",
+        "url-word",
+    ],
+)
+def test_a_rate_stated_wrongly_is_refused(
+    media_format: dict[str, str], url: str | None, named: str
+) -> None:
+    """A start whose ``sample_rate`` and encoding ``rate`` disagree, or whose stated rate
+    is unsupported or unreadable, is UnsupportedMediaFormat (the call engine closes the
+    stream 1003) naming it; the encoding's rate was ignored."""
+    with pytest.raises(UnsupportedMediaFormat) as raised:
+        (ExotelCodec() if url is None else ExotelCodec(url_sample_rate=url)).receive_text(
+            start_of(media_format)
+        )
+    assert named in str(raised.value), str(raised.value)
+
+
 BAD_FRAMES = [
     ("{'event': 'media'}", "Malformed JSON"),
     ('"x"', "must be a JSON object"),
