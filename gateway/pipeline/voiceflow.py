@@ -75,14 +75,24 @@ answer is not taken for the whole one).
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import AsyncIterator
 from typing import Any, Final, Self
 from urllib.parse import quote
+from xml.sax.saxutils import escape
 
 import httpx
 from httpx_sse import SSEError
 
-from gateway.events import INTRO, MAX_TIMEOUT_S, SILENCE, Input, Response, ResponseItem
+from gateway.events import (
+    INTRO,
+    MAX_TIMEOUT_S,
+    SILENCE,
+    Input,
+    Response,
+    ResponseItem,
+    is_command,
+)
 from gateway.pipeline.base import PipelineConfigError, PipelineError, PipelineOutput
 from gateway.pipeline.cores import (
     DEFAULT_RETRY,
@@ -401,7 +411,9 @@ def _spoken(message: str, audio: str | None, turn: _Turn) -> list[ResponseItem]:
     answer's SSML) before it is parsed: the message at the bound
     (:data:`gateway.ssml.SSML_ANSWER_MAX_CHARS`) says its words up to it, read leniently
     (``text``; no ``ssml``: its markup is lost, and SSML cut there is no fault of the
-    core's), a later one its ``src`` alone (no item without one); of SSML that is not
+    core's; words beginning with ``#`` get an ``ssml`` of those words alone, within what
+    the bound read, :func:`_words_ssml`: else the item would be a ``#command``, neither
+    said nor shown), a later one its ``src`` alone (no item without one); of SSML that is not
     well-formed, the words up to :data:`gateway.ssml.LOOSE_ANSWER_MAX_CHARS` (the
     ``ssml`` as far as read). ``turn.cut_ssml`` counts the messages cut or left out
     (logged once per turn). Before, a turn of 30 messages of 30 KB of SSML held the
@@ -414,7 +426,12 @@ def _spoken(message: str, audio: str | None, turn: _Turn) -> list[ResponseItem]:
     if cut:  # at the answer's bound: its words up to it, its markup lost; later, none
         turn.cut_ssml += 1
         words = loose_text(bound.lenient(taken)) if taken else ""
-        return [ResponseItem(text=words or None, audio=audio)] if words or audio else []
+        if not (words or audio):
+            return []
+        item = ResponseItem(text=words or None, audio=audio)
+        if is_command(item):  # words beginning with '#' ("#1 hit"): speech all the same
+            item = item.model_copy(update={"ssml": _words_ssml(words, len(taken))})
+        return [item]
     read = read_ssml_in_text(message)
     assert read is not None  # (ssml_markup found SSML markup in it)
     ssml, spoken = read
@@ -428,6 +445,22 @@ def _spoken(message: str, audio: str | None, turn: _Turn) -> list[ResponseItem]:
     if not (words or ssml or audio):
         return []
     return [ResponseItem(text=words or None, ssml=ssml or None, audio=audio)]
+
+
+_CUT_REFERENCE = re.compile(r"&[a-z]*$")
+"""The start of a character reference cut at the end of escaped text (``&am``)."""
+
+
+def _words_ssml(words: str, room: int) -> str:
+    """A ``<speak>`` document saying ``words``, the words (read leniently) of the ``speak``
+    message at the turn's SSML bound, for when they would make a ``#command`` item
+    without SSML (:func:`gateway.events.is_command`: text beginning with ``#``): an item
+    with ``ssml`` is speech, said and shown on every channel. At most ``room`` characters
+    (what the bound read of the message: the turn's SSML stays within the bound, which
+    the channels read it up to again), the end of the words left out to fit (``text``
+    keeps them all); ``<speak></speak>`` when none fit."""
+    body = escape(words)[: max(room - len("<speak></speak>"), 0)]
+    return f"<speak>{_CUT_REFERENCE.sub('', body)}</speak>"
 
 
 def _unended_completion(turn: _Turn, why: str) -> list[ResponseItem]:

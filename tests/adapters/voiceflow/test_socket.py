@@ -2136,6 +2136,30 @@ async def test_a_word_starting_with_a_hash_in_speak_ssml_is_said(
             assert messages(traces) == ["#1 hit", "call #5"]
 
 
+async def test_the_speak_cut_at_the_ssml_bound_is_said_even_when_its_words_begin_with_a_hash(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """The ``speak`` message at the Voiceflow core's SSML bound per turn (65,536 characters
+    of its messages together, gateway/pipeline/voiceflow.py ``_spoken``) says its words read
+    up to the bound. When they begin with ``#`` (``<speak>#trending now ...``) they are
+    still speech: the socket client gets them as a ``text`` trace. Before, that item had
+    ``text`` and no ``ssml`` (its markup left out), which is the gateway's rule for a
+    ``#command`` item (gateway.events.is_command): the words were not shown nor said, and
+    the client got a custom-action trace named after them instead."""
+    filler = "<speak>" + "a <break/> " * 5_900 + "</speak>"  # 64,915 characters: 621 left
+    hashed = "<speak>#trending now. " + "more words " * 100 + "</speak>"  # cut at the bound
+    runtime = scripted_runtime({"much": [speak(filler), speak(hashed)]})
+    async with voiceflow_core(runtime, redis_url=redis_url, redis_prefix=redis_prefix) as vf:
+        await vf.handshake()
+        _, traces, last = await vf.act({"type": "text", "payload": "much"})
+        assert last["status"] == "completed"
+        assert [t["type"] for t in traces] == ["text", "text"], traces
+        words = messages(traces)[1]
+        assert words.startswith("#trending now. more words more words")
+        assert len(words) < len(hashed)  # (cut at the bound)
+        await vf.nothing_more()
+
+
 class ControlsSsmlCore(WebhookCore):
     """A core that answers well-formed SSML alone holding DEL and C1 controls, literal and
     as character references (XML characters, which XML 1.0 allows)."""
