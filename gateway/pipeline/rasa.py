@@ -21,7 +21,8 @@ Message -> items (in Rasa's own order):
 - ``text`` -> an item with the text (Rasa already splits on blank lines);
 - ``buttons: [{title, payload}]`` -> the quick replies in the item's ``code``
   (gateway/pipeline/cores.py: ``{"buttons": [{"name": title, "request": {"type":
-  "text", "payload": payload}}]}``), on the text's item when both came together; an
+  "text", "payload": payload}}]}``; no payload: the title, no title: the payload, a
+  null one as none), on the text's item when both came together; an
   empty list (an ``elements`` card without buttons, sent as ``title : subtitle``) gives
   the text alone;
 - ``image`` -> an item with ``image``;
@@ -241,11 +242,7 @@ class RasaPipeline(PooledCore):
             raise PipelineError("Rasa sent buttons that are not an array")
         # an element of a carousel without buttons comes as "buttons": [] (Rasa's
         # send_elements): no quick replies, only its text
-        mapped = [
-            button(str(b.get("title", b.get("payload", ""))), _request(b))
-            for b in buttons or []
-            if isinstance(b, dict)
-        ]
+        mapped = [_button(b) for b in buttons or [] if isinstance(b, dict)]
         if mapped:
             offered.extend(mapped)
             out.append(buttons_item(mapped, text))
@@ -260,9 +257,20 @@ class RasaPipeline(PooledCore):
         return out
 
 
-def _request(b: dict[str, Any]) -> dict[str, Any]:
-    payload = b.get("payload", b.get("title", ""))
-    return {"type": "text", "payload": payload if isinstance(payload, str) else json.dumps(payload)}
+def _button(b: dict[str, Any]) -> dict[str, Any]:
+    """The quick reply of one Rasa button ``{title, payload}``: named by its title, else
+    its payload; its request the text of its payload, else its title (a payload that is
+    no string as its JSON). A null field is an absent one: Rasa leaves out only a
+    message's own null fields, so a domain's empty ``payload:`` comes as null (once sent
+    as the text ``"null"``, a null title shown as ``"None"``)."""
+    title, payload = b.get("title"), b.get("payload")
+    if payload is None:
+        payload = title if title is not None else ""
+    name = title if title is not None else payload
+    sent = payload if isinstance(payload, str) else json.dumps(payload)
+    return button(
+        name if isinstance(name, str) else json.dumps(name), {"type": "text", "payload": sent}
+    )
 
 
 def _custom(custom: Any, untargeted: UntargetedHandoffs) -> list[ResponseItem | None]:

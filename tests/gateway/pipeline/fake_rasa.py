@@ -16,7 +16,9 @@ The bot: ``/greet`` greets with two buttons; ``/mood_great``; ``my name is X`` a
 ``files`` (one ``attachment`` message each of :data:`ATTACHMENTS`);
 ``carousel`` (two elements, the second without buttons); ``bye`` (two texts then
 ``custom {"end_session": true}``); ``spoken`` (a text, then ``custom {"ssml", "text"}``);
-``badssml`` (a text, then ``custom {"ssml"}`` whose ``text`` is a number: malformed); ``stream`` (one message, then
+``badssml`` (a text, then ``custom {"ssml"}`` whose ``text`` is a number: malformed); ``nullbuttons`` (a text with two
+buttons, one whose ``payload`` is null, one whose ``title`` is: Rasa leaves out only the
+message's own null fields); ``stream`` (one message, then
 waits for ``app.state.release`` before the next); failures: ``boom`` (500), ``leak`` (403, its body the
 query's token then 5,000 characters), ``slow``
 (2 s), ``garbage`` (not JSON), ``object`` (not an array), ``badline`` (a broken NDJSON line),
@@ -176,6 +178,13 @@ def bot(app: FastAPI, sender: str, text: str) -> list[Any]:
         return [{"text": "Listen."}, {"custom": {"ssml": "<speak>Hi!</speak>", "text": 5}}]
     if lowered == "stream":
         return [{"text": "first"}, "WAIT", {"text": "second"}]
+    if lowered == "nullbuttons":  # buttons' fields null (a domain's empty `payload:`)
+        return [
+            {
+                "text": "Pick one.",
+                "buttons": [{"title": "Yes", "payload": None}, {"title": None, "payload": "/no"}],
+            }
+        ]
     if text.startswith("/"):
         return [{"text": f"intent {text[1:]}"}]
     return [{"text": f"You said: {text}"}]

@@ -186,6 +186,28 @@ async def test_carousel_elements_without_buttons_are_plain_text(
     await conv.pipeline.aclose()
 
 
+async def test_a_buttons_null_title_or_payload_is_taken_as_absent(
+    rasa: tuple[str, FastAPI],
+) -> None:
+    """Rasa removes only a message's own null fields, not a button's: a domain's empty
+    ``payload:`` comes as ``"payload": null``. That button's request was the text
+    ``"null"`` (sent to Rasa when the user said its title), and a button whose title is
+    null was named ``"None"``; now a null field is an absent one: the payload falls back
+    to the title, the name to the payload."""
+    url, app = rasa
+    conv = engine(pipeline=f"rasa+{url}")
+    got = items(await conv.turn(ctx(), Input.of("nullbuttons")).collect())
+    assert json.loads(got[0].code or "") == {
+        "buttons": [
+            {"name": "Yes", "request": {"type": "text", "payload": "Yes"}},
+            {"name": "/no", "request": {"type": "text", "payload": "/no"}},
+        ]
+    }
+    await conv.turn(ctx(), Input.of("yes")).collect()
+    assert app.state.requests[-1]["message"] == "Yes"
+    await conv.pipeline.aclose()
+
+
 async def test_stream_items_are_forwarded_as_they_arrive(rasa: tuple[str, FastAPI]) -> None:
     url, app = rasa
     conv = engine(pipeline=f"rasa+{url}")
