@@ -91,6 +91,7 @@ from gateway.pipeline.base import (
     ConnectWatch,
     Pipeline,
     PipelineError,
+    shown_seconds,
 )
 from gateway.protocol import clipped
 from gateway.redisconn import REDIS_ERRORS
@@ -930,10 +931,10 @@ class Conversation:
                 # (once it has passed, the platform heard "still working": a late turn
                 # gets its #error turn, as on a streaming channel)
                 log.warning(
-                    "no #error turn in session %s: the channel answers in %.1f s, "
+                    "no #error turn in session %s: the channel answers in %s s, "
                     "less than GATEWAY_ERROR_TURN_MIN_S (%g s)",
                     session_ref(session.key),
-                    answer_in,
+                    shown_seconds(answer_in),
                     least,
                 )
                 return ErrorEvent(text=failure, source="pipeline")
@@ -949,9 +950,9 @@ class Conversation:
                 )
             except TimeoutError:
                 log.warning(
-                    "the #error turn failed too in session %s: no answer within %.1f s",
+                    "the #error turn failed too in session %s: no answer within %s s",
                     session_ref(session.key),
-                    budget,
+                    shown_seconds(budget),
                 )
         return ErrorEvent(text=failure, source="pipeline")
 
@@ -971,7 +972,8 @@ class Conversation:
         that would end past it, while it is ahead, is not made.) When the time ran
         out while a connection to the core was being opened (:class:`ConnectWatch`: a
         GATEWAY_PIPELINE_CONNECT_TIMEOUT_S longer than the time left), the PipelineError
-        ``The core pipeline (<core>) could not be reached within <timeout_s> s.`` (to 0.1 s)
+        ``The core pipeline (<core>) could not be reached within <timeout_s> s.`` (to 0.1 s,
+        under 0.05 s to one digit: :func:`~gateway.pipeline.base.shown_seconds`)
         with ``unreachable`` instead: the core never saw the turn.
 
         Each item handed out is appended to ``items`` (a new list when None), and the
@@ -1018,7 +1020,7 @@ class Conversation:
             core = _core_name(self.pipeline, session.app_key)
             raise PipelineError(  # the connect was cut: the core never had the turn
                 f"The core pipeline{f' ({core})' if core else ''} could not be reached within "
-                f"{round(limit, 1):g} s.",  # an #error turn's is what was left: 1.2, not 1.23456
+                f"{shown_seconds(limit)} s.",  # an #error turn's is what was left: 1.2, not 1.23456
                 unreachable=True,
             ) from None
         finally:

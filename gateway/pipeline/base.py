@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import AsyncIterator, Callable
 from contextvars import ContextVar
@@ -36,6 +37,18 @@ Once it has passed (the platform heard "still working") it bounds nothing else (
 that has its lock runs on): the pipeline's own
 timeout is GATEWAY_TURN_TIMEOUT_S either way, and a late turn goes on within it as on a
 streaming channel (its retry, its ``#error`` turn) and saves the session."""
+
+
+def shown_seconds(seconds: float) -> str:
+    """``seconds`` (s, 0 or more) as a message gives a time, without its unit: to 0.1 s
+    (``1``, ``2.5``, ``3600``; ``1.2`` for 1.23456), but a time under 0.05 s other than
+    0 to one significant digit (``0.04``, ``0.003``: rounded it was ``0``, a limit or a
+    wait no one set); ``forever`` for ``math.inf``. Pure; never raises."""
+    if math.isinf(seconds):
+        return "forever"
+    if 0 < abs(seconds) < 0.05:
+        return f"{seconds:.1g}"
+    return f"{round(seconds, 1):g}"
 
 
 class ConnectWatch:

@@ -73,6 +73,7 @@ from gateway.pipeline.base import (
     TURN_DEADLINE,
     ConnectWatch,
     PipelineError,
+    shown_seconds,
 )
 from gateway.protocol import ProtocolError, clipped, load_json, media_type
 from gateway.ratelimit import RefusalLog
@@ -470,8 +471,10 @@ def _refusal(answer: httpx.Response) -> str | None:
 
 
 def _shown_delay(seconds: float) -> str:
-    """``seconds`` as a message gives it: ``1 s``, ``2.5 s``, ``3600 s``, ``forever``."""
-    return "forever" if math.isinf(seconds) else f"{round(seconds, 1):g} s"
+    """``seconds`` as a message gives it (:func:`~gateway.pipeline.base.shown_seconds`):
+    ``1 s``, ``2.5 s``, ``3600 s``, ``0.04 s``, ``forever``."""
+    shown = shown_seconds(seconds)
+    return shown if math.isinf(seconds) else f"{shown} s"
 
 
 _CONNECTING = (".connect_tcp.failed", ".start_tls.failed")

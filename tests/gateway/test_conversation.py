@@ -599,6 +599,24 @@ async def test_a_connect_cut_by_the_turns_timeout_is_a_core_that_could_not_be_re
         await conv.pipeline.aclose()
 
 
+async def test_a_turn_time_under_a_twentieth_of_a_second_is_not_said_to_be_0_s() -> None:
+    """The Error of a connect cut by the turn's time gives that time to 0.1 s: a
+    GATEWAY_TURN_TIMEOUT_S of 0.04 s was "could not be reached within 0 s", a limit no
+    one set. A time under 0.05 s is now given to one significant digit (0.04 s)."""
+    conv = engine(
+        pipeline=f"http://127.0.0.1:{hanging_port()}/core",
+        turn_timeout_s=0.04,
+        pipeline_connect_timeout_s=30,
+    )
+    try:
+        events = await pipeline_error(conv, "could not be reached within")
+        assert events[-1] == ErrorEvent(
+            text="The core pipeline (http) could not be reached within 0.04 s.", source="pipeline"
+        )
+    finally:
+        await conv.pipeline.aclose()
+
+
 def _one_connection_then_hanging(held: list[socket.socket]) -> int:
     """A TCP port on 127.0.0.1 whose first connection is accepted and read, never
     answered; every later connect hangs (as :func:`tests.conftest.hanging_port`'s: a

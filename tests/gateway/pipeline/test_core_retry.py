@@ -246,6 +246,22 @@ async def test_a_refused_request_is_sent_once_more_after_its_retry_after(
     await conv.pipeline.aclose()
 
 
+async def test_a_retry_after_under_a_twentieth_of_a_second_is_not_said_to_be_0_s(
+    some_core: Served, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A ``Retry-After: 0.04`` is waited for 0.04 s; the WARNING rounded it to 0.1 s and
+    said "once more in 0 s". A delay under 0.05 s is now given to one significant digit."""
+    served, core = some_core, some_core.core
+    served.refusing.refusals.append((429, "0.04"))
+    conv = served.conversation()
+    with caplog.at_level(logging.WARNING, logger="gateway.pipeline"):
+        await _answered(conv, core)
+    assert _retry_lines(caplog) == [
+        f"{core.shown} answered HTTP 429 (rate limiting): sending the request once more in 0.04 s"
+    ]
+    await conv.pipeline.aclose()
+
+
 async def test_a_429_without_retry_after_waits_a_second(
     some_core: Served, caplog: pytest.LogCaptureFixture
 ) -> None:
