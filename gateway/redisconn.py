@@ -77,7 +77,7 @@ import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Final, Literal, cast
-from urllib.parse import unquote, urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
 
 import redis.asyncio as aioredis
 import socketio
@@ -175,12 +175,24 @@ def parse_redis_url(url: str) -> RedisTarget:
     without a service name, a node without a port, a non-numeric or out-of-range
     port, a non-numeric db, a query parameter redis-py cannot read
     (``socket_timeout=abc``), a unix:// URL without a path, a cluster URL with a db
-    other than 0, or query parameters on a sentinel or cluster URL (not supported).
+    other than 0, query parameters on a sentinel or cluster URL (not supported), or
+    an ``@`` after the host other than in a query value (a user or password holding
+    an unencoded ``/``, ``?`` or ``#``, :func:`_userinfo_unclear`).
+
+    The message never quotes any part of the URL's userinfo (it goes to stderr and the
+    logs): it quotes a value (a port, a db, a node, a query parameter's name) only when
+    the userinfo is clear, and when it is not (an ``@`` after the host) it quotes
+    nothing of the URL and says to percent-encode the password.
     """
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
+    unclear = _userinfo_unclear(url)
     if scheme in ("redis", "rediss", "unix"):
-        _check_server_url(url, parts.path if scheme != "unix" else "", scheme)
+        if unclear and not _only_query_values_hold_at(parts.query, parts.path, parts.fragment):
+            raise ValueError(
+                f"{scheme}:// URL: an '@' follows the host, after a '/', '?' or '#'{_ENCODE_HINT}"
+            )
+        _check_server_url(url, parts, scheme, unclear)
         if scheme == "unix" and not parts.path:
             raise ValueError("a unix:// URL names its socket: unix:///path/to/redis.sock")
         return RedisTarget("server", url)
@@ -188,6 +200,10 @@ def parse_redis_url(url: str) -> RedisTarget:
         raise ValueError(
             f"unsupported Redis URL scheme {parts.scheme!r}: use redis://, rediss://, "
             f"unix://, {SENTINEL_SCHEME}:// or {CLUSTER_SCHEME}://"
+        )
+    if unclear:  # no query here, so no '@' may follow the hosts
+        raise ValueError(
+            f"{scheme}:// URL: an '@' follows the hosts, after a '/', '?' or '#'{_ENCODE_HINT}"
         )
     if parts.query or parts.fragment:
         raise ValueError(f"{scheme}:// URLs take no query parameters or fragment")
@@ -217,19 +233,70 @@ def parse_redis_url(url: str) -> RedisTarget:
     )
 
 
-def _check_server_url(url: str, path: str, scheme: str) -> None:
+_ENCODE_HINT: Final = (
+    " (a user or password holding '/', '?' or '#' must have it percent-encoded: %2F, %3F, %23)"
+)
+"""What a refusal of a URL whose userinfo is unclear (:func:`_userinfo_unclear`) adds."""
+
+
+def _userinfo_unclear(url: str) -> bool:
+    """Whether ``url`` holds an ``@`` after its authority as urlsplit reads it (which ends
+    at the first ``/``, ``?`` or ``#`` after ``//``). Then its userinfo as the settings
+    errors hide it (from ``//`` to the last ``@``,
+    :func:`gateway.pipeline.base.hide_userinfo`) may run past that authority: a password
+    holding an unencoded ``/``, ``?`` or ``#`` (``redis://:pa/ss@host``) is read as a host
+    ``''``, a port ``pa`` and a path ``/ss@host``, so the host, port, db, nodes and query
+    names urlsplit and redis-py find can be parts of the password, and no message may
+    quote them. (The other reading, an ``@`` in a query value, ``?password=p@ss``, is
+    valid.) Pure."""
+    _, slashes, rest = url.partition("//")
+    if not slashes:
+        return False
+    authority_end = min((i for i in map(rest.find, "/?#") if i >= 0), default=len(rest))
+    return "@" in rest[authority_end:]
+
+
+def _only_query_values_hold_at(query: str, path: str, fragment: str) -> bool:
+    """Whether every ``@`` after the authority of a server URL is in the value of a query
+    parameter (``?password=p@ss``): one in its path (its db or socket), its fragment or a
+    query parameter's name is a password's part (:func:`_userinfo_unclear`). Pure."""
+    if "@" in path or "@" in fragment:
+        return False
+    return all("@" not in item.partition("=")[0] for item in query.split("&"))
+
+
+def _check_server_url(url: str, parts: SplitResult, scheme: str, unclear: bool) -> None:
     """Check a redis://, rediss:// or unix:// URL as redis-py will read it (its port, its
     query parameters such as ``socket_timeout``), and that its db, which redis-py would
-    drop silently when it is not a number (and use db 0), is one. Raises ValueError."""
+    drop silently when it is not a number (and use db 0), is one, and, when ``unclear``,
+    that it names a host (redis-py would use localhost). ``unclear``
+    (:func:`_userinfo_unclear`): the port, db and query names may be parts of the
+    password, and are not quoted. Raises ValueError; its message quotes no text of the
+    userinfo (redis-py's own, which quotes the port, is not passed on)."""
+    if unclear and scheme != "unix" and not parts.hostname:  # eaten by the password?
+        raise ValueError(f"{scheme}:// URL: no host{_ENCODE_HINT}")
     try:
-        options = redis_parse_url(url)
+        port = parts.port
+    except ValueError:  # urllib's message quotes the port, maybe a password's part
+        port = -1
+    if port is not None and not 0 < port < 65536:
+        raise ValueError(
+            f"{scheme}:// URL: the port is not a number from 1 to 65535"
+            + (_ENCODE_HINT if unclear else "")
+        )
+    try:
+        redis_parse_url(url)
     except ValueError as exc:
+        if unclear:
+            raise ValueError(
+                f"{scheme}:// URL: a query parameter has a value redis-py cannot read"
+                + _ENCODE_HINT
+            ) from None
         raise ValueError(f"{scheme}:// URL: {exc}") from None
-    if options.get("port") == 0:
-        raise ValueError(f"{scheme}:// URL: port 0")
-    db = path.strip("/")
+    db = parts.path.strip("/") if scheme != "unix" else ""
     if db and not db.isdigit():
-        raise ValueError(f"the db of a {scheme}:// URL must be a number, not {db!r}")
+        shown = _ENCODE_HINT if unclear else f", not {db!r}"
+        raise ValueError(f"the db of a {scheme}:// URL must be a number{shown}")
 
 
 def _node(text: str, scheme: str) -> tuple[str, int]:

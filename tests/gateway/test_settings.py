@@ -427,7 +427,7 @@ def test_log_formats_are_taken_in_any_case(monkeypatch: pytest.MonkeyPatch) -> N
         ),
         (
             {"GATEWAY_REDIS_URL": "redis://:hunter2-redis-pw@h:notaport"},
-            "GATEWAY_REDIS_URL: redis:// URL: Port",
+            "GATEWAY_REDIS_URL: redis:// URL: the port is not a number",
             "hunter2-redis-pw",
         ),
         (  # a key no Authorization header can carry (Starlette reads headers as latin-1,
@@ -751,3 +751,68 @@ def test_an_invalid_redis_url_is_quoted_without_any_of_its_password(url: str, sh
     assert "w0rd" not in stderr, stderr
     [line] = [line for line in stderr.splitlines() if "GATEWAY_REDIS_URL" in line]
     assert line.endswith(f"(got {shown})"), line
+
+
+FOLLOWS = "an '@' follows the host"
+ENCODE = "must have it percent-encoded: %2F, %3F, %23"
+
+
+@pytest.mark.parametrize(
+    ("url", "password", "problem"),
+    [
+        ("redis://:Xq7/Zk9@host", "Xq7/Zk9", FOLLOWS),
+        ("redis://:Xq7?Zk9@host:6379", "Xq7?Zk9", FOLLOWS),
+        ("rediss://:Xq7#Zk9@host:6379/0", "Xq7#Zk9", FOLLOWS),
+        ("redis://Uj4:7731/Zk9@host:6379/0", "Uj4:7731/Zk9", FOLLOWS),
+        ("redis://:Xq7?socket_timeout=Zk9@host", "Xq7?socket_timeout=Zk9", "no host"),
+        ("redis://:7731?socket_timeout=Zk9@host", "7731?socket_timeout=Zk9", "no host"),
+        ("redis://h:Xq7/0?password=p@Zk9", "Zk9", "the port is not a number"),
+        ("unix://:Xq7/Zk9@/run/redis.sock", "Xq7/Zk9", FOLLOWS),
+        ("redis+sentinel://:Xq7/Zk9@s1:26379/0/mymaster", "Xq7/Zk9", "follows the hosts"),
+        ("redis+sentinel://:Xq7?Zk9@s1:26379,s2:26379/mymaster", "Xq7?Zk9", "follows the hosts"),
+        ("redis+sentinel://Uj4:7731/Zk9@s1:26379/mymaster", "Uj4:7731/Zk9", "follows the hosts"),
+        ("redis+cluster://:Xq7#Zk9@n1:7000,n2:7001", "Xq7#Zk9", "follows the hosts"),
+    ],
+    ids=[
+        "slash",
+        "question-mark",
+        "hash",
+        "user-and-numeric-password-start",
+        "query-name-in-password",
+        "numeric-port-and-query-name",
+        "query-password-and-bad-port",
+        "unix-slash",
+        "sentinel-slash",
+        "sentinel-question-mark",
+        "sentinel-user-and-numeric-start",
+        "cluster-hash",
+    ],
+)
+def test_a_redis_url_whose_password_holds_a_delimiter_is_refused_quoting_none_of_it(
+    url: str, password: str, problem: str
+) -> None:
+    """A password holding an unencoded ``/``, ``?`` or ``#`` ends the URL's authority
+    early: redis-py's and the parser's messages quoted its parts as a port, a db, a node
+    or a query name (``Port could not be cast to integer value as 'Xq7'``, ``nodes are
+    host:port, not ':Xq7'``, ``must be a number, not 'Zk9@host:6379/0'``), and
+    ``unix://:Xq7/Zk9@/run/redis.sock`` was taken, its socket ``/Zk9@/run/redis.sock``.
+    The real ``gateway serve`` now refuses each, saying what is wrong and to
+    percent-encode the password, and no piece of the user or password (split at the
+    delimiters) appears in what it writes."""
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--port", str(free_port())],
+        env={**os.environ, "PYTHONPATH": str(ROOT), "GATEWAY_REDIS_URL": url},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    output = done.stdout + done.stderr
+    for piece in re.split(r"[/?#:=@]", password):
+        if piece and piece not in ("p", "password"):  # the parameter's name, shown as given
+            assert piece not in output, output
+    [line] = [line for line in done.stderr.splitlines() if "GATEWAY_REDIS_URL" in line]
+    assert problem in line, line
+    assert ENCODE in line, line
+    assert "Traceback" not in output
