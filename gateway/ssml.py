@@ -621,7 +621,11 @@ def bounded_items(items: Sequence[ResponseItem]) -> BoundedItems:
     answer (:class:`SsmlBound`, the items in order), and which were read leniently or
     cut. An item's ``ssml`` is read whether or not it has a ``text`` (the speech says
     its SSML when that is well-formed, :func:`item_ssml`); only one without ``text`` is
-    read leniently. Costs a parse of each item's SSML, up to the bound."""
+    read leniently. An item past the bound (its ``ssml`` left out: it says its ``text``)
+    whose ``text`` begins with ``#`` (``#1 hit``) gets the ``ssml`` of that text alone
+    (:func:`_text_ssml`), not ``""``: without ``ssml`` it would be a ``#command``
+    (:func:`gateway.events.is_command`), neither said nor shown, though the core wrote it
+    as speech. Costs a parse of each item's SSML, up to the bound."""
     bound = SsmlBound()
     out: list[ResponseItem] = []
     loose: list[int] = []
@@ -631,12 +635,24 @@ def bounded_items(items: Sequence[ResponseItem]) -> BoundedItems:
             read = bound.read(item.ssml, text=bool(item.text))
             if read.ssml != item.ssml:
                 item = item.model_copy(update={"ssml": read.ssml})
+                if is_command(item):  # left out, its text "#1 hit": speech all the same
+                    item = item.model_copy(update={"ssml": _text_ssml(item.text or "")})
             if read.loose:
                 loose.append(index)
             if read.cut:
                 cut.append(index)
         out.append(item)
     return BoundedItems(tuple(out), loose, cut)
+
+
+def _text_ssml(text: str) -> str:
+    """A ``<speak>`` document saying ``text`` as :func:`item_ssml` says an item's text (its
+    words escaped, control characters left out): for an item whose SSML :func:`bounded_items`
+    left out at the bound and whose text begins with ``#``, so it stays speech (an item
+    with ``ssml`` is never a command) and says what an item past the bound says, its text.
+    Escaped text, no markup: it adds no element to parse, only the text every channel
+    says of such an item anyway."""
+    return f"{_SPEAK_OPEN}{xml_text(text.strip())}{_SPEAK_CLOSE}"
 
 
 _XML_DECLARATION = re.compile(r"<\?xml\s[^<>]*\?>\s*")

@@ -306,6 +306,38 @@ def test_an_answers_ssml_is_read_up_to_one_bound_in_order() -> None:
     assert display_text(bounded.items, 8000).endswith("word Later text.")
 
 
+def test_an_item_past_the_bound_whose_text_begins_with_a_hash_is_still_speech() -> None:
+    """:func:`bounded_items`: an item past the bound per answer keeps its text, said and
+    shown instead of its SSML left out. When that text begins with ``#`` (``#1 hit``) the
+    item is still speech, not a ``#command`` (gateway.events.is_command: text beginning
+    with ``#``, no ``ssml``): it gets the SSML of its text alone. Before, its ``ssml`` was
+    ``""``, so it was neither said nor shown (every channel, the webhooks' speech and cards,
+    Flowstorm, the Voiceflow socket)."""
+    words = "<emphasis>word</emphasis> " * 3_000  # well-formed, 78 KB: past the bound
+    hashed = ResponseItem(text=" #1 hit & more", ssml="<speak><emphasis>#1</emphasis> hit</speak>")
+    command = ResponseItem(text="#transfer")  # a core's command: no SSML, stays one
+    items = [ResponseItem(ssml=f"<speak>{words}</speak>"), hashed, command]
+    assert not is_command(hashed)
+    bounded = bounded_items(items)
+    assert bounded.cut == [0, 1]
+    item = bounded.items[1]
+    assert not is_command(item)
+    assert item.text == hashed.text
+    assert item.ssml == "<speak>#1 hit &amp; more</speak>"  # its text, escaped: no markup
+    assert bounded.items[2] is command
+    assert is_command(command)
+    for audio, elements in PLATFORMS:
+        said = speech_ssml([item], 8000, audio_schemes=audio, elements=elements)
+        assert said == "<speak>#1 hit &amp; more</speak>"
+    assert display_text(bounded.items, 8000).endswith("word #1 hit & more")
+    # as an item past the bound without a '#' says: its text, the same words
+    plain = bounded_items([items[0], ResponseItem(text="1 hit & more", ssml="<speak>x</speak>")])
+    assert speech_ssml(plain.items[1:], 8000) == "<speak>1 hit &amp; more</speak>"
+    # read again (a channel after a core that bounded it): the same
+    again = bounded_items(bounded.items)
+    assert again.items[1].ssml == item.ssml
+
+
 def test_ssml_read_leniently_is_bounded_per_answer() -> None:
     """:class:`SsmlBound`: of SSML that is not well-formed (read leniently, pure Python),
     one answer reads LOOSE_ANSWER_MAX_CHARS together: the item at that bound is cut

@@ -1035,6 +1035,33 @@ async def test_an_answer_of_much_ssml_is_read_up_to_a_bound_per_answer() -> None
     assert getattr(card, "text", None) == "Fine here. Word0. Word1. The end."
 
 
+async def test_an_item_past_the_ssml_bound_whose_text_begins_with_a_hash_is_said() -> None:
+    """An item past the SSML bound per answer (SSML_ANSWER_MAX_CHARS, gateway/ssml.py
+    ``bounded_items``) says and shows its text, its SSML left out. When that text begins
+    with ``#`` (``#1 hit``, a chart's words with their SSML) it is still speech: Alexa says
+    it and the card shows it. Before, its ``ssml`` became ``""``, which made it a
+    ``#command`` (gateway.events.is_command: text beginning with ``#``, no ``ssml``): it
+    was neither said nor shown. A core's command item (``#transfer``, no SSML) stays one."""
+    emphasis = "<emphasis>word</emphasis> " * 3_000  # 78 KB, well-formed: past the bound
+    items = [
+        {"ssml": f"<speak>Long. {emphasis}</speak>"},
+        {"text": "#1 hit today.", "ssml": "<speak><emphasis>#1</emphasis> hit today.</speak>"},
+        {"text": "#transfer"},
+        {"image": "https://cdn.example/c.png"},  # (a card: the words shown)
+    ]
+    async with gateway_answering(items, client_timeout_s=60, **OFF) as client:
+        answer = await say(client, envelope("S-hash-past", text="hello"))
+    said = spoken(answer)
+    assert said.startswith("Long. word word"), said[:80]
+    assert said.endswith("word #1 hit today."), said[-80:]
+    assert "transfer" not in said
+    card = reply(answer).card
+    assert card is not None
+    shown = getattr(card, "text", None) or ""
+    assert shown.endswith("#1 hit today."), shown[-80:]
+    assert "transfer" not in shown
+
+
 async def test_well_formed_ssml_cut_at_the_answers_bound_is_not_blamed_on_the_core(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
