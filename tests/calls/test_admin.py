@@ -20,8 +20,11 @@ ADMIN_OPERATIONS = (
     ("get", "/v1/sessions/{session_id}"),
     ("post", "/v1/calls"),
     ("get", "/v1/calls/{callId}"),
+    ("head", "/v1/sessions/{session_id}"),
+    ("head", "/v1/calls/{callId}"),
 )
-"""The operations of the admin API (method, OpenAPI path)."""
+"""The operations of the admin API (method, OpenAPI path): HEAD of the two views too
+(cb7a502)."""
 
 
 def test_bearer_tokens() -> None:

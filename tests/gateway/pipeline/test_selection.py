@@ -197,7 +197,10 @@ async def test_pipelines_from_toml_share_a_core_per_spec(tmp_path: Path) -> None
         ({"GATEWAY_ERROR_TURN": "maybe"}, "GATEWAY_ERROR_TURN: Input should be a valid boolean"),
         ({"GATEWAY_APP_KEYS": " , "}, "GATEWAY_APP_KEYS: names no key"),
         ({"GATEWAY_PUBLIC_URL": "gateway.example.com"}, "GATEWAY_PUBLIC_URL: must be an http"),
-        ({"GATEWAY_REDIS_URL": "redis://h:notaport"}, "GATEWAY_REDIS_URL: redis:// URL: Port"),
+        (
+            {"GATEWAY_REDIS_URL": "redis://h:notaport"},
+            "GATEWAY_REDIS_URL: redis:// URL: the port is not a number",
+        ),
         ({"GATEWAY_CALL_OVERRIDES": "{bad"}, "GATEWAY_CALL_OVERRIDES"),
     ],
 )
