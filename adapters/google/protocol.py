@@ -361,9 +361,16 @@ def detect(data: Mapping[str, Any]) -> Format | None:
 # ------------------------------------------------------------------------- plans
 
 
+CANCEL_INTENT = "actions.intent.CANCEL"
+"""The conversation exit ("exit", "cancel", "stop", "nevermind", "goodbye"): the system
+intent's name in Actions Builder (v3 ``intent.name``; its ``handler.name`` is the one the
+developer gave the intent's webhook handler) and Actions SDK v2 (``inputs[0].intent``, also
+in Dialogflow ES's Actions on Google payload). Its turn gets at most
+:data:`EXIT_DEADLINE_S` (:attr:`Plan.cancel`)."""
+
 V3_INTENTS: dict[str, IntentRule] = {
     "actions.intent.MAIN": IntentRule(INTRO),
-    "actions.intent.CANCEL": IntentRule("stop", ends=True),
+    CANCEL_INTENT: IntentRule("stop", ends=True),
     "actions.intent.NO_INPUT_1": IntentRule(SILENCE),
     "actions.intent.NO_INPUT_2": IntentRule(SILENCE),
     "actions.intent.NO_INPUT_FINAL": IntentRule(SILENCE, ends=True),
@@ -379,7 +386,7 @@ _V2_WORDS = frozenset({"actions.intent.TEXT", "actions.intent.OPTION"})
 
 V2_INTENTS: dict[str, IntentRule] = {
     "actions.intent.MAIN": IntentRule(INTRO),
-    "actions.intent.CANCEL": IntentRule("stop", ends=True),
+    CANCEL_INTENT: IntentRule("stop", ends=True),
     "actions.intent.NO_INPUT": IntentRule(SILENCE),
 }
 """Actions SDK v2 intents with a fixed meaning; ``actions.intent.TEXT`` and
@@ -412,7 +419,10 @@ class Plan:
     route takes it from the verified token). ``scene`` (v3), ``end_page`` (CX),
     ``google_payload`` (ES from Actions on Google), ``exit`` (an Actions SDK v2
     conversation exit, :data:`MAX_EXIT_CHARS`) and ``screen`` (the Assistant device
-    shows cards: :data:`V3_SCREEN` / :data:`V2_SCREEN`) shape the answer.
+    shows cards: :data:`V3_SCREEN` / :data:`V2_SCREEN`) shape the answer. ``cancel``: the
+    request is a conversation exit, ``actions.intent.CANCEL`` in any format (Actions
+    Builder's too, whose answer is not shaped by ``exit``), whose turn gets at most
+    :data:`EXIT_DEADLINE_S`.
     """
 
     format: Format
@@ -427,6 +437,7 @@ class Plan:
     google_payload: bool = False
     exit: bool = False
     screen: bool = False
+    cancel: bool = False
 
 
 V3_SCREEN = "RICH_RESPONSE"
@@ -498,7 +509,8 @@ def _v3_plan(request: V3Request) -> Plan:
     rule = rule or IntentRule(query if said else f"#{name}")
     detail = {"params": intent.params or {}, "query": intent.query}
     heard = _input(rule.text, locale, intent.name or None, detail, said=said)
-    return Plan(Format.ACTIONS_BUILDER, input=heard, end_session=rule.ends, **base)
+    cancel = intent.name == CANCEL_INTENT  # a conversation exit: EXIT_DEADLINE_S
+    return Plan(Format.ACTIONS_BUILDER, input=heard, end_session=rule.ends, cancel=cancel, **base)
 
 
 def _true(argument: V2Argument | None) -> bool:
@@ -531,8 +543,8 @@ def _v2_plan(request: V2AppRequest, session_id: str, locale: str | None, fmt: Fo
     rule = rule or IntentRule(f"#{first.intent}")
     detail = {"arguments": [a.model_dump(mode="json", by_alias=True) for a in first.arguments]}
     heard = _input(rule.text, locale, first.intent, detail, said=said)
-    cancel = first.intent == "actions.intent.CANCEL"
-    return Plan(fmt, input=heard, end_session=rule.ends, exit=cancel, **base)
+    cancel = first.intent == CANCEL_INTENT
+    return Plan(fmt, input=heard, end_session=rule.ends, exit=cancel, cancel=cancel, **base)
 
 
 _AGENT = re.compile(r"^(projects/[^/]+(?:/locations/[^/]+/agents/[^/]+)?)/")
@@ -793,11 +805,15 @@ Alexa's silent end (no ``outputSpeech``) does."""
 
 
 EXIT_DEADLINE_S = 1.5
-"""The deadline of the turn of a conversation exit (``plan.exit``), in seconds: Google
+"""The deadline of the turn of a conversation exit (``plan.cancel``), in seconds: Google
 allows "2 seconds" for conversation exit requests, then ends with its earcon whatever is
-answered later (Actions on Google "Conversation exits"); 0.5 s is left for the network.
-The exit's answer is the same with or without the core's (the conversation ends), so a
-late core is answered quietly in time rather than after the channel's whole deadline."""
+answered later (Actions on Google "Conversation exits", for Actions SDK v2 and Dialogflow);
+0.5 s is left for the network. The exit's answer is the same with or without the core's
+(the conversation ends), so a late core is answered quietly in time rather than after the
+channel's whole deadline. An Actions Builder cancel (v3 ``actions.intent.CANCEL``) gets
+the same: its documentation names no time of its own for the cancel's webhook (only the
+10 s of any webhook call) and Google does not wait long for an exit the user asked for, the
+conversation ending whatever is answered; so the v2 limit is taken, not the channel's 9 s."""
 
 MAX_EXIT_CHARS = 60
 """Google's limit on the answer to a conversation exit (Actions SDK v2

@@ -28,8 +28,9 @@ failing core or session store is answered with GATEWAY_VOICE_ERROR_TEXT (after w
 failing core said before it failed), the
 conversation kept open, a turn slower than
 GATEWAY_GOOGLE_DEADLINE_S / GATEWAY_DIALOGFLOW_DEADLINE_S with
-GATEWAY_VOICE_STILL_WORKING_TEXT while the turn finishes and saves its session; a v2
-conversation exit's turn gets EXIT_DEADLINE_S, Google waiting 2 s for its answer);
+GATEWAY_VOICE_STILL_WORKING_TEXT while the turn finishes and saves its session; a
+conversation exit's turn (``actions.intent.CANCEL``: v2, through Dialogflow ES, and
+Actions Builder) gets EXIT_DEADLINE_S, Google waiting 2 s for a v2 one's answer);
 400 malformed body; 401 failed verification / authentication (reason logged at
 WARNING); 403 an agent not in GATEWAY_APP_KEYS; 413 body over
 GATEWAY_MAX_BODY_BYTES; 503 /google with verification on and no project ids,
@@ -125,10 +126,11 @@ class _Webhook(WebhookChannel[Plan, dict[str, Any]]):
         return answer_json(planned, response)
 
     def deadline_of(self, planned: Plan) -> float:
-        """The channel's deadline; a v2 conversation exit's (``planned.exit``, also through
-        Dialogflow ES) is at most :data:`adapters.google.protocol.EXIT_DEADLINE_S` (Google
-        waits 2 s for it)."""
-        if planned.exit:
+        """The channel's deadline; a conversation exit's (``planned.cancel``: the
+        ``actions.intent.CANCEL`` of Actions SDK v2, also through Dialogflow ES, and of
+        Actions Builder) is at most :data:`adapters.google.protocol.EXIT_DEADLINE_S`
+        (Google waits 2 s for a v2 one; an Actions Builder one gets the same, see there)."""
+        if planned.cancel:
             return min(self.deadline_s, EXIT_DEADLINE_S)
         return self.deadline_s
 

@@ -98,6 +98,8 @@ def test_v3_intents(intent: str, query: str, text: str, ends: bool) -> None:
     assert planned.format is Format.ACTIONS_BUILDER
     assert planned.input is not None
     assert (planned.input.text, planned.end_session) == (text, ends)
+    # a cancel is a conversation exit (EXIT_DEADLINE_S), its v3 answer not shaped as v2's
+    assert (planned.cancel, planned.exit) == (intent == "actions.intent.CANCEL", False)
     assert planned.session_id == data["session"]["id"]
     assert planned.locale == "en-US"
     assert planned.input.classes[0].name == intent
@@ -458,6 +460,7 @@ def test_a_silent_answer_still_begins_with_a_simple_response() -> None:
         es = dialogflow_plan(request)
         assert es.google_payload
         assert v2.exit is es.exit is (name == "Cancel.json")
+        assert v2.cancel is es.cancel is (name == "Cancel.json")
         image = (ResponseItem(image="https://cdn.example/cat.png"),)
         for items, end in [((), True), ((), False), (image, True)]:
             answer = Answer(items, end=end)

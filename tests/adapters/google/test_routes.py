@@ -949,6 +949,43 @@ async def test_a_v2_conversation_exit_is_answered_within_googles_2_s(
         assert check_v2(again) == ("turn 1", True)  # the session ended
 
 
+async def test_an_actions_builder_cancel_is_answered_within_googles_exit_time() -> None:
+    """An Actions Builder cancel (v3 ``actions.intent.CANCEL``) is a conversation exit as a
+    v2 one is: its turn gets EXIT_DEADLINE_S (1.5 s, v2's; Google documents no other for
+    it), not the whole GATEWAY_GOOGLE_DEADLINE_S (9 s). A core taking 3 s over "stop" is
+    answered quietly, the conversation ended, before it is done; before, the answer waited
+    for it (up to 9 s), long past the time Google waits for an exit. The late turn still
+    ends the session."""
+    core = FastAPI()
+    core.state.finished = asyncio.Event()
+
+    @core.post("/turn")
+    async def turn(request: Request) -> JSONResponse:
+        body = await request.json()
+        if body["input"]["transcript"]["text"] == "stop":
+            await asyncio.sleep(3.0)
+            core.state.finished.set()
+            return JSONResponse({"items": [{"text": "Goodbye."}], "sessionEnded": True})
+        return JSONResponse({"items": [{"text": f"turn {body['turn']}"}]})
+
+    async with (
+        serve(core) as core_url,
+        gateway(pipeline=f"{core_url}/turn", **OFF) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        sid = "v3-exit-wait"
+        hi = ok(await client.post("/google", json=v3(sid, "Free", "hi")))
+        assert check_v3(v3(sid, "x"), hi) == "turn 1"
+        bye = ok(await client.post("/google", json=v3(sid, "actions.intent.CANCEL", "cancel")))
+        assert not core.state.finished.is_set()  # answered before the core: in Google's time
+        assert bye["scene"]["next"] == {"name": END}
+        assert "firstSimple" not in bye["prompt"]  # quiet: the core was late
+        await asyncio.wait_for(core.state.finished.wait(), 10)
+        await asyncio.sleep(0.3)  # the late turn ends the session
+        again = ok(await client.post("/google", json=v3(sid, "Free", "hi")))
+        assert check_v3(v3(sid, "x"), again) == "turn 1"  # the session ended
+
+
 def check_silent_rich(rich: dict[str, Any]) -> None:
     """A v2 RichResponse that says nothing, yet valid: its items begin with a simple response
     with speech (the platform refuses an empty item list or an empty speech)."""
