@@ -206,11 +206,13 @@ class _TurnQueue:
     __slots__ = (
         "_items",
         "_waiter",
+        "abandoned",
         "audio",
         "batch",
         "closed",
         "held",
         "journal_key",
+        "locked",
         "pushes_pending",
         "saving",
         "sent",
@@ -225,6 +227,11 @@ class _TurnQueue:
         self.sent = 0
         self.audio = False
         self.closed = False
+        self.locked = False
+        """Set when the turn has taken its session's lock (it runs)."""
+        self.abandoned = False
+        """Set by :meth:`TurnStream.abandon`: the consumer answered without the turn; one
+        that has not taken its lock yet is not run."""
         self.pushes_pending: bool | None = None
         """The session store's :attr:`SessionTxn.pushes_pending`, once the lock is taken."""
         self.session_started = False
@@ -376,6 +383,15 @@ class TurnStream:
         then wait for them (``async for``) and answer in one body, as for a turn that is
         over (:meth:`rest_if_done`), rather than open a chunked stream."""
         return self._queue.saving and not self._queue.audio
+
+    def abandon(self) -> bool:
+        """The consumer has answered without the turn (a webhook at its platform's
+        deadline, whose user heard "still working ... ask me again"): a turn that has not
+        taken its session's lock yet is not run (it is rejected ``session-busy`` if it
+        takes the lock after this), so no turn runs for nobody. Returns whether the turn
+        had taken its lock (it runs on and saves its session, as before)."""
+        self._queue.abandoned = True
+        return self._queue.locked
 
     @property
     def session_started(self) -> bool:
@@ -542,8 +558,11 @@ class Conversation:
         the lock once it has passed. A webhook answers at that deadline whatever the turn
         has come to ("still working ... ask me again"): a turn that has not started by then
         would run for nobody, and the user's repeated words would run a second one, so it
-        is not run at all (SessionBusy: the turn is rejected ``session-busy``). A turn that
-        took its lock runs on past the deadline and saves its session, as before."""
+        is not run at all (SessionBusy: the turn is rejected ``session-busy``; so is one
+        that takes its lock after its consumer gave up on it, :meth:`TurnStream.abandon`,
+        and a webhook starts no turn once its deadline has passed,
+        :func:`gateway.io.webhook.run_turn`). A turn that took its lock runs on past the
+        deadline and saves its session, as before."""
         wait = self.settings.lock_wait_s
         answer_by = ANSWER_DEADLINE.get()
         if answer_by is not None:
@@ -693,6 +712,9 @@ class Conversation:
         async with self.store.open(
             ctx.key, lease_s=self._lease_s(), wait_s=self._lock_wait_s()
         ) as txn:
+            if out.abandoned:  # its consumer answered while it waited: not run (released)
+                raise SessionBusy(f"session {session_ref(ctx.key)} was taken too late")
+            out.locked = True
             out.pushes_pending = txn.pushes_pending
             self._link_batch(txn, ctx.tts, out)
             session = txn.session

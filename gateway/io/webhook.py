@@ -42,8 +42,16 @@ A late turn is not cancelled: it runs in its own task (gateway/conversation.py),
 finishes and saves the session, and the platform hears "still working" instead of
 timing out. A turn still waiting for its session's lock at the deadline (another turn
 of the session holds it) gives up then and is not run (the engine's lock wait is bounded
-by the turn's ANSWER_DEADLINE): its user hears "still working ... ask me again", so no
-turn runs for nobody, and the repeated words do not run twice.
+by the turn's ANSWER_DEADLINE, and a lock taken after the driver stopped waiting is let
+go: :meth:`~gateway.conversation.TurnStream.abandon`): its user hears the BUSY row's
+prompt ("still working ... ask me again"), so no turn runs for nobody, and the repeated
+words do not run twice. Nor is a turn started whose deadline passed before it could
+start (reading and verifying the request took the platform's whole time: a slow upload,
+a slow certificate fetch): the LATE row answers at once, the session's lock untried.
+Both are logged on the channel's logger naming the session (``... not run: the session
+was busy ...``, ``... not run: reading and verifying the request took ...``), bounded
+as the refusals are (``not_run``: a burst at WARNING, then one a minute, the rest at
+DEBUG).
 
 Refusals (:class:`WebhookRefused`; a ProtocolError from reading or parsing,
 reason ``malformed_request``) are answered with an RFC 9457 problem body and logged on
@@ -84,7 +92,7 @@ from gateway.events import (
 )
 from gateway.httputil import problem, read_body, status_phrase
 from gateway.logs import session_ref
-from gateway.pipeline.base import ANSWER_DEADLINE
+from gateway.pipeline.base import ANSWER_DEADLINE, shown_seconds
 from gateway.protocol import ProtocolError, clipped
 from gateway.protocol.errors import RequestVerificationError
 from gateway.ratelimit import RefusalLog
@@ -113,6 +121,10 @@ in-session requests ending it, an answer that closes the conversation, a stop): 
 more is said to the user, and the end is one round trip of the store unless a turn of the
 session holds its lock (a late turn): past this wait it goes on in the background
 (:func:`end_session`) rather than hold the platform's request up to its deadline."""
+
+DEADLINE_BUSY_TEXT = "Another turn of this session held it until the answer deadline."
+"""The TurnRejected text (reason ``session-busy``) of a webhook turn still waiting for its
+session's lock at the platform's deadline (:func:`run_turn`)."""
 
 _PlanT = TypeVar("_PlanT")
 _AnswerT = TypeVar("_AnswerT")
@@ -170,7 +182,9 @@ class WebhookChannel(ABC, Generic[_PlanT, _AnswerT]):
     (:meth:`_log_loose_ssml`, bounded by ``loose_ssml``), and an answer of more SSML than
     one answer reads (:data:`gateway.ssml.SSML_ANSWER_MAX_CHARS`: cut there, not the
     core's SSML not well-formed) on a line of its own (:meth:`_log_cut_ssml`, bounded by
-    ``cut_ssml``).
+    ``cut_ssml``). A turn not run (its session busy until the deadline, or the deadline
+    passed before it could start: the module doc) is logged the same way, bounded by
+    ``not_run``.
     """
 
     platform: ClassVar[str]
@@ -189,6 +203,7 @@ class WebhookChannel(ABC, Generic[_PlanT, _AnswerT]):
         self.left_out_elements = RefusalLog()
         self.loose_ssml = RefusalLog()
         self.cut_ssml = RefusalLog()
+        self.not_run = RefusalLog()
 
     # ------------------------------------------------------------------ the hooks
 
@@ -276,7 +291,19 @@ class WebhookChannel(ABC, Generic[_PlanT, _AnswerT]):
         if turn is None:
             return self.encode(await self.other(planned))
         ctx, input = turn
-        deadline_s = self.deadline_of(planned) - (loop.time() - started)
+        allowed_s = self.deadline_of(planned)
+        spent_s = loop.time() - started
+        deadline_s = allowed_s - spent_s
+        if deadline_s <= 0:  # run_turn starts no turn: said why, bounded
+            self.not_run.log(
+                self.log,
+                "%s turn of %s not run: reading and verifying the request took %s s, past the "
+                "%s s deadline, before the turn could start",
+                self.platform,
+                session_ref(ctx.key),
+                shown_seconds(spent_s),
+                shown_seconds(allowed_s),
+            )
         return self.encode(await self._turn(planned, ctx, input, deadline_s, loop))
 
     def _log_left_out_audio(
@@ -420,13 +447,22 @@ class WebhookChannel(ABC, Generic[_PlanT, _AnswerT]):
             left = deadline_s - (loop.time() - started)
             await self.end(ctx, max(left - END_MARGIN_S, 0.0))
             return answer
-        if end is TurnEnd.LATE:
+        rule = self.fallbacks[end]
+        if end is TurnEnd.LATE and deadline_s > 0:  # else never started: handle() said so
             self.log.info(
                 "turn of %s outlived the %s deadline: answered 'still working'",
                 session_ref(ctx.key),
                 self.platform,
             )
-        rule = self.fallbacks[end]
+        elif end is TurnEnd.BUSY:
+            self.not_run.log(
+                self.log,
+                "%s turn of %s not run: the session was busy (another turn of it held it "
+                "for as long as this one could wait, the deadline at most): answered '%s'",
+                self.platform,
+                session_ref(ctx.key),
+                rule.prompt.value.replace("_", " "),
+            )
         said: Sequence[ResponseItem] = outcome.said
         if said:
             told, loose, cut = _bounded_ssml(Response(items=said))
@@ -512,13 +548,24 @@ async def run_turn(
     running in its own task and saves the session; only the waiting stops. Never raises
     for the turn's own failures.
 
+    A deadline already passed (``deadline_s`` <= 0: reading and verifying the request
+    took the platform's whole time) is ``late=True`` at once: no turn is started, the
+    session's lock is not tried (the platform is answered "still working" whatever the
+    turn would do: it would run for nobody). A turn still waiting for its session's lock
+    at the deadline (another turn of the session holds it) is not run
+    (:meth:`~gateway.conversation.TurnStream.abandon`): it is rejected ``session-busy``
+    (:data:`DEADLINE_BUSY_TEXT`), whether the engine's lock wait, bounded by the same
+    deadline, gave up first or the waiting here did.
+
     The turn runs with the deadline as its ANSWER_DEADLINE
     (:data:`gateway.pipeline.base.ANSWER_DEADLINE`): a core's retry that would end past
     it is not made, nor an ``#error`` turn that would have less than
     GATEWAY_ERROR_TURN_MIN_S before it, so a failure is answered in time (what was said,
     then the error text) rather than "still working".
     """
-    deadline = asyncio.get_running_loop().time() + max(deadline_s, 0.0)
+    if deadline_s <= 0:  # the platform has been answered already: no turn for nobody
+        return TurnOutcome(late=True)
+    deadline = asyncio.get_running_loop().time() + deadline_s
     answering = ANSWER_DEADLINE.set(deadline)  # the turn's task keeps it (a copy)
     try:
         stream = conversation.turn(ctx, input)
@@ -536,6 +583,8 @@ async def run_turn(
         return TurnOutcome(rejected=exc)
     except TimeoutError:
         stream.close()
+        if not stream.abandon():  # still waiting for its session's lock: never run now
+            return TurnOutcome(rejected=TurnRejected("session-busy", DEADLINE_BUSY_TEXT))
         return TurnOutcome(late=True, session_started=stream.session_started)
     started = ended = False
     response: Response | None = None

@@ -23,10 +23,11 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from adapters.google.protocol import SILENT_SSML
+from adapters.google.protocol import GOOGLE_NAMESPACE, SILENT_SSML
 from adapters.google.routes import default_verifier_factory
 from adapters.google.verify import GoogleVerifier, StaticCertSource
 from gateway.app import create_app
+from gateway.logs import session_ref
 from gateway.settings import Settings
 from tests.adapters.google.requests import cx, es, v2, v3
 from tests.adapters.google.test_verify import PROJECT, Key, account_claims, exactly
@@ -984,6 +985,100 @@ async def test_an_actions_builder_cancel_is_answered_within_googles_exit_time() 
         await asyncio.sleep(0.3)  # the late turn ends the session
         again = ok(await client.post("/google", json=v3(sid, "Free", "hi")))
         assert check_v3(v3(sid, "x"), again) == "turn 1"  # the session ended
+
+
+async def _slowly(body: bytes, pause_s: float) -> AsyncIterator[bytes]:
+    """``body`` in two pieces, ``pause_s`` seconds apart: a client uploading slowly."""
+    half = len(body) // 2
+    yield body[:half]
+    await asyncio.sleep(pause_s)
+    yield body[half:]
+
+
+async def test_a_request_read_past_its_deadline_runs_no_turn(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A request whose body took longer to come than the whole deadline (a slow client
+    upload) is answered "still working" at once, and its turn is not run: the platform's
+    time is spent, nobody would hear it, and the user's repeated words would run twice.
+    Before, the turn was started anyway with the deadline already passed: it took the free
+    session at its one try of the lock and ran in the background (the core got the words,
+    the session counted the turn). One bounded WARNING says why it was not run."""
+    core = make_core()
+    sid = "read-late"
+    working = Settings().voice_still_working_text
+    async with (
+        serve(core) as core_url,
+        gateway(pipeline=f"{core_url}/json", google_deadline_s=0.3, **OFF) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        with caplog.at_level(logging.INFO, logger="adapters.google"):
+            body = json.dumps(v3(sid, "Free", "unheard words")).encode()
+            late = ok(await client.post("/google", content=_slowly(body, 0.6)))
+        assert check_v3(v3(sid, "x"), late) == working
+        assert "scene" not in late  # the conversation goes on
+        (line,) = [r for r in caplog.records if "not run" in r.getMessage()]
+        assert line.levelno == logging.WARNING
+        ref = session_ref(f"{GOOGLE_NAMESPACE}:{sid}")  # the app's log hash key, set now
+        assert line.getMessage().startswith(f"Google turn of {ref} not run: reading and ")
+        assert "outlived" not in caplog.text  # it never started
+        # the next words are the session's first turn, and the core never got the unheard
+        again = ok(await client.post("/google", json=v3(sid, "Free", "hello")))
+        assert check_v3(v3(sid, "x"), again) == "core heard hello"
+        heard = [r["input"]["transcript"]["text"] for r in core.state.requests]
+        assert heard == ["hello"]
+        assert again["session"]["params"] == {"gatewaySessionId": sid}
+
+
+async def test_a_turn_that_finds_its_session_busy_until_the_deadline_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The user speaks again while a late turn of the session still runs: the new turn
+    waits for the session until the deadline, is not run, and its user hears "still
+    working". A bounded WARNING names the session and says it was busy; before, nothing
+    said why (or, when the deadline's wait ended before the lock wait gave up, it was logged
+    as a turn that "outlived the deadline", which never started). The core never gets the
+    words (memory store: the lock wait and the deadline end together)."""
+    core = FastAPI()
+    core.state.heard = []
+    core.state.started = asyncio.Event()
+    core.state.finished = asyncio.Event()
+
+    @core.post("/turn")
+    async def turn(request: Request) -> JSONResponse:
+        body = await request.json()
+        text = body["input"]["transcript"]["text"]
+        core.state.heard.append(text)
+        if text == "slow":
+            core.state.started.set()
+            await asyncio.sleep(1.5)
+            core.state.finished.set()
+        return JSONResponse({"items": [{"text": f"turn {body['turn']}: {text}"}]})
+
+    sid = "busy-at-deadline"
+    working = Settings().voice_still_working_text
+    async with (
+        serve(core) as core_url,
+        gateway(pipeline=f"{core_url}/turn", google_deadline_s=0.5, **OFF) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        slow = asyncio.create_task(client.post("/google", json=v3(sid, "Free", "slow")))
+        await asyncio.wait_for(core.state.started.wait(), 5)  # the slow turn holds it
+        with caplog.at_level(logging.INFO, logger="adapters.google"):
+            busy = ok(await client.post("/google", json=v3(sid, "Free", "again")))
+        assert check_v3(v3(sid, "x"), busy) == working
+        assert "scene" not in busy
+        (line,) = [r for r in caplog.records if "busy" in r.getMessage()]
+        assert line.levelno == logging.WARNING
+        ref = session_ref(f"{GOOGLE_NAMESPACE}:{sid}")  # the app's log hash key, set now
+        assert line.getMessage().startswith(f"Google turn of {ref} not run: the session was busy")
+        assert "answered 'still working'" in line.getMessage()
+        assert check_v3(v3(sid, "x"), ok(await slow)) == working  # late: 0.5 s < 1.5 s
+        await asyncio.wait_for(core.state.finished.wait(), 5)
+        await asyncio.sleep(0.3)  # the slow turn saves; a queued turn would run now
+        after = ok(await client.post("/google", json=v3(sid, "Free", "next")))
+        assert check_v3(v3(sid, "x"), after) == "turn 2: next"
+        assert core.state.heard == ["slow", "next"]  # never "again"
 
 
 def check_silent_rich(rich: dict[str, Any]) -> None:

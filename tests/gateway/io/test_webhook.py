@@ -533,6 +533,53 @@ async def test_run_turn_reports_a_busy_session_and_a_failed_core(
     await failing.pipeline.aclose()
 
 
+async def test_run_turn_with_its_deadline_passed_starts_no_turn(
+    core: tuple[str, FastAPI],
+) -> None:
+    """A deadline already passed when the turn would start (``deadline_s`` <= 0: reading
+    the request took the platform's whole time) is LATE at once: no turn is started, the
+    free session's lock is not tried, the core gets nothing. Before, the turn was started
+    and took the free lock at its one try: it ran for nobody and saved the session."""
+    url, app = core
+    conv = engine(pipeline=f"{url}/json")
+    for deadline_s in (0.0, -0.4):
+        late = await run_turn(conv, ctx("RT-passed"), Input.of("unheard"), deadline_s)
+        assert late.end is TurnEnd.LATE
+        assert not late.session_started
+    assert conv.turns_in_flight == 0
+    await conv.drain(5)  # (a turn started before would have run by now)
+    assert app.state.requests == []
+    assert await conv.store.get(ctx("RT-passed").key) is None
+    await conv.pipeline.aclose()
+
+
+async def test_run_turn_still_waiting_for_the_lock_at_its_deadline_is_busy_and_never_runs(
+    core: tuple[str, FastAPI],
+) -> None:
+    """A turn waiting for its session's lock when the deadline ends the waiting (the lock
+    wait bounded by the same deadline, not GATEWAY_LOCK_WAIT_S's 15 s) is BUSY and never
+    runs: the user heard "still working". The lock wait and run_turn's wait end together;
+    whichever ends first, the outcome is BUSY (TurnStream.abandon when run_turn's does;
+    here the lock wait's mostly does, so this also passed before; the HTTP tests of the
+    channels, tests/adapters/google, see the other order, LATE before)."""
+    url, app = core
+    conv = engine(pipeline=f"{url}/hold-on?text=one")
+    holder = asyncio.create_task(run_turn(conv, ctx("RT-held"), Input.of("one"), 5))
+    await asyncio.sleep(0.2)  # the first turn holds the lock, held in the core
+    busy = await run_turn(conv, ctx("RT-held"), Input.of("two"), 0.2)
+    app.state.release.set()  # the lock frees now: the busy turn must not run then
+    assert busy.end is TurnEnd.BUSY
+    assert busy.rejected is not None
+    assert busy.rejected.reason == "session-busy"
+    assert (await holder).end is TurnEnd.ANSWERED
+    await conv.drain(5)
+    assert [r["input"]["transcript"]["text"] for r in app.state.requests] == ["one"]
+    session = await conv.store.get(ctx("RT-held").key)
+    assert session is not None
+    assert session.turn_count == 1
+    await conv.pipeline.aclose()
+
+
 async def test_a_turn_stream_waits_without_taking_its_events(core: tuple[str, FastAPI]) -> None:
     url, _ = core
     conv = engine(pipeline=f"{url}/slow?s=0.3")
