@@ -727,13 +727,18 @@ _LINE_END = re.compile(r"\r\n|\r|\n")
 
 @dataclass(frozen=True)
 class SseEvent:
-    """One server-sent event: its ``event`` type (``message`` by default) and ``data``."""
+    """One server-sent event: its ``event`` type (``message`` by default) and ``data``;
+    ``complete`` False for the last event of a stream that ended without the blank line
+    that ends an event (given only by :func:`iter_sse` with ``incomplete``)."""
 
     event: str
     data: str
+    complete: bool = True
 
 
-async def iter_sse(lines: AsyncIterator[str]) -> AsyncIterator[SseEvent]:
+async def iter_sse(
+    lines: AsyncIterator[str], *, incomplete: bool = False
+) -> AsyncIterator[SseEvent]:
     """The server-sent events of an event stream's ``lines`` (:func:`bounded_lines` with
     ``blank``): WHATWG HTML, "Server-sent events", "Event stream interpretation", the
     fields ``event`` and ``data`` (``:`` comment lines and other fields ignored).
@@ -742,8 +747,11 @@ async def iter_sse(lines: AsyncIterator[str]) -> AsyncIterator[SseEvent]:
     the spec, an ``event`` type without data (Voiceflow ends its stream with ``event:
     end`` and no data line). At the end of the stream an event with no blank line after
     it is incomplete: discarded, as the spec says (a core cut off mid-event does not
-    hand over half of it). A U+FEFF (byte order mark) that begins the stream is stripped
-    before its first field name, as the spec says (only there)."""
+    hand over half of it); with ``incomplete``, given last with ``complete`` False, for
+    a caller that can tell a whole one from a cut one by its data (the OpenAI-compatible
+    core: a chunk that is whole JSON, or ``[DONE]``). A U+FEFF (byte order mark) that
+    begins the stream is stripped before its first field name, as the spec says (only
+    there)."""
     name, data = "", list[str]()
     first = True
     async for line in lines:
@@ -760,6 +768,8 @@ async def iter_sse(lines: AsyncIterator[str]) -> AsyncIterator[SseEvent]:
                 data.append(value)
             elif key == "event":
                 name = value
+    if incomplete and (data or name):
+        yield SseEvent(name or "message", "\n".join(data), complete=False)
 
 
 async def bounded_sse(answer: httpx.Response, max_bytes: int, core: str) -> AsyncIterator[SseEvent]:

@@ -26,6 +26,14 @@ Each turn is ``POST <base>/chat/completions`` with ``Authorization: Bearer <key>
   read as an event stream (as openai-python does, whatever it says); one that holds no
   event and is not ``text/event-stream`` (a web page answered 200 at the configured
   URL) is the PipelineError ``... answered no event stream`` (its type logged).
+- the last event of a stream the server closed without the blank line that ends an
+  event (``data: [DONE]`` or the final chunk, then the end of the body: llama-server
+  builds, proxies) is taken when it is whole: ``[DONE]``, or data that is a whole JSON
+  object. One cut off mid-JSON is discarded, as WHATWG HTML's event stream
+  interpretation discards every unended event (openai-python discards even a whole
+  one, and reports no error; openai-node takes it since openai/openai-node#2725), so a
+  stream cut short before its ``finish_reason`` and ``[DONE]`` still fails the turn
+  (``... stream ended without a finish_reason or [DONE] (its last event cut off)``).
 
 Errors the server reports (a non-2xx status, an error in the stream or body) are
 PipelineErrors whose text is fixed (``the OpenAI-compatible core answered HTTP 401``,
@@ -287,9 +295,13 @@ class OpenAIPipeline(PooledCore):
         yield self._finish(session, history, user, turn)
 
     async def _stream(self, turn: _Turn, answer: httpx.Response) -> AsyncIterator[ResponseItem]:
-        events = iter_sse(bounded_lines(answer, self._max, f"the {KIND} core", blank=True))
-        heard = False
+        lines = bounded_lines(answer, self._max, f"the {KIND} core", blank=True)
+        events = iter_sse(lines, incomplete=True)
+        heard = cut = False
         async for event in events:
+            if not event.complete and not _whole(event.data):
+                cut = True  # the stream's last event, cut off: discarded
+                break
             heard = True
             for item in self._event(turn, event):
                 yield item
@@ -300,7 +312,10 @@ class OpenAIPipeline(PooledCore):
             # a page (a web UI or proxy at the configured URL answering 200), not a stream
             raise core_failed(KIND, "answered no event stream", f"its Content-Type is {kind!r}")
         if not turn.done and turn.finish_reason is None:
-            raise PipelineError(f"the {KIND} core's stream ended without a finish_reason or [DONE]")
+            why = " (its last event cut off)" if cut else ""
+            raise PipelineError(
+                f"the {KIND} core's stream ended without a finish_reason or [DONE]{why}"
+            )
         tail = turn.splitter.flush()
         if tail:
             yield ResponseItem(text=tail)  # the last sentence is not kept waiting for [DONE]
@@ -495,6 +510,18 @@ def _reason(arguments: str) -> str | None:
     except (ValueError, AttributeError):
         return None
     return reason if isinstance(reason, str) and reason else None
+
+
+def _whole(data: str) -> bool:
+    """Whether the ``data`` of a stream's unended last event is whole: ``[DONE]``, or a
+    JSON object (a chunk cut off anywhere is no JSON text: its closing brace is last)."""
+    data = data.strip()
+    if data == "[DONE]":
+        return True
+    try:
+        return isinstance(core_json(data), dict)
+    except ValueError:
+        return False
 
 
 def _error_text(data: str | bytes) -> str:

@@ -20,7 +20,11 @@ its deltas, as some servers send it; ``ids-again`` with its id too, ``fresh-ids`
 new id each time, ``fresh-ids-no-index`` and no ``index``), ``interleaved`` (the deltas of parallel tool calls
 interleaved, told apart by their ``index`` only), ``no-index`` (tool call deltas without
 ``index``), ``index-0`` (as streamed, all at ``index`` 0), ``ollama`` (each tool call
-whole in one delta, all at ``index`` 0), ``echo-401`` (401 with a message echoing the Authorization header
+whole in one delta, all at ``index`` 0), ``unended-<how>`` (the stream's last event
+without the blank line that ends it, the server closing right after it: ``-last`` the
+finish chunk, then ``\n`` and no ``[DONE]``; ``-last-bare`` without the ``\n``; ``-done``
+no finish_reason in any chunk, then ``data: [DONE]\n``; ``-done-bare`` without the
+``\n``; ``-cut`` the finish chunk cut off mid-JSON), ``echo-401`` (401 with a message echoing the Authorization header
 and the key, as a careless proxy might). ``app.state.requests`` keeps each request body (``ports`` its client port, ``received_at`` when it came); ``app.state.gap_s`` is a
 pause after the first sentence (the model "thinking" on), cut short when the
 ``asyncio.Event`` ``app.state.release`` (None: no event) is set, so a test can hold the
@@ -246,6 +250,14 @@ async def _stream(
     for deltas in calls:
         for delta in deltas:
             yield data(_chunk(model, {"tool_calls": [delta]}, unfinished))
+    if mode.startswith("unended-"):  # the last event without its blank line, then the end
+        how = mode.removeprefix("unended-")
+        end = b"" if how.endswith("-bare") else b"\n"
+        last = data(_chunk(model, {}, "tool_calls" if tools else "stop")).removesuffix(b"\n\n")
+        if how.startswith("done"):
+            last = b"data: [DONE]"
+        yield last[:-20] if how == "cut" else last + end
+        return
     yield data(_chunk(model, {}, "tool_calls" if tools else "stop"))
     if (body.get("stream_options") or {}).get("include_usage"):
         usage = {"prompt_tokens": 10, "completion_tokens": 10, "total_tokens": 20}

@@ -386,6 +386,31 @@ async def test_server_variations_give_the_same_answer(llm: tuple[str, FastAPI], 
     await conv.pipeline.aclose()
 
 
+@pytest.mark.parametrize("how", ["last", "last-bare", "done", "done-bare"])
+async def test_a_whole_last_event_without_its_blank_line_ends_the_answer(
+    llm: tuple[str, FastAPI], how: str
+) -> None:
+    """A server that closes the stream right after its last event, without the blank
+    line that ends it: the finish chunk (no ``[DONE]`` after it), or ``data: [DONE]``
+    (after chunks without a finish_reason), with or without its line's end. The whole
+    event is taken, so the answer is the turn's (tool calls too); before, the event was
+    discarded and the turn failed ("stream ended without a finish_reason or [DONE]")."""
+    url, app = llm
+    conv = engine(pipeline(url, f"unended-{how}"))
+    events = await conv.turn(ctx(), Input.of("hi")).collect()
+    assert texts(events) == [
+        "You said hi.",
+        "The price is 3.5 dollars, e.g. cheap.",
+        "Is there anything else?",
+    ]
+    assert isinstance(events[-1], ResponseEvent)
+    bye = await conv.turn(ctx(), Input.of("bye")).collect()  # the end_session tool call
+    assert texts(bye) == ["Goodbye, have a nice day."]
+    assert isinstance(bye[-1], SessionEndedEvent)
+    assert len(app.state.requests) == 2
+    await conv.pipeline.aclose()
+
+
 async def test_first_sentence_is_forwarded_before_the_answer_is_complete(
     llm: tuple[str, FastAPI],
 ) -> None:
@@ -424,6 +449,12 @@ async def test_first_sentence_is_forwarded_before_the_answer_is_complete(
         # was "the core pipeline failed unexpectedly (TypeError)", an ERROR with a traceback
         ("tools-number", "the OpenAI-compatible core streamed a delta whose tool_calls is not"),
         ("truncated", "the OpenAI-compatible core's stream ended without a finish_reason"),
+        # the finish chunk cut off mid-JSON by the end of the stream: discarded, not taken
+        (
+            "unended-cut",
+            "the OpenAI-compatible core's stream ended without a finish_reason or [DONE] "
+            "(its last event cut off)",
+        ),
         ("crash", "the connection to the OpenAI-compatible core failed: RemoteProtocolError"),
         ("empty", "the OpenAI-compatible core's answer has neither content nor a tool call"),
         ("slow", "The core pipeline (openai) did not answer within 0.5 s."),

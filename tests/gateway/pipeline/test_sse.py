@@ -3,7 +3,8 @@
 after it when the stream ends is incomplete and discarded (WHATWG HTML, "Server-sent
 events", "Event stream interpretation"). The OpenAI-compatible and Dialogflow CX cores
 read such an event as a whole one before, the Voiceflow and Botpress cores (httpx-sse)
-did not. The Dialogflow CX caller is tested in test_dialogflow_cx.py (its server needs
+did not. The OpenAI-compatible core alone asks for it (``incomplete``) and takes it
+when its data is whole (``[DONE]`` or a JSON object), not when it is cut off. The Dialogflow CX caller is tested in test_dialogflow_cx.py (its server needs
 its credentials); Botpress reads through ``bounded_sse``, as Voiceflow does."""
 
 from __future__ import annotations
@@ -70,24 +71,49 @@ async def test_an_event_cut_off_by_the_end_of_the_stream_is_discarded(
     assert events == [("a", "one\ntwo"), ("end", "")]
 
 
-async def test_the_openai_core_does_not_take_a_cut_off_chunk_for_its_end(
+@pytest.mark.parametrize(
+    ("cut", "last"),
+    zip(
+        CUT,
+        [("message", "cut off"), ("message", "cut off"), ("b", "cut off"), ("end", "")],
+        strict=True,
+    ),
+)
+async def test_an_unended_last_event_is_given_as_incomplete_when_asked_for(
+    core: tuple[str, FastAPI], cut: str, last: tuple[str, str]
+) -> None:
+    """``iter_sse(..., incomplete=True)``: the stream's unended last event comes last,
+    marked incomplete, for the caller to judge (the OpenAI-compatible core)."""
+    url, app = core
+    app.state.body = WHOLE + cut
+    async with httpx.AsyncClient() as client, client.stream("GET", url) as answer:
+        lines = bounded_lines(answer, 10_000, "the core", blank=True)
+        events = [(e.event, e.data, e.complete) async for e in iter_sse(lines, incomplete=True)]
+    assert events == [("a", "one\ntwo", True), ("end", "", True), (*last, False)]
+
+
+async def test_the_openai_core_takes_a_whole_chunk_for_its_end_not_a_cut_off_one(
     core: tuple[str, FastAPI],
 ) -> None:
-    """The chunk with the finish_reason came without its blank line: the stream did not
-    end as a completion ends (it was read as the end before)."""
+    """The chunk with the finish_reason came without its blank line (the server closed
+    right after it): whole JSON, it is the end of the answer; cut off mid-JSON, the
+    stream did not end as a completion ends (before, the cut one was read as the end,
+    and later the whole one was discarded, failing the turn)."""
     url, app = core
 
     def chunk(content: str, finish: str | None) -> str:
         choice = {"index": 0, "delta": {"content": content}, "finish_reason": finish}
         return "data: " + json.dumps({"choices": [choice]})
 
-    app.state.body = f"{chunk('Hello there. ', None)}\n\n{chunk('Cut', 'stop')}\n"
+    first = f"{chunk('Hello there. ', None)}\n\n"
+    app.state.body = first + chunk("Cut", "stop")[:-3]
     conv = openai_engine(openai_pipeline(url))
-    events = await pipeline_error(conv, "stream ended without a finish_reason or [DONE]")
+    events = await pipeline_error(conv, "stream ended without a finish_reason or [DONE] (its")
     assert texts(events) == []  # (a sentence waits for the next one to begin)
-    app.state.body += "\n"  # whole, it is the end
-    served = await conv.turn(ctx(), Input.of("hi")).collect()
-    assert texts(served) == ["Hello there.", "Cut"]
+    for end in ("", "\n", "\r\n", "\n\n"):  # whole, with its line's end or not, it is the end
+        app.state.body = first + chunk("Cut", "stop") + end
+        served = await conv.turn(ctx(), Input.of("hi")).collect()
+        assert texts(served) == ["Hello there.", "Cut"]
     await conv.pipeline.aclose()
 
 
