@@ -39,6 +39,9 @@ Spec: shared/specs/CORES.md, "Dialogflow CX detectIntent (REST v3)".
   ``endInteraction`` -> ``Response.session_ended``. ``conversationSuccess`` and
   ``knowledgeInfoCard`` give no item; a variant the connector does not know gives none
   either, its name logged at DEBUG, one line per turn (:data:`KNOWN_FIELDS`).
+  A field that is JSON ``null`` is an absent one (proto3 JSON reads ``null`` as the
+  field's default): ``responseMessages: null`` is no messages, a ``payload: null``
+  or ``endInteraction: null`` no variant (:func:`_messages`).
   ``pipeline_state`` records the CX session id, the current page and the session
   parameters.
 - Streaming (GATEWAY_DIALOGFLOW_CX_STREAMING): ``:serverStreamingDetectIntent``, whose
@@ -854,16 +857,23 @@ def _dict(value: Any) -> dict[str, Any]:
 
 
 def _messages(answer: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ResponseMessages of a DetectIntentResponse (:func:`_checked`), each without
+    its null fields: proto3 JSON reads ``null`` as the field's default, for a message
+    field (a variant: ``"payload": null``, ``"endInteraction": null``) as not set, so
+    such a variant is none (it was a ``null`` payload item, or the end of the session)."""
     messages = _dict(answer.get("queryResult")).get("responseMessages") or []
-    return [m for m in messages if isinstance(m, dict)]
+    return [{k: v for k, v in m.items() if v is not None} for m in messages if isinstance(m, dict)]
 
 
 def _checked(answer: dict[str, Any]) -> dict[str, Any]:
-    """``answer`` when it is a DetectIntentResponse; PipelineError otherwise."""
+    """``answer`` when it is a DetectIntentResponse; PipelineError otherwise. Its
+    ``responseMessages`` may be absent or ``null`` (proto3 JSON's default: no messages;
+    ``null`` failed the turn before)."""
     result = answer.get("queryResult")
     if not isinstance(result, dict):
         raise PipelineError("the core answered no queryResult")
-    messages = result.get("responseMessages", [])
+    messages = result.get("responseMessages")
+    messages = [] if messages is None else messages
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
         raise PipelineError("the core answered responseMessages that are not a list of objects")
     return answer

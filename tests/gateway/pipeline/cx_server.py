@@ -25,7 +25,12 @@ answer inflating to 100 MB (``tests.gateway.core_app.gzip_bomb``); ``segments`` 
 ``mixedAudio`` whose segments are a number; ``cloud storage`` with a ``playAudio`` and a
 ``mixedAudio`` segment of ``gs://`` URIs (and one https segment); ``news`` with a text,
 variants the connector does not know (``toolCall`` twice, a 5,000-character one) and a
-``conversationSuccess``. The text ``halves <n>`` is streamed a PARTIAL response of
+``conversationSuccess``. The text ``nulls`` is answered, in the method's form, a
+DetectIntentResponse whose ``responseMessages``, ``currentPage``, ``parameters``,
+``languageCode`` and ``responseType`` are JSON ``null`` (proto3 JSON: their default);
+``null fields`` one whose messages are a text and messages whose fields are ``null``
+(``payload``, ``endInteraction``, ``text``, ``text.text``, ``playAudio.audioUri``,
+``mixedAudio.segments``). The text ``halves <n>`` is streamed a PARTIAL response of
 ``n`` texts ``p0``... and a FINAL one of ``n`` others, ``f0``... (none repeated).
 
 ``app.state.piece`` (bytes; 0: not cut) cuts the FINAL response in pieces of that
@@ -257,6 +262,9 @@ def make_cx_server(public_key_pem: bytes) -> FastAPI:
         if said in ("digits", "nan"):
             sse = app.state.sse or request.query_params.get("alt") == "sse"
             return _raw(_holding("1" * 5_000 if said == "digits" else "NaN"), method, sse)
+        if said in ("nulls", "null fields"):
+            sse = app.state.sse or request.query_params.get("alt") == "sse"
+            return _raw(json.dumps(_nulls(said == "nulls")), method, sse)
         if isinstance(said, str) and said.startswith("halves "):
             return StreamingResponse(_halves(int(said.split()[1])), media_type="application/json")
         path = f"projects/{project}/locations/{location}/agents/{agent_id}/sessions/{session_id}"
@@ -295,6 +303,24 @@ def _answer(
         },
         "responseType": kind,
     }
+
+
+def _nulls(all_null: bool) -> dict[str, Any]:
+    """A DetectIntentResponse holding JSON ``null`` fields (see the module doc)."""
+    if all_null:
+        messages = None
+    else:
+        messages = [
+            {"text": {"text": ["Hello."]}, "payload": None, "responseType": None},
+            {"payload": None},
+            {"endInteraction": None, "channel": None},
+            {"text": None},
+            {"text": {"text": None}},
+            {"playAudio": {"audioUri": None}},
+            {"mixedAudio": {"segments": None}},
+        ]
+    result = {"responseMessages": messages, "currentPage": None, "parameters": None}
+    return {"responseId": "r", "queryResult": {**result, "languageCode": None}, "responseType": None}  # fmt: skip
 
 
 async def _halves(count: int) -> AsyncIterator[bytes]:

@@ -246,6 +246,32 @@ async def test_end_interaction_ends_the_session(cx: tuple[Settings, FastAPI]) ->
     await conv.pipeline.aclose()
 
 
+@pytest.mark.parametrize(("streaming", "sse"), [(False, False), (True, False), (True, True)])
+async def test_null_fields_are_taken_as_absent(
+    cx: tuple[Settings, FastAPI], streaming: bool, sse: bool
+) -> None:
+    """proto3 JSON reads ``null`` as a field's default (for a message field: not set).
+    ``responseMessages: null`` failed the turn ("responseMessages that are not a list of
+    objects"); a ``payload: null`` was the item ``null``, an ``endInteraction: null``
+    ended the session. Now a null field is an absent one: no messages, no variant."""
+    settings, app = cx
+    app.state.sse = sse
+    conv = engine(settings, dialogflow_cx_streaming=streaming)
+    assert texts(await conv.turn(ctx(), Input.of("pizza")).collect()) == ["What size?"]
+    silent = await conv.turn(ctx(), Input.of("nulls")).collect()
+    assert isinstance(silent[-1], ResponseEvent)
+    assert items(silent) == []
+    got = await conv.turn(ctx(), Input.of("null fields")).collect()
+    assert [(i.text, i.code, i.audio) for i in items(got)] == [("Hello.", None, None)]
+    assert isinstance(got[-1], ResponseEvent)
+    assert not got[-1].response.session_ended
+    session = await conv.store.get(ctx().key)
+    assert session is not None
+    assert session.pipeline_state == {"session": cx_session_id("test:s1")}
+    assert texts(await conv.turn(ctx(), Input.of("large")).collect())[0] == "A large pizza."
+    await conv.pipeline.aclose()
+
+
 async def test_handoff_and_telephony_transfer_are_the_transfer_action(
     cx: tuple[Settings, FastAPI],
 ) -> None:
