@@ -21,10 +21,13 @@ message and the bot's context. In default mode this is the only way: the user ke
 exists only in the answer of ``POST /users`` (the Chat API gives it once; a user id
 given again is refused as existing). In manual mode the ids are also derived from the
 session, so even a state lost with the session store finds them again. Kept ids that
-Botpress no longer knows (``listen`` answers 401 for the user key, 404 for the
-conversation: deleted, the integration reinstalled) are dropped and made anew in the
-same turn, once, before the input is sent (:data:`STALE`, logged at WARNING); kept,
-they would fail every later turn of the session.
+Botpress no longer takes (``listen`` answers 401 or 403 for the user key, 404 for the
+conversation: deleted, the integration reinstalled, its encryption key changed; or,
+for a session that kept a user and no conversation, its first turn having failed
+after making the user, ``POST /conversations`` answers 401, 403 or 404 for the user
+key) are dropped and made anew in the same turn, each kind once, before the input is
+sent (:data:`STALE`, :data:`STALE_USER`, logged at WARNING); kept, they would fail
+every later turn of the session.
 
 A turn: open ``GET /conversations/{id}/listen`` (SSE, each ``data`` a JSON ``{type,
 data}``), then send the input, then forward each ``message_created`` with ``isBot: true``
@@ -85,7 +88,7 @@ import asyncio
 import hashlib
 import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from typing import Any, Self
 from urllib.parse import quote
 
@@ -205,8 +208,14 @@ class BotpressPipeline(PooledCore):
             client=core_client(settings),
         )
 
-    async def _call(self, path: str, key: str | None, body: dict[str, Any]) -> dict[str, Any]:
-        """The JSON object Botpress answers ``POST <path>`` (``x-user-key: key`` when given)."""
+    async def _call(
+        self, path: str, key: str | None, body: dict[str, Any], stale: Collection[int] = ()
+    ) -> dict[str, Any]:
+        """The JSON object Botpress answers ``POST <path>`` (``x-user-key: key`` when given).
+
+        Raises :class:`_Stale` when the status is one of ``stale`` (the caller's kept key
+        refused), PipelineError for another non-2xx status or an answer that is no object.
+        """
         headers = {"x-user-key": key} if key else {}
         async with core_stream(
             self._client,
@@ -218,6 +227,8 @@ class BotpressPipeline(PooledCore):
             json=body,
             headers=headers,
         ) as answer:
+            if answer.status_code in stale:
+                raise _Stale(answer.status_code)
             data = await read_json(answer, self._max, "Botpress", (key, self._encryption_key))
         if not isinstance(data, dict):
             raise PipelineError(f"Botpress answered {path} with something else than an object")
@@ -225,7 +236,9 @@ class BotpressPipeline(PooledCore):
 
     async def _user(self, session: Session) -> tuple[str, str]:
         """The session's Chat user ``(id, key)``, created on its first turn (and anew,
-        with its conversation, when the kept key is not :func:`usable_key`).
+        with its conversation, when the kept key is not :func:`usable_key`). A user made
+        anew drops a kept conversation id (a session that kept one without its user:
+        that conversation is not the new user's, and listening to it was refused).
 
         Raises PipelineError naming Botpress when the key ``POST /users`` gives is not
         :func:`usable_key` (not kept: the next turn asks for another user).
@@ -236,6 +249,7 @@ class BotpressPipeline(PooledCore):
                 state.pop(name, None)
         if isinstance(state.get("userKey"), str) and isinstance(state.get("userId"), str):
             return state["userId"], state["userKey"]
+        state.pop("conversationId", None)  # a kept one was another user's: not this one's
         if self._encryption_key:
             user_id = _derived(session.key)
             key = jwt.encode({"id": user_id}, self._encryption_key, algorithm="HS256")
@@ -254,11 +268,14 @@ class BotpressPipeline(PooledCore):
         state["userId"], state["userKey"] = user_id, key
         return user_id, key
 
-    async def _conversation(self, session: Session, key: str) -> str:
+    async def _conversation(self, session: Session, key: str, kept_key: bool) -> str:
         """The session's conversation id, created on its first turn: in manual mode
         ``POST /conversations/get-or-create`` with the id :func:`conversation_id` derives
         from the session, so every attempt at the first turn (the engine discards a
-        failed turn's state) finds the same conversation; else ``POST /conversations``."""
+        failed turn's state) finds the same conversation; else ``POST /conversations``.
+
+        Raises :class:`_Stale` when ``kept_key`` (``key`` is the session's kept user key,
+        not one made in this turn) and Botpress refuses it (:data:`STALE_USER`)."""
         state = session.pipeline_state
         if isinstance(state.get("conversationId"), str):
             return str(state["conversationId"])
@@ -266,7 +283,8 @@ class BotpressPipeline(PooledCore):
             path, body = "/conversations/get-or-create", {"id": conversation_id(session)}
         else:
             path, body = "/conversations", {}
-        made = (await self._call(path, key, body)).get("conversation")
+        stale = STALE_USER if kept_key else ()
+        made = (await self._call(path, key, body, stale)).get("conversation")
         if not isinstance(made, dict) or not isinstance(made.get("id"), str):
             raise PipelineError("Botpress created a conversation without an id")
         state["conversationId"] = made["id"]
@@ -279,10 +297,18 @@ class BotpressPipeline(PooledCore):
         ended = False
         unknown: dict[str, None] = {}  # types of bot events dropped, in order
         with talking_to("Botpress"):
-            for retry in (True, False):
-                kept = isinstance(session.pipeline_state.get("conversationId"), str)
+            while True:  # once more after each kind of kept id refused: at most 3 times
+                state = session.pipeline_state
+                kept_key = state.get("userKey")
+                kept_conversation = isinstance(state.get("conversationId"), str)
                 user_id, key = await self._user(session)
-                conversation = await self._conversation(session, key)
+                kept_user = key == kept_key  # not made in this turn
+                kept_conversation = kept_conversation and kept_user  # (_user dropped it)
+                try:
+                    conversation = await self._conversation(session, key, kept_user)
+                except _Stale as stale:  # the kept user key refused, no conversation kept
+                    _forget(session, stale.status, "POST /conversations", USER_IDS)
+                    continue  # nothing was sent yet: on a new user
                 listen_url = f"{self.base_url}/conversations/{quote(conversation, safe='')}/listen"
                 headers = {"x-user-key": key, "Accept": "text/event-stream"}
                 async with core_stream(
@@ -295,8 +321,10 @@ class BotpressPipeline(PooledCore):
                     headers=headers,
                 ) as listen:
                     status = listen.status_code
-                    if retry and kept and status in STALE:
-                        _forget(session, status)
+                    dropped = STALE.get(status, ())
+                    refused = kept_user if "userKey" in dropped else kept_conversation
+                    if dropped and refused:  # kept ids, not ones made in this turn
+                        _forget(session, status, "listen", dropped)
                         continue  # nothing was sent yet: the turn runs once, on new ids
                     secrets = (key, self._encryption_key)
                     await check_status(listen, "Botpress", secrets, call="listen")
@@ -384,20 +412,41 @@ class BotpressPipeline(PooledCore):
             deadline = loop.time() + self._idle_s  # the bot is idle this long after its last
 
 
-STALE = {401: ("userId", "userKey", "conversationId"), 404: ("conversationId",)}
-"""Statuses of ``listen`` on a session's kept ids that say Botpress no longer knows them
+USER_IDS = ("userId", "userKey", "conversationId")
+"""The ``pipeline_state`` keys of a Chat user: its id, its key and its conversation."""
+
+STALE = {401: USER_IDS, 403: USER_IDS, 404: ("conversationId",)}
+"""Statuses of ``listen`` on a session's kept ids that say Botpress no longer takes them
 -> the ``pipeline_state`` keys dropped, to be made anew: 401 the user key (the user was
-deleted, the integration reinstalled), 404 the conversation."""
+deleted, the integration reinstalled or its encryption key changed), 403 the user may
+not listen to the conversation (not its own), 404 the conversation."""
+
+STALE_USER = frozenset({401, 403, 404})
+"""Statuses of ``POST /conversations`` (``/get-or-create``) with a session's kept user key
+that say Botpress no longer takes the key (401, 403) or knows its user (404): the user
+and its conversation are made anew. A session keeps a user without a conversation when
+its first turn made the user and then failed (:attr:`BotpressPipeline.durable_state`)."""
 
 
-def _forget(session: Session, status: int) -> None:
-    """Drop the ids Botpress refused with ``status`` (:data:`STALE`), logged at WARNING."""
-    dropped = STALE[status]
+class _Stale(Exception):
+    """Botpress refused a session's kept id with ``status`` (:data:`STALE_USER`)."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+def _forget(session: Session, status: int, call: str, dropped: Collection[str]) -> None:
+    """Drop the ids (``pipeline_state`` keys ``dropped``) Botpress refused with ``status``
+    at ``call``, logged at WARNING."""
     for name in dropped:
         session.pipeline_state.pop(name, None)
-    what = "user and conversation" if len(dropped) > 1 else "conversation"
+    what = "user and conversation" if "userKey" in dropped else "conversation"
     log.warning(
-        "Botpress answered listen with HTTP %d for the session's kept %s: made anew", status, what
+        "Botpress answered %s with HTTP %d for the session's kept %s: made anew",
+        call,
+        status,
+        what,
     )
 
 

@@ -6,7 +6,7 @@ Under ``/{webhookId}`` (:data:`WEBHOOK_ID`; another id is 404): ``POST /users`` 
 ``{"id"}`` signed with ``app.state.encryption_key`` (manual mode); ``POST /conversations``
 -> 201 ``{conversation}``; ``POST /conversations/get-or-create {id}`` -> 201
 ``{conversation}``, the one of that id (403 when another user owns it) or a new one; ``GET /conversations/{id}/listen`` -> SSE whose ``data`` is a
-JSON ``{type, data}`` signal (``init`` first, then ``message_created`` with ``isBot`` and
+JSON ``{type, data}`` signal (403 for a user not the conversation's; ``init`` first, then ``message_created`` with ``isBot`` and
 ``event_created``, for the user's own messages and events too); ``POST /messages`` and
 ``POST /events`` -> 201 ``{message}`` / ``{event}``. Every call but ``POST /users`` needs
 a known ``x-user-key`` (else 401). The bot answers after the 201, message by message
@@ -34,7 +34,10 @@ on with one line of 32 MB that never ends, see tests.gateway.core_app.endless_bo
 ``crash`` (the listen stream's connection dropped without the end of its body);
 ``state.listen_refusal`` set (a status): listen answers it, with a message quoting the
 request's ``x-user-key`` (as a careless proxy might); ``state.user_key`` set: the key
-``POST /users`` answers (a broken server's or proxy's, that no header can carry).
+``POST /users`` answers (a broken server's or proxy's, that no header can carry);
+``state.conversation_refusal`` set (a status): ``POST /conversations`` answers it;
+``state.unknown_key_status`` (401 unless set): the status of a call with a key the
+Chat API does not know (a user deleted: 404 or 403 on some deployments).
 """
 
 from __future__ import annotations
@@ -78,6 +81,8 @@ def make_botpress() -> FastAPI:
     state.tasks = set()
     state.listen_refusal = None
     state.user_key = None  # set: the key POST /users answers (a broken server or proxy)
+    state.conversation_refusal = None  # set: the status POST /conversations answers
+    state.unknown_key_status = 401  # the status of a call with a key no user has
 
     def user_of(request: Request) -> str | None:
         key = request.headers.get("x-user-key", "")
@@ -100,7 +105,8 @@ def make_botpress() -> FastAPI:
         if webhook_id != WEBHOOK_ID:
             return JSONResponse({"message": "webhook not found"}, status_code=404)
         if user is None:
-            return JSONResponse({"message": "Unauthorized: x-user-key"}, status_code=401)
+            status = state.unknown_key_status
+            return JSONResponse({"message": "Unauthorized: x-user-key"}, status_code=status)
         return None
 
     def publish(conversation_id: str, kind: str, data: Any) -> None:
@@ -284,6 +290,9 @@ def make_botpress() -> FastAPI:
         body, user = await call(request, webhook_id)
         if (refused := refuse(webhook_id, user)) is not None:
             return refused
+        if state.conversation_refusal:
+            message = {"message": "conversations are down"}
+            return JSONResponse(message, status_code=state.conversation_refusal)
         conversation_id = body.get("id") or f"conv-{uuid.uuid4().hex[:8]}"
         return made(conversation_id, user)
 
@@ -317,6 +326,8 @@ def make_botpress() -> FastAPI:
             return refused
         if conversation_id not in state.conversations:
             return JSONResponse({"message": "conversation not found"}, status_code=404)
+        if state.conversations[conversation_id]["owner"] != user:
+            return JSONResponse({"message": "not a participant"}, status_code=403)
         if state.listen_refusal:
             key = request.headers.get("x-user-key")
             message = f"listen is down for maintenance (x-user-key {key})"

@@ -429,14 +429,15 @@ async def test_a_flowstorm_v2_text_conversation_through_botpress(
             assert [line for line in body.splitlines() if line[:2] in ("< ", ".")] == lines
 
 
-@pytest.mark.parametrize("lost", ["conversation", "user", "manual"])
+@pytest.mark.parametrize("lost", ["conversation", "user", "user-403", "manual"])
 async def test_a_user_or_conversation_botpress_no_longer_knows_is_made_anew(
     botpress: tuple[str, FastAPI], lost: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The session's Chat conversation (404 at listen) or user key (401) that Botpress
-    dropped (deleted, the integration reinstalled) is made anew in the same turn, once,
-    with a WARNING: the turn is answered and the session goes on. Before, the stale ids,
-    kept by every failed turn (durable state), failed each of the session's turns."""
+    """The session's Chat conversation (404 at listen) or user key (401, or 403) that
+    Botpress dropped (deleted, the integration reinstalled) is made anew in the same
+    turn, once, with a WARNING: the turn is answered and the session goes on. Before,
+    the stale ids, kept by every failed turn (durable state), failed each of the
+    session's turns (and a 403 still did)."""
     url, app = botpress
     more: dict[str, Any] = {}
     if lost == "manual":  # the conversation, got or created again by its derived id
@@ -445,8 +446,9 @@ async def test_a_user_or_conversation_botpress_no_longer_knows_is_made_anew(
     conv = bp_engine(url, **more)
     assert texts(await conv.turn(ctx(), Input.of("yes")).collect()) == ["Let us start."]
     app.state.conversations.clear()
-    if lost == "user":
+    if lost.startswith("user"):
         app.state.users.clear()
+        app.state.unknown_key_status = 403 if lost == "user-403" else 401
     with caplog.at_level(logging.WARNING, logger="gateway.pipeline"):
         assert texts(await conv.turn(ctx(), Input.of("yes")).collect()) == ["Let us start."]
     assert any("made anew" in r.getMessage() for r in caplog.records)
@@ -456,7 +458,69 @@ async def test_a_user_or_conversation_botpress_no_longer_knows_is_made_anew(
         assert calls.count(("POST", "/conversations/get-or-create")) == 2
     else:
         assert calls.count(("POST", "/conversations")) == 2
-        assert calls.count(("POST", "/users")) == (2 if lost == "user" else 1)
+        assert calls.count(("POST", "/users")) == (2 if lost.startswith("user") else 1)
+    await conv.pipeline.aclose()
+
+
+@pytest.mark.parametrize("status", [401, 403, 404])
+async def test_a_kept_user_without_a_conversation_botpress_no_longer_knows_is_made_anew(
+    botpress: tuple[str, FastAPI], status: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A first turn that made the Chat user, then failed to make its conversation,
+    keeps the user (durable state) and no conversation. When Botpress no longer takes
+    that user key (the user deleted, the integration reinstalled: 401, or 403 / 404 for
+    the user), ``POST /conversations`` with it is refused: before, every later turn of
+    the session failed so ("Botpress answered HTTP 401"); now the user and its
+    conversation are made anew in the same turn, with a WARNING, and the turn is
+    answered."""
+    url, app = botpress
+    conv = bp_engine(url)
+    app.state.conversation_refusal = 503
+    await pipeline_error(conv, "Botpress answered HTTP 503", "hi")
+    session = await conv.store.get(ctx().key)
+    assert session is not None
+    assert set(session.pipeline_state) >= {"userId", "userKey"}
+    assert "conversationId" not in session.pipeline_state
+    stale = session.pipeline_state["userKey"]
+    app.state.conversation_refusal = None
+    app.state.users.clear()  # Botpress forgot the user
+    app.state.unknown_key_status = status
+    with caplog.at_level(logging.WARNING, logger="gateway.pipeline"):
+        assert texts(await conv.turn(ctx(), Input.of("again")).collect()) == ["You said: again"]
+    assert [r.getMessage() for r in caplog.records if r.name == "gateway.pipeline.botpress"] == [
+        f"Botpress answered POST /conversations with HTTP {status} for the session's kept "
+        "user and conversation: made anew"
+    ]
+    assert texts(await conv.turn(ctx(), Input.of("yes")).collect()) == ["Let us start."]
+    calls = [(m, p) for m, p, _ in app.state.calls]
+    assert calls.count(("POST", "/users")) == 2
+    assert calls.count(("POST", "/conversations")) == 3  # refused twice, then made
+    after = await conv.store.get(ctx().key)
+    assert after is not None
+    assert after.pipeline_state["userKey"] != stale
+    await conv.pipeline.aclose()
+
+
+async def test_a_kept_conversation_without_its_user_is_not_listened_to_with_another(
+    botpress: tuple[str, FastAPI],
+) -> None:
+    """A session that kept a conversation id but no user key gets a new user, whose
+    conversation is a new one too: the kept one was another user's. Before, the new user
+    listened to the kept conversation, which Botpress refuses (403): every later turn of
+    the session failed."""
+    url, app = botpress
+    conv = bp_engine(url)
+    assert texts(await conv.turn(ctx(), Input.of("hi")).collect()) == ["You said: hi"]
+    async with conv.store.open(ctx().key, lease_s=5, wait_s=5) as txn:
+        session = txn.session
+        assert session is not None
+        kept = session.pipeline_state["conversationId"]
+        del session.pipeline_state["userKey"]
+        txn.save(session, session.timeout_s)
+    assert texts(await conv.turn(ctx(), Input.of("again")).collect()) == ["You said: again"]
+    listened = [p for m, p, _ in app.state.calls if m == "GET"]
+    assert listened[0] == f"/conversations/{kept}/listen"
+    assert listened[1] != listened[0]
     await conv.pipeline.aclose()
 
 
