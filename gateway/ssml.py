@@ -7,7 +7,8 @@ protocols use it without loading the turn engine (DESIGN.md, "Rules of the house
   when an item has it, its text escaped otherwise, https audio links as
   ``<audio src>``) within a character budget, kept well-formed, without the ``<audio>``
   a platform refuses (a ``src`` not https; Alexa also plays ``soundbank://``), which
-  :func:`refused_audio` names for the log;
+  :func:`refused_audio` names for the log; an item's own ``audio`` that the platform plays
+  is said INSTEAD of its text or SSML (:func:`played_instead`: its rendition, heard once);
 - with ``elements`` (:data:`ALEXA_ELEMENTS`, :data:`GOOGLE_ELEMENTS`), it keeps only the
   SSML elements the platform supports, each other one (a nested ``<speak>`` too) replaced
   by its content, which :func:`refused_elements` names for the log;
@@ -65,6 +66,7 @@ __all__ = [
     "item_ssml",
     "loose_ssml",
     "loose_text",
+    "played_instead",
     "read_ssml_in_text",
     "refused_audio",
     "refused_elements",
@@ -1001,11 +1003,14 @@ def item_ssml(
 ) -> str:
     """One item as an SSML fragment (no ``<speak>``), ``""`` when it says nothing.
 
-    The item's ``ssml`` when it is well-formed, else its ``text`` escaped, else (no text)
-    the words of its ``ssml`` read leniently (:func:`loose_text`), escaped;
-    a command item (:func:`gateway.events.is_command`: a ``#command`` text, no ``ssml``)
-    says nothing, while an item with ``ssml`` says it whatever its text (``#1 hit``); an
-    ``audio`` URL becomes ``<audio src="..."/>``.
+    An item's ``audio`` is its own rendition (:func:`played_instead`): when the platform
+    plays it, the fragment is that ``<audio src="..."/>`` alone, its ``text``/``ssml`` not
+    said (they stay what a screen shows, :func:`display_text`); otherwise (no ``audio``,
+    or one the platform does not play) it says the item's ``ssml`` when it is
+    well-formed, else its ``text`` escaped, else (no text) the words of its ``ssml`` read
+    leniently (:func:`loose_text`), escaped; a command item
+    (:func:`gateway.events.is_command`: a ``#command`` text, no ``ssml``) says nothing,
+    while an item with ``ssml`` says it whatever its text (``#1 hit``).
     Only audio whose ``src`` begins with one of ``audio_schemes`` is said
     (:data:`HTTPS_AUDIO`, :data:`ALEXA_AUDIO`): the platforms refuse the WHOLE speech
     for one other ``<audio>`` (an ``http://`` one, say), so an ``<audio>`` element of the
@@ -1021,6 +1026,39 @@ def item_ssml(
     made one they take (:func:`_checked_values`: a ``<break time>`` over :data:`MAX_BREAK_S`
     clamped to it, a ``<prosody rate="x">`` without its ``rate``).
     """
+    audio = item.audio
+    if audio and _plays(audio, audio_schemes):  # the item's rendition: it alone (once)
+        return f"<audio src={quoteattr(audio)}/>"
+    return _said_ssml(item, audio_schemes, elements)
+
+
+def _plays(audio: str, audio_schemes: tuple[str, ...]) -> bool:
+    """Whether an item's ``audio`` URL goes into the speech as ``<audio src>``: it begins
+    with one of ``audio_schemes`` and holds no character XML refuses (:data:`_NOT_XML`)."""
+    return audio.startswith(audio_schemes) and not _NOT_XML.search(audio)
+
+
+def played_instead(item: ResponseItem, audio_schemes: tuple[str, ...] = HTTPS_AUDIO) -> bool:
+    """Whether a voice channel playing ``audio_schemes`` plays ``item``'s ``audio`` INSTEAD
+    of saying its ``text``/``ssml`` (:func:`item_ssml`): the gateway's one rule for an item
+    with both. An item's ``audio`` is its own rendition, as Flowstorm's items' is (their
+    ``audio`` is "the URL of its synthesized speech", PROTOCOL-NOTES.md; the gateway's own
+    TTS does not synthesize an item that has audio, ``gateway.speech.service.speakable``):
+    a Voiceflow voice agent's ``speak`` trace carries its words (``message``) and the
+    recording of those words (``src``, Voiceflow's TTS), which
+    :mod:`gateway.pipeline.voiceflow` makes one item of. The user hears it once. Before,
+    Alexa and Google said the words and then played the recording of them: the sentence
+    twice. An item whose ``audio`` the platform does not play (``http://``, ``data:``, a
+    character XML refuses, over Alexa's count of ``<audio>`` tags) says its words instead,
+    as before."""
+    return bool(item.audio) and _plays(item.audio or "", audio_schemes)
+
+
+def _said_ssml(
+    item: ResponseItem, audio_schemes: tuple[str, ...], elements: frozenset[str] | None
+) -> str:
+    """:func:`item_ssml` of ``item`` without its own ``audio``: what it says when that is
+    not played (its ``ssml``, text or loose words; its ``ssml``'s own ``<audio>`` kept)."""
     parts: list[str] = []
     if is_command(item):
         pass  # an action for the client, no speech (it has no ssml: is_command)
@@ -1035,9 +1073,6 @@ def item_ssml(
         parts.append(xml_text(item.text.strip()))
     elif item.ssml:  # not well-formed, and no text: its words (loose_text), not silence
         parts.append(xml_text(loose_text(item.ssml)))
-    audio = item.audio
-    if audio and audio.startswith(audio_schemes) and not _NOT_XML.search(audio):
-        parts.append(f"<audio src={quoteattr(audio)}/>")
     return " ".join(p for p in parts if p)
 
 
@@ -1060,9 +1095,11 @@ def speech_ssml(
     does not fit, its spoken text is cut at a sentence/word boundary
     (:func:`truncate_text`) and escaped, and nothing after it is said, so the
     document is always well-formed. With ``max_audio`` (Alexa allows 5 ``<audio>``
-    tags in one output speech), an item whose ``<audio>`` tags (its ``audio`` URL and
-    those in its ``ssml``) would pass that count says only its spoken text, and the
-    items after it are still said. Returns None when no item says anything.
+    tags in one output speech), an item whose ``<audio>`` tags (its ``audio`` URL, played
+    instead of its words, :func:`played_instead`, or those in its ``ssml``) would pass
+    that count says only its spoken text, and the items after it are still said; so does
+    an item whose own ``audio`` is cut by the budget. Returns None when no item says
+    anything.
 
     ``then``, when given, is said whole after the items (a failed turn's apology after
     what the core said before it failed): its speech takes its room first and the items
@@ -1080,7 +1117,7 @@ def speech_ssml(
         if audio_left is not None and _AUDIO_TAG in fragment:
             tags = fragment.count(_AUDIO_TAG)
             if tags > audio_left:  # over the platform's count: its words only
-                fragment = xml_text(ssml_to_text(fragment) or "")
+                fragment = xml_text(_words(item, fragment, audio_schemes, elements))
             else:
                 audio_left -= tags
         if not fragment:
@@ -1091,7 +1128,7 @@ def speech_ssml(
             out.append(fragment)
             used += sep + size
             continue
-        spoken = ssml_to_text(fragment) or ""
+        spoken = _words(item, fragment, audio_schemes, elements)
         cut = _truncate_escaped(spoken, budget - used - sep, utf16=utf16)
         if cut:
             out.append(cut)
@@ -1099,6 +1136,21 @@ def speech_ssml(
     if not out:
         return None
     return _SPEAK_OPEN + " ".join(out) + _SPEAK_CLOSE
+
+
+def _words(
+    item: ResponseItem,
+    fragment: str,
+    audio_schemes: tuple[str, ...],
+    elements: frozenset[str] | None,
+) -> str:
+    """The spoken words of ``item``, whose :func:`item_ssml` is ``fragment``, for when its
+    sounds are not said (over the platform's count, or cut): the words of ``fragment``, or,
+    when that is the item's own ``audio`` played instead of its words
+    (:func:`played_instead`), the words of what it says without it."""
+    if played_instead(item, audio_schemes):
+        fragment = _said_ssml(item, audio_schemes, elements)
+    return ssml_to_text(fragment) or ""
 
 
 def _speech_then(

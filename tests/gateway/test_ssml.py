@@ -25,6 +25,7 @@ from gateway.ssml import (
     SsmlBound,
     bounded_items,
     display_text,
+    item_ssml,
     loose_ssml,
     read_ssml_in_text,
     refused_audio,
@@ -409,3 +410,22 @@ def test_the_steps_of_an_ssml_bound_read_as_read_does() -> None:
             taken = steps.lenient(taken)
         assert (taken, cut) == (read.ssml, read.cut)
     assert (whole.left, whole.loose_left) == (steps.left, steps.loose_left)
+
+
+def test_an_items_own_audio_is_said_instead_of_its_words_or_its_words_when_not_played() -> None:
+    """An item's ``audio`` is its rendition (gateway.ssml.played_instead): played alone; its
+    words said instead when the platform does not play it (its scheme, over Alexa's count of
+    five ``<audio>``, or cut by the budget), never nothing and never both."""
+    own = ResponseItem(text="Your pizza is ready.", audio="https://cdn.example.com/ready.mp3")
+    assert item_ssml(own) == '<audio src="https://cdn.example.com/ready.mp3"/>'
+    assert item_ssml(own.model_copy(update={"audio": "http://cdn.example.com/r.mp3"})) == (
+        "Your pizza is ready."
+    )
+    clip = ResponseItem(audio="https://cdn.example.com/clip.mp3")
+    over = speech_ssml([clip] * 5 + [own], 8000, max_audio=5)
+    assert over is not None
+    assert over.endswith("/> Your pizza is ready.</speak>")
+    assert over.count("<audio") == 5
+    cut = speech_ssml([own], 30)  # no room for the audio tag: the words, cut
+    assert cut == "<speak>Your pizza is…</speak>"
+    assert display_text([own], 100) == "Your pizza is ready."

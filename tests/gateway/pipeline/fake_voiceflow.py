@@ -17,7 +17,8 @@ The agent: ``launch`` -> a text (slate + message), a ``speak`` with an audio URL
 stored size; ``agent`` -> the custom action trace ``transfer``; ``nobody`` -> a text and
 the custom action trace ``handoff`` without a target; ``bye`` -> a text and
 ``end``; ``voice`` -> ``speak`` traces whose messages are SSML or plain text
-(:data:`VOICE`); ``music`` -> a text and a ``stream`` trace (an audio player step's song);
+(:data:`VOICE`); ``recorded`` -> ``speak`` traces with a message and its recording as
+``src`` (:data:`RECORDED`); ``music`` -> a text and a ``stream`` trace (an audio player step's song);
 ``no-reply`` -> "Still there?"; ``menu`` -> a text and the custom action trace
 ``open_menu`` with the plain text payload ``main``, whose path ``done`` answers "Back
 from the menu."; ``news`` -> a text and traces of unknown types without paths
@@ -256,6 +257,8 @@ def agent(app: FastAPI, user_id: str, action: dict[str, Any]) -> list[Any]:
         return [text("Goodbye."), trace("end", None)]
     if payload == "voice":  # a voice agent's speak steps: SSML in the message, or plain text
         return [trace("speak", {"type": "message", "message": m}) for m in VOICE]
+    if payload == "recorded":  # speak steps with Voiceflow's TTS of their message as src
+        return [trace("speak", {"type": "message", "message": m, "src": s}) for m, s in RECORDED]
     if payload == "news":  # traces of types the connector does not know, no paths
         kinds = ["carouselV3", "x" * 5_000, "carouselV3", "debug"]
         return [text("The news."), *(trace(k, {"data": 1}) for k in kinds)]
@@ -280,6 +283,19 @@ VOICE: list[str] = [
 """The ``message`` of each ``speak`` trace answered to ``voice`` (a voice agent's, as the
 runtime sends them): SSML in a voice, a pause between two words, a document written by hand
 (a bare ``&``), plain text with ``<``, ``&`` and ``>`` or HTML tags, a sound alone."""
+
+
+RECORDED: list[tuple[str, str]] = [
+    ("Your pizza is ready.", "https://cdn.example.com/tts/ready.mp3"),
+    ('<voice name="Joanna">Enjoy <emphasis>your meal</emphasis>.</voice>',
+     "https://cdn.example.com/tts/enjoy.mp3"),
+    ("Anything else?", "data:audio/mpeg;base64,SUQzBAAAAAAAI1RTU0U="),
+    ("See you.", "http://cdn.example.com/tts/see-you.mp3"),
+]  # fmt: skip
+"""The ``message`` and ``src`` of each ``speak`` trace answered to ``recorded``: a voice
+agent's messages with the recording of their words (Voiceflow's TTS, ``config.tts``): plain
+text and SSML with an https ``src``, then a ``data:`` one (what the runtime's own TTS
+gives) and an ``http:`` one (which the voice assistants do not play)."""
 
 
 COMPLETIONS: dict[str, list[tuple[str, str | None]]] = {

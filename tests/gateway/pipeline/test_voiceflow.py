@@ -27,6 +27,8 @@ from gateway.events import (
 )
 from gateway.ssml import SSML_ANSWER_MAX_CHARS
 from gateway.turn import TurnContext
+from tests.adapters.alexa.test_routes import envelope
+from tests.adapters.google.requests import v3
 from tests.conftest import gateway
 from tests.gateway.core_app import cut_early
 from tests.gateway.pipeline.fake_voiceflow import API_KEY, trace
@@ -595,3 +597,55 @@ async def test_why_voiceflow_refused_goes_to_the_log(
     lines = [r.getMessage() for r in caplog.records if r.name == "gateway.pipeline.cores"]
     assert lines == ['Voiceflow answered HTTP 500: {"message":"internal"}']
     await conv.pipeline.aclose()
+
+
+RECORDED_SPEECH = (
+    '<speak><audio src="https://cdn.example.com/tts/ready.mp3"/> '
+    '<audio src="https://cdn.example.com/tts/enjoy.mp3"/> Anything else? See you.</speak>'
+)
+"""What Alexa and Google say for the fake runtime's ``recorded`` speak traces
+(fake_voiceflow.RECORDED): each https recording once, instead of its words; the words of
+the messages whose recording they do not play (``data:``, ``http:``)."""
+
+
+@pytest.mark.parametrize("channel", ["alexa", "google"])
+async def test_a_speak_message_and_its_recording_are_heard_once_on_a_voice_assistant(
+    voiceflow: tuple[str, FastAPI], channel: str
+) -> None:
+    """A voice agent's ``speak`` trace carries its words (``message``, text or SSML) and
+    their recording (``src``, Voiceflow's TTS): the Voiceflow core makes one item of both,
+    and Alexa and Google play the recording INSTEAD of saying the words
+    (gateway.ssml.played_instead, the one rule of every voice channel); the words are still
+    what a screen shows. A ``src`` they do not play (``data:``, ``http:``) leaves the words
+    said. Before, they said the words and then played the recording: every sentence
+    twice ("What size? What size?")."""
+    url, _ = voiceflow
+    settings: dict[str, Any] = {"alexa_verify": False, "google_verify": False}
+    async with (
+        gateway(pipeline="voiceflow:", voiceflow_api_key=KEY, voiceflow_runtime_url=url, **settings)
+        as base,
+        httpx.AsyncClient(base_url=base) as client,
+    ):
+        if channel == "alexa":
+            async def turn(text: str | None) -> tuple[str, str | None]:
+                kind = "LaunchRequest" if text is None else "IntentRequest"
+                answer = await client.post("/alexa", json=envelope("S-rec", text=text, kind=kind))
+                assert answer.status_code == 200, answer.text
+                response = answer.json()["response"]
+                return response["outputSpeech"]["ssml"], None
+
+        else:
+            async def turn(text: str | None) -> tuple[str, str | None]:
+                intent = "actions.intent.MAIN" if text is None else "FreeText"
+                answer = await client.post("/google", json=v3("S-rec", intent, text or ""))
+                assert answer.status_code == 200, answer.text
+                simple = answer.json()["prompt"]["firstSimple"]
+                return simple["speech"], simple["text"]
+
+        speech, shown = await turn(None)  # launch: a text, then "What size?" with its src
+        size = '<audio src="https://cdn.example.com/tts/size.mp3"/>'
+        assert speech == f"<speak>Welcome to the pizza shop. {size}</speak>"
+        assert shown in (None, "Welcome to the pizza shop. What size?")
+        speech, shown = await turn("recorded")
+        assert speech == RECORDED_SPEECH
+        assert shown in (None, "Your pizza is ready. Enjoy your meal. Anything else? See you.")
