@@ -1430,7 +1430,8 @@ async def test_audio_google_refuses_is_left_out_and_the_rest_is_said(
     ):
         sources = [a.get("src") for a in ET.fromstring(ssml).iter("audio")]
         assert sources == ["https://cdn.example/ok.mp3"]
-        assert " ".join(speech_text(ssml).split()) == "Here. Done. Chime. Clip. Fine."
+        # ("Fine." plays its own audio instead of its words: gateway.ssml.played_instead)
+        assert " ".join(speech_text(ssml).split()) == "Here. Done. Chime. Clip."
     lines = [r for r in caplog.records if "left out of the speech" in r.getMessage()]
     assert len(lines) == 2  # one per answer
     assert all(r.levelno == logging.WARNING for r in lines)
