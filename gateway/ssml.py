@@ -73,6 +73,7 @@ __all__ = [
     "speech_ssml",
     "ssml_in_text",
     "ssml_markup",
+    "ssml_sounds",
     "ssml_to_text",
     "truncate_text",
     "utf16_len",
@@ -334,6 +335,28 @@ def audio_only(ssml: str, schemes: tuple[str, ...] = ("https://", "http://")) ->
     if not sources or not all(src.startswith(schemes) for src in sources):
         return None
     return sources
+
+
+def ssml_sounds(ssml: str, schemes: tuple[str, ...] = ("https://", "http://")) -> list[str]:
+    """The ``src`` of each ``<audio>`` element of ``ssml`` (a fragment or ``<speak>``
+    document) that begins with one of ``schemes`` (http(s), what a client can fetch), in
+    document order, whatever else it says; ``[]`` when it has none or is not well-formed.
+    A text channel shows an item's words (:func:`ssml_to_text`: the sounds are no words)
+    and is sent these sounds beside them (the Voiceflow socket's ``speak`` traces of type
+    ``audio``, adapters/voiceflow/protocol.py). Costs a parse only when ``ssml`` holds
+    ``<audio``."""
+    if _AUDIO_TAG not in ssml:
+        return []
+    try:
+        root = ET.fromstring(f"{_SPEAK_PARSED}{_strip_speak(ssml)}{_SPEAK_CLOSE}")
+    except (ET.ParseError, UnicodeEncodeError):
+        return []
+    sources = (
+        element.get("src") or ""
+        for element in root.iter()
+        if element.tag.rpartition("}")[2] == "audio"
+    )
+    return [src for src in sources if src.startswith(schemes)]
 
 
 _MARKUP_NAMES: frozenset[str] = ALEXA_ELEMENTS | GOOGLE_ELEMENTS | {"speak"}

@@ -239,6 +239,9 @@ Response items -> traces (:class:`TraceWriter`), in this order per item:
   requires and Voiceflow's own UIs render; ``message`` is the plain text beside it,
   as Voiceflow's runtime sends both (PROTOCOL-NOTES.md);
 - ``image`` -> ``visual {visualType: "image", image}``;
+- each http(s) ``<audio src>`` of the item's SSML (a sound among its words, which the
+  text above does not carry; :func:`gateway.ssml.ssml_sounds`, in document order, the
+  SSML read up to the turn's bound) -> ``speak {type: "audio", message: "", src}``;
 - ``audio`` of an item without text (the core's own recording) ->
   ``speak {type: "audio", message: "", src}``;
 - ``code`` holding a JSON object: ``"buttons"`` -> ``choice {buttons: [{name,
@@ -309,7 +312,7 @@ from gateway.protocol import (
 )
 from gateway.protocol.actions import StartTurn as StartTurn
 from gateway.speech.types import TtsFileFormat, TtsRequest
-from gateway.ssml import SsmlBound, loose_text, ssml_to_text
+from gateway.ssml import SsmlBound, loose_text, ssml_sounds, ssml_to_text
 from gateway.turn import TurnContext, TurnRejected, new_session_id, store_failed
 
 CHANNEL = "voiceflow"
@@ -842,7 +845,7 @@ class TraceWriter:
         """The traces of one response item, in order."""
         out: list[dict[str, Any]] = []
         now = self.clock_ms()
-        text = _message(item, self._ssml)
+        text, sounds = _message(item, self._ssml)
         if text is not None:
             if self.config.audio_events:
                 voice = (item.tts_config.name or None) if item.tts_config is not None else None
@@ -857,7 +860,9 @@ class TraceWriter:
             else:
                 payload = {"slate": slate(text, self.new_id()), "message": text}
                 out.append(trace("text", payload, now))
-        others: list[dict[str, Any]] = []
+        others: list[dict[str, Any]] = [
+            trace("speak", {"type": "audio", "message": "", "src": src}, now) for src in sounds
+        ]
         if item.image:
             others.append(trace("visual", {"visualType": "image", "image": item.image}, now))
         if item.audio and text is None:
@@ -923,23 +928,37 @@ def _command(item: ResponseItem) -> str | None:
     return (item.text or "").strip() if is_command(item) else None
 
 
-def _message(item: ResponseItem, bound: SsmlBound | None = None) -> str | None:
-    """The text an item says: its text, else the words of its SSML
+def _message(item: ResponseItem, bound: SsmlBound | None = None) -> tuple[str | None, list[str]]:
+    """The text an item says and the sounds its SSML plays.
+
+    The text: its text, else the words of its SSML
     (:func:`gateway.ssml.ssml_to_text`: tags out, character references decoded as XML
     decodes them, control characters left out; SSML that is not well-formed read
-    leniently, :func:`gateway.ssml.loose_text`; with ``bound``, its turn's, only as much
-    of it as the turn still reads: :class:`gateway.ssml.SsmlBound`); None for
-    ``#commands`` (:func:`_command`).
+    leniently, :func:`gateway.ssml.loose_text`); None for ``#commands`` (:func:`_command`).
     Before, the tags were cut out by a regex and the references decoded as HTML's:
-    ``&#x80;`` became ``€`` and DEL or a C1 control was shown."""
+    ``&#x80;`` became ``€`` and DEL or a C1 control was shown.
+
+    The sounds: the http(s) ``src`` of each ``<audio>`` of its (well-formed) SSML, in
+    order (:func:`gateway.ssml.ssml_sounds`; none for a ``#command``), which the text
+    does not carry: the socket sends each as a ``speak`` trace of type ``audio`` after
+    the text. Before, SSML of words and an ``<audio src>`` gave the client the words and
+    no reference to the sound.
+
+    With ``bound``, its turn's, only as much of the SSML as the turn still reads is read
+    (:class:`gateway.ssml.SsmlBound`): for the words when the item has no text, for the
+    sounds when it holds ``<audio``."""
     if _command(item) is not None:
-        return None
+        return None, []
     text = (item.text or "").strip()
-    if not text and item.ssml:  # its words, as the speech says them and screens show them
-        ssml = item.ssml if bound is None else bound.read(item.ssml).ssml
+    ssml = item.ssml or ""
+    if not ssml or (text and "<audio" not in ssml):
+        return text or None, []
+    if bound is not None:
+        ssml = bound.read(ssml, text=bool(text)).ssml
+    if not text:  # its words, as the speech says them and screens show them
         spoken = ssml_to_text(ssml)
         text = spoken if spoken is not None else loose_text(ssml)
-    return text or None
+    return text or None, ssml_sounds(ssml)
 
 
 def _list(value: Any) -> list[Any]:

@@ -1851,7 +1851,72 @@ async def test_ssml_only_items_are_their_words_as_the_other_channels_show_them()
         _, traces, _ = await vf.act({"type": "launch"})
         said = ["Ding dong!", "Hello world.", "Welcome back"]
         assert messages(traces) == said
-        assert [t["payload"]["slate"]["content"][0]["children"][0]["text"] for t in traces] == said
+        texts = [t for t in traces if t["type"] == "text"]
+        assert [t["payload"]["slate"]["content"][0]["children"][0]["text"] for t in texts] == said
+        dong = {"type": "audio", "message": "", "src": "https://example.com/dong.mp3"}
+        assert traces[1] == {"type": "speak", "payload": dong, "time": traces[1]["time"]}
+
+
+class SoundsInWordsCore(WebhookCore):
+    """A core that answers SSML of words and two sounds (an ``<audio>`` of Alexa's sound
+    library besides, which a client cannot fetch), then a text."""
+
+    async def answer(self, body: dict[str, Any]) -> Any:
+        return {
+            "items": [
+                {
+                    "ssml": '<speak>Here is the bell <audio src="https://cdn.example.com/bell.mp3"/>'
+                    ' and <audio src="soundbank://soundlibrary/gong"/> the gong'
+                    ' <audio src="https://cdn.example.com/gong.mp3">a gong</audio>.</speak>'
+                },
+                {"text": "Next."},
+            ]
+        }
+
+
+@pytest.mark.parametrize("config", [{}, {"completionEvents": True}, {"audioEvents": True}])
+async def test_the_sounds_of_ssml_with_words_reach_the_client_after_its_words(
+    config: dict[str, Any],
+) -> None:
+    """An item whose SSML holds words and ``<audio src>`` sounds: the client gets its words
+    (as a text, completion or speak message) and then each http(s) sound as Voiceflow's
+    ``speak {type: "audio", src}``, in order, before the next item's. Before, it got the
+    words only and never learned the sounds' URLs (nor could it play them)."""
+    core = SoundsInWordsCore()
+    async with core.running() as core_url, served(pipeline=core_url) as url, client(url) as vf:
+        await vf.handshake(config=config)
+        _, traces, last = await vf.act({"type": "launch"})
+    assert last["status"] == "completed"
+    words = "Here is the bell and the gong a gong."
+    sounds = [
+        ("speak", {"type": "audio", "message": "", "src": f"https://cdn.example.com/{name}.mp3"})
+        for name in ("bell", "gong")
+    ]
+    got = [(t["type"], t["payload"]) for t in traces]
+    if not config:
+        assert got == [
+            ("text", {"slate": traces[0]["payload"]["slate"], "message": words}),
+            *sounds,
+            ("text", {"slate": traces[3]["payload"]["slate"], "message": "Next."}),
+        ]
+    elif "completionEvents" in config:
+        assert got == [
+            ("completion", {"state": "start"}),
+            ("completion", {"state": "content", "content": words}),
+            ("completion", {"state": "end"}),
+            *sounds,
+            ("completion", {"state": "start"}),
+            ("completion", {"state": "content", "content": "Next."}),
+            ("completion", {"state": "end"}),
+        ]
+    else:  # a speak message with its TTS link, then the sounds
+        assert [(kind, payload.get("message")) for kind, payload in got] == [
+            ("speak", words),
+            ("speak", ""),
+            ("speak", ""),
+            ("speak", "Next."),
+        ]
+        assert got[1:3] == sounds
 
 
 async def test_intent_classes_and_attributes_reach_the_core() -> None:
