@@ -622,11 +622,13 @@ async def test_a_speak_message_and_its_recording_are_heard_once_on_a_voice_assis
     url, _ = voiceflow
     settings: dict[str, Any] = {"alexa_verify": False, "google_verify": False}
     async with (
-        gateway(pipeline="voiceflow:", voiceflow_api_key=KEY, voiceflow_runtime_url=url, **settings)
-        as base,
+        gateway(
+            pipeline="voiceflow:", voiceflow_api_key=KEY, voiceflow_runtime_url=url, **settings
+        ) as base,
         httpx.AsyncClient(base_url=base) as client,
     ):
         if channel == "alexa":
+
             async def turn(text: str | None) -> tuple[str, str | None]:
                 kind = "LaunchRequest" if text is None else "IntentRequest"
                 answer = await client.post("/alexa", json=envelope("S-rec", text=text, kind=kind))
@@ -635,6 +637,7 @@ async def test_a_speak_message_and_its_recording_are_heard_once_on_a_voice_assis
                 return response["outputSpeech"]["ssml"], None
 
         else:
+
             async def turn(text: str | None) -> tuple[str, str | None]:
                 intent = "actions.intent.MAIN" if text is None else "FreeText"
                 answer = await client.post("/google", json=v3("S-rec", intent, text or ""))
