@@ -73,8 +73,9 @@ _TURN_DOC: dict[int | str, dict[str, Any]] = {
     204: {"description": "A body of Log events only: stored with the session"},
     400: {
         "description": "Malformed body, audio or configuration (a deviceId over "
-        f"{MAX_ID_CHARS} characters too; a query parameter none of these, whose names are "
-        "read in any case, or one given twice with two values), or a flowstorm-session-id "
+        f"{MAX_ID_CHARS} characters too; one of these query parameters, whose names are "
+        "read in any case, given twice with two values, or `locale`: other names are "
+        "ignored), or a flowstorm-session-id "
         "cookie that is no session id (over 256 characters, whitespace or control "
         "characters: the cookie is cleared) (ErrorEvent / `!` line)"
     },
@@ -244,7 +245,7 @@ GET_CLIENT: dict[str, Any] = dict(
         },
         400: {
             "description": f"Malformed configuration (a deviceId over {MAX_ID_CHARS} "
-            "characters too; a query parameter PUT does not take), or a "
+            "characters too; a value PUT would refuse), or a "
             "flowstorm-session-id cookie that is no session id (the "
             "cookie is cleared) (ErrorEvent / `!` line)"
         },

@@ -198,17 +198,31 @@ _FIELD_OF_PARAM: Final = {param.lower(): name for name, _, param in CONFIG_SOURC
 _KNOWN_PARAMS: Final = ", ".join(param for _, _, param in CONFIG_SOURCES)
 
 
-def _unknown_param(param: str) -> ProtocolError:
-    """The 400 of a query parameter that is no configuration value of the spec's table."""
-    where = (
-        " (the locale comes from the Accept-Language header)"
-        if param.strip().lower() == "locale"
-        else ""
-    )
+_NO_QUERY_FORM: Final = frozenset({"locale"})
+"""Spec configuration values that have no query parameter (the locale comes from
+Accept-Language): named in the query, refused rather than ignored, since the client
+means to set one and would silently get the default."""
+
+
+def _no_query_form(param: str) -> ProtocolError:
+    """The 400 of a spec configuration value given as a query parameter it has not
+    (:data:`_NO_QUERY_FORM`)."""
     return ProtocolError(
-        f"Unknown query parameter {clipped(param)}{where}: the parameters are {_KNOWN_PARAMS} "
-        "(names in any case)."
+        f"Unknown query parameter {clipped(param)} (the locale comes from the "
+        f"Accept-Language header): the parameters are {_KNOWN_PARAMS} (names in any case)."
     )
+
+
+def ignored_params(query: Mapping[str, str] | Iterable[tuple[str, str]]) -> tuple[str, ...]:
+    """The query parameter names :func:`parse_config` ignores: none of the configuration
+    table's (in any case), as sent, each once in their first order (``_`` of a browser's or
+    jQuery's cache buster, ``utm_source`` of analytics...). Pure."""
+    names: dict[str, None] = {}
+    for param, _ in query.items() if isinstance(query, Mapping) else query:
+        lower = param.lower()
+        if lower not in _FIELD_OF_PARAM and lower.strip() not in _NO_QUERY_FORM:
+            names.setdefault(param)
+    return tuple(names)
 
 
 def parse_config(
@@ -231,10 +245,12 @@ def parse_config(
     is the Accept-Language tag of the highest weight (see :func:`_preferred_language`).
     An empty value is no value (the spec's default, or the query parameter's when the
     header's is empty). A missing key is not an error here: the route decides (it
-    answers 401). A query parameter that is none of the spec's table (nor ``tts``,
-    ``sendResponseItems``, ``videoFile``, ``realtime``), say ``locale`` or a misspelt
-    ``sampleRate``, is refused (ProtocolError naming it and the known names), as is one
-    given twice (in any case) with two values: neither is silently ignored.
+    answers 401). A query parameter whose name is none of the spec's table (nor ``tts``,
+    ``sendResponseItems``, ``videoFile``, ``realtime``) is ignored, its value unread
+    (a cache buster ``_=1733600000000``, ``utm_source``, a misspelt ``sampleRate``: the
+    route logs their names, :func:`ignored_params`), except ``locale``, a value of the
+    table that has no query parameter (refused naming Accept-Language and the known
+    names). A known name given twice (in any case) with two values is refused.
     """
     found: dict[str, str] = {}
     language = ""
@@ -249,7 +265,9 @@ def parse_config(
     for param, raw in query.items() if isinstance(query, Mapping) else query:
         name = _FIELD_OF_PARAM.get(param.lower())
         if name is None:
-            raise _unknown_param(param)
+            if param.strip().lower() in _NO_QUERY_FORM:
+                raise _no_query_form(param)
+            continue  # no configuration value: ignored (ignored_params names it)
         if not raw:  # (``timeZone=``: the default)
             continue
         if queried.setdefault(name, raw) != raw:

@@ -152,7 +152,15 @@ import functools
 import logging
 import re
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from contextlib import asynccontextmanager
 from types import MappingProxyType
 from typing import Any, Final
@@ -192,6 +200,7 @@ from adapters.flowstorm.v2.protocol import (
     audio_chunks,
     cookie_max_age,
     decode_audio_file,
+    ignored_params,
     parse_config,
     plain_accepted,
     pushed_lines,
@@ -240,6 +249,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.v2_clearing = clearing = set[asyncio.Task[None]]()  # _Hearing.release's retries
     app.state.v2_hearings = set[_Hearing]()  # the realtime PUTs reading their audio
     app.state.v2_drain_until = None  # (loop time) set by _drain_hearings at shutdown
+    app.state.v2_ignored_logged = set[str]()  # _log_ignored's names
     gw: Gateway = app.state.gateway
     drain = functools.partial(_drain_hearings, app)
     gw.before_close.append(drain)
@@ -367,7 +377,7 @@ def _admitted(request: Request, gw: Gateway) -> tuple[ClientConfig, Mapping[str,
     would be stored with the session and index its device).
     """
     try:  # (not _refusals(): a generator's context costs ~1 µs on every request)
-        config, session_config = _client_config(request.scope)
+        config, session_config = _client_config(request.scope, request.app.state.v2_ignored_logged)
     except ProtocolError as exc:
         raise _Refused(exc.status, exc.text, "client") from None
     if not config.key:
@@ -391,28 +401,58 @@ CONFIG_HEADERS: Final = frozenset(header.encode() for _, header, _ in CONFIG_SOU
 """The request headers (lower-case, as ASGI gives them) :func:`parse_config` reads."""
 
 
-def _client_config(scope: Scope) -> tuple[ClientConfig, Mapping[str, Any]]:
+def _client_config(
+    scope: Scope, logged: set[str] | None = None
+) -> tuple[ClientConfig, Mapping[str, Any]]:
     """The request's ClientConfig (:func:`parse_config` of its headers and query) and its
     ``session_config()`` (read-only), shared by requests with the same configuration
-    headers and query string.
+    headers and query string. Query parameters that are no configuration value are
+    ignored; their names are logged (:func:`_log_ignored`) when ``logged`` (the app's
+    names already logged) is given.
 
     Raises ProtocolError as parse_config does.
     """
     headers = tuple((k, v) for k, v in scope["headers"] if k in CONFIG_HEADERS)
-    return _parsed_config(headers, scope["query_string"])
+    config, session_config, ignored = _parsed_config(headers, scope["query_string"])
+    if ignored and logged is not None:
+        _log_ignored(ignored, logged)
+    return config, session_config
 
 
 @functools.lru_cache(maxsize=256)
 def _parsed_config(
     headers: tuple[tuple[bytes, bytes], ...], query_string: bytes
-) -> tuple[ClientConfig, Mapping[str, Any]]:
+) -> tuple[ClientConfig, Mapping[str, Any], tuple[str, ...]]:
     """parse_config of the configuration ``headers`` (raw ASGI pairs, in their order) and
-    ``query_string``, with its session config, made once per distinct pair: a client's
-    requests repeat theirs (ClientConfig is immutable, the session config a read-only
-    view: a turn copies it into its session). A ProtocolError is raised again each time
-    (not kept)."""
-    config = parse_config(Headers(raw=list(headers)), QueryParams(query_string).multi_items())
-    return config, MappingProxyType(config.session_config())
+    ``query_string``, with its session config and the query's ignored parameter names
+    (:func:`ignored_params`), made once per distinct pair: a client's requests repeat
+    theirs (ClientConfig is immutable, the session config a read-only view: a turn copies
+    it into its session). A ProtocolError is raised again each time (not kept)."""
+    pairs = QueryParams(query_string).multi_items()
+    config = parse_config(Headers(raw=list(headers)), pairs)
+    return config, MappingProxyType(config.session_config()), ignored_params(pairs)
+
+
+IGNORED_NAMES_LOGGED: Final = 64
+"""How many distinct ignored query parameter names an app logs (:func:`_log_ignored`)."""
+
+
+def _log_ignored(names: Iterable[str], logged: set[str]) -> None:
+    """Log, at DEBUG, each query parameter name the configuration ignores the first time
+    it comes (``_`` of every cache-busted request: one line), adding it (lower case,
+    clipped) to ``logged``, the app's set; once that holds :data:`IGNORED_NAMES_LOGGED`
+    names no more are logged, so clients inventing a name a request grow neither the set
+    nor the log."""
+    for name in names:
+        shown = clipped(name.lower())
+        if shown in logged or len(logged) >= IGNORED_NAMES_LOGGED:
+            continue
+        logged.add(shown)
+        log.debug(
+            "Flowstorm V2: query parameter %s is no configuration value: ignored "
+            "(logged once per name)",
+            shown,
+        )
 
 
 def _client_ip(request: Request) -> str:

@@ -30,6 +30,7 @@ from adapters.flowstorm.v2.protocol import (
     cookie_max_age,
     decode_audio_file,
     done_message,
+    ignored_params,
     interim_message,
     item_lines,
     json_lines,
@@ -122,13 +123,31 @@ def test_config_headers_win_over_query_and_booleans_parse() -> None:
         ({"timeZone": "../../etc/passwd"}, "unknown IANA time zone '../../etc/passwd'"),
         ({"timeZone": "America"}, "unknown IANA time zone 'America'"),
         ({"locale": "de-DE"}, "Unknown query parameter 'locale' (the locale comes from"),
-        ({"sample_rate": "8000"}, "Unknown query parameter 'sample_rate': the parameters"),
     ],
 )
 def test_invalid_config_values_are_named(query: dict[str, str], words: str) -> None:
     with pytest.raises(ProtocolError) as err:
         parse_config({}, {"key": "k", **query})
     assert words in err.value.text
+
+
+def test_unknown_query_names_are_ignored_and_named() -> None:
+    """A query parameter that is no configuration value (a cache buster ``_``, ``utm_*``, a
+    misspelt ``sample_rate``) was refused: it is ignored, in any number and repeated
+    with any values, the known ones beside it read; ignored_params names each once."""
+    pairs = [
+        ("key", "k"),
+        ("_", "1733600000000"),
+        ("utm_source", "news"),
+        ("sample_rate", "8000"),
+        ("sttSampleRate", "8000"),
+        ("_", "1733600000001"),
+        ("Locale", "x"),
+    ]
+    config = parse_config({}, pairs[:-1])
+    assert (config.key, config.stt_sample_rate, config.locale) == ("k", 8000, "en-US")
+    assert ignored_params(pairs) == ("_", "utm_source", "sample_rate")  # locale: refused
+    assert ignored_params({"tts": "None", "TTS": "none"}) == ()
 
 
 def test_config_query_names_are_read_in_any_case_and_repeats_must_agree() -> None:

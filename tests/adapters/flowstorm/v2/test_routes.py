@@ -1194,13 +1194,20 @@ async def test_encoding_and_file_type_are_read_in_any_case(base: str) -> None:
         assert events(mp3)[0]["responseItem"]["audio"].endswith(".mp3")
 
 
-async def test_query_parameter_names_are_read_in_any_case_and_unknown_ones_refused() -> None:
+async def test_query_parameter_names_are_read_in_any_case_and_unknown_ones_ignored(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """The spec's query parameters (``sttSampleRate``...) were matched only in the table's
     spelling: ``sendresponseitems=no``, ``TTS=none`` or ``sttsamplerate=-5`` were dropped
     without a word (the turn ran with the defaults: items streamed, links made, the rate
-    unchecked), as was any unknown parameter (``locale=de-DE``, whose V2 source is
-    Accept-Language). Names are now read in any case, as the headers are; an unknown
-    name, or one given twice with two values, is a 400 in V2's form naming it."""
+    unchecked). Names are now read in any case, as the headers are; a known name given
+    twice with two values is a 400 in V2's form naming it, and so is ``locale`` (a value
+    of the spec's table whose V2 source is Accept-Language).
+
+    Any other name (a browser's or jQuery's cache buster ``_=1733600000000``, analytics'
+    ``utm_source``, a misspelt ``sampleRate``) was a 400 too, which broke real web
+    clients: it is ignored, the known names beside it still read and checked, and its
+    name logged at DEBUG once (not once a request)."""
     async with served() as url, httpx.AsyncClient(base_url=url) as client:
         turn = await client.put(
             f"/client?KEY={KEY}&TTS=none&sendresponseitems=no",
@@ -1218,21 +1225,46 @@ async def test_query_parameter_names_are_read_in_any_case_and_unknown_ones_refus
         )
         assert rate.status_code == 400
         assert rate.text.startswith("! client: invalid sttSampleRate: "), rate.text
-        for query, named in (
-            ("locale=de-DE", "'locale' (the locale comes from the Accept-Language header)"),
-            ("sampleRate=8000", "'sampleRate'"),
-        ):
-            unknown = await client.put(
-                f"/client?key={KEY}&tts=None&{query}", headers=TEXT, content="hi"
-            )
-            assert unknown.status_code == 400
-            assert unknown.text.startswith(f"! client: Unknown query parameter {named}: ")
-            assert "sttSampleRate" in unknown.text  # the known names are listed
-            assert "flowstorm-session-id" not in unknown.cookies
-            get = await client.get(f"/client?key={KEY}&{query}")  # the GET's query too
-            assert get.status_code == 400
-            (error,) = events(get)
-            assert (error["source"], error["text"]) == ("client", unknown.text[10:-1])
+        locale = await client.put(f"/client?key={KEY}&tts=None&locale=de-DE", headers=TEXT)
+        assert locale.status_code == 400
+        assert locale.text.startswith(
+            "! client: Unknown query parameter 'locale' (the locale comes from the "
+            "Accept-Language header): "
+        )
+        assert "sttSampleRate" in locale.text  # the known names are listed
+        assert "flowstorm-session-id" not in locale.cookies
+        get = await client.get(f"/client?key={KEY}&locale=de-DE")  # the GET's query too
+        assert get.status_code == 400
+        (error,) = events(get)
+        assert (error["source"], error["text"]) == ("client", locale.text[10:-1])
+        extra = "utm_source=news&utm_medium=mail&sampleRate=8000&_="
+        with caplog.at_level(logging.DEBUG, logger="adapters.flowstorm.v2.routes"):
+            for buster in ("1733600000000", "1733600000001"):
+                busted = await client.put(
+                    f"/client?key={KEY}&sendResponseItems=no&{extra}{buster}&_=x",
+                    headers=JSON,
+                    content=input_event("cache busted"),
+                )
+                assert busted.status_code == 200, busted.text
+                (answer,) = events(busted)  # sendResponseItems=no was read beside them
+                assert answer["response"]["items"][0]["text"] == "You said: cache busted"
+                assert "audio" in answer["response"]["items"][0]  # tts: the default
+            plain = await client.get(f"/client?key={KEY}")  # the GET's query too
+            get = await client.get(f"/client?key={KEY}&{extra}1733600000002")
+            assert (get.status_code, get.text) == (plain.status_code, plain.text)
+            assert get.status_code != 400, get.text
+            bad = await client.put(f"/client?key={KEY}&_=1&sttEncoding=OPUS", headers=TEXT)
+            assert bad.status_code == 400  # a known name's value is still checked
+            assert bad.text.startswith("! client: invalid sttEncoding: "), bad.text
+        ignored = [
+            r.getMessage() for r in caplog.records if "no configuration value" in r.getMessage()
+        ]
+        assert sorted(ignored) == [
+            f"Flowstorm V2: query parameter {name!r} is no configuration value: ignored "
+            "(logged once per name)"
+            for name in ("_", "samplerate", "utm_medium", "utm_source")
+        ]
+        assert {r.levelno for r in caplog.records if r.getMessage() in ignored} == {logging.DEBUG}
         twice = await client.put(
             f"/client?key={KEY}&tts=None&ttsFileType=wav&TTSFILETYPE=mp3",
             headers=TEXT,
