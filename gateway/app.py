@@ -151,10 +151,11 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
         )
         journal = Journal(outbox, bus, limit=settings.outbox_max)
         # a turn learns of queued pushes as it locks
+        # and a save keeps the outbox's numbering (seq) at least as long as the session
         if isinstance(store, RedisSessionStore) and isinstance(outbox, RedisOutbox):
-            store.peek_outbox(outbox.keys)
+            store.peek_outbox(outbox.keys, keep_s=settings.outbox_ttl_s)
         elif isinstance(store, MemorySessionStore) and isinstance(outbox, MemoryOutbox):
-            store.peek_outbox(outbox.pending)
+            store.peek_outbox(outbox.pending, outbox.keep_numbers)
         conversation = Conversation(store, pipeline, settings, speech, journal)
         warming = asyncio.create_task(speech.warm_up()) if settings.speech_warm_up else None
         nonces: NonceStore = (

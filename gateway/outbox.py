@@ -9,17 +9,27 @@ connection of the session has sent without a gap. What lies above the mark is *p
 queued pushes, and the rest of an answer whose socket dropped. A client that comes back
 gets what lies above the sequence number it says it saw last (or above the mark).
 
-Bounds: at most ``keep`` entries are kept (the oldest go first), every key expires
-``ttl_s`` seconds after the last append or mark (GATEWAY_OUTBOX_TTL_S); a push is refused
+Bounds: at most ``keep`` entries are kept (the oldest go first), and they expire
+``ttl_s`` seconds after the last append (GATEWAY_OUTBOX_TTL_S); a push is refused
 (:meth:`Outbox.append` returns None) when ``limit`` entries are already pending
 (GATEWAY_OUTBOX_MAX).
+
+The numbering (the last ``seq`` given and the delivered mark) lives longer than the
+entries: ``ttl_s`` after the last append or mark, and never less than the session's own
+time to live plus ``ttl_s`` (each save of the session keeps it so:
+:meth:`gateway.sessions.RedisSessionStore.peek_outbox`, :meth:`MemoryOutbox.keep_numbers`).
+A session idle longer than ``ttl_s`` whose store keeps it longer (a core's long
+``sessionTimeout``) goes on numbering above what its client saw: the numbers never go
+back to 1 while the client holds a ``lastSeq`` of the session from before. Its time to
+live is never shortened by an append or a mark.
 
 Implementations: :class:`MemoryOutbox` (the embedded default, one process) and
 :class:`RedisOutbox` (every instance sees it). Redis keys, in the session's hash slot:
 ``{prefix}:{{key}}:ob`` (sorted set, score = seq, member = the entry's JSON) and
 ``{prefix}:{{key}}:obm`` (hash: ``seq`` the last number given, ``mark`` the delivered
-mark), plus ``{prefix}:dev:{{app_key}}:{device_id}`` (the device index: the session key
-the device talked in last).
+mark; it lives longer than the entries, see above), plus
+``{prefix}:dev:{{app_key}}:{device_id}`` (the device index: the session key the device
+talked in last).
 
 A ``seq`` or ``mark`` in Redis that is no number (not a decimal integer of at most 15
 digits: edited by hand, written by another version) is read as the safe number, never
@@ -152,10 +162,14 @@ class Outbox(Protocol):
 
 @dataclass
 class _Box:
+    """One session's outbox in memory: ``expires`` is the numbering's end (``seq``,
+    ``mark``: the box's), ``entries_expire`` the entries' (never later)."""
+
     seq: int = 0
     mark: int = 0
     entries: list[Entry] = field(default_factory=list)
     expires: float = 0.0
+    entries_expire: float = 0.0
 
 
 SWEEP_EVERY = 256
@@ -185,17 +199,30 @@ class MemoryOutbox:
 
     def _box(self, key: str) -> _Box:
         """``key``'s live box, made when there is none (for a write)."""
-        box = self._boxes.get(key)
-        if box is None or box.expires <= self._clock():
+        box = self._peek(key)
+        if box is None:
             box = self._boxes[key] = _Box()
         return box
 
     def _peek(self, key: str) -> _Box | None:
-        """``key``'s live box, or None: a read keeps nothing for a key with no outbox."""
+        """``key``'s live box (its expired entries dropped: the numbering lives on), or
+        None: a read keeps nothing for a key with no outbox."""
         box = self._boxes.get(key)
-        if box is None or box.expires <= self._clock():
+        now = self._clock()
+        if box is None or box.expires <= now:
             return None
+        if box.entries and box.entries_expire <= now:
+            box.entries.clear()
         return box
+
+    def keep_numbers(self, key: str, ttl_s: float) -> None:
+        """Keep the numbering of ``key``'s outbox (when it has one) at least ``ttl_s`` plus
+        the outbox's ``ttl_s`` from now: its session was saved with a time to live of
+        ``ttl_s`` (:meth:`gateway.sessions.MemorySessionStore.peek_outbox` calls it), so
+        a turn after a long idle numbers on (module doc). Never shortens it."""
+        box = self._peek(key)
+        if box is not None:
+            box.expires = max(box.expires, self._clock() + ttl_s + self._ttl_s)
 
     def _wrote(self) -> None:
         """Count a write; every :data:`SWEEP_EVERY` writes drop what has expired."""
@@ -217,7 +244,8 @@ class MemoryOutbox:
             box.entries.append(Entry(seq=box.seq, kind=kind, event=event))
             seqs.append(box.seq)
         del box.entries[: max(0, len(box.entries) - self._keep)]
-        box.expires = self._clock() + self._ttl_s
+        box.entries_expire = self._clock() + self._ttl_s
+        box.expires = max(box.expires, box.entries_expire)
         self._wrote()
         return seqs
 
@@ -225,6 +253,9 @@ class MemoryOutbox:
         now = self._clock()
         for key in [k for k, b in self._boxes.items() if b.expires <= now]:
             del self._boxes[key]
+        for box in self._boxes.values():
+            if box.entries and box.entries_expire <= now:
+                box.entries.clear()  # the numbering lives on (module doc)
         for device in [d for d, (expires, _) in self._devices.items() if expires <= now]:
             del self._devices[device]
 
@@ -234,7 +265,8 @@ class MemoryOutbox:
         :meth:`MemorySessionStore.peek_outbox` asks it as a turn takes the session's lock,
         so a turn of a session with an empty outbox does not read it."""
         box = self._boxes.get(key)
-        if box is None or box.expires <= self._clock() or not box.entries:
+        now = self._clock()
+        if box is None or box.expires <= now or box.entries_expire <= now or not box.entries:
             return False
         return box.entries[-1].seq > box.mark
 
@@ -251,7 +283,7 @@ class MemoryOutbox:
             return 0
         before = box.mark
         box.mark = max(box.mark, min(seq, box.seq))
-        box.expires = self._clock() + self._ttl_s
+        box.expires = max(box.expires, self._clock() + self._ttl_s)
         return before
 
     async def state(self, key: str) -> OutboxState:
@@ -359,7 +391,7 @@ end
 redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -(keep + 1))
 redis.call('HSET', KEYS[2], 'seq', seq, 'last', ARGV[5], 'lastfirst', first)
 redis.call('EXPIRE', KEYS[1], ttl)
-redis.call('EXPIRE', KEYS[2], ttl)
+if redis.call('TTL', KEYS[2]) < ttl then redis.call('EXPIRE', KEYS[2], ttl) end
 return first
 """
 )
@@ -373,7 +405,7 @@ local stored = count(redis.call('HGET', KEYS[1], 'mark'))
 local mark = stored or 0
 local want = math.min(tonumber(ARGV[1]), seq)
 if want > mark or not stored then redis.call('HSET', KEYS[1], 'mark', math.max(want, mark)) end
-redis.call('EXPIRE', KEYS[1], ARGV[2])
+if redis.call('TTL', KEYS[1]) < tonumber(ARGV[2]) then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
 return mark
 """
 )
@@ -619,9 +651,10 @@ class Journal:
         """Listen to ``key``'s outbox: a Follower whose ``floor`` is ``after`` (what the
         client saw last) or, when None, the delivered mark (``only_new``: the last seq
         given, so only later appends are read). An ``after`` above the last seq given
-        counts as None: it is a number of an outbox that expired while its session lived
-        on (this one numbers from 1 again, every entry below it), or of no outbox of this
-        session; from it, nothing appended would be read until the numbers passed it.
+        counts as None: it is a number of an outbox whose numbering expired (its session
+        expired too, and the client goes on with its id: this one numbers from 1 again,
+        every entry below it; or Redis lost its data), or of no outbox of this session;
+        from it, nothing appended would be read until the numbers passed it.
         Subscribes before reading the mark, so no append is missed. Raises
         BusUnavailable or OutboxError."""
         async with self.bus.subscribe(topic(key)) as sub:

@@ -341,12 +341,19 @@ class MemorySessionStore:
         # delete made stale are skipped when they come up (and dropped on rebuild)
         self._expiries: list[tuple[float, str]] = []
         self._outbox_pending: Callable[[str], bool] | None = None
+        self._outbox_keep: Callable[[str, int], None] | None = None
 
-    def peek_outbox(self, pending: Callable[[str], bool]) -> None:
+    def peek_outbox(
+        self, pending: Callable[[str], bool], keep: Callable[[str, int], None] | None = None
+    ) -> None:
         """Tell each transaction whether the session's outbox holds undelivered entries
         (:attr:`SessionTxn.pushes_pending`), asking ``pending(key)`` as the lock is taken
-        (:meth:`gateway.outbox.MemoryOutbox.pending`: the outbox of this process)."""
+        (:meth:`gateway.outbox.MemoryOutbox.pending`: the outbox of this process); with
+        ``keep``, call ``keep(key, ttl_s)`` as a session is saved with a time to live of
+        ``ttl_s`` (:meth:`gateway.outbox.MemoryOutbox.keep_numbers`: its numbering
+        outlives the session, so ``seq`` never goes back while the session lives)."""
         self._outbox_pending = pending
+        self._outbox_keep = keep
 
     def __len__(self) -> int:
         return len(self._data)
@@ -433,6 +440,8 @@ class MemorySessionStore:
         """Apply the recorded outcome of ``txn`` (its block ended without an error)."""
         if txn.outcome == "save" and txn.to_save is not None:
             self._store(txn.key, self._clock() + txn.ttl_s, txn.to_save.model_dump_json())
+            if self._outbox_keep is not None:
+                self._outbox_keep(txn.key, txn.ttl_s)
             self._writes += 1
             if self._writes % self._sweep_every == 0:
                 self._sweep()
@@ -586,8 +595,12 @@ return 0
 
 # KEYS[3..] are side writes (SessionTxn.side_writes), made whatever the fence says, each
 # with its value and time to live in ARGV[2i-1], ARGV[2i]; one that fails (pcall) does
-# not stop the rest. Returns {1 if the lock was ours and the outcome applied else 0,
-# the number of side writes that failed}. When the lock is no longer this token's, the
+# not stop the rest. With an odd number of ARGV (RedisSessionStore.peek_outbox's
+# keep_s), the last KEYS is the session's outbox meta hash (its seq counter): a save
+# keeps it, when it exists, at least the session's time to live plus the last ARGV (s),
+# never shortening it, so the numbering outlives the session (gateway/outbox.py).
+# Returns {1 if the lock was ours and the outcome applied else 0, the number of side
+# writes that failed}. When the lock is no longer this token's, the
 # holder's lease ran out (fenced: nothing is written), or this very release ran before
 # and its reply was lost (the batch was sent again after a dropped connection): then
 # its outcome is in place (the session is the JSON it saved, or gone when it deleted)
@@ -598,7 +611,10 @@ return 0
 # data, or the session had none yet): read only when the lock is not ours.
 _RELEASE = """
 local failed = 0
-for i = 3, #KEYS do
+local numbers = #ARGV % 2 == 1
+local writes = #KEYS
+if numbers then writes = writes - 1 end
+for i = 3, writes do
   local done = redis.pcall('SET', KEYS[i], ARGV[2 * i - 1], 'EX', ARGV[2 * i])
   if type(done) == 'table' and done.err then
     failed = failed + 1
@@ -613,6 +629,11 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] then
 end
 if ARGV[2] == 'save' then
   redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4])
+  if numbers then
+    local keep = tonumber(ARGV[4]) + tonumber(ARGV[#ARGV])
+    local left = redis.call('TTL', KEYS[#KEYS])
+    if left ~= -2 and left < keep then redis.call('EXPIRE', KEYS[#KEYS], keep) end
+  end
 elseif ARGV[2] == 'delete' then
   redis.call('DEL', KEYS[2])
 end
@@ -664,6 +685,7 @@ class RedisSessionStore:
         self._renew = self._redis.register_script(_RENEW)
         self._acquire_peek = self._redis.register_script(_ACQUIRE_PEEK)
         self._outbox_keys: Callable[[str], tuple[str, str]] | None = None
+        self._outbox_keep_s: int | None = None
         self._batch = script_batch(self._redis)
         self._alone: set[asyncio.Task[Any]] = set()  # a cluster's calls on their way
         self._data_lost = RefusalLog(burst=1)  # one WARNING per outage (once a minute)
@@ -718,12 +740,19 @@ class RedisSessionStore:
         task.add_done_callback(done)
         return future
 
-    def peek_outbox(self, keys_of: Callable[[str], tuple[str, str]]) -> None:
+    def peek_outbox(
+        self, keys_of: Callable[[str], tuple[str, str]], *, keep_s: int | None = None
+    ) -> None:
         """Count a session's undelivered outbox entries when its lock is taken, in the
         same script (:attr:`SessionTxn.pushes_pending`): ``keys_of(key)`` gives the
         outbox's (entries sorted set, meta hash with ``mark``) keys, in the session's
-        hash slot (gateway/outbox.py's ``{key}`` hash tag)."""
+        hash slot (gateway/outbox.py's ``{key}`` hash tag). With ``keep_s`` (s, the
+        outbox's time to live), a save also keeps the outbox's meta hash (its ``seq``
+        counter), when it has one, at least the session's time to live plus ``keep_s``
+        (never shortening it), in the release's script: the numbering outlives the
+        session, so ``seq`` never goes back while the session lives."""
         self._outbox_keys = keys_of
+        self._outbox_keep_s = keep_s
 
     def takes_side_writes(self, client: object) -> bool:
         """Whether :attr:`SessionTxn.side_writes` meant for ``client`` go in the
@@ -915,6 +944,9 @@ class RedisSessionStore:
         for write_key, value, ttl_s in txn.side_writes:  # in the script (see _RELEASE)
             keys.append(write_key)
             args += (value, ttl_s)
+        if outcome == "save" and self._outbox_keep_s is not None and self._outbox_keys:
+            keys.append(self._outbox_keys(txn.key)[1])  # the seq counter (see _RELEASE)
+            args.append(self._outbox_keep_s)
         batch = self._batch
         try:
             # a cancelled caller must still release the lock it holds: the batch runs

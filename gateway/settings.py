@@ -898,8 +898,8 @@ class Settings(BaseSettings):
         default=3600,
         gt=0,
         le=MAX_TIMEOUT_S,
-        description="Time an outbox (queued pushes, events kept for resume) lives after its "
-        "last change.",
+        description="Time an outbox's events (queued pushes, events kept for resume) live "
+        "after its last append; its numbering (seq) lives as long as its session, plus this.",
     )
     push_ack_ms: int = Field(
         default=1000,

@@ -1095,12 +1095,15 @@ async def test_an_answer_cut_by_a_dropped_socket_is_resumed_without_last_seq(
 async def test_a_v1_resume_past_an_expired_outbox_gets_the_pushes(
     shared: dict[str, Any],
 ) -> None:
-    """A session outlives its outbox (GATEWAY_OUTBOX_TTL_S after its last change; a
-    session lives GATEWAY_SESSION_TIMEOUT_S, or a core's ``sessionTimeout``): the outbox
-    made again numbers its events from 1. A client back with the ``lastSeq`` it saw in
-    the expired one followed the outbox from that number, above every event of the new
-    one: a push was never sent to it, yet confirmed ``live`` to the pusher. A ``lastSeq``
-    above the outbox's last number now counts as none (the delivered mark)."""
+    """A session outlives its outbox's entries (GATEWAY_OUTBOX_TTL_S after its last
+    append; a session lives GATEWAY_SESSION_TIMEOUT_S, or a core's ``sessionTimeout``).
+    The outbox made again numbered its events from 1, and a client back with the
+    ``lastSeq`` it saw followed the outbox from that number, above every event of the
+    new one: a push was never sent to it, yet confirmed ``live`` to the pusher. The
+    numbering now outlives the session (test_sessions.py), so the numbers go on above
+    the client's; and a ``lastSeq`` above the outbox's last number (one of no outbox of
+    this session: its numbering lost with Redis's data, or the session expired and made
+    again under its id) counts as none (the delivered mark): the push still comes."""
     async with (
         served(**{**shared, "outbox_ttl_s": 1}) as a,
         httpx.AsyncClient(timeout=10) as http,
@@ -1110,20 +1113,23 @@ async def test_a_v1_resume_past_an_expired_outbox_gets_the_pushes(
             [named] = await turn(ws, request_frame("my name is Ada"))
             last = named["seq"]
         assert last > 2
-        await asyncio.sleep(1.5)  # the outbox expires; the session lives on
-        async with connect(ws_url(a)) as ws:
-            resume = {**init_frame(), "sessionId": "outlived-1", "lastSeq": last}
-            await send_json(ws, resume)
-            assert await recv_json(ws) == {"type": "Ready"}
-            [answer] = await turn(ws, request_frame("what is my name"))  # (followed now)
-            assert texts(answer) == ["Your name is Ada."]
-            assert answer["seq"] < last  # the new outbox's numbers
-            pushed = await push(http, a, {"sessionId": "outlived-1"}, "Pushed.")
-            assert pushed.status_code == 200, pushed.text
-            assert pushed.json()["delivery"] == "live"
-            frame = await recv_json(ws)  # before: nothing came
-            assert texts(frame) == ["Pushed."]
-            assert frame["seq"] == pushed.json()["seq"]
+        await asyncio.sleep(1.5)  # the outbox's entries expire; the session lives on
+        for back in (last, last + 1000):  # as it was; past every number of the outbox
+            async with connect(ws_url(a)) as ws:
+                resume = {**init_frame(), "sessionId": "outlived-1", "lastSeq": back}
+                await send_json(ws, resume)
+                assert await recv_json(ws) == {"type": "Ready"}
+                [answer] = await turn(ws, request_frame("what is my name"))  # (followed now)
+                assert texts(answer) == ["Your name is Ada."]
+                assert answer["seq"] > last  # the numbers go on (were from 1 again)
+                last = answer["seq"]
+                pushed = await push(http, a, {"sessionId": "outlived-1"}, "Pushed.")
+                assert pushed.status_code == 200, pushed.text
+                assert pushed.json()["delivery"] == "live"
+                frame = await recv_json(ws)  # before: nothing came
+                assert texts(frame) == ["Pushed."]
+                assert frame["seq"] == pushed.json()["seq"] == last + 1
+                last = frame["seq"]
 
 
 async def test_a_push_wakes_a_sleeping_client(shared: dict[str, Any]) -> None:

@@ -499,6 +499,78 @@ async def test_lock_peeks_at_the_outbox(store: SessionStore) -> None:
                 pass
 
 
+async def test_a_save_keeps_the_outbox_numbering_as_long_as_the_session(
+    store: SessionStore,
+) -> None:
+    """The outbox's numbering (the ``seq`` counter of its meta hash) expired with its
+    entries, the outbox's time to live after the last append, while the session lived on
+    (its own, longer, time to live): its next entries were numbered from 1 again, under
+    the ``lastSeq`` its client held. Each save of the session now keeps the numbering at
+    least the session's time to live plus the outbox's (in the release's script on
+    Redis), never shortening it; appends and marks do not shorten it either, and the
+    entries still expire on their own. A save of a session without an outbox makes none."""
+    from gateway.outbox import MemoryOutbox, Outbox, OutboxState, RedisOutbox
+
+    outbox: Outbox
+    if isinstance(store, RedisSessionStore):
+        redis = store.redis
+        redis_outbox = RedisOutbox(redis, prefix=store._prefix, ttl_s=5)
+        store.peek_outbox(redis_outbox.keys, keep_s=5)
+        outbox = redis_outbox
+        entries_key, meta_key = redis_outbox.keys("c:num")
+
+        async def ttls() -> tuple[int, int]:
+            return await redis.ttl(entries_key), await redis.ttl(meta_key)
+
+        async def expire_entries() -> None:  # what their time to live does
+            await redis.delete(entries_key)
+
+        async def expire_all() -> None:
+            await redis.delete(entries_key, meta_key)
+    else:
+        assert isinstance(store, MemorySessionStore)
+        now = [0.0]
+        memory_outbox = MemoryOutbox(ttl_s=5, clock=lambda: now[0])
+        store = MemorySessionStore(clock=lambda: now[0])
+        store.peek_outbox(memory_outbox.pending, memory_outbox.keep_numbers)
+        outbox = memory_outbox
+        box = memory_outbox._boxes
+
+        async def ttls() -> tuple[int, int]:
+            found = box["c:num"]
+            return round(found.entries_expire - now[0]), round(found.expires - now[0])
+
+        async def expire_entries() -> None:
+            now[0] = box["c:num"].entries_expire
+
+        async def expire_all() -> None:
+            now[0] = box["c:num"].expires
+
+    assert await outbox.append("c:num", [{"type": "Response"}], "push", limit=None) == [1]
+    assert await ttls() == (5, 5)
+    async with store.open("c:num", lease_s=5, wait_s=1) as txn:
+        txn.save(stored("c:num"), ttl_s=100)
+    entries_ttl, numbers_ttl = await ttls()
+    assert entries_ttl <= 5
+    assert 100 < numbers_ttl <= 105
+    assert await outbox.mark("c:num", 1) == 0  # a mark does not shorten it
+    assert await outbox.append("c:num", [{"type": "Response"}], "push", limit=None) == [2]
+    async with store.open("c:num", lease_s=5, wait_s=1) as txn:
+        txn.save(stored("c:num"), ttl_s=10)  # nor a shorter save
+    assert 100 < (await ttls())[1] <= 105
+    await expire_entries()
+    assert await outbox.since("c:num", 0) == []
+    assert await outbox.state("c:num") == OutboxState(2, 1, 0)  # the numbers live on
+    assert await outbox.append("c:num", [{"type": "Response"}], "turn", limit=None) == [3]
+    await expire_all()  # the numbering's own end (the session's, and 5 s more)
+    assert await outbox.append("c:num", [{"type": "Response"}], "turn", limit=None) == [1]
+    async with store.open("c:none", lease_s=5, wait_s=1) as txn:
+        txn.save(stored("c:none"), ttl_s=100)
+    assert await outbox.state("c:none") == OutboxState(0, 0, 0)
+    if isinstance(store, RedisSessionStore):
+        assert not await redis.exists(*redis_outbox.keys("c:none"))
+
+
 async def test_redis_side_writes_go_with_the_release(store: SessionStore) -> None:
     """Side writes (TTS link specs) are sent in the release's round trip on one server or
     Sentinel, whatever the outcome; a cluster client takes none (callers write apart);

@@ -968,3 +968,41 @@ async def test_a_turn_answered_whose_outbox_mark_is_still_being_raised_is_not_un
                 assert closed.value.rcvd.code == 1012
         finally:
             go.set()
+
+
+async def test_seq_goes_on_after_the_outbox_entries_expire_in_a_living_session(
+    store: dict[str, Any],
+) -> None:
+    """The outbox's numbering (its ``seq`` counter) expired with its entries,
+    GATEWAY_OUTBOX_TTL_S after the last append, while the session itself lives its
+    own (longer) timeout: a session idle longer than the outbox's time to live went on
+    numbering from 1 again, under the ``lastSeq`` its client held, so the client
+    dropped (or mis-resumed from) the new answers. The numbering now lives at least
+    as long as the session (each save keeps it): the next answer numbers above what
+    the client saw. Here the outbox lives 1 s and the session 1800 s."""
+    settings = Settings(**store, outbox_ttl_s=1, session_timeout_s=1800)
+    app = create_app(settings)
+    session_id = f"numbered-on-{store.get('redis_prefix', 'memory')}"
+    key = f"flowstorm:{session_id}"
+    async with served_app(app, settings) as url:
+        outbox = app.state.gateway.journal.outbox
+        async with connect(ws_url(url)) as ws:
+            await init(ws, {**init_frame(), "lastSeq": 0})
+            first = await turn(ws, request_frame("#intro", session_id))
+        seen = [frame["seq"] for frame in first if "seq" in frame]
+        assert seen, first
+        assert seen[-1] == (await outbox.state(key)).last_seq
+        last_seq = seen[-1]
+        for _ in range(200):  # the entries expire (1 s); a safety net, not a timing check
+            if not await outbox.since(key, 0):
+                break
+            await asyncio.sleep(0.05)
+        assert await outbox.since(key, 0) == []  # the outbox's entries are gone
+        async with connect(ws_url(url)) as ws:  # the client comes back, as it was
+            await init(ws, {**init_frame(), "sessionId": session_id, "lastSeq": last_seq})
+            again = await turn(ws, input_frame("hello again"))
+            assert texts(again[-1]) == ["You said: hello again"]  # the session went on
+            numbers = [frame["seq"] for frame in again if "seq" in frame]
+            assert numbers, again
+            assert min(numbers) > last_seq, (last_seq, numbers)  # was 2: under it
+            assert (await outbox.state(key)).last_seq == numbers[-1]
