@@ -92,7 +92,12 @@ Decisions where the spec is silent:
   turn they went with was refused) they wait on the connection (at most
   LOG_BUFFER entries and GATEWAY_MAX_LOG_CHARS characters of text, newest kept,
   each cut as a session cuts it) and go with the next turn (TurnContext.logs) or
-  when the running turn ends.
+  when the running turn ends. They belong to the session they were sent in (the
+  running turn's, else the connection's; none before the first turn or after
+  SessionEnded: then the next turn's): entries of another session are stored with
+  it (:class:`StoreLogs`, never with the next turn), and those that came while the
+  turn ending their session ran are dropped with a reason (:class:`DropLogs`: the
+  session is deleted, and the next session is not theirs).
 - ``config.tts`` defaults to ``None`` (no speech) and ``ttsFileType`` to
   ``mp3``, the defaults of Flowstorm's own client (``BotConfig.kt`` in
   flowstorm/core); both are read case-insensitively and an unknown value makes
@@ -346,6 +351,20 @@ TTS_FILE_TYPES: Final[tuple[TtsFileFormat, ...]] = ("mp3", "wav", "mulaw")
 
 
 @dataclass(frozen=True)
+class DropLogs:
+    """``count`` client log entries of session ``session_id`` are dropped, for ``reason``
+    (the I/O layer logs it): they came while the turn that ended the session ran."""
+
+    session_id: str
+    count: int
+    reason: str
+
+
+ENDED_SESSION_LOGS: Final = "it came while the session's last turn ran, which ended it"
+"""The reason (:class:`DropLogs`) of entries that came while their session's last turn ran."""
+
+
+@dataclass(frozen=True)
 class StoreLogs:
     """Store ``entries`` with ``ctx``'s session (``Conversation.log``).
 
@@ -399,7 +418,9 @@ class CheckSession:
 
 
 _Listen = StartListening | FeedAudio | FinishListening | CancelListening
-Action = Send | SendBytes | Close | StartTurn | StoreLogs | _Listen | Follow | CheckSession
+Action = (
+    Send | SendBytes | Close | StartTurn | StoreLogs | DropLogs | _Listen | Follow | CheckSession
+)
 
 
 # ------------------------------------------------------------ state machine
@@ -843,6 +864,8 @@ class _Turn:
     logs: tuple[LogEntry, ...] = ()
     """The client's log entries that went with the turn (TurnContext.logs)."""
     accepted: bool = False
+    ended: bool = False
+    """The turn ended its session (its SessionEnded went out)."""
 
 
 @dataclass(frozen=True)
@@ -911,7 +934,8 @@ class V1Connection:
         self._duplex: _Duplex | None = None
         self._draining = False  # a graceful shutdown began: no turn, no stream is begun now
         self._streams = itertools.count(1)
-        self._logs: deque[LogEntry] = deque(maxlen=log_buffer)
+        self._logs: deque[tuple[str | None, LogEntry]] = deque(maxlen=log_buffer)
+        """Log entries waiting, each with the session it was sent in (None: none yet)."""
         self._log_chars = log_chars
         self.numbered = False
         """Whether server events carry ``seq`` (the client sent Init ``lastSeq``)."""
@@ -942,7 +966,7 @@ class V1Connection:
     @property
     def buffered_logs(self) -> tuple[LogEntry, ...]:
         """Log entries waiting for a session (oldest first)."""
-        return tuple(self._logs)
+        return tuple(entry for _, entry in self._logs)
 
     # ---------------------------------------------------------- client input
 
@@ -1076,11 +1100,11 @@ class V1Connection:
         session_id = self._proposed(proposed)
         self.machine.feed(event.type)
         utterance, self._utterance = self._utterance, None  # the user typed instead of speaking
-        turn = self._start_turn(session_id, input_, request)
+        others, turn = self._start_turn(session_id, input_, request)
         if utterance is None:
-            return [turn]
+            return [*others, turn]
         # an open Duplex stream stays heard through the text turn, as through any turn
-        return [CancelListening(utterance.stream, hear_on=self._duplex is not None), turn]
+        return [CancelListening(utterance.stream, hear_on=self._duplex is not None), *others, turn]
 
     def _checked_input(
         self, event: RequestEvent | InputEvent
@@ -1100,12 +1124,37 @@ class V1Connection:
         proposed = check_session_id(said.session_id) if said.session_id else None
         return request, input_, proposed
 
-    def _start_turn(self, session_id: str, input_: Input, request: Request | None) -> StartTurn:
-        logs = tuple(self._logs)
-        self._logs.clear()
+    def _start_turn(
+        self, session_id: str, input_: Input, request: Request | None
+    ) -> tuple[list[Action], StartTurn]:
+        """The StartTurn of a turn in ``session_id``, with the log entries waiting for it
+        (sent in it, or in no session), after the StoreLogs of entries of other sessions
+        (:meth:`_take_logs`)."""
+        logs, others = self._take_logs(session_id)
         self._turn = _Turn(session_id, logs)
         self._bound = None  # a new answer
-        return StartTurn(self._context(session_id, request, logs), input_)
+        return others, StartTurn(self._context(session_id, request, logs), input_)
+
+    def _take_logs(self, session_id: str | None) -> tuple[tuple[LogEntry, ...], list[Action]]:
+        """Take the waiting log entries: those of ``session_id`` (sent in it, or in no
+        session when ``session_id`` is given), and a StoreLogs per other session for those
+        sent in another one (stored with it; refused when it is gone). Entries of no
+        session stay when ``session_id`` is None."""
+        mine: list[LogEntry] = []
+        others: dict[str, list[LogEntry]] = {}
+        kept: deque[tuple[str | None, LogEntry]] = deque(maxlen=self._logs.maxlen)
+        for sent_in, entry in self._logs:
+            if sent_in is None and session_id is None:
+                kept.append((sent_in, entry))
+            elif sent_in is None or sent_in == session_id:
+                mine.append(entry)
+            else:
+                others.setdefault(sent_in, []).append(entry)
+        self._logs = kept
+        stores: list[Action] = [
+            StoreLogs(self._context(other), tuple(entries)) for other, entries in others.items()
+        ]
+        return tuple(mine), stores
 
     def _proposed(self, proposed: str | None) -> str:
         """The session id of a turn: the proposed one, the connection's, or a new one."""
@@ -1141,16 +1190,19 @@ class V1Connection:
         entries = tuple(entry.bounded(self._log_chars) for entry in event.entries)
         if entries and self.state in _NO_TURN and self.session_id is not None:
             return [StoreLogs(self._context(self.session_id), entries)]
-        self._logs.extend(entries)  # stored with the next turn (or when this one ends)
+        # stored with the next turn (or when this one ends); sent in the running turn's
+        # session, else the connection's (none: the next turn's)
+        sent_in = self._turn.session_id if self._turn is not None else self.session_id
+        self._logs.extend((sent_in, entry) for entry in entries)
         self._trim_logs()
         return []
 
     def _trim_logs(self) -> None:
         """Drop the oldest buffered entries while their text passes ``log_chars`` (the
         session would not keep them)."""
-        total = sum(len(entry.text) for entry in self._logs)
+        total = sum(len(entry.text) for _, entry in self._logs)
         while total > self._log_chars:
-            total -= len(self._logs.popleft().text)
+            total -= len(self._logs.popleft()[1].text)
 
     def resume_refused(self, session_id: str) -> list[Action]:
         """The session an Init resumed (``sessionId``, asked about with :class:`Follow`) is
@@ -1164,9 +1216,12 @@ class V1Connection:
         refused = TurnRejected.foreign(session_id)
         return [error_frame(refused.text, refused.source)]
 
-    def logs_not_stored(self, entries: Sequence[LogEntry]) -> None:
-        """Keep ``entries`` of a failed StoreLogs for the next turn (bounded, newest kept)."""
-        self._logs = deque([*entries, *self._logs], maxlen=self._logs.maxlen)
+    def logs_not_stored(self, entries: Sequence[LogEntry], session_id: str | None = None) -> None:
+        """Keep ``entries`` of a failed StoreLogs of session ``session_id`` (bounded, newest
+        kept): stored with that session's next turn, or when the running turn ends (None:
+        with the next turn, whatever its session)."""
+        waiting = [*((session_id, entry) for entry in entries), *self._logs]
+        self._logs = deque(waiting, maxlen=self._logs.maxlen)
         self._trim_logs()
 
     # ------------------------------------------------------------ audio input
@@ -1326,8 +1381,8 @@ class V1Connection:
         recognized = Send(RecognizedEvent(text=transcript.text).wire_json())
         duplex = self._duplex
         session_id = duplex.session_id if utterance.duplex and duplex else utterance.session_id
-        turn = self._start_turn(session_id, Input(transcript=transcript), None)
-        return [*ended, recognized, turn]
+        others, turn = self._start_turn(session_id, Input(transcript=transcript), None)
+        return [*ended, recognized, *others, turn]
 
     def audio_failed(self, stream: int, error: Exception) -> list[Action]:
         """The listener of utterance ``stream`` failed: ``[Send(Error)]``, the utterance is dropped.
@@ -1396,6 +1451,8 @@ class V1Connection:
                 started = SessionStartedEvent(session_id=turn.session_id, resumed=True)
                 announce.append(Send(started.wire_json()))
             self.session_id = turn.session_id
+        if turn is not None and isinstance(event, SessionEndedEvent):
+            turn.ended = True  # the log entries that came while it ran: dropped at its end
         if isinstance(event, BinaryEvent):
             return [*announce, SendBytes(event.data)]
         frames = self._frames(event, push=False)
@@ -1504,8 +1561,16 @@ class V1Connection:
         its next utterance.
         """
         self.machine.advance(TURN_FINISHED)
-        self._turn = None
-        return [*self._flush_logs(), *self._listen_next()]
+        turn, self._turn = self._turn, None
+        dropped: list[Action] = []
+        if turn is not None and turn.ended:  # what came while it ran: the session is gone
+            count = sum(1 for sent_in, _ in self._logs if sent_in == turn.session_id)
+            if count:
+                self._logs = deque(
+                    (e for e in self._logs if e[0] != turn.session_id), maxlen=self._logs.maxlen
+                )
+                dropped.append(DropLogs(turn.session_id, count, ENDED_SESSION_LOGS))
+        return [*dropped, *self._flush_logs(), *self._listen_next()]
 
     @property
     def hearing(self) -> bool:
@@ -1586,8 +1651,12 @@ class V1Connection:
         return [*self._stop_listening(), *self._flush_logs()]
 
     def _flush_logs(self) -> list[Action]:
-        if not self._logs or self.session_id is None or self.init is None:
+        """StoreLogs of the waiting entries: those of the connection's session (or of none)
+        with it, those of another session with that one; entries of no session wait while
+        the connection has none."""
+        if not self._logs or self.init is None:
             return []
-        entries = tuple(self._logs)
-        self._logs.clear()
-        return [StoreLogs(self._context(self.session_id), entries)]
+        mine, stores = self._take_logs(self.session_id)
+        if mine and self.session_id is not None:
+            stores.append(StoreLogs(self._context(self.session_id), mine))
+        return stores

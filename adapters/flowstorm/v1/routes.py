@@ -76,11 +76,13 @@ from typing import Any, Final
 from fastapi import APIRouter, FastAPI, WebSocket
 from pydantic import ValidationError
 
+from adapters.flowstorm.events import NAMESPACE
 from adapters.flowstorm.v1.protocol import (
     LOG_BUFFER,
     Action,
     CheckSession,
     Close,
+    DropLogs,
     Follow,
     Missed,
     StoreLogs,
@@ -402,6 +404,9 @@ class _Socket(WebSocketDriver[Action]):
             self._queue_logs(action)
             if self._log_writer is None or self._log_writer.done():
                 self._log_writer = self.spawn(self._write_logs(), "logs", background=True)
+        elif isinstance(action, DropLogs):
+            key = f"{NAMESPACE}:{action.session_id}"
+            _logs_dropped(action.count, key, action.reason)
         elif isinstance(action, Follow):
             await self._resume(action)
         elif isinstance(action, CheckSession):
@@ -677,17 +682,38 @@ class _Socket(WebSocketDriver[Action]):
             await self._store_logs(StoreLogs(ctx, tuple(entries)))
 
     async def _store_logs(self, action: StoreLogs) -> None:
+        """Store ``action``'s entries with its session. When the store fails (busy, down)
+        they wait on the connection for that session (V1Connection.logs_not_stored); when
+        the session is gone (it ended, or expired) or another application's, they are
+        dropped, logged (:func:`_logs_dropped`): never kept for the next turn, whose
+        session is not theirs."""
         ref = session_ref(action.ctx.key)
         try:
-            stored = await self.conversation.log(action.ctx, action.entries) == "stored"
+            found = await self.conversation.log(action.ctx, action.entries)
         except StoreError as exc:
             log.log(outage_level(exc), "client logs of session %s not stored: %s", ref, exc)
-            stored = False
+            if self.open:
+                self.conn.logs_not_stored(action.entries, action.ctx.session_id)
+            return
         except Exception:
             log.exception("storing client logs of session %s failed", ref)
             return
-        if not stored and self.open:
-            self.conn.logs_not_stored(action.entries)
+        if found != "stored":
+            _logs_dropped(len(action.entries), action.ctx.key, _NOT_STORED[found])
+
+
+_NOT_STORED: Final = {
+    "not-found": "the session ended or expired before they were stored",
+    "foreign": "the session is another application's",
+}
+"""Why client log entries are dropped, by Conversation.log's answer."""
+
+
+def _logs_dropped(count: int, key: str, reason: str) -> None:
+    """Log (INFO) that ``count`` client log entries of session ``key`` were dropped, and
+    why (the session by its ref)."""
+    what = "entry" if count == 1 else "entries"
+    log.info("%d client log %s of session %s dropped: %s", count, what, session_ref(key), reason)
 
 
 class _Sockets:

@@ -15,6 +15,7 @@ from adapters.flowstorm.v1.protocol import (
     CLOSE_POLICY,
     CLOSE_RESTART,
     CLOSE_TOO_BIG,
+    ENDED_SESSION_LOGS,
     REQUEST_REFUSED_TEXT,
     RESTART_REASON,
     STREAM_REFUSED_TEXT,
@@ -26,6 +27,7 @@ from adapters.flowstorm.v1.protocol import (
     CheckSession,
     Close,
     ConnectionStateMachine,
+    DropLogs,
     FeedAudio,
     FinishListening,
     Follow,
@@ -624,9 +626,46 @@ def test_logs_not_stored_wait_for_the_next_turn() -> None:
     finish_turn(conn, Response(), new="s")
     [store] = send(conn, {"type": "Log", "entries": entries(1)})
     assert isinstance(store, StoreLogs)
-    conn.logs_not_stored(store.entries)
+    conn.logs_not_stored(store.entries, "s")
     assert conn.buffered_logs == (LogEntry(time=1, text="log 0"),)
     assert [e.text for e in start(conn, input_frame("hi")).ctx.logs] == ["log 0"]
+
+
+def test_logs_during_a_turn_that_ends_the_session_are_dropped_not_kept() -> None:
+    """Entries that came while the turn ending their session ran waited for a session,
+    and went with the next turn, into the next session. They are dropped with a reason
+    (the session is deleted); entries sent after the end go with the next turn."""
+    conn = ready(connection())
+    start(conn, request_frame("#intro", "s"))
+    finish_turn(conn, Response(), new="s")
+    start(conn, input_frame("bye"))
+    assert send(conn, {"type": "Log", "entries": entries(2)}) == []
+    conn.turn_event(ResponseEvent(response=Response(session_ended=True)))
+    conn.turn_event(SessionEndedEvent())
+    assert send(conn, {"type": "Log", "entries": entries(1, start_at=2)}) == []  # (still its)
+    assert conn.turn_finished() == [DropLogs("s", 3, ENDED_SESSION_LOGS)]
+    assert conn.buffered_logs == ()
+    send(conn, {"type": "Log", "entries": entries(1, start_at=3)})  # after the end: no session
+    assert [e.text for e in start(conn, input_frame("hi")).ctx.logs] == ["log 3"]
+
+
+def test_logs_not_stored_go_to_their_own_session_never_the_next_ones() -> None:
+    """Entries whose write failed (the store busy or down) waited for the next turn,
+    whatever its session. Handed back with their session, they go with that session's
+    next turn, or are stored with it (StoreLogs) before a turn of another session."""
+    conn = ready(connection())
+    start(conn, request_frame("#intro", "s"))
+    finish_turn(conn, Response(), new="s")
+    [store] = send(conn, {"type": "Log", "entries": entries(1)})
+    assert isinstance(store, StoreLogs)
+    conn.logs_not_stored(store.entries, "s")
+    assert conn.buffered_logs == (LogEntry(time=1, text="log 0"),)
+    [again, turn] = send(conn, request_frame("hi", "other"))  # the client moves on
+    assert isinstance(again, StoreLogs)
+    assert (again.ctx.key, [e.text for e in again.entries]) == ("flowstorm:s", ["log 0"])
+    assert isinstance(turn, StartTurn)
+    assert turn.ctx.logs == ()
+    assert len(conn.buffered_logs) == 0  # stored with their session
 
 
 def test_a_lost_connection_stores_its_buffered_logs() -> None:

@@ -1006,3 +1006,59 @@ async def test_seq_goes_on_after_the_outbox_entries_expire_in_a_living_session(
             assert numbers, again
             assert min(numbers) > last_seq, (last_seq, numbers)  # was 2: under it
             assert (await outbox.state(key)).last_seq == numbers[-1]
+
+
+class _EndingCore(SlowCore):
+    """A real core webhook whose answer to ``bye`` ends the session (no sleep or session
+    timeout: it is deleted), once released; other inputs are answered at once."""
+
+    async def answer(self, body: dict[str, Any]) -> Any:
+        text = body["input"]["transcript"]["text"]
+        if text != "bye":
+            return {"items": [{"text": f"heard {text}"}]}
+        await self.release.wait()
+        return {"items": [{"text": "Goodbye."}], "sessionEnded": True}
+
+
+async def test_logs_sent_while_a_session_ending_turn_runs_never_go_to_the_next_session(
+    store: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Client Log entries that came while the turn ending the session ran waited on the
+    connection for a session, and went with the next turn: into the next session,
+    which they were never about (the ended one is deleted). So did entries whose write
+    found the session gone (handed back to wait for the next turn). They are now
+    dropped with a reason, logged; entries sent after the end go to the next session."""
+    core = _EndingCore()
+    entry = {"time": 1700000000000, "relativeTime": 0.5, "level": "INFO"}
+    async with core.running() as core_url:
+        settings = Settings(**store, pipeline=core_url)
+        app = create_app(settings)
+        store_of = app.state
+        async with served_app(app, settings) as url:
+            with caplog.at_level(logging.INFO, logger="adapters.flowstorm.v1.routes"):
+                async with connect(ws_url(url)) as ws:
+                    await init(ws)
+                    await turn(ws, request_frame("hello", "ending-1"))
+                    await core.next_request()  # (hello's)
+                    await send_json(ws, request_frame("bye"))
+                    await core.next_request()  # the last turn of ending-1 runs now
+                    await send_json(ws, {"type": "Log", "entries": [{**entry, "text": "last"}]})
+                    await send_json(ws, request_frame("too soon"))  # read after the Log:
+                    refused = await recv_json(ws)  # its Error says the Log was taken
+                    assert (refused["type"], refused["source"]) == ("Error", "client"), refused
+                    core.release.set()
+                    frames = await turn_frames(ws)
+                    assert [f["type"] for f in frames[-2:]] == ["Response", "SessionEnded"]
+                    await send_json(ws, {"type": "Log", "entries": [{**entry, "text": "next"}]})
+                    await turn(ws, request_frame("again", "ending-2"))
+                    await turn(ws, request_frame("and again"))  # the logs were written
+            sessions = store_of.gateway.conversation.store
+            assert await sessions.get("flowstorm:ending-1") is None  # deleted: it ended
+            second = await sessions.get("flowstorm:ending-2")
+            assert second is not None
+            assert [e.text for e in second.logs] == ["next"]  # before: ["last", "next"]
+    [dropped] = [r for r in caplog.records if "dropped" in r.getMessage()]
+    assert dropped.getMessage() == (
+        f"1 client log entry of session {session_ref('flowstorm:ending-1')} dropped: "
+        "it came while the session's last turn ran, which ended it"
+    )
