@@ -683,10 +683,11 @@ class _Socket(WebSocketDriver[Action]):
 
     async def _store_logs(self, action: StoreLogs) -> None:
         """Store ``action``'s entries with its session. When the store fails (busy, down)
-        they wait on the connection for that session (V1Connection.logs_not_stored); when
-        the session is gone (it ended, or expired) or another application's, they are
-        dropped, logged (:func:`_logs_dropped`): never kept for the next turn, whose
-        session is not theirs."""
+        they wait on the connection for that session (V1Connection.logs_not_stored), and
+        so they do when the session expired while it is still the connection's (its next
+        turn makes it again, under its id); when the session is gone otherwise (it ended)
+        or is another application's, they are dropped, logged (:func:`_logs_dropped`):
+        never kept for the next turn, whose session is not theirs."""
         ref = session_ref(action.ctx.key)
         try:
             found = await self.conversation.log(action.ctx, action.entries)
@@ -698,12 +699,17 @@ class _Socket(WebSocketDriver[Action]):
         except Exception:
             log.exception("storing client logs of session %s failed", ref)
             return
-        if found != "stored":
-            _logs_dropped(len(action.entries), action.ctx.key, _NOT_STORED[found])
+        if found == "stored":
+            return
+        session_id = action.ctx.session_id
+        if found == "not-found" and self.open and session_id == self.conn.session_id:
+            self.conn.logs_not_stored(action.entries, session_id)  # expired: made again
+            return
+        _logs_dropped(len(action.entries), action.ctx.key, _NOT_STORED[found])
 
 
 _NOT_STORED: Final = {
-    "not-found": "the session ended or expired before they were stored",
+    "not-found": "the session ended before they were stored",
     "foreign": "the session is another application's",
 }
 """Why client log entries are dropped, by Conversation.log's answer."""

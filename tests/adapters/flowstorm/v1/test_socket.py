@@ -1062,3 +1062,28 @@ async def test_logs_sent_while_a_session_ending_turn_runs_never_go_to_the_next_s
         f"1 client log entry of session {session_ref('flowstorm:ending-1')} dropped: "
         "it came while the session's last turn ran, which ended it"
     )
+
+
+async def test_logs_of_a_session_that_expired_go_with_its_next_turn() -> None:
+    """A session that expired while the connection was idle in it is made again, under
+    its id, by the connection's next turn: Log entries sent meanwhile (their write
+    finds no session) are not dropped as those of an ended session are, but stored with
+    it as it comes back."""
+    settings = Settings(session_timeout_s=1)
+    app = create_app(settings)
+    entry = {"time": 1700000000000, "relativeTime": 0.5, "level": "INFO", "text": "idle"}
+    async with served_app(app, settings) as url, connect(ws_url(url)) as ws:
+        sessions = app.state.gateway.conversation.store
+        await init(ws)
+        await turn(ws, request_frame("#intro", "expiring-1"))
+        for _ in range(200):  # the session expires (1 s); a safety net, not a timing check
+            if await sessions.get("flowstorm:expiring-1") is None:
+                break
+            await asyncio.sleep(0.05)
+        assert await sessions.get("flowstorm:expiring-1") is None
+        await send_json(ws, {"type": "Log", "entries": [entry]})
+        await turn(ws, input_frame("hello"))  # made again
+    # the socket's handler finished its log writes before the server stopped
+    again = await sessions.get("flowstorm:expiring-1")
+    assert again is not None
+    assert [e.text for e in again.logs] == ["idle"]
