@@ -10,8 +10,10 @@ protocols use it without loading the turn engine (DESIGN.md, "Rules of the house
   :func:`refused_audio` names for the log; an item's own ``audio`` that the platform plays
   is said INSTEAD of its text or SSML (:func:`played_instead`: its rendition, heard once);
 - with ``elements`` (:data:`ALEXA_ELEMENTS`, :data:`GOOGLE_ELEMENTS`), it keeps only the
-  SSML elements the platform supports, each other one (a nested ``<speak>`` too) replaced
-  by its content, which :func:`refused_elements` names for the log;
+  SSML elements the platform supports, each other one (a nested ``<speak>`` too; XML is
+  case-sensitive, so a ``<BREAK/>`` or ``<P>`` too) replaced by its content, the words on
+  either side of one whose words stand apart kept apart, which :func:`refused_elements`
+  names for the log;
 - an attribute value of ``<break>``, ``<prosody>`` or ``<emphasis>`` that the platforms
   refuse the whole speech for is made one they take (a break over :data:`MAX_BREAK_S`
   clamped, a ``<prosody rate="x">`` dropped);
@@ -267,6 +269,18 @@ and so is ``<voice name="a">Hi</voice><voice name="b">there</voice>``; the other
 (``<emphasis>``, ``<say-as>``...) are inline, ``<say-as>42</say-as>.`` stays ``42.``."""
 
 
+def _role(name: str) -> str:
+    """The SSML element whose part in the words an element named ``name`` plays: its local
+    name (after a prefix) in lower case, ``BREAK`` and ``x:Break`` a ``break``. SSML is XML,
+    so ``<BREAK/>`` is no ``<break>`` (the platforms refuse the whole speech for it: with
+    ``elements`` it is replaced by its content); but the words on either side of it stay two
+    words (:data:`_BOUNDARY`), and the content of a ``<DESC>`` stays unspoken
+    (:data:`_UNSPOKEN`), as the gateway's own speech (an HTML tokenizer, which lower-cases
+    names: gateway/speech/tts.py) and :func:`loose_text` read them. Before, the words around
+    ``<BREAK/>`` or ``<P>`` were glued (``helloworld``) on Alexa, on Google and in the text."""
+    return name.rpartition(":")[2].lower()
+
+
 _PARTED = "\x00"
 """Where an element parted the words in :func:`ssml_to_text`'s text (a space in the end): a
 NUL, which no parsed XML text holds."""
@@ -299,7 +313,7 @@ def ssml_to_text(ssml: str) -> str | None:
     stack: list[tuple[ET.Element, bool]] = [(root, False)]
     while stack:
         element, closing = stack.pop()
-        name = element.tag.rpartition("}")[2]
+        name = element.tag.rpartition("}")[2].lower()  # its role in any case: _role
         parts = name in _BOUNDARY
         if closing:
             out += [_PARTED if parts else "", element.tail or ""]
@@ -820,20 +834,46 @@ def _is_declaration(name: str) -> bool:
     return name == _NAMESPACE_DECLARATION or name.startswith("xmlns:")
 
 
-def _needs_scan(fragment: str, elements: frozenset[str]) -> bool:
+def _needs_scan(
+    fragment: str, elements: frozenset[str], say_as: frozenset[str] | None = None
+) -> bool:
     """:func:`_kept_elements`' quick check: whether a tag of ``fragment`` names an element not
-    in ``elements`` or it may declare a namespace (the substring ``xmlns``)."""
+    in ``elements`` or it may declare a namespace (the substring ``xmlns``), or, with
+    ``say_as``, it holds a ``<say-as``."""
     return "<" in fragment and (
-        _NAMESPACE_DECLARATION in fragment or not elements.issuperset(_TAG_NAME.findall(fragment))
+        _NAMESPACE_DECLARATION in fragment
+        or (say_as is not None and _SAY_AS_TAG in fragment)
+        or not elements.issuperset(_TAG_NAME.findall(fragment))
     )
 
 
-def _kept_elements(fragment: str, elements: frozenset[str]) -> tuple[str, list[str]]:
+_SAY_AS_TAG = "<say-as"
+_INTERPRET_AS = re.compile(r"""\s++interpret-as\s*+=\s*+(?:"([^"]*+)"|'([^']*+)')""")
+"""The ``interpret-as`` attribute of a ``<say-as>`` start tag (group 1 or 2 its value)."""
+
+
+def _interpret_as(tag: str) -> str | None:
+    """The ``interpret-as`` of a ``<say-as>`` start tag, its entities decoded (None when it
+    has none)."""
+    found = _INTERPRET_AS.search(tag)
+    if found is None:
+        return None
+    return unescape(found[1] if found[1] is not None else found[2], _QUOTES)
+
+
+def _kept_elements(
+    fragment: str, elements: frozenset[str], say_as: frozenset[str] | None = None
+) -> tuple[str, list[str]]:
     """``fragment`` (well-formed SSML content) with only the elements named in ``elements``:
-    each other one replaced by its content (its start and end tags removed; a nested
-    ``<speak>``'s by spaces, as a whole document's words are not part of the words around it;
-    a ``<desc>``, or another element of :data:`_UNSPOKEN`, removed with its content), and the
-    names of those replaced, in document order.
+    each other one replaced by its content (its start and end tags removed; those of an
+    element whose words stand apart, :data:`_BOUNDARY` by :func:`_role`, by spaces: a nested
+    ``<speak>``, a ``<voice>`` on Google, a ``<BREAK/>`` or ``<P>`` in another case than the
+    platform's, so the words on either side are not glued; a ``<desc>``, or another element
+    of :data:`_UNSPOKEN` in any case, removed with its content), and the names of those
+    replaced, in document order. With ``say_as`` (:data:`ALEXA_SAY_AS`,
+    :data:`GOOGLE_SAY_AS`), a ``<say-as>`` whose ``interpret-as`` is not one of those (or
+    which has none) is replaced by its content too (inline: its words as they stand), named
+    ``say-as interpret-as="..."``: the platform refuses the whole speech for it.
 
     A kept element's namespace declarations (``<p xmlns='urn:x'>``,
     ``<amazon:effect xmlns:amazon='urn:other' ...>``) are dropped, its other attributes and
@@ -849,13 +889,23 @@ def _kept_elements(fragment: str, elements: frozenset[str]) -> tuple[str, list[s
     many); should the edit not leave well-formed SSML (a prefix declared by a dropped
     declaration still used by an attribute, say), the fragment's spoken text is given
     instead: never a document the platform refuses."""
-    if not _needs_scan(fragment, elements):
+    if not _needs_scan(fragment, elements, say_as):
         return fragment, []
     out: list[str] = []
     removed: list[str] = []
     open_kept: list[bool] = []  # for each open element: are its tags kept?
     at = dropping = 0  # dropping: the depth inside an unspoken element removed whole
     declarations = False  # was a kept element's namespace declaration dropped?
+
+    def replace(before: str, name: str) -> None:
+        """The text before a replaced tag, then what replaces it (:func:`_parting`; no
+        second space after one)."""
+        parting = _parting(name)
+        if parting and (before or (out[-1] if out else " "))[-1:].isspace():
+            parting = ""
+        if before or parting:  # (out's last string is never empty)
+            out.append(before + parting)
+
     for mark in _MARKUP.finditer(fragment):
         name = mark[2]
         if name is None:
@@ -869,10 +919,13 @@ def _kept_elements(fragment: str, elements: frozenset[str]) -> tuple[str, list[s
             if not open_kept:
                 break  # not well-formed (an end tag in a comment fooled the scan): checked below
             if not open_kept.pop():
-                out.append(fragment[at : mark.start()] + (" " if name == "speak" else ""))
+                replace(fragment[at : mark.start()], name)
                 at = mark.end()
             continue
-        if name in elements:
+        checked = say_as is not None and name == _SAY_AS_TAG[1:]
+        kind = _interpret_as(mark[0]) if checked else None
+        refused_kind = checked and kind not in (say_as or ())
+        if name in elements and not refused_kind:
             if not mark[3]:
                 open_kept.append(True)
             if _NAMESPACE_DECLARATION in mark[0]:
@@ -882,12 +935,12 @@ def _kept_elements(fragment: str, elements: frozenset[str]) -> tuple[str, list[s
                     at = mark.end()
                     declarations = True
             continue
-        removed.append(name)
-        out.append(fragment[at : mark.start()] + (" " if name == "speak" else ""))
+        removed.append(f"say-as interpret-as={quoteattr(kind or '')}" if refused_kind else name)
+        replace(fragment[at : mark.start()], name)
         at = mark.end()
         if mark[3]:
             continue
-        if name in _UNSPOKEN:
+        if _role(name) in _UNSPOKEN:
             dropping = 1
         else:
             open_kept.append(False)
@@ -897,6 +950,16 @@ def _kept_elements(fragment: str, elements: frozenset[str]) -> tuple[str, list[s
     if open_kept or dropping or ssml_to_text(kept) is None:
         return xml_text(ssml_to_text(fragment) or ""), removed
     return kept, removed
+
+
+def _parting(name: str) -> str:
+    """What the tags of an element named ``name`` that :func:`_kept_elements` replaces by its
+    content (or removes with it) are replaced by: a space for one whose words stand apart
+    (:data:`_BOUNDARY`) or whose content is no speech (:data:`_UNSPOKEN`, as
+    :func:`ssml_to_text` parts the words around it), in any case (:func:`_role`), else
+    nothing (an inline element: its words as they stand)."""
+    role = _role(name)
+    return " " if role in _BOUNDARY or role in _UNSPOKEN else ""
 
 
 MAX_BREAK_S = 10

@@ -6,6 +6,7 @@ command). Pure functions: no I/O."""
 
 from __future__ import annotations
 
+import re
 import time
 import xml.etree.ElementTree as ET
 
@@ -429,3 +430,58 @@ def test_an_items_own_audio_is_said_instead_of_its_words_or_its_words_when_not_p
     cut = speech_ssml([own], 30)  # no room for the audio tag: the words, cut
     assert cut == "<speak>Your pizza is…</speak>"
     assert display_text([own], 100) == "Your pizza is ready."
+
+
+@pytest.mark.parametrize(
+    ("ssml", "text"),
+    [
+        ("Hello<BREAK/>world", "Hello world"),
+        ('Hello<Break time="1s"/>world', "Hello world"),
+        ("<P>Hello</P><P>world</P>", "Hello world"),
+        ("<S>Hello</S><s>world</s>", "Hello world"),
+        ("<Voice name='a'>Hello</Voice><VOICE name='b'>world</VOICE>", "Hello world"),
+        ("<SPEAK>Hello</SPEAK>world", "Hello world"),
+        ("Hello<Desc>a dog</Desc>world", "Hello world"),
+        ("<Say-As interpret-as='digits'>42</Say-As>.", "42."),  # inline in any case
+    ],
+)
+def test_an_element_named_in_another_case_glues_no_words(ssml: str, text: str) -> None:
+    """SSML is XML, so ``<BREAK/>`` is no ``<break>``: Alexa and Google refuse the whole
+    speech for it, so their speech replaces it by its content, but the words on either side
+    stay two words, in the speech and the text (as the gateway's own speech, an HTML
+    tokenizer, reads them). Before, the helpers matched lower-case names only: the words were
+    glued (``Helloworld``) on Alexa, on Google and in :func:`ssml_to_text`."""
+    assert ssml_to_text(ssml) == text
+    assert display_text([ResponseItem(ssml=ssml)], 640) == text
+    for audio, elements in PLATFORMS:
+        said = speech(ssml, audio, elements)
+        assert ssml_to_text(said) == text, said
+        names = re.findall(r"</?([^\s/>!?]+)", said)
+        assert all(name == name.lower() for name in names), said  # none of another case
+
+
+def test_an_element_google_does_not_speak_whose_words_stand_apart_glues_none() -> None:
+    """Google speaks no ``<voice>`` or ``<lang>``: replaced by their content, the words of
+    two voices side by side stay two words. Before: ``Hellomonde`` on Google."""
+    ssml = "<voice name='a'>Hello</voice><lang xml:lang='fr-FR'>monde</lang>."
+    said = speech(ssml, HTTPS_AUDIO, GOOGLE_ELEMENTS)
+    assert said == "<speak>Hello monde .</speak>"
+    assert speech(ssml, ALEXA_AUDIO, ALEXA_ELEMENTS) == f"<speak>{ssml}</speak>"
+
+
+def test_a_mebibyte_of_elements_in_another_case_is_read_whole() -> None:
+    """A core's answer of 1 MiB of ``<BREAK/>`` (and of ``<P>`` paragraphs) is read whole,
+    its words parted: one pass over its tags (the result is asserted, not the time)."""
+    run = "<BREAK/>" * (1 << 17)
+    ssml = f"Wait{run}done."
+    assert len(ssml) > 1 << 20
+    assert ssml_to_text(ssml) == "Wait done."
+    for audio, elements in PLATFORMS:
+        assert speech(ssml, audio, elements) == "<speak>Wait done.</speak>"
+    paragraphs = "<P>a</P>" * (1 << 17)
+    assert ssml_to_text(paragraphs) == " ".join(["a"] * (1 << 17))
+    for _, elements in PLATFORMS:
+        said = item_ssml(ResponseItem(ssml=paragraphs), elements=elements)
+        assert said == " ".join(["a"] * (1 << 17))
+        said = item_ssml(ResponseItem(ssml=ssml), elements=elements)
+        assert said == "Wait done."

@@ -1612,11 +1612,36 @@ async def test_a_cores_ssml_reaches_alexa_as_ssml_alexa_takes() -> None:
     assert speech.ssml == (
         "<speak>Hello <break time=\"10s\"/> there. #1 hit <voice name='Joanna'>Joanna</voice>"
         "<voice name='Matthew'>Matthew</voice> <audio src='https://cdn.example.com/d.mp3'>"
-        "woof</audio> <prosody>slowly</prosody></speak>"  # (Alexa takes no <desc>)
+        " woof</audio> <prosody>slowly</prosody></speak>"  # (Alexa takes no <desc>)
     )
     card = reply(answer).card
     assert isinstance(card, StandardCard)
     assert card.text == "Hello there. #1 hit Joanna Matthew woof slowly"
+
+
+async def test_ssml_elements_in_another_case_reach_alexa_as_their_words_parted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A core's ``<BREAK/>``, ``<Break time="1s"/>``, ``<P>``: SSML is XML, so these are no
+    SSML elements and Alexa refuses the whole speech for them; they are replaced by their
+    content, the words on either side kept apart (speech and card), and named on the
+    left-out-elements WARNING line. Before, Alexa heard ``Helloworld`` and
+    ``onetwo`` (the helpers matched lower-case names only), and the card showed them glued."""
+    caplog.set_level(logging.WARNING, logger="adapters.alexa")
+    items = [
+        {"ssml": '<speak>Hello<BREAK/>world<Break time="1s"/>again.</speak>'},
+        {"ssml": "<speak><P>one</P><P>two</P></speak>", "image": "https://cdn.example.com/i.png"},
+    ]
+    async with gateway_answering(items, **OFF) as client:
+        answer = await say(client, envelope("S-ssml-case", text="hi"))
+    speech = reply(answer).output_speech
+    assert isinstance(speech, SsmlOutputSpeech)
+    assert speech.ssml == "<speak>Hello world again. one two</speak>"
+    card = reply(answer).card
+    assert isinstance(card, StandardCard)
+    assert card.text == "Hello world again. one two"
+    (line,) = [r for r in caplog.records if "replaced by their content" in r.getMessage()]
+    assert "item 0 <BREAK>, item 0 <Break>, item 1 <P>" in line.getMessage()
 
 
 async def test_a_voice_agents_speak_whose_words_begin_with_a_hash_is_said_on_every_channel() -> (

@@ -1641,3 +1641,28 @@ async def test_a_cores_ssml_reaches_google_as_ssml_google_takes() -> None:
         "<prosody>slowly</prosody></speak>"
     )
     assert simple["text"] == "Hello there. #1 hit woof slowly"
+
+
+async def test_ssml_elements_in_another_case_reach_google_as_their_words_parted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A core's ``<BREAK/>``, ``<Break time="1s"/>``, ``<P>`` (no SSML elements: XML is
+    case-sensitive) and a ``<voice>`` (Google speaks none): replaced by their content, the
+    words on either side kept apart (speech and display text), named on the
+    left-out-elements WARNING line. Before, Google heard ``Helloworld``, ``onetwo`` and
+    ``JoannaMatthew``, and the display text showed the first two glued."""
+    caplog.set_level(logging.WARNING, logger="adapters.google")
+    items = [
+        {"ssml": '<speak>Hello<BREAK/>world<Break time="1s"/>again.</speak>'},
+        {"ssml": "<speak><P>one</P><P>two</P></speak>"},
+        {"ssml": "<speak><voice name='a'>Joanna</voice><voice name='b'>Matthew</voice></speak>"},
+    ]
+    async with gateway_answering(items, **OFF) as client:
+        request = v3("ssml-case", "FreeText", "hi")
+        data = ok(await client.post("/google", json=request))
+    check_v3(request, data)
+    simple = data["prompt"]["firstSimple"]
+    assert simple["speech"] == "<speak>Hello world again. one two Joanna Matthew</speak>"
+    assert simple["text"] == "Hello world again. one two Joanna Matthew"
+    (line,) = [r for r in caplog.records if "replaced by their content" in r.getMessage()]
+    assert "item 0 <BREAK>, item 0 <Break>, item 1 <P> and 1 more" in line.getMessage()
