@@ -59,6 +59,7 @@ __all__ = [
     "SSML_ANSWER_MAX_CHARS",
     "BoundedItems",
     "LenientHTMLParser",
+    "RewrittenValue",
     "SsmlBound",
     "SsmlInText",
     "SsmlRead",
@@ -72,6 +73,7 @@ __all__ = [
     "read_ssml_in_text",
     "refused_audio",
     "refused_elements",
+    "rewritten_values",
     "speech_ssml",
     "ssml_in_text",
     "ssml_markup",
@@ -966,24 +968,38 @@ MAX_BREAK_S = 10
 """The longest ``<break time>`` Alexa takes (Alexa SSML reference, ``break``: "up to 10
 seconds (10s) or 10000 milliseconds (10000ms)"); a longer one fails the whole speech. Google
 is held to it too (ten seconds of silence is already long on a speaker)."""
-_BREAK_TIME = re.compile(r"\s*+(\d++(?:\.\d*+)?|\.\d++)\s*+(ms|s)\s*+")
-"""A ``<break time>`` as the platforms take it: a number and its unit, ``500ms``, ``1.5s``."""
+_BREAK_TIME = re.compile(r"(\d++(?:\.\d++)?)(ms|s)")
+"""A ``<break time>`` as the platforms document it (Alexa SSML reference, ``break``: "the
+unit with the time (s or ms)", ``3s``, ``500ms``; Actions on Google, ``break``: "by seconds
+or milliseconds (e.g. "3s" or "250ms")"): a number and its unit, ``1.5s``, taken as it is."""
+_LOOSE_BREAK_TIME = re.compile(r"\s*+(\d++(?:\.\d*+)?|\.\d++)\s*+(ms|s)\s*+", re.IGNORECASE)
+"""A ``<break time>`` of clear meaning the platforms may not take as written: spaces around
+it or before its unit (``1.5 s``), a number without a digit before or after its point
+(``.5s``: SSML 1.1's CSS-style time designation, which the platforms' references do not
+show; ``1.s``), a unit in capitals (``500MS``). Written as :data:`_BREAK_TIME` writes it
+(``0.5s``, ``1.5s``, ``1s``, ``500ms``), as :func:`_checked_value` cannot ask the platform."""
 _PROSODY_NUMBER = r"[+-]?+(?:\d++(?:\.\d*+)?|\.\d++)"
-_VALID_VALUES: dict[tuple[str, str], re.Pattern[str]] = {
-    ("break", "strength"): re.compile(r"none|x-weak|weak|medium|strong|x-strong"),
-    ("emphasis", "level"): re.compile(r"strong|moderate|reduced|none"),
-    ("prosody", "rate"): re.compile(rf"x-slow|slow|medium|fast|x-fast|default|{_PROSODY_NUMBER}%"),
-    ("prosody", "pitch"): re.compile(
-        rf"x-low|low|medium|high|x-high|default|{_PROSODY_NUMBER}(?:%|st|Hz)"
-    ),
-    ("prosody", "volume"): re.compile(
-        rf"silent|x-soft|soft|medium|loud|x-loud|default|{_PROSODY_NUMBER}dB"
+_KEYWORDS: dict[tuple[str, str], frozenset[str]] = {
+    ("break", "strength"): frozenset({"none", "x-weak", "weak", "medium", "strong", "x-strong"}),
+    ("emphasis", "level"): frozenset({"strong", "moderate", "reduced", "none"}),
+    ("prosody", "rate"): frozenset({"x-slow", "slow", "medium", "fast", "x-fast", "default"}),
+    ("prosody", "pitch"): frozenset({"x-low", "low", "medium", "high", "x-high", "default"}),
+    ("prosody", "volume"): frozenset(
+        {"silent", "x-soft", "soft", "medium", "loud", "x-loud", "default"}
     ),
 }
-"""The values an attribute of ``<break>``, ``<emphasis>`` or ``<prosody>`` may take (SSML 1.1
-sections 3.2.3, 3.2.2, 3.2.4, as Alexa's and Google's SSML references list them: keywords, a
-percentage, a relative pitch or volume); the platforms refuse the whole speech for another
-(``<prosody rate="x">``)."""
+"""The keyword values an attribute of ``<break>``, ``<emphasis>`` or ``<prosody>`` may take
+(SSML 1.1 sections 3.2.3, 3.2.2, 3.2.4, as Alexa's and Google's SSML references list them);
+one written in capitals or with spaces around it (``STRONG``, `` slow ``) is written as
+listed; the platforms refuse the whole speech for another (``<prosody rate="x">``,
+``<break strength="x">``)."""
+_NUMBER_VALUES: dict[tuple[str, str], re.Pattern[str]] = {
+    ("prosody", "rate"): re.compile(rf"{_PROSODY_NUMBER}%"),
+    ("prosody", "pitch"): re.compile(rf"{_PROSODY_NUMBER}(?:%|st|Hz)"),
+    ("prosody", "volume"): re.compile(rf"{_PROSODY_NUMBER}dB"),
+}
+"""The number values a ``<prosody>`` attribute may take besides :data:`_KEYWORDS`: a
+percentage, a relative pitch or volume (spaces around it left out)."""
 _VALUED_TAG = re.compile(  # (in a well-formed fragment: its tags as XML writes them)
     r"<!--.*?-->|<!\[CDATA\[.*?\]\]>|<\?.*?\?>"
     r"""|<(break|prosody|emphasis)((?:\s++[^\s=/>]++\s*+=\s*+(?:"[^"]*+"|'[^']*+'))*+)(\s*+/?>)""",
@@ -1002,30 +1018,55 @@ _QUOTES = {"&quot;": '"', "&apos;": "'"}
 
 def _checked_value(element: str, name: str, value: str) -> str | None:
     """The value to give attribute ``name`` of ``element`` for ``value``: itself when the
-    platforms take it, a ``<break time>`` over :data:`MAX_BREAK_S` that many seconds, None
-    (the attribute dropped, so its default holds) for one they do not take."""
+    platforms take it as written; a ``<break time>`` over :data:`MAX_BREAK_S` that many
+    seconds; one of clear meaning written as the platforms document it (a ``<break time>``
+    of :data:`_LOOSE_BREAK_TIME`, ``.5s`` as ``0.5s``; a keyword of :data:`_KEYWORDS` in
+    capitals or with spaces around it, ``STRONG`` as ``strong``); None (the attribute
+    dropped, so its default holds: a ``<break>`` its default pause) for one they do not
+    take or whose meaning is not clear (``<break time="500">``, no unit: seconds or
+    milliseconds?). Linear in ``value``."""
     if element == "break" and name == "time":
-        time = _BREAK_TIME.fullmatch(value)
+        time = _BREAK_TIME.fullmatch(value) or _LOOSE_BREAK_TIME.fullmatch(value)
         if time is None:
             return None
-        seconds = float(time[1]) / (1000 if time[2] == "ms" else 1)
-        return value if seconds <= MAX_BREAK_S else f"{MAX_BREAK_S}s"
-    valid = _VALID_VALUES.get((element, name))
-    if valid is None:
+        unit = time[2].lower()
+        if float(time[1]) / (1000 if unit == "ms" else 1) > MAX_BREAK_S:
+            return f"{MAX_BREAK_S}s"
+        if time.re is _BREAK_TIME:
+            return value
+        whole, _, fraction = time[1].partition(".")
+        return f"{whole or '0'}{'.' if fraction else ''}{fraction}{unit}"
+    keywords = _KEYWORDS.get((element, name))
+    if keywords is None:
         return value  # not one checked here
-    return value if valid.fullmatch(value.strip()) else None
+    stripped = value.strip()
+    if stripped.lower() in keywords:
+        return stripped.lower()
+    number = _NUMBER_VALUES.get((element, name))
+    return stripped if number is not None and number.fullmatch(stripped) else None
 
 
-def _checked_values(fragment: str) -> tuple[str, list[str]]:
+class _Rewritten(NamedTuple):
+    """One attribute value :func:`_checked_values` rewrote: of ``element``, attribute
+    ``name``, the core's ``value``, the value given (None: the attribute dropped)."""
+
+    element: str
+    name: str
+    value: str
+    new: str | None
+
+
+def _checked_values(fragment: str) -> tuple[str, list[_Rewritten]]:
     """``fragment`` (well-formed SSML content) with the attribute values of its ``<break>``,
     ``<prosody>`` and ``<emphasis>`` tags that the platforms refuse the whole speech for
     made ones they take (:func:`_checked_value`: ``<break time="999999s"/>`` a 10 s break,
-    ``<prosody rate="x">`` without its ``rate``), and each changed ``name="value"``, in
-    document order; a tag written in a comment or CDATA section is left as it is. A quick
-    substring test first; linear (one regex pass over the tags)."""
+    ``<break time=".5s"/>`` ``0.5s``, ``<prosody rate="x">`` without its ``rate``), and each
+    value rewritten or dropped, in document order; a tag written in a comment or CDATA
+    section is left as it is. A quick substring test first; linear (one regex pass over
+    the tags)."""
     if "<break" not in fragment and "<prosody" not in fragment and "<emphasis" not in fragment:
         return fragment, []
-    changed: list[str] = []
+    changed: list[_Rewritten] = []
 
     def tag(mark: re.Match[str]) -> str:
         element = mark[1]
@@ -1038,13 +1079,48 @@ def _checked_values(fragment: str) -> tuple[str, list[str]]:
             checked = _checked_value(element, a[2], value)
             if checked == value:
                 return a[0]
-            changed.append(f"{a[2]}={quoted}")
+            changed.append(_Rewritten(element, a[2], value, checked))
             return "" if checked is None else f"{a[1]}{a[2]}{a[3]}{quoteattr(checked)}"
 
         return f"<{element}{_VALUED_ATTRIBUTE.sub(attribute, mark[2])}{mark[3]}"
 
     checked = _VALUED_TAG.sub(tag, fragment)
     return (checked, changed) if changed else (fragment, [])
+
+
+class RewrittenValue(NamedTuple):
+    """:func:`rewritten_values`' answer, one per value: ``item``, the item's index; of its
+    ``element`` (``break``, ``prosody``, ``emphasis``), attribute ``name``, the core's
+    ``value`` and the value said (``new``; None: the attribute dropped, its default holds)."""
+
+    item: int
+    element: str
+    name: str
+    value: str
+    new: str | None
+
+
+def rewritten_values(
+    items: Sequence[ResponseItem],
+    *,
+    audio_schemes: tuple[str, ...] = HTTPS_AUDIO,
+    elements: frozenset[str] | None = None,
+    say_as: frozenset[str] | None = None,
+) -> list[RewrittenValue]:
+    """Each attribute value of the items' SSML that :func:`item_ssml` (with the same
+    arguments) rewrites or drops (:func:`_checked_values`: a ``<break time>`` clamped or
+    written as documented, a value the platforms do not take dropped), in order. For the
+    route's log line; costs a substring test per item unless an item's SSML holds a
+    ``<break``, ``<prosody`` or ``<emphasis`` (then what :func:`item_ssml` costs)."""
+    found: list[RewrittenValue] = []
+    for index, item in enumerate(items):
+        ssml = item.ssml
+        if not ssml or not any(tag in ssml for tag in ("<break", "<prosody", "<emphasis")):
+            continue
+        fragment = _item_fragment(item, audio_schemes, elements, say_as)
+        if fragment is not None:
+            found += [RewrittenValue(index, *change) for change in _checked_values(fragment)[1]]
+    return found
 
 
 def loose_ssml(items: Sequence[ResponseItem]) -> list[int]:
@@ -1061,24 +1137,48 @@ def loose_ssml(items: Sequence[ResponseItem]) -> list[int]:
 
 
 def refused_elements(
-    items: Sequence[ResponseItem], elements: frozenset[str]
+    items: Sequence[ResponseItem],
+    elements: frozenset[str],
+    say_as: frozenset[str] | None = None,
 ) -> list[tuple[int, str]]:
     """``(index, name)`` of each SSML element of ``items`` that :func:`item_ssml` replaces by
-    its content for ``elements`` (:data:`ALEXA_ELEMENTS`, :data:`GOOGLE_ELEMENTS`): an element
-    of an item's well-formed ``ssml`` the platform does not support (a nested ``<speak>``
-    too), each name once per item, in document order. For the route's log line; costs a
-    substring test per item unless an item has SSML with tags."""
+    its content for ``elements`` (:data:`ALEXA_ELEMENTS`, :data:`GOOGLE_ELEMENTS`) and
+    ``say_as`` (:data:`ALEXA_SAY_AS`, :data:`GOOGLE_SAY_AS`): an element of an item's
+    well-formed ``ssml`` the platform does not support (a nested ``<speak>`` too, a
+    ``<BREAK/>``), a ``<say-as>`` of another ``interpret-as`` (named ``say-as
+    interpret-as="..."``), each name once per item, in document order. For the route's log
+    line; costs a substring test per item unless an item has SSML with tags."""
     found: list[tuple[int, str]] = []
     for index, item in enumerate(items):
         ssml = item.ssml
         if not ssml or "<" not in ssml:
             continue
         fragment = _strip_speak(ssml).strip()
-        if elements.issuperset(_TAG_NAME.findall(fragment)) or ssml_to_text(ssml) is None:
+        if not _needs_scan(fragment, elements, say_as) or ssml_to_text(ssml) is None:
             continue  # the quick check, before any parse (not well-formed: said as text)
-        names = _kept_elements(fragment, elements)[1]
+        names = _kept_elements(fragment, elements, say_as)[1]
         found += [(index, name) for name in dict.fromkeys(names)]
     return found
+
+
+def _item_fragment(
+    item: ResponseItem,
+    audio_schemes: tuple[str, ...],
+    elements: frozenset[str] | None,
+    say_as: frozenset[str] | None,
+) -> str | None:
+    """What :func:`item_ssml` says of an item's well-formed ``ssml`` before its attribute
+    values are checked (:func:`_checked_values`): its content, the audio of other schemes
+    and (with ``elements``) the elements the platform does not speak replaced by their
+    content; None when the item is a command or its ``ssml`` is absent or not well-formed."""
+    if is_command(item) or not item.ssml or ssml_to_text(item.ssml) is None:
+        return None
+    fragment = _strip_speak(item.ssml).strip()
+    if _AUDIO_TAG in fragment:
+        fragment = _kept_audio(fragment, audio_schemes)[0]
+    if elements is not None:
+        fragment = _kept_elements(fragment, elements, say_as)[0].strip()
+    return fragment
 
 
 def item_ssml(
@@ -1086,6 +1186,7 @@ def item_ssml(
     *,
     audio_schemes: tuple[str, ...] = HTTPS_AUDIO,
     elements: frozenset[str] | None = None,
+    say_as: frozenset[str] | None = None,
 ) -> str:
     """One item as an SSML fragment (no ``<speak>``), ``""`` when it says nothing.
 
@@ -1110,7 +1211,10 @@ def item_ssml(
     tag names another element); :func:`refused_elements` names them. An attribute value of a
     ``<break>``, ``<prosody>`` or ``<emphasis>`` the platforms refuse the whole speech for is
     made one they take (:func:`_checked_values`: a ``<break time>`` over :data:`MAX_BREAK_S`
-    clamped to it, a ``<prosody rate="x">`` without its ``rate``).
+    clamped to it, ``.5s`` written ``0.5s``, a ``<prosody rate="x">`` without its ``rate``);
+    :func:`rewritten_values` names them. With ``say_as`` (and ``elements``), a ``<say-as>``
+    whose ``interpret-as`` is not named there is replaced by its content
+    (:func:`_kept_elements`).
     """
     audio = item.audio
     if audio and _plays(audio, audio_schemes):  # the item's rendition: it alone (once)
@@ -1146,14 +1250,10 @@ def _said_ssml(
     """:func:`item_ssml` of ``item`` without its own ``audio``: what it says when that is
     not played (its ``ssml``, text or loose words; its ``ssml``'s own ``<audio>`` kept)."""
     parts: list[str] = []
+    fragment = _item_fragment(item, audio_schemes, elements, say_as)
     if is_command(item):
         pass  # an action for the client, no speech (it has no ssml: is_command)
-    elif item.ssml and ssml_to_text(item.ssml) is not None:
-        fragment = _strip_speak(item.ssml).strip()
-        if _AUDIO_TAG in fragment:
-            fragment = _kept_audio(fragment, audio_schemes)[0]
-        if elements is not None:
-            fragment = _kept_elements(fragment, elements)[0].strip()
+    elif fragment is not None:
         parts.append(_checked_values(fragment)[0])
     elif item.text:
         parts.append(xml_text(item.text.strip()))

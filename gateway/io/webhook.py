@@ -97,10 +97,12 @@ from gateway.protocol import ProtocolError, clipped
 from gateway.protocol.errors import RequestVerificationError
 from gateway.ratelimit import RefusalLog
 from gateway.ssml import (
+    HTTPS_AUDIO,
     SSML_ANSWER_MAX_CHARS,
     bounded_items,
     refused_audio,
     refused_elements,
+    rewritten_values,
 )
 from gateway.startup import not_configured
 from gateway.turn import Fallback, Prompt, TurnContext, TurnEnd, TurnOutcome, TurnRejected
@@ -176,7 +178,12 @@ class WebhookChannel(ABC, Generic[_PlanT, _AnswerT]):
     speech (:meth:`speaks`). ``ssml_elements``, when set (:data:`gateway.ssml.ALEXA_ELEMENTS`,
     :data:`gateway.ssml.GOOGLE_ELEMENTS`), are the SSML elements the platform speaks; the
     core's elements its speech replaces by their content are logged the same way
-    (:meth:`_log_left_out_elements`, bounded by ``left_out_elements``). The core's items
+    (:meth:`_log_left_out_elements`, bounded by ``left_out_elements``), and the attribute
+    values of its ``<break>``, ``<prosody>``, ``<emphasis>`` the speech rewrites or drops
+    (:meth:`_log_rewritten_values`, bounded by ``rewritten_values``); ``ssml_say_as``, when
+    set (:data:`gateway.ssml.ALEXA_SAY_AS`, :data:`gateway.ssml.GOOGLE_SAY_AS`), are the
+    ``<say-as interpret-as>`` values it speaks (another one's element is replaced by its
+    content, logged with the elements). The core's items
     whose speech comes from SSML that is not well-formed (said as their words,
     :func:`gateway.ssml.loose_text`) are logged the same way for an answer that is speech
     (:meth:`_log_loose_ssml`, bounded by ``loose_ssml``), and an answer of more SSML than
@@ -193,6 +200,7 @@ class WebhookChannel(ABC, Generic[_PlanT, _AnswerT]):
     body_too_large_status: ClassVar[int] = 413
     audio_schemes: ClassVar[tuple[str, ...] | None] = None
     ssml_elements: ClassVar[frozenset[str] | None] = None
+    ssml_say_as: ClassVar[frozenset[str] | None] = None
 
     def __init__(self, gw: Gateway, deadline_s: float, refusal: str | None = None) -> None:
         self.gw = gw
@@ -201,6 +209,7 @@ class WebhookChannel(ABC, Generic[_PlanT, _AnswerT]):
         self.refusals = RefusalLog()
         self.left_out_audio = RefusalLog()
         self.left_out_elements = RefusalLog()
+        self.rewritten_values = RefusalLog()
         self.loose_ssml = RefusalLog()
         self.cut_ssml = RefusalLog()
         self.not_run = RefusalLog()
@@ -306,6 +315,21 @@ class WebhookChannel(ABC, Generic[_PlanT, _AnswerT]):
             )
         return self.encode(await self._turn(planned, ctx, input, deadline_s, loop))
 
+    def _log_speech(
+        self, ctx: TurnContext, response: Response, loose: Sequence[int], cut: Sequence[int]
+    ) -> None:
+        """The lines on what the speech of ``response`` (an answer that is speech) leaves
+        out or changes of the core's: its audio (with ``audio_schemes``), its elements (with
+        ``ssml_elements``), its attribute values, its SSML that is not well-formed
+        (``loose``) or past the bound per answer (``cut``)."""
+        if self.audio_schemes is not None:
+            self._log_left_out_audio(ctx, response, self.audio_schemes)
+        if self.ssml_elements is not None:
+            self._log_left_out_elements(ctx, response, self.ssml_elements)
+        self._log_rewritten_values(ctx, response)
+        self._log_loose_ssml(ctx, loose)
+        self._log_cut_ssml(ctx, cut)
+
     def _log_left_out_audio(
         self, ctx: TurnContext, response: Response, schemes: tuple[str, ...]
     ) -> None:
@@ -344,16 +368,48 @@ class WebhookChannel(ABC, Generic[_PlanT, _AnswerT]):
         nested ``<speak>`` too): ``item 0 <speak>, item 2 <foo>``, the first three, their
         names clipped. Nothing when there is none (a substring test per item unless an
         item's SSML has tags)."""
-        left_out = refused_elements(response.items, elements)
+        left_out = refused_elements(response.items, elements, self.ssml_say_as)
         if not left_out:
             return
         self.left_out_elements.log(
             self.log,
             "%s turn of %s: the core's SSML %s: replaced by their content (%s refuses the "
-            "whole speech for an SSML element it does not support)",
+            "whole speech for an SSML element, or a say-as interpret-as, it does not support)",
             self.platform,
             session_ref(ctx.key),
             _first_three([f"item {i} <{clipped(name, 40, quote=False)}>" for i, name in left_out]),
+            self.platform,
+        )
+
+    def _log_rewritten_values(self, ctx: TurnContext, response: Response) -> None:
+        """One WARNING line (bounded: ``rewritten_values``, a burst then one a minute, the
+        rest at DEBUG) naming the attribute values of the core's ``<break>``, ``<prosody>``
+        and ``<emphasis>`` that the speech rewrites or drops
+        (:func:`gateway.ssml.rewritten_values`: the platform refuses the whole speech for
+        them as written): ``item 0 <break time='.5s'> as '0.5s', item 1 <break
+        strength='x'> dropped``, the first three, their values clipped. Nothing when there
+        is none (a substring test per item unless an item's SSML has such a tag)."""
+        changed = rewritten_values(
+            response.items,
+            audio_schemes=self.audio_schemes or HTTPS_AUDIO,
+            elements=self.ssml_elements,
+            say_as=self.ssml_say_as,
+        )
+        if not changed:
+            return
+        self.rewritten_values.log(
+            self.log,
+            "%s turn of %s: the core's SSML %s (%s refuses the whole speech for an attribute "
+            "value it does not take; a value dropped leaves its default)",
+            self.platform,
+            session_ref(ctx.key),
+            _first_three(
+                [
+                    f"item {c.item} <{c.element} {c.name}={clipped(c.value, 40)}> "
+                    + ("dropped" if c.new is None else f"as {clipped(c.new, 40)}")
+                    for c in changed
+                ]
+            ),
             self.platform,
         )
 
@@ -425,12 +481,7 @@ class WebhookChannel(ABC, Generic[_PlanT, _AnswerT]):
             assert outcome.response is not None
             response, loose, cut = _bounded_ssml(outcome.response)
             if self.speaks(planned):
-                if self.audio_schemes is not None:
-                    self._log_left_out_audio(ctx, response, self.audio_schemes)
-                if self.ssml_elements is not None:
-                    self._log_left_out_elements(ctx, response, self.ssml_elements)
-                self._log_loose_ssml(ctx, loose)
-                self._log_cut_ssml(ctx, cut)
+                self._log_speech(ctx, response, loose, cut)
             answer, closes = self.answer(planned, response)
             if closes and not outcome.session_ended:  # the platform closes it: so does the gateway
                 left = deadline_s - (loop.time() - started)
@@ -468,12 +519,7 @@ class WebhookChannel(ABC, Generic[_PlanT, _AnswerT]):
             told, loose, cut = _bounded_ssml(Response(items=said))
             said = told.items
             if self.speaks(planned):
-                if self.audio_schemes is not None:
-                    self._log_left_out_audio(ctx, told, self.audio_schemes)
-                if self.ssml_elements is not None:
-                    self._log_left_out_elements(ctx, told, self.ssml_elements)
-                self._log_loose_ssml(ctx, loose)
-                self._log_cut_ssml(ctx, cut)
+                self._log_speech(ctx, told, loose, cut)
         return self.fallback(planned, self.prompt_text(rule.prompt), rule.end, said)
 
     def prompt_text(self, prompt: Prompt) -> str:

@@ -31,6 +31,7 @@ from gateway.ssml import (
     read_ssml_in_text,
     refused_audio,
     refused_elements,
+    rewritten_values,
     speech_ssml,
     ssml_in_text,
     ssml_markup,
@@ -485,3 +486,72 @@ def test_a_mebibyte_of_elements_in_another_case_is_read_whole() -> None:
         assert said == " ".join(["a"] * (1 << 17))
         said = item_ssml(ResponseItem(ssml=ssml), elements=elements)
         assert said == "Wait done."
+
+
+@pytest.mark.parametrize(
+    ("tag", "said", "new"),
+    [
+        ('<break time=".5s"/>', '<break time="0.5s"/>', "0.5s"),
+        ('<break time="1.5 s"/>', '<break time="1.5s"/>', "1.5s"),
+        ('<break time=" 2s "/>', '<break time="2s"/>', "2s"),
+        ('<break time="500MS"/>', '<break time="500ms"/>', "500ms"),
+        ('<break time="1.s"/>', '<break time="1s"/>', "1s"),
+        ('<break time=".5 S"/>', '<break time="0.5s"/>', "0.5s"),
+        ('<break time="12 s"/>', '<break time="10s"/>', "10s"),
+        ('<break time="500"/>', "<break/>", None),  # no unit: seconds or milliseconds?
+        ('<break time="-1s"/>', "<break/>", None),
+        ('<break time="1min"/>', "<break/>", None),
+        ('<break time=""/>', "<break/>", None),
+        ('<break strength="x"/>', "<break/>", None),
+        ('<break strength="STRONG"/>', '<break strength="strong"/>', "strong"),
+        ('<break strength=" weak "/>', '<break strength="weak"/>', "weak"),
+        (
+            "<emphasis level='Strong'>a</emphasis>",
+            '<emphasis level="strong">a</emphasis>',
+            "strong",
+        ),
+        ("<prosody rate=' 150% '>a</prosody>", '<prosody rate="150%">a</prosody>', "150%"),
+    ],
+)
+def test_break_values_are_checked_written_as_documented_and_named(
+    tag: str, said: str, new: str | None
+) -> None:
+    """A ``<break time>`` of clear meaning the platforms may not take as written (``.5s``,
+    ``1.5 s``, ``500MS``) is written as their references write it (``0.5s``, ``1.5s``,
+    ``500ms``); one whose meaning is not clear (``500``: no unit) or not a time, or a
+    ``strength`` not in the list, is dropped (its default pause holds); a keyword in
+    capitals or with spaces is written as listed. :func:`rewritten_values` names each one
+    for the log line. Before, ``.5s``, ``1.5 s``, ``500MS`` and `` strong `` went to the
+    platforms as written and nothing named a rewritten or dropped value."""
+    for audio, elements in PLATFORMS:
+        assert speech(f"a {tag} b", audio, elements) == f"<speak>a {said} b</speak>"
+        items = [ResponseItem(text="plain"), ResponseItem(ssml=f"<speak>a {tag} b</speak>")]
+        (changed,) = rewritten_values(items, audio_schemes=audio, elements=elements)
+        assert changed.item == 1
+        assert changed.new == new
+        assert changed.value in tag
+
+
+def test_values_taken_as_written_are_not_named() -> None:
+    """``1.5s``, ``500ms``, ``10000ms``, ``strong``: taken as written, named nowhere; a
+    ``<break>`` written in a comment is none, nor an item's text."""
+    ssml = (
+        '<speak>a <break time="1.5s"/> <break time="500ms"/> <break time="10000ms"/>'
+        ' <break strength="strong"/> <!-- <break time="x"/> --> b</speak>'
+    )
+    for audio, elements in PLATFORMS:
+        assert speech(ssml, audio, elements) == ssml
+        assert rewritten_values([ResponseItem(ssml=ssml)], elements=elements) == []
+    assert rewritten_values([ResponseItem(text="a <break time='x'/>")]) == []
+
+
+def test_a_mebibyte_break_value_is_checked_whole() -> None:
+    """A ``<break time>`` of a mebibyte of digits (and one of spaces) is checked in one
+    pass: the first clamped, the second dropped (the result asserted, not the time)."""
+    digits = "9" * (1 << 20)
+    spaces = " " * (1 << 20)
+    ssml = f'<speak>a <break time="{digits}ms"/> b <break time="{spaces}x"/> c</speak>'
+    for audio, elements in PLATFORMS:
+        assert speech(ssml, audio, elements) == '<speak>a <break time="10s"/> b <break/> c</speak>'
+    changed = rewritten_values([ResponseItem(ssml=ssml)], elements=ALEXA_ELEMENTS)
+    assert [c.new for c in changed] == ["10s", None]

@@ -1644,6 +1644,34 @@ async def test_ssml_elements_in_another_case_reach_alexa_as_their_words_parted(
     assert "item 0 <BREAK>, item 0 <Break>, item 1 <P>" in line.getMessage()
 
 
+async def test_break_values_reach_alexa_as_documented_and_are_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A core's ``<break time=".5s"/>``, ``time="1.5 s"``, ``time="500"`` (no unit) and
+    ``strength="x"``: Alexa gets ``0.5s`` and ``1.5s`` (as its reference writes times), the
+    others dropped (the default pause), and one WARNING line names them. Before, they
+    reached Alexa as the core wrote them, logged nowhere."""
+    caplog.set_level(logging.WARNING, logger="adapters.alexa")
+    items = [
+        {"ssml": '<speak>One <break time=".5s"/> two <break time="1.5 s"/> three.</speak>'},
+        {"ssml": '<speak>Four <break time="500"/> five <break strength="x"/> six.</speak>'},
+    ]
+    async with gateway_answering(items, **OFF) as client:
+        answer = await say(client, envelope("S-break-values", text="hi"))
+    speech = reply(answer).output_speech
+    assert isinstance(speech, SsmlOutputSpeech)
+    assert speech.ssml == (
+        '<speak>One <break time="0.5s"/> two <break time="1.5s"/> three. '
+        "Four <break/> five <break/> six.</speak>"
+    )
+    (line,) = [r for r in caplog.records if "attribute value" in r.getMessage()]
+    assert line.levelno == logging.WARNING
+    assert (
+        "item 0 <break time='.5s'> as '0.5s', item 0 <break time='1.5 s'> as '1.5s', "
+        "item 1 <break time='500'> dropped and 1 more"
+    ) in line.getMessage()
+
+
 async def test_a_voice_agents_speak_whose_words_begin_with_a_hash_is_said_on_every_channel() -> (
     None
 ):

@@ -1666,3 +1666,34 @@ async def test_ssml_elements_in_another_case_reach_google_as_their_words_parted(
     assert simple["text"] == "Hello world again. one two Joanna Matthew"
     (line,) = [r for r in caplog.records if "replaced by their content" in r.getMessage()]
     assert "item 0 <BREAK>, item 0 <Break>, item 1 <P> and 1 more" in line.getMessage()
+
+
+async def test_break_values_reach_google_as_documented_and_are_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A core's ``<break time=".5s"/>``, ``time="500MS"``, ``time="500"`` (no unit) and
+    ``strength="x"``: Google gets ``0.5s`` and ``500ms`` (as its reference writes times),
+    the others dropped (the default pause), and one WARNING line names them. Before, they
+    reached Google as the core wrote them, logged nowhere."""
+    caplog.set_level(logging.WARNING, logger="adapters.google")
+    items = [
+        {"ssml": '<speak>One <break time=".5s"/> two <break time="500MS"/> three.</speak>'},
+        {"ssml": '<speak>Four <break time="500"/> five <break strength="x"/> six.</speak>'},
+    ]
+    async with gateway_answering(items, **OFF) as client:
+        request = v3("break-values", "FreeText", "hi")
+        data = ok(await client.post("/google", json=request))
+    check_v3(request, data)
+    simple = data["prompt"]["firstSimple"]
+    assert simple["speech"] == (
+        '<speak>One <break time="0.5s"/> two <break time="500ms"/> three. '
+        "Four <break/> five <break/> six.</speak>"
+    )
+    (line,) = [r for r in caplog.records if "attribute value" in r.getMessage()]
+    assert line.levelno == logging.WARNING
+    assert "item 1 <break strength='x'>" not in line.getMessage()  # (the first three only)
+    assert "item 0 <break time='500MS'> as '500ms'" in line.getMessage()
+    assert line.getMessage().endswith(
+        "and 1 more (Google refuses the whole speech for an "
+        "attribute value it does not take; a value dropped leaves its default)"
+    )
