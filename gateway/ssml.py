@@ -50,8 +50,10 @@ from gateway.events import ResponseItem, is_command
 __all__ = [
     "ALEXA_AUDIO",
     "ALEXA_ELEMENTS",
+    "ALEXA_SAY_AS",
     "ELLIPSIS",
     "GOOGLE_ELEMENTS",
+    "GOOGLE_SAY_AS",
     "HTTPS_AUDIO",
     "LOOSE_ANSWER_MAX_CHARS",
     "LOOSE_MAX_CHARS",
@@ -138,6 +140,52 @@ GOOGLE_ELEMENTS: frozenset[str] = frozenset(
 """The SSML elements Google Assistant speaks inside the ``<speak>`` root (Actions on Google
 "SSML", "Support for SSML elements": ``<desc>`` as the description of an ``<audio>``;
 ``<phoneme>``, ``<voice>`` and ``<lang>`` are Cloud Text-to-Speech's, not listed there)."""
+ALEXA_SAY_AS: frozenset[str] = frozenset(
+    {
+        "characters",
+        "spell-out",
+        "cardinal",
+        "number",
+        "ordinal",
+        "digits",
+        "fraction",
+        "unit",
+        "date",
+        "time",
+        "telephone",
+        "address",
+        "interjection",
+        "expletive",
+    }
+)
+"""The ``<say-as interpret-as>`` values Alexa speaks (Alexa SSML reference, ``say-as``);
+Alexa refuses the whole speech for another, so such a ``<say-as>`` is replaced by its
+content (:func:`_kept_elements`). From the reference as known here (not checked against a
+live Alexa)."""
+GOOGLE_SAY_AS: frozenset[str] = frozenset(
+    {
+        "characters",
+        "spell-out",
+        "verbatim",
+        "cardinal",
+        "ordinal",
+        "digits",
+        "fraction",
+        "unit",
+        "date",
+        "time",
+        "telephone",
+        "currency",
+        "expletive",
+        "bleep",
+    }
+)
+"""The ``<say-as interpret-as>`` values Google Assistant speaks, the lists known here for
+sure: Actions on Google "SSML", ``say-as`` (``cardinal``, ``ordinal``, ``characters``,
+``fraction``, ``expletive``/``bleep``, ``unit``, ``verbatim``/``spell-out``, ``date``,
+``time``, ``telephone``; ``digits`` in its own example) and Cloud Text-to-Speech's
+``currency``. Not checked against a live Assistant: a value missing here (``address``) only
+loses its reading hint, its words said; one Google refused would silence the speech."""
 _UNSPOKEN: frozenset[str] = frozenset({"desc", "meta", "metadata", "lexicon"})
 """Elements whose content is no speech (SSML 1.1 sections 3.1.5, 3.1.6, 3.3.3): one the
 platform does not support is removed with its content, not replaced by it."""
@@ -1268,6 +1316,7 @@ def speech_ssml(
     *,
     audio_schemes: tuple[str, ...] = HTTPS_AUDIO,
     elements: frozenset[str] | None = None,
+    say_as: frozenset[str] | None = None,
     max_audio: int | None = None,
     utf16: bool = False,
     then: ResponseItem | None = None,
@@ -1276,7 +1325,7 @@ def speech_ssml(
     (code points; UTF-16 code units with ``utf16``, :func:`utf16_len`, as Alexa counts).
 
     Items are joined in order (see :func:`item_ssml`: audio only of ``audio_schemes``,
-    with ``elements`` only those SSML elements).
+    with ``elements`` only those SSML elements, with ``say_as`` only those ``<say-as>``).
     When the next fragment
     does not fit, its spoken text is cut at a sentence/word boundary
     (:func:`truncate_text`) and escaped, and nothing after it is said, so the
@@ -1293,13 +1342,15 @@ def speech_ssml(
     over ``max_chars``).
     """
     if then is not None:
-        return _speech_then(items, then, max_chars, audio_schemes, elements, max_audio, utf16)
+        return _speech_then(
+            items, then, max_chars, audio_schemes, elements, say_as, max_audio, utf16
+        )
     budget = max_chars - len(_SPEAK_OPEN) - len(_SPEAK_CLOSE)
     out: list[str] = []
     used = 0
     audio_left = max_audio
     for item in items:
-        fragment = item_ssml(item, audio_schemes=audio_schemes, elements=elements)
+        fragment = item_ssml(item, audio_schemes=audio_schemes, elements=elements, say_as=say_as)
         if audio_left is not None and _AUDIO_TAG in fragment:
             tags = fragment.count(_AUDIO_TAG)
             if tags > audio_left:  # over the platform's count: its words only
@@ -1345,6 +1396,7 @@ def _speech_then(
     max_chars: int,
     audio_schemes: tuple[str, ...],
     elements: frozenset[str] | None,
+    say_as: frozenset[str] | None,
     max_audio: int | None,
     utf16: bool,
 ) -> str | None:
@@ -1352,14 +1404,20 @@ def _speech_then(
 
     def speech(of: Sequence[ResponseItem], chars: int, audio: int | None) -> str | None:
         return speech_ssml(
-            of, chars, audio_schemes=audio_schemes, elements=elements, max_audio=audio, utf16=utf16
+            of,
+            chars,
+            audio_schemes=audio_schemes,
+            elements=elements,
+            say_as=say_as,
+            max_audio=audio,
+            utf16=utf16,
         )
 
     tail = speech([then], max_chars, max_audio)
     if tail is None:
         return speech(items, max_chars, max_audio)
     said = tail[len(_SPEAK_OPEN) : -len(_SPEAK_CLOSE)]
-    if said != item_ssml(then, audio_schemes=audio_schemes, elements=elements):
+    if said != item_ssml(then, audio_schemes=audio_schemes, elements=elements, say_as=say_as):
         return tail  # cut itself (or its audio over max_audio): no room for the items
     room = max_chars - (utf16_len(said) if utf16 else len(said)) - 1  # and a space
     audio_left = None if max_audio is None else max_audio - said.count(_AUDIO_TAG)

@@ -49,7 +49,14 @@ from pydantic_core import to_json
 
 from gateway.events import FALLBACK, INTRO, Input, Response, ResponseItem, Wire
 from gateway.protocol import ProtocolError, load_json, validate
-from gateway.ssml import ALEXA_AUDIO, ALEXA_ELEMENTS, display_text, speech_ssml, utf16_len
+from gateway.ssml import (
+    ALEXA_AUDIO,
+    ALEXA_ELEMENTS,
+    ALEXA_SAY_AS,
+    display_text,
+    speech_ssml,
+    utf16_len,
+)
 from gateway.turn import IntentRule, TurnContext
 
 NAMESPACE = "alexa"
@@ -710,12 +717,14 @@ def _speech(
 ) -> str | None:
     """:func:`gateway.ssml.speech_ssml` within Alexa's :data:`MAX_AUDIO_TAGS`, with only the
     audio Alexa plays (:data:`gateway.ssml.ALEXA_AUDIO`) and the SSML elements it speaks
-    (:data:`gateway.ssml.ALEXA_ELEMENTS`); ``then`` said whole after ``items``."""
+    (:data:`gateway.ssml.ALEXA_ELEMENTS`, its ``<say-as>`` kinds
+    :data:`gateway.ssml.ALEXA_SAY_AS`); ``then`` said whole after ``items``."""
     return speech_ssml(
         items,
         max_chars,
         audio_schemes=ALEXA_AUDIO,
         elements=ALEXA_ELEMENTS,
+        say_as=ALEXA_SAY_AS,
         max_audio=MAX_AUDIO_TAGS,
         utf16=True,
         then=then,
@@ -756,6 +765,7 @@ def encode(envelope: AlexaResponseEnvelope, max_bytes: int = MAX_RESPONSE_BYTES)
             target,
             audio_schemes=ALEXA_AUDIO,
             elements=ALEXA_ELEMENTS,
+            say_as=ALEXA_SAY_AS,
             utf16=True,
         )
         if spoken is None:

@@ -55,7 +55,7 @@ from gateway.io.webhook import WebhookChannel, refusal_at_startup
 from gateway.logs import session_ref
 from gateway.protocol import ProtocolError, clipped
 from gateway.settings import Settings
-from gateway.ssml import ALEXA_AUDIO, ALEXA_ELEMENTS
+from gateway.ssml import ALEXA_AUDIO, ALEXA_ELEMENTS, ALEXA_SAY_AS
 from gateway.turn import TurnContext
 
 log = logging.getLogger("adapters.alexa")
@@ -89,6 +89,7 @@ class AlexaWebhook(WebhookChannel[Planned, bytes]):
     body_too_large_status = 400
     audio_schemes = ALEXA_AUDIO
     ssml_elements = ALEXA_ELEMENTS
+    ssml_say_as = ALEXA_SAY_AS
 
     def __init__(self, gw: Gateway, verifier: AlexaVerifier | None, refusal: str | None) -> None:
         super().__init__(gw, gw.settings.alexa_deadline_s, refusal)

@@ -73,7 +73,14 @@ from gateway.events import (
 )
 from gateway.protocol import ProtocolError, clipped, validate
 from gateway.protocol import load_json as load_any_json
-from gateway.ssml import GOOGLE_ELEMENTS, HTTPS_AUDIO, display_text, speech_ssml, truncate_text
+from gateway.ssml import (
+    GOOGLE_ELEMENTS,
+    GOOGLE_SAY_AS,
+    HTTPS_AUDIO,
+    display_text,
+    speech_ssml,
+    truncate_text,
+)
 from gateway.turn import IntentRule, TurnContext
 
 GOOGLE_NAMESPACE = "google"
@@ -768,9 +775,15 @@ def _speech(
 ) -> str | None:
     """:func:`gateway.ssml.speech_ssml` with only the audio Google plays
     (:data:`gateway.ssml.HTTPS_AUDIO`) and the SSML elements it speaks
-    (:data:`gateway.ssml.GOOGLE_ELEMENTS`); ``then`` said whole after ``items``."""
+    (:data:`gateway.ssml.GOOGLE_ELEMENTS`, its ``<say-as>`` kinds
+    :data:`gateway.ssml.GOOGLE_SAY_AS`); ``then`` said whole after ``items``."""
     return speech_ssml(
-        items, max_chars, audio_schemes=HTTPS_AUDIO, elements=GOOGLE_ELEMENTS, then=then
+        items,
+        max_chars,
+        audio_schemes=HTTPS_AUDIO,
+        elements=GOOGLE_ELEMENTS,
+        say_as=GOOGLE_SAY_AS,
+        then=then,
     )
 
 

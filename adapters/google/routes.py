@@ -81,7 +81,7 @@ from gateway.events import Input, Response, ResponseItem
 from gateway.io.webhook import WebhookChannel, WebhookRefused, refusal_at_startup
 from gateway.protocol import clipped
 from gateway.settings import Settings
-from gateway.ssml import GOOGLE_ELEMENTS, HTTPS_AUDIO
+from gateway.ssml import GOOGLE_ELEMENTS, GOOGLE_SAY_AS, HTTPS_AUDIO
 from gateway.turn import TurnContext
 
 log = logging.getLogger("adapters.google")
@@ -105,6 +105,7 @@ class _Webhook(WebhookChannel[Plan, dict[str, Any]]):
     namespace: str
     audio_schemes = HTTPS_AUDIO
     ssml_elements = GOOGLE_ELEMENTS
+    ssml_say_as = GOOGLE_SAY_AS
 
     def turn(self, planned: Plan) -> tuple[TurnContext, Input] | None:
         """Every request but a health check runs a turn."""

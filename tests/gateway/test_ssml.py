@@ -18,7 +18,9 @@ from gateway.speech.tts import ssml_to_text as tts_text
 from gateway.ssml import (
     ALEXA_AUDIO,
     ALEXA_ELEMENTS,
+    ALEXA_SAY_AS,
     GOOGLE_ELEMENTS,
+    GOOGLE_SAY_AS,
     HTTPS_AUDIO,
     LOOSE_ANSWER_MAX_CHARS,
     LOOSE_MAX_CHARS,
@@ -555,3 +557,78 @@ def test_a_mebibyte_break_value_is_checked_whole() -> None:
         assert speech(ssml, audio, elements) == '<speak>a <break time="10s"/> b <break/> c</speak>'
     changed = rewritten_values([ResponseItem(ssml=ssml)], elements=ALEXA_ELEMENTS)
     assert [c.new for c in changed] == ["10s", None]
+
+
+SAY_AS_PLATFORMS = [
+    (ALEXA_AUDIO, ALEXA_ELEMENTS, ALEXA_SAY_AS),
+    (HTTPS_AUDIO, GOOGLE_ELEMENTS, GOOGLE_SAY_AS),
+]
+
+
+def said_with(
+    ssml: str, audio: tuple[str, ...], elements: frozenset[str], say_as: frozenset[str]
+) -> str:
+    """:func:`speech_ssml` of one item's ``ssml`` for a platform, its ``<say-as>`` kinds too."""
+    said = speech_ssml(
+        [ResponseItem(ssml=ssml)], 8000, audio_schemes=audio, elements=elements, say_as=say_as
+    )
+    assert said is not None
+    return said
+
+
+@pytest.mark.parametrize(
+    ("ssml", "alexa", "google"),
+    [
+        (
+            "It costs <say-as interpret-as='foo'>42</say-as>.",
+            "It costs 42.",
+            "It costs 42.",
+        ),
+        ("<say-as>42</say-as>!", "42!", "42!"),
+        (
+            "a<say-as interpret-as='currency'>$42</say-as>b",
+            "a$42b",
+            "a<say-as interpret-as='currency'>$42</say-as>b",
+        ),
+        (
+            "<say-as interpret-as='address'>1 Main St</say-as>",
+            "<say-as interpret-as='address'>1 Main St</say-as>",
+            "1 Main St",
+        ),
+        (
+            "<say-as interpret-as='cardinal'>42</say-as>",
+            "<say-as interpret-as='cardinal'>42</say-as>",
+            "<say-as interpret-as='cardinal'>42</say-as>",
+        ),
+    ],
+)
+def test_a_say_as_of_a_kind_the_platform_does_not_speak_is_its_words(
+    ssml: str, alexa: str, google: str
+) -> None:
+    """Alexa refuses the whole speech for a ``<say-as>`` whose ``interpret-as`` is not in
+    its list (Google's list differs: ``currency``, not ``address``): such a ``<say-as>`` is
+    replaced by its content, its words as they stand (inline: ``42.``, ``a$42b``), and
+    :func:`refused_elements` names it. Before, it went to the platform as written."""
+    for (audio, elements, say_as), expected in zip(SAY_AS_PLATFORMS, (alexa, google), strict=True):
+        assert said_with(ssml, audio, elements, say_as) == f"<speak>{expected}</speak>"
+        named = refused_elements([ResponseItem(ssml=ssml)], elements, say_as)
+        if expected == ssml:
+            assert named == []
+        else:
+            (found,) = named
+            assert found[0] == 0
+            assert found[1].startswith("say-as interpret-as=")
+
+
+def test_a_mebibyte_of_say_as_elements_is_read_whole() -> None:
+    """A core's answer of 1 MiB of ``<say-as>`` of an unknown kind is replaced in one pass
+    over its tags, every word kept (the result asserted, not the time)."""
+    count = 1 << 15
+    ssml = "<say-as interpret-as='x'>a</say-as> " * count
+    assert len(ssml) > 1 << 20
+    for _, elements, say_as in SAY_AS_PLATFORMS:
+        said = item_ssml(ResponseItem(ssml=ssml), elements=elements, say_as=say_as)
+        assert said == " ".join(["a"] * count)
+        assert refused_elements([ResponseItem(ssml=ssml)], elements, say_as) == [
+            (0, 'say-as interpret-as="x"')
+        ]

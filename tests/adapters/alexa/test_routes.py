@@ -1672,6 +1672,34 @@ async def test_break_values_reach_alexa_as_documented_and_are_logged(
     ) in line.getMessage()
 
 
+async def test_a_say_as_alexa_does_not_speak_reaches_it_as_its_words(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Alexa refuses the whole speech for a ``<say-as>`` whose ``interpret-as`` it does not
+    list (``currency``: Google's, not Alexa's; ``foo``): replaced by its content, its words
+    said as they stand, named on the left-out-elements WARNING line; a ``cardinal`` is kept.
+    Before, it reached Alexa as written: the user heard an error instead of the answer."""
+    caplog.set_level(logging.WARNING, logger="adapters.alexa")
+    items = [
+        {
+            "ssml": "<speak>It is <say-as interpret-as='currency'>$42</say-as>, "
+            "<say-as interpret-as='cardinal'>42</say-as> or "
+            "<say-as interpret-as='foo'>forty</say-as>.</speak>"
+        }
+    ]
+    async with gateway_answering(items, **OFF) as client:
+        answer = await say(client, envelope("S-say-as", text="hi"))
+    speech = reply(answer).output_speech
+    assert isinstance(speech, SsmlOutputSpeech)
+    assert speech.ssml == (
+        "<speak>It is $42, <say-as interpret-as='cardinal'>42</say-as> or forty.</speak>"
+    )
+    (line,) = [r for r in caplog.records if "replaced by their content" in r.getMessage()]
+    assert (
+        'item 0 <say-as interpret-as="currency">, item 0 <say-as interpret-as="foo">'
+    ) in line.getMessage()
+
+
 async def test_a_voice_agents_speak_whose_words_begin_with_a_hash_is_said_on_every_channel() -> (
     None
 ):

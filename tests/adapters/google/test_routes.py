@@ -1697,3 +1697,33 @@ async def test_break_values_reach_google_as_documented_and_are_logged(
         "and 1 more (Google refuses the whole speech for an "
         "attribute value it does not take; a value dropped leaves its default)"
     )
+
+
+async def test_a_say_as_google_does_not_speak_reaches_it_as_its_words(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A ``<say-as>`` whose ``interpret-as`` Google does not list (``foo``; ``address``,
+    Alexa's) is replaced by its content, its words said as they stand, and named on the
+    left-out-elements WARNING line; a ``currency`` is kept. Before, it reached Google as
+    written."""
+    caplog.set_level(logging.WARNING, logger="adapters.google")
+    items = [
+        {
+            "ssml": "<speak>It is <say-as interpret-as='currency'>$42</say-as> at "
+            "<say-as interpret-as='address'>1 Main St</say-as>, "
+            "<say-as interpret-as='foo'>now</say-as>.</speak>"
+        }
+    ]
+    async with gateway_answering(items, **OFF) as client:
+        request = v3("say-as", "FreeText", "hi")
+        data = ok(await client.post("/google", json=request))
+    check_v3(request, data)
+    simple = data["prompt"]["firstSimple"]
+    assert simple["speech"] == (
+        "<speak>It is <say-as interpret-as='currency'>$42</say-as> at 1 Main St, now.</speak>"
+    )
+    assert simple["text"] == "It is $42 at 1 Main St, now."
+    (line,) = [r for r in caplog.records if "replaced by their content" in r.getMessage()]
+    assert (
+        'item 0 <say-as interpret-as="address">, item 0 <say-as interpret-as="foo">'
+    ) in line.getMessage()
