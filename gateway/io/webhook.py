@@ -374,7 +374,7 @@ class WebhookChannel(ABC, Generic[_PlanT, _AnswerT]):
         self.left_out_elements.log(
             self.log,
             "%s turn of %s: the core's SSML %s: replaced by their content (%s refuses the "
-            "whole speech for an SSML element, or a say-as interpret-as, it does not support)",
+            "whole speech for an SSML element, or an interpret-as, it does not support)",
             self.platform,
             session_ref(ctx.key),
             _first_three([f"item {i} <{clipped(name, 40, quote=False)}>" for i, name in left_out]),
