@@ -1267,7 +1267,7 @@ def item_ssml(
     audio = item.audio
     if audio and _plays(audio, audio_schemes):  # the item's rendition: it alone (once)
         return f"<audio src={quoteattr(audio)}/>"
-    return _said_ssml(item, audio_schemes, elements)
+    return _said_ssml(item, audio_schemes, elements, say_as)
 
 
 def _plays(audio: str, audio_schemes: tuple[str, ...]) -> bool:
@@ -1293,7 +1293,10 @@ def played_instead(item: ResponseItem, audio_schemes: tuple[str, ...] = HTTPS_AU
 
 
 def _said_ssml(
-    item: ResponseItem, audio_schemes: tuple[str, ...], elements: frozenset[str] | None
+    item: ResponseItem,
+    audio_schemes: tuple[str, ...],
+    elements: frozenset[str] | None,
+    say_as: frozenset[str] | None = None,
 ) -> str:
     """:func:`item_ssml` of ``item`` without its own ``audio``: what it says when that is
     not played (its ``ssml``, text or loose words; its ``ssml``'s own ``<audio>`` kept)."""
