@@ -18,7 +18,9 @@ mode: 20 ms frames of the bidirectional codec, paced), ``{"event":"mark","mark":
 {"name":…}}``, ``{"event":"clear"}``.
 
 Encodings: PCMU, PCMA (8 kHz only: a start at another rate is refused) and L16
-(8/16 kHz), **L16 big-endian** (network byte order, RFC 2586): byte-swapped both ways.
+(8000, 16000 or 24000 Hz, the rates Telnyx streams at: CARRIERS.md "Enable",
+``stream_bidirectional_sampling_rate``; a start at another rate is refused),
+**L16 big-endian** (network byte order, RFC 2586): byte-swapped both ways.
 G722, OPUS and AMR-WB are refused (UnsupportedMediaFormat): the answers ask for a codec
 the gateway speaks (TeXML ``codec``, Call Control ``stream_codec``).
 """
@@ -54,14 +56,18 @@ CODECS: Final[dict[str, WireEncoding]] = {"PCMU": "PCMU", "PCMA": "PCMA", "L16":
 
 G711_RATE: Final = 8000
 """The one sample rate (Hz) of PCMU and PCMA (G.711: 8 kHz, RFC 3551 section 4.5.14)."""
+L16_RATES: Final = (8000, 16000, 24000)
+"""The sample rates (Hz) of Telnyx's L16: the rates Telnyx streams at (CARRIERS.md
+"Telnyx", "Enable": ``stream_bidirectional_sampling_rate`` 8000/16000/24000)."""
 
 
 def media_format(encoding: str, sample_rate: int) -> MediaFormat:
     """The wire format of a Telnyx ``encoding`` name at ``sample_rate`` Hz; L16 is
-    big-endian; PCMU and PCMA are 8 kHz (:data:`G711_RATE`).
+    big-endian at :data:`L16_RATES`; PCMU and PCMA are 8 kHz (:data:`G711_RATE`).
 
     Raises UnsupportedMediaFormat for another encoding (G722, OPUS, AMR-WB) or rate
-    (PCMU or PCMA at any but 8000 Hz: its audio would be decoded at a rate it is not in).
+    (PCMU or PCMA at any but 8000 Hz, L16 at any but 8000, 16000 or 24000 Hz: its audio
+    would be decoded at a rate Telnyx does not stream, not the one it is in).
     """
     wire = CODECS.get(encoding.upper())
     if wire is None:
@@ -72,6 +78,12 @@ def media_format(encoding: str, sample_rate: int) -> MediaFormat:
         raise UnsupportedMediaFormat(
             f"Unsupported sample rate {clipped(sample_rate)} Hz of Telnyx's {wire}: "
             f"expected {G711_RATE}"
+        )
+    if wire == "L16" and sample_rate not in L16_RATES:
+        raise UnsupportedMediaFormat(
+            f"Unsupported sample rate {clipped(sample_rate)} Hz of Telnyx's L16: expected "
+            + ", ".join(map(str, L16_RATES[:-1]))
+            + f" or {L16_RATES[-1]}"
         )
     return MediaFormat(wire, sample_rate, big_endian=wire == "L16")
 

@@ -52,6 +52,7 @@ from tests.conftest import refused_port
 from tests.speech import normalise, wer
 
 SENTENCE = "tell me about this place"
+L16_RATES_NAMED = "Unsupported sample rate {} Hz of Telnyx's L16: expected 8000, 16000 or 24000"
 
 
 async def test_an_outbound_call_streams_with_its_token_client_state_and_machine_answer(
@@ -168,16 +169,24 @@ async def test_the_bot_speaks_the_answer_s_pcmu_whatever_format_the_start_says(
         # G.711 is 8 kHz: a 16 kHz PCMU or PCMA start was taken, decoded at that rate
         ("PCMU", 16000, "Unsupported sample rate 16000 Hz of Telnyx's PCMU: expected 8000"),
         ("pcma", 24000, "Unsupported sample rate 24000 Hz of Telnyx's PCMA: expected 8000"),
+        # Telnyx streams L16 at 8, 16 or 24 kHz: a 44.1 or 11.025 kHz L16 start was taken
+        # (any rate the speech code knew), its audio decoded at a rate Telnyx never sends
+        ("L16", 44100, L16_RATES_NAMED.format(44100)),
+        ("l16", 11025, L16_RATES_NAMED.format(11025)),
         ("é" * 200, 8000, "Unsupported Telnyx encoding 'éé"),  # a reason cut to 123 bytes
     ],
-    ids=["G722", "OPUS", "7000", "pcmu-16k", "pcma-24k", "long"],
+    ids=["G722", "OPUS", "7000", "pcmu-16k", "pcma-24k", "l16-44k", "l16-11k", "long"],
 )
 async def test_a_start_in_a_format_the_gateway_cannot_take_is_closed_1003(
-    speech: SpeechService, encoding: str, rate: int, named: str
+    speech: SpeechService,
+    caplog: pytest.LogCaptureFixture,
+    encoding: str,
+    rate: int,
+    named: str,
 ) -> None:
     """A start whose media_format the gateway cannot take is closed at once with 1003
-    (unsupported data), the reason saying what; no turn is run for it, and another call
-    goes on."""
+    (unsupported data), the reason saying what, logged at WARNING; no turn is run for it,
+    and another call goes on."""
     async with (
         CARRIER.gateway(speech) as (gw, _),
         TelnyxHarness.dial(gw.url, mic_speed=4.0) as other,
@@ -196,10 +205,14 @@ async def test_a_start_in_a_format_the_gateway_cannot_take_is_closed_1003(
                 {"event": "start", "sequence_number": "1", "stream_id": "s-1", "start": start}
             ),
         ]
-        code, reason = await closed_with(local(gw.url, stream.attrib["url"]), frames)
+        with caplog.at_level(logging.WARNING):
+            code, reason = await closed_with(local(gw.url, stream.attrib["url"]), frames)
         assert code == 1003
         assert reason.startswith(named)
         assert len(reason.encode()) <= 123
+        closing = [r for r in caplog.records if "closing (1003)" in r.getMessage()]
+        assert [r.levelno for r in closing] == [logging.WARNING]
+        assert f"closing (1003): {named}" in closing[0].getMessage()
         await other.dtmf("5")
         await gw.wait_turns(2)
         assert gw.core.inputs() == ["#intro", "5"]  # the other call's; none of the refused

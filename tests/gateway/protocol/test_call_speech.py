@@ -1,6 +1,6 @@
 """The call engine's streamed speech (issue 16 item 2): what a carrier's call asks of the
 turn engine, per wire format, and each streamed chunk played in the wire's encoding
-(pure: the Telnyx codec, whose wire may be PCMU, PCMA or L16 at 8 or 16 kHz)."""
+(pure: the Telnyx codec, whose wire may be PCMU, PCMA or L16 at 8, 16 or 24 kHz)."""
 
 from __future__ import annotations
 
