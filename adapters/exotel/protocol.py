@@ -29,7 +29,11 @@ Audio: raw 16-bit little-endian mono (``audio/x-raw``, "slin"), 8 kHz by default
 taken too, at 8 kHz only (G.711: a μ-law start at another rate is refused, 1003). The
 rate is the start's own statement (``media_format.sample_rate`` or the encoding's
 ``;rate=``, which must agree), else the URL's ``sample-rate``, else 8000 Hz
-(:func:`start_format`).
+(:func:`start_format`). A start that states a rate other than the URL's ``sample-rate``
+is served at the start's rate (the start describes the audio that follows; the URL only
+asks for a rate, which the applet may not honour), and the disagreement is told
+(:func:`url_disagreement`, :attr:`ExotelCodec.rate_disagreement`: the route logs it at
+WARNING), so a misconfigured applet is seen, not guessed at.
 Byte order: Exotel's "Working with the Stream and Voicebot Applet"
 (https://developer.exotel.com/docs/agentstream/stream-voicebot-applet, "Audio Format")
 says "All audio payloads are sent as raw/slin (16-bit, 8kHz, mono PCM little-endian)
@@ -182,6 +186,29 @@ def start_format(
     return media_format(encoding, 8000 if from_url is None else from_url)
 
 
+def url_disagreement(served_rate: int, url_sample_rate: str | None) -> str | None:
+    """What to tell of a start that stated its rate (``served_rate`` Hz, the call's) on a
+    stream whose URL has ``sample-rate=url_sample_rate``: None when the URL has none or
+    the same rate; else a sentence naming both rates, the one the call is served at (the
+    start's) and what to fix (the applet's URL, or the rate of the audio it streams). A URL
+    value that is no rate (:func:`url_rate` refuses it) is named as such. Never raises."""
+    if url_sample_rate is None:
+        return None
+    try:
+        asked = url_rate(url_sample_rate)
+    except UnsupportedMediaFormat:
+        asked = None
+    if asked == served_rate:
+        return None
+    named = f"{asked} Hz" if asked is not None else f"{clipped(url_sample_rate)}, no rate"
+    return (
+        f"the stream URL's sample-rate ({named}) disagrees with the start's "
+        f"media_format ({served_rate} Hz): served at the start's {served_rate} Hz; "
+        "if the caller is not understood or sounds too fast or slow, make the Voicebot "
+        "applet's URL sample-rate and its stream's rate the same"
+    )
+
+
 def _check_chunk(chunk_bytes: int) -> None:
     """Raises ValueError for a ``chunk_bytes`` outside Exotel's chunk rule."""
     if chunk_bytes % CHUNK_UNIT or not MIN_CHUNK <= chunk_bytes <= MAX_CHUNK:
@@ -255,6 +282,10 @@ class ExotelCodec(JsonCarrierCodec):
         self.url_sample_rate = url_sample_rate
         """The stream URL's ``sample-rate`` query parameter as sent (None: the URL has
         none): the rate of a start that states none itself (:func:`start_format`)."""
+        self.rate_disagreement: str | None = None
+        """Set by a start that states a rate other than :attr:`url_sample_rate`
+        (:func:`url_disagreement`'s sentence; the call is served at the start's rate);
+        None otherwise. The route logs it."""
         self.held = b""
         """Wire audio held back by :meth:`carry` (less than a chunk), sent by the next
         :meth:`carry` or :meth:`flush`, dropped by :meth:`clear`."""
@@ -284,13 +315,13 @@ class ExotelCodec(JsonCarrierCodec):
         start = get_object(frame, "start", where)
         fmt_obj = get_object(start, "media_format", where)
         bits = get_int(fmt_obj, "bit_rate", where)
-        fmt = start_format(
-            get_str(fmt_obj, "encoding", where, default="audio/x-raw"),
-            get_int(fmt_obj, "sample_rate", where),  # 0 is unsupported
-            self.url_sample_rate,
-        )
+        encoding = get_str(fmt_obj, "encoding", where, default="audio/x-raw")
+        sample_rate = get_int(fmt_obj, "sample_rate", where)  # 0 is unsupported
+        fmt = start_format(encoding, sample_rate, self.url_sample_rate)
         if fmt.encoding == "L16" and bits not in (None, 16):
             raise UnsupportedMediaFormat(f"Unsupported Exotel audio: {bits}-bit samples")
+        if sample_rate is not None or stated_rate(encoding) is not None:
+            self.rate_disagreement = url_disagreement(fmt.sample_rate, self.url_sample_rate)
         call_sid = get_str(start, "call_sid", where)
         stream_sid = get_str(start, "stream_sid", where, default="") or get_str(
             frame, "stream_sid", where

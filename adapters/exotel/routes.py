@@ -3,7 +3,9 @@
 Spec: shared/specs/CARRIERS.md "Exotel". There is no answer document: the Voicebot applet of
 an App Bazaar flow points at ``wss://KEY:TOKEN@<public host>/exotel/stream``
 (``?sample-rate=8000|16000|24000``: the rate of a start that states none, given to the
-codec; up to 3 custom query parameters such as ``appKey``, which Exotel also gives in the
+codec; a start stating another rate is served at its own, the disagreement logged at
+WARNING naming both, bounded per app: :class:`ExotelRunner`; up to 3 custom query
+parameters such as ``appKey``, which Exotel also gives in the
 start's ``custom_parameters``: the URL's ``appKey`` is taken, the start's only when the
 URL has none), and Exotel presents the credentials as ``Authorization:
 Basic`` on the upgrade, checked by :class:`~adapters.exotel.verify.ExotelVerifier` against
@@ -30,6 +32,7 @@ from adapters.exotel.verify import ExotelVerifier
 from gateway.callcodec import VerificationRefused
 from gateway.deps import gateway_of
 from gateway.io.call import CallRunner, admit, call_config
+from gateway.ratelimit import refusal_log
 from gateway.startup import not_configured
 
 log = logging.getLogger("gateway.exotel")
@@ -45,6 +48,24 @@ class ExotelChannel:
 
     verifier: ExotelVerifier | None
     calls: dict[str, CallRunner] = field(default_factory=dict)
+
+
+class ExotelRunner(CallRunner):
+    """An Exotel stream's runner: at the start, a stated rate other than the URL's
+    ``sample-rate`` (:attr:`~adapters.exotel.protocol.ExotelCodec.rate_disagreement`) is
+    logged, at WARNING through the app's RefusalLog ``Exotel sample rate`` (a burst, then
+    DEBUG: every call of a misconfigured applet has it), naming the call and both rates."""
+
+    codec: ExotelCodec
+
+    def started(self, call_id: str) -> None:
+        """Log the start's rate disagreement, if any (class doc)."""
+        told = self.codec.rate_disagreement
+        if told is None:
+            return
+        level, quiet = refusal_log(self.ws.app.state, "Exotel sample rate").level()
+        since = f" ({quiet} more calls so since, logged at DEBUG)" if quiet else ""
+        log.log(level, "%s: %s%s", self.name, told, since)
 
 
 @asynccontextmanager
@@ -86,7 +107,7 @@ async def stream(websocket: WebSocket) -> None:
     if not await admit(websocket, "Exotel", check()):
         return
     codec = ExotelCodec(url_sample_rate=websocket.query_params.get("sample-rate"))
-    runner = CallRunner(
+    runner = ExotelRunner(
         websocket, gw, codec, call_config(gw.settings, CHANNEL), calls=channel.calls
     )
     app_key = websocket.query_params.get("appKey")

@@ -379,3 +379,39 @@ async def test_a_start_stating_its_rate_in_the_encoding_is_served_at_that_rate(
             await gw.wait_turns(2)
             heard = gw.core.turns[1][0]
             assert wer([(SENTENCE, normalise(heard))]) <= 0.34, heard
+
+
+@pytest.mark.parametrize(
+    ("query", "named"),
+    [("?sample-rate=16000", "16000 Hz"), ("?sample-rate=16k", "'16k', no rate")],
+    ids=["16000", "no-rate"],
+)
+async def test_a_url_sample_rate_the_start_disagrees_with_is_logged_naming_both(
+    speech: SpeechService, caplog: pytest.LogCaptureFixture, query: str, named: str
+) -> None:
+    """A start stating 8000 Hz on a stream whose URL asks for ``sample-rate=16000`` (or a
+    value that is no rate) is served at the start's 8 kHz (its 3200-byte chunks: the start
+    describes the audio that follows) and the disagreement is logged at WARNING, once for
+    the call, naming both rates and the one served (it was silent: a misconfigured
+    applet's calls, misheard if the start were wrong, left nothing to go by). A URL
+    agreeing with the start logs nothing."""
+    async with CARRIER.gateway(speech) as (gw, _):
+        base = f"ws://{urlsplit(gw.url).netloc}/exotel/stream"
+        with caplog.at_level(logging.WARNING, logger="gateway.exotel"):
+            async with ExotelHarness.opened(
+                base + query, {"appKey": "exotel"}, headers=basic()
+            ) as call:
+                await gw.wait_answers(call, 1)
+                assert len(call.media_frames()[0].payload) == 3200  # 200 ms at 8 kHz
+            async with ExotelHarness.opened(
+                base + "?sample-rate=8000", {"appKey": "exotel"}, headers=basic()
+            ) as agreeing:
+                await gw.wait_answers(agreeing, 1)
+    lines = [r for r in caplog.records if r.name == "gateway.exotel"]
+    assert [r.levelno for r in lines] == [logging.WARNING]
+    assert lines[0].getMessage() == (
+        f"exotel call {call.call_sid}: the stream URL's sample-rate ({named}) disagrees "
+        "with the start's media_format (8000 Hz): served at the start's 8000 Hz; if the "
+        "caller is not understood or sounds too fast or slow, make the Voicebot applet's "
+        "URL sample-rate and its stream's rate the same"
+    )

@@ -247,34 +247,68 @@ def start_of(media_format: dict[str, str]) -> str:
 
 
 @pytest.mark.parametrize(
-    ("media_format", "url", "expected"),
+    ("media_format", "url", "expected", "told"),
     [
-        ({"encoding": "audio/L16;rate=16000", "bit_rate": "16"}, None, MediaFormat("L16", 16000)),
-        ({"encoding": 'audio/L16; Rate="16000"'}, "8000", MediaFormat("L16", 16000)),
-        ({"encoding": "audio/x-raw;rate=24000"}, None, MediaFormat("L16", 24000)),
         (
-            {"encoding": "audio/L16;rate=16000", "sample_rate": "16000"},
+            {"encoding": "audio/L16;rate=16000", "bit_rate": "16"},
             None,
             MediaFormat("L16", 16000),
+            False,
         ),
-        ({"encoding": "audio/x-mulaw;rate=8000"}, None, MediaFormat("PCMU", 8000)),
-        ({"encoding": "audio/x-raw"}, "16000", MediaFormat("L16", 16000)),
-        ({"encoding": "audio/x-raw", "sample_rate": "8000"}, "16000", MediaFormat("L16", 8000)),
-        ({"encoding": "audio/x-raw"}, None, MediaFormat("L16", 8000)),
+        ({"encoding": 'audio/L16; Rate="16000"'}, "8000", MediaFormat("L16", 16000), True),
+        ({"encoding": "audio/x-raw;rate=24000"}, None, MediaFormat("L16", 24000), False),
+        (
+            {"encoding": "audio/L16;rate=16000", "sample_rate": "16000"},
+            "16000",
+            MediaFormat("L16", 16000),
+            False,
+        ),
+        ({"encoding": "audio/x-mulaw;rate=8000"}, None, MediaFormat("PCMU", 8000), False),
+        ({"encoding": "audio/x-raw"}, "16000", MediaFormat("L16", 16000), False),
+        (
+            {"encoding": "audio/x-raw", "sample_rate": "8000"},
+            "16000",
+            MediaFormat("L16", 8000),
+            True,
+        ),
+        (
+            {"encoding": "audio/x-raw", "sample_rate": "8000"},
+            "fast",
+            MediaFormat("L16", 8000),
+            True,
+        ),
+        ({"encoding": "audio/x-raw"}, None, MediaFormat("L16", 8000), False),
     ],
-    ids=["l16-16k", "quoted", "raw-24k", "both", "mulaw", "url", "frame-over-url", "default"],
+    ids=[
+        "l16-16k",
+        "quoted",
+        "raw-24k",
+        "both",
+        "mulaw",
+        "url",
+        "frame-over-url",
+        "frame-over-bad-url",
+        "default",
+    ],
 )
 def test_the_rate_is_the_start_s_own_statement(
-    media_format: dict[str, str], url: str | None, expected: MediaFormat
+    media_format: dict[str, str], url: str | None, expected: MediaFormat, told: bool
 ) -> None:
     """A start without ``sample_rate`` whose encoding states its rate (the extension's
     ``audio/L16;rate=16000``) is in that rate: it was read as 8000 Hz, its audio decoded
     at half its rate. Without either, the stream URL's ``sample-rate`` (what the applet
-    was told to stream), else 8000 Hz."""
+    was told to stream), else 8000 Hz. A stated rate the URL's disagrees with (or a URL
+    value that is no rate, then not refused) is told (``rate_disagreement``, naming the
+    rate served), never a rate the URL gives alone or agrees with."""
     codec = ExotelCodec() if url is None else ExotelCodec(url_sample_rate=url)
     event = codec.receive_text(start_of(media_format))
     assert isinstance(event, Started)
     assert event.media_format == expected
+    if told:
+        assert codec.rate_disagreement is not None
+        assert f"served at the start's {expected.sample_rate} Hz" in codec.rate_disagreement
+    else:
+        assert codec.rate_disagreement is None
 
 
 @pytest.mark.parametrize(
