@@ -8,10 +8,13 @@ Spec: shared/specs/CARRIERS.md "Vonage Voice API WebSocket (linear16)".
   refusals being problems per RFC 6750 section 3.1: no token, 401 with
   ``WWW-Authenticate: Bearer realm="vonage"``; an invalid one (forged, malformed,
   stale, not this body's, or replayed: a token's ``jti``, else its signature, is used
-  once, on every instance, through the gateway's one-time key store while its ``iat``
-  could pass; a webhook answered with a 5xx, or whose handling raised, gives its key
-  back for Vonage's redelivery: :func:`gateway.io.call.answered_once`), 401 with
-  ``error="invalid_token"``; 503 with ``Retry-After`` while that store does not answer.
+  for one request, on every instance, through the gateway's one-time key store while its
+  ``iat`` could pass: the same token with the same method, URL and body again is
+  Vonage's retry and is answered again, as the first (the same stream token, whatever
+  the first answer was); with another request it is a replay:
+  :func:`gateway.io.call.use_signature_for_request`, :mod:`adapters.vonage.verify`),
+  401 with ``error="invalid_token"``; 503 with ``Retry-After`` while that store does not
+  answer.
   (The verifier is not given an application id here, so its 403 ``insufficient_scope``
   for another application's token does not arise.) No secret configured: 403 for every request,
   without a challenge (no token could pass; the caller is not at fault). The answer is the
@@ -64,7 +67,13 @@ from fastapi.responses import JSONResponse, Response
 from adapters.vonage import control as vonage
 from adapters.vonage.openapi import VONAGE_ANSWER
 from adapters.vonage.protocol import VonageCodec, ncco
-from adapters.vonage.verify import VonageVerifier, replay_key, replayed
+from adapters.vonage.verify import (
+    VonageVerifier,
+    replay_key,
+    replayed,
+    request_key,
+    stream_nonce,
+)
 from gateway.callcodec import VerificationRefused
 from gateway.callcontrol import CallControl, RestRequest, TransferResult
 from gateway.calls import (
@@ -81,11 +90,10 @@ from gateway.io.call import (
     CallTokens,
     admit,
     answer_token,
-    answered_once,
     call_config,
     move_calls,
     nonce_store_unavailable,
-    use_signature_once,
+    use_signature_for_request,
     use_token,
 )
 from gateway.protocol import ProtocolError, load_json
@@ -221,7 +229,11 @@ async def answer(request: Request) -> Response:
             raise VerificationRefused("no signature secret is configured")
         claims = channel.verifier.check(authorization, body, time.time())
         key = f"vonage:token:{replay_key(authorization, claims)}"
-        await use_signature_once(gw, key, channel.verifier.replay_window_s, replayed())
+        sent = request_key(request.method, request.url.path, request.url.query, body)
+        window = channel.verifier.replay_window_s
+        retry = await use_signature_for_request(
+            gw, key, f"{key}:request:{sent}", window, replayed()
+        )
     except VerificationRefused as exc:
         # logged in a bounded burst: forged requests come in floods
         unset = " (GATEWAY_VONAGE_SIGNATURE_SECRET is unset)" if channel.verifier is None else ""
@@ -230,13 +242,23 @@ async def answer(request: Request) -> Response:
         return refusal(exc)  # WWW-Authenticate (RFC 6750 section 3)
     except StoreUnavailable as exc:
         return nonce_store_unavailable(log, "Vonage answer", exc)
-    # a 5xx (or a raise) gives the replay key back, so Vonage's redelivery is not a replay
-    return await answered_once(gw, key, _answer(request, channel, body))
+    if retry:  # bounded: an exact replay of a captured request looks the same
+        level, _ = refusal_log(request.app.state, "Vonage retries").level()
+        log.log(
+            logging.INFO if level == logging.WARNING else logging.DEBUG,
+            "Vonage answer: the same signed request again (Vonage's retry): answered again",
+        )
+    # the first request and its retries alike: the stream token issued at the token's
+    # iat with a nonce of its key, so every answer is the same one-time stream credential
+    return await _answer(request, channel, body, now=float(claims["iat"]), nonce=stream_nonce(key))
 
 
-async def _answer(request: Request, channel: VonageChannel, body: bytes) -> Response:
+async def _answer(
+    request: Request, channel: VonageChannel, body: bytes, *, now: float, nonce: str
+) -> Response:
     """The answer to the answer webhook ``body`` that passed its checks (the NCCO; 400
-    for a call ``uuid`` no stream token can carry)."""
+    for a call ``uuid`` no stream token can carry); its stream token is issued at ``now``
+    with ``nonce`` (:meth:`~gateway.io.call.CallTokens.issue`)."""
     gw = gateway_of(request)
     params: dict[str, Any] = dict(request.query_params)
     if body:  # read within load_json's bounds; a body that is not JSON is no parameters
@@ -245,7 +267,7 @@ async def _answer(request: Request, channel: VonageChannel, body: bytes) -> Resp
             if isinstance(data, dict):
                 params.update(data)
     uuid = params.get("uuid")
-    token = answer_token(channel.tokens, uuid, "call uuid")
+    token = answer_token(channel.tokens, uuid, "call uuid", now=now, nonce=nonce)
     if not isinstance(token, str):
         return token
     uri = wss_url(gw.settings.public_url, f"/vonage/stream/{token}")

@@ -14,9 +14,22 @@ an ``iat`` or ``exp`` that is not a finite number (``NaN``, ``Infinity``) is ref
 
 Within that window a captured token would pass again: :func:`replay_key` names a passed
 token (its ``jti``, else its signature) for the route to use once, for
-:attr:`VonageVerifier.replay_window_s`, in the gateway's one-time key store; a token seen
-already is refused as a forged one is (:func:`replayed`, 401 ``invalid_token``). This
-module only computes; the store is the route's I/O.
+:attr:`VonageVerifier.replay_window_s`, in the gateway's one-time key store, bound to the
+request it came with (:func:`request_key`: method, path, query and body). The rule:
+
+- the token's first request is served;
+- the same token with the same request again is Vonage's retry (it sends a webhook whose
+  answer it did not get, timed out or got as an error, again as it was): served again,
+  idempotently (the route answers it as the first: the same stream credential);
+- the same token with another request is a replay and refused as a forged token is
+  (:func:`replayed`, 401 ``invalid_token``). Another body cannot get that far: its
+  ``payload_hash`` is the first body's (refused by :meth:`VonageVerifier.check`); the
+  request key covers what the token does not sign, the URL's query (a GET answer
+  webhook's ``uuid``, ``from``, ``to``), and the method.
+
+A retry and an exact replay of a captured request are the same bytes and cannot be told
+apart: both are answered as the first was, which admits no second stream of the call.
+This module only computes; the store is the route's I/O.
 """
 
 from __future__ import annotations
@@ -76,6 +89,24 @@ def replay_key(authorization: str | None, claims: Mapping[str, Any]) -> str:
     except (binascii.Error, ValueError):  # not after check(): PyJWT decoded it
         raw = segment.encode("ascii", "replace")
     return "sig:" + hashlib.sha256(raw).hexdigest()
+
+
+def request_key(method: str, path: str, query: str, body: bytes) -> str:
+    """The hex SHA-256 naming the request a token came with: its ``method`` (upper-cased),
+    ``path``, raw ``query`` string (as sent: a retry sends the same URL) and ``body``,
+    each length-prefixed (no two requests share a key by shifting bytes between parts)."""
+    digest = hashlib.sha256()
+    for part in (method.upper().encode(), path.encode(), query.encode(), bytes(body)):
+        digest.update(len(part).to_bytes(8, "big"))
+        digest.update(part)
+    return digest.hexdigest()
+
+
+def stream_nonce(key: str) -> str:
+    """The one-time id (hex, 16 characters) of the stream token the answer to the token
+    whose replay ``key`` is given carries: the same for the first request and its retries,
+    so that one stream of the call is admitted however many times it is answered."""
+    return hashlib.sha256(f"stream:{key}".encode()).hexdigest()[:16]
 
 
 class VonageVerifier:

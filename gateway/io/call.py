@@ -24,6 +24,9 @@ is refused; :func:`nonce_store_unavailable` is the 503 while the store does not 
 :func:`answered_once` releases that key again when the webhook's answer asks the carrier
 to deliver it again (a 5xx: a machine result the bus could not hand on), so the
 redelivery (the same signature) is not refused as a replay.
+:func:`use_signature_for_request` binds the key to the request it came with instead: the
+same request sent again (a retry, whatever the first answer was) is answered again, another
+request with the key refused (Vonage's answer webhook).
 
 Call control that arrives by webhook (an answering-machine result: Twilio's
 ``/twilio/amd``, Telnyx's ``call.machine.detection.ended``) may reach another instance
@@ -234,14 +237,22 @@ class CallTokens:
         self._secret = secret if callable(secret) else (lambda: secret)
         self.ttl_s = ttl_s
 
-    def issue(self, call_id: str, now: float) -> str:
-        """A fresh token for ``call_id`` (up to :data:`MAX_CALL_ID_CHARS` characters, no
-        ``|``).
+    def issue(self, call_id: str, now: float, nonce: str | None = None) -> str:
+        """A token for ``call_id`` (up to :data:`MAX_CALL_ID_CHARS` characters, no ``|``),
+        good for :attr:`ttl_s` from ``now`` (Unix seconds).
 
-        Raises ValueError for a call id that is empty, too long or holds ``|``."""
+        ``nonce`` is its one-time id (:func:`use_token` uses it once): None, a fresh random
+        one; given (hex), the same for every token issued with it, so that answering one
+        request twice (a carrier's retry of a signed webhook) admits one stream, not two;
+        with the same ``now`` too, the token is the same. Raises ValueError for a call id
+        that is empty, too long or holds ``|``, or a ``nonce`` that is empty or not hex."""
         if not call_id or len(call_id) > MAX_CALL_ID_CHARS or "|" in call_id:
             raise ValueError(f"invalid call id {call_id!r}")
-        body = f"{call_id}|{int(now) + self.ttl_s}|{secrets.token_hex(8)}".encode()
+        if nonce is None:
+            nonce = secrets.token_hex(8)
+        elif not nonce or not all(c in "0123456789abcdef" for c in nonce):
+            raise ValueError("a stream token's nonce is lowercase hex")
+        body = f"{call_id}|{int(now) + self.ttl_s}|{nonce}".encode()
         text = base64.urlsafe_b64encode(body).decode().rstrip("=")
         return f"{text}.{self._sign(text)}"
 
@@ -269,17 +280,26 @@ class CallTokens:
         return grant
 
 
-def answer_token(tokens: CallTokens, call_id: object, what: str) -> str | JSONResponse:
+def answer_token(
+    tokens: CallTokens,
+    call_id: object,
+    what: str,
+    *,
+    now: float | None = None,
+    nonce: str | None = None,
+) -> str | JSONResponse:
     """The stream token an answer webhook puts in its stream URL for the call id
     ``call_id`` (the webhook's field, named ``what`` in the problem: "CallUUID"), or the
     400 problem to answer instead: no call id, not a string, or none a token can carry
-    (:meth:`CallTokens.issue`: longer than :data:`MAX_CALL_ID_CHARS` or holding ``|``)."""
+    (:meth:`CallTokens.issue`: longer than :data:`MAX_CALL_ID_CHARS` or holding ``|``).
+    ``now`` (Unix seconds; None: the clock's) and ``nonce`` as :meth:`CallTokens.issue`'s
+    (a webhook answered again the same: Vonage's retries)."""
     if not call_id:
         return problem(400, "Bad Request", f"The answer webhook has no {what}.")
     if not isinstance(call_id, str):
         return problem(400, "Bad Request", f"The answer webhook's {what} is not a string.")
     try:
-        return tokens.issue(call_id, time.time())
+        return tokens.issue(call_id, time.time() if now is None else now, nonce)
     except ValueError:
         return problem(
             400,
@@ -315,6 +335,31 @@ async def use_signature_once(
     signature passed, so that forged requests use no keys."""
     if not await gw.nonces.use_once(key, ttl_s):
         raise replayed
+
+
+async def use_signature_for_request(
+    gw: Gateway, key: str, request: str, ttl_s: float, replayed: VerificationRefused
+) -> bool:
+    """Use a signed webhook's replay ``key`` (as :func:`use_signature_once`) for one
+    request only: ``request`` names what the signature was sent with (a digest of the
+    method, URL and body: ``vonage:token:…:request:<hex>``), kept as long, ``ttl_s``.
+
+    Returns False for the key's first use (``request`` is then marked as its request),
+    True for the same key sent again with the same request (the carrier's retry of a
+    webhook whose answer it did not get, or got as a 5xx: to be answered again, the same
+    way); raises ``replayed`` for the key sent with another request (a captured token
+    put on another call's request), and StoreUnavailable when the store does not answer.
+
+    The key is used before the request is marked, so a store that fails between the two
+    leaves the key used and no request able to pass as a retry: a request is never
+    served twice under one key unless it is the very request first served. A retry that
+    arrives in that instant (between the two store calls) is refused as a replay."""
+    if await gw.nonces.use_once(key, ttl_s):
+        await gw.nonces.use_once(request, ttl_s)
+        return False
+    if await gw.nonces.used(request):
+        return True
+    raise replayed
 
 
 async def answered_once(gw: Gateway, key: str, answer: Awaitable[Response]) -> Response:

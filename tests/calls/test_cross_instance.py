@@ -432,10 +432,12 @@ async def test_plivo_and_vonage_tokens_follow_a_master_key_adopted_after_startup
 async def test_a_signed_webhook_answered_by_one_instance_is_refused_as_a_replay_by_another(
     speech: SpeechService, redis_url: str, redis_prefix: str
 ) -> None:
-    """A captured Telnyx TeXML answer or Vonage answer webhook, answered by A, replayed
-    to B within its signature's window: refused as a forged one (Telnyx 403, Vonage 401
-    ``invalid_token``), "replayed" (the signatures used are shared through Redis); a
-    new signed request is still answered there."""
+    """A captured Telnyx TeXML answer, answered by A, replayed to B within its signature's
+    window: refused as a forged one (403), "replayed" (the signatures used are shared
+    through Redis). A Vonage answer webhook's token answered by A is refused by B on
+    another request (another call's uuid: 401 ``invalid_token``, "replayed"), and the same
+    request (Vonage's retry) is answered by B as A answered it, the same NCCO (its token
+    bound to its request through Redis). A new signed request is still answered there."""
     async with two_instances(speech, redis_url, redis_prefix) as (a, b):
         body = json.dumps({"CallSid": "v3:" + uuid.uuid4().hex, "From": "+1", "To": "+2"})
         headers = signed(body.encode())
@@ -443,12 +445,17 @@ async def test_a_signed_webhook_answered_by_one_instance_is_refused_as_a_replay_
         query = {"uuid": str(uuid.uuid4())}
         async with httpx.AsyncClient(base_url=a.url) as client:
             assert (await client.post("/telnyx/texml", content=body, headers=headers)).is_success
-            assert (await client.get("/vonage/answer", params=query, headers=vonage)).is_success
+            answered = await client.get("/vonage/answer", params=query, headers=vonage)
+            assert answered.is_success
         async with httpx.AsyncClient(base_url=b.url) as client:
             replayed = await client.post("/telnyx/texml", content=body, headers=headers)
             assert replayed.status_code == 403, replayed.text
             assert "replayed" in replayed.json()["detail"]
-            replayed = await client.get("/vonage/answer", params=query, headers=vonage)
+            retry = await client.get("/vonage/answer", params=query, headers=vonage)
+            assert retry.status_code == 200, retry.text
+            assert retry.content == answered.content
+            elsewhere = {"uuid": str(uuid.uuid4())}
+            replayed = await client.get("/vonage/answer", params=elsewhere, headers=vonage)
             assert replayed.status_code == 401, replayed.text
             assert 'error="invalid_token"' in replayed.headers["www-authenticate"]
             assert "replayed" in replayed.json()["detail"]

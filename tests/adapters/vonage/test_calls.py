@@ -19,7 +19,7 @@ import pytest
 from adapters.vonage.routes import MAX_BODY
 from gateway.callcodec import MAX_PARAM_NAME_CHARS, MAX_PARAMS, MAX_PARAMS_CHARS
 from gateway.speech.service import SpeechService
-from tests.adapters.carriers import closed_with
+from tests.adapters.carriers import closed_with, upgrade_status
 from tests.adapters.twilio.helpers import twilio_gateway
 from tests.adapters.vonage.harness import CARRIER, SECRET, VonageHarness, ask_ncco, signed
 
@@ -172,8 +172,8 @@ async def test_an_answer_for_a_uuid_no_call_id_can_be_is_a_400_problem(
 ) -> None:
     """A signed answer whose uuid a stream token cannot carry (longer than 128 characters,
     holding ``|``) or that is not a string at all is refused with a 400 problem, as one
-    without a uuid; the longest a token carries is answered. A 400 is an answer (not a
-    5xx: gateway.io.call.answered_once): its token stays used, sent again it is a replay."""
+    without a uuid; the longest a token carries is answered. Sent again with its token (a
+    retry: the same request) it is answered the same 400."""
     async with CARRIER.gateway(speech) as (gw, _), httpx.AsyncClient(base_url=gw.url) as client:
         for value in ("x" * 200, "a|b"):
             token = signed(SECRET)
@@ -186,8 +186,8 @@ async def test_an_answer_for_a_uuid_no_call_id_can_be_is_a_400_problem(
             again = await client.get(
                 "/vonage/answer", params={"uuid": value}, headers={"Authorization": token}
             )
-            assert again.status_code == 401, again.text
-            assert "replayed" in again.json()["detail"]
+            assert again.status_code == 400, again.text
+            assert again.json() == r.json()
         for uuid_value in ({"a": 1}, ["u1"], 42):
             body = json.dumps({"uuid": uuid_value}).encode()
             headers = {"Authorization": signed(SECRET, body), "Content-Type": "application/json"}
@@ -242,29 +242,37 @@ async def test_an_oversized_answer_body_is_413_before_it_is_read(speech: SpeechS
         assert r.status_code == 200, r.text
 
 
-async def test_a_replayed_token_is_refused_as_a_forged_one(
+async def test_a_retry_is_answered_again_the_same_and_a_replay_elsewhere_is_refused(
     speech: SpeechService, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A signed answer webhook sent again with its token (captured, replayed within the
-    300 s its iat passes) is refused as a forged token is: 401 ``invalid_token`` problem,
-    logged the same way, "replayed"; it mints no second stream URL. A token is known by its
-    ``jti``, else by its signature. The first is served, and so is the same call's answer
-    with a token of its own."""
-    query = {"uuid": str(uuid.uuid4()), "from": "447700900000", "to": "447700900001"}
+    """Vonage's retry of an answer webhook (the same token, method, URL and body: a
+    webhook whose answer it did not get) is answered again, the very same NCCO, whose
+    one-time stream URL admits one stream (it was refused 401 "replayed": the call was
+    lost). The token on another request is a replay, refused as a forged token is: 401
+    ``invalid_token`` problem, logged, "replayed" (a GET's query, which the token does not
+    sign: another call's ``uuid``); a POST's other body is refused by its payload_hash. A
+    token is known by its ``jti``, else by its signature. The same call's answer with a
+    token of its own is answered too."""
+    call_uuid = str(uuid.uuid4())
+    query = {"uuid": call_uuid, "from": "447700900000", "to": "447700900001"}
     no_jti = "Bearer " + jwt.encode({"iat": int(time.time())}, SECRET, algorithm="HS256")
     async with CARRIER.gateway(speech) as (gw, _), httpx.AsyncClient(base_url=gw.url) as client:
-        with_jti = signed(SECRET)
-        for token in (with_jti, no_jti):
-            first = await client.get(
-                "/vonage/answer", params=query, headers={"Authorization": token}
-            )
+        for token in (signed(SECRET), no_jti):
+            headers = {"Authorization": token}
+            first = await client.get("/vonage/answer", params=query, headers=headers)
             assert first.status_code == 200, first.text
-            assert first.json()[0]["endpoint"][0]["uri"].startswith("ws")
             caplog.clear()
+            with caplog.at_level(logging.INFO, logger="gateway.vonage"):
+                retry = await client.get("/vonage/answer", params=query, headers=headers)
+            assert retry.status_code == 200, retry.text
+            assert retry.content == first.content  # the same NCCO, the same stream token
+            assert [r.getMessage() for r in caplog.records if r.name == "gateway.vonage"] == [
+                "Vonage answer: the same signed request again (Vonage's retry): answered again"
+            ]
+            caplog.clear()
+            elsewhere = {**query, "uuid": str(uuid.uuid4())}
             with caplog.at_level(logging.WARNING, logger="gateway.vonage"):
-                r = await client.get(
-                    "/vonage/answer", params=query, headers={"Authorization": token}
-                )
+                r = await client.get("/vonage/answer", params=elsewhere, headers=headers)
             assert r.status_code == 401, r.text
             assert r.headers["www-authenticate"] == INVALID_TOKEN
             assert r.headers["content-type"] == "application/problem+json"
@@ -274,7 +282,24 @@ async def test_a_replayed_token_is_refused_as_a_forged_one(
                 "Vonage answer refused: the webhook token was used already: "
                 "the request was replayed"
             ]
+            # one stream for the two answers: their URL is the same one-time credential
+            (endpoint,) = first.json()[0]["endpoint"]
+            stream = f"ws://{urlsplit(gw.url).netloc}{urlsplit(endpoint['uri']).path}"
+            assert await upgrade_status(stream) == 101
+            assert await upgrade_status(stream) == 403
+        body = json.dumps({"uuid": str(uuid.uuid4()), "from": "447700900000"}).encode()
+        headers = {"Authorization": signed(SECRET, body), "Content-Type": "application/json"}
+        first = await client.post("/vonage/answer", content=body, headers=headers)
+        assert first.status_code == 200, first.text
+        retry = await client.post("/vonage/answer", content=body, headers=headers)
+        assert retry.status_code == 200, retry.text
+        assert retry.content == first.content
+        other = body.replace(b"447700900000", b"447700900009")
+        r = await client.post("/vonage/answer", content=other, headers=headers)
+        assert r.status_code == 401, r.text
+        assert r.json()["detail"] == "payload_hash is not the SHA-256 of the body"
         fresh = await client.get(
             "/vonage/answer", params=query, headers={"Authorization": signed(SECRET)}
         )
         assert fresh.status_code == 200, fresh.text
+        assert fresh.content != first.content  # a stream token of its own

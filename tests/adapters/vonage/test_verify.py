@@ -9,7 +9,13 @@ from typing import Any
 import jwt
 import pytest
 
-from adapters.vonage.verify import CHALLENGE, VonageVerifier, replay_key
+from adapters.vonage.verify import (
+    CHALLENGE,
+    VonageVerifier,
+    replay_key,
+    request_key,
+    stream_nonce,
+)
 from gateway.callcodec import VerificationRefused
 
 SECRET = "b2f1a8c3d4e5f60718293a4b5c6d7e8f" * 2
@@ -131,3 +137,24 @@ def test_a_passed_token_is_named_by_its_jti_else_its_signature() -> None:
     assert verifier.replay_window_s == 330
     verifier.check(with_jti, BODY, NOW - 30)  # first seen here...
     verifier.check(with_jti, BODY, NOW + 300)  # ...still passing 330 s later
+
+
+def test_a_request_is_named_by_its_method_path_query_and_body() -> None:
+    """request_key: the same request, the same key; any part changed (the query a GET's
+    token does not sign, the method, the path, the body, bytes moved between parts),
+    another. stream_nonce: hex, one per replay key."""
+    key = request_key("GET", "/vonage/answer", "uuid=u1&from=1", b"")
+    assert key == request_key("get", "/vonage/answer", "uuid=u1&from=1", b"")
+    others = {
+        request_key("GET", "/vonage/answer", "uuid=u2&from=1", b""),
+        request_key("POST", "/vonage/answer", "uuid=u1&from=1", b""),
+        request_key("GET", "/vonage/answer/", "uuid=u1&from=1", b""),
+        request_key("GET", "/vonage/answer", "uuid=u1&from=1", b"{}"),
+        request_key("GET", "/vonage/answer", "uuid=u1&from=", b"1"),
+    }
+    assert key not in others
+    assert len(others) == 5
+    nonce = stream_nonce("vonage:token:jti:ab")
+    assert nonce == stream_nonce("vonage:token:jti:ab") != stream_nonce("vonage:token:jti:ac")
+    assert len(nonce) == 16
+    int(nonce, 16)
