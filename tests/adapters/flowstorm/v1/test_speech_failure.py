@@ -123,36 +123,43 @@ async def test_a_typed_turn_on_a_duplex_stream_keeps_its_stage(
         assert [f["type"] for f in heard if isinstance(f, dict)] == ["Recognized", "Response"]
 
 
-RELEASE_S = 3.0
-"""How long a :class:`SlowRelease` recognizer's stream takes to be released (s)."""
-
-
 class _SlowStream:
-    """A stream of :class:`SlowRelease`: the real one, released :data:`RELEASE_S` late."""
+    """A stream of :class:`SlowRelease`: the real one, released only once the test lets
+    its recognizer's releases finish (:attr:`SlowRelease.release`)."""
 
-    def __init__(self, inner: Any) -> None:
+    def __init__(self, inner: Any, owner: SlowRelease) -> None:
         self._inner = inner
+        self._owner = owner
 
     async def cancel(self) -> None:
-        await asyncio.sleep(RELEASE_S)
+        self._owner.releasing.set()
+        await self._owner.release.wait()
         await self._inner.cancel()
+        self._owner.released.set()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
 
 class SlowRelease:
-    """The real recognizer (pocketsphinx) whose streams take :data:`RELEASE_S` to release,
-    as a cloud recognizer's close is a round trip, and pocketsphinx's own release waits
-    for the decoding it is doing (150-650 ms measured on a loaded machine)."""
+    """The real recognizer (pocketsphinx) whose streams are released only when the test
+    sets :attr:`release`, as a cloud recognizer's close is a round trip, and
+    pocketsphinx's own release waits for the decoding it is doing (150-650 ms measured on
+    a loaded machine)."""
 
     def __init__(self, inner: PocketsphinxRecognizer) -> None:
         self._inner = inner
         self.opened = asyncio.Event()
         """Set once a stream was opened."""
+        self.release = asyncio.Event()
+        """Set by the test: the streams' releases (``cancel``) may finish."""
+        self.releasing = asyncio.Event()
+        """Set once a stream's release began."""
+        self.released = asyncio.Event()
+        """Set once a stream's release finished."""
 
     async def open_stream(self, fmt: Any) -> _SlowStream:
-        stream = _SlowStream(await self._inner.open_stream(fmt))
+        stream = _SlowStream(await self._inner.open_stream(fmt), self)
         self.opened.set()
         return stream
 
@@ -166,9 +173,11 @@ async def test_typed_input_on_a_duplex_utterance_is_answered_while_its_recognize
     """Typed input while a Duplex stream's utterance is being recognised drops that
     utterance; the receive loop waited for its recognizer to be released before it
     started the typed turn (and read no frame meanwhile): the answer came a release late
-    (150-650 ms with pocketsphinx on a loaded machine; RELEASE_S here). Now the release
-    goes on beside the turn, and the stream's next utterance, opened on the stage while
-    it still goes on, is recognised and answered."""
+    (150-650 ms with pocketsphinx on a loaded machine). Now the release goes on beside
+    the turn, and the stream's next utterance, opened on the stage while it still goes
+    on, is recognised and answered. The release here finishes only when the test lets it
+    (``SlowRelease.release``): the answer must come while it is held (before, none came
+    at all), and it is let go in the middle of the next utterance."""
     settings = Settings(public_url="http://gw.test")
     app = create_app(settings)
     speech = pcm_at(corpus["tell me about this place"], 16000)
@@ -182,31 +191,44 @@ async def test_typed_input_on_a_duplex_utterance_is_answered_while_its_recognize
             public_url="http://gw.test/",
             listen_defaults=ListenOptions(),
         )
-        await init(ws, init_frame(sttMode="Duplex", tts="None"))
-        await open_stream(ws)
-        await send_audio(ws, speech[: len(speech) // 2], 16000)  # speaking: recognised
-        async with asyncio.timeout(30):
-            await slow.opened.wait()  # its recognizer is taken (at the voice onset)
-        loop = asyncio.get_running_loop()
-        typed = loop.time()
+        try:
+            await _typed_while_releasing(ws, slow, speech)
+        finally:
+            slow.release.set()  # nothing left waiting on it at the shutdown
+
+
+async def _typed_while_releasing(ws: ClientConnection, slow: SlowRelease, speech: bytes) -> None:
+    """The body of the test above, ``slow.release`` held until the next utterance."""
+    await init(ws, init_frame(sttMode="Duplex", tts="None"))
+    await open_stream(ws)
+    await send_audio(ws, speech[: len(speech) // 2], 16000)  # speaking: recognised
+    async with asyncio.timeout(30):
+        await slow.opened.wait()  # its recognizer is taken (at the voice onset)
+    try:
         frames = await turn(ws, input_frame("my name is Ada"))
-        took_s = loop.time() - typed
-        assert [f["type"] for f in frames] == ["SessionStarted", "Response"]
-        assert texts(frames[-1]) == ["Nice to meet you, Ada."]
-        assert took_s < RELEASE_S - 1.0, took_s  # before: RELEASE_S at least
+    except TimeoutError:
+        pytest.fail("hung: no answer to the typed input while the utterance's release is held")
+    assert [f["type"] for f in frames] == ["SessionStarted", "Response"]
+    assert texts(frames[-1]) == ["Nice to meet you, Ada."]
+    assert slow.releasing.is_set()  # the typed input dropped the utterance ...
+    assert not slow.released.is_set()  # ... and was answered while its release went on
 
-        # the next utterance opens on the stage while the dropped one's release goes on,
-        # which ends in the middle of it (spoken in real time)
-        async def real_time() -> None:
-            step = 3200  # 100 ms
-            for start in range(0, len(speech), step):
-                await ws.send(speech[start : start + step])
-                await asyncio.sleep(0.1)
+    # the next utterance opens on the stage while the dropped one's release goes on,
+    # which ends in the middle of it (spoken in real time)
+    async def real_time() -> None:
+        step = 3200  # 100 ms
+        for start in range(0, len(speech), step):
+            if start >= len(speech) // 2:
+                slow.release.set()
+            await ws.send(speech[start : start + step])
+            await asyncio.sleep(0.1)
 
-        talking = asyncio.create_task(real_time())
-        heard = await frames_until_response(ws)  # before (the stage's release): none came
-        await talking
-        [recognized, answer] = [f for f in heard if isinstance(f, dict)]
-        assert recognized["type"] == "Recognized"
-        assert "place" in recognized["text"], recognized
-        assert texts(answer) == [f"You said: {recognized['text']}"]
+    talking = asyncio.create_task(real_time())
+    heard = await frames_until_response(ws)  # before (the stage's release): none came
+    await talking
+    async with asyncio.timeout(30):  # a hang guard: the held release did finish
+        await slow.released.wait()
+    [recognized, answer] = [f for f in heard if isinstance(f, dict)]
+    assert recognized["type"] == "Recognized"
+    assert "place" in recognized["text"], recognized
+    assert texts(answer) == [f"You said: {recognized['text']}"]
