@@ -143,6 +143,8 @@ class Sound:
     """How long the bot's audio stopped (None: it did not)."""
     resumed_after_s: float | None = None
     """End of the sound -> the bot's audio flowing again."""
+    resumed_at: float | None = None
+    """When the bot's audio flowed again after its pause (None: it did not pause)."""
 
 
 @dataclass
@@ -154,6 +156,8 @@ class BackchannelRun:
     inputs: list[str] = field(default_factory=list)
     frames: int = 0
     expected_frames: int = 0
+    last_frame_at: float = 0.0
+    """When the greeting's last media frame came."""
 
 
 def _flowing(call: TwilioHarness, since: float) -> bool:
@@ -187,18 +191,25 @@ async def backchannels_call(
             said = call.say(audio)
             onset = await said.started
             end = await said.finished - 1.2  # the quiet after the sound
-            # the bot's audio flows again (or never stopped)
-            await call.wait_for(functools.partial(_flowing, call, end + 0.3), within_s=10)
+            # the bot's audio flows again (or never stopped); a hang guard, not a figure
+            try:
+                await call.wait_for(functools.partial(_flowing, call, end + 0.3), within_s=30)
+            except TimeoutError:
+                raise AssertionError(
+                    f"hung: the bot's audio did not go on after {name!r}"
+                ) from None
             sound = Sound(name, onset, end)
             if gap := _gap_after(call, onset):
                 sound.paused_s = gap[1] - gap[0]
                 sound.resumed_after_s = gap[1] - end
+                sound.resumed_at = gap[1]
             run.sounds.append(sound)
         # the greeting played out (or was cut: a false stop, counted in ``clears``)
         await gw.wait_answers(call, 1, within_s=40)
         run.clears = len(call.clears())
         run.inputs = [r["input"]["transcript"]["text"] for r in core.state.requests]
         run.frames = len(call.media_frames())
+        run.last_frame_at = call.media_frames()[-1].at if run.frames else 0.0
     return run
 
 

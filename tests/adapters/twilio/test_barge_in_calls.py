@@ -14,6 +14,10 @@ generated noise through the real VAD and pocketsphinx, a user core over HTTP
 
 from __future__ import annotations
 
+import logging
+
+import pytest
+
 from gateway.events import HEARD, INTERRUPTED, UNHEARD
 from gateway.speech.service import SpeechService
 from gateway.speech.tts import PiperSynthesizer
@@ -30,8 +34,9 @@ from tests.adapters.twilio.barge import (
 
 
 async def test_backchannels_and_noise_do_not_stop_the_bot(
-    speech: SpeechService, piper: PiperSynthesizer
+    speech: SpeechService, piper: PiperSynthesizer, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.DEBUG, logger="gateway.call")
     sounds = {text: await spoken(piper, text) for text in BACKCHANNELS}
     sounds.update(noises())
     run = await backchannels_call(speech, sounds)
@@ -41,13 +46,22 @@ async def test_backchannels_and_noise_do_not_stop_the_bot(
     assert len(run.sounds) == len(sounds)
     paused = [s for s in run.sounds if s.paused_s is not None]
     assert {s.name for s in paused} >= set(BACKCHANNELS), run  # each was heard (paused)
-    for sound in paused:
-        # the bot goes on after the sound (300 ms of quiet, a little processing; how soon
-        # is bench/barge_in.py's figure: the harness shares the gateway's event loop, and a
-        # loaded CI machine took 1.51 s for a cough whose pause itself came 1.7 s late).
-        # Within 5 s: going on, not waiting for a turn's timeout or the call's end
-        assert sound.resumed_after_s is not None
-        assert sound.resumed_after_s < 5.0, sound
+    # the bot goes on after each sound by itself (300 ms of quiet, or the sound's
+    # final), between the sounds: its audio flowed again before the caller's next sound
+    # began, and before the greeting's end (not at the call's end, nor after a turn: the
+    # only input is the intro). How soon is bench/barge_in.py's figure, not checked here
+    # (the harness shares the gateway's event loop: a loaded CI machine took 1.51 s for a
+    # cough whose pause itself came 1.7 s late)
+    for sound, after in zip(run.sounds, [*run.sounds[1:], None], strict=True):
+        if sound.paused_s is None:
+            continue
+        assert sound.resumed_at is not None, sound
+        assert sound.resumed_at > sound.onset, sound
+        if after is not None:
+            assert sound.resumed_at < after.onset, (sound, after)
+        assert sound.resumed_at <= run.last_frame_at, (sound, run)
+    resumed = [r for r in caplog.records if r.getMessage().endswith("no interruption; resumed")]
+    assert len(resumed) >= len(paused), run  # each pause ended by the gateway's resume
 
 
 async def test_a_real_interruption_silences_the_bot_while_the_caller_speaks_and_says_what_was_heard(
