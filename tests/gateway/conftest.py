@@ -16,6 +16,7 @@ from tests.gateway.pipeline.fake_botpress import make_botpress
 from tests.gateway.pipeline.fake_rasa import make_rasa
 from tests.gateway.pipeline.fake_voiceflow import make_voiceflow
 from tests.gateway.pipeline.openai_server import make_openai_server
+from tests.gateway.tts_links import TtsLinks, tts_served
 
 
 def served(make: Callable[[], FastAPI], doc: str) -> Any:
@@ -35,3 +36,11 @@ botpress = served(make_botpress, "The fake Botpress Chat API.")
 voiceflow = served(make_voiceflow, "The fake Voiceflow runtime.")
 rasa = served(make_rasa, "The fake Rasa REST channel.")
 llm = served(make_openai_server, "The OpenAI-compatible chat completions server.")
+
+
+@pytest.fixture
+async def tts_link() -> AsyncIterator[TtsLinks]:
+    """A gateway with espeak-ng speech served for one test, to issue and fetch its
+    ``/file/tts`` links (tests/gateway/tts_links.py)."""
+    async with tts_served() as links:
+        yield links

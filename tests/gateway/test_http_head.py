@@ -11,15 +11,11 @@ from typing import Any
 import httpx
 from websockets.asyncio.client import connect
 
-from gateway.app import create_app
-from gateway.events import ResponseItem
-from gateway.settings import Settings
-from gateway.speech.service import SpeechService
 from tests.adapters.flowstorm.v1.helpers import ws_url
 from tests.calls.test_call_outcomes import AUTHORIZED, place, twilio_placing, twilio_status
-from tests.conftest import served, served_app
-from tests.gateway.speech.test_tts import CountingSynth
+from tests.conftest import served
 from tests.gateway.test_push import ADMIN, hello
+from tests.gateway.tts_links import TtsLinks
 
 
 async def test_head_on_the_operations_routes_answers_as_get_without_a_body(
@@ -40,48 +36,42 @@ async def test_head_on_the_operations_routes_answers_as_get_without_a_body(
         )
 
 
-async def test_head_of_a_tts_link_answers_from_the_cache_without_synthesizing() -> None:
-    settings = Settings(tts_provider="espeak-ng", public_url="http://gw.test")
-    app = create_app(settings)
-    async with served_app(app, settings) as url, httpx.AsyncClient(base_url=url) as client:
-        speech: SpeechService = app.state.gateway.speech
-        counter = CountingSynth(speech.pool.synthesizer)
-        speech.pool.synthesizer = counter
-        item = await speech.link_item(ResponseItem(text="Testing one two."), "mp3")
-        assert item.audio is not None
-        path = item.audio.removeprefix("http://gw.test")
-        file_id = path.rsplit("/", 1)[1].removesuffix(".mp3")
+async def test_head_of_a_tts_link_answers_from_the_cache_without_synthesizing(
+    tts_link: TtsLinks,
+) -> None:
+    client, speech, counter = tts_link.client, tts_link.speech, tts_link.counter
+    path, file_id = await tts_link.issue("Testing one two.")
 
-        # registered, not synthesized: 200, the GET's type, no length, and no synthesis
-        head = await client.head(path)
-        assert head.status_code == 200, head.text
-        assert head.content == b""
-        assert head.headers["content-type"] == "audio/mpeg"
-        assert head.headers["cache-control"] == "no-cache"
-        assert "content-length" not in head.headers
-        assert "transfer-encoding" not in head.headers
-        assert counter.calls == 0
-        assert await speech.cache.get(file_id, "mp3") is None
+    # registered, not synthesized: 200, the GET's type, no length, and no synthesis
+    head = await client.head(path)
+    assert head.status_code == 200, head.text
+    assert head.content == b""
+    assert head.headers["content-type"] == "audio/mpeg"
+    assert head.headers["cache-control"] == "no-cache"
+    assert "content-length" not in head.headers
+    assert "transfer-encoding" not in head.headers
+    assert counter.calls == 0
+    assert await speech.cache.get(file_id, "mp3") is None
 
-        # unknown id, another link's extension, malformed id: as GET
-        for bad in (f"/file/tts/{'a' * 64}.mp3", f"/file/tts/{file_id}.wav", "/file/tts/x.mp3"):
-            got, headed = await client.get(bad), await client.head(bad)
-            assert got.status_code == headed.status_code == 404, bad
-            assert headed.headers["content-type"] == "application/problem+json"
-            assert headed.content == b""
-        assert counter.calls == 0
-        assert await speech.cache.get(file_id, "mp3") is None
+    # unknown id, another link's extension, malformed id: as GET
+    for bad in (f"/file/tts/{'a' * 64}.mp3", f"/file/tts/{file_id}.wav", "/file/tts/x.mp3"):
+        got, headed = await client.get(bad), await client.head(bad)
+        assert got.status_code == headed.status_code == 404, bad
+        assert headed.headers["content-type"] == "application/problem+json"
+        assert headed.content == b""
+    assert counter.calls == 0
+    assert await speech.cache.get(file_id, "mp3") is None
 
-        # the GET synthesizes; a HEAD then gives the cached file's length and caching
-        body = (await client.get(path)).content
-        assert counter.calls == 1
-        head = await client.head(path)
-        assert head.status_code == 200
-        assert head.content == b""
-        assert head.headers["content-type"] == "audio/mpeg"
-        assert head.headers["content-length"] == str(len(body)) != "0"
-        assert head.headers["cache-control"] == "public, max-age=86400, immutable"
-        assert counter.calls == 1
+    # the GET synthesizes; a HEAD then gives the cached file's length and caching
+    body = (await client.get(path)).content
+    assert counter.calls == 1
+    head = await client.head(path)
+    assert head.status_code == 200
+    assert head.content == b""
+    assert head.headers["content-type"] == "audio/mpeg"
+    assert head.headers["content-length"] == str(len(body)) != "0"
+    assert head.headers["cache-control"] == "public, max-age=86400, immutable"
+    assert counter.calls == 1
 
 
 async def _same_but_the_body(client: httpx.AsyncClient, path: str, headers: dict[str, str]) -> int:
