@@ -64,9 +64,12 @@ def started(**config: Any) -> TwilioCall:
     return call
 
 
-def say_item(call: TwilioCall, text: str, audio: bytes = SECOND) -> Play:
-    """The running turn says one item (its audio queued, its mark not echoed)."""
-    assert call.turn_event(ResponseItemEvent(response_item=ResponseItem(text=text))) == []
+def say_item(call: TwilioCall, item: str | ResponseItem, audio: bytes = SECOND) -> Play:
+    """The running turn says one item (``item``, or an item of that text): its audio
+    queued, its mark not echoed."""
+    if isinstance(item, str):
+        item = ResponseItem(text=item)
+    assert call.turn_event(ResponseItemEvent(response_item=item)) == []
     [play] = call.turn_event(BinaryEvent(data=audio))
     assert isinstance(play, Play)
     return play
@@ -109,6 +112,13 @@ def interrupted_in_the_second_item(call: TwilioCall) -> StartTurn:
     [turn] = call.turn_finished()
     assert isinstance(turn, StartTurn)
     return turn
+
+
+def heard_in_the_second_item(call: TwilioCall, heard: str, unheard: str) -> None:
+    """:func:`interrupted_in_the_second_item`: the next input's attributes say it was
+    interrupted, ``heard`` and ``unheard``, and nothing else."""
+    turn = interrupted_in_the_second_item(call)
+    assert turn.input.attributes == {INTERRUPTED: True, HEARD: heard, UNHEARD: unheard}
 
 
 @pytest.mark.parametrize(
@@ -470,12 +480,7 @@ def test_heard_counts_whole_items_whose_marks_came_back() -> None:
     call = started()
     say_item(call, "First sentence.", SECOND)
     say_item(call, "Second sentence here.", SECOND * 2)
-    turn = interrupted_in_the_second_item(call)
-    assert turn.input.attributes == {
-        INTERRUPTED: True,
-        HEARD: "First sentence.",
-        UNHEARD: "Second sentence here.",
-    }
+    heard_in_the_second_item(call, "First sentence.", "Second sentence here.")
 
 
 def test_heard_counts_an_item_with_ssml_whose_text_begins_with_a_hash() -> None:
@@ -485,18 +490,11 @@ def test_heard_counts_an_item_with_ssml_whose_text_begins_with_a_hash() -> None:
     a command: ``heard`` was empty though its audio had played."""
     call = started()
     hit = ResponseItem(text="#1 hit", ssml="<speak>#1 hit</speak>")
-    assert call.turn_event(ResponseItemEvent(response_item=hit)) == []
-    [play] = call.turn_event(BinaryEvent(data=SECOND))
-    assert isinstance(play, Play)
+    say_item(call, hit, SECOND)
     command = ResponseItem(text="#volume", code="up", repeatable=False)
     assert call.turn_event(ResponseItemEvent(response_item=command)) == []
     say_item(call, "Second sentence here.", SECOND * 2)
-    turn = interrupted_in_the_second_item(call)
-    assert turn.input.attributes == {
-        INTERRUPTED: True,
-        HEARD: "#1 hit",
-        UNHEARD: "Second sentence here.",
-    }
+    heard_in_the_second_item(call, "#1 hit", "Second sentence here.")
 
 
 @pytest.mark.parametrize(
@@ -511,16 +509,9 @@ def test_heard_counts_an_item_of_ssml_without_text(ssml: str) -> None:
     gateway.ssml reads, as on a screen) are what the caller heard. Before, the call
     counted its text, none: ``heard`` was empty though its audio had played."""
     call = started()
-    assert call.turn_event(ResponseItemEvent(response_item=ResponseItem(ssml=ssml))) == []
-    [play] = call.turn_event(BinaryEvent(data=SECOND))
-    assert isinstance(play, Play)
+    say_item(call, ResponseItem(ssml=ssml), SECOND)
     say_item(call, "Second sentence here.", SECOND * 2)
-    turn = interrupted_in_the_second_item(call)
-    assert turn.input.attributes == {
-        INTERRUPTED: True,
-        HEARD: "Tom & Jerry are here.",
-        UNHEARD: "Second sentence here.",
-    }
+    heard_in_the_second_item(call, "Tom & Jerry are here.", "Second sentence here.")
 
 
 def test_an_item_of_ssml_without_text_cut_off_is_split_at_its_words() -> None:
@@ -535,15 +526,10 @@ def test_an_item_of_ssml_without_text_cut_off_is_split_at_its_words() -> None:
         '<speak>One two <break time="1s"/>three four five <s>six seven eight</s> '
         "nine ten eleven twelve.</speak>"
     )
-    assert call.turn_event(ResponseItemEvent(response_item=ResponseItem(ssml=ssml))) == []
-    [play] = call.turn_event(BinaryEvent(data=SECOND * 2))
-    assert isinstance(play, Play)
-    turn = interrupted_in_the_second_item(call)
-    assert turn.input.attributes == {
-        INTERRUPTED: True,
-        HEARD: "First sentence. One",
-        UNHEARD: "two three four five six seven eight nine ten eleven twelve.",
-    }
+    say_item(call, ResponseItem(ssml=ssml), SECOND * 2)
+    heard_in_the_second_item(
+        call, "First sentence. One", "two three four five six seven eight nine ten eleven twelve."
+    )
 
 
 def test_the_words_of_an_item_said_or_not() -> None:
@@ -699,12 +685,7 @@ def test_speech_begun_before_the_final_on_the_caller_s_floor_is_heard_over_the_a
     final came. The final is the input; the speech after it was begun after the first
     utterance's end, so it is speech over the bot's answer (paused and judged, its own
     StartListening from its onset), not lost because it began before the final came."""
-    call = started()
-    say_item(call, "Hello.")
-    call.turn_event(ResponseEvent(response=Response()))
-    call.turn_finished()
-    assert call.receive(mark("1")) == []
-    assert state_of(call) is State.CALLER
+    call = caller_s_floor()
     frames(call, 5)
     onset = call.now_ms
     actions = frames(call, 8, onset=onset, voiced=10_000)
@@ -723,11 +704,7 @@ def test_speech_begun_before_the_final_on_the_caller_s_floor_is_heard_over_the_a
     assert listen.from_ms == again - 300
     assert call.state is State.HOLDING
     # the same when the first utterance was noise: the speech after it is the utterance
-    call = started()
-    say_item(call, "Hello.")
-    call.turn_event(ResponseEvent(response=Response()))
-    call.turn_finished()
-    call.receive(mark("1"))
+    call = caller_s_floor()
     frames(call, 5)
     onset = call.now_ms
     frames(call, 8, onset=onset, voiced=10_000)
@@ -749,11 +726,7 @@ def test_speech_confirmed_only_after_the_final_is_speech_over_the_answer() -> No
     confirms its onset only after that utterance's final came (150 ms of voice): it is
     speech over the answer all the same (the bot's floor counts from the utterance's
     end, not from its final), not ignored as speech begun before the bot's turn."""
-    call = started()
-    say_item(call, "Hello.")
-    call.turn_event(ResponseEvent(response=Response()))
-    call.turn_finished()
-    call.receive(mark("1"))
+    call = caller_s_floor()
     frames(call, 5)
     onset = call.now_ms
     frames(call, 8, onset=onset, voiced=10_000)
@@ -810,11 +783,12 @@ def speak_and_end(call: TwilioCall, ms: int = 200) -> tuple[int, int]:
     return onset, end
 
 
-def caller_s_floor() -> TwilioCall:
-    call = started()
+def caller_s_floor(**config: Any) -> TwilioCall:
+    """A call (``config``: CallConfig fields) whose greeting "Hello." played out (its turn
+    ended, its mark came back): the caller's floor."""
+    call = started(**config)
     say_item(call, "Hello.")
-    call.turn_event(ResponseEvent(response=Response()))
-    call.turn_finished()
+    finish_turn(call)
     assert call.receive(mark("1")) == []
     assert state_of(call) is State.CALLER
     return call
@@ -1136,23 +1110,11 @@ def test_keys_being_collected_on_the_caller_s_floor_are_the_input_before_words()
     """``collect`` mode, the caller's floor, no turn running: 1, 2 pressed, then words
     before ``#`` or the pause: the keys' turn starts at once, the words wait for it.
     Before, the words' turn started and the keys came after it."""
-    call = started(dtmf_mode="collect")
-    say_item(call, "Hello.")
-    call.turn_event(ResponseEvent(response=Response()))
-    call.turn_finished()
-    assert call.receive(mark("1")) == []
-    for key in "12":
-        assert call.receive(dtmf(key)) == []
+    call = caller_s_floor_collecting()
     onset = call.now_ms
     assert [type(a) for a in frames(call, 8, onset=onset, voiced=10_000)] == [StartListening]
     assert frames(call, 4) == []
-    [turn] = call.heard("final", "operator please", 0.9)
-    assert isinstance(turn, StartTurn)
-    assert turn.input.text == "12"
-    assert list(call.waiting) == ["operator please"]
-    [turn] = finish_turn(call)
-    assert isinstance(turn, StartTurn)
-    assert turn.input.text == "operator please"
+    keys_then_words(call, "operator please")
 
 
 def test_inputs_waiting_at_a_hang_up_are_dropped_when_the_running_turn_ends_the_session() -> None:
@@ -1237,13 +1199,7 @@ def test_keys_whose_pause_ends_while_the_caller_speaks_go_before_the_words() -> 
     assert state_of(call) is State.HEARING
     assert list(call.waiting) == ["12"]
     assert frames(call, 4) == []  # ended
-    [turn] = call.heard("final", "i need help with my account", 0.9)
-    assert isinstance(turn, StartTurn)
-    assert turn.input.text == "12"
-    assert list(call.waiting) == ["i need help with my account"]
-    [turn] = finish_turn(call)
-    assert isinstance(turn, StartTurn)
-    assert turn.input.text == "i need help with my account"
+    keys_then_words(call, "i need help with my account")
 
 
 def test_keys_whose_pause_ends_while_the_caller_speaks_go_after_a_wordless_utterance() -> None:
@@ -1260,14 +1216,23 @@ def test_keys_whose_pause_ends_while_the_caller_speaks_go_after_a_wordless_utter
 
 def caller_s_floor_collecting() -> TwilioCall:
     """``collect`` mode, the caller's floor, 1 and 2 pressed (no ``#``, the pause runs)."""
-    call = started(dtmf_mode="collect")
-    say_item(call, "Hello.")
-    finish_turn(call)
-    assert call.receive(mark("1")) == []
+    call = caller_s_floor(dtmf_mode="collect")
     for key in "12":
         assert call.receive(dtmf(key)) == []
     assert state_of(call) is State.CALLER
     return call
+
+
+def keys_then_words(call: TwilioCall, words: str) -> None:
+    """:func:`caller_s_floor_collecting`'s caller, speaking, is heard saying ``words``:
+    the keys ("12") are the input at once, the words wait and are the input after it."""
+    [turn] = call.heard("final", words, 0.9)
+    assert isinstance(turn, StartTurn)
+    assert turn.input.text == "12"
+    assert list(call.waiting) == [words]
+    [turn] = finish_turn(call)
+    assert isinstance(turn, StartTurn)
+    assert turn.input.text == words
 
 
 def test_keys_being_collected_when_a_machine_is_detected_go_before_it() -> None:

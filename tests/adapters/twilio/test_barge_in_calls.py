@@ -15,6 +15,7 @@ generated noise through the real VAD and pocketsphinx, a user core over HTTP
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import pytest
 
@@ -31,6 +32,18 @@ from tests.adapters.twilio.barge import (
     noises,
     spoken,
 )
+
+
+def heard_its_first_words(attributes: dict[str, Any]) -> None:
+    """The input after an interruption 1.5 s into the greeting says so, and what was
+    heard: the greeting's first words, not its first item whole; the rest unheard."""
+    assert attributes[INTERRUPTED] is True, attributes
+    whole = " ".join(GREETING)
+    heard, unheard = attributes[HEARD], attributes[UNHEARD]
+    assert heard, attributes
+    assert whole.startswith(heard), attributes
+    assert len(heard) < len(GREETING[0]), attributes
+    assert f"{heard} {unheard}" == whole, attributes
 
 
 async def test_backchannels_and_noise_do_not_stop_the_bot(
@@ -104,15 +117,7 @@ async def test_a_real_interruption_silences_the_bot_while_the_caller_speaks_and_
     assert run.clear_s < 3.0, run  # clear once judged a real interruption
     assert run.frames_after_clear == 0, run  # nothing of the greeting after the clear
     assert "change" in run.answer_input, run
-    attributes = run.attributes
-    assert attributes[INTERRUPTED] is True
-    whole = " ".join(GREETING)
-    heard, unheard = attributes[HEARD], attributes[UNHEARD]
-    # 1.5 s into the greeting: its first words, not the first item whole
-    assert heard, attributes
-    assert whole.startswith(heard), attributes
-    assert len(heard) < len(GREETING[0]), attributes
-    assert f"{heard} {unheard}" == whole, attributes
+    heard_its_first_words(run.attributes)
 
 
 async def test_an_interrupted_greeting_of_ssml_without_text_says_what_was_heard(
@@ -125,12 +130,4 @@ async def test_an_interrupted_greeting_of_ssml_without_text_says_what_was_heard(
     interruption = await spoken(piper, INTERRUPTION)
     run = await interruption_call(speech, interruption, after_s=1.5, ssml=True)
     assert run.clear_s < 3.0, run
-    attributes = run.attributes
-    assert attributes[INTERRUPTED] is True, attributes
-    whole = " ".join(GREETING)
-    heard, unheard = attributes[HEARD], attributes[UNHEARD]
-    # 1.5 s into the greeting: its first words, not the first item whole
-    assert heard, attributes
-    assert whole.startswith(heard), attributes
-    assert len(heard) < len(GREETING[0]), attributes
-    assert f"{heard} {unheard}" == whole, attributes
+    heard_its_first_words(run.attributes)
