@@ -30,6 +30,7 @@ from gateway.speech import audio
 from gateway.speech.audio import AudioFormat, Pcm
 from gateway.speech.stt import PocketsphinxRecognizer, recognize
 from gateway.speech.tts import EspeakSynthesizer, PiperSynthesizer, Synthesizer
+from tests.loop_ticker import LoopTicker
 from tests.speech import word_errors
 
 SENTENCES = (
@@ -98,27 +99,14 @@ async def bench_concurrency(rec: PocketsphinxRecognizer, corpus: dict[str, Pcm])
     await recognize(rec, fmt, data)
     serial = time.perf_counter() - start
 
-    gaps: list[float] = []
-    running = True
-
-    async def ticker() -> None:
-        last = time.perf_counter()
-        while running:
-            await asyncio.sleep(0.01)
-            now = time.perf_counter()
-            gaps.append(now - last)
-            last = now
-
-    task = asyncio.create_task(ticker())
-    start = time.perf_counter()
-    await asyncio.gather(recognize(rec, fmt, data), recognize(rec, fmt, data))
-    concurrent = time.perf_counter() - start
-    running = False
-    await task
+    async with LoopTicker(0.01) as ticker:
+        start = time.perf_counter()
+        await asyncio.gather(recognize(rec, fmt, data), recognize(rec, fmt, data))
+        concurrent = time.perf_counter() - start
     print(
         f"STT two {seconds:.1f} s utterances: serial {serial:.2f} s, concurrent "
         f"{concurrent:.2f} s (ratio {concurrent / serial:.2f}); event loop: "
-        f"{len(gaps)} ticks, longest gap {max(gaps) * 1000:.0f} ms (ideal 10 ms)"
+        f"{len(ticker.gaps)} ticks, longest gap {ticker.longest_s * 1000:.0f} ms (ideal 10 ms)"
     )
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -42,6 +41,7 @@ from tests.gateway.turns import (
     texts,
     v2_put,
 )
+from tests.loop_ticker import LoopTicker
 
 KEY = SecretStr(API_KEY)
 
@@ -286,24 +286,11 @@ async def _loop_time(conv: Conversation, said: str) -> tuple[float, list[Respons
     """The time the event loop (this test's: it serves the fake runtime and runs the
     turn) was held while ``conv`` answered ``said``: what a ticker of 5 ms lost, all its
     gaps together; and the turn's items."""
-    gaps: list[float] = []
-
-    async def tick() -> None:
-        last = time.perf_counter()
-        while True:
-            await asyncio.sleep(0.005)
-            now = time.perf_counter()
-            gaps.append(now - last)
-            last = now
-
-    ticker = asyncio.create_task(tick())
-    await asyncio.sleep(0.02)
-    try:
+    async with LoopTicker(0.005) as ticker:
+        await asyncio.sleep(0.02)
         events = await conv.turn(ctx(), Input.of(said)).collect()
         await asyncio.sleep(0.02)  # (the gap over the turn's last work, recorded)
-    finally:
-        ticker.cancel()
-    return sum(max(0.0, gap - 0.005) for gap in gaps), items(events)
+    return ticker.lost_s, items(events)
 
 
 @pytest.mark.parametrize("shape", sorted(_MUCH_SSML))
