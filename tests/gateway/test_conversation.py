@@ -206,7 +206,7 @@ async def test_a_held_session_goes_after_its_hold_unless_kept_again(
     session's lock (SessionBusy at once: the turn holding it saves it after), and holds
     no session that is not there or is another application key's."""
     store = store_of(kind, redis_url, redis_prefix)
-    conv = engine(store, session_timeout_s=60)
+    conv = engine(store, session_timeout_s=60, lock_wait_s=600)
     try:
         assert not await conv.hold(ctx(), 1)  # no session yet
         await conv.turn(ctx(), Input.of("#intro")).collect()
@@ -221,13 +221,15 @@ async def test_a_held_session_goes_after_its_hold_unless_kept_again(
         assert await conv.keep(ctx()) == "not-found"
 
         await conv.turn(ctx(), Input.of("#intro")).collect()
-        async with store.open(ctx().key, lease_s=5, wait_s=1):  # a turn holds it
-            started = time.perf_counter()
+        async with store.open(ctx().key, lease_s=60, wait_s=1):  # a turn holds it
+            # a hold that waited for the lock would wait the engine's lock_wait_s (600 s
+            # here): the guard fails it as hung
             with pytest.raises(SessionBusy):
-                await conv.hold(ctx(), 1)
-            # a hold that waited for the lock would take lock_wait_s (15 s by default)
-            # before its SessionBusy: a third of that proves it did not wait
-            assert time.perf_counter() - started < 5.0
+                try:
+                    async with asyncio.timeout(30):
+                        await conv.hold(ctx(), 1)
+                except TimeoutError:
+                    pytest.fail("hung: the hold waited for the session's lock")
         assert await conv.expiry(ctx()) is not None
     finally:
         await store.aclose()
@@ -477,19 +479,15 @@ async def test_the_error_turn_of_a_turn_that_timed_out_answers(
 ) -> None:
     """A core that does not answer the turn within GATEWAY_TURN_TIMEOUT_S and answers
     ``#error`` at once: the ``#error`` answer comes, though no time of the turn is left
-    (the ``#error`` turn has at least GATEWAY_ERROR_TURN_MIN_S), well before twice the
-    timeout."""
+    (the ``#error`` turn has at least GATEWAY_ERROR_TURN_MIN_S)."""
     url, app = core
     release = hanging_core(app, "/hang-turn", {"hello"})
     conv = engine(pipeline=f"{url}/hang-turn", error_turn=True, turn_timeout_s=1.5)
     try:
-        start = time.monotonic()
         events = await conv.turn(ctx(), Input.of("hello")).collect()
-        took = time.monotonic() - start
         assert texts(events) == ["sorry: #error"]
         assert isinstance(events[-1], ResponseEvent)
         assert app.state.requests == ["hello", "#error"]
-        assert took < 2 * 1.5, took
     finally:
         release.set()
         await conv.pipeline.aclose()
@@ -509,13 +507,10 @@ async def test_the_error_turn_has_what_is_left_of_the_turn(
     )
     try:
         with caplog.at_level(logging.WARNING, logger="gateway.conversation"):
-            start = time.monotonic()
             await pipeline_error(conv, "did not answer within 4 s")
-            took = time.monotonic() - start
         assert app.state.requests == ["hello", "#error"]
-        assert 4 <= took < 6.5, took  # 4.3 s and a loaded machine's margin; old: 8 s
         assert "the #error turn failed too in session" in caplog.text
-        assert "no answer within 0.3 s" in caplog.text
+        assert "no answer within 0.3 s" in caplog.text  # its minimum; old: a new 4 s
     finally:
         release.set()
         await conv.pipeline.aclose()
@@ -584,13 +579,11 @@ async def test_a_connect_cut_by_the_turns_timeout_is_a_core_that_could_not_be_re
     )
     try:
         with caplog.at_level(logging.WARNING, logger="gateway.conversation"):
-            start = time.monotonic()
             events = await pipeline_error(conv, "could not be reached within 1 s")
-            took = time.monotonic() - start
         error = events[-1]
         assert isinstance(error, ErrorEvent)
+        # cut by the turn's 1 s (not the connect's 30 s), no #error turn after it
         assert error.text == "The core pipeline (http) could not be reached within 1 s."
-        assert took < 2.5, took  # the turn's 1 s, no #error turn's 2 s after it
         assert "failed too" not in caplog.text
         if error_turn:
             assert "no #error turn in session" in caplog.text
