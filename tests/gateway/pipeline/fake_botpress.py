@@ -83,6 +83,7 @@ def make_botpress() -> FastAPI:
     state.user_key = None  # set: the key POST /users answers (a broken server or proxy)
     state.conversation_refusal = None  # set: the status POST /conversations answers
     state.unknown_key_status = 401  # the status of a call with a key no user has
+    state.hold = None  # an asyncio.Event: the bot says its second message on only once set
 
     def user_of(request: Request) -> str | None:
         key = request.headers.get("x-user-key", "")
@@ -252,7 +253,9 @@ def make_botpress() -> FastAPI:
             return
         else:
             replies = [("text", f"You said: {said}")]
-        for kind, value in replies:
+        for i, (kind, value) in enumerate(replies):
+            if i == 1 and state.hold is not None:
+                await state.hold.wait()
             await asyncio.sleep(GAP_S)
             if kind == "event":
                 bot_event(conversation_id, value)

@@ -5,6 +5,7 @@ and a whole Flowstorm V2 conversation."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -74,7 +75,9 @@ async def test_conversation_with_user_and_conversation_kept(
     started = time.perf_counter()
     assert texts(await conv.turn(ctx(), Input.of("yes please")).collect()) == ["Let us start."]
     took = time.perf_counter() - started
-    assert IDLE_S <= took < IDLE_S + 1  # a text ends the turn one idle gap after it
+    # a text ends the turn one idle gap after it, not at once (no upper bound: how much
+    # later is the machine's load)
+    assert took >= IDLE_S
     await conv.turn(ctx(), Input.of("my name is ada")).collect()
     assert texts(await conv.turn(ctx(), Input.of("what is my name")).collect()) == ["You are Ada."]
     calls = [(m, p) for m, p, _ in app.state.calls]
@@ -192,16 +195,22 @@ async def test_a_bloc_gives_the_items_of_its_parts(botpress: tuple[str, FastAPI]
 
 
 async def test_messages_are_forwarded_before_the_turn_ends(botpress: tuple[str, FastAPI]) -> None:
-    url, _ = botpress
-    conv = bp_engine(url, botpress_idle_s=3.0)  # an idle gap a clock can tell apart
+    """The bot holds its other messages after the first until the test has the first
+    item (``app.state.hold``): it comes while the bot is still to say them. A gateway that
+    held the items until the turn's end would give it only once the idle gap after it
+    (3 s) ended the turn, and the bot's later messages would be no part of the turn."""
+    url, app = botpress
+    conv = bp_engine(url, botpress_idle_s=3.0)
     await conv.turn(ctx(), Input.of("hello")).collect()
-    started = time.perf_counter()
+    app.state.hold = asyncio.Event()
     events = aiter(conv.turn(ctx(), Input.of("rich")))
-    first = await anext(events)
+    try:
+        async with asyncio.timeout(30):
+            first = await anext(events)
+    except TimeoutError:
+        pytest.fail("hung: no item came")
     assert isinstance(first, ResponseItemEvent)
-    # the first item came right after the bot said it (GAP_S), not after the 3 s idle gap
-    # (was: the 0.3 s gap, a bound of 0.35 s that a loaded machine's stall breaks)
-    assert time.perf_counter() - started < 2.0
+    app.state.hold.set()
     rest = [e async for e in events]
     assert len(items(rest)) == 4
     await conv.pipeline.aclose()
