@@ -188,7 +188,8 @@ async def test_a_link_is_its_id_and_its_format() -> None:
     audio/wav, cached as immutable), before and after it was synthesized."""
     async with (
         served_app(create_app(Settings())) as url,
-        httpx.AsyncClient(base_url=url) as client,
+        # a hang guard only: httpx's default 5 s read timeout failed it twice under load
+        httpx.AsyncClient(base_url=url, timeout=30.0) as client,
     ):
         answer = await client.put(
             "/client?key=k", headers={"Content-Type": "text/plain"}, content="hi"
@@ -361,9 +362,8 @@ async def test_streamed_speech_overload_is_a_tts_error_outside_the_lock(
     await asyncio.sleep(0.2)
     conversation = Conversation(MemorySessionStore(), DemoPipeline(), Settings(), speech)
     ctx = TurnContext(channel="test", session_id="s", app_key="k", tts=TtsRequest("audio", "wav"))
-    start = time.perf_counter()
     events = await conversation.turn(ctx, Input.of("my name is Ada")).collect()
-    assert time.perf_counter() - start < 2
+    assert not busy.done()  # ended while the pool was full: it did not wait for a place
     assert [type(e).__name__ for e in events] == [
         "SessionStartedEvent",
         "ResponseItemEvent",
@@ -406,8 +406,8 @@ async def test_a_client_that_goes_away_cancels_its_synthesis() -> None:
         start = time.perf_counter()
         while speech.pool.running:
             await asyncio.sleep(0.05)
-            assert time.perf_counter() - start < 10
-        assert time.perf_counter() - start < 5  # stopped after its current piece
+            assert time.perf_counter() - start < 60, "hung: the synthesis goes on"
+        # stopped (after its current piece): a synthesis carried out to its end is cached
         file_id = path.rsplit("/", 1)[1].removesuffix(".mp3")
         assert await speech.cache.get(file_id, "mp3") is None
 
