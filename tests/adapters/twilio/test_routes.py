@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 import urllib.parse
 from collections.abc import AsyncIterator
 from typing import Any
@@ -478,16 +477,15 @@ async def test_a_start_that_cannot_be_read_is_closed_at_once_naming_the_fault() 
                 "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
             },
         }
-        began = time.monotonic()
         async with connect(
             local_ws_url(gw.url, url), additional_headers={"X-Twilio-Signature": sign(AUTH, url)}
         ) as ws:
             await ws.send('{"event": "connected", "protocol": "Call", "version": "1.0.0"}')
             await ws.send(json.dumps(start))
             with pytest.raises(ConnectionClosed) as closed:
-                async with asyncio.timeout(5):
+                async with asyncio.timeout(30):  # a hang guard
                     await ws.recv()
-        assert time.monotonic() - began < 3
+        # closed for its start (the reason names it), not by the start's timeout
         assert closed.value.rcvd is not None
         assert closed.value.rcvd.code == 1008
         assert closed.value.rcvd.reason.startswith("Invalid start message: start.callSid")
