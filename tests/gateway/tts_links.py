@@ -15,6 +15,7 @@ from gateway.app import create_app
 from gateway.events import ResponseItem
 from gateway.settings import Settings
 from gateway.speech.service import SpeechService
+from gateway.speech.types import TtsFileFormat
 from tests.conftest import served_app
 from tests.gateway.speech.test_tts import CountingSynth
 
@@ -32,7 +33,7 @@ class TtsLinks:
     counter: CountingSynth
     """The speech pool's synthesizer: ``counter.calls`` syntheses so far."""
 
-    async def issue(self, text: str, ext: str = "mp3") -> tuple[str, str]:
+    async def issue(self, text: str, ext: TtsFileFormat = "mp3") -> tuple[str, str]:
         """A link issued for ``text`` as ``ext`` (not synthesized yet): its path on the
         gateway (``/file/tts/{id}.{ext}``) and the file id."""
         item = await self.speech.link_item(ResponseItem(text=text), ext)
