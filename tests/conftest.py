@@ -24,7 +24,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
@@ -67,6 +67,20 @@ def state_of(machine: Stateful[S_co]) -> S_co:
     a non-overlapping check; reading the state through this function checks the same.
     """
     return machine.state
+
+
+T = TypeVar("T")
+
+
+async def unless_hung(awaitable: Awaitable[T], what: str, within_s: float = 30.0) -> T:
+    """``await awaitable``, failing the test as ``hung: {what}`` when it takes more than
+    ``within_s`` or raises TimeoutError (a helper's own receive timeout): a guard against
+    hanging, never the property a test checks."""
+    try:
+        async with asyncio.timeout(within_s):
+            return await awaitable
+    except TimeoutError:
+        pytest.fail(f"hung: {what}")
 
 
 def free_port() -> int:

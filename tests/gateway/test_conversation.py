@@ -43,7 +43,7 @@ from gateway.sessions import (
 )
 from gateway.settings import Settings
 from gateway.turn import STORE_LOCK_LOST_TEXT
-from tests.conftest import free_port, hanging_port
+from tests.conftest import free_port, hanging_port, unless_hung
 from tests.gateway.turns import (
     ctx,
     engine,
@@ -225,11 +225,7 @@ async def test_a_held_session_goes_after_its_hold_unless_kept_again(
             # a hold that waited for the lock would wait the engine's lock_wait_s (600 s
             # here): the guard fails it as hung
             with pytest.raises(SessionBusy):
-                try:
-                    async with asyncio.timeout(30):
-                        await conv.hold(ctx(), 1)
-                except TimeoutError:
-                    pytest.fail("hung: the hold waited for the session's lock")
+                await unless_hung(conv.hold(ctx(), 1), "the hold waited for the session's lock")
         assert await conv.expiry(ctx()) is not None
     finally:
         await store.aclose()

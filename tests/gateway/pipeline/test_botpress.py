@@ -27,7 +27,7 @@ from gateway.events import (
     transfer_target,
 )
 from gateway.pipeline.botpress import usable_key
-from tests.conftest import gateway
+from tests.conftest import gateway, unless_hung
 from tests.gateway.core_app import cut_early
 from tests.gateway.pipeline.fake_botpress import WEBHOOK_ID
 from tests.gateway.turns import (
@@ -204,11 +204,7 @@ async def test_messages_are_forwarded_before_the_turn_ends(botpress: tuple[str, 
     await conv.turn(ctx(), Input.of("hello")).collect()
     app.state.hold = asyncio.Event()
     events = aiter(conv.turn(ctx(), Input.of("rich")))
-    try:
-        async with asyncio.timeout(30):
-            first = await anext(events)
-    except TimeoutError:
-        pytest.fail("hung: no item came")
+    first = await unless_hung(anext(events), "no item came")
     assert isinstance(first, ResponseItemEvent)
     app.state.hold.set()
     rest = [e async for e in events]

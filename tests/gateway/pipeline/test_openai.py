@@ -29,6 +29,7 @@ from gateway.pipeline.openai import OpenAIPipeline, _add_tool_delta, _Turn
 from gateway.pipeline.sentences import SentenceSplitter
 from gateway.sessions import MemorySessionStore, Session
 from gateway.settings import Settings
+from tests.conftest import unless_hung
 from tests.gateway.pipeline.openai_server import KEY, LOWER_CASE, POINTS
 from tests.gateway.turns import ctx, failed_session, pipeline_error, texts
 
@@ -424,11 +425,9 @@ async def test_first_sentence_is_forwarded_before_the_answer_is_complete(
     pipe = pipeline(url)
     session = Session(id="s1", key="test:s1", channel="test", app_key="app")
     outputs = aiter(pipe.process(session, Input.of("#intro")))
-    try:
-        async with asyncio.timeout(20):
-            first = await anext(outputs)
-    except TimeoutError:
-        pytest.fail("hung: the first sentence was not forwarded while the rest was held")
+    first = await unless_hung(
+        anext(outputs), "the first sentence was not forwarded while the rest was held", 20
+    )
     assert isinstance(first, ResponseItem)
     assert first.text == "Hello, this is the front desk of the city museum."
     assert app.state.sent_all_at is None  # the server has not written the rest yet

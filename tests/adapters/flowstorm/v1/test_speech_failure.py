@@ -36,7 +36,7 @@ from tests.adapters.flowstorm.v1.helpers import (
     turn,
     ws_url,
 )
-from tests.conftest import served_app
+from tests.conftest import served_app, unless_hung
 
 CONFIG: dict[str, Any] = {"tts": "RequiredStreaming", "sendResponseItems": True}
 
@@ -204,10 +204,10 @@ async def _typed_while_releasing(ws: ClientConnection, slow: SlowRelease, speech
     await send_audio(ws, speech[: len(speech) // 2], 16000)  # speaking: recognised
     async with asyncio.timeout(30):
         await slow.opened.wait()  # its recognizer is taken (at the voice onset)
-    try:
-        frames = await turn(ws, input_frame("my name is Ada"))
-    except TimeoutError:
-        pytest.fail("hung: no answer to the typed input while the utterance's release is held")
+    frames = await unless_hung(
+        turn(ws, input_frame("my name is Ada")),
+        "no answer to the typed input while the utterance's release is held",
+    )
     assert [f["type"] for f in frames] == ["SessionStarted", "Response"]
     assert texts(frames[-1]) == ["Nice to meet you, Ada."]
     assert slow.releasing.is_set()  # the typed input dropped the utterance ...
