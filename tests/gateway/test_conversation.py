@@ -760,6 +760,47 @@ async def test_busy_session_is_rejected_after_the_lock_wait(core: tuple[str, Fas
     await conv.pipeline.aclose()
 
 
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+async def test_an_abandoned_turn_that_takes_its_lock_later_lets_it_go_untouched(
+    kind: str, redis_url: str, redis_prefix: str, core: tuple[str, FastAPI]
+) -> None:
+    """TurnStream.abandon on a turn still waiting for its session's lock (a webhook
+    answered without it): when the lock frees, the turn takes it, does not run (the core
+    gets nothing, the session is left as the turn holding it saved it) and lets it go at
+    once (the next turn gets it), rejected ``session-busy``; abandon said it was unrun. A
+    turn that holds its lock is not stopped by abandon: it says so, runs on and saves."""
+    url, app = core
+    store = store_of(kind, redis_url, redis_prefix)
+    conv = engine(store, pipeline=f"{url}/hold-on?text=one")
+    try:
+        holder = conv.turn(ctx("abandoned"), Input.of("one"))
+        events = aiter(holder)
+        assert isinstance(await anext(events), SessionStartedEvent)  # it holds the lock
+        waiting = conv.turn(ctx("abandoned"), Input.of("two"))  # waits (15 s lock wait)
+        await asyncio.sleep(0.1)
+        assert not waiting.task.done()
+        assert waiting.abandon() is False  # not locked: it will not run
+        assert holder.abandon() is True  # locked: it runs on
+        app.state.release.set()
+        assert texts([e async for e in events]) == ["core heard one"]
+        with pytest.raises(TurnRejected) as rejected:
+            await waiting.collect()
+        assert rejected.value.reason == "session-busy"
+        assert [r["input"]["transcript"]["text"] for r in app.state.requests] == ["one"]
+        session = await store.get(ctx("abandoned").key)
+        assert session is not None
+        assert session.turn_count == 1  # the holder's save, not undone nor redone
+        # the abandoned turn let the lock go: the next turn takes it at once
+        after = engine(store, pipeline="demo", lock_wait_s=0.5)
+        assert texts(await after.turn(ctx("abandoned"), Input.of("three")).collect()) == [
+            "You said: three"
+        ]
+        await after.pipeline.aclose()
+    finally:
+        await conv.pipeline.aclose()
+        await store.aclose()
+
+
 @contextlib.asynccontextmanager
 async def own_redis(port: int) -> AsyncIterator[asyncio.subprocess.Process]:
     """A redis-server of this test alone on ``port``, without persistence (a restart
