@@ -838,12 +838,19 @@ def refused_audio(items: Sequence[ResponseItem], schemes: tuple[str, ...]) -> li
     """``(index, src)`` of each audio of ``items`` that :func:`item_ssml` leaves out of the
     speech for ``schemes`` (:data:`HTTPS_AUDIO`, :data:`ALEXA_AUDIO`): an item's
     ``audio`` URL of another scheme (or holding a character XML refuses), an ``<audio>``
-    of its well-formed ``ssml`` whose ``src`` is of another scheme. For the route's log
-    line; costs a substring test per item unless an item has audio."""
+    of its well-formed ``ssml`` whose ``src`` is of another scheme, unless the item's own
+    ``audio`` is played instead of its SSML (:func:`played_instead`: none of its SSML is
+    said, whatever its sounds' schemes). For the route's log line; costs a substring test
+    per item unless an item has audio."""
     found: list[tuple[int, str]] = []
     for index, item in enumerate(items):
         ssml = item.ssml
-        if ssml and _AUDIO_TAG in ssml and ssml_to_text(ssml) is not None:
+        if (
+            ssml
+            and _AUDIO_TAG in ssml
+            and not played_instead(item, schemes)
+            and ssml_to_text(ssml) is not None
+        ):
             found += [(index, src) for src in _kept_audio(_strip_speak(ssml), schemes)[1]]
         audio = item.audio
         if audio and (not audio.startswith(schemes) or _NOT_XML.search(audio)):
@@ -1159,11 +1166,14 @@ def rewritten_values(
     arguments) rewrites or drops (:func:`_checked_values`: a ``<break time>`` clamped or
     written as documented, a value the platforms do not take dropped), in order. For the
     route's log line; costs a substring test per item unless an item's SSML holds a
-    ``<break``, ``<prosody`` or ``<emphasis`` (then what :func:`item_ssml` costs)."""
+    ``<break``, ``<prosody`` or ``<emphasis`` (then what :func:`item_ssml` costs). An item
+    whose own ``audio`` is played instead of its SSML (:func:`played_instead`) has none."""
     found: list[RewrittenValue] = []
     for index, item in enumerate(items):
         ssml = item.ssml
         if not ssml or not any(tag in ssml for tag in ("<break", "<prosody", "<emphasis")):
+            continue
+        if played_instead(item, audio_schemes):  # its own audio is said, not this SSML
             continue
         fragment = _item_fragment(item, audio_schemes, elements, say_as)
         if fragment is not None:
@@ -1188,18 +1198,24 @@ def refused_elements(
     items: Sequence[ResponseItem],
     elements: frozenset[str],
     say_as: frozenset[str] | None = None,
+    *,
+    audio_schemes: tuple[str, ...] | None = None,
 ) -> list[tuple[int, str]]:
     """``(index, name)`` of each SSML element of ``items`` that :func:`item_ssml` replaces by
     its content for ``elements`` (:data:`ALEXA_ELEMENTS`, :data:`GOOGLE_ELEMENTS`) and
     ``say_as`` (:data:`ALEXA_SAY_AS`, :data:`GOOGLE_SAY_AS`): an element of an item's
     well-formed ``ssml`` the platform does not support (a nested ``<speak>`` too, a
     ``<BREAK/>``), a ``<say-as>`` of another ``interpret-as`` (named ``say-as
-    interpret-as="..."``), each name once per item, in document order. For the route's log
-    line; costs a substring test per item unless an item has SSML with tags."""
+    interpret-as="..."``), each name once per item, in document order. With
+    ``audio_schemes`` (the audio the platform plays), an item whose own ``audio`` is played
+    instead of its SSML (:func:`played_instead`) has none: its SSML is not said. For the
+    route's log line; costs a substring test per item unless an item has SSML with tags."""
     found: list[tuple[int, str]] = []
     for index, item in enumerate(items):
         ssml = item.ssml
         if not ssml or "<" not in ssml:
+            continue
+        if audio_schemes is not None and played_instead(item, audio_schemes):
             continue
         fragment = _strip_speak(ssml).strip()
         if not _needs_scan(fragment, elements, say_as) or ssml_to_text(ssml) is None:

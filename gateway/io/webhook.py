@@ -100,6 +100,7 @@ from gateway.ssml import (
     HTTPS_AUDIO,
     SSML_ANSWER_MAX_CHARS,
     bounded_items,
+    played_instead,
     refused_audio,
     refused_elements,
     rewritten_values,
@@ -327,7 +328,7 @@ class WebhookChannel(ABC, Generic[_PlanT, _AnswerT]):
         if self.ssml_elements is not None:
             self._log_left_out_elements(ctx, response, self.ssml_elements)
         self._log_rewritten_values(ctx, response)
-        self._log_loose_ssml(ctx, loose)
+        self._log_loose_ssml(ctx, loose, response.items)
         self._log_cut_ssml(ctx, cut)
 
     def _log_left_out_audio(
@@ -368,7 +369,9 @@ class WebhookChannel(ABC, Generic[_PlanT, _AnswerT]):
         nested ``<speak>`` too): ``item 0 <speak>, item 2 <foo>``, the first three, their
         names clipped. Nothing when there is none (a substring test per item unless an
         item's SSML has tags)."""
-        left_out = refused_elements(response.items, elements, self.ssml_say_as)
+        left_out = refused_elements(
+            response.items, elements, self.ssml_say_as, audio_schemes=self.audio_schemes
+        )
         if not left_out:
             return
         self.left_out_elements.log(
@@ -413,13 +416,20 @@ class WebhookChannel(ABC, Generic[_PlanT, _AnswerT]):
             self.platform,
         )
 
-    def _log_loose_ssml(self, ctx: TurnContext, loose: Sequence[int]) -> None:
+    def _log_loose_ssml(
+        self, ctx: TurnContext, loose: Sequence[int], items: Sequence[ResponseItem]
+    ) -> None:
         """One WARNING line (bounded: ``loose_ssml``, a burst then one a minute, the rest at
         DEBUG) naming the core's items whose speech is read from SSML that is not
         well-formed (``loose``, their indexes: :func:`gateway.ssml.bounded_items`, their
         words said, their markup lost): ``item 0, item 2``, the first three. The core's
         fault, said so; nothing when there is none (SSML cut at the bound per answer is
-        not the core's fault: :meth:`_log_cut_ssml`)."""
+        not the core's fault: :meth:`_log_cut_ssml`). An item of ``items`` (the answer's,
+        as read) whose own audio is played instead of its SSML
+        (:func:`gateway.ssml.played_instead`) is not named: its SSML is not said."""
+        if loose and self.audio_schemes is not None:
+            schemes = self.audio_schemes
+            loose = [i for i in loose if not played_instead(items[i], schemes)]
         if not loose:
             return
         self.loose_ssml.log(

@@ -1081,6 +1081,57 @@ async def test_a_turn_that_finds_its_session_busy_until_the_deadline_is_logged(
         assert core.state.heard == ["slow", "next"]  # never "again"
 
 
+async def test_the_ssml_of_an_item_whose_own_audio_plays_instead_is_not_logged_as_cut(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An item whose own https ``audio`` is played instead of its words
+    (gateway.ssml.played_instead) has none of its SSML said: its ``http://`` sound, its
+    element Google does not support and its SSML that is not well-formed are not left out
+    of the speech for those reasons, and no WARNING says they were (before, three lines
+    blamed the core's SSML for what was never read, and told it to fix the wrong thing).
+    The same SSML in an item without audio is still logged, as before."""
+    sound = '<audio src="http://cdn.example/ding.mp3"/>'
+    core = FastAPI()
+
+    @core.post("/turn")
+    async def turn(request: Request) -> JSONResponse:
+        body = await request.json()
+        own = (
+            "https://cdn.example/ready.mp3"
+            if body["input"]["transcript"]["text"] == "own"
+            else None
+        )
+        return JSONResponse(
+            {
+                "items": [
+                    {"ssml": f"<speak>Ready {sound} <foo>now</foo>.</speak>", "audio": own},
+                    {"ssml": "<speak>Loose <b>words</speak>", "audio": own},
+                ]
+            }
+        )
+
+    caplog.set_level(logging.WARNING, logger="adapters.google")
+    async with (
+        serve(core) as core_url,
+        gateway(pipeline=f"{core_url}/turn", **OFF) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        played = ok(await client.post("/google", json=v3("own-audio", "Free", "own")))
+        warned = [r.getMessage() for r in caplog.records if "the core's" in r.getMessage()]
+        caplog.clear()
+        said = ok(await client.post("/google", json=v3("own-audio", "Free", "said")))
+        warned_said = [r.getMessage() for r in caplog.records if "the core's" in r.getMessage()]
+    speech = played["prompt"]["firstSimple"]["speech"]
+    sources = [a.get("src") for a in ET.fromstring(speech).iter("audio")]
+    assert sources == ["https://cdn.example/ready.mp3"] * 2  # the items' audio alone
+    assert warned == []
+    assert "Ready" in speech_text(said["prompt"]["firstSimple"]["speech"])
+    assert len(warned_said) == 3, warned_said
+    assert any("left out of the speech" in line for line in warned_said)
+    assert any("replaced by their content" in line for line in warned_said)
+    assert any("is not well-formed" in line for line in warned_said)
+
+
 def check_silent_rich(rich: dict[str, Any]) -> None:
     """A v2 RichResponse that says nothing, yet valid: its items begin with a simple response
     with speech (the platform refuses an empty item list or an empty speech)."""
