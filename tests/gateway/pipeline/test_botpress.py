@@ -529,6 +529,32 @@ async def test_a_kept_conversation_without_its_user_is_not_listened_to_with_anot
     await conv.pipeline.aclose()
 
 
+@pytest.mark.parametrize("status", [401, 403, 404])
+async def test_ids_made_anew_in_the_turn_are_not_made_anew_again_when_refused_too(
+    botpress: tuple[str, FastAPI], status: int
+) -> None:
+    """Listen refusing every user and conversation with a stale status (a Chat API that
+    refuses all keys, not only the session's kept ones): the kept ids are made anew once,
+    the new ones are not (the turn's loop ends: the turn fails as Botpress's error), and
+    the next turn, Botpress well again, goes on with the ids the failed turn made."""
+    url, app = botpress
+    conv = bp_engine(url)
+    assert texts(await conv.turn(ctx(), Input.of("hi")).collect()) == ["You said: hi"]
+    app.state.calls.clear()
+    app.state.listen_refusal = status
+    await pipeline_error(conv, f"Botpress answered listen with HTTP {status}", "again")
+    calls = [(m, p.rsplit("/", 1)[-1] if m == "GET" else p) for m, p, _ in app.state.calls]
+    anew = [("POST", "/users")] if status != 404 else []  # 404: the conversation alone
+    assert calls == [("GET", "listen"), *anew, ("POST", "/conversations"), ("GET", "listen")]
+    session = await conv.store.get(ctx().key)
+    assert session is not None
+    app.state.listen_refusal = None
+    app.state.calls.clear()
+    assert texts(await conv.turn(ctx(), Input.of("hi")).collect()) == ["You said: hi"]
+    assert [m for m, _, _ in app.state.calls] == ["GET", "POST"]  # the kept ids, no new ones
+    await conv.pipeline.aclose()
+
+
 async def test_why_botpress_refused_goes_to_the_log_its_key_hidden(
     botpress: tuple[str, FastAPI], caplog: pytest.LogCaptureFixture
 ) -> None:
