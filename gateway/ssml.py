@@ -1303,8 +1303,10 @@ def played_instead(item: ResponseItem, audio_schemes: tuple[str, ...] = HTTPS_AU
     :mod:`gateway.pipeline.voiceflow` makes one item of. The user hears it once. Before,
     Alexa and Google said the words and then played the recording of them: the sentence
     twice. An item whose ``audio`` the platform does not play (``http://``, ``data:``, a
-    character XML refuses, over Alexa's count of ``<audio>`` tags) says its words instead,
-    as before."""
+    character XML refuses) says its words instead, as before: False for it. This looks at
+    the item alone: an item for which it is True still says its words when its audio is
+    over Alexa's count of ``<audio>`` tags or cut by the length limit
+    (:func:`speech_ssml`, which knows the rest of the answer)."""
     return bool(item.audio) and _plays(item.audio or "", audio_schemes)
 
 
