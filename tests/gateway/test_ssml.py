@@ -632,3 +632,36 @@ def test_a_mebibyte_of_say_as_elements_is_read_whole() -> None:
         assert refused_elements([ResponseItem(ssml=ssml)], elements, say_as) == [
             (0, 'say-as interpret-as="x"')
         ]
+
+
+def test_a_say_as_kind_is_read_from_its_own_attribute_only() -> None:
+    """The ``interpret-as`` is read attribute by attribute: words inside another attribute's
+    value that look like it (``format="a interpret-as='cardinal'"``) are no kind. Before, the
+    first such words were taken: a ``<say-as>`` of kind ``foo`` reached Alexa and Google as
+    written (the whole speech refused), and one of a listed kind was replaced by its words."""
+    unknown = "<say-as format=\"a interpret-as='cardinal'\" interpret-as='foo'>42</say-as>"
+    known = "<say-as format=\"a interpret-as='foo'\" interpret-as='cardinal'>42</say-as>"
+    for audio, elements, say_as in SAY_AS_PLATFORMS:
+        assert said_with(unknown, audio, elements, say_as) == "<speak>42</speak>"
+        assert refused_elements([ResponseItem(ssml=unknown)], elements, say_as) == [
+            (0, 'say-as interpret-as="foo"')
+        ]
+        assert said_with(known, audio, elements, say_as) == f"<speak>{known}</speak>"
+        assert refused_elements([ResponseItem(ssml=known)], elements, say_as) == []
+
+
+def test_a_mebibyte_of_spaces_in_a_tag_is_read_whole() -> None:
+    """A ``<say-as>`` tag with a mebibyte of spaces and no ``interpret-as``, and a ``<p>``
+    with a namespace declaration and a mebibyte of spaces before its ``>``, are read in one
+    pass (the result asserted, not the time). Before, each space began a new search of the
+    spaces after it: quadratic, 64 KiB of them took seconds, a mebibyte far longer."""
+    spaces = " " * (1 << 20)
+    say_as = f"It is <say-as{spaces}>42</say-as>."
+    declared = f"<p xmlns='urn:x'{spaces}>Hi</p>"
+    for audio, elements, kinds in SAY_AS_PLATFORMS:
+        assert said_with(say_as, audio, elements, kinds) == "<speak>It is 42.</speak>"
+        assert refused_elements([ResponseItem(ssml=say_as)], elements, kinds) == [
+            (0, 'say-as interpret-as=""')
+        ]
+        kept = item_ssml(ResponseItem(ssml=declared), elements=elements, say_as=kinds)
+        assert kept == f"<p{spaces}>Hi</p>"
