@@ -1026,17 +1026,22 @@ MAX_BREAK_S = 10
 """The longest ``<break time>`` Alexa takes (Alexa SSML reference, ``break``: "up to 10
 seconds (10s) or 10000 milliseconds (10000ms)"); a longer one fails the whole speech. Google
 is held to it too (ten seconds of silence is already long on a speaker)."""
-_BREAK_TIME = re.compile(r"(\d++(?:\.\d++)?)(ms|s)")
+_BREAK_TIME = re.compile(r"([0-9]++(?:\.[0-9]++)?)(ms|s)")
 """A ``<break time>`` as the platforms document it (Alexa SSML reference, ``break``: "the
 unit with the time (s or ms)", ``3s``, ``500ms``; Actions on Google, ``break``: "by seconds
-or milliseconds (e.g. "3s" or "250ms")"): a number and its unit, ``1.5s``, taken as it is."""
-_LOOSE_BREAK_TIME = re.compile(r"\s*+(\d++(?:\.\d*+)?|\.\d++)\s*+(ms|s)\s*+", re.IGNORECASE)
+or milliseconds (e.g. "3s" or "250ms")"): a number and its unit, ``1.5s``, taken as it is.
+ASCII digits only, here and in :data:`_LOOSE_BREAK_TIME` and the ``<prosody>`` numbers (a
+Unicode digit class took ``٣s`` or a fullwidth ``３s`` as written, and case-folding took
+``3ſ``, U+017F, for ``3s``: values no platform documents, sent on as they were)."""
+_LOOSE_BREAK_TIME = re.compile(
+    r"\s*+([0-9]++(?:\.[0-9]*+)?|\.[0-9]++)\s*+(ms|s)\s*+", re.IGNORECASE | re.ASCII
+)
 """A ``<break time>`` of clear meaning the platforms may not take as written: spaces around
 it or before its unit (``1.5 s``), a number without a digit before or after its point
 (``.5s``: SSML 1.1's CSS-style time designation, which the platforms' references do not
 show; ``1.s``), a unit in capitals (``500MS``). Written as :data:`_BREAK_TIME` writes it
 (``0.5s``, ``1.5s``, ``1s``, ``500ms``), as :func:`_checked_value` cannot ask the platform."""
-_PROSODY_NUMBER = r"[+-]?+(?:\d++(?:\.\d*+)?|\.\d++)"
+_PROSODY_NUMBER = r"[+-]?+(?:[0-9]++(?:\.[0-9]*+)?|\.[0-9]++)"
 _KEYWORDS: dict[tuple[str, str], frozenset[str]] = {
     ("break", "strength"): frozenset({"none", "x-weak", "weak", "medium", "strong", "x-strong"}),
     ("emphasis", "level"): frozenset({"strong", "moderate", "reduced", "none"}),

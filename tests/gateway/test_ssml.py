@@ -665,3 +665,19 @@ def test_a_mebibyte_of_spaces_in_a_tag_is_read_whole() -> None:
         ]
         kept = item_ssml(ResponseItem(ssml=declared), elements=elements, say_as=kinds)
         assert kept == f"<p{spaces}>Hi</p>"
+
+
+@pytest.mark.parametrize(
+    ("value", "rate"),
+    [("\u0663s", "\u0668\u0660%"), ("\uff13s", "\uff18\uff10%"), ("3\u017f", "+\u0665%")],
+)
+def test_a_break_time_in_other_digits_or_letters_is_dropped(value: str, rate: str) -> None:
+    """A ``<break time>`` or ``<prosody rate>`` written with other digits than ASCII's
+    (Arabic-Indic ``٣s``, fullwidth ``３s``) or a unit case-folding takes for ``s`` (``ſ``,
+    U+017F) is no time the platforms document: dropped, and named. Before, ``\\d`` and
+    case-folding matched them and they reached Alexa and Google as written."""
+    ssml = f'a <break time="{value}"/> <prosody rate="{rate}">b</prosody>'
+    for audio, elements in PLATFORMS:
+        assert speech(ssml, audio, elements) == "<speak>a <break/> <prosody>b</prosody></speak>"
+        changed = rewritten_values([ResponseItem(ssml=ssml)], elements=elements)
+        assert [(c.name, c.new) for c in changed] == [("time", None), ("rate", None)]
