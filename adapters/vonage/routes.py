@@ -9,9 +9,11 @@ Spec: shared/specs/CARRIERS.md "Vonage Voice API WebSocket (linear16)".
   ``WWW-Authenticate: Bearer realm="vonage"``; an invalid one (forged, malformed,
   stale, not this body's, or replayed: a token's ``jti``, else its signature, is used
   for one request, on every instance, through the gateway's one-time key store while its
-  ``iat`` could pass: the same token with the same method, URL and body again is
-  Vonage's retry and is answered again, as the first (the same stream token, whatever
-  the first answer was); with another request it is a replay:
+  ``iat`` could pass: the same token with the same method, URL and body again within
+  :data:`~adapters.vonage.verify.RETRY_WINDOW_S` is Vonage's retry and is answered
+  again, as the first (the same stream token, whatever the first answer was), unless
+  that stream token was used (the stream connected); with another request, or later,
+  it is a replay:
   :func:`gateway.io.call.use_signature_for_request`, :mod:`adapters.vonage.verify`),
   401 with ``error="invalid_token"``; 503 with ``Retry-After`` while that store does not
   answer.
@@ -68,6 +70,7 @@ from adapters.vonage import control as vonage
 from adapters.vonage.openapi import VONAGE_ANSWER
 from adapters.vonage.protocol import VonageCodec, ncco
 from adapters.vonage.verify import (
+    RETRY_WINDOW_S,
     VonageVerifier,
     replay_key,
     replayed,
@@ -93,6 +96,7 @@ from gateway.io.call import (
     call_config,
     move_calls,
     nonce_store_unavailable,
+    stream_key,
     use_signature_for_request,
     use_token,
 )
@@ -230,9 +234,14 @@ async def answer(request: Request) -> Response:
         claims = channel.verifier.check(authorization, body, time.time())
         key = f"vonage:token:{replay_key(authorization, claims)}"
         sent = request_key(request.method, request.url.path, request.url.query, body)
-        window = channel.verifier.replay_window_s
         retry = await use_signature_for_request(
-            gw, key, f"{key}:request:{sent}", window, replayed()
+            gw.nonces,
+            key,
+            f"{key}:request:{sent}",
+            channel.verifier.replay_window_s,
+            replayed(),
+            retry_s=RETRY_WINDOW_S,
+            stream=stream_key(CHANNEL, stream_nonce(key)),
         )
     except VerificationRefused as exc:
         # logged in a bounded burst: forged requests come in floods

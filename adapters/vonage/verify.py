@@ -18,9 +18,11 @@ token (its ``jti``, else its signature) for the route to use once, for
 request it came with (:func:`request_key`: method, path, query and body). The rule:
 
 - the token's first request is served;
-- the same token with the same request again is Vonage's retry (it sends a webhook whose
-  answer it did not get, timed out or got as an error, again as it was): served again,
-  idempotently (the route answers it as the first: the same stream credential);
+- the same token with the same request again within :data:`RETRY_WINDOW_S` is Vonage's
+  retry (it sends a webhook whose answer it did not get, timed out or got as an error,
+  again as it was): served again, idempotently (the route answers it as the first: the
+  same stream credential), unless the stream that answer admits was connected already
+  (Vonage got the answer then: the request again is a replay);
 - the same token with another request is a replay and refused as a forged token is
   (:func:`replayed`, 401 ``invalid_token``). Another body cannot get that far: its
   ``payload_hash`` is the first body's (refused by :meth:`VonageVerifier.check`); the
@@ -28,7 +30,8 @@ request it came with (:func:`request_key`: method, path, query and body). The ru
   webhook's ``uuid``, ``from``, ``to``), and the method.
 
 A retry and an exact replay of a captured request are the same bytes and cannot be told
-apart: both are answered as the first was, which admits no second stream of the call.
+apart within those bounds: both are answered as the first was, which admits no second
+stream of the call; after them a captured request gets no stream credential.
 This module only computes; the store is the route's I/O.
 """
 
@@ -51,6 +54,12 @@ MAX_AGE_S: Final = 300
 LEEWAY_S: Final = 30
 """Seconds of clock skew allowed for ``iat`` in the future and ``exp``."""
 _MAX_TOKEN: Final = 8192
+RETRY_WINDOW_S: Final = 60
+"""How long (s) after a token's first request the same request again is taken for Vonage's
+retry (answered again, the same): Vonage retries an answer webhook it got no answer to twice,
+then its fallback answer URL twice, each attempt given 3 s to connect and 5 s to answer
+(Vonage Voice API "Troubleshooting", "Timeouts"): 32 s at most, with room. Later, within
+the token's replay window, the same request is a replay (a captured request sent again)."""
 
 CHALLENGE: Final = 'Bearer realm="vonage"'
 """The ``WWW-Authenticate`` of the 401 for a request without a token (RFC 6750 section 3:

@@ -87,6 +87,7 @@ from gateway.deps import Gateway
 from gateway.events import ResponseItem
 from gateway.httputil import problem
 from gateway.io.websocket import SEND_ERRORS, PacedSender, WebSocketDriver
+from gateway.nonces import NonceStore
 from gateway.protocol import ProtocolError
 from gateway.protocol.actions import (
     CancelListening,
@@ -316,7 +317,7 @@ async def use_token(gw: Gateway, tokens: CallTokens, carrier: str, token: str) -
     token store, the gateway's Redis, does not answer: :func:`admit` answers 503)."""
     now = time.time()
     grant = tokens.check(token, now)
-    fresh = await gw.nonces.use_once(f"{carrier}:stream:{grant.nonce}", max(grant.expires - now, 1))
+    fresh = await gw.nonces.use_once(stream_key(carrier, grant.nonce), max(grant.expires - now, 1))
     if not fresh:
         raise VerificationRefused(f"the stream token of call {grant.call_id} was used already")
     return grant
@@ -338,28 +339,50 @@ async def use_signature_once(
 
 
 async def use_signature_for_request(
-    gw: Gateway, key: str, request: str, ttl_s: float, replayed: VerificationRefused
+    nonces: NonceStore,
+    key: str,
+    request: str,
+    ttl_s: float,
+    replayed: VerificationRefused,
+    *,
+    retry_s: float,
+    stream: str | None = None,
 ) -> bool:
-    """Use a signed webhook's replay ``key`` (as :func:`use_signature_once`) for one
-    request only: ``request`` names what the signature was sent with (a digest of the
-    method, URL and body: ``vonage:token:…:request:<hex>``), kept as long, ``ttl_s``.
+    """Use a signed webhook's replay ``key`` (as :func:`use_signature_once`, in ``nonces``,
+    the gateway's one-time key store) for one request only: ``request`` names what the
+    signature was sent with (a digest of the method, URL and body:
+    ``vonage:token:…:request:<hex>``), kept ``retry_s`` (at most ``ttl_s``: the carrier's
+    retries come within it), the key ``ttl_s``.
 
     Returns False for the key's first use (``request`` is then marked as its request),
-    True for the same key sent again with the same request (the carrier's retry of a
-    webhook whose answer it did not get, or got as a 5xx: to be answered again, the same
-    way); raises ``replayed`` for the key sent with another request (a captured token
-    put on another call's request), and StoreUnavailable when the store does not answer.
+    True for the same key sent again with the same request within ``retry_s`` (the
+    carrier's retry of a webhook whose answer it did not get, or got as a 5xx: to be
+    answered again, the same way); raises ``replayed`` for the key sent with another
+    request (a captured token put on another call's request), the same request after
+    ``retry_s``, or, with ``stream`` (the :func:`stream_key` of the one-time stream token
+    the answer carries), once that stream token was used: the carrier got the answer then
+    (it connected the stream), so the request again is no retry of its own but a replay of
+    a captured one, which is refused rather than answered with the stream credential.
+    Raises StoreUnavailable when the store does not answer.
 
     The key is used before the request is marked, so a store that fails between the two
     leaves the key used and no request able to pass as a retry: a request is never
     served twice under one key unless it is the very request first served. A retry that
     arrives in that instant (between the two store calls) is refused as a replay."""
-    if await gw.nonces.use_once(key, ttl_s):
-        await gw.nonces.use_once(request, ttl_s)
+    if await nonces.use_once(key, ttl_s):
+        await nonces.use_once(request, min(retry_s, ttl_s))
         return False
-    if await gw.nonces.used(request):
-        return True
-    raise replayed
+    if not await nonces.used(request):
+        raise replayed
+    if stream is not None and await nonces.used(stream):
+        raise replayed
+    return True
+
+
+def stream_key(carrier: str, nonce: str) -> str:
+    """The one-time key store's key that marks the stream token of ``carrier`` (the prefix
+    :func:`use_token` is given) with one-time id ``nonce`` used."""
+    return f"{carrier}:stream:{nonce}"
 
 
 async def answered_once(gw: Gateway, key: str, answer: Awaitable[Response]) -> Response:

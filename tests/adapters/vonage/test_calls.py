@@ -303,3 +303,25 @@ async def test_a_retry_is_answered_again_the_same_and_a_replay_elsewhere_is_refu
         )
         assert fresh.status_code == 200, fresh.text
         assert fresh.content != first.content  # a stream token of its own
+
+
+async def test_the_same_answer_request_after_its_stream_started_is_a_replay(
+    speech: SpeechService,
+) -> None:
+    """Once the stream the answer admits was connected, Vonage got that answer: the same
+    signed request again is no retry of its own but a captured request sent again, refused
+    as a replay (401 ``invalid_token``), not answered with the NCCO (its stream credential).
+    Before, it was answered again, the same NCCO, for the token's whole replay window."""
+    query = {"uuid": str(uuid.uuid4()), "from": "447700900000", "to": "447700900001"}
+    headers = {"Authorization": signed(SECRET)}
+    async with CARRIER.gateway(speech) as (gw, _), httpx.AsyncClient(base_url=gw.url) as client:
+        first = await client.get("/vonage/answer", params=query, headers=headers)
+        assert first.status_code == 200, first.text
+        (endpoint,) = first.json()[0]["endpoint"]
+        stream = f"ws://{urlsplit(gw.url).netloc}{urlsplit(endpoint['uri']).path}"
+        assert await upgrade_status(stream) == 101
+        again = await client.get("/vonage/answer", params=query, headers=headers)
+        assert again.status_code == 401, again.text
+        assert again.headers["www-authenticate"] == INVALID_TOKEN
+        assert "replayed" in again.json()["detail"]
+        assert "endpoint" not in again.text

@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 
 from gateway.callcodec import VerificationRefused
-from gateway.io.call import CallTokens
+from gateway.io.call import CallTokens, stream_key, use_signature_for_request
+from gateway.nonces import MemoryNonceStore
 
 NOW = 1_000_000.0
 TOKENS = CallTokens(b"k" * 32)
@@ -29,3 +30,40 @@ def test_a_token_that_is_not_ascii_is_refused_as_malformed(token: str) -> None:
     with pytest.raises(VerificationRefused, match="malformed") as refused:
         TOKENS.check(token, NOW)
     assert refused.value.status == 403
+
+
+async def test_a_signed_request_again_is_a_retry_within_the_retry_window_only() -> None:
+    """:func:`use_signature_for_request` (the real in-memory one-time key store, its clock
+    stepped): the same request again is a retry (True) within ``retry_s`` of the first and
+    while the stream token its answer carries is unused; after ``retry_s`` (the token still
+    inside its replay window, ``ttl_s``), or once that stream was admitted (the carrier got
+    the answer: it connected), it is refused as a replay, as another request is at once.
+    Before, the same request was answered again for the whole replay window, its stream
+    credential handed out again after the stream had started or the call had ended."""
+    now = [1000.0]
+    store = MemoryNonceStore(clock=lambda: now[0])
+    replay = VerificationRefused("replayed", status=401)
+    stream = stream_key("vonage", "0123456789abcdef")
+
+    async def send(request: str) -> bool:
+        return await use_signature_for_request(
+            store, "vonage:token:k", request, 330, replay, retry_s=60, stream=stream
+        )
+
+    assert await send("a") is False  # the first
+    now[0] += 59
+    assert await send("a") is True  # the carrier's retry
+    with pytest.raises(VerificationRefused) as refused:
+        await send("b")  # another request with the token
+    assert refused.value is replay
+    now[0] += 2  # past the retry window, inside the replay window
+    with pytest.raises(VerificationRefused):
+        await send("a")
+    assert await store.used("vonage:token:k")  # the token stays used
+
+    now[0] += 1000  # a token of its own, its stream admitted
+    assert await send("c") is False
+    assert await send("c") is True
+    assert await store.use_once(stream, 300)  # the stream token used (gateway.io.call.use_token)
+    with pytest.raises(VerificationRefused):
+        await send("c")
