@@ -863,6 +863,9 @@ class _Turn:
     session_id: str
     logs: tuple[LogEntry, ...] = ()
     """The client's log entries that went with the turn (TurnContext.logs)."""
+    sent_in: tuple[str | None, ...] = ()
+    """The session each of :attr:`logs` was sent in (None: none), to hand them back with
+    it when the turn is refused."""
     accepted: bool = False
     ended: bool = False
     """The turn ended its session (its SessionEnded went out)."""
@@ -1130,31 +1133,34 @@ class V1Connection:
         """The StartTurn of a turn in ``session_id``, with the log entries waiting for it
         (sent in it, or in no session), after the StoreLogs of entries of other sessions
         (:meth:`_take_logs`)."""
-        logs, others = self._take_logs(session_id)
-        self._turn = _Turn(session_id, logs)
+        tagged, others = self._take_logs(session_id)
+        logs = tuple(entry for _, entry in tagged)
+        self._turn = _Turn(session_id, logs, tuple(sent_in for sent_in, _ in tagged))
         self._bound = None  # a new answer
         return others, StartTurn(self._context(session_id, request, logs), input_)
 
-    def _take_logs(self, session_id: str | None) -> tuple[tuple[LogEntry, ...], list[Action]]:
+    def _take_logs(
+        self, session_id: str | None
+    ) -> tuple[list[tuple[str | None, LogEntry]], list[Action]]:
         """Take the waiting log entries: those of ``session_id`` (sent in it, or in no
-        session when ``session_id`` is given), and a StoreLogs per other session for those
-        sent in another one (stored with it; refused when it is gone). Entries of no
-        session stay when ``session_id`` is None."""
-        mine: list[LogEntry] = []
+        session when ``session_id`` is given), each with the session it was sent in, and
+        a StoreLogs per other session for those sent in another one (stored with it;
+        refused when it is gone). Entries of no session stay when ``session_id`` is None."""
+        mine: list[tuple[str | None, LogEntry]] = []
         others: dict[str, list[LogEntry]] = {}
         kept: deque[tuple[str | None, LogEntry]] = deque(maxlen=self._logs.maxlen)
         for sent_in, entry in self._logs:
             if sent_in is None and session_id is None:
                 kept.append((sent_in, entry))
             elif sent_in is None or sent_in == session_id:
-                mine.append(entry)
+                mine.append((sent_in, entry))
             else:
                 others.setdefault(sent_in, []).append(entry)
         self._logs = kept
         stores: list[Action] = [
             StoreLogs(self._context(other), tuple(entries)) for other, entries in others.items()
         ]
-        return tuple(mine), stores
+        return mine, stores
 
     def _proposed(self, proposed: str | None) -> str:
         """The session id of a turn: the proposed one, the connection's, or a new one."""
@@ -1543,14 +1549,19 @@ class V1Connection:
         """The engine refused the turn (session foreign/busy, store down): an Error frame.
 
         The connection goes back to idle and keeps its previous session id; the log
-        entries that went with the turn wait for the next one (as :meth:`logs_not_stored`);
-        an open Duplex stream goes on with its next utterance (``StartListening`` after
-        the Error).
+        entries that went with the turn wait again, each with the session it was sent in
+        (or none), and those that came while it ran count as sent in the connection's
+        session (or none): the turn never took its own on, which may not exist. An open
+        Duplex stream goes on with its next utterance (``StartListening`` after the Error).
         """
         self.machine.advance(TURN_REJECTED)
-        if self._turn is not None:
-            self.logs_not_stored(self._turn.logs)
-        self._turn = None
+        turn, self._turn = self._turn, None
+        if turn is not None:
+            kept = self.session_id
+            came = ((kept if s == turn.session_id else s, e) for s, e in self._logs)
+            waiting = [*zip(turn.sent_in, turn.logs, strict=True), *came]
+            self._logs = deque(waiting, maxlen=self._logs.maxlen)
+            self._trim_logs()
         return [error_frame(exc.text, exc.source), *self._listen_next()]
 
     def turn_finished(self) -> list[Action]:
@@ -1658,5 +1669,6 @@ class V1Connection:
             return []
         mine, stores = self._take_logs(self.session_id)
         if mine and self.session_id is not None:
-            stores.append(StoreLogs(self._context(self.session_id), mine))
+            entries = tuple(entry for _, entry in mine)
+            stores.append(StoreLogs(self._context(self.session_id), entries))
         return stores

@@ -668,6 +668,38 @@ def test_logs_not_stored_go_to_their_own_session_never_the_next_ones() -> None:
     assert len(conn.buffered_logs) == 0  # stored with their session
 
 
+def test_logs_of_a_rejected_turn_keep_their_session() -> None:
+    """A turn the engine refused (busy, store down, foreign) never took its session on.
+    The entries that went with it were handed back as of no session, so the next turn,
+    of another session, stored them; and entries sent while it ran counted as sent in
+    its session, which was never made: their write found none, and they were dropped
+    as an ended session's. Now those that went with it keep their session (or none),
+    and those sent while it ran count as sent in the connection's."""
+    conn = ready(connection())
+    start(conn, request_frame("#intro", "s"))
+    finish_turn(conn, Response(), new="s")
+    [store] = send(conn, {"type": "Log", "entries": entries(1)})
+    assert isinstance(store, StoreLogs)
+    conn.logs_not_stored(store.entries, "s")  # the store was busy: they wait, s's
+    assert [e.text for e in start(conn, input_frame("hi")).ctx.logs] == ["log 0"]  # in s
+    conn.turn_rejected(TurnRejected("session-busy", "The session is busy."))
+    [store, turn] = send(conn, request_frame("hi", "other"))  # the client moves on
+    assert isinstance(store, StoreLogs)  # s's entry goes to s, not to the other session
+    assert (store.ctx.key, [e.text for e in store.entries]) == ("flowstorm:s", ["log 0"])
+    assert isinstance(turn, StartTurn)
+    assert turn.ctx.logs == ()
+    # the first turn of a connection, refused: no session was made
+    conn = ready(connection())
+    send(conn, {"type": "Log", "entries": entries(1)})  # before any session
+    assert [e.text for e in start(conn, input_frame("hi")).ctx.logs] == ["log 0"]
+    send(conn, {"type": "Log", "entries": entries(1, start_at=1)})  # while it runs
+    conn.turn_rejected(TurnRejected("store-unavailable", "The session store is unavailable."))
+    assert conn.session_id is None
+    again = start(conn, input_frame("hi"))  # a new session (a new id): both go with it
+    assert again.ctx.session_id != "generated-1"
+    assert [e.text for e in again.ctx.logs] == ["log 0", "log 1"]
+
+
 def test_a_lost_connection_stores_its_buffered_logs() -> None:
     conn = ready(connection())
     start(conn, request_frame("#intro", "s"))
