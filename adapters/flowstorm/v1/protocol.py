@@ -94,7 +94,9 @@ Decisions where the spec is silent:
   each cut as a session cuts it) and go with the next turn (TurnContext.logs) or
   when the running turn ends. They belong to the session they were sent in (the
   running turn's, else the connection's; none before the first turn or after
-  SessionEnded: then the next turn's): entries of another session are stored with
+  SessionEnded: then the next turn's; a turn the engine refused never took its
+  session on, so what came while it ran is the connection's, and what went with
+  it waits again with its own): entries of another session are stored with
   it (:class:`StoreLogs`, never with the next turn), and those that came while the
   turn ending their session ran are dropped with a reason (:class:`DropLogs`: the
   session is deleted, and the next session is not theirs).
