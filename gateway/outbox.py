@@ -360,6 +360,9 @@ local function top(k)
 end
 """
 
+# The meta hash's time to live is compared in milliseconds (PTTL): TTL rounds to the
+# nearest second, and a meta hash kept up to 0.5 s less than the entries would end first
+# (an append then numbers from 1 under entries still kept).
 # ARGV[5] is the append's own id: the meta hash keeps the last append's id and first
 # seq, so an append that ran before and whose reply was lost (the connection dropped
 # after the command was sent, and the client's retry policy sent it again) answers its
@@ -391,7 +394,7 @@ end
 redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -(keep + 1))
 redis.call('HSET', KEYS[2], 'seq', seq, 'last', ARGV[5], 'lastfirst', first)
 redis.call('EXPIRE', KEYS[1], ttl)
-if redis.call('TTL', KEYS[2]) < ttl then redis.call('EXPIRE', KEYS[2], ttl) end
+if redis.call('PTTL', KEYS[2]) < ttl * 1000 then redis.call('PEXPIRE', KEYS[2], ttl * 1000) end
 return first
 """
 )
@@ -405,7 +408,8 @@ local stored = count(redis.call('HGET', KEYS[1], 'mark'))
 local mark = stored or 0
 local want = math.min(tonumber(ARGV[1]), seq)
 if want > mark or not stored then redis.call('HSET', KEYS[1], 'mark', math.max(want, mark)) end
-if redis.call('TTL', KEYS[1]) < tonumber(ARGV[2]) then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
+local ttl_ms = tonumber(ARGV[2]) * 1000
+if redis.call('PTTL', KEYS[1]) < ttl_ms then redis.call('PEXPIRE', KEYS[1], ttl_ms) end
 return mark
 """
 )

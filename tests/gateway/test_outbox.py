@@ -144,6 +144,34 @@ async def test_an_append_sent_again_after_its_reply_was_lost_is_kept_once(
         await redisconn.aclose(client)
 
 
+async def test_a_redis_appends_numbering_never_ends_before_its_entries(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """An append kept the meta hash's time to live (its ``seq``) when Redis's ``TTL``
+    said it was not below the outbox's: ``TTL`` rounds to the nearest second, so a meta
+    hash set by an append less than half a second before kept up to 0.5 s less than the
+    entries the new append set to the full time to live. In that window an append
+    found no ``seq`` and numbered from 1 again under entries still kept (two entries of
+    one number, and a client's ``lastSeq`` above the new ones). The meta hash now never
+    ends before the entries (compared in milliseconds). Here the earlier append is
+    0.4 s old: its keys' PTTL set so, no clock waited on."""
+    client = redis_client(redis_url)
+    box = RedisOutbox(client, prefix=redis_prefix, keep=10, ttl_s=60)
+    entries_key, meta_key = box.keys("k")
+    try:
+        assert await box.append("k", [ev("a")], "turn", limit=None) == [1]
+        for key in (entries_key, meta_key):  # as 0.4 s after that append
+            assert await client.pexpire(key, 60_000 - 400)
+        assert await box.append("k", [ev("b")], "turn", limit=None) == [2]
+        assert await client.pttl(meta_key) >= await client.pttl(entries_key) > 59_000
+        assert await box.mark("k", 1) == 0  # a mark keeps it the whole time to live too
+        assert await client.pexpire(meta_key, 60_000 - 400)
+        assert await box.mark("k", 2) == 1
+        assert await client.pttl(meta_key) > 59_600
+    finally:
+        await redisconn.aclose(client)
+
+
 async def test_a_stored_seq_or_mark_that_is_no_number_is_read_as_the_safe_number(
     redis_url: str, redis_prefix: str, caplog: pytest.LogCaptureFixture
 ) -> None:
