@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import difflib
 import json
 import re
 import struct
@@ -225,6 +226,31 @@ def ignored_params(query: Mapping[str, str] | Iterable[tuple[str, str]]) -> tupl
     return tuple(names)
 
 
+def _squeezed(name: str) -> str:
+    """``name`` in lower case, letters and digits only (``sample_rate``: ``samplerate``)."""
+    return "".join(c for c in name.lower() if c.isalnum())
+
+
+_SQUEEZED_PARAMS: Final = {_squeezed(param): param for _, _, param in CONFIG_SOURCES}
+
+
+def misspelt_param(name: str) -> str | None:
+    """The configuration query parameter (as the spec's table spells it) that ``name``, a
+    name :func:`parse_config` ignores, most likely misspells, or None: the same letters and
+    digits in any case (``time_zone``, ``device-id``), or, for four or more of them,
+    difflib's closest name (ratio 0.8: ``sampleRate`` and ``sample_rate`` of
+    ``sttSampleRate``, ``sttEncodng``). A cache buster (``_``, ``ts``) or ``utm_*`` gives
+    None. The route warns of such a name, whose value the client meant to set and whose
+    default it gets instead. Pure."""
+    squeezed = _squeezed(name)
+    if squeezed in _SQUEEZED_PARAMS:
+        return _SQUEEZED_PARAMS[squeezed]
+    if len(squeezed) < 4:
+        return None
+    close = difflib.get_close_matches(squeezed, list(_SQUEEZED_PARAMS), n=1, cutoff=0.8)
+    return _SQUEEZED_PARAMS[close[0]] if close else None
+
+
 def parse_config(
     headers: Mapping[str, str], query: Mapping[str, str] | Iterable[tuple[str, str]]
 ) -> ClientConfig:
@@ -248,7 +274,8 @@ def parse_config(
     answers 401). A query parameter whose name is none of the spec's table (nor ``tts``,
     ``sendResponseItems``, ``videoFile``, ``realtime``) is ignored, its value unread
     (a cache buster ``_=1733600000000``, ``utm_source``, a misspelt ``sampleRate``: the
-    route logs their names, :func:`ignored_params`), except ``locale``, a value of the
+    route logs their names, :func:`ignored_params`, warning of misspellings,
+    :func:`misspelt_param`), except ``locale``, a value of the
     table that has no query parameter (refused naming Accept-Language and the known
     names). A known name given twice (in any case) with two values is refused.
     """

@@ -201,6 +201,7 @@ from adapters.flowstorm.v2.protocol import (
     cookie_max_age,
     decode_audio_file,
     ignored_params,
+    misspelt_param,
     parse_config,
     plain_accepted,
     pushed_lines,
@@ -442,12 +443,23 @@ def _log_ignored(names: Iterable[str], logged: set[str]) -> None:
     it comes (``_`` of every cache-busted request: one line), adding it (lower case,
     clipped) to ``logged``, the app's set; once that holds :data:`IGNORED_NAMES_LOGGED`
     names no more are logged, so clients inventing a name a request grow neither the set
-    nor the log."""
+    nor the log. A name that misspells a configuration value's (:func:`misspelt_param`:
+    ``sampleRate``) is logged at WARNING naming that one: its client gets the default
+    of a value it meant to set."""
     for name in names:
         shown = clipped(name.lower())
         if shown in logged or len(logged) >= IGNORED_NAMES_LOGGED:
             continue
         logged.add(shown)
+        meant = misspelt_param(name)
+        if meant is not None:
+            log.warning(
+                "Flowstorm V2: query parameter %s is no configuration value: ignored, "
+                "its default used (did you mean %s?) (logged once per name)",
+                shown,
+                meant,
+            )
+            continue
         log.debug(
             "Flowstorm V2: query parameter %s is no configuration value: ignored "
             "(logged once per name)",

@@ -34,6 +34,7 @@ from adapters.flowstorm.v2.protocol import (
     interim_message,
     item_lines,
     json_lines,
+    misspelt_param,
     parse_config,
     plain_accepted,
     pushed_lines,
@@ -148,6 +149,41 @@ def test_unknown_query_names_are_ignored_and_named() -> None:
     assert (config.key, config.stt_sample_rate, config.locale) == ("k", 8000, "en-US")
     assert ignored_params(pairs) == ("_", "utm_source", "sample_rate")  # locale: refused
     assert ignored_params({"tts": "None", "TTS": "none"}) == ()
+
+
+@pytest.mark.parametrize(
+    ("name", "meant"),
+    [
+        ("sampleRate", "sttSampleRate"),
+        ("sample_rate", "sttSampleRate"),
+        ("stt_sample_rate", "sttSampleRate"),
+        ("time_zone", "timeZone"),
+        ("Device-Id", "deviceId"),
+        ("sttEncodng", "sttEncoding"),
+        ("sendResponseItem", "sendResponseItems"),
+        ("ttsfiletyp", "ttsFileType"),
+        ("real_time", "realtime"),
+        ("_", None),
+        ("ts", None),
+        ("_t", None),
+        ("v", None),
+        ("utm_source", None),
+        ("utm_campaign", None),
+        ("fbclid", None),
+        ("gclid", None),
+        ("callback", None),
+        ("nocache", None),
+    ],
+)
+def test_an_ignored_name_that_misspells_a_configuration_name_is_told(
+    name: str, meant: str | None
+) -> None:
+    """An ignored query parameter name (no configuration value) got no hint at all, a
+    misspelt ``sampleRate`` the same DEBUG line as a cache buster: its client got the
+    default rate without a word. misspelt_param names the configuration value it most
+    likely meant (the route warns), and none for cache busters and analytics' names."""
+    assert ignored_params([(name, "1")]) == (name,)
+    assert misspelt_param(name) == meant
 
 
 def test_config_query_names_are_read_in_any_case_and_repeats_must_agree() -> None:
