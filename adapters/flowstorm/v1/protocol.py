@@ -1227,8 +1227,12 @@ class V1Connection:
     def logs_not_stored(self, entries: Sequence[LogEntry], session_id: str | None = None) -> None:
         """Keep ``entries`` of a failed StoreLogs of session ``session_id`` (bounded, newest
         kept): stored with that session's next turn, or when the running turn ends (None:
-        with the next turn, whatever its session)."""
-        waiting = [*((session_id, entry) for entry in entries), *self._logs]
+        with the next turn, whatever its session). During a turn they go before the
+        entries waiting (those came in the turn, after them); with no turn running, after
+        them (what waits then is older: an entry sent while idle goes in a write of its
+        own, and the writes are answered in order)."""
+        handed = [(session_id, entry) for entry in entries]
+        waiting = [*self._logs, *handed] if self._turn is None else [*handed, *self._logs]
         self._logs = deque(waiting, maxlen=self._logs.maxlen)
         self._trim_logs()
 

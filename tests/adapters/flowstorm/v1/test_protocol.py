@@ -668,6 +668,31 @@ def test_logs_not_stored_go_to_their_own_session_never_the_next_ones() -> None:
     assert len(conn.buffered_logs) == 0  # stored with their session
 
 
+def test_logs_handed_back_while_idle_keep_their_order_and_the_newest() -> None:
+    """Entries whose write found the connection's session expired while it was idle
+    (a6578c7: kept for its next turn) were put before those already waiting, which
+    were older (every entry sent while idle goes in a write of its own, in order): the
+    next turn stored them newest first, and once LOG_BUFFER entries waited, each new
+    one was the one dropped. Handed back with no turn running they now go after the
+    waiting ones (the oldest dropped); during a turn, before those that came in it."""
+    conn = ready(V1Connection(True, max_frame_bytes=10_000, silence_timeout_ms=5000, log_buffer=3))
+    start(conn, request_frame("#intro", "s"))
+    finish_turn(conn, Response(), new="s")
+    for i in range(4):  # each write answered not-found: the session expired
+        [store] = send(conn, {"type": "Log", "entries": entries(1, start_at=i)})
+        assert isinstance(store, StoreLogs)
+        conn.logs_not_stored(store.entries, "s")
+    assert [e.text for e in conn.buffered_logs] == ["log 1", "log 2", "log 3"]
+    turn = start(conn, input_frame("hi"))
+    assert [e.text for e in turn.ctx.logs] == ["log 1", "log 2", "log 3"]
+    finish_turn(conn, Response())  # (nothing waits)
+    [late] = send(conn, {"type": "Log", "entries": entries(1, start_at=4)})
+    start(conn, input_frame("again"))  # its write is answered busy while a turn runs
+    send(conn, {"type": "Log", "entries": entries(1, start_at=5)})  # came in the turn
+    conn.logs_not_stored(late.entries, "s")
+    assert [e.text for e in conn.buffered_logs] == ["log 4", "log 5"]
+
+
 def test_logs_of_a_rejected_turn_keep_their_session() -> None:
     """A turn the engine refused (busy, store down, foreign) never took its session on.
     The entries that went with it were handed back as of no session, so the next turn,
