@@ -687,6 +687,7 @@ def test_logs_handed_back_while_idle_keep_their_order_and_the_newest() -> None:
     assert [e.text for e in turn.ctx.logs] == ["log 1", "log 2", "log 3"]
     finish_turn(conn, Response())  # (nothing waits)
     [late] = send(conn, {"type": "Log", "entries": entries(1, start_at=4)})
+    assert isinstance(late, StoreLogs)
     start(conn, input_frame("again"))  # its write is answered busy while a turn runs
     send(conn, {"type": "Log", "entries": entries(1, start_at=5)})  # came in the turn
     conn.logs_not_stored(late.entries, "s")
