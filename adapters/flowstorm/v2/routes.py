@@ -428,10 +428,29 @@ def _parsed_config(
     ``query_string``, with its session config and the query's ignored parameter names
     (:func:`ignored_params`), made once per distinct pair: a client's requests repeat
     theirs (ClientConfig is immutable, the session config a read-only view: a turn copies
-    it into its session). A ProtocolError is raised again each time (not kept)."""
+    it into its session). The configuration itself is made once per distinct headers and
+    query WITHOUT its ignored parameters (:func:`_config_of`), so a client whose every
+    request carries a new cache buster (``_=1733600000000``) misses only this cache's cheap
+    query split, not the configuration's parse, and other clients' configurations stay
+    made. A ProtocolError is raised again each time (not kept)."""
     pairs = QueryParams(query_string).multi_items()
-    config = parse_config(Headers(raw=list(headers)), pairs)
-    return config, MappingProxyType(config.session_config()), ignored_params(pairs)
+    ignored = ignored_params(pairs)
+    if ignored:
+        names = frozenset(ignored)
+        pairs = [pair for pair in pairs if pair[0] not in names]
+    config, session_config = _config_of(headers, tuple(pairs))
+    return config, session_config, ignored
+
+
+@functools.lru_cache(maxsize=256)
+def _config_of(
+    headers: tuple[tuple[bytes, bytes], ...], pairs: tuple[tuple[str, str], ...]
+) -> tuple[ClientConfig, Mapping[str, Any]]:
+    """parse_config of the configuration ``headers`` and the query's configuration
+    ``pairs`` (its ignored parameters left out: :func:`_parsed_config`), with its session
+    config (read-only), made once per distinct pair."""
+    config = parse_config(Headers(raw=list(headers)), list(pairs))
+    return config, MappingProxyType(config.session_config())
 
 
 IGNORED_NAMES_LOGGED: Final = 64

@@ -1559,6 +1559,26 @@ def test_client_config_is_shared_per_configuration() -> None:
             _client_config(scope([(b"x-sttsamplerate", b"abc")], b"key=k"))
 
 
+def test_cache_busted_requests_share_one_client_config() -> None:
+    """A client whose every request carries a new cache buster (``_=<ms>``) or analytics
+    parameter gets the ClientConfig its configuration parameters make, the same object for
+    each request: its configuration is parsed once, not once per distinct query string
+    (which would also push other clients' configurations out of the cache)."""
+    from adapters.flowstorm.v2.routes import _client_config
+
+    def scope(query: bytes) -> dict[str, Any]:
+        return {"type": "http", "headers": [(b"x-tts", b"None")], "query_string": query}
+
+    plain, stored = _client_config(scope(f"key={KEY}&ttsFileType=wav".encode()))
+    for stamp in range(1733600000000, 1733600000300):
+        busted = f"key={KEY}&_={stamp}&ttsFileType=wav&utm_source=mail{stamp}".encode()
+        config, stored_again = _client_config(scope(busted))
+        assert config is plain
+        assert stored_again is stored
+    assert (plain.key, plain.tts_file_type) == (KEY, "wav")
+    assert _client_config(scope(f"key={KEY}&ttsFileType=wav".encode()))[0] is plain
+
+
 async def test_a_realtime_turn_stopped_before_its_first_event_answers_an_error_and_releases(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
