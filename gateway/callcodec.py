@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, Protocol, TypeAlias, runtime_checkable
@@ -140,6 +141,43 @@ class VerificationRefused(Exception):
         if self.challenge is not None:
             return {"WWW-Authenticate": self.challenge}
         return {}
+
+
+# ------------------------------------------------------------------ signed webhooks' retries
+
+RETRY_WINDOW_S: Final = 60
+"""How long (s) after a signed answer webhook's first request the same request again (the
+same signature, method, path, query and body) is taken for the carrier's retry of a webhook
+whose answer it did not get (timed out, the connection lost) and answered again, the same
+(:func:`gateway.io.call.use_signature_for_request`). Vonage retries an answer webhook
+twice, then its fallback answer URL twice, each attempt given 3 s to connect and 5 s to
+answer (Vonage Voice API "Troubleshooting", "Timeouts"): 32 s at most; Telnyx retries a
+webhook its URL did not answer within its ``webhook_timeout_seconds`` (Telnyx "Receiving
+Webhooks": duplicate webhooks), then its failover URL; Plivo's retries [unverified: no
+page found on whether Plivo sends the same answer request again before its fallback URL]
+are taken to come as soon. Later, the same request is a replay (a captured request sent
+again) and refused."""
+
+
+def request_key(method: str, path: str, query: str, body: bytes) -> str:
+    """The hex SHA-256 naming the request a signature came with: its ``method``
+    (upper-cased), ``path``, raw ``query`` string (as sent: a retry sends the same URL) and
+    ``body``, each length-prefixed (no two requests share a key by shifting bytes between
+    parts). What a signature does not sign (a Vonage JWT: the query and the method) is
+    bound to it so."""
+    digest = hashlib.sha256()
+    for part in (method.upper().encode(), path.encode(), query.encode(), bytes(body)):
+        digest.update(len(part).to_bytes(8, "big"))
+        digest.update(part)
+    return digest.hexdigest()
+
+
+def stream_nonce(key: str) -> str:
+    """The one-time id (hex, 16 characters) of the stream token the answer to the signed
+    webhook whose replay ``key`` is given carries (``CallTokens.issue(nonce=)``): the same
+    for the first request and its retries, so that one stream of the call is admitted
+    however many times it is answered."""
+    return hashlib.sha256(f"stream:{key}".encode()).hexdigest()[:16]
 
 
 # ------------------------------------------------------------------ media format

@@ -10,7 +10,7 @@ Spec: shared/specs/CARRIERS.md "Vonage Voice API WebSocket (linear16)".
   stale, not this body's, or replayed: a token's ``jti``, else its signature, is used
   for one request, on every instance, through the gateway's one-time key store while its
   ``iat`` could pass: the same token with the same method, URL and body again within
-  :data:`~adapters.vonage.verify.RETRY_WINDOW_S` is Vonage's retry and is answered
+  :data:`~gateway.callcodec.RETRY_WINDOW_S` is Vonage's retry and is answered
   again, as the first (the same stream token, whatever the first answer was), unless
   that stream token was used (the stream connected); with another request, or later,
   it is a replay:
@@ -69,15 +69,8 @@ from fastapi.responses import JSONResponse, Response
 from adapters.vonage import control as vonage
 from adapters.vonage.openapi import VONAGE_ANSWER
 from adapters.vonage.protocol import VonageCodec, ncco
-from adapters.vonage.verify import (
-    RETRY_WINDOW_S,
-    VonageVerifier,
-    replay_key,
-    replayed,
-    request_key,
-    stream_nonce,
-)
-from gateway.callcodec import VerificationRefused
+from adapters.vonage.verify import VonageVerifier, replay_key, replayed
+from gateway.callcodec import RETRY_WINDOW_S, VerificationRefused, request_key, stream_nonce
 from gateway.callcontrol import CallControl, RestRequest, TransferResult
 from gateway.calls import (
     callcontrol_of,

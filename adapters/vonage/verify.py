@@ -15,14 +15,16 @@ an ``iat`` or ``exp`` that is not a finite number (``NaN``, ``Infinity``) is ref
 Within that window a captured token would pass again: :func:`replay_key` names a passed
 token (its ``jti``, else its signature) for the route to use once, for
 :attr:`VonageVerifier.replay_window_s`, in the gateway's one-time key store, bound to the
-request it came with (:func:`request_key`: method, path, query and body). The rule:
+request it came with (:func:`gateway.callcodec.request_key`: method, path, query and body).
+The rule (shared with Telnyx's and Plivo's answer webhooks):
 
 - the token's first request is served;
-- the same token with the same request again within :data:`RETRY_WINDOW_S` is Vonage's
-  retry (it sends a webhook whose answer it did not get, timed out or got as an error,
-  again as it was): served again, idempotently (the route answers it as the first: the
-  same stream credential), unless the stream that answer admits was connected already
-  (Vonage got the answer then: the request again is a replay);
+- the same token with the same request again within
+  :data:`~gateway.callcodec.RETRY_WINDOW_S` is Vonage's retry (it sends a webhook whose
+  answer it did not get, timed out or got as an error, again as it was): served again,
+  idempotently (the route answers it as the first: the same stream credential), unless
+  the stream that answer admits was connected already (Vonage got the answer then: the
+  request again is a replay);
 - the same token with another request is a replay and refused as a forged token is
   (:func:`replayed`, 401 ``invalid_token``). Another body cannot get that far: its
   ``payload_hash`` is the first body's (refused by :meth:`VonageVerifier.check`); the
@@ -54,12 +56,6 @@ MAX_AGE_S: Final = 300
 LEEWAY_S: Final = 30
 """Seconds of clock skew allowed for ``iat`` in the future and ``exp``."""
 _MAX_TOKEN: Final = 8192
-RETRY_WINDOW_S: Final = 60
-"""How long (s) after a token's first request the same request again is taken for Vonage's
-retry (answered again, the same): Vonage retries an answer webhook it got no answer to twice,
-then its fallback answer URL twice, each attempt given 3 s to connect and 5 s to answer
-(Vonage Voice API "Troubleshooting", "Timeouts"): 32 s at most, with room. Later, within
-the token's replay window, the same request is a replay (a captured request sent again)."""
 
 CHALLENGE: Final = 'Bearer realm="vonage"'
 """The ``WWW-Authenticate`` of the 401 for a request without a token (RFC 6750 section 3:
@@ -98,24 +94,6 @@ def replay_key(authorization: str | None, claims: Mapping[str, Any]) -> str:
     except (binascii.Error, ValueError):  # not after check(): PyJWT decoded it
         raw = segment.encode("ascii", "replace")
     return "sig:" + hashlib.sha256(raw).hexdigest()
-
-
-def request_key(method: str, path: str, query: str, body: bytes) -> str:
-    """The hex SHA-256 naming the request a token came with: its ``method`` (upper-cased),
-    ``path``, raw ``query`` string (as sent: a retry sends the same URL) and ``body``,
-    each length-prefixed (no two requests share a key by shifting bytes between parts)."""
-    digest = hashlib.sha256()
-    for part in (method.upper().encode(), path.encode(), query.encode(), bytes(body)):
-        digest.update(len(part).to_bytes(8, "big"))
-        digest.update(part)
-    return digest.hexdigest()
-
-
-def stream_nonce(key: str) -> str:
-    """The one-time id (hex, 16 characters) of the stream token the answer to the token
-    whose replay ``key`` is given carries: the same for the first request and its retries,
-    so that one stream of the call is admitted however many times it is answered."""
-    return hashlib.sha256(f"stream:{key}".encode()).hexdigest()[:16]
 
 
 class VonageVerifier:

@@ -9,14 +9,8 @@ from typing import Any
 import jwt
 import pytest
 
-from adapters.vonage.verify import (
-    CHALLENGE,
-    VonageVerifier,
-    replay_key,
-    request_key,
-    stream_nonce,
-)
-from gateway.callcodec import VerificationRefused
+from adapters.vonage.verify import CHALLENGE, VonageVerifier, replay_key
+from gateway.callcodec import VerificationRefused, request_key, stream_nonce
 
 SECRET = "b2f1a8c3d4e5f60718293a4b5c6d7e8f" * 2
 NOW = 1_764_770_000
