@@ -89,7 +89,13 @@ webhooks): ``<Connect><Stream url="wss://…/telnyx/stream?token=…" bidirectio
 statusCallback="<public>/telnyx/status?appKey=…" statusCallbackMethod="POST" …>``, the
 token bound to the webhook's ``CallSid`` (form-urlencoded as Telnyx sends it, or a JSON
 object). A ``CallSid`` that is missing, not a string, longer than 128 characters or
-holding ``|`` (none a token can carry): 400 problem.
+holding ``|`` (none a token can carry): 400 problem. Its signature is used for one request:
+the same request again (the same signature, method, URL and body: Telnyx's retry of a
+webhook whose answer it did not get) within :data:`~gateway.callcodec.RETRY_WINDOW_S` is
+answered again, as the first (whatever the first answer was; the same stream token, issued
+at the ``telnyx-timestamp`` with a nonce of the signature: one stream), unless that stream
+token was used (the stream connected); another request with the signature, or the same one
+later, is a replay: 403 (:func:`gateway.io.call.use_signature_for_request`).
 
 ``POST /telnyx/status`` — a TeXML call's status callback (the TeXML Application's "Call
 progress events URL", method POST, optionally with ``?appKey=`` as the Voice URL:
@@ -144,10 +150,16 @@ from fastapi.responses import JSONResponse, Response
 from adapters.telnyx import control as telnyx
 from adapters.telnyx.openapi import POST_TELNYX_OUTBOUND, POST_TELNYX_STATUS, POST_TELNYX_TEXML
 from adapters.telnyx.protocol import BIDIRECTIONAL, TelnyxCodec, texml
-from adapters.telnyx.verify import TelnyxVerifier, replayed
+from adapters.telnyx.verify import TIMESTAMP_HEADER, TelnyxVerifier, replayed
 from gateway.breaker import outage_level
 from gateway.bus import BusUnavailable
-from gateway.callcodec import VerificationRefused, load_frame
+from gateway.callcodec import (
+    RETRY_WINDOW_S,
+    VerificationRefused,
+    load_frame,
+    request_key,
+    stream_nonce,
+)
 from gateway.callcontrol import (
     CallControl,
     CallControlError,
@@ -186,6 +198,8 @@ from gateway.io.call import (
     move_calls,
     nonce_store_unavailable,
     resumed,
+    stream_key,
+    use_signature_for_request,
     use_signature_once,
     use_token,
 )
@@ -600,18 +614,28 @@ async def _answered_once(
     signed = await _signed_body(gw, request)
     if isinstance(signed, Response):
         return signed
-    body, key = signed
+    body, key, _ = signed
     return await answered_once(gw, key, handle(gw, body))
 
 
-async def _signed_body(gw: Gateway, request: Request) -> tuple[bytes, str] | Response:
-    """A Telnyx webhook's body (at most GATEWAY_MAX_BODY_BYTES) and the replay key its
-    signature used, when the Ed25519 signature is good and was not used before; else the
-    problem to answer (400, 401 or 403; 403 too for a replay: the signature is
-    remembered, on every instance, for as long as its timestamp could pass; 503 with
-    ``Retry-After`` while the one-time key store does not answer). The route answers
-    through :func:`gateway.io.call.answered_once` with the key, so that a webhook it
-    answers with a 5xx (Telnyx delivers it again) does not stay used."""
+async def _signed_body(
+    gw: Gateway, request: Request, *, answer: bool = False
+) -> tuple[bytes, str, bool] | Response:
+    """A Telnyx webhook's body (at most GATEWAY_MAX_BODY_BYTES), the replay key its
+    signature used and whether the request is a retry, when the Ed25519 signature is good
+    and was not used before; else the problem to answer (400, 401 or 403; 403 too for a
+    replay: the signature is remembered, on every instance, for as long as its timestamp
+    could pass; 503 with ``Retry-After`` while the one-time key store does not answer).
+    A webhook route answers through :func:`gateway.io.call.answered_once` with the key, so
+    that a webhook it answers with a 5xx (Telnyx delivers it again) does not stay used.
+
+    ``answer`` (the TeXML answer webhook, whose answer carries a one-time stream token):
+    the signature is used for one request (:func:`gateway.io.call.use_signature_for_request`):
+    the same request again (signature, method, path, query and body) within
+    :data:`~gateway.callcodec.RETRY_WINDOW_S` and while the stream token its answer
+    carries (nonce :func:`~gateway.callcodec.stream_nonce`) is unused is Telnyx's retry
+    (True: to be answered again, the same); another request with the signature, or the
+    same one later or after its stream connected, is a replay (403)."""
     settings = gw.settings
     try:
         body = await read_body(request, settings.max_body_bytes)
@@ -624,19 +648,50 @@ async def _signed_body(gw: Gateway, request: Request) -> tuple[bytes, str] | Res
     verifier = TelnyxVerifier(settings.telnyx_public_key)
     try:
         key = "telnyx:signature:" + verifier.check_headers(body, request.headers, time.time())
-        await use_signature_once(gw, key, verifier.replay_window_s, replayed())
+        retry = False
+        if answer:
+            sent = request_key(request.method, request.url.path, request.url.query, body)
+            retry = await use_signature_for_request(
+                gw.nonces,
+                key,
+                f"{key}:request:{sent}",
+                verifier.replay_window_s,
+                replayed(),
+                retry_s=RETRY_WINDOW_S,
+                stream=stream_key(CHANNEL, stream_nonce(key)),
+            )
+        else:
+            await use_signature_once(gw, key, verifier.replay_window_s, replayed())
     except VerificationRefused as exc:
         refusals.log(log, "Telnyx webhook refused (%d): %s", exc.status, exc.reason)
         return refusal(exc)  # WWW-Authenticate on a 401
     except StoreUnavailable as exc:
         return nonce_store_unavailable(log, "Telnyx webhook", exc)
-    return body, key
+    return body, key, retry
 
 
 @router.post("/telnyx/texml", response_model=None, **POST_TELNYX_TEXML)
 async def telnyx_texml(request: Request) -> Response:
-    """An inbound call's TeXML answer (module doc); ``?appKey=`` names the application."""
-    return await _answered_once(request, lambda gw, body: _texml(request, body))
+    """An inbound call's TeXML answer (module doc); ``?appKey=`` names the application.
+
+    Telnyx's retry of it (the same signed request: :func:`_signed_body` ``answer``) is
+    answered again as the first, whatever the first answer was: its stream token is
+    issued at the webhook's ``telnyx-timestamp`` with a nonce of its signature's key, so
+    the two answers are the same bytes and admit one stream."""
+    gw = gateway_of(request)
+    signed = await _signed_body(gw, request, answer=True)
+    if isinstance(signed, Response):
+        return signed
+    body, key, retry = signed
+    if retry:  # bounded: an exact replay of a captured request looks the same
+        level, _ = refusal_log(request.app.state, "Telnyx retries").level()
+        log.log(
+            logging.INFO if level == logging.WARNING else logging.DEBUG,
+            "Telnyx TeXML answer: the same signed request again (Telnyx's retry): answered again",
+        )
+    # checked by _signed_body: Unix seconds
+    stamp = int(request.headers[TIMESTAMP_HEADER].strip())
+    return await _texml(request, body, now=stamp, nonce=stream_nonce(key))
 
 
 def _texml_call_sid(body: bytes) -> object:
@@ -656,13 +711,15 @@ def _texml_call_sid(body: bytes) -> object:
     return form.get("CallSid")
 
 
-async def _texml(request: Request, body: bytes) -> Response:
-    """The TeXML answer to the webhook ``body`` that passed its checks (module doc)."""
+async def _texml(request: Request, body: bytes, *, now: float, nonce: str) -> Response:
+    """The TeXML answer to the webhook ``body`` that passed its checks (module doc); its
+    stream token is issued at ``now`` with ``nonce``
+    (:meth:`~gateway.io.call.CallTokens.issue`)."""
     settings = gateway_of(request).settings
     tokens = stream_tokens(settings)
     if tokens is None:
         return problem(503, "Service Unavailable", "Set GATEWAY_TELNYX_API_KEY.")
-    token = answer_token(tokens, _texml_call_sid(body), "CallSid")
+    token = answer_token(tokens, _texml_call_sid(body), "CallSid", now=now, nonce=nonce)
     if not isinstance(token, str):
         return token  # 400: no CallSid, or none a token can carry
     query = {"token": token}

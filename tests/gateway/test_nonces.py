@@ -199,14 +199,16 @@ async def test_a_full_memory_store_refuses_new_keys_and_forgets_no_used_one(
 
 
 async def test_a_webhook_is_refused_503_while_the_memory_store_is_full() -> None:
-    """The embedded store (no Redis) with room for two keys: two signed Telnyx webhooks
-    are taken, a third is refused 503 with ``Retry-After`` (before: taken, the first's
-    signature forgotten), and a replay of the first is still refused (before: taken)."""
+    """The embedded store (no Redis) with room for four keys: two signed Telnyx TeXML
+    answers are taken (two keys each: the signature and the request it came with), a
+    third is refused 503 with ``Retry-After`` (before: taken, the first's signature
+    forgotten), and a replay of the first's signature (with another query) is still
+    refused (before: taken)."""
     update = {"telnyx_api_key": SecretStr("KEY-T"), "telnyx_public_key": TELNYX_PUBLIC_KEY}
     settings = Settings().model_copy(update=update)
     app = create_app(settings)
     async with served_app(app, settings) as url, httpx.AsyncClient(base_url=url) as client:
-        app.state.gateway.nonces = MemoryNonceStore(max_keys=2)
+        app.state.gateway.nonces = MemoryNonceStore(max_keys=4)
         bodies = [json.dumps({"CallSid": f"v3:{uuid.uuid4().hex}"}).encode() for _ in range(3)]
         headers = [signed(body) for body in bodies]
         answers = [
@@ -216,8 +218,9 @@ async def test_a_webhook_is_refused_503_while_the_memory_store_is_full() -> None
         assert [a.status_code for a in answers] == [200, 200, 503]
         assert answers[2].headers["Retry-After"] == "1"
         assert "key store is unavailable" in answers[2].json()["detail"]
-        replay = await client.post("/telnyx/texml", content=bodies[0], headers=headers[0])
+        replay = await client.post("/telnyx/texml?appKey=x", content=bodies[0], headers=headers[0])
         assert replay.status_code == 403, replay.text
+        assert "replayed" in replay.json()["detail"]
 
 
 class _Instant(float):
