@@ -9,7 +9,13 @@ Spec: shared/specs/CARRIERS.md "Plivo Audio Streams".
   no auth token is configured, and 403 for a request whose
   ``X-Plivo-Signature-V3-Nonce`` was used already (a replay; nonces are remembered
   :data:`NONCE_TTL_S` in the gateway's one-time key store, shared through Redis: 503
-  with ``Retry-After`` while it does not answer). The answer is ``<Response><Stream
+  with ``Retry-After`` while it does not answer), bound to the request they came with:
+  the same request again (the same nonce, method, URL and body: Plivo's retry of a
+  request whose answer it did not get) within :data:`~gateway.callcodec.RETRY_WINDOW_S`
+  is answered again, as the first (whatever the first answer was; the same stream token:
+  one stream), unless that stream token was used (the stream connected); the nonce on
+  another request, or the same one later, is a replay (:func:`_signed_form`). The
+  answer is ``<Response><Stream
   bidirectional="true" keepCallAlive="true" contentType="audio/x-mulaw;rate=8000" extraHeaders="…">
   wss://<public>/plivo/stream/<one-time token></Stream></Response>``; ``?appKey=``
   names the application (passed on in ``extraHeaders`` with ``from`` and ``to``, each
@@ -45,7 +51,8 @@ Spec: shared/specs/CARRIERS.md "Plivo Audio Streams".
 - ``POST /plivo/transfer?to=<target>`` — what the transferred call runs next:
   ``<Response><Dial><Number>…</Number></Dial></Response>`` (``<User>`` for a SIP URI,
   :func:`adapters.plivo.control.dial_xml`); V3-signed like the answer URL (401/403
-  otherwise, 403 replayed, 503 key store down), 400 without a target.
+  otherwise, 403 replayed, the same request again within the retry window answered
+  again, 503 key store down), 400 without a target.
 """
 
 from __future__ import annotations
@@ -53,6 +60,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -75,7 +83,7 @@ from adapters.plivo.verify import (
     SIGNATURE_HEADER,
     PlivoVerifier,
 )
-from gateway.callcodec import VerificationRefused
+from gateway.callcodec import RETRY_WINDOW_S, VerificationRefused, request_key, stream_nonce
 from gateway.callcontrol import CallControl, RestRequest, TransferResult
 from gateway.calls import (
     callcontrol_of,
@@ -95,9 +103,12 @@ from gateway.io.call import (
     admit,
     answer_token,
     call_config,
+    first_answered_at,
     move_calls,
     nonce_store_unavailable,
     resumed,
+    stream_key,
+    use_signature_for_request,
     use_token,
 )
 from gateway.protocol import ProtocolError, clipped
@@ -113,8 +124,10 @@ CHANNEL: Final = "plivo"
 STREAM_TOKEN: Final = "plivo-stream-token"
 NONCE_TTL_S: Final = 86_400
 """How long a signed request's ``X-Plivo-Signature-V3-Nonce`` is remembered (s): the
-same nonce again within it is a replay (403). Plivo's signature carries no time, so a
-request captured earlier than this is not told from a fresh one."""
+same nonce again within it is a replay (403), but for the very request it came with again
+within :data:`~gateway.callcodec.RETRY_WINDOW_S` (Plivo's retry, answered again). Plivo's
+signature carries no time, so a request captured earlier than this is not told from a
+fresh one."""
 _SIGNED_REFUSALS: Final = {
     401: "Unsigned",
     403: "Bad signature, a replayed nonce, or no auth token set",
@@ -248,8 +261,32 @@ def _app_key_fits(app_key: str) -> bool:
     return len(extra_headers_attribute({"appKey": app_key})) <= MAX_APP_KEY_EXTRA
 
 
-async def _signed_form(request: Request, path: str) -> dict[str, str] | Response:
-    """The form of a V3-signed Plivo request to ``path``, or the problem to answer."""
+@dataclass(frozen=True)
+class SignedForm:
+    """A V3-signed Plivo request that passed its checks (:func:`_signed_form`): its form
+    ``params``, the replay ``key`` its nonce used, the ``request`` name marked with it
+    (:func:`gateway.io.call.use_signature_for_request`), and whether it is Plivo's
+    ``retry`` of a request answered already (to be answered again, the same)."""
+
+    params: dict[str, str]
+    key: str
+    request: str
+    retry: bool
+
+
+async def _signed_form(
+    request: Request, path: str, *, stream: bool = False
+) -> SignedForm | Response:
+    """The form of a V3-signed Plivo request to ``path``, or the problem to answer.
+
+    Its ``X-Plivo-Signature-V3-Nonce`` is used for one request, kept :data:`NONCE_TTL_S`
+    (:func:`gateway.io.call.use_signature_for_request`): the same request again (the same
+    nonce, method, path, query and body: Plivo's retry of a request whose answer it did
+    not get) within :data:`~gateway.callcodec.RETRY_WINDOW_S` is a retry (``retry``, logged
+    at INFO, bounded); with ``stream`` (the answer carries a one-time stream token of
+    nonce :func:`~gateway.callcodec.stream_nonce` of the key) only while that token is
+    unused. Another request with the nonce, or the same one later (or after its stream
+    connected), is a replay: 403."""
     gw = gateway_of(request)
     channel: PlivoChannel = request.app.state.plivo
     try:
@@ -277,26 +314,56 @@ async def _signed_form(request: Request, path: str) -> dict[str, str] | Response
         return refusal(exc)  # WWW-Authenticate on a 401
     nonce = request.headers.get(NONCE_HEADER, "")
     key = "plivo:v3-nonce:" + hashlib.sha256(nonce.encode("utf-8", "replace")).hexdigest()
+    sent = f"{key}:request:" + request_key(
+        request.method, request.url.path, request.url.query, body
+    )
+    replayed = VerificationRefused(f"the request was replayed: its {NONCE_HEADER} was used already")
     try:
-        fresh = await gw.nonces.use_once(key, NONCE_TTL_S)
+        retry = await use_signature_for_request(
+            gw.nonces,
+            key,
+            sent,
+            NONCE_TTL_S,
+            replayed,
+            retry_s=RETRY_WINDOW_S,
+            stream=stream_key(CHANNEL, stream_nonce(key)) if stream else None,
+        )
+    except VerificationRefused as exc:
+        refusal_log(request.app.state, "Plivo").log(log, "Plivo %s refused: %s", path, exc.reason)
+        return refusal(exc)
     except StoreUnavailable as exc:
         return nonce_store_unavailable(log, f"Plivo {path}", exc)
-    if not fresh:
-        reason = f"the request was replayed: its {NONCE_HEADER} was used already"
-        refusal_log(request.app.state, "Plivo").log(log, "Plivo %s refused: %s", path, reason)
-        return problem(403, "Forbidden", reason)
-    return params
+    if retry:  # bounded: an exact replay of a captured request looks the same
+        level, _ = refusal_log(request.app.state, "Plivo retries").level()
+        log.log(
+            logging.INFO if level == logging.WARNING else logging.DEBUG,
+            "Plivo %s: the same signed request again (Plivo's retry): answered again",
+            path,
+        )
+    return SignedForm(params, key, sent, retry)
 
 
 @router.post("/plivo/answer", response_model=None, **POST_PLIVO_ANSWER)
 async def answer(request: Request) -> Response:
-    """Plivo's answer webhook (module doc)."""
+    """Plivo's answer webhook (module doc). Plivo's retry of it (:func:`_signed_form`) is
+    answered again as the first, whatever the first answer was: its stream token has a
+    nonce of the request's and is issued at the time its first answer's was
+    (:func:`gateway.io.call.first_answered_at`), so the answers are the same bytes and
+    admit one stream."""
     gw = gateway_of(request)
     channel: PlivoChannel = request.app.state.plivo
-    params = await _signed_form(request, "/plivo/answer")
-    if isinstance(params, Response):
-        return params
-    token = answer_token(channel.tokens, params.get("CallUUID", ""), "CallUUID")
+    signed = await _signed_form(request, "/plivo/answer", stream=True)
+    if isinstance(signed, Response):
+        return signed
+    params = signed.params
+    try:  # the first answer's time: a V3 signature carries none
+        issued = await first_answered_at(gw.nonces, signed.request, time.time(), retry=signed.retry)
+    except StoreUnavailable as exc:
+        return nonce_store_unavailable(log, "Plivo /plivo/answer", exc)
+    nonce = stream_nonce(signed.key)
+    token = answer_token(
+        channel.tokens, params.get("CallUUID", ""), "CallUUID", now=issued, nonce=nonce
+    )
     if not isinstance(token, str):
         return token
     app_key = request.query_params.get("appKey", "")
@@ -371,9 +438,10 @@ POST_PLIVO_TRANSFER: dict[str, Any] = dict(
 @router.post("/plivo/transfer", response_model=None, **POST_PLIVO_TRANSFER)
 async def transfer_xml(request: Request) -> Response:
     """The XML a transferred call runs: dial ``?to=`` (module doc)."""
-    params = await _signed_form(request, "/plivo/transfer")
-    if isinstance(params, Response):
-        return params
+    signed = await _signed_form(request, "/plivo/transfer")
+    if isinstance(signed, Response):
+        return signed
+    params = signed.params
     try:
         xml = plivo.dial_xml(request.query_params.get("to", "")[:256])
     except ValueError:

@@ -25,8 +25,10 @@ is refused; :func:`nonce_store_unavailable` is the 503 while the store does not 
 to deliver it again (a 5xx: a machine result the bus could not hand on), so the
 redelivery (the same signature) is not refused as a replay.
 :func:`use_signature_for_request` binds the key to the request it came with instead: the
-same request sent again (a retry, whatever the first answer was) is answered again, another
-request with the key refused (Vonage's answer webhook).
+same request sent again within :data:`~gateway.callcodec.RETRY_WINDOW_S` (a retry,
+whatever the first answer was) is answered again, another request with the key refused
+(Vonage's, Telnyx's TeXML and Plivo's answer webhooks); :func:`first_answered_at` gives
+the issue time of such an answer's stream token when the signature carries none (Plivo).
 
 Call control that arrives by webhook (an answering-machine result: Twilio's
 ``/twilio/amd``, Telnyx's ``call.machine.detection.ended``) may reach another instance
@@ -80,7 +82,13 @@ from starlette.websockets import WebSocket
 from gateway import metrics
 from gateway.breaker import outage_level
 from gateway.bus import BusUnavailable
-from gateway.callcodec import CarrierCodec, CarrierError, VerificationRefused, WireFrame
+from gateway.callcodec import (
+    RETRY_WINDOW_S,
+    CarrierCodec,
+    CarrierError,
+    VerificationRefused,
+    WireFrame,
+)
 from gateway.callcontrol import CallControl, CallControlError, RestRequest, TransferResult
 from gateway.conversation import TurnStream
 from gateway.deps import Gateway
@@ -377,6 +385,29 @@ async def use_signature_for_request(
     if stream is not None and await nonces.used(stream):
         raise replayed
     return True
+
+
+async def first_answered_at(nonces: NonceStore, request: str, now: float, *, retry: bool) -> int:
+    """The Unix second the stream token of the answer to a signed webhook whose signature
+    carries no time (Plivo's V3: a nonce alone) is issued at, the same for the first
+    request and its retries, so that a retry's answer is the very same bytes: for the
+    first request (``retry`` False), ``now`` rounded down to a multiple of
+    :data:`~gateway.callcodec.RETRY_WINDOW_S`, marked in ``nonces`` (the one-time key
+    store) under ``request`` (:func:`use_signature_for_request`'s request name) for that
+    window; for a retry (within the window of the first, so that mark is in ``now``'s
+    slot or the one before), the mark found. No mark found (the store failed between the
+    first request's two marks): ``now``'s slot, a token of the same nonce (one stream
+    still), other bytes. A token so issued is good for its TTL less up to the window.
+    Raises StoreUnavailable when the store does not answer."""
+    window = int(RETRY_WINDOW_S)
+    slot = int(now) // window * window
+    if not retry:
+        await nonces.use_once(f"{request}:at:{slot}", RETRY_WINDOW_S)
+        return slot
+    for at in (slot, slot - window):
+        if await nonces.used(f"{request}:at:{at}"):
+            return at
+    return slot
 
 
 def stream_key(carrier: str, nonce: str) -> str:

@@ -429,26 +429,39 @@ async def test_plivo_and_vonage_tokens_follow_a_master_key_adopted_after_startup
 # ------------------------------------------------------------------ replayed webhooks
 
 
-async def test_a_signed_webhook_answered_by_one_instance_is_refused_as_a_replay_by_another(
+async def test_a_signed_answer_s_retry_is_answered_alike_by_another_instance(
     speech: SpeechService, redis_url: str, redis_prefix: str
 ) -> None:
-    """A captured Telnyx TeXML answer, answered by A, replayed to B within its signature's
-    window: refused as a forged one (403), "replayed" (the signatures used are shared
-    through Redis). A Vonage answer webhook's token answered by A is refused by B on
-    another request (another call's uuid: 401 ``invalid_token``, "replayed"), and the same
-    request (Vonage's retry) is answered by B as A answered it, the same NCCO (its token
-    bound to its request through Redis). A new signed request is still answered there."""
+    """An answer webhook answered by A and sent again, the same request, to B (the
+    carrier's retry through the load balancer) is answered by B as A answered it, the
+    same answer and stream token (the request bound to its signature through Redis):
+    a Telnyx TeXML answer, a Plivo answer (its token's time, which the V3 signature does
+    not carry, read from Redis too) and a Vonage answer. The signature on another request
+    is refused by B as a replay: the TeXML's with another query (403), the Vonage token's
+    with another call's uuid (401 ``invalid_token``). A new signed request is still
+    answered there. Before, B refused the Telnyx and Plivo retries 403 "replayed"."""
     async with two_instances(speech, redis_url, redis_prefix) as (a, b):
         body = json.dumps({"CallSid": "v3:" + uuid.uuid4().hex, "From": "+1", "To": "+2"})
         headers = signed(body.encode())
         vonage = {"Authorization": vonage_signed(SECRET)}
         query = {"uuid": str(uuid.uuid4())}
+        plivo_call, nonce = str(uuid.uuid4()), uuid.uuid4().hex[:20]
         async with httpx.AsyncClient(base_url=a.url) as client:
-            assert (await client.post("/telnyx/texml", content=body, headers=headers)).is_success
+            texml = await client.post("/telnyx/texml", content=body, headers=headers)
+            assert texml.is_success
             answered = await client.get("/vonage/answer", params=query, headers=vonage)
             assert answered.is_success
+        plivo = await ask_answer(a.url, PUBLIC, plivo_call, nonce=nonce)
+        assert plivo.is_success
+        plivo_retry = await ask_answer(b.url, PUBLIC, plivo_call, nonce=nonce)
+        assert plivo_retry.status_code == 200, plivo_retry.text
+        assert plivo_retry.content == plivo.content
         async with httpx.AsyncClient(base_url=b.url) as client:
-            replayed = await client.post("/telnyx/texml", content=body, headers=headers)
+            retry = await client.post("/telnyx/texml", content=body, headers=headers)
+            assert retry.status_code == 200, retry.text
+            assert retry.content == texml.content
+            other = "/telnyx/texml?appKey=other"
+            replayed = await client.post(other, content=body, headers=headers)
             assert replayed.status_code == 403, replayed.text
             assert "replayed" in replayed.json()["detail"]
             retry = await client.get("/vonage/answer", params=query, headers=vonage)

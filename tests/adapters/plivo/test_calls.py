@@ -11,7 +11,7 @@ import re
 import uuid
 import xml.etree.ElementTree as ET
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 import httpx
 import pytest
@@ -23,7 +23,7 @@ from adapters.plivo.verify import signature
 from gateway.io.call import MOVE_TIMEOUT_S, MOVED_MARK_S, call_moving, moved_key
 from gateway.server import run_before_close
 from gateway.speech.service import SpeechService
-from tests.adapters.carriers import OVERSIZED_PARAMS, closed_with, session_of
+from tests.adapters.carriers import OVERSIZED_PARAMS, closed_with, session_of, upgrade_status
 from tests.adapters.plivo.harness import AUTH_ID, AUTH_TOKEN, CARRIER, PlivoHarness, ask_answer
 from tests.adapters.twilio.helpers import PUBLIC, Served, until
 from tests.calls.carrier_api import CarrierApi
@@ -84,22 +84,62 @@ async def test_extra_headers_as_semicolon_pairs_carry_the_app_key_and_numbers(
         assert session.device_id == "14155550100"
 
 
-async def test_a_replayed_answer_request_is_refused(speech: SpeechService) -> None:
-    """A V3-signed answer request sent again with its nonce (a replay: Plivo signs each
-    request it makes with a nonce of its own) is refused with a 403 problem, and mints
-    no stream URL for the call; the same call's request with a fresh nonce is answered."""
-    async with CARRIER.gateway(speech) as (gw, _):
-        call_uuid = str(uuid.uuid4())
-        nonce = "31627761595286130198"
-        first = await ask_answer(gw.url, PUBLIC, call_uuid, nonce=nonce)
+async def test_a_retry_is_answered_again_the_same_and_a_replay_is_refused(
+    speech: SpeechService, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Plivo's retry of an answer request (the same nonce, method, URL and body: a request
+    whose answer it did not get) is answered again, the very same XML, whose one-time
+    stream URL admits one stream. Before, it was refused 403 "replayed" and the call was
+    lost. The nonce on another request (the same parameters in another order: the V3
+    signature, over the sorted parameters, still passes) is a replay, refused with a 403
+    problem naming the nonce; so is the same request once its stream connected. The same
+    call's request with a fresh nonce is answered with a stream token of its own."""
+    call_uuid = str(uuid.uuid4())
+    nonce = "31627761595286130198"
+    form = {"CallUUID": call_uuid, "From": "14155550100", "To": "14155550199"}
+    path = "/plivo/answer?appKey=plivo"
+    headers = {
+        "X-Plivo-Signature-V3": signature(AUTH_TOKEN, "POST", PUBLIC + path, form, nonce),
+        "X-Plivo-Signature-V3-Nonce": nonce,
+        "Content-Type": "application/x-www-form-urlencoded",
+    }
+    body = urlencode(form).encode()
+    async with CARRIER.gateway(speech) as (gw, _), httpx.AsyncClient(base_url=gw.url) as client:
+        first = await client.post(path, content=body, headers=headers)
         assert first.status_code == 200, first.text
-        replayed = await ask_answer(gw.url, PUBLIC, call_uuid, nonce=nonce)
-        assert replayed.status_code == 403, replayed.text
-        assert replayed.headers["content-type"] == "application/problem+json"
-        assert "replayed" in replayed.json()["detail"]
-        assert "<Stream" not in replayed.text
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="gateway.plivo"):
+            retry = await client.post(path, content=body, headers=headers)
+        assert retry.status_code == 200, retry.text
+        assert retry.content == first.content  # the same XML, the same stream token
+        assert [r.getMessage() for r in caplog.records if r.name == "gateway.plivo"] == [
+            "Plivo /plivo/answer: the same signed request again (Plivo's retry): answered again"
+        ]
+        reordered = urlencode(dict(reversed(form.items()))).encode()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="gateway.plivo"):
+            elsewhere = await client.post(path, content=reordered, headers=headers)
+        assert elsewhere.status_code == 403, elsewhere.text
+        assert elsewhere.headers["content-type"] == "application/problem+json"
+        replayed = "the request was replayed: its X-Plivo-Signature-V3-Nonce was used already"
+        assert elsewhere.json()["detail"] == replayed
+        assert "<Stream" not in elsewhere.text
+        assert [r.getMessage() for r in caplog.records if r.name == "gateway.plivo"] == [
+            f"Plivo /plivo/answer refused: {replayed}"
+        ]
+        # one stream for the answers: their URL is the same one-time credential
+        stream = ET.fromstring(first.text).find("./Stream")
+        assert stream is not None
+        url = f"ws://{urlsplit(gw.url).netloc}{urlsplit((stream.text or '').strip()).path}"
+        assert await upgrade_status(url) == 101
+        assert await upgrade_status(url) == 403
+        after = await client.post(path, content=body, headers=headers)
+        assert after.status_code == 403, after.text
+        assert after.json()["detail"] == replayed
+        assert "<Stream" not in after.text
         again = await ask_answer(gw.url, PUBLIC, call_uuid)  # another request: its own nonce
         assert again.status_code == 200, again.text
+        assert again.content != first.content
 
 
 async def test_an_answer_signed_for_the_main_account_is_taken(speech: SpeechService) -> None:

@@ -7,8 +7,13 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.callcodec import VerificationRefused
-from gateway.io.call import CallTokens, stream_key, use_signature_for_request
+from gateway.callcodec import RETRY_WINDOW_S, VerificationRefused
+from gateway.io.call import (
+    CallTokens,
+    first_answered_at,
+    stream_key,
+    use_signature_for_request,
+)
 from gateway.nonces import MemoryNonceStore
 
 NOW = 1_000_000.0
@@ -67,3 +72,23 @@ async def test_a_signed_request_again_is_a_retry_within_the_retry_window_only() 
     assert await store.use_once(stream, 300)  # the stream token used (gateway.io.call.use_token)
     with pytest.raises(VerificationRefused):
         await send("c")
+
+
+async def test_an_answer_without_a_signed_time_is_issued_at_its_first_answer_s_slot() -> None:
+    """:func:`first_answered_at` (the real in-memory store, its clock stepped with the
+    Unix time): a signed request whose signature carries no time (Plivo's V3) gets its
+    stream token issued at the start of the retry window's slot of its first answer; its
+    retry, within the window but in the next slot, gets that same time (the same token
+    bytes), as one in the same slot does; another request gets its own. Unmarked (the
+    store failed between the first request's marks): the retry's own slot."""
+    now = [1_000_000 * RETRY_WINDOW_S + RETRY_WINDOW_S - 1.0]  # the slot's last second
+    store = MemoryNonceStore(clock=lambda: now[0])
+    slot = int(now[0]) // RETRY_WINDOW_S * RETRY_WINDOW_S
+    assert await first_answered_at(store, "plivo:r:a", now[0], retry=False) == slot
+    assert await first_answered_at(store, "plivo:r:a", now[0], retry=True) == slot
+    now[0] += 2  # the next slot, within the retry window
+    assert await first_answered_at(store, "plivo:r:a", now[0], retry=True) == slot
+    assert await first_answered_at(store, "plivo:r:b", now[0], retry=False) == slot + RETRY_WINDOW_S
+    assert await first_answered_at(store, "plivo:r:c", now[0], retry=True) == slot + RETRY_WINDOW_S
+    tokens = [TOKENS.issue("call-1", at, "00ff") for at in (slot, slot, slot + RETRY_WINDOW_S)]
+    assert tokens[0] == tokens[1] != tokens[2]
