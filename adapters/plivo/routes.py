@@ -107,6 +107,7 @@ from gateway.io.call import (
     move_calls,
     nonce_store_unavailable,
     resumed,
+    signed_issue_time,
     stream_key,
     use_signature_for_request,
     use_token,
@@ -348,8 +349,9 @@ async def answer(request: Request) -> Response:
     """Plivo's answer webhook (module doc). Plivo's retry of it (:func:`_signed_form`) is
     answered again as the first, whatever the first answer was: its stream token has a
     nonce of the request's and is issued at the time its first answer's was
-    (:func:`gateway.io.call.first_answered_at`), so the answers are the same bytes and
-    admit one stream."""
+    (:func:`gateway.io.call.first_answered_at`'s slot, plus two retry windows:
+    :func:`gateway.io.call.signed_issue_time`), so the answers are the same bytes and
+    admit one stream, good for its whole TTL from each."""
     gw = gateway_of(request)
     channel: PlivoChannel = request.app.state.plivo
     signed = await _signed_form(request, "/plivo/answer", stream=True)
@@ -357,9 +359,12 @@ async def answer(request: Request) -> Response:
         return signed
     params = signed.params
     try:  # the first answer's time: a V3 signature carries none
-        issued = await first_answered_at(gw.nonces, signed.request, time.time(), retry=signed.retry)
+        slot = await first_answered_at(gw.nonces, signed.request, time.time(), retry=signed.retry)
     except StoreUnavailable as exc:
         return nonce_store_unavailable(log, "Plivo /plivo/answer", exc)
+    # its answers all come within two windows of the slot's start (the first in the slot,
+    # its retries within a window of it): the token has its whole TTL from each
+    issued = signed_issue_time(slot, 2 * RETRY_WINDOW_S)
     nonce = stream_nonce(signed.key)
     token = answer_token(
         channel.tokens, params.get("CallUUID", ""), "CallUUID", now=issued, nonce=nonce

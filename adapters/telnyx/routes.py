@@ -93,7 +93,8 @@ holding ``|`` (none a token can carry): 400 problem. Its signature is used for o
 the same request again (the same signature, method, URL and body: Telnyx's retry of a
 webhook whose answer it did not get) within :data:`~gateway.callcodec.RETRY_WINDOW_S` is
 answered again, as the first (whatever the first answer was; the same stream token, issued
-at the ``telnyx-timestamp`` with a nonce of the signature: one stream), unless that stream
+at the ``telnyx-timestamp`` plus its tolerance, so good for its whole TTL from any answer,
+with a nonce of the signature: one stream), unless that stream
 token was used (the stream connected); another request with the signature, or the same one
 later, is a replay: 403 (:func:`gateway.io.call.use_signature_for_request`).
 
@@ -150,7 +151,7 @@ from fastapi.responses import JSONResponse, Response
 from adapters.telnyx import control as telnyx
 from adapters.telnyx.openapi import POST_TELNYX_OUTBOUND, POST_TELNYX_STATUS, POST_TELNYX_TEXML
 from adapters.telnyx.protocol import BIDIRECTIONAL, TelnyxCodec, texml
-from adapters.telnyx.verify import TIMESTAMP_HEADER, TelnyxVerifier, replayed
+from adapters.telnyx.verify import TIMESTAMP_HEADER, TOLERANCE_S, TelnyxVerifier, replayed
 from gateway.breaker import outage_level
 from gateway.bus import BusUnavailable
 from gateway.callcodec import (
@@ -198,6 +199,7 @@ from gateway.io.call import (
     move_calls,
     nonce_store_unavailable,
     resumed,
+    signed_issue_time,
     stream_key,
     use_signature_for_request,
     use_signature_once,
@@ -676,7 +678,8 @@ async def telnyx_texml(request: Request) -> Response:
 
     Telnyx's retry of it (the same signed request: :func:`_signed_body` ``answer``) is
     answered again as the first, whatever the first answer was: its stream token is
-    issued at the webhook's ``telnyx-timestamp`` with a nonce of its signature's key, so
+    issued at the webhook's ``telnyx-timestamp`` plus its tolerance
+    (:func:`gateway.io.call.signed_issue_time`) with a nonce of its signature's key, so
     the two answers are the same bytes and admit one stream."""
     gw = gateway_of(request)
     signed = await _signed_body(gw, request, answer=True)
@@ -689,9 +692,10 @@ async def telnyx_texml(request: Request) -> Response:
             logging.INFO if level == logging.WARNING else logging.DEBUG,
             "Telnyx TeXML answer: the same signed request again (Telnyx's retry): answered again",
         )
-    # checked by _signed_body: Unix seconds
+    # checked by _signed_body (a TelnyxVerifier of TOLERANCE_S): Unix seconds
     stamp = int(request.headers[TIMESTAMP_HEADER].strip())
-    return await _texml(request, body, now=stamp, nonce=stream_nonce(key))
+    issued = signed_issue_time(stamp, TOLERANCE_S)
+    return await _texml(request, body, now=issued, nonce=stream_nonce(key))
 
 
 def _texml_call_sid(body: bytes) -> object:

@@ -89,6 +89,7 @@ from gateway.io.call import (
     call_config,
     move_calls,
     nonce_store_unavailable,
+    signed_issue_time,
     stream_key,
     use_signature_for_request,
     use_token,
@@ -251,8 +252,10 @@ async def answer(request: Request) -> Response:
             "Vonage answer: the same signed request again (Vonage's retry): answered again",
         )
     # the first request and its retries alike: the stream token issued at the token's
-    # iat with a nonce of its key, so every answer is the same one-time stream credential
-    return await _answer(request, channel, body, now=float(claims["iat"]), nonce=stream_nonce(key))
+    # iat (plus its accepted age: its whole TTL from any answer) with a nonce of its key,
+    # so every answer is the same one-time stream credential
+    issued = signed_issue_time(float(claims["iat"]), channel.verifier.max_age_s)
+    return await _answer(request, channel, body, now=issued, nonce=stream_nonce(key))
 
 
 async def _answer(

@@ -27,8 +27,10 @@ redelivery (the same signature) is not refused as a replay.
 :func:`use_signature_for_request` binds the key to the request it came with instead: the
 same request sent again within :data:`~gateway.callcodec.RETRY_WINDOW_S` (a retry,
 whatever the first answer was) is answered again, another request with the key refused
-(Vonage's, Telnyx's TeXML and Plivo's answer webhooks); :func:`first_answered_at` gives
-the issue time of such an answer's stream token when the signature carries none (Plivo).
+(Vonage's, Telnyx's TeXML and Plivo's answer webhooks); :func:`signed_issue_time` is the issue
+time of such an answer's stream token (its signed time and tolerance: the token has its
+whole TTL from every answer), :func:`first_answered_at` the signed time when the
+signature carries none (Plivo).
 
 Call control that arrives by webhook (an answering-machine result: Twilio's
 ``/twilio/amd``, Telnyx's ``call.machine.detection.ended``) may reach another instance
@@ -69,6 +71,7 @@ import contextlib
 import hashlib
 import hmac
 import logging
+import math
 import secrets
 import time
 import weakref
@@ -397,8 +400,9 @@ async def first_answered_at(nonces: NonceStore, request: str, now: float, *, ret
     window; for a retry (within the window of the first, so that mark is in ``now``'s
     slot or the one before), the mark found. No mark found (the store failed between the
     first request's two marks): ``now``'s slot, a token of the same nonce (one stream
-    still), other bytes. A token so issued is good for its TTL less up to the window.
-    Raises StoreUnavailable when the store does not answer."""
+    still), other bytes. Every answer comes within 2 × the window of the slot's start:
+    the token is issued at :func:`signed_issue_time` of the slot and that span. Raises
+    StoreUnavailable when the store does not answer."""
     window = int(RETRY_WINDOW_S)
     slot = int(now) // window * window
     if not retry:
@@ -408,6 +412,23 @@ async def first_answered_at(nonces: NonceStore, request: str, now: float, *, ret
         if await nonces.used(f"{request}:at:{at}"):
             return at
     return slot
+
+
+def signed_issue_time(signed_at: float, tolerance_s: float) -> int:
+    """The Unix second the stream token of the answer to a signed webhook that is answered
+    again, the same, to the carrier's retries is issued at (:meth:`CallTokens.issue`'s
+    ``now``): ``signed_at``, the time the request's signature carries (Telnyx's
+    ``telnyx-timestamp``, a Vonage JWT's ``iat``; Plivo's V3 none: its first answer's
+    slot, :func:`first_answered_at`), plus ``tolerance_s``, the most an answered request
+    can come after it (its verifier's tolerance for a past time; 2 ×
+    :data:`~gateway.callcodec.RETRY_WINDOW_S` after Plivo's slot), rounded up.
+
+    A function of signed data alone, so a retry's answer is the same bytes; and every
+    answer that carries the token gives it its whole TTL or more (at most the TTL plus
+    ``tolerance_s`` plus what the verifier allows of a time ahead of now). Issued at
+    ``signed_at`` itself, a request signed near its tolerance got a token with little or
+    no life left."""
+    return math.ceil(signed_at + tolerance_s)
 
 
 def stream_key(carrier: str, nonce: str) -> str:

@@ -6,6 +6,7 @@ refusals. Each carrier's harness module (tests/adapters/<carrier>/harness.py) gi
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -106,6 +107,13 @@ async def session_of(gw: Served, key: str) -> Any:
     """The session stored at ``key`` (None: there is none)."""
     async with gw.app.state.gateway.store.open(key, lease_s=5, wait_s=5) as txn:
         return txn.session
+
+
+def token_expires(token: str) -> int:
+    """The expiry (Unix seconds) a stream token carries
+    (``base64url(call_id|expires|nonce).hmac``, :class:`gateway.io.call.CallTokens`)."""
+    text = token.partition(".")[0]
+    return int(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).split(b"|")[1])
 
 
 async def upgrade_status(url: str, headers: dict[str, str] | None = None) -> int:

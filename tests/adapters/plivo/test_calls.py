@@ -8,6 +8,7 @@ import asyncio
 import json
 import logging
 import re
+import time
 import uuid
 import xml.etree.ElementTree as ET
 from typing import Any
@@ -20,10 +21,16 @@ import redis
 from adapters.plivo import routes as plivo_routes
 from adapters.plivo.protocol import extra_headers
 from adapters.plivo.verify import signature
-from gateway.io.call import MOVE_TIMEOUT_S, MOVED_MARK_S, call_moving, moved_key
+from gateway.io.call import MOVE_TIMEOUT_S, MOVED_MARK_S, TOKEN_TTL_S, call_moving, moved_key
 from gateway.server import run_before_close
 from gateway.speech.service import SpeechService
-from tests.adapters.carriers import OVERSIZED_PARAMS, closed_with, session_of, upgrade_status
+from tests.adapters.carriers import (
+    OVERSIZED_PARAMS,
+    closed_with,
+    session_of,
+    token_expires,
+    upgrade_status,
+)
 from tests.adapters.plivo.harness import AUTH_ID, AUTH_TOKEN, CARRIER, PlivoHarness, ask_answer
 from tests.adapters.twilio.helpers import PUBLIC, Served, until
 from tests.calls.carrier_api import CarrierApi
@@ -140,6 +147,26 @@ async def test_a_retry_is_answered_again_the_same_and_a_replay_is_refused(
         again = await ask_answer(gw.url, PUBLIC, call_uuid)  # another request: its own nonce
         assert again.status_code == 200, again.text
         assert again.content != first.content
+
+
+async def test_an_answer_s_stream_token_is_good_for_its_whole_ttl(speech: SpeechService) -> None:
+    """An answer's stream token is good for its whole TTL from the answer, and the retry's
+    XML is the same bytes: the V3 signature carries no time, so the token is issued at the
+    end of the span its first answer and retries come in (its first answer's
+    RETRY_WINDOW_S slot, then the window), not at the slot's start. Before, it was good
+    for the TTL less up to 59 s (the first answer's age in its slot)."""
+    before = time.time()
+    call_uuid, nonce = str(uuid.uuid4()), uuid.uuid4().hex[:20]
+    async with CARRIER.gateway(speech) as (gw, _):
+        first = await ask_answer(gw.url, PUBLIC, call_uuid, nonce=nonce)
+        assert first.status_code == 200, first.text
+        stream = ET.fromstring(first.text).find("./Stream")
+        assert stream is not None
+        token = urlsplit((stream.text or "").strip()).path.rpartition("/")[2]
+        assert token_expires(token) >= before + TOKEN_TTL_S
+        retry = await ask_answer(gw.url, PUBLIC, call_uuid, nonce=nonce)
+        assert retry.status_code == 200, retry.text
+        assert retry.content == first.content
 
 
 async def test_an_answer_signed_for_the_main_account_is_taken(speech: SpeechService) -> None:

@@ -12,12 +12,13 @@ import base64
 import contextlib
 import json
 import logging
+import time
 import uuid
 import xml.etree.ElementTree as ET
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import httpx
 import pytest
@@ -26,17 +27,24 @@ from fastapi.responses import JSONResponse
 
 from adapters.telnyx.control import MAX_CALL_ID, read_client_state
 from adapters.telnyx.verify import SIGNATURE_HEADER as SIG
+from adapters.telnyx.verify import TOLERANCE_S
 from gateway import redisconn
 from gateway.bus import RedisBus
 from gateway.callcodec import WireEncoding
 from gateway.conversation import TurnContext
 from gateway.events import Input
-from gateway.io.call import control_topic
+from gateway.io.call import TOKEN_TTL_S, control_topic
 from gateway.server import run_before_close
 from gateway.sessions import redis_client
 from gateway.speech.audio import Pcm
 from gateway.speech.service import SpeechService
-from tests.adapters.carriers import OVERSIZED_PARAMS, closed_with, session_of, upgrade_status
+from tests.adapters.carriers import (
+    OVERSIZED_PARAMS,
+    closed_with,
+    session_of,
+    token_expires,
+    upgrade_status,
+)
 from tests.adapters.telnyx.harness import (
     ADMIN,
     CARRIER,
@@ -393,6 +401,29 @@ async def test_a_texml_retry_is_answered_again_the_same_and_a_replay_is_refused(
         hook = await client.post("/telnyx/outbound", content=event, headers=hook_headers)
         assert hook.status_code == 403, hook.text
         assert "replayed" in hook.json()["detail"]
+
+
+async def test_a_texml_answer_signed_long_ago_gets_a_stream_token_of_full_life(
+    speech: SpeechService,
+) -> None:
+    """A TeXML answer webhook whose ``telnyx-timestamp`` is near the end of its tolerance
+    (270 s old: a lagging Telnyx clock, a slow delivery) is answered with a stream token
+    good for its whole TTL from the answer, and its retry with the very same TeXML: the
+    token is issued at the timestamp plus the tolerance, not at the timestamp. Before, it
+    was good for 30 s (TTL 300 s less the timestamp's age), no life at all near 300 s."""
+    before = time.time()
+    async with CARRIER.gateway(speech) as (gw, _), httpx.AsyncClient(base_url=gw.url) as client:
+        body = json.dumps({"CallSid": "v3:" + uuid.uuid4().hex}).encode()
+        headers = signed(body, at=int(before) - TOLERANCE_S + 30)
+        first = await client.post("/telnyx/texml", content=body, headers=headers)
+        assert first.status_code == 200, first.text
+        stream = ET.fromstring(first.text).find("./Connect/Stream")
+        assert stream is not None
+        (token,) = parse_qs(urlsplit(stream.attrib["url"]).query)["token"]
+        assert token_expires(token) >= before + TOKEN_TTL_S
+        retry = await client.post("/telnyx/texml", content=body, headers=headers)
+        assert retry.status_code == 200, retry.text
+        assert retry.content == first.content
 
 
 def hangup_event(ccid: str, app_key: str | None = None) -> bytes:

@@ -17,9 +17,11 @@ import jwt
 import pytest
 
 from adapters.vonage.routes import MAX_BODY
+from adapters.vonage.verify import MAX_AGE_S
 from gateway.callcodec import MAX_PARAM_NAME_CHARS, MAX_PARAMS, MAX_PARAMS_CHARS
+from gateway.io.call import TOKEN_TTL_S
 from gateway.speech.service import SpeechService
-from tests.adapters.carriers import closed_with, upgrade_status
+from tests.adapters.carriers import closed_with, token_expires, upgrade_status
 from tests.adapters.twilio.helpers import twilio_gateway
 from tests.adapters.vonage.harness import CARRIER, SECRET, VonageHarness, ask_ncco, signed
 
@@ -325,3 +327,25 @@ async def test_the_same_answer_request_after_its_stream_started_is_a_replay(
         assert again.headers["www-authenticate"] == INVALID_TOKEN
         assert "replayed" in again.json()["detail"]
         assert "endpoint" not in again.text
+
+
+async def test_an_answer_signed_long_ago_gets_a_stream_token_of_full_life(
+    speech: SpeechService,
+) -> None:
+    """An answer webhook whose JWT ``iat`` is near the end of its accepted age (270 s
+    old: a lagging clock, a slow delivery) is answered with a stream token good for its
+    whole TTL from the answer, and its retry with the very same NCCO: the token is issued
+    at ``iat`` plus the accepted age, not at ``iat``. Before, it was good for 30 s (TTL
+    300 s less the token's age), no life at all near 300 s."""
+    before = time.time()
+    query = {"uuid": str(uuid.uuid4()), "from": "447700900000", "to": "447700900001"}
+    headers = {"Authorization": signed(SECRET, iat=int(before) - MAX_AGE_S + 30)}
+    async with CARRIER.gateway(speech) as (gw, _), httpx.AsyncClient(base_url=gw.url) as client:
+        first = await client.get("/vonage/answer", params=query, headers=headers)
+        assert first.status_code == 200, first.text
+        (endpoint,) = first.json()[0]["endpoint"]
+        token = urlsplit(endpoint["uri"]).path.rpartition("/")[2]
+        assert token_expires(token) >= before + TOKEN_TTL_S
+        retry = await client.get("/vonage/answer", params=query, headers=headers)
+        assert retry.status_code == 200, retry.text
+        assert retry.content == first.content

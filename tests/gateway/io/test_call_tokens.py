@@ -11,6 +11,7 @@ from gateway.callcodec import RETRY_WINDOW_S, VerificationRefused
 from gateway.io.call import (
     CallTokens,
     first_answered_at,
+    signed_issue_time,
     stream_key,
     use_signature_for_request,
 )
@@ -92,3 +93,26 @@ async def test_an_answer_without_a_signed_time_is_issued_at_its_first_answer_s_s
     assert await first_answered_at(store, "plivo:r:c", now[0], retry=True) == slot + RETRY_WINDOW_S
     tokens = [TOKENS.issue("call-1", at, "00ff") for at in (slot, slot, slot + RETRY_WINDOW_S)]
     assert tokens[0] == tokens[1] != tokens[2]
+
+
+async def test_a_retried_answer_s_token_is_good_for_its_ttl_from_every_answer() -> None:
+    """:func:`signed_issue_time`: a token issued at the signed time plus the tolerance is
+    the same for the first answer and its retries (a function of the signed time alone)
+    and good for its whole TTL from each: a Telnyx or Vonage request whose signed time is
+    the tolerance old, a Plivo first answer in its slot's first second and its retry one
+    window later (the slot after). Issued at the signed time itself, such a token was good
+    for no time (the tolerance old) or the TTL less up to a window (Plivo)."""
+    signed_at = 1_000_000
+    token = TOKENS.issue("call-1", signed_issue_time(signed_at, 300), "00ff")
+    TOKENS.check(token, signed_at + 300 + TOKENS.ttl_s)  # answered at signed_at + 300
+    with pytest.raises(VerificationRefused, match="expired"):
+        TOKENS.check(token, signed_at + 300 + TOKENS.ttl_s + 1)
+
+    now = [1_000_000.0 * RETRY_WINDOW_S]  # a slot's first second
+    store = MemoryNonceStore(clock=lambda: now[0])
+    first = await first_answered_at(store, "plivo:r:a", now[0], retry=False)
+    issued = signed_issue_time(first, 2 * RETRY_WINDOW_S)
+    now[0] += RETRY_WINDOW_S - 0.5  # the retry, in the next slot
+    retried = await first_answered_at(store, "plivo:r:a", now[0], retry=True)
+    assert signed_issue_time(retried, 2 * RETRY_WINDOW_S) == issued
+    TOKENS.check(TOKENS.issue("call-1", issued, "00ff"), now[0] + TOKENS.ttl_s)
