@@ -46,7 +46,7 @@ from gateway.turn import (
     TurnRejected,
 )
 from tests.adapters.alexa.test_routes import make_core
-from tests.conftest import serve, served_app
+from tests.conftest import serve, served_app, unless_hung
 from tests.gateway.core_app import WebhookCore
 from tests.gateway.redis_proxy import ReplyDropper
 from tests.gateway.turns import ctx, engine
@@ -208,18 +208,16 @@ async def test_ending_the_session_after_a_closing_answer_stays_within_the_deadli
     END_MARGIN_S (0.5 s): nothing, it goes on in the background (before: the whole 2 s,
     waiting for the next turn's lock). That is checked, not the clock: the answer comes at
     ~1.5 s on a quiet machine, 0.5 s from the deadline, and later on a loaded one (the
-    core's 1.5 s turn itself runs late); the clock is only a wide guard here."""
+    core's 1.5 s turn itself runs late); the clock only guards against a hang (was also:
+    < 3.5 s of wall clock)."""
     async with echo(alexa_deadline_s=2.0) as (client, _):
         await say(client, "S-close", "hello")
-        started = time.monotonic()
         closing = asyncio.create_task(say(client, "S-close", "slow", end=True))
         await asyncio.sleep(0.3)  # the closing turn holds the lock; the next one queues
         queued = asyncio.create_task(say(client, "S-close", "slow"))
-        assert await closing == {"say": "finally", "end": True}
-        took_s = time.monotonic() - started
+        assert await unless_hung(closing, "the closing answer") == {"say": "finally", "end": True}
         ends = [r.getMessage() for r in warnings.records if r.getMessage().startswith("ending")]
         assert ends == ["ending S-close waits at most 0.000 s"]  # not the whole 2 s again
-        assert took_s < 2.0 + 1.5, took_s  # a wide guard (the turn and a whole deadline)
         await queued
         await asyncio.sleep(0.3)  # the end went on in the background, after the queued turn
         fresh = await say(client, "S-close", "hello")
