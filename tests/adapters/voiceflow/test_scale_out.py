@@ -25,7 +25,7 @@ from tests.adapters.voiceflow.helpers import (
     client,
     messages,
 )
-from tests.conftest import GatewayProcess, start_all
+from tests.conftest import GatewayProcess, start_all, unless_hung
 
 
 def env(redis_url: str, prefix: str, secret: str | None = SECRET, **more: str) -> dict[str, str]:
@@ -308,11 +308,13 @@ async def test_under_plain_uvicorn_a_running_action_is_told_within_the_grace(
             assert (await vf.expect("action.status"))["status"] == "accepted"
             await core.next_request()
             stopping = asyncio.create_task(asyncio.to_thread(first.stop, signal.SIGTERM))
-            signalled = time.monotonic()
-            async with asyncio.timeout(8):
-                assert await vf.expect("server.restart") == {}
-            # within the 2 s grace (and the time the signal takes to arrive)
-            assert time.monotonic() - signalled < 4.0
+            # told at all is told within the grace: after it uvicorn closes the socket and
+            # the client hears nothing (before the hook); told while its action still runs
+            # (the core holds it until released). Was also: < 4 s of wall clock after the
+            # signal; the receive guard is 30 s
+            told = await unless_hung(vf.expect("server.restart"), "server.restart")
+            assert told == {}
+            assert not core.release.is_set()
             core.release.set()
             async with asyncio.timeout(20):
                 await stopping
