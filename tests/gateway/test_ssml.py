@@ -7,7 +7,6 @@ command). Pure functions: no I/O."""
 from __future__ import annotations
 
 import re
-import time
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -125,23 +124,17 @@ def test_punctuation_that_begins_a_word_stays_parted_from_the_word_before(
 
 
 def test_a_core_answer_of_tags_is_read_in_linear_time() -> None:
-    """A core's answer of half a megabyte of ``<break/>`` followed by a word is read about
-    as fast as one followed by punctuation (the same parse; each item is read several times
-    per turn, on the event loop: speech, display text, checks). Before, the scan for
+    """A core's answer of half a megabyte of ``<break/>`` followed by a word reads as one
+    followed by punctuation does (the same parse; each item is read several times per
+    turn, on the event loop: speech, display text, checks). Before, the scan for
     punctuation after a parting tag was tried again at each of the run's 131,072 partings
     when none followed: quadratic, about 20 s a pass against 0.2 s (75 s for the 1 MiB
-    of GATEWAY_PIPELINE_MAX_RESPONSE_BYTES' default). Timed against that same-size answer,
-    not the clock, so a busy machine slows both alike."""
+    of GATEWAY_PIPELINE_MAX_RESPONSE_BYTES' default). What they read is checked here; the
+    time (was: worded < 5 x punctuated + 0.5 s) is bench/ssml_linear.py's (CPU time of
+    doubling sizes), a speed claim the tests do not make."""
     run = "<break/>" * (1 << 16)
-
-    def seconds(ssml: str, text: str) -> float:
-        started = time.perf_counter()
-        assert ssml_to_text(ssml) == text
-        return time.perf_counter() - started
-
-    punctuated = seconds(f"<speak>Wait{run}. Done</speak>", "Wait. Done")
-    worded = seconds(f"<speak>Wait{run}done.</speak>", "Wait done.")
-    assert worded < 5 * punctuated + 0.5  # linear: about the same time
+    assert ssml_to_text(f"<speak>Wait{run}. Done</speak>") == "Wait. Done"
+    assert ssml_to_text(f"<speak>Wait{run}done.</speak>") == "Wait done."
     assert display_text([ResponseItem(ssml=f"Wait{run}done.")], 640) == "Wait done."
 
 
