@@ -43,8 +43,9 @@ def memory_kb(pid: int) -> dict[str, int]:
     return values
 
 
-async def short_conversation(url: str, i: int, within_s: float) -> float:
-    """Two text turns without speech, each answered within ``within_s``; the slowest time."""
+async def short_conversation(url: str, i: int, within_s: float = 60.0) -> float:
+    """Two text turns without speech, each answered (``within_s``: a hang guard, the
+    client's timeout); the slowest time, for the printed figures only."""
     slowest = 0.0
     async with httpx.AsyncClient(timeout=within_s) as client:
         for text, answer in ((f"my name is Short{i}", f"< Nice to meet you, Short{i}."),
@@ -159,12 +160,18 @@ async def test_long_items_are_synthesized_in_bounded_memory(
         for n, phrase in ((2_000, "the quick brown fox jumps over the lazy dog "),
                           (10_000, "the 42 quick brown foxes jump over 7 lazy dogs ")):  # fmt: skip
             words = (phrase * (n // len(phrase) + 1))[:n].strip()
-            begin = time.perf_counter()
             reply = await client.put(f"/client?key={KEY}", headers=TEXT, content=words)
             assert reply.status_code == 200
-            assert time.perf_counter() - begin < 5  # the text answer does not wait for speech
             assert said(reply.text) == [f"< You said: {words}"]
-            paths += links(reply.text)
+            (link,) = links(reply.text)
+            # the text answer does not wait for speech: its link is not synthesized yet (a
+            # HEAD never synthesizes; a pending link has no Content-Length, a cached one
+            # has); was: the answer within 5 s of wall clock
+            pending = await client.head(link)
+            assert pending.status_code == 200, pending.text
+            assert "content-length" not in pending.headers, pending.headers
+            assert pending.headers["cache-control"] == "no-cache"
+            paths.append(link)
         assert len(paths) == 2
 
         async def fetch(path: str) -> float:
@@ -174,7 +181,7 @@ async def test_long_items_are_synthesized_in_bounded_memory(
 
         fetching = asyncio.gather(*(fetch(p) for p in paths))
         await asyncio.sleep(0.5)
-        slowest = max(await asyncio.gather(*(short_conversation(gw.url, i, 5) for i in range(5))))
+        slowest = max(await asyncio.gather(*(short_conversation(gw.url, i) for i in range(5))))
         durations = await fetching
     peak = memory_kb(pid)
     print(
@@ -205,14 +212,22 @@ async def test_saturated_speech_is_refused_promptly_while_text_is_served(
             paths += links(reply.text)
         assert len(paths) == 30
 
+        done: list[str] = []  # what completed, in order: a fetch's status, or "text"
+
         async def fetch(path: str) -> tuple[int, float, httpx.Response]:
             begin = time.perf_counter()
             got = await client.get(path)
+            done.append(str(got.status_code))
             return got.status_code, time.perf_counter() - begin, got
+
+        async def text(i: int) -> float:
+            slowest = await short_conversation(gw.url, i)
+            done.append("text")
+            return slowest
 
         fetching = asyncio.gather(*(fetch(p) for p in paths))
         await asyncio.sleep(0.2)
-        slowest = max(await asyncio.gather(*(short_conversation(gw.url, i, 5) for i in range(5))))
+        slowest = max(await asyncio.gather(*(text(i) for i in range(5))))
         results = await fetching
         metrics = (await client.get("/metrics")).text
     served = [r for r in results if r[0] == 200]
@@ -225,13 +240,16 @@ async def test_saturated_speech_is_refused_promptly_while_text_is_served(
     assert len(served) + len(refused) == 30
     assert len(served) >= 1
     assert len(refused) >= 10  # 30 at once into 1 + 8 places (some finish meanwhile)
-    for _, seconds, answer in refused:
-        assert seconds < 3  # prompt: not after the queue drained
+    for _, _, answer in refused:
         assert answer.headers["retry-after"] == "2"
         assert answer.headers["content-type"] == "application/problem+json"
     for _, _, answer in served:
         assert decode_mp3(answer.content).duration_s > 0.5
-    assert slowest < 5
+    # prompt: every refusal and every text turn came while the pool still synthesized,
+    # before the last synthesis was served (not after the queue drained); was: each
+    # refusal < 3 s and the slowest text turn < 5 s of wall clock
+    last_served = max(i for i, what in enumerate(done) if what == "200")
+    assert all(i < last_served for i, what in enumerate(done) if what in ("503", "text")), done
     assert "gateway_tts_rejected_total" in metrics
     assert "gateway_tts_queue_depth" in metrics
     assert "gateway_tts_wait_seconds_count" in metrics
