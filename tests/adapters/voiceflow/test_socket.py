@@ -39,7 +39,7 @@ from tests.adapters.voiceflow.helpers import (
     messages,
     served,
 )
-from tests.conftest import gateway, serve, served_app
+from tests.conftest import gateway, serve, served_app, unless_hung
 from tests.gateway.core_app import WebhookCore, make_core
 from tests.gateway.pipeline.fake_voiceflow import API_KEY, make_voiceflow
 from tests.gateway.redis_proxy import ReplyDropper
@@ -1186,24 +1186,25 @@ async def test_a_store_outage_at_client_start_is_a_store_unavailable_error(
             assert await first.say("my name is Ada") == ["Nice to meet you, Ada."]
         async with client(url, transport) as vf:
             proxy.cut()
-            began = time.monotonic()
             await vf.emit("client.start", {"userID": USER, "projectID": PROJECT, "sessionKey": key})
-            event, data = await vf.next()
+            # the store's refusal (was also: < 10 s of wall clock; a 30 s guard now)
+            event, data = await unless_hung(vf.next(), "client.start's answer")
             assert (event, data["code"]) == ("error", "store-unavailable"), (event, data)
             assert "client.start again" in data["error"]
-            assert time.monotonic() - began < 10
             proxy.restore()
-            deadline = time.monotonic() + 10
-            while True:  # (the store's circuit breaker may refuse a while longer)
-                await vf.emit(
-                    "client.start", {"userID": USER, "projectID": PROJECT, "sessionKey": key}
-                )
-                event, data = await vf.next()
-                if event == "client.started":
-                    break
-                assert data["code"] == "store-unavailable", (event, data)
-                assert time.monotonic() < deadline
-                await asyncio.sleep(0.5)
+
+            async def until_started() -> Any:
+                while True:  # (the store's circuit breaker may refuse a while longer)
+                    await vf.emit(
+                        "client.start", {"userID": USER, "projectID": PROJECT, "sessionKey": key}
+                    )
+                    event, data = await vf.next()
+                    if event == "client.started":
+                        return data
+                    assert data["code"] == "store-unavailable", (event, data)
+                    await asyncio.sleep(0.5)
+
+            data = await unless_hung(until_started(), "not resumed")  # was: a 10 s deadline
             assert data == {"newSessionRequired": False}
             assert await vf.say("what is my name") == ["Your name is Ada."]
     refused = [r for r in caplog.records if "client.start of session" in r.getMessage()]
@@ -1220,10 +1221,12 @@ async def test_events_sent_while_a_hung_store_is_asked_for_a_key_are_answered_at
     the client's next events waited as long, answered only after the client.start's
     ``error store-unavailable``. Now they are answered at once (``action.status rejected
     not-started``: the client.start is still being answered), the client.start itself
-    gets ``error {code: "store-unavailable"}`` (the session store, not the core) within
-    the command timeout (``socket_timeout``, here 2 s; 5 s by default), and another
-    session's connection on the same instance is answered meanwhile."""
-    timeout_s = 2.0
+    gets ``error {code: "store-unavailable"}`` (the session store, not the core) once
+    Redis fails, and another session's connection on the same instance is answered
+    meanwhile. The lookup hangs until the test cuts Redis off (the command timeout is a
+    minute): "meanwhile" is while it still hangs, not a fraction of a short timeout of
+    the wall clock (was: each < timeout_s / 2 = 1 s, the error < timeout_s + 2 s)."""
+    timeout_s = 60.0
     proxy, redis_url = reply_dropper
     async with served(
         voiceflow_secret=SecretStr(SECRET),
@@ -1236,29 +1239,31 @@ async def test_events_sent_while_a_hung_store_is_asked_for_a_key_are_answered_at
         async with client(url) as vf, client(url) as other:
             proxy.hung = True
             try:
-                began = time.monotonic()
                 await vf.emit(
                     "client.start", {"userID": USER, "projectID": PROJECT, "sessionKey": key}
                 )
                 await vf.send({"type": "text", "payload": "meanwhile"}, "m")
-                event, data = await vf.next()
-                waited = time.monotonic() - began
-                assert event == "action.status", (event, data, waited)  # before: the error
+                # answered while the lookup still hangs: the rejection comes before the
+                # client.start's error (before: after it, at the lookup's timeout), and
+                # another connection is served before that error too (was also: each
+                # < timeout_s / 2 of wall clock)
+                event, data = await unless_hung(vf.next(), "the action's answer")
+                assert event == "action.status", (event, data)  # before: the error
                 assert (event, data["status"], data["reason"]) == (
                     "action.status",
                     "rejected",
                     "not-started",
                 ), (event, data)
-                assert waited < timeout_s / 2, waited  # before: after the lookup's timeout
                 assert await other.start(None) is True  # another connection: served at once
-                assert time.monotonic() - began < timeout_s / 2
-                event, data = await vf.next()
+                assert vf.events.empty(), vf.events  # the lookup still hangs
+                proxy.cut()  # Redis gone: the lookup fails
+                event, data = await unless_hung(vf.next(), "client.start's error")
                 assert (event, data["code"]) == ("error", "store-unavailable"), (event, data)
                 assert "session store" in data["error"]
-                assert time.monotonic() - began < timeout_s + 2.0
                 await vf.nothing_more()
             finally:
                 proxy.hung = False
+                proxy.restore()
 
 
 async def test_an_idle_session_that_times_out_is_ended_with_inactivity_timeout() -> None:
