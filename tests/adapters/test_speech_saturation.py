@@ -45,7 +45,7 @@ from tests.adapters.flowstorm.v1.helpers import (
 from tests.adapters.flowstorm.v2.helpers import KEY, at, events, pcm_chunks, realtime_turn
 from tests.adapters.twilio.harness import ask_twiml, call_sid, parse_twiml
 from tests.adapters.twilio.helpers import AUTH
-from tests.conftest import served
+from tests.conftest import served, unless_hung
 from tests.speech import normalise, wer
 
 PUBLIC_URL = Settings().public_url
@@ -54,10 +54,10 @@ test's client sends it back; Twilio signatures are made for this URL)."""
 PLACE = "tell me about this place"
 MUSIC = "play some music please"
 QUEUE_WAIT_S = 30
-PROMPT_S = 5.0
-"""A refusal must come this soon, client's view (a queued stream would wait QUEUE_WAIT_S).
-Generous: client and server share this test's event loop on a loaded 2-core machine;
-``gateway_stt_refused_total{reason="queue-full"}`` shows they were refused unqueued."""
+"""How long a queued stream would wait. No refusal is timed against it: its reason
+(``gateway_stt_refused_total{reason="queue-full"}``, the Error's text) shows it was
+refused unqueued, and a stream that waited would end as wait-timeout (was PROMPT_S, 5 s
+of wall clock)."""
 
 
 async def metric(base: str, name: str, **labels: str) -> float:
@@ -196,11 +196,13 @@ async def test_the_excess_of_audio_turns_is_refused_at_once_and_text_turns_are_s
             v1_results, v2_results = results[:3], results[3:6]
             (_, (realtime, get_lines)), (_, call), *text_results = results[6:]
 
-            for elapsed, error in v1_results:  # from InputAudioStreamOpen to the Error
-                assert elapsed < PROMPT_S, elapsed
+            # refused at once: by queue-full (the metric below; a wait ends with a
+            # recognizer or, after QUEUE_WAIT_S, as wait-timeout) while the first stream
+            # still holds the recognizer and the second the queue (was also: each within
+            # 5 s of wall clock)
+            for _, error in v1_results:  # from InputAudioStreamOpen to the Error
                 check_busy(error)
-            for elapsed, answer in v2_results:
-                assert elapsed < PROMPT_S, elapsed
+            for _, answer in v2_results:
                 assert answer.status_code == 503, answer.text
                 assert answer.headers["retry-after"] == str(QUEUE_WAIT_S)
                 [error] = events(answer)
@@ -217,9 +219,10 @@ async def test_the_excess_of_audio_turns_is_refused_at_once_and_text_turns_are_s
             assert "<Hangup" in call.text
             assert "<Connect" not in call.text
 
-            for elapsed, answer in text_results:  # all answered, none held up by speech
+            # all answered while the recognizer is still held (its holder speaks only
+            # below): none held up by speech (was also: each < 10 s of wall clock)
+            for _, answer in text_results:
                 assert "Nice to meet you, Ada." in str(answer), answer
-                assert elapsed < 10.0, elapsed
             # the refusals did not wait for a recognizer (which would take QUEUE_WAIT_S)
             assert await metric(url, "gateway_stt_queue_depth") == depth0 + 1
             refused = await metric(url, "gateway_stt_refused_total", reason="queue-full")
@@ -259,11 +262,13 @@ async def test_a_queued_v1_utterance_is_refused_when_its_wait_is_over(
             await init(late)
             start = time.monotonic()
             await open_utterance(late)
-            error = await recv_json(late)
+            error = await unless_hung(recv_json(late), "the queued utterance's refusal")
             waited = time.monotonic() - start
             check_busy(error)
+            # refused by its wait running out (the text, the wait-timeout count below), not
+            # before it (a lower bound; was also: < the wait + 5 s of wall clock)
             assert f"became free within {wait_ms / 1000:g} s" in error["text"], error
-            assert wait_ms / 1000 * 0.8 <= waited < wait_ms / 1000 + PROMPT_S
+            assert waited >= wait_ms / 1000 * 0.8, waited
             timeouts = await metric(url, "gateway_stt_refused_total", reason="wait-timeout")
             assert timeouts - timeouts0 == 1
             # the late connection still serves text; the holder still gets recognised
