@@ -18,6 +18,7 @@ bench:
 	python3 bench/fuzz_parsers.py --workers 2
 	python3 bench/slowloris.py
 	python3 bench/turn_overhead.py
+	python3 bench/ssml_linear.py
 
 openapi:
 	gateway openapi --out openapi/openapi.json
