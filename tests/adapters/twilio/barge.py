@@ -17,12 +17,13 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
+import logging
 import math
 import random
 import time
 from array import array
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -143,8 +144,9 @@ class Sound:
     """How long the bot's audio stopped (None: it did not)."""
     resumed_after_s: float | None = None
     """End of the sound -> the bot's audio flowing again."""
-    resumed_at: float | None = None
-    """When the bot's audio flowed again after its pause (None: it did not pause)."""
+    resumes: int = 0
+    """The gateway's resumes (ResumePlayback, its 'no interruption; resumed' line) from
+    the sound's start until the bot's audio flowed again after it."""
 
 
 @dataclass
@@ -156,8 +158,33 @@ class BackchannelRun:
     inputs: list[str] = field(default_factory=list)
     frames: int = 0
     expected_frames: int = 0
-    last_frame_at: float = 0.0
-    """When the greeting's last media frame came."""
+
+
+class _Resumes(logging.Handler):
+    """Counts the gateway's "speech over the bot was no interruption; resumed" lines
+    (gateway/io/call.py, a ResumePlayback carried out)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().endswith("no interruption; resumed"):
+            self.count += 1
+
+
+@contextmanager
+def _resumes_counted() -> Iterator[_Resumes]:
+    """The gateway's resumes counted for the block (its call logger at DEBUG meanwhile)."""
+    logger = logging.getLogger("gateway.call")
+    counter, level = _Resumes(), logger.level
+    logger.addHandler(counter)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield counter
+    finally:
+        logger.removeHandler(counter)
+        logger.setLevel(level)
 
 
 def _flowing(call: TwilioHarness, since: float) -> bool:
@@ -180,36 +207,37 @@ async def backchannels_call(
     """Say each of ``sounds`` over the greeting, one after the other, ``space_s`` of the
     bot's audio apart; then let the greeting play out. ``overrides``: gateway settings."""
     run = BackchannelRun(expected_frames=await greeting_frames(speech))
-    async with shop_call(speech, **overrides) as (gw, core, call):
-        await call.wait_for(lambda: bool(call.media_frames()), within_s=20)
-        for name, audio in sounds.items():
-            await asyncio.sleep(space_s)
-            if call.clears():
-                break  # a false stop (counted in ``clears``)
-            if gw.answers.heard(call) >= 1:
-                raise RuntimeError("the greeting ended before every sound was made")
-            said = call.say(audio)
-            onset = await said.started
-            end = await said.finished - 1.2  # the quiet after the sound
-            # the bot's audio flows again (or never stopped); a hang guard, not a figure
-            try:
-                await call.wait_for(functools.partial(_flowing, call, end + 0.3), within_s=30)
-            except TimeoutError:
-                raise AssertionError(
-                    f"hung: the bot's audio did not go on after {name!r}"
-                ) from None
-            sound = Sound(name, onset, end)
-            if gap := _gap_after(call, onset):
-                sound.paused_s = gap[1] - gap[0]
-                sound.resumed_after_s = gap[1] - end
-                sound.resumed_at = gap[1]
-            run.sounds.append(sound)
-        # the greeting played out (or was cut: a false stop, counted in ``clears``)
-        await gw.wait_answers(call, 1, within_s=40)
-        run.clears = len(call.clears())
-        run.inputs = [r["input"]["transcript"]["text"] for r in core.state.requests]
-        run.frames = len(call.media_frames())
-        run.last_frame_at = call.media_frames()[-1].at if run.frames else 0.0
+    # (the resume's line is logged as it is carried out: before the audio goes on)
+    with _resumes_counted() as resumes:
+        async with shop_call(speech, **overrides) as (gw, core, call):
+            await call.wait_for(lambda: bool(call.media_frames()), within_s=20)
+            for name, audio in sounds.items():
+                await asyncio.sleep(space_s)
+                if call.clears():
+                    break  # a false stop (counted in ``clears``)
+                if gw.answers.heard(call) >= 1:
+                    raise RuntimeError("the greeting ended before every sound was made")
+                resumed_before = resumes.count
+                said = call.say(audio)
+                onset = await said.started
+                end = await said.finished - 1.2  # the quiet after the sound
+                # the bot's audio flows again (or never stopped); a hang guard, not a figure
+                try:
+                    await call.wait_for(functools.partial(_flowing, call, end + 0.3), within_s=30)
+                except TimeoutError:
+                    raise AssertionError(
+                        f"hung: the bot's audio did not go on after {name!r}"
+                    ) from None
+                sound = Sound(name, onset, end, resumes=resumes.count - resumed_before)
+                if gap := _gap_after(call, onset):
+                    sound.paused_s = gap[1] - gap[0]
+                    sound.resumed_after_s = gap[1] - end
+                run.sounds.append(sound)
+            # the greeting played out (or was cut: a false stop, counted in ``clears``)
+            await gw.wait_answers(call, 1, within_s=40)
+            run.clears = len(call.clears())
+            run.inputs = [r["input"]["transcript"]["text"] for r in core.state.requests]
+            run.frames = len(call.media_frames())
     return run
 
 

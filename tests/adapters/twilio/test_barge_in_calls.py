@@ -14,10 +14,7 @@ generated noise through the real VAD and pocketsphinx, a user core over HTTP
 
 from __future__ import annotations
 
-import logging
 from typing import Any
-
-import pytest
 
 from gateway.events import HEARD, INTERRUPTED, UNHEARD
 from gateway.speech.service import SpeechService
@@ -47,9 +44,8 @@ def heard_its_first_words(attributes: dict[str, Any]) -> None:
 
 
 async def test_backchannels_and_noise_do_not_stop_the_bot(
-    speech: SpeechService, piper: PiperSynthesizer, caplog: pytest.LogCaptureFixture
+    speech: SpeechService, piper: PiperSynthesizer
 ) -> None:
-    caplog.set_level(logging.DEBUG, logger="gateway.call")
     sounds = {text: await spoken(piper, text) for text in BACKCHANNELS}
     sounds.update(noises())
     run = await backchannels_call(speech, sounds)
@@ -59,22 +55,17 @@ async def test_backchannels_and_noise_do_not_stop_the_bot(
     assert len(run.sounds) == len(sounds)
     paused = [s for s in run.sounds if s.paused_s is not None]
     assert {s.name for s in paused} >= set(BACKCHANNELS), run  # each was heard (paused)
-    # the bot goes on after each sound by itself (300 ms of quiet, or the sound's
-    # final), between the sounds: its audio flowed again before the caller's next sound
-    # began, and before the greeting's end (not at the call's end, nor after a turn: the
-    # only input is the intro). How soon is bench/barge_in.py's figure, not checked here
-    # (the harness shares the gateway's event loop: a loaded CI machine took 1.51 s for a
-    # cough whose pause itself came 1.7 s late)
-    for sound, after in zip(run.sounds, [*run.sounds[1:], None], strict=True):
-        if sound.paused_s is None:
-            continue
-        assert sound.resumed_at is not None, sound
-        assert sound.resumed_at > sound.onset, sound
-        if after is not None:
-            assert sound.resumed_at < after.onset, (sound, after)
-        assert sound.resumed_at <= run.last_frame_at, (sound, run)
-    resumed = [r for r in caplog.records if r.getMessage().endswith("no interruption; resumed")]
-    assert len(resumed) >= len(paused), run  # each pause ended by the gateway's resume
+    # the bot goes on after each sound by itself: backchannels_call waits for its audio
+    # to flow again before the caller's next sound (a 30 s hang guard), and each
+    # backchannel's pause was ended by the gateway's resume (300 ms of quiet, or the
+    # sound's final) meanwhile, not by a turn (the only input is the intro) or the
+    # call's end. How soon is bench/barge_in.py's figure, not checked here (the harness
+    # shares the gateway's event loop: a loaded CI machine took 1.51 s for a cough whose
+    # pause itself came 1.7 s late). (Only the backchannels: a gap in a noise's frames
+    # may be a stall of the loaded loop, which no resume ends.)
+    for sound in run.sounds:
+        if sound.name in BACKCHANNELS:
+            assert sound.resumes >= 1, sound
 
 
 async def test_a_real_interruption_silences_the_bot_while_the_caller_speaks_and_says_what_was_heard(
