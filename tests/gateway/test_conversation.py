@@ -471,16 +471,22 @@ def hanging_core(
 
 
 async def test_the_error_turn_of_a_turn_that_timed_out_answers(
-    core: tuple[str, FastAPI],
+    core: tuple[str, FastAPI], caplog: pytest.LogCaptureFixture
 ) -> None:
     """A core that does not answer the turn within GATEWAY_TURN_TIMEOUT_S and answers
     ``#error`` at once: the ``#error`` answer comes, though no time of the turn is left
-    (the ``#error`` turn has at least GATEWAY_ERROR_TURN_MIN_S)."""
+    (the ``#error`` turn has at least GATEWAY_ERROR_TURN_MIN_S). The turn was cut by its
+    timeout (its failure logged as such), not by anything else; the core holds it until
+    the test ends, so a turn not cut fails as hung."""
     url, app = core
     release = hanging_core(app, "/hang-turn", {"hello"})
     conv = engine(pipeline=f"{url}/hang-turn", error_turn=True, turn_timeout_s=1.5)
     try:
-        events = await conv.turn(ctx(), Input.of("hello")).collect()
+        with caplog.at_level(logging.WARNING, logger="gateway.conversation"):
+            events = await unless_hung(
+                conv.turn(ctx(), Input.of("hello")).collect(), "the turn was not cut"
+            )
+        assert "did not answer within 1.5 s." in caplog.text
         assert texts(events) == ["sorry: #error"]
         assert isinstance(events[-1], ResponseEvent)
         assert app.state.requests == ["hello", "#error"]
