@@ -25,6 +25,7 @@ Thin I/O around :mod:`adapters.twilio.protocol` (the call, sans I/O) and
 - ``POST /twilio/status`` — the stream's status callback (``stream-started``,
   ``stream-stopped``, ``stream-error``): verified the same way, logged (a
   ``stream-error`` at WARNING), kept in ``app.state.twilio.status_events`` (the last
+  256, each value cut to 256 characters; logged cut to 64, its ``StreamError`` to
   256), answered 204. The call status callbacks of calls placed by POST /v1/calls
   (``CallStatus``, ``Direction`` ``outbound-api`` and no ``StreamEvent``;
   adapters/twilio/calls.py) come here too: the
@@ -178,6 +179,9 @@ log = logging.getLogger("adapters.twilio")
 HANGUP_GRACE_S: Final = 3.0
 """After a REST hang-up, how long Twilio gets to stop the stream before it is closed here."""
 STATUS_EVENTS_KEPT: Final = 256
+STATUS_VALUE_CHARS: Final = 256
+"""Characters of each value of a status callback kept and logged (its ``StreamError``);
+the other values are logged cut to :data:`gateway.protocol.CLIPPED_CHARS`."""
 
 
 # ------------------------------------------------------------------ per-app state
@@ -443,15 +447,19 @@ async def status(request: Request) -> Response:
             to=to,
         )
         return Response(status_code=204)
-    event = {name: params.get(name, "") for name in STATUS_FIELDS}
+    # kept and logged cut short: the values are the request's (bounded by the body only)
+    event = {
+        name: clipped(params.get(name, ""), STATUS_VALUE_CHARS, quote=False)
+        for name in STATUS_FIELDS
+    }
     channel_of(request).status_events.append(event)
     level = logging.WARNING if event["StreamEvent"] == "stream-error" else logging.INFO
     log.log(
         level,
         "Twilio %s: call %s stream %s%s",
-        event["StreamEvent"] or "status",
-        event["CallSid"] or "?",
-        event["StreamSid"] or "?",
+        clipped(event["StreamEvent"], quote=False) or "status",
+        clipped(event["CallSid"], quote=False) or "?",
+        clipped(event["StreamSid"], quote=False) or "?",
         f": {event['StreamError']}" if event["StreamError"] else "",
     )
     if (  # (call_sid is event["CallSid"])
@@ -622,7 +630,11 @@ async def twilio_amd(request: Request) -> Response:
     if refused is not None:
         return refused
     call_sid, answered_by = params.get("CallSid", ""), params.get("AnsweredBy", "")
-    log.info("Twilio call %s answered by %s", call_sid or "?", answered_by or "?")
+    log.info(  # the request's values, cut short
+        "Twilio call %s answered by %s",
+        clipped(call_sid, quote=False) or "?",
+        clipped(answered_by, quote=False) or "?",
+    )
     if twilio_control.is_machine(answered_by):
         if not CALL_SID.fullmatch(call_sid):
             return problem(400, "Bad Request", "Expected a CallSid (CA + 32 hex digits).")

@@ -182,6 +182,35 @@ async def test_status_callbacks_are_recorded(gw: Served, caplog: pytest.LogCaptu
     assert len(gw.channel.status_events) == 1
 
 
+@pytest.mark.parametrize("path", ["/twilio/status", "/twilio/amd"])
+async def test_a_callback_s_overlong_values_are_logged_and_kept_cut_short(
+    gw: Served, path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A status or answering-machine callback's values are quoted in its log line (and a
+    status callback's kept in status_events) cut short (gateway.protocol.clipped): they
+    were copied whole, so 100 KB values made a 300 KB log line, and 256 such callbacks
+    kept 256 of them."""
+    caplog.set_level(logging.INFO, "adapters.twilio")
+    long = 100_000
+    event = {
+        "CallSid": "C" * long,
+        "StreamSid": "M" * long,
+        "StreamEvent": "stream-error",
+        "StreamError": "E" * long,
+        "AnsweredBy": "h" * long,
+        "Timestamp": "T" * long,
+    }
+    url = PUBLIC + path
+    answer = await post_form(gw, path, event, {"X-Twilio-Signature": sign(AUTH, url, event)})
+    assert answer.status_code == 204
+    [line] = [r.getMessage() for r in caplog.records if r.name == "adapters.twilio"]
+    assert "C" * 64 + "…" in line
+    assert len(line) < 1000
+    for kept in gw.channel.status_events:
+        assert all(len(value) <= 1000 for value in kept.values())
+        assert kept["StreamError"].startswith("E" * 200)
+
+
 async def test_stream_ended_elsewhere_closes_the_calls_session(gw: Served) -> None:
     """A stream-stopped/-error for a call no process here serves (its instance died)
     ends the call's session instead of leaving it open until it expires."""
