@@ -71,6 +71,10 @@ webhook signed with a shared key (the twilio library's name for it)."""
 SHARED_KEY_SETTING: Final = "GATEWAY_TWILIO_WEBHOOK_SHARED_KEY"
 AUTH_TOKEN_SETTING: Final = "GATEWAY_TWILIO_AUTH_TOKEN"
 
+URL_CHARS: Final = 200
+"""The most of a refused request's URL its refusal names (its query, or a stream's token,
+is the requester's)."""
+
 CALL_SID: Final = re.compile(r"CA[0-9a-fA-F]{32}")
 """Twilio call SIDs: ``CA`` and 32 hex digits."""
 
@@ -152,7 +156,8 @@ class SignatureVerifier:
         clipped): no signature; the header with an algorithm the library does not
         support; the header and no shared key configured, or no header and no auth
         token (the reason and ``detail`` name the missing setting); a signature that
-        does not sign the request.
+        does not sign the request (the reason names ``url``'s first :data:`URL_CHARS`
+        characters).
         """
         if not self.enabled:
             return
@@ -185,8 +190,10 @@ class SignatureVerifier:
                     f"and this gateway has none configured ({SHARED_KEY_SETTING}).",
                 )
         if not validator.validate(url, params if params is not None else {}, signature, algorithm):
+            # the URL's query (a webhook's) or path (a stream's token) is the requester's: cut
+            named = clipped(url, URL_CHARS, quote=False)
             raise TwilioVerificationError(
-                f"{SIGNATURE_HEADER} does not sign {url} (checked with {key}, "
+                f"{SIGNATURE_HEADER} does not sign {named} (checked with {key}, "
                 f"{clipped(algorithm, quote=False)})"
             )
 

@@ -182,6 +182,29 @@ async def test_status_callbacks_are_recorded(gw: Served, caplog: pytest.LogCaptu
     assert len(gw.channel.status_events) == 1
 
 
+async def test_a_forged_request_s_long_url_is_named_cut_short(
+    gw: Served, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The refusal of a forged webhook or stream names the URL it checked cut short (as
+    Plivo's does): anyone's query (up to 64 KB) or stream path (up to 8 KB) was copied
+    whole into the WARNING line, for each refusal of the burst."""
+    caplog.set_level(logging.WARNING)
+    long = "a" * 60_000
+    headers = {"X-Twilio-Signature": sign(AUTH, PUBLIC + "/twilio/voice", FORM)}
+    answer = await post_form(gw, f"/twilio/voice?x={long}", FORM, headers)
+    assert answer.status_code == 403
+    with pytest.raises(InvalidStatus) as refused:
+        stream = f"{gw.url.replace('http', 'ws')}/twilio/stream/{long[:7000]}"
+        async with connect(stream, additional_headers={"X-Twilio-Signature": "AAAA"}):
+            pass
+    assert refused.value.response.status_code == 403
+    lines = [r.getMessage() for r in caplog.records if "does not sign" in r.getMessage()]
+    assert len(lines) == 2
+    assert f"does not sign {PUBLIC}/twilio/voice?x=aaa" in lines[0]
+    assert f"does not sign {PUBLIC.replace('https', 'wss')}/twilio/stream/aaa" in lines[1]
+    assert all("a…" in line and len(line) < 1000 for line in lines), [len(x) for x in lines]
+
+
 @pytest.mark.parametrize("path", ["/twilio/status", "/twilio/amd"])
 async def test_a_callback_s_overlong_values_are_logged_and_kept_cut_short(
     gw: Served, path: str, caplog: pytest.LogCaptureFixture
