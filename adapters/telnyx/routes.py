@@ -5,7 +5,9 @@ part of the call control (gateway/calls.py).
 GATEWAY_TELNYX_PUBLIC_KEY; 401/403 problem, 403 when no key is configured, and 403 for a
 replay: a signature is used once, on every instance, through the gateway's one-time key
 store while its timestamp could pass, 503 with ``Retry-After`` while that store does not
-answer).
+answer). Telnyx signs ``timestamp|body``, not the URL: a signature is bound to the first
+route it came to (:func:`gateway.io.call.bind_signature_to_route`) and refused (403) on
+every other Telnyx route, even once a 5xx released its key for the redelivery.
 ``call.machine.detection.ended`` (and the premium variant) with a machine result is handed
 as ``#machine`` (attributes ``answeredBy``) to the call's stream on whichever instance
 serves it, through the bus (gateway/io/call.py ``announce_machine``, under its
@@ -191,6 +193,7 @@ from gateway.io.call import (
     announce_machine,
     answer_token,
     answered_once,
+    bind_signature_to_route,
     call_config,
     call_moving,
     call_served,
@@ -627,7 +630,9 @@ async def _signed_body(
     signature used and whether the request is a retry, when the Ed25519 signature is good
     and was not used before; else the problem to answer (400, 401 or 403; 403 too for a
     replay: the signature is remembered, on every instance, for as long as its timestamp
-    could pass; 503 with ``Retry-After`` while the one-time key store does not answer).
+    could pass, and bound to the route it first came to: on another route it is a replay
+    too, :func:`gateway.io.call.bind_signature_to_route`; 503 with ``Retry-After`` while
+    the one-time key store does not answer).
     A webhook route answers through :func:`gateway.io.call.answered_once` with the key, so
     that a webhook it answers with a 5xx (Telnyx delivers it again) does not stay used.
 
@@ -650,6 +655,10 @@ async def _signed_body(
     verifier = TelnyxVerifier(settings.telnyx_public_key)
     try:
         key = "telnyx:signature:" + verifier.check_headers(body, request.headers, time.time())
+        # the signature does not cover the URL: a key used on one route never passes on
+        # another (a status callback answered 5xx, its key released, is no TeXML answer)
+        route = request.url.path
+        await bind_signature_to_route(gw.nonces, key, route, verifier.replay_window_s, replayed())
         retry = False
         if answer:
             sent = request_key(request.method, request.url.path, request.url.query, body)

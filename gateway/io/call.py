@@ -24,6 +24,8 @@ is refused; :func:`nonce_store_unavailable` is the 503 while the store does not 
 :func:`answered_once` releases that key again when the webhook's answer asks the carrier
 to deliver it again (a 5xx: a machine result the bus could not hand on), so the
 redelivery (the same signature) is not refused as a replay.
+:func:`bind_signature_to_route` binds a signature that does not cover the URL (Telnyx's)
+to the route it first came to, so a key released there never passes on another route.
 :func:`use_signature_for_request` binds the key to the request it came with instead: the
 same request sent again within :data:`~gateway.callcodec.RETRY_WINDOW_S` (a retry,
 whatever the first answer was) is answered again, another request with the key refused
@@ -346,6 +348,33 @@ async def use_signature_once(
     answer (:func:`nonce_store_unavailable` is then the answer). Call it only after the
     signature passed, so that forged requests use no keys."""
     if not await gw.nonces.use_once(key, ttl_s):
+        raise replayed
+
+
+async def bind_signature_to_route(
+    nonces: NonceStore, key: str, route: str, ttl_s: float, replayed: VerificationRefused
+) -> None:
+    """Bind a signed webhook's replay ``key`` to the ``route`` (the URL path) it is first
+    used on, for ``ttl_s`` seconds (as long as the signature could pass its verifier),
+    among every instance (``nonces``, the gateway's one-time key store): for a signature
+    that does not cover the URL (Telnyx's ``timestamp|body``), whose key
+    :func:`answered_once` releases on a 5xx. Call it, after the signature passed, before
+    the key's use (:func:`use_signature_once`, :func:`use_signature_for_request`).
+
+    Returns when ``route`` is the first route the key came to (the key's later uses there,
+    a redelivery after a 5xx or a retry, are then the key's own business); raises
+    ``replayed`` when it first came to another route, whether or not that use released
+    the key (a status callback answered 5xx replayed to the answer route, which would hand
+    out the call's stream token), and StoreUnavailable when the store does not answer.
+
+    Two marks that are never released: ``{key}:seen`` (the key came to some route) and
+    ``{key}:on:{route}``, set only by the request that set ``{key}:seen``, so no mark of
+    another route is ever set. A store that fails between the two leaves the key bound to
+    no route: refused everywhere (Telnyx's redelivery too), never accepted on two."""
+    if await nonces.use_once(f"{key}:seen", ttl_s):
+        await nonces.use_once(f"{key}:on:{route}", ttl_s)
+        return
+    if not await nonces.used(f"{key}:on:{route}"):
         raise replayed
 
 

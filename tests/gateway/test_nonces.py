@@ -19,6 +19,8 @@ from pydantic import SecretStr
 from gateway import redisconn
 from gateway.app import create_app
 from gateway.breaker import outage_level
+from gateway.callcodec import VerificationRefused
+from gateway.io.call import bind_signature_to_route
 from gateway.nonces import MemoryNonceStore, NonceStore, RedisNonceStore
 from gateway.sessions import StoreUnavailable, redis_client
 from gateway.settings import Settings
@@ -85,6 +87,24 @@ async def test_a_released_key_can_be_used_again_once(
     assert await one.use_once(key, 30) is False
     assert await other.use_once(key, 30) is False
     await other.release(secrets.token_hex(8))
+
+
+async def test_a_signature_is_bound_to_the_route_it_first_came_to(
+    stores: tuple[NonceStore, NonceStore],
+) -> None:
+    """:func:`gateway.io.call.bind_signature_to_route` on any instance: a key's first route
+    takes it again (a redelivery), every other route is refused, whether or not the key
+    itself was released in between."""
+    one, other = stores
+    key, refused = f"telnyx:signature:{secrets.token_hex(8)}", VerificationRefused("replayed")
+    await bind_signature_to_route(one, key, "/telnyx/status", 30, refused)
+    assert await one.use_once(key, 30)
+    await one.release(key)  # answered 5xx
+    await bind_signature_to_route(other, key, "/telnyx/status", 30, refused)
+    for store in (one, other):
+        with pytest.raises(VerificationRefused):
+            await bind_signature_to_route(store, key, "/telnyx/texml", 30, refused)
+    await bind_signature_to_route(other, key, "/telnyx/status", 30, refused)
 
 
 async def test_used_reads_a_key_without_using_it(stores: tuple[NonceStore, NonceStore]) -> None:
@@ -199,16 +219,16 @@ async def test_a_full_memory_store_refuses_new_keys_and_forgets_no_used_one(
 
 
 async def test_a_webhook_is_refused_503_while_the_memory_store_is_full() -> None:
-    """The embedded store (no Redis) with room for four keys: two signed Telnyx TeXML
-    answers are taken (two keys each: the signature and the request it came with), a
-    third is refused 503 with ``Retry-After`` (before: taken, the first's signature
-    forgotten), and a replay of the first's signature (with another query) is still
+    """The embedded store (no Redis) with room for eight keys: two signed Telnyx TeXML
+    answers are taken (four keys each: the signature, the request it came with and the
+    two marks binding it to its route), a third is refused 503 with ``Retry-After``
+    (before: taken, the first's signature forgotten), and a replay of the first's signature (with another query) is still
     refused (before: taken)."""
     update = {"telnyx_api_key": SecretStr("KEY-T"), "telnyx_public_key": TELNYX_PUBLIC_KEY}
     settings = Settings().model_copy(update=update)
     app = create_app(settings)
     async with served_app(app, settings) as url, httpx.AsyncClient(base_url=url) as client:
-        app.state.gateway.nonces = MemoryNonceStore(max_keys=4)
+        app.state.gateway.nonces = MemoryNonceStore(max_keys=8)
         bodies = [json.dumps({"CallSid": f"v3:{uuid.uuid4().hex}"}).encode() for _ in range(3)]
         headers = [signed(body) for body in bodies]
         answers = [

@@ -1052,3 +1052,53 @@ async def test_a_texml_stream_error_of_a_call_nobody_serves_hangs_it_up_and_ends
         assert f"Telnyx call {ccid}: its media stream failed ('Connection timeout xxx" in line
         assert "x" * 300 not in line
         assert await session_of(gw, live) is not None
+
+
+async def test_a_status_callback_answered_503_is_refused_on_the_answer_route(
+    speech: SpeechService, redis_url: str, redis_prefix: str
+) -> None:
+    """Telnyx signs ``timestamp|body``, not the URL. A ``/telnyx/status`` stream-error
+    callback (it carries the ``CallSid``) answered 503 while the bus is down has its
+    signature's key released for Telnyx's redelivery; posted to ``/telnyx/texml`` it passed
+    then, a TeXML answer with a stream token for that call. A key first used on one route
+    is now refused (403) on every other, released or not; the redelivery to the same route
+    is still served; a signature first used on ``/telnyx/texml`` is refused on
+    ``/telnyx/status``."""
+    shared: dict[str, Any] = {"redis_url": redis_url, "redis_prefix": redis_prefix}
+    down = redis_client(f"redis://127.0.0.1:{refused_port()}/0")
+    async with (
+        CARRIER.gateway(speech, **shared) as (gw, api),
+        httpx.AsyncClient(base_url=gw.url) as client,
+    ):
+        ccid, orphan = await orphan_call(gw)
+        status = "/telnyx/status?appKey=sales"  # the orphan's application
+        event = texml_stream_event(ccid, "stream-error", "Connection timeout")
+        headers = form_signed(event)
+        state = gw.app.state.gateway
+        bus, state.bus = state.bus, RedisBus(down, prefix=redis_prefix)
+        hook = await client.post(status, content=event, headers=headers)
+        assert hook.status_code == 503, hook.text
+        state.bus = bus
+
+        stolen = await client.post("/telnyx/texml?appKey=sales", content=event, headers=headers)
+        assert stolen.status_code == 403, stolen.text  # before: 200, a stream token
+        assert "token=" not in stolen.text
+        assert "was used already" in stolen.json()["detail"]
+
+        hook = await client.post(status, content=event, headers=headers)
+        assert hook.status_code == 200, hook.text  # Telnyx's redelivery
+        assert hangups(api, ccid) == 1
+        assert await session_of(gw, orphan) is None
+        again = await client.post(status, content=event, headers=headers)
+        assert again.status_code == 403, again.text  # handled: a replay now
+
+        body = json.dumps({"CallSid": "v3:" + uuid.uuid4().hex}).encode()
+        answer_headers = signed(body)
+        answer = await client.post("/telnyx/texml", content=body, headers=answer_headers)
+        assert answer.status_code == 200, answer.text
+        retry = await client.post("/telnyx/texml", content=body, headers=answer_headers)
+        assert retry.status_code == 200, retry.text  # Telnyx's retry of the answer
+        assert retry.text == answer.text
+        moved = await client.post("/telnyx/status", content=body, headers=answer_headers)
+        assert moved.status_code == 403, moved.text
+    await redisconn.aclose(down)
