@@ -367,12 +367,25 @@ async def bind_signature_to_route(
     the key (a status callback answered 5xx replayed to the answer route, which would hand
     out the call's stream token), and StoreUnavailable when the store does not answer.
 
-    Two marks that are never released: ``{key}:seen`` (the key came to some route) and
-    ``{key}:on:{route}``, set only by the request that set ``{key}:seen``, so no mark of
-    another route is ever set. A store that fails between the two leaves the key bound to
-    no route: refused everywhere (Telnyx's redelivery too), never accepted on two."""
+    Two marks that are never released once both are set: ``{key}:seen`` (the key came to
+    some route) and ``{key}:on:{route}``, set only by the request that set ``{key}:seen``,
+    so no mark of another route is ever set. When the store refuses the second mark (the
+    embedded store full, deterministically whenever the first mark took its last room;
+    Redis failing between the two), both marks are released again (the route's first)
+    before StoreUnavailable is raised: the request is answered 503 unhandled, as if the key had
+    never come, so Telnyx's redelivery binds it (else it stayed bound to no route:
+    refused everywhere, the webhook lost for good). Only when that release fails too is
+    the key left bound to no route: refused everywhere, never accepted on two."""
     if await nonces.use_once(f"{key}:seen", ttl_s):
-        await nonces.use_once(f"{key}:on:{route}", ttl_s)
+        try:
+            await nonces.use_once(f"{key}:on:{route}", ttl_s)
+        except StoreUnavailable:
+            with contextlib.suppress(StoreUnavailable):
+                # the route's mark first (Redis may have set it, its answer lost): a
+                # ``{key}:seen`` released while it stayed could let the key pass on two
+                await nonces.release(f"{key}:on:{route}")
+                await nonces.release(f"{key}:seen")
+            raise
         return
     if not await nonces.used(f"{key}:on:{route}"):
         raise replayed

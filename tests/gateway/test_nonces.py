@@ -243,6 +243,34 @@ async def test_a_webhook_is_refused_503_while_the_memory_store_is_full() -> None
         assert "replayed" in replay.json()["detail"]
 
 
+async def test_a_webhook_refused_503_between_its_route_marks_is_taken_when_redelivered() -> None:
+    """The embedded store with one key's room left: a signed Telnyx webhook's first mark
+    (``{key}:seen``) takes it, the second (``{key}:on:{route}``) is refused, the webhook
+    answered 503 with ``Retry-After``. Once there is room, Telnyx's redelivery (the same
+    signature, the same route) is taken (before: 403 as a replay, ``{key}:seen`` kept and
+    bound to no route, the webhook lost for good); on another route it is still refused."""
+    update = {"telnyx_api_key": SecretStr("KEY-T"), "telnyx_public_key": TELNYX_PUBLIC_KEY}
+    settings = Settings().model_copy(update=update)
+    app = create_app(settings)
+    async with served_app(app, settings) as url, httpx.AsyncClient(base_url=url) as client:
+        store = app.state.gateway.nonces = MemoryNonceStore(max_keys=3)
+        fillers = [secrets.token_hex(8) for _ in range(2)]
+        for filler in fillers:
+            assert await store.use_once(filler, 30)
+        body = json.dumps({"data": {"event_type": "call.bridged", "payload": {}}}).encode()
+        head = signed(body)
+        full = await client.post("/telnyx/outbound", content=body, headers=head)
+        assert full.status_code == 503, full.text
+        assert full.headers["Retry-After"] == "1"
+        for filler in fillers:
+            await store.release(filler)
+        redelivered = await client.post("/telnyx/outbound", content=body, headers=head)
+        assert redelivered.status_code == 200, redelivered.text  # before: 403, replayed
+        moved = await client.post("/telnyx/status", content=body, headers=head)
+        assert moved.status_code == 403, moved.text
+        assert "replayed" in moved.json()["detail"]
+
+
 class _Instant(float):
     """A clock reading (and the expiries computed from it) that counts its comparisons:
     the work the store does to keep its keys, seen without touching the store's code."""
