@@ -88,6 +88,13 @@ SESSION_NAMESPACES = (*PUSH_NAMESPACES, "alexa", "google", "dialogflow", "twilio
 """Session namespaces the session view (GET /v1/sessions/{id}) looks in, in order."""
 
 
+NO_STORE_PATHS: Final = ("/v1/", "/metrics")
+"""Path prefixes whose answers say ``Cache-Control: no-store`` (RFC 9111): the admin API's
+(a session view or a push's answer names the session id, a Flowstorm client's bearer
+credential, and its app key; a call's record its numbers' outcome) and ``/metrics``
+(what GATEWAY_METRICS_TOKEN guards). See :class:`RequestIdMiddleware`."""
+
+
 GC_THRESHOLD: Final = 10_000
 """The cyclic collector's first threshold under ``gateway serve`` (CPython's default: 700).
 
@@ -239,7 +246,7 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
     }
 
     def build_middleware_stack() -> ASGIApp:
-        return RequestIdMiddleware(build_stack(), direct=direct)
+        return RequestIdMiddleware(build_stack(), direct=direct, no_store=NO_STORE_PATHS)
 
     app.build_middleware_stack = build_middleware_stack  # type: ignore[method-assign]
     app.include_router(flowstorm_v2_router)

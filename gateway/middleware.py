@@ -1,4 +1,5 @@
-"""ASGI middleware of the gateway: request ids, and direct dispatch of the turn routes."""
+"""ASGI middleware of the gateway: request ids, ``Cache-Control: no-store`` on the
+operators' answers, and direct dispatch of the turn routes."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from gateway.pipeline.base import REQUEST_ID
 from gateway.turn import uuid4_hex
 
 _VALID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_NO_STORE = (b"cache-control", b"no-store")
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 """An endpoint that takes only the request and returns its whole answer."""
@@ -42,11 +44,23 @@ class RequestIdMiddleware:
     answer sent when the endpoint's had not begun; the exception then goes on up to the
     server), as from the route: the direct endpoints run outside Starlette's
     ServerErrorMiddleware, which this middleware wraps.
+
+    An HTTP answer to a request whose path starts with one of ``no_store`` (the admin
+    API's ``/v1/``, ``/metrics``: answers naming sessions, their app keys, or what a
+    token guards) gets ``Cache-Control: no-store`` (RFC 9111 section 5.2.2.5), its
+    refusals too, unless it set a ``Cache-Control`` of its own: no browser or proxy
+    cache keeps it.
     """
 
-    def __init__(self, app: ASGIApp, direct: Mapping[tuple[str, str], Endpoint] = {}) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        direct: Mapping[tuple[str, str], Endpoint] = {},
+        no_store: tuple[str, ...] = (),
+    ) -> None:
         self.app = app
         self.direct = dict(direct)
+        self.no_store = no_store
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -61,13 +75,17 @@ class RequestIdMiddleware:
                 await self.app(scope, receive, send)
                 return
             header = (b"x-request-id", request_id.encode())
+            private = bool(self.no_store) and scope["path"].startswith(self.no_store)
             started = False
 
             async def send_with_id(message: Message) -> None:
                 nonlocal started
                 if message["type"] == "http.response.start":
                     started = True
-                    message = {**message, "headers": [*message.get("headers", ()), header]}
+                    headers = [*message.get("headers", ()), header]
+                    if private and not any(k.lower() == b"cache-control" for k, _ in headers):
+                        headers.append(_NO_STORE)
+                    message = {**message, "headers": headers}
                 await send(message)
 
             endpoint = self.direct.get((scope["method"], scope["path"]))

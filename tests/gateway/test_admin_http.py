@@ -1,0 +1,83 @@
+"""The operator-facing HTTP answers (the admin API under ``/v1/``, ``/metrics``) through a
+real gateway served by uvicorn, on a real Redis: what they tell caches."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+from pydantic import SecretStr
+from websockets.asyncio.client import connect
+
+from tests.adapters.flowstorm.v1.helpers import ws_url
+from tests.calls.test_call_outcomes import AUTHORIZED, twilio_placing, twilio_status
+from tests.conftest import served
+from tests.gateway.test_push import ADMIN, AUTH, hello
+
+METRICS_TOKEN = "metrics-token-for-tests"
+
+
+async def test_admin_and_metrics_answers_are_never_stored_by_a_cache(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """The session view and a push's answer carry the session id (the bearer credential of
+    Flowstorm clients) and its app key, ``/metrics`` what the token guards: each answer,
+    a refusal too, says ``Cache-Control: no-store`` (RFC 9111 section 5.2.2.5), so no
+    browser or proxy cache keeps it. They said nothing; the channels' own answers are
+    left as they were."""
+    settings: dict[str, Any] = {
+        "redis_url": redis_url,
+        "redis_prefix": redis_prefix,
+        "admin_keys": frozenset({ADMIN}),
+        "metrics_token": SecretStr(METRICS_TOKEN),
+    }
+    metrics = {"Authorization": f"Bearer {METRICS_TOKEN}"}
+    async with served(**settings) as url, httpx.AsyncClient(base_url=url) as client:
+        async with connect(ws_url(url)) as ws:
+            await hello(ws, "no-store-1")
+        answers = {
+            "view": await client.get("/v1/sessions/no-store-1", headers=AUTH),
+            "view HEAD": await client.head("/v1/sessions/no-store-1", headers=AUTH),
+            "unknown session": await client.get("/v1/sessions/nobody", headers=AUTH),
+            "push": await client.post(
+                "/v1/push",
+                json={"target": {"sessionId": "no-store-1"}, "items": [{"text": "Hi."}]},
+                headers=AUTH,
+            ),
+            "no key": await client.get("/v1/sessions/no-store-1"),
+            "bad body": await client.post("/v1/push", content=b"{", headers=AUTH),
+            "405": await client.delete("/v1/sessions/no-store-1", headers=AUTH),
+            "metrics": await client.get("/metrics", headers=metrics),
+            "metrics HEAD": await client.head("/metrics", headers=metrics),
+            "metrics refused": await client.get("/metrics"),
+        }
+        statuses = {name: answer.status_code for name, answer in answers.items()}
+        assert statuses == {
+            "view": 200,
+            "view HEAD": 200,
+            "unknown session": 404,
+            "push": 202,
+            "no key": 401,
+            "bad body": 415,
+            "405": 405,
+            "metrics": 200,
+            "metrics HEAD": 200,
+            "metrics refused": 401,
+        }
+        assert answers["view"].json()["sessionId"] == "no-store-1"
+        for name, answer in answers.items():
+            assert answer.headers.get_list("cache-control") == ["no-store"], name
+        # a channel's answer and the health probes are not the admin API's: unchanged
+        for path in ("/healthz", "/readyz"):
+            assert "cache-control" not in (await client.get(path)).headers, path
+
+    async with twilio_placing() as (client, _):
+        body = {"carrier": "twilio", "to": "+15550100", "from": "+15550199", "appKey": "twilio"}
+        placed = await client.post("/v1/calls", json=body, headers=AUTHORIZED)
+        assert placed.status_code == 201, placed.text
+        sid = placed.json()["callId"]
+        assert await twilio_status(client, sid, "busy") == 204
+        outcome = await client.get(f"/v1/calls/{sid}", headers=AUTHORIZED)
+        assert outcome.status_code == 200, outcome.text
+        for answer in (placed, outcome):
+            assert answer.headers.get_list("cache-control") == ["no-store"], answer.url
