@@ -15,7 +15,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gateway.pipeline.base import REQUEST_ID
 from gateway.turn import uuid4_hex
 
-_VALID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_VALID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+"""A request id taken from the client, whole (``fullmatch``: ``$`` matched before a final
+line feed, which was then echoed in the answer's header)."""
 _NO_STORE = (b"cache-control", b"no-store")
 
 Endpoint = Callable[[Request], Awaitable[Response]]
@@ -68,7 +70,7 @@ class RequestIdMiddleware:
             await self.app(scope, receive, send)
             return
         given = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"x-request-id"), "")
-        request_id = given if _VALID.match(given) else uuid4_hex()
+        request_id = given if _VALID.fullmatch(given) else uuid4_hex()
         token = REQUEST_ID.set(request_id)
         try:
             if kind != "http":  # WebSocket sends pass untouched

@@ -1,14 +1,18 @@
 """The operator-facing HTTP answers (the admin API under ``/v1/``, ``/metrics``) through a
-real gateway served by uvicorn, on a real Redis: what they tell caches."""
+real gateway served by uvicorn, on a real Redis: what they tell caches; and the request
+id the gateway takes from a client (RequestIdMiddleware)."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import httpx
 from pydantic import SecretStr
 from websockets.asyncio.client import connect
 
+from gateway.app import create_app
+from gateway.settings import Settings
 from tests.adapters.flowstorm.v1.helpers import ws_url
 from tests.calls.test_call_outcomes import AUTHORIZED, twilio_placing, twilio_status
 from tests.conftest import served
@@ -81,3 +85,25 @@ async def test_admin_and_metrics_answers_are_never_stored_by_a_cache(
         assert outcome.status_code == 200, outcome.text
         for answer in (placed, outcome):
             assert answer.headers.get_list("cache-control") == ["no-store"], answer.url
+
+
+async def test_a_request_id_with_a_line_break_is_not_taken() -> None:
+    """``X-Request-Id`` is taken when it is 1-128 characters of ``[A-Za-z0-9._:-]``; the
+    check's ``$`` also matched before a final line feed, so ``abc\\n`` was taken and
+    echoed, a raw LF in the answer's header (and in the id sent to the core and written
+    in the log lines). uvicorn's parsers refuse such a header line, so this drives the
+    ASGI app directly, as another ASGI server would: the id is a new one now."""
+    app = create_app(Settings())
+    transport = httpx.ASGITransport(app)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://gateway") as client,
+    ):
+        taken = await client.get("/healthz", headers={"X-Request-Id": "req-7"})
+        assert taken.headers.get_list("x-request-id") == ["req-7"]
+        for given in ("abc\n", "abc\r\n", "\nabc", "a" * 128 + "\n"):
+            answer = await client.get("/healthz", headers={"X-Request-Id": given})
+            assert answer.status_code == 200
+            (made,) = answer.headers.get_list("x-request-id")
+            assert made != given
+            assert re.fullmatch(r"[0-9a-f]{32}", made), (given, made)
