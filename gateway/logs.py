@@ -157,12 +157,21 @@ CREDENTIAL_QUERY: Final = _CREDENTIAL
 rest of a match: the value), for :func:`gateway.pipeline.base.hide_url_secrets`."""
 
 
-CREDENTIAL_PATHS = ("/v1/sessions/", "/twilio/stream/", "/vonage/stream/", "/plivo/stream/")
-"""Paths whose next segment is a credential (the admin API's session view: a session id;
-the carriers' media streams: a stream token): written as ``***`` by :func:`redact_query`."""
+SESSION_VIEW_PATH = "/v1/sessions/"
+"""The admin API's session view, whose id is the rest of the path up to its query (``/``
+and all, as the view takes it)."""
+STREAM_PATHS = ("/twilio/stream/", "/vonage/stream/", "/plivo/stream/")
+"""The carriers' media streams, whose next segment is a stream token."""
+CREDENTIAL_PATHS = (SESSION_VIEW_PATH, *STREAM_PATHS)
+"""Paths followed by a credential (the admin API's session view: a session id, the rest
+of the path; the carriers' media streams: a stream token, the next segment): written as
+``***`` by :func:`redact_query`."""
 
 _CREDENTIAL_PATH = re.compile(
-    "(" + "|".join(re.escape(p) for p in CREDENTIAL_PATHS) + r")[^/?#;\s\"]+"
+    f"({re.escape(SESSION_VIEW_PATH)})"
+    + r"[^?#\s\"]+|("
+    + "|".join(re.escape(p) for p in STREAM_PATHS)
+    + r")[^/?#;\s\"]+"
 )
 
 
@@ -200,11 +209,16 @@ def _redact_tts_ids(text: str) -> str:
     return _TTS_FILE.sub(_tts_file_ref, text) if TTS_PATH in text else text
 
 
+def _hidden_credential(match: re.Match[str]) -> str:
+    """A :data:`CREDENTIAL_PATHS` path's match with its credential written ``***``."""
+    return (match[1] or match[2]) + "***"
+
+
 def _redact_credentials(text: str) -> str:
     """``text`` with the values of credential query parameters, and the credential of a
     :data:`CREDENTIAL_PATHS` path, replaced by ``***``."""
     if "/v1/sessions/" in text or "/stream/" in text:
-        text = _CREDENTIAL_PATH.sub(r"\1***", text)
+        text = _CREDENTIAL_PATH.sub(_hidden_credential, text)
     if "=" not in text:  # no parameter at all (most arguments of an access line)
         return text
     return _CREDENTIAL.sub(r"\1***", text)

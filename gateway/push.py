@@ -559,13 +559,13 @@ _SESSION_VIEW_RESPONSES: dict[int | str, dict[str, Any]] = {
 # GET and HEAD (RFC 9110 section 9.3.2: the same answer without its body), one route each
 # so each has its own operationId, as /healthz (gateway/app.py)
 @router.head(
-    "/sessions/{session_id}",
+    "/sessions/{session_id:path}",
     summary="The headers of GET /v1/sessions/{session_id}, no body",
     response_model=SessionView,
     responses=_SESSION_VIEW_RESPONSES,
 )
 @router.get(
-    "/sessions/{session_id}",
+    "/sessions/{session_id:path}",
     summary="What the gateway knows of one session",
     response_model=SessionView,
     responses=_SESSION_VIEW_RESPONSES,
@@ -574,8 +574,10 @@ async def session_view(request: Request, session_id: str) -> JSONResponse:
     """Channel, app key, device, last known client state, turn count, last activity and
     outbox of the session ``session_id``; 404 at once (the store not asked) for an id
     longer than MAX_ID_CHARS (256), which no channel gives a session, as
-    ``GET /v1/calls/{callId}`` answers a call id too long. ``HEAD`` answers the same
-    status and headers without the body (RFC 9110 section 9.3.2)."""
+    ``GET /v1/calls/{callId}`` answers a call id too long. The id is the rest of the
+    path: one holding ``/`` (Flowstorm V1 takes it) is asked for as ``team%2Fa`` or
+    ``team/a``. ``HEAD`` answers the same status and headers without the body (RFC 9110
+    section 9.3.2)."""
     if len(session_id) > MAX_ID_CHARS:
         return problem(404, "Not Found", "No session has this id.")
     try:

@@ -107,3 +107,30 @@ async def test_a_request_id_with_a_line_break_is_not_taken() -> None:
             (made,) = answer.headers.get_list("x-request-id")
             assert made != given
             assert re.fullmatch(r"[0-9a-f]{32}", made), (given, made)
+
+
+async def test_a_session_whose_id_holds_a_slash_is_viewed(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """Flowstorm V1 takes a session id with ``/`` in it (``team/a``), and the push API
+    reaches it, but ``GET /v1/sessions/team%2Fa`` was the router's bare 404 ``Not Found``
+    (the decoded ``/`` split the path, so no route matched) rather than the session's view.
+    The view now takes the rest of the path as the id, encoded or not."""
+    settings: dict[str, Any] = {
+        "redis_url": redis_url,
+        "redis_prefix": redis_prefix,
+        "admin_keys": frozenset({ADMIN}),
+    }
+    async with served(**settings) as url, httpx.AsyncClient(base_url=url) as client:
+        async with connect(ws_url(url)) as ws:
+            await hello(ws, "team/a")
+        for path in ("/v1/sessions/team%2Fa", "/v1/sessions/team/a"):
+            view = await client.get(path, headers=AUTH)
+            assert view.status_code == 200, (path, view.text)
+            assert view.json()["sessionId"] == "team/a"
+            head = await client.head(path, headers=AUTH)
+            assert head.status_code == 200, path
+        unknown = await client.get("/v1/sessions/team/b", headers=AUTH)
+        assert unknown.status_code == 404
+        assert unknown.json()["detail"] == "No session has this id."
+        assert (await client.get("/v1/sessions/team/a")).status_code == 401  # no key
