@@ -22,7 +22,9 @@ Credentials never reach the log:
   ``authorization``, ``signature``, ``sessionKey``, ...) are written as ``***``, and so
   are the session id in the path of the admin API's session view
   (``/v1/sessions/***``) and the stream token in a carrier's stream path
-  (``/twilio/stream/***``).
+  (``/twilio/stream/***``). At DEBUG, the websockets library's lines there (each frame,
+  each handshake header) are filtered by :class:`RedactWebSocketDebug`: a data frame is
+  named by its type and size, a credential header's value written ``***``.
 - A TTS file id (``/file/tts/{id}.{ext}``) is a capability: whoever has the link gets
   the audio of what the bot said to someone. Every line names it by its first 8
   characters and ``…`` (:func:`tts_ref`: ``/file/tts/2438f3b6….mp3``), the access log,
@@ -272,6 +274,38 @@ class RedactQuery(logging.Filter):
         return True
 
 
+_DATA_OPCODES: Final = frozenset({"TEXT", "BINARY", "CONT"})
+"""The WebSocket frames that carry a message's data (RFC 6455 section 5.6)."""
+_CREDENTIAL_HEADER = re.compile(r"auth|cookie|key|token|secret|signature|session", re.IGNORECASE)
+"""Header names whose values :class:`RedactWebSocketDebug` hides (``Authorization``,
+``Cookie``, ``Set-Cookie``, ``X-Twilio-Signature``, an ``X-Api-Key``...)."""
+
+
+class RedactWebSocketDebug(logging.Filter):
+    """Hides what the websockets library's DEBUG lines (on ``uvicorn.error``, the logger
+    uvicorn gives it) carry of a client's credentials and words: a data frame's line
+    (``< TEXT '{"type": "Init", "key": ...}' [115 bytes]``) becomes its type and size
+    (``< TEXT [115 bytes]``), and a handshake header whose name :data:`_CREDENTIAL_HEADER`
+    matches (``< cookie: ...``, ``< authorization: ...``) has its value written ``***``.
+    Control frames (``CLOSE 1000 (OK)``, pings) and other headers are left as they are."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.DEBUG or not isinstance(record.args, tuple):
+            return True
+        if record.msg in ("< %s", "> %s") and len(record.args) == 1:
+            frame = record.args[0]
+            opcode = getattr(getattr(frame, "opcode", None), "name", None)
+            data = getattr(frame, "data", None)
+            if opcode in _DATA_OPCODES and isinstance(data, bytes | bytearray | memoryview):
+                record.msg = record.msg[:2] + "%s [%d bytes]"
+                record.args = (opcode, len(data))
+        elif record.msg in ("< %s: %s", "> %s: %s") and len(record.args) == 2:
+            name = record.args[0]
+            if isinstance(name, str) and _CREDENTIAL_HEADER.search(name):
+                record.args = (name, "***")
+        return True
+
+
 class JsonFormatter(logging.Formatter):
     """Formats a record as one JSON line (see module doc); exceptions go in ``exc``."""
 
@@ -484,6 +518,10 @@ def configure_logging(level: str = "INFO", fmt: Literal["text", "json"] = "text"
         logger = logging.getLogger(name)
         if not any(isinstance(f, RedactQuery) for f in logger.filters):
             logger.addFilter(RedactQuery())
+    # and there, at DEBUG, the websockets library writes each frame and handshake header
+    error_log = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, RedactWebSocketDebug) for f in error_log.filters):
+        error_log.addFilter(RedactWebSocketDebug())
     # httpx and httpcore log every request at INFO (DEBUG) with its whole URL: a core's
     # token in the query (Rasa's ``token``), a session id (a credential) in the path
     for name in QUIET_LIBRARIES:

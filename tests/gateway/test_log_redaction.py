@@ -20,6 +20,7 @@ import httpx
 import pytest
 import socketio
 from fastapi import FastAPI
+from websockets.asyncio.client import connect as ws_connect_async
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
@@ -45,6 +46,14 @@ from gateway.redisconn import SocketIoRedisOutage
 from gateway.server import uvicorn_options
 from gateway.settings import Settings
 from gateway.speech.tts import SynthesisError
+from tests.adapters.flowstorm.v1.helpers import (
+    init_frame,
+    recv_json,
+    request_frame,
+    send_json,
+    turn,
+    ws_url,
+)
 from tests.conftest import ROOT, GatewayProcess, free_port, serve, served_app
 
 APP_KEY = "app-key-that-is-a-secret"
@@ -523,3 +532,38 @@ async def test_the_file_routes_lines_name_a_file_by_the_start_of_its_id(
     assert redact_query(f"{path}?x=1") == f"/file/tts/{file_id[:8]}….mp3?x=1"
     # an extension no file has is cut with the id (a client's id in the wrong place)
     assert logged_path(f"/file/tts/x.{file_id}") == f"/file/tts/x.{file_id[:6]}…"
+
+
+async def test_websocket_frames_and_credential_headers_are_not_logged_at_debug(
+    tmp_path: Path,
+) -> None:
+    """At GATEWAY_LOG_LEVEL=DEBUG the websockets library (uvicorn gives it the
+    ``uvicorn.error`` logger) wrote every frame's payload, a V1 ``Init``'s app key and a
+    ``Request``'s session id and words among them, and every handshake header, a
+    ``Cookie`` or an ``Authorization`` (Exotel's Basic credentials) too. The frame lines
+    now say their type and size, and those headers' values are ``***``."""
+    app_key, session_id = "debug-app-key-s3cret", "debug-session-s3cret"
+    cookie, basic = "flowstorm-session-id=cookie-s3cret", "Basic YmFzaWMtczNjcmV0"
+    log_file = tmp_path / "gateway.log"
+    with log_file.open("wb") as sink:
+        gw = GatewayProcess({"PYTHONPATH": str(ROOT)}, stderr=sink, log_level="debug")
+        try:
+            gw.start()
+            headers = {"Cookie": cookie, "Authorization": basic}
+            async with ws_connect_async(ws_url(gw.url), additional_headers=headers) as ws:
+                frame = init_frame(deviceId="debug-device")
+                frame["key"] = app_key
+                await send_json(ws, frame)
+                assert await recv_json(ws) == {"type": "Ready"}
+                frames = await turn(ws, request_frame("#intro", session_id))
+                assert frames[0]["type"] == "SessionStarted"
+        finally:
+            gw.stop()
+    written = log_file.read_text()
+    assert re.search(r"uvicorn\.error < TEXT \[\d+ bytes\]", written), written[-3000:]
+    assert re.search(r"uvicorn\.error > TEXT \[\d+ bytes\]", written)
+    assert "uvicorn.error < cookie: ***" in written
+    assert "uvicorn.error < authorization: ***" in written
+    assert "uvicorn.error < upgrade: websocket" in written  # other headers as they were
+    for secret in (app_key, session_id, "cookie-s3cret", "YmFzaWMtczNjcmV0", "#intro"):
+        assert secret not in written, secret
