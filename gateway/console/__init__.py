@@ -108,11 +108,17 @@ class ConsoleFiles(StaticFiles):
 
 
 async def to_console(request: Request) -> Response:
-    """``GET``/``HEAD /console``: 307 to ``/console/`` (the query kept) with
+    """``GET``/``HEAD /console``: 307 to ``/console/`` (the query kept as sent) with
     :data:`SECURITY_HEADERS`, as the router's own slash redirect (which had none). Another
-    method is a 405 with them (:class:`ConsoleRoute`), as on ``/console/``."""
-    url = request.url.replace(path=request.url.path + "/")
-    return RedirectResponse(str(url), status_code=307, headers=SECURITY_HEADERS)
+    method is a 405 with them (:class:`ConsoleRoute`), as on ``/console/``.
+
+    The ``Location`` is relative, ``console/?...`` (RFC 9110 section 10.2.2; resolved
+    against the address the browser asked for, a proxy's path prefix included), never
+    made of the request's ``Host`` and scheme: behind a proxy sending its upstream's
+    name as ``Host``, or terminating TLS, those are not the browser's."""
+    query = request.url.query
+    location = PATH.rpartition("/")[2] + "/" + (f"?{query}" if query else "")
+    return RedirectResponse(location, status_code=307, headers=SECURITY_HEADERS)
 
 
 ANSWER_MARGIN_S: Final = 5.0

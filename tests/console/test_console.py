@@ -737,9 +737,28 @@ async def test_the_console_s_redirect_carries_its_security_headers() -> None:
         ]
     for answer in answers:
         assert answer.status_code == 307
-        assert answer.headers["location"] == f"{url}/console/?key=abc"
+        assert answer.headers["location"] == "console/?key=abc"
         for name, value in SECURITY_HEADERS.items():
             assert answer.headers[name] == value, name
+
+
+async def test_the_console_s_redirect_is_relative_to_the_address_the_browser_used() -> None:
+    """The redirect of ``/console`` was an absolute URL made of the request's ``Host``
+    and scheme: behind a proxy that sends its upstream's name as ``Host`` (nginx's
+    default, ``proxy_set_header Host $proxy_host``) or terminates TLS, the browser was
+    sent to ``http://gateway-upstream:8080/console/``, an address it cannot reach (or
+    plain http). It is now relative (RFC 9110 section 10.2.2: ``console/?...``), so the
+    browser stays on the address it used, a proxy's path prefix too; an encoded query
+    is kept as sent."""
+    settings = Settings()
+    async with served_app(create_app(settings), settings) as url, httpx.AsyncClient() as client:
+        upstream = {"Host": "gateway-upstream:8080", "X-Forwarded-Proto": "https"}
+        answer = await client.get(f"{url}/console?key=a%20b&locale=en", headers=upstream)
+        followed = await client.get(f"{url}/console", follow_redirects=True)
+    assert answer.status_code == 307
+    assert answer.headers["location"] == "console/?key=a%20b&locale=en"
+    assert followed.status_code == 200
+    assert str(followed.url) == f"{url}/console/"
 
 
 async def test_another_method_on_the_console_s_own_routes_is_a_405_with_its_headers() -> None:
