@@ -93,17 +93,22 @@ class ConsoleRoute(Route):
 
 
 class ConsoleFiles(StaticFiles):
-    """StaticFiles whose answers carry :data:`SECURITY_HEADERS`."""
+    """StaticFiles whose answers carry :data:`SECURITY_HEADERS` and ``Cache-Control:
+    no-cache``."""
 
     async def get_response(self, path: str, scope: Scope) -> Response:
         """The file at ``path`` (StaticFiles' answer: 200, 304, redirect) with the
-        security headers; a missing file raises StaticFiles' 404 (405 for another method
-        than GET/HEAD) as before, with the security headers added to the exception's."""
+        security headers and ``Cache-Control: no-cache`` (a browser revalidates a file's
+        ``ETag`` before each use, rather than reusing it for a tenth of its age, RFC 9111
+        section 4.2.2: after an upgrade the page's files stay of one version); a
+        missing file raises StaticFiles' 404 (405 for another method than GET/HEAD) as
+        before, with the security headers added to the exception's."""
         try:
             response = await super().get_response(path, scope)
         except HTTPException as error:
             raise secured(error) from None
         response.headers.update(SECURITY_HEADERS)
+        response.headers["cache-control"] = "no-cache"
         return response
 
 

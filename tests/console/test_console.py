@@ -761,6 +761,24 @@ async def test_the_console_s_redirect_is_relative_to_the_address_the_browser_use
     assert str(followed.url) == f"{url}/console/"
 
 
+async def test_the_console_s_files_are_revalidated_before_each_use() -> None:
+    """The console's files went out with ``Last-Modified`` and ``ETag`` but no
+    ``Cache-Control``: a browser may then reuse them unasked for a tenth of their age
+    (RFC 9111 section 4.2.2, heuristic freshness), days for files installed months ago,
+    so after an upgrade it could run the old console.js with the new index.html. Each
+    now says ``Cache-Control: no-cache``: reused only after a 304 of its ``ETag``."""
+    settings = Settings()
+    async with served_app(create_app(settings), settings) as url, httpx.AsyncClient() as client:
+        for path in ("/console/", "/console/console.js", "/console/console.css"):
+            answer = await client.get(f"{url}{path}")
+            assert answer.status_code == 200, path
+            assert answer.headers.get_list("cache-control") == ["no-cache"], path
+            etag = answer.headers["etag"]
+            again = await client.get(f"{url}{path}", headers={"If-None-Match": etag})
+            assert again.status_code == 304, path
+            assert again.headers.get_list("cache-control") == ["no-cache"], path
+
+
 async def test_another_method_on_the_console_s_own_routes_is_a_405_with_its_headers() -> None:
     """``/console`` (the redirect) and ``/console/config.json`` take GET and HEAD. Another
     method on ``/console`` got the gateway's generic 405 problem without the console's
