@@ -904,15 +904,9 @@ async def test_cancel_ends_the_conversation_when_the_core_fails() -> None:
         assert check_v3(v3(sid, "x"), again) == "turn 1"  # the gateway's session ended too
 
 
-async def test_a_v2_conversation_exit_is_answered_within_googles_2_s(
-    redis_url: str, redis_prefix: str
-) -> None:
-    """Google waits 2 s for the answer to a conversation exit (v2 ``actions.intent.CANCEL``,
-    also through Dialogflow ES), then ends with its earcon: the exit's turn gets
-    EXIT_DEADLINE_S (1.5 s), not the whole GATEWAY_GOOGLE_DEADLINE_S (9 s) or
-    GATEWAY_DIALOGFLOW_DEADLINE_S (4.5 s). A core taking 3 s over "stop" is answered quietly
-    (the conversation ends whatever the core does) before it is done; before, the answer
-    waited for it, past Google's 2 s. The late turn still ends the session. Real Redis."""
+def _slow_stop_core() -> FastAPI:
+    """A core answering ``turn N`` at once, and "stop" after 3 s with "Goodbye." and
+    ``sessionEnded`` (``state.finished`` set then): a conversation exit's late core."""
     core = FastAPI()
     core.state.finished = asyncio.Event()
 
@@ -924,6 +918,20 @@ async def test_a_v2_conversation_exit_is_answered_within_googles_2_s(
             core.state.finished.set()
             return JSONResponse({"items": [{"text": "Goodbye."}], "sessionEnded": True})
         return JSONResponse({"items": [{"text": f"turn {body['turn']}"}]})
+
+    return core
+
+
+async def test_a_v2_conversation_exit_is_answered_within_googles_2_s(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """Google waits 2 s for the answer to a conversation exit (v2 ``actions.intent.CANCEL``,
+    also through Dialogflow ES), then ends with its earcon: the exit's turn gets
+    EXIT_DEADLINE_S (1.5 s), not the whole GATEWAY_GOOGLE_DEADLINE_S (9 s) or
+    GATEWAY_DIALOGFLOW_DEADLINE_S (4.5 s). A core taking 3 s over "stop" is answered quietly
+    (the conversation ends whatever the core does) before it is done; before, the answer
+    waited for it, past Google's 2 s. The late turn still ends the session. Real Redis."""
+    core = _slow_stop_core()
 
     cancel = json.loads((GOOGLE / "actions-sdk-v2-via-dialogflow" / "Cancel.json").read_text())
     store: dict[str, Any] = {"redis_url": redis_url, "redis_prefix": redis_prefix}
@@ -957,17 +965,7 @@ async def test_an_actions_builder_cancel_is_answered_within_googles_exit_time() 
     answered quietly, the conversation ended, before it is done; before, the answer waited
     for it (up to 9 s), long past the time Google waits for an exit. The late turn still
     ends the session."""
-    core = FastAPI()
-    core.state.finished = asyncio.Event()
-
-    @core.post("/turn")
-    async def turn(request: Request) -> JSONResponse:
-        body = await request.json()
-        if body["input"]["transcript"]["text"] == "stop":
-            await asyncio.sleep(3.0)
-            core.state.finished.set()
-            return JSONResponse({"items": [{"text": "Goodbye."}], "sessionEnded": True})
-        return JSONResponse({"items": [{"text": f"turn {body['turn']}"}]})
+    core = _slow_stop_core()
 
     async with (
         serve(core) as core_url,
