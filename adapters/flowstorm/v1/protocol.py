@@ -602,14 +602,12 @@ def _build_transitions() -> dict[tuple[State, str], State]:
     table[(s.DUPLEX, RESTART)] = s.FINISHING
     table[(s.DUPLEX_TURN, RESTART)] = s.TURN
     table[(s.DUPLEX_TURN_ENDING, RESTART)] = s.TURN_ENDING
-    for state in State:
-        if state not in (s.AWAIT_INIT, s.CLOSED):
-            table.setdefault((state, RESTART), state)
     # the session's outbox: between turns, or before the answer of the turn just started
     for state in (*_NO_TURN, s.TURN, s.TURN_DRAINING, s.DUPLEX_TURN):
         table[(state, OUTBOX)] = state
     for state in State:
         if state not in (s.AWAIT_INIT, s.CLOSED):
+            table.setdefault((state, RESTART), state)
             table[(state, "Log")] = state
         if state is not s.CLOSED:
             table[(state, OVERSIZED)] = s.CLOSED
