@@ -73,7 +73,8 @@ def check_input(input_: Input) -> Input:
 
 
 _DEVICE_ID: Final = AliasChoices("deviceId", "device_id", "sender")
-"""The names of a client's device id: ``deviceId``, alias ``sender`` (PROTOCOL-NOTES.md).
+_DeviceId = Annotated[str | None, Field(validation_alias=_DEVICE_ID, max_length=MAX_ID_CHARS)]
+"""A client's device id, by its names: ``deviceId``, alias ``sender`` (PROTOCOL-NOTES.md).
 At most :data:`~gateway.protocol.MAX_ID_CHARS` characters (a longer one makes the event
 invalid: V1's Error of source ``client``): the push API names a device up to that long,
 and the id goes into the device index's store keys."""
@@ -83,9 +84,7 @@ class Request(Wire):
     """The 2021 V1 ``Request`` payload: an input plus the client's identity."""
 
     app_key: str | None = None
-    device_id: str | None = Field(
-        default=None, validation_alias=_DEVICE_ID, max_length=MAX_ID_CHARS
-    )
+    device_id: _DeviceId = None
     token: str | None = None
     session_id: str | None = None
     initiation_id: str | None = None
@@ -152,9 +151,7 @@ class InitEvent(Event):
 
     type: Literal["Init", "InitEvent"] = "Init"
     key: str | None = None
-    device_id: str | None = Field(
-        default=None, validation_alias=_DEVICE_ID, max_length=MAX_ID_CHARS
-    )
+    device_id: _DeviceId = None
     token: str | None = None
     config: Attributes = Field(default_factory=FrozenDict)
     session_id: str | None = None
