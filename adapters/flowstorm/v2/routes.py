@@ -649,17 +649,20 @@ def _failed(request: Request, *, plain: bool) -> HTTPResponse:
     return _Refused(500, _FAILED.text, _FAILED.source).answer(request, plain=plain)
 
 
-async def _known_session(gw: Gateway, ctx: TurnContext) -> None:
+async def _known_session(gw: Gateway, ctx: TurnContext) -> str:
     """Raise _Refused unless the cookie's session may take an audio turn: 403 another
     application's, 404 unknown or expired (the cookie cleared), 503 the store down. Checked
     before the body is read, so that the audio of a session that is gone is never
-    recognised (the turn checks again: a session being made, ``creating``, goes on)."""
+    recognised (the turn checks again: a session being made, ``creating``, goes on).
+    Returns what the store found otherwise: ``found`` or ``creating`` (a GET follows only
+    a session that is ``found``)."""
     try:
         found = await gw.conversation.find(ctx)
     except StoreUnavailable:
         raise _store_down() from None
     if found in ("foreign", "not-found"):
         raise _session_refused(found, ctx.session_id, forget=found == "not-found")
+    return found
 
 
 _NO_MP3_STREAM: Final = (
@@ -966,7 +969,7 @@ class _Hearing:
         config: ClientConfig,
         container: AudioContainer | None,
         topic: str,
-        known: Callable[[], Awaitable[None]] | None = None,
+        known: Callable[[], Awaitable[object]] | None = None,
     ) -> None:
         settings = gw.settings
         self.known = known
@@ -1329,17 +1332,10 @@ async def get_client(request: Request) -> HTTPResponse:
         ctx = TurnContext(
             channel=CHANNEL, namespace=NAMESPACE, session_id=cookie, app_key=config.key or ""
         )
-        try:
-            found = await gw.conversation.find(ctx)
-        except StoreUnavailable:
-            raise _store_down() from None
-        if found == "foreign":
-            raise _session_refused(found, cookie)
-        if found != "found":  # also "creating": not stored yet, nothing to follow; its
-            # cookie (from its first turn's streaming answer) is kept: the session is coming,
-            # and the client guessed nothing (its allowance of unknown sessions is kept too)
-            unknown = found == "not-found"
-            raise _session_refused("not-found", cookie, forget=unknown, guess=unknown)
+        if await _known_session(gw, ctx) != "found":  # "creating": not stored yet, nothing
+            # to follow; its cookie (from its first turn's streaming answer) is kept: the session
+            # is coming, and the client guessed nothing (its allowance of unknown sessions too)
+            raise _session_refused("not-found", cookie, guess=False)
     except _Refused as exc:
         return exc.answer(request, plain=plain)
     except Exception:
