@@ -336,12 +336,12 @@ class StreamedBody:
         elif heard.kind == "interim":
             return [Publish(interim_message(self.rid, heard.text, heard.confidence))]
         elif heard.kind in ("final", "silence"):
-            text = heard.text.strip()
-            if self._drain_until is not None and not (heard.kind == "final" and text):
+            said = heard.text.strip() if heard.kind == "final" else ""
+            if self._drain_until is not None and not said:
                 raise Restarting(NOTHING_SAID_TEXT)  # no made-up #silence turn
             self.heard_result = heard
-            if heard.kind == "final" and text:
-                return self._done("final", text=text, confidence=heard.confidence)
+            if said:
+                return self._done("final", text=said, confidence=heard.confidence)
             return self._done("silence")
         return []
 
