@@ -619,11 +619,9 @@ async def put_client(request: Request) -> HTTPResponse:
             tts=TtsRequest("links", config.tts_file_type) if config.speech_links else None,
         )
         if plain:
-            try:  # (a client's mistake only: no speech here, so not _refusals())
+            with _refusals():  # (a client's mistake only: no speech here)
                 charset = text_charset(request.headers.get("content-type"))
                 input_ = text_input(await read_body(request, gw.settings.max_body_bytes), charset)
-            except ProtocolError as exc:
-                raise _Refused(exc.status, exc.text, "client") from None
             return await _turn(gw, ctx, input_, config, plain=True)
         if cookie and (container is not None or config.realtime):
             await _known_session(gw, ctx)  # before its audio is read and recognised
@@ -796,19 +794,17 @@ async def _turn(
     events = aiter(stream)
     try:
         first = await anext(events)
-    except TurnRejected as exc:
+    except BaseException as exc:  # what the request holds is given back, whatever came
         await on_end()
-        forget = exc.reason == "session-not-found"
-        retry = _REJECT_RETRY_S.get(exc.reason)
-        raise _Refused(
-            _REJECT_STATUS[exc.reason], exc.text, exc.source, retry, forget=forget
-        ) from None
-    except StopAsyncIteration:  # the turn was cancelled before its first event (a forced stop)
-        await on_end()
-        raise _Refused(503, _STOPPED, "gateway") from None
-    except BaseException:  # this request was cancelled meanwhile: what it holds is given back
-        await on_end()
-        raise
+        if isinstance(exc, TurnRejected):
+            forget = exc.reason == "session-not-found"
+            retry = _REJECT_RETRY_S.get(exc.reason)
+            raise _Refused(
+                _REJECT_STATUS[exc.reason], exc.text, exc.source, retry, forget=forget
+            ) from None
+        if isinstance(exc, StopAsyncIteration):  # the turn was cancelled before its first
+            raise _Refused(503, _STOPPED, "gateway") from None  # event (a forced stop)
+        raise  # this request was cancelled meanwhile
 
     # one SSML bound for the whole answer (gateway.ssml.SsmlBound): its plain lines read
     # the items' SSML up to it
