@@ -1472,6 +1472,7 @@ class V1Connection:
 
     def _frames(self, event: TurnEvent, *, push: bool) -> list[Action]:
         """The frames of one server event of the session (a turn's, or an outbox entry)."""
+        before: list[ResponseItemEvent] = []  # a Response's items sent ahead of it
         if not self.numbered and event.seq is not None:
             event = event.model_copy(update={"seq": None})
         if isinstance(event, SessionStartedEvent):
@@ -1487,21 +1488,16 @@ class V1Connection:
             event = event.model_copy(update={"response_item": item})
         elif isinstance(event, ResponseEvent) and event.response.items:
             bound, self._bound = self._answer_bound(), None  # the answer ends with it
-            if self.send_items:
-                items = [  # a push's items carry its seq (V2's too): they are of its entry
-                    Send(ResponseItemEvent(response_item=item, seq=event.seq).wire_json())
-                    for item in (event.response.items if push else ())
-                    for item in (shown_item(item, bound),)
-                ]
-                response = event.response.model_copy(update={"items": ()})
-                return [*items, Send(event.model_copy(update={"response": response}).wire_json())]
-            shown = tuple(shown_item(item, bound) for item in event.response.items)
-            event = event.model_copy(
-                update={"response": event.response.model_copy(update={"items": shown})}
-            )
+            items = event.response.items if push or not self.send_items else ()
+            shown = tuple(shown_item(item, bound) for item in items)
+            if self.send_items:  # a push's items carry its seq (V2's too): they are of its entry
+                before = [ResponseItemEvent(response_item=item, seq=event.seq) for item in shown]
+                shown = ()
+            response = event.response.model_copy(update={"items": shown})
+            event = event.model_copy(update={"response": response})
         elif isinstance(event, ResponseEvent | ErrorEvent):
             self._bound = None  # the answer is over
-        return [Send(event.wire_json())]
+        return [*(Send(item.wire_json()) for item in before), Send(event.wire_json())]
 
     def _answer_bound(self) -> SsmlBound:
         """The SSML bound of the answer going out (:class:`gateway.ssml.SsmlBound`), a new
