@@ -471,18 +471,12 @@ def _log_ignored(names: Iterable[str], logged: set[str]) -> None:
             continue
         logged.add(shown)
         meant = misspelt_param(name)
-        if meant is not None:
-            log.warning(
-                "Flowstorm V2: query parameter %s is no configuration value: ignored, "
-                "its default used (did you mean %s?) (logged once per name)",
-                shown,
-                meant,
-            )
-            continue
-        log.debug(
-            "Flowstorm V2: query parameter %s is no configuration value: ignored "
+        log.log(
+            logging.DEBUG if meant is None else logging.WARNING,
+            "Flowstorm V2: query parameter %s is no configuration value: ignored%s "
             "(logged once per name)",
             shown,
+            "" if meant is None else f", its default used (did you mean {meant}?)",
         )
 
 
