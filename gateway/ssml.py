@@ -342,7 +342,7 @@ a run of partings begins (the lookbehind): tried again at each NUL of a run, as 
 a run of n (``<break/>`` n/2 times) took n²/2 steps, seconds for a core's answer of tags."""
 
 
-def ssml_to_text(ssml: str) -> str | None:
+def ssml_to_text(ssml: str, *, played: tuple[str, ...] = ()) -> str | None:
     """The spoken text of an SSML fragment or document, or None when it is not well-formed
     (the ``amazon:`` prefix of Alexa's elements needs no declaration): its character data,
     the words on either side of a :data:`_BOUNDARY` element parted, control characters left
@@ -351,7 +351,10 @@ def ssml_to_text(ssml: str) -> str | None:
     ``<desc>`` or ``<metadata>`` (:data:`_WITH_UNSPOKEN_CONTENT`: an audio's description,
     no speech) left out. SSML holding a character no XML document may hold
     (:data:`_NOT_XML`: a NUL, a lone surrogate ``"\\ud800"``) is not well-formed: None,
-    never an exception."""
+    never an exception. With ``played`` (schemes such as ``("https://", "http://")``), the
+    content of each ``<audio>`` whose ``src`` begins with one of them is left out too: its
+    sound is played, and that content is its fallback, for when it cannot be (SSML 1.1,
+    3.3.1; :func:`ssml_sounds`)."""
     inner = _strip_speak(ssml)
     try:
         root = ET.fromstring(f"{_SPEAK_PARSED}{inner}{_SPEAK_CLOSE}")
@@ -368,7 +371,8 @@ def ssml_to_text(ssml: str) -> str | None:
         if closing:
             out += [_PARTED if parts else "", element.tail or ""]
             continue
-        if name in _WITH_UNSPOKEN_CONTENT:  # its content is no speech; its tail is
+        if name in _WITH_UNSPOKEN_CONTENT or (played and _sounds(element, played)):
+            # its content is no speech (or the fallback of a sound played); its tail is
             out += [_PARTED, element.tail or ""]
             continue
         out += [_PARTED if parts else "", element.text or ""]
@@ -407,20 +411,31 @@ def ssml_sounds(ssml: str, schemes: tuple[str, ...] = ("https://", "http://")) -
     document order, whatever else it says; ``[]`` when it has none or is not well-formed.
     A text channel shows an item's words (:func:`ssml_to_text`: the sounds are no words)
     and is sent these sounds beside them (the Voiceflow socket's ``speak`` traces of type
-    ``audio``, adapters/voiceflow/protocol.py). Costs a parse only when ``ssml`` holds
-    ``<audio``."""
+    ``audio``, adapters/voiceflow/protocol.py). An ``<audio>`` inside one of these is
+    its fallback, played only when that sound cannot be: not one of them. Costs a parse
+    only when ``ssml`` holds ``<audio``."""
     if _AUDIO_TAG not in ssml:
         return []
     try:
         root = ET.fromstring(f"{_SPEAK_PARSED}{_strip_speak(ssml)}{_SPEAK_CLOSE}")
     except (ET.ParseError, UnicodeEncodeError):
         return []
-    sources = (
-        element.get("src") or ""
-        for element in root.iter()
-        if element.tag.rpartition("}")[2] == "audio"
+    out: list[str] = []
+    stack = [root]  # document order, without recursion (SSML may nest deeper than it)
+    while stack:
+        element = stack.pop()
+        if _sounds(element, schemes):
+            out.append(element.get("src") or "")
+            continue  # its content is its fallback
+        stack.extend(reversed(element))
+    return out
+
+
+def _sounds(element: ET.Element, schemes: tuple[str, ...]) -> bool:
+    """Whether ``element`` is an ``<audio>`` whose ``src`` begins with one of ``schemes``."""
+    return element.tag.rpartition("}")[2] == "audio" and (element.get("src") or "").startswith(
+        schemes
     )
-    return [src for src in sources if src.startswith(schemes)]
 
 
 _MARKUP_NAMES: frozenset[str] = ALEXA_ELEMENTS | GOOGLE_ELEMENTS | {"speak"}

@@ -838,6 +838,12 @@ class TraceWriter:
     config: ClientConfig
     clock_ms: Callable[[], int]
     new_id: Callable[[], str] = lambda: uuid.uuid4().hex
+    tts_links: str | None = None
+    """The beginning of the gateway's own TTS links (``SpeechService.link``:
+    ``<GATEWAY_PUBLIC_URL>/file/tts/``; None: none are made). An item's ``audio`` that does
+    not begin with it is the core's recording of the item (its rendition, the gateway's
+    rule: :func:`gateway.ssml.played_instead`), its SSML's sounds included; the gateway's
+    speech says words only."""
     _open: bool = field(default=False, init=False)
     _ssml: SsmlBound = field(default_factory=SsmlBound, init=False)
 
@@ -846,6 +852,8 @@ class TraceWriter:
         out: list[dict[str, Any]] = []
         now = self.clock_ms()
         text, sounds = _message(item, self._ssml)
+        if self.config.audio_events and text is not None and self._recorded(item):
+            sounds = []  # the recording sent with its words plays them (heard once)
         if text is not None:
             if self.config.audio_events:
                 voice = (item.tts_config.name or None) if item.tts_config is not None else None
@@ -872,6 +880,11 @@ class TraceWriter:
             out.extend(self.close())
             out.extend(others)
         return out
+
+    def _recorded(self, item: ResponseItem) -> bool:
+        """Whether ``item``'s ``audio`` is the core's recording of it (:attr:`tts_links`)."""
+        audio = item.audio or ""
+        return bool(audio) and not (self.tts_links and audio.startswith(self.tts_links))
 
     def close(self) -> list[dict[str, Any]]:
         """``[completion {state: "end"}]`` when a completion is open, else ``[]``."""
@@ -941,8 +954,17 @@ def _message(item: ResponseItem, bound: SsmlBound | None = None) -> tuple[str | 
     The sounds: the http(s) ``src`` of each ``<audio>`` of its (well-formed) SSML, in
     order (:func:`gateway.ssml.ssml_sounds`; none for a ``#command``), which the text
     does not carry: the socket sends each as a ``speak`` trace of type ``audio`` after
-    the text. Before, SSML of words and an ``<audio src>`` gave the client the words and
-    no reference to the sound.
+    the text (or, with audioEvents, the core's recording sent with the text plays them:
+    :class:`TraceWriter`). Before, SSML of words and an ``<audio src>`` gave the client
+    the words and no reference to the sound.
+
+    Each of those sounds is played, so the content of its ``<audio>``, the fallback said
+    when the sound cannot be played (SSML 1.1, 3.3.1), is not among the words shown
+    beside it (``ssml_to_text(played=SOUND_SCHEMES)``); that of an ``<audio>`` the client
+    is not sent (``soundbank://``, no ``src``) is, as nothing plays for it. An item whose
+    text is its SSML's words (a Voiceflow core's ``speak``: gateway/pipeline/voiceflow.py)
+    shows them so too; a text of its own is shown as it is. Before, ``<audio
+    src="https://.../gong.mp3">a gong</audio>`` showed ``a gong`` beside the gong.
 
     With ``bound``, its turn's, only as much of the SSML as the turn still reads is read
     (:class:`gateway.ssml.SsmlBound`): for the words when the item has no text, for the
@@ -955,10 +977,16 @@ def _message(item: ResponseItem, bound: SsmlBound | None = None) -> tuple[str | 
         return text or None, []
     if bound is not None:
         ssml = bound.read(ssml, text=bool(text)).ssml
-    if not text:  # its words, as the speech says them and screens show them
-        spoken = ssml_to_text(ssml)
+    sounds = ssml_sounds(ssml, SOUND_SCHEMES)
+    if not text or (sounds and text == ssml_to_text(ssml)):  # its words, as screens show them
+        spoken = ssml_to_text(ssml, played=SOUND_SCHEMES)
         text = spoken if spoken is not None else loose_text(ssml)
-    return text or None, ssml_sounds(ssml)
+    return text or None, sounds
+
+
+SOUND_SCHEMES: Final = ("https://", "http://")
+"""The ``<audio src>`` schemes of an item's SSML that the socket sends as sounds (what a
+client can fetch; :func:`_message`)."""
 
 
 def _list(value: Any) -> list[Any]:
@@ -1225,7 +1253,8 @@ class VoiceflowConnection:
     store key); ``new_id`` makes session ids and ``new_message_id`` messageIDs;
     ``session_timeout_s`` is GATEWAY_SESSION_TIMEOUT_S (s, :meth:`idle_timeout_s`);
     ``max_queued_chars`` bounds the payloads of the actions queued behind the running
-    one together (characters of their JSON; GATEWAY_MAX_BODY_BYTES).
+    one together (characters of their JSON; GATEWAY_MAX_BODY_BYTES); ``tts_links`` is the
+    beginning of the gateway's own TTS links (:attr:`TraceWriter.tts_links`).
 
     Feed it with :meth:`receive` (client events) and :meth:`turn_event` /
     :meth:`turn_rejected` / :meth:`turn_finished` (the turn it asked for with
@@ -1241,6 +1270,7 @@ class VoiceflowConnection:
     new_message_id: Callable[[], str] = lambda: str(uuid.uuid4())
     session_timeout_s: int = 1800
     max_queued_chars: int = 1_048_576
+    tts_links: str | None = None
     machine: ConnectionStateMachine = field(default_factory=ConnectionStateMachine, init=False)
     start: ClientStart | None = field(default=None, init=False)
     """The accepted client.start."""
@@ -1292,6 +1322,10 @@ class VoiceflowConnection:
 
     def _now_ms(self) -> int:
         return int(self.clock() * 1000)
+
+    def _writer(self) -> TraceWriter:
+        assert self.start is not None
+        return TraceWriter(self.start.config, self._now_ms, tts_links=self.tts_links)
 
     def _signer(self) -> SessionKeys:
         return self.keys if isinstance(self.keys, SessionKeys) else self.keys()
@@ -1466,7 +1500,7 @@ class VoiceflowConnection:
             text = "An action of this session is running on another connection."
             return [status("rejected", message_id, "action-running", text)]
         self.machine.feed(ACTION_SEND)
-        self._running = _Running(message_id, TraceWriter(self.start.config, self._now_ms))
+        self._running = _Running(message_id, self._writer())
         ctx = self._context(create=self._fresh or action.body.type in STARTING_ACTIONS)
         turn = StartTurn(ctx, action.input, message_id)
         return [turn] if accepted else [status("accepted", message_id), turn]
@@ -1639,7 +1673,7 @@ class VoiceflowConnection:
         running (the caller tries again after the action)."""
         if self.state is not State.READY or self._running is not None or self.start is None:
             return []
-        writer = TraceWriter(self.start.config, self._now_ms)
+        writer = self._writer()
         traces = [t for item in items for t in writer.item(item)] + writer.close()
         return _trace_emits(self.new_message_id(), traces)
 

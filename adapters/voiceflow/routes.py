@@ -961,6 +961,7 @@ class VoiceflowServer:
             session_busy=functools.partial(self._busy_elsewhere, sid),
             session_timeout_s=gw.settings.session_timeout_s,
             max_queued_chars=gw.settings.max_body_bytes,  # the queue holds one packet's worth
+            tts_links=gw.speech.link("", "wav").removesuffix(".wav"),  # (its file id empty)
         )
         self._clients[sid] = _Client(sid, conn)
         metrics.CONNECTIONS.labels(CHANNEL).inc()

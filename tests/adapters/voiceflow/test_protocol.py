@@ -54,6 +54,7 @@ from gateway.events import (
 )
 from gateway.protocol import ProtocolError
 from gateway.speech.service import TtsRequest
+from gateway.ssml import ssml_to_text
 from gateway.turn import STORE_LOCK_LOST_TEXT, STORE_UNSAVED_TEXT
 from tests.conftest import state_of
 
@@ -450,6 +451,34 @@ def text(message: str) -> dict[str, Any]:
 def shapes(traces: list[dict[str, Any]]) -> list[tuple[str, Any]]:
     assert all(t["time"] == 1000 for t in traces)
     return [(t["type"], t.get("payload")) for t in traces]
+
+
+def test_sounds_heard_once_and_their_fallback_not_shown() -> None:
+    """Each http(s) ``<audio>`` of an item's SSML is a sound the client plays once: its own
+    ``speak {type: "audio"}`` trace, unless (audioEvents) the core's recording sent with
+    the words plays it already; an ``<audio>`` nested in one of those is its fallback
+    (played only when that sound cannot be), as its words are: neither sent nor shown.
+    The gateway's own TTS link (``tts_links``) says words only: the sounds still go."""
+    ssml = (
+        '<speak>Hear <audio src="https://x/a.mp3">an a <audio src="https://x/b.mp3"/>'
+        '</audio> and <audio src="soundbank://s/c">a c</audio> now</speak>'
+    )
+    words, a = "Hear and a c now", {"type": "audio", "message": "", "src": "https://x/a.mp3"}
+    config = ClientConfig(audioEvents=True)
+    own = TraceWriter(config, lambda: 1000, tts_links="https://gw/file/tts/")
+    linked = ResponseItem(ssml=ssml, audio="https://gw/file/tts/1.mp3")
+    assert shapes(own.item(linked)) == [
+        ("speak", {"type": "message", "message": words, "src": "https://gw/file/tts/1.mp3"}),
+        ("speak", a),
+    ]
+    recorded = ResponseItem(text="Hear an a and a c now", ssml=ssml, audio="https://core/r.mp3")
+    assert ssml_to_text(ssml) == recorded.text  # its SSML's words: shown as such
+    assert shapes(own.item(recorded)) == [
+        ("speak", {"type": "message", "message": words, "src": "https://core/r.mp3"})
+    ]
+    assert shapes(writer().item(recorded)) == [("text", text(words)), ("speak", a)]
+    authored = recorded.model_copy(update={"text": "Listen!"})  # a text of its own
+    assert shapes(writer().item(authored)) == [("text", text("Listen!")), ("speak", a)]
 
 
 def test_text_speak_and_visual_traces() -> None:

@@ -1869,17 +1869,14 @@ class SoundsInWordsCore(WebhookCore):
     """A core that answers SSML of words and two sounds (an ``<audio>`` of Alexa's sound
     library besides, which a client cannot fetch), then a text."""
 
+    ssml = (
+        '<speak>Here is the bell <audio src="https://cdn.example.com/bell.mp3"/>'
+        ' and <audio src="soundbank://soundlibrary/gong"/> the gong'
+        ' <audio src="https://cdn.example.com/gong.mp3">a gong</audio> at last.</speak>'
+    )
+
     async def answer(self, body: dict[str, Any]) -> Any:
-        return {
-            "items": [
-                {
-                    "ssml": '<speak>Here is the bell <audio src="https://cdn.example.com/bell.mp3"/>'
-                    ' and <audio src="soundbank://soundlibrary/gong"/> the gong'
-                    ' <audio src="https://cdn.example.com/gong.mp3">a gong</audio>.</speak>'
-                },
-                {"text": "Next."},
-            ]
-        }
+        return {"items": [{"ssml": self.ssml}, {"text": "Next."}]}
 
 
 @pytest.mark.parametrize("config", [{}, {"completionEvents": True}, {"audioEvents": True}])
@@ -1895,7 +1892,7 @@ async def test_the_sounds_of_ssml_with_words_reach_the_client_after_its_words(
         await vf.handshake(config=config)
         _, traces, last = await vf.act({"type": "launch"})
     assert last["status"] == "completed"
-    words = "Here is the bell and the gong a gong."
+    words = "Here is the bell and the gong at last."  # (the gong's fallback not shown)
     sounds = [
         ("speak", {"type": "audio", "message": "", "src": f"https://cdn.example.com/{name}.mp3"})
         for name in ("bell", "gong")
@@ -1925,6 +1922,77 @@ async def test_the_sounds_of_ssml_with_words_reach_the_client_after_its_words(
             ("speak", "Next."),
         ]
         assert got[1:3] == sounds
+
+
+@pytest.mark.parametrize("config", [{}, {"completionEvents": True}, {"audioEvents": True}])
+async def test_an_audio_s_fallback_words_are_not_shown_beside_its_sound(
+    config: dict[str, Any],
+) -> None:
+    """An ``<audio>``'s content is its fallback, what is said when the sound cannot be
+    played (SSML 1.1, 3.3.1). The socket sends each http(s) sound as its own ``speak``
+    trace, so the words shown beside it leave that fallback out; the fallback of an
+    ``<audio>`` the client is not sent (``soundbank://``, no ``src``) stays, as nothing
+    plays for it. Before, ``a gong`` was shown beside the gong's sound."""
+    core = SoundsInWordsCore()
+    core.ssml = (
+        '<speak>Here is the gong <audio src="https://cdn.example.com/gong.mp3">a gong</audio>'
+        ' and <audio src="soundbank://soundlibrary/bell">a bell</audio> the bell'
+        " <audio>a horn</audio>.</speak>"
+    )
+    async with core.running() as core_url, served(pipeline=core_url) as url, client(url) as vf:
+        await vf.handshake(config=config)
+        _, traces, last = await vf.act({"type": "launch"})
+    assert last["status"] == "completed"
+    words = "Here is the gong and a bell the bell a horn."
+    gong = {"type": "audio", "message": "", "src": "https://cdn.example.com/gong.mp3"}
+    shown = [
+        t["payload"].get("message", t["payload"].get("content"))
+        for t in traces
+        if t["payload"] != gong and t["payload"].get("state") in (None, "content")
+    ]
+    assert shown == [words, "Next."]
+    assert [t["payload"] for t in traces].count(gong) == 1
+
+
+class RecordedSoundsRuntime:
+    """A Voiceflow runtime's ``speak`` of words and a sound, with its own recording of the
+    whole message (``src``: Voiceflow's TTS, which plays the sound among the words)."""
+
+    SOUND = "https://cdn.example.com/bell.mp3"
+    RECORDING = "https://cdn.example.com/tts/whole.mp3"
+    SSML = f'<speak>Here is the bell <audio src="{SOUND}">a bell</audio> ringing.</speak>'
+
+
+@pytest.mark.parametrize("config", [{}, {"audioEvents": True}])
+async def test_a_recording_of_ssml_with_sounds_plays_each_sound_once(
+    config: dict[str, Any],
+) -> None:
+    """A voice agent's ``speak`` of words and ``<audio src>`` with its own recording
+    (``src``, the runtime's rendering of the whole message, its sounds included): with
+    audioEvents the client gets the ``speak`` message with that recording and no separate
+    ``speak {type: "audio"}`` of the sound, which the recording already plays (the
+    gateway's rule: an item's ``audio`` is its rendition, gateway.ssml.played_instead).
+    Before, it got the sound's trace too and played the bell twice. Without audioEvents
+    (no recording sent) the sound still comes as its own trace, once; with the gateway's
+    own TTS link (which speaks words only) too
+    (test_the_sounds_of_ssml_with_words_reach_the_client_after_its_words)."""
+    vf_ = RecordedSoundsRuntime
+    runtime = scripted_runtime({"bell": [speak(vf_.SSML, src=vf_.RECORDING)]})
+    async with voiceflow_core(runtime, tts_provider="espeak-ng") as vf:
+        await vf.handshake(config=config)
+        _, traces, last = await vf.act({"type": "text", "payload": "bell"})
+    assert last["status"] == "completed"
+    sound = {"type": "audio", "message": "", "src": vf_.SOUND}
+    if config:
+        assert [t["payload"] for t in traces] == [
+            {"type": "message", "message": "Here is the bell ringing.", "src": vf_.RECORDING}
+        ]
+    else:
+        assert [(t["type"], t["payload"].get("message")) for t in traces] == [
+            ("text", "Here is the bell ringing."),
+            ("speak", ""),
+        ]
+        assert traces[1]["payload"] == sound
 
 
 async def test_intent_classes_and_attributes_reach_the_core() -> None:
