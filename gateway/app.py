@@ -35,6 +35,8 @@ from adapters.telnyx.routes import router as telnyx_router
 from adapters.twilio.calls import TwilioDialer
 from adapters.twilio.calls import api_base_url as twilio_api
 from adapters.twilio.routes import router as twilio_router
+from adapters.voiceflow.routes import SYSTEM_CLOCK as VOICEFLOW_CLOCK
+from adapters.voiceflow.routes import Clock as VoiceflowClock
 from adapters.voiceflow.routes import mount as mount_voiceflow
 from adapters.vonage.routes import api_base_url as vonage_api
 from adapters.vonage.routes import router as vonage_router
@@ -108,7 +110,12 @@ run, 1.5 % of the CPU (gc.callbacks timing). Garbage cycles, rare on the turn pa
 are found after at most 10,000 net allocations instead of 700."""
 
 
-def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> FastAPI:
+def create_app(
+    settings: Settings | None = None,
+    *,
+    freeze_gc: bool = False,
+    voiceflow_clock: VoiceflowClock = VOICEFLOW_CLOCK,
+) -> FastAPI:
     """The gateway app for ``settings`` (read from the environment when omitted).
 
     The store, pipeline and turn engine are made when the app starts (lifespan)
@@ -119,7 +126,8 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
     collector's reach (``gc.freeze()``): its full passes otherwise walk every module
     object, tens of ms each, the turns' long latency tail; and it raises the
     collector's first threshold to :data:`GC_THRESHOLD`. Apps embedded in another
-    process (tests) leave the collector alone.
+    process (tests) leave the collector alone. ``voiceflow_clock`` is the Voiceflow
+    socket's time source (adapters.voiceflow.routes.Clock: the real one, or a test's).
     """
     settings = settings or Settings()
     key = settings.log_hash_key
@@ -274,7 +282,7 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
         (twilio_api, telnyx_api, vonage_api, plivo_api),
     )
     # Voiceflow socket.io at /v4/interact/socket (a mounted ASGI app; its router's lifespan)
-    mount_voiceflow(app, settings)
+    mount_voiceflow(app, settings, clock=voiceflow_clock)
     if settings.console_enabled:  # the browser console: static files at /console
         console.mount(app)
     # the admin API: proactive push and the session view (gateway/push.py)

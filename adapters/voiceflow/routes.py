@@ -113,7 +113,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
 import engineio.packet
 import engineio.payload
@@ -181,6 +181,36 @@ its session are taken and delivered (after ``client.started``): not when the sto
 failed (the client sends client.start again) or the session is another project's."""
 
 _SignalHandler = Callable[[int, FrameType | None], Any]
+
+
+class Clock(Protocol):
+    """The time source of a :class:`VoiceflowServer`: the connections' time (trace
+    times, sessionKeys' ages) and the idle watch's (:meth:`VoiceflowServer._watch_idle`:
+    when to ask the store whether it let a session go). :data:`SYSTEM_CLOCK` in the
+    product; a test drives its own (no wall-clock windows in its assertions)."""
+
+    def time(self) -> float:
+        """Now, epoch s (the session store's ``updated_at`` and expiry are in it)."""
+        ...
+
+    async def sleep(self, seconds: float) -> None:
+        """Return once ``seconds`` (s, may be <= 0) have passed on this clock."""
+        ...
+
+
+class SystemClock:
+    """The real :class:`Clock`: ``time.time`` and ``asyncio.sleep``."""
+
+    @staticmethod
+    def time() -> float:
+        return time.time()
+
+    @staticmethod
+    async def sleep(seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
+SYSTEM_CLOCK: Clock = SystemClock()
 
 
 class PacketRefused(ProtocolError, ValueError):
@@ -671,11 +701,15 @@ class VoiceflowServer:
     ``asgi`` is the ASGI app to mount (it answers ``PATH`` and below); ``sio`` the
     python-socketio AsyncServer; ``refusals`` logs the refusals of bad packets (the
     app's Voiceflow :func:`~gateway.ratelimit.refusal_log` when mounted; a RefusalLog of
-    its own when not given). :meth:`lifespan` starts and stops it with the app.
+    its own when not given); ``clock`` its time source (:class:`Clock`). :meth:`lifespan`
+    starts and stops it with the app.
     """
 
-    def __init__(self, settings: Settings, refusals: RefusalLog | None = None) -> None:
+    def __init__(
+        self, settings: Settings, refusals: RefusalLog | None = None, *, clock: Clock = SYSTEM_CLOCK
+    ) -> None:
         self.settings = settings
+        self.clock = clock
         url, channel = settings.redis_url, f"{settings.redis_prefix}:voiceflow:socket.io"
         manager = SocketIoRedisManager(url, channel=channel) if url else None
         origins = list(settings.voiceflow_cors_origins)
@@ -957,7 +991,7 @@ class VoiceflowServer:
             keys=self.session_keys,  # read at each key: the secret may change meanwhile
             project_allowed=gw.settings.key_allowed,
             api_keys=gw.settings.voiceflow_api_key_digests,  # hashed once
-            clock=time.time,
+            clock=self.clock.time,
             session_busy=functools.partial(self._busy_elsewhere, sid),
             session_timeout_s=gw.settings.session_timeout_s,
             max_queued_chars=gw.settings.max_body_bytes,  # the queue holds one packet's worth
@@ -1490,7 +1524,7 @@ class VoiceflowServer:
         gw, conn = self._gateway, client.conn
         assert gw is not None
         while True:
-            await asyncio.sleep(wait_s + IDLE_MARGIN_S)
+            await self.clock.sleep(wait_s + IDLE_MARGIN_S)
             if (ctx := conn.idle_context()) is None:
                 return
             try:
@@ -1503,7 +1537,7 @@ class VoiceflowServer:
                 client.idle = None
                 return
             if expiry is not None:  # kept (resumed, another connection, a push): until then
-                wait_s = expiry - time.time()
+                wait_s = expiry - self.clock.time()
                 if wait_s <= 0:  # kept past it (clocks of instances apart): not known
                     wait_s = gw.settings.session_timeout_s
                 continue
@@ -1554,11 +1588,12 @@ class _SignalHook:
                 self.previous(signum, None)
 
 
-def mount(app: FastAPI, settings: Settings) -> VoiceflowServer:
+def mount(app: FastAPI, settings: Settings, *, clock: Clock = SYSTEM_CLOCK) -> VoiceflowServer:
     """Serve the Voiceflow socket.io endpoint of ``settings`` in ``app`` at ``PATH``
     (with and without the trailing slash; both transports) and start/stop it with
-    the app's lifespan. The server is also ``app.state.voiceflow``."""
-    server = VoiceflowServer(settings, refusal_log(app.state, "Voiceflow"))
+    the app's lifespan; ``clock``: the server's time source (:class:`Clock`). The server
+    is also ``app.state.voiceflow``."""
+    server = VoiceflowServer(settings, refusal_log(app.state, "Voiceflow"), clock=clock)
     app.include_router(APIRouter(lifespan=server.lifespan))
     app.mount(PATH, server.asgi)  # PATH/ and below (socket.io clients add the slash)
     app.router.add_route(PATH, server.asgi, include_in_schema=False)  # PATH itself: polling

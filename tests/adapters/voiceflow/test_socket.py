@@ -21,7 +21,7 @@ from pydantic import SecretStr
 from websockets.asyncio.client import connect as ws_connect
 
 from adapters.voiceflow.protocol import MAX_QUEUED_ACTIONS, PATH, SessionKeys, StartTurn
-from adapters.voiceflow.routes import VoiceflowServer, _Client
+from adapters.voiceflow.routes import IDLE_MARGIN_S, VoiceflowServer, _Client
 from gateway.app import create_app
 from gateway.events import Input
 from gateway.metrics import REGISTRY
@@ -1294,27 +1294,80 @@ async def test_an_idle_session_that_times_out_is_ended_with_inactivity_timeout()
         await idle.nothing_more()
 
 
+class DrivenClock:
+    """A VoiceflowServer's time source (adapters.voiceflow.routes.Clock) driven by the
+    test: :meth:`time` is :attr:`now` (epoch s), which moves only when the test moves it;
+    each sleep (the idle watch's) goes on :attr:`sleeps` as ``(began, end, woken)`` (on
+    this clock) and lasts until the test wakes it (:meth:`wake`)."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+        self.sleeps: asyncio.Queue[tuple[float, float, asyncio.Event]] = asyncio.Queue()
+
+    def time(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        woken = asyncio.Event()
+        await self.sleeps.put((self.now, self.now + seconds, woken))
+        await woken.wait()
+
+    async def next_sleep(self, since: float) -> tuple[float, asyncio.Event]:
+        """``(end, woken)`` of the next sleep begun at ``since`` or later (earlier ones, of
+        connections gone since, are skipped)."""
+        while True:
+            began, end, woken = await unless_hung(self.sleeps.get(), "no sleep of the watch")
+            if began >= since:
+                return end, woken
+
+    def wake(self, end: float, woken: asyncio.Event) -> None:
+        """Move the clock to ``end`` and end the sleep that ends then."""
+        self.now = end
+        woken.set()
+
+
+async def stored_expiry(app: FastAPI, session_key: str) -> tuple[float, float]:
+    """``(updated_at, when the store lets it go)`` of the session of ``session_key`` (epoch
+    s: its last save + its timeout, what the store's time to live counts from)."""
+    session_id = jwt.decode(session_key, options={"verify_signature": False})["sub"]
+    session, _ = await app.state.gateway.conversation.store.peek(f"voiceflow:{session_id}")
+    assert session is not None
+    return session.updated_at, session.updated_at + session.timeout_s
+
+
 async def test_a_resumed_session_is_ended_when_the_store_lets_it_go() -> None:
     """A client that resumes its session with its sessionKey (a reconnect) was told
     ``session.ended {reason: "inactivity_timeout"}`` a whole session timeout after the
     resume, late by the time the session had been idle before it (the store counts from
     the last action): the idle watch asks the store at once when the session expires.
 
-    A 5 s session resumed after 3.5 s idle: told at said + 5 s + the watch's margin (1 s),
-    before at resume + 5 s + 1 s (said + 9.5 s); the bound between them leaves ~1.8 s
-    either way for a loaded machine (with a 2 s session the two were 1.5 s apart)."""
-    async with served(session_timeout_s=5, voiceflow_secret=SecretStr(SECRET)) as url:
+    On a driven clock (the server's :class:`adapters.voiceflow.routes.Clock`), resumed
+    1.5 s after the last action of a 3 s session: the watch asks the store at once (after
+    its margin), then sleeps until the store lets the session go (its last save + 3 s) and
+    the margin, not until resume + 3 s + the margin; the client is told on that wake, and
+    not before."""
+    clock = DrivenClock()
+    settings = Settings(session_timeout_s=3, voiceflow_secret=SecretStr(SECRET))
+    app = create_app(settings, voiceflow_clock=clock)
+    async with served_app(app, settings) as url:
         async with client(url) as first:
             key = await first.handshake()
             assert await first.say("hello") == ["You said: hello"]
-        said = time.monotonic()  # the store keeps the session until said + 5 s
-        await asyncio.sleep(3.5)
+        said, expires = await stored_expiry(app, key)
+        clock.now = resumed = said + 1.5
         async with client(url) as again:
             assert await again.start(key) is False  # resumed
-            assert await again.next() == ("session.ended", {"reason": "inactivity_timeout"})
-            # said + 5 s + 1 s, not resume + 5 s + 1 s (said + 9.5 s); not before the
-            # store let it go
-            assert 5.0 <= time.monotonic() - said < 7.8, time.monotonic() - said
+            end, woken = await clock.next_sleep(resumed)
+            assert end == resumed + IDLE_MARGIN_S  # the store is asked at once
+            clock.wake(end, woken)
+            end, woken = await clock.next_sleep(resumed)
+            assert end == pytest.approx(expires + IDLE_MARGIN_S, abs=1e-6)  # said + 3 s + 1 s
+            await asyncio.sleep(max(0.0, end - time.time()))  # the real store let it go
+            assert again.events.empty()  # not told before
+            clock.wake(end, woken)
+            event = await unless_hung(again.next(), "never told")
+            assert event == ("session.ended", {"reason": "inactivity_timeout"})
+            assert clock.sleeps.empty()  # told on that wake
             await again.nothing_more()
 
 
@@ -1392,29 +1445,45 @@ async def test_a_resumed_session_kept_by_a_failed_turn_is_ended_when_the_store_l
     then) but kept its old ``updated_at``: a connection that resumed the session took
     the session's expiry (updated_at + timeout) for past and waited a whole further
     GATEWAY_SESSION_TIMEOUT_S, so ``session.ended {reason: "inactivity_timeout"}`` came
-    late by nearly a timeout. The failed turn's save records its time."""
+    late by nearly a timeout. The failed turn's save records its time.
+
+    On a driven clock (:class:`DrivenClock`): the watch of the resumed connection sleeps
+    until the failed turn's save + the timeout + the margin, and the client is told on
+    that wake."""
     core = RecordingCore()
-    async with (
-        core.running() as core_url,
-        served(pipeline=core_url, session_timeout_s=4, voiceflow_secret=SecretStr(SECRET)) as url,
-    ):
-        async with client(url) as first:
-            key = await first.handshake()
-            assert await first.say("hello") == ["core heard hello"]
-            await asyncio.sleep(2)
-            _, _, last = await first.act({"type": "text", "payload": "fail"})
-            assert last == {
-                "status": "completed",
-                "messageID": last["messageID"],
-                "reason": "error",
-            }
-        failed = time.monotonic()  # the store keeps the session until failed + 4 s
-        async with client(url) as again:
-            assert await again.start(key) is False  # resumed
-            assert await again.next() == ("session.ended", {"reason": "inactivity_timeout"})
-            # failed + 4 s + the watch's margin (1 s), not hello + 4 s + 1 s + 4 s + 1 s
-            assert time.monotonic() - failed < 6.5
-            await again.nothing_more()
+    clock = DrivenClock()
+    async with core.running() as core_url:
+        settings = Settings(
+            pipeline=core_url, session_timeout_s=3, voiceflow_secret=SecretStr(SECRET)
+        )
+        app = create_app(settings, voiceflow_clock=clock)
+        async with served_app(app, settings) as url:
+            async with client(url) as first:
+                key = await first.handshake()
+                assert await first.say("hello") == ["core heard hello"]
+                failing = time.time()  # after hello's save
+                _, _, last = await first.act({"type": "text", "payload": "fail"})
+                assert last == {
+                    "status": "completed",
+                    "messageID": last["messageID"],
+                    "reason": "error",
+                }
+            saved, expires = await stored_expiry(app, key)
+            assert saved >= failing  # the failed turn's save, not hello's
+            clock.now = resumed = saved  # the client comes back at once
+            async with client(url) as again:
+                assert await again.start(key) is False  # resumed
+                end, woken = await clock.next_sleep(resumed)
+                clock.wake(end, woken)  # (the store asked at once)
+                end, woken = await clock.next_sleep(resumed)
+                assert end == pytest.approx(expires + IDLE_MARGIN_S, abs=1e-6)
+                await asyncio.sleep(max(0.0, end - time.time()))  # the real store let it go
+                assert again.events.empty()
+                clock.wake(end, woken)
+                event = await unless_hung(again.next(), "never told")
+                assert event == ("session.ended", {"reason": "inactivity_timeout"})
+                assert clock.sleeps.empty()
+                await again.nothing_more()
 
 
 async def test_a_store_failure_in_the_idle_watch_is_logged_and_the_connection_goes_on(
