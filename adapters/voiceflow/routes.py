@@ -60,10 +60,14 @@ Operations:
   takes them (one round trip; read and deleted at once, so exactly one connection gets
   them) once it follows that topic, after ``client.started``; one that follows it when
   an answer is announced takes it then: before its own action's answer begins, or after
-  it (``_Client.answering``: the two never interleave). Delivered answers are not kept;
-  a connection gone before it was told keeps them again. The client's events are
-  received under ``_Client.answering`` too, so kept answers are never preceded or split
-  by a second ``client.started`` (the lock is let go while a client.start's sessionKey is
+  it (``_Client.answering``: the two never interleave). The take itself runs without
+  that lock (a store that hangs holds it up to the Redis command timeout, 5 s): the
+  client's events are received and its turns run meanwhile, and all the connection
+  emits then is held back (``_Client.held``) and follows the answers taken. Delivered
+  answers are not kept; a connection gone before it was told keeps them again. The
+  client's events are received under ``_Client.answering`` too, so kept answers are
+  never preceded or split by a second ``client.started`` (the lock is let go while a
+  client.start's sessionKey is
   looked up in the store: a store that hangs holds that lookup up to the Redis command
   timeout, 5 s, and the client's other events are answered meanwhile, ``not-started``,
   VoiceflowServer._find_unheld); a notice that lands while a client.start is answered is
@@ -684,8 +688,13 @@ class _Client:
     client's own running action's answer begins, or after it
     (:meth:`VoiceflowServer._take_due`)."""
     answering: asyncio.Lock = field(default_factory=asyncio.Lock)
-    """Held while a turn's actions are carried out, while kept answers are taken and
-    delivered, and while pushed items go out: none of them interleave."""
+    """Held while a turn's actions are carried out, while a take of kept answers begins,
+    and while pushed items go out: none of them interleave."""
+    held: list[Emit] | None = None
+    """While kept answers are being taken (the store asked without ``answering``: a
+    store that hangs holds the take up to the Redis command timeout, 5 s), what else
+    goes out to the client waits here, in order, and follows them
+    (:meth:`VoiceflowServer._take_due`); None when no take runs."""
     handshake_key: str | None = None
     """The store key of the session the client's last handshake (an accepted client.start,
     session.create) put it in (None: none): a notice of an answer kept for another session
@@ -1181,7 +1190,7 @@ class VoiceflowServer:
                 client.claimed = action.ctx.key
         for action in actions:
             if isinstance(action, Emit):
-                await _emit(self.sio, client.sid, action)
+                await self._send(client, action)
             elif isinstance(action, CheckSession):
                 found = await self._find_unheld(client, action)
                 answer = client.conn.session_checked(found)
@@ -1196,6 +1205,14 @@ class VoiceflowServer:
                 task.add_done_callback(client.tasks.discard)
                 client.turns.add(task)
                 task.add_done_callback(client.turns.discard)
+
+    async def _send(self, client: _Client, action: Emit) -> None:
+        """Emit ``action`` to ``client``, or hold it back while kept answers are being
+        taken (``_Client.held``: it follows them)."""
+        if client.held is not None:
+            client.held.append(action)
+        else:
+            await _emit(self.sio, client.sid, action)
 
     async def _find_unheld(self, client: _Client, check: CheckSession) -> SessionCheck:
         """:meth:`_find` for ``client``'s client.start, with ``client.answering`` (held by
@@ -1369,9 +1386,15 @@ class VoiceflowServer:
         ``starting``): a new handshake decides what is due (:meth:`_event`: when it resumes
         the session, taken after its ``client.started``; else left kept for the session's
         next connection). The client's events are received under ``client.answering``, so
-        one that comes while kept answers go out is answered after them (a second
+        one that comes while kept answers are taken is answered after them (a second
         ``client.started`` never precedes or splits the answers the first one's
-        client.start took). Never raises."""
+        client.start took).
+
+        The store is asked without ``client.answering`` (a store that hangs holds the take
+        up to the Redis command timeout, 5 s): the client's events are received, its
+        turns run and the watches go on meanwhile, and what they emit is held back
+        (``_Client.held``) and follows the answers taken. Before, the take held the lock,
+        and with it the connection's every event, for as long. Never raises."""
         conn = client.conn
         if client.kept_due is None or client.sid not in self._clients:
             return
@@ -1379,22 +1402,37 @@ class VoiceflowServer:
             return
         async with client.answering:
             key, client.kept_due = client.kept_due, None
-            if key is None or conn.answer_begun or conn.state in _NOT_NOW:  # (meanwhile)
+            busy = client.held is not None  # a take runs: this one follows it
+            if key is None or busy or conn.answer_begun or conn.state in _NOT_NOW:
                 client.kept_due = client.kept_due or key
                 return
-            try:  # (shielded: a take that ran is delivered, or kept again, even when the
-                # follow task that called it is cancelled as the client leaves)
-                await asyncio.shield(self._take_and_deliver(client, key))
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("kept answers of session %s not delivered", session_ref(key))
-        if client.pushes_held and client.kept_due is None and client.following is not None:
+            client.held = []  # what goes out meanwhile follows the answers taken
+        try:  # (shielded: a take that ran is delivered, or kept again, even when the
+            # follow task that called it is cancelled as the client leaves)
+            await asyncio.shield(self._take_and_deliver(client, key))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("kept answers of session %s not delivered", session_ref(key))
+        if client.kept_due is not None:  # announced while that take ran
+            await self._take_due(client)
+            return
+        if client.pushes_held and client.following is not None:
             client.pushes_held = False  # the pushes that waited for them (_pushed)
             await client.following.catch_up()
 
     async def _take_and_deliver(self, client: _Client, key: str) -> None:
-        await self._deliver_kept(client, key, await self._take(key))
+        """Take the answers kept for ``key`` and deliver them, then what was held back
+        meanwhile (``_Client.held``, in order; dropped when the client left)."""
+        try:
+            await self._deliver_kept(client, key, await self._take(key))
+        finally:
+            held = client.held or []
+            while held:  # (more may be held while these go out: they follow)
+                emit = held.pop(0)
+                if client.sid in self._clients:
+                    await _emit(self.sio, client.sid, emit)
+            client.held = None
 
     async def _take(self, key: str) -> list[str]:
         """Take the answers kept for session ``key`` (one round trip, within the Redis

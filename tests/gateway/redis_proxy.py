@@ -48,7 +48,12 @@ class ReplyDropper:
     lost as an armed drop loses it (the command ran; its connection is cut), every
     time: the other commands, a new connection's handshake, go through. While
     ``drop_reply_once_to`` is set, the reply to the next client bytes holding it is lost
-    so, once (it is then unset): the client's retry of that command is answered."""
+    so, once (it is then unset): the client's retry of that command is answered.
+
+    While ``hold_replies_to`` is set (bytes), the reply to client bytes holding it is held
+    (nothing lost, the connection kept) until :meth:`release_replies`: a Redis slow to
+    answer that one command alone, the others answered meanwhile. ``replies_held`` counts
+    the replies held so."""
 
     def __init__(self, host: str, port: int) -> None:
         self.host, self.port = host, port
@@ -60,6 +65,9 @@ class ReplyDropper:
         self.cut_off = False
         self.drop_replies_to: bytes | None = None
         self.drop_reply_once_to: bytes | None = None
+        self.hold_replies_to: bytes | None = None
+        self.replies_held = 0
+        self._replies_released = asyncio.Event()
         self._stall_marker: bytes | None = None
         self._stall_s = 0.0
         self._stall_including = False
@@ -108,6 +116,11 @@ class ReplyDropper:
         how many. Their sockets stay open until their clients close them."""
         self._silent.update(self._upstream)
         return len(self._upstream)
+
+    def release_replies(self) -> None:
+        """Let the replies held for ``hold_replies_to`` go on (and hold no more)."""
+        self.hold_replies_to = None
+        self._replies_released.set()
 
     def stall_after(self, marker: bytes, seconds: float, *, including: bool = False) -> None:
         """Once client bytes holding ``marker`` went to Redis (the next time only), hold
@@ -183,6 +196,10 @@ class ReplyDropper:
                     client_w.transport.abort()
                     redis_w.transport.abort()
                     return
+                held = self.hold_replies_to
+                if held is not None and held in last_sent:
+                    self.replies_held += 1
+                    await self._replies_released.wait()
                 client_w.write(data)
                 await client_w.drain()
             if client_w not in self._orphans:  # an orphan's client is told when it sends

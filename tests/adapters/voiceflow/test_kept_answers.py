@@ -36,7 +36,7 @@ from tests.adapters.voiceflow.helpers import (
     messages,
 )
 from tests.adapters.voiceflow.test_socket import connections
-from tests.conftest import GatewayProcess, served_app, start_all
+from tests.conftest import GatewayProcess, served_app, start_all, unless_hung
 from tests.gateway.redis_proxy import ReplyDropper
 
 ADMIN_KEY = "admin-key-of-the-kept-answers-test"
@@ -670,3 +670,44 @@ async def test_a_kept_answer_store_that_fails_at_connect_is_a_warning_naming_it(
         else:
             assert lines[0].levelno == logging.WARNING
         assert "(component: answer-store): Redis is unavailable" in lines[0].getMessage()
+
+
+async def test_a_take_of_kept_answers_that_hangs_does_not_hold_the_connection_back(
+    reply_dropper: tuple[ReplyDropper, str],
+    redis_prefix: str,
+    aredis: aioredis.Redis,
+) -> None:
+    """Redis is slow to answer the take of the kept answers (only it: the session store
+    answers). The take held the connection's lock, so the client's next action waited for
+    it (up to the Redis command timeout, 5 s, when the take failed and the answer was
+    lost). The connection now goes on meanwhile: the action runs while the take still
+    hangs, and what it emits is held back until the kept answer has gone out, which comes
+    first, whole, then the action's answer."""
+    proxy, redis_url = reply_dropper
+    core = RecordingCore()
+    async with gateway_app(core, redis_url=redis_url, redis_prefix=redis_prefix) as (url, _):
+        key = await leave_mid_action(url, core)
+        core.release.set()
+        await until(lambda: aredis.exists(kept_key(redis_prefix, key)))
+        proxy.hold_replies_to = b":kept"  # the take's reply waits for release_replies
+        try:
+            async with client(url) as again:
+                assert await again.start(key) is False
+                await until(lambda: proxy.replies_held == 1)  # the take hangs
+                await again.send({"type": "text", "payload": "hello"}, "m1")
+                request = await unless_hung(core.next_request(), "the action never ran")
+                assert request["input"]["transcript"]["text"] == "hello"
+                assert proxy.replies_held == 1  # (still held: not released yet)
+                assert again.events.empty()  # held back: the kept answer goes first
+                proxy.release_replies()
+                await expect_first_answer(again)
+                assert await again.expect("action.status") == {
+                    "status": "accepted",
+                    "messageID": "m1",
+                }
+                traces, done = await again.traces_until_status("m1")
+                assert messages(traces) == ["core heard hello"]
+                assert done == {"status": "completed", "messageID": "m1"}
+                await again.nothing_more()
+        finally:
+            proxy.release_replies()
