@@ -51,12 +51,13 @@ refuses the whole speech for one of another ``src``, so such an ``<audio>`` (of 
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from pydantic import ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 
@@ -346,10 +347,19 @@ def _validate(model: type[_M], data: Mapping[str, Any], what: str) -> _M:
     return validate(model, data, what=f"{what} request", empty="body")
 
 
-def _property_names(data: Mapping[str, Any]) -> str:
-    """The first 8 property names of ``data`` (sorted), each :func:`clipped` (a client's
-    names), joined by commas: what a refusal of an unknown shape says it got."""
-    return ", ".join(clipped(name, quote=False) for name in sorted(data)[:8])
+def _not_planned(
+    data: Mapping[str, Any], known: bool, elsewhere: str, unknown: str, expected: str
+) -> NoReturn:
+    """Refuse a request an endpoint does not plan (ProtocolError, 400): ``elsewhere`` for a
+    ``known`` format (the other endpoint's), else ``unknown`` with what the endpoint
+    ``expected`` and what it got: the first 8 property names of ``data`` (sorted), each
+    :func:`clipped` (a client's names), joined by commas."""
+    if known:
+        raise ProtocolError(elsewhere)
+    names = ", ".join(clipped(name, quote=False) for name in sorted(data)[:8])
+    raise ProtocolError(
+        unknown, expected=expected, got=f"an object with {names or 'no properties'}"
+    )
 
 
 def detect(data: Mapping[str, Any]) -> Format | None:
@@ -487,12 +497,10 @@ def google_plan(data: Mapping[str, Any]) -> Plan:
         request = _validate(V2AppRequest, data, "Actions SDK v2")
         locale = request.user.locale if request.user else None
         return _v2_plan(request, request.conversation.conversation_id, locale, kind)
-    if kind in (Format.DIALOGFLOW_ES, Format.DIALOGFLOW_CX):
-        raise ProtocolError("This is a Dialogflow fulfillment request: POST it to /dialogflow.")
-    raise ProtocolError(
-        "Not a Google Assistant request", expected="an Actions Builder request "
-        "(handler, session) or an Actions SDK v2 AppRequest (conversation, inputs)",
-        got="an object with " + (_property_names(data) or "no properties"),
+    _not_planned(
+        data, kind is not None, "This is a Dialogflow fulfillment request: POST it to /dialogflow.",
+        "Not a Google Assistant request", "an Actions Builder request (handler, session) or an "
+        "Actions SDK v2 AppRequest (conversation, inputs)",
     )  # fmt: skip
 
 
@@ -580,12 +588,10 @@ def dialogflow_plan(data: Mapping[str, Any]) -> Plan:
         return _es_plan(_validate(EsRequest, data, "Dialogflow ES"))
     if kind is Format.DIALOGFLOW_CX:
         return _cx_plan(_validate(CxRequest, data, "Dialogflow CX"))
-    if kind in (Format.ACTIONS_BUILDER, Format.ACTIONS_SDK_V2):
-        raise ProtocolError("This is a Google Assistant request: POST it to /google.")
-    raise ProtocolError(
-        "Not a Dialogflow request", expected="a Dialogflow ES request (session, queryResult) "
-        "or a CX request (sessionInfo)",
-        got="an object with " + (_property_names(data) or "no properties"),
+    _not_planned(
+        data, kind is not None, "This is a Google Assistant request: POST it to /google.",
+        "Not a Dialogflow request", "a Dialogflow ES request (session, queryResult) or a CX "
+        "request (sessionInfo)",
     )  # fmt: skip
 
 
@@ -709,10 +715,8 @@ def fallback_json(
     ``said`` are the items a failed turn's core gave before it failed: they are said
     first, as a turn's answer says them, then ``text`` whole (:attr:`Answer.then`), in
     the same simple response / messages."""
-    if said:
-        answer = Answer(tuple(said), end=end, then=ResponseItem(text=text))
-    else:
-        answer = Answer((ResponseItem(text=text),), end=end)
+    then = ResponseItem(text=text)
+    answer = Answer(tuple(said), end=end, then=then) if said else Answer((then,), end=end)
     return render(plan, answer, plan.session_id)
 
 
@@ -770,25 +774,17 @@ def health_response(plan: Plan) -> dict[str, Any]:
     return {} if plan.format is Format.ACTIONS_BUILDER else fallback_json(plan, "OK", True)
 
 
-def _speech(
-    items: Sequence[ResponseItem], max_chars: int, then: ResponseItem | None = None
-) -> str | None:
-    """:func:`gateway.ssml.speech_ssml` with only the audio Google plays
-    (:data:`gateway.ssml.HTTPS_AUDIO`) and the SSML elements it speaks
-    (:data:`gateway.ssml.GOOGLE_ELEMENTS`, its ``<say-as>`` kinds
-    :data:`gateway.ssml.GOOGLE_SAY_AS`); ``then`` said whole after ``items``."""
-    return speech_ssml(
-        items,
-        max_chars,
-        audio_schemes=HTTPS_AUDIO,
-        elements=GOOGLE_ELEMENTS,
-        say_as=GOOGLE_SAY_AS,
-        then=then,
-    )
+_speech = functools.partial(
+    speech_ssml, audio_schemes=HTTPS_AUDIO, elements=GOOGLE_ELEMENTS, say_as=GOOGLE_SAY_AS
+)
+""":func:`gateway.ssml.speech_ssml` with only the audio Google plays
+(:data:`gateway.ssml.HTTPS_AUDIO`) and the SSML elements it speaks
+(:data:`gateway.ssml.GOOGLE_ELEMENTS`, its ``<say-as>`` kinds
+:data:`gateway.ssml.GOOGLE_SAY_AS`); ``then`` said whole after ``items``."""
 
 
 def _v3_response(plan: Plan, answer: Answer, gateway_session_id: str) -> dict[str, Any]:
-    speech = _speech(answer.items, MAX_SPEECH_CHARS, answer.then)
+    speech = _speech(answer.items, MAX_SPEECH_CHARS, then=answer.then)
     text = display_text(answer.items, MAX_DISPLAY_CHARS, utf16=True, then=answer.then)
     prompt: dict[str, Any] = {"override": False}
     simple = {k: v for k, v in (("speech", speech), ("text", text or None)) if v is not None}
@@ -845,7 +841,7 @@ def _rich_response(plan: Plan, answer: Answer, max_chars: int = MAX_SPEECH_CHARS
     ``textToSpeech`` and ``displayText`` the answer's text cut to :data:`MAX_EXIT_CHARS`
     (no SSML, no card). ``max_chars`` bounds the speech and the text (a Dialogflow answer
     that must fit, :func:`_fit`)."""
-    speech = None if plan.exit else _speech(answer.items, max_chars, answer.then)
+    speech = None if plan.exit else _speech(answer.items, max_chars, then=answer.then)
     limit = MAX_EXIT_CHARS if plan.exit else MAX_DISPLAY_CHARS
     text = display_text(answer.items, min(limit, max_chars), utf16=True, then=answer.then)
     simple = {"textToSpeech": text} if text and not speech else {"ssml": speech or SILENT_SSML}

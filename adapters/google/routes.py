@@ -131,9 +131,7 @@ class _Webhook(WebhookChannel[Plan, dict[str, Any]]):
         ``actions.intent.CANCEL`` of Actions SDK v2, also through Dialogflow ES, and of
         Actions Builder) is at most :data:`adapters.google.protocol.EXIT_DEADLINE_S`
         (Google waits 2 s for a v2 one; an Actions Builder one gets the same, see there)."""
-        if planned.cancel:
-            return min(self.deadline_s, EXIT_DEADLINE_S)
-        return self.deadline_s
+        return min(self.deadline_s, EXIT_DEADLINE_S) if planned.cancel else self.deadline_s
 
     def ends_anyway(self, planned: Plan) -> bool:
         """Cancel and the final no-input and no-match intents end the conversation whatever
