@@ -641,8 +641,7 @@ class TwilioCall(CarrierCall):
         except InvalidStart as exc:
             return self._refuse_start(CLOSE_POLICY, exc)
         if isinstance(message, Media):
-            payload = message.payload  # μ-law as is: one byte per sample
-            return self._feed(message.track, payload, len(payload))
+            return self._feed(message.track, message.payload, len(message.payload))  # μ-law
         if self.state is State.CLOSED:
             return []
         if isinstance(message, Start):

@@ -350,12 +350,7 @@ async def _verified_form(
         return ImmutableMultiDict(), refused_request(exc)
     url = public_url(settings.public_url, path, request.url.query)
     try:
-        channel.verifier.check(
-            url,
-            params,
-            request.headers.get(SIGNATURE_HEADER),
-            request.headers.get(SETTINGS_HEADER),
-        )
+        channel.verifier.check_request(url, params, request.headers)
     except TwilioVerificationError as exc:
         line = "Twilio webhook %s refused (403): %s"  # bounded: forged requests come in floods
         refusal_log(request.app.state, "Twilio").log(log, line, path, exc.reason)
@@ -591,9 +586,7 @@ async def _check(ws: WebSocket, gw: Gateway, channel: TwilioChannel, token: str)
     peer = ws.client.host if ws.client else "?"
     url = stream_url(gw.settings.public_url, token)
     try:
-        channel.verifier.check(
-            url, None, ws.headers.get(SIGNATURE_HEADER), ws.headers.get(SETTINGS_HEADER)
-        )
+        channel.verifier.check_request(url, None, ws.headers)
         now = time.time()
         grant = channel.tokens.check(token, now)
     except TwilioVerificationError as exc:

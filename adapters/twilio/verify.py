@@ -197,6 +197,13 @@ class SignatureVerifier:
                 f"{clipped(algorithm, quote=False)})"
             )
 
+    def check_request(
+        self, url: str, params: Mapping[str, str] | None, headers: Mapping[str, str]
+    ) -> None:
+        """:meth:`check` with the request's ``headers``' X-Twilio-Signature and
+        X-Twilio-Webhooks-Signature-Settings (a webhook's, or a stream's upgrade)."""
+        self.check(url, params, headers.get(SIGNATURE_HEADER), headers.get(SETTINGS_HEADER))
+
 
 def _supported(algorithm: str) -> bool:
     """Whether the twilio library signs with ``algorithm`` (its compute_signature raises
