@@ -36,7 +36,7 @@ import base64
 from dataclasses import dataclass
 from typing import Final
 
-from twilio.twiml.voice_response import Dial, VoiceResponse  # type: ignore[import-untyped]
+from twilio.twiml.voice_response import VoiceResponse  # type: ignore[import-untyped]
 
 from adapters.twilio.protocol import MACHINE_ANSWERS as MACHINE_ANSWERS
 from gateway.callcontrol import RestRequest, path_segment
@@ -65,6 +65,11 @@ class TwilioAuth:
         """``Authorization: Basic base64(AccountSid:AuthToken)``."""
         raw = f"{self.account_sid}:{self.auth_token}".encode()
         return {"Authorization": "Basic " + base64.b64encode(raw).decode("ascii")}
+
+    def update(self, call_sid: str, form: dict[str, str | list[str]]) -> RestRequest:
+        """``POST .../Calls/{sid}.json`` with ``form``: an update of the live call ``call_sid``
+        (new TwiML, a new URL to fetch it from, or its status)."""
+        return RestRequest("POST", self.calls_url(call_sid), self.headers, form=form)
 
 
 def create_call(
@@ -107,22 +112,19 @@ def dial_twiml(target: str) -> str:
     target = target.strip()
     if not target:
         raise ValueError("a transfer needs a target")
-    dial = Dial()
+    response = VoiceResponse()
+    dial = response.dial()
     if target.lower().startswith(("sip:", "sips:")):
         dial.sip(target)
     else:
         dial.number(target.removeprefix("tel:"))
-    response = VoiceResponse()
-    response.append(dial)
     return str(response.to_xml(xml_declaration=False))
 
 
 def transfer(auth: TwilioAuth, call_sid: str, target: str) -> RestRequest:
     """Hand the live call to ``target``: update it with the TwiML of :func:`dial_twiml`
     (the media stream stops; the caller hears the target ring)."""
-    return RestRequest(
-        "POST", auth.calls_url(call_sid), auth.headers, form={"Twiml": dial_twiml(target)}
-    )
+    return auth.update(call_sid, {"Twiml": dial_twiml(target)})
 
 
 def redirect(auth: TwilioAuth, call_sid: str, url: str) -> RestRequest:
@@ -130,13 +132,12 @@ def redirect(auth: TwilioAuth, call_sid: str, url: str) -> RestRequest:
     current instructions (the media stream and what follows it) are dropped, and Twilio
     POSTs ``url`` as it POSTs a voice webhook (signed: ``X-Twilio-Signature`` over
     ``url`` and the form)."""
-    form = {"Url": url, "Method": "POST"}
-    return RestRequest("POST", auth.calls_url(call_sid), auth.headers, form=form)
+    return auth.update(call_sid, {"Url": url, "Method": "POST"})
 
 
 def hang_up(auth: TwilioAuth, call_sid: str) -> RestRequest:
     """End the call: update it with ``Status=completed``."""
-    return RestRequest("POST", auth.calls_url(call_sid), auth.headers, form={"Status": "completed"})
+    return auth.update(call_sid, {"Status": "completed"})
 
 
 def is_machine(answered_by: str) -> bool:

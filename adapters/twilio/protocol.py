@@ -78,7 +78,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Final, Literal
 
 from pydantic import ConfigDict, Field, TypeAdapter, field_validator
-from twilio.twiml.voice_response import Connect, Stream, VoiceResponse  # type: ignore[import-untyped]
+from twilio.twiml.voice_response import VoiceResponse  # type: ignore[import-untyped]
 
 from gateway.callcodec import (
     DTMF_DIGITS,
@@ -454,12 +454,11 @@ def twiml(stream: str, status_callback: str, parameters: Mapping[str, str]) -> s
     first: a call moved to another instance at shutdown, routes.py ``move_calls``).
     """
     response = VoiceResponse()
-    connect = Connect()
-    element = Stream(url=stream, status_callback=status_callback, status_callback_method="POST")
+    element = response.connect().stream(
+        url=stream, status_callback=status_callback, status_callback_method="POST"
+    )
     for name, value in parameters.items():
         element.parameter(name=_xml_text(name), value=_xml_text(value))
-    connect.append(element)
-    response.append(connect)
     response.hangup()
     return str(response.to_xml(xml_declaration=True))
 
