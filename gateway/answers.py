@@ -31,9 +31,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from gateway.breaker import CircuitOpen, breaker_of
-from gateway.redisconn import REDIS_ERRORS, RedisClient
-from gateway.sessions import StoreCircuitOpen, StoreUnavailable
+from gateway.breaker import breaker_of
+from gateway.redisconn import RedisClient
+from gateway.sessions import guarded
 
 __all__ = ["AnswerStore", "MemoryAnswerStore", "RedisAnswerStore"]
 
@@ -234,20 +234,10 @@ class RedisAnswerStore:
             return False
         keys = [self.name(key)]
         args: list[str | int] = [answer, self._max_answers, self._max_bytes, self._ttl_ms]
-        try:
-            await self._breaker.guard(lambda: self._keep(keys=keys, args=args))
-        except CircuitOpen as exc:
-            raise StoreCircuitOpen(str(exc)) from exc
-        except REDIS_ERRORS as exc:
-            raise StoreUnavailable(f"Redis is unavailable: {exc}") from exc
+        await guarded(self._breaker, lambda: self._keep(keys=keys, args=args))
         return True
 
     async def take(self, key: str) -> list[str]:
         keys = [self.name(key)]
-        try:
-            raw = await self._breaker.guard(lambda: self._take(keys=keys, args=[]))
-        except CircuitOpen as exc:
-            raise StoreCircuitOpen(str(exc)) from exc
-        except REDIS_ERRORS as exc:
-            raise StoreUnavailable(f"Redis is unavailable: {exc}") from exc
+        raw = await guarded(self._breaker, lambda: self._take(keys=keys, args=[]))
         return [a.decode() if isinstance(a, bytes) else str(a) for a in raw]

@@ -29,9 +29,9 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from gateway.breaker import CircuitOpen, breaker_of, mark_logged
-from gateway.redisconn import REDIS_ERRORS, RedisClient
-from gateway.sessions import StoreCircuitOpen, StoreUnavailable
+from gateway.breaker import breaker_of, mark_logged
+from gateway.redisconn import RedisClient
+from gateway.sessions import StoreUnavailable, guarded
 
 __all__ = ["MemoryNonceStore", "NonceStore", "RedisNonceStore"]
 
@@ -225,12 +225,7 @@ class RedisNonceStore:
         use = secrets.token_hex(8)
         keys = [f"{self.prefix}:nonce:{key}"]
         args: list[str | int] = [use, max(1, round(ttl_s * 1000))]
-        try:
-            won = await self._breaker.guard(lambda: self._use_once(keys=keys, args=args))
-        except CircuitOpen as exc:
-            raise StoreCircuitOpen(str(exc)) from exc
-        except REDIS_ERRORS as exc:
-            raise StoreUnavailable(f"Redis is unavailable: {exc}") from exc
+        won = await guarded(self._breaker, lambda: self._use_once(keys=keys, args=args))
         return bool(won)
 
     async def release(self, key: str) -> None:
@@ -238,12 +233,7 @@ class RedisNonceStore:
         through the client's circuit breaker). Raises StoreCircuitOpen at once while the
         breaker is open, StoreUnavailable when Redis does not answer."""
         name = f"{self.prefix}:nonce:{key}"
-        try:
-            await self._breaker.guard(lambda: self.redis.delete(name))
-        except CircuitOpen as exc:
-            raise StoreCircuitOpen(str(exc)) from exc
-        except REDIS_ERRORS as exc:
-            raise StoreUnavailable(f"Redis is unavailable: {exc}") from exc
+        await guarded(self._breaker, lambda: self.redis.delete(name))
 
     async def used(self, key: str) -> bool:
         """See :meth:`NonceStore.used`: ``EXISTS {prefix}:nonce:{key}`` (one round trip,
@@ -251,12 +241,7 @@ class RedisNonceStore:
         StoreCircuitOpen at once while the breaker is open, StoreUnavailable when Redis
         does not answer."""
         name = f"{self.prefix}:nonce:{key}"
-        try:
-            found = await self._breaker.guard(lambda: self.redis.exists(name))
-        except CircuitOpen as exc:
-            raise StoreCircuitOpen(str(exc)) from exc
-        except REDIS_ERRORS as exc:
-            raise StoreUnavailable(f"Redis is unavailable: {exc}") from exc
+        found = await guarded(self._breaker, lambda: self.redis.exists(name))
         return bool(found)
 
     async def aclose(self) -> None:

@@ -75,7 +75,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
 from types import TracebackType
-from typing import Any, Final, Literal, Protocol
+from typing import Any, Final, Literal, Protocol, TypeVar
 
 from pydantic import BaseModel, Field, ValidationError
 from redis.asyncio import Redis
@@ -185,6 +185,24 @@ def _unavailable(exc: BaseException) -> StoreUnavailable:
     if isinstance(exc, CircuitOpen):
         return StoreCircuitOpen(str(exc))
     return StoreUnavailable(f"Redis: {exc}")
+
+
+_T = TypeVar("_T")
+
+
+async def guarded(breaker: CircuitBreaker, call: Callable[[], Awaitable[_T]]) -> _T:
+    """``call()`` (one Redis request) through ``breaker``, its result.
+
+    Raises:
+        StoreCircuitOpen: at once, Redis not asked, while the breaker is open.
+        StoreUnavailable: Redis failed (``Redis is unavailable: ...``).
+    """
+    try:
+        return await breaker.guard(call)
+    except CircuitOpen as exc:
+        raise StoreCircuitOpen(str(exc)) from exc
+    except redisconn.REDIS_ERRORS as exc:
+        raise StoreUnavailable(f"Redis is unavailable: {exc}") from exc
 
 
 class LockLost(StoreError):
