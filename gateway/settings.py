@@ -1453,13 +1453,20 @@ class Settings(BaseSettings):
         "google_trusted_accounts",
         "admin_keys",
         "voiceflow_api_keys",
+        "barge_in_backchannels",
+        "voiceflow_cors_origins",
         mode="before",
     )
     @classmethod
-    def _split_ids(cls, value: object) -> object:
-        if isinstance(value, str):
-            return frozenset(k.strip() for k in value.split(",") if k.strip())
-        return value
+    def _split_lists(cls, value: object, info: ValidationInfo) -> object:
+        """A comma-separated value: its items, spaces around them and empty ones dropped
+        (backchannels lower-cased)."""
+        if not isinstance(value, str):
+            return value
+        items = [item.strip() for item in value.split(",") if item.strip()]
+        if info.field_name == "barge_in_backchannels":
+            return tuple(item.lower() for item in items)
+        return tuple(items) if info.field_name == "voiceflow_cors_origins" else frozenset(items)
 
     @field_validator("dialogflow_auth", mode="after")
     @classmethod
@@ -1472,20 +1479,6 @@ class Settings(BaseSettings):
         if scheme.lower() == "bearer" and rest:
             return value
         raise ValueError("must be basic:USER:PASSWORD or bearer:TOKEN")
-
-    @field_validator("barge_in_backchannels", mode="before")
-    @classmethod
-    def _split_backchannels(cls, value: object) -> object:
-        if isinstance(value, str):
-            return tuple(b.strip().lower() for b in value.split(",") if b.strip())
-        return value
-
-    @field_validator("voiceflow_cors_origins", mode="before")
-    @classmethod
-    def _split_origins(cls, value: object) -> object:
-        if isinstance(value, str):
-            return tuple(o.strip() for o in value.split(",") if o.strip())
-        return value
 
     @field_validator("voiceflow_secret", "secret_key", mode="after")
     @classmethod
