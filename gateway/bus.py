@@ -34,9 +34,9 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, TypeVar
 
 from redis.asyncio.cluster import RedisCluster
 
@@ -45,6 +45,7 @@ from gateway.protocol import clipped
 from gateway.redisconn import REDIS_ERRORS, RedisClient, drop_if_silent
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 Message = dict[str, Any]
 
@@ -335,6 +336,14 @@ class RedisBus:
         )
         return None
 
+    async def _ask(self, call: Callable[[], Awaitable[_T]]) -> _T:
+        """``call()`` (Redis commands) through the client's circuit breaker, its result;
+        BusUnavailable when Redis fails or the breaker is open."""
+        try:
+            return await self._breaker.guard(call)
+        except REDIS_ERRORS as exc:
+            raise BusUnavailable(f"Redis: {exc}") from exc
+
     async def publish(self, topic: str, message: Message, *, retain_s: float | None = None) -> int:
         data = json.dumps(message, separators=(",", ":"))
 
@@ -355,18 +364,12 @@ class RedisBus:
                 results = await pipe.execute()
             return int(results[-1])  # PUBLISH's count: the processes subscribed (one each)
 
-        try:
-            return await self._breaker.guard(send)
-        except REDIS_ERRORS as exc:
-            raise BusUnavailable(f"Redis: {exc}") from exc
+        return await self._ask(send)
 
     async def claim(self, topic: str, message: Message, *, retain_s: float) -> bool:
         data = json.dumps(message, separators=(",", ":"))
         key, px = self._retained_key(topic), max(1, int(retain_s * 1000))
-        try:
-            won = await self._breaker.guard(lambda: self._redis.set(key, data, px=px, nx=True))
-        except REDIS_ERRORS as exc:
-            raise BusUnavailable(f"Redis: {exc}") from exc
+        won = await self._ask(lambda: self._redis.set(key, data, px=px, nx=True))
         if not won:
             return False
         await self.publish(topic, message)  # the retained value is set: tell subscribers
@@ -375,21 +378,15 @@ class RedisBus:
     async def clear(self, topic: str, *, only: Message | None = None) -> bool:
         keys = [self._retained_key(topic)]
         args = [] if only is None else [json.dumps(only, separators=(",", ":"))]
-        try:
-            if only is None:
-                done = await self._breaker.guard(lambda: self._redis.delete(*keys))
-            else:
-                done = await self._breaker.guard(lambda: self._clear(keys=keys, args=args))
-        except REDIS_ERRORS as exc:
-            raise BusUnavailable(f"Redis: {exc}") from exc
+        if only is None:
+            done = await self._ask(lambda: self._redis.delete(*keys))
+        else:
+            done = await self._ask(lambda: self._clear(keys=keys, args=args))
         return bool(done)
 
     async def retained(self, topic: str) -> Message | None:
         key = self._retained_key(topic)
-        try:
-            data = await self._breaker.guard(lambda: self._redis.get(key))
-        except REDIS_ERRORS as exc:
-            raise BusUnavailable(f"Redis: {exc}") from exc
+        data = await self._ask(lambda: self._redis.get(key))
         return self._decoded(topic, data)
 
     async def replace(
@@ -400,10 +397,7 @@ class RedisBus:
         args: list[str | int] = [was, json.dumps(new, separators=(",", ":"))]
         args.append(max(1, int(retain_s * 1000)))
         keys = [self._retained_key(topic)]
-        try:
-            done = await self._breaker.guard(lambda: self._replace(keys=keys, args=args))
-        except REDIS_ERRORS as exc:
-            raise BusUnavailable(f"Redis: {exc}") from exc
+        done = await self._ask(lambda: self._replace(keys=keys, args=args))
         return bool(done)
 
     @contextlib.asynccontextmanager
