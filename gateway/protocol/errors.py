@@ -18,14 +18,20 @@ from typing import Generic, TypeVar
 __all__ = ["LocalProtocolError", "ProtocolError", "RemoteProtocolError", "RequestVerificationError"]
 
 
-def _naming(text: str, expected: str | None, got: str | None) -> str:
-    """``text``, followed by what the state machine expected and what came when both are known."""
-    if expected is not None and got is not None:
-        return f"{text}: expected {expected}, got {got}"
-    return text
+class _NamingError(Exception):
+    """A protocol error: ``text``, followed by what the state machine expected and what
+    came when both are known (``expected``/``got``)."""
+
+    def __init__(self, text: str, *, expected: str | None = None, got: str | None = None) -> None:
+        if expected is not None and got is not None:
+            text = f"{text}: expected {expected}, got {got}"
+        super().__init__(text)
+        self.text = text
+        self.expected = expected
+        self.got = got
 
 
-class RemoteProtocolError(Exception):
+class RemoteProtocolError(_NamingError):
     """The peer broke its protocol: malformed, unknown, out of order or oversized input.
 
     Raised under its alias :data:`ProtocolError`. ``text`` is a message fit for the
@@ -42,11 +48,7 @@ class RemoteProtocolError(Exception):
         got: str | None = None,
         status: int = 400,
     ) -> None:
-        text = _naming(text, expected, got)
-        super().__init__(text)
-        self.text = text
-        self.expected = expected
-        self.got = got
+        super().__init__(text, expected=expected, got=got)
         self.status = status
 
 
@@ -54,7 +56,7 @@ ProtocolError = RemoteProtocolError
 """The name protocol code raises and routes catch for the peer's mistakes."""
 
 
-class LocalProtocolError(Exception):
+class LocalProtocolError(_NamingError):
     """We broke the protocol: our own bug, or a state the protocol object should not reach.
 
     For example an action asked of a connection in a state its table does not
@@ -62,13 +64,6 @@ class LocalProtocolError(Exception):
     mistakes do not catch it, so it surfaces as a server error (HTTP 500, WebSocket
     close 1011) and is logged. ``expected``/``got`` as for RemoteProtocolError.
     """
-
-    def __init__(self, text: str, *, expected: str | None = None, got: str | None = None) -> None:
-        text = _naming(text, expected, got)
-        super().__init__(text)
-        self.text = text
-        self.expected = expected
-        self.got = got
 
 
 _ReasonT = TypeVar("_ReasonT", bound=StrEnum)
