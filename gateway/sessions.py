@@ -180,29 +180,34 @@ class StoreCircuitOpen(StoreUnavailable):
     will be asked again. The breaker logged the outage once: callers need not log each."""
 
 
-def _unavailable(exc: BaseException) -> StoreUnavailable:
-    """The StoreUnavailable of a Redis error ``exc`` (its text, or the breaker's)."""
+def _unavailable(exc: BaseException, text: str = "Redis") -> StoreUnavailable:
+    """The StoreUnavailable of a Redis error ``exc`` (``text``, then its text; or the
+    breaker's)."""
     if isinstance(exc, CircuitOpen):
         return StoreCircuitOpen(str(exc))
-    return StoreUnavailable(f"Redis: {exc}")
+    return StoreUnavailable(f"{text}: {exc}")
 
 
 _T = TypeVar("_T")
 
 
-async def guarded(breaker: CircuitBreaker, call: Callable[[], Awaitable[_T]]) -> _T:
+async def guarded(
+    breaker: CircuitBreaker,
+    call: Callable[[], Awaitable[_T]],
+    *,
+    text: str = "Redis is unavailable",
+    errors: tuple[type[BaseException], ...] = redisconn.REDIS_ERRORS,
+) -> _T:
     """``call()`` (one Redis request) through ``breaker``, its result.
 
     Raises:
         StoreCircuitOpen: at once, Redis not asked, while the breaker is open.
-        StoreUnavailable: Redis failed (``Redis is unavailable: ...``).
+        StoreUnavailable: Redis failed (one of ``errors``): ``text``, then the error's.
     """
     try:
         return await breaker.guard(call)
-    except CircuitOpen as exc:
-        raise StoreCircuitOpen(str(exc)) from exc
-    except redisconn.REDIS_ERRORS as exc:
-        raise StoreUnavailable(f"Redis is unavailable: {exc}") from exc
+    except errors as exc:
+        raise _unavailable(exc, text) from exc
 
 
 class LockLost(StoreError):
@@ -1006,10 +1011,7 @@ class RedisSessionStore:
 
     async def get(self, key: str) -> Session | None:
         data_key = self._keys(key)[1]
-        try:
-            data = await self.breaker.guard(lambda: self._redis.get(data_key))
-        except REDIS_ERRORS as exc:
-            raise _unavailable(exc) from exc
+        data = await guarded(self.breaker, lambda: self._redis.get(data_key), text="Redis")
         return stored_session(data, key) if data else None
 
     async def peek(self, key: str) -> tuple[Session | None, bool]:
@@ -1017,17 +1019,13 @@ class RedisSessionStore:
         so one moment: a turn saves the session and frees the lock in one script; both
         keys are in the session's hash slot), in the round trip :meth:`get` costs."""
         lock_key, data_key = self._keys(key)
-        try:
-            data, lock = await self.breaker.guard(lambda: self._redis.mget(data_key, lock_key))
-        except REDIS_ERRORS as exc:
-            raise _unavailable(exc) from exc
+        data, lock = await guarded(
+            self.breaker, lambda: self._redis.mget(data_key, lock_key), text="Redis"
+        )
         return (stored_session(data, key) if data else None), lock is not None
 
     async def ping(self) -> None:
-        try:
-            await self.breaker.guard(self._redis.ping)
-        except (*REDIS_ERRORS, OSError) as exc:
-            raise _unavailable(exc) from exc
+        await guarded(self.breaker, self._redis.ping, text="Redis", errors=(*REDIS_ERRORS, OSError))
 
     async def aclose(self) -> None:
         if self._batch is not None:
