@@ -508,20 +508,15 @@ class DtmfCollector:
         if self.mode == "digit":
             return digit
         if digit == "#":
-            done, self._digits = self._digits, ""
-            return done or None
+            return self.flush()
         self._digits += digit
         self._last_ms = now_ms
-        if len(self._digits) >= self.max_digits:
-            done, self._digits = self._digits, ""
-            return done
-        return None
+        return self.flush() if len(self._digits) >= self.max_digits else None
 
     def poll(self, now_ms: int) -> str | None:
         """The collected keys once ``timeout_ms`` passed since the last one, else None."""
         if self._digits and now_ms - self._last_ms >= self.timeout_ms:
-            done, self._digits = self._digits, ""
-            return done
+            return self.flush()
         return None
 
     def reset(self) -> None:
