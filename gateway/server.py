@@ -411,13 +411,27 @@ def _end_linger(transport: asyncio.Transport) -> None:
         transport.close()
 
 
-class GatewayHttpProtocol(HttpToolsProtocol):
+class _SendWatched(asyncio.Protocol):
+    """A connection protocol with a send deadline (``_send``): the transport's send buffer
+    full (``pause_writing``) starts it, drained again (``resume_writing``) stops it."""
+
+    guard: ClassVar[ConnectionGuard]
+    _send: _SendDeadline
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._send.start_full()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._send.stop_full()
+
+
+class GatewayHttpProtocol(_SendWatched, HttpToolsProtocol):
     """uvicorn's httptools protocol with the deadlines and the cap of the module doc.
 
     ``guard`` is set on the subclass :func:`uvicorn_options` makes per server.
     """
-
-    guard: ClassVar[ConnectionGuard]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -686,14 +700,6 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     # sending
 
-    def pause_writing(self) -> None:
-        super().pause_writing()
-        self._send.start_full()
-
-    def resume_writing(self) -> None:
-        super().resume_writing()
-        self._send.stop_full()
-
     def _send_expired(self) -> None:
         self._stop()
         self.guard.shed("send_timeout", len(self.connections))
@@ -703,37 +709,27 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         _unwrapped(self.transport).abort()
 
 
-class GatewayWebSocketProtocol(WebSocketsSansIOProtocol):
+class GatewayWebSocketProtocol(_SendWatched, WebSocketsSansIOProtocol):
     """uvicorn's websockets-sansio protocol with the send deadline of the module doc.
 
     ``guard`` is set on the subclass :func:`uvicorn_options` makes per server.
     """
 
-    guard: ClassVar[ConnectionGuard]
-
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._send_deadline = _SendDeadline(self.guard, self.loop)
-        self._send_deadline.on_expiry = self._send_expired
+        self._send = _SendDeadline(self.guard, self.loop)
+        self._send.on_expiry = self._send_expired
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         raw = _unwrapped(transport)
-        watched = _Watched(raw, self._send_deadline.start_closing)
+        watched = _Watched(raw, self._send.start_closing)
         super().connection_made(cast(asyncio.Transport, watched))
         metrics.OPEN_CONNECTIONS.inc()
 
     def connection_lost(self, exc: Exception | None) -> None:
         metrics.OPEN_CONNECTIONS.dec()
         super().connection_lost(exc)  # closes the transport: finish the deadline after it
-        self._send_deadline.finish()
-
-    def pause_writing(self) -> None:
-        super().pause_writing()
-        self._send_deadline.start_full()
-
-    def resume_writing(self) -> None:
-        super().resume_writing()
-        self._send_deadline.stop_full()
+        self._send.finish()
 
     def send_receive_event_to_app(self) -> None:
         """Hand the message just completed to the app; a text message that is not UTF-8
