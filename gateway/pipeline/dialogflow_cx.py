@@ -41,7 +41,8 @@ Spec: shared/specs/CORES.md, "Dialogflow CX detectIntent (REST v3)".
   either, its name logged at DEBUG, one line per turn (:data:`KNOWN_FIELDS`).
   A field that is JSON ``null`` is an absent one (proto3 JSON reads ``null`` as the
   field's default): ``responseMessages: null`` is no messages, a ``payload: null``
-  or ``endInteraction: null`` no variant (:func:`_messages`).
+  or ``endInteraction: null`` no variant, a ``null`` element of ``responseMessages`` no
+  message (skipped: it can mean nothing else; :func:`_messages`).
   ``pipeline_state`` records the CX session id, the current page and the session
   parameters.
 - Streaming (GATEWAY_DIALOGFLOW_CX_STREAMING): ``:serverStreamingDetectIntent``, whose
@@ -860,7 +861,8 @@ def _messages(answer: dict[str, Any]) -> list[dict[str, Any]]:
     """The ResponseMessages of a DetectIntentResponse (:func:`_checked`), each without
     its null fields: proto3 JSON reads ``null`` as the field's default, for a message
     field (a variant: ``"payload": null``, ``"endInteraction": null``) as not set, so
-    such a variant is none (it was a ``null`` payload item, or the end of the session)."""
+    such a variant is none (it was a ``null`` payload item, or the end of the session). A
+    ``null`` message is no message: skipped (:func:`_checked` let it through)."""
     messages = _dict(answer.get("queryResult")).get("responseMessages") or []
     return [{k: v for k, v in m.items() if v is not None} for m in messages if isinstance(m, dict)]
 
@@ -868,13 +870,17 @@ def _messages(answer: dict[str, Any]) -> list[dict[str, Any]]:
 def _checked(answer: dict[str, Any]) -> dict[str, Any]:
     """``answer`` when it is a DetectIntentResponse; PipelineError otherwise. Its
     ``responseMessages`` may be absent or ``null`` (proto3 JSON's default: no messages;
-    ``null`` failed the turn before)."""
+    ``null`` failed the turn before), and an element of it ``null`` (no message, skipped
+    by :func:`_messages`; it failed the turn as "not a list of objects" before: it carries
+    nothing, and the answer's other messages are the bot's)."""
     result = answer.get("queryResult")
     if not isinstance(result, dict):
         raise PipelineError("the core answered no queryResult")
     messages = result.get("responseMessages")
     messages = [] if messages is None else messages
-    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+    if not isinstance(messages, list) or not all(
+        m is None or isinstance(m, dict) for m in messages
+    ):
         raise PipelineError("the core answered responseMessages that are not a list of objects")
     return answer
 

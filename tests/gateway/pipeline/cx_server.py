@@ -30,7 +30,7 @@ DetectIntentResponse whose ``responseMessages``, ``currentPage``, ``parameters``
 ``languageCode`` and ``responseType`` are JSON ``null`` (proto3 JSON: their default);
 ``null fields`` one whose messages are a text and messages whose fields are ``null``
 (``payload``, ``endInteraction``, ``text``, ``text.text``, ``playAudio.audioUri``,
-``mixedAudio.segments``). The text ``halves <n>`` is streamed a PARTIAL response of
+``mixedAudio.segments``) and a ``null`` message. The text ``halves <n>`` is streamed a PARTIAL response of
 ``n`` texts ``p0``... and a FINAL one of ``n`` others, ``f0``... (none repeated).
 
 ``app.state.piece`` (bytes; 0: not cut) cuts the FINAL response in pieces of that
@@ -318,6 +318,7 @@ def _nulls(all_null: bool) -> dict[str, Any]:
             {"text": {"text": None}},
             {"playAudio": {"audioUri": None}},
             {"mixedAudio": {"segments": None}},
+            None,
         ]
     result = {"responseMessages": messages, "currentPage": None, "parameters": None}
     return {"responseId": "r", "queryResult": {**result, "languageCode": None}, "responseType": None}  # fmt: skip

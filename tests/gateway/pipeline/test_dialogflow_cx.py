@@ -253,7 +253,9 @@ async def test_null_fields_are_taken_as_absent(
     """proto3 JSON reads ``null`` as a field's default (for a message field: not set).
     ``responseMessages: null`` failed the turn ("responseMessages that are not a list of
     objects"); a ``payload: null`` was the item ``null``, an ``endInteraction: null``
-    ended the session. Now a null field is an absent one: no messages, no variant."""
+    ended the session. Now a null field is an absent one: no messages, no variant. A
+    ``null`` element of ``responseMessages`` failed the turn too ("responseMessages that
+    are not a list of objects"): it is no message, skipped."""
     settings, app = cx
     app.state.sse = sse
     conv = engine(settings, dialogflow_cx_streaming=streaming)
