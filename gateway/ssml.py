@@ -161,7 +161,13 @@ ALEXA_SAY_AS: frozenset[str] = frozenset(
 """The ``<say-as interpret-as>`` values Alexa speaks (Alexa SSML reference, ``say-as``);
 Alexa refuses the whole speech for another, so such a ``<say-as>`` is replaced by its
 content (:func:`_kept_elements`). From the reference as known here (not checked against a
-live Alexa)."""
+live Alexa).
+
+Alexa's ``<emphasis level>`` takes ``strong``, ``moderate`` and ``reduced`` only (Alexa SSML
+reference, ``emphasis``; SSML 1.1's ``none`` is not listed): an ``<emphasis
+level="none">`` (no emphasis) is replaced by its content on Alexa (:func:`_kept_elements`),
+which says the words without emphasis. Google's is left as SSML 1.1 has it (``none``
+kept)."""
 GOOGLE_SAY_AS: frozenset[str] = frozenset(
     {
         "characters",
@@ -176,6 +182,7 @@ GOOGLE_SAY_AS: frozenset[str] = frozenset(
         "time",
         "telephone",
         "currency",
+        "duration",
         "expletive",
         "bleep",
     }
@@ -183,9 +190,15 @@ GOOGLE_SAY_AS: frozenset[str] = frozenset(
 """The ``<say-as interpret-as>`` values Google Assistant speaks, the lists known here for
 sure: Actions on Google "SSML", ``say-as`` (``cardinal``, ``ordinal``, ``characters``,
 ``fraction``, ``expletive``/``bleep``, ``unit``, ``verbatim``/``spell-out``, ``date``,
-``time``, ``telephone``; ``digits`` in its own example) and Cloud Text-to-Speech's
-``currency``. Not checked against a live Assistant: a value missing here (``address``) only
-loses its reading hint, its words said; one Google refused would silence the speech."""
+``time``, ``telephone``; ``digits`` in its own example), Cloud Text-to-Speech's
+``currency``, and ``duration`` (Actions on Google "SSML Beta": ``<say-as
+interpret-as="duration">`` "specify durations"; Cloud Text-to-Speech's SSML reference:
+``<say-as interpret-as="duration" format="h:m">5:30</say-as>``, "five hours and thirty
+minutes"). Not checked against a live
+Assistant: a value missing here (``address``) only loses its reading hint, its words said;
+one Google refused would silence the speech. Both lists are written in lower case, as the
+references write them; a value in another case (``Cardinal``) is written so
+(:func:`_kept_elements`)."""
 _UNSPOKEN: frozenset[str] = frozenset({"desc", "meta", "metadata", "lexicon"})
 """Elements whose content is no speech (SSML 1.1 sections 3.1.5, 3.1.6, 3.3.3): one the
 platform does not support is removed with its content, not replaced by it."""
@@ -917,6 +930,7 @@ def _needs_scan(
     return "<" in fragment and (
         _NAMESPACE_DECLARATION in fragment
         or (say_as is not None and _SAY_AS_TAG in fragment)
+        or (_ALEXA_MARK in elements and _EMPHASIS_TAG in fragment)
         or not elements.issuperset(_TAG_NAME.findall(fragment))
     )
 
@@ -924,16 +938,47 @@ def _needs_scan(
 _SAY_AS_TAG = "<say-as"
 
 
-def _interpret_as(tag: str) -> str | None:
-    """The ``interpret-as`` of a ``<say-as>`` start tag (as :data:`_MARKUP` matched it), its
+_EMPHASIS_TAG = "<emphasis"
+_NO_EMPHASIS = "none"
+"""The ``<emphasis level>`` Alexa does not take (its reference lists ``strong``,
+``moderate``, ``reduced``): such an element is replaced by its content there."""
+_ALEXA_MARK = "amazon:effect"
+"""An element only Alexa's set (:data:`ALEXA_ELEMENTS`) names: ``elements`` holding it are
+Alexa's, whose ``<emphasis level>`` values are fewer (:data:`_NO_EMPHASIS`)."""
+
+
+def _attribute(tag: str, name: str) -> str | None:
+    """The value of attribute ``name`` of a start tag (as :data:`_MARKUP` matched it), its
     entities decoded (None when it has none). Read attribute by attribute (:data:`_ATTRIBUTE`,
     each match taking a whole quoted value), so text inside another attribute's value
     (``format="x interpret-as='cardinal'"``) is never taken for it; linear in ``tag``."""
     for attribute in _ATTRIBUTE.finditer(tag):
-        if attribute[1] == "interpret-as":
+        if attribute[1] == name:
             value = attribute[2] if attribute[2] is not None else attribute[3]
             return unescape(value, _QUOTES)
     return None
+
+
+def _level(tag: str) -> str | None:
+    """The ``level`` of an ``<emphasis>`` start tag as the platforms write it (spaces around
+    it dropped, lower case: ``NONE`` is ``none``), None when it has none."""
+    level = _attribute(tag, "level")
+    return None if level is None else level.strip().lower()
+
+
+def _with_attribute(tag: str, name: str, value: str) -> str:
+    """A start or empty-element tag with the value of its attribute ``name`` (the first
+    one, as :func:`_attribute` reads it) replaced by ``value``, quoted."""
+    done = False
+
+    def one(attribute: re.Match[str]) -> str:
+        nonlocal done
+        if done or attribute[1] != name:
+            return attribute[0]
+        done = True
+        return f" {name}={quoteattr(value)}"
+
+    return _ATTRIBUTE.sub(one, tag)
 
 
 def _kept_elements(
@@ -948,7 +993,14 @@ def _kept_elements(
     replaced, in document order. With ``say_as`` (:data:`ALEXA_SAY_AS`,
     :data:`GOOGLE_SAY_AS`), a ``<say-as>`` whose ``interpret-as`` is not one of those (or
     which has none) is replaced by its content too (inline: its words as they stand), named
-    ``say-as interpret-as="..."``: the platform refuses the whole speech for it.
+    ``say-as interpret-as="..."``: the platform refuses the whole speech for it. One whose
+    ``interpret-as`` is listed but written in another case or with spaces around it
+    (``Cardinal``: XML attribute values are case-sensitive, and the references list them in
+    lower case) is kept, the value written as listed (``cardinal``), not named. With
+    Alexa's ``elements`` (:data:`ALEXA_ELEMENTS`, :data:`_ALEXA_MARK`), an ``<emphasis
+    level="none">`` (any case) is replaced by its content, named ``emphasis
+    level="none"``: Alexa lists ``strong``, ``moderate`` and ``reduced`` only, and the words
+    without emphasis are what ``none`` asks for.
 
     A kept element's namespace declarations (``<p xmlns='urn:x'>``,
     ``<amazon:effect xmlns:amazon='urn:other' ...>``) are dropped, its other attributes and
@@ -964,13 +1016,14 @@ def _kept_elements(
     many); should the edit not leave well-formed SSML (a prefix declared by a dropped
     declaration still used by an attribute, say), the fragment's spoken text is given
     instead: never a document the platform refuses."""
+    alexa = _ALEXA_MARK in elements
     if not _needs_scan(fragment, elements, say_as):
         return fragment, []
     out: list[str] = []
     removed: list[str] = []
     open_kept: list[bool] = []  # for each open element: are its tags kept?
     at = dropping = 0  # dropping: the depth inside an unspoken element removed whole
-    declarations = False  # was a kept element's namespace declaration dropped?
+    edited = False  # was a kept element's tag edited (a declaration dropped, a kind's case)?
 
     def replace(before: str, name: str) -> None:
         """The text before a replaced tag, then what replaces it (:func:`_parting`; no
@@ -998,19 +1051,29 @@ def _kept_elements(
                 at = mark.end()
             continue
         checked = say_as is not None and name == _SAY_AS_TAG[1:]
-        kind = _interpret_as(mark[0]) if checked else None
-        refused_kind = checked and kind not in (say_as or ())
-        if name in elements and not refused_kind:
+        kind = _attribute(mark[0], "interpret-as") if checked else None
+        written = kind.strip().lower() if kind is not None else None
+        refused_kind = checked and written not in (say_as or ())
+        no_emphasis = (
+            alexa and name == "emphasis" and _level(mark[0]) == _NO_EMPHASIS  # (Alexa's list)
+        )
+        if name in elements and not refused_kind and not no_emphasis:
             if not mark[3]:
                 open_kept.append(True)
-            if _NAMESPACE_DECLARATION in mark[0]:
-                tag = _without_declarations(mark[0])
-                if tag != mark[0]:
-                    out.append(fragment[at : mark.start()] + tag)
-                    at = mark.end()
-                    declarations = True
+            tag = mark[0]
+            if kind is not None and written != kind:  # "Cardinal": as the reference writes it
+                tag = _with_attribute(tag, "interpret-as", written or "")
+            if _NAMESPACE_DECLARATION in tag:
+                tag = _without_declarations(tag)
+            if tag != mark[0]:
+                out.append(fragment[at : mark.start()] + tag)
+                at = mark.end()
+                edited = True
             continue
-        removed.append(f"say-as interpret-as={quoteattr(kind or '')}" if refused_kind else name)
+        if refused_kind:
+            removed.append(f"say-as interpret-as={quoteattr(kind or '')}")
+        else:
+            removed.append(f'emphasis level="{_NO_EMPHASIS}"' if no_emphasis else name)
         replace(fragment[at : mark.start()], name)
         at = mark.end()
         if mark[3]:
@@ -1019,7 +1082,7 @@ def _kept_elements(
             dropping = 1
         else:
             open_kept.append(False)
-    if not removed and not declarations:
+    if not removed and not edited:
         return fragment, []
     kept = "".join(out) + fragment[at:]
     if open_kept or dropping or ssml_to_text(kept) is None:
@@ -1370,11 +1433,12 @@ def speech_ssml(
 
     Items are joined in order (see :func:`item_ssml`: audio only of ``audio_schemes``,
     with ``elements`` only those SSML elements, with ``say_as`` only those ``<say-as>``).
-    When the next fragment
-    does not fit, its spoken text is cut at a sentence/word boundary
-    (:func:`truncate_text`) and escaped, and nothing after it is said, so the
-    document is always well-formed. With ``max_audio`` (Alexa allows 5 ``<audio>``
-    tags in one output speech), an item whose ``<audio>`` tags (its ``audio`` URL, played
+    When the next fragment does not fit, what fits of it is said (:func:`_cut_markup`: its
+    parts in order, sounds and markup kept, the part at the cut as its words cut at a
+    sentence/word boundary, :func:`truncate_text`, escaped; an item whose own ``audio``
+    does not fit, its words cut), and nothing after it is said, so the document is always
+    well-formed. With ``max_audio`` (Alexa allows 5 ``<audio>`` tags in one output
+    speech), an item whose ``<audio>`` tags (its ``audio`` URL, played
     instead of its words, :func:`played_instead`, or those in its ``ssml``) would pass
     that count says only its spoken text, and the items after it are still said; so does
     an item whose own ``audio`` is cut by the budget. Returns None when no item says
@@ -1409,14 +1473,101 @@ def speech_ssml(
             out.append(fragment)
             used += sep + size
             continue
-        spoken = _words(item, fragment, audio_schemes, elements)
-        cut = _truncate_escaped(spoken, budget - used - sep, utf16=utf16)
+        room = budget - used - sep
+        if played_instead(item, audio_schemes):  # its audio does not fit: its words
+            spoken = _words(item, fragment, audio_schemes, elements)
+            cut = _truncate_escaped(spoken, room, utf16=utf16)
+        else:  # what fits of it, its sounds and markup kept (:func:`_cut_markup`)
+            cut = _cut_markup(fragment, room, utf16)
         if cut:
             out.append(cut)
         break
     if not out:
         return None
     return _SPEAK_OPEN + " ".join(out) + _SPEAK_CLOSE
+
+
+_CUT_INTO: frozenset[str] = frozenset(
+    {"p", "s", "prosody", "emphasis", "voice", "lang", "amazon:domain", "amazon:effect",
+     "amazon:emotion"}
+)  # fmt: skip
+"""Elements :func:`_cut_markup` may cut inside, keeping their tags around what fits of
+their content: their meaning (a paragraph, a voice, a pace, an effect) holds for any part
+of it. Another element at the cut (a ``<say-as>``, ``<sub>``, ``<phoneme>``, whose content
+is read as a whole; ``<audio>``) is said as its words, cut."""
+
+
+def _size(text: str, utf16: bool) -> int:
+    return utf16_len(text) if utf16 else len(text)
+
+
+def _cut_markup(fragment: str, room: int, utf16: bool = False) -> str:
+    """The start of ``fragment`` (well-formed SSML content, as :func:`item_ssml` gives it)
+    that fits in ``room`` characters (UTF-16 code units with ``utf16``), well-formed, for
+    the item at which :func:`speech_ssml`'s budget runs out: its parts at the top level
+    (runs of text, elements) kept whole, in order, while they fit (an ``<audio>`` among
+    them played, markup kept); the first that does not is cut, nothing after it: a run of
+    text, or an element other than :data:`_CUT_INTO`, as its words (:func:`ssml_to_text`)
+    cut at a sentence or word boundary (:func:`_truncate_escaped`), an element of
+    :data:`_CUT_INTO` as its tags around its content cut the same way (its words when the
+    tags leave no room); a part that says nothing (a ``<desc>``, an ``<audio>`` without
+    fallback content) and does not fit is left out, the parts after it tried. Before,
+    the whole item was said as words once it did not fit, so Alexa's 24 KB cut
+    (:func:`adapters.alexa.protocol.encode`, which cuts the whole speech as one item) lost
+    every sound and all markup. One pass over the tags, each part's
+    content scanned again only for the one element cut into (linear per level)."""
+    kept: list[str] = []
+    used = 0
+    depth = 0
+    start = at = 0  # the start of the open top-level element; the end of the last part
+    parts: list[tuple[int, int, bool]] = []  # (start, end, is an element)
+    for mark in _MARKUP.finditer(fragment):
+        if mark[2] is None:
+            continue  # a comment, CDATA section or instruction: within its part
+        if depth == 0:
+            if mark.start() > at:
+                parts.append((at, mark.start(), False))
+            start = mark.start()
+        if mark[1]:
+            depth -= 1
+        elif not mark[3]:
+            depth += 1
+        if depth == 0:
+            parts.append((start, mark.end(), True))
+            at = mark.end()
+    if depth:  # not well-formed after all: its words
+        return _truncate_escaped(ssml_to_text(fragment) or "", room, utf16=utf16)
+    if at < len(fragment):
+        parts.append((at, len(fragment), False))
+    for begin, end, element in parts:
+        part = fragment[begin:end]
+        size = _size(part, utf16)
+        if used + size <= room:
+            kept.append(part)
+            used += size
+            continue
+        left = room - used
+        cut = ""
+        if element:
+            name = _TAG_NAME.match(part)
+            tag = _MARKUP.match(part)
+            if name and tag and name[1] in _CUT_INTO and not tag[3]:
+                close = f"</{name[1]}>"
+                inner_room = left - _size(tag[0], utf16) - _size(close, utf16)
+                content = part[tag.end() : part.rfind("</")]
+                inner = _cut_markup(content, inner_room, utf16) if inner_room > 0 else ""
+                if inner.strip():
+                    cut = tag[0] + inner + close
+        if not cut:
+            words = ssml_to_text(part) or ""
+            if not words.strip():
+                continue  # says nothing (a <desc>, an <audio> without content): left out
+            lead = " " if kept and part[:1].isspace() and left > 1 else ""
+            words = _truncate_escaped(words, left - len(lead), utf16=utf16)
+            cut = lead + words if words else ""
+        kept.append(cut)
+        break
+    return "".join(kept).strip()
 
 
 def _words(

@@ -6,6 +6,7 @@ command). Pure functions: no I/O."""
 
 from __future__ import annotations
 
+import json
 import re
 import xml.etree.ElementTree as ET
 
@@ -674,3 +675,92 @@ def test_a_break_time_in_other_digits_or_letters_is_dropped(value: str, rate: st
         assert speech(ssml, audio, elements) == "<speak>a <break/> <prosody>b</prosody></speak>"
         changed = rewritten_values([ResponseItem(ssml=ssml)], elements=elements)
         assert [(c.name, c.new) for c in changed] == [("time", None), ("rate", None)]
+
+
+def test_google_speaks_a_duration() -> None:
+    """Actions on Google's SSML (its "SSML Beta" features) and Cloud Text-to-Speech speak
+    ``<say-as interpret-as="duration">`` ("five hours and thirty minutes"): kept on Google.
+    Before, it was missing from :data:`GOOGLE_SAY_AS`, so the ``<say-as>`` was replaced by
+    its words (``5:30``, read as a time) and named as refused. Alexa does not list it."""
+    ssml = "It takes <say-as interpret-as='duration' format='h:m'>5:30</say-as>."
+    alexa, google = SAY_AS_PLATFORMS
+    assert said_with(ssml, *google) == f"<speak>{ssml}</speak>"
+    assert refused_elements([ResponseItem(ssml=ssml)], google[1], google[2]) == []
+    assert said_with(ssml, *alexa) == "<speak>It takes 5:30.</speak>"
+
+
+@pytest.mark.parametrize("written", ["Cardinal", "CARDINAL", " cardinal "])
+def test_a_say_as_kind_in_another_case_is_written_as_listed(written: str) -> None:
+    """XML attribute values are case-sensitive and both references list the ``interpret-as``
+    values in lower case: a listed kind written ``Cardinal`` (or with spaces around it) is
+    written ``cardinal``, its reading hint kept, and not named. Before, it was matched
+    case-sensitively: the ``<say-as>`` was replaced by its words and named as refused."""
+    ssml = f"You are <say-as interpret-as='{written}'>10</say-as>."
+    for audio, elements, say_as in SAY_AS_PLATFORMS:
+        said = said_with(ssml, audio, elements, say_as)
+        assert said == '<speak>You are <say-as interpret-as="cardinal">10</say-as>.</speak>'
+        assert refused_elements([ResponseItem(ssml=ssml)], elements, say_as) == []
+        assert ssml_to_text(said) == "You are 10."
+
+
+@pytest.mark.parametrize("level", ["none", "NONE", " None "])
+def test_alexa_says_an_emphasis_of_level_none_as_its_words(level: str) -> None:
+    """Alexa's ``<emphasis level>`` takes ``strong``, ``moderate`` and ``reduced`` only:
+    an ``<emphasis level="none">`` is replaced by its content there (the words without
+    emphasis, what ``none`` asks for) and named; Google keeps it (SSML 1.1's ``none``),
+    written as listed. Before, it went to Alexa as written (``none`` was taken as a level
+    every platform speaks)."""
+    ssml = f"I <emphasis level='{level}'>really</emphasis> do."
+    alexa, google = SAY_AS_PLATFORMS
+    assert said_with(ssml, *alexa) == "<speak>I really do.</speak>"
+    assert refused_elements([ResponseItem(ssml=ssml)], alexa[1], alexa[2]) == [
+        (0, 'emphasis level="none"')
+    ]
+    google_said = said_with(ssml, *google)
+    assert (
+        google_said.replace("'", '"')
+        == '<speak>I <emphasis level="none">really</emphasis> do.</speak>'
+    )
+    assert refused_elements([ResponseItem(ssml=ssml)], google[1], google[2]) == []
+    kept = "I <emphasis level='reduced'>really</emphasis> do."
+    assert said_with(kept, *alexa) == f"<speak>{kept}</speak>"
+
+
+def test_speech_cut_at_the_budget_keeps_the_sounds_and_markup_that_fit() -> None:
+    """An item that does not fit in the budget is cut after the parts of it that do, its
+    sounds and markup kept: the ``<audio>`` before the cut is played, a ``<p>`` cut into
+    keeps its tags, the text at the cut is cut at a word boundary. Before, the whole item
+    was said as words (every sound and all markup lost)."""
+    words = "Word " * 200
+    ssml = (
+        "<speak><audio src='https://cdn.example.com/jingle.mp3'/> Hello there. "
+        f"<p>First part. <emphasis>{words}</emphasis></p></speak>"
+    )
+    said = speech_ssml([ResponseItem(ssml=ssml)], 200, audio_schemes=ALEXA_AUDIO)
+    assert said is not None
+    assert len(said) <= 200
+    assert said.startswith("<speak><audio src='https://cdn.example.com/jingle.mp3'/> Hello there.")
+    assert "<p>First part. <emphasis>Word Word" in said
+    assert said.endswith("</emphasis></p></speak>")
+    assert ssml_to_text(said) is not None
+
+
+def test_alexas_24_kb_cut_keeps_an_items_audio_played_instead_of_its_words() -> None:
+    """Alexa's 24 KB cut (:func:`adapters.alexa.protocol.encode`) cuts the speech as one
+    SSML document: an item whose own ``audio`` is played instead of its words is an
+    ``<audio>`` there, with no words. Before, the cut said the document's words only, so
+    that item said nothing at all; now its audio, which fits, is kept."""
+    from adapters.alexa.protocol import encode, turn_response
+    from gateway.events import Response
+
+    intro = ResponseItem(text="Welcome back.", audio="https://cdn.example.com/welcome.mp3")
+    long = ResponseItem(text="\u4e2d" * 7_000)  # 21,000 bytes of speech in UTF-8
+    envelope = turn_response(Response(items=[intro, long]), session_id="s1")
+    ssml = envelope.response.output_speech.ssml  # type: ignore[union-attr]
+    assert "welcome.mp3" in (ssml or "")
+    data = encode(envelope, max_bytes=16_000)
+    assert len(data) <= 16_000
+    answer = json.loads(data)
+    spoken = answer["response"]["outputSpeech"]["ssml"]
+    assert spoken.startswith('<speak><audio src="https://cdn.example.com/welcome.mp3"/> \u4e2d')
+    assert ssml_to_text(spoken) is not None
