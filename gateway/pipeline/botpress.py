@@ -25,9 +25,14 @@ Botpress no longer takes (``listen`` answers 401 or 403 for the user key, 404 fo
 conversation: deleted, the integration reinstalled, its encryption key changed; or,
 for a session that kept a user and no conversation, its first turn having failed
 after making the user, ``POST /conversations`` answers 401, 403 or 404 for the user
-key) are dropped and made anew in the same turn, each kind once, before the input is
-sent (:data:`STALE`, :data:`STALE_USER`, logged at WARNING); kept, they would fail
-every later turn of the session.
+key) are made anew in the same turn, each kind once, before the input is sent
+(:data:`STALE`, :data:`STALE_USER`); kept, they would fail every later turn of the
+session. The status alone does not say the refusal is about them (a wrong webhook id is
+404 on every call, a proxy's 403 is not the Chat API's): they are set aside
+(:class:`_SetAside`) and dropped, logged at WARNING, only once the new ones are listened
+to; when making or listening to the new ones fails too, they are put back (one WARNING)
+and the turn fails with that error, naming its call (``Botpress answered POST /users
+with HTTP 404``).
 
 A turn: open ``GET /conversations/{id}/listen`` (SSE, each ``data`` a JSON ``{type,
 data}``), then send the input, then forward each ``message_created`` with ``isBot: true``
@@ -85,10 +90,11 @@ keepalive (``data: ping``, :data:`KEEPALIVE`) is no signal and is skipped.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import re
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Collection, Iterator
 from typing import Any, Self
 from urllib.parse import quote
 
@@ -214,7 +220,8 @@ class BotpressPipeline(PooledCore):
         """The JSON object Botpress answers ``POST <path>`` (``x-user-key: key`` when given).
 
         Raises :class:`_Stale` when the status is one of ``stale`` (the caller's kept key
-        refused), PipelineError for another non-2xx status or an answer that is no object.
+        refused), PipelineError for another non-2xx status (``Botpress answered POST
+        /messages with HTTP 500``: the call named) or an answer that is no object.
         """
         headers = {"x-user-key": key} if key else {}
         async with core_stream(
@@ -229,7 +236,9 @@ class BotpressPipeline(PooledCore):
         ) as answer:
             if answer.status_code in stale:
                 raise _Stale(answer.status_code)
-            data = await read_json(answer, self._max, "Botpress", (key, self._encryption_key))
+            secrets = (key, self._encryption_key)
+            await check_status(answer, "Botpress", secrets, call=f"POST {path}")
+            data = await read_json(answer, self._max, "Botpress", secrets)
         if not isinstance(data, dict):
             raise PipelineError(f"Botpress answered {path} with something else than an object")
         return data
@@ -296,7 +305,11 @@ class BotpressPipeline(PooledCore):
         offered: list[dict[str, Any]] = []
         ended = False
         unknown: dict[str, None] = {}  # types of bot events dropped, in order
-        with talking_to("Botpress"):
+        # the kept ids set aside while new ones are tried, and the refusals that set them
+        # aside: they are dropped (the refusals logged) once the new ones are listened to,
+        # and put back when the turn fails before (the refusal was not about them)
+        aside = _SetAside()
+        with talking_to("Botpress"), aside.restored_on_failure(session):
             while True:  # once more after each kind of kept id refused: at most 3 times
                 state = session.pipeline_state
                 kept_key = state.get("userKey")
@@ -307,7 +320,7 @@ class BotpressPipeline(PooledCore):
                 try:
                     conversation = await self._conversation(session, key, kept_user)
                 except _Stale as stale:  # the kept user key refused, no conversation kept
-                    _forget(session, stale.status, "POST /conversations", USER_IDS)
+                    aside.put(session, stale.status, "POST /conversations", USER_IDS)
                     continue  # nothing was sent yet: on a new user
                 listen_url = f"{self.base_url}/conversations/{quote(conversation, safe='')}/listen"
                 headers = {"x-user-key": key, "Accept": "text/event-stream"}
@@ -324,10 +337,11 @@ class BotpressPipeline(PooledCore):
                     dropped = STALE.get(status, ())
                     refused = kept_user if "userKey" in dropped else kept_conversation
                     if dropped and refused:  # kept ids, not ones made in this turn
-                        _forget(session, status, "listen", dropped)
+                        aside.put(session, status, "listen", dropped)
                         continue  # nothing was sent yet: the turn runs once, on new ids
                     secrets = (key, self._encryption_key)
                     await check_status(listen, "Botpress", secrets, call="listen")
+                    aside.drop()  # new ids listened to: the kept ones were stale
                     # the stream is open (its headers came): nothing the bot says is missed
                     await self._send(session, input, conversation, key)
                     signals = self._bot_signals(listen, user_id, conversation, bool(input.action))
@@ -436,18 +450,68 @@ class _Stale(Exception):
         self.status = status
 
 
-def _forget(session: Session, status: int, call: str, dropped: Collection[str]) -> None:
-    """Drop the ids (``pipeline_state`` keys ``dropped``) Botpress refused with ``status``
-    at ``call``, logged at WARNING."""
-    for name in dropped:
-        session.pipeline_state.pop(name, None)
-    what = "user and conversation" if "userKey" in dropped else "conversation"
-    log.warning(
-        "Botpress answered %s with HTTP %d for the session's kept %s: made anew",
-        call,
-        status,
-        what,
-    )
+class _SetAside:
+    """The session's kept ids Botpress refused in this turn (:data:`STALE`,
+    :data:`STALE_USER`), set aside while new ones are made: a refusal's status alone does
+    not say it is about them (a wrong webhook id is 404 on every call, a proxy's 403 is
+    not the Chat API's). They are dropped, each refusal logged at WARNING (``... for the
+    session's kept user and conversation: made anew``), only once the new ids are
+    listened to (:meth:`drop`); when the turn fails before (the new ids refused the same
+    way, or making them failed: ``POST /users`` 404 for a wrong webhook id), they are put
+    back (:meth:`restored_on_failure`) and one WARNING says the refusal was not about
+    them, the turn failing with what failed in the end."""
+
+    def __init__(self) -> None:
+        self.kept: dict[str, Any] = {}
+        """The ``pipeline_state`` values set aside (the first ones, when set aside twice)."""
+        self.refusals: list[tuple[int, str, str]] = []
+        """``(status, call, what)`` of each refusal that set ids aside, in order."""
+
+    def put(self, session: Session, status: int, call: str, names: Collection[str]) -> None:
+        """Set aside the ids (``pipeline_state`` keys ``names``) Botpress refused with
+        ``status`` at ``call`` (``listen``, ``POST /conversations``)."""
+        state = session.pipeline_state
+        for name in names:
+            if name in state:
+                self.kept.setdefault(name, state.pop(name))
+        what = "user and conversation" if "userKey" in names else "conversation"
+        self.refusals.append((status, call, what))
+
+    def drop(self) -> None:
+        """The new ids are listened to: the ones set aside were stale, dropped for good,
+        each refusal logged at WARNING."""
+        for status, call, what in self.refusals:
+            log.warning(
+                "Botpress answered %s with HTTP %d for the session's kept %s: made anew",
+                call,
+                status,
+                what,
+            )
+        self.kept.clear()
+        self.refusals.clear()
+
+    @contextlib.contextmanager
+    def restored_on_failure(self, session: Session) -> Iterator[None]:
+        """Put the ids set aside back into ``session``'s ``pipeline_state`` when the body
+        raises before :meth:`drop` (the new ids in their place dropped), with a WARNING."""
+        try:
+            yield
+        except BaseException:
+            if self.refusals:
+                state = session.pipeline_state
+                if "userKey" in self.kept:  # a new user (and its conversation) made
+                    for name in USER_IDS:
+                        state.pop(name, None)
+                state.update(self.kept)
+                status, call, what = self.refusals[0]
+                log.warning(
+                    "Botpress answered %s with HTTP %d for the session's kept %s, and the "
+                    "new ones failed too: kept (the refusal was not about them)",
+                    call,
+                    status,
+                    what,
+                )
+            raise
 
 
 def conversation_id(session: Session) -> str:

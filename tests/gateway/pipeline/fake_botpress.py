@@ -37,7 +37,9 @@ request's ``x-user-key`` (as a careless proxy might); ``state.user_key`` set: th
 ``POST /users`` answers (a broken server's or proxy's, that no header can carry);
 ``state.conversation_refusal`` set (a status): ``POST /conversations`` answers it;
 ``state.unknown_key_status`` (401 unless set): the status of a call with a key the
-Chat API does not know (a user deleted: 404 or 403 on some deployments).
+Chat API does not know (a user deleted: 404 or 403 on some deployments);
+``state.webhook_gone`` set: every call is answered 404 ``webhook not found``, as one under
+a wrong webhook id (the integration deleted, or the id changed).
 """
 
 from __future__ import annotations
@@ -83,6 +85,7 @@ def make_botpress() -> FastAPI:
     state.user_key = None  # set: the key POST /users answers (a broken server or proxy)
     state.conversation_refusal = None  # set: the status POST /conversations answers
     state.unknown_key_status = 401  # the status of a call with a key no user has
+    state.webhook_gone = False  # set: every call is 404, as for a wrong webhook id
     state.hold = None  # an asyncio.Event: the bot says its second message on only once set
 
     def user_of(request: Request) -> str | None:
@@ -103,7 +106,7 @@ def make_botpress() -> FastAPI:
         return body, user_of(request)
 
     def refuse(webhook_id: str, user: str | None) -> Response | None:
-        if webhook_id != WEBHOOK_ID:
+        if webhook_id != WEBHOOK_ID or state.webhook_gone:
             return JSONResponse({"message": "webhook not found"}, status_code=404)
         if user is None:
             status = state.unknown_key_status
@@ -274,7 +277,7 @@ def make_botpress() -> FastAPI:
     @app.post("/{webhook_id}/users")
     async def create_user(webhook_id: str, request: Request) -> Response:
         body, _ = await call(request, webhook_id)
-        if webhook_id != WEBHOOK_ID:
+        if webhook_id != WEBHOOK_ID or state.webhook_gone:
             return JSONResponse({"message": "webhook not found"}, status_code=404)
         user_id, key = body.get("id") or f"user-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
         key = state.user_key if state.user_key is not None else key

@@ -337,7 +337,7 @@ async def test_default_mode_a_failed_first_turn_keeps_its_user_and_conversation(
 @pytest.mark.parametrize(
     ("said", "words"),
     [
-        ("boom", "Botpress answered HTTP 500"),
+        ("boom", "Botpress answered POST /messages with HTTP 500"),
         ("slow", "did not answer within 1 s"),
         ("garbage", "invalid signal"),
         ("deep", "invalid signal: the JSON is nested deeper than 64 levels"),
@@ -408,7 +408,7 @@ async def test_a_slow_bot_is_bounded_by_the_turn_timeout(botpress: tuple[str, Fa
 async def test_a_wrong_webhook_id_is_a_pipeline_error(botpress: tuple[str, FastAPI]) -> None:
     url, _ = botpress
     conv = engine(pipeline="botpress:nope", botpress_url=url)
-    await pipeline_error(conv, "HTTP 404", "hi")
+    await pipeline_error(conv, "Botpress answered POST /users with HTTP 404", "hi")
     await conv.pipeline.aclose()
 
 
@@ -481,7 +481,7 @@ async def test_a_kept_user_without_a_conversation_botpress_no_longer_knows_is_ma
     url, app = botpress
     conv = bp_engine(url)
     app.state.conversation_refusal = 503
-    await pipeline_error(conv, "Botpress answered HTTP 503", "hi")
+    await pipeline_error(conv, "Botpress answered POST /conversations with HTTP 503", "hi")
     session = await conv.store.get(ctx().key)
     assert session is not None
     assert set(session.pipeline_state) >= {"userId", "userKey"}
@@ -531,23 +531,38 @@ async def test_a_kept_conversation_without_its_user_is_not_listened_to_with_anot
 
 @pytest.mark.parametrize("status", [401, 403, 404])
 async def test_ids_made_anew_in_the_turn_are_not_made_anew_again_when_refused_too(
-    botpress: tuple[str, FastAPI], status: int
+    botpress: tuple[str, FastAPI], status: int, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Listen refusing every user and conversation with a stale status (a Chat API that
-    refuses all keys, not only the session's kept ones): the kept ids are made anew once,
-    the new ones are not (the turn's loop ends: the turn fails as Botpress's error), and
-    the next turn, Botpress well again, goes on with the ids the failed turn made."""
+    refuses all keys, not only the session's kept ones; a proxy's 403): the kept ids are
+    made anew once, the new ones are not (the turn's loop ends: the turn fails as
+    Botpress's error), and, the new ones refused the same way, the refusal was not about
+    the kept ids: they are kept, and no WARNING says they were made anew (one says the
+    new ones failed too). The next turn, Botpress well again, goes on with them. Before,
+    the kept ids were dropped for the new ones, after a WARNING "made anew"."""
     url, app = botpress
     conv = bp_engine(url)
     assert texts(await conv.turn(ctx(), Input.of("hi")).collect()) == ["You said: hi"]
+    before = await conv.store.get(ctx().key)
+    assert before is not None
     app.state.calls.clear()
     app.state.listen_refusal = status
-    await pipeline_error(conv, f"Botpress answered listen with HTTP {status}", "again")
+    with caplog.at_level(logging.WARNING, logger="gateway.pipeline.botpress"):
+        await pipeline_error(conv, f"Botpress answered listen with HTTP {status}", "again")
     calls = [(m, p.rsplit("/", 1)[-1] if m == "GET" else p) for m, p, _ in app.state.calls]
     anew = [("POST", "/users")] if status != 404 else []  # 404: the conversation alone
     assert calls == [("GET", "listen"), *anew, ("POST", "/conversations"), ("GET", "listen")]
+    said = [r.getMessage() for r in caplog.records if r.name == "gateway.pipeline.botpress"]
+    assert not any("made anew" in line for line in said)
+    what = "conversation" if status == 404 else "user and conversation"
+    assert (
+        f"Botpress answered listen with HTTP {status} for the session's kept {what}, and the "
+        "new ones failed too: kept (the refusal was not about them)"
+    ) in said
     session = await conv.store.get(ctx().key)
     assert session is not None
+    for name in ("userId", "userKey", "conversationId"):
+        assert session.pipeline_state[name] == before.pipeline_state[name]
     app.state.listen_refusal = None
     app.state.calls.clear()
     assert texts(await conv.turn(ctx(), Input.of("hi")).collect()) == ["You said: hi"]
@@ -564,13 +579,15 @@ async def test_why_botpress_refused_goes_to_the_log_its_key_hidden(
     url, app = botpress
     conv = bp_engine(url)
     with caplog.at_level(logging.WARNING, logger="gateway.pipeline"):
-        events = await pipeline_error(conv, "Botpress answered HTTP 500", "boom")
+        events = await pipeline_error(
+            conv, "Botpress answered POST /messages with HTTP 500", "boom"
+        )
         app.state.listen_refusal = 503
         await pipeline_error(conv, "Botpress answered listen with HTTP 503", "hi")
     assert "internal error" not in str(events[-1])
     lines = [r.getMessage() for r in caplog.records if r.name == "gateway.pipeline.cores"]
     assert lines == [
-        'Botpress answered HTTP 500: {"message":"internal error"}',
+        'Botpress answered POST /messages with HTTP 500: {"message":"internal error"}',
         'Botpress answered listen with HTTP 503: {"message":"listen is down for '
         'maintenance (x-user-key ***)"}',
     ]
@@ -623,4 +640,44 @@ async def test_a_kept_user_key_no_header_can_carry_is_dropped_and_the_user_made_
     assert usable_key(after.pipeline_state["userKey"])
     assert after.pipeline_state["conversationId"] != kept_conversation
     assert [p for _, p, _ in app.state.calls].count("/users") == 2
+    await conv.pipeline.aclose()
+
+
+async def test_a_wrong_webhook_id_does_not_make_the_kept_user_anew(
+    botpress: tuple[str, FastAPI], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A session that kept a user and no conversation (its first turn failed after making
+    the user), then every call 404 (a wrong webhook id: the integration deleted, the id
+    changed): ``POST /conversations`` is 404 as for a user Botpress no longer knows, so
+    the user is set aside and made anew, which fails too (``POST /users`` 404). The turn
+    fails naming that call, the kept user is put back (the 404 was not about it), and no
+    WARNING says it was made anew. Before, a WARNING "... kept user and conversation:
+    made anew" came first, the error said only "HTTP 404", and the kept user was
+    dropped: the session's next turn, the webhook back, made another user."""
+    url, app = botpress
+    conv = bp_engine(url)
+    app.state.conversation_refusal = 503
+    await pipeline_error(conv, "Botpress answered POST /conversations with HTTP 503", "hi")
+    kept = await conv.store.get(ctx().key)
+    assert kept is not None
+    user_key = kept.pipeline_state["userKey"]
+    app.state.conversation_refusal = None
+    app.state.webhook_gone = True
+    with caplog.at_level(logging.WARNING, logger="gateway.pipeline.botpress"):
+        await pipeline_error(conv, "Botpress answered POST /users with HTTP 404", "again")
+    said = [r.getMessage() for r in caplog.records if r.name == "gateway.pipeline.botpress"]
+    assert not any("made anew" in line for line in said)
+    assert (
+        "Botpress answered POST /conversations with HTTP 404 for the session's kept user and "
+        "conversation, and the new ones failed too: kept (the refusal was not about them)"
+    ) in said
+    session = await conv.store.get(ctx().key)
+    assert session is not None
+    assert session.pipeline_state["userKey"] == user_key
+    app.state.webhook_gone = False
+    assert texts(await conv.turn(ctx(), Input.of("again")).collect()) == ["You said: again"]
+    assert [p for m, p, _ in app.state.calls if m == "POST"].count("/users") == 2
+    after = await conv.store.get(ctx().key)
+    assert after is not None
+    assert after.pipeline_state["userKey"] == user_key
     await conv.pipeline.aclose()
