@@ -371,7 +371,13 @@ def create_app(
             'arrive and a last line `{"type":"Response","response":{...},"state":{...}}`. '
             "`response.attributes` are merged into the session's attributes; `state` replaces "
             "the stored pipeline state. Non-2xx, timeouts and invalid answers become an "
-            "ErrorEvent with source `pipeline`."
+            "ErrorEvent with source `pipeline`, but for HTTP 429, or 503 with `Retry-After`: "
+            "they say the core did not process the turn, and the gateway sends the same "
+            "request (the same body and `X-Request-Id`) again after the delay asked for "
+            "(GATEWAY_PIPELINE_RETRIES, within the turn's time). A core answers them only "
+            "for a turn it has not acted on; one it may have taken in gets another status "
+            "(500, or 503 without `Retry-After`), never sent again, else the core sees the "
+            "user's words twice."
         ),
         response_model=PipelineResponse,
     )

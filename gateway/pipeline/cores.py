@@ -26,6 +26,23 @@ these limits as a :class:`RetryPolicy` when it is made (its ``retry`` parameter)
 when the core refuses again after the last retry, :func:`check_status` fails the turn
 saying the core is rate limiting (or unavailable) and what Retry-After it gave.
 
+Why sending a turn's POST again is safe (the core must not see the user's words twice):
+RFC 9110 (section 9.2.2) allows a non-idempotent request to be retried automatically only
+when the client knows it was not applied. A 429 (RFC 6585, section 4: too many requests)
+and a 503 (RFC 9110, section 15.6.4: the server "is currently unable to handle the
+request") with a ``Retry-After`` (when to ask again) say so, and only those are sent again;
+never a timeout, a broken connection, a 5xx else (a 503 without ``Retry-After``: a proxy
+that may have forwarded it, a core that crashed in it) or a 2xx whose body broke off. Of
+the cores (shared/specs/CORES.md): Rasa's REST channel, Voiceflow, Botpress's Chat API
+and Dialogflow CX answer 429 from their rate limiters (CX: ``RESOURCE_EXHAUSTED``, a quota)
+and 503 from their front ends, before a message reaches the bot; none answers either after
+taking the message in (Rasa catches its own errors and answers 200, CX reports a failed
+webhook in a 200's ``webhookStatuses``, Botpress answers 201 before its bot runs). The
+OpenAI-compatible core keeps no state: a chat completion asked twice is the same turn. The
+gateway's own ``http`` core is told so in its contract (README, the OpenAPI ``webhooks``):
+answer 429/503+Retry-After only for a turn not acted on; the request sent again is the same
+one, its body and ``X-Request-Id`` (by which a core may recognise it) unchanged.
+
 Quick replies (Rasa ``buttons``, Voiceflow ``choice``, Botpress ``choice``) become an
 item's ``code`` as the JSON object ``{"buttons": [{"name", "request": {"type", "payload"}}]}``,
 the form the Voiceflow socket adapter already turns into a ``choice`` trace (README,

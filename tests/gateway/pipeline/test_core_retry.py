@@ -7,6 +7,7 @@ Before, every such answer failed the turn at once (``<core> answered HTTP 429``)
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import re
@@ -40,6 +41,9 @@ from tests.gateway.pipeline.test_dialogflow_cx import _key, key_file
 from tests.gateway.pipeline.test_dialogflow_cx import engine as cx_engine
 from tests.gateway.turns import ctx, engine, pipeline_error, texts
 
+ROOT = Path(__file__).resolve().parents[3]
+"""The repository (README.md, openapi/openapi.json)."""
+
 RetryAfter = str | Callable[[], str] | None
 """A refusal's ``Retry-After``: a value, one made when the refusal is answered (an
 HTTP-date from the clock then), or none."""
@@ -56,10 +60,12 @@ class Refusing:
         self.path = path
         self.refusals: list[tuple[int, RetryAfter]] = []
         self.seen = 0
+        self.request_ids: list[str] = []  # the X-Request-Id of each request seen
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["path"].endswith(self.path):
             self.seen += 1
+            self.request_ids.append(dict(scope["headers"]).get(b"x-request-id", b"").decode())
             if self.refusals:
                 status, retry_after = self.refusals.pop(0)
                 if callable(retry_after):
@@ -86,6 +92,8 @@ class Core:
     said: str
     answer: list[str]
     conversation: Callable[[str, dict[str, Any]], Conversation]
+    call: str = ""
+    """How its errors name the refused call, before the status (``POST /messages with ``)."""
 
 
 def _openai(url: str, overrides: dict[str, Any]) -> Conversation:
@@ -166,7 +174,14 @@ CORES = {
         lambda url, more: engine(pipeline=f"{url}/json", **more),
     ),
     "botpress": Core(
-        make_botpress, "/messages", "Botpress", "botpress", "hi", ["You said: hi"], _botpress
+        make_botpress,
+        "/messages",
+        "Botpress",
+        "botpress",
+        "hi",
+        ["You said: hi"],
+        _botpress,
+        "POST /messages with ",
     ),
 }
 
@@ -482,11 +497,11 @@ async def test_no_retries_fail_a_refused_request_at_once(
     conv = served.conversation(pipeline_retries=0)
     before = _retries(core.label)
     with caplog.at_level(logging.WARNING, logger="gateway.pipeline"):
-        events = await pipeline_error(conv, f"{core.shown} answered HTTP 503", core.said)
+        events = await pipeline_error(conv, f"{core.shown} answered {core.call}HTTP 503", core.said)
     error = events[-1]
     assert isinstance(error, ErrorEvent)
     assert error.text == (
-        f"{core.shown} answered HTTP 503 (unavailable; Retry-After: 0 s; not retried: "
+        f"{core.shown} answered {core.call}HTTP 503 (unavailable; Retry-After: 0 s; not retried: "
         "retries are off)"
     )
     assert served.refusing.seen == 1
@@ -671,3 +686,25 @@ def test_retry_after_values(value: str | None, delay: float | None) -> None:
     """:func:`retry_after_s` reads delta-seconds and the three HTTP-date forms, a date
     against the clock given; what is neither is None (a 429 then waits the default)."""
     assert retry_after_s(value, now=NOW) == delay
+
+
+async def test_the_webhook_contract_says_a_retried_turn_is_the_same_request() -> None:
+    """A core (the gateway's own webhook contract) refusing a turn 503 with Retry-After
+    gets the same request again, its ``X-Request-Id`` unchanged (by which it can know the
+    turn it refused), and the contract (OpenAPI ``webhooks``, README) says to answer 429
+    or 503 with Retry-After only for a turn not acted on: sent again, the core would see
+    the user's words twice. Before, neither said that a refusal is sent again at all."""
+    async for served in _served(CORES["http"]):
+        served.refusing.refusals.append((503, "0"))
+        conv = served.conversation()
+        await _answered(conv, served.core)
+        first, again = served.refusing.request_ids
+        assert first
+        assert again == first
+        await conv.pipeline.aclose()
+    document = json.loads((ROOT / "openapi" / "openapi.json").read_text())
+    (turn,) = document["webhooks"]["pipeline-turn"].values()
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    for text in (turn["description"], readme):
+        assert "the same body and `X-Request-Id`" in text
+        assert "user's words twice" in text
