@@ -926,7 +926,7 @@ def _needs_scan(
 ) -> bool:
     """:func:`_kept_elements`' quick check: whether a tag of ``fragment`` names an element not
     in ``elements`` or it may declare a namespace (the substring ``xmlns``), or, with
-    ``say_as``, it holds a ``<say-as``."""
+    ``say_as``, it holds a ``<say-as``, or, with Alexa's ``elements``, an ``<emphasis``."""
     return "<" in fragment and (
         _NAMESPACE_DECLARATION in fragment
         or (say_as is not None and _SAY_AS_TAG in fragment)
@@ -1292,7 +1292,8 @@ def refused_elements(
     ``say_as`` (:data:`ALEXA_SAY_AS`, :data:`GOOGLE_SAY_AS`): an element of an item's
     well-formed ``ssml`` the platform does not support (a nested ``<speak>`` too, a
     ``<BREAK/>``), a ``<say-as>`` of another ``interpret-as`` (named ``say-as
-    interpret-as="..."``), each name once per item, in document order. With
+    interpret-as="..."``), on Alexa an ``<emphasis level="none">`` (named so), each name
+    once per item, in document order. With
     ``audio_schemes`` (the audio the platform plays), an item whose own ``audio`` is played
     instead of its SSML (:func:`played_instead`) has none: its SSML is not said. For the
     route's log line; costs a substring test per item unless an item has SSML with tags."""
