@@ -74,13 +74,20 @@ T = TypeVar("T")
 
 async def unless_hung(awaitable: Awaitable[T], what: str, within_s: float = 30.0) -> T:
     """``await awaitable``, failing the test as ``hung: {what}`` when it takes more than
-    ``within_s`` or raises TimeoutError (a helper's own receive timeout): a guard against
-    hanging, never the property a test checks."""
+    ``within_s``: a guard against hanging, never the property a test checks.
+
+    Only this guard's own deadline is "hung": a TimeoutError the awaitable raises itself
+    (the code under test's timeout firing, a helper's receive timeout) propagates as it
+    is, so a test can expect a product's TimeoutError (``pytest.raises``) through the
+    guard, and a helper's timeout fails the test with its own message."""
+    guard = asyncio.timeout(within_s)
     try:
-        async with asyncio.timeout(within_s):
+        async with guard:
             return await awaitable
     except TimeoutError:
-        pytest.fail(f"hung: {what}")
+        if guard.expired():
+            pytest.fail(f"hung: {what}")
+        raise
 
 
 def free_port() -> int:
