@@ -49,6 +49,7 @@ import logging
 import statistics
 import sys
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gateway.settings import Settings
@@ -203,13 +204,17 @@ async def main(runs: int) -> None:
 
     held: dict[str, list[float]] = {"silent": [], "pause": [], "clear": []}
     immediate: dict[str, list[float]] = {"silent": [], "pause": [], "clear": []}
+    modes: list[tuple[dict[str, list[float]], dict[str, Any]]] = [
+        (held, {}),
+        (immediate, {"barge_in_max_backchannel_ms": 0}),  # gateway settings
+    ]
     for _ in range(runs):
         for text, audio in interruptions.items():
-            for mode, figures in ((held, {}), (immediate, {"barge_in_max_backchannel_ms": 0})):
-                result = await interruption_call(speech, audio, answer=False, **figures)
-                mode["silent"].append(result.silent_s)
-                mode["pause"].append(result.pause_s)
-                mode["clear"].append(result.clear_s)
+            for mode, overrides in modes:
+                cut = await interruption_call(speech, audio, answer=False, **overrides)
+                mode["silent"].append(cut.silent_s)
+                mode["pause"].append(cut.pause_s)
+                mode["clear"].append(cut.clear_s)
             print(f"  interrupted by {text!r}", flush=True)
     await recognizer.aclose()
 
