@@ -275,9 +275,40 @@ async def serve(
 async def gateway(settings: Settings | None = None, **overrides: Any) -> AsyncIterator[str]:
     """A gateway app made with ``settings`` (defaults + ``overrides``), served on a free port
     with the protocol classes and limits of ``gateway serve`` (gateway/server.py)."""
-    settings = (settings or Settings()).model_copy(update=overrides)
-    async with serve(create_app(settings), **uvicorn_options(settings)) as url:
+    async with gateway_app(settings, **overrides) as (url, _):
         yield url
+
+
+@contextlib.asynccontextmanager
+async def gateway_app(
+    settings: Settings | None = None, **overrides: Any
+) -> AsyncIterator[tuple[str, Any]]:
+    """:func:`gateway`, yielding its base URL and the app (FastAPI, create_app): for
+    :func:`settled`."""
+    settings = (settings or Settings()).model_copy(update=overrides)
+    app = create_app(settings)
+    async with serve(app, **uvicorn_options(settings)) as url:
+        yield url, app
+
+
+async def settled(app: Any, what: str = "the gateway's turns") -> None:
+    """Wait until every turn of ``app``'s gateway (create_app, served) has ended (its
+    session saved or given up, its lock released; a retry or an ``#error`` turn it made,
+    done) and the session ends running in the background (a webhook's, after a late
+    turn) with them: Conversation.drain, under the hang guard.
+
+    It orders "the late turn saved" before what a test does next, where a fixed sleep
+    ("the slow turn saves") only made it likely, and it makes "would have run by now"
+    a fact: a turn still waiting for its session's lock is waited for too."""
+    conversation = app.state.gateway.conversation
+
+    async def drained() -> None:
+        while True:
+            await conversation.drain(3600.0)  # (the guard bounds it)
+            if not conversation.turns_in_flight:
+                return
+
+    await unless_hung(drained(), what)
 
 
 @contextlib.asynccontextmanager

@@ -84,16 +84,19 @@ def answering_core(items: list[dict[str, Any]]) -> FastAPI:
 
 
 def make_core() -> FastAPI:
-    """The test core; ``app.state.release`` lets a test hold the streaming answer open."""
+    """The test core; ``app.state.release`` lets a test hold the streaming answer open;
+    ``app.state.arrived`` is set once a request has come."""
     app = FastAPI()
     app.state.requests = []
     app.state.release = asyncio.Event()
+    app.state.arrived = asyncio.Event()  # set by the first request
 
     async def body(request: Request) -> dict[str, Any]:
         data: dict[str, Any] = await request.json()
         data["_headers"] = dict(request.headers)
         data["_received_at"] = time.monotonic()  # this process's clock (the test's)
         app.state.requests.append(data)
+        app.state.arrived.set()
         return data
 
     @app.post("/json")

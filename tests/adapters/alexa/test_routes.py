@@ -46,9 +46,11 @@ from tests.conftest import (
     FIXTURES,
     gateway,
     gateway_answering,
+    gateway_app,
     refused_port,
     serve,
     served_app,
+    settled,
     unless_hung,
 )
 from tests.gateway.core_app import make_core as make_test_core
@@ -697,12 +699,14 @@ ODD_SSML: list[dict[str, Any]] = [
 
 
 def make_core(delay_s: float) -> FastAPI:
-    """A small core: 'slow' sleeps ``delay_s`` s (or, when ``core.state.release`` is set
+    """A small core: 'slow' sets ``core.state.arrived`` (its turn holds the session's
+    lock from now on) and sleeps ``delay_s`` s (or, when ``core.state.release`` is set
     to an event, waits for it: a turn held as long as the test says) then sets an
     attribute; 'fail' answers HTTP 500; 'long' answers 20,000+ characters; 'stop' is taken
     as ``core.state.on_stop`` when set ('slow' or 'fail'); anything else reports the turn
     number and that attribute."""
     core = FastAPI()
+    core.state.arrived = asyncio.Event()
     core.state.finished = asyncio.Event()
     core.state.on_stop = None
     core.state.release = None
@@ -714,6 +718,7 @@ def make_core(delay_s: float) -> FastAPI:
         if text == "stop" and core.state.on_stop:
             text = core.state.on_stop
         if text == "slow":
+            core.state.arrived.set()
             if core.state.release is not None:
                 await core.state.release.wait()
             else:
@@ -747,7 +752,7 @@ async def test_a_slow_core_gets_a_still_working_answer_and_its_session_is_saved(
     core = make_core(delay_s=1.5)
     async with (
         serve(core) as core_url,
-        gateway(alexa_deadline_s=0.5, pipeline=f"{core_url}/turn", **OFF) as url,
+        gateway_app(alexa_deadline_s=0.5, pipeline=f"{core_url}/turn", **OFF) as (url, app),
         httpx.AsyncClient(base_url=url) as client,
     ):
         answer = await say(client, envelope("S-slow", text="slow"))
@@ -757,8 +762,7 @@ async def test_a_slow_core_gets_a_still_working_answer_and_its_session_is_saved(
         assert spoken(answer) == Settings().voice_still_working_text
         assert reply(answer).should_end_session is False
         assert reply(answer).reprompt is not None
-        await asyncio.wait_for(core.state.finished.wait(), 5)
-        await asyncio.sleep(0.2)  # the engine saves the session right after the core answers
+        await settled(app)  # the late turn saved
         after = await say(client, envelope("S-slow", text="next"))
         assert spoken(after) == "turn 2 slowDone True"
 
@@ -1179,13 +1183,13 @@ async def test_session_ended_during_a_late_turn_answers_at_once_and_ends_it_afte
     core.state.release = asyncio.Event()
     async with (
         serve(core) as core_url,
-        gateway(
+        gateway_app(
             alexa_deadline_s=0.5,
             pipeline=f"{core_url}/turn",
             lock_wait_s=60.0,
             turn_timeout_s=60.0,
             **OFF,
-        ) as url,
+        ) as (url, app),
         httpx.AsyncClient(base_url=url) as client,
     ):
         late = await say(client, envelope("S-ended", text="slow"))
@@ -1196,8 +1200,7 @@ async def test_session_ended_during_a_late_turn_answers_at_once_and_ends_it_afte
         assert spoken(ended) == ""
         assert not core.state.finished.is_set()  # answered while the late turn still ran
         core.state.release.set()
-        await unless_hung(core.state.finished.wait(), "the late turn")
-        await asyncio.sleep(0.3)  # the slow turn saves, then the pending end deletes
+        await settled(app)  # the slow turn saved, then the pending end deleted
         fresh = await say(client, envelope("S-ended", text="next"))
         assert spoken(fresh) == "turn 1 slowDone None"
 
@@ -1213,17 +1216,17 @@ async def test_session_ended_waits_briefly_not_the_whole_deadline(
     store: dict[str, Any] = {"redis_url": redis_url, "redis_prefix": redis_prefix}
     async with (
         serve(core) as core_url,
-        gateway(pipeline=f"{core_url}/turn", **store, **OFF) as url,
+        gateway_app(pipeline=f"{core_url}/turn", **store, **OFF) as (url, app),
         httpx.AsyncClient(base_url=url) as client,
     ):
         await say(client, envelope("S-end-wait", text="hello"))
         slow = asyncio.create_task(say(client, envelope("S-end-wait", text="slow")))
-        await asyncio.sleep(0.3)  # the slow turn holds the session's lock
+        await unless_hung(core.state.arrived.wait(), "the slow turn")  # it holds the lock
         ended = await say(client, envelope("S-end-wait", kind="SessionEndedRequest"))
         assert spoken(ended) == ""
         assert not core.state.finished.is_set()  # answered while the slow turn held on
         assert spoken(await slow) == "finally"  # 3 s < the 6.5 s deadline: answered
-        await asyncio.sleep(0.3)  # the slow turn saved, then the pending end deleted
+        await settled(app)  # the slow turn saved, then the pending end deleted
         fresh = await say(client, envelope("S-end-wait", text="next"))
         assert spoken(fresh) == "turn 1 slowDone None"  # the session did end
 
@@ -1248,7 +1251,7 @@ async def test_a_session_end_gone_on_in_the_background_is_done_before_the_shutdo
                 "turn 1 slowDone None"
             )
             slow = asyncio.create_task(say(client, envelope("S-end-down", text="slow")))
-            await asyncio.sleep(0.3)  # the slow turn holds the session's lock
+            await unless_hung(core.state.arrived.wait(), "the slow turn")  # it holds the lock
             ended = await say(client, envelope("S-end-down", kind="SessionEndedRequest"))
             assert spoken(ended) == ""
             assert spoken(await slow) == Settings().voice_still_working_text
@@ -1498,13 +1501,16 @@ async def test_no_error_turn_is_started_that_cannot_answer_before_alexas_deadlin
     caplog.set_level(logging.WARNING, logger="gateway.conversation")
     async with (
         serve(core) as core_url,
-        gateway(alexa_deadline_s=2.5, pipeline=f"{core_url}/turn", error_turn=True, **OFF) as url,
+        gateway_app(alexa_deadline_s=2.5, pipeline=f"{core_url}/turn", error_turn=True, **OFF) as (
+            url,
+            app,
+        ),
         httpx.AsyncClient(base_url=url) as client,
     ):
         answer = await say(client, envelope("S-fail-slowly", text="fail slowly"))
         assert spoken(answer) == Settings().voice_error_text
         assert reply(answer).should_end_session is False
-        await asyncio.sleep(0.3)  # an #error turn would have been sent by now
+        await settled(app)  # an #error turn, had it been started, has been sent
         assert core.state.requests == ["fail slowly"]
         assert "no #error turn in session" in caplog.text
         assert "less than GATEWAY_ERROR_TURN_MIN_S (2 s)" in caplog.text
@@ -1527,16 +1533,16 @@ async def test_a_late_turn_still_retries_and_gets_its_error_turn(
     caplog.set_level(logging.WARNING, logger="gateway")
     async with (
         serve(core) as core_url,
-        gateway(alexa_deadline_s=1, pipeline=f"{core_url}/turn", error_turn=True, **OFF) as url,
+        gateway_app(alexa_deadline_s=1, pipeline=f"{core_url}/turn", error_turn=True, **OFF) as (
+            url,
+            app,
+        ),
         httpx.AsyncClient(base_url=url) as client,
     ):
         core.state.refusals = 1
         late = await say(client, envelope("S-busy-late", text="busy late"))
         assert spoken(late) == Settings().voice_still_working_text
-        for _ in range(100):  # the refusal after 1.5 s, the retry 1 s later
-            if len(core.state.requests) == 2:
-                break
-            await asyncio.sleep(0.05)
+        await settled(app)  # the refusal after 1.5 s, the retry 1 s later (was: polled 5 s)
         assert core.state.requests == ["busy late", "busy late"]
         assert "not retried" not in caplog.text
         assert "sending the request once more in 1 s" in caplog.text
@@ -1544,10 +1550,7 @@ async def test_a_late_turn_still_retries_and_gets_its_error_turn(
         core.state.refusals = 1
         late = await say(client, envelope("S-fail-late", text="fail late"))
         assert spoken(late) == Settings().voice_still_working_text
-        for _ in range(100):
-            if len(core.state.requests) == 2:
-                break
-            await asyncio.sleep(0.05)
+        await settled(app)  # the failure after 1.5 s, then its #error turn
         assert core.state.requests == ["fail late", "#error"]
         assert "no #error turn" not in caplog.text
 
@@ -1562,7 +1565,7 @@ async def test_stop_and_cancel_end_the_session_when_the_core_fails_or_is_late(
     core.state.on_stop = trouble
     async with (
         serve(core) as core_url,
-        gateway(alexa_deadline_s=0.5, pipeline=f"{core_url}/turn", **OFF) as url,
+        gateway_app(alexa_deadline_s=0.5, pipeline=f"{core_url}/turn", **OFF) as (url, app),
         httpx.AsyncClient(base_url=url) as client,
     ):
         sid = f"S-{trouble}-stop"
@@ -1572,9 +1575,7 @@ async def test_stop_and_cancel_end_the_session_when_the_core_fails_or_is_late(
         assert reply(stopped).should_end_session is True
         assert spoken(stopped) == ""
         assert reply(stopped).reprompt is None
-        if trouble == "slow":  # the late turn saves, then the pending end deletes
-            await asyncio.wait_for(core.state.finished.wait(), 5)
-            await asyncio.sleep(0.3)
+        await settled(app)  # a late turn saved, then the pending end deleted
         again = await say(client, envelope(sid, text="next"))
         assert spoken(again) == "turn 1 slowDone None"  # the gateway's session ended too
 

@@ -46,7 +46,7 @@ from gateway.turn import (
     TurnRejected,
 )
 from tests.adapters.alexa.test_routes import make_core
-from tests.conftest import serve, served_app, unless_hung
+from tests.conftest import serve, served_app, settled, unless_hung
 from tests.gateway.core_app import WebhookCore
 from tests.gateway.redis_proxy import ReplyDropper
 from tests.gateway.turns import ctx, engine
@@ -142,7 +142,8 @@ def echo_app(settings: Settings, refusal: str | None = None) -> FastAPI:
 
 @asynccontextmanager
 async def echo(**overrides: Any) -> AsyncIterator[tuple[httpx.AsyncClient, FastAPI]]:
-    """A client of /echo on a served gateway whose pipeline is ``make_core(1.5)``."""
+    """A client of /echo on a served gateway whose pipeline is ``make_core(1.5)``; the
+    gateway's app is ``core.state.gateway`` (for :func:`~tests.conftest.settled`)."""
     core = make_core(1.5)
     refusal = overrides.pop("refusal", None)
     async with serve(core) as core_url:
@@ -152,8 +153,10 @@ async def echo(**overrides: Any) -> AsyncIterator[tuple[httpx.AsyncClient, FastA
             voice_still_working_text=WORKING,
             voice_error_text=SORRY,
         ).model_copy(update=overrides)
+        app = echo_app(settings, refusal)
+        core.state.gateway = app
         async with (
-            served_app(echo_app(settings, refusal), settings) as url,
+            served_app(app, settings) as url,
             httpx.AsyncClient(base_url=url) as client,
         ):
             yield client, core
@@ -210,16 +213,17 @@ async def test_ending_the_session_after_a_closing_answer_stays_within_the_deadli
     ~1.5 s on a quiet machine, 0.5 s from the deadline, and later on a loaded one (the
     core's 1.5 s turn itself runs late); the clock only guards against a hang (was also:
     < 3.5 s of wall clock)."""
-    async with echo(alexa_deadline_s=2.0) as (client, _):
+    async with echo(alexa_deadline_s=2.0) as (client, core):
         await say(client, "S-close", "hello")
         closing = asyncio.create_task(say(client, "S-close", "slow", end=True))
-        await asyncio.sleep(0.3)  # the closing turn holds the lock; the next one queues
+        # the closing turn holds the lock; the next one queues
+        await unless_hung(core.state.arrived.wait(), "the closing turn")
         queued = asyncio.create_task(say(client, "S-close", "slow"))
         assert await unless_hung(closing, "the closing answer") == {"say": "finally", "end": True}
         ends = [r.getMessage() for r in warnings.records if r.getMessage().startswith("ending")]
         assert ends == ["ending S-close waits at most 0.000 s"]  # not the whole 2 s again
         await queued
-        await asyncio.sleep(0.3)  # the end went on in the background, after the queued turn
+        await settled(core.state.gateway)  # the end went on in the background, after it
         fresh = await say(client, "S-close", "hello")
         assert fresh["say"] == "turn 1 slowDone None"  # the session did end
 
@@ -352,8 +356,7 @@ async def test_a_late_turn_is_still_working_within_the_deadline_and_saves_its_se
         assert not core.state.finished.is_set()
         assert late == {"say": WORKING, "end": False}
         assert any("outlived the Echo deadline" in r.getMessage() for r in warnings.records)
-        await asyncio.wait_for(core.state.finished.wait(), 5)
-        await asyncio.sleep(0.2)  # the engine saves right after the core answers
+        await settled(core.state.gateway)  # the late turn saved
         after = await say(client, "S-late", "next")
         assert after["say"] == "turn 2 slowDone True"  # the late turn was saved
 
@@ -361,15 +364,14 @@ async def test_a_late_turn_is_still_working_within_the_deadline_and_saves_its_se
 async def test_a_busy_session_is_answered_by_its_row_without_waiting_for_the_deadline() -> None:
     async with echo(lock_wait_s=0.2, alexa_deadline_s=1.0) as (client, core):
         slow = asyncio.create_task(say(client, "S-busy", "slow"))
-        await asyncio.sleep(0.2)  # the slow turn holds the session's lock
+        await unless_hung(core.state.arrived.wait(), "the slow turn")  # it holds the lock
         busy = await say(client, "S-busy", "hello")
         # answered by the lock wait (0.2 s), not the 1 s deadline: TABLE's BUSY row, not
         # the LATE one the deadline gives (the row says which; a 0.9 s bound of the clock
         # failed on a loaded machine)
         assert busy == {"say": WORKING, "end": True}
         assert await slow == {"say": WORKING, "end": False}  # late: 1 s < the core's 1.5 s
-        await asyncio.wait_for(core.state.finished.wait(), 5)
-        await asyncio.sleep(0.2)
+        await settled(core.state.gateway)  # the late turn saved
         after = await say(client, "S-busy", "next")
         assert after["say"] == "turn 2 slowDone True"  # the busy turn changed nothing
 
@@ -387,13 +389,13 @@ async def test_a_turn_still_waiting_for_its_session_at_the_deadline_is_not_run(
     async with echo(alexa_deadline_s=0.5, **store) as (client, core):
         await say(client, "S-queued", "hello")  # turn 1
         slow = asyncio.create_task(say(client, "S-queued", "slow"))  # turn 2: the core 1.5 s
-        await asyncio.sleep(0.2)  # the slow turn holds the session's lock
+        await unless_hung(core.state.arrived.wait(), "the slow turn")  # it holds the lock
         queued = await say(client, "S-queued", "hello")  # waits for the lock past 0.5 s
         assert queued["say"] == WORKING
         assert not core.state.finished.is_set()  # answered while the slow turn held on
         assert await slow == {"say": WORKING, "end": False}
-        await asyncio.wait_for(core.state.finished.wait(), 5)
-        await asyncio.sleep(0.3)  # the slow turn saves; a queued turn would run now
+        # the slow turn saved, and a queued turn still waiting for the lock has run too
+        await settled(core.state.gateway)
         after = await say(client, "S-queued", "next")
         # turn 3: the queued turn never ran (before: "turn 4", it had run unheard)
         assert after["say"] == "turn 3 slowDone True"
@@ -491,6 +493,12 @@ async def test_run_turn_reports_a_started_answered_and_ended_session(
     await conv.pipeline.aclose()
 
 
+async def in_the_core(app: FastAPI) -> None:
+    """Wait (hang guard) until the core (tests/gateway/core_app.py) has a request: the
+    turn that sent it holds its session's lock."""
+    await unless_hung(app.state.arrived.wait(), "no request reached the core")
+
+
 async def test_run_turn_is_late_at_its_deadline_and_the_turn_goes_on(
     core: tuple[str, FastAPI],
 ) -> None:
@@ -514,11 +522,12 @@ async def test_run_turn_is_late_at_its_deadline_and_the_turn_goes_on(
 async def test_run_turn_reports_a_busy_session_and_a_failed_core(
     core: tuple[str, FastAPI],
 ) -> None:
-    url, _ = core
-    conv = engine(pipeline=f"{url}/slow?s=0.5", lock_wait_s=0.05)
+    url, app = core
+    conv = engine(pipeline=f"{url}/hold-on?text=one", lock_wait_s=0.05)
     holder = asyncio.create_task(run_turn(conv, ctx("RT-busy"), Input.of("one"), 5))
-    await asyncio.sleep(0.15)  # the first turn holds the lock
+    await in_the_core(app)  # the first turn holds the lock (until released)
     busy = await run_turn(conv, ctx("RT-busy"), Input.of("two"), 5)
+    app.state.release.set()
     assert busy.end is TurnEnd.BUSY
     assert busy.rejected is not None
     assert (await holder).end is TurnEnd.ANSWERED
@@ -563,7 +572,7 @@ async def test_run_turn_still_waiting_for_the_lock_at_its_deadline_is_busy_and_n
     url, app = core
     conv = engine(pipeline=f"{url}/hold-on?text=one")
     holder = asyncio.create_task(run_turn(conv, ctx("RT-held"), Input.of("one"), 5))
-    await asyncio.sleep(0.2)  # the first turn holds the lock, held in the core
+    await in_the_core(app)  # the first turn holds the lock, held in the core
     busy = await run_turn(conv, ctx("RT-held"), Input.of("two"), 0.2)
     app.state.release.set()  # the lock frees now: the busy turn must not run then
     assert busy.end is TurnEnd.BUSY
