@@ -54,6 +54,9 @@ class Received:
     cleared: tuple[str, ...] = ()
     """A clear: the names of the marks it found not yet echoed (their audio not played
     out, or held), in order: dropped, or echoed at once where the carrier does."""
+    mic_sent: int = 0
+    """How many frames of the caller's track had been sent when it arrived (an order of
+    events, not a clock: see :attr:`Utterance.first`)."""
 
 
 @dataclass
@@ -63,6 +66,10 @@ class Utterance:
     frames: deque[bytes]
     started: asyncio.Future[float]
     finished: asyncio.Future[float]
+    first: int = -1
+    """The caller's track's frame number of its first frame (frames counted from 0 as
+    sent; -1: not yet begun): with :attr:`Received.mic_sent`, how much of it had been
+    said when a message came."""
 
 
 @dataclass
@@ -104,6 +111,8 @@ class CarrierHarness:
         self.closed_at: float | None = None
         self.close_code: int | None = None
         self.cleared_answers = 0
+        self.mic_sent = 0
+        """Frames of the caller's track sent so far."""
         self._changed = asyncio.Condition()
         self._speech: deque[Utterance] = deque()
         self._play_end = 0.0
@@ -233,11 +242,13 @@ class CarrierHarness:
                 if self._speech:
                     utterance = self._speech[0]
                     if not utterance.started.done():
+                        utterance.first = self.mic_sent
                         utterance.started.set_result(time.monotonic())
                     payload = utterance.frames.popleft()
                     if not utterance.frames:
                         self._speech.popleft()
                         utterance.finished.set_result(time.monotonic())
+                self.mic_sent += 1  # (before the send: the gateway may answer it at once)
                 await self.send(self.audio_frame(payload))
                 next_at += FRAME_S / self.mic_speed
                 await asyncio.sleep(max(next_at - loop.time(), 0))
@@ -252,6 +263,7 @@ class CarrierHarness:
                 now = time.monotonic()
                 out = self.decode(raw)
                 item = Received(now, out.event, out.pcm, out.name, out.raw, out.payload)
+                item.mic_sent = self.mic_sent
                 self.received.append(item)
                 if out.event == "media":
                     duration = len(out.pcm) / 2 / self.rate / self.play_speed

@@ -262,7 +262,15 @@ class InterruptionRun:
     silent_s: float
     """Onset -> the phone had played the last audio it got (what the caller hears)."""
     clear_s: float
-    """Onset -> ``clear``."""
+    """Onset -> ``clear`` (a wall-clock figure: bench/barge_in.py's)."""
+    pause_frames: int
+    """How many frames of the caller's speech had been sent, from its onset's, when the
+    last frame of the bot's audio before it fell silent arrived (as :attr:`clear_frames`)."""
+    clear_frames: int
+    """How many frames of the caller's speech had been sent, from its onset's, when the
+    clear arrived: where in the speech it came (an order of events: the harness shares
+    the gateway's event loop and sends each frame before the gateway can answer it, so a
+    loaded machine delays both alike)."""
     frames_after_clear: int
     """Audio frames received after the clear and before the core got the first input
     after it: the greeting's rest, had it not been dropped (its frames would follow the
@@ -274,6 +282,10 @@ class InterruptionRun:
     endpointer ended the speech at a pause within it ("wait, | I want to ...": the short
     end of turn, while the partial read complete), its first words then an input of
     their own and the rest speech over their answer."""
+    inputs: list[str] = field(default_factory=list)
+    """The texts of the inputs after the intro (as :attr:`answer_input`, one by one)."""
+    clear_before_input: bool = False
+    """The clear arrived before the core got the first input after it was made."""
 
 
 INPUT_WAIT_S = 60.0
@@ -310,8 +322,12 @@ async def interruption_call(
         before = [r for r in call.media_frames() if r.at < clear.at]
         last = before[-1]
         silent = min(last.until, clear.at) - onset  # a clear drops what the phone holds
+        at_clear = clear.mic_sent - said.first
+        paused_at = last.mic_sent - said.first
         if not answer:
-            return InterruptionRun(last.at - onset, silent, clear.at - onset, 0, {}, "")
+            return InterruptionRun(
+                last.at - onset, silent, clear.at - onset, paused_at, at_clear, 0, {}, ""
+            )
         requests = core.state.requests
 
         def words() -> str:
@@ -326,9 +342,13 @@ async def interruption_call(
             pause_s=last.at - onset,
             silent_s=silent,
             clear_s=clear.at - onset,
+            pause_frames=paused_at,
+            clear_frames=at_clear,
             frames_after_clear=sum(1 for r in after_clear if r.event == "media" and r.at < asked),
             attributes=dict(request["input"].get("attributes", {})),
             answer_input=words(),
+            inputs=[r["input"]["transcript"]["text"] for r in requests[1:]],
+            clear_before_input=clear.at < asked,
         )
 
 
