@@ -9,6 +9,7 @@ import contextlib
 import json
 import logging
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -48,6 +49,8 @@ class Captured:
     body: bytes
     raw_path: bytes = b""
     """The path as sent (percent-encoded); :attr:`path` is decoded."""
+    at: float = field(default_factory=time.monotonic)
+    """When it arrived (``time.monotonic()``), before any delay of its answer."""
 
     @property
     def form(self) -> dict[str, str]:
