@@ -51,6 +51,7 @@ from tests.adapters.twilio.helpers import Served, until
 from tests.adapters.twilio.test_calls import Goodbye
 from tests.adapters.vonage.harness import CARRIER as VONAGE
 from tests.calls.carrier_api import logged_transfers
+from tests.conftest import settled
 from tests.speech import normalise, wer
 
 SENTENCE = "tell me about this place"
@@ -573,7 +574,7 @@ async def test_a_key_pressed_as_the_caller_hangs_up_leaves_no_session(
         await call.send(call.dtmf_frame("5"))
         await call.stop()
         await call.wait_for(lambda: call.closed_at is not None)
-        await asyncio.sleep(0.5)  # a turn made after the end would have saved by now
+        await settled(gw.app)  # a turn made after the end has saved by now, if any ran
         await carrier.ended(gw, call, within_s=2.0)
 
 

@@ -951,13 +951,18 @@ async def test_drain_waits_for_running_turns(core: tuple[str, FastAPI]) -> None:
 async def test_the_in_flight_gauge_counts_a_running_turn(core: tuple[str, FastAPI]) -> None:
     """gateway_turns_in_flight (read when /metrics is scraped) counts a turn while it
     runs, and no more once it has ended."""
-    url, _ = core
+    url, app = core
     before = REGISTRY.get_sample_value("gateway_turns_in_flight")
     assert before is not None
-    conv = engine(pipeline=f"{url}/slow?s=0.3")
+    conv = engine(pipeline=f"{url}/hold-on?text=hello")
     stream = conv.turn(ctx(), Input.of("hello"))
-    await asyncio.sleep(0.1)  # the turn waits for its core
-    assert REGISTRY.get_sample_value("gateway_turns_in_flight") == before + 1
+    # the turn waits for its core (held until released: was a 0.3 s core and a 0.1 s
+    # sleep, which a loaded machine could stretch past the turn)
+    try:
+        await unless_hung(app.state.arrived.wait(), "the turn's request")
+        assert REGISTRY.get_sample_value("gateway_turns_in_flight") == before + 1
+    finally:
+        app.state.release.set()  # (a failure too: the core's server waits for it to end)
     assert await conv.drain(5) == 0
     assert stream.task.done()
     assert REGISTRY.get_sample_value("gateway_turns_in_flight") == before
