@@ -90,9 +90,16 @@ bounds a JSON number): a longer one is None, never an int conversion (past 4,300
 
 def finite_number(value: object) -> TypeGuard[int | float]:
     """Whether ``value`` is a finite JSON number: an int or float, not a bool, neither
-    ``NaN`` nor an infinity (which Python's and PyJWT's JSON parsers take): a JWT claim's
-    NumericDate, a request's ``time``, a timeout."""
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    ``NaN`` nor an infinity (which Python's and PyJWT's JSON parsers take), nor an int too
+    large for a float (past about 1.8e308: ``10**400`` parsed from 401 digits, which would
+    raise OverflowError in any arithmetic with a float): a JWT claim's NumericDate, a
+    request's ``time``, a timeout. Never raises."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int past the largest float
+        return False
 
 
 def integer(value: object) -> int | None:

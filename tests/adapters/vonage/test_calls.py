@@ -24,6 +24,7 @@ from gateway.speech.service import SpeechService
 from tests.adapters.carriers import closed_with, token_expires, upgrade_status
 from tests.adapters.twilio.helpers import twilio_gateway
 from tests.adapters.vonage.harness import CARRIER, SECRET, VonageHarness, ask_ncco, signed
+from tests.conftest import no_server_errors
 
 
 async def test_without_a_signature_secret_every_answer_is_refused(speech: SpeechService) -> None:
@@ -58,6 +59,39 @@ async def test_an_old_or_body_mismatched_token_is_401_invalid_token(
         assert r.status_code == 401
         assert r.headers["www-authenticate"] == INVALID_TOKEN
         assert r.json()["detail"] == "payload_hash is not the SHA-256 of the body"
+
+
+@pytest.mark.parametrize(
+    ("claims", "detail"),
+    [
+        ({"iat": 10**400}, "the webhook token has no iat (issued at)"),
+        ({"iat": -(10**400)}, "the webhook token has no iat (issued at)"),
+        ({"exp": 10**400}, "the webhook token's exp is not a number"),
+    ],
+)
+async def test_a_signed_token_with_a_number_past_a_float_is_401_invalid_token(
+    speech: SpeechService, claims: dict[str, int], detail: str
+) -> None:
+    """A genuine token (the test secret) whose ``iat`` or ``exp`` is an integer too large
+    for a float (401 digits: PyJWT's JSON takes it) is refused as a token without a usable
+    time is: 401 ``invalid_token``. Before, finite_number's ``math.isfinite`` raised
+    OverflowError: a 500."""
+    async with CARRIER.gateway(speech) as (gw, _), httpx.AsyncClient(base_url=gw.url) as client:
+        with no_server_errors():
+            token = jwt.encode(
+                {"iat": int(time.time()), "jti": uuid.uuid4().hex, **claims},
+                SECRET,
+                algorithm="HS256",
+            )
+            r = await client.get(
+                "/vonage/answer",
+                params={"uuid": str(uuid.uuid4())},
+                headers={"Authorization": f"Bearer {token}"},
+            )
+        assert r.status_code == 401, r.text
+        assert r.headers["www-authenticate"] == INVALID_TOKEN
+        assert r.headers["content-type"] == "application/problem+json"
+        assert r.json()["detail"] == detail
         r = await client.get(
             "/vonage/answer", params={"uuid": "u3"}, headers={"Authorization": "Bearer x.y.z"}
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import pytest
@@ -126,6 +127,9 @@ def test_integer(value: Any, expected: int | None) -> None:
         (0, True),
         (1.5, True),
         (-(10**30), True),
+        (int(sys.float_info.max), True),  # the largest float, as an int
+        (10**400, False),  # too large for a float: math.isfinite raised OverflowError
+        (-(10**400), False),
         (float("nan"), False),  # PyJWT's and Python's JSON take NaN: it passes every comparison
         (float("inf"), False),
         (float("-inf"), False),
