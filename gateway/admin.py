@@ -18,7 +18,11 @@ Refusals are RFC 9457 problem bodies (``application/problem+json``), raised as
   is no ``insufficient_scope`` case);
 - 403 without a challenge — a key sent while no admin keys are configured: the admin
   API is off, every admin request is refused whatever it carries, and no other key
-  would do (RFC 9110 section 15.5.4).
+  would do (RFC 9110 section 15.5.4);
+- 400 with ``WWW-Authenticate: Bearer realm="gateway-admin", error="invalid_request"``
+  — more than one ``Authorization`` header: RFC 6750 section 3.1 makes a request with
+  more than one credential malformed (``invalid_request``, 400); none of them is looked
+  at (the first was taken: a right key followed by a wrong one was accepted).
 
 Keys are compared in constant time (:func:`gateway.protocol.key_valid`).
 
@@ -67,6 +71,9 @@ CHALLENGE = f'Bearer realm="{REALM}"'
 """``WWW-Authenticate`` of the 401 for a request without a bearer token."""
 INVALID_TOKEN = f'Bearer realm="{REALM}", error="invalid_token"'
 """``WWW-Authenticate`` of the 401 for a key that is not an admin key (RFC 6750 section 3.1)."""
+INVALID_REQUEST = f'Bearer realm="{REALM}", error="invalid_request"'
+"""``WWW-Authenticate`` of the 400 for a request with more than one ``Authorization``
+header (RFC 6750 section 3.1: more than one credential is a malformed request)."""
 
 
 CHALLENGE_HEADER: dict[str, Any] = {
@@ -99,7 +106,7 @@ TOO_MANY_FAILURES: Final = (
 
 
 class AdminRefused(Exception):
-    """An admin request refused: ``status`` 401, 403 or 429, ``detail`` for the problem
+    """An admin request refused: ``status`` 400, 401, 403 or 429, ``detail`` for the problem
     body, ``challenge`` the ``WWW-Authenticate`` value of the answer (every 401 has one)
     or None, ``retry_after_s`` the ``Retry-After`` of a 429 (s) or None."""
 
@@ -242,16 +249,21 @@ def admit(request: Request, keys: Collection[str] | KeyDigests) -> None:
     """Return if ``request`` carries one of ``keys`` and its client address may send a
     key; else raise AdminRefused: 429 with ``retry_after_s`` while the address's
     allowance of wrong keys is used up (before the key is looked at: the module doc), else
-    as :func:`check_admin_key` (a wrong key, 401 ``invalid_token``, takes one from the
-    address's allowance)."""
+    400 ``invalid_request`` (:data:`INVALID_REQUEST`) for more than one ``Authorization``
+    header, none of them looked at (RFC 6750 section 3.1); else as :func:`check_admin_key`
+    (a wrong key, 401 ``invalid_token``, takes one from the address's allowance)."""
     failures = failed_keys(request)
     address = client_key(request.client.host) if request.client else "unknown"
     if not failures.allowed(address):
         retry = failures.retry_after_s(address)
         detail = f"Too many wrong admin keys from this address: retry after {retry} s."
         raise AdminRefused(429, detail, retry_after_s=retry)
+    sent = request.headers.getlist("authorization")
+    if len(sent) > 1:  # which one counts is anyone's guess: none does
+        detail = "The request has more than one Authorization header: send exactly one."
+        raise AdminRefused(400, detail, INVALID_REQUEST)
     try:
-        check_admin_key(keys, request.headers.get("authorization"))
+        check_admin_key(keys, sent[0] if sent else None)
     except AdminRefused as refused:
         if refused.challenge == INVALID_TOKEN:  # a guess: not a missing key, not 403
             failures.take(address)

@@ -367,6 +367,9 @@ def _outbound_request(settings: Settings, body: Any, dialers: Mapping[str, Diale
         raise CallRefused(
             501, "Not Implemented", f"Outbound calls through {carrier} are not supported yet."
         )
+    if carrier is None:  # absent or null: not "Unknown carrier None"
+        detail = f"The body has no `carrier`: expected one of {', '.join(sorted(dialers))}."
+        raise CallRefused(400, "Bad Request", detail)
     if not isinstance(carrier, str) or carrier not in dialers:
         raise CallRefused(
             400,

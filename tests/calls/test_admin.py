@@ -385,3 +385,56 @@ async def test_an_ipv6_client_is_limited_per_64_and_an_ipv4_mapped_one_as_its_ip
         _too_many(await from_("::ffff:c633:6401", ADMIN_KEY))  # the same, mapped
         assert (await from_("198.51.100.2", ADMIN_KEY)).status_code == 404  # per address
     assert set(app.state.admin_failures._buckets) == {"2001:db8:1:2::/64", "198.51.100.1"}
+
+
+async def test_more_than_one_authorization_header_is_an_invalid_request() -> None:
+    """With several ``Authorization`` headers the first was used: the right key followed
+    by a wrong one was accepted (and a wrong one first refused a request that also held
+    the right key). RFC 6750 section 3.1 makes a request with more than one credential
+    malformed: every admin operation now answers 400 ``invalid_request`` in the admin
+    API's problem form, with its Bearer challenge, whichever order and keys; it is not
+    taken as a guess (the address's allowance of wrong keys is untouched)."""
+    settings = Settings(admin_keys=frozenset({ADMIN_KEY}), admin_failures_burst=1)
+    app = create_app(settings)
+    twice = (
+        (ADMIN_KEY, "a-wrong-admin-key-01"),
+        ("a-wrong-admin-key-01", ADMIN_KEY),
+        (ADMIN_KEY, ADMIN_KEY),
+    )
+    async with served_app(app, settings) as url, httpx.AsyncClient(base_url=url) as http:
+        for method, path, body in ADMIN_REQUESTS:
+            for first, second in twice:
+                headers = [
+                    ("Authorization", f"Bearer {first}"),
+                    ("Authorization", f"Bearer {second}"),
+                ]
+                answer = await http.request(method, path, json=body, headers=headers)
+                assert answer.status_code == 400, (method, path, first, answer.text)
+                assert answer.headers["content-type"] == "application/problem+json"
+                problem = answer.json()
+                assert (problem["status"], problem["title"]) == (400, "Bad Request")
+                assert "more than one Authorization header" in problem["detail"]
+                assert answer.headers["www-authenticate"] == (
+                    'Bearer realm="gateway-admin", error="invalid_request"'
+                )
+        # one header with the right key is answered: no wrong key was counted (burst 1)
+        viewed = await _admin_request(http, "GET", "/v1/sessions/s1", None, ADMIN_KEY)
+        assert viewed.status_code == 404, viewed.text
+
+
+async def test_post_v1_calls_without_a_carrier_says_it_is_missing() -> None:
+    """A POST /v1/calls body without ``carrier`` (or with ``null``) was refused with
+    "Unknown carrier None": the detail now says the field is missing, and lists the
+    carriers; a carrier that is not one is still "Unknown carrier"."""
+    settings = Settings(admin_keys=frozenset({ADMIN_KEY}))
+    async with served(settings) as url, httpx.AsyncClient(base_url=url) as http:
+        for body in ({"to": "+15550100"}, {"carrier": None, "to": "+15550100"}):
+            answer = await _admin_request(http, "POST", "/v1/calls", body, ADMIN_KEY)
+            assert answer.status_code == 400, answer.text
+            detail = answer.json()["detail"]
+            assert detail.startswith("The body has no `carrier`: expected one of "), detail
+            assert "None" not in detail
+        answer = await _admin_request(
+            http, "POST", "/v1/calls", {"carrier": "acme", "to": "+15550100"}, ADMIN_KEY
+        )
+        assert answer.json()["detail"].startswith("Unknown carrier 'acme'"), answer.text
