@@ -20,10 +20,15 @@ Where the master key comes from (:func:`load_secret_keys`, at app startup):
    other instances.
 
 When Redis does not answer at startup the gateway still starts (its store
-answers 503 until Redis is back, as before): it signs with a random per-process
+answers 503 until Redis is back, as before): it holds a random per-process
 key meanwhile (a WARNING) and retries in the background, every second up to
 every 5 s, adopting the shared key as soon as Redis answers. Consumers therefore
-read :meth:`SecretKeys.key` when they need a key, never once at startup.
+read :meth:`SecretKeys.key` when they need a key, never once at startup. What
+other instances must accept (stream tokens) is signed only with a key they share:
+:meth:`SecretKeys.shared_key` raises :class:`SharedKeyPending` (a StoreUnavailable:
+answered 503) until the shared key is read (:attr:`SecretKeys.pending`), as a
+token signed with the per-process key meanwhile failed on every other instance, and on
+this one once the shared key was adopted.
 
 The per-purpose settings (``GATEWAY_VOICEFLOW_SECRET``,
 ``GATEWAY_TWILIO_STREAM_SECRET``, ``GATEWAY_LOG_HASH_KEY``) still override the
@@ -44,6 +49,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from redis.exceptions import RedisError
 
 from gateway.redisconn import REDIS_ERRORS, RedisClient
+from gateway.sessions import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +71,14 @@ SHARED_KEY_CHECK_S: Final = 30.0
 """How often (s) an instance checks that Redis still holds the shared key it signs with."""
 
 Source = Literal["setting", "redis", "process"]
+
+
+class SharedKeyPending(StoreUnavailable):
+    """A key every instance must share was asked for while the shared master key is not
+    known yet: Redis (GATEWAY_REDIS_URL) did not answer at startup and the background
+    read has not adopted its key (:attr:`SecretKeys.pending`). A StoreUnavailable: the
+    answer is 503 with ``Retry-After``, as for the store itself. The message names the
+    purpose and where the key comes from."""
 
 
 def derive_key(master: bytes, purpose: str) -> bytes:
@@ -91,12 +105,15 @@ class SecretKeys:
     replaced (:meth:`adopt`) when Redis answers after a failed startup read, or holds
     another key later (:func:`_keep_shared`), so read :meth:`key` when a key is needed.
     ``warned`` is True when :func:`load_secret_keys` logged the WARNING that the key is
-    random per process (what signs with it need not say so again).
+    random per process (what signs with it need not say so again). ``pending`` is True
+    while the key shared through Redis is expected and not read yet (Redis did not
+    answer at startup): :meth:`shared_key` refuses then.
     """
 
     master: bytes
     source: Source
     warned: bool = field(default=False, repr=False)
+    pending: bool = False
     _derived: dict[str, bytes] = field(default_factory=dict, repr=False)
     _retry: asyncio.Task[None] | None = field(default=None, repr=False)
 
@@ -117,9 +134,24 @@ class SecretKeys:
             derived = self._derived[purpose] = derive_key(self.master, purpose)
         return derived
 
+    def shared_key(self, purpose: str) -> bytes:
+        """The key of ``purpose`` (:meth:`key`) for what other instances must accept (a
+        stream token, verified wherever the carrier connects).
+
+        Raises :class:`SharedKeyPending` while :attr:`pending` (the shared key is not
+        read from Redis yet): the per-process key would sign what no other instance
+        accepts, nor this one once it adopts the shared key."""
+        if self.pending:
+            raise SharedKeyPending(
+                f"the {purpose} key is not known yet: the gateway's shared secret key has "
+                "not been read from Redis (GATEWAY_REDIS_URL did not answer at startup; "
+                "it is read again every few seconds)"
+            )
+        return self.key(purpose)
+
     def adopt(self, master: bytes, source: Source) -> None:
         """Use ``master`` from now on (what was signed with the old key stops verifying)."""
-        self.master, self.source = master, source
+        self.master, self.source, self.pending = master, source, False
         self._derived.clear()
 
     async def aclose(self) -> None:
@@ -191,11 +223,11 @@ async def load_secret_keys(
     except (*REDIS_ERRORS, OSError, TimeoutError) as exc:
         log.warning(
             "the shared secret key could not be read from Redis (%s): signing with a random "
-            "per-process key until Redis answers",
+            "per-process key until Redis answers (stream tokens are refused meanwhile)",
             exc or type(exc).__name__,
         )
         keys = SecretKeys.random()
-        keys.warned = True
+        keys.warned = keys.pending = True
     keys._retry = asyncio.create_task(_keep_shared(keys, redis, prefix, retry_max_s, check_s))
     keys._retry.add_done_callback(_log_end)
     return keys

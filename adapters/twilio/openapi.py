@@ -71,6 +71,9 @@ POST_VOICE: dict[str, Any] = dict(
                 **_SIGNED_FORM_REFUSALS,
                 400: "No valid CallSid, or a body that is not UTF-8",
                 403: "Bad signature or unknown application key",
+                503: "The stream token's key is not known yet: the gateway's key shared "
+                "through Redis was not read (Redis did not answer at startup); with "
+                "Retry-After",
             }
         ),
     },

@@ -157,6 +157,7 @@ from gateway.calls import hang_up as rest_hang_up
 from gateway.deps import Gateway, gateway_of
 from gateway.httputil import problem, read_body, refused_request
 from gateway.io.call import (
+    RETRY_AFTER_S,
     CallRunner,
     admit,
     announce_machine,
@@ -171,7 +172,7 @@ from gateway.logs import masked_number
 from gateway.protocol import ProtocolError, clipped, media_type
 from gateway.protocol.call import CLOSE_NORMAL, RESUMED, CallInfo, Transfer
 from gateway.ratelimit import refusal_log
-from gateway.secrets import TWILIO_STREAM_TOKEN, SecretKeys
+from gateway.secrets import TWILIO_STREAM_TOKEN, SecretKeys, SharedKeyPending
 from gateway.settings import Settings
 
 log = logging.getLogger("adapters.twilio")
@@ -206,15 +207,22 @@ class TwilioChannel:
     """The calls this instance serves now, by call SID."""
 
     def token_secret(self) -> tuple[bytes, bool]:
-        """The stream token key now and whether every instance shares it (derive_secret)."""
+        """The stream token key now and whether every instance shares it (derive_secret).
+
+        Raises SharedKeyPending (a StoreUnavailable) while the gateway's key shared
+        through Redis is not read yet and GATEWAY_TWILIO_STREAM_SECRET is unset: the auth
+        token's key signed tokens meanwhile, which the instances on the shared key (this
+        one too, once it adopted it) refused."""
         settings = self.settings
         token = settings.twilio_auth_token
         stream_secret = settings.twilio_stream_secret
+        keys = self.secret_keys
+        key = keys.key if stream_secret else keys.shared_key  # the secret's: never refused
         return derive_secret(
             stream_secret.get_secret_value() if stream_secret else None,
             token.get_secret_value() if token else None,
-            self.secret_keys.key(TWILIO_STREAM_TOKEN),
-            self.secret_keys.shared,
+            key(TWILIO_STREAM_TOKEN),
+            keys.shared,
         )
 
     async def move_calls(self, control: CallControl | None) -> None:
@@ -274,7 +282,8 @@ def make_channel(settings: Settings, secret_keys: SecretKeys | None = None) -> T
         config=replace(call_config(settings, CHANNEL), default_app_key=settings.twilio_app_key),
         secret_keys=secret_keys or SecretKeys.random(),
     )
-    _, shared = channel.token_secret()
+    pending = channel.secret_keys.pending and not settings.twilio_stream_secret
+    shared = not pending and channel.token_secret()[1]
     if not verifier.enabled:
         log.warning(
             "Twilio requests are NOT verified (GATEWAY_TWILIO_AUTH_TOKEN and "
@@ -283,8 +292,8 @@ def make_channel(settings: Settings, secret_keys: SecretKeys | None = None) -> T
             "streams still need their one-time token%s. Use this only for local development.",
             ""
             if shared
-            else ", signed with a random per-process key until Redis answers"
-            if settings.redis_url  # Redis did not answer at startup: the key comes later
+            else ", whose key is read from Redis: calls are refused (503) until Redis answers"
+            if pending  # Redis did not answer at startup: the key comes later
             else ", signed with a random per-process key (one instance only; "
             "GATEWAY_REDIS_URL or GATEWAY_SECRET_KEY shares it)",
         )
@@ -389,7 +398,14 @@ async def voice(request: Request) -> Response:
         line = "Twilio call %s refused: speech recognition is saturated"
         refusal_log(request.app.state, "Twilio saturated").log(log, line, call_sid)
         return Response(busy_twiml(settings.twilio_busy_text), media_type="application/xml")
-    token = channel.tokens.issue(call_sid, time.time())
+    try:
+        token = channel.tokens.issue(call_sid, time.time())
+    except SharedKeyPending as exc:  # the shared key is not read from Redis yet
+        line = "Twilio call %s refused (503): %s"  # bounded: every call of the outage
+        refusal_log(request.app.state, "Twilio").log(log, line, call_sid, exc)
+        refused = problem(503, "Service Unavailable", "The stream token's key is not known yet.")
+        refused.headers["Retry-After"] = str(RETRY_AFTER_S)
+        return refused
     parameters = {
         "from": params.get("From", ""),
         "to": params.get("To", ""),
