@@ -290,6 +290,22 @@ _OTHER: TypeAdapter[Connected | Start | Dtmf | Mark | Stop] = TypeAdapter(
     Annotated[Connected | Start | Dtmf | Mark | Stop, Field(discriminator="event")]
 )
 _EVENTS: Final = "connected, start, media, dtmf, mark or stop"
+EVENT_NAME: Final = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}")
+"""The shape of an event name Twilio could add (its own are short lowercase words)."""
+
+
+class UnknownEvent(ProtocolError):
+    """A well-formed frame of an event Twilio does not document (yet): a JSON object whose
+    ``event`` (``self.event``) is a name of :data:`EVENT_NAME`'s shape. Twilio's
+    ``connected`` message gives the protocol's *semantic* version (its "Media Streams -
+    WebSocket Messages" page), so a later minor version may add an event: such a frame
+    is ignored (:meth:`TwilioCall.receive`), not a bad frame towards the stream's close.
+    Any other unknown ``event`` (not a string, too long, not a name) stays a
+    ProtocolError."""
+
+    def __init__(self, event: str) -> None:
+        super().__init__("Unknown event", expected=_EVENTS, got=clipped(event))
+        self.event = event
 
 
 def _media_audio(value: Mapping[str, Any]) -> tuple[str, bytes]:
@@ -396,6 +412,8 @@ def parse_message(text: str) -> Message:
     if event == "media":
         return _parse_media(value)
     if event not in ("connected", "start", "dtmf", "mark", "stop"):
+        if isinstance(event, str) and EVENT_NAME.fullmatch(event):
+            raise UnknownEvent(event)  # one Twilio may add: TwilioCall.receive ignores it
         raise ProtocolError("Unknown event", expected=_EVENTS, got=clipped(event))
     try:
         return validate(_OTHER, value, what=f"{event} message", skip=1, empty="event")
@@ -612,6 +630,9 @@ class TwilioCall(CarrierCall):
     def __init__(self, call_sid: str, config: CallConfig) -> None:
         self.twilio = TwilioCodec(config.frame_ms)
         super().__init__(self.twilio, call_sid, config)
+        self.ignored: str | None = None
+        """The event of the last frame :meth:`receive` ignored (:class:`UnknownEvent`),
+        None when the last frame was not ignored: for the caller's (bounded) log."""
 
     @property
     def listen_format(self) -> AudioFormat:
@@ -623,13 +644,16 @@ class TwilioCall(CarrierCall):
 
         Raises ProtocolError for a malformed, unknown or invalid frame, or one out
         of order (``media`` before ``start``): the state is then unchanged and the
-        frame should be dropped (and logged). A ``start`` for another call than the
-        token's, for another media format, or for an application key not allowed,
-        returns ``[Close(...)]``; so does a first ``start`` that cannot be read
-        (parse_message's InvalidStart): ``[Close(CLOSE_POLICY, <its text>)]`` at once,
-        as the other carriers' (no call can be served on the stream). A second
+        frame should be dropped (and logged). A well-formed frame of an unknown event
+        (:class:`UnknownEvent`) is ignored: ``[]``, its name in :attr:`ignored`. A
+        ``start`` for another call than the token's, for another media format, or for
+        an application key not allowed, returns ``[Close(...)]``; so does a first
+        ``start`` that cannot be read (parse_message's InvalidStart):
+        ``[Close(CLOSE_POLICY, <its text>)]`` at once, as the other carriers' (no call
+        can be served on the stream). A second
         ``start`` of either kind raises.
         """
+        self.ignored = None
         if not isinstance(frame, str):
             raise ProtocolError("Twilio sends text frames only")
         if (audio := media_audio(frame)) is not None:  # the hot path: 50 frames a second
@@ -639,6 +663,9 @@ class TwilioCall(CarrierCall):
             message = parse_message(frame)
         except InvalidStart as exc:
             return self._refuse_start(CLOSE_POLICY, exc)
+        except UnknownEvent as exc:  # an event Twilio added: not a bad frame
+            self.ignored = exc.event
+            return []
         if isinstance(message, Media):
             return self._feed(message.track, message.payload, len(message.payload))  # μ-law
         if self.state is State.CLOSED:

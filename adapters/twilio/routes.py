@@ -170,7 +170,7 @@ from gateway.io.call import (
 )
 from gateway.logs import masked_number
 from gateway.protocol import ProtocolError, clipped, media_type
-from gateway.protocol.call import CLOSE_NORMAL, RESUMED, CallInfo, Transfer
+from gateway.protocol.call import CLOSE_NORMAL, RESUMED, CallAction, CallInfo, Transfer
 from gateway.ratelimit import refusal_log
 from gateway.secrets import TWILIO_STREAM_TOKEN, SecretKeys, SharedKeyPending
 from gateway.settings import Settings
@@ -513,6 +513,7 @@ class _Call(CallRunner):
         )
         self.channel = channel
         self.call_sid = grant.call_sid
+        self.twilio_call = call
         self.name = f"Twilio call {grant.call_sid}"
         self.start_timeout_s = gw.settings.twilio_start_timeout_s
         self._received_all = asyncio.Event()
@@ -521,6 +522,16 @@ class _Call(CallRunner):
         """Serve the stream until it stops, the call ends or the peer goes away."""
         self.channel.calls[self.call_sid] = self
         await super().serve()
+
+    def received(self, frame: str | bytes) -> list[CallAction]:
+        """The runner's, and an event Twilio added (``TwilioCall.ignored``) logged through
+        the app's ``Twilio events`` RefusalLog (a few at WARNING, then one a minute)."""
+        actions = super().received(frame)
+        if self.twilio_call.ignored is not None:
+            line = "%s: an event this gateway does not know was ignored: %s"
+            name = clipped(self.twilio_call.ignored)
+            refusal_log(self.ws.app.state, "Twilio events").log(log, line, self.name, name)
+        return actions
 
     def started(self, call_id: str) -> None:
         self.name = f"Twilio call {call_id}"
