@@ -432,7 +432,10 @@ async def test_a_stream_is_refused_503_while_the_token_store_is_down(
     dependency, not Twilio's bad credentials: 503 with Retry-After, no 403, logged at
     WARNING naming the component (gateway/io/call.py ``admit``), no traceback."""
     down = f"redis://127.0.0.1:{refused_port()}/0"  # nothing listens there
-    async with twilio_gateway(redis_url=down) as gw:
+    # the master key set: the voice webhook can sign a token (without it, and Redis
+    # down, it answers 503 itself: tests/calls/test_shared_stream_key.py)
+    master = SecretStr("m" * 40)
+    async with twilio_gateway(redis_url=down, secret_key=master) as gw:
         url = await stream_url_of(gw)
         caplog.clear()
         with pytest.raises(InvalidStatus) as refused:
