@@ -372,11 +372,17 @@ async def _verified_form(
 
 
 @router.post("/twilio/voice", response_class=Response, **POST_VOICE)
+@router.post("/twilio/voice/", response_class=Response, include_in_schema=False)
 async def voice(request: Request) -> Response:
-    """TwiML connecting the call to ``/twilio/stream/<token>`` (see the module doc)."""
+    """TwiML connecting the call to ``/twilio/stream/<token>`` (see the module doc).
+
+    Also at ``/twilio/voice/`` (a webhook URL configured with a trailing slash), signed
+    as Twilio signs it, the slash included: Starlette answered it with a 307 whose
+    ``Location`` was built from the request's Host header."""
     settings = gateway_of(request).settings
     channel = channel_of(request)
-    params, refused = await _verified_form(request, "/twilio/voice")
+    path = "/twilio/voice/" if request.url.path.endswith("/") else "/twilio/voice"
+    params, refused = await _verified_form(request, path)
     if refused is not None:
         return refused
     call_sid = params.get("CallSid", "")

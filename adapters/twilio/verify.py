@@ -52,6 +52,7 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
+from urllib.parse import urlsplit
 
 from twilio.request_validator import (  # type: ignore[import-untyped]
     HMAC_SHA1,
@@ -189,7 +190,8 @@ class SignatureVerifier:
                     f"The request is signed with a webhook shared key ({SETTINGS_HEADER}) "
                     f"and this gateway has none configured ({SHARED_KEY_SETTING}).",
                 )
-        if not validator.validate(url, params if params is not None else {}, signature, algorithm):
+        form = params if params is not None else {}
+        if not validator.validate(_with_port(url), form, signature, algorithm):
             # the URL's query (a webhook's) or path (a stream's token) is the requester's: cut
             named = clipped(url, URL_CHARS, quote=False)
             raise TwilioVerificationError(
@@ -203,6 +205,23 @@ class SignatureVerifier:
         """:meth:`check` with the request's ``headers``' X-Twilio-Signature and
         X-Twilio-Webhooks-Signature-Settings (a webhook's, or a stream's upgrade)."""
         self.check(url, params, headers.get(SIGNATURE_HEADER), headers.get(SETTINGS_HEADER))
+
+
+def _with_port(url: str) -> str:
+    """``url`` for RequestValidator.validate, which accepts a signature of the URL without
+    its port or with it, adding the scheme's default port when it has none: its
+    ``add_port`` knows 443 for ``https`` only and adds ``:80`` to anything else, so a
+    stream's ``wss://host/...`` was checked as sent and as ``wss://host:80/...``, never as
+    ``wss://host:443/...`` (wss's port). A ``wss`` URL without a port is given ``:443``
+    here: the forms checked are then the URL as sent and with ``:443``."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:  # not a port: the library's own check refuses it
+        return url
+    if parts.scheme == "wss" and port is None:
+        return parts._replace(netloc=f"{parts.netloc}:443").geturl()
+    return url
 
 
 def _supported(algorithm: str) -> bool:
