@@ -656,12 +656,14 @@ async def _signed_body(
     try:
         key = "telnyx:signature:" + verifier.check_headers(body, request.headers, time.time())
         # the signature does not cover the URL: a key used on one route never passes on
-        # another (a status callback answered 5xx, its key released, is no TeXML answer)
-        route = request.url.path
+        # another (a status callback answered 5xx, its key released, is no TeXML answer).
+        # The route's name, not the URL's path, which holds the root path: instances
+        # served under different prefixes told one request apart (a retry was "replayed")
+        route = getattr(request.scope.get("route"), "name", None) or request.url.path
         await bind_signature_to_route(gw.nonces, key, route, verifier.replay_window_s, replayed())
         retry = False
         if answer:
-            sent = request_key(request.method, request.url.path, request.url.query, body)
+            sent = request_key(request.method, route, request.url.query, body)
             retry = await use_signature_for_request(
                 gw.nonces,
                 key,
