@@ -28,6 +28,7 @@ were made and every request signed) the process zeroes its counters
 move when other processes load the machine (a few tenths of a percent run to run).
 
     python bench/alexa_instructions.py [--rows bare,alexa] [--requests 200] [--profile DIR]
+        [--env GATEWAY_ALEXA_VERIFY=false] [--redis ''  (the memory store)]
 
 ``--profile DIR`` keeps the callgrind files there, with instruction-level data (the
 dump is ``<row>.callgrind.out.1``: ``callgrind_annotate --inclusive=yes``). ``--inner
@@ -79,8 +80,9 @@ class _Transport(asyncio.Transport):
         head_end = self.buffer.find(b"\r\n\r\n")
         if head_end < 0:
             return
-        found = re.search(rb"(?i)content-length: *(\d+)", self.buffer[:head_end])
-        length = int(found.group(1)) if found else 0
+        # uvicorn writes the headers, then the body: no regex (counted in every row)
+        at = self.buffer.find(b"content-length: ", 0, head_end)
+        length = int(self.buffer[at + 16 : self.buffer.find(b"\r\n", at)]) if at >= 0 else 0
         if len(self.buffer) >= head_end + 4 + length and self.done is not None:
             answer = bytes(self.buffer)
             self.buffer.clear()
@@ -195,8 +197,9 @@ async def _inner(row: str, requests: int, connections: int, sessions: int) -> No
         keys = Keys(folder)
         os.environ["BENCH_PKI_DIR"] = str(folder)
         settings = Settings()
-        configure_logging("info", settings.log_format)  # as gateway serve logs, its line
-        # per turn written to /dev/null (as bench/turn_overhead.py runs it)
+        # as gateway serve logs (GATEWAY_LOG_LEVEL, INFO by default: a line per turn),
+        configure_logging(settings.log_level, settings.log_format)
+        # written to /dev/null (as bench/turn_overhead.py runs it)
         devnull = open(os.devnull, "w")  # noqa: SIM115, ASYNC230
         logging.getLogger().handlers[0].setStream(devnull)
         config = uvicorn.Config(
@@ -272,7 +275,10 @@ def _run(row: str, args: argparse.Namespace, out: Path) -> int:
         "GATEWAY_REDIS_URL": args.redis,
         "GATEWAY_REDIS_PREFIX": f"ai{secrets.token_hex(3)}",
         "GATEWAY_ALEXA_SKILL_IDS": SKILL_ID,
+        **dict(setting.split("=", 1) for setting in args.env),
     }
+    if not args.redis:  # the memory store
+        del env["GATEWAY_REDIS_URL"]
     cmd = [
         "valgrind",
         "--tool=callgrind",
@@ -302,6 +308,13 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--sessions", type=int, default=64)
     parser.add_argument("--profile", type=Path, help="keep the callgrind files here")
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting for the gateway (GATEWAY_ALEXA_VERIFY=false, GATEWAY_LOG_LEVEL=warning)",
+    )
     parser.add_argument(
         "--redis", default=os.environ.get("GATEWAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
     )
