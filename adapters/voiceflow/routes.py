@@ -64,7 +64,8 @@ Operations:
   that lock (a store that hangs holds it up to the Redis command timeout, 5 s): the
   client's events are received and its turns run meanwhile, and all the connection
   emits then is held back (``_Client.held``) and follows the answers taken. Delivered
-  answers are not kept; a connection gone before it was told keeps them again. The
+  answers are not kept; a connection gone before it was told keeps them again (and,
+  after them, what of its actions' answers was held back). The
   client's events are received under ``_Client.answering`` too, so kept answers are
   never preceded or split by a second ``client.started`` (the lock is let go while a
   client.start's sessionKey is
@@ -1061,8 +1062,10 @@ class VoiceflowServer:
         metrics.CONNECTIONS.labels(CHANNEL).dec()
         # the queued actions are dropped (no turn for them); a running one's answer is kept
         detached = client.conn.connection_lost()
-        if detached:
-            client.kept = []
+        if detached:  # (with what of it was held back behind a take of kept answers)
+            client.kept = list(client.held or [])
+            if client.held:
+                client.held.clear()
             for task in client.turns:
                 self._detached.add(task)
                 task.add_done_callback(self._detached.discard)
@@ -1423,16 +1426,43 @@ class VoiceflowServer:
 
     async def _take_and_deliver(self, client: _Client, key: str) -> None:
         """Take the answers kept for ``key`` and deliver them, then what was held back
-        meanwhile (``_Client.held``, in order; dropped when the client left)."""
+        meanwhile (``_Client.held``, in order). When the client left before it went out,
+        what was held back of its actions' answers (:func:`kept_answer`: traces, errors,
+        statuses) is kept after them for the session's next connection, as the answer of
+        an action the client left while it ran is (:meth:`_keep_held`)."""
         try:
             await self._deliver_kept(client, key, await self._take(key))
         finally:
             held = client.held or []
-            while held:  # (more may be held while these go out: they follow)
-                emit = held.pop(0)
-                if client.sid in self._clients:
-                    await _emit(self.sio, client.sid, emit)
+            while held and client.sid in self._clients:  # (more may be held meanwhile)
+                await _emit(self.sio, client.sid, held.pop(0))
             client.held = None
+            if held:  # the client left: not sent
+                await self._keep_held(client, held)
+
+    async def _keep_held(self, client: _Client, held: list[Emit]) -> None:
+        """Keep ``held``, what went out to ``client`` while kept answers were taken and was
+        not sent (it left meanwhile), for its session's next connection
+        (:func:`kept_answer`; nothing when none of it is an answer's), and announce it
+        (:meth:`_announce_kept`). A store that is down loses it (logged as :meth:`_take`
+        logs). Never raises."""
+        gw, key, answer = self._gateway, client.conn.session_key, kept_answer(held)
+        if gw is None or gw.answers is None or key is None or answer == "[]":
+            return
+        try:
+            if not await gw.answers.keep(key, answer):
+                log.warning("answer of session %s too long to keep: lost", session_ref(key))
+                return
+        except Exception as exc:
+            log.log(
+                outage_level(exc) if isinstance(exc, StoreUnavailable) else logging.ERROR,
+                "answer of session %s not kept (component: %s): %s",
+                session_ref(key),
+                ANSWER_STORE,
+                exc,
+            )
+            return
+        await self._announce_kept(key)
 
     async def _take(self, key: str) -> list[str]:
         """Take the answers kept for session ``key`` (one round trip, within the Redis

@@ -711,3 +711,51 @@ async def test_a_take_of_kept_answers_that_hangs_does_not_hold_the_connection_ba
                 await again.nothing_more()
         finally:
             proxy.release_replies()
+
+
+async def test_an_answer_held_back_behind_a_hanging_take_is_kept_when_the_client_leaves(
+    reply_dropper: tuple[ReplyDropper, str],
+    redis_prefix: str,
+    aredis: aioredis.Redis,
+) -> None:
+    """The take of the kept answers hangs; meanwhile the client's action runs to its end,
+    and its answer is held back behind the kept one (``_Client.held``). The client leaves
+    before the take ends: the kept answer is kept again, and the action's answer, never
+    sent, was dropped (the turn ran and saved the session; no connection was told). It is
+    now kept after the first, and the session's next connection gets both, in order."""
+    proxy, redis_url = reply_dropper
+    core = RecordingCore()
+    async with gateway_app(core, redis_url=redis_url, redis_prefix=redis_prefix) as (url, app):
+        key = await leave_mid_action(url, core)
+        core.release.set()
+        await until(lambda: aredis.exists(kept_key(redis_prefix, key)))
+        proxy.hold_replies_to = b":kept"  # the take's reply waits for release_replies
+        server = app.state.voiceflow
+        try:
+            before = connections()
+            async with client(url) as again:
+                assert await again.start(key) is False
+                await until(lambda: proxy.replies_held == 1)  # the take hangs
+                await again.send({"type": "text", "payload": "hello"}, "m1")
+                await unless_hung(core.next_request(), "the action never ran")
+                # the action's turn has ended: its whole answer is held back
+                (held,) = server._clients.values()  # (the one connection)
+                await until(lambda: not held.turns)
+                assert again.events.empty()
+            await until(lambda: connections() == before)  # the server saw it leave
+            proxy.hold_replies_to = None
+            proxy.release_replies()
+            await until(lambda: held.held is None)  # the take has ended
+            async with client(url) as third:
+                assert await third.start(key) is False
+                await expect_first_answer(third)
+                assert await third.expect("action.status") == {
+                    "status": "accepted",
+                    "messageID": "m1",
+                }
+                traces, done = await third.traces_until_status("m1")
+                assert messages(traces) == ["core heard hello"]
+                assert done == {"status": "completed", "messageID": "m1"}
+                await third.nothing_more()
+        finally:
+            proxy.release_replies()
