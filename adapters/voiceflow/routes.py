@@ -1494,7 +1494,9 @@ class VoiceflowServer:
     async def _deliver_kept(self, client: _Client, key: str, kept: list[str]) -> None:
         """Emit the ``kept`` answers of session ``key`` to ``client``, in order; when it left
         meanwhile they are kept again (for the next connection; a store down then loses
-        them, logged as :meth:`_take` logs)."""
+        them, logged as :meth:`_take` logs) and announced (:meth:`_announce_kept`: a
+        connection that resumed the session while they were taken, its own take finding
+        nothing, takes them; before, it got them only at a later client.start)."""
         if not kept:
             return
         gw = self._gateway
@@ -1511,6 +1513,8 @@ class VoiceflowServer:
                     ANSWER_STORE,
                     exc,
                 )
+                return
+            await self._announce_kept(key)
             return
         log.info("session %s resumed: %d kept answer(s) delivered", session_ref(key), len(kept))
         for emit in kept_emits(kept):

@@ -759,3 +759,41 @@ async def test_an_answer_held_back_behind_a_hanging_take_is_kept_when_the_client
                 await third.nothing_more()
         finally:
             proxy.release_replies()
+
+
+async def test_answers_kept_again_by_a_connection_that_left_go_to_the_one_that_resumed_meanwhile(
+    reply_dropper: tuple[ReplyDropper, str],
+    redis_prefix: str,
+    aredis: aioredis.Redis,
+) -> None:
+    """The take of a connection's kept answers hangs (Redis took them; its reply is slow)
+    and the client's socket drops; it reconnects at once and resumes the session: its new
+    connection's take finds nothing. The first take then ends, its connection gone: the
+    answers are kept again, but nobody was told, so the connection that resumed the
+    session meanwhile never got them (only a later client.start would). They are now
+    announced as a kept answer is, and it gets them."""
+    proxy, redis_url = reply_dropper
+    core = RecordingCore()
+    async with gateway_app(core, redis_url=redis_url, redis_prefix=redis_prefix) as (url, app):
+        key = await leave_mid_action(url, core)
+        core.release.set()
+        await until(lambda: aredis.exists(kept_key(redis_prefix, key)))
+        proxy.hold_replies_to = b":kept"  # the take's reply waits for release_replies
+        server = app.state.voiceflow
+        try:
+            before = connections()
+            async with client(url) as dropped:
+                assert await dropped.start(key) is False
+                await until(lambda: proxy.replies_held == 1)  # the take hangs
+                (first,) = server._clients.values()
+            await until(lambda: connections() == before)  # the server saw it leave
+            proxy.hold_replies_to = None  # (the first take's reply is still held)
+            async with client(url) as again:
+                assert await again.start(key) is False  # its take finds nothing
+                await again.nothing_more()
+                proxy.release_replies()
+                await until(lambda: first.held is None)  # the first take has ended
+                await unless_hung(expect_first_answer(again), "the answer never came")
+                await again.nothing_more()
+        finally:
+            proxy.release_replies()
