@@ -20,6 +20,7 @@ from gateway.events import BinaryEvent
 from gateway.protocol import ProtocolError
 from gateway.speech.audio import Pcm, decode_mp3, decode_wav, resample
 from tests.adapters.flowstorm_shapes import check_v2
+from tests.conftest import unless_hung
 from tests.speech import normalise, padded, wer
 
 KEY = "speech-test"
@@ -110,6 +111,9 @@ class Streamed:
     put_answered: float = 0.0
     tail_chunks_sent: int = 0
     """How many chunks of the tail were sent before the GET ended (the mic stopped)."""
+    stopped_by_get: bool = False
+    """The mic stopped because the GET ended (its body still open, chunks left or held):
+    the GET's end did not wait for the body's."""
 
 
 async def realtime_turn(
@@ -132,7 +136,7 @@ async def realtime_turn(
 
     Streams ``chunks`` (then up to ``max_tail_chunks`` of ``tail``, as a mic that
     keeps running, one every ``tail_pace_s``; with ``hold``, then nothing until the GET
-    ends) at PACE_S per chunk in a chunked ``PUT {put_url}/client?realtime=1``, while a parallel
+    ends: a hang guard, not a time limit) at PACE_S per chunk in a chunked ``PUT {put_url}/client?realtime=1``, while a parallel
     ``GET {get_url}/client`` (started ``get_lead_s`` before, same cookies) reads the
     recognition; writing stops when the GET ends, then the PUT's answer is read.
     """
@@ -155,17 +159,20 @@ async def realtime_turn(
     async def mic() -> AsyncIterator[bytes]:
         for chunk in chunks:
             if stop.is_set():
+                result.stopped_by_get = True
                 return
             yield chunk
             await asyncio.sleep(PACE_S)
         for _ in range(max_tail_chunks if tail else 0):
             if stop.is_set():
+                result.stopped_by_get = True
                 return
             yield tail
             result.tail_chunks_sent += 1
             await asyncio.sleep(tail_pace_s)
         if hold:
-            await asyncio.wait_for(stop.wait(), 10)
+            await unless_hung(stop.wait(), "the GET's end while the PUT's body is held open", 120)
+            result.stopped_by_get = True
 
     getter = asyncio.create_task(follow())
     await asyncio.sleep(get_lead_s)  # the GET comes a little before the PUT
