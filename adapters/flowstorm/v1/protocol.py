@@ -363,6 +363,11 @@ class DropLogs:
 
 
 ENDED_SESSION_LOGS: Final = "it came while the session's last turn ran, which ended it"
+HANDED_BACK_ENDED_LOGS: Final = "the session ended before they were stored"
+"""The reason (:class:`DropLogs`) of entries whose write failed and came back once their
+session had ended (:meth:`V1Connection.logs_not_stored`)."""
+SESSION_ENDS_KEPT: Final = 256
+"""Sessions whose ends a connection counts (:attr:`StoreLogs.life`), the latest kept."""
 """The reason (:class:`DropLogs`) of entries that came while their session's last turn ran."""
 
 
@@ -376,6 +381,10 @@ class StoreLogs:
 
     ctx: TurnContext
     entries: tuple[LogEntry, ...]
+    life: int = 0
+    """How many ends of the session (SessionEnded) the connection had seen when it made
+    this: entries handed back once it saw another (:meth:`V1Connection.logs_not_stored`)
+    are an ended session's, never a new session's of the same id."""
 
 
 @dataclass(frozen=True)
@@ -938,6 +947,9 @@ class V1Connection:
         self._draining = False  # a graceful shutdown began: no turn, no stream is begun now
         self._streams = itertools.count(1)
         self._logs: deque[tuple[str | None, LogEntry]] = deque(maxlen=log_buffer)
+        self._ends: dict[str, int] = {}
+        """Per session id, how many times a turn of it ended it (SessionEnded): the
+        :attr:`StoreLogs.life` of its entries (at most :data:`SESSION_ENDS_KEPT` ids)."""
         """Log entries waiting, each with the session it was sent in (None: none yet)."""
         self._log_chars = log_chars
         self.numbered = False
@@ -1158,9 +1170,13 @@ class V1Connection:
                 others.setdefault(sent_in, []).append(entry)
         self._logs = kept
         stores: list[Action] = [
-            StoreLogs(self._context(other), tuple(entries)) for other, entries in others.items()
+            self._store(other, tuple(entries)) for other, entries in others.items()
         ]
         return mine, stores
+
+    def _store(self, session_id: str, entries: tuple[LogEntry, ...]) -> StoreLogs:
+        """The StoreLogs of ``entries`` with ``session_id``, of its current life."""
+        return StoreLogs(self._context(session_id), entries, self._ends.get(session_id, 0))
 
     def _proposed(self, proposed: str | None) -> str:
         """The session id of a turn: the proposed one, the connection's, or a new one."""
@@ -1195,7 +1211,7 @@ class V1Connection:
         self.machine.feed("Log")
         entries = tuple(entry.bounded(self._log_chars) for entry in event.entries)
         if entries and self.state in _NO_TURN and self.session_id is not None:
-            return [StoreLogs(self._context(self.session_id), entries)]
+            return [self._store(self.session_id, entries)]
         # stored with the next turn (or when this one ends); sent in the running turn's
         # session, else the connection's (none: the next turn's)
         sent_in = self._turn.session_id if self._turn is not None else self.session_id
@@ -1222,17 +1238,25 @@ class V1Connection:
         refused = TurnRejected.foreign(session_id)
         return [error_frame(refused.text, refused.source)]
 
-    def logs_not_stored(self, entries: Sequence[LogEntry], session_id: str | None = None) -> None:
+    def logs_not_stored(
+        self, entries: Sequence[LogEntry], session_id: str | None = None, life: int | None = None
+    ) -> list[Action]:
         """Keep ``entries`` of a failed StoreLogs of session ``session_id`` (bounded, newest
         kept): stored with that session's next turn, or when the running turn ends (None:
         with the next turn, whatever its session). During a turn they go before the
         entries waiting (those came in the turn, after them); with no turn running, after
         them (what waits then is older: an entry sent while idle goes in a write of its
-        own, and the writes are answered in order)."""
+        own, and the writes are answered in order). ``[]``; or, when a turn ended that
+        session since the StoreLogs was made (``life``, its :attr:`StoreLogs.life`), the
+        entries are dropped: ``[DropLogs]`` (they were kept, and went into a new session
+        the client opened later under the same id)."""
+        if session_id is not None and life is not None and life != self._ends.get(session_id, 0):
+            return [DropLogs(session_id, len(entries), HANDED_BACK_ENDED_LOGS)]
         handed = [(session_id, entry) for entry in entries]
         waiting = [*self._logs, *handed] if self._turn is None else [*handed, *self._logs]
         self._logs = deque(waiting, maxlen=self._logs.maxlen)
         self._trim_logs()
+        return []
 
     # ------------------------------------------------------------ audio input
 
@@ -1575,6 +1599,9 @@ class V1Connection:
         turn, self._turn = self._turn, None
         dropped: list[Action] = []
         if turn is not None and turn.ended:  # what came while it ran: the session is gone
+            self._ends[turn.session_id] = self._ends.pop(turn.session_id, 0) + 1
+            while len(self._ends) > SESSION_ENDS_KEPT:
+                del self._ends[next(iter(self._ends))]
             count = sum(1 for sent_in, _ in self._logs if sent_in == turn.session_id)
             if count:
                 self._logs = deque(
@@ -1670,5 +1697,5 @@ class V1Connection:
         mine, stores = self._take_logs(self.session_id)
         if mine and self.session_id is not None:
             entries = tuple(entry for _, entry in mine)
-            stores.append(StoreLogs(self._context(self.session_id), entries))
+            stores.append(self._store(self.session_id, entries))
         return stores

@@ -102,6 +102,7 @@ from gateway.protocol.actions import (
     CancelListening,
     FeedAudio,
     FinishListening,
+    Send,
     StartListening,
     StartTurn,
 )
@@ -365,12 +366,16 @@ class _Socket(WebSocketDriver[Action]):
         self.following = Following(gw.journal, self._deliver) if gw.journal else None
         self._answering = 0
         """Turns whose answer is not all sent yet (outbox entries wait for them)."""
+        self._settle_first: tuple[str, int] | None = None
+        """(session key, seq of the answer's last entry) of the running turn whose
+        Response was held (V1Connection.turn_over): the delivered mark is raised over the
+        answer before its held frames go out (:meth:`run`), not after."""
         self._sent: set[asyncio.Task[Any]] = set()
         """Forwarders (of ``turns``) whose turn's frames all went out, the Response too,
         and which still raise the outbox's mark (Following.settle, catch_up): their
         client has its answer (:meth:`restart`)."""
-        self._pending_logs: deque[tuple[TurnContext, LogEntry]] = deque()
-        """Client log entries to store (StoreLogs), each with its session's context; at
+        self._pending_logs: deque[tuple[TurnContext, LogEntry, int]] = deque()
+        """Client log entries to store (StoreLogs), each with its session's context and life; at
         most LOG_BUFFER entries and GATEWAY_MAX_LOG_CHARS characters of text all together,
         the newest kept (as the connection's own buffer, V1Connection ``log_chars``)."""
         self._pending_log_chars = 0
@@ -549,7 +554,14 @@ class _Socket(WebSocketDriver[Action]):
 
     async def run(self, actions: Sequence[Action]) -> None:
         """Carry out ``actions`` (the driver's runner); a StartTurn of the followed session
-        first catches up on what the session missed, so it goes out before the answer."""
+        first catches up on what the session missed, so it goes out before the answer.
+        The first frames sent after the running turn's Response was held (its held frames,
+        at the stream's end) first raise the delivered mark over its answer (:meth:`forward`)."""
+        settle, following = self._settle_first, self.following
+        sends = any(isinstance(a, Send) for a in actions)  # (the held Response goes out now)
+        if settle and following and following.key == settle[0] and self.open and sends:
+            self._settle_first = None
+            await asyncio.shield(following.settle(*settle))
         for action in actions:
             following = self.following
             if isinstance(action, StartTurn) and following is not None:
@@ -567,8 +579,11 @@ class _Socket(WebSocketDriver[Action]):
         session the turn adopts (a new one) is followed from then on, for its pushes only
         (Following.follow ``replay=False``: no other connection's answers). An event whose
         frames did not go out with it (the Response, held until the stream ends; or the
-        socket closed) is held (Following.hold): the delivered mark rises over it only once
-        the whole answer went out (Following.settle), so a client whose socket dropped
+        socket closed) is held (Following.hold): the delivered mark rises over it only when
+        the whole answer goes out (Following.settle, :meth:`run`: just before the held
+        Response's frames are sent, so a client that closes on its Response and comes
+        back at once with ``sessionId`` and no ``lastSeq`` is not given it again; the mark
+        was raised after the send, racing that Init), so a client whose socket dropped
         before gets it back on an Init with ``sessionId``, with or without ``lastSeq``.
         Outbox entries wait while the turn answers (``_answering``) and are caught up
         afterwards.
@@ -589,6 +604,8 @@ class _Socket(WebSocketDriver[Action]):
                     last = event.seq
                     if fresh and (self.holding() or not self.open):
                         following.hold(key, event.seq)  # its frames have not gone out
+                        if self.holding():
+                            self._settle_first = (key, event.seq)
                 adopted = self.conn.session_key
                 if adopted is not None and adopted != following.key:
                     following.follow(adopted, None, replay=False)
@@ -597,6 +614,7 @@ class _Socket(WebSocketDriver[Action]):
             answered = await self.forward_claimed(start, claim)
         finally:
             self._answering -= 1
+            self._settle_first = None
         task = asyncio.current_task()
         assert task is not None
         self._sent.add(task)  # the client has what the turn gave: only the outbox's work left
@@ -661,7 +679,7 @@ class _Socket(WebSocketDriver[Action]):
         on the connection; the session would keep no more of them either."""
         pending = self._pending_logs
         for entry in action.entries:
-            pending.append((action.ctx, entry))
+            pending.append((action.ctx, entry, action.life))
             self._pending_log_chars += len(entry.text)
         while pending and (
             len(pending) > LOG_BUFFER or self._pending_log_chars > self._max_log_chars
@@ -673,13 +691,17 @@ class _Socket(WebSocketDriver[Action]):
         came meanwhile go together (:meth:`_store_logs`), until none is left."""
         pending = self._pending_logs
         while pending:
-            ctx = pending[0][0]
+            ctx, life = pending[0][0], pending[0][2]
             entries: list[LogEntry] = []
-            while pending and pending[0][0].key == ctx.key and pending[0][0].app_key == ctx.app_key:
+            while pending and (
+                pending[0][0].key == ctx.key
+                and pending[0][0].app_key == ctx.app_key
+                and pending[0][2] == life
+            ):
                 entry = pending.popleft()[1]
                 self._pending_log_chars -= len(entry.text)
                 entries.append(entry)
-            await self._store_logs(StoreLogs(ctx, tuple(entries)))
+            await self._store_logs(StoreLogs(ctx, tuple(entries), life))
 
     async def _store_logs(self, action: StoreLogs) -> None:
         """Store ``action``'s entries with its session. When the store fails (busy, down)
@@ -694,7 +716,10 @@ class _Socket(WebSocketDriver[Action]):
         except StoreError as exc:
             log.log(outage_level(exc), "client logs of session %s not stored: %s", ref, exc)
             if self.open:
-                self.conn.logs_not_stored(action.entries, action.ctx.session_id)
+                ctx = action.ctx
+                await self.run(
+                    self.conn.logs_not_stored(action.entries, ctx.session_id, action.life)
+                )
             return
         except Exception:
             log.exception("storing client logs of session %s failed", ref)
@@ -703,7 +728,8 @@ class _Socket(WebSocketDriver[Action]):
             return
         session_id = action.ctx.session_id
         if found == "not-found" and self.open and session_id == self.conn.session_id:
-            self.conn.logs_not_stored(action.entries, session_id)  # expired: made again
+            # expired: made again (unless a turn ended it: then dropped)
+            await self.run(self.conn.logs_not_stored(action.entries, session_id, action.life))
             return
         _logs_dropped(len(action.entries), action.ctx.key, _NOT_STORED[found])
 

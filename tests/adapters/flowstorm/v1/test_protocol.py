@@ -16,6 +16,7 @@ from adapters.flowstorm.v1.protocol import (
     CLOSE_RESTART,
     CLOSE_TOO_BIG,
     ENDED_SESSION_LOGS,
+    HANDED_BACK_ENDED_LOGS,
     REQUEST_REFUSED_TEXT,
     RESTART_REASON,
     STREAM_REFUSED_TEXT,
@@ -666,6 +667,34 @@ def test_logs_not_stored_go_to_their_own_session_never_the_next_ones() -> None:
     assert isinstance(turn, StartTurn)
     assert turn.ctx.logs == ()
     assert len(conn.buffered_logs) == 0  # stored with their session
+
+
+def test_logs_handed_back_after_their_session_ended_never_go_into_a_new_one_of_its_id() -> None:
+    """Entries whose write failed (busy) were handed back tagged with their session ``s``
+    and waited for its next turn, also when a turn had ended ``s`` meanwhile: a client
+    that later reused the id ``s`` had them stored in that new session. Now a write made
+    before ``s`` ended that comes back afterwards is dropped (DropLogs, the I/O logs it);
+    one made in the new life of ``s`` is kept for it as before."""
+    conn = ready(connection())
+    start(conn, request_frame("#intro", "s"))
+    finish_turn(conn, Response(), new="s")
+    [store] = send(conn, {"type": "Log", "entries": entries(1)})
+    assert isinstance(store, StoreLogs)
+    start(conn, input_frame("bye"))  # the write waits for the lock of this turn
+    conn.turn_event(ResponseEvent(response=Response(session_ended=True)))
+    conn.turn_event(SessionEndedEvent())
+    assert conn.turn_finished() == []  # s ended
+    # then the write is answered busy: the entry comes back, of the ended s
+    dropped = conn.logs_not_stored(store.entries, "s", store.life)
+    assert dropped == [DropLogs("s", 1, HANDED_BACK_ENDED_LOGS)]
+    assert conn.buffered_logs == ()
+    turn = start(conn, request_frame("hi", "s"))  # the client reuses the id: a new session
+    assert turn.ctx.logs == ()  # before: ("log 0",)
+    finish_turn(conn, Response())
+    [late] = send(conn, {"type": "Log", "entries": entries(1, start_at=1)})
+    assert isinstance(late, StoreLogs)
+    assert conn.logs_not_stored(late.entries, "s", late.life) == []  # the new s's: kept
+    assert [e.text for e in start(conn, input_frame("again")).ctx.logs] == ["log 1"]
 
 
 def test_logs_handed_back_while_idle_keep_their_order_and_the_newest() -> None:

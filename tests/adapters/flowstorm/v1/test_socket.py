@@ -23,6 +23,7 @@ from gateway.app import create_app
 from gateway.events import ResponseItem
 from gateway.logs import session_ref
 from gateway.protocol import clipped
+from gateway.protocol.actions import Send
 from gateway.push import push_event
 from gateway.server import run_before_close
 from gateway.settings import Settings
@@ -46,7 +47,7 @@ from tests.adapters.flowstorm.v1.helpers import (
     turn_frames,
     ws_url,
 )
-from tests.conftest import gateway, no_server_errors, serve, served_app
+from tests.conftest import gateway, no_server_errors, serve, served_app, unless_hung
 from tests.gateway.core_app import make_core
 
 
@@ -824,7 +825,7 @@ async def test_client_logs_waiting_for_their_write_are_bounded_in_characters() -
                     await asyncio.sleep(0.01)
             await send_json(ws, {"type": "Vote"})  # its Error: every Log before it was read
             await expect_error(ws, "unknown event type")
-            waiting = [e.text for _, e in socket._pending_logs]
+            waiting = [e.text for _, e, _ in socket._pending_logs]
             assert sum(map(len, waiting)) <= 1000
             assert [t[:6] for t in waiting] == [f"log {n:02d}" for n in range(20, 30)]
         for _ in range(200):  # the lock is free: the entries are written
@@ -897,6 +898,67 @@ async def test_a_client_back_while_its_sessions_first_turn_runs_gets_that_answer
         assert second["attributes"]["answered1"] == "#intro"
 
 
+async def test_an_answer_is_not_given_again_to_a_resume_without_last_seq_racing_its_mark(
+    store: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that gets its Response and at once comes back on another socket with Init
+    ``sessionId`` and no ``lastSeq`` starts from the outbox's delivered mark. The mark was
+    raised over the answer after its Response went out (Following.settle, Redis round
+    trips), so a resume that read the mark in between was given the answer again: here
+    a raise of the mark over the answer once its Response was sent waits until the second
+    socket has read the outbox's state (the mark then). Now the mark is raised before the held Response goes
+    out: the resumed socket's next turn is answered with its own Response, nothing first."""
+    session_id = f"resume-race-{store.get('redis_prefix', 'memory')}"
+    key = f"flowstorm:{session_id}"
+    app = create_app(Settings(**store))
+    sent, waiting, go = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    answered: list[int] = []
+    run = v1_routes._Socket.run
+
+    async def watched_run(self: v1_routes._Socket, actions: Any) -> None:
+        await run(self, actions)
+        if not sent.is_set() and any(
+            isinstance(a, Send) and '"Response"' in a.text for a in actions
+        ):
+            answered.append((await state(key)).last_seq)  # the answer's last entry
+            sent.set()
+
+    monkeypatch.setattr(v1_routes._Socket, "run", watched_run)
+    async with served_app(app) as url:
+        outbox = app.state.gateway.journal.outbox
+        mark, state = outbox.mark, outbox.state
+
+        async def late_mark(box_key: str, seq: int) -> int:
+            if box_key == key and sent.is_set() and seq <= answered[0]:
+                waiting.set()
+                await go.wait()  # raised after the Response went out: after the resume read
+            return int(await mark(box_key, seq))
+
+        async def watched_state(box_key: str) -> Any:
+            found = await state(box_key)
+            if box_key == key and waiting.is_set():
+                go.set()  # the resume read the mark while its raise waited
+            return found
+
+        outbox.mark, outbox.state = late_mark, watched_state
+        try:
+            async with connect(ws_url(url)) as first:
+                await init(first)
+                [started, answer] = await turn(first, request_frame("#intro", session_id))
+                assert started["type"] == "SessionStarted"
+                assert answer["type"] == "Response"
+                async with connect(ws_url(url)) as again:
+                    await init(again, {**init_frame(), "sessionId": session_id})
+                    frames = await unless_hung(
+                        turn(again, input_frame("what is my name")), "the resumed turn"
+                    )
+                    # before: the intro's Response again, then the turn's own
+                    assert len(frames) == 1, frames
+                    assert texts(frames[0]) != texts(answer), frames
+        finally:
+            go.set()
+
+
 @pytest.mark.parametrize("tts", ["RequiredLinks", "None"])
 async def test_a_pushed_event_that_is_not_a_response_is_dropped_with_a_warning(
     caplog: pytest.LogCaptureFixture, tts: str
@@ -928,38 +990,44 @@ async def test_a_pushed_event_that_is_not_a_response_is_dropped_with_a_warning(
 
 
 async def test_a_turn_answered_whose_outbox_mark_is_still_being_raised_is_not_unanswered(
-    redis_url: str, redis_prefix: str
+    redis_url: str, redis_prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The shutdown's close of a V1 socket (the ``before_close`` hook) tells a client
     "answer was not ready" only for a turn whose Response did not go out. A turn whose
-    Response went out and whose forwarder still raises the outbox's mark (a slow Redis
-    here: the mark waits) counted as unanswered, and its client, which had its answer,
-    got that Error before the 1012 close."""
+    Response went out and whose forwarder still does the outbox's work (a slow Redis
+    here: its catch-up after the answer waits) counted as unanswered, and its client,
+    which had its answer, got that Error before the 1012 close. (The mark over the answer
+    is raised before its Response goes out: the outbox read after it waits here.)"""
     settings = Settings(redis_url=redis_url, redis_prefix=redis_prefix, shutdown_timeout_s=2)
     app = create_app(settings)
-    marking, go = asyncio.Event(), asyncio.Event()
+    sent, marking, go = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    run = v1_routes._Socket.run
+
+    async def watched_run(self: v1_routes._Socket, actions: Any) -> None:
+        await run(self, actions)
+        if any(isinstance(a, Send) and '"Response"' in a.text for a in actions):
+            sent.set()
+
+    monkeypatch.setattr(v1_routes._Socket, "run", watched_run)
     async with served_app(app, settings) as url:
         gw = app.state.gateway
         outbox = gw.journal.outbox
-        mark = outbox.mark
+        since = outbox.since
 
-        async def slow_mark(key: str, seq: int) -> int:
-            # only the mark over the turn's Response waits (its forwarder's settle, once
-            # the Response went out): a mark over the items before it, raised while the
-            # turn runs, goes through, or the Response would wait behind it
-            entries = await outbox.since(key, seq - 1)
-            if any(e.seq == seq and e.event.get("type") == "Response" for e in entries):
+        async def slow_since(key: str, after: int | None) -> Any:
+            # only the reads once the Response went out (its forwarder's catch-up) wait
+            if sent.is_set():
                 marking.set()
                 await go.wait()
-            return int(await mark(key, seq))
+            return await since(key, after)
 
-        outbox.mark = slow_mark
+        outbox.since = slow_since
         try:
             async with connect(ws_url(url)) as ws:
                 await init(ws)
                 frames = await turn(ws, request_frame("#intro", "marked-late"))
                 assert frames[-1]["type"] == "Response", frames
-                await asyncio.wait_for(marking.wait(), 5)  # its forwarder raises the mark
+                await asyncio.wait_for(marking.wait(), 5)  # its forwarder reads the outbox
                 await run_before_close(app)  # waits 1 s (2 s less 1) for the forwarder
                 with pytest.raises(ConnectionClosed) as closed:
                     extra = await recv_json(ws)
