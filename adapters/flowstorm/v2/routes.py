@@ -459,14 +459,14 @@ IGNORED_NAMES_LOGGED: Final = 64
 
 def _log_ignored(names: Iterable[str], logged: set[str]) -> None:
     """Log, at DEBUG, each query parameter name the configuration ignores the first time
-    it comes (``_`` of every cache-busted request: one line), adding it (lower case,
-    clipped) to ``logged``, the app's set; once that holds :data:`IGNORED_NAMES_LOGGED`
-    names no more are logged, so clients inventing a name a request grow neither the set
-    nor the log. A name that misspells a configuration value's (:func:`misspelt_param`:
-    ``sampleRate``) is logged at WARNING naming that one: its client gets the default
-    of a value it meant to set."""
+    it comes (``_`` of every cache-busted request: one line), adding it (as sent, clipped
+    and quoted: :func:`gateway.protocol.clipped`) to ``logged``, the app's set; once that
+    holds :data:`IGNORED_NAMES_LOGGED` names no more are logged, so clients inventing a
+    name a request grow neither the set nor the log. A name that misspells a
+    configuration value's (:func:`misspelt_param`: ``sampleRate``) is logged at WARNING
+    naming that one: its client gets the default of a value it meant to set."""
     for name in names:
-        shown = clipped(name.lower())
+        shown = clipped(name)  # as sent (it was lower-cased: not the name to look for)
         if shown in logged or len(logged) >= IGNORED_NAMES_LOGGED:
             continue
         logged.add(shown)

@@ -1274,7 +1274,7 @@ async def test_query_parameter_names_are_read_in_any_case_and_unknown_ones_ignor
             # a misspelt configuration name: its client gets the default (8000 unread)
             (
                 logging.WARNING,
-                "Flowstorm V2: query parameter 'samplerate' is no configuration value: "
+                "Flowstorm V2: query parameter 'sampleRate' is no configuration value: "
                 "ignored, its default used (did you mean sttSampleRate?) (logged once per name)",
             ),
         ]
