@@ -58,6 +58,7 @@ from twilio.request_validator import (  # type: ignore[import-untyped]
     HMAC_SHA1,
     SIGNATURE_SETTINGS_HEADER,
     RequestValidator,
+    compare,
     get_signature_algorithm,
 )
 
@@ -191,7 +192,13 @@ class SignatureVerifier:
                     f"and this gateway has none configured ({SHARED_KEY_SETTING}).",
                 )
         form = params if params is not None else {}
-        if not validator.validate(_with_port(url), form, signature, algorithm):
+        sent = _with_port(url)
+        signed = validator.validate(sent, form, signature, algorithm)
+        if not signed and sent != url:
+            # the URL as sent, checked here: validate's remove_port cuts the :443 form at
+            # its first ':', which is inside an IPv6 host ([2001:db8::1]): not the URL sent
+            signed = compare(validator.compute_signature(url, form, algorithm), signature)
+        if not signed:
             # the URL's query (a webhook's) or path (a stream's token) is the requester's: cut
             named = clipped(url, URL_CHARS, quote=False)
             raise TwilioVerificationError(
@@ -213,7 +220,8 @@ def _with_port(url: str) -> str:
     ``add_port`` knows 443 for ``https`` only and adds ``:80`` to anything else, so a
     stream's ``wss://host/...`` was checked as sent and as ``wss://host:80/...``, never as
     ``wss://host:443/...`` (wss's port). A ``wss`` URL without a port is given ``:443``
-    here: the forms checked are then the URL as sent and with ``:443``."""
+    here: the forms checked are then the URL as sent and with ``:443`` (the one as sent
+    by :meth:`SignatureVerifier.check` itself too: ``remove_port`` mangles an IPv6 host)."""
     parts = urlsplit(url)
     try:
         port = parts.port

@@ -60,3 +60,35 @@ async def test_a_stream_url_signed_with_wss_s_default_port_is_accepted_not_port_
         assert await handshake("wss://gateway.example.com") == 101  # as sent
         assert await handshake("wss://gateway.example.com:443") == 101
         assert await handshake("wss://gateway.example.com:80") == 403
+
+
+async def test_a_stream_url_with_an_ipv6_host_signed_as_sent_is_accepted() -> None:
+    """GATEWAY_PUBLIC_URL with an IPv6 literal (``https://[2001:db8::1]``): a stream
+    signed for its URL as sent (``wss://[2001:db8::1]/twilio/stream/...``) was refused
+    (403) once the port-less ``wss`` URL was handed to the library with ``:443``: its
+    ``remove_port`` cuts the host at its first ``:`` (``wss://[/...``), so the URL as sent
+    was no longer among the forms checked. Both forms pass; ``:80`` is still refused."""
+    public = "https://[2001:db8::1]"
+    form = {"CallSid": call_sid(), "AccountSid": "AC" + "0" * 32, "From": "+15550100"}
+    async with (
+        twilio_gateway(public_url=public) as gw,
+        httpx.AsyncClient(base_url=gw.url) as client,
+    ):
+
+        async def handshake(signed_url: str) -> int:
+            voice = {"X-Twilio-Signature": sign(AUTH, public + "/twilio/voice", form)}
+            answer = await client.post("/twilio/voice", data=form, headers=voice)
+            assert answer.status_code == 200, answer.text
+            stream_url = parse_twiml(answer.text).stream_url
+            assert stream_url.startswith("wss://[2001:db8::1]/twilio/stream/")
+            signed = signed_url + stream_url.removeprefix("wss://[2001:db8::1]")
+            headers = {"X-Twilio-Signature": sign(AUTH, signed)}
+            try:
+                async with connect(local_ws_url(gw.url, stream_url), additional_headers=headers):
+                    return 101
+            except InvalidStatus as exc:
+                return exc.response.status_code
+
+        assert await handshake("wss://[2001:db8::1]") == 101  # as sent
+        assert await handshake("wss://[2001:db8::1]:443") == 101
+        assert await handshake("wss://[2001:db8::1]:80") == 403
