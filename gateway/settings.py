@@ -1031,19 +1031,6 @@ class Settings(BaseSettings):
         "or SIP URI); unset: the tool is not offered.",
     )
 
-    @field_validator("*", mode="before")
-    @classmethod
-    def _no_placeholder(cls, value: object) -> object:
-        """A value still holding deploy/'s placeholder marker (:data:`PLACEHOLDER`) stops
-        the gateway at startup: the examples' ``CHANGE-ME-...`` master key is long enough
-        to pass as one, and a key everybody can read signs nothing."""
-        if isinstance(value, str) and PLACEHOLDER in value:
-            raise ValueError(
-                f"is a placeholder of deploy/'s examples ({PLACEHOLDER}): replace it with "
-                "your own value, or unset it"
-            )
-        return value
-
     @field_validator("log_level", mode="after")
     @classmethod
     def _check_log_level(cls, value: str) -> str:
@@ -1113,8 +1100,12 @@ class Settings(BaseSettings):
         are made from it (without a scheme they were relative links, and Twilio got
         ``ws:///host/...``; paths are appended to it, so with a ``?`` or ``#``, even an
         empty one, the signed webhook URLs and status callbacks were malformed:
-        ``https://host/?x=1/twilio/status?key=...``)."""
-        parts = urlsplit(value)
+        ``https://host/?x=1/twilio/status?key=...``). One urllib cannot split
+        (``http://u:pw@[::1``) gets the same message, not urllib's ``Invalid IPv6 URL``."""
+        try:
+            parts = urlsplit(value)
+        except ValueError:  # urllib's text may quote the netloc (a password)
+            raise ValueError("must be an http:// or https:// URL with a host") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("must be an http:// or https:// URL with a host")
         if "?" in value or "#" in value:
@@ -1305,10 +1296,12 @@ class Settings(BaseSettings):
         (256) characters: channels refuse a longer key (Flowstorm V1/V2), and the push API
         could not name it. GATEWAY_ADMIN_KEYS with a key that is no RFC 6750 bearer token, or
         one shorter than :data:`MIN_ADMIN_KEY_CHARS`, is refused (ValueError, the key not
-        shown)."""
+        shown). GATEWAY_ADMIN_KEYS comes here split already (:meth:`_split_lists`, which
+        runs first), so a string is GATEWAY_APP_KEYS; an admin key list naming none is
+        taken as unset (the admin API refuses every request)."""
         if isinstance(value, str):
             keys = frozenset(k.strip() for k in value.split(",") if k.strip())
-            if value.strip() and not keys and info.field_name == "app_keys":
+            if value.strip() and not keys:
                 raise ValueError("names no key: list the keys, or unset it to allow any key")
             value = keys
         keys_given = value if info.field_name == "app_keys" and isinstance(value, Iterable) else ()
@@ -1490,6 +1483,42 @@ class Settings(BaseSettings):
         if len("".join(value.get_secret_value().split())) < 32:  # spaces are no secret
             raise ValueError("must have at least 32 characters that are not whitespace")
         return value
+
+    # Keep this the LAST validator of the class: pydantic runs "before" validators in the
+    # reverse order of their definition, so it runs first, on the value as it came (the
+    # environment's string), before the splitters (_split_lists, _split_keys) and before a
+    # check of a field of its own could refuse the placeholder with another message.
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_placeholder(cls, value: object) -> object:
+        """A value still holding deploy/'s placeholder marker (:data:`PLACEHOLDER`) stops
+        the gateway at startup: the examples' ``CHANGE-ME-...`` master key is long enough
+        to pass as one, and a key everybody can read signs nothing. Every item of a list
+        (a comma-separated setting, GATEWAY_ADMIN_KEYS and the like) and every value of a
+        JSON object is checked as well: a list already split (``Settings(app_keys=[...])``)
+        escaped the check before.
+
+        Raises:
+            ValueError: the value, or one of its items, holds :data:`PLACEHOLDER`.
+        """
+        if _holds_placeholder(value):
+            raise ValueError(
+                f"is a placeholder of deploy/'s examples ({PLACEHOLDER}): replace it with "
+                "your own value, or unset it"
+            )
+        return value
+
+
+def _holds_placeholder(value: object) -> bool:
+    """Whether ``value`` (a string, or a list, tuple, set or mapping of them, nested)
+    holds :data:`PLACEHOLDER` (a mapping: in a key or a value)."""
+    if isinstance(value, str):
+        return PLACEHOLDER in value
+    if isinstance(value, Mapping):
+        return any(_holds_placeholder(k) or _holds_placeholder(v) for k, v in value.items())
+    if isinstance(value, list | tuple | set | frozenset):
+        return any(_holds_placeholder(item) for item in value)
+    return False
 
 
 ENV_PREFIX: Final = "GATEWAY_"

@@ -98,6 +98,10 @@ def test_an_app_key_list_that_names_no_key_is_refused_not_open_to_all(
     assert Settings().app_keys == frozenset({"shop", "faq"})
     monkeypatch.setenv("GATEWAY_ADMIN_KEYS", " , ")  # no admin key: the admin API is off
     assert Settings().admin_keys == frozenset()
+    # admin keys are split before _split_keys sees them: " , " is no key, not refused
+    assert Settings(admin_keys=",").admin_keys == frozenset()
+    monkeypatch.setenv("GATEWAY_ADMIN_KEYS", " ops-key-1-of-the-gateway ,, ")
+    assert Settings().admin_keys == frozenset({"ops-key-1-of-the-gateway"})
 
 
 def test_an_app_key_longer_than_channels_take_stops_the_start(
@@ -123,6 +127,19 @@ def test_a_public_url_without_a_scheme_or_host_is_refused(
     monkeypatch.setenv("GATEWAY_PUBLIC_URL", url)
     with pytest.raises(ValidationError, match="public_url"):
         Settings()
+
+
+def test_a_public_url_urllib_cannot_split_stops_serve_with_the_settings_words() -> None:
+    """GATEWAY_PUBLIC_URL with an unclosed ``[`` (an IPv6 host) stopped ``gateway serve``
+    with urllib's words (``Invalid IPv6 URL``), where a core's base URL gets the setting's
+    own; it gets them too now, the password not shown."""
+    stderr = serve_refused({"GATEWAY_PUBLIC_URL": "http://u:public-pw-4711@[::1"})
+    assert stderr.startswith(
+        "gateway: GATEWAY_PUBLIC_URL: must be an http:// or https:// URL with a host"
+    )
+    assert len(stderr.splitlines()) == 1
+    assert "IPv6" not in stderr
+    assert "public-pw-4711" not in stderr
 
 
 def test_an_unset_public_url_names_the_port_the_gateway_serves(
@@ -816,3 +833,88 @@ def test_a_redis_url_whose_password_holds_a_delimiter_is_refused_quoting_none_of
     assert problem in line, line
     assert ENCODE in line, line
     assert "Traceback" not in output
+
+
+# ---------------------------------------------------------------- deploy/'s placeholders
+
+REFUSED = "is a placeholder of deploy/'s examples (CHANGE-ME): replace it with your own value"
+COMMENTED_PLACEHOLDERS = re.compile(r'#\s*(GATEWAY_\w+)\s*[:=]\s*"?([^"\s]*CHANGE-ME[^"\s]*)"?')
+
+
+def _refusal(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> list[str]:
+    """setting_errors' lines (``gateway serve``'s) for the environment ``name=value``."""
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError) as refused:
+        Settings()
+    monkeypatch.delenv(name)
+    return setting_errors(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("GATEWAY_ADMIN_KEYS", "CHANGE-ME-aaaaaaaaaaaaaaaaaaaa"),
+        # shorter than an admin key may be: still the placeholder's message, not "shorter"
+        ("GATEWAY_ADMIN_KEYS", "ops-key-1-of-the-gateway, CHANGE-ME"),
+        ("GATEWAY_APP_KEYS", "shop,CHANGE-ME"),
+        ("GATEWAY_ALEXA_SKILL_IDS", "amzn1.ask.skill.CHANGE-ME"),
+        ("GATEWAY_GOOGLE_PROJECT_IDS", "my-project,CHANGE-ME"),
+        ("GATEWAY_GOOGLE_TRUSTED_ACCOUNTS", "CHANGE-ME@example.com"),
+        ("GATEWAY_VOICEFLOW_API_KEYS", "VF.DM.CHANGE-ME"),
+        ("GATEWAY_VOICEFLOW_CORS_ORIGINS", "https://a.example.com, https://CHANGE-ME.example.com"),
+        # lower-cased when split: the check sees the value as given
+        ("GATEWAY_BARGE_IN_BACKCHANNELS", "okay,CHANGE-ME"),
+    ],
+)
+def test_a_placeholder_in_a_comma_separated_setting_stops_the_start(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    """The placeholder check saw a comma-separated setting only once it was split (a set
+    or a tuple, not a string), so it never refused one: GATEWAY_ADMIN_KEYS=CHANGE-ME-...
+    started the gateway with an admin key anybody can read in deploy/. Each item is
+    checked now, refused with the words of a plain setting's placeholder."""
+    [plain] = _refusal(monkeypatch, "GATEWAY_SECRET_KEY", "CHANGE-ME-" + "k" * 32)
+    assert plain.startswith(f"GATEWAY_SECRET_KEY: {REFUSED}")
+    [line] = _refusal(monkeypatch, name, value)
+    assert line.removesuffix(f" (got {value!r})") == plain.replace("GATEWAY_SECRET_KEY", name)
+    monkeypatch.setenv(name, value.replace("CHANGE-ME", "replaced-by-the-operator-0001"))
+    Settings()  # the value replaced: taken
+
+
+def test_a_placeholder_in_an_already_split_setting_is_refused() -> None:
+    """Settings given a list (not the environment's string) are checked item by item."""
+    for field, value in (
+        ("app_keys", ["shop", "CHANGE-ME"]),
+        ("admin_keys", frozenset({"CHANGE-ME-aaaaaaaaaaaaaaaaaaaa"})),
+        ("voiceflow_cors_origins", ("https://CHANGE-ME.example.com",)),
+    ):
+        with pytest.raises(ValidationError, match=re.escape(REFUSED)) as refused:
+            Settings.model_validate({field: value})
+        assert [e["loc"] for e in refused.value.errors()] == [(field,)]
+
+
+def test_each_commented_placeholder_of_deploy_stops_the_start_naming_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """deploy/.env.example and kubernetes/secret.yaml list optional settings commented
+    out, with CHANGE-ME values (``# GATEWAY_ALEXA_SKILL_IDS=amzn1.ask.skill.CHANGE-ME``).
+    One an operator uncomments and leaves so stops the start, naming it; the
+    comma-separated ones (app keys, skill ids, project ids, Voiceflow keys) started."""
+    found = {
+        match[1]: match[2]
+        for path in ("deploy/.env.example", "deploy/kubernetes/secret.yaml")
+        for match in COMMENTED_PLACEHOLDERS.finditer((ROOT / path).read_text(encoding="utf-8"))
+    }
+    assert {"GATEWAY_APP_KEYS", "GATEWAY_ALEXA_SKILL_IDS", "GATEWAY_GOOGLE_PROJECT_IDS"} <= set(
+        found
+    )
+    for name, value in found.items():
+        [line] = _refusal(monkeypatch, name, value)
+        assert line.startswith(f"{name}: {REFUSED}"), line
+
+
+def test_serve_refuses_an_admin_key_left_as_the_placeholder_without_showing_it() -> None:
+    """The real ``gateway serve`` started with GATEWAY_ADMIN_KEYS=CHANGE-ME-...; it stops
+    now (exit 2), one line naming the setting, the key not shown."""
+    stderr = serve_refused({"GATEWAY_ADMIN_KEYS": "ops-key-1-of-the-gateway,CHANGE-ME-aaaa1234"})
+    assert stderr == f"gateway: GATEWAY_ADMIN_KEYS: {REFUSED}, or unset it\n"
