@@ -474,10 +474,13 @@ async def speaking_socket(url: str, speech: bytes) -> ClientConnection:
     return ws
 
 
-async def until_closed(ws: ClientConnection, talk: bytes = b"") -> list[dict[str, Any]]:
+async def until_closed(
+    ws: ClientConnection, talk: bytes = b"", *, hung_after_s: float = 30.0
+) -> list[dict[str, Any]]:
     """The frames ``ws`` gets until the server closes it; from the first frame on (the
     utterance's ``Recognized``: it was finished before) the client streams ``talk``
-    (LINEAR16 at 16 kHz, 100 ms frames) as a microphone still on would."""
+    (LINEAR16 at 16 kHz, 100 ms frames) as a microphone still on would. ``hung_after_s``:
+    the safety net's time (s), never a bound the test checks."""
     microphone: asyncio.Task[None] | None = None
 
     async def stream() -> None:
@@ -487,7 +490,7 @@ async def until_closed(ws: ClientConnection, talk: bytes = b"") -> list[dict[str
     frames: list[dict[str, Any]] = []
     try:
         with pytest.raises(ConnectionClosed):
-            async with asyncio.timeout(30):  # a safety net, not a bound
+            async with asyncio.timeout(hung_after_s):  # a safety net, not a bound
                 while True:
                     frames.append(json.loads(await ws.recv()))
                     if talk and microphone is None:
@@ -773,6 +776,21 @@ MUSIC = "play some music please"
 TABLE = "i would like to book a table for two"
 
 
+async def until_gauge(proc: GatewayProcess, gauge: str, value: float) -> None:
+    """Poll ``proc``'s ``GET /metrics`` until the unlabelled ``gauge`` reads ``value``
+    (a hang guard of 120 s, not a bound)."""
+
+    async def poll() -> None:
+        async with httpx.AsyncClient(timeout=30) as client:
+            while True:
+                text = (await client.get(f"{proc.url}/metrics")).text
+                if f"\n{gauge} {float(value)}\n" in f"\n{text}":
+                    return
+                await asyncio.sleep(0.05)
+
+    await unless_hung(poll(), f"{gauge} reaching {value}", within_s=120)
+
+
 async def test_sigterm_a_v1_utterance_hears_the_audio_sent_before_the_signal_not_read_yet(
     gateway_processes: list[GatewayProcess], corpus: dict[str, Pcm]
 ) -> None:
@@ -785,16 +803,23 @@ async def test_sigterm_a_v1_utterance_hears_the_audio_sent_before_the_signal_not
     most) before the finish: the ``Recognized`` ends with the last sentence.
 
     Deterministic: one recognizer (GATEWAY_STT_MAX_STREAMS 1), held by another socket's
-    utterance being heard (its open stream took it at once) until the shutdown finishes
-    that one; the burst's utterance waits for it meanwhile (the queue's wait 60 s), so none
-    of its audio is recognised and the receive loop stops after 10 s of it. Its speech has
-    no pause (the sentences back to back): no end of speech before the tail. Both sockets
-    get their ``Recognized``, ``Response`` and the close 1012."""
+    utterance being heard (``gateway_stt_streams`` 1 before the burst connects) until the
+    shutdown finishes that one; the burst's utterance waits for it meanwhile
+    (``gateway_stt_queue_depth`` 1 at the signal), so none of its audio is recognised and
+    the receive loop stops after 10 s of it. Its speech has no pause (the sentences back to
+    back): no end of speech before the tail. Both sockets get their ``Recognized``,
+    ``Response`` and the close 1012.
+
+    Load: the burst's 14 s of audio is recognised after the signal, on a loaded machine
+    slower than real time; the 30 s safety net of until_closed (and the 60 s shutdown and
+    queue wait) could end the test first (it failed once under load), and nothing made
+    sure the holder had the recognizer before the burst asked for one. The queue's wait
+    and the shutdown's time are 10 minutes, this test's waits hang guards of that order
+    (none a bound the test checks), and the two gauges are waited for."""
     env = {
         "GATEWAY_STT_MAX_STREAMS": "1",
-        "GATEWAY_STT_QUEUE_WAIT_MS": "60000",
-        # the burst's 14 s of audio is recognised after the signal, on a loaded machine
-        "GATEWAY_SHUTDOWN_TIMEOUT_S": "60",
+        "GATEWAY_STT_QUEUE_WAIT_MS": "600000",
+        "GATEWAY_SHUTDOWN_TIMEOUT_S": "600",
     }
     proc = GatewayProcess(env).start()
     gateway_processes.append(proc)
@@ -806,6 +831,7 @@ async def test_sigterm_a_v1_utterance_hears_the_audio_sent_before_the_signal_not
     assert (await recv_json(holder))["type"] == "Ready"
     await open_stream(holder)
     await send_audio(holder, pcm_at(corpus[PLACE], 16000, after_ms=0), 16000)
+    await until_gauge(proc, "gateway_stt_streams", 1)
     # the burst: no write limit, so each send returns once its frame is written to the
     # socket (or the client's buffer): the client has sent all of it before the signal
     burst = await connect(url, write_limit=2**26)
@@ -818,9 +844,12 @@ async def test_sigterm_a_v1_utterance_hears_the_audio_sent_before_the_signal_not
         talk += b"".join(head)
     tail = pcm_at(corpus[WEATHER], 16000, before_ms=0, after_ms=200)
     await send_audio(burst, talk + tail, 16000)
+    await until_gauge(proc, "gateway_stt_queue_depth", 1)  # waiting for the recognizer
     await asyncio.sleep(0.5)  # the gateway reads up to the backpressure's bound meanwhile
     proc.proc.send_signal(signal.SIGTERM)
-    held, told = await asyncio.gather(until_closed(holder), until_closed(burst))
+    held, told = await asyncio.gather(
+        until_closed(holder, hung_after_s=700), until_closed(burst, hung_after_s=700)
+    )
     assert [f["type"] for f in held] == ["Recognized", "SessionStarted", "Response"], held
     assert close_to(PLACE, held[0]["text"]), held
     assert holder.close_code == 1012
@@ -830,7 +859,7 @@ async def test_sigterm_a_v1_utterance_hears_the_audio_sent_before_the_signal_not
     assert close_to(WEATHER, " ".join(words[-len(WEATHER.split()) :])), told[0]["text"]
     assert [i["text"] for i in told[-1]["response"]["items"]] == [f"You said: {told[0]['text']}"]
     assert burst.close_code == 1012
-    assert await asyncio.to_thread(proc.proc.wait, 60) == 0
+    assert await asyncio.to_thread(proc.proc.wait, 700) == 0  # a hang guard
     assert_nothing_failed(proc)
 
 
