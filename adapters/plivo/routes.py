@@ -109,12 +109,14 @@ from gateway.io.call import (
     resumed,
     signed_issue_time,
     stream_key,
+    stream_key_pending,
     use_signature_for_request,
     use_token,
 )
 from gateway.protocol import ProtocolError, clipped
 from gateway.protocol.call import RESUMED, CallInfo, Transfer
 from gateway.ratelimit import refusal_log
+from gateway.secrets import SharedKeyPending
 from gateway.sessions import StoreUnavailable
 from gateway.settings import Settings
 from gateway.startup import not_configured
@@ -144,7 +146,15 @@ POST_PLIVO_ANSWER: dict[str, Any] = dict(
     "</Stream></Response>`.",
     responses={
         200: {"description": "Plivo XML", "content": {"application/xml": {"schema": {}}}},
-        **problems({400: "Bad body, or no CallUUID or an invalid one", **_SIGNED_REFUSALS}),
+        **problems(
+            {
+                400: "Bad body, or no CallUUID or an invalid one",
+                **_SIGNED_REFUSALS,
+                503: "The one-time key store (replayed nonces) does not answer, or the stream "
+                "token's key is not known yet (the gateway's key shared through Redis was not "
+                "read: Redis did not answer at startup); with Retry-After",
+            }
+        ),
     },
 )
 
@@ -198,7 +208,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     channel = app.state.plivo = PlivoChannel(
         PlivoVerifier(token) if token else None,
         auth,
-        CallTokens(lambda: gw.secret_keys.key(STREAM_TOKEN)),
+        # the shared key: every instance checks the token (none is issued, 503, until read)
+        CallTokens(lambda: gw.secret_keys.shared_key(STREAM_TOKEN)),
     )
 
     async def move() -> None:  # at shutdown, before the streams are closed (module doc)
@@ -366,9 +377,11 @@ async def answer(request: Request) -> Response:
     # its retries within a window of it): the token has its whole TTL from each
     issued = signed_issue_time(slot, 2 * RETRY_WINDOW_S)
     nonce = stream_nonce(signed.key)
-    token = answer_token(
-        channel.tokens, params.get("CallUUID", ""), "CallUUID", now=issued, nonce=nonce
-    )
+    call_uuid = params.get("CallUUID", "")
+    try:
+        token = answer_token(channel.tokens, call_uuid, "CallUUID", now=issued, nonce=nonce)
+    except SharedKeyPending as exc:  # the shared key is not read from Redis yet
+        return stream_key_pending(request.app.state, log, f"Plivo call {call_uuid}", exc)
     if not isinstance(token, str):
         return token
     app_key = request.query_params.get("appKey", "")

@@ -157,7 +157,6 @@ from gateway.calls import hang_up as rest_hang_up
 from gateway.deps import Gateway, gateway_of
 from gateway.httputil import problem, read_body, refused_request
 from gateway.io.call import (
-    RETRY_AFTER_S,
     CallRunner,
     admit,
     announce_machine,
@@ -167,6 +166,7 @@ from gateway.io.call import (
     machine_answer_undelivered,
     move_calls,
     resumed,
+    stream_key_pending,
 )
 from gateway.logs import masked_number
 from gateway.protocol import ProtocolError, clipped, media_type
@@ -407,11 +407,7 @@ async def voice(request: Request) -> Response:
     try:
         token = channel.tokens.issue(call_sid, time.time())
     except SharedKeyPending as exc:  # the shared key is not read from Redis yet
-        line = "Twilio call %s refused (503): %s"  # bounded: every call of the outage
-        refusal_log(request.app.state, "Twilio").log(log, line, call_sid, exc)
-        refused = problem(503, "Service Unavailable", "The stream token's key is not known yet.")
-        refused.headers["Retry-After"] = str(RETRY_AFTER_S)
-        return refused
+        return stream_key_pending(request.app.state, log, f"Twilio call {call_sid}", exc)
     parameters = {
         "from": params.get("From", ""),
         "to": params.get("To", ""),

@@ -27,7 +27,9 @@ VONAGE_ANSWER: dict[str, Any] = dict(
             {
                 403: "No signature secret set",
                 413: "Body too large",
-                503: "The one-time key store (replayed tokens) does not answer",
+                503: "The one-time key store (replayed tokens) does not answer, or the stream "
+                "token's key is not known yet (the gateway's key shared through Redis was not "
+                "read: Redis did not answer at startup); with Retry-After",
             }
         ),
     },

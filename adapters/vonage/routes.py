@@ -91,12 +91,14 @@ from gateway.io.call import (
     nonce_store_unavailable,
     signed_issue_time,
     stream_key,
+    stream_key_pending,
     use_signature_for_request,
     use_token,
 )
 from gateway.protocol import ProtocolError, load_json
 from gateway.protocol.call import RESUMED, CallInfo, Transfer
 from gateway.ratelimit import refusal_log
+from gateway.secrets import SharedKeyPending
 from gateway.sessions import StoreUnavailable
 from gateway.settings import Settings
 from gateway.startup import not_configured
@@ -169,7 +171,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         )
     if verifier is not None or auth is not None:  # configured: NCCOs name stream URLs
         warn_unreachable_public_url(log, "Vonage", settings.public_url)
-    tokens = CallTokens(lambda: gw.secret_keys.key(STREAM_TOKEN))
+    # the shared key: every instance checks the token (none is issued, 503, until it is read)
+    tokens = CallTokens(lambda: gw.secret_keys.shared_key(STREAM_TOKEN))
     channel = app.state.vonage = VonageChannel(verifier, tokens, auth)
 
     async def move() -> None:  # at shutdown, before the streams are closed (module doc)
@@ -272,7 +275,10 @@ async def _answer(
             if isinstance(data, dict):
                 params.update(data)
     uuid = params.get("uuid")
-    token = answer_token(channel.tokens, uuid, "call uuid", now=now, nonce=nonce)
+    try:
+        token = answer_token(channel.tokens, uuid, "call uuid", now=now, nonce=nonce)
+    except SharedKeyPending as exc:  # the shared key is not read from Redis yet
+        return stream_key_pending(request.app.state, log, f"Vonage call {uuid}", exc)
     if not isinstance(token, str):
         return token
     uri = wss_url(gw.settings.public_url, f"/vonage/stream/{token}")

@@ -531,6 +531,26 @@ def nonce_store_unavailable(log: logging.Logger, what: str, exc: StoreUnavailabl
     return unavailable
 
 
+def stream_key_pending(
+    state: object, log: logging.Logger, what: str, exc: Exception
+) -> JSONResponse:
+    """The answer to a carrier's answer webhook (``what``: "Vonage call 1234") that passed
+    its checks but whose stream token cannot be issued: the stream token's key is shared
+    through Redis and not read yet (``exc``, a :class:`~gateway.secrets.SharedKeyPending`:
+    Redis did not answer at startup), and one signed with this instance's key meanwhile
+    would be refused by every other instance. Logged in the carrier's bounded refusal log
+    (``state``: the app's ``app.state``; the first word of ``what`` names the carrier);
+    503 problem with ``Retry-After`` :data:`RETRY_AFTER_S`: the carrier retries, then asks
+    its fallback URL (Twilio's number's, Vonage's ``fallback_answer_url``, Plivo's
+    ``fallback_url``)."""
+    carrier = what.partition(" ")[0]
+    refusal_log(state, carrier).log(log, "%s refused (503): %s", what, exc)
+    detail = "The stream token's key is not known yet."
+    refused = problem(503, "Service Unavailable", detail)
+    refused.headers["Retry-After"] = str(RETRY_AFTER_S)
+    return refused
+
+
 _OUTAGES: Final = (
     (
         "the one-time token store",
