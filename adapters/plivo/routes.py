@@ -326,9 +326,10 @@ async def _signed_form(
         return refusal(exc)  # WWW-Authenticate on a 401
     nonce = request.headers.get(NONCE_HEADER, "")
     key = "plivo:v3-nonce:" + hashlib.sha256(nonce.encode("utf-8", "replace")).hexdigest()
-    sent = f"{key}:request:" + request_key(
-        request.method, request.url.path, request.url.query, body
-    )
+    # the route's name, not the URL's path, which holds the root path: instances served
+    # under different prefixes told one request apart (a retry was "replayed")
+    route = getattr(request.scope.get("route"), "name", None) or request.url.path
+    sent = f"{key}:request:" + request_key(request.method, route, request.url.query, body)
     replayed = VerificationRefused(f"the request was replayed: its {NONCE_HEADER} was used already")
     try:
         retry = await use_signature_for_request(

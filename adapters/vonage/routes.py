@@ -230,7 +230,10 @@ async def answer(request: Request) -> Response:
             raise VerificationRefused("no signature secret is configured")
         claims = channel.verifier.check(authorization, body, time.time())
         key = f"vonage:token:{replay_key(authorization, claims)}"
-        sent = request_key(request.method, request.url.path, request.url.query, body)
+        # the route's name, not the URL's path, which holds the root path: instances served
+        # under different prefixes told one request apart (a retry was "replayed")
+        route = getattr(request.scope.get("route"), "name", None) or request.url.path
+        sent = request_key(request.method, route, request.url.query, body)
         retry = await use_signature_for_request(
             gw.nonces,
             key,
