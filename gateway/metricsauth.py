@@ -12,7 +12,11 @@ new token is added, the scrapers moved to it, then the old one dropped, with no 
 - 401 with ``WWW-Authenticate: Bearer realm="gateway-metrics"`` — no bearer token
   (RFC 6750 section 3: no error code then);
 - 401 with ``WWW-Authenticate: Bearer realm="gateway-metrics", error="invalid_token"``
-  — another token (section 3.1).
+  — another token (section 3.1);
+- 400 with ``WWW-Authenticate: Bearer realm="gateway-metrics", error="invalid_request"``
+  — more than one ``Authorization`` header (section 3.1: more than one credential is a
+  malformed request), none of them looked at (the first was taken: a right token then a
+  wrong one was let through), as the admin API answers them (gateway/admin.py).
 
 Token guessing is slowed per client address as the admin API slows key guessing
 (gateway/admin.py): each wrong token (the 401 ``invalid_token``) takes one from the
@@ -62,6 +66,7 @@ from gateway.settings import Settings
 
 __all__ = [
     "CHALLENGE",
+    "INVALID_REQUEST",
     "INVALID_TOKEN",
     "METRICS_BEARER",
     "METRICS_OPENAPI",
@@ -77,6 +82,9 @@ CHALLENGE: Final = f'Bearer realm="{REALM}"'
 """``WWW-Authenticate`` of the 401 for a request without a bearer token."""
 INVALID_TOKEN: Final = f'Bearer realm="{REALM}", error="invalid_token"'
 """``WWW-Authenticate`` of the 401 for another token (RFC 6750 section 3.1)."""
+INVALID_REQUEST: Final = f'Bearer realm="{REALM}", error="invalid_request"'
+"""``WWW-Authenticate`` of the 400 for more than one ``Authorization`` header (RFC 6750
+section 3.1: more than one credential is a malformed request)."""
 
 METRICS_BEARER = HTTPBearer(
     auto_error=False,
@@ -91,6 +99,18 @@ METRICS_OPENAPI: Final[dict[str, Any]] = {
     # 4.8.10: an empty requirement makes security optional), the default
     "openapi_extra": {"security": [{}]},
     "responses": {
+        400: {
+            "description": "GATEWAY_METRICS_TOKEN is set and the request has more than one "
+            "`Authorization` header (RFC 6750 section 3.1: `invalid_request`; none of them "
+            "is looked at; problem body)",
+            "headers": {
+                "WWW-Authenticate": {
+                    "description": f"`{INVALID_REQUEST}`",
+                    "schema": {"type": "string"},
+                }
+            },
+            "content": PROBLEM,
+        },
         401: {
             "description": "GATEWAY_METRICS_TOKEN is set and the request does not carry it "
             "as `Authorization: Bearer <token>` (problem body)",
@@ -131,9 +151,10 @@ async def require_metrics_token(
     ``Authorization: Bearer`` carries one of its tokens; else raises HTTPException (the
     app's handler answers a problem body with its headers), after logging the refusal:
     429 with ``Retry-After`` while the client address's allowance of wrong tokens is used
-    up (before the token is looked at), else 401 with the ``WWW-Authenticate`` challenge of
-    the module doc (a wrong token takes one from the allowance). ``credentials`` only
-    documents the scheme in the OpenAPI document."""
+    up (before the token is looked at), else 400 ``invalid_request`` for more than one
+    ``Authorization`` header (none looked at, nothing taken from the allowance), else 401
+    with the ``WWW-Authenticate`` challenge of the module doc (a wrong token takes one from
+    the allowance). ``credentials`` only documents the scheme in the OpenAPI document."""
     tokens = gateway_of(request).settings.metrics_token_digests  # hashed once
     if not tokens:
         return
@@ -144,8 +165,12 @@ async def require_metrics_token(
         status, retry = 429, failures.retry_after_s(address)
         detail = f"Too many wrong metrics tokens from this address: retry after {retry} s."
         headers = {"Retry-After": str(retry)}
+    elif len(several := request.headers.getlist("authorization")) > 1:
+        status = 400  # which one counts is anyone's guess: none does
+        detail = "The request has more than one Authorization header: send exactly one."
+        headers = {"WWW-Authenticate": INVALID_REQUEST}
     else:
-        status, sent = 401, bearer_token(request.headers.get("authorization"))
+        status, sent = 401, bearer_token(several[0] if several else None)
         if sent is None:
             detail = "Expected `Authorization: Bearer <metrics token>`."
             headers = {"WWW-Authenticate": CHALLENGE}

@@ -195,6 +195,44 @@ async def test_metrics_take_each_of_several_tokens() -> None:
     assert missing.headers["www-authenticate"] == 'Bearer realm="gateway-metrics"'
 
 
+async def test_more_than_one_authorization_header_on_metrics_is_an_invalid_request() -> None:
+    """With several ``Authorization`` headers /metrics took the first: the right token
+    followed by a wrong one was let through (and a wrong one first was counted as a guess
+    though the right one came with it). As the admin API (RFC 6750 section 3.1: more
+    than one credential is a malformed request), GET and HEAD now answer 400
+    ``invalid_request`` in /metrics' problem form, whichever order and tokens, and take
+    nothing from the address's allowance of wrong tokens."""
+    wrong = "a-wrong-metrics-token"
+    twice = ((METRICS_TOKEN, wrong), (wrong, METRICS_TOKEN), (METRICS_TOKEN, METRICS_TOKEN))
+    async with (
+        gateway(metrics_token=SecretStr(METRICS_TOKEN), admin_failures_burst=1) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        for method in ("GET", "HEAD"):
+            for first, second in twice:
+                headers = [
+                    ("Authorization", f"Bearer {first}"),
+                    ("Authorization", f"Bearer {second}"),
+                ]
+                answer = await client.request(method, "/metrics", headers=headers)
+                assert answer.status_code == 400, (method, first, answer.text)
+                assert answer.headers["content-type"] == "application/problem+json"
+                assert answer.headers["www-authenticate"] == (
+                    'Bearer realm="gateway-metrics", error="invalid_request"'
+                )
+                if method == "GET":
+                    assert answer.json() == {
+                        "type": "about:blank",
+                        "title": "Bad Request",
+                        "status": 400,
+                        "detail": "The request has more than one Authorization header: "
+                        "send exactly one.",
+                    }
+        # one header with the right token is answered: no guess was counted (burst 1)
+        right = await client.get("/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
+        assert right.status_code == 200, right.text
+
+
 def _too_many_tokens(answer: httpx.Response) -> int:
     """Check ``answer`` is /metrics' 429 for too many wrong tokens, in the admin API's form
     (problem body, ``Retry-After``, no challenge); its ``Retry-After`` (s)."""
