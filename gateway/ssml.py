@@ -1496,13 +1496,18 @@ _CUT_INTO: frozenset[str] = frozenset(
 their content: their meaning (a paragraph, a voice, a pace, an effect) holds for any part
 of it. Another element at the cut (a ``<say-as>``, ``<sub>``, ``<phoneme>``, whose content
 is read as a whole; ``<audio>``) is said as its words, cut."""
+_CUT_DEPTH = 16
+"""How many elements deep :func:`_cut_markup` cuts into :data:`_CUT_INTO` elements; one
+deeper at the cut is said as its words, cut. Each level scans the element's content again,
+so without a bound a core's ``<s>`` nested thousands deep took time quadratic in its size
+and passed Python's recursion limit (a RecursionError failed the turn)."""
 
 
 def _size(text: str, utf16: bool) -> int:
     return utf16_len(text) if utf16 else len(text)
 
 
-def _cut_markup(fragment: str, room: int, utf16: bool = False) -> str:
+def _cut_markup(fragment: str, room: int, utf16: bool = False, level: int = 0) -> str:
     """The start of ``fragment`` (well-formed SSML content, as :func:`item_ssml` gives it)
     that fits in ``room`` characters (UTF-16 code units with ``utf16``), well-formed, for
     the item at which :func:`speech_ssml`'s budget runs out: its parts at the top level
@@ -1516,7 +1521,8 @@ def _cut_markup(fragment: str, room: int, utf16: bool = False) -> str:
     the whole item was said as words once it did not fit, so Alexa's 24 KB cut
     (:func:`adapters.alexa.protocol.encode`, which cuts the whole speech as one item) lost
     every sound and all markup. One pass over the tags, each part's
-    content scanned again only for the one element cut into (linear per level)."""
+    content scanned again only for the one element cut into (linear per level), at most
+    :data:`_CUT_DEPTH` levels deep (``level``: how deep this call is), so linear in all."""
     kept: list[str] = []
     used = 0
     depth = 0
@@ -1552,11 +1558,12 @@ def _cut_markup(fragment: str, room: int, utf16: bool = False) -> str:
         if element:
             name = _TAG_NAME.match(part)
             tag = _MARKUP.match(part)
-            if name and tag and name[1] in _CUT_INTO and not tag[3]:
+            deeper = level < _CUT_DEPTH
+            if deeper and name and tag and name[1] in _CUT_INTO and not tag[3]:
                 close = f"</{name[1]}>"
                 inner_room = left - _size(tag[0], utf16) - _size(close, utf16)
                 content = part[tag.end() : part.rfind("</")]
-                inner = _cut_markup(content, inner_room, utf16) if inner_room > 0 else ""
+                inner = _cut_markup(content, inner_room, utf16, level + 1) if inner_room > 0 else ""
                 if inner.strip():
                     cut = tag[0] + inner + close
         if not cut:

@@ -764,3 +764,40 @@ def test_alexas_24_kb_cut_keeps_an_items_audio_played_instead_of_its_words() -> 
     spoken = answer["response"]["outputSpeech"]["ssml"]
     assert spoken.startswith('<speak><audio src="https://cdn.example.com/welcome.mp3"/> \u4e2d')
     assert ssml_to_text(spoken) is not None
+
+
+@pytest.mark.parametrize("depth", [50, 3_000])
+def test_the_cut_into_deeply_nested_elements_is_bounded(
+    depth: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A core's ``<s>`` nested thousands deep and over the budget: the cut goes into at most
+    ``_CUT_DEPTH`` levels (the element deeper is said as its words), so the work stays linear
+    and the speech fits, well-formed. Before, the cut went into every level, each scanning
+    its content again (quadratic) and recursing once per level: 3,000 levels raised
+    RecursionError, which failed the Alexa turn. Counted by calls, not by time."""
+    import gateway.ssml as ssml_module
+
+    calls = 0
+    cut_markup = ssml_module._cut_markup
+
+    def counted(*args: object) -> str:
+        nonlocal calls
+        calls += 1
+        return cut_markup(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ssml_module, "_cut_markup", counted)
+    ssml = "<s>" * depth + "word " * 2_000 + "</s>" * depth
+    for audio, elements, say_as in SAY_AS_PLATFORMS:
+        said = speech_ssml(
+            [ResponseItem(ssml=ssml)],
+            8_000,
+            audio_schemes=audio,
+            elements=elements,
+            say_as=say_as,
+            utf16=True,
+        )
+        assert said is not None
+        assert len(said) <= 8_000
+        assert ssml_to_text(said) is not None
+        assert "word word" in said
+    assert 2 <= calls <= 2 * (ssml_module._CUT_DEPTH + 1)
