@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -611,14 +610,14 @@ def test_a_namespace_declaration_of_a_kept_element_does_not_reach_the_platform(
 def test_element_filtering_takes_hostile_ssml(ssml: str) -> None:
     """A core's SSML built to make the element filter slow or wrong (thousands of elements
     to replace, deep nesting, a huge attribute full of ``>``, comments naming elements) gives
-    well-formed speech of the platform's elements only, cut to the budget, in one pass (a
-    quadratic filter takes minutes on these)."""
+    well-formed speech of the platform's elements only, cut to the budget. That it takes
+    time linear in their size (a quadratic filter takes minutes on these) is measured by
+    ``python bench/ssml_linear.py --filtering`` (CPU time at n and 2n), not here: a
+    wall-clock bound failed on a loaded machine."""
     items = [ResponseItem(ssml=f"<speak>{ssml}</speak>")]
     for elements in (ALEXA_ELEMENTS, GOOGLE_ELEMENTS):
-        started = time.perf_counter()
         speech = speech_ssml(items, MAX_SPEECH_CHARS, elements=elements)
         named = refused_elements(items, elements)
-        assert time.perf_counter() - started < 5
         assert speech is not None
         assert len(speech) <= MAX_SPEECH_CHARS
         amazon_well_formed(speech)
