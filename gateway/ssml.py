@@ -1527,26 +1527,34 @@ def _cut_markup(fragment: str, room: int, utf16: bool = False, level: int = 0) -
     used = 0
     depth = 0
     start = at = 0  # the start of the open top-level element; the end of the last part
-    parts: list[tuple[int, int, bool]] = []  # (start, end, is an element)
+    # (start, end, is an element, has character data: else it says nothing)
+    parts: list[tuple[int, int, bool, bool]] = []
+    texty = False  # character data (or a CDATA section) since the last part's end
+    after = 0  # the end of the last mark
     for mark in _MARKUP.finditer(fragment):
-        if mark[2] is None:
-            continue  # a comment, CDATA section or instruction: within its part
+        if not texty and mark.start() > after:
+            texty = not fragment[after : mark.start()].isspace()
+        after = mark.end()
+        if mark[2] is None:  # a comment, CDATA section or instruction: within its part
+            texty = texty or mark[0].startswith("<![")
+            continue
         if depth == 0:
             if mark.start() > at:
-                parts.append((at, mark.start(), False))
-            start = mark.start()
+                parts.append((at, mark.start(), False, texty))
+            start, texty = mark.start(), False
         if mark[1]:
             depth -= 1
         elif not mark[3]:
             depth += 1
         if depth == 0:
-            parts.append((start, mark.end(), True))
-            at = mark.end()
+            parts.append((start, mark.end(), True, texty))
+            at, texty = mark.end(), False
     if depth:  # not well-formed after all: its words
         return _truncate_escaped(ssml_to_text(fragment) or "", room, utf16=utf16)
     if at < len(fragment):
-        parts.append((at, len(fragment), False))
-    for begin, end, element in parts:
+        texty = texty or bool(fragment[after:].strip())
+        parts.append((at, len(fragment), False, texty))
+    for begin, end, element, says in parts:
         part = fragment[begin:end]
         size = _size(part, utf16)
         if used + size <= room:
@@ -1567,7 +1575,7 @@ def _cut_markup(fragment: str, room: int, utf16: bool = False, level: int = 0) -
                 if inner.strip():
                     cut = tag[0] + inner + close
         if not cut:
-            words = ssml_to_text(part) or ""
+            words = (ssml_to_text(part) or "") if says else ""  # no text: not parsed
             if not words.strip():
                 continue  # says nothing (a <desc>, an <audio> without content): left out
             lead = " " if kept and part[:1].isspace() and left > 1 else ""
