@@ -1083,7 +1083,7 @@ class Conversation:
             batch = out.batch
             if final and batch is not None and isinstance(speech.cache, RedisTtsCache):
                 plain = ResponseItemEvent(response_item=item)
-                linked = speech.link_unregistered(item, tts.file_type)
+                linked = speech.link_unregistered(item, tts.file_type, played=tts.played)
                 if linked is not None:
                     item, file_id, spec = linked
                     batch.txn.side_writes.append(speech.cache.spec_write(file_id, spec))
@@ -1091,7 +1091,7 @@ class Conversation:
                 batch.linked.append(ResponseItemEvent(response_item=item))
                 return item
             try:
-                item = await speech.link_item(item, tts.file_type)
+                item = await speech.link_item(item, tts.file_type, played=tts.played)
             except (OSError, *REDIS_ERRORS) as exc:
                 # refused by the Redis client's open breaker: it logged the outage once
                 log.log(
@@ -1101,7 +1101,8 @@ class Conversation:
             return item
         await self._put(out, ResponseItemEvent(response_item=item))
         if speech.spec(item, tts.file_type) is not None and not out.closed:
-            out.put_nowait(_PendingAudio(speech.audio_chunks(item, tts.file_type), channel))
+            chunks = speech.audio_chunks(item, tts.file_type, played=tts.played)
+            out.put_nowait(_PendingAudio(chunks, channel))
         return item
 
     async def _put(self, out: _TurnQueue, event: TurnEvent) -> None:

@@ -444,6 +444,37 @@ def ssml_sounds(ssml: str, schemes: tuple[str, ...] = ("https://", "http://")) -
     return out
 
 
+def without_fallbacks(ssml: str, schemes: tuple[str, ...]) -> str:
+    """``ssml`` with each ``<audio>`` whose ``src`` begins with one of ``schemes`` emptied
+    (``<audio src="x">a gong</audio>`` -> ``<audio src="x"/>``), for speech beside which
+    the client plays those sounds itself (:func:`ssml_sounds`, the Voiceflow socket's
+    ``speak`` traces of type ``audio``): an ``<audio>``'s content is its fallback, said
+    only when the sound cannot play (SSML 1.1, 3.3.1). An ``<audio>`` of another scheme
+    keeps its content (a played one inside it emptied), as nothing plays for it. SSML that
+    is not well-formed (no sounds are sent for it), or that the edit would leave so (an
+    ``<audio`` in a comment), comes back as it is; so does SSML without ``<audio``."""
+    if _AUDIO_TAG not in ssml or ssml_to_text(ssml) is None:
+        return ssml
+    out: list[str] = []
+    at = depth = 0
+    emptied = ""
+    for mark in _AUDIO_MARK.finditer(ssml):
+        if mark[0].startswith("</"):
+            depth -= depth > 0
+            if depth == 0 and emptied:  # the played one ends: its content is left out
+                out.append(emptied)
+                at, emptied = mark.end(), ""
+        elif emptied:
+            depth += not mark[1]  # nested in a played one: its fallback too
+        elif not mark[1] and _audio_src(mark[0]).startswith(schemes):
+            out.append(ssml[at : mark.start()])
+            depth, emptied = 1, mark[0][:-1] + "/>"
+    if emptied:  # one left open (a start tag in a comment fooled the scan)
+        return ssml
+    kept = "".join(out) + ssml[at:]
+    return kept if ssml_to_text(kept) is not None else ssml
+
+
 def _sounds(element: ET.Element, schemes: tuple[str, ...]) -> bool:
     """Whether ``element`` is an ``<audio>`` whose ``src`` begins with one of ``schemes``."""
     return element.tag.rpartition("}")[2] == "audio" and (element.get("src") or "").startswith(

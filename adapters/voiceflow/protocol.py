@@ -404,11 +404,13 @@ class ClientConfig(Wire):
         """The TTS links asked for: ``audioEvents`` in the file type of ``audioEncoding``.
 
         ``audio/x-mulaw`` -> headerless 8 kHz μ-law files, ``audio/pcm`` -> WAV
-        (16-bit PCM), anything else MP3.
-        """
+        (16-bit PCM), anything else MP3. The client is sent each http(s) sound of an
+        item's SSML beside the link (:class:`TraceWriter`), so the speech does not say
+        those sounds' fallback (``played``: :data:`SOUND_SCHEMES`)."""
         if not self.audio_events:
             return None
-        return TtsRequest("links", _FILE_TYPES.get(self.audio_encoding or "", "mp3"))
+        file_type = _FILE_TYPES.get(self.audio_encoding or "", "mp3")
+        return TtsRequest("links", file_type, played=SOUND_SCHEMES)
 
 
 _FILE_TYPES: dict[str, TtsFileFormat] = {"audio/x-mulaw": "mulaw", "audio/pcm": "wav"}

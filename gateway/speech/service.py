@@ -31,6 +31,7 @@ from gateway.speech.tts_cache import TtsCache, TtsFileFormat, TtsSpec, spec_id
 from gateway.speech.tts_pool import TtsOverloaded, TtsPool
 from gateway.speech.types import TtsMode as TtsMode  # defined there: protocols import them
 from gateway.speech.types import TtsRequest as TtsRequest
+from gateway.ssml import without_fallbacks
 
 log = logging.getLogger(__name__)
 
@@ -164,12 +165,19 @@ class SpeechService:
         """The absolute URL of a TTS file."""
         return f"{self.public_url}/file/tts/{file_id}.{file_type}"
 
-    def spec(self, item: ResponseItem, file_type: TtsFileFormat) -> TtsSpec | None:
+    def spec(
+        self, item: ResponseItem, file_type: TtsFileFormat, *, played: tuple[str, ...] = ()
+    ) -> TtsSpec | None:
         """What to synthesize for ``item`` (None: nothing to say): its SSML or text,
-        cut to ``max_chars`` characters (at a space when there is one in the last fifth)."""
+        cut to ``max_chars`` characters (at a space when there is one in the last fifth).
+        ``played`` (:attr:`TtsRequest.played`): the ``src`` schemes of the SSML's sounds
+        the client plays beside the speech, whose ``<audio>`` content (their fallback) is
+        not said (:func:`gateway.ssml.without_fallbacks`)."""
         text = speakable(item)
         if text is None:
             return None
+        if played and item.ssml:
+            text = without_fallbacks(text, played)
         if len(text) > self.max_chars:
             cut = text[: self.max_chars]
             space = cut.rfind(" ")
@@ -180,7 +188,9 @@ class SpeechService:
         """The id of ``spec``'s file (HMAC under ``id_key``)."""
         return spec_id(spec, self.id_key)
 
-    async def link_item(self, item: ResponseItem, file_type: TtsFileFormat) -> ResponseItem:
+    async def link_item(
+        self, item: ResponseItem, file_type: TtsFileFormat, *, played: tuple[str, ...] = ()
+    ) -> ResponseItem:
         """``item`` with its ``audio`` link set, without synthesizing: the spec is
         registered under the link's id (one cache write) and, with ``prefetch``,
         queued for background synthesis when the pool has room. Items with nothing to
@@ -189,7 +199,7 @@ class SpeechService:
         Raises:
             OSError, redis.RedisError: the cache could not be written.
         """
-        spec = self.spec(item, file_type)
+        spec = self.spec(item, file_type, played=played)
         if spec is None:
             return item
         file_id = self.file_id(spec)
@@ -217,13 +227,13 @@ class SpeechService:
         )
 
     def link_unregistered(
-        self, item: ResponseItem, file_type: TtsFileFormat
+        self, item: ResponseItem, file_type: TtsFileFormat, *, played: tuple[str, ...] = ()
     ) -> tuple[ResponseItem, str, TtsSpec] | None:
         """What :meth:`link_item` gives, and the link's ``(id, spec)``, without writing
         the spec: the caller registers it (with the Redis cache, as
         :meth:`RedisTtsCache.spec_write` says) before the item leaves. None when the
         item has nothing to say. Queues the prefetch like :meth:`link_item`."""
-        spec = self.spec(item, file_type)
+        spec = self.spec(item, file_type, played=played)
         if spec is None:
             return None
         file_id = self.file_id(spec)
@@ -231,7 +241,9 @@ class SpeechService:
             self.pool.prefetch(file_id, spec)
         return item.model_copy(update={"audio": self.link(file_id, file_type)}), file_id, spec
 
-    async def audio(self, item: ResponseItem, file_type: TtsFileFormat) -> bytes | None:
+    async def audio(
+        self, item: ResponseItem, file_type: TtsFileFormat, *, played: tuple[str, ...] = ()
+    ) -> bytes | None:
         """``item``'s encoded speech, synthesized in the TTS pool (None: nothing to say).
 
         Raises:
@@ -239,7 +251,7 @@ class SpeechService:
             SynthesisError, ValueError: the engine failed.
             OSError, redis.RedisError: the cache failed.
         """
-        spec = self.spec(item, file_type)
+        spec = self.spec(item, file_type, played=played)
         if spec is None:
             return None
         file_id = self.file_id(spec)
@@ -250,7 +262,7 @@ class SpeechService:
         return await self.pool.render(file_id, spec)
 
     async def audio_chunks(
-        self, item: ResponseItem, file_type: TtsFileFormat
+        self, item: ResponseItem, file_type: TtsFileFormat, *, played: tuple[str, ...] = ()
     ) -> AsyncIterator[bytes]:
         """``item``'s encoded speech as it is synthesized (nothing when it has nothing to
         say): the cached file in one chunk, else :meth:`TtsPool.stream`'s chunks (a
@@ -262,7 +274,7 @@ class SpeechService:
             SynthesisError, ValueError: the engine failed (possibly after chunks).
             OSError, redis.RedisError: the cache failed.
         """
-        spec = self.spec(item, file_type)
+        spec = self.spec(item, file_type, played=played)
         if spec is None:
             return
         file_id = self.file_id(spec)
@@ -322,8 +334,8 @@ class SpeechService:
         """
         try:
             if request.mode == "links":
-                return await self.link_item(item, request.file_type), None
-            return item, await self.audio(item, request.file_type)
+                return await self.link_item(item, request.file_type, played=request.played), None
+            return item, await self.audio(item, request.file_type, played=request.played)
         except (TtsOverloaded, SynthesisError, OSError, ValueError, *REDIS_ERRORS) as exc:
             log.log(outage_level(exc), "speech for an item failed, sent without audio: %s", exc)
             return item, None

@@ -47,10 +47,17 @@ class TtsRequest:
     the item as a BinaryEvent (Flowstorm ``RequiredStreaming``, phone calls).
     ``file_type`` is ``mp3``, ``wav``, ``mulaw`` (headerless 8 kHz G.711) or
     ``pcm8k``/``pcm16k`` (headerless 16-bit PCM, a call's streamed speech).
+    ``played``: the ``<audio src>`` schemes (``("https://", "http://")``) of an item's
+    SSML whose sounds the client plays itself beside the speech (the Voiceflow socket's
+    ``speak`` traces of type ``audio``): the speech leaves out those ``<audio>``'s content,
+    their fallback for when the sound cannot play (SSML 1.1, 3.3.1). ``()``, the default:
+    no sound is played beside the speech (Flowstorm plays the link alone, a phone call the
+    speech alone), so each ``<audio>``'s fallback is said.
     """
 
     mode: TtsMode = "links"
     file_type: TtsFileFormat = "mp3"
+    played: tuple[str, ...] = ()
 
 
 HeardKind = Literal["speech_started", "interim", "final", "silence", "idle"]

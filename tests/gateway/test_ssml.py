@@ -38,6 +38,7 @@ from gateway.ssml import (
     ssml_in_text,
     ssml_markup,
     ssml_to_text,
+    without_fallbacks,
 )
 
 PLATFORMS = [(ALEXA_AUDIO, ALEXA_ELEMENTS), (HTTPS_AUDIO, GOOGLE_ELEMENTS)]
@@ -835,3 +836,24 @@ def test_the_cut_parses_no_part_that_says_nothing(monkeypatch: pytest.MonkeyPatc
     assert said is not None
     assert said.endswith("abcd abcd end</speak>")
     assert len(said) <= 8_000
+
+
+def test_the_speech_beside_played_sounds_leaves_their_fallback_out() -> None:
+    """without_fallbacks empties each ``<audio>`` whose sound is played beside the speech,
+    a nested one with it; another scheme's keeps its content (a played one inside emptied);
+    SSML not well-formed, or an ``<audio`` in a comment, comes back as it is."""
+    gong = '<audio src="https://a.example/gong.mp3">'
+    https = ("https://",)
+    assert (
+        without_fallbacks(
+            f"<speak>The {gong}a gong <audio>a bell</audio></audio> rang.</speak>", https
+        )
+        == '<speak>The <audio src="https://a.example/gong.mp3"/> rang.</speak>'
+    )
+    kept = f'<audio src="soundbank://x">a {gong}gong</audio> bell</audio>'
+    assert without_fallbacks(f"<speak>{kept}</speak>", https) == (
+        '<speak><audio src="soundbank://x">a <audio src="https://a.example/gong.mp3"/> bell</audio></speak>'
+    )
+    for same in (f"The {gong}a gong</audio", f"<!-- {gong} --> {gong}gong</audio>", "no sound"):
+        assert without_fallbacks(same, https) == same
+    assert ssml_to_text(without_fallbacks(f"A {gong}gong</audio>B", https)) == "A B"

@@ -18,6 +18,7 @@ from adapters.voiceflow.protocol import (
     MAX_ID,
     MAX_QUEUED_ACTIONS,
     SESSION_CREATE,
+    SOUND_SCHEMES,
     TRANSITIONS,
     ActionBody,
     CheckSession,
@@ -190,13 +191,16 @@ def test_config_booleans_are_json_booleans_only(field: str, value: Any) -> None:
 
 
 def test_tts_requests_follow_the_audio_config() -> None:
+    """The sounds the socket sends beside the speech (http(s)) are ``played``: the speech
+    leaves their fallback out (test_socket.py::test_the_gateway_s_speech_does_not_say_the_fallback_of_a_sound_it_sends)."""
+    played = SOUND_SCHEMES
     assert ClientConfig().tts() is None
-    assert ClientConfig(audioEvents=True).tts() == TtsRequest("links", "mp3")
+    assert ClientConfig(audioEvents=True).tts() == TtsRequest("links", "mp3", played)
     assert ClientConfig(audioEvents=True, audioEncoding="audio/x-mulaw").tts() == TtsRequest(
-        "links", "mulaw"
+        "links", "mulaw", played
     )
     assert ClientConfig(audioEvents=True, audioEncoding="audio/pcm").tts() == TtsRequest(
-        "links", "wav"
+        "links", "wav", played
     )
 
 

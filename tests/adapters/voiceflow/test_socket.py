@@ -2023,6 +2023,51 @@ async def test_an_audio_s_fallback_words_are_not_shown_beside_its_sound(
     assert [t["payload"] for t in traces].count(gong) == 1
 
 
+class FallbackSpeechCore(WebhookCore):
+    """A core that answers the same words three times: around a gong the client is sent
+    (its ``<audio>`` holding the fallback ``a gong``), around the same gong written without
+    a fallback, and around a gong of Alexa's sound library (not sent: nothing plays it)."""
+
+    GONG = "https://cdn.example.com/gong.mp3"
+    SSML = "<speak>Here is the gong {audio} at last.</speak>"
+
+    async def answer(self, body: dict[str, Any]) -> Any:
+        audios = (
+            f'<audio src="{self.GONG}">a gong</audio>',
+            f'<audio src="{self.GONG}"/>',
+            '<audio src="soundbank://soundlibrary/gong">a gong</audio>',
+        )
+        return {"items": [{"ssml": self.SSML.format(audio=audio)} for audio in audios]}
+
+
+async def test_the_gateway_s_speech_does_not_say_the_fallback_of_a_sound_it_sends() -> None:
+    """With audioEvents and the gateway's own TTS link, the client plays an item's speech
+    and then each http(s) sound of its SSML (``speak {type: "audio"}``), so the speech
+    leaves out such an ``<audio>``'s content: its fallback, said only when the sound cannot
+    play (SSML 1.1, 3.3.1). The link of ``the gong <audio src=gong>a gong</audio>`` says
+    what that of ``the gong <audio src=gong/>`` says, not "a gong" before the gong plays;
+    a ``soundbank://`` gong, not sent, still has its fallback said. Before, the recording
+    said "Here is the gong a gong at last." and then the gong played."""
+    core = FallbackSpeechCore()
+    config = {"audioEvents": True, "audioEncoding": "audio/pcm"}  # WAV: compared byte for byte
+    async with (
+        core.running() as core_url,
+        served(pipeline=core_url, tts_provider="espeak-ng") as url,
+        client(url) as vf,
+    ):
+        await vf.handshake(config=config)
+        _, traces, last = await vf.act({"type": "launch"})
+        assert last["status"] == "completed"
+        links = [t["payload"]["src"] for t in traces if t["payload"]["type"] == "message"]
+        sounds = [t["payload"]["src"] for t in traces if t["payload"]["type"] == "audio"]
+        assert sounds == [core.GONG, core.GONG]  # the soundbank gong is not sent
+        async with httpx.AsyncClient() as http:
+            said = [(await http.get(url + urlparse(link).path)).content for link in links]
+    sent_with_fallback, sent_without, not_sent = said
+    assert sent_with_fallback == sent_without  # "a gong" is not said beside the gong
+    assert len(not_sent) > len(sent_without)  # nothing plays that gong: "a gong" is said
+
+
 class RecordedSoundsRuntime:
     """A Voiceflow runtime's ``speak`` of words and a sound, with its own recording of the
     whole message (``src``: Voiceflow's TTS, which plays the sound among the words)."""
