@@ -1675,6 +1675,7 @@ def display_text(
     *,
     utf16: bool = False,
     then: ResponseItem | None = None,
+    played: tuple[str, ...] = (),
 ) -> str:
     """The items' text for a screen or card: texts (or SSML's spoken text) joined by spaces.
 
@@ -1685,26 +1686,33 @@ def display_text(
     :func:`truncate_text` to ``max_chars`` code points (UTF-16 code units with ``utf16``).
     ``then``, when given, is shown whole after the items (as :func:`speech_ssml`'s: its
     text takes its room first, the items' text is cut to what is left).
+    ``played``: the ``<audio src>`` schemes the platform plays with the speech
+    (:data:`ALEXA_AUDIO`, :data:`HTTPS_AUDIO`): the words of an item's SSML leave out
+    such an ``<audio>``'s content, its fallback, not heard while the sound plays (SSML 1.1,
+    3.3.1), as an item whose text is those words (a Voiceflow core's ``speak``) shows them;
+    a text of the core's own is shown as it is.
     """
     if then is not None:
-        whole = display_text([then], 1 << 30)
+        whole = display_text([then], 1 << 30, played=played)
         tail = truncate_text(whole, max_chars, utf16=utf16)
         if tail != whole:  # cut itself: no room for the items
             return tail
         if tail:
             room = max_chars - (utf16_len(tail) if utf16 else len(tail)) - 1  # and a space
-            head = display_text(items, max(room, 0), utf16=utf16)
+            head = display_text(items, max(room, 0), utf16=utf16, played=played)
             return f"{head} {tail}" if head else tail
     parts: list[str] = []
     for item in items:
         if is_command(item):
             continue  # an action for the client, no words (an item with ssml never is one)
-        if item.text:
+        ssml = item.ssml or ""
+        heard = bool(played) and _AUDIO_TAG in ssml
+        if item.text and not (heard and item.text == ssml_to_text(ssml)):
             parts.append(item.text)
-        elif item.ssml:
-            spoken = ssml_to_text(item.ssml)
+        elif ssml:
+            spoken = ssml_to_text(ssml, played=played if heard else ())
             if spoken is None:  # not well-formed: its words as the speech says them
-                spoken = loose_text(item.ssml)
+                spoken = loose_text(ssml)
             parts.append(spoken)
     shown = (" ".join(without_controls(p).split()) for p in parts)
     return truncate_text(" ".join(p for p in shown if p), max_chars, utf16=utf16)

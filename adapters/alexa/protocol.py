@@ -681,7 +681,7 @@ def turn_wire(
     if image:
         card: dict[str, Any] = {"type": "Standard"}
         room = MAX_CARD_CHARS - 2 * utf16_len(image)  # both URLs count (MAX_CARD_CHARS)
-        text = display_text(items, room, utf16=True, then=then)
+        text = display_text(items, room, utf16=True, then=then, played=ALEXA_AUDIO)
         if text:
             card["text"] = text
         card["image"] = {"smallImageUrl": image, "largeImageUrl": image}

@@ -785,7 +785,9 @@ _speech = functools.partial(
 
 def _v3_response(plan: Plan, answer: Answer, gateway_session_id: str) -> dict[str, Any]:
     speech = _speech(answer.items, MAX_SPEECH_CHARS, then=answer.then)
-    text = display_text(answer.items, MAX_DISPLAY_CHARS, utf16=True, then=answer.then)
+    text = display_text(
+        answer.items, MAX_DISPLAY_CHARS, utf16=True, then=answer.then, played=HTTPS_AUDIO
+    )
     prompt: dict[str, Any] = {"override": False}
     simple = {k: v for k, v in (("speech", speech), ("text", text or None)) if v is not None}
     if simple:
@@ -843,7 +845,10 @@ def _rich_response(plan: Plan, answer: Answer, max_chars: int = MAX_SPEECH_CHARS
     that must fit, :func:`_fit`)."""
     speech = None if plan.exit else _speech(answer.items, max_chars, then=answer.then)
     limit = MAX_EXIT_CHARS if plan.exit else MAX_DISPLAY_CHARS
-    text = display_text(answer.items, min(limit, max_chars), utf16=True, then=answer.then)
+    played = () if plan.exit else HTTPS_AUDIO  # an exit's text is its speech: all said
+    text = display_text(
+        answer.items, min(limit, max_chars), utf16=True, then=answer.then, played=played
+    )
     simple = {"textToSpeech": text} if text and not speech else {"ssml": speech or SILENT_SSML}
     if text:
         simple["displayText"] = text

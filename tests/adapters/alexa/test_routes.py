@@ -1048,6 +1048,29 @@ async def test_an_answer_of_much_ssml_is_read_up_to_a_bound_per_answer() -> None
     assert getattr(card, "text", None) == "Fine here. Word0. Word1. The end."
 
 
+async def test_the_card_leaves_out_the_fallback_of_a_sound_alexa_plays() -> None:
+    """An ``<audio>``'s content is its fallback, said only when the sound cannot play (SSML
+    1.1, 3.3.1): the card's text leaves out that of each sound Alexa plays (https, its
+    ``soundbank://``), as it is not heard, also for an item whose text is its SSML's words
+    (a Voiceflow core's speak), and shows that of an http sound, which Alexa does not play
+    (the speech says its fallback instead). Before, the card showed "a gong" and "a bell"
+    beside the sounds that played."""
+    gong = "<audio src='https://cdn.example.com/gong.mp3'>a gong</audio>"
+    bell = "<audio src='soundbank://soundlibrary/bell'>a bell</audio>"
+    horn = "<audio src='http://cdn.example.com/horn.mp3'>a horn</audio>"
+    items = [
+        {"ssml": f"<speak>The gong{gong}, the bell{bell}, the horn {horn}.</speak>"},
+        {"ssml": f"<speak>Again{gong}.</speak>", "text": "Again a gong."},
+        {"image": "https://cdn.example/c.png"},  # (a card: the words shown)
+    ]
+    async with gateway_answering(items, **OFF) as client:
+        answer = await say(client, envelope("S-fallback", text="hello"))
+    assert "a horn" in spoken(answer)  # not played: its fallback is said
+    card = reply(answer).card
+    assert card is not None
+    assert getattr(card, "text", None) == "The gong, the bell, the horn a horn. Again."
+
+
 async def test_an_item_past_the_ssml_bound_whose_text_begins_with_a_hash_is_said() -> None:
     """An item past the SSML bound per answer (SSML_ANSWER_MAX_CHARS, gateway/ssml.py
     ``bounded_items``) says and shows its text, its SSML left out. When that text begins
@@ -1635,7 +1658,7 @@ async def test_a_cores_ssml_reaches_alexa_as_ssml_alexa_takes() -> None:
     )
     card = reply(answer).card
     assert isinstance(card, StandardCard)
-    assert card.text == "Hello there. #1 hit Joanna Matthew woof slowly"
+    assert card.text == "Hello there. #1 hit Joanna Matthew slowly"  # "woof": the sound's fallback
 
 
 async def test_ssml_elements_in_another_case_reach_alexa_as_their_words_parted(

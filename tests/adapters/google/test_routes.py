@@ -1624,6 +1624,7 @@ async def test_words_parted_by_a_pause_or_sentence_in_ssml_are_shown_apart() -> 
         return JSONResponse({"items": [{"ssml": ssml}]})
 
     words = "Hi there. One. Two. Unbelievable 42. Ding dong!"  # (no space before the "!")
+    shown = "Hi there. One. Two. Unbelievable 42. Ding!"  # the ding plays: "dong" unheard
     async with (
         serve(core) as core_url,
         gateway(pipeline=f"{core_url}/turn", **OFF) as url,
@@ -1633,10 +1634,36 @@ async def test_words_parted_by_a_pause_or_sentence_in_ssml_are_shown_apart() -> 
         es_answer = ok(
             await client.post("/dialogflow", json=es("projects/p1/agent/sessions/p", "x"))
         )
-    assert builder["prompt"]["firstSimple"]["text"] == words
+    assert builder["prompt"]["firstSimple"]["text"] == shown
     assert '<break time="1s"/>' in builder["prompt"]["firstSimple"]["speech"]
     assert es_answer["fulfillmentText"] == words
     assert es_answer["fulfillmentMessages"] == [{"text": {"text": [words]}}]
+
+
+async def test_the_fallback_of_a_sound_google_plays_is_not_shown() -> None:
+    """An ``<audio>``'s content is its fallback, said only when the sound cannot play (SSML
+    1.1, 3.3.1): beside an https sound Google plays, the display text (v3 chat bubble, v2
+    displayText) leaves it out, as it is not heard, also for an item whose text is its
+    SSML's words (a Voiceflow core's speak); the fallback of an http sound, which Google
+    does not play (replaced by its fallback in the speech), is shown, and Dialogflow's text
+    messages (no audio) show every fallback. Before, "a gong" was shown beside the gong."""
+    gong = "<audio src='https://cdn.example.com/gong.mp3'>a gong</audio>"
+    bell = "<audio src='http://cdn.example.com/bell.mp3'>a bell</audio>"
+    items = [
+        {"ssml": f"<speak>The gong {gong} and the bell {bell}.</speak>"},
+        {"ssml": f"<speak>Again{gong}.</speak>", "text": "Again a gong."},
+        {"ssml": f"<speak>Once{gong}.</speak>", "text": "Once more."},
+    ]
+    builder, sdk, es_answer, _ = await _answers_in_every_format(items, "fallback")
+    shown = "The gong and the bell a bell. Again. Once more."
+    first = builder["prompt"]["firstSimple"]
+    assert first["text"] == shown
+    assert "a gong" in first["speech"]  # the speech still carries it, for Google's player
+    simple = sdk["expectedInputs"][0]["inputPrompt"]["richInitialPrompt"]["items"][0]
+    assert simple["simpleResponse"]["displayText"] == shown
+    assert es_answer["fulfillmentText"] == (
+        "The gong a gong and the bell a bell. Again a gong. Once more."
+    )
 
 
 async def test_control_characters_are_not_shown() -> None:
@@ -1689,7 +1716,7 @@ async def test_a_cores_ssml_reaches_google_as_ssml_google_takes() -> None:
         "<audio src='https://cdn.example.com/d.mp3'><desc>A dog</desc>woof</audio> "
         "<prosody>slowly</prosody></speak>"
     )
-    assert simple["text"] == "Hello there. #1 hit woof slowly"
+    assert simple["text"] == "Hello there. #1 hit slowly"  # "woof": the sound's fallback
 
 
 async def test_ssml_elements_in_another_case_reach_google_as_their_words_parted(
