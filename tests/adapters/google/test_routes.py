@@ -31,7 +31,16 @@ from gateway.logs import session_ref
 from gateway.settings import Settings
 from tests.adapters.google.requests import cx, es, v2, v3
 from tests.adapters.google.test_verify import PROJECT, Key, account_claims, exactly
-from tests.conftest import FIXTURES, gateway, gateway_answering, serve, served
+from tests.conftest import (
+    FIXTURES,
+    gateway,
+    gateway_answering,
+    gateway_app,
+    serve,
+    served,
+    settled,
+    unless_hung,
+)
 from tests.gateway.core_app import make_core
 from tests.gateway.pipeline.fake_rasa import make_rasa
 
@@ -776,7 +785,7 @@ async def test_a_slow_or_failing_core_gets_a_spoken_answer() -> None:
     settings: dict[str, Any] = {"dialogflow_deadline_s": 0.4, "google_deadline_s": 0.4}
     async with (
         serve(core) as core_url,
-        gateway(pipeline=f"{core_url}/turn", **settings, **OFF) as url,
+        gateway_app(pipeline=f"{core_url}/turn", **settings, **OFF) as (url, app),
         httpx.AsyncClient(base_url=url) as client,
     ):
         session = "projects/p/agent/sessions/slow"
@@ -785,8 +794,7 @@ async def test_a_slow_or_failing_core_gets_a_spoken_answer() -> None:
         # still worked (not a 1.0 s bound of the clock, which a loaded machine's stall breaks)
         assert not done.is_set()
         assert answer["fulfillmentText"] == Settings().voice_still_working_text
-        await asyncio.wait_for(done.wait(), 5)
-        await asyncio.sleep(0.2)
+        await settled(app)  # the late turn saved
         after = ok(await client.post("/dialogflow", json=es(session, "next")))
         assert after["fulfillmentText"] == "slowDone True"
         failed = ok(await client.post("/google", json=v3("fails", "FreeText", "fail")))
@@ -937,7 +945,7 @@ async def test_a_v2_conversation_exit_is_answered_within_googles_2_s(
     store: dict[str, Any] = {"redis_url": redis_url, "redis_prefix": redis_prefix}
     async with (
         serve(core) as core_url,
-        gateway(pipeline=f"{core_url}/turn", **store, **OFF) as url,
+        gateway_app(pipeline=f"{core_url}/turn", **store, **OFF) as (url, app),
         httpx.AsyncClient(base_url=url) as client,
     ):
         hi = ok(await client.post("/google", json=v2("exit-wait", "actions.intent.TEXT", "hi")))
@@ -952,8 +960,7 @@ async def test_a_v2_conversation_exit_is_answered_within_googles_2_s(
         check_silent_rich(bye["finalResponse"]["richResponse"])  # quiet: the core was late
         assert via_es["payload"]["google"]["expectUserResponse"] is False
         check_silent_rich(via_es["payload"]["google"]["richResponse"])
-        await asyncio.wait_for(core.state.finished.wait(), 10)
-        await asyncio.sleep(0.3)  # the late turns save (end) their sessions
+        await settled(app)  # the late turns saved (ended) their sessions
         again = ok(await client.post("/google", json=v2("exit-wait", "actions.intent.TEXT", "hi")))
         assert check_v2(again) == ("turn 1", True)  # the session ended
 
@@ -969,7 +976,7 @@ async def test_an_actions_builder_cancel_is_answered_within_googles_exit_time() 
 
     async with (
         serve(core) as core_url,
-        gateway(pipeline=f"{core_url}/turn", **OFF) as url,
+        gateway_app(pipeline=f"{core_url}/turn", **OFF) as (url, app),
         httpx.AsyncClient(base_url=url) as client,
     ):
         sid = "v3-exit-wait"
@@ -979,8 +986,7 @@ async def test_an_actions_builder_cancel_is_answered_within_googles_exit_time() 
         assert not core.state.finished.is_set()  # answered before the core: in Google's time
         assert bye["scene"]["next"] == {"name": END}
         assert "firstSimple" not in bye["prompt"]  # quiet: the core was late
-        await asyncio.wait_for(core.state.finished.wait(), 10)
-        await asyncio.sleep(0.3)  # the late turn ends the session
+        await settled(app)  # the late turn saved (ended) the session
         again = ok(await client.post("/google", json=v3(sid, "Free", "hi")))
         assert check_v3(v3(sid, "x"), again) == "turn 1"  # the session ended
 
@@ -1057,11 +1063,11 @@ async def test_a_turn_that_finds_its_session_busy_until_the_deadline_is_logged(
     working = Settings().voice_still_working_text
     async with (
         serve(core) as core_url,
-        gateway(pipeline=f"{core_url}/turn", google_deadline_s=0.5, **OFF) as url,
+        gateway_app(pipeline=f"{core_url}/turn", google_deadline_s=0.5, **OFF) as (url, app),
         httpx.AsyncClient(base_url=url) as client,
     ):
         slow = asyncio.create_task(client.post("/google", json=v3(sid, "Free", "slow")))
-        await asyncio.wait_for(core.state.started.wait(), 5)  # the slow turn holds it
+        await unless_hung(core.state.started.wait(), "the slow turn")  # it holds the lock
         with caplog.at_level(logging.INFO, logger="adapters.google"):
             busy = ok(await client.post("/google", json=v3(sid, "Free", "again")))
         assert check_v3(v3(sid, "x"), busy) == working
@@ -1072,8 +1078,7 @@ async def test_a_turn_that_finds_its_session_busy_until_the_deadline_is_logged(
         assert line.getMessage().startswith(f"Google turn of {ref} not run: the session was busy")
         assert "answered 'still working'" in line.getMessage()
         assert check_v3(v3(sid, "x"), ok(await slow)) == working  # late: 0.5 s < 1.5 s
-        await asyncio.wait_for(core.state.finished.wait(), 5)
-        await asyncio.sleep(0.3)  # the slow turn saves; a queued turn would run now
+        await settled(app)  # the slow turn saved; a queued turn, had there been one, ran
         after = ok(await client.post("/google", json=v3(sid, "Free", "next")))
         assert check_v3(v3(sid, "x"), after) == "turn 2: next"
         assert core.state.heard == ["slow", "next"]  # never "again"
