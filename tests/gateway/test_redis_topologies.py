@@ -35,7 +35,15 @@ from gateway.redisconn import RedisTarget, SocketIoRedisManager, parse_redis_url
 from gateway.sessions import RedisSessionStore, StoreUnavailable, redis_client
 from gateway.settings import Settings
 from tests.adapters.flowstorm.v2.helpers import check_link
-from tests.conftest import free_port, gateway, serve, served, served_app, topology_url
+from tests.conftest import (
+    free_port,
+    gateway,
+    serve,
+    served,
+    served_app,
+    topology_url,
+    unless_hung,
+)
 from tests.gateway.test_conversation import own_redis
 from tests.redis_topologies import SentinelSetup
 
@@ -484,6 +492,41 @@ async def test_a_cluster_down_at_startup_is_an_outage_until_it_answers(
 # ----------------------------------------------- a take whose caller left
 
 
+async def _paused_take(admin: redis.Redis) -> None:
+    """Until a script call (EVALSHA) waits in ``admin``'s server, blocked by its CLIENT
+    PAUSE (flag ``b``): the take was sent. The server is this test's (or this worker's
+    cluster), so no other client's call is there."""
+    while True:
+        clients = admin.client_list()
+        if any("b" in c["flags"] and c["cmd"] == "evalsha" for c in clients):
+            return
+        await asyncio.sleep(0.01)  # Redis's state, no event of ours: the take goes out
+
+
+def _taken(admin: redis.Redis, lock_key: str) -> None:
+    """Until Redis has run the take (``lock_key`` exists), blocking the loop: the take's
+    reply is not read meanwhile. 30 s guard against hanging."""
+    give_up = time.monotonic() + 30.0
+    while not admin.exists(lock_key):
+        if time.monotonic() > give_up:
+            pytest.fail("hung: the take never ran")
+        time.sleep(0.001)  # a sync wait: the loop must not read the reply meanwhile
+
+
+async def _calls_done(store: RedisSessionStore) -> None:
+    """Until ``store``'s Redis calls in flight have ended: its batches (one server) or its
+    calls alone (a cluster), and the calls they started (an orphaned take's release)."""
+    batch = store._batch
+    while True:
+        pending = set(store._alone) | (set(batch._running) if batch is not None else set())
+        if pending:
+            await asyncio.wait(pending)
+        elif batch is not None and batch._queued:
+            await asyncio.sleep(0)  # a call queued: its batch goes out next
+        else:
+            return
+
+
 @pytest.mark.parametrize("topology", ["redis", "cluster"], indirect=True)
 async def test_a_take_whose_caller_left_is_released_on_every_topology(
     topology: tuple[str, str],
@@ -516,18 +559,15 @@ async def test_a_take_whose_caller_left_is_released_on_every_topology(
         try:
             admin.execute_command("CLIENT", "PAUSE", 5000, "WRITE")  # type: ignore[no-untyped-call]
             opening = asyncio.create_task(store.open("c:left", lease_s=30, wait_s=1).__aenter__())
-            await asyncio.sleep(0.2)  # its take waits in Redis
+            await unless_hung(_paused_take(admin), "the take")  # it waits in Redis
             # the loop blocked (a sync client): Redis runs the take and answers it, and the
             # turn is cancelled before it reads that reply
             admin.execute_command("CLIENT", "UNPAUSE")  # type: ignore[no-untyped-call]
-            time.sleep(0.1)  # noqa: ASYNC251 (the loop must not read the reply meanwhile)
+            _taken(admin, lock_key)  # the loop blocked meanwhile: its reply is not read
             opening.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await opening
-            for _ in range(100):  # the take's reply, then its release
-                if not await store.redis.exists(lock_key):
-                    break
-                await asyncio.sleep(0.02)
+            await unless_hung(_calls_done(store), "the take's reply, then its release")
             assert not await store.redis.exists(lock_key)  # before, on a Cluster: held 30 s
         finally:
             admin.execute_command("CLIENT", "UNPAUSE")  # type: ignore[no-untyped-call]
