@@ -28,7 +28,7 @@ from gateway.speech.stt import PocketsphinxRecognizer
 from gateway.speech.tts import EspeakSynthesizer, PiperSynthesizer, SynthesisError, Synthesizer
 from gateway.speech.tts_cache import MemoryTtsCache
 from gateway.speech.types import TtsFileFormat
-from tests.conftest import serve, served_app
+from tests.conftest import serve, served_app, unless_hung
 
 PUBLIC = "https://gateway.example.com"
 
@@ -239,14 +239,23 @@ async def test_a_client_that_leaves_while_its_file_renders_is_no_server_error() 
         item, _ = await speech.voice_item(ResponseItem(text=text), TtsRequest("links", "mp3"))
         assert item.audio is not None
         path = item.audio.removeprefix("http://gw.test")
+        file_id = path.rsplit("/", 1)[1].split(".")[0]
         host, port = url.removeprefix("http://").split(":")
         _, writer = await asyncio.open_connection(host, int(port))
         writer.write(f"GET {path} HTTP/1.1\r\nHost: gw.test\r\n\r\n".encode())
         await writer.drain()
-        await asyncio.sleep(0.05)  # the synthesis has started
+
+        async def rendering() -> asyncio.Task[bytes]:
+            while True:  # no event of the pool's marks a job's start
+                if (job := speech.pool._jobs.get(file_id)) is not None:
+                    return job.task
+                await asyncio.sleep(0.01)  # the server reads the request
+
+        render = await unless_hung(rendering(), "the synthesis")  # it has started
         writer.close()  # ... and the client is gone
         await writer.wait_closed()
-        await asyncio.sleep(0.2)
+        await unless_hung(asyncio.wait([render]), "the synthesis")
+        assert render.cancelled()  # the server saw the client leave: nobody else waited
         async with httpx.AsyncClient(base_url=url, timeout=30) as client:
             answer = await client.get(path)  # a later GET renders it anew
         assert answer.status_code == 200
