@@ -380,23 +380,34 @@ async def test_onset_heard_tells_whether_anything_was_said_in_the_open_utterance
 
 
 class _SlowRelease:
-    """The real recognizer whose streams take ``release_s`` to be released (a cloud
-    recognizer's close is a round trip; pocketsphinx's waits for the decoding it does)."""
+    """The real recognizer whose streams take ``release_s`` to be released, or until
+    ``hold`` is set when given (a cloud recognizer's close is a round trip; pocketsphinx's
+    waits for the decoding it does). ``releasing`` is set when a release begins,
+    ``released`` when one has ended."""
 
-    def __init__(self, inner: PocketsphinxRecognizer, release_s: float) -> None:
+    def __init__(
+        self, inner: PocketsphinxRecognizer, release_s: float, hold: asyncio.Event | None = None
+    ) -> None:
         self._inner = inner
         self._release_s = release_s
+        self._hold = hold
         self.opened = asyncio.Event()
+        self.releasing = asyncio.Event()
         self.released = asyncio.Event()
 
     async def open_stream(self, fmt: AudioFormat) -> object:
         stream = await self._inner.open_stream(fmt)
         self.opened.set()
-        release_s, released = self._release_s, self.released
+        release_s, hold = self._release_s, self._hold
+        releasing, released = self.releasing, self.released
 
         class Slow:
             async def cancel(self) -> None:
-                await asyncio.sleep(release_s)
+                releasing.set()
+                if hold is not None:
+                    await hold.wait()
+                else:
+                    await asyncio.sleep(release_s)
                 await stream.cancel()
                 released.set()
 
@@ -418,7 +429,8 @@ async def test_an_utterance_opened_while_the_one_before_is_released_is_left_as_i
     opened on the stage meanwhile (the V1 receive loop no longer waits for the release).
     The release then marked that next utterance cancelled and emptied its queue: it
     ended without a result. Now it is left as it is and recognised."""
-    slow = _SlowRelease(recognizer, release_s=1.0)
+    hold = asyncio.Event()  # the release ends when the test says
+    slow = _SlowRelease(recognizer, release_s=0.0, hold=hold)
     stage = SpeechStage(slow, PCM16, ListenOptions(interim=False))  # type: ignore[arg-type]
     speech = resample(padded(corpus["tell me about this place"]), 16000).data
     chunk = PCM16.bytes_for_ms(100)
@@ -427,9 +439,10 @@ async def test_an_utterance_opened_while_the_one_before_is_released_is_left_as_i
     await stage.put(speech[: chunk * 10])
     async with asyncio.timeout(30):
         await slow.opened.wait()  # its recognition stream is open
+    slow.opened.clear()
     stage.stop()
     dropped.cancel()  # not awaited: its release goes on
-    await asyncio.sleep(0.05)  # it begins (V1: the typed turn runs meanwhile)
+    await unless_hung(slow.releasing.wait(), "the release")  # (V1: the typed turn runs)
     stage.listen()  # the next utterance
     heard: list[Heard] = []
 
@@ -438,8 +451,9 @@ async def test_an_utterance_opened_while_the_one_before_is_released_is_left_as_i
 
     run = asyncio.create_task(stage.run(report))
     await stage.put(speech[:chunk])
-    async with asyncio.timeout(10):
-        await slow.released.wait()  # the release ends while the next utterance is heard
+    await unless_hung(slow.opened.wait(), "the next utterance's stream")  # it is heard
+    hold.set()  # the release ends now, while the next utterance is heard
+    await unless_hung(slow.released.wait(), "the release")
     for i in range(chunk, len(speech), chunk):
         await stage.put(speech[i : i + chunk])
     stage.finish_soon()
