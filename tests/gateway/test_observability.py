@@ -17,7 +17,7 @@ from gateway.logs import JsonFormatter, session_ref
 from gateway.pipeline.base import REQUEST_ID
 from gateway.settings import Settings
 from tests.adapters.alexa.test_routes import envelope
-from tests.conftest import gateway, serve, served_app
+from tests.conftest import gateway, gateway_app, serve, served_app, settled
 
 METRICS_TOKEN = "metrics-token-of-this-test"
 ADMIN_KEY = "admin-key-of-this-test"
@@ -69,7 +69,7 @@ async def test_a_session_the_platform_ends_is_counted_as_ended() -> None:
     it again (it is gone) counts nothing."""
     sid = "amzn1.echo-api.session.metrics-ended"
     async with (
-        gateway(alexa_verify=False) as url,
+        gateway_app(alexa_verify=False) as (url, app),
         httpx.AsyncClient(base_url=url) as client,
     ):
         before = (await client.get("/metrics")).text
@@ -77,13 +77,7 @@ async def test_a_session_the_platform_ends_is_counted_as_ended() -> None:
         for _ in range(2):
             ended = await client.post("/alexa", json=envelope(sid, kind="SessionEndedRequest"))
             assert ended.status_code == 200
-        for _ in range(100):  # the end may finish after the answer
-            after = (await client.get("/metrics")).text
-            name = "gateway_sessions_ended_total"
-            if sample(after, name, channel="alexa") > sample(before, name, channel="alexa"):
-                break
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(0.2)
+        await settled(app)  # both ends done (one may finish after its answer)
         after = (await client.get("/metrics")).text
     for name in ("gateway_sessions_started_total", "gateway_sessions_ended_total"):
         grew = sample(after, name, channel="alexa") - sample(before, name, channel="alexa")
