@@ -309,7 +309,14 @@ async def test_a_cancelled_take_is_released_only_after_its_reply(redis_url: str)
     pool: Any = store.redis.connection_pool  # get_connection is untyped in redis-py 8
     held = await pool.get_connection()  # the only connection: batches wait for it
     task = asyncio.create_task(turn(store, "c:orphan", 1))
-    await asyncio.sleep(0.05)  # its take is in a batch, waiting for the connection
+
+    async def batched() -> None:
+        while True:  # the take is queued, then its batch goes out
+            if store._batch is not None and store._batch._running:
+                return
+            await asyncio.sleep(0)
+
+    await unless_hung(batched(), "the take's batch")  # it waits for the connection
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
