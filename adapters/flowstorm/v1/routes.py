@@ -555,10 +555,13 @@ class _Socket(WebSocketDriver[Action]):
     async def run(self, actions: Sequence[Action]) -> None:
         """Carry out ``actions`` (the driver's runner); a StartTurn of the followed session
         first catches up on what the session missed, so it goes out before the answer.
-        The first frames sent after the running turn's Response was held (its held frames,
-        at the stream's end) first raise the delivered mark over its answer (:meth:`forward`)."""
+        The first frames sent after the running turn's Response was held and the hold
+        ended (its held frames, at the stream's end: turn_finished ended the hold) first
+        raise the delivered mark over its answer (:meth:`forward`); a frame sent while it
+        is still held (an Error for a Request that came meanwhile) does not."""
         settle, following = self._settle_first, self.following
-        sends = any(isinstance(a, Send) for a in actions)  # (the held Response goes out now)
+        # the held Response goes out now (not a frame sent while it is still held)
+        sends = not self.holding() and any(isinstance(a, Send) for a in actions)
         if settle and following and following.key == settle[0] and self.open and sends:
             self._settle_first = None
             await asyncio.shield(following.settle(*settle))

@@ -19,6 +19,7 @@ from websockets.frames import Frame, Opcode
 from adapters.flowstorm.events import MAX_SESSION_ID
 from adapters.flowstorm.v1 import routes as v1_routes
 from adapters.flowstorm.v1.protocol import CLOSE_POLICY, CLOSE_TOO_BIG, LOG_BUFFER
+from gateway import conversation
 from gateway.app import create_app
 from gateway.events import ResponseItem
 from gateway.logs import session_ref
@@ -957,6 +958,51 @@ async def test_an_answer_is_not_given_again_to_a_resume_without_last_seq_racing_
                     assert texts(frames[0]) != texts(answer), frames
         finally:
             go.set()
+
+
+async def test_an_error_frame_while_the_response_is_held_does_not_mark_it_delivered(
+    store: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The delivered mark over a turn's answer is raised just before its held Response goes
+    out (_Socket.run). Any frame sent while the Response was held raised it: a Request the
+    client sent after the turn's Response was formatted, before the turn's stream ended,
+    is answered with an Error ("still running"), and that Error raised the mark over the
+    Response not sent yet (a socket that dropped then lost the answer for a client that
+    comes back without ``lastSeq``). Here the turn's stream ends only once the Error came
+    and the mark was read: it is still below the Response's seq, and the Response comes."""
+    session_id = f"held-error-{store.get('redis_prefix', 'memory')}"
+    key = f"flowstorm:{session_id}"
+    app = create_app(Settings(**store))
+    release, ended = asyncio.Event(), asyncio.Event()
+    iterate = conversation.TurnStream._iterate
+
+    async def held_end(self: conversation.TurnStream) -> Any:
+        async for event in iterate(self):
+            yield event
+        ended.set()  # the Response was handled (held by the socket)
+        await release.wait()  # the stream ends later: the Response is held meanwhile
+
+    monkeypatch.setattr(conversation.TurnStream, "_iterate", held_end)
+    async with served_app(app) as url:
+        outbox = app.state.gateway.journal.outbox
+        try:
+            async with connect(ws_url(url)) as ws:
+                await init(ws)
+                await send_json(ws, request_frame("#intro", session_id))
+                assert (await recv_json(ws))["type"] == "SessionStarted"
+                await unless_hung(ended.wait(), "the turn's last event handled")
+                answer_seq = (await outbox.state(key)).last_seq
+                await send_json(ws, request_frame("again", session_id))
+                error = await unless_hung(recv_json(ws), "the Error")
+                assert error["type"] == "Error", error
+                assert "still running" in error["text"]
+                # before: the Error raised the mark over the Response not sent yet
+                assert (await outbox.state(key)).mark < answer_seq
+                release.set()
+                response = await unless_hung(recv_json(ws), "the Response")
+                assert response["type"] == "Response", response
+        finally:
+            release.set()
 
 
 @pytest.mark.parametrize("tts", ["RequiredLinks", "None"])
