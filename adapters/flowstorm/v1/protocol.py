@@ -363,12 +363,12 @@ class DropLogs:
 
 
 ENDED_SESSION_LOGS: Final = "it came while the session's last turn ran, which ended it"
+"""The reason (:class:`DropLogs`) of entries that came while their session's last turn ran."""
 HANDED_BACK_ENDED_LOGS: Final = "the session ended before they were stored"
 """The reason (:class:`DropLogs`) of entries whose write failed and came back once their
 session had ended (:meth:`V1Connection.logs_not_stored`)."""
 SESSION_ENDS_KEPT: Final = 256
 """Sessions whose ends a connection counts (:attr:`StoreLogs.life`), the latest kept."""
-"""The reason (:class:`DropLogs`) of entries that came while their session's last turn ran."""
 
 
 @dataclass(frozen=True)
@@ -947,10 +947,10 @@ class V1Connection:
         self._draining = False  # a graceful shutdown began: no turn, no stream is begun now
         self._streams = itertools.count(1)
         self._logs: deque[tuple[str | None, LogEntry]] = deque(maxlen=log_buffer)
+        """Log entries waiting, each with the session it was sent in (None: none yet)."""
         self._ends: dict[str, int] = {}
         """Per session id, how many times a turn of it ended it (SessionEnded): the
         :attr:`StoreLogs.life` of its entries (at most :data:`SESSION_ENDS_KEPT` ids)."""
-        """Log entries waiting, each with the session it was sent in (None: none yet)."""
         self._log_chars = log_chars
         self.numbered = False
         """Whether server events carry ``seq`` (the client sent Init ``lastSeq``)."""
