@@ -1510,8 +1510,10 @@ class Settings(BaseSettings):
 
 
 def _holds_placeholder(value: object) -> bool:
-    """Whether ``value`` (a string, or a list, tuple, set or mapping of them, nested)
-    holds :data:`PLACEHOLDER` (a mapping: in a key or a value)."""
+    """Whether ``value`` (a string or SecretStr, or a list, tuple, set or mapping of them,
+    nested) holds :data:`PLACEHOLDER` (a mapping: in a key or a value; a SecretStr: its secret)."""
+    if isinstance(value, SecretStr):
+        value = value.get_secret_value()
     if isinstance(value, str):
         return PLACEHOLDER in value
     if isinstance(value, Mapping):

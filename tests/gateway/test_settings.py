@@ -14,7 +14,7 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 
 from adapters.vonage.protocol import RATES
 from gateway.cli import setting_errors, startup_warnings
@@ -882,11 +882,14 @@ def test_a_placeholder_in_a_comma_separated_setting_stops_the_start(
 
 
 def test_a_placeholder_in_an_already_split_setting_is_refused() -> None:
-    """Settings given a list (not the environment's string) are checked item by item."""
+    """Settings given a list (not the environment's string) are checked item by item; a
+    secret setting given as a SecretStr by its secret value (it escaped the check)."""
     for field, value in (
         ("app_keys", ["shop", "CHANGE-ME"]),
         ("admin_keys", frozenset({"CHANGE-ME-aaaaaaaaaaaaaaaaaaaa"})),
         ("voiceflow_cors_origins", ("https://CHANGE-ME.example.com",)),
+        # a secret given as a SecretStr (not the environment's string) is checked too
+        ("secret_key", SecretStr("CHANGE-ME-" + "x" * 40)),
     ):
         with pytest.raises(ValidationError, match=re.escape(REFUSED)) as refused:
             Settings.model_validate({field: value})
