@@ -101,7 +101,7 @@ async def stream(websocket: WebSocket) -> None:
     async def check() -> bool:
         if channel.verifier is None:
             raise VerificationRefused(f"no Exotel credentials are configured ({UNSET})")
-        channel.verifier.check(websocket.headers.get("authorization"))
+        channel.verifier.check_all(websocket.headers.getlist("authorization"))
         return True
 
     if not await admit(websocket, "Exotel", check()):

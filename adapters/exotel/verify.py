@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+from collections.abc import Sequence
 from typing import Final
 
 from gateway.callcodec import VerificationRefused
@@ -34,6 +35,18 @@ class ExotelVerifier:
             raise ValueError("an Exotel API key (without ':') and token are needed")
         self._key = api_key.encode("utf-8")
         self._token = api_token.encode("utf-8")
+
+    def check_all(self, authorizations: Sequence[str]) -> None:
+        """Return if the request's ``Authorization`` header values (all of them, in
+        order) are one header holding the configured key and token.
+
+        Raises VerificationRefused: 403 for more than one header, none of them looked at
+        (which one counts is anyone's guess: right credentials beside wrong ones are
+        malformed credentials); else as :meth:`check`.
+        """
+        if len(authorizations) > 1:
+            raise VerificationRefused("more than one Authorization header")
+        self.check(authorizations[0] if authorizations else None)
 
     def check(self, authorization: str | None) -> None:
         """Return if ``authorization`` holds the configured key and token.

@@ -192,9 +192,19 @@ class DialogflowWebhook(_Webhook):
         self.auth = auth
 
     async def authenticate(self, headers: Headers) -> str | None:
-        """Check the configured credentials (401 with a challenge when they are not sent)."""
-        sent = headers.get("authorization")
-        if self.auth is not None and not self.auth.accepts(sent):
+        """Check the configured credentials (401 with a challenge when they are not sent or
+        wrong; 400 ``invalid_request`` for more than one Authorization header, none of them
+        looked at: which one counts is anyone's guess, RFC 6750 section 3.1)."""
+        if self.auth is None:
+            return None
+        several = headers.getlist("authorization")
+        if len(several) > 1:
+            several_challenge = self.auth.several_challenge()
+            text = "The request has more than one Authorization header: send exactly one."
+            extra = {"WWW-Authenticate": several_challenge} if several_challenge else None
+            raise WebhookRefused(400, "invalid_request", text, headers=extra)
+        sent = several[0] if several else None
+        if not self.auth.accepts(sent):
             reason = "bad_credentials" if sent is not None else "missing_credentials"
             text = "The request lacks the credentials configured in GATEWAY_DIALOGFLOW_AUTH."
             challenge = {"WWW-Authenticate": self.auth.challenge(sent)}

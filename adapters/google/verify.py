@@ -530,3 +530,12 @@ class DialogflowAuth:
         if scheme.lower() == "bearer" and given.strip():
             return 'Bearer realm="dialogflow", error="invalid_token"'
         return 'Bearer realm="dialogflow"'
+
+    def several_challenge(self) -> str | None:
+        """The ``WWW-Authenticate`` value of the 400 refusing a request with more than one
+        Authorization header (none of them looked at): for bearer
+        ``Bearer realm="dialogflow", error="invalid_request"`` (RFC 6750 section 3.1);
+        None for basic (RFC 7617 defines no error codes, a 400 needs no challenge)."""
+        if self.scheme == "basic":
+            return None
+        return 'Bearer realm="dialogflow", error="invalid_request"'

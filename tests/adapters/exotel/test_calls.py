@@ -44,6 +44,24 @@ async def test_without_credentials_configured_every_stream_is_refused(
         assert await upgrade_status(url, basic()) == 403
 
 
+async def test_a_stream_with_more_than_one_authorization_header_is_refused(
+    speech: SpeechService, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The right Basic credentials beside wrong ones (either order) are refused 403 before
+    the upgrade, none of them looked at: only the first header was read, so right-then-wrong
+    was let in. One right header still is."""
+    right = basic()["Authorization"]
+    wrong = basic(token="wrong")["Authorization"]
+    async with CARRIER.gateway(speech) as (gw, _):
+        url = f"ws://{urlsplit(gw.url).netloc}/exotel/stream?sample-rate=8000"
+        for pair in ([right, wrong], [wrong, right], [right, right]):
+            headers = [("Authorization", value) for value in pair]
+            with caplog.at_level(logging.INFO):
+                assert await upgrade_status(url, headers) == 403, pair  # type: ignore[arg-type]
+        assert any("more than one Authorization header" in r.getMessage() for r in caplog.records)
+        assert await upgrade_status(url, basic()) == 101
+
+
 @pytest.mark.parametrize(
     ("media_format", "named"),
     [

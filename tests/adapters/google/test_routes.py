@@ -628,6 +628,37 @@ async def test_dialogflow_credentials(
         assert check_es(ok(answer), google=False) == "You said: hello"
 
 
+@pytest.mark.parametrize(
+    ("setting", "good", "challenge"),
+    [
+        ("basic:dialogflow:pw", "Basic " + base64.b64encode(b"dialogflow:pw").decode(), None),
+        ("bearer:tok-123", "Bearer tok-123", f'{BEARER}, error="invalid_request"'),
+    ],
+)
+async def test_dialogflow_refuses_more_than_one_authorization_header(
+    setting: str, good: str, challenge: str | None
+) -> None:
+    """The right credentials followed (or preceded) by wrong ones are not taken: a request
+    with several Authorization headers is 400 invalid_request, none of them looked at
+    (RFC 6750 section 3.1); only the first was read, so right-then-wrong was answered."""
+    body = es("projects/p/agent/sessions/several", "hello")
+    auth = Settings(dialogflow_auth=setting).dialogflow_auth
+    async with (
+        gateway(dialogflow_auth=auth, **OFF) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        for pair in ([good, "Bearer wrong"], ["Bearer wrong", good], [good, good]):
+            headers = [("Authorization", value) for value in pair]
+            answer = await client.post("/dialogflow", json=body, headers=headers)
+            assert answer.status_code == 400, pair
+            assert answer.headers["content-type"] == "application/problem+json"
+            assert answer.json()["reason"] == "invalid_request"
+            assert "more than one Authorization header" in answer.json()["detail"]
+            assert answer.headers.get("www-authenticate") == challenge
+        answer = await client.post("/dialogflow", json=body, headers={"Authorization": good})
+        assert check_es(ok(answer), google=False) == "You said: hello"
+
+
 async def test_dialogflow_without_credentials_refuses_with_503(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
