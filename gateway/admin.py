@@ -249,8 +249,10 @@ def admit(request: Request, keys: Collection[str] | KeyDigests) -> None:
     """Return if ``request`` carries one of ``keys`` and its client address may send a
     key; else raise AdminRefused: 429 with ``retry_after_s`` while the address's
     allowance of wrong keys is used up (before the key is looked at: the module doc), else
-    400 ``invalid_request`` (:data:`INVALID_REQUEST`) for more than one ``Authorization``
-    header, none of them looked at (RFC 6750 section 3.1); else as :func:`check_admin_key`
+    403 for more than one ``Authorization`` header while no keys are configured (the admin
+    API is off: 403 whatever the request carries), else 400 ``invalid_request``
+    (:data:`INVALID_REQUEST`) for more than one ``Authorization`` header, none of them
+    looked at (RFC 6750 section 3.1); else as :func:`check_admin_key`
     (a wrong key, 401 ``invalid_token``, takes one from the address's allowance)."""
     failures = failed_keys(request)
     address = client_key(request.client.host) if request.client else "unknown"
@@ -259,6 +261,8 @@ def admit(request: Request, keys: Collection[str] | KeyDigests) -> None:
         detail = f"Too many wrong admin keys from this address: retry after {retry} s."
         raise AdminRefused(429, detail, retry_after_s=retry)
     sent = request.headers.getlist("authorization")
+    if len(sent) > 1 and not keys:  # switched off: 403 whatever it carries (module doc)
+        raise AdminRefused(403, "No admin keys are configured (GATEWAY_ADMIN_KEYS).")
     if len(sent) > 1:  # which one counts is anyone's guess: none does
         detail = "The request has more than one Authorization header: send exactly one."
         raise AdminRefused(400, detail, INVALID_REQUEST)

@@ -422,6 +422,27 @@ async def test_more_than_one_authorization_header_is_an_invalid_request() -> Non
         assert viewed.status_code == 404, viewed.text
 
 
+async def test_with_the_admin_api_off_several_authorization_headers_are_403() -> None:
+    """With no admin keys the admin API is off and every request carrying a key is 403
+    "whatever it carries" (module doc); two Authorization headers were answered 400
+    invalid_request instead. They are 403 again, without a challenge, as one key is."""
+    settings = Settings(admin_keys=frozenset())
+    app = create_app(settings)
+    async with served_app(app, settings) as url, httpx.AsyncClient(base_url=url) as http:
+        for method, path, body in ADMIN_REQUESTS:
+            headers = [
+                ("Authorization", f"Bearer {ADMIN_KEY}"),
+                ("Authorization", "Bearer a-wrong-admin-key-01"),
+            ]
+            answer = await http.request(method, path, json=body, headers=headers)
+            assert answer.status_code == 403, (method, path, answer.text)
+            assert answer.headers["content-type"] == "application/problem+json"
+            assert "www-authenticate" not in answer.headers
+            assert "No admin keys are configured" in answer.json()["detail"]
+            one = await _admin_request(http, method, path, body, ADMIN_KEY)
+            assert one.status_code == 403, (method, path, one.text)
+
+
 async def test_post_v1_calls_without_a_carrier_says_it_is_missing() -> None:
     """A POST /v1/calls body without ``carrier`` (or with ``null``) was refused with
     "Unknown carrier None": the detail now says the field is missing, and lists the
