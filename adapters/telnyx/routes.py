@@ -660,10 +660,20 @@ async def _signed_body(
         # The route's name, not the URL's path, which holds the root path: instances
         # served under different prefixes told one request apart (a retry was "replayed")
         route = getattr(request.scope.get("route"), "name", None) or request.url.path
-        await bind_signature_to_route(gw.nonces, key, route, verifier.replay_window_s, replayed())
+        # a rolling deploy: the older version's marks hold the URL's path (e1dbe654):
+        # read as this route's (a key bound by it on this path came to this route), and
+        # its request key as this request's; only the route's name is written
+        old_path = () if route == request.url.path else (request.url.path,)
+        await bind_signature_to_route(
+            gw.nonces, key, route, verifier.replay_window_s, replayed(), also=old_path
+        )
         retry = False
         if answer:
             sent = request_key(request.method, route, request.url.query, body)
+            old_sent = [
+                f"{key}:request:{request_key(request.method, path, request.url.query, body)}"
+                for path in old_path
+            ]
             retry = await use_signature_for_request(
                 gw.nonces,
                 key,
@@ -672,6 +682,7 @@ async def _signed_body(
                 replayed(),
                 retry_s=RETRY_WINDOW_S,
                 stream=stream_key(CHANNEL, stream_nonce(key)),
+                also=old_sent,
             )
         else:
             await use_signature_once(gw, key, verifier.replay_window_s, replayed())

@@ -352,7 +352,13 @@ async def use_signature_once(
 
 
 async def bind_signature_to_route(
-    nonces: NonceStore, key: str, route: str, ttl_s: float, replayed: VerificationRefused
+    nonces: NonceStore,
+    key: str,
+    route: str,
+    ttl_s: float,
+    replayed: VerificationRefused,
+    *,
+    also: Sequence[str] = (),
 ) -> None:
     """Bind a signed webhook's replay ``key`` to the ``route`` (the URL path) it is first
     used on, for ``ttl_s`` seconds (as long as the signature could pass its verifier),
@@ -375,7 +381,11 @@ async def bind_signature_to_route(
     before StoreUnavailable is raised: the request is answered 503 unhandled, as if the key had
     never come, so Telnyx's redelivery binds it (else it stayed bound to no route:
     refused everywhere, the webhook lost for good). Only when that release fails too is
-    the key left bound to no route: refused everywhere, never accepted on two."""
+    the key left bound to no route: refused everywhere, never accepted on two.
+
+    ``also``: other names the same route had in an older version's marks (Telnyx's
+    URL path, before the route's name: a rolling deploy), read as ``route``'s own when
+    the key came before, never written."""
     if await nonces.use_once(f"{key}:seen", ttl_s):
         try:
             await nonces.use_once(f"{key}:on:{route}", ttl_s)
@@ -387,8 +397,10 @@ async def bind_signature_to_route(
                 await nonces.release(f"{key}:seen")
             raise
         return
-    if not await nonces.used(f"{key}:on:{route}"):
-        raise replayed
+    for name in (route, *also):
+        if await nonces.used(f"{key}:on:{name}"):
+            return
+    raise replayed
 
 
 async def use_signature_for_request(
@@ -400,6 +412,7 @@ async def use_signature_for_request(
     *,
     retry_s: float,
     stream: str | None = None,
+    also: Sequence[str] = (),
 ) -> bool:
     """Use a signed webhook's replay ``key`` (as :func:`use_signature_once`, in ``nonces``,
     the gateway's one-time key store) for one request only: ``request`` names what the
@@ -421,11 +434,17 @@ async def use_signature_for_request(
     The key is used before the request is marked, so a store that fails between the two
     leaves the key used and no request able to pass as a retry: a request is never
     served twice under one key unless it is the very request first served. A retry that
-    arrives in that instant (between the two store calls) is refused as a replay."""
+    arrives in that instant (between the two store calls) is refused as a replay.
+
+    ``also``: other names of the same request in an older version's marks (a rolling
+    deploy), read as ``request`` when the key came before, never written."""
     if await nonces.use_once(key, ttl_s):
         await nonces.use_once(request, min(retry_s, ttl_s))
         return False
-    if not await nonces.used(request):
+    for name in (request, *also):
+        if await nonces.used(name):
+            break
+    else:
         raise replayed
     if stream is not None and await nonces.used(stream):
         raise replayed
