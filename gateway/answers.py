@@ -5,8 +5,11 @@ the turn go on and save the session; the answer (its wire events, formatted by t
 channel as they would have gone out) is kept here under the session's store key, and
 taken when that session's client connects again (on any instance): exactly once, since
 a take reads and deletes in one step (two racing takes: one gets it all, the other
-nothing). Adapters never touch Redis (shared/DESIGN.md): this is the gateway's small
-facility for it, as :mod:`gateway.nonces` is for one-time keys.
+nothing). A channel that must not lose them to a take whose outcome it does not learn
+(a reply past the command timeout) claims them instead: a claim moves them aside under a
+token until it is settled (delivered) or put back, ahead of those kept since. Adapters
+never touch Redis (shared/DESIGN.md): this is the gateway's small facility for it, as
+:mod:`gateway.nonces` is for one-time keys.
 
 An answer is one opaque text (the channel's own JSON). Bounds, per session key: at most
 ``max_answers`` answers and ``max_bytes`` bytes (UTF-8) together; a new answer drops
@@ -18,7 +21,9 @@ lives ``ttl_s`` seconds from its last keep.
 - :class:`MemoryAnswerStore` -- the embedded default (one process), at most
   ``max_keys`` sessions and ``max_total_bytes`` bytes in all (the oldest go first);
 - :class:`RedisAnswerStore` -- production: ``{prefix}:{{key}}:kept`` (a list, in the
-  session's hash slot like its other keys), each call one round trip (a script).
+  session's hash slot like its other keys; claims ``...:kept:claim:{token}`` and their
+  void marks ``...:kept:void:{token}``, both living ``ttl_s``), each call one round trip
+  (a script).
 
 Both pass the same contract tests (tests/gateway/test_answers.py).
 """
@@ -64,6 +69,29 @@ class AnswerStore(Protocol):
         concurrent takes one gets them, the others ``[]``. Raises StoreUnavailable."""
         ...
 
+    async def claim(self, key: str, token: str) -> list[str]:
+        """Take the answers kept for ``key`` (oldest first) as :meth:`take` does, but into
+        the claim ``token`` (a unique text), where they live the store's ``ttl_s`` until
+        :meth:`settle` (delivered) or :meth:`unclaim` (not: kept again): a claim whose
+        outcome is unknown (its reply late or lost) leaves them recoverable. Asked again
+        with the same token, the same answers (a retried command does not lose them);
+        after :meth:`unclaim` of the token, ``[]`` and nothing taken. Raises
+        StoreUnavailable."""
+        ...
+
+    async def settle(self, key: str, token: str) -> None:
+        """Drop the claim ``token`` of ``key``: its answers were delivered. Raises
+        StoreUnavailable (the claim then expires after the store's ``ttl_s``)."""
+        ...
+
+    async def unclaim(self, key: str, token: str) -> int:
+        """Put the answers of claim ``token`` back, ahead of those kept for ``key`` since
+        (oldest first; bounds as :meth:`keep`, the oldest dropped first; the key lives
+        ``ttl_s`` from now), and void the token: a :meth:`claim` with it that has not run
+        yet (a command still on its way) takes nothing. The count put back. Raises
+        StoreUnavailable."""
+        ...
+
 
 @dataclass
 class _Kept:
@@ -71,6 +99,12 @@ class _Kept:
     expires: float = 0.0
     size: int = 0
     """The UTF-8 bytes of ``answers`` together."""
+
+
+@dataclass
+class _Claim:
+    answers: list[str]
+    expires: float
 
 
 def _fit(answers: list[str], max_answers: int, max_bytes: int) -> list[str]:
@@ -116,6 +150,10 @@ class MemoryAnswerStore:
         self._kept: OrderedDict[str, _Kept] = OrderedDict()  # oldest keep first
         self._total = 0
         """The bytes of every session's answers together (:attr:`held_bytes`)."""
+        self._claims: dict[tuple[str, str], _Claim] = {}
+        """Per (key, token): the answers claimed (:meth:`claim`), until settled or put back."""
+        self._void: dict[tuple[str, str], float] = {}
+        """Per (key, token) put back (:meth:`unclaim`): when the mark expires."""
 
     def __len__(self) -> int:
         """Sessions with answers held (expired ones until the next keep)."""
@@ -163,6 +201,39 @@ class MemoryAnswerStore:
             return []
         return kept.answers
 
+    def _expire_claims(self, now: float) -> None:
+        for name in [n for n, c in self._claims.items() if c.expires <= now]:
+            del self._claims[name]
+        for name in [n for n, until in self._void.items() if until <= now]:
+            del self._void[name]
+
+    async def claim(self, key: str, token: str) -> list[str]:
+        now = self._clock()
+        self._expire_claims(now)
+        if (key, token) in self._void:
+            return []
+        if (key, token) in self._claims:
+            return list(self._claims[(key, token)].answers)
+        answers = await self.take(key)
+        if answers:
+            self._claims[(key, token)] = _Claim(answers, now + self._ttl_s)
+        return list(answers)
+
+    async def settle(self, key: str, token: str) -> None:
+        self._claims.pop((key, token), None)
+
+    async def unclaim(self, key: str, token: str) -> int:
+        now = self._clock()
+        self._expire_claims(now)
+        held = self._claims.pop((key, token), None)
+        self._void[(key, token)] = now + self._ttl_s
+        if held is None:
+            return 0
+        since = await self.take(key)
+        for answer in [*held.answers, *since]:
+            await self.keep(key, answer)
+        return len(held.answers)
+
 
 # KEYS[1]: the list; ARGV: the answer, max answers, max bytes, ttl (ms). The oldest are
 # dropped (LPOP) while over either bound; the new one always stays.
@@ -185,6 +256,44 @@ redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return i - 1
 """
 
+# KEYS[1]: the list, KEYS[2]: the claim, KEYS[3]: the claim's void mark; ARGV: ttl (ms).
+_CLAIM = """
+if redis.call('EXISTS', KEYS[3]) == 1 then return {} end
+local held = redis.call('LRANGE', KEYS[2], 0, -1)
+if #held > 0 then return held end
+local items = redis.call('LRANGE', KEYS[1], 0, -1)
+if #items > 0 then
+  redis.call('RENAME', KEYS[1], KEYS[2])
+  redis.call('PEXPIRE', KEYS[2], ARGV[1])
+end
+return items
+"""
+
+# KEYS as _CLAIM; ARGV: max answers, max bytes, ttl (ms). The claimed answers go back
+# ahead of those kept since; then the oldest are dropped while over either bound.
+_UNCLAIM = """
+local held = redis.call('LRANGE', KEYS[2], 0, -1)
+redis.call('DEL', KEYS[2])
+redis.call('SET', KEYS[3], '1', 'PX', ARGV[3])
+if #held == 0 then return 0 end
+for i = #held, 1, -1 do redis.call('LPUSH', KEYS[1], held[i]) end
+local max_n = tonumber(ARGV[1])
+local max_b = tonumber(ARGV[2])
+local items = redis.call('LRANGE', KEYS[1], 0, -1)
+local total = 0
+for i = 1, #items do total = total + #items[i] end
+local n = #items
+local i = 1
+while n > 1 and (n > max_n or total > max_b) do
+  total = total - #items[i]
+  redis.call('LPOP', KEYS[1])
+  i = i + 1
+  n = n - 1
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return #held
+"""
+
 _TAKE = """
 local items = redis.call('LRANGE', KEYS[1], 0, -1)
 if #items > 0 then redis.call('DEL', KEYS[1]) end
@@ -202,8 +311,8 @@ class RedisAnswerStore:
     twice (its reply lost, redis-py sent it again) keeps the answer twice; the channel
     tells one answer from another by its own ids. A take whose reply is lost (Redis ran
     it, the connection dropped: redis-py's retry finds nothing) loses what it took: a
-    take is at most once, never twice. Raises ValueError for bounds that are not
-    positive."""
+    take is at most once, never twice (a claim asked again gets the same answers).
+    Raises ValueError for bounds that are not positive."""
 
     def __init__(
         self,
@@ -223,6 +332,8 @@ class RedisAnswerStore:
         self._max_bytes = max_bytes
         self._keep = redis.register_script(_KEEP)
         self._take = redis.register_script(_TAKE)
+        self._claim = redis.register_script(_CLAIM)
+        self._unclaim = redis.register_script(_UNCLAIM)
         self._breaker = breaker_of(redis)
 
     def name(self, key: str) -> str:
@@ -241,3 +352,21 @@ class RedisAnswerStore:
         keys = [self.name(key)]
         raw = await guarded(self._breaker, lambda: self._take(keys=keys, args=[]))
         return [a.decode() if isinstance(a, bytes) else str(a) for a in raw]
+
+    def _claim_keys(self, key: str, token: str) -> list[str]:
+        """The list, the claim ``token`` and its void mark (one hash slot: ``{key}``)."""
+        return [self.name(key), f"{self.name(key)}:claim:{token}", f"{self.name(key)}:void:{token}"]
+
+    async def claim(self, key: str, token: str) -> list[str]:
+        keys, args = self._claim_keys(key, token), [self._ttl_ms]
+        raw = await guarded(self._breaker, lambda: self._claim(keys=keys, args=args))
+        return [a.decode() if isinstance(a, bytes) else str(a) for a in raw]
+
+    async def settle(self, key: str, token: str) -> None:
+        name = self._claim_keys(key, token)[1]
+        await guarded(self._breaker, lambda: self.redis.delete(name))
+
+    async def unclaim(self, key: str, token: str) -> int:
+        keys = self._claim_keys(key, token)
+        args = [self._max_answers, self._max_bytes, self._ttl_ms]
+        return int(await guarded(self._breaker, lambda: self._unclaim(keys=keys, args=args)))

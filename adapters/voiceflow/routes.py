@@ -110,6 +110,7 @@ import contextlib
 import functools
 import json
 import logging
+import secrets
 import signal
 import threading
 import time
@@ -184,6 +185,9 @@ TAKES_KEPT: frozenset[SessionCheck] = frozenset({"found", "creating", "not-found
 """The store's answers to a client.start's sessionKey after which the answers kept for
 its session are taken and delivered (after ``client.started``): not when the store
 failed (the client sends client.start again) or the session is another project's."""
+_MAX_UNCLAIMED = 10_000
+"""Most sessions whose claims of kept answers this instance remembers to put back
+(:meth:`VoiceflowServer._unclaim`, a store that failed); the others' live the answers' TTL."""
 
 _SignalHandler = Callable[[int, FrameType | None], Any]
 
@@ -742,6 +746,9 @@ class VoiceflowServer:
         self.sio.on("disconnect", self._disconnect)
         self.sio.on("*", self._event)
         self._gateway: Gateway | None = None
+        # session store key -> claims of its kept answers not put back (the store failed):
+        # put back before its next take here (:meth:`_take`); at most _MAX_UNCLAIMED keys
+        self._unclaimed: dict[str, list[str]] = {}
         # the signer of the last key (a new one when the key changed)
         self._signer = functools.lru_cache(maxsize=1)(
             functools.partial(
@@ -1431,7 +1438,8 @@ class VoiceflowServer:
         statuses) is kept after them for the session's next connection, as the answer of
         an action the client left while it ran is (:meth:`_keep_held`)."""
         try:
-            await self._deliver_kept(client, key, await self._take(key))
+            token = secrets.token_hex(8)
+            await self._deliver_kept(client, key, token, await self._take(key, token))
         finally:
             held = client.held or []
             while held and client.sid in self._clients:  # (more may be held meanwhile)
@@ -1464,17 +1472,22 @@ class VoiceflowServer:
             return
         await self._announce_kept(key)
 
-    async def _take(self, key: str) -> list[str]:
-        """Take the answers kept for session ``key`` (one round trip, within the Redis
-        command timeout; ``[]`` when the store is down: logged as the gateway logs a store
+    async def _take(self, key: str, token: str) -> list[str]:
+        """Take the answers kept for session ``key`` into the store's claim ``token``
+        (:meth:`~gateway.answers.AnswerStore.claim`: one round trip, within the Redis
+        command timeout). ``[]`` when the store is down or the claim's outcome is unknown
+        (its reply late past the timeout, or lost): logged as the gateway logs a store
         outage, at WARNING naming ``component: answer-store``, DEBUG once the circuit
-        breaker logged the outage, :func:`~gateway.breaker.outage_level`; the answers
-        stay kept for the session's next client.start)."""
+        breaker logged the outage, :func:`~gateway.breaker.outage_level`; the claim is then
+        put back (:meth:`_unclaim`), so the answers stay kept for the session's next
+        client.start. Before, a take that Redis ran but whose reply came late lost them."""
         gw = self._gateway
         if gw is None or gw.answers is None:
             return []
+        for old in self._unclaimed.pop(key, []):  # (failed before: again, oldest first)
+            await self._unclaim(key, old)
         try:
-            return await gw.answers.take(key)
+            return await gw.answers.claim(key, token)
         except StoreUnavailable as exc:
             log.log(
                 outage_level(exc),
@@ -1489,36 +1502,62 @@ class VoiceflowServer:
                 session_ref(key),
                 ANSWER_STORE,
             )
+        await self._unclaim(key, token)
         return []
 
-    async def _deliver_kept(self, client: _Client, key: str, kept: list[str]) -> None:
-        """Emit the ``kept`` answers of session ``key`` to ``client``, in order; when it left
-        meanwhile they are kept again (for the next connection; a store down then loses
-        them, logged as :meth:`_take` logs) and announced (:meth:`_announce_kept`: a
-        connection that resumed the session while they were taken, its own take finding
-        nothing, takes them; before, it got them only at a later client.start)."""
+    async def _unclaim(self, key: str, token: str) -> bool:
+        """Put the answers of claim ``token`` back ahead of those kept for session ``key``
+        since (:meth:`~gateway.answers.AnswerStore.unclaim`: a claim still on its way then
+        takes nothing); whether any were. A store that fails is logged as :meth:`_take`
+        logs, and the claim is put back before the session's next take here (else it
+        lives the answers' TTL). Never raises."""
+        gw = self._gateway
+        if gw is None or gw.answers is None:
+            return False
+        try:
+            return await gw.answers.unclaim(key, token) > 0
+        except Exception as exc:
+            self._unclaimed.setdefault(key, []).append(token)
+            while len(self._unclaimed) > _MAX_UNCLAIMED:  # the oldest session first
+                del self._unclaimed[next(iter(self._unclaimed))]
+            log.log(
+                outage_level(exc) if isinstance(exc, StoreUnavailable) else logging.ERROR,
+                "kept answers of session %s claimed and not put back (component: %s): %s",
+                session_ref(key),
+                ANSWER_STORE,
+                exc,
+            )
+            return False
+
+    async def _deliver_kept(self, client: _Client, key: str, token: str, kept: list[str]) -> None:
+        """Emit the ``kept`` answers of session ``key`` (claim ``token``, :meth:`_take`) to
+        ``client``, in order, then drop the claim. When it left meanwhile they are put back
+        (:meth:`_unclaim`), ahead of what was kept for the session since (an answer of an
+        action that ran while they were taken is newer), and announced
+        (:meth:`_announce_kept`: a connection that resumed the session while they were
+        taken, its own take finding nothing, takes them)."""
         if not kept:
             return
         gw = self._gateway
-        if client.sid not in self._clients and gw is not None and gw.answers is not None:
-            try:
-                for answer in kept:
-                    await gw.answers.keep(key, answer)
-            except StoreUnavailable as exc:
-                log.log(
-                    outage_level(exc),
-                    "kept answers of session %s lost: its connection left before they "
-                    "were sent, and they were not kept again (component: %s): %s",
-                    session_ref(key),
-                    ANSWER_STORE,
-                    exc,
-                )
-                return
-            await self._announce_kept(key)
+        if gw is None or gw.answers is None:
+            return
+        if client.sid not in self._clients:
+            if await self._unclaim(key, token):
+                await self._announce_kept(key)
             return
         log.info("session %s resumed: %d kept answer(s) delivered", session_ref(key), len(kept))
         for emit in kept_emits(kept):
             await _emit(self.sio, client.sid, emit)
+        try:
+            await gw.answers.settle(key, token)
+        except Exception as exc:  # delivered: the claim expires with the answers' TTL
+            log.log(
+                outage_level(exc) if isinstance(exc, StoreUnavailable) else logging.ERROR,
+                "claim of the kept answers of session %s not dropped (component: %s): %s",
+                session_ref(key),
+                ANSWER_STORE,
+                exc,
+            )
 
     def _arm_idle(self, client: _Client) -> None:
         """(Re)start the wait for the idle timeout of the client's session, from now: the

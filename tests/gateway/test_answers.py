@@ -61,6 +61,41 @@ async def test_answers_are_taken_once_in_order(stores: tuple[AnswerStore, Answer
     assert await other.take(key) == []
 
 
+async def test_a_claim_holds_the_answers_until_settled_or_put_back_in_order(
+    stores: tuple[AnswerStore, AnswerStore],
+) -> None:
+    one, other = stores
+    key = session()
+    assert await one.claim(key, "t0") == []  # nothing kept: nothing
+    await one.keep(key, "first")
+    await one.keep(key, "second")
+    assert await one.claim(key, "t1") == ["first", "second"]
+    assert await one.claim(key, "t1") == ["first", "second"]  # asked again: the same
+    assert await other.take(key) == []  # claimed: not kept
+    await other.keep(key, "third")  # kept while the claim is out
+    assert await other.unclaim(key, "t1") == 2  # put back ahead of it
+    assert await one.unclaim(key, "t1") == 0  # (once)
+    assert await one.claim(key, "t1") == []  # a void token takes nothing
+    assert await other.claim(key, "t2") == ["first", "second", "third"]
+    await other.settle(key, "t2")  # delivered
+    assert await one.unclaim(key, "t2") == 0
+    assert await one.take(key) == []
+
+
+async def test_an_answer_put_back_keeps_the_bounds(
+    stores: tuple[AnswerStore, AnswerStore],
+) -> None:
+    one, other = stores
+    key = session()
+    await one.keep(key, "a")
+    await one.keep(key, "b")
+    assert await one.claim(key, "t") == ["a", "b"]
+    await other.keep(key, "c")
+    await other.keep(key, "d")
+    assert await one.unclaim(key, "t") == 2
+    assert await other.take(key) == ["b", "c", "d"]  # at most 3: the oldest dropped
+
+
 async def test_concurrent_takes_get_the_answers_once(
     stores: tuple[AnswerStore, AnswerStore],
 ) -> None:

@@ -797,3 +797,56 @@ async def test_answers_kept_again_by_a_connection_that_left_go_to_the_one_that_r
                 await again.nothing_more()
         finally:
             proxy.release_replies()
+
+
+async def test_kept_answers_taken_by_redis_whose_reply_comes_past_the_timeout_stay_kept(
+    reply_dropper: tuple[ReplyDropper, str],
+    redis_prefix: str,
+    aredis: aioredis.Redis,
+) -> None:
+    """Redis runs the take of the kept answers, but its reply comes after the command
+    timeout (shortened here by the URL's ``socket_timeout``). The take read and deleted
+    them in one step, so they were gone, though the gateway logs them as not read and its
+    docs say they stay kept. The take now moves them to a claim that is put back when its
+    outcome is unknown: the session's next client.start gets them."""
+    proxy, redis_url = reply_dropper
+    core = RecordingCore()
+    url_with_timeout = f"{redis_url}?socket_timeout=0.5"
+    async with gateway_app(core, redis_url=url_with_timeout, redis_prefix=redis_prefix) as (
+        url,
+        app,
+    ):
+        key = await leave_mid_action(url, core)
+        core.release.set()
+        await until(lambda: aredis.exists(kept_key(redis_prefix, key)))
+        proxy.hold_replies_to = b":kept"  # the take's reply waits for release_replies
+        server = app.state.voiceflow
+        try:
+            async with client(url) as again:
+                assert await again.start(key) is False
+                await until(lambda: proxy.replies_held == 1)  # Redis ran the take
+                (taking,) = server._clients.values()
+                proxy.hold_replies_to = None  # (its reply stays held past the timeout)
+                await until(lambda: taking.held is None)  # the take timed out and ended
+                await again.nothing_more()  # nothing delivered by the take that timed out
+                proxy.release_replies()
+                # the session's next client.start (again while the breaker, opened by the
+                # timeout, refuses the store's calls)
+                await unless_hung(started_again(again, key), "client.start never answered")
+                await expect_first_answer(again)
+                await again.nothing_more()
+        finally:
+            proxy.release_replies()
+
+
+async def started_again(vf: VoiceflowClient, key: str) -> None:
+    """``client.start`` with ``key`` until it is answered ``client.started`` (resumed), not
+    ``error`` ``store-unavailable``."""
+    while True:
+        await vf.emit("client.start", {"userID": USER, "projectID": PROJECT, "sessionKey": key})
+        event, data = await vf.next()
+        if event == "client.started":
+            assert data["newSessionRequired"] is False
+            return
+        assert (event, data["code"]) == ("error", "store-unavailable"), (event, data)
+        await asyncio.sleep(0.1)
