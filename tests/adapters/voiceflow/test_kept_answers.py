@@ -850,3 +850,52 @@ async def started_again(vf: VoiceflowClient, key: str) -> None:
             return
         assert (event, data["code"]) == ("error", "store-unavailable"), (event, data)
         await asyncio.sleep(0.1)
+
+
+async def test_answers_put_back_by_a_take_the_client_left_stay_ahead_of_its_running_actions(
+    reply_dropper: tuple[ReplyDropper, str],
+    redis_prefix: str,
+    aredis: aioredis.Redis,
+) -> None:
+    """The take of the kept answers hangs (Redis took them; its reply is slow); the
+    client's action runs meanwhile and the client leaves before either ends. The action's
+    answer is kept as it ends; the take then ends, its connection gone, and kept its
+    answers again after it: the session's next connection got the newer answer first.
+    They are now put back ahead of it, and it gets both in order."""
+    proxy, redis_url = reply_dropper
+    core = RecordingCore()
+    async with gateway_app(core, redis_url=redis_url, redis_prefix=redis_prefix) as (url, app):
+        key = await leave_mid_action(url, core)
+        core.release.set()
+        await until(lambda: aredis.exists(kept_key(redis_prefix, key)))
+        core.release.clear()  # the next slow action waits again
+        proxy.hold_replies_to = b":kept"  # the take's reply waits for release_replies
+        server = app.state.voiceflow
+        try:
+            before = connections()
+            async with client(url) as again:
+                assert await again.start(key) is False
+                await until(lambda: proxy.replies_held == 1)  # the take hangs
+                (taking,) = server._clients.values()
+                proxy.hold_replies_to = None  # (the take's reply is still held)
+                await again.send({"type": "text", "payload": "slow"}, "m1")
+                await unless_hung(core.next_request(), "the action never ran")
+            await until(lambda: connections() == before)  # it left while both run
+            core.release.set()  # the action ends: its answer is kept
+            await until(lambda: aredis.exists(kept_key(redis_prefix, key)))
+            proxy.release_replies()  # then the take ends
+            await until(lambda: taking.held is None)
+            async with client(url) as third:
+                assert await third.start(key) is False
+                await expect_first_answer(third)
+                assert await third.expect("action.status") == {
+                    "status": "accepted",
+                    "messageID": "m1",
+                }
+                traces, done = await third.traces_until_status("m1")
+                assert messages(traces) == ["slow answer"]
+                assert done == {"status": "completed", "messageID": "m1"}
+                await third.nothing_more()
+        finally:
+            core.release.set()
+            proxy.release_replies()
