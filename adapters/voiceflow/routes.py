@@ -115,7 +115,7 @@ import signal
 import threading
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from types import FrameType
@@ -335,6 +335,10 @@ class _GuardedServer(socketio.AsyncServer):  # type: ignore[misc]
 
     refusals: RefusalLog
     """The RefusalLog of the Voiceflow refusals (set by :class:`VoiceflowServer`)."""
+    refuse: Callable[[str, Emit], Awaitable[None]] | None = None
+    """How a refusal goes out to a connected socket (sid, error): set by
+    :class:`VoiceflowServer`, which holds it back behind kept answers being taken, in
+    order with the rest (:meth:`VoiceflowServer._send`); None: emitted at once."""
 
     CLIENT_RESERVED = frozenset(("connect", "disconnect", "*"))
     """Event names a client's event must not be dispatched by: python-socketio's
@@ -384,7 +388,9 @@ class _GuardedServer(socketio.AsyncServer):  # type: ignore[misc]
             sid = self.manager.sid_from_eio_sid(eio_sid, NAMESPACE)
             who = sid or f"Engine.IO session {engine_io_ref(eio_sid)}"
             self.refusals.log(log, "Voiceflow socket.io packet refused (%s): %s", who, text)
-            if sid is not None:
+            if sid is not None and self.refuse is not None:
+                await self.refuse(sid, error("invalid-payload", text))
+            elif sid is not None:
                 await _emit(self, sid, error("invalid-payload", text))
             else:
                 with contextlib.suppress(Exception):
@@ -741,6 +747,7 @@ class VoiceflowServer:
             engineio_logger=socketio_logger("engineio.server"),
         )
         self.sio.refusals = refusals or RefusalLog()
+        self.sio.refuse = self._refuse
         self.asgi: Any = EngineIoGuard(socketio.ASGIApp(self.sio, socketio_path=PATH), self.sio)
         self.sio.on("connect", self._connect)
         self.sio.on("disconnect", self._disconnect)
@@ -1215,6 +1222,16 @@ class VoiceflowServer:
                 task.add_done_callback(client.tasks.discard)
                 client.turns.add(task)
                 task.add_done_callback(client.turns.discard)
+
+    async def _refuse(self, sid: str, answer: Emit) -> None:
+        """Send ``answer`` (a refusal of a packet of connection ``sid``) as :meth:`_send`
+        does: behind kept answers being taken, not ahead of them. Before, it went out at
+        once, ahead of the answers and of what waited behind them."""
+        client = self._clients.get(sid)
+        if client is None:
+            await _emit(self.sio, sid, answer)
+        else:
+            await self._send(client, answer)
 
     async def _send(self, client: _Client, action: Emit) -> None:
         """Emit ``action`` to ``client``, or hold it back while kept answers are being

@@ -899,3 +899,36 @@ async def test_answers_put_back_by_a_take_the_client_left_stay_ahead_of_its_runn
         finally:
             core.release.set()
             proxy.release_replies()
+
+
+async def test_a_packet_refused_while_a_take_hangs_is_answered_after_the_kept_answers(
+    reply_dropper: tuple[ReplyDropper, str],
+    redis_prefix: str,
+    aredis: aioredis.Redis,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The take of the kept answers hangs; meanwhile the client sends a packet that does
+    not decode. Its ``error invalid-payload`` went out at once, ahead of the kept answers
+    (and of all that waited behind them); it now follows them, as every other message."""
+    proxy, redis_url = reply_dropper
+    core = RecordingCore()
+    async with gateway_app(core, redis_url=redis_url, redis_prefix=redis_prefix) as (url, _):
+        key = await leave_mid_action(url, core)
+        core.release.set()
+        await until(lambda: aredis.exists(kept_key(redis_prefix, key)))
+        proxy.hold_replies_to = b":kept"  # the take's reply waits for release_replies
+        try:
+            async with client(url) as again:
+                assert await again.start(key) is False
+                await until(lambda: proxy.replies_held == 1)  # the take hangs
+                await again.sio.eio.send('2["broken')  # an EVENT whose JSON does not decode
+                refused = "Voiceflow socket.io packet refused"
+                await until(lambda: any(refused in r.getMessage() for r in caplog.records))
+                await again.emit("sentinel.event", {})  # answered after the refusal
+                proxy.release_replies()
+                await expect_first_answer(again)
+                assert (await again.expect("error"))["code"] == "invalid-payload"
+                assert (await again.expect("error"))["code"] == "unknown-event"
+                await again.nothing_more()
+        finally:
+            proxy.release_replies()
