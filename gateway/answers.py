@@ -80,7 +80,10 @@ class AnswerStore(Protocol):
         ...
 
     async def settle(self, key: str, token: str) -> None:
-        """Drop the claim ``token`` of ``key``: its answers were delivered. Raises
+        """Drop the claim ``token`` of ``key``: its answers were delivered; the token is
+        void as after :meth:`unclaim` (a claim with it still on its way, as a command
+        retried after a lost reply, takes nothing: else it moved the answers kept since
+        into a claim nobody settles). Raises
         StoreUnavailable (the claim then expires after the store's ``ttl_s``)."""
         ...
 
@@ -153,7 +156,8 @@ class MemoryAnswerStore:
         self._claims: dict[tuple[str, str], _Claim] = {}
         """Per (key, token): the answers claimed (:meth:`claim`), until settled or put back."""
         self._void: dict[tuple[str, str], float] = {}
-        """Per (key, token) put back (:meth:`unclaim`): when the mark expires."""
+        """Per (key, token) settled or put back: when the mark expires (oldest first, at
+        most ``max_keys``: :meth:`_mark_void`)."""
 
     def __len__(self) -> int:
         """Sessions with answers held (expired ones until the next keep)."""
@@ -219,14 +223,22 @@ class MemoryAnswerStore:
             self._claims[(key, token)] = _Claim(answers, now + self._ttl_s)
         return list(answers)
 
+    def _mark_void(self, key: str, token: str, now: float) -> None:
+        """Void ``token`` of ``key`` for ``ttl_s``; the oldest marks go past ``max_keys``."""
+        self._void.pop((key, token), None)
+        self._void[(key, token)] = now + self._ttl_s
+        while len(self._void) > self._max_keys:
+            del self._void[next(iter(self._void))]
+
     async def settle(self, key: str, token: str) -> None:
         self._claims.pop((key, token), None)
+        self._mark_void(key, token, self._clock())
 
     async def unclaim(self, key: str, token: str) -> int:
         now = self._clock()
         self._expire_claims(now)
         held = self._claims.pop((key, token), None)
-        self._void[(key, token)] = now + self._ttl_s
+        self._mark_void(key, token, now)
         if held is None:
             return 0
         since = await self.take(key)
@@ -294,6 +306,13 @@ redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return #held
 """
 
+# KEYS as _CLAIM; ARGV: ttl (ms). The claim is dropped and its token voided.
+_SETTLE = """
+redis.call('DEL', KEYS[2])
+redis.call('SET', KEYS[3], '1', 'PX', ARGV[1])
+return 0
+"""
+
 _TAKE = """
 local items = redis.call('LRANGE', KEYS[1], 0, -1)
 if #items > 0 then redis.call('DEL', KEYS[1]) end
@@ -334,6 +353,7 @@ class RedisAnswerStore:
         self._take = redis.register_script(_TAKE)
         self._claim = redis.register_script(_CLAIM)
         self._unclaim = redis.register_script(_UNCLAIM)
+        self._settle = redis.register_script(_SETTLE)
         self._breaker = breaker_of(redis)
 
     def name(self, key: str) -> str:
@@ -363,8 +383,8 @@ class RedisAnswerStore:
         return [a.decode() if isinstance(a, bytes) else str(a) for a in raw]
 
     async def settle(self, key: str, token: str) -> None:
-        name = self._claim_keys(key, token)[1]
-        await guarded(self._breaker, lambda: self.redis.delete(name))
+        keys, args = self._claim_keys(key, token), [self._ttl_ms]
+        await guarded(self._breaker, lambda: self._settle(keys=keys, args=args))
 
     async def unclaim(self, key: str, token: str) -> int:
         keys = self._claim_keys(key, token)

@@ -82,6 +82,22 @@ async def test_a_claim_holds_the_answers_until_settled_or_put_back_in_order(
     assert await one.take(key) == []
 
 
+async def test_a_claim_on_its_way_after_its_settle_takes_nothing(
+    stores: tuple[AnswerStore, AnswerStore],
+) -> None:
+    """A claim command that runs after its token was settled (a retry of it whose reply
+    was delivered first, the original still on its way) must not move answers kept since
+    into a claim nobody settles or puts back (lost until its TTL)."""
+    one, other = stores
+    key = session()
+    await one.keep(key, "first")
+    assert await one.claim(key, "t") == ["first"]
+    await one.settle(key, "t")  # delivered
+    await other.keep(key, "newer")
+    assert await other.claim(key, "t") == []  # the late claim: nothing
+    assert await one.take(key) == ["newer"]  # still kept for the next take
+
+
 async def test_an_answer_put_back_keeps_the_bounds(
     stores: tuple[AnswerStore, AnswerStore],
 ) -> None:
@@ -150,6 +166,20 @@ async def test_memory_answers_hold_at_most_max_keys_sessions() -> None:
         await store.keep(key, key)
     assert len(store) == 2
     assert [await store.take(key) for key in keys] == [[], [keys[1]], [keys[2]]]
+
+
+async def test_memory_void_marks_hold_at_most_max_keys() -> None:
+    """Each put-back (and settle) leaves a void mark living the TTL: a client that
+    connects and leaves while its kept answers are taken, again and again, must not grow
+    them past the store's ``max_keys``."""
+    store = MemoryAnswerStore(ttl_s=TTL_S, max_keys=2)
+    key = session()
+    for n in range(5):
+        await store.keep(key, f"a{n}")
+        assert await store.claim(key, f"t{n}") != []
+        await store.unclaim(key, f"t{n}")
+    assert len(store._void) <= 2
+    assert await store.claim(key, "t4") == []  # the newest marks stay
 
 
 async def test_memory_answers_hold_at_most_64_mib_in_all() -> None:
