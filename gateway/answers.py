@@ -247,12 +247,10 @@ class MemoryAnswerStore:
         return len(held.answers)
 
 
-# KEYS[1]: the list; ARGV: the answer, max answers, max bytes, ttl (ms). The oldest are
-# dropped (LPOP) while over either bound; the new one always stays.
-_KEEP = """
-redis.call('RPUSH', KEYS[1], ARGV[1])
-local max_n = tonumber(ARGV[2])
-local max_b = tonumber(ARGV[3])
+# Drops the oldest answers of KEYS[1] (LPOP) while over ``max_n`` answers or ``max_b``
+# bytes, the newest always kept; leaves ``i - 1``, the count dropped. Lua locals, set
+# by the script it opens.
+_TRIM = """\
 local items = redis.call('LRANGE', KEYS[1], 0, -1)
 local total = 0
 for i = 1, #items do total = total + #items[i] end
@@ -264,9 +262,21 @@ while n > 1 and (n > max_n or total > max_b) do
   i = i + 1
   n = n - 1
 end
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
+"""
+
+# KEYS[1]: the list; ARGV: the answer, max answers, max bytes, ttl (ms). The oldest are
+# dropped (LPOP) while over either bound; the new one always stays.
+_KEEP = (
+    """
+redis.call('RPUSH', KEYS[1], ARGV[1])
+local max_n = tonumber(ARGV[2])
+local max_b = tonumber(ARGV[3])
+"""
+    + _TRIM
+    + """redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return i - 1
 """
+)
 
 # KEYS[1]: the list, KEYS[2]: the claim, KEYS[3]: the claim's void mark; ARGV: ttl (ms).
 _CLAIM = """
@@ -283,7 +293,8 @@ return items
 
 # KEYS as _CLAIM; ARGV: max answers, max bytes, ttl (ms). The claimed answers go back
 # ahead of those kept since; then the oldest are dropped while over either bound.
-_UNCLAIM = """
+_UNCLAIM = (
+    """
 local held = redis.call('LRANGE', KEYS[2], 0, -1)
 redis.call('DEL', KEYS[2])
 redis.call('SET', KEYS[3], '1', 'PX', ARGV[3])
@@ -291,20 +302,12 @@ if #held == 0 then return 0 end
 for i = #held, 1, -1 do redis.call('LPUSH', KEYS[1], held[i]) end
 local max_n = tonumber(ARGV[1])
 local max_b = tonumber(ARGV[2])
-local items = redis.call('LRANGE', KEYS[1], 0, -1)
-local total = 0
-for i = 1, #items do total = total + #items[i] end
-local n = #items
-local i = 1
-while n > 1 and (n > max_n or total > max_b) do
-  total = total - #items[i]
-  redis.call('LPOP', KEYS[1])
-  i = i + 1
-  n = n - 1
-end
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
+"""
+    + _TRIM
+    + """redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return #held
 """
+)
 
 # KEYS as _CLAIM; ARGV: ttl (ms). The claim is dropped and its token voided.
 _SETTLE = """
