@@ -726,9 +726,11 @@ async def test_the_turn_running_when_the_caller_hangs_up_is_not_played(
     voiced: list[str | None] = []  # the items the turn engine synthesized speech for
     audio_chunks = speech.audio_chunks
 
-    def chunks(item: ResponseItem, file_type: Any) -> AsyncIterator[bytes]:
+    def chunks(
+        item: ResponseItem, file_type: Any, *, played: tuple[str, ...] = ()
+    ) -> AsyncIterator[bytes]:
         voiced.append(item.text)
-        return audio_chunks(item, file_type)
+        return audio_chunks(item, file_type, played=played)
 
     monkeypatch.setattr(speech, "audio_chunks", chunks)
     ending = asyncio.Event()

@@ -38,7 +38,13 @@ from tests.redis_topologies import start_cluster
 
 def vonage_down(redis_url: str) -> tuple[Any, Settings]:
     """A gateway app taking Vonage calls, its Redis at ``redis_url``, and its settings."""
-    update = {"redis_url": redis_url, "vonage_signature_secret": SecretStr(SECRET)}
+    # the master key set: the test issues a stream token itself (without it, and Redis
+    # down at startup, no token is issued: tests/calls/test_carrier_shared_stream_keys.py)
+    update = {
+        "redis_url": redis_url,
+        "vonage_signature_secret": SecretStr(SECRET),
+        "secret_key": SecretStr("m" * 40),
+    }
     settings = Settings().model_copy(update=update)
     return create_app(settings), settings
 

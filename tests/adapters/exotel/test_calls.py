@@ -328,8 +328,10 @@ async def test_an_answer_s_sentences_reach_the_caller_back_to_back(
     pieces: list[bytes] = []  # the speech the turn engine streamed (slin 8 kHz: the wire's)
     audio_chunks = speech.audio_chunks
 
-    async def chunks(item: ResponseItem, file_type: Any) -> AsyncIterator[bytes]:
-        async for chunk in audio_chunks(item, file_type):
+    async def chunks(
+        item: ResponseItem, file_type: Any, *, played: tuple[str, ...] = ()
+    ) -> AsyncIterator[bytes]:
+        async for chunk in audio_chunks(item, file_type, played=played):
             pieces.append(chunk)
             yield chunk
 
