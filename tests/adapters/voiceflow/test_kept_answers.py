@@ -106,6 +106,16 @@ async def expect_first_answer(vf: VoiceflowClient, message: str = "slow answer")
     assert done == {"status": "completed", "messageID": "first"}
 
 
+async def expect_hello_answer(vf: VoiceflowClient) -> None:
+    """Action ``m1`` (the text "hello") answered whole after the kept answers: accepted,
+    the RecordingCore's trace, completed, and nothing more."""
+    assert await vf.expect("action.status") == {"status": "accepted", "messageID": "m1"}
+    traces, done = await vf.traces_until_status("m1")
+    assert messages(traces) == ["core heard hello"]
+    assert done == {"status": "completed", "messageID": "m1"}
+    await vf.nothing_more()
+
+
 @pytest.mark.parametrize("transport", ["websocket", "polling"])
 async def test_an_answer_lost_with_its_socket_comes_on_the_next_connection(
     transport: str,
@@ -701,14 +711,7 @@ async def test_a_take_of_kept_answers_that_hangs_does_not_hold_the_connection_ba
                 assert again.events.empty()  # held back: the kept answer goes first
                 proxy.release_replies()
                 await expect_first_answer(again)
-                assert await again.expect("action.status") == {
-                    "status": "accepted",
-                    "messageID": "m1",
-                }
-                traces, done = await again.traces_until_status("m1")
-                assert messages(traces) == ["core heard hello"]
-                assert done == {"status": "completed", "messageID": "m1"}
-                await again.nothing_more()
+                await expect_hello_answer(again)
         finally:
             proxy.release_replies()
 
@@ -749,14 +752,7 @@ async def test_an_answer_held_back_behind_a_hanging_take_is_kept_when_the_client
             async with client(url) as third:
                 assert await third.start(key) is False
                 await expect_first_answer(third)
-                assert await third.expect("action.status") == {
-                    "status": "accepted",
-                    "messageID": "m1",
-                }
-                traces, done = await third.traces_until_status("m1")
-                assert messages(traces) == ["core heard hello"]
-                assert done == {"status": "completed", "messageID": "m1"}
-                await third.nothing_more()
+                await expect_hello_answer(third)
         finally:
             proxy.release_replies()
 
