@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import httpx
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
@@ -33,6 +35,34 @@ async def test_the_voice_webhook_with_a_trailing_slash_is_answered_not_redirecte
             assert "attacker.example" not in refused.text
 
 
+async def stream_handshakes(public: str, **gateway: Any) -> list[int]:
+    """A Twilio call to a gateway whose GATEWAY_PUBLIC_URL is ``public`` (an https URL
+    without a port; ``gateway``: more of twilio_gateway's settings), its stream opened
+    three times, signed for the stream URL as sent, with ``:443`` and with ``:80``: the
+    handshake's status each time (101 accepted)."""
+    host = "wss://" + public.removeprefix("https://")
+    form = {"CallSid": call_sid(), "AccountSid": "AC" + "0" * 32, "From": "+15550100"}
+    statuses = []
+    async with (
+        twilio_gateway(**gateway) as gw,
+        httpx.AsyncClient(base_url=gw.url) as client,
+    ):
+        for signed_host in (host, host + ":443", host + ":80"):
+            voice = {"X-Twilio-Signature": sign(AUTH, public + "/twilio/voice", form)}
+            answer = await client.post("/twilio/voice", data=form, headers=voice)
+            assert answer.status_code == 200, answer.text
+            stream_url = parse_twiml(answer.text).stream_url
+            assert stream_url.startswith(host + "/twilio/stream/")
+            signed = signed_host + stream_url.removeprefix(host)
+            headers = {"X-Twilio-Signature": sign(AUTH, signed)}
+            try:
+                async with connect(local_ws_url(gw.url, stream_url), additional_headers=headers):
+                    statuses.append(101)
+            except InvalidStatus as exc:
+                statuses.append(exc.response.status_code)
+    return statuses
+
+
 async def test_a_stream_url_signed_with_wss_s_default_port_is_accepted_not_port_80() -> None:
     """The twilio library checks a signature against the URL as sent and with the
     scheme's default port added, which its ``add_port`` takes to be 443 for ``https``
@@ -41,25 +71,9 @@ async def test_a_stream_url_signed_with_wss_s_default_port_is_accepted_not_port_
     library's "sig generation on back end is inconsistent") was refused (403), one signed
     as ``wss://host:80/...`` accepted. Now the forms checked are the URL as sent and
     with ``:443``."""
-    form = {"CallSid": call_sid(), "AccountSid": "AC" + "0" * 32, "From": "+15550100"}
-    async with twilio_gateway() as gw, httpx.AsyncClient(base_url=gw.url) as client:
-
-        async def handshake(signed_url: str) -> int:
-            voice = {"X-Twilio-Signature": sign(AUTH, PUBLIC + "/twilio/voice", form)}
-            answer = await client.post("/twilio/voice", data=form, headers=voice)
-            stream_url = parse_twiml(answer.text).stream_url
-            assert stream_url.startswith("wss://gateway.example.com/twilio/stream/")
-            signed = signed_url + stream_url.removeprefix("wss://gateway.example.com")
-            headers = {"X-Twilio-Signature": sign(AUTH, signed)}
-            try:
-                async with connect(local_ws_url(gw.url, stream_url), additional_headers=headers):
-                    return 101
-            except InvalidStatus as exc:
-                return exc.response.status_code
-
-        assert await handshake("wss://gateway.example.com") == 101  # as sent
-        assert await handshake("wss://gateway.example.com:443") == 101
-        assert await handshake("wss://gateway.example.com:80") == 403
+    assert PUBLIC == "https://gateway.example.com"
+    # as sent, with :443, with :80
+    assert await stream_handshakes(PUBLIC) == [101, 101, 403]
 
 
 async def test_a_stream_url_with_an_ipv6_host_signed_as_sent_is_accepted() -> None:
@@ -69,26 +83,5 @@ async def test_a_stream_url_with_an_ipv6_host_signed_as_sent_is_accepted() -> No
     ``remove_port`` cuts the host at its first ``:`` (``wss://[/...``), so the URL as sent
     was no longer among the forms checked. Both forms pass; ``:80`` is still refused."""
     public = "https://[2001:db8::1]"
-    form = {"CallSid": call_sid(), "AccountSid": "AC" + "0" * 32, "From": "+15550100"}
-    async with (
-        twilio_gateway(public_url=public) as gw,
-        httpx.AsyncClient(base_url=gw.url) as client,
-    ):
-
-        async def handshake(signed_url: str) -> int:
-            voice = {"X-Twilio-Signature": sign(AUTH, public + "/twilio/voice", form)}
-            answer = await client.post("/twilio/voice", data=form, headers=voice)
-            assert answer.status_code == 200, answer.text
-            stream_url = parse_twiml(answer.text).stream_url
-            assert stream_url.startswith("wss://[2001:db8::1]/twilio/stream/")
-            signed = signed_url + stream_url.removeprefix("wss://[2001:db8::1]")
-            headers = {"X-Twilio-Signature": sign(AUTH, signed)}
-            try:
-                async with connect(local_ws_url(gw.url, stream_url), additional_headers=headers):
-                    return 101
-            except InvalidStatus as exc:
-                return exc.response.status_code
-
-        assert await handshake("wss://[2001:db8::1]") == 101  # as sent
-        assert await handshake("wss://[2001:db8::1]:443") == 101
-        assert await handshake("wss://[2001:db8::1]:80") == 403
+    # as sent, with :443, with :80
+    assert await stream_handshakes(public, public_url=public) == [101, 101, 403]
