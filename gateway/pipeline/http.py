@@ -8,8 +8,9 @@ Contract (also in README.md and in the OpenAPI document under ``webhooks``):
 - Answer, either
   - ``application/json``: one :class:`PipelineResponse` (a Flowstorm Response,
     plus an optional ``state`` object), or
-  - ``application/x-ndjson`` (also ``application/jsonl``, or ``application/json-seq``
-    whose records begin with RS, RFC 7464): one JSON event per line, any number of
+  - ``application/x-ndjson`` (also ``application/jsonl``; or ``application/json-seq``,
+    RFC 7464, whose records begin with RS and may span lines: :func:`json_seq_records`):
+    one JSON event per line (record), any number of
     ``{"type":"ResponseItem","responseItem":{...}}`` (forwarded to the client as
     each line arrives), then ``{"type":"Response","response":{...},"state":{...}}``.
 - ``response.attributes`` are merged into the session's attributes; ``state``,
@@ -182,11 +183,11 @@ class HttpPipeline(PooledCore):
     async def _stream(
         self, session: Session, answer: httpx.Response, media: str
     ) -> AsyncIterator[PipelineOutput]:
-        # application/json-seq (RFC 7464): each record is RS (U+001E), JSON text, LF
-        separator = "\x1e" if media == "application/json-seq" else ""
-        async for line in bounded_lines(answer, self._max, "the core"):
+        lines = bounded_lines(answer, self._max, "the core")
+        texts = json_seq_records(lines) if media == "application/json-seq" else lines
+        async for text in texts:
             try:
-                raw = core_json(line.lstrip(separator) if separator else line)
+                raw = core_json(text)
                 kind = raw.get("type") if isinstance(raw, dict) else None
                 if kind in ("ResponseItem", "ResponseItemEvent"):
                     yield PipelineItemLine.model_validate(raw).response_item
@@ -206,6 +207,54 @@ class HttpPipeline(PooledCore):
         if state is not None:
             session.pipeline_state = state
         return Response.model_validate(response.model_dump())
+
+
+async def json_seq_records(lines: AsyncIterator[str]) -> AsyncIterator[str]:
+    """The JSON texts of an ``application/json-seq`` body (RFC 7464), given its
+    ``lines`` (:func:`~gateway.pipeline.cores.bounded_lines`: blank ones left out).
+
+    A record runs from an RS (U+001E) to the next RS or the end of the body (section
+    2.1: the parser splits at RS, not at line ends), so a JSON text written over several
+    lines (pretty-printed: ``json.dumps(record, indent=2)``) is one record; before, each
+    of its lines was read as a record of its own ("the core streamed an invalid line").
+    Several RS in a row are one separator. A record is given as soon as it is known
+    whole: at once when its first line is a whole JSON text (the usual one-line
+    record), at a line that is only ``}`` or ``]`` (a pretty-printed text's last)
+    when the text so far parses, else at the next RS or the end of the body; a
+    record's text is tried at most once per doubling of its length (a core sending
+    many ``}`` lines costs linear time, not quadratic). Text before the first RS is
+    given as a record too (the caller refuses it as no JSON, or reads it if it is).
+    """
+    record: list[str] = []
+    size = 0  # characters in record
+    tried = 0  # its size when last tried early (0: not yet)
+
+    def whole(text: str) -> bool:
+        try:
+            core_json(text)
+        except ValueError:
+            return False
+        return True
+
+    async for line in lines:
+        first, *starts = line.split("\x1e")
+        for piece, starting in ((first, False), *((s, True) for s in starts)):
+            if starting and record:
+                yield "\n".join(record)
+                record, size, tried = [], 0, 0
+            if not piece.strip():
+                continue
+            record.append(piece)
+            size += len(piece) + 1
+            closing = piece.rstrip() in ("}", "]")
+            if (len(record) == 1 or closing) and size >= 2 * tried:
+                tried = size
+                text = "\n".join(record)
+                if whole(text):
+                    yield text
+                    record, size, tried = [], 0, 0
+    if record:
+        yield "\n".join(record)
 
 
 def _first(exc: Exception) -> str:

@@ -3,6 +3,7 @@ every kind of core failure as a pipeline error, and the request id it forwards."
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import tracemalloc
@@ -300,6 +301,66 @@ async def test_a_json_seq_stream_is_read(core: tuple[str, FastAPI]) -> None:
     session = await conv.store.get(ctx().key)
     assert session is not None
     assert session.pipeline_state == {"seq": True}
+    await conv.pipeline.aclose()
+
+
+async def test_a_json_seq_record_over_several_lines_is_one_record(
+    core: tuple[str, FastAPI],
+) -> None:
+    """RFC 7464 splits a JSON text sequence at RS, not at line ends: a core that writes
+    its records pretty-printed (``json.dumps(record, indent=2)``), or two records on one
+    line, sends valid json-seq. Each record is read whole; the pretty-printed item is
+    forwarded while the core still holds its answer (at its closing ``}``, not at the
+    next RS). Before, each line was a record: "the core streamed an invalid line"."""
+    url, app = core
+    release = asyncio.Event()
+
+    @app.post("/json-seq-pretty")
+    async def json_seq_pretty() -> StreamingResponse:
+        first = {"type": "ResponseItem", "responseItem": {"text": "first"}}
+        second = {"type": "ResponseItem", "responseItem": {"text": "second"}}
+        last = {"type": "Response", "response": {"items": []}, "state": {"pretty": True}}
+
+        async def body() -> AsyncIterator[bytes]:
+            yield f"\x1e{json.dumps(first, indent=2)}\n".encode()
+            await release.wait()  # held until the first item is out
+            yield f"\x1e\x1e{json.dumps(second)}\n\x1e{json.dumps(last, indent=1)}".encode()
+            yield b"\n"
+
+        return StreamingResponse(body(), media_type="application/json-seq")
+
+    conv = engine(pipeline=f"{url}/json-seq-pretty")
+    rest = await streamed(conv, release, "hi")
+    assert texts(rest) == ["second"]
+    assert isinstance(rest[-1], ResponseEvent)
+    session = await conv.store.get(ctx().key)
+    assert session is not None
+    assert session.pipeline_state == {"pretty": True}
+    await conv.pipeline.aclose()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "\x1e{\n" + "]\n" * 20_000,  # many closing lines: one record, no JSON
+        '\x1e{"type": "ResponseItem",\n\x1e"responseItem": {}}\n',  # an RS inside a text
+        '\x1e{"type": "Response", "response": {\n',  # the last record cut off
+    ],
+    ids=["closers", "split", "cut"],
+)
+async def test_a_broken_json_seq_record_is_an_invalid_line(
+    core: tuple[str, FastAPI], body: str
+) -> None:
+    """A json-seq record that is no JSON text, however its lines go, fails the turn
+    ("invalid line"); many ``}`` lines are read in linear time, not tried each."""
+    url, app = core
+
+    @app.post("/json-seq-broken")
+    async def json_seq_broken() -> Response:
+        return Response(body, media_type="application/json-seq")
+
+    conv = engine(pipeline=f"{url}/json-seq-broken")
+    await pipeline_error(conv, "the core streamed an invalid line")
     await conv.pipeline.aclose()
 
 
