@@ -191,7 +191,11 @@ async def read_body(answer: httpx.Response, max_bytes: int, core: str) -> bytes:
 async def read_some(answer: httpx.Response, limit: int = 4096) -> bytes:
     """At most the first ``limit`` bytes of ``answer`` (an error body's detail; inflated
     by :func:`body_chunks`, at most :data:`INFLATE_STEP` bytes past ``limit``); nothing
-    when its Content-Encoding is one the gateway does not read."""
+    when its Content-Encoding is one the gateway does not read; what came before the
+    body broke off (the connection closed or reset inside it, a chunked body cut short:
+    any httpx.HTTPError), since the status and headers came whole. Before, such a break
+    went up as the turn's error: a core that answered HTTP 500 (or 429 with its
+    Retry-After) was reported as ``the connection to <core> failed: RemoteProtocolError``."""
     data = bytearray()
     try:
         async with contextlib.aclosing(body_chunks(answer, None, "the core")) as chunks:
@@ -199,7 +203,7 @@ async def read_some(answer: httpx.Response, limit: int = 4096) -> bytes:
                 data += chunk
                 if len(data) >= limit:
                     break
-    except (PipelineError, httpx.DecodingError):
+    except (PipelineError, httpx.HTTPError):  # (httpx.DecodingError is one)
         pass
     return bytes(data[:limit])
 

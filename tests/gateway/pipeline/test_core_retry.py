@@ -59,6 +59,8 @@ class Refusing:
         self.app = app
         self.path = path
         self.refusals: list[tuple[int, RetryAfter]] = []
+        self.broken = False
+        """The refusals' bodies break off (the connection dropped after their start)."""
         self.seen = 0
         self.request_ids: list[str] = []  # the X-Request-Id of each request seen
 
@@ -75,6 +77,9 @@ class Refusing:
                     headers.append((b"retry-after", retry_after.encode()))
                 await send({"type": "http.response.start", "status": status, "headers": headers})
                 body = b'{"error": {"message": "slow down, please"}}'
+                if self.broken:  # its start, then the connection drops (uvicorn aborts it)
+                    await send({"type": "http.response.body", "body": body, "more_body": True})
+                    raise RuntimeError("the proxy in front of the core crashed")
                 await send({"type": "http.response.body", "body": body})
                 return
         await self.app(scope, receive, send)
@@ -437,6 +442,36 @@ async def test_a_503_without_retry_after_is_not_retried(
     assert error.text == f"{core.shown} answered HTTP 503"
     assert served.refusing.seen == 1
     assert _retry_lines(caplog) == []
+    await conv.pipeline.aclose()
+
+
+@pytest.mark.parametrize(("status", "retry_after"), [(500, None), (429, "3600")])
+async def test_a_refusal_whose_body_breaks_off_is_still_the_cores_status(
+    every_core: Served, status: int, retry_after: str | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A non-2xx answer whose body breaks off (the connection dropped after its status,
+    headers and the start of its body: a proxy or core crashing while it explains) is
+    the core's answer all the same: ``<core> answered HTTP 500``, a 429 with what it
+    asked for and why it was not waited for, the body's start in the log. Before,
+    reading the error body for the log raised, and the turn failed as ``the connection
+    to <core> failed: RemoteProtocolError``, the status and the Retry-After lost."""
+    served, core = every_core, every_core.core
+    served.refusing.refusals.append((status, retry_after))
+    served.refusing.broken = True
+    conv = served.conversation(turn_timeout_s=60.0)
+    with caplog.at_level(logging.WARNING, logger="gateway.pipeline"):
+        events = await pipeline_error(
+            conv, f"{core.shown} answered {core.call}HTTP {status}", core.said
+        )
+    error = events[-1]
+    assert isinstance(error, ErrorEvent)
+    if status == 429:
+        assert "(rate limiting; Retry-After: 3600 s; not retried: a wait of 3600 s" in error.text
+    else:
+        assert error.text == f"{core.shown} answered {core.call}HTTP 500"
+    logged = [r.getMessage() for r in caplog.records if r.name == "gateway.pipeline.cores"]
+    assert any(line.startswith(error.text) and "slow down" in line for line in logged), logged
+    assert served.refusing.seen == 1
     await conv.pipeline.aclose()
 
 
