@@ -700,9 +700,12 @@ async def bounded_lines(
     *,
     blank: bool = False,
     terminated: bool = False,
+    chunks: AsyncIterator[bytes] | None = None,
 ) -> AsyncIterator[str]:
     """The lines of ``answer`` as they arrive (blank ones only with ``blank``, as SSE
-    needs), at most ``max_bytes`` in all.
+    needs), at most ``max_bytes`` in all. ``chunks``, when given, is its body as
+    :func:`body_chunks` gives it, already begun (a caller that looked at its start: the
+    bytes it read first, then the rest; bounded by the caller's ``body_chunks``).
 
     Lines end at ``\\n``, ``\\r\\n`` or ``\\r`` (the ends of lines of NDJSON and of an
     event stream; removed), the last one at the end of the body; the body is decoded as
@@ -718,7 +721,7 @@ async def bounded_lines(
     decode = text_decoder(answer, core)
     pending = io.StringIO()  # the line not ended yet (no list of pieces: tiny chunks)
     after_cr = False  # the text so far ended in \r: a \n next ends no other line
-    async for chunk in body_chunks(answer, max_bytes, core):
+    async for chunk in chunks or body_chunks(answer, max_bytes, core):
         text = decode(chunk)
         if after_cr and text:
             after_cr = False

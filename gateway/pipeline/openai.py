@@ -20,7 +20,11 @@ Each turn is ``POST <base>/chat/completions`` with ``Authorization: Bearer <key>
   ``[DONE]``) is read for at most :data:`DRAIN_S`, so the connection is reused.
 - tolerated variations: a usage chunk with ``choices: []``, ``choices: null`` or no
   ``choices``; ``:`` comment (keepalive) lines; ``data:`` without the space; a
-  server that ignores ``stream`` and answers one ``application/json`` completion.
+  server that ignores ``stream`` and answers one ``application/json`` completion (a body
+  whose first character after JSON white space is ``{`` or ``[``); an event stream
+  labelled ``application/json`` (a body that begins otherwise: ``data:``, ``:``,
+  ``event:``), as some servers and proxies send it, read as the event stream it is, as
+  openai-python reads it (before, ``... answered no chat completion``).
 - ``data: [DONE]`` ends the stream; ``event: error``, or a data object with an
   ``error`` key, is a PipelineError. Another Content-Type than ``application/json`` is
   read as an event stream (as openai-python does, whatever it says); one that holds no
@@ -75,6 +79,7 @@ from gateway.pipeline.cores import (
     PooledCore,
     RetryPolicy,
     SseEvent,
+    body_chunks,
     bounded_lines,
     check_status,
     core_failed,
@@ -82,7 +87,6 @@ from gateway.pipeline.cores import (
     core_stream,
     iter_sse,
     pooled_client,
-    read_body,
     talking_to,
 )
 from gateway.pipeline.sentences import SentenceSplitter
@@ -285,17 +289,26 @@ class OpenAIPipeline(PooledCore):
             ) as answer:
                 await check_status(answer, f"the {KIND} core", self._secrets, _error_text)
                 kind = media_type(answer.headers.get("content-type"))
+                chunks: AsyncIterator[bytes] | None = None
                 if kind == "application/json":
-                    data = await read_body(answer, self._max, f"the {KIND} core")
-                    for item in self._whole(turn, data):
-                        yield item
-                else:
-                    async for item in self._stream(turn, answer):
+                    chunks = body_chunks(answer, self._max, f"the {KIND} core")
+                    head = await _head(chunks)
+                    if head.lstrip(_JSON_SPACE)[:1] in (b"{", b"[", b""):
+                        data = head + b"".join([chunk async for chunk in chunks])
+                        for item in self._whole(turn, data):
+                            yield item
+                        chunks = None
+                    else:  # an event stream labelled JSON (read as openai-python does)
+                        chunks = _prepended(head, chunks)
+                if chunks is not None or kind != "application/json":
+                    async for item in self._stream(turn, answer, chunks):
                         yield item
         yield self._finish(session, history, user, turn)
 
-    async def _stream(self, turn: _Turn, answer: httpx.Response) -> AsyncIterator[ResponseItem]:
-        lines = bounded_lines(answer, self._max, f"the {KIND} core", blank=True)
+    async def _stream(
+        self, turn: _Turn, answer: httpx.Response, chunks: AsyncIterator[bytes] | None = None
+    ) -> AsyncIterator[ResponseItem]:
+        lines = bounded_lines(answer, self._max, f"the {KIND} core", blank=True, chunks=chunks)
         events = iter_sse(lines, incomplete=True)
         heard = cut = False
         async for event in events:
@@ -510,6 +523,28 @@ def _reason(arguments: str) -> str | None:
     except (ValueError, AttributeError):
         return None
     return reason if isinstance(reason, str) and reason else None
+
+
+_JSON_SPACE = b" \t\r\n"
+"""JSON's white space (RFC 8259, section 2), which may come before a completion's ``{``."""
+
+
+async def _head(chunks: AsyncIterator[bytes]) -> bytes:
+    """The first bytes of ``chunks``: up to and with the first chunk holding something
+    else than JSON white space (all of them when none does)."""
+    head = b""
+    async for chunk in chunks:
+        head += chunk
+        if head.lstrip(_JSON_SPACE):
+            break
+    return head
+
+
+async def _prepended(head: bytes, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """``head``, then the rest of ``chunks``."""
+    yield head
+    async for chunk in chunks:
+        yield chunk
 
 
 def _whole(data: str) -> bool:

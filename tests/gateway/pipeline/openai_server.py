@@ -12,6 +12,7 @@ before the last in mode ``empty-finish`` (sglang before 0.4.4, Ollama in 2024).
 Its "model" is scripted on the last user message (see :func:`reply`); the ``<mode>``
 path segment picks a failure: ``status-500``, ``status-429``, ``event-error``,
 ``error-data``, ``slow``, ``garbage``, ``truncated``, ``json`` (ignores ``stream``),
+``json-labelled`` (the event stream with ``Content-Type: application/json``),
 ``empty``, ``html`` (200 with a web page), ``tools-number`` (a delta whose ``tool_calls`` are a number), ``deep`` (a chunk
 nested 50,000 levels deep), ``deep-json`` (such a
 non-streamed body), ``bad-tools`` (a completion whose ``tool_calls`` are strings), ``crash`` (the
@@ -131,9 +132,9 @@ def make_openai_server() -> FastAPI:
         content, tools = reply(body["messages"])
         if mode == "json" or not body.get("stream"):
             return JSONResponse(_completion(content, tools, body["model"]))
-        return StreamingResponse(
-            _stream(app, mode, body, content, tools), media_type="text/event-stream"
-        )
+        # json-labelled: the event stream labelled application/json (servers, proxies)
+        kind = "application/json" if mode == "json-labelled" else "text/event-stream"
+        return StreamingResponse(_stream(app, mode, body, content, tools), media_type=kind)
 
     return app
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from fastapi import FastAPI
+from fastapi.responses import Response as HttpResponse
 from pydantic import SecretStr
 
 from gateway.conversation import Conversation
@@ -370,11 +371,13 @@ async def test_an_answer_of_points_and_white_space_is_not_held_up(
     await conv.pipeline.aclose()
 
 
-@pytest.mark.parametrize("mode", ["vllm", "json", "empty-finish"])
+@pytest.mark.parametrize("mode", ["vllm", "json", "empty-finish", "json-labelled"])
 async def test_server_variations_give_the_same_answer(llm: tuple[str, FastAPI], mode: str) -> None:
     """Also a ``finish_reason`` of ``""`` (not null) in every chunk before the last, as
     sglang and Ollama sent it: no end of the answer; it ended the turn at the first
-    chunk, the rest of the answer dropped."""
+    chunk, the rest of the answer dropped. And an event stream labelled
+    ``application/json`` (``json-labelled``): read as the stream it is, as openai-python
+    reads it; it failed the turn ("answered no chat completion")."""
     url, _ = llm
     conv = engine(pipeline(url, mode))
     events = await conv.turn(ctx(), Input.of("hi")).collect()
@@ -412,17 +415,19 @@ async def test_a_whole_last_event_without_its_blank_line_ends_the_answer(
     await conv.pipeline.aclose()
 
 
+@pytest.mark.parametrize("mode", ["chat", "json-labelled"])
 async def test_first_sentence_is_forwarded_before_the_answer_is_complete(
-    llm: tuple[str, FastAPI],
+    llm: tuple[str, FastAPI], mode: str
 ) -> None:
     """The server holds the rest of its answer after the first sentence until the test
     has the first sentence's item (``app.state.release``): the item comes while the
     answer is incomplete (a pipeline that waited for the whole answer would give it
-    only once the server's 60 s hold ran out: the 20 s guard fails it as hung)."""
+    only once the server's 60 s hold ran out: the 20 s guard fails it as hung). So
+    too for a stream labelled ``application/json``: only its start is looked at."""
     url, app = llm
     app.state.gap_s = 60.0
     app.state.release = asyncio.Event()
-    pipe = pipeline(url)
+    pipe = pipeline(url, mode)
     session = Session(id="s1", key="test:s1", channel="test", app_key="app")
     outputs = aiter(pipe.process(session, Input.of("#intro")))
     first = await unless_hung(
@@ -493,7 +498,7 @@ async def test_wrong_key_and_unreachable_server_are_pipeline_errors(
     await gone.aclose()
 
 
-@pytest.mark.parametrize("mode", ["chat", "json"])
+@pytest.mark.parametrize("mode", ["chat", "json", "json-labelled"])
 async def test_an_answer_over_the_bound_names_the_core(llm: tuple[str, FastAPI], mode: str) -> None:
     """The errors of this core name it, as the other cores' do ("Rasa answered ...",
     "Botpress ..."): with several cores (GATEWAY_PIPELINES) "the core's answer is larger"
@@ -502,6 +507,36 @@ async def test_an_answer_over_the_bound_names_the_core(llm: tuple[str, FastAPI],
     conv = engine(pipeline(url, mode, max_response_bytes=200))
     await pipeline_error(conv, "the OpenAI-compatible core's answer is larger than 200 bytes")
     await failed_session(conv, 0)
+    await conv.pipeline.aclose()
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        (" " * 300, "the OpenAI-compatible core's answer is larger than 200 bytes"),
+        ("\r\n \t", "the OpenAI-compatible core answered no chat completion"),
+        ("", "the OpenAI-compatible core answered no chat completion"),
+        ("Internal error, try later", "the OpenAI-compatible core answered no event stream"),
+        ("data: {not json\n\n", "the OpenAI-compatible core streamed a chunk that is not JSON"),
+    ],
+    ids=["blank-past-the-bound", "blank", "empty", "text", "garbage-event"],
+)
+async def test_an_odd_body_labelled_json_fails_the_turn(
+    llm: tuple[str, FastAPI], body: str, words: str
+) -> None:
+    """A 200 labelled ``application/json`` that is neither a completion nor an event
+    stream: white space read only up to the bound (the look at its start is bounded
+    too), no body, text, an event that is no chunk: each its error."""
+    url, app = llm
+
+    @app.post("/odd/labelled/v1/chat/completions")
+    async def labelled() -> HttpResponse:
+        return HttpResponse(body, media_type="application/json")
+
+    conv = engine(
+        OpenAIPipeline(f"{url}/odd/labelled/v1", model="m", api_key=KEY, max_response_bytes=200)
+    )
+    await pipeline_error(conv, words)
     await conv.pipeline.aclose()
 
 
