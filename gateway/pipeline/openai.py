@@ -532,12 +532,12 @@ _JSON_SPACE = b" \t\r\n"
 async def _head(chunks: AsyncIterator[bytes]) -> bytes:
     """The first bytes of ``chunks``: up to and with the first chunk holding something
     else than JSON white space (all of them when none does)."""
-    head = b""
+    head = bytearray()
     async for chunk in chunks:
         head += chunk
-        if head.lstrip(_JSON_SPACE):
+        if chunk.lstrip(_JSON_SPACE):  # not the whole head: linear in a trickled body
             break
-    return head
+    return bytes(head)
 
 
 async def _prepended(head: bytes, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
