@@ -346,6 +346,45 @@ TTS_MODES: Final[dict[str, TtsMode | None]] = {
 """``config.tts`` (lower case) -> TtsRequest mode (None: no speech)."""
 TTS_FILE_TYPES: Final[tuple[TtsFileFormat, ...]] = ("mp3", "wav", "mulaw")
 
+CONFIG_NAMES: Final = (
+    "locale",
+    "zoneId",
+    "stt",
+    "sttMode",
+    "sttSampleRate",
+    "sttInterimResults",
+    "tts",
+    "ttsFileType",
+    "voice",
+    "returnSsml",
+    "silenceTimeout",
+    "sendResponseItems",
+    "test",
+)
+"""The Init ``config`` settings of Flowstorm's clients (PROTOCOL-NOTES.md "Flowstorm Socket
+V1"): the only ones a turn stores with its session (:func:`stored_config`)."""
+
+
+def stored_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """What of an Init ``config`` a turn stores with its session (TurnContext.config, merged
+    into the session's by every turn): the settings of :data:`CONFIG_NAMES` whose value is
+    JSON null, a boolean, a number or a string of at most MAX_ID_CHARS characters. Other
+    properties (unknown ones are ignored, PROTOCOL-NOTES.md) and other values (lists,
+    objects, long strings: no setting's) are the connection's only, never stored: the
+    session keeps a bounded set of settings, where the whole config, merged over
+    reconnects, grew by up to a frame (GATEWAY_MAX_BODY_BYTES) with every Init of new
+    property names, loaded and saved by every turn. Pure."""
+    return {
+        name: value
+        for name in CONFIG_NAMES
+        if name in config
+        and (
+            (value := config[name]) is None
+            or isinstance(value, bool | int | float)
+            or (isinstance(value, str) and len(value) <= MAX_ID_CHARS)
+        )
+    }
+
 
 # ------------------------------------------------------------------ actions
 # The shared vocabulary (gateway.protocol.actions: Send, SendBytes, Close, StartTurn,
@@ -1186,8 +1225,8 @@ class V1Connection:
         self, session_id: str, request: Request | None = None, logs: Sequence[LogEntry] = ()
     ) -> TurnContext:
         """The TurnContext of a turn in ``session_id`` (or of StoreLogs, Follow): the Init's
-        key, device, config, locale and time zone; a 2021 ``Request``'s device id (over
-        Init's) and attributes."""
+        key, device, config (its settings: :func:`stored_config`), locale and time zone; a
+        2021 ``Request``'s device id (over Init's) and attributes."""
         init = self.init
         assert init is not None
         config = init.config
@@ -1200,7 +1239,7 @@ class V1Connection:
             locale=text(config.get("locale")),
             time_zone=text(config.get("zoneId")),
             create=True,
-            config=dict(config),
+            config=stored_config(config),
             attributes=dict(request.attributes) if request else {},
             logs=tuple(logs),
             tts=self.tts,

@@ -187,6 +187,37 @@ def test_spec_request_starts_a_turn_of_the_proposed_session() -> None:
     assert conn.state is State.TURN
 
 
+def test_a_turn_stores_only_the_v1_settings_of_the_init_config() -> None:
+    """TurnContext.config (merged into the session's by every turn) holds the V1 settings
+    of Init ``config`` (PROTOCOL-NOTES.md) with scalar values; unknown properties and
+    values no setting has (lists, objects, strings over MAX_ID_CHARS) stay the
+    connection's, as the settings the connection reads from them (sendResponseItems)."""
+    conn = connection(max_frame_bytes=100_000)
+    config = {
+        "locale": "en",
+        "sttSampleRate": 8000,
+        "returnSsml": False,
+        "test": None,
+        "sendResponseItems": True,
+        "voice": "v" * 257,
+        "stt": {"nested": [1, 2]},
+        "padding": "x" * 50_000,
+    }
+    [ready] = conn.receive_text(json.dumps({"type": "Init", "key": "k", "config": config}))
+    assert frames([ready]) == [{"type": "Ready"}]
+    [action] = conn.receive_text(json.dumps(request_frame("hi", "s1")))
+    assert isinstance(action, StartTurn)
+    assert dict(action.ctx.config) == {
+        "locale": "en",
+        "sttSampleRate": 8000,
+        "returnSsml": False,
+        "test": None,
+        "sendResponseItems": True,
+    }
+    assert conn.init is not None
+    assert conn.init.config["padding"] == "x" * 50_000
+
+
 @pytest.mark.parametrize("golden", [SPEC_RESPONSE, SPEC_RESPONSE_ENDED])
 def test_spec_response_is_sent_as_on_the_wire(golden: str) -> None:
     conn = connection()

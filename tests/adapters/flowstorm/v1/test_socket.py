@@ -245,6 +245,30 @@ async def test_a_second_connection_continues_the_session(store: dict[str, Any]) 
             assert texts(answer) == ["Your name is Tomas."]
 
 
+async def test_init_config_properties_no_client_has_do_not_grow_the_session() -> None:
+    """Every turn merged its connection's whole Init ``config`` into the session's config,
+    which the store keeps, loads and saves on every turn: a client reconnecting with new
+    property names (a frame of up to GATEWAY_MAX_BODY_BYTES each time) grew its session
+    without bound (four Inits of 300 KB of padding: 1.2 MB). Only the V1 settings
+    (PROTOCOL-NOTES.md) with scalar values are stored now; the conversation goes on."""
+    settings = Settings()
+    app = create_app(settings)
+    async with served_app(app, settings) as url:
+        for n in range(4):
+            async with connect(ws_url(url)) as ws:
+                frame = init_frame(sttMode="SingleUtterance", voice=["x" * 1000] * 10)
+                frame["config"][f"padding{n}"] = "x" * 300_000
+                await init(ws, frame)
+                frames = await turn(
+                    ws, request_frame("my name is Ada" if n == 0 else "hi", "grown")
+                )
+                assert frames[-1]["type"] == "Response"
+        session = await app.state.gateway.store.get("flowstorm:grown")
+        assert session is not None
+        assert session.config == {"sttMode": "SingleUtterance"}
+        assert len(session.model_dump_json()) < 20_000
+
+
 async def test_a_session_of_another_key_is_refused_and_the_socket_serves_on() -> None:
     async with served() as url:
         async with connect(ws_url(url)) as owner:
