@@ -62,9 +62,18 @@ def check_input(input_: Input) -> Input:
     the session's locale, handed to the core and echoed); ``zoneId``, when set, a key of
     the IANA time zone database (:func:`gateway.protocol.check_time_zone`, as V1's Init
     ``config.zoneId`` and V2's ``timeZone``: the session's time zone, handed to the core
-    on this turn and every later one)."""
+    on this turn and every later one); ``transcript.confidence`` and each of
+    ``alternatives``' ``confidence`` in 0..1 (:class:`gateway.events.Transcript`: a
+    recognizer's confidence, handed to the core as sent)."""
     if not input_.text.strip():
         raise ProtocolError("input.transcript.text is empty: send the user's text or #intro.")
+    confidences = [("transcript", input_.transcript.confidence)]
+    confidences += ((f"alternatives.{n}", a.confidence) for n, a in enumerate(input_.alternatives))
+    for where, confidence in confidences:
+        if not 0 <= confidence <= 1:
+            raise ProtocolError(
+                f"input.{where}.confidence must be from 0 to 1, not {clipped(confidence)}."
+            )
     if input_.locale:
         check_language_tag(input_.locale, what="input.locale")
     if input_.zone_id:

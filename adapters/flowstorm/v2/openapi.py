@@ -26,6 +26,9 @@ _TEXT_PATTERN = f"^[{_NOT_CONTROL}]*[{_NOT_CONTROL}\\s][{_NOT_CONTROL}]*$"
 """A text/plain turn's body: something not blank, and no control character but tab,
 line feed and carriage return (:func:`adapters.flowstorm.v2.protocol.text_input`)."""
 
+_CONFIDENCE: dict[str, Any] = {"minimum": 0, "maximum": 1}
+"""A transcript's ``confidence`` (0..1; :func:`adapters.flowstorm.events.check_input`)."""
+
 _INPUT_RULES: dict[str, Any] = {
     "properties": {
         "input": {
@@ -47,6 +50,8 @@ _INPUT_RULES: dict[str, Any] = {
                         },
                     ]
                 },
+                "transcript": {"properties": {"confidence": _CONFIDENCE}},
+                "alternatives": {"items": {"properties": {"confidence": _CONFIDENCE}}},
                 "zoneId": {
                     "description": "When set, a key of the IANA time zone database "
                     "(`Europe/Prague`); any other value is refused (400)"
@@ -58,8 +63,9 @@ _INPUT_RULES: dict[str, Any] = {
 """What an Input turn's JSON body must hold beyond :class:`InputEvent`'s types
 (:func:`adapters.flowstorm.events.check_input`, a 400 otherwise): a transcript text that
 is not blank, or an ``action`` that is not (it becomes the text); a ``locale`` that is a
-language tag when set. ``zoneId`` must be a key of the IANA time zone database: said in
-its description, not listed (the keys depend on the tzdata installed)."""
+language tag when set; confidences from 0 to 1. ``zoneId`` must be a key of the IANA time
+zone database: said in its description, not listed (the keys depend on the tzdata
+installed)."""
 
 _TURN_DOC: dict[int | str, dict[str, Any]] = {
     200: {

@@ -218,6 +218,33 @@ def test_a_turn_stores_only_the_v1_settings_of_the_init_config() -> None:
     assert conn.init.config["padding"] == "x" * 50_000
 
 
+def test_an_input_confidence_out_of_0_to_1_is_an_error_and_nothing_changes() -> None:
+    """A Request's or Input's ``transcript.confidence`` (and its alternatives') out of 0..1
+    was handed to the core as sent; now it is the client's Error naming it, no turn
+    starts, and a valid input goes on."""
+    conn = connection()
+    conn.receive_text(SPEC_INIT)
+    for frame in (input_frame("hi"), request_frame("hi")):
+        inner = frame["input"] if frame["type"] == "Input" else frame["request"]["input"]
+        inner["transcript"]["confidence"] = -0.5
+        [error] = frames(conn.receive_text(json.dumps(frame)))
+        assert error == {
+            "type": "Error",
+            "text": "input.transcript.confidence must be from 0 to 1, not -0.5.",
+            "source": "client",
+        }
+        inner["transcript"]["confidence"] = 0.7
+        inner["alternatives"] = [{"text": "high", "confidence": 3}]
+        [error] = frames(conn.receive_text(json.dumps(frame)))
+        assert error["text"] == "input.alternatives.0.confidence must be from 0 to 1, not 3.0."
+        assert conn.state is State.IDLE
+    frame = input_frame("hi")
+    frame["input"]["transcript"]["confidence"] = 0.7
+    [action] = conn.receive_text(json.dumps(frame))
+    assert isinstance(action, StartTurn)
+    assert action.input.transcript.confidence == 0.7
+
+
 @pytest.mark.parametrize("golden", [SPEC_RESPONSE, SPEC_RESPONSE_ENDED])
 def test_spec_response_is_sent_as_on_the_wire(golden: str) -> None:
     conn = connection()

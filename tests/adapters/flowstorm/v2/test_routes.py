@@ -1463,6 +1463,50 @@ async def test_an_input_zone_that_is_no_time_zone_is_refused() -> None:
         assert len(core.state.requests) == asked
 
 
+async def test_an_input_confidence_out_of_0_to_1_is_refused() -> None:
+    """An Input event's ``transcript.confidence`` (and its alternatives') was taken as sent
+    (-7, 1e300) and handed to the core, whose request documents it in 0..1; now one out of
+    0..1 is a 400 Error of source ``client`` naming it: no session made, nothing sent to
+    the core. 0, 1 and what lies between go to the core as sent."""
+    core = make_core()
+    async with (
+        serve(core) as core_url,
+        gateway(pipeline=f"{core_url}/json") as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+
+        def sure(confidence: float, alternative: float = 0.5) -> str:
+            transcript = {"text": "hi", "confidence": confidence}
+            alternatives = [{"text": "high", "confidence": alternative}]
+            return json.dumps(
+                {"type": "Input", "input": {"transcript": transcript, "alternatives": alternatives}}
+            )
+
+        for fine in (0, 0.25, 1):
+            answer = await client.put(
+                f"/client?key={KEY}&tts=None", headers=JSON, content=sure(fine)
+            )
+            assert answer.status_code == 200, answer.text
+            sent = core.state.requests[-1]["input"]
+            assert sent["transcript"]["confidence"] == fine
+            assert sent["alternatives"][0]["confidence"] == 0.5
+            client.cookies.clear()
+        asked = len(core.state.requests)
+        for body, where, shown in (
+            (sure(-7), "transcript", "-7.0"),
+            (sure(1.5), "transcript", "1.5"),
+            (sure(1e300), "transcript", "1e+300"),
+            (sure(0.9, -0.1), "alternatives.0", "-0.1"),
+        ):
+            answer = await client.put(f"/client?key={KEY}&tts=None", headers=JSON, content=body)
+            assert answer.status_code == 400, where  # before: 200, handed to the core
+            [error] = events(answer)
+            assert error["source"] == "client"
+            assert error["text"] == f"input.{where}.confidence must be from 0 to 1, not {shown}."
+            assert "flowstorm-session-id" not in answer.cookies
+        assert len(core.state.requests) == asked
+
+
 async def test_tts_none_turns_the_links_off(base: str) -> None:
     async with httpx.AsyncClient(base_url=base) as client:
         quiet = await client.put(f"/client?key={KEY}&tts=None", headers=TEXT, content="hi")
