@@ -88,7 +88,7 @@ _TURN_DOC: dict[int | str, dict[str, Any]] = {
     401: {"description": "No application key"},
     403: {
         "description": f"Unknown application key (or one over {MAX_ID_CHARS} characters), or "
-        "the session is another application's"
+        "the session is another application's (the cookie is cleared)"
     },
     404: {"description": "The flowstorm-session-id cookie names an unknown or expired session"},
     408: {"description": "A realtime stream stopped before its InputEvent came"},

@@ -6,10 +6,11 @@ parallel GET over the bus. Spec: shared/specs/flowstorm-socket-v2.md.
 
 Errors answer in the request's own format: a ``!`` line for ``text/plain``, an
 ErrorEvent line otherwise, with an HTTP status that says what happened (400
-malformed, 401 no key, 403 unknown key or another application's session, 404
-unknown session, 408 a stream that stopped, 409 busy session (with ``Retry-After``:
-:data:`BUSY_RETRY_AFTER_S` when its lock wait ran out, :data:`STREAMING_RETRY_AFTER_S`
-when another realtime PUT holds its recognition), 413 too large or
+malformed, 401 no key, 403 unknown key or another application's session (the
+cookie cleared), 404 unknown session (the cookie cleared too), 408 a stream that
+stopped, 409 busy session (with ``Retry-After``: :data:`BUSY_RETRY_AFTER_S` when its
+lock wait ran out, :data:`STREAMING_RETRY_AFTER_S` when another realtime PUT holds its
+recognition), 413 too large or
 too long, 405 a method other than GET and PUT (with ``Allow: GET, PUT``; a ``!`` line
 when ``Accept`` ranks ``text/plain`` first, as for GET), 415 unsupported content type
 (or a ``Content-Encoding`` other than ``identity``: no body is decompressed; with
@@ -512,10 +513,15 @@ finds another application's or does not find (``Conversation.find`` / ``log``)."
 
 
 def _session_refused(
-    found: str, session_id: str, *, forget: bool = False, guess: bool = True
+    found: str, session_id: str, *, forget: bool = True, guess: bool = True
 ) -> _Refused:
     """The 403 / 404 refusal of :data:`_SESSION_REFUSALS` for ``found`` (``guess``: as
-    :class:`_Refused`'s)."""
+    :class:`_Refused`'s), which clears the cookie unless not ``forget``: this key can
+    never use a session that is unknown or another application's, and the client cannot
+    drop the id itself (the spec has it discard the session at an ErrorEvent; the cookie
+    is HttpOnly), so a browser whose cookie another application's client set (the
+    gateway's cookie is shared by every application the browser talks to through it)
+    would be refused 403 on every request until that cookie expired."""
     status, text = _SESSION_REFUSALS[found]
     shown = clipped(session_id, quote=False)
     return _Refused(status, text.format(shown), "session", forget=forget, guess=guess)
@@ -643,7 +649,8 @@ def _failed(request: Request, *, plain: bool) -> HTTPResponse:
 
 async def _known_session(gw: Gateway, ctx: TurnContext) -> str:
     """Raise _Refused unless the cookie's session may take an audio turn: 403 another
-    application's, 404 unknown or expired (the cookie cleared), 503 the store down. Checked
+    application's, 404 unknown or expired (the cookie cleared with both), 503 the store
+    down. Checked
     before the body is read, so that the audio of a session that is gone is never
     recognised (the turn checks again: a session being made, ``creating``, goes on).
     Returns what the store found otherwise: ``found`` or ``creating`` (a GET follows only
@@ -653,7 +660,7 @@ async def _known_session(gw: Gateway, ctx: TurnContext) -> str:
     except StoreUnavailable:
         raise _store_down() from None
     if found in ("foreign", "not-found"):
-        raise _session_refused(found, ctx.session_id, forget=found == "not-found")
+        raise _session_refused(found, ctx.session_id)
     return found
 
 
@@ -750,7 +757,7 @@ _STOPPED: Final = "The turn was stopped before it answered."
 async def _store_logs(gw: Gateway, ctx: TurnContext) -> HTTPResponse:
     """Store a body's Log events with the session (204). Raises _Refused: 409 busy (with
     ``Retry-After``: :data:`BUSY_RETRY_AFTER_S`), 503 the
-    store down, 403 / 404 (:func:`_session_refused`; the cookie cleared with a 404)."""
+    store down, 403 / 404 (:func:`_session_refused`; the cookie cleared)."""
     if ctx.create:  # no session yet: nothing to attach the logs to
         return HTTPResponse(status_code=204)
     try:
@@ -759,8 +766,8 @@ async def _store_logs(gw: Gateway, ctx: TurnContext) -> HTTPResponse:
         raise _Refused(409, _BUSY, "session", BUSY_RETRY_AFTER_S) from None
     except StoreUnavailable:
         raise _store_down() from None
-    if stored != "stored":  # (an unknown session's cookie is cleared, as for a turn)
-        raise _session_refused(stored, ctx.session_id, forget=stored == "not-found")
+    if stored != "stored":  # (its cookie is cleared, as for a turn)
+        raise _session_refused(stored, ctx.session_id)
     return HTTPResponse(status_code=204)
 
 
@@ -791,7 +798,7 @@ async def _turn(
     except BaseException as exc:  # what the request holds is given back, whatever came
         await on_end()
         if isinstance(exc, TurnRejected):
-            forget = exc.reason == "session-not-found"
+            forget = exc.reason in ("session-not-found", "session-foreign")
             retry = _REJECT_RETRY_S.get(exc.reason)
             raise _Refused(
                 _REJECT_STATUS[exc.reason], exc.text, exc.source, retry, forget=forget
@@ -1325,7 +1332,7 @@ async def get_client(request: Request) -> HTTPResponse:
         if await _known_session(gw, ctx) != "found":  # "creating": not stored yet, nothing
             # to follow; its cookie (from its first turn's streaming answer) is kept: the session
             # is coming, and the client guessed nothing (its allowance of unknown sessions too)
-            raise _session_refused("not-found", cookie, guess=False)
+            raise _session_refused("not-found", cookie, forget=False, guess=False)
     except _Refused as exc:
         return exc.answer(request, plain=plain)
     except Exception:

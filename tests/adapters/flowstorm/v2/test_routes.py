@@ -231,6 +231,60 @@ async def test_logs_of_an_unknown_session_clear_the_cookie_as_a_turn_does(base: 
             assert "Max-Age=0" in answer.headers["set-cookie"]
 
 
+async def test_another_applications_session_clears_the_cookie_so_its_client_can_start(
+    base: str,
+) -> None:
+    """A request whose cookie names another application's session was answered 403 with the
+    cookie kept, while a 404 clears it. The spec has a client discard its session at an
+    ErrorEvent, but the cookie is HttpOnly: a browser cannot, and the gateway's cookie is
+    shared by every application the browser talks to through it, so after a conversation
+    with one application another's client was refused 403 on every request (turn, Log
+    body, audio, GET) until that cookie expired. Now each 403 clears the cookie: the other
+    client starts its own session, and the first application's session goes on."""
+    logs = '{"type":"Log","entries":[{"text":"mic muted"}]}'
+    raw = {"Content-Type": "audio/basic"}
+    async with httpx.AsyncClient(base_url=base) as client:
+        made = await client.put(
+            f"/client?key={KEY}&tts=None", headers=TEXT, content="my name is Ada"
+        )
+        session_id = made.cookies["flowstorm-session-id"]
+        theirs = {"Cookie": f"flowstorm-session-id={session_id}"}
+        for method, query, headers, content in (
+            ("PUT", "", TEXT, b"hi"),
+            ("PUT", "", JSON, input_event("hi").encode()),
+            ("PUT", "", JSON, logs.encode()),
+            ("PUT", "", raw, b"\0\1" * 1600),
+            ("PUT", "&realtime=1", raw, b"\0\1" * 1600),
+            ("GET", "", {}, b""),
+        ):
+            client.cookies.clear()
+            answer = await client.request(
+                method,
+                f"/client?key=other-app&tts=None{query}",
+                headers={**headers, **theirs},
+                content=content,
+            )
+            what = (method, query, headers.get("Content-Type"))
+            assert answer.status_code == 403, what
+            text = f"Session {session_id} belongs to another application."
+            if headers is TEXT:
+                assert answer.text == f"! session: {text}\n"
+            else:
+                assert events(answer) == [{"type": "Error", "text": text, "source": "session"}]
+            cleared = answer.headers.get("set-cookie", "")
+            assert 'flowstorm-session-id=""' in cleared, what  # before: kept
+            assert "Max-Age=0" in cleared
+        client.cookies.clear()
+        own = await client.put("/client?key=other-app&tts=None", headers=TEXT, content="hi")
+        assert own.status_code == 200
+        assert own.cookies["flowstorm-session-id"] != session_id
+        client.cookies.clear()
+        again = await client.put(
+            f"/client?key={KEY}&tts=None", headers={**TEXT, **theirs}, content="what is my name"
+        )
+        assert again.text == "< Your name is Ada.\n"
+
+
 async def test_a_busy_session_is_409_with_retry_after(redis_url: str, redis_prefix: str) -> None:
     """A turn, or a body of Log events alone, of a session whose lock another turn (here
     another instance's, the lock held through the store) holds for all of
