@@ -370,6 +370,9 @@ class _Socket(WebSocketDriver[Action]):
         """(session key, seq of the answer's last entry) of the running turn whose
         Response was held (V1Connection.turn_over): the delivered mark is raised over the
         answer before its held frames go out (:meth:`run`), not after."""
+        self._settled: tuple[str, int] | None = None
+        """(session key, seq) the last settle of :meth:`run` raised the mark over: the
+        turn's :meth:`forward` does not settle that answer a second time."""
         self._sent: set[asyncio.Task[Any]] = set()
         """Forwarders (of ``turns``) whose turn's frames all went out, the Response too,
         and which still raise the outbox's mark (Following.settle, catch_up): their
@@ -564,6 +567,7 @@ class _Socket(WebSocketDriver[Action]):
         sends = not self.holding() and any(isinstance(a, Send) for a in actions)
         if settle and following and following.key == settle[0] and self.open and sends:
             self._settle_first = None
+            self._settled = settle
             await asyncio.shield(following.settle(*settle))
         for action in actions:
             following = self.following
@@ -589,7 +593,8 @@ class _Socket(WebSocketDriver[Action]):
         was raised after the send, racing that Init), so a client whose socket dropped
         before gets it back on an Init with ``sessionId``, with or without ``lastSeq``.
         Outbox entries wait while the turn answers (``_answering``) and are caught up
-        afterwards.
+        afterwards. An answer :meth:`run` settled before its Response is not settled again
+        here (without the follow task that was a second read and write of the mark).
         """
         following = self.following
         if following is None:
@@ -622,9 +627,11 @@ class _Socket(WebSocketDriver[Action]):
         assert task is not None
         self._sent.add(task)  # the client has what the turn gave: only the outbox's work left
         try:
+            settled, self._settled = self._settled, None
             if answered and self.open and following.key == key:
-                # even when the client leaves now
-                await asyncio.shield(following.settle(key, last))
+                if last is None or settled != (key, last):  # run settled it before the Response
+                    # even when the client leaves now
+                    await asyncio.shield(following.settle(key, last))
                 await following.catch_up()  # what came while the turn answered
         finally:
             self._sent.discard(task)

@@ -21,6 +21,7 @@ from adapters.flowstorm.v1 import routes as v1_routes
 from adapters.flowstorm.v1.protocol import CLOSE_POLICY, CLOSE_TOO_BIG, LOG_BUFFER
 from gateway import conversation
 from gateway.app import create_app
+from gateway.bus import BusUnavailable
 from gateway.events import ResponseItem
 from gateway.logs import session_ref
 from gateway.protocol import clipped
@@ -1225,3 +1226,59 @@ async def test_logs_of_a_session_that_expired_go_with_its_next_turn() -> None:
     again = await sessions.get("flowstorm:expiring-1")
     assert again is not None
     assert [e.text for e in again.logs] == ["idle"]
+
+
+async def test_a_turn_raises_the_delivered_mark_over_its_answer_once(
+    store: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The delivered mark over a turn's answer is raised just before its held Response goes
+    out (_Socket.run), and forward raised it again once the turn was over (Following.settle
+    twice per turn). With the session's follow task running, the second one found the
+    mark up already; without it (the bus refused the subscription) each settle reads the
+    outbox's state and writes the mark: one read and one write more per turn. Counted
+    on the real outbox: each turn now reads the state once and writes the mark once, over
+    its answer's last entry."""
+    session_id = f"one-mark-{store.get('redis_prefix', 'memory')}"
+    key = f"flowstorm:{session_id}"
+    app = create_app(Settings(**store))
+    forwarded: asyncio.Queue[None] = asyncio.Queue()
+    forward = v1_routes._Socket.forward
+
+    async def watched_forward(self: v1_routes._Socket, start: Any) -> None:
+        try:
+            await forward(self, start)
+        finally:
+            forwarded.put_nowait(None)  # the turn's forwarder is done: its settles too
+
+    monkeypatch.setattr(v1_routes._Socket, "forward", watched_forward)
+    async with served_app(app) as url:
+        journal = app.state.gateway.journal
+        outbox, bus = journal.outbox, journal.bus
+        calls: list[tuple[str, tuple[Any, ...]]] = []
+        state, mark, subscribe = outbox.state, outbox.mark, bus.subscribe
+
+        async def counted_state(box_key: str) -> Any:
+            calls.append(("state", (box_key,)))
+            return await state(box_key)
+
+        async def counted_mark(box_key: str, seq: int) -> int:
+            calls.append(("mark", (box_key, seq)))
+            return int(await mark(box_key, seq))
+
+        def refused(topic: str) -> Any:
+            if session_id in topic:  # this session's follow task never starts
+                raise BusUnavailable("refused by the test")
+            return subscribe(topic)
+
+        outbox.state, outbox.mark, bus.subscribe = counted_state, counted_mark, refused
+        async with connect(ws_url(url)) as ws:
+            await init(ws)
+            for text in ("#intro", "what is my name"):
+                calls.clear()
+                frames = await turn(ws, request_frame(text, session_id))
+                assert frames[-1]["type"] == "Response", frames
+                await unless_hung(forwarded.get(), "the turn's forwarder")
+                last_seq = (await state(key)).last_seq
+                # before: two of each, the second settle a second read and write of the mark
+                assert calls == [("state", (key,)), ("mark", (key, last_seq))], calls
+                assert (await state(key)).mark == last_seq
