@@ -114,6 +114,8 @@ class Streamed:
     stopped_by_get: bool = False
     """The mic stopped because the GET ended (its body still open, chunks left or held):
     the GET's end did not wait for the body's."""
+    order: list[str] = field(default_factory=list)
+    """``"get ended"`` and ``"put answered"`` in the order the client saw them (no clock)."""
 
 
 async def realtime_turn(
@@ -154,6 +156,7 @@ async def realtime_turn(
                         check_v2(json.loads(line))  # the spec's shape
                     result.get_lines.append(line)
         result.get_ended = time.monotonic() - t0
+        result.order.append("get ended")
         stop.set()
 
     async def mic() -> AsyncIterator[bytes]:
@@ -183,6 +186,7 @@ async def realtime_turn(
         content=mic(),
     )
     result.put_answered = time.monotonic() - t0
+    result.order.append("put answered")
     await asyncio.wait_for(getter, 10)
     return result
 
