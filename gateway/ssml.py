@@ -347,12 +347,17 @@ def _role(name: str) -> str:
 _PARTED = "\x00"
 """Where an element parted the words in :func:`ssml_to_text`'s text (a space in the end): a
 NUL, which no parsed XML text holds."""
-_PARTED_BEFORE_PUNCTUATION = re.compile(r"(?<!\x00)\x00++(?=[.,!?;:…]++(?!\w))")
-"""Parting before punctuation that ends the words before it: ``<voice name="a">Hi</voice>.``
-reads ``Hi.``, not ``Hi .``; punctuation that begins a word (``<p>one</p><p>.5 cups</p>``,
-``...maybe``) stays parted: ``one .5 cups``, not ``one.5 cups``. A match begins only where
-a run of partings begins (the lookbehind): tried again at each NUL of a run, as without it,
-a run of n (``<break/>`` n/2 times) took n²/2 steps, seconds for a core's answer of tags."""
+_PARTED_BEFORE_PUNCTUATION = re.compile(r"(?<![\s\x00])[\s\x00]*+(?<=\x00)(?=[.,!?;:…]++(?!\w))")
+"""Parting before punctuation that ends the words before it, with the whitespace before
+the parting: ``<voice name="a">Hi</voice>.`` reads ``Hi.``, not ``Hi .``, and so does
+``Again <audio src="https://x">a gong</audio>.`` with the sound played (its fallback left
+out: it read ``Again .``) or ``Again <break/>.``; punctuation that begins a word
+(``<p>one</p><p>.5 cups</p>``, ``...maybe``) stays parted: ``one .5 cups``, not
+``one.5 cups``, and whitespace the text itself puts after the parting stays
+(``Hi<break/> .``). A match takes a whole run of whitespace and partings, possessively,
+and begins only where such a run begins (the lookbehind): tried again at each character of
+a run, a run of n (``<break/>`` n/2 times, or n spaces) took n²/2 steps, seconds for a
+core's answer of tags."""
 
 
 def ssml_to_text(ssml: str, *, played: tuple[str, ...] = ()) -> str | None:

@@ -125,6 +125,39 @@ def test_punctuation_that_begins_a_word_stays_parted_from_the_word_before(
     assert display_text([ResponseItem(ssml=ssml)], 640) == text
 
 
+@pytest.mark.parametrize(
+    ("ssml", "text"),
+    [
+        ('Again <audio src="https://a/gong.mp3">a gong</audio>.', "Again."),
+        ('Again\n<audio src="https://a/gong.mp3">a gong</audio>!', "Again!"),
+        ('Again <audio src="https://a/gong.mp3">a gong</audio> <break/>?', "Again?"),
+        ('Again <audio src="https://a/gong.mp3">a gong</audio>.5 cups', "Again .5 cups"),
+        ('Again<audio src="https://a/gong.mp3">a gong</audio> .', "Again ."),
+    ],
+)
+def test_a_dropped_fallback_leaves_no_space_before_the_punctuation_after_it(
+    ssml: str, text: str
+) -> None:
+    """A played ``<audio>``'s fallback is left out of the words (heard: the sound), and the
+    space the text put before it went with it only when there was none: ``Again <audio
+    src="https://...">a gong</audio>.`` read ``Again .`` on the screen of a platform that
+    plays the sound. Punctuation that begins a word stays parted, and a space the text puts
+    after the element stays (the text's own)."""
+    assert ssml_to_text(ssml, played=HTTPS_AUDIO) == text
+    assert display_text([ResponseItem(ssml=ssml)], 640, played=HTTPS_AUDIO) == text
+    # not played: the fallback's words are the text's
+    assert (ssml_to_text(ssml) or "").startswith("Again a gong")
+
+
+def test_spaces_before_a_parting_are_read_in_linear_time() -> None:
+    """Whitespace before a parting tag now goes with it before punctuation: a run of
+    spaces and tags is taken whole, once (a match begins where a run begins), not tried
+    again at each of its characters when no punctuation follows (quadratic)."""
+    run = " <break/>" * (1 << 15)
+    assert ssml_to_text(f"<speak>Wait{run}. Done</speak>") == "Wait. Done"
+    assert ssml_to_text(f"<speak>Wait{run}done.</speak>") == "Wait done."
+
+
 def test_a_core_answer_of_tags_is_read_in_linear_time() -> None:
     """A core's answer of half a megabyte of ``<break/>`` followed by a word reads as one
     followed by punctuation does (the same parse; each item is read several times per
