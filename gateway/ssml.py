@@ -1608,7 +1608,7 @@ def _cut_markup(fragment: str, room: int, utf16: bool = False, level: int = 0) -
                 inner_room = left - _size(tag[0], utf16) - _size(close, utf16)
                 content = part[tag.end() : part.rfind("</")]
                 inner = _cut_markup(content, inner_room, utf16, level + 1) if inner_room > 0 else ""
-                if inner.strip():
+                if _holds_more_than_comments(inner):  # (a comment alone: nothing cut into)
                     cut = tag[0] + inner + close
         if not cut:
             words = (ssml_to_text(part) or "") if says else ""  # no text: not parsed
@@ -1620,6 +1620,21 @@ def _cut_markup(fragment: str, room: int, utf16: bool = False, level: int = 0) -
         kept.append(cut)
         break
     return "".join(kept).strip()
+
+
+def _holds_more_than_comments(fragment: str) -> bool:
+    """Whether well-formed SSML content ``fragment`` holds anything but whitespace,
+    comments and processing instructions (:data:`_MARKUP`): a tag, character data or a
+    CDATA section. A cut into an element (:func:`_cut_markup`) that kept only a comment
+    says and marks nothing: it is no cut there, the parts after it are tried."""
+    at = 0
+    for mark in _MARKUP.finditer(fragment):
+        if fragment[at : mark.start()].strip() or mark[2] is not None:
+            return True
+        if mark[0].startswith("<![CDATA["):
+            return True
+        at = mark.end()
+    return bool(fragment[at:].strip())
 
 
 def _words(

@@ -779,6 +779,27 @@ def test_speech_cut_at_the_budget_keeps_the_sounds_and_markup_that_fit() -> None
     assert ssml_to_text(said) is not None
 
 
+@pytest.mark.parametrize("short", [1, 5, 9])
+@pytest.mark.parametrize("note", ["<!-- a note -->", "<?note?>", "<!-- a --> <!-- b -->"])
+def test_a_cut_into_an_element_that_keeps_only_a_comment_goes_on_after_it(
+    short: int, note: str
+) -> None:
+    """An element the cut goes into (a ``<s>``) whose content's cut kept only a comment
+    (or a processing instruction) was kept as that cut, and the cut stopped there: the
+    speech said ``<s><!-- a note --></s>`` and nothing, though the words after it fit.
+    Such a cut says nothing: the element is left out as one that says nothing is, and the
+    parts after it are tried. (``short``: how many characters the budget lacks for the
+    whole element; the comment and the words fit.)"""
+    element = f'<s>{note}<break time="1s"/></s>'
+    budget = len(f"<speak>{element}</speak>") - short
+    said = speech_ssml([ResponseItem(ssml=f"{element} Hi there, welcome back.")], budget)
+    assert said == "<speak>Hi there, welcome back.</speak>", said
+    # an element whose cut keeps a tag (the pause) is still cut into, and the cut ends there
+    longer = f'<s>{note}<break time="1s"/> Hi</s> there.'
+    kept = speech_ssml([ResponseItem(ssml=longer)], len(f"<speak>{element}</speak>"))
+    assert kept == f"<speak>{element}</speak>", kept
+
+
 def test_alexas_24_kb_cut_keeps_an_items_audio_played_instead_of_its_words() -> None:
     """Alexa's 24 KB cut (:func:`adapters.alexa.protocol.encode`) cuts the speech as one
     SSML document: an item whose own ``audio`` is played instead of its words is an
