@@ -1696,6 +1696,7 @@ def display_text(
     utf16: bool = False,
     then: ResponseItem | None = None,
     played: tuple[str, ...] = (),
+    max_audio: int | None = None,
 ) -> str:
     """The items' text for a screen or card: texts (or SSML's spoken text) joined by spaces.
 
@@ -1711,22 +1712,37 @@ def display_text(
     such an ``<audio>``'s content, its fallback, not heard while the sound plays (SSML 1.1,
     3.3.1), as an item whose text is those words (a Voiceflow core's ``speak``) shows them;
     a text of the core's own is shown as it is.
+    ``max_audio``: the platform's count of ``<audio>`` tags in one speech (Alexa's 5,
+    :func:`speech_ssml`'s ``max_audio``, ``then``'s counted first as there): an item whose
+    tags would pass it is said as its words, the fallbacks of its sounds included, and
+    so it is shown. Before, a sixth https sound's fallback was said but not shown.
     """
     if then is not None:
-        whole = display_text([then], 1 << 30, played=played)
+        whole = display_text([then], 1 << 30, played=played, max_audio=max_audio)
         tail = truncate_text(whole, max_chars, utf16=utf16)
         if tail != whole:  # cut itself: no room for the items
             return tail
         if tail:
             room = max_chars - (utf16_len(tail) if utf16 else len(tail)) - 1  # and a space
-            head = display_text(items, max(room, 0), utf16=utf16, played=played)
+            left = max_audio
+            if left is not None and played:
+                tags = _audio_tags(then, played)
+                left -= tags if tags <= left else 0  # over the count: its words, no sound
+            head = display_text(items, max(room, 0), utf16=utf16, played=played, max_audio=left)
             return f"{head} {tail}" if head else tail
     parts: list[str] = []
+    audio_left = max_audio if played else None
     for item in items:
         if is_command(item):
             continue  # an action for the client, no words (an item with ssml never is one)
         ssml = item.ssml or ""
         heard = bool(played) and _AUDIO_TAG in ssml
+        if audio_left is not None and (heard or item.audio):
+            tags = _audio_tags(item, played)  # as speech_ssml counts them
+            if tags > audio_left:  # over the count: said as its words, fallbacks too
+                heard = False
+            else:
+                audio_left -= tags
         if item.text and not (heard and item.text == ssml_to_text(ssml)):
             parts.append(item.text)
         elif ssml:
@@ -1736,3 +1752,10 @@ def display_text(
             parts.append(spoken)
     shown = (" ".join(without_controls(p).split()) for p in parts)
     return truncate_text(" ".join(p for p in shown if p), max_chars, utf16=utf16)
+
+
+def _audio_tags(item: ResponseItem, played: tuple[str, ...]) -> int:
+    """How many ``<audio>`` tags ``item``'s speech holds on a platform that plays
+    ``played`` (its :func:`item_ssml`: its own ``audio`` played instead of its words, and
+    those of its ``ssml``), as :func:`speech_ssml` counts them against ``max_audio``."""
+    return item_ssml(item, audio_schemes=played).count(_AUDIO_TAG)

@@ -653,7 +653,8 @@ def turn_wire(
       open (and ``reprompt`` is True);
     - ``card``: Standard, with the items' text and the first https image of at most
       :data:`MAX_IMAGE_URL_CHARS`, when an item has one; the text within what the two
-      image URLs leave of :data:`MAX_CARD_CHARS`;
+      image URLs leave of :data:`MAX_CARD_CHARS`, showing what is said (the fallback of
+      a sound played left out, that of an item past :data:`MAX_AUDIO_TAGS` shown);
     - ``shouldEndSession`` (always present, a bool): ``sessionEnded and
       sleepTimeout == 0``, or True with ``force_end``; a response that says nothing
       ends the session.
@@ -681,7 +682,9 @@ def turn_wire(
     if image:
         card: dict[str, Any] = {"type": "Standard"}
         room = MAX_CARD_CHARS - 2 * utf16_len(image)  # both URLs count (MAX_CARD_CHARS)
-        text = display_text(items, room, utf16=True, then=then, played=ALEXA_AUDIO)
+        text = display_text(
+            items, room, utf16=True, then=then, played=ALEXA_AUDIO, max_audio=MAX_AUDIO_TAGS
+        )
         if text:
             card["text"] = text
         card["image"] = {"smallImageUrl": image, "largeImageUrl": image}

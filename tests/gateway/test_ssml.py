@@ -800,6 +800,34 @@ def test_a_cut_into_an_element_that_keeps_only_a_comment_goes_on_after_it(
     assert kept == f"<speak>{element}</speak>", kept
 
 
+@pytest.mark.parametrize("then", [None, 0, 2])
+@pytest.mark.parametrize("counts", [[1, 1, 1, 1, 1, 1], [4, 2, 1], [6], [2, 0, 3, 1]])
+def test_the_display_text_shows_what_is_said_within_the_audio_count(
+    counts: list[int], then: int | None
+) -> None:
+    """With ``max_audio`` (Alexa's five ``<audio>`` tags) an item whose sounds would pass
+    the count is said as its words, its fallbacks included, ``then``'s sounds counted
+    first: the display text shows those fallbacks, and leaves out those of the sounds that
+    play. Before, display_text left out the fallback of every https sound (heard: "gong 5",
+    shown: nothing). What is shown is the speech's spoken text with the played sounds'
+    fallbacks left out."""
+
+    def item(n: int, tags: int) -> ResponseItem:
+        sounds = "".join(
+            f' <audio src="https://a/{n}-{k}.mp3">gong {n}-{k}</audio>' for k in range(tags)
+        )
+        return ResponseItem(ssml=f"Item {n}{sounds}.")
+
+    items = [item(n, tags) for n, tags in enumerate(counts)]
+    last = None if then is None else item(99, then)
+    said = speech_ssml(items, 8000, audio_schemes=ALEXA_AUDIO, max_audio=5, then=last)
+    assert said is not None
+    heard = ssml_to_text(said, played=ALEXA_AUDIO)
+    shown = display_text(items, 8000, then=last, played=ALEXA_AUDIO, max_audio=5)
+    assert shown == heard
+    assert said.count("<audio") <= 5
+
+
 def test_alexas_24_kb_cut_keeps_an_items_audio_played_instead_of_its_words() -> None:
     """Alexa's 24 KB cut (:func:`adapters.alexa.protocol.encode`) cuts the speech as one
     SSML document: an item whose own ``audio`` is played instead of its words is an

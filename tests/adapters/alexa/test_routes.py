@@ -1071,6 +1071,35 @@ async def test_the_card_leaves_out_the_fallback_of_a_sound_alexa_plays() -> None
     assert getattr(card, "text", None) == "The gong, the bell, the horn a horn. Again."
 
 
+async def test_the_card_shows_the_fallback_of_a_sound_past_alexas_five() -> None:
+    """Alexa plays at most five ``<audio>`` tags in one speech (MAX_AUDIO_TAGS): the item
+    whose sounds would pass them is said as its words, its sounds' fallbacks included
+    (gateway.ssml.speech_ssml ``max_audio``; an item's own ``audio``, played instead of
+    its words, counts). The card left out the fallback of every https sound all the same:
+    the sixth sound's "a gong" was heard but not shown. The card now shows what is said."""
+    ticks = "".join(
+        f"{n} <audio src='https://cdn.example.com/tick{n}.mp3'>tick</audio>"
+        for n in ("One", "two", "three", "four")
+    )
+    gong = "<audio src='https://cdn.example.com/gong.mp3'>a gong</audio>"
+    items = [
+        {"ssml": f"<speak>{ticks}.</speak>"},  # four sounds
+        {"text": "Welcome back.", "audio": "https://cdn.example.com/welcome.mp3"},  # the fifth
+        {"ssml": f"<speak>And the sixth {gong}.</speak>"},  # past five: its words
+        {"image": "https://cdn.example/c.png"},  # (a card: the words shown)
+    ]
+    async with gateway_answering(items, **OFF) as client:
+        answer = await say(client, envelope("S-sixth", text="hello"))
+    speech = reply(answer).output_speech
+    assert isinstance(speech, SsmlOutputSpeech)
+    assert (speech.ssml or "").count("<audio") == 5
+    assert spoken(answer).endswith("And the sixth a gong.")  # the fallback is said
+    card = reply(answer).card
+    assert card is not None
+    # before: "... And the sixth." (the fallback said, not shown)
+    assert getattr(card, "text", None) == "One two three four. Welcome back. And the sixth a gong."
+
+
 async def test_an_item_past_the_ssml_bound_whose_text_begins_with_a_hash_is_said() -> None:
     """An item past the SSML bound per answer (SSML_ANSWER_MAX_CHARS, gateway/ssml.py
     ``bounded_items``) says and shows its text, its SSML left out. When that text begins
