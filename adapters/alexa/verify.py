@@ -6,7 +6,8 @@ certification sends forged requests and expects HTTP 400 for each one. The rules
 implementation is ask-sdk-webservice-support ``verifier.py``) are:
 
 1. ``SignatureCertChainUrl`` is ``https://s3.amazonaws.com[:443]/echo.api/...``
-   (:func:`check_cert_chain_url`).
+   (:func:`check_cert_chain_url`). It and ``Signature-256`` come once each: a second
+   line of either is refused (``repeated_header``), none of them looked at.
 2. The PEM chain at that URL is valid now, chains to a trusted root, and its leaf's
    SubjectAlternativeName holds ``echo-api.amazon.com`` (:func:`verify_cert_chain`).
 3. ``Signature-256`` is the base64 RSA PKCS#1 v1.5 signature over the SHA-256 of the
@@ -54,7 +55,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from functools import cache, lru_cache
-from typing import Any, Final, Protocol, TypeVar
+from typing import Any, Final, NoReturn, Protocol, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import certifi
@@ -125,6 +126,9 @@ class AlexaReason(StrEnum):
     """A port other than 443."""
     CERT_URL_PATH = "cert_url_path"
     """The normalised path does not start with ``/echo.api/``."""
+    REPEATED_HEADER = "repeated_header"
+    """More than one ``SignatureCertChainUrl`` or ``Signature-256`` header: none of them is
+    looked at (which one counts would be anyone's guess)."""
     MISSING_SIGNATURE = "missing_signature"
     """Neither ``Signature-256`` nor ``Signature``."""
     LEGACY_SIGNATURE_ONLY = "legacy_signature_only"
@@ -725,13 +729,41 @@ class AlexaVerifier(VerifierLogs):
         return verify_cert_chain(pem, now, self._store)
 
 
+_SIGNED_BY: Final = {
+    b"signaturecertchainurl": "SignatureCertChainUrl",
+    b"signature-256": "Signature-256",
+}
+"""The headers a request is verified by (lower-case names as ASGI gives them -> as written)."""
+_SIGNED_BY_NAME: Final = {name.decode(): shown for name, shown in _SIGNED_BY.items()}
+
+
 def _header_lookup(headers: Mapping[str, str]) -> Callable[[str, str], str]:
     """A lookup of ``headers`` by lower-case name, with a default: Starlette's Headers
     already are case-insensitive (no copy); any other mapping is copied with its names
-    lower-cased."""
+    lower-cased.
+
+    Raises AlexaVerificationError (``repeated_header``) when a header the request is
+    verified by (:data:`_SIGNED_BY`) comes more than once: Starlette's Headers hold every
+    line and ``get`` takes the first, so the URL or signature judged would be whichever
+    came first, perhaps not the one a proxy in front judged; none of them is looked at."""
     if isinstance(headers, Headers):
+        seen = [name for name, _ in headers.raw if name in _SIGNED_BY]
+        if len(seen) > 1 and len(set(seen)) < len(seen):
+            _repeated(_SIGNED_BY[next(n for n in seen if seen.count(n) > 1)])
         return headers.get
-    return {name.lower(): value for name, value in headers.items()}.get
+    lowered: dict[str, str] = {}
+    for name, value in headers.items():
+        key = name.lower()
+        if key in lowered and key in _SIGNED_BY_NAME:
+            _repeated(_SIGNED_BY_NAME[key])
+        lowered[key] = value
+    return lowered.get
+
+
+def _repeated(name: str) -> NoReturn:
+    raise AlexaVerificationError(
+        AlexaReason.REPEATED_HEADER, f"more than one {name} header: send exactly one"
+    )
 
 
 _PKCS1V15: Final = padding.PKCS1v15()

@@ -460,6 +460,34 @@ async def test_verification_failures_are_400_with_the_reason_logged(
         assert spoken(parsed(answer)) == "You said: still here"
 
 
+async def test_a_repeated_signature_header_is_400(
+    signer: LocalSigner, signed_gateway: tuple[str, ChainFetcher]
+) -> None:
+    """A signed request with a second SignatureCertChainUrl or Signature-256 line (before
+    or after Amazon's) is refused 400 repeated_header, never fetched for; only the first
+    was read, so Amazon's then a forged one was answered."""
+    url, fetcher = signed_gateway
+    body = json.dumps(envelope("S-repeated", text="hello")).encode()
+    good = signer.headers(body)
+    forged = {
+        "SignatureCertChainUrl": "https://s3.amazonaws.com/echo.api/forged.pem",
+        "Signature-256": base64.b64encode(b"f" * 256).decode(),
+    }
+    async with httpx.AsyncClient(base_url=url) as client:
+        for name, other in forged.items():
+            for pair in ((good[name], other), (other, good[name])):
+                lines = [(k, v) for k, v in good.items() if k != name]
+                lines += [(name, value) for value in pair]
+                answer = await client.post("/alexa", content=body, headers=lines)
+                assert answer.status_code == 400, (name, pair)
+                assert answer.headers["content-type"] == "application/problem+json"
+                assert answer.json()["reason"] == "repeated_header"
+                assert f"more than one {name} header" in answer.json()["detail"]
+        assert fetcher.calls == 0
+        answer = await client.post("/alexa", content=body, headers=good)
+        assert spoken(parsed(answer)) == "You said: hello"
+
+
 class SlowFailingFetcher(ChainFetcher):
     """Like ChainFetcher, but every download takes 0.3 s (a network round trip)."""
 

@@ -14,7 +14,7 @@ import json
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import Store
+from starlette.datastructures import Headers
 
 from adapters.alexa.verify import (
     AlexaReason,
@@ -292,7 +293,7 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
-async def refused(verifier: AlexaVerifier, headers: dict[str, str], body: bytes) -> str:
+async def refused(verifier: AlexaVerifier, headers: Mapping[str, str], body: bytes) -> str:
     with pytest.raises(AlexaVerificationError) as caught:
         await verifier.verify(headers, body)
     return caught.value.reason
@@ -410,6 +411,29 @@ async def test_missing_headers(pki: Pki, good_chain: bytes, drop: str, reason: s
     del headers[drop]
     assert await refused(verifier, headers, body) == reason
     assert await refused(verifier, {}, body) == "missing_cert_url"
+
+
+async def test_a_repeated_signature_header_is_refused_unread(pki: Pki, good_chain: bytes) -> None:
+    """Two SignatureCertChainUrl or Signature-256 lines (the right one first or second,
+    or twice): refused before anything is fetched, none of them judged. Starlette's
+    Headers took the first: right-then-wrong passed, wrong-then-right was judged wrong."""
+    verifier, fetcher = make_verifier(pki, good_chain)
+    headers, body = signed(pki)
+    wrong = {
+        "SignatureCertChainUrl": "https://s3.amazonaws.com/echo.api/other.pem",
+        "Signature-256": base64.b64encode(b"x" * 256).decode(),
+    }
+    for name, other in wrong.items():
+        for pair in ((headers[name], other), (other, headers[name]), (headers[name],) * 2):
+            lines = [(k, v) for k, v in headers.items() if k != name]
+            lines += [(name, value) for value in pair]
+            raw = Headers(raw=[(k.lower().encode(), v.encode()) for k, v in lines])
+            assert await refused(verifier, raw, body) == "repeated_header", (name, pair)
+        # a plain mapping holding the name twice, in two cases
+        twice = {**headers, name.lower(): other}
+        assert await refused(verifier, twice, body) == "repeated_header"
+    assert fetcher.calls == []
+    assert await verifier.verify(Headers(headers), body)  # one of each: verified
 
 
 async def test_expired_leaf(pki: Pki) -> None:
