@@ -54,6 +54,7 @@ from gateway.events import Input, Response, ResponseItem
 from gateway.io.webhook import WebhookChannel, refusal_at_startup
 from gateway.logs import session_ref
 from gateway.protocol import ProtocolError, clipped
+from gateway.ratelimit import RefusalLog
 from gateway.settings import Settings
 from gateway.ssml import ALEXA_AUDIO, ALEXA_ELEMENTS, ALEXA_SAY_AS
 from gateway.turn import TurnContext
@@ -98,6 +99,11 @@ class AlexaWebhook(WebhookChannel[Planned, bytes]):
             self.refusals = verifier.refusals
         settings = gw.settings
         self.config = AlexaConfig(settings.alexa_catch_all_intent, settings.alexa_catch_all_slot)
+        self.reported = RefusalLog()
+        """Bounds the WARNING lines of the errors Alexa reports (System.ExceptionEncountered,
+        a SessionEndedRequest's ``error``): one per request Alexa sends, so a fault of every
+        answer (or requests built to flood the log) is a burst, then one a minute, the rest
+        at DEBUG, as the refusals are."""
 
     async def plan(self, headers: Headers, body: bytes, principal: str | None) -> Planned:
         """Verify (when on) and parse ``body``; with verification off, check the skill id."""
@@ -128,7 +134,7 @@ class AlexaWebhook(WebhookChannel[Planned, bytes]):
             error = (
                 clipped(envelope.request.error, 200) if envelope.request.error else "(no details)"
             )
-            log.warning("Alexa reports an error with a previous response: %s", error)
+            self.reported.log(log, "Alexa reports an error with a previous response: %s", error)
         elif handling is Handling.END:
             await self._end(envelope, decided)
         # Any other request type in a session (Display.ElementSelected,
@@ -147,9 +153,8 @@ class AlexaWebhook(WebhookChannel[Planned, bytes]):
         if envelope.request.type == "SessionEndedRequest":
             reason = clipped(envelope.request.reason or "unknown", quote=False)
             if envelope.request.error:  # Alexa's, but a client's value: quoted clipped
-                log.warning(
-                    "Alexa session ended with an error: %s", clipped(envelope.request.error, 200)
-                )
+                error = clipped(envelope.request.error, 200)
+                self.reported.log(log, "Alexa session ended with an error: %s", error)
             log.debug("Alexa session %s ended: %s", session_ref(decided.session_id or ""), reason)
         await self.end(turn_context(decided))
 

@@ -39,6 +39,7 @@ from pydantic import SecretStr
 
 from adapters.alexa.verify import AlexaVerifier
 from gateway.app import create_app
+from gateway.ratelimit import LOGGED_REFUSALS_BURST
 from gateway.settings import Settings
 from gateway.ssml import LOOSE_MAX_CHARS, SSML_ANSWER_MAX_CHARS
 from tests.adapters.alexa.test_verify import Pki
@@ -890,6 +891,33 @@ async def test_an_error_alexa_reports_is_logged_clipped(
     assert "'type': 'INVALID_RESPONSE'" in warning.getMessage()
     assert "mmm" in warning.getMessage()
     assert all(len(r.getMessage()) < 400 for r in lines), [len(r.getMessage()) for r in lines]
+
+
+async def test_errors_alexa_reports_are_a_bounded_burst_of_warnings(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Alexa sends one System.ExceptionEncountered (or SessionEndedRequest with an
+    ``error``) per failed answer: a fault of every answer, or requests built to flood the
+    log, gave one WARNING each. Now the first few are WARNINGs, the rest DEBUG (one
+    RefusalLog per app), each still logged, and the requests answered as before."""
+    caplog.set_level(logging.DEBUG, logger="adapters.alexa")
+    error = {"type": "INVALID_RESPONSE", "message": "bad speech"}
+    async with gateway(**OFF) as url, httpx.AsyncClient(base_url=url) as client:
+        for n in range(12):
+            kind = "System.ExceptionEncountered" if n % 2 else "SessionEndedRequest"
+            data = envelope(f"S-reported-{n}", kind=kind)
+            data["request"]["error"] = error
+            assert spoken(await say(client, data)) == ""
+    reported = [
+        r
+        for r in caplog.records
+        if r.name == "adapters.alexa" and "INVALID_RESPONSE" in r.getMessage()
+    ]
+    assert len(reported) == 12
+    levels = [r.levelno for r in reported]
+    assert levels == [logging.WARNING] * LOGGED_REFUSALS_BURST + [logging.DEBUG] * (
+        12 - LOGGED_REFUSALS_BURST
+    )
 
 
 async def test_ssml_elements_alexa_refuses_are_replaced_by_their_content(
