@@ -63,7 +63,10 @@ Operations:
   it (``_Client.answering``: the two never interleave). The take itself runs without
   that lock (a store that hangs holds it up to the Redis command timeout, 5 s): the
   client's events are received and its turns run meanwhile, and all the connection
-  emits then is held back (``_Client.held``) and follows the answers taken. Delivered
+  emits then is held back (``_Client.held``) and follows the answers taken: its
+  events' answers and refusals, a failed event's or action's ``error gateway-error``
+  (the connection a failed action closes is closed after it) and ``server.restart``
+  (:meth:`VoiceflowServer._flushed`). Delivered
   answers are not kept; a connection gone before it was told keeps them again (and,
   after them, what of its actions' answers was held back). The
   client's events are received under ``_Client.answering`` too, so kept answers are
@@ -93,7 +96,10 @@ Operations:
   server's own wait is shortened by that time (gateway/server.py). A client's queued actions
   run no turn here: the first comes back in ``server.restart {action}`` for the client
   to replay, the others are rejected ``server-restart`` before it
-  (VoiceflowConnection.server_restart). uvicorn closes open
+  (VoiceflowConnection.server_restart). Kept answers being taken go out before
+  ``server.restart``, and none are taken after it (they stay kept); what a running
+  action emits after it is held and kept with its answer once the session has closed
+  (on a long-polling session it followed Engine.IO CLOSE and was dropped). uvicorn closes open
   WebSockets (1012) *before* it runs the app's lifespan shutdown, so the notice is
   sent from the first SIGTERM/SIGINT: the server's own signal handler (uvicorn's)
   is wrapped while the app runs, and called once the clients were told (at most
@@ -713,6 +719,18 @@ class _Client:
     pushes_held: bool = False
     """Pushed items were not sent because kept answers were still due (they go first:
     :meth:`VoiceflowServer._pushed`); caught up on once those went out."""
+    take_over: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set while no take of kept answers runs (``held`` is not a take's): what must go
+    out before the connection is closed waits for it (:meth:`VoiceflowServer._flushed`)."""
+    closing: bool = False
+    """The connection is told ``server.restart`` and closed
+    (:meth:`VoiceflowServer._tell_restart`): no take of kept answers begins (they stay
+    kept for the session's next connection), and what goes out once it was told is held
+    (``held``, never sent: the socket closes behind Engine.IO CLOSE) and kept with the
+    answer of its running action, as a client that left."""
+
+    def __post_init__(self) -> None:
+        self.take_over.set()
 
 
 class VoiceflowServer:
@@ -958,6 +976,8 @@ class VoiceflowServer:
         client = self._clients.get(sid)
         told = [Emit(SERVER_RESTART, {})]
         if client is not None:
+            client.closing = True  # no take begins now: kept for the next connection
+            await self._flushed(client)  # one under way goes out first, whole
             lost: list[Emit] = []
             if cut and client.turns:  # its answer cannot come here now
                 forwarders = list(client.turns)
@@ -968,6 +988,11 @@ class VoiceflowServer:
             told = [*lost, *client.conn.server_restart()]
         for emit in told:  # the rejections of the queued actions, then server.restart
             await _emit(self.sio, sid, emit)
+        if client is not None and client.held is None:
+            # what comes after it (its running action's traces) would follow Engine.IO
+            # CLOSE on a long-polling session and be dropped with it: held, and kept when
+            # the client is gone (:meth:`_disconnect`)
+            client.held = []
         socket = self.sio.eio.sockets.get(eio_sid) if eio_sid else None
         if socket is None:
             return
@@ -1080,6 +1105,9 @@ class VoiceflowServer:
             client.kept = list(client.held or [])
             if client.held:
                 client.held.clear()
+        elif client.closing and client.take_over.is_set() and client.held:
+            held, client.held = client.held, None  # (no take's: told server.restart)
+            await self._keep_held(client, held)
             for task in client.turns:
                 self._detached.add(task)
                 task.add_done_callback(self._detached.discard)
@@ -1190,7 +1218,8 @@ class VoiceflowServer:
             self._arm_key_watch(client)
         except Exception:
             log.exception("Voiceflow event %r failed", event)
-            await _emit(self.sio, sid, error("gateway-error", "Internal gateway error."))
+            # (behind kept answers being taken, as the rest: :meth:`_refuse`)
+            await self._refuse(sid, error("gateway-error", "Internal gateway error."))
 
     async def _do(self, client: _Client, actions: Sequence[Action]) -> None:
         """Carry out the connection's ``actions`` in order: emits, store lookups and turns
@@ -1241,6 +1270,14 @@ class VoiceflowServer:
         else:
             await _emit(self.sio, client.sid, action)
 
+    @staticmethod
+    async def _flushed(client: _Client) -> None:
+        """Return once no take of kept answers runs for ``client`` and what was held back
+        behind it went out (``_Client.take_over``): what is sent before the connection is
+        closed (a failed action's ``error``, ``server.restart``) follows them, and is not
+        cut off by the close. Bounded by the take's (the Redis command timeout)."""
+        await client.take_over.wait()
+
     async def _find_unheld(self, client: _Client, check: CheckSession) -> SessionCheck:
         """:meth:`_find` for ``client``'s client.start, with ``client.answering`` (held by
         :meth:`_event`, which is receiving that client.start) released while the store is
@@ -1290,10 +1327,14 @@ class VoiceflowServer:
 
         async def failed() -> None:
             answer = error("gateway-error", "Internal gateway error.", start.message_id)
+            if client.kept is None:  # behind kept answers being taken, then out
+                await self._send(client, answer)
+                await self._flushed(client)
             if client.kept is not None:  # (detached: kept for the next connection)
-                client.kept += [answer, status("completed", start.message_id or "", "error")]
+                if answer not in client.kept:  # (not held back when it left)
+                    client.kept.append(answer)
+                client.kept.append(status("completed", start.message_id or "", "error"))
                 return
-            await _emit(self.sio, client.sid, answer)
             with contextlib.suppress(Exception):
                 await self.sio.disconnect(client.sid, namespace=NAMESPACE, ignore_queue=True)
 
@@ -1423,7 +1464,7 @@ class VoiceflowServer:
         (``_Client.held``) and follows the answers taken. Before, the take held the lock,
         and with it the connection's every event, for as long. Never raises."""
         conn = client.conn
-        if client.kept_due is None or client.sid not in self._clients:
+        if client.kept_due is None or client.sid not in self._clients or client.closing:
             return
         if conn.answer_begun or conn.state in _NOT_NOW:
             return
@@ -1433,7 +1474,10 @@ class VoiceflowServer:
             if key is None or busy or conn.answer_begun or conn.state in _NOT_NOW:
                 client.kept_due = client.kept_due or key
                 return
+            if client.closing:  # told server.restart: kept for the next connection
+                return
             client.held = []  # what goes out meanwhile follows the answers taken
+            client.take_over.clear()
         try:  # (shielded: a take that ran is delivered, or kept again, even when the
             # follow task that called it is cancelled as the client leaves)
             await asyncio.shield(self._take_and_deliver(client, key))
@@ -1462,6 +1506,7 @@ class VoiceflowServer:
             while held and client.sid in self._clients:  # (more may be held meanwhile)
                 await _emit(self.sio, client.sid, held.pop(0))
             client.held = None
+            client.take_over.set()
             if held:  # the client left: not sent
                 await self._keep_held(client, held)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import time
 import types
@@ -22,9 +23,10 @@ import redis.asyncio as aioredis
 from fastapi import FastAPI
 from pydantic import SecretStr
 
-from adapters.voiceflow.protocol import ANSWER_TOO_LONG_TEXT, SessionKeys
+from adapters.voiceflow.protocol import ANSWER_TOO_LONG_TEXT, PATH, SessionKeys, VoiceflowConnection
 from gateway.answers import MemoryAnswerStore
 from gateway.app import create_app
+from gateway.server import uvicorn_options
 from gateway.settings import Settings
 from tests.adapters.voiceflow.helpers import (
     PROJECT,
@@ -36,7 +38,13 @@ from tests.adapters.voiceflow.helpers import (
     messages,
 )
 from tests.adapters.voiceflow.test_socket import connections
-from tests.conftest import GatewayProcess, served_app, start_all, unless_hung
+from tests.conftest import (
+    GatewayProcess,
+    serve,
+    served_app,
+    start_all,
+    unless_hung,
+)
 from tests.gateway.redis_proxy import ReplyDropper
 
 ADMIN_KEY = "admin-key-of-the-kept-answers-test"
@@ -55,10 +63,17 @@ class BigCore(RecordingCore):
 
 
 @contextlib.asynccontextmanager
-async def gateway_app(core: RecordingCore, **settings: Any) -> AsyncIterator[tuple[str, FastAPI]]:
-    """An in-process gateway on ``core`` (no Redis: the memory stores); (url, app)."""
+async def gateway_app(
+    core: RecordingCore, *, faults: bool = False, **settings: Any
+) -> AsyncIterator[tuple[str, FastAPI]]:
+    """An in-process gateway on ``core`` (no Redis: the memory stores); (url, app).
+    ``faults``: the test makes the gateway fail (its ERROR lines do not fail the test)."""
     async with core.running() as core_url:
         app = create_app(Settings().model_copy(update={"pipeline": core_url, **settings}))
+        if faults:
+            async with serve(app, **uvicorn_options(Settings())) as url:
+                yield url, app
+            return
         async with served_app(app) as url:
             yield url, app
 
@@ -928,3 +943,186 @@ async def test_a_packet_refused_while_a_take_hangs_is_answered_after_the_kept_an
                 await again.nothing_more()
         finally:
             proxy.release_replies()
+
+
+@contextlib.asynccontextmanager
+async def hanging_take(
+    reply_dropper: tuple[ReplyDropper, str],
+    redis_prefix: str,
+    aredis: aioredis.Redis,
+    **settings: Any,
+) -> AsyncIterator[tuple[FastAPI, VoiceflowClient, ReplyDropper]]:
+    """An in-process gateway on Redis (through the proxy), an answer kept for a session
+    (:func:`leave_mid_action`), and a client that resumed it whose take of that answer
+    hangs (its reply held until the proxy's ``release_replies``): (app, client, proxy)."""
+    proxy, redis_url = reply_dropper
+    core = RecordingCore()
+    async with gateway_app(core, redis_url=redis_url, redis_prefix=redis_prefix, **settings) as (
+        url,
+        app,
+    ):
+        key = await leave_mid_action(url, core)
+        core.release.set()
+        await until(lambda: aredis.exists(kept_key(redis_prefix, key)))
+        proxy.hold_replies_to = b":kept"  # the take's reply waits for release_replies
+        try:
+            async with client(url) as again:
+                assert await again.start(key) is False
+                await until(lambda: proxy.replies_held == 1)  # the take hangs
+                yield app, again, proxy
+        finally:
+            proxy.release_replies()
+
+
+async def test_an_event_that_fails_while_a_take_hangs_is_answered_after_the_kept_answers(
+    reply_dropper: tuple[ReplyDropper, str],
+    redis_prefix: str,
+    aredis: aioredis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The take of the kept answers hangs; meanwhile handling a client event fails (a
+    gateway fault, made here by a connection whose ``receive`` raises for one event).
+    Its ``error gateway-error`` went out at once, ahead of the kept answers; it now
+    follows them, as every other message."""
+    real = VoiceflowConnection.receive
+
+    def receive(self: VoiceflowConnection, event: str, args: Any = ()) -> Any:
+        if event == "explode":
+            raise RuntimeError("a gateway fault")
+        return real(self, event, args)
+
+    monkeypatch.setattr(VoiceflowConnection, "receive", receive)
+    async with hanging_take(reply_dropper, redis_prefix, aredis, faults=True) as (_, again, proxy):
+        await again.emit("explode", {})
+        await until(lambda: any("'explode' failed" in r.getMessage() for r in caplog.records))
+        proxy.release_replies()
+        await expect_first_answer(again)
+        assert (await again.expect("error"))["code"] == "gateway-error"
+        await again.nothing_more()
+
+
+async def test_an_action_that_fails_while_a_take_hangs_is_answered_after_its_accepted(
+    reply_dropper: tuple[ReplyDropper, str],
+    redis_prefix: str,
+    aredis: aioredis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The take of the kept answers hangs; meanwhile the client's action fails in the
+    gateway (its forwarder, made to fail here by a connection whose ``turn_event``
+    raises). Its ``error gateway-error`` went out at once, ahead of the kept answers and
+    of the action's own ``accepted`` (held behind them), and the connection was closed at
+    once, so neither came. Now the kept answer comes, then ``accepted``, then the error,
+    then the close."""
+
+    def turn_event(self: VoiceflowConnection, event: Any) -> Any:
+        raise RuntimeError("a gateway fault")
+
+    async with hanging_take(reply_dropper, redis_prefix, aredis, faults=True) as (
+        app,
+        again,
+        proxy,
+    ):
+        monkeypatch.setattr(VoiceflowConnection, "turn_event", turn_event)
+        server = app.state.voiceflow
+        (resumed,) = server._clients.values()
+        await again.send({"type": "text", "payload": "hello"}, "m1")
+        await until(lambda: resumed.held)  # accepted, held back behind the take
+        await until(lambda: not resumed.turns or len(resumed.held or []) > 1)
+        proxy.release_replies()
+        await expect_first_answer(again)
+        assert await again.expect("action.status") == {"status": "accepted", "messageID": "m1"}
+        failure = await again.expect("error")
+        assert (failure["code"], failure["messageID"]) == ("gateway-error", "m1")
+        await until(lambda: not again.sio.connected)  # then closed by the server
+        assert again.events.empty()
+
+
+async def test_server_restart_while_a_take_hangs_comes_after_the_kept_answers(
+    reply_dropper: tuple[ReplyDropper, str],
+    redis_prefix: str,
+    aredis: aioredis.Redis,
+) -> None:
+    """The server restarts while the take of a client's kept answers hangs:
+    ``server.restart`` went out at once, ahead of the answers (which then went nowhere:
+    the connection was closed behind it). Now the answers the take got come first, then
+    ``server.restart``."""
+    async with hanging_take(reply_dropper, redis_prefix, aredis) as (app, again, proxy):
+        restart = asyncio.create_task(app.state.voiceflow.restart())
+        try:
+            await again.nothing_more()  # nothing ahead of the kept answers
+            proxy.release_replies()
+            await expect_first_answer(again)
+            assert await again.expect("server.restart") == {}
+            assert await unless_hung(restart, "the restart never ended") == 1
+            await until(lambda: not again.sio.connected)  # then closed by the server
+        finally:
+            restart.cancel()
+
+
+async def test_what_a_polling_client_is_sent_after_server_restart_is_kept(
+    redis_url: str,
+    redis_prefix: str,
+    aredis: aioredis.Redis,
+) -> None:
+    """A long-polling client is told ``server.restart`` while its action still runs (half
+    the grace went by); the server then waits for a GET to take it and Engine.IO CLOSE.
+    The action ends meanwhile: its traces and ``completed`` were queued after CLOSE and
+    dropped with the session (the client stops reading at CLOSE), never kept. They are
+    now held and kept, and the session's next connection gets them."""
+    core = RecordingCore()
+    async with gateway_app(
+        core, redis_url=redis_url, redis_prefix=redis_prefix, voiceflow_restart_grace_s=1.0
+    ) as (url, app):
+        server = app.state.voiceflow
+        polling = f"{url}{PATH}/?EIO=4&transport=polling"
+        async with httpx.AsyncClient(timeout=10) as http:
+            opened = await http.get(polling)
+            eio_sid = json.loads(opened.text[1:])["sid"]
+            session = f"{polling}&sid={eio_sid}"
+
+            async def post(*events: Any) -> None:
+                body = "\x1e".join(f"42{json.dumps(e)}" for e in events)
+                assert (await http.post(session, content=body)).text == "OK"
+
+            async def get_events() -> list[Any]:
+                packets = (await http.get(session)).text.split("\x1e")
+                return [json.loads(p[2:]) if p.startswith("42") else p for p in packets]
+
+            assert (await http.post(session, content="40")).text == "OK"
+            assert (await http.get(session)).text.startswith("40")
+            await post(["client.start", {"userID": USER, "projectID": PROJECT}])
+            assert (await get_events())[0][0] == "client.started"
+            await post(["session.create", {}])
+            (created,) = await get_events()
+            key = created[1]["sessionKey"]
+            await post(
+                ["action.send", {"action": {"type": "text", "payload": "slow"}, "messageID": "s"}]
+            )
+            assert (await get_events())[0] == [
+                "action.status",
+                {"status": "accepted", "messageID": "s"},
+            ]
+            await core.next_request()
+            (polled,) = server._clients.values()
+            socket = server.sio.eio.sockets[eio_sid]
+            restart = asyncio.create_task(server.restart())
+            try:
+                # told: server.restart and CLOSE wait in the queue for a GET
+                await until(lambda: any(p.packet_type == 1 for p in list(socket.queue._queue)))
+                core.release.set()  # the action ends while the server waits for the GET
+                await until(lambda: not polled.turns)
+                told = await get_events()
+                assert told == [["server.restart", {}], "1"]  # nothing after CLOSE
+                assert await unless_hung(restart, "the restart never ended") == 1
+            finally:
+                restart.cancel()
+        await until(lambda: aredis.exists(kept_key(redis_prefix, key)))
+        async with client(url) as again:
+            assert await again.start(key) is False
+            traces, done = await again.traces_until_status("s")
+            assert (messages(traces), done) == (
+                ["slow answer"],
+                {"status": "completed", "messageID": "s"},
+            )
+            await again.nothing_more()
