@@ -1804,10 +1804,20 @@ def kept_answer(actions: Iterable[Action]) -> str:
     """The answer of a detached connection's action (what its turn's events made:
     :meth:`VoiceflowConnection.connection_lost`) as the text to keep for the session's
     next connection: the JSON array ``[[event, data], ...]`` of its :class:`Emit` s of
-    :data:`KEPT_EVENTS`, in order (anything else is left out). :func:`kept_emits` reads it
-    back."""
-    emits = [[a.event, a.data] for a in actions if isinstance(a, Emit) and a.event in KEPT_EVENTS]
+    :data:`KEPT_EVENTS`, in order (anything else is left out). An ``error`` without a
+    ``messageID`` is left out too: it answers a packet of the connection that left
+    (``invalid-payload``, ``unknown-event``, a refused handshake), not an action of the
+    session, and means nothing to another connection. :func:`kept_emits` reads it back."""
+    emits = [[a.event, a.data] for a in actions if isinstance(a, Emit) and _answers_an_action(a)]
     return json.dumps(emits, separators=(",", ":"))
+
+
+def _answers_an_action(emit: Emit) -> bool:
+    """Whether ``emit`` is one of an action's answer (:func:`kept_answer`): a trace, a
+    status, or an ``error`` that names its ``messageID``."""
+    if emit.event not in KEPT_EVENTS:
+        return False
+    return emit.event != ERROR or emit.data.get("messageID") is not None
 
 
 def lost_answer(message_id: str) -> str:
@@ -1825,7 +1835,8 @@ def lost_answer(message_id: str) -> str:
 def kept_emits(answers: Iterable[str]) -> list[Emit]:
     """The emits of kept ``answers`` (:func:`kept_answer`'s texts, oldest first), in order,
     for the session's new connection. One that does not read back (not such an array;
-    kept by another version) is left out, never raised."""
+    kept by another version) is left out, never raised, as is what :func:`kept_answer`
+    leaves out (an ``error`` without ``messageID``, kept by an older version)."""
     out: list[Emit] = []
     for text in answers:
         try:
@@ -1838,10 +1849,10 @@ def kept_emits(answers: Iterable[str]) -> list[Emit]:
             if (
                 isinstance(emit, list)
                 and len(emit) == 2
-                and emit[0] in KEPT_EVENTS
                 and isinstance(emit[1], dict)
+                and _answers_an_action(read := Emit(str(emit[0]), emit[1]))
             ):
-                out.append(Emit(emit[0], emit[1]))
+                out.append(read)
     return out
 
 

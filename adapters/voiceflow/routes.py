@@ -68,7 +68,8 @@ Operations:
   (the connection a failed action closes is closed after it) and ``server.restart``
   (:meth:`VoiceflowServer._flushed`). Delivered
   answers are not kept; a connection gone before it was told keeps them again (and,
-  after them, what of its actions' answers was held back). The
+  after them, what of its actions' answers was held back; not an ``error`` about one of
+  its own packets, one without ``messageID``: :func:`kept_answer`). The
   client's events are received under ``_Client.answering`` too, so kept answers are
   never preceded or split by a second ``client.started`` (the lock is let go while a
   client.start's sessionKey is

@@ -951,10 +951,11 @@ async def hanging_take(
     redis_prefix: str,
     aredis: aioredis.Redis,
     **settings: Any,
-) -> AsyncIterator[tuple[FastAPI, VoiceflowClient, ReplyDropper]]:
+) -> AsyncIterator[tuple[FastAPI, VoiceflowClient, ReplyDropper, str]]:
     """An in-process gateway on Redis (through the proxy), an answer kept for a session
     (:func:`leave_mid_action`), and a client that resumed it whose take of that answer
-    hangs (its reply held until the proxy's ``release_replies``): (app, client, proxy)."""
+    hangs (its reply held until the proxy's ``release_replies``): (app, client, proxy,
+    the session's sessionKey)."""
     proxy, redis_url = reply_dropper
     core = RecordingCore()
     async with gateway_app(core, redis_url=redis_url, redis_prefix=redis_prefix, **settings) as (
@@ -969,7 +970,7 @@ async def hanging_take(
             async with client(url) as again:
                 assert await again.start(key) is False
                 await until(lambda: proxy.replies_held == 1)  # the take hangs
-                yield app, again, proxy
+                yield app, again, proxy, key
         finally:
             proxy.release_replies()
 
@@ -993,7 +994,12 @@ async def test_an_event_that_fails_while_a_take_hangs_is_answered_after_the_kept
         return real(self, event, args)
 
     monkeypatch.setattr(VoiceflowConnection, "receive", receive)
-    async with hanging_take(reply_dropper, redis_prefix, aredis, faults=True) as (_, again, proxy):
+    async with hanging_take(reply_dropper, redis_prefix, aredis, faults=True) as (
+        _,
+        again,
+        proxy,
+        _key,
+    ):
         await again.emit("explode", {})
         await until(lambda: any("'explode' failed" in r.getMessage() for r in caplog.records))
         proxy.release_replies()
@@ -1022,6 +1028,7 @@ async def test_an_action_that_fails_while_a_take_hangs_is_answered_after_its_acc
         app,
         again,
         proxy,
+        _key,
     ):
         monkeypatch.setattr(VoiceflowConnection, "turn_event", turn_event)
         server = app.state.voiceflow
@@ -1047,7 +1054,7 @@ async def test_server_restart_while_a_take_hangs_comes_after_the_kept_answers(
     ``server.restart`` went out at once, ahead of the answers (which then went nowhere:
     the connection was closed behind it). Now the answers the take got come first, then
     ``server.restart``."""
-    async with hanging_take(reply_dropper, redis_prefix, aredis) as (app, again, proxy):
+    async with hanging_take(reply_dropper, redis_prefix, aredis) as (app, again, proxy, _key):
         restart = asyncio.create_task(app.state.voiceflow.restart())
         try:
             await again.nothing_more()  # nothing ahead of the kept answers
@@ -1126,3 +1133,30 @@ async def test_what_a_polling_client_is_sent_after_server_restart_is_kept(
                 {"status": "completed", "messageID": "s"},
             )
             await again.nothing_more()
+
+
+async def test_a_refusal_held_behind_a_take_is_not_kept_for_the_next_connection(
+    reply_dropper: tuple[ReplyDropper, str],
+    redis_prefix: str,
+    aredis: aioredis.Redis,
+) -> None:
+    """The take of the kept answers hangs; the client sends a packet that does not decode
+    (its ``error invalid-payload`` is held behind the take) and leaves before the take
+    ends. The held refusal was kept with the session's answers and shown to its next
+    connection, which had sent nothing wrong. It is now dropped with the connection it
+    answered; the kept answer itself is kept again and delivered."""
+    async with hanging_take(reply_dropper, redis_prefix, aredis) as (app, again, proxy, key):
+        (taking,) = app.state.voiceflow._clients.values()
+        await again.sio.eio.send('2["broken')  # an EVENT whose JSON does not decode
+        await until(lambda: taking.held)  # its refusal, held back behind the take
+        url = again.url
+        before = connections()
+        await again.close()
+        await until(lambda: connections() < before)  # the server saw it leave
+        proxy.hold_replies_to = None
+        proxy.release_replies()
+        await until(lambda: taking.held is None)  # the take has ended: kept again
+        async with client(url) as third:
+            assert await third.start(key) is False
+            await expect_first_answer(third)
+            await third.nothing_more()

@@ -35,11 +35,13 @@ from adapters.voiceflow.protocol import (
     engine_io_cors_headers,
     engine_io_headers,
     engine_io_origin_refused,
+    error,
     kept_answer,
     kept_emits,
     lost_answer,
     parse_client_start,
     slate,
+    status,
 )
 from gateway.conversation import TurnRejected
 from gateway.events import (
@@ -1562,3 +1564,29 @@ def test_kept_answers_read_back_in_order_and_skip_what_does_not_read() -> None:
     ]
     # only the events of an answer are kept
     assert kept_answer([Emit("session.ended", {"reason": "end_of_diagram"})]) == "[]"
+
+
+def test_an_error_about_the_connections_own_packet_is_not_kept() -> None:
+    """An ``error`` without ``messageID`` answers a packet of the connection that sent it
+    (``invalid-payload``, ``unknown-event``, a refused handshake), not an action: it was
+    kept with the answers held back behind a take of kept answers when that client left,
+    and shown to the session's next connection. It is left out, and so is one an older
+    version kept; an action's error (its messageID) is kept."""
+    own = [
+        error("invalid-payload", "Invalid packet: broken"),
+        error("unknown-event", "Unknown event x."),
+        Emit("error", {"code": "invalid-payload", "error": "x", "messageID": None}),
+    ]
+    action = [
+        status("accepted", "m1"),
+        error("pipeline-error", "The pipeline failed.", "m1"),
+        status("completed", "m1", "error"),
+    ]
+    assert emitted(kept_emits([kept_answer([own[0], action[0], own[1], *action[1:], own[2]])])) == [
+        ("action.status", {"status": "accepted", "messageID": "m1"}),
+        ("error", {"code": "pipeline-error", "error": "The pipeline failed.", "messageID": "m1"}),
+        ("action.status", {"status": "completed", "messageID": "m1", "reason": "error"}),
+    ]
+    assert kept_answer(own) == "[]"
+    older = '[["error", {"code": "invalid-payload", "error": "x"}], ["error", {"code": 5}]]'
+    assert kept_emits([older]) == []
