@@ -19,7 +19,8 @@ lives ``ttl_s`` seconds from its last keep.
 
 - :class:`AnswerStore` -- the protocol;
 - :class:`MemoryAnswerStore` -- the embedded default (one process), at most
-  ``max_keys`` sessions and ``max_total_bytes`` bytes in all (the oldest go first);
+  ``max_keys`` sessions, ``max_keys`` claims and ``max_total_bytes`` bytes in all,
+  claimed answers counted (the oldest go first);
 - :class:`RedisAnswerStore` -- production: ``{prefix}:{{key}}:kept`` (a list, in the
   session's hash slot like its other keys; claims ``...:kept:claim:{token}`` and their
   void marks ``...:kept:void:{token}``, both living ``ttl_s``), each call one round trip
@@ -108,6 +109,8 @@ class _Kept:
 class _Claim:
     answers: list[str]
     expires: float
+    size: int = 0
+    """The UTF-8 bytes of ``answers`` together."""
 
 
 def _fit(answers: list[str], max_answers: int, max_bytes: int) -> list[str]:
@@ -124,11 +127,15 @@ def _fit(answers: list[str], max_answers: int, max_bytes: int) -> list[str]:
 class MemoryAnswerStore:
     """Kept answers of this process (the default without Redis).
 
-    Bounds as in the module doc, at most ``max_keys`` sessions and ``max_total_bytes``
-    bytes (UTF-8) of answers in all: keeping for one more session, or past the bytes,
-    drops the sessions kept longest ago (whole). Expired sessions are dropped as new
-    ones are kept (oldest first: every key lives alike long). Raises ValueError for
-    bounds that are not positive."""
+    Bounds as in the module doc, at most ``max_keys`` sessions, ``max_keys`` claims
+    (:meth:`claim`) and ``max_total_bytes`` bytes (UTF-8) of answers in all, those of the
+    claims counted: keeping for one more session, or past the bytes, drops the claims
+    made longest ago first (their answers are being delivered: only a failed delivery
+    puts them back), then the sessions kept longest ago (whole); a claim past
+    ``max_keys`` drops the oldest claim. Expired sessions and claims are dropped as new
+    ones are kept (oldest first: every key lives alike long). A dropped claim is as one
+    expired: :meth:`unclaim` puts nothing back. Raises ValueError for bounds that are
+    not positive."""
 
     def __init__(
         self,
@@ -153,8 +160,11 @@ class MemoryAnswerStore:
         self._kept: OrderedDict[str, _Kept] = OrderedDict()  # oldest keep first
         self._total = 0
         """The bytes of every session's answers together (:attr:`held_bytes`)."""
-        self._claims: dict[tuple[str, str], _Claim] = {}
-        """Per (key, token): the answers claimed (:meth:`claim`), until settled or put back."""
+        self._claims: OrderedDict[tuple[str, str], _Claim] = OrderedDict()
+        """Per (key, token), oldest first: the answers claimed (:meth:`claim`), until
+        settled or put back; at most ``max_keys``."""
+        self._claimed = 0
+        """The bytes of every claim's answers together (counted in :attr:`held_bytes`)."""
         self._void: dict[tuple[str, str], float] = {}
         """Per (key, token) settled or put back: when the mark expires (oldest first, at
         most ``max_keys``: :meth:`_mark_void`)."""
@@ -165,15 +175,26 @@ class MemoryAnswerStore:
 
     @property
     def held_bytes(self) -> int:
-        """The UTF-8 bytes of the answers held, all sessions together (expired ones until
-        the next keep); at most ``max_total_bytes``."""
-        return self._total
+        """The UTF-8 bytes of the answers held, all sessions and claims together (expired
+        ones until the next keep); at most ``max_total_bytes``."""
+        return self._total + self._claimed
+
+    @property
+    def claims(self) -> int:
+        """Claims held (expired ones until the next claim or keep); at most ``max_keys``."""
+        return len(self._claims)
 
     def _drop(self, key: str) -> _Kept | None:
         kept = self._kept.pop(key, None)
         if kept is not None:
             self._total -= kept.size
         return kept
+
+    def _drop_claim(self, name: tuple[str, str]) -> _Claim | None:
+        claim = self._claims.pop(name, None)
+        if claim is not None:
+            self._claimed -= claim.size
+        return claim
 
     async def keep(self, key: str, answer: str) -> bool:
         if len(answer.encode()) > self._max_bytes:
@@ -184,12 +205,15 @@ class MemoryAnswerStore:
             kept = _Kept()
         answers = _fit([*kept.answers, answer], self._max_answers, self._max_bytes)
         size = sum(len(a.encode()) for a in answers)
+        self._expire_claims(now)
+        while self._claims and self.held_bytes + size > self._max_total_bytes:
+            self._drop_claim(next(iter(self._claims)))  # the oldest claim first
         while self._kept:  # the oldest first: expired, one too many, or past the bytes
             oldest_key, oldest = next(iter(self._kept.items()))
             if (
                 oldest.expires > now
                 and len(self._kept) < self._max_keys
-                and self._total + size <= self._max_total_bytes
+                and self.held_bytes + size <= self._max_total_bytes
             ):
                 break
             self._drop(oldest_key)
@@ -207,7 +231,7 @@ class MemoryAnswerStore:
 
     def _expire_claims(self, now: float) -> None:
         for name in [n for n, c in self._claims.items() if c.expires <= now]:
-            del self._claims[name]
+            self._drop_claim(name)
         for name in [n for n, until in self._void.items() if until <= now]:
             del self._void[name]
 
@@ -220,7 +244,11 @@ class MemoryAnswerStore:
             return list(self._claims[(key, token)].answers)
         answers = await self.take(key)
         if answers:
-            self._claims[(key, token)] = _Claim(answers, now + self._ttl_s)
+            size = sum(len(a.encode()) for a in answers)
+            self._claims[(key, token)] = _Claim(answers, now + self._ttl_s, size)
+            self._claimed += size  # (moved from the session's: the bytes held are as before)
+            while len(self._claims) > self._max_keys:  # the oldest claim first
+                self._drop_claim(next(iter(self._claims)))
         return list(answers)
 
     def _mark_void(self, key: str, token: str, now: float) -> None:
@@ -231,13 +259,13 @@ class MemoryAnswerStore:
             del self._void[next(iter(self._void))]
 
     async def settle(self, key: str, token: str) -> None:
-        self._claims.pop((key, token), None)
+        self._drop_claim((key, token))
         self._mark_void(key, token, self._clock())
 
     async def unclaim(self, key: str, token: str) -> int:
         now = self._clock()
         self._expire_claims(now)
-        held = self._claims.pop((key, token), None)
+        held = self._drop_claim((key, token))
         self._mark_void(key, token, now)
         if held is None:
             return 0

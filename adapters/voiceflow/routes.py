@@ -171,7 +171,7 @@ from gateway.protocol.actions import StartTurn
 from gateway.ratelimit import RefusalLog, refusal_log
 from gateway.redisconn import SocketIoRedisManager
 from gateway.secrets import VOICEFLOW_SESSION_KEY
-from gateway.sessions import StoreUnavailable
+from gateway.sessions import StoreCircuitOpen, StoreUnavailable
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -193,8 +193,9 @@ TAKES_KEPT: frozenset[SessionCheck] = frozenset({"found", "creating", "not-found
 its session are taken and delivered (after ``client.started``): not when the store
 failed (the client sends client.start again) or the session is another project's."""
 _MAX_UNCLAIMED = 10_000
-"""Most sessions whose claims of kept answers this instance remembers to put back
-(:meth:`VoiceflowServer._unclaim`, a store that failed); the others' live the answers' TTL."""
+"""Most claims of kept answers (tokens, all sessions together) this instance remembers to
+put back (:meth:`VoiceflowServer._unclaim`, a store that failed); past it the oldest are
+forgotten (their answers live the answers' TTL in the claim)."""
 
 _SignalHandler = Callable[[int, FrameType | None], Any]
 
@@ -773,8 +774,10 @@ class VoiceflowServer:
         self.sio.on("*", self._event)
         self._gateway: Gateway | None = None
         # session store key -> claims of its kept answers not put back (the store failed):
-        # put back before its next take here (:meth:`_take`); at most _MAX_UNCLAIMED keys
+        # put back before its next take here (:meth:`_take`); at most _MAX_UNCLAIMED
+        # tokens in all (_unclaimed_count), the oldest forgotten first
         self._unclaimed: dict[str, list[str]] = {}
+        self._unclaimed_count = 0
         # the signer of the last key (a new one when the key changed)
         self._signer = functools.lru_cache(maxsize=1)(
             functools.partial(
@@ -1543,14 +1546,27 @@ class VoiceflowServer:
         outage, at WARNING naming ``component: answer-store``, DEBUG once the circuit
         breaker logged the outage, :func:`~gateway.breaker.outage_level`; the claim is then
         put back (:meth:`_unclaim`), so the answers stay kept for the session's next
-        client.start. Before, a take that Redis ran but whose reply came late lost them."""
+        client.start. Before, a take that Redis ran but whose reply came late lost them.
+        A claim the circuit breaker refused (StoreCircuitOpen: Redis not asked) claimed
+        nothing: nothing is put back, nor remembered to be."""
         gw = self._gateway
         if gw is None or gw.answers is None:
             return []
-        for old in self._unclaimed.pop(key, []):  # (failed before: again, oldest first)
+        olds = self._unclaimed.pop(key, [])
+        self._unclaimed_count -= len(olds)
+        for old in olds:  # (failed before: again, oldest first)
             await self._unclaim(key, old)
         try:
             return await gw.answers.claim(key, token)
+        except StoreCircuitOpen as exc:  # Redis not asked: nothing claimed, none to put back
+            log.log(
+                outage_level(exc),
+                "kept answers of session %s not read (component: %s): %s",
+                session_ref(key),
+                ANSWER_STORE,
+                exc,
+            )
+            return []
         except StoreUnavailable as exc:
             log.log(
                 outage_level(exc),
@@ -1581,8 +1597,14 @@ class VoiceflowServer:
             return await gw.answers.unclaim(key, token) > 0
         except Exception as exc:
             self._unclaimed.setdefault(key, []).append(token)
-            while len(self._unclaimed) > _MAX_UNCLAIMED:  # the oldest session first
-                del self._unclaimed[next(iter(self._unclaimed))]
+            self._unclaimed_count += 1
+            while self._unclaimed_count > _MAX_UNCLAIMED:  # the oldest session's first
+                oldest = next(iter(self._unclaimed))
+                tokens = self._unclaimed[oldest]
+                tokens.pop(0)
+                self._unclaimed_count -= 1
+                if not tokens:
+                    del self._unclaimed[oldest]
             log.log(
                 outage_level(exc) if isinstance(exc, StoreUnavailable) else logging.ERROR,
                 "kept answers of session %s claimed and not put back (component: %s): %s",

@@ -182,6 +182,40 @@ async def test_memory_void_marks_hold_at_most_max_keys() -> None:
     assert await store.claim(key, "t4") == []  # the newest marks stay
 
 
+async def test_memory_claims_hold_at_most_max_keys() -> None:
+    """Each claim held its answers until settled or put back, with no count bound: claims
+    that are never settled (a process whose settle failed, again and again) grew past
+    the store's ``max_keys``. At most ``max_keys`` are held; the oldest go first, and one
+    dropped puts nothing back (as one expired)."""
+    store = MemoryAnswerStore(ttl_s=TTL_S, max_keys=2)
+    keys = [session() for _ in range(3)]
+    for n, key in enumerate(keys):
+        await store.keep(key, f"a{n}")
+        assert await store.claim(key, f"t{n}") == [f"a{n}"]
+    assert [await store.unclaim(key, f"t{n}") for n, key in enumerate(keys)] == [0, 1, 1]
+    assert store.claims == 0
+    assert [await store.take(key) for key in keys] == [[], ["a1"], ["a2"]]
+
+
+async def test_memory_claims_count_toward_the_total_bytes() -> None:
+    """Claimed answers left the session's list and with it the store's byte count: the
+    store held ``max_total_bytes`` of kept answers plus any number of claimed ones. They
+    now count (``held_bytes``), and keeping past the bound drops the oldest claims first
+    (their answers are being delivered), then the sessions kept longest ago."""
+    store = MemoryAnswerStore(ttl_s=TTL_S, max_bytes=150, max_total_bytes=250)
+    keys = [session() for _ in range(3)]
+    await store.keep(keys[0], "a" * 100)
+    assert await store.claim(keys[0], "t0") == ["a" * 100]
+    assert store.held_bytes == 100  # claimed: still held
+    await store.keep(keys[1], "b" * 100)
+    assert store.held_bytes == 200
+    await store.keep(keys[2], "c" * 100)  # 300: the claim goes, the sessions stay
+    assert store.held_bytes == 200
+    assert await store.unclaim(keys[0], "t0") == 0
+    assert [await store.take(key) for key in keys] == [[], ["b" * 100], ["c" * 100]]
+    assert store.held_bytes == 0
+
+
 async def test_memory_answers_hold_at_most_64_mib_in_all() -> None:
     """Each session may keep 256 KiB and the store 10,000 sessions: 2.5 GiB that clients
     leaving mid-action with long answers could make the process hold. The answers held

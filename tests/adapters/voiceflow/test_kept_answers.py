@@ -23,6 +23,7 @@ import redis.asyncio as aioredis
 from fastapi import FastAPI
 from pydantic import SecretStr
 
+from adapters.voiceflow import routes
 from adapters.voiceflow.protocol import ANSWER_TOO_LONG_TEXT, PATH, SessionKeys, VoiceflowConnection
 from gateway.answers import MemoryAnswerStore
 from gateway.app import create_app
@@ -1160,3 +1161,36 @@ async def test_a_refusal_held_behind_a_take_is_not_kept_for_the_next_connection(
             assert await third.start(key) is False
             await expect_first_answer(third)
             await third.nothing_more()
+
+
+async def test_claims_to_put_back_are_bounded_by_count_and_one_the_breaker_refused_is_not_one(
+    reply_dropper: tuple[ReplyDropper, str],
+    redis_prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Redis hangs: a take's claim times out (its outcome unknown: it is to be put back),
+    which opens the circuit breaker, and the put-back is refused, so the instance
+    remembers the claim to put back later. A later take's claim, refused by the open
+    breaker, never reached Redis and claimed nothing, but was remembered and retried all
+    the same; and the bound on what is remembered (``_MAX_UNCLAIMED``) counted sessions,
+    so one session's failed put-backs grew without end. Now a refused claim is not
+    remembered, and the bound counts claims (the oldest forgotten first)."""
+    proxy, redis_url = reply_dropper
+    monkeypatch.setattr(routes, "_MAX_UNCLAIMED", 3)
+    core = RecordingCore()
+    async with gateway_app(
+        core, redis_url=f"{redis_url}?socket_timeout=0.5", redis_prefix=redis_prefix
+    ) as (_, app):
+        server = app.state.voiceflow
+        key = "voiceflow:a-session-of-the-test"
+        proxy.hung = True
+        try:
+            assert await unless_hung(server._take(key, "t1"), "the take never ended") == []
+            assert server._unclaimed == {key: ["t1"]}  # timed out: its outcome unknown
+            assert await server._take(key, "t2") == []  # refused by the open breaker
+            assert server._unclaimed == {key: ["t1"]}  # (t1 tried again, refused again)
+            for n in range(3):  # put-backs the breaker refuses: each remembered
+                assert await server._unclaim(key, f"u{n}") is False
+            assert server._unclaimed == {key: ["u0", "u1", "u2"]}  # three at most
+        finally:
+            proxy.hung = False
