@@ -223,7 +223,8 @@ async def load_secret_keys(
     except (*REDIS_ERRORS, OSError, TimeoutError) as exc:
         log.warning(
             "the shared secret key could not be read from Redis (%s): signing with a random "
-            "per-process key until Redis answers (stream tokens are refused meanwhile)",
+            "per-process key until Redis answers (stream tokens and Voiceflow handshakes "
+            "are refused meanwhile)",
             exc or type(exc).__name__,
         )
         keys = SecretKeys.random()

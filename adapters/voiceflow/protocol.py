@@ -53,6 +53,8 @@ text (``1.5`` -> ``"1.5"``), bytes as ``""``; none (absent or null) gets a new U
 - ``action-running``: client.start or session.create while an action runs;
 - ``store-unavailable``: client.start with a valid sessionKey while the session store
   is down (whether it still has the session cannot be told; send client.start again);
+  also client.start or session.create while the key that signs sessionKeys is not known
+  yet (:func:`key_pending`; send client.start again);
 - ``pipeline-error``: the core failed or timed out on an action (with messageID);
 - ``store-unavailable`` also ends an action (with messageID; ``action.status completed``
   ``reason: "error"`` follows) whose session the store could not save once its traces
@@ -1789,6 +1791,27 @@ _CHECK_FAILED = {
     "gateway-error": "Internal gateway error: send client.start again.",
 }
 """The ``error`` text of a :class:`CheckSession` the store could not answer, by its code."""
+
+
+KEY_PENDING_TEXT = (
+    "The key that signs sessionKeys is not known yet (the gateway's shared secret key has "
+    "not been read from its store): send client.start again."
+)
+"""``error store-unavailable``'s text for a handshake refused by :func:`key_pending`."""
+
+
+def key_pending(event: str) -> list[Action] | None:
+    """What a client event is answered while the key that signs sessionKeys is not known
+    yet (the gateway's key shared by every instance not read yet: one signed or checked
+    with this process's own key meanwhile would fail on every other instance, and on this
+    one once the shared key is adopted; a valid key of the client would read as invalid
+    and its session be lost to ``newSessionRequired``): ``client.start`` and
+    ``session.create`` get ``[error {code: "store-unavailable"}]`` (the client sends
+    client.start again, as when the store is down; the connection's state is untouched),
+    any other event None (handled as usual: without a handshake it is refused anyway)."""
+    if event in (CLIENT_START, SESSION_CREATE):
+        return [error("store-unavailable", KEY_PENDING_TEXT)]
+    return None
 
 
 KEPT_EVENTS: Final = frozenset({ACTION_TRACE, ACTION_STATUS, ERROR})

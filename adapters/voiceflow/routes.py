@@ -34,7 +34,11 @@ Operations:
   (:mod:`gateway.secrets`: derived from GATEWAY_SECRET_KEY, or from the key every
   instance shares through Redis). Only without either (no Redis) is it random per
   process, with a WARNING: keys then stop working when the process restarts and on
-  every other instance.
+  every other instance. While the key shared through Redis is not read yet (Redis did
+  not answer at startup; read again every few seconds), client.start and session.create
+  are answered ``error {code: "store-unavailable"}`` (send client.start again): a key
+  signed with the process's own key meanwhile failed on every other instance, and a
+  client's valid key read as invalid, its session lost.
 - **Several workers or instances.** With GATEWAY_REDIS_URL the server uses
   python-socketio's ``AsyncRedisManager`` (channel ``<prefix>:voiceflow:socket.io``)
   on the gateway's own Redis client (any GATEWAY_REDIS_URL form: one server,
@@ -155,6 +159,7 @@ from adapters.voiceflow.protocol import (
     error,
     kept_answer,
     kept_emits,
+    key_pending,
     lost_answer,
     status,
 )
@@ -816,8 +821,8 @@ class VoiceflowServer:
         if self.settings.voiceflow_secret is None and not keys.shared and not keys.warned:
             if self.settings.redis_url:  # Redis did not answer at startup: adopted later
                 log.warning(
-                    "Voiceflow sessionKeys are signed with a random per-process key until "
-                    "Redis answers and the shared key is read from it"
+                    "Voiceflow handshakes are refused (store-unavailable) until Redis "
+                    "answers and the shared key that signs sessionKeys is read from it"
                 )
             else:
                 log.warning(
@@ -842,6 +847,18 @@ class VoiceflowServer:
         if (secret := self.settings.voiceflow_secret) is not None:
             return self._signer(secret.get_secret_value())
         return self._signer(self._gateway.secret_keys.key(VOICEFLOW_SESSION_KEY))
+
+    def _key_pending(self) -> bool:
+        """Whether sessionKeys cannot be signed yet: no GATEWAY_VOICEFLOW_SECRET, and the
+        gateway's key shared through Redis is not read yet (SecretKeys.pending: Redis did
+        not answer at startup). A handshake is then refused ``store-unavailable``
+        (:func:`~adapters.voiceflow.protocol.key_pending`), as Twilio's, Vonage's and
+        Plivo's answer webhooks are answered 503 (gateway.io.call.stream_key_pending):
+        a key signed with this process's own key would fail on every other instance."""
+        gw = self._gateway
+        if gw is None or self.settings.voiceflow_secret is not None:
+            return False
+        return gw.secret_keys.pending
 
     async def stop(self) -> None:
         """Tell remaining clients ``server.restart``, let the actions of clients that left
@@ -1204,7 +1221,8 @@ class VoiceflowServer:
                 start, session_id, due = conn.start, conn.session_id, client.kept_due
                 client.kept_due = None  # (a handshake that resumes a session sets its own)
                 try:
-                    await self._do(client, conn.receive(event, args))
+                    refused = key_pending(event) if self._key_pending() else None
+                    await self._do(client, refused or conn.receive(event, args))
                 finally:
                     if conn.start is start and conn.session_id == session_id:
                         client.kept_due = client.kept_due or due  # no new handshake: still due
