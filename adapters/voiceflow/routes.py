@@ -1533,8 +1533,9 @@ class VoiceflowServer:
                 await self._keep_held(client, held)
 
     async def _keep_held(self, client: _Client, held: list[Emit]) -> None:
-        """Keep ``held``, what went out to ``client`` while kept answers were taken and was
-        not sent (it left meanwhile), for its session's next connection
+        """Keep ``held``, what went out to ``client`` while kept answers were taken, or
+        after it was told ``server.restart`` (:meth:`_tell_restart`), and was not sent (it
+        left meanwhile, or its session closed), for its session's next connection
         (:func:`kept_answer`; nothing when none of it is an answer's), and announce it
         (:meth:`_announce_kept`). A store that is down loses it (logged as :meth:`_take`
         logs). Never raises."""
