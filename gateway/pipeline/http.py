@@ -183,8 +183,11 @@ class HttpPipeline(PooledCore):
     async def _stream(
         self, session: Session, answer: httpx.Response, media: str
     ) -> AsyncIterator[PipelineOutput]:
-        lines = bounded_lines(answer, self._max, "the core")
-        texts = json_seq_records(lines) if media == "application/json-seq" else lines
+        seq = media == "application/json-seq"
+        # (json-seq with its blank lines: Python's str.strip counts RS as white space, and
+        # a line that is only RS, then the text on the next, still separates records)
+        lines = bounded_lines(answer, self._max, "the core", blank=seq)
+        texts = json_seq_records(lines) if seq else lines
         async for text in texts:
             try:
                 raw = core_json(text)
@@ -211,7 +214,8 @@ class HttpPipeline(PooledCore):
 
 async def json_seq_records(lines: AsyncIterator[str]) -> AsyncIterator[str]:
     """The JSON texts of an ``application/json-seq`` body (RFC 7464), given its
-    ``lines`` (:func:`~gateway.pipeline.cores.bounded_lines`: blank ones left out).
+    ``lines`` (:func:`~gateway.pipeline.cores.bounded_lines` with ``blank``: a line that
+    is only RS is blank to ``str.strip``, yet ends a record; blank lines are skipped here).
 
     A record runs from an RS (U+001E) to the next RS or the end of the body (section
     2.1: the parser splits at RS, not at line ends), so a JSON text written over several

@@ -339,6 +339,34 @@ async def test_a_json_seq_record_over_several_lines_is_one_record(
     await conv.pipeline.aclose()
 
 
+async def test_a_json_seq_rs_on_a_line_of_its_own_separates_records(
+    core: tuple[str, FastAPI],
+) -> None:
+    """An RS alone on its line (``RS LF`` then the JSON text: the LF is JSON white space,
+    RFC 7464 section 2.2) still ends the record before it. Python counts RS as white
+    space (``"\\x1e".strip() == ""``), so the lines reader dropped such a line as blank
+    and a record not yet known whole (its last line no lone ``}``) ran into the next:
+    "the core streamed an invalid line"."""
+    url, app = core
+
+    @app.post("/json-seq-rs-lines")
+    async def json_seq_rs_lines() -> Response:
+        body = (
+            '\x1e\n{"type": "ResponseItem",\n "responseItem": {"text": "first"}}\n'
+            '\x1e\n{"type": "Response",\n "response": {"items": []}, "state": {"rs": 1}}\n'
+        )
+        return Response(body, media_type="application/json-seq")
+
+    conv = engine(pipeline=f"{url}/json-seq-rs-lines")
+    events = await conv.turn(ctx(), Input.of("hi")).collect()
+    assert texts(events) == ["first"]
+    assert isinstance(events[-1], ResponseEvent)
+    session = await conv.store.get(ctx().key)
+    assert session is not None
+    assert session.pipeline_state == {"rs": 1}
+    await conv.pipeline.aclose()
+
+
 @pytest.mark.parametrize(
     "body",
     [
