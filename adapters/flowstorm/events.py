@@ -21,7 +21,16 @@ from typing import Annotated, Any, Final, Literal
 from pydantic import AliasChoices, BeforeValidator, Field, TypeAdapter
 from pydantic_core import PydanticCustomError
 
-from gateway.events import Attributes, BinaryEvent, Event, FrozenDict, Input, LogEntry, Wire
+from gateway.events import (
+    Attributes,
+    BinaryEvent,
+    Event,
+    FrozenDict,
+    Input,
+    LogEntry,
+    Transcript,
+    Wire,
+)
 from gateway.protocol import (
     MAX_ID_CHARS,
     ProtocolError,
@@ -64,13 +73,15 @@ def check_input(input_: Input) -> Input:
     ``config.zoneId`` and V2's ``timeZone``: the session's time zone, handed to the core
     on this turn and every later one); ``transcript.confidence`` and each of
     ``alternatives``' ``confidence`` in 0..1 (:class:`gateway.events.Transcript`: a
-    recognizer's confidence, handed to the core as sent)."""
+    recognizer's confidence, handed to the core as sent), or
+    :data:`UNAVAILABLE_CONFIDENCE`, read as not given (the returned input holds 1.0, the
+    spec's default, there)."""
     if not input_.text.strip():
         raise ProtocolError("input.transcript.text is empty: send the user's text or #intro.")
     confidences = [("transcript", input_.transcript.confidence)]
     confidences += ((f"alternatives.{n}", a.confidence) for n, a in enumerate(input_.alternatives))
     for where, confidence in confidences:
-        if not 0 <= confidence <= 1:
+        if not 0 <= confidence <= 1 and confidence != UNAVAILABLE_CONFIDENCE:
             raise ProtocolError(
                 f"input.{where}.confidence must be from 0 to 1, not {clipped(confidence)}."
             )
@@ -78,7 +89,29 @@ def check_input(input_: Input) -> Input:
         check_language_tag(input_.locale, what="input.locale")
     if input_.zone_id:
         check_time_zone(input_.zone_id, what="input.zoneId")
+    if any(confidence == UNAVAILABLE_CONFIDENCE for _, confidence in confidences):
+        return input_.model_copy(
+            update={
+                "transcript": _known(input_.transcript),
+                "alternatives": tuple(_known(a) for a in input_.alternatives),
+            }
+        )
     return input_
+
+
+UNAVAILABLE_CONFIDENCE: Final = -1.0
+"""A recognizer's "no confidence score": Android's ``SpeechRecognizer.CONFIDENCE_SCORES``
+(and ``RecognizerIntent.EXTRA_CONFIDENCE_SCORES``) hold 0.0..1.0 "or -1 to represent an
+unavailable confidence score", which a client on Android may pass on as it is."""
+
+
+def _known(transcript: Transcript) -> Transcript:
+    """``transcript`` with an :data:`UNAVAILABLE_CONFIDENCE` read as not given (1.0)."""
+    if transcript.confidence != UNAVAILABLE_CONFIDENCE:
+        return transcript
+    return transcript.model_copy(
+        update={"confidence": Transcript.model_fields["confidence"].default}
+    )
 
 
 _DEVICE_ID: Final = AliasChoices("deviceId", "device_id", "sender")

@@ -26,8 +26,13 @@ _TEXT_PATTERN = f"^[{_NOT_CONTROL}]*[{_NOT_CONTROL}\\s][{_NOT_CONTROL}]*$"
 """A text/plain turn's body: something not blank, and no control character but tab,
 line feed and carriage return (:func:`adapters.flowstorm.v2.protocol.text_input`)."""
 
-_CONFIDENCE: dict[str, Any] = {"minimum": 0, "maximum": 1}
-"""A transcript's ``confidence`` (0..1; :func:`adapters.flowstorm.events.check_input`)."""
+_CONFIDENCE: dict[str, Any] = {
+    "anyOf": [{"minimum": 0, "maximum": 1}, {"const": -1}],
+    "description": "0..1, or -1 (a recognizer's unavailable score, as Android's): "
+    "read as not given (1)",
+}
+"""A transcript's ``confidence`` (0..1, or -1 read as not given;
+:func:`adapters.flowstorm.events.check_input`)."""
 
 _INPUT_RULES: dict[str, Any] = {
     "properties": {
@@ -63,7 +68,7 @@ _INPUT_RULES: dict[str, Any] = {
 """What an Input turn's JSON body must hold beyond :class:`InputEvent`'s types
 (:func:`adapters.flowstorm.events.check_input`, a 400 otherwise): a transcript text that
 is not blank, or an ``action`` that is not (it becomes the text); a ``locale`` that is a
-language tag when set; confidences from 0 to 1. ``zoneId`` must be a key of the IANA time
+language tag when set; confidences from 0 to 1 (or -1). ``zoneId`` must be a key of the IANA time
 zone database: said in its description, not listed (the keys depend on the tzdata
 installed)."""
 

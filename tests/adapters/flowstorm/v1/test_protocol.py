@@ -245,6 +245,29 @@ def test_an_input_confidence_out_of_0_to_1_is_an_error_and_nothing_changes() -> 
     assert action.input.transcript.confidence == 0.7
 
 
+def test_an_unavailable_confidence_of_minus_1_is_read_as_not_given() -> None:
+    """Android's recognizer gives -1 for "an unavailable confidence score"
+    (SpeechRecognizer.CONFIDENCE_SCORES); a client passing it on got the Error of a
+    confidence out of 0..1, which ends its session. -1 is read as not given (1.0, the
+    spec's default), in the transcript and each alternative; others are kept as sent."""
+    conn = connection()
+    conn.receive_text(SPEC_INIT)
+    frame = input_frame("hi")
+    frame["input"]["transcript"]["confidence"] = -1
+    frame["input"]["alternatives"] = [
+        {"text": "high", "confidence": -1},
+        {"text": "hay", "confidence": 0.25},
+    ]
+    [action] = conn.receive_text(json.dumps(frame))
+    assert isinstance(action, StartTurn)
+    assert action.input.transcript.confidence == 1.0
+    assert action.input.transcript.text == "hi"
+    assert [(a.text, a.confidence) for a in action.input.alternatives] == [
+        ("high", 1.0),
+        ("hay", 0.25),
+    ]
+
+
 @pytest.mark.parametrize("golden", [SPEC_RESPONSE, SPEC_RESPONSE_ENDED])
 def test_spec_response_is_sent_as_on_the_wire(golden: str) -> None:
     conn = connection()

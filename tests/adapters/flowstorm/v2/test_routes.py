@@ -1559,6 +1559,12 @@ async def test_an_input_confidence_out_of_0_to_1_is_refused() -> None:
             assert error["text"] == f"input.{where}.confidence must be from 0 to 1, not {shown}."
             assert "flowstorm-session-id" not in answer.cookies
         assert len(core.state.requests) == asked
+        # -1, Android's "unavailable confidence score", is read as not given (1)
+        answer = await client.put(f"/client?key={KEY}&tts=None", headers=JSON, content=sure(-1, -1))
+        assert answer.status_code == 200, answer.text  # before: 400, the session ended
+        sent = core.state.requests[-1]["input"]
+        assert sent["transcript"]["confidence"] == 1
+        assert sent["alternatives"][0]["confidence"] == 1
 
 
 async def test_tts_none_turns_the_links_off(base: str) -> None:
