@@ -59,7 +59,7 @@ from pydantic import BaseModel
 from gateway.deps import gateway_of
 from gateway.httputil import problem, status_phrase
 from gateway.logs import logged_path
-from gateway.protocol import KeyDigests, clipped, key_valid
+from gateway.protocol import KeyDigests, SeveralCredentials, clipped, key_valid, sole_credentials
 from gateway.ratelimit import MAX_CLIENT_CHARS, TokenBuckets, client_key, refusal_log
 
 log = logging.getLogger("gateway.admin")
@@ -252,7 +252,8 @@ def admit(request: Request, keys: Collection[str] | KeyDigests) -> None:
     403 for more than one ``Authorization`` header while no keys are configured (the admin
     API is off: 403 whatever the request carries), else 400 ``invalid_request``
     (:data:`INVALID_REQUEST`) for more than one ``Authorization`` header, none of them
-    looked at (RFC 6750 section 3.1); else as :func:`check_admin_key`
+    looked at (RFC 6750 section 3.1: :func:`gateway.protocol.sole_credentials`); else as
+    :func:`check_admin_key`
     (a wrong key, 401 ``invalid_token``, takes one from the address's allowance)."""
     failures = failed_keys(request)
     address = client_key(request.client.host) if request.client else "unknown"
@@ -263,11 +264,12 @@ def admit(request: Request, keys: Collection[str] | KeyDigests) -> None:
     sent = request.headers.getlist("authorization")
     if len(sent) > 1 and not keys:  # switched off: 403 whatever it carries (module doc)
         raise AdminRefused(403, "No admin keys are configured (GATEWAY_ADMIN_KEYS).")
-    if len(sent) > 1:  # which one counts is anyone's guess: none does
-        detail = "The request has more than one Authorization header: send exactly one."
-        raise AdminRefused(400, detail, INVALID_REQUEST)
+    try:  # which one counts is anyone's guess: none does
+        authorization = sole_credentials(sent)
+    except SeveralCredentials as exc:
+        raise AdminRefused(400, str(exc), INVALID_REQUEST) from None
     try:
-        check_admin_key(keys, sent[0] if sent else None)
+        check_admin_key(keys, authorization)
     except AdminRefused as refused:
         if refused.challenge == INVALID_TOKEN:  # a guess: not a missing key, not 403
             failures.take(address)

@@ -91,7 +91,7 @@ from gateway.callcontrol import (
 )
 from gateway.calls_openapi import CALL_FIELDS, GET_CALL, HEAD_CALL, POST_CALLS
 from gateway.deps import Gateway, gateway_of
-from gateway.httputil import check_json_type, problem, read_body, refused_request
+from gateway.httputil import check_json_type, problem, read_body, refused_request, status_phrase
 from gateway.logs import masked_number
 from gateway.protocol import MAX_ID_CHARS, ProtocolError, clipped, load_json
 from gateway.protocol.call import Transfer
@@ -716,9 +716,9 @@ async def hang_up(
 
 def refusal(exc: VerificationRefused) -> Response:
     """The problem answer of a carrier webhook refused by its verifier: ``exc``'s status
-    (401 Unauthorized, 403 Forbidden) and reason, with its ``WWW-Authenticate`` (on a 401,
-    RFC 9110 section 11.6.1; RFC 6750 section 3)."""
-    title = "Unauthorized" if exc.status == 401 else "Forbidden"
-    refused = problem(exc.status, title, exc.reason)
+    (400 Bad Request for more than one Authorization header, 401 Unauthorized, 403
+    Forbidden) and reason, with its ``WWW-Authenticate`` (on a 401, RFC 9110 section
+    11.6.1; RFC 6750 section 3; and a Bearer ``invalid_request`` 400)."""
+    refused = problem(exc.status, status_phrase(exc.status), exc.reason)
     refused.headers.update(exc.headers)
     return refused

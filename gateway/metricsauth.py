@@ -60,7 +60,7 @@ from starlette.exceptions import HTTPException
 from gateway.admin import bearer_token, failure_buckets
 from gateway.apidoc import PROBLEM
 from gateway.deps import gateway_of
-from gateway.protocol import clipped, key_valid
+from gateway.protocol import SeveralCredentials, clipped, key_valid, sole_credentials
 from gateway.ratelimit import MAX_CLIENT_CHARS, client_key, refusal_log
 from gateway.settings import Settings
 
@@ -161,16 +161,19 @@ async def require_metrics_token(
     failures = failure_buckets(request, "metrics_failures")
     address = client_key(request.client.host) if request.client else "unknown"
     headers: dict[str, str]
+    try:  # which one counts is anyone's guess: none does
+        authorization, several = sole_credentials(request.headers.getlist("authorization")), ""
+    except SeveralCredentials as exc:
+        authorization, several = None, str(exc)
     if not failures.allowed(address):
         status, retry = 429, failures.retry_after_s(address)
         detail = f"Too many wrong metrics tokens from this address: retry after {retry} s."
         headers = {"Retry-After": str(retry)}
-    elif len(several := request.headers.getlist("authorization")) > 1:
-        status = 400  # which one counts is anyone's guess: none does
-        detail = "The request has more than one Authorization header: send exactly one."
+    elif several:
+        status, detail = 400, several
         headers = {"WWW-Authenticate": INVALID_REQUEST}
     else:
-        status, sent = 401, bearer_token(several[0] if several else None)
+        status, sent = 401, bearer_token(authorization)
         if sent is None:
             detail = "Expected `Authorization: Bearer <metrics token>`."
             headers = {"WWW-Authenticate": CHALLENGE}

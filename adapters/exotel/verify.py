@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Final
 
 from gateway.callcodec import VerificationRefused
+from gateway.protocol import SeveralCredentials, sole_credentials
 
 _MAX_HEADER: Final = 4096
 CHALLENGE: Final = 'Basic realm="exotel"'
@@ -44,9 +45,11 @@ class ExotelVerifier:
         (which one counts is anyone's guess: right credentials beside wrong ones are
         malformed credentials); else as :meth:`check`.
         """
-        if len(authorizations) > 1:
-            raise VerificationRefused("more than one Authorization header")
-        self.check(authorizations[0] if authorizations else None)
+        try:
+            authorization = sole_credentials(authorizations)
+        except SeveralCredentials:
+            raise VerificationRefused("more than one Authorization header") from None
+        self.check(authorization)
 
     def check(self, authorization: str | None) -> None:
         """Return if ``authorization`` holds the configured key and token.

@@ -109,7 +109,13 @@ POST_GOOGLE: dict[str, Any] = dict(
             "description": "The webhook response in the request's format.",
             "content": {"application/json": {"example": _GOOGLE_RESPONSE}},
         },
-        **problems({400: _MALFORMED, 401: "The JWT failed verification (`reason`, also logged)"}),
+        **problems(
+            {
+                400: _MALFORMED + "; or more than one Google-Assistant-Signature or "
+                "Authorization header (reason `invalid_request`, none of them looked at)",
+                401: "The JWT failed verification (`reason`, also logged)",
+            }
+        ),
         **problems({413: _TOO_LARGE}),
         503: {
             "description": "Verification is on but GATEWAY_GOOGLE_PROJECT_IDS is empty; or "

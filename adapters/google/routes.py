@@ -79,7 +79,7 @@ from adapters.google.verify import DialogflowAuth, GoogleVerifier
 from gateway.deps import Gateway
 from gateway.events import Input, Response, ResponseItem
 from gateway.io.webhook import WebhookChannel, WebhookRefused, refusal_at_startup
-from gateway.protocol import clipped
+from gateway.protocol import SeveralCredentials, clipped, sole_credentials
 from gateway.settings import Settings
 from gateway.ssml import GOOGLE_ELEMENTS, GOOGLE_SAY_AS, HTTPS_AUDIO
 from gateway.turn import TurnContext
@@ -197,13 +197,12 @@ class DialogflowWebhook(_Webhook):
         looked at: which one counts is anyone's guess, RFC 6750 section 3.1)."""
         if self.auth is None:
             return None
-        several = headers.getlist("authorization")
-        if len(several) > 1:
+        try:
+            sent = sole_credentials(headers.getlist("authorization"))
+        except SeveralCredentials as exc:
             several_challenge = self.auth.several_challenge()
-            text = "The request has more than one Authorization header: send exactly one."
             extra = {"WWW-Authenticate": several_challenge} if several_challenge else None
-            raise WebhookRefused(400, "invalid_request", text, headers=extra)
-        sent = several[0] if several else None
+            raise WebhookRefused(400, "invalid_request", str(exc), headers=extra) from None
         if not self.auth.accepts(sent):
             reason = "bad_credentials" if sent is not None else "missing_credentials"
             text = "The request lacks the credentials configured in GATEWAY_DIALOGFLOW_AUTH."

@@ -55,6 +55,7 @@ from google.auth import crypt, jwt
 from google.auth import exceptions as google_exceptions
 
 from gateway.httputil import Download
+from gateway.protocol import SeveralCredentials, sole_credentials
 from gateway.protocol.errors import RequestVerificationError
 from gateway.ratelimit import VerifierLogs
 
@@ -120,6 +121,9 @@ class GoogleReason(StrEnum):
     """``exp`` (plus leeway) is before now."""
     NOT_YET_VALID = "not_yet_valid"
     """``iat`` or ``nbf`` (minus leeway) is after now."""
+    INVALID_REQUEST = "invalid_request"
+    """More than one ``Google-Assistant-Signature`` or ``Authorization`` header: none is
+    looked at (a right token beside a wrong one is no proof; RFC 6750 section 3.1), 400."""
 
 
 class GoogleVerificationError(RequestVerificationError[GoogleReason]):
@@ -141,16 +145,22 @@ class GoogleVerificationError(RequestVerificationError[GoogleReason]):
 
     @property
     def status(self) -> int:
-        """The HTTP status of the answer: 503 for ``certs_unavailable``, else 401."""
+        """The HTTP status of the answer: 503 for ``certs_unavailable``, 400 for
+        ``invalid_request`` (more than one token header), else 401."""
+        if self.reason is GoogleReason.INVALID_REQUEST:
+            return 400
         return 503 if self.reason is GoogleReason.CERTS_UNAVAILABLE else 401
 
     @property
     def challenge(self) -> str:
         """The ``WWW-Authenticate`` value of the 401 (RFC 9110 section 11.6.1; the token
         is a bearer JWT, RFC 6750 section 3): ``Bearer realm="google"`` when no token
-        was presented, with ``error="invalid_token"`` when one was but failed."""
+        was presented, with ``error="invalid_token"`` when one was but failed; with
+        ``error="invalid_request"`` on the 400 for more than one token header."""
         if self.reason is GoogleReason.MISSING_TOKEN:
             return 'Bearer realm="google"'
+        if self.reason is GoogleReason.INVALID_REQUEST:
+            return 'Bearer realm="google", error="invalid_request"'
         return 'Bearer realm="google", error="invalid_token"'
 
     @property
@@ -477,10 +487,35 @@ class GoogleVerifier(VerifierLogs):
 _BEARER = re.compile(r"^bearer(?:\s+|$)", re.IGNORECASE)
 
 
+def _sole(headers: Mapping[str, str], name: str) -> str:
+    """The one value of header ``name`` (lower case) in ``headers`` ("" when absent).
+
+    Every value is counted: Starlette's ``Headers.items()`` lists a header sent twice
+    twice (a plain mapping, once per spelling of the name). Raises
+    GoogleVerificationError ``invalid_request`` for more than one, none looked at
+    (:func:`gateway.protocol.sole_credentials`)."""
+    values = [value for key, value in headers.items() if key.lower() == name]
+    try:
+        return (sole_credentials(values, _HEADER_NAMES[name]) or "").strip()
+    except SeveralCredentials as exc:
+        raise GoogleVerificationError(GoogleReason.INVALID_REQUEST, str(exc)) from None
+
+
+_HEADER_NAMES = {
+    "google-assistant-signature": "Google-Assistant-Signature",
+    "authorization": "Authorization",
+}
+"""The headers that may carry the token (lower case), and how a refusal names them."""
+
+
 def _token_from(headers: Mapping[str, str]) -> str:
-    lowered = {name.lower(): value for name, value in headers.items()}
-    raw = lowered.get("google-assistant-signature", "").strip()
-    raw = _BEARER.sub("", raw or lowered.get("authorization", "").strip(), count=1).strip()
+    """The token of ``headers``: ``Google-Assistant-Signature``, else ``Authorization``
+    (a ``Bearer`` prefix dropped). Raises GoogleVerificationError: ``invalid_request`` for
+    either header sent more than once; ``missing_token``; ``malformed_token`` (too long,
+    not ASCII)."""
+    raw = _sole(headers, "google-assistant-signature")
+    authorization = _sole(headers, "authorization")
+    raw = _BEARER.sub("", raw or authorization, count=1).strip()
     if not raw:
         raise GoogleVerificationError(
             GoogleReason.MISSING_TOKEN, "missing Google-Assistant-Signature or Authorization header"

@@ -15,7 +15,12 @@ VONAGE_ANSWER: dict[str, Any] = dict(
     '[{"type":"websocket","uri":"wss://…/vonage/stream/<token>",…}]}]`.',
     responses={
         200: {"description": "NCCO", "content": {"application/json": {"schema": {}}}},
-        **problems({400: "No call uuid, or an invalid one"}),
+        400: {
+            "description": "No call uuid, or an invalid one; or more than one Authorization "
+            'header (none looked at: `WWW-Authenticate: Bearer` with `error="invalid_request"`)',
+            "headers": _CHALLENGE,
+            "content": PROBLEM,
+        },
         401: {
             "description": "No Bearer token, or an invalid one (forged, malformed, stale, "
             "replayed, or for another body): `WWW-Authenticate: Bearer` (with "

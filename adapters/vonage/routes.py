@@ -224,11 +224,13 @@ async def answer(request: Request) -> Response:
         body = await read_body(request, MAX_BODY)
     except ProtocolError as exc:  # 413 (declared or read past the limit), 400 (went away)
         return refused_request(exc)
-    authorization = request.headers.get("authorization")
+    authorizations = request.headers.getlist("authorization")
     try:
         if channel.verifier is None:
             raise VerificationRefused("no signature secret is configured")
-        claims = channel.verifier.check(authorization, body, time.time())
+        # more than one Authorization header: 400 invalid_request, none of them looked at
+        claims = channel.verifier.check_all(authorizations, body, time.time())
+        authorization = authorizations[0]  # exactly one: check_all refused the others
         key = f"vonage:token:{replay_key(authorization, claims)}"
         # the route's name, not the URL's path, which holds the root path: instances served
         # under different prefixes told one request apart (a retry was "replayed")

@@ -43,13 +43,13 @@ import base64
 import binascii
 import hashlib
 import hmac
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 import jwt
 
 from gateway.callcodec import VerificationRefused
-from gateway.protocol import finite_number
+from gateway.protocol import SeveralCredentials, finite_number, sole_credentials
 
 MAX_AGE_S: Final = 300
 """Default seconds a token's ``iat`` may lie in the past."""
@@ -66,6 +66,9 @@ not for this request (RFC 6750 section 3.1 ``invalid_token``)."""
 INSUFFICIENT_SCOPE: Final = 'Bearer realm="vonage", error="insufficient_scope"'
 """The ``WWW-Authenticate`` of the 403 for a valid token of another Vonage application
 (RFC 6750 section 3.1 ``insufficient_scope``: the token is genuine, just not for us)."""
+INVALID_REQUEST: Final = 'Bearer realm="vonage", error="invalid_request"'
+"""The ``WWW-Authenticate`` of the 400 for a request with more than one ``Authorization``
+header (RFC 6750 section 3.1 ``invalid_request``: none of them is looked at)."""
 
 
 def _invalid(reason: str) -> VerificationRefused:
@@ -123,6 +126,21 @@ class VonageVerifier:
         """How long (s) a token that passes now can pass again: from ``leeway_s`` before
         its ``iat`` to ``max_age_s`` after it."""
         return self.max_age_s + self.leeway_s
+
+    def check_all(self, authorizations: Sequence[str], body: bytes, now: float) -> dict[str, Any]:
+        """As :meth:`check` for the request's ``Authorization`` header values (all of
+        them, in order: ``headers.getlist``).
+
+        Raises VerificationRefused: 400 ``invalid_request`` (challenge
+        :data:`INVALID_REQUEST`) for more than one header, none of them looked at
+        (:func:`gateway.protocol.sole_credentials`: a right token beside a wrong one is no
+        proof); else as :meth:`check`.
+        """
+        try:
+            authorization = sole_credentials(authorizations)
+        except SeveralCredentials as exc:
+            raise VerificationRefused(str(exc), status=400, challenge=INVALID_REQUEST) from None
+        return self.check(authorization, body, now)
 
     def check(self, authorization: str | None, body: bytes, now: float) -> dict[str, Any]:
         """The token's claims if ``authorization`` (``Bearer <JWT>``) is a valid signed

@@ -19,7 +19,7 @@ import math
 import re
 import reprlib
 import zoneinfo
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Final, TypeGuard
 
@@ -154,6 +154,31 @@ class KeyDigests:
 
     def __repr__(self) -> str:  # never the digests: a digest is a key to test guesses against
         return f"KeyDigests(<{len(self.digests)} keys>)"
+
+
+SEVERAL_CREDENTIALS: Final = "The request has more than one Authorization header: send exactly one."
+"""Why a request with more than one ``Authorization`` header is refused (the problem
+body's ``detail`` of every such refusal: admin API, /metrics, webhooks, carriers)."""
+
+
+class SeveralCredentials(ValueError):
+    """A request carried a credentials header (``Authorization``) more than once: which
+    one counts is anyone's guess (a right one beside a wrong one is no proof), so none is
+    looked at (RFC 6750 section 3.1: more than one credential is ``invalid_request``).
+    Its message is :data:`SEVERAL_CREDENTIALS` (or the same for another header name)."""
+
+
+def sole_credentials(values: Sequence[str], name: str = "Authorization") -> str | None:
+    """The one value of the credentials header ``name`` given ``values``, all of its
+    values in the request (Starlette's ``headers.getlist(name)``), or None when it is absent.
+
+    Raises SeveralCredentials for more than one value, none of them looked at: each
+    caller answers it in its protocol's own form (400 ``invalid_request`` with its Bearer
+    challenge over HTTP; the admin API, switched off, 403; a WebSocket upgrade 403)."""
+    if len(values) > 1:
+        detail = SEVERAL_CREDENTIALS.replace("Authorization", name, 1)
+        raise SeveralCredentials(detail)
+    return values[0] if values else None
 
 
 def key_valid(sent: str | None, keys: Collection[str] | KeyDigests) -> bool:

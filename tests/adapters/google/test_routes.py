@@ -395,6 +395,40 @@ async def test_verification_failures_are_401_with_the_reason_logged(
         assert check_v3(v3("refused", "x"), data) == "You said: hello"
 
 
+@pytest.mark.parametrize("header", ["Authorization", "Google-Assistant-Signature"])
+async def test_more_than_one_token_header_is_400_invalid_request(
+    key: Key, verified: str, header: str
+) -> None:
+    """A right token beside a wrong one is no proof: a request with the token's header
+    sent more than once is 400 invalid_request with its Bearer challenge, as /dialogflow
+    and the admin API answer, none of them looked at (one of them was taken: a right token
+    beside a wrong one was answered)."""
+    good = f"Bearer {token(key)}" if header == "Authorization" else token(key)
+    wrong = f"Bearer {token(Key())}" if header == "Authorization" else token(Key())
+    async with httpx.AsyncClient(base_url=verified) as client:
+        for pair in ([good, wrong], [wrong, good], [good, good]):
+            headers = [(header, value) for value in pair]
+            answer = await client.post(
+                "/google", json=v3("several", "FreeText", "hello"), headers=headers
+            )
+            assert answer.status_code == 400, pair
+            assert answer.headers["content-type"] == "application/problem+json"
+            assert answer.json()["reason"] == "invalid_request"
+            assert f"more than one {header} header" in answer.json()["detail"]
+            challenge = 'Bearer realm="google", error="invalid_request"'
+            assert answer.headers["www-authenticate"] == challenge
+        # a signature with several Authorization headers beside it: refused all the same
+        several = [("Google-Assistant-Signature", token(key))]
+        several += [("Authorization", f"Bearer {token(key)}")] * 2
+        answer = await client.post("/google", json=v3("several", "FreeText", "hi"), headers=several)
+        assert answer.status_code == 400
+        one = {header: good}
+        data = ok(
+            await client.post("/google", json=v3("several", "FreeText", "hello"), headers=one)
+        )
+        assert check_v3(v3("several", "x"), data) == "You said: hello"
+
+
 def account_token(key: Key, **claims: Any) -> str:
     """A Google service account's ID token asked for with PROJECT as its audience, now: as
     anyone with a Google Cloud project can get one (``generateIdToken``)."""

@@ -61,6 +61,34 @@ async def test_an_old_or_body_mismatched_token_is_401_invalid_token(
         assert r.json()["detail"] == "payload_hash is not the SHA-256 of the body"
 
 
+async def test_more_than_one_authorization_header_is_400_invalid_request(
+    speech: SpeechService,
+) -> None:
+    """A right token beside a wrong one is no proof: an answer webhook with more than one
+    Authorization header is 400 invalid_request (RFC 6750 section 3.1), as the admin API,
+    /metrics and /dialogflow answer, none of them looked at and no NCCO given (the first
+    was taken: a signed token followed by anything was answered)."""
+    async with CARRIER.gateway(speech) as (gw, _), httpx.AsyncClient(base_url=gw.url) as client:
+        wrong = signed("another-secret-0123456789abcdef0123")
+        for pair in ([signed(SECRET), wrong], [wrong, signed(SECRET)], [signed(SECRET)] * 2):
+            headers = [("Authorization", value) for value in pair]
+            query = {"uuid": str(uuid.uuid4())}
+            with no_server_errors():
+                r = await client.get("/vonage/answer", params=query, headers=headers)
+            assert r.status_code == 400, pair
+            assert r.headers["content-type"] == "application/problem+json"
+            assert r.headers["www-authenticate"] == 'Bearer realm="vonage", error="invalid_request"'
+            assert r.json()["title"] == "Bad Request"
+            assert "more than one Authorization header" in r.json()["detail"]
+        r = await client.get(
+            "/vonage/answer",
+            params={"uuid": str(uuid.uuid4())},
+            headers={"Authorization": signed(SECRET)},
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()[0]["action"] == "connect"
+
+
 @pytest.mark.parametrize(
     ("claims", "detail"),
     [
