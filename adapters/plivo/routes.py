@@ -278,12 +278,15 @@ class SignedForm:
     """A V3-signed Plivo request that passed its checks (:func:`_signed_form`): its form
     ``params``, the replay ``key`` its nonce used, the ``request`` name marked with it
     (:func:`gateway.io.call.use_signature_for_request`), and whether it is Plivo's
-    ``retry`` of a request answered already (to be answered again, the same)."""
+    ``retry`` of a request answered already (to be answered again, the same); ``also``, the
+    names the version before marked the same request with (its URL path: a rolling
+    deploy), read, never written."""
 
     params: dict[str, str]
     key: str
     request: str
     retry: bool
+    also: tuple[str, ...] = ()
 
 
 async def _signed_form(
@@ -330,6 +333,12 @@ async def _signed_form(
     # under different prefixes told one request apart (a retry was "replayed")
     route = getattr(request.scope.get("route"), "name", None) or request.url.path
     sent = f"{key}:request:" + request_key(request.method, route, request.url.query, body)
+    # a rolling deploy: the older version's request marks hold the URL's path (before
+    # e6597817): read as this request's, as Telnyx's; only the route's name is written
+    old_sent = tuple(
+        f"{key}:request:" + request_key(request.method, old, request.url.query, body)
+        for old in ((request.url.path,) if route != request.url.path else ())
+    )
     replayed = VerificationRefused(f"the request was replayed: its {NONCE_HEADER} was used already")
     try:
         retry = await use_signature_for_request(
@@ -340,6 +349,7 @@ async def _signed_form(
             replayed,
             retry_s=RETRY_WINDOW_S,
             stream=stream_key(CHANNEL, stream_nonce(key)) if stream else None,
+            also=old_sent,
         )
     except VerificationRefused as exc:
         refusal_log(request.app.state, "Plivo").log(log, "Plivo %s refused: %s", path, exc.reason)
@@ -353,7 +363,7 @@ async def _signed_form(
             "Plivo %s: the same signed request again (Plivo's retry): answered again",
             path,
         )
-    return SignedForm(params, key, sent, retry)
+    return SignedForm(params, key, sent, retry, old_sent)
 
 
 @router.post("/plivo/answer", response_model=None, **POST_PLIVO_ANSWER)
@@ -371,7 +381,9 @@ async def answer(request: Request) -> Response:
         return signed
     params = signed.params
     try:  # the first answer's time: a V3 signature carries none
-        slot = await first_answered_at(gw.nonces, signed.request, time.time(), retry=signed.retry)
+        slot = await first_answered_at(
+            gw.nonces, signed.request, time.time(), retry=signed.retry, also=signed.also
+        )
     except StoreUnavailable as exc:
         return nonce_store_unavailable(log, "Plivo /plivo/answer", exc)
     # its answers all come within two windows of the slot's start (the first in the slot,

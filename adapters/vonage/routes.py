@@ -236,6 +236,12 @@ async def answer(request: Request) -> Response:
         # under different prefixes told one request apart (a retry was "replayed")
         route = getattr(request.scope.get("route"), "name", None) or request.url.path
         sent = request_key(request.method, route, request.url.query, body)
+        # a rolling deploy: the older version's request marks hold the URL's path
+        # (before e6597817): read as this request's, as Telnyx's; only the route's written
+        old_sent = [
+            f"{key}:request:{request_key(request.method, path, request.url.query, body)}"
+            for path in ((request.url.path,) if route != request.url.path else ())
+        ]
         retry = await use_signature_for_request(
             gw.nonces,
             key,
@@ -244,6 +250,7 @@ async def answer(request: Request) -> Response:
             replayed(),
             retry_s=RETRY_WINDOW_S,
             stream=stream_key(CHANNEL, stream_nonce(key)),
+            also=old_sent,
         )
     except VerificationRefused as exc:
         # logged in a bounded burst: forged requests come in floods

@@ -451,7 +451,9 @@ async def use_signature_for_request(
     return True
 
 
-async def first_answered_at(nonces: NonceStore, request: str, now: float, *, retry: bool) -> int:
+async def first_answered_at(
+    nonces: NonceStore, request: str, now: float, *, retry: bool, also: Sequence[str] = ()
+) -> int:
     """The Unix second the stream token of the answer to a signed webhook whose signature
     carries no time (Plivo's V3: a nonce alone) is issued at, the same for the first
     request and its retries, so that a retry's answer is the very same bytes: for the
@@ -463,15 +465,18 @@ async def first_answered_at(nonces: NonceStore, request: str, now: float, *, ret
     first request's two marks): ``now``'s slot, a token of the same nonce (one stream
     still), other bytes. Every answer comes within 2 × the window of the slot's start:
     the token is issued at :func:`signed_issue_time` of the slot and that span. Raises
-    StoreUnavailable when the store does not answer."""
+    StoreUnavailable when the store does not answer. ``also``: other names of the same
+    request in an older version's marks (a rolling deploy; as
+    :func:`use_signature_for_request`'s), read for a retry's slot, never written."""
     window = int(RETRY_WINDOW_S)
     slot = int(now) // window * window
     if not retry:
         await nonces.use_once(f"{request}:at:{slot}", RETRY_WINDOW_S)
         return slot
-    for at in (slot, slot - window):
-        if await nonces.used(f"{request}:at:{at}"):
-            return at
+    for name in (request, *also):
+        for at in (slot, slot - window):
+            if await nonces.used(f"{name}:at:{at}"):
+                return at
     return slot
 
 

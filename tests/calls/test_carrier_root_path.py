@@ -5,14 +5,23 @@ tests/calls/test_telnyx_root_path.py)."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import re
+import time
 import uuid
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 from pydantic import SecretStr
 
+from adapters.plivo.routes import NONCE_TTL_S
 from adapters.plivo.verify import signature
+from adapters.vonage.verify import VonageVerifier, replay_key
 from gateway.app import create_app
+from gateway.callcodec import RETRY_WINDOW_S, request_key
+from gateway.io.call import TOKEN_TTL_S, signed_issue_time
 from gateway.settings import Settings
 from tests.adapters.plivo.harness import AUTH_ID, AUTH_TOKEN
 from tests.adapters.twilio.helpers import PUBLIC
@@ -75,3 +84,73 @@ async def test_an_answer_retry_is_answered_alike_by_an_instance_with_another_roo
         other = {**vonage_query, "uuid": str(uuid.uuid4())}  # the token, another request
         replayed = await client.get(f"{b}/vonage/answer", params=other, headers=vonage_headers)
         assert replayed.status_code == 401, replayed.text
+
+
+async def test_marks_of_the_version_before_keyed_by_path_count_as_the_route(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """A rolling deploy: the version before (until e6597817) marked an answered request
+    under the URL's path (``{key}:request:<request key of /vonage/answer>``, Plivo's also
+    with its first answer's slot). The carrier's retry of a request it answered, landing
+    on this version, was refused ("replayed": the route's name was not marked), and the
+    call got no stream. The path's marks, written here by hand into the real Redis as that
+    version wrote them, now count as the route's (as Telnyx's): the retry is answered,
+    Plivo's with a stream token issued at the old mark's slot; another request with the
+    same signature is still refused."""
+    settings = gateway_settings(redis_url, redis_prefix)
+    app = create_app(settings)
+    async with served_app(app, settings) as url, httpx.AsyncClient(base_url=url) as client:
+        nonces = app.state.gateway.nonces
+
+        # Vonage: the answer the version before gave to this GET
+        call_uuid = str(uuid.uuid4())
+        query = urlencode({"uuid": call_uuid, "from": "447700900000", "to": "447700900001"})
+        authorization = signed(SECRET)
+        verifier = VonageVerifier(SECRET)
+        claims = verifier.check(authorization, b"", time.time())
+        key = f"vonage:token:{replay_key(authorization, claims)}"
+        await nonces.use_once(key, verifier.replay_window_s)
+        old = request_key("GET", "/vonage/answer", query, b"")
+        await nonces.use_once(f"{key}:request:{old}", RETRY_WINDOW_S)
+        headers = {"Authorization": authorization}
+        retry = await client.get(f"/vonage/answer?{query}", headers=headers)
+        assert retry.status_code == 200, retry.text
+        assert retry.json()[0]["action"] == "connect"
+        other = query.replace(call_uuid, str(uuid.uuid4()))
+        replayed = await client.get(f"/vonage/answer?{other}", headers=headers)
+        assert replayed.status_code == 401, replayed.text
+
+        # Plivo: the answer the version before gave to this POST, in the slot before now's
+        call_uuid = str(uuid.uuid4())
+        form = {"CallUUID": call_uuid, "From": "14155550100", "To": "14155550199"}
+        body = urlencode(form)
+        nonce = uuid.uuid4().hex[:20]
+        plivo_headers = {
+            "X-Plivo-Signature-V3": signature(
+                AUTH_TOKEN, "POST", PUBLIC + "/plivo/answer?appKey=plivo", form, nonce
+            ),
+            "X-Plivo-Signature-V3-Nonce": nonce,
+            "Content-Type": "application/x-www-form-urlencoded",
+        }
+        key = "plivo:v3-nonce:" + hashlib.sha256(nonce.encode()).hexdigest()
+        await nonces.use_once(key, NONCE_TTL_S)
+        sent = f"{key}:request:" + request_key(
+            "POST", "/plivo/answer", "appKey=plivo", body.encode()
+        )
+        await nonces.use_once(sent, RETRY_WINDOW_S)
+        window = int(RETRY_WINDOW_S)
+        slot = int(time.time()) // window * window
+        await nonces.use_once(f"{sent}:at:{slot - window}", RETRY_WINDOW_S)
+        retry = await client.post("/plivo/answer?appKey=plivo", content=body, headers=plivo_headers)
+        same_slot = int(time.time()) // window * window == slot
+        assert retry.status_code == 200, retry.text
+        found = re.search(r"/plivo/stream/([A-Za-z0-9_.-]+)", retry.text)
+        assert found is not None, retry.text
+        text = found.group(1).partition(".")[0]
+        issued_for, expires, _ = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).split(b"|")
+        assert issued_for.decode() == call_uuid
+        if same_slot:  # the old mark's slot found (not now's): the first answer's token
+            issued = signed_issue_time(slot - window, 2 * RETRY_WINDOW_S)
+            assert int(expires) == issued + TOKEN_TTL_S
+        again = await client.post("/plivo/answer?appKey=other", content=body, headers=plivo_headers)
+        assert again.status_code == 403, again.text
