@@ -192,11 +192,17 @@ def _move_request(
     settings: Settings,
     runner: CallRunner,
     info: CallInfo,
-) -> RestRequest:
+) -> RestRequest | str:
     """The move of live call ``info`` to another instance at shutdown (module doc): a
     transfer to the NCCO connecting it to a new stream of the gateway (a new one-time
-    token of the call), the call's headers and ``resumed`` ``1``."""
-    token = tokens.issue(info.call_id, time.time())
+    token of the call), the call's headers and ``resumed`` ``1``. Why the call cannot move
+    (a text: it is cut as before, a WARNING) while the stream token's key, shared through
+    Redis, is not read yet (SharedKeyPending: a token of this process's key would be
+    refused by every other instance), not an error of the gateway's."""
+    try:
+        token = tokens.issue(info.call_id, time.time())
+    except SharedKeyPending as exc:
+        return f"its new stream's token cannot be issued: {exc}"
     uri = wss_url(settings.public_url, f"/vonage/stream/{token}")
     params = info.parameters
     headers = {key: params[key] for key in ("from", "to", "appKey") if params.get(key)}

@@ -129,6 +129,7 @@ from gateway.protocol.call import (
     Transfer,
 )
 from gateway.ratelimit import refusal_log
+from gateway.secrets import SharedKeyPending
 from gateway.sessions import SessionBusy, StoreError, StoreUnavailable
 from gateway.settings import Settings
 from gateway.speech.audio import AudioFormatError
@@ -575,16 +576,27 @@ def stream_key_pending(
     return refused
 
 
-_OUTAGES: Final = (
-    (
-        "the one-time token store",
+_OUTAGES: Final = {
+    StoreUnavailable: (
+        "the one-time token store is unavailable",
         "nonce-store",
         "The one-time token store is unavailable; try again later.",
     ),
-    ("the bus", "bus", "The gateway's bus is unavailable; try again later."),
-)
-"""What :func:`admit` says of an outage, indexed by whether it is the bus's: (the log's
-name of the component, its ``component:`` tag, the problem's detail)."""
+    BusUnavailable: (
+        "the bus is unavailable",
+        "bus",
+        "The gateway's bus is unavailable; try again later.",
+    ),
+    SharedKeyPending: (
+        "the stream token's key is not known yet (the key shared through Redis not read)",
+        "shared-key",
+        "The stream token's key is not known yet; try again later.",
+    ),
+}
+"""What :func:`admit` says of an outage, by its exception's type: (the log's words of
+it, its ``component:`` tag, the problem's detail). A SharedKeyPending is a
+StoreUnavailable, but no store failed: the key the stream token is checked with, shared
+through Redis, was not read yet (Redis did not answer at startup; gateway/secrets.py)."""
 
 
 async def admit(websocket: WebSocket, carrier: str, check: Awaitable[T]) -> T | None:
@@ -608,6 +620,9 @@ async def admit(websocket: WebSocket, carrier: str, check: Awaitable[T]) -> T | 
     - BusUnavailable (the bus, the gateway's Redis, is down or does not answer: a check
       that reads what another instance recorded, a Telnyx dial's call): logged and
       answered alike, naming the component ``bus``;
+    - SharedKeyPending (the key stream tokens are checked with is shared through Redis
+      and not read yet: Redis did not answer at startup): logged and answered alike,
+      saying so, naming the component ``shared-key`` (not the token store: none failed);
     - any other exception (a bug): logged at ERROR with its traceback; the peer gets a
       bare HTTP 500 problem (else a close with 1011), never the traceback.
     """
@@ -621,10 +636,16 @@ async def admit(websocket: WebSocket, carrier: str, check: Awaitable[T]) -> T | 
             await websocket.close(code=CLOSE_POLICY)  # before accept: HTTP 403
         return None
     except (StoreUnavailable, BusUnavailable) as exc:  # the Redis client's breaker logged it
-        what, component, detail = _OUTAGES[type(exc) is BusUnavailable]
+        what, component, detail = _OUTAGES[
+            SharedKeyPending
+            if isinstance(exc, SharedKeyPending)
+            else BusUnavailable
+            if isinstance(exc, BusUnavailable)
+            else StoreUnavailable
+        ]
         log.log(
             outage_level(exc),
-            "%s stream refused (503): %s is unavailable (component: %s): %s",
+            "%s stream refused (503): %s (component: %s): %s",
             carrier,
             what,
             component,

@@ -5,19 +5,29 @@ gateways served by uvicorn, Twilio's requests signed with the twilio library."""
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import shutil
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
+from cryptography.hazmat.primitives import serialization
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
+from adapters.vonage.control import VonageAuth
+from adapters.vonage.routes import STREAM_TOKEN, _move_request
+from gateway.io.call import CallRunner, CallTokens
+from gateway.protocol.call import CallInfo
 from gateway.secrets import SecretKeys, Source
+from gateway.settings import Settings
 from tests.adapters.twilio.harness import call_sid, local_ws_url, parse_twiml, sign
 from tests.adapters.twilio.helpers import AUTH, PUBLIC, Served, twilio_gateway
+from tests.adapters.vonage.harness import application_key
 from tests.conftest import free_port, unless_hung
 
 VOICE = PUBLIC + "/twilio/voice"
@@ -105,3 +115,56 @@ async def test_an_instance_started_while_redis_was_down_issues_no_token_others_r
             headers = {"X-Twilio-Signature": sign(AUTH, stream_url)}
             async with connect(local_ws_url(b.url, stream_url), additional_headers=headers):
                 pass  # accepted by B: the upgrade completed
+
+
+async def test_a_stream_refused_while_the_shared_key_is_unknown_blames_the_key(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A stream that reaches an instance started while Redis was down is refused 503 (its
+    token cannot be checked): the line and the problem said "the one-time token store is
+    unavailable (component: nonce-store)", sending the operator to a store that never
+    failed. They name what is missing: the stream token's key, shared through Redis, not
+    read yet (component: shared-key)."""
+    overrides: dict[str, Any] = {
+        "redis_url": f"redis://127.0.0.1:{free_port()}/0",
+        "redis_prefix": "gw-pending-stream",
+    }
+    async with twilio_gateway(**overrides) as a:
+        assert a.app.state.gateway.secret_keys.pending
+        stream_url = f"wss://gateway.example.com/twilio/stream/{'a' * 40}.{'b' * 43}"
+        headers = {"X-Twilio-Signature": sign(AUTH, stream_url)}
+        with (
+            caplog.at_level(logging.DEBUG, logger="gateway"),
+            pytest.raises(InvalidStatus) as refused,
+        ):
+            async with connect(local_ws_url(a.url, stream_url), additional_headers=headers):
+                pass
+    assert refused.value.response.status_code == 503
+    problem = json.loads(refused.value.response.body or b"{}")
+    assert problem["detail"] == "The stream token's key is not known yet; try again later."
+    [line] = [r.getMessage() for r in caplog.records if "stream refused (503)" in r.getMessage()]
+    assert "Twilio stream refused (503): the stream token's key is not known yet" in line
+    assert "component: shared-key" in line
+    assert "token store" not in line
+
+
+def test_a_vonage_move_while_the_shared_key_is_unknown_is_a_reason_not_an_error() -> None:
+    """At shutdown, a Vonage call's move issues a new stream token: while the shared key
+    is not read yet that raised SharedKeyPending out of the redirect, logged at ERROR
+    with a traceback as a gateway bug. The move now says why the call cannot move (it is
+    cut as before, a WARNING)."""
+    keys = SecretKeys.random()
+    keys.pending = True
+    tokens = CallTokens(lambda: keys.shared_key(STREAM_TOKEN))
+    pem = application_key().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    auth = VonageAuth("app-1", pem.decode())
+    info = CallInfo("stream-1", str(uuid.uuid4()), "", {"from": "1", "to": "2"})
+    settings = Settings(public_url=PUBLIC)
+    why = _move_request(auth, tokens, settings, cast(CallRunner, None), info)
+    assert isinstance(why, str)
+    assert why.startswith(f"its new stream's token cannot be issued: the {STREAM_TOKEN} key")
+    keys.pending = False  # read: the move is a transfer to the NCCO of a new stream
+    request = _move_request(auth, tokens, settings, cast(CallRunner, None), info)
+    assert not isinstance(request, str)
