@@ -122,7 +122,8 @@ class Settings(BaseSettings):
     )
     redis_prefix: str = Field(
         default="gw",
-        description="Prefix of every Redis key; keys of one session share a hash tag.",
+        description="Prefix of every Redis key; keys of one session share a hash tag, so it "
+        "may hold no `{` or `}` (a prefix with one stops the start).",
     )
 
     redis_max_connections: int = Field(
@@ -1056,6 +1057,23 @@ class Settings(BaseSettings):
             from gateway.redisconn import parse_redis_url
 
             parse_redis_url(value)
+        return value
+
+    @field_validator("redis_prefix", mode="after")
+    @classmethod
+    def _redis_prefix_without_braces(cls, value: str) -> str:
+        """A GATEWAY_REDIS_PREFIX holding ``{`` or ``}`` stops the start: Redis Cluster
+        hashes a key by its first ``{...}`` (its hash tag), so a brace of the prefix would
+        take the place of the session's hash tag (or the tag would go unclosed): the keys
+        of one session would land on different slots and every multi-key script fail with
+        CROSSSLOT, or all sessions on one slot."""
+        braces = sorted({c for c in value if c in "{}"})
+        if braces:
+            raise ValueError(
+                f"holds {' and '.join(repr(c) for c in braces)}: Redis Cluster would take the "
+                "prefix's braces for the keys' hash tag (the keys of one session on different "
+                "slots: CROSSSLOT); use letters, digits, '-', '_', ':' or '.'"
+            )
         return value
 
     @field_validator("host", mode="after")

@@ -921,3 +921,19 @@ def test_serve_refuses_an_admin_key_left_as_the_placeholder_without_showing_it()
     now (exit 2), one line naming the setting, the key not shown."""
     stderr = serve_refused({"GATEWAY_ADMIN_KEYS": "ops-key-1-of-the-gateway,CHANGE-ME-aaaa1234"})
     assert stderr == f"gateway: GATEWAY_ADMIN_KEYS: {REFUSED}, or unset it\n"
+
+
+@pytest.mark.parametrize("prefix", ["gw{app}", "{gw}", "gw{", "gw}x"])
+def test_a_redis_prefix_with_a_brace_stops_the_start(prefix: str) -> None:
+    """Redis Cluster hashes a key by its first ``{...}``: a GATEWAY_REDIS_PREFIX holding
+    a brace took the place of the session's hash tag (``{gw}:{s:1}:lock`` hashes ``gw``;
+    ``gw{:{s:1}`` hashes ``:{s:1``... per key), and every multi-key script failed with
+    CROSSSLOT at the first turn, long after a start that said nothing. The settings refuse
+    it, and ``gateway serve`` stops (exit 2) naming the setting and the brace."""
+    with pytest.raises(ValidationError, match="Redis Cluster would take the prefix's braces"):
+        Settings(redis_prefix=prefix)
+    stderr = serve_refused({"GATEWAY_REDIS_PREFIX": prefix})
+    assert stderr.startswith("gateway: GATEWAY_REDIS_PREFIX: holds '"), stderr
+    assert "CROSSSLOT" in stderr
+    assert len(stderr.splitlines()) == 1
+    assert Settings(redis_prefix="gw-prod:eu.1").redis_prefix == "gw-prod:eu.1"
