@@ -152,7 +152,10 @@ def create_app(
         )
         if settings.log_hash_key is None:  # logs name sessions with the master key's
             set_hash_key(lambda: secret_keys.key(LOG_SESSION_REF))
-        speech = make_speech(settings, redis, id_key=secret_keys.key(TTS_ID))
+        # read at each use: the key follows the master key, which changes once the key
+        # shared through Redis is read (Redis down at startup): then every instance gives
+        # one sentence one id again (the process's key meanwhile: ids of this one only)
+        speech = make_speech(settings, redis, id_key=lambda: secret_keys.key(TTS_ID))
         pipeline = make_pipeline(settings)
         outbox: Outbox = (
             RedisOutbox(

@@ -57,8 +57,11 @@ class SpeechService:
     ``recognizer_factory`` makes the recognizer on first use; ``public_url`` is the
     base of TTS links (GATEWAY_PUBLIC_URL); ``listen_defaults`` holds the VAD and
     limit settings every listener starts from. ``id_key`` is the HMAC key of TTS
-    file ids (None: random per process, which is enough for links, as a ``GET``
-    looks the id up in the cache instead of recomputing it). ``max_chars`` caps the
+    file ids, or a function giving it at each use (the gateway's: the key derived from
+    the master key, which changes when the key shared through Redis is read after a
+    startup Redis did not answer, gateway/secrets.py), so that every instance gives one
+    sentence one id; None: random per process, which is enough for links, as a ``GET``
+    looks the id up in the cache instead of recomputing it. ``max_chars`` caps the
     characters of one item that are spoken; ``max_running``/``max_queued`` bound
     the TTS pool; ``prefetch`` synthesizes linked items in the background.
     """
@@ -71,7 +74,7 @@ class SpeechService:
         cache: TtsCache,
         public_url: str,
         listen_defaults: ListenOptions,
-        id_key: bytes | None = None,
+        id_key: bytes | Callable[[], bytes] | None = None,
         max_chars: int = 1500,
         max_running: int = 1,
         max_queued: int = 8,
@@ -85,10 +88,19 @@ class SpeechService:
         self.cache = cache
         self.public_url = public_url.rstrip("/")
         self.listen_defaults = listen_defaults
-        self.id_key = id_key or secrets.token_bytes(32)
+        if not callable(id_key):
+            fixed = id_key or secrets.token_bytes(32)
+            id_key = lambda: fixed  # noqa: E731
+        self.id_key_source: Callable[[], bytes] = id_key
+        """Gives the HMAC key of TTS file ids at each use (:attr:`id_key`)."""
         self.max_chars = max_chars
         self.prefetch = prefetch
         self.pool = TtsPool(synthesizer, cache, max_running=max_running, max_queued=max_queued)
+
+    @property
+    def id_key(self) -> bytes:
+        """The HMAC key of TTS file ids now (:attr:`id_key_source`'s)."""
+        return self.id_key_source()
 
     @property
     def recognizer(self) -> Recognizer:
@@ -362,12 +374,15 @@ class SpeechService:
 
 
 def make_speech(
-    settings: Settings, redis: RedisClient | None, id_key: bytes | None = None
+    settings: Settings,
+    redis: RedisClient | None,
+    id_key: bytes | Callable[[], bytes] | None = None,
 ) -> SpeechService:
     """The SpeechService of ``settings``: pocketsphinx, Piper or espeak-ng, and the TTS
     cache in Redis (``{prefix}:tts:``, GATEWAY_TTS_CACHE_TTL_S) when ``redis`` is given,
     so every instance serves every link, else in memory. ``id_key`` is the HMAC key
-    of TTS ids (None: ``secrets.token_bytes(32)`` per process)."""
+    of TTS ids, or a function giving it at each use (None: ``secrets.token_bytes(32)``
+    per process)."""
     from gateway.speech.stt import PocketsphinxRecognizer
     from gateway.speech.tts import make_synthesizer
     from gateway.speech.tts_cache import MemoryTtsCache, RedisTtsCache
