@@ -1662,7 +1662,10 @@ def _speech_then(
     max_audio: int | None,
     utf16: bool,
 ) -> str | None:
-    """:func:`speech_ssml` of ``items`` and then ``then``, ``then`` said whole (its doc)."""
+    """:func:`speech_ssml` of ``items`` and then ``then``, ``then`` said whole (its doc);
+    ``then`` with more ``<audio>`` tags than ``max_audio`` is said as its words, fallbacks
+    included, and the items before it are said with the whole count (before, that was
+    taken for ``then`` cut by the limit: the items were not said at all)."""
 
     def speech(of: Sequence[ResponseItem], chars: int, audio: int | None) -> str | None:
         return speech_ssml(
@@ -1679,8 +1682,13 @@ def _speech_then(
     if tail is None:
         return speech(items, max_chars, max_audio)
     said = tail[len(_SPEAK_OPEN) : -len(_SPEAK_CLOSE)]
-    if said != item_ssml(then, audio_schemes=audio_schemes, elements=elements, say_as=say_as):
-        return tail  # cut itself (or its audio over max_audio): no room for the items
+    whole = item_ssml(then, audio_schemes=audio_schemes, elements=elements, say_as=say_as)
+    if max_audio is not None and whole.count(_AUDIO_TAG) > max_audio:
+        # over the platform's count: said as its words (as speech_ssml says such an
+        # item), the items before it still said, with the whole count
+        whole = xml_text(_words(then, whole, audio_schemes, elements))
+    if said != whole:
+        return tail  # cut itself: no room for the items
     room = max_chars - (utf16_len(said) if utf16 else len(said)) - 1  # and a space
     audio_left = None if max_audio is None else max_audio - said.count(_AUDIO_TAG)
     head = speech(items, room, audio_left)
@@ -1722,14 +1730,15 @@ def display_text(
         tail = truncate_text(whole, max_chars, utf16=utf16)
         if tail != whole:  # cut itself: no room for the items
             return tail
-        if tail:
-            room = max_chars - (utf16_len(tail) if utf16 else len(tail)) - 1  # and a space
-            left = max_audio
-            if left is not None and played:
-                tags = _audio_tags(then, played)
-                left -= tags if tags <= left else 0  # over the count: its words, no sound
-            head = display_text(items, max(room, 0), utf16=utf16, played=played, max_audio=left)
-            return f"{head} {tail}" if head else tail
+        left = max_audio  # then's sounds counted first, as said (also when it shows nothing)
+        if left is not None and played:
+            tags = _audio_tags(then, played)
+            left -= tags if tags <= left else 0  # over the count: its words, no sound
+        if not tail:
+            return display_text(items, max_chars, utf16=utf16, played=played, max_audio=left)
+        room = max_chars - (utf16_len(tail) if utf16 else len(tail)) - 1  # and a space
+        head = display_text(items, max(room, 0), utf16=utf16, played=played, max_audio=left)
+        return f"{head} {tail}" if head else tail
     parts: list[str] = []
     audio_left = max_audio if played else None
     for item in items:

@@ -800,10 +800,10 @@ def test_a_cut_into_an_element_that_keeps_only_a_comment_goes_on_after_it(
     assert kept == f"<speak>{element}</speak>", kept
 
 
-@pytest.mark.parametrize("then", [None, 0, 2])
-@pytest.mark.parametrize("counts", [[1, 1, 1, 1, 1, 1], [4, 2, 1], [6], [2, 0, 3, 1]])
+@pytest.mark.parametrize("then", [None, 0, 2, 6, "audio"])
+@pytest.mark.parametrize("counts", [[1, 1, 1, 1, 1, 1], [4, 2, 1], [6], [2, 0, 3, 1], [5]])
 def test_the_display_text_shows_what_is_said_within_the_audio_count(
-    counts: list[int], then: int | None
+    counts: list[int], then: int | str | None
 ) -> None:
     """With ``max_audio`` (Alexa's five ``<audio>`` tags) an item whose sounds would pass
     the count is said as its words, its fallbacks included, ``then``'s sounds counted
@@ -819,13 +819,38 @@ def test_the_display_text_shows_what_is_said_within_the_audio_count(
         return ResponseItem(ssml=f"Item {n}{sounds}.")
 
     items = [item(n, tags) for n, tags in enumerate(counts)]
-    last = None if then is None else item(99, then)
+    if then == "audio":  # a sound of its own, no words: nothing shown, but it counts
+        last: ResponseItem | None = ResponseItem(audio="https://a/sorry.mp3")
+    else:
+        last = None if then is None else item(99, int(then))
     said = speech_ssml(items, 8000, audio_schemes=ALEXA_AUDIO, max_audio=5, then=last)
     assert said is not None
     heard = ssml_to_text(said, played=ALEXA_AUDIO)
     shown = display_text(items, 8000, then=last, played=ALEXA_AUDIO, max_audio=5)
     assert shown == heard
     assert said.count("<audio") <= 5
+    assert heard is not None
+    assert all(f"Item {n}" in heard for n in range(len(counts)))  # every item is said
+
+
+def test_a_then_past_the_audio_count_is_said_as_its_words_after_the_items() -> None:
+    """``then`` whose sounds pass ``max_audio`` (Alexa's five) is said as its words, its
+    fallbacks included, as speech_ssml says such an item, and the items before it are
+    still said, with the whole count. Before, the items were not said at all: only
+    ``then``'s words (its speech was taken for one cut by the length limit)."""
+    sounds = "".join(f' <audio src="https://a/{k}.mp3">gong {k}</audio>' for k in range(6))
+    then = ResponseItem(ssml=f"Sorry{sounds}.")
+    items = [ResponseItem(text="First."), ResponseItem(ssml='<audio src="https://a/x.mp3"/>')]
+    said = speech_ssml(items, 8000, audio_schemes=ALEXA_AUDIO, max_audio=5, then=then)
+    words = "Sorry gong 0 gong 1 gong 2 gong 3 gong 4 gong 5."
+    assert said == f'<speak>First. <audio src="https://a/x.mp3"/> {words}</speak>', said
+    alone = speech_ssml([], 8000, audio_schemes=ALEXA_AUDIO, max_audio=5, then=then)
+    assert alone == f"<speak>{words}</speak>"
+    # then's words cut by the limit still leave no room for the items (then is said whole)
+    short = speech_ssml(items, 20, audio_schemes=ALEXA_AUDIO, max_audio=5, then=then)
+    assert short is not None
+    assert "First" not in short
+    assert "<audio" not in short
 
 
 def test_alexas_24_kb_cut_keeps_an_items_audio_played_instead_of_its_words() -> None:
