@@ -1614,8 +1614,11 @@ def _cut_markup(fragment: str, room: int, utf16: bool = False, level: int = 0) -
             words = (ssml_to_text(part) or "") if says else ""  # no text: not parsed
             if not words.strip():
                 continue  # says nothing (a <desc>, an <audio> without content): left out
-            lead = " " if kept and part[:1].isspace() and left > 1 else ""
-            words = _truncate_escaped(words, left - len(lead), utf16=utf16)
+            # the space that parts it from the part before (ssml_to_text strips it): no
+            # room for it and a character, no words (never glued: '</s>H')
+            lead = " " if kept and part[:1].isspace() else ""
+            room_left = left - len(lead)
+            words = _truncate_escaped(words, room_left, utf16=utf16) if room_left > 0 else ""
             cut = lead + words if words else ""
         kept.append(cut)
         break

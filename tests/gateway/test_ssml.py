@@ -38,6 +38,7 @@ from gateway.ssml import (
     ssml_in_text,
     ssml_markup,
     ssml_to_text,
+    utf16_len,
     without_fallbacks,
 )
 
@@ -851,6 +852,27 @@ def test_a_then_past_the_audio_count_is_said_as_its_words_after_the_items() -> N
     assert short is not None
     assert "First" not in short
     assert "<audio" not in short
+
+
+@pytest.mark.parametrize("utf16", [False, True])
+@pytest.mark.parametrize(
+    "ssml", ["<s>Hi.</s> Hello world.", "<s>Hi.</s>\n<say-as>Hello</say-as>", "<s>Hi.</s> 😀 fun"]
+)
+def test_the_words_at_the_cut_are_never_glued_to_the_part_before(ssml: str, utf16: bool) -> None:
+    """The words cut after a part that fit (a ``<s>``), parted from it by a space in the
+    SSML, keep that space whatever room is left. Before, with one character of room left
+    the space was dropped and the first letter kept: ``<s>Hi.</s>H`` (read "Hi.H"). With
+    no room for the space and a character, no words are said there."""
+    fit = len("<speak><s>Hi.</s></speak>")
+    for budget in range(fit, fit + 12):
+        said = speech_ssml([ResponseItem(ssml=ssml)], budget, utf16=utf16)
+        assert said is not None
+        assert said.startswith("<speak><s>Hi.</s>"), said
+        assert re.search(r"</s>[^\s<]", said) is None, said  # never glued
+        assert ssml_to_text(said) is not None
+        size = utf16_len(said) if utf16 else len(said)
+        assert size <= budget
+    assert speech_ssml([ResponseItem(ssml=ssml)], fit + 1) == "<speak><s>Hi.</s></speak>"
 
 
 def test_alexas_24_kb_cut_keeps_an_items_audio_played_instead_of_its_words() -> None:
