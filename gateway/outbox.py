@@ -862,7 +862,7 @@ class Following:
             sent = self._sent[key] = set(sorted(sent)[-1024:])
         return sent
 
-    async def settle(self, key: str, through: int | None = None) -> None:
+    async def settle(self, key: str, through: int | None = None) -> bool:
         """The connection sent a whole answer of session ``key`` (``through``: the seq of
         its last entry, when numbered): raise the delivered mark over it now (a client
         that closes right after its answer and comes back on another connection is not
@@ -874,7 +874,8 @@ class Following:
         It does not need the follow task: when that ended before it was ready (the
         client left while the subscription of a session adopted by the turn was still
         being made, and :meth:`aclose` cancelled it), the floor is the outbox's mark.
-        An outbox failure is logged."""
+        An outbox failure is logged: False then (the mark was not read or not written
+        without the follow task: a settle later may raise it); True otherwise."""
         if self._task is not None:
             await self._ready.wait()  # the follow task is ready, or it ended
         follower = self._follower
@@ -893,14 +894,16 @@ class Following:
                     top, _ = self._sent_up_to(key, top, entries, through=through)
             except OutboxError as exc:
                 log.log(outage_level(exc), "outbox mark not saved: %s", exc)
-                return
+                return False
             if follower is not None:
-                await follower.advance(top)
-                return
+                await follower.advance(top)  # (its floor rises even when the write fails)
+                return True
             try:
                 await self.journal.outbox.mark(key, top)
             except OutboxError as exc:
                 log.log(outage_level(exc), "outbox mark not saved: %s", exc)
+                return False
+            return True
 
     @contextlib.asynccontextmanager
     async def claim(self, key: str, seq: int | None) -> AsyncIterator[bool]:

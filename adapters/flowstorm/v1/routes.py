@@ -372,7 +372,8 @@ class _Socket(WebSocketDriver[Action]):
         answer before its held frames go out (:meth:`run`), not after."""
         self._settled: tuple[str, int] | None = None
         """(session key, seq) the last settle of :meth:`run` raised the mark over: the
-        turn's :meth:`forward` does not settle that answer a second time."""
+        turn's :meth:`forward` does not settle that answer a second time (it does when
+        that settle failed: the outbox refused the read or the write of the mark)."""
         self._sent: set[asyncio.Task[Any]] = set()
         """Forwarders (of ``turns``) whose turn's frames all went out, the Response too,
         and which still raise the outbox's mark (Following.settle, catch_up): their
@@ -567,8 +568,8 @@ class _Socket(WebSocketDriver[Action]):
         sends = not self.holding() and any(isinstance(a, Send) for a in actions)
         if settle and following and following.key == settle[0] and self.open and sends:
             self._settle_first = None
-            self._settled = settle
-            await asyncio.shield(following.settle(*settle))
+            if await asyncio.shield(following.settle(*settle)):  # (failed: forward tries again)
+                self._settled = settle
         for action in actions:
             following = self.following
             if isinstance(action, StartTurn) and following is not None:

@@ -24,6 +24,7 @@ from gateway.app import create_app
 from gateway.bus import BusUnavailable
 from gateway.events import ResponseItem
 from gateway.logs import session_ref
+from gateway.outbox import OutboxError
 from gateway.protocol import clipped
 from gateway.protocol.actions import Send
 from gateway.push import push_event
@@ -1282,3 +1283,54 @@ async def test_a_turn_raises_the_delivered_mark_over_its_answer_once(
                 # before: two of each, the second settle a second read and write of the mark
                 assert calls == [("state", (key,)), ("mark", (key, last_seq))], calls
                 assert (await state(key)).mark == last_seq
+
+
+async def test_a_settle_that_failed_before_the_response_is_tried_again_after_the_turn(
+    store: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without the session's follow task (the bus refused the subscription), the settle
+    just before the held Response goes out reads the outbox's state and writes the mark;
+    when the outbox refused that read, the turn's forward no longer settled the answer
+    (it skipped what run had tried), so the mark stayed below the answer and a client
+    resuming with ``sessionId`` and no ``lastSeq`` was given it again. A settle that
+    failed is tried again once the turn is over: the mark is over the answer."""
+    session_id = f"settle-again-{store.get('redis_prefix', 'memory')}"
+    key = f"flowstorm:{session_id}"
+    app = create_app(Settings(**store))
+    forwarded: asyncio.Queue[None] = asyncio.Queue()
+    forward = v1_routes._Socket.forward
+
+    async def watched_forward(self: v1_routes._Socket, start: Any) -> None:
+        try:
+            await forward(self, start)
+        finally:
+            forwarded.put_nowait(None)  # the turn's forwarder is done: its settles too
+
+    monkeypatch.setattr(v1_routes._Socket, "forward", watched_forward)
+    async with served_app(app) as url:
+        journal = app.state.gateway.journal
+        outbox, bus = journal.outbox, journal.bus
+        state, subscribe = outbox.state, bus.subscribe
+        refusals: list[str] = []
+
+        async def refused_once(box_key: str) -> Any:
+            if box_key == key and not refusals:  # the first settle's read of the mark
+                refusals.append(box_key)
+                raise OutboxError("refused by the test")
+            return await state(box_key)
+
+        def refused(topic: str) -> Any:
+            if session_id in topic:  # this session's follow task never starts
+                raise BusUnavailable("refused by the test")
+            return subscribe(topic)
+
+        outbox.state, bus.subscribe = refused_once, refused
+        async with connect(ws_url(url)) as ws:
+            await init(ws)
+            frames = await turn(ws, request_frame("#intro", session_id))
+            assert frames[-1]["type"] == "Response", frames
+            await unless_hung(forwarded.get(), "the turn's forwarder")
+            assert refusals == [key]  # the settle before the Response failed
+            after = await state(key)
+            assert after.last_seq > 0
+            assert after.mark == after.last_seq  # raised over the answer all the same
