@@ -80,8 +80,16 @@ def session_ref(key: str) -> str:
     The digits are the first 64 bits of HMAC-SHA256(GATEWAY_LOG_HASH_KEY, id); a key
     without a namespace gives just ``h-<digits>``.
     """
+    return _session_ref(_hash_key(), key)
+
+
+@functools.lru_cache(maxsize=1024)
+def _session_ref(hash_key: bytes, key: str) -> str:
+    """:func:`session_ref` of ``key`` under ``hash_key``, cached: a session's turns each
+    log its reference (an HMAC, about 16k instructions); keyed on the hash key too, so
+    a key adopted later (the master key's, read from Redis) gives the new reference."""
     namespace, sep, session_id = key.rpartition(":") if ":" in key else ("", "", key)
-    inner, outer = _hmac_states(_hash_key())
+    inner, outer = _hmac_states(hash_key)
     inner = inner.copy()
     inner.update(session_id.encode())
     outer = outer.copy()

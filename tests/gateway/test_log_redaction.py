@@ -115,6 +115,34 @@ def test_session_id_field_becomes_a_keyed_hash() -> None:
         set_hash_key(None)
 
 
+def test_a_session_reference_is_made_once_per_key_and_follows_a_changed_key() -> None:
+    import hashlib
+    import hmac
+
+    from gateway.logs import _session_ref
+
+    keys = {"now": b"first master key"}
+    set_hash_key(lambda: keys["now"])  # as the master key's derived key, which may change
+
+    def expected(key: bytes, session_id: str) -> str:
+        digest = hmac.new(key, session_id.encode(), hashlib.sha256).digest()
+        return f"alexa:h-{digest[:8].hex()}"
+
+    try:
+        first = session_ref("alexa:amzn1.echo-api.session.s1")
+        hits = _session_ref.cache_info().hits
+        assert session_ref("alexa:amzn1.echo-api.session.s1") == first  # the same text
+        assert _session_ref.cache_info().hits == hits + 1  # no second HMAC
+        assert first == expected(b"first master key", "amzn1.echo-api.session.s1")
+        keys["now"] = b"adopted master key"  # a key adopted later: the new reference
+        assert session_ref("alexa:amzn1.echo-api.session.s1") == expected(
+            b"adopted master key", "amzn1.echo-api.session.s1"
+        )
+        assert session_ref("alexa:amzn1.echo-api.session.s1") != first
+    finally:
+        set_hash_key(None)
+
+
 def test_a_served_turn_logs_neither_the_session_id_nor_the_key(tmp_path: Path) -> None:
     port = free_port()
     log_file = tmp_path / "gateway.log"
