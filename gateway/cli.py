@@ -1,4 +1,5 @@
-"""The ``gateway`` command: ``gateway serve [--host H] [--port P]`` and ``gateway openapi``."""
+"""The ``gateway`` command: ``gateway serve [--host H] [--port P] [--fd N]`` and
+``gateway openapi``."""
 
 from __future__ import annotations
 
@@ -40,6 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     server.add_argument("--host", help="address to bind (default GATEWAY_HOST or 127.0.0.1)")
     server.add_argument("--port", type=int, help="port (default GATEWAY_PORT or 8080)")
     server.add_argument(
+        "--fd",
+        type=int,
+        help="serve on this inherited, bound stream socket (a file descriptor) instead of "
+        "binding --host/--port; --port then defaults to the socket's port",
+    )
+    server.add_argument(
         "--log-level",
         type=str.upper,
         choices=LOG_LEVELS,
@@ -53,6 +60,14 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "serve":
         overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+        if args.fd is not None:
+            try:
+                fd_port = inherited_socket_port(args.fd)
+            except ValueError as exc:
+                print(f"gateway: {exc}", file=sys.stderr)
+                return 2
+            if fd_port is not None and args.port is None:
+                overrides["port"] = fd_port
         try:
             settings = Settings(**overrides)
         except ValidationError as exc:
@@ -65,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         if (problem := check_pipelines(settings)) is not None:
             print(f"gateway: {problem}", file=sys.stderr)
             return 2
-        serve(settings, log_level=args.log_level)
+        serve(settings, log_level=args.log_level, fd=args.fd)
         return 0
     if args.command == "openapi":
         text = openapi_json()
@@ -82,7 +97,13 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
-def serve(settings: Settings, *, log_level: str | None = None, app: FastAPI | None = None) -> None:
+def serve(
+    settings: Settings,
+    *,
+    log_level: str | None = None,
+    app: FastAPI | None = None,
+    fd: int | None = None,
+) -> None:
     """Run the gateway as ``gateway serve`` does, until it is stopped (SIGINT/SIGTERM).
 
     Logging goes to stderr at ``log_level`` (default GATEWAY_LOG_LEVEL) in
@@ -97,7 +118,10 @@ def serve(settings: Settings, *, log_level: str | None = None, app: FastAPI | No
     lifespan failed, the port was taken), as ``uvicorn.run`` does, and before anything
     else when GATEWAY_HOST does not resolve (one ERROR line: :func:`host_problem`). ``app`` lets a
     benchmark serve an app it prepared (local certificates injected) exactly as users
-    run the gateway.
+    run the gateway. ``fd`` (``--fd``): serve on that inherited, bound stream socket
+    instead of binding GATEWAY_HOST:PORT (uvicorn's ``fd``; :func:`inherited_socket_port`
+    checks it first): whoever bound it holds the port from then on, so no other process
+    can take it between the choice of a port and the start (a supervisor, a test harness).
     """
     import uvicorn
 
@@ -107,7 +131,7 @@ def serve(settings: Settings, *, log_level: str | None = None, app: FastAPI | No
     level = (log_level or settings.log_level).lower()
     configure_logging(level, settings.log_format)
     server_log = logging.getLogger("gateway.server")
-    if (problem := host_problem(settings.host, settings.port)) is not None:
+    if fd is None and (problem := host_problem(settings.host, settings.port)) is not None:
         server_log.error(problem)  # one line, as uvicorn's for a port already in use
         raise SystemExit(_STARTUP_FAILURE)
     server_log.info(describe(settings))
@@ -119,6 +143,7 @@ def serve(settings: Settings, *, log_level: str | None = None, app: FastAPI | No
         app if app is not None else create_app(settings, freeze_gc=True),
         host=settings.host,
         port=settings.port,
+        fd=fd,  # when set, uvicorn serves on it and binds nothing
         log_level=level,
         log_config=None,  # keep the handlers configure_logging set
         access_log=settings.access_log,
@@ -143,6 +168,35 @@ def serve(settings: Settings, *, log_level: str | None = None, app: FastAPI | No
             signal.signal(sig, handler)
     if not server.started:  # as uvicorn.run: the app's startup failed, or the bind
         raise SystemExit(_STARTUP_FAILURE)
+
+
+def inherited_socket_port(fd: int) -> int | None:
+    """The TCP port of the stream socket ``fd`` (``gateway serve --fd``), None for a Unix
+    socket. Raises ValueError, with a one-line reason naming ``--fd``, when ``fd`` is not
+    an open file descriptor, not a socket, not a stream socket, or neither TCP nor Unix,
+    or when a TCP socket is not bound (it would listen on a random port)."""
+    if fd < 0:
+        raise ValueError(f"--fd {fd}: not a file descriptor")
+    try:
+        copy = os.dup(fd)
+    except OSError as exc:
+        raise ValueError(f"--fd {fd}: not an open file descriptor ({exc.strerror})") from None
+    try:
+        sock = socket.socket(fileno=copy)  # family and type read from the socket
+    except OSError as exc:
+        os.close(copy)
+        raise ValueError(f"--fd {fd}: not a socket ({exc.strerror or exc})") from None
+    with sock:
+        if sock.type != socket.SOCK_STREAM:
+            raise ValueError(f"--fd {fd}: not a stream socket")
+        if sock.family == socket.AF_UNIX:
+            return None
+        if sock.family not in (socket.AF_INET, socket.AF_INET6):
+            raise ValueError(f"--fd {fd}: neither a TCP nor a Unix socket")
+        port: int = sock.getsockname()[1]
+        if port == 0:
+            raise ValueError(f"--fd {fd}: the socket is not bound to a port")
+        return port
 
 
 def host_problem(host: str, port: int) -> str | None:

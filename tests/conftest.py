@@ -91,19 +91,105 @@ async def unless_hung(awaitable: Awaitable[T], what: str, within_s: float = 30.0
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    """A TCP port on 127.0.0.1 that was free a moment ago: another process (another
+    xdist worker's server) may take it before a server of this test binds it, so a child
+    server is not started on it (:func:`reserved_port` and ``gateway serve --fd``, or
+    checking that what answers there is that child: :func:`redis_server_ours`)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
 
 
+_RESERVED: dict[int, socket.socket] = {}  # the sockets holding the ports of reserved_port
+
+
+def _reuseport_socket() -> socket.socket:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    return sock
+
+
+def reserved_port(port: int | None = None) -> int:
+    """A TCP port on 127.0.0.1 (``port``, else a free one) that no other process can bind
+    for the rest of the run: a socket of this process stays bound to it, not listening
+    (a connection is refused while no server of this process listens there), with
+    SO_REUSEPORT, so that only this process can bind it again (same user, SO_REUSEPORT
+    too): :func:`listener_on` makes the listening socket a child server is handed
+    (``gateway serve --fd``), again after a restart on the same port. Raises OSError
+    (EADDRINUSE) when ``port`` is already bound by another process."""
+    if port is not None and port in _RESERVED:
+        return port
+    held = _reuseport_socket()
+    try:
+        held.bind(("127.0.0.1", port or 0))
+    except OSError:
+        held.close()
+        raise
+    reserved: int = held.getsockname()[1]
+    _RESERVED[reserved] = held
+    return reserved
+
+
+def listener_on(port: int) -> socket.socket:
+    """A socket listening on 127.0.0.1:``port``, a port of :func:`reserved_port`
+    (SO_REUSEPORT), inheritable: to hand to a child server (``--fd``, ``pass_fds``);
+    close this process's copy once the child is spawned."""
+    assert port in _RESERVED, "reserved_port() first"
+    sock = _reuseport_socket()
+    try:
+        sock.bind(("127.0.0.1", port))
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+def redis_server_ours(proc: subprocess.Popen[bytes], url: str) -> bool | None:
+    """Whether the redis-server ``proc`` answers at ``url``: True when the server there
+    answers PING and its ``INFO server`` process_id is ``proc``'s pid; None when not yet
+    (nothing answers); False when ``proc`` exited (its port was taken: address already in
+    use) or another process answers there (another xdist worker's server took the port
+    first), so the caller starts it again on another port."""
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=1)
+        with client:
+            pid = int(client.info("server")["process_id"])
+    except redis.RedisError:
+        return False if proc.poll() is not None else None
+    return pid == proc.pid
+
+
+def listens_on(pid: int, port: int) -> bool:
+    """Whether process ``pid`` holds the socket listening on TCP ``port`` (IPv4 or IPv6,
+    Linux: /proc/net/tcp*, /proc/PID/fd): for a child that binds its port itself (the
+    image's command, ``GATEWAY_PORT``), so that an answer on the port is known to be its,
+    not another xdist worker's server's that took the port first."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError), open(table, encoding="ascii") as rows:
+            for row in list(rows)[1:]:
+                fields = row.split()
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    inodes.add(f"socket:[{fields[9]}]")
+    fds = Path(f"/proc/{pid}/fd")
+    with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+        for fd in fds.iterdir():
+            with contextlib.suppress(OSError):
+                if os.readlink(fd) in inodes:
+                    return True
+    return False
+
+
 def serve_refused(env: dict[str, str], *args: str) -> str:
     """Run ``gateway serve`` (this tree first on PYTHONPATH) with ``env`` added to the
     environment and ``args`` after its own; assert it refuses to start (exit 2) and
-    return what it wrote to stderr."""
+    return what it wrote to stderr. The port is one of :func:`refused_port`: a child that
+    went as far as binding it fails (exit 3), never serving on another process's port."""
     done = subprocess.run(
-        [sys.executable, "-m", "gateway", "serve", "--port", str(free_port()), *args],
+        [sys.executable, "-m", "gateway", "serve", "--port", str(refused_port()), *args],
         env={**os.environ, "PYTHONPATH": str(ROOT), **env},
         capture_output=True,
         text=True,
@@ -168,19 +254,33 @@ def redis_url() -> Iterator[str]:
         pytest.fail(
             "no Redis answers and redis-server is not installed (apt-get install redis-server)"
         )
-    port = free_port()
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
     deadline = time.monotonic() + 10
-    while not _answers(url):
+    while True:  # again on another port when another process took this one first
+        port = free_port()
+        proc = subprocess.Popen(
+            [
+                binary,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        url = f"redis://127.0.0.1:{port}/0"
+        while (ours := redis_server_ours(proc, url)) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if ours:
+            break
+        proc.kill()
+        proc.wait(5)
         if time.monotonic() > deadline:
-            proc.kill()
             pytest.fail("the private redis-server did not start")
-        time.sleep(0.05)
     yield url
     proc.terminate()
     proc.wait(5)
@@ -432,8 +532,14 @@ class GatewayProcess:
         the process stops, and its tail put in the error when it does not start);
         ``log_level``: its ``--log-level``; ``plain_uvicorn``: the app under uvicorn's own
         CLI (``python -m uvicorn --factory gateway.app:create_app``), not ``gateway
-        serve``."""
-        self.port = port or free_port()
+        serve``.
+
+        ``port``: default a free one. Either way it is held for the rest of the run
+        (:func:`reserved_port`), and each spawn hands the child a socket listening on it
+        (``--fd``): no other process (another xdist worker's gateway) can take the port
+        between its choice and the child's start, nor between a stop and a restart on
+        the same port (``GatewayProcess(env, port=earlier.port)``)."""
+        self.port = reserved_port(port)
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, **env}
         self.open_files = open_files
@@ -461,37 +567,43 @@ class GatewayProcess:
             if self.plain_uvicorn
             else ["gateway", "serve"]
         )
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                *command,
-                "--port",
-                str(self.port),
-                "--log-level",
-                self.log_level,
-            ],
-            env=self.env,
-            cwd=ROOT,
-            stderr=self.stderr if self.stderr is not None else self._log,
-            preexec_fn=self._limit_open_files if self.open_files else None,
-        )
+        with listener_on(self.port) as listener:  # the child's copy stays open
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    *command,
+                    "--port",
+                    str(self.port),
+                    "--fd",
+                    str(listener.fileno()),
+                    "--log-level",
+                    self.log_level,
+                ],
+                env=self.env,
+                cwd=ROOT,
+                stderr=self.stderr if self.stderr is not None else self._log,
+                preexec_fn=self._limit_open_files if self.open_files else None,
+                pass_fds=(listener.fileno(),),
+            )
         return self
 
     def wait_ready(self, timeout_s: float | None = None) -> GatewayProcess:
         """Wait until /healthz answers 200 (at most ``timeout_s``, default
         :func:`start_timeout_s`). Raises RuntimeError, with the end of the process's
-        stderr, if it exits first or does not answer in time (it is killed then)."""
+        stderr, if it exits first or does not answer in time (it is killed then), or if
+        it has exited when /healthz answers (something else answered)."""
         assert self.proc is not None, "spawn() first"
         within = start_timeout_s() if timeout_s is None else timeout_s
         started = time.monotonic()
         while True:
             try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return self
+                answered = httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200
             except httpx.HTTPError:
-                pass
+                answered = False
             exited = self.proc.poll()
+            if answered and exited is None:
+                return self
             waited = time.monotonic() - started
             if exited is not None or waited > within:
                 tail = self.log_tail()

@@ -70,6 +70,23 @@ def _wait(what: str, check: object, timeout_s: float = 20) -> None:
         time.sleep(0.05)
 
 
+def _wait_ours(what: str, servers: list[tuple[subprocess.Popen[bytes], int]]) -> None:
+    """Wait until each ``(proc, port)`` answers on its port as itself (``INFO server``'s
+    process_id is its pid): the ports were only free a moment ago, and another process
+    (another xdist worker's server) may have bound one first; then that ``proc`` exited
+    (address already in use) and what answers there is not ours. Raises RuntimeError
+    then, at once, rather than let the tests talk to another run's server."""
+    for proc, port in servers:
+        with redis.Redis(port=port, socket_connect_timeout=1) as client:
+
+            def ours(proc: subprocess.Popen[bytes] = proc, client: redis.Redis = client) -> bool:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{what} on port {port} exited (port taken?)")  # noqa: B023 (called at once)
+                return int(client.info("server")["process_id"]) == proc.pid
+
+            _wait(f"{what} on port {port}", ours)
+
+
 def _server(args: list[str], cwd: Path, log: str) -> subprocess.Popen[bytes]:
     with open(cwd / log, "wb") as out:
         return subprocess.Popen(
@@ -117,9 +134,8 @@ def start_cluster() -> Iterator[str]:
                     "redis.log",
                 )
             )  # fmt: skip
+        _wait_ours("cluster node", list(zip(procs, data, strict=True)))
         clients = [redis.Redis(port=p, socket_connect_timeout=1) for p in data]
-        for client in clients:
-            _wait("cluster node", client.ping)
         subprocess.run(
             [
                 _binary("redis-cli"),
@@ -231,6 +247,7 @@ def start_sentinel() -> Iterator[SentinelSetup]:
                 "redis.log",
             )
         )
+        _wait_ours("data server", list(zip(procs, (master, replica), strict=True)))
         _wait("replication", lambda: _replica_in_sync(master))
         conf = tmp / "sentinel.conf"
         conf.write_text(
@@ -247,6 +264,7 @@ def start_sentinel() -> Iterator[SentinelSetup]:
             sentinel_port=sentinel,
             data_ports=[master, replica],
         )
+        _wait_ours("sentinel", [(procs[-1], sentinel)])
 
         def knows_replica() -> bool:
             with setup.sentinel() as s:
@@ -270,8 +288,7 @@ def start_server() -> Iterator[int]:
     try:
         (port,) = _free_ports(1)
         procs.append(_server(["--port", str(port), *_COMMON], tmp, "redis.log"))
-        with redis.Redis(port=port, socket_connect_timeout=1) as client:
-            _wait("the server", client.ping)
+        _wait_ours("the server", [(procs[0], port)])
         yield port
     finally:
         _stop(procs)
@@ -303,6 +320,7 @@ def start_monitor(master_port: int, *, down_after_ms: int = 60_000) -> Iterator[
         setup = SentinelSetup(
             url=f"redis+sentinel://127.0.0.1:{sentinel}/0/{SERVICE}", sentinel_port=sentinel
         )
+        _wait_ours("the sentinel", [(procs[0], sentinel)])
 
         def names_the_master() -> bool:
             with setup.sentinel() as s:

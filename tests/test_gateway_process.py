@@ -3,10 +3,90 @@
 
 from __future__ import annotations
 
+import errno
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
 import httpx
 import pytest
 
-from tests.conftest import GatewayProcess, start_all, start_timeout_s
+from tests.conftest import GatewayProcess, free_port, reserved_port, start_all, start_timeout_s
+
+
+class _Impostor(BaseHTTPRequestHandler):
+    """Another worker's server: 200 to everything, marked ``x-impostor``."""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("x-impostor", "1")
+        self.send_header("content-type", "application/json")
+        self.end_headers()
+        self.wfile.write(b'{"status":"ok"}')
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@contextmanager
+def impostor_on(port: int) -> Iterator[bool]:
+    """Try to serve :class:`_Impostor` on ``port`` (as another xdist worker's gateway
+    would, binding a port it was told was free); yields whether it could bind it."""
+    try:
+        server = ThreadingHTTPServer(("127.0.0.1", port), _Impostor)
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        yield False
+        return
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield True
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_a_server_of_another_worker_cannot_take_the_port_between_choice_and_start() -> None:
+    """The port race seen in CI: the port was picked (free_port) before the spawn, another
+    xdist worker's gateway bound it in between, ours exited "address already in use",
+    and wait_ready took the other gateway's /healthz 200 for ours. Here the other server
+    binds the port after the choice, before the spawn: it cannot (the port is held and
+    handed to the child as a listening socket, ``gateway serve --fd``), and what answers
+    at the URL is our child, alive."""
+    gw = GatewayProcess({})
+    with impostor_on(gw.port) as bound:
+        try:
+            gw.start()
+            answer = httpx.get(f"{gw.url}/healthz", timeout=10)
+            assert "x-impostor" not in answer.headers, "another server answered for ours"
+            assert answer.json() == {"status": "ok"}
+            assert gw.proc is not None
+            assert gw.proc.poll() is None, gw.log_tail()
+        finally:
+            gw.stop()
+    assert not bound
+    # stopped, the port refuses connections and stays held: a restart on it works
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{gw.url}/healthz", timeout=10)
+    with impostor_on(gw.port) as bound_after_stop:
+        assert not bound_after_stop
+    again = GatewayProcess({}, port=gw.port).start()
+    try:
+        assert httpx.get(f"{again.url}/healthz", timeout=10).status_code == 200
+    finally:
+        again.stop()
+
+
+def test_a_port_given_that_another_process_holds_is_refused_at_once() -> None:
+    port = free_port()
+    with impostor_on(port) as bound:
+        assert bound
+        with pytest.raises(OSError, match="Address already in use"):
+            reserved_port(port)
 
 
 def test_processes_start_together_and_answer() -> None:

@@ -24,7 +24,7 @@ import yaml  # type: ignore[import-untyped]  # PyYAML ships no types (types-PyYA
 from pydantic import ValidationError
 
 from gateway.settings import PLACEHOLDER, Settings
-from tests.conftest import free_port, start_timeout_s
+from tests.conftest import free_port, listens_on, refused_port, start_timeout_s
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -636,7 +636,10 @@ def test_the_images_command_and_healthcheck_follow_gateway_port() -> None:
             assert server.poll() is None, "the image's command did not start the gateway"
             assert time.monotonic() < deadline, f"no healthy gateway on port {port}"
             time.sleep(0.3)
-        nobody = {**env, "GATEWAY_PORT": str(free_port())}
+        # ours answered, not another worker's server that took the port first
+        assert server.poll() is None, "the image's command exited: the port was taken?"
+        assert listens_on(server.pid, port)
+        nobody = {**env, "GATEWAY_PORT": str(refused_port())}
         assert subprocess.run(probe_cmd, env=nobody, capture_output=True).returncode != 0
     finally:
         server.terminate()

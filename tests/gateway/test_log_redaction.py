@@ -8,11 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +50,7 @@ from tests.adapters.flowstorm.v1.helpers import (
     turn,
     ws_url,
 )
-from tests.conftest import ROOT, GatewayProcess, free_port, serve, served_app
+from tests.conftest import ROOT, GatewayProcess, serve, served_app
 
 APP_KEY = "app-key-that-is-a-secret"
 HASH_KEY = "log-hash-key-for-this-test"
@@ -144,10 +140,8 @@ def test_a_session_reference_is_made_once_per_key_and_follows_a_changed_key() ->
 
 
 def test_a_served_turn_logs_neither_the_session_id_nor_the_key(tmp_path: Path) -> None:
-    port = free_port()
     log_file = tmp_path / "gateway.log"
     env = {
-        **os.environ,
         "GATEWAY_LOG_FORMAT": "json",
         "GATEWAY_LOG_HASH_KEY": HASH_KEY,
         "GATEWAY_TTS_PROVIDER": "espeak-ng",
@@ -155,27 +149,14 @@ def test_a_served_turn_logs_neither_the_session_id_nor_the_key(tmp_path: Path) -
         "GATEWAY_ADMIN_KEYS": "admin-key-of-this-test",
         "PYTHONPATH": str(ROOT),
     }
-    env.pop("GATEWAY_REDIS_URL", None)
     with log_file.open("wb") as sink:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve", "--port", str(port), "--log-level", "info"],
-            env=env,
-            cwd=ROOT,
-            stdout=sink,
-            stderr=sink,
-        )
+        # its port held and handed over (--fd): no other worker's gateway answers there
+        gw = GatewayProcess(env, stderr=sink, log_level="info")
+        gw.env.pop("GATEWAY_REDIS_URL", None)
+        port = gw.port
         try:
-            base = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 20
-            while True:
-                try:
-                    if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                assert proc.poll() is None, log_file.read_text()
-                assert time.monotonic() < deadline, log_file.read_text()
-                time.sleep(0.1)
+            gw.start()
+            base = gw.url
             with httpx.Client(base_url=base) as client:
                 text = {"Content-Type": "text/plain"}
                 first = client.put(f"/client?key={APP_KEY}&tts=None", headers=text, content="hi")
@@ -194,8 +175,7 @@ def test_a_served_turn_logs_neither_the_session_id_nor_the_key(tmp_path: Path) -
                 except InvalidStatus:  # the stream token is refused: logged all the same
                     pass
         finally:
-            proc.terminate()
-            proc.wait(15)
+            gw.stop()
     logged = log_file.read_text()
     lines = [json.loads(line) for line in logged.splitlines() if line.startswith("{")]
     assert any(e["logger"] == "uvicorn.access" and "key=***" in e["message"] for e in lines)

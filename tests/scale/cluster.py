@@ -37,6 +37,8 @@ from pathlib import Path
 import httpx
 import redis
 
+from tests.conftest import listener_on, reserved_port
+
 ROOT = Path(__file__).resolve().parents[2]
 GATEWAY_COMMAND = (sys.executable, "-m", "gateway", "serve")
 
@@ -171,7 +173,9 @@ class GatewayProcess:
     ) -> None:
         self.name = name
         self.log_level = log_level
-        self.port = free_port()
+        # held for the run and handed to each life as a listening socket (--fd): no other
+        # process takes it between the choice and a start, or a kill and the restart
+        self.port = reserved_port()
         self.url = f"http://127.0.0.1:{self.port}"
         # only the settings given: none of this shell's GATEWAY_* (GATEWAY_APP_KEYS, ...)
         inherited = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
@@ -187,15 +191,18 @@ class GatewayProcess:
         with self.log_path.open("ab") as log:
             log.write(f"--- start {self.starts} of {self.name} on port {self.port}\n".encode())
             log.flush()
-            self.proc = subprocess.Popen(
-                [*GATEWAY_COMMAND, "--port", str(self.port), "--log-level", self.log_level],
-                env=self.env,
-                cwd=ROOT,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+            with listener_on(self.port) as listener:
+                where = ["--port", str(self.port), "--fd", str(listener.fileno())]
+                self.proc = subprocess.Popen(
+                    [*GATEWAY_COMMAND, *where, "--log-level", self.log_level],
+                    env=self.env,
+                    cwd=ROOT,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    pass_fds=(listener.fileno(),),
+                )
 
     async def wait_ready(self, within_s: float = 60.0) -> float:
         """Wait until /readyz answers 200; the seconds it took. RuntimeError otherwise."""

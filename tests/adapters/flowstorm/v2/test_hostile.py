@@ -19,11 +19,10 @@ from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import pytest
-import redis
 
 from gateway.app import create_app
 from gateway.settings import Settings
-from tests.conftest import free_port, serve, served, served_app
+from tests.conftest import free_port, redis_server_ours, serve, served, served_app
 from tests.gateway.core_app import make_core
 
 KEY = "hostile-test"
@@ -54,6 +53,10 @@ def input_event(text: str) -> str:
     return json.dumps({"type": "Input", "input": {"transcript": {"text": text}}})
 
 
+class PortTaken(Exception):
+    """Another process bound the port of a :class:`PrivateRedis` first."""
+
+
 class PrivateRedis:
     """A redis-server of this test's own on ``port`` (no persistence), to kill and restart."""
 
@@ -72,15 +75,15 @@ class PrivateRedis:
             stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 10
-        while True:
-            try:
-                if redis.Redis(port=self.port, socket_connect_timeout=1).ping():
-                    return self
-            except redis.RedisError:
-                pass
+        # ours answering, not another worker's server that took the port (ours exited)
+        while (ours := redis_server_ours(self.proc, self.url)) is None:
             if time.monotonic() > deadline:
                 pytest.fail("the private redis-server did not start")
             time.sleep(0.05)
+        if not ours:
+            self.kill()
+            raise PortTaken(self.port)
+        return self
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -90,7 +93,12 @@ class PrivateRedis:
 
 @pytest.fixture
 def private_redis() -> Iterator[PrivateRedis]:
-    server = PrivateRedis(free_port()).start()
+    for _ in range(5):  # again on another port when another process took this one
+        with contextlib.suppress(PortTaken):
+            server = PrivateRedis(free_port()).start()
+            break
+    else:
+        pytest.fail("five ports in a row were taken by other processes")
     yield server
     server.kill()
 
