@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import os
 import secrets
@@ -24,7 +25,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
@@ -88,6 +89,28 @@ async def unless_hung(awaitable: Awaitable[T], what: str, within_s: float = 30.0
         if guard.expired():
             pytest.fail(f"hung: {what}")
         raise
+
+
+async def until(
+    condition: Callable[[], bool | Awaitable[bool]],
+    what: str,
+    within_s: float = 30.0,
+    every_s: float = 0.01,
+) -> None:
+    """Wait until ``condition()`` (a function, or a coroutine function) is true, polling
+    it every ``every_s`` seconds, under the hang guard :func:`unless_hung` (``hung:
+    {what}`` after ``within_s``): for a state the code under test reaches in its own
+    time (a task inside the pool, every place given back), where a fixed sleep only
+    made it likely and a wall-clock bound failed on a loaded machine."""
+
+    async def poll() -> None:
+        while True:
+            result = condition()
+            if await result if inspect.isawaitable(result) else result:
+                return
+            await asyncio.sleep(every_s)
+
+    await unless_hung(poll(), what, within_s)
 
 
 def free_port() -> int:

@@ -7,7 +7,6 @@ import asyncio
 import math
 import re
 import struct
-import time
 from typing import Any
 
 import httpx
@@ -36,7 +35,7 @@ from gateway.speech.tts import (
 )
 from gateway.speech.tts_cache import PCM_RATES, FileEncoder, MemoryTtsCache, TtsSpec
 from gateway.speech.tts_pool import TtsOverloaded, TtsPool
-from tests.conftest import serve, served_app
+from tests.conftest import serve, served_app, until
 from tests.gateway.speech.test_tts import CountingSynth, encode_file
 
 LONG = " ".join(f"This is sentence number {i} of a long answer." for i in range(40))
@@ -290,8 +289,7 @@ async def test_a_full_pool_refuses_at_once_and_an_abandoned_synthesis_stops(
     pool = TtsPool(piper, cache, max_running=1, max_queued=1)
     first = asyncio.create_task(pool.render("1" * 64, spec(LONG, piper)))
     second = asyncio.create_task(pool.render("2" * 64, spec(LONG + " Two.", piper)))
-    await asyncio.sleep(0.2)
-    assert (pool.running, pool.waiting) == (1, 1)
+    await until(lambda: (pool.running, pool.waiting) == (1, 1), "one running, one waiting")
     with pytest.raises(TtsOverloaded):
         await pool.render("3" * 64, spec("Third.", piper))
     # refused at once: while the pool was still full (no place had freed, nothing was
@@ -300,10 +298,7 @@ async def test_a_full_pool_refuses_at_once_and_an_abandoned_synthesis_stops(
     assert (first.done(), second.done()) == (False, False)
     second.cancel()  # its only waiter leaves: dropped from the queue
     first.cancel()  # stops after the running piece
-    start = time.perf_counter()
-    while pool.pending:
-        await asyncio.sleep(0.05)
-        assert time.perf_counter() - start < 10
+    await until(lambda: not pool.pending, "the abandoned syntheses stop")
     assert await cache.get("1" * 64, "mp3") is None
     assert await cache.get("2" * 64, "mp3") is None
     assert decode_mp3(await pool.render("3" * 64, spec("Third.", piper))).duration_s > 0.3
@@ -334,8 +329,8 @@ async def test_a_request_right_after_the_last_one_left_gets_the_file_not_a_cance
     streamed = b"".join([chunk async for chunk in pool.stream("2" * 64, other)])
     assert decode_mp3(streamed).duration_s > 2
     assert await cache.get("2" * 64, "mp3") == streamed
-    await asyncio.sleep(0.01)  # (the done callbacks of the tasks)
-    assert (pool.pending, pool.running, pool.waiting) == (0, 0, 0)  # every place given back
+    # every place given back (once the done callbacks of the tasks have run)
+    await until(lambda: (pool.pending, pool.running, pool.waiting) == (0, 0, 0), "places back")
 
 
 def service(
@@ -359,7 +354,7 @@ async def test_streamed_speech_overload_is_a_tts_error_outside_the_lock(
     session starts at once (the lock was not held by speech)."""
     speech = service(piper, recognizer, max_running=1, max_queued=0)
     busy = asyncio.create_task(speech.pool.render("9" * 64, spec(LONG, piper)))
-    await asyncio.sleep(0.2)
+    await until(lambda: speech.pool.running == 1, "the long synthesis fills the pool")
     conversation = Conversation(MemorySessionStore(), DemoPipeline(), Settings(), speech)
     ctx = TurnContext(channel="test", session_id="s", app_key="k", tts=TtsRequest("audio", "wav"))
     events = await conversation.turn(ctx, Input.of("my name is Ada")).collect()
@@ -377,10 +372,7 @@ async def test_streamed_speech_overload_is_a_tts_error_outside_the_lock(
         "Your name is Ada."
     ]
     busy.cancel()
-    start = time.perf_counter()
-    while speech.pool.pending:
-        await asyncio.sleep(0.05)
-        assert time.perf_counter() - start < 10
+    await until(lambda: not speech.pool.pending, "the cancelled synthesis stops")
     done = await conversation.turn(ctx, Input.of("hello")).collect()
     assert isinstance(done[-1], ResponseEvent)
     assert [type(e).__name__ for e in done] == ["ResponseItemEvent", "BinaryEvent", "ResponseEvent"]
@@ -403,10 +395,7 @@ async def test_a_client_that_goes_away_cancels_its_synthesis() -> None:
             async for chunk in response.aiter_bytes():
                 assert chunk  # the first audio of a ~10 s synthesis (streamed: its first
                 break  # clause), then the client goes away mid-synthesis
-        start = time.perf_counter()
-        while speech.pool.running:
-            await asyncio.sleep(0.05)
-            assert time.perf_counter() - start < 60, "hung: the synthesis goes on"
+        await until(lambda: not speech.pool.running, "the synthesis goes on", within_s=60)
         # stopped (after its current piece): a synthesis carried out to its end is cached
         file_id = path.rsplit("/", 1)[1].removesuffix(".mp3")
         assert await speech.cache.get(file_id, "mp3") is None
@@ -431,15 +420,16 @@ async def test_prefetch_synthesizes_a_link_in_the_background_when_there_is_room(
     item = await speech.link_item(ResponseItem(text="Fetched ahead."), "mp3")
     assert item.audio is not None
     file_id = httpx.URL(item.audio).path.rsplit("/", 1)[1].removesuffix(".mp3")
-    start = time.perf_counter()
-    while await speech.cache.get(file_id, "mp3") is None:
-        await asyncio.sleep(0.05)
-        assert time.perf_counter() - start < 10
+
+    async def fetched() -> bool:
+        return await speech.cache.get(file_id, "mp3") is not None
+
+    await until(fetched, "the prefetch caches the file")
     assert await speech.file_source(file_id, "mp3") == await speech.cache.get(file_id, "mp3")
     assert synth.calls == 1
     # a full queue: no prefetch, and the turn is not delayed (the link is issued anyway)
     busy = asyncio.create_task(speech.pool.render("8" * 64, spec(LONG, synth)))
-    await asyncio.sleep(0.05)
+    await until(lambda: speech.pool.pending == 1, "the long synthesis fills the queue")
     other = await speech.link_item(ResponseItem(text="Not ahead."), "mp3")
     assert other.audio is not None
     assert speech.pool.pending == 1
