@@ -44,6 +44,7 @@ from tests.adapters.twilio.harness import (
 from tests.adapters.twilio.helpers import AUTH, PUBLIC, Served, twilio_gateway, until
 from tests.adapters.vonage.harness import SECRET, VonageHarness, ask_ncco
 from tests.adapters.vonage.harness import signed as vonage_signed
+from tests.conftest import until as conftest_until
 from tests.gateway.redis_proxy import ReplyDropper
 
 
@@ -306,14 +307,15 @@ async def bus_through(served: Served, url: str, redis_prefix: str) -> AsyncItera
         await redisconn.aclose(client)
 
 
-async def served_now(a: Served, sid: str, within_s: float = 10.0) -> bool:
-    """Whether instance ``a`` learns, within ``within_s`` s, that some instance serves
-    Twilio call ``sid`` (gateway/io/call.py ``call_served``)."""
-    deadline = time.monotonic() + within_s
-    while not await call_served(a.app.state.gateway, "twilio", sid):
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.1)
+async def served_now(a: Served, sid: str) -> bool:
+    """Wait until instance ``a`` learns that some instance serves Twilio call ``sid``
+    (gateway/io/call.py ``call_served``), under the hang guard (``hung: ...`` when it
+    never does); True. (A wall-clock bound of 10 s, 2 s, failed on a loaded machine.)"""
+
+    async def served() -> bool:
+        return bool(await call_served(a.app.state.gateway, "twilio", sid))
+
+    await conftest_until(served, f"instance A learns that call {sid} is served", every_s=0.1)
     return True
 
 
@@ -391,7 +393,7 @@ async def test_a_machine_answer_whose_clear_failed_leaves_the_call_followed(
             assert await until(lambda: proxy.dropped > 0, 10)
             await asyncio.sleep(1.0)  # the clear's retries (gateway/redisconn.py) fail too
             proxy.drop_replies_to = None
-            assert await served_now(a, sid, 2.0)  # before: False, nobody served the call
+            assert await served_now(a, sid)  # before: False, nobody served the call
             assert "the machine result taken is not cleared" in caplog.text
             await call.stop()
         await b.wait_no_calls()

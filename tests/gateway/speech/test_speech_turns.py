@@ -28,7 +28,7 @@ from gateway.speech.stt import PocketsphinxRecognizer
 from gateway.speech.tts import EspeakSynthesizer, PiperSynthesizer, SynthesisError, Synthesizer
 from gateway.speech.tts_cache import MemoryTtsCache
 from gateway.speech.types import TtsFileFormat
-from tests.conftest import serve, served_app, unless_hung
+from tests.conftest import serve, served_app, unless_hung, until
 
 PUBLIC = "https://gateway.example.com"
 
@@ -222,10 +222,12 @@ async def test_warm_up_at_startup_loads_speech(caplog: pytest.LogCaptureFixture)
     caplog.set_level("INFO", logger="gateway.speech.service")
     app = create_app(Settings(speech_warm_up=True, tts_provider="espeak-ng"))
     async with serve(app):
-        for _ in range(200):  # the warm-up runs in the background; wait for its log line
-            if any("speech warmed up" in r.getMessage() for r in caplog.records):
-                break
-            await asyncio.sleep(0.05)
+        # the warm-up runs in the background: its log line, under the hang guard (a loaded
+        # machine's warm-up passed the 10 s a bounded loop gave it)
+        await until(
+            lambda: any("speech warmed up" in r.getMessage() for r in caplog.records),
+            "the speech warm-up's log line",
+        )
     assert any("speech warmed up: voice" in r.getMessage() for r in caplog.records)
 
 
