@@ -26,10 +26,15 @@ serves ends at "Amazon Root CA 1", which is one of them). Pass ``trust_store`` t
 another :class:`cryptography.x509.verification.Store`.
 
 Chains are cached by (canonical) URL until the earliest ``not_valid_after`` on the
-verified path, at most ``cache_size`` URLs (least recently used dropped). A failed
-fetch or a chain that fails verification is cached too, as that failure, for
-``failure_ttl_s`` (30 s; at most ``failure_cache_size`` URLs): requests naming a
-URL that just failed are refused without another download. Concurrent requests
+verified path, at most ``cache_size`` URLs (least recently used dropped). A definite
+failure (a chain that fails verification, a 4xx, a body too large: the URL's fault) is
+cached too, as that failure, for ``failure_ttl_s`` (30 s; at most
+``failure_cache_size`` URLs): requests naming a URL that just failed are refused
+without another download. An outage of Amazon's certificate source (connection
+refused, a timeout, a 5xx) is not the URL's fault and is likely brief (S3 at startup or
+at a certificate rotation): it is remembered only for a short backoff,
+``outage_retry_s`` (1 s) doubling with each consecutive outage of that URL up to
+``outage_retry_max_s`` (8 s), after which the next request downloads again. Concurrent requests
 for one URL share a single fetch, and at most ``max_fetches`` (4) downloads run at
 once: a request that would start another is refused (``cert_fetch_failed``) at
 once. So forged requests naming many distinct URLs cannot make the gateway fetch
@@ -479,6 +484,16 @@ def _as_utc(moment: datetime) -> datetime:
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
+@dataclass(frozen=True, slots=True)
+class _Failure:
+    """A URL's remembered failure: refused with ``error`` until ``until``; ``streak``
+    counts the outages before this one in a row (0: the first)."""
+
+    until: datetime
+    error: AlexaVerificationError
+    streak: int = 0
+
+
 class AlexaVerifier(VerifierLogs):
     """Verifies Alexa requests (all five rules of the module docstring).
 
@@ -500,8 +515,15 @@ class AlexaVerifier(VerifierLogs):
             (150 s per Amazon); a skill event may be older, up to the larger of this
             and :data:`SKILL_EVENT_MAX_AGE`.
         cache_size: how many chain URLs are kept (least recently used dropped).
-        failure_ttl_s: how long (s, on ``clock``) a URL whose fetch or chain failed
-            is answered with that failure without another download.
+        failure_ttl_s: how long (s, on ``clock``) a URL whose chain failed definitely
+            (verification, a 4xx, too large) is answered with that failure without
+            another download.
+        outage_retry_s: how long (s, on ``clock``, from the failed download's end) a
+            URL whose download failed because of an outage (``outage`` errors: a
+            timeout, a transport error, a 5xx) is answered with that failure; it
+            doubles with each consecutive outage of the URL, up to
+            ``outage_retry_max_s``. The download after it is single-flight like any.
+        outage_retry_max_s: the longest such backoff, seconds.
         failure_cache_size: how many failed URLs are remembered (oldest dropped).
         max_fetches: most chain downloads running at once; a request that needs
             another is refused with ``cert_fetch_failed``.
@@ -527,9 +549,13 @@ class AlexaVerifier(VerifierLogs):
         failure_ttl_s: float = 30.0,
         failure_cache_size: int = 1024,
         max_fetches: int = 4,
+        outage_retry_s: float = 1.0,
+        outage_retry_max_s: float = 8.0,
     ) -> None:
         if cache_size < 1 or failure_cache_size < 1 or max_fetches < 1:
             raise ValueError("cache_size, failure_cache_size and max_fetches must be >= 1")
+        if not 0 <= outage_retry_s <= outage_retry_max_s:
+            raise ValueError("need 0 <= outage_retry_s <= outage_retry_max_s")
         self.skill_ids = frozenset(skill_ids)
         self._store = trust_store if trust_store is not None else certifi_trust_store()
         self._fetcher = fetcher or HttpxCertChainFetcher(timeout_s=fetch_timeout_s)
@@ -541,7 +567,9 @@ class AlexaVerifier(VerifierLogs):
         self._inflight: dict[str, asyncio.Task[VerifiedChain]] = {}
         self._failure_ttl = timedelta(seconds=failure_ttl_s)
         self._failure_cache_size = failure_cache_size
-        self._failures: OrderedDict[str, tuple[datetime, AlexaVerificationError]] = OrderedDict()
+        self._failures: OrderedDict[str, _Failure] = OrderedDict()
+        self._outage_retry = timedelta(seconds=outage_retry_s)
+        self._outage_retry_max = timedelta(seconds=outage_retry_max_s)
         self._max_fetches = max_fetches
         super().__init__(logger, "Alexa")  # refusals, outages
 
@@ -669,13 +697,12 @@ class AlexaVerifier(VerifierLogs):
         """The chain of ``url`` when :meth:`_cached` has none: a recent failure again, or
         the (shared) download and verification."""
         failed = self._failures.get(url)
-        if failed is not None:
-            until, error = failed
-            if now < until:
-                raise AlexaVerificationError(
-                    error.reason, error.message, error.detail, outage=error.outage
-                )
-            del self._failures[url]
+        if failed is not None and now < failed.until:
+            error = failed.error
+            raise AlexaVerificationError(
+                error.reason, error.message, error.detail, outage=error.outage
+            )
+        # an expired failure stays until the download below ends (an outage's streak goes on)
         task = self._inflight.get(url)
         if task is None:
             if len(self._inflight) >= self._max_fetches:
@@ -686,11 +713,11 @@ class AlexaVerifier(VerifierLogs):
                 )
             task = asyncio.create_task(self._fetch_and_verify(url, now))
             self._inflight[url] = task
-            task.add_done_callback(lambda done: self._finished(url, now, done))
+            task.add_done_callback(lambda done: self._finished(url, done))
         # shield: a cancelled waiter (client gone) does not cancel the shared fetch.
         return await asyncio.shield(task)
 
-    def _finished(self, url: str, now: datetime, task: asyncio.Task[VerifiedChain]) -> None:
+    def _finished(self, url: str, task: asyncio.Task[VerifiedChain]) -> None:
         if self._inflight.get(url) is task:
             del self._inflight[url]
         if task.cancelled():
@@ -698,15 +725,35 @@ class AlexaVerifier(VerifierLogs):
         error = task.exception()  # also marks it retrieved
         if error is not None:
             if isinstance(error, AlexaVerificationError):
-                self._failures[url] = (now + self._failure_ttl, error)
-                self._failures.move_to_end(url)
-                while len(self._failures) > self._failure_cache_size:
-                    self._failures.popitem(last=False)
+                self._failed(url, error)
             return
+        self._failures.pop(url, None)
         self._cache[url] = task.result()
         self._cache.move_to_end(url)
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
+
+    def _failed(self, url: str, error: AlexaVerificationError) -> None:
+        """Remember ``url``'s failure: a definite one for the failure TTL; an outage for
+        its backoff, from now (the download's end), doubled when the URL's previous
+        failure was an outage that ended at most the longest backoff ago."""
+        ended = _as_utc(self._clock())
+        if not error.outage:
+            self._failures[url] = _Failure(ended + self._failure_ttl, error)
+        else:
+            previous = self._failures.get(url)
+            streak = 0
+            if (
+                previous is not None
+                and previous.error.outage
+                and ended - previous.until <= self._outage_retry_max
+            ):
+                streak = previous.streak + 1
+            backoff = min(self._outage_retry * 2 ** min(streak, 30), self._outage_retry_max)
+            self._failures[url] = _Failure(ended + backoff, error, streak)
+        self._failures.move_to_end(url)
+        while len(self._failures) > self._failure_cache_size:
+            self._failures.popitem(last=False)
 
     async def _fetch_and_verify(self, url: str, now: datetime) -> VerifiedChain:
         try:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import ipaddress
+import itertools
 import json
 import logging
+import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
@@ -237,7 +239,7 @@ class CountingFetcher:
             self.failures_left -= 1
             raise CertFetchError("S3 is having a bad day")
         if url not in self.chains:
-            raise CertFetchError(f"404 for {url}")
+            raise CertFetchError(f"404 for {url}", outage=False)
         return self.chains[url]
 
 
@@ -710,12 +712,18 @@ async def test_cache_is_bounded(pki: Pki, good_chain: bytes) -> None:
     assert fetcher.calls == [*urls, urls[0]]
 
 
-async def test_a_failed_fetch_is_cached_for_the_failure_ttl(pki: Pki, good_chain: bytes) -> None:
+async def test_a_definite_fetch_failure_is_cached_for_the_failure_ttl(
+    pki: Pki, good_chain: bytes
+) -> None:
+    """A 404 (the URL's fault, not an outage) is refused from the cache for 30 s."""
     clock = Clock()
     verifier, fetcher = make_verifier(pki, good_chain, clock=clock)
-    fetcher.failures_left = 1
+    fetcher.chains = {}  # a 404
     assert await refused(verifier, *signed(pki)) == "cert_fetch_failed"
-    assert await refused(verifier, *signed(pki)) == "cert_fetch_failed"  # no second download
+    fetcher.chains = {CERT_URL: good_chain}
+    clock.now = NOW + timedelta(seconds=29)
+    stale = signed(pki, envelope(clock.now))
+    assert await refused(verifier, *stale) == "cert_fetch_failed"  # no second download
     assert len(fetcher.calls) == 1
     clock.now = NOW + timedelta(seconds=31)  # DEFAULT_FAILURE_TTL_S later: tried again
     assert (await verifier.verify(*signed(pki, envelope(clock.now))))["version"] == "1.0"
@@ -947,13 +955,22 @@ def https_fetcher(tls: TlsMaterial, timeout_s: float = 10.0) -> HttpxCertChainFe
 
 
 def local_verifier(
-    pki: Pki, tls: TlsMaterial, server: LocalHttpsServer, timeout_s: float = 10.0, **more: Any
+    pki: Pki,
+    tls: TlsMaterial,
+    server: LocalHttpsServer,
+    timeout_s: float = 10.0,
+    clock: Clock | None = None,
+    **more: Any,
 ) -> AlexaVerifier:
     """A verifier whose real HTTPS fetcher (``timeout_s``) is sent to the local ``server``;
-    ``more``: more AlexaVerifier options."""
+    ``clock`` (default: a Clock at NOW); ``more``: more AlexaVerifier options."""
     fetcher = LocalRedirect(https_fetcher(tls, timeout_s), server.base)
     return AlexaVerifier(
-        frozenset({SKILL_ID}), trust_store=pki.store, fetcher=fetcher, clock=Clock(), **more
+        frozenset({SKILL_ID}),
+        trust_store=pki.store,
+        fetcher=fetcher,
+        clock=clock or Clock(),
+        **more,
     )
 
 
@@ -1030,6 +1047,104 @@ async def test_a_certificate_source_outage_is_logged_apart_from_forgeries(
     assert [level for level, _ in lines] == [logging.WARNING] + [logging.DEBUG] * 5 + [
         logging.WARNING
     ] * 5
+
+
+def dead_base() -> str:
+    """An https base URL on 127.0.0.1 where nothing listens (connection refused)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"https://127.0.0.1:{port}"
+
+
+@pytest.mark.parametrize("outage", ["http_500", "connection_refused"])
+async def test_an_outage_is_retried_after_a_short_backoff_not_the_failure_ttl(
+    pki: Pki, tls: TlsMaterial, server: LocalHttpsServer, outage: str
+) -> None:
+    """Amazon's certificate source failing (a 5xx, a refused connection) is our outage,
+    likely brief (S3 at startup, at a rotation): refused until a 1 s backoff ends, not
+    for the 30 s a definite failure is; then the next request downloads again."""
+    clock = Clock()
+    redirect = LocalRedirect(https_fetcher(tls), server.base)
+    verifier = AlexaVerifier(
+        frozenset({SKILL_ID}), trust_store=pki.store, fetcher=redirect, clock=clock
+    )
+    if outage == "http_500":
+        server.broken.add("/echo.api/echo-api-cert-test.pem")
+    else:
+        redirect.base = dead_base()
+    with pytest.raises(AlexaVerificationError) as caught:
+        await verifier.verify(*signed(pki))
+    assert caught.value.reason == "cert_fetch_failed"
+    assert caught.value.outage
+    tried = len(server.requests)
+    # the source recovers; within the backoff the failure is answered, no download
+    server.broken.clear()
+    redirect.base = server.base
+    clock.now = NOW + timedelta(seconds=0.5)
+    assert await refused(verifier, *signed(pki, envelope(clock.now))) == "cert_fetch_failed"
+    assert len(server.requests) == tried
+    clock.now = NOW + timedelta(seconds=1.5)  # the backoff is over: downloaded, verified
+    assert (await verifier.verify(*signed(pki, envelope(clock.now))))["version"] == "1.0"
+    assert server.requests[tried:] == ["/echo.api/echo-api-cert-test.pem"]
+
+
+async def test_consecutive_outages_back_off_and_a_burst_makes_one_download(
+    pki: Pki, tls: TlsMaterial, server: LocalHttpsServer
+) -> None:
+    """Each outage in a row doubles the backoff (1, 2, 4, 8, 8 s); the many requests
+    arriving when it ends share one download; a 404 is still remembered for 30 s."""
+    clock = Clock()
+    verifier = local_verifier(pki, tls, server, clock=clock)
+    path = "/echo.api/echo-api-cert-test.pem"
+    server.broken.add(path)
+    downloads: list[float] = []
+    for step in range(120):  # 60 s in half seconds, a burst of 5 requests each
+        clock.now = NOW + timedelta(seconds=step / 2)
+        before = len(server.requests)
+        outcomes = await asyncio.gather(
+            *(verifier.verify(*signed(pki, envelope(clock.now))) for _ in range(5)),
+            return_exceptions=True,
+        )
+        assert [getattr(o, "reason", o) for o in outcomes] == ["cert_fetch_failed"] * 5
+        assert len(server.requests) - before in (0, 1)
+        if len(server.requests) > before:
+            downloads.append(step / 2)
+    gaps = [b - a for a, b in itertools.pairwise(downloads)]
+    assert gaps[:5] == [1.0, 2.0, 4.0, 8.0, 8.0]
+    assert set(gaps[3:]) == {8.0}
+    # a definite failure (404) of another URL: 30 s
+    missing = signed(pki, envelope(clock.now), url="https://s3.amazonaws.com/echo.api/gone.pem")
+    assert await refused(verifier, *missing) == "cert_fetch_failed"
+    before = len(server.requests)
+    clock.now += timedelta(seconds=9)
+    again = signed(pki, envelope(clock.now), url="https://s3.amazonaws.com/echo.api/gone.pem")
+    assert await refused(verifier, *again) == "cert_fetch_failed"
+    assert len(server.requests) == before
+    # the source recovers: the first download after the backoff verifies
+    server.broken.clear()
+    clock.now += timedelta(seconds=9)
+    assert (await verifier.verify(*signed(pki, envelope(clock.now))))["version"] == "1.0"
+
+
+async def test_an_outage_after_recovery_starts_over_at_the_short_backoff(
+    pki: Pki, tls: TlsMaterial, server: LocalHttpsServer
+) -> None:
+    """An outage long after the previous one (the chain expired meanwhile) is a new
+    streak: 1 s, not the doubled backoff of the old one."""
+    clock = Clock()
+    verifier = local_verifier(pki, tls, server, clock=clock)
+    path = "/echo.api/echo-api-cert-test.pem"
+    server.broken.add(path)
+    for seconds in (0, 1, 3):  # backoffs 1, 2 (and 4 after the third)
+        clock.now = NOW + timedelta(seconds=seconds)
+        assert await refused(verifier, *signed(pki, envelope(clock.now))) == "cert_fetch_failed"
+    assert server.requests.count(path) == 3
+    clock.now = NOW + timedelta(minutes=5)  # long after: a new outage
+    assert await refused(verifier, *signed(pki, envelope(clock.now))) == "cert_fetch_failed"
+    clock.now += timedelta(seconds=1)
+    assert await refused(verifier, *signed(pki, envelope(clock.now))) == "cert_fetch_failed"
+    assert server.requests.count(path) == 5
 
 
 async def test_fetcher_refuses_plain_http_and_untrusted_tls(
