@@ -27,7 +27,13 @@ clock and reports every failure as one exception type).
 
 The certificate source is injectable (:class:`GoogleCertSource`); the default
 :class:`GoogleCertsFetcher` downloads Google's certificates asynchronously and caches
-them for the ``Cache-Control: max-age`` Google sends.
+them for the ``Cache-Control: max-age`` Google sends. When a refresh fails it keeps
+using the set it holds for a bounded grace period (``stale_grace_s``) rather than
+refusing every request; and a token whose ``kid`` the held set lacks (Google rotates its
+keys) makes it download again, at most once per ``refetch_interval_s``
+(:class:`RefetchingCertSource`). google-auth has neither: its
+``id_token.verify_oauth2_token`` downloads the certificates on every call, keeps nothing
+and fails when the download does.
 
 Dialogflow (ES and CX) signs nothing: its fulfillment requests carry the secret the
 agent was configured with (GATEWAY_DIALOGFLOW_AUTH), checked by :class:`DialogflowAuth`.
@@ -48,7 +54,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import httpx
 from google.auth import crypt, jwt
@@ -71,6 +77,7 @@ __all__ = [
     "GoogleReason",
     "GoogleVerificationError",
     "GoogleVerifier",
+    "RefetchingCertSource",
     "StaticCertSource",
 ]
 
@@ -90,7 +97,9 @@ MAX_TOKEN_CHARS = 8192
 DEFAULT_TIMEOUT_S = 3.0
 CERTS_RETRY_AFTER_S = 5
 """``Retry-After`` seconds of the 503 answering a request while Google's certificates
-cannot be fetched (a failed download is not cached: the next request tries again)."""
+cannot be fetched and no usable set is held (a failed download is not cached: the next
+request tries again); also how often :class:`GoogleCertsFetcher` retries by default
+while it uses a stale set."""
 
 
 class GoogleReason(StrEnum):
@@ -184,6 +193,17 @@ class GoogleCertSource(Protocol):
         ...
 
 
+@runtime_checkable
+class RefetchingCertSource(GoogleCertSource, Protocol):
+    """A :class:`GoogleCertSource` that can download again before its cache expires, when
+    a token names a key id it lacks (Google published a new key)."""
+
+    async def refetch(self) -> Mapping[str, str] | None:
+        """Download the certificates again and return them; None when a download started
+        too recently to try again (rate-limited). Raises as ``get_certs`` does."""
+        ...
+
+
 class StaticCertSource:
     """A fixed ``{kid: PEM certificate}`` mapping (offline setups, tests)."""
 
@@ -212,12 +232,26 @@ def _cache_seconds(headers: httpx.Headers, default: float) -> float:
 
 
 class GoogleCertsFetcher:
-    """The default :class:`GoogleCertSource`: Google's certificates over async HTTP.
+    """The default :class:`GoogleCertSource` (a :class:`RefetchingCertSource`): Google's
+    certificates over async HTTP.
 
     The mapping is cached until its ``Cache-Control: max-age`` (less ``Age``)
     passes, or ``default_max_age_s`` when the response has none; ``no-store`` /
-    ``no-cache`` means fetch each time. Concurrent callers share one download. A
-    failed download is not cached (the next call retries) and raises.
+    ``no-cache`` means fetch each time. Concurrent callers share one download.
+
+    When the refresh of an expired mapping fails (unreachable, a timeout, a status other
+    than 200, bad data) and the mapping was cacheable (a max-age above 0), the stale
+    mapping is returned instead, for at most ``stale_grace_s`` after it expired: Google
+    publishes a key long before it signs with it and keeps it long after, so a held set
+    stays good through a brief outage. A refresh taking longer than ``stale_wait_s``
+    gets the stale set too, the download going on. After a failed refresh a new download
+    is tried at most every ``stale_retry_s`` (the calls between get the stale set at
+    once). The first failed refresh of such a stretch is logged at WARNING, the rest at
+    DEBUG. With no usable mapping a failed download raises, and the next call tries again.
+
+    :meth:`refetch` downloads again though the mapping is fresh (a token named a key id
+    it lacks): at most one download starts per ``refetch_interval_s``, whatever asked
+    for it, so tokens naming made-up key ids cannot make it hammer Google.
 
     Args:
         url: where the ``{kid: PEM}`` JSON lives (trusted configuration).
@@ -227,6 +261,15 @@ class GoogleCertsFetcher:
         ssl_context: TLS settings; default verifies with certifi's roots.
         trust_env: honour proxy environment variables.
         monotonic: clock for cache expiry, seconds (``time.monotonic``).
+        stale_grace_s: how long after it expired a cacheable mapping is still used
+            while refreshing it fails, seconds.
+        stale_retry_s: while using a stale mapping, seconds between download attempts.
+        stale_wait_s: how long a call holding a stale mapping within its grace waits for
+            the refresh before it takes the stale one (the download goes on), seconds:
+            below the verifier's ``certs_timeout_s``, so a refresh that hangs does not
+            make every request fail on that limit.
+        refetch_interval_s: least time between the starts of two downloads
+            :meth:`refetch` makes or finds, seconds.
     """
 
     def __init__(
@@ -239,19 +282,35 @@ class GoogleCertsFetcher:
         ssl_context: ssl.SSLContext | None = None,
         trust_env: bool = True,
         monotonic: Callable[[], float] = time.monotonic,
+        stale_grace_s: float = 3600.0,
+        stale_retry_s: float = float(CERTS_RETRY_AFTER_S),
+        stale_wait_s: float = 1.0,
+        refetch_interval_s: float = 60.0,
     ) -> None:
         self.url = url
         self._download = Download(timeout_s, max_bytes, ssl_context, trust_env)
         self._default_max_age_s = default_max_age_s
         self._monotonic = monotonic
+        self._stale_grace_s = stale_grace_s
+        self._stale_retry_s = stale_retry_s
+        self._stale_wait_s = stale_wait_s
+        self._refetch_interval_s = refetch_interval_s
         self._certs: dict[str, str] | None = None
         self._expires = 0.0
+        self._stale_until = 0.0  # the held mapping may be used until then, refreshes failing
+        self._retry_at = 0.0  # after a failed refresh: no download before then
+        self._failing = False  # the last refresh failed while the held mapping was usable
+        self._started: float | None = None  # when the last download started
         self._inflight: asyncio.Task[dict[str, str]] | None = None
         self.fetches = 0
         """How many downloads were started (for metrics and tests)."""
+        self.stale_uses = 0
+        """How many calls got the stale mapping because its refresh failed or was slow."""
 
     async def get_certs(self) -> Mapping[str, str]:
-        """Return the cached mapping, downloading it first when stale.
+        """Return the cached mapping, downloading it first when stale; the stale mapping
+        when that fails or takes over ``stale_wait_s``, within its grace period (see the
+        class doc).
 
         Raises:
             TimeoutError: the download took longer than ``timeout_s``.
@@ -259,18 +318,67 @@ class GoogleCertsFetcher:
                 or has a status other than 200, or a transport failure
                 (:class:`gateway.httputil.DownloadError`).
         """
-        if self._certs is not None and self._monotonic() < self._expires:
-            return self._certs
+        now = self._monotonic()
+        held = self._certs
+        if held is not None and now < self._expires:
+            return held
+        if held is None or now >= self._stale_until:
+            return await self._shared_download()
+        if now >= self._retry_at:  # else a refresh failed just now: the stale set at once
+            try:
+                task = self._download_task()
+                return await asyncio.wait_for(asyncio.shield(task), self._stale_wait_s)
+            except Exception:  # failed (logged by _finished), or still running: it goes on
+                pass
+        self.stale_uses += 1
+        return self._certs or held
+
+    async def refetch(self) -> Mapping[str, str] | None:
+        """Download the mapping again though it is fresh (a token named a key id it
+        lacks), or join the download running; None, with no download, when the last one
+        started less than ``refetch_interval_s`` ago.
+
+        Raises:
+            TimeoutError, ValueError: as :meth:`get_certs` (no stale mapping instead).
+        """
+        started = self._started
+        recent = started is not None and self._monotonic() - started < self._refetch_interval_s
+        if self._inflight is None and recent:
+            return None
+        return await self._shared_download()
+
+    async def _shared_download(self) -> dict[str, str]:
+        """The running download's result, or a new download's (single-flight)."""
+        return await asyncio.shield(self._download_task())
+
+    def _download_task(self) -> asyncio.Task[dict[str, str]]:
+        """The running download, or a new one."""
         if self._inflight is None:
+            self._started = self._monotonic()
             self._inflight = asyncio.create_task(self._fetch())
             self._inflight.add_done_callback(self._finished)
-        return await asyncio.shield(self._inflight)
+        return self._inflight
 
     def _finished(self, task: asyncio.Task[dict[str, str]]) -> None:
         if self._inflight is task:
             self._inflight = None
-        if not task.cancelled():
-            task.exception()  # mark retrieved: a failure is raised to the waiters
+        if task.cancelled():
+            return
+        error = task.exception()  # mark retrieved: a failure is raised to the waiters
+        now = self._monotonic()
+        if error is None or self._certs is None or now >= self._stale_until:
+            return
+        first = not self._failing
+        self._failing = True
+        self._retry_at = now + self._stale_retry_s
+        logger.log(
+            logging.WARNING if first else logging.DEBUG,
+            "Google's certificates could not be refreshed (%r); using the set fetched "
+            "before, for at most %s s more, trying again every %s s",
+            error,
+            f"{self._stale_until - now:.0f}",
+            f"{self._stale_retry_s:g}",
+        )
 
     async def _fetch(self) -> dict[str, str]:
         self.fetches += 1
@@ -279,8 +387,15 @@ class GoogleCertsFetcher:
         data = json.loads(body)
         if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
             raise ValueError(f"{self.url} did not return a {{kid: PEM}} object")
+        now = self._monotonic()
         self._certs = data
-        self._expires = self._monotonic() + ttl
+        self._expires = now + ttl
+        # a mapping its source said not to keep (no-store, max-age=0) gets no grace
+        self._stale_until = self._expires + self._stale_grace_s if ttl > 0 else 0.0
+        if self._failing:
+            logger.info("Google's certificates could be refreshed again")
+        self._failing = False
+        self._retry_at = 0.0
         return data
 
 
@@ -409,6 +524,8 @@ class GoogleVerifier(VerifierLogs):
             ) from None
         kid = header.get("kid")
         cert = certs.get(kid) if isinstance(kid, str) else None
+        if cert is None and isinstance(kid, str):
+            cert = await self._refetched(kid)
         if cert is None:
             raise GoogleVerificationError(
                 GoogleReason.UNKNOWN_KID, f"no Google certificate for kid {str(kid)[:64]!r}"
@@ -428,6 +545,23 @@ class GoogleVerifier(VerifierLogs):
 
         self._check_claims(claims)
         return claims
+
+    async def _refetched(self, kid: str) -> str | None:
+        """The certificate of ``kid`` after the source downloaded again (Google may have
+        published a new key), when it is a :class:`RefetchingCertSource`; None when the
+        new set lacks it too, or the source refetched too recently (rate-limited).
+
+        Raises GoogleVerificationError (``certs_unavailable``) when that download fails."""
+        if not isinstance(self._source, RefetchingCertSource):
+            return None
+        try:
+            async with asyncio.timeout(self._certs_timeout_s):
+                certs = await self._source.refetch()
+        except Exception as exc:
+            raise GoogleVerificationError(
+                GoogleReason.CERTS_UNAVAILABLE, "Google's certificates are unavailable", repr(exc)
+            ) from None
+        return None if certs is None else certs.get(kid)
 
     def project_of(self, claims: Mapping[str, Any]) -> str | None:
         """The configured project id the token's ``aud`` names (a string, or one of a

@@ -655,6 +655,118 @@ async def test_unreachable_endpoint(key: Key) -> None:
     assert caught.value.headers == {"Retry-After": "5"}
 
 
+async def dead_url() -> str:
+    """An http URL on 127.0.0.1 where nothing listens any more (connection refused)."""
+    server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    server.close()
+    await server.wait_closed()
+    return f"http://127.0.0.1:{port}/oauth2/v1/certs"
+
+
+@pytest.mark.parametrize("outage", ["http_503", "connection_refused", "not_json"])
+async def test_a_failed_refresh_uses_the_held_certs_for_a_bounded_grace(
+    key: Key, certs_server: CertsServer, outage: str
+) -> None:
+    """Google's certificates expired and the refresh fails: the set held is still used
+    (for up to an hour past its max-age), a new download tried every 5 s, not 503s."""
+    clock = Monotonic()
+    verifier, fetcher = fetching_verifier(certs_server, clock)
+    genuine = {"Google-Assistant-Signature": key.token()}
+    assert (await verifier.verify(genuine))["aud"] == PROJECT
+    good_url = fetcher.url
+    if outage == "http_503":
+        certs_server.status = 503
+    elif outage == "not_json":
+        certs_server.body = b"<html>oops</html>"
+    else:
+        fetcher.url = await dead_url()
+    clock.value += 3601  # max-age=3600 passed: a refresh, which fails
+    assert (await verifier.verify(genuine))["aud"] == PROJECT
+    assert (fetcher.fetches, fetcher.stale_uses) == (2, 1)
+    clock.value += 4  # within the retry interval: no download
+    assert (await verifier.verify(genuine))["aud"] == PROJECT
+    assert (fetcher.fetches, fetcher.stale_uses) == (2, 2)
+    clock.value += 2  # tried again, fails again
+    assert (await verifier.verify(genuine))["aud"] == PROJECT
+    assert (fetcher.fetches, fetcher.stale_uses) == (3, 3)
+    # the grace ends an hour after the set expired: refused as unavailable (503)
+    clock.value += 3600
+    assert await refused(verifier, genuine) == "certs_unavailable"
+    assert fetcher.fetches == 4
+    # Google is back: a fresh set, no stale use
+    certs_server.status = 200
+    certs_server.serve(key)
+    fetcher.url = good_url
+    assert (await verifier.verify(genuine))["aud"] == PROJECT
+    assert (fetcher.fetches, fetcher.stale_uses) == (5, 3)
+
+
+async def test_a_hanging_refresh_does_not_outlast_the_verifiers_limit(
+    key: Key, certs_server: CertsServer
+) -> None:
+    """A refresh that never answers: the held set is used after stale_wait_s, inside the
+    verifier's own certificate time limit, while the download goes on to its timeout."""
+    clock = Monotonic()
+    fetcher = GoogleCertsFetcher(
+        certs_server.url, timeout_s=5.0, trust_env=False, monotonic=clock, stale_wait_s=0.2
+    )
+    verifier = GoogleVerifier(frozenset({PROJECT}), fetcher, clock=lambda: NOW, certs_timeout_s=2.0)
+    genuine = {"Google-Assistant-Signature": key.token()}
+    assert (await verifier.verify(genuine))["aud"] == PROJECT
+    certs_server.silent = True
+    clock.value += 3601
+    claims = await unless_hung(verifier.verify(genuine), "the verification")
+    assert claims["aud"] == PROJECT
+    assert (fetcher.fetches, fetcher.stale_uses) == (2, 1)
+
+
+async def test_an_unknown_kid_refetches_at_most_once_per_interval(
+    key: Key, certs_server: CertsServer
+) -> None:
+    """Google published a new key before our cache expired: a token signed with it makes
+    one download (at most one a minute), and is accepted; made-up key ids are refused,
+    a burst of them making no more downloads."""
+    clock = Monotonic()
+    verifier, fetcher = fetching_verifier(certs_server, clock)
+    assert (await verifier.verify({"Google-Assistant-Signature": key.token()}))["aud"]
+    rotated = Key(kid="rotated-key")
+    certs_server.serve(key, rotated)
+    clock.value += 60  # the set is fresh (max-age 3600); the last download a minute ago
+    assert (await verifier.verify({"Google-Assistant-Signature": rotated.token()}))["aud"]
+    assert certs_server.requests == fetcher.fetches == 2
+    # a made-up kid right after: refused, no download (rate-limited)
+    bogus = Key(kid="made-up")
+    headers = {"Google-Assistant-Signature": bogus.token()}
+    assert await refused(verifier, headers) == "unknown_kid"
+    assert certs_server.requests == 2
+    # a minute later a burst of them: one download between them, all refused
+    clock.value += 60
+    outcomes = await asyncio.gather(
+        *(verifier.verify(headers) for _ in range(10)), return_exceptions=True
+    )
+    assert [getattr(o, "reason", o) for o in outcomes] == ["unknown_kid"] * 10
+    assert certs_server.requests == 3
+    # the known keys still verify, from the cache
+    assert (await verifier.verify({"Google-Assistant-Signature": rotated.token()}))["aud"]
+    assert certs_server.requests == 3
+
+
+async def test_a_failed_refetch_is_our_outage(key: Key, certs_server: CertsServer) -> None:
+    """The download an unknown kid asked for fails: the token could not be judged (503)."""
+    clock = Monotonic()
+    verifier, _ = fetching_verifier(certs_server, clock)
+    assert (await verifier.verify({"Google-Assistant-Signature": key.token()}))["aud"]
+    certs_server.status = 500
+    clock.value += 61
+    rotated = Key(kid="rotated-key")
+    with pytest.raises(GoogleVerificationError) as caught:
+        await verifier.verify({"Google-Assistant-Signature": rotated.token()})
+    assert caught.value.reason == "certs_unavailable"
+    assert caught.value.status == 503
+    assert certs_server.requests == 2
+
+
 async def test_a_certs_outage_is_logged_apart_from_forgeries(
     key: Key, other_key: Key, certs_server: CertsServer, caplog: pytest.LogCaptureFixture
 ) -> None:
