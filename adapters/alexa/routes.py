@@ -48,12 +48,12 @@ from adapters.alexa.protocol import (
     plan,
     turn_context,
 )
-from adapters.alexa.verify import AlexaVerifier
+from adapters.alexa.verify import AlexaVerificationError, AlexaVerifier, check_application_ids
 from gateway.deps import Gateway
 from gateway.events import Input, Response, ResponseItem
-from gateway.io.webhook import WebhookChannel, refusal_at_startup
+from gateway.io.webhook import WebhookChannel, WebhookRefused, refusal_at_startup
 from gateway.logs import session_ref
-from gateway.protocol import ProtocolError, clipped
+from gateway.protocol import clipped, load_json
 from gateway.ratelimit import RefusalLog
 from gateway.settings import Settings
 from gateway.ssml import ALEXA_AUDIO, ALEXA_ELEMENTS, ALEXA_SAY_AS
@@ -107,11 +107,13 @@ class AlexaWebhook(WebhookChannel[Planned, bytes]):
 
     async def plan(self, headers: Headers, body: bytes, principal: str | None) -> Planned:
         """Verify (when on) and parse ``body``; with verification off, check the skill id."""
-        if self.verifier is None:
-            envelope = parse_envelope(body)  # configured skill ids are still enforced
-            app_id, skill_ids = envelope.application_id, self.gw.settings.alexa_skill_ids
-            if skill_ids and app_id is not None and app_id not in skill_ids:
-                raise ProtocolError(f"Unknown applicationId {clipped(app_id)}.")
+        if self.verifier is None:  # configured skill ids are still enforced, as verified
+            data = load_json(body, what="The body")
+            envelope = parse_envelope(data)  # (a JSON object then)
+            try:
+                check_application_ids(data, self.gw.settings.alexa_skill_ids)
+            except AlexaVerificationError as exc:  # answered and logged as the driver does
+                raise WebhookRefused(exc.status, exc.reason.value, exc.message) from None
         else:  # an AlexaVerificationError is answered by the driver (400, its reason)
             envelope = parse_envelope(await self.verifier.verify(headers, body))
         return envelope, plan(envelope, self.config)

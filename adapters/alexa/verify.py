@@ -90,6 +90,7 @@ __all__ = [
     "HttpxCertChainFetcher",
     "VerifiedChain",
     "certifi_trust_store",
+    "check_application_ids",
     "check_cert_chain_url",
     "load_trust_store",
     "verify_cert_chain",
@@ -670,18 +671,7 @@ class AlexaVerifier(VerifierLogs):
         return stamp >= now - max(self._max_skew, SKILL_EVENT_MAX_AGE)
 
     def _check_application_id(self, envelope: dict[str, Any]) -> None:
-        if not self.skill_ids:
-            return
-        found = _application_ids(envelope)
-        if not found:
-            raise AlexaVerificationError(
-                AlexaReason.MISSING_APPLICATION_ID, "the request names no applicationId"
-            )
-        unknown = [app_id for app_id in found if app_id not in self.skill_ids]
-        if unknown:
-            raise AlexaVerificationError(
-                AlexaReason.UNKNOWN_APPLICATION_ID, f"unknown applicationId {clipped(unknown[0])}"
-            )
+        check_application_ids(envelope, self.skill_ids)
 
     def _cached(self, url: str, now: datetime) -> VerifiedChain | None:
         """The cached chain of ``url`` while valid at ``now`` (an expired one is dropped)."""
@@ -827,6 +817,36 @@ def _parse_envelope(body: bytes) -> dict[str, Any]:
             AlexaReason.MALFORMED_BODY, "body is not an Alexa envelope with a request object"
         )
     return envelope
+
+
+def check_application_ids(envelope: Mapping[str, Any], skill_ids: frozenset[str]) -> None:
+    """Rule 5: every skill id the envelope names is one of ``skill_ids``, and it names one.
+
+    Both places are looked at, ``session.application.applicationId`` and
+    ``context.System.application.applicationId``: a request naming one of ours in one
+    and another skill in the other is refused. No I/O; :class:`AlexaVerifier` runs it, and
+    /alexa with verification off runs the same check.
+
+    Args:
+        envelope: the parsed request body (a JSON object; any shape).
+        skill_ids: the accepted ids; empty means no check.
+
+    Raises:
+        AlexaVerificationError: ``missing_application_id`` (ids configured, the envelope
+            names none) or ``unknown_application_id`` (one it names is not configured).
+    """
+    if not skill_ids:
+        return
+    found = _application_ids(envelope)
+    if not found:
+        raise AlexaVerificationError(
+            AlexaReason.MISSING_APPLICATION_ID, "the request names no applicationId"
+        )
+    unknown = [app_id for app_id in found if app_id not in skill_ids]
+    if unknown:
+        raise AlexaVerificationError(
+            AlexaReason.UNKNOWN_APPLICATION_ID, f"unknown applicationId {clipped(unknown[0])}"
+        )
 
 
 def _application_ids(envelope: Mapping[str, Any]) -> list[str]:

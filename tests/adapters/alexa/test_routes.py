@@ -328,6 +328,48 @@ async def test_configured_skill_ids_are_enforced_without_verification() -> None:
         assert other.headers["content-type"] == "application/problem+json"
 
 
+async def test_without_verification_every_skill_id_is_checked_as_the_verifier_does() -> None:
+    """Verification off, skill ids configured: the check is the verifier's (every id the
+    envelope names, in session.application and context.System.application, and at least
+    one), with its reasons; it used to look at the first id only and let through a
+    request naming none."""
+
+    def naming(session: str | None, system: str | None) -> dict[str, Any]:
+        data = envelope("S-ids", text="hi")
+        for holder, app_id in ((data["session"], session), (data["context"]["System"], system)):
+            if app_id is None:
+                del holder["application"]
+            else:
+                holder["application"]["applicationId"] = app_id
+        return data
+
+    cases = [
+        ((SKILL_ID, SKILL_ID), 200, None),
+        ((None, SKILL_ID), 200, None),
+        ((SKILL_ID, None), 200, None),
+        ((None, None), 400, "missing_application_id"),
+        ((SKILL_ID, "amzn1.ask.skill.other"), 400, "unknown_application_id"),
+        (("amzn1.ask.skill.other", SKILL_ID), 400, "unknown_application_id"),
+        ((SKILL_ID, ""), 200, None),  # an empty id names nothing, as the verifier reads it
+    ]
+    async with (
+        gateway(alexa_verify=False, alexa_skill_ids=frozenset({SKILL_ID})) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        for (session, system), status, reason in cases:
+            answer = await client.post("/alexa", json=naming(session, system))
+            assert answer.status_code == status, (session, system, answer.text)
+            if reason is not None:
+                assert answer.headers["content-type"] == "application/problem+json"
+                assert answer.json()["reason"] == reason
+        # hostile shapes are malformed, not let through
+        bad = naming(SKILL_ID, SKILL_ID)
+        bad["context"]["System"]["application"] = {"applicationId": 7}
+        answer = await client.post("/alexa", json=bad)
+        assert answer.status_code == 400
+        assert answer.json()["reason"] == "malformed_request"
+
+
 # ---------------------------------------------------------------- verification ON
 
 
