@@ -42,13 +42,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Literal, NamedTuple, Required, TypedDict, Unpack
+from typing import Any, Final, Literal, NamedTuple, Required, TypedDict, Unpack
 
 from pydantic import Field, StrictBool
 from pydantic_core import to_json
 
 from gateway.events import FALLBACK, INTRO, Input, Response, ResponseItem, Wire
-from gateway.protocol import ProtocolError, load_json, validate
+from gateway.protocol import MAX_ID_CHARS, ProtocolError, load_json, validate
 from gateway.ssml import (
     ALEXA_AUDIO,
     ALEXA_ELEMENTS,
@@ -103,7 +103,10 @@ class AlexaSession(Wire):
     """``session``: present on requests that belong to a skill session."""
 
     new: StrictBool = False  # JSON true/false only, as the schema says
-    session_id: str = Field(min_length=1)
+    session_id: str = Field(min_length=1, max_length=MAX_ID_CHARS)
+    """Amazon's are about 60 characters; one over :data:`gateway.protocol.MAX_ID_CHARS`
+    (256, what the push API takes) is refused (400): every answer carries it back in
+    ``sessionAttributes``, and a huge one could not fit Alexa's 24 KB."""
     application: AlexaApplication | None = None
     attributes: dict[str, Any] | None = None
     user: AlexaUser | None = None
@@ -598,7 +601,8 @@ def fallback_response(
 def answer_response(plan: Plan, response: Response) -> tuple[bytes, bool]:
     """The encoded answer to a turn's Response in ``plan``'s session (the bytes
     ``encode(turn_response(...))`` gives), and whether it ends the session (the
-    response says so, ``plan.end_session`` forces it, or it says nothing).
+    response says so, ``plan.end_session`` forces it, or it says nothing; or it did not
+    fit even emptied and :func:`encode` answered its ended empty response).
 
     The webhook's path: the answer goes from its wire dict (:func:`turn_wire`)
     straight to JSON, without the response models; only an answer over
@@ -606,9 +610,12 @@ def answer_response(plan: Plan, response: Response) -> tuple[bytes, bool]:
     """
     wire = turn_wire(response, session_id=plan.session_id, force_end=plan.end_session)
     data = to_json(wire)
+    ends: bool = wire["response"]["shouldEndSession"]
     if len(data) > MAX_RESPONSE_BYTES:
         data = encode(AlexaResponseEnvelope.model_validate(wire))
-    return data, wire["response"]["shouldEndSession"]
+        # encode's last resort (nothing left to cut) ends Alexa's session: ours ends too
+        ends = ends or data == _ENDED_EMPTY
+    return data, ends
 
 
 class TurnOptions(TypedDict, total=False):
@@ -747,7 +754,10 @@ def encode(envelope: AlexaResponseEnvelope, max_bytes: int = MAX_RESPONSE_BYTES)
     the reprompt, then the speech is cut (at a sentence/word boundary, SSML kept
     well-formed) until it fits. When even that does not fit (the session id itself
     is too large), the answer says nothing and ends the session, as Alexa requires of
-    an empty in-session response.
+    an empty in-session response; the gateway's session must end too
+    (:func:`answer_response` says so). A session id over the 256 characters
+    :class:`AlexaSession` accepts is refused before, so only an envelope made otherwise
+    gets there.
     """
     data = _wire_bytes(envelope)
     if len(data) <= max_bytes:
@@ -777,5 +787,9 @@ def encode(envelope: AlexaResponseEnvelope, max_bytes: int = MAX_RESPONSE_BYTES)
             speech.ssml = spoken
         data = _wire_bytes(env)
     if len(data) > max_bytes:  # nothing left to cut: say nothing (and end) rather than break
-        data = _wire_bytes(empty_response(session_id=None, end=True))
+        data = _ENDED_EMPTY
     return data
+
+
+_ENDED_EMPTY: Final = _wire_bytes(empty_response(session_id=None, end=True))
+""":func:`encode`'s last resort: an empty response that ends the session."""

@@ -827,6 +827,38 @@ def test_an_oversized_card_goes_before_the_speech_and_a_hopeless_answer_ends() -
     assert body(closed).should_end_session is True
 
 
+def test_an_answer_emptied_to_end_alexas_session_ends_the_gateways_too() -> None:
+    """When even the emptied answer does not fit (a session id too large), encode's last
+    resort ends Alexa's session: answer_response says the session ends, so the gateway
+    ends its own (it said "open" before)."""
+    for session_id in ("S" * 30_000, "é" * 13_000):  # "é": 2 bytes of UTF-8
+        decided = Plan(Handling.TURN, session_id=session_id)
+        data, ends = answer_response(decided, Response(items=[ResponseItem(text="Hi.")]))
+        assert len(data) <= MAX_RESPONSE_BYTES
+        assert body(parsed(data)).should_end_session is True
+        assert ends is True
+    # an answer that fits keeps its session open
+    data, ends = answer_response(
+        Plan(Handling.TURN, session_id="S" * 200), Response(items=[ResponseItem(text="Hi.")])
+    )
+    assert (ends, body(parsed(data)).should_end_session) == (False, False)
+
+
+@pytest.mark.parametrize(("length", "ok"), [(256, True), (257, False), (30_000, False)])
+def test_a_session_id_over_256_characters_is_refused(length: int, ok: bool) -> None:
+    """Amazon's session ids are about 60 characters; every answer carries the id back, so
+    a huge one could not fit Alexa's 24 KB: over MAX_ID_CHARS (256) it is a 400."""
+    data = fixture("jovo-v4/IntentRequest.json")
+    data["session"]["sessionId"] = "s" * length
+    if ok:
+        assert parse_envelope(data).session is not None
+        return
+    with pytest.raises(ProtocolError) as caught:
+        parse_envelope(json.dumps(data).encode())
+    assert caught.value.status == 400
+    assert "sessionId" in caught.value.text
+
+
 def test_truncate_text_boundaries() -> None:
     assert truncate_text("short", 10) == "short"
     assert truncate_text("One. Two three four five six", 12) == "One. Two…"

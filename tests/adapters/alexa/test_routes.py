@@ -370,6 +370,21 @@ async def test_without_verification_every_skill_id_is_checked_as_the_verifier_do
         assert answer.json()["reason"] == "malformed_request"
 
 
+async def test_a_session_id_too_long_to_answer_is_refused_with_400(base: str) -> None:
+    """Every answer carries the session id back; one over 256 characters (Amazon's are
+    about 60) is refused before a session is made, not answered with an empty
+    session-ending answer while the gateway's session stayed open."""
+    async with httpx.AsyncClient(base_url=base) as client:
+        for session_id in ("s" * 257, "s" * 30_000):
+            answer = await client.post("/alexa", json=envelope(session_id, text="hi"))
+            assert answer.status_code == 400
+            assert answer.json()["reason"] == "malformed_request"
+            assert "sessionId" in answer.json()["detail"]
+        ok = await client.post("/alexa", json=envelope("s" * 256, text="my name is Ada"))
+        assert ok.status_code == 200
+        assert reply(parsed(ok)).should_end_session is False
+
+
 # ---------------------------------------------------------------- verification ON
 
 
