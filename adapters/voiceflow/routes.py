@@ -1126,12 +1126,12 @@ class VoiceflowServer:
             client.kept = list(client.held or [])
             if client.held:
                 client.held.clear()
+            for task in client.turns:  # its answer is kept before the shutdown ends (stop)
+                self._detached.add(task)
+                task.add_done_callback(self._detached.discard)
         elif client.closing and client.take_over.is_set() and client.held:
             held, client.held = client.held, None  # (no take's: told server.restart)
             await self._keep_held(client, held)
-            for task in client.turns:
-                self._detached.add(task)
-                task.add_done_callback(self._detached.discard)
         for task in list(client.tasks):  # forwarding only; the engine's turns go on
             if not (detached and task in client.turns):
                 task.cancel()

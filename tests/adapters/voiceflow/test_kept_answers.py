@@ -1194,3 +1194,39 @@ async def test_claims_to_put_back_are_bounded_by_count_and_one_the_breaker_refus
             assert server._unclaimed == {key: ["u0", "u1", "u2"]}  # three at most
         finally:
             proxy.hung = False
+
+
+async def test_the_shutdown_waits_for_the_action_of_a_client_that_left_and_keeps_its_answer(
+    redis_url: str,
+    redis_prefix: str,
+    aredis: aioredis.Redis,
+) -> None:
+    """A client left while its action ran, and the server shuts down before the action
+    ends. The action's forwarder (which keeps its answer) was no longer among those the
+    Voiceflow server's stop waits for (``VoiceflowServer._detached``, dropped from
+    ``_disconnect`` when server.restart's held answers were added): the shutdown went on
+    to close the store under it, and the answer could be lost. It is waited for again,
+    and the answer is in Redis for the session's next connection once the shutdown has
+    ended."""
+    core = RecordingCore()
+    stack = contextlib.AsyncExitStack()
+    url, app = await stack.enter_async_context(
+        gateway_app(core, redis_url=redis_url, redis_prefix=redis_prefix)
+    )
+    shutdown: asyncio.Task[None] | None = None
+    try:
+        server = app.state.voiceflow
+        key = await leave_mid_action(url, core)
+        assert len(server._detached) == 1  # its forwarder: the shutdown waits for it
+        shutdown = asyncio.create_task(stack.aclose())
+        core.release.set()
+        await unless_hung(asyncio.shield(shutdown), "the shutdown never ended")
+        assert await aredis.exists(kept_key(redis_prefix, key))
+        kept = [json.loads(a) for a in await aredis.lrange(kept_key(redis_prefix, key), 0, -1)]
+        assert kept[-1][-1] == ["action.status", {"status": "completed", "messageID": "first"}]
+    finally:
+        core.release.set()
+        if shutdown is None:
+            await stack.aclose()
+        else:
+            await asyncio.wait({shutdown})
