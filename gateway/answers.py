@@ -129,10 +129,10 @@ class MemoryAnswerStore:
 
     Bounds as in the module doc, at most ``max_keys`` sessions, ``max_keys`` claims
     (:meth:`claim`) and ``max_total_bytes`` bytes (UTF-8) of answers in all, those of the
-    claims counted: keeping for one more session, or past the bytes, drops the claims
-    made longest ago first (their answers are being delivered: only a failed delivery
-    puts them back), then the sessions kept longest ago (whole); a claim past
-    ``max_keys`` drops the oldest claim. Expired sessions and claims are dropped as new
+    claims counted: keeping for one more session, or past the bytes, drops the expired
+    answers first, then the claims made longest ago (their answers are being delivered:
+    only a failed delivery puts them back), then the sessions kept longest ago (whole);
+    a claim past ``max_keys`` drops the oldest claim. Expired sessions and claims are dropped as new
     ones are kept (oldest first: every key lives alike long). A dropped claim is as one
     expired: :meth:`unclaim` puts nothing back. Raises ValueError for bounds that are
     not positive."""
@@ -206,6 +206,8 @@ class MemoryAnswerStore:
         answers = _fit([*kept.answers, answer], self._max_answers, self._max_bytes)
         size = sum(len(a.encode()) for a in answers)
         self._expire_claims(now)
+        while self._kept and next(iter(self._kept.values())).expires <= now:
+            self._drop(next(iter(self._kept)))  # expired (oldest first): before any claim
         while self._claims and self.held_bytes + size > self._max_total_bytes:
             self._drop_claim(next(iter(self._claims)))  # the oldest claim first
         while self._kept:  # the oldest first: expired, one too many, or past the bytes

@@ -216,6 +216,30 @@ async def test_memory_claims_count_toward_the_total_bytes() -> None:
     assert store.held_bytes == 0
 
 
+async def test_memory_expired_answers_go_before_a_claim_being_delivered() -> None:
+    """Keeping past the total bytes dropped the oldest claim first, before the sessions
+    whose answers had expired (still counted until a keep drops them): a claim being
+    delivered lost its answers (a failed delivery had nothing to put back) to make room
+    that the expired answers alone would have made. Expired answers now go first."""
+    clock = Clock()
+    store = MemoryAnswerStore(ttl_s=TTL_S, max_bytes=150, max_total_bytes=250, clock=clock)
+    old, claimed, new = session(), session(), session()
+    await store.keep(old, "o" * 100)
+    clock.now += TTL_S - 1
+    await store.keep(claimed, "c" * 100)
+    assert await store.claim(claimed, "t") == ["c" * 100]
+    clock.now += 2  # the old session's answers have expired; the claim lives
+    await store.keep(new, "n" * 100)  # 300 with the expired: they make the room
+    assert store.held_bytes == 200
+    assert await store.unclaim(claimed, "t") == 1  # a failed delivery puts them back
+    assert [await store.take(key) for key in (old, claimed, new)] == [
+        [],
+        ["c" * 100],
+        ["n" * 100],
+    ]
+    assert store.held_bytes == 0
+
+
 async def test_memory_answers_hold_at_most_64_mib_in_all() -> None:
     """Each session may keep 256 KiB and the store 10,000 sessions: 2.5 GiB that clients
     leaving mid-action with long answers could make the process hold. The answers held
