@@ -102,7 +102,9 @@ Operations:
   run no turn here: the first comes back in ``server.restart {action}`` for the client
   to replay, the others are rejected ``server-restart`` before it
   (VoiceflowConnection.server_restart). Kept answers being taken go out before
-  ``server.restart``, and none are taken after it (they stay kept); what a running
+  ``server.restart`` (a take that hangs is waited for half the time to tell the client,
+  then it is told all the same and the answers stay kept), and none are taken after it
+  (they stay kept); what a running
   action emits after it is held and kept with its answer once the session has closed
   (on a long-polling session it followed Engine.IO CLOSE and was dropped). uvicorn closes open
   WebSockets (1012) *before* it runs the app's lifespan shutdown, so the notice is
@@ -735,6 +737,10 @@ class _Client:
     kept for the session's next connection), and what goes out once it was told is held
     (``held``, never sent: the socket closes behind Engine.IO CLOSE) and kept with the
     answer of its running action, as a client that left."""
+    told: bool = False
+    """``server.restart`` is going out (:meth:`VoiceflowServer._tell_restart`): a take of
+    kept answers still running then (it outlasted the wait for it) sends nothing after
+    it; its answers stay kept, as for a client that left."""
 
     def __post_init__(self) -> None:
         self.take_over.set()
@@ -971,12 +977,15 @@ class VoiceflowServer:
             return 0
         try:
             async with asyncio.timeout(timeout_s):
-                await asyncio.gather(*(self._tell_restart(sid, cut=cut) for sid in sids))
+                tell = (self._tell_restart(sid, cut=cut, wait_s=timeout_s / 2) for sid in sids)
+                await asyncio.gather(*tell)
         except TimeoutError:
             log.warning("Voiceflow clients were not all told within %.1f s", timeout_s)
         return len(sids)
 
-    async def _tell_restart(self, sid: str, *, cut: bool = False) -> None:
+    async def _tell_restart(
+        self, sid: str, *, cut: bool = False, wait_s: float | None = None
+    ) -> None:
         """server.restart to one client, then the end of its Engine.IO session. No turn runs
         for its queued actions: the first (the next that would have run) goes back to the
         client in ``server.restart {action}`` to replay on the new instance, each other one
@@ -988,6 +997,11 @@ class VoiceflowServer:
         second :meth:`restart`: the shutdown's, or one overlapping a first) is told
         nothing more; its session is ended again all the same.
 
+        Kept answers being taken go out first, whole (:meth:`_flushed`), for up to
+        ``wait_s`` (None: as long as the take lasts): a take that hangs longer (up to the
+        Redis command timeout, past the restart's grace) no longer keeps the client from
+        being told; what it took then stays kept (:meth:`_deliver_kept`).
+
         WebSocket: Engine.IO's CLOSE follows the event on the same socket. Long
         polling: engineio refuses every GET of a closed session, so the CLOSE is put
         in the queue while the session is still open, and the session is closed
@@ -998,7 +1012,10 @@ class VoiceflowServer:
         told = [Emit(SERVER_RESTART, {})]
         if client is not None:
             client.closing = True  # no take begins now: kept for the next connection
-            await self._flushed(client)  # one under way goes out first, whole
+            with contextlib.suppress(TimeoutError):  # one under way goes out first, whole
+                async with asyncio.timeout(wait_s):
+                    await self._flushed(client)
+            client.told = True  # (a take still running sends nothing after it)
             lost: list[Emit] = []
             if cut and client.turns:  # its answer cannot come here now
                 forwarders = list(client.turns)
@@ -1525,9 +1542,10 @@ class VoiceflowServer:
             await self._deliver_kept(client, key, token, await self._take(key, token))
         finally:
             held = client.held or []
-            while held and client.sid in self._clients:  # (more may be held meanwhile)
-                await _emit(self.sio, client.sid, held.pop(0))
-            client.held = None
+            while held and client.sid in self._clients and not client.told:  # (more may
+                await _emit(self.sio, client.sid, held.pop(0))  # be held meanwhile)
+            # told server.restart meanwhile: what comes now is held too (_tell_restart)
+            client.held = [] if client.told else None
             client.take_over.set()
             if held:  # the client left: not sent
                 await self._keep_held(client, held)
@@ -1645,7 +1663,7 @@ class VoiceflowServer:
         gw = self._gateway
         if gw is None or gw.answers is None:
             return
-        if client.sid not in self._clients:
+        if client.sid not in self._clients or client.told:  # (told: they follow CLOSE)
             if await self._unclaim(key, token):
                 await self._announce_kept(key)
             return

@@ -1054,8 +1054,12 @@ async def test_server_restart_while_a_take_hangs_comes_after_the_kept_answers(
     """The server restarts while the take of a client's kept answers hangs:
     ``server.restart`` went out at once, ahead of the answers (which then went nowhere:
     the connection was closed behind it). Now the answers the take got come first, then
-    ``server.restart``."""
-    async with hanging_take(reply_dropper, redis_prefix, aredis) as (app, again, proxy, _key):
+    ``server.restart``. (A grace long enough for the test's steps: past half of it the
+    client is told all the same, :func:`test_server_restart_is_told_in_time_when_the_
+    take_hangs_past_the_grace`.)"""
+    async with hanging_take(
+        reply_dropper, redis_prefix, aredis, voiceflow_restart_grace_s=30.0
+    ) as (app, again, proxy, _key):
         restart = asyncio.create_task(app.state.voiceflow.restart())
         try:
             await again.nothing_more()  # nothing ahead of the kept answers
@@ -1230,3 +1234,38 @@ async def test_the_shutdown_waits_for_the_action_of_a_client_that_left_and_keeps
             await stack.aclose()
         else:
             await asyncio.wait({shutdown})
+
+
+async def test_server_restart_is_told_in_time_when_the_take_hangs_past_the_grace(
+    reply_dropper: tuple[ReplyDropper, str],
+    redis_prefix: str,
+    aredis: aioredis.Redis,
+) -> None:
+    """The server restarts while the take of a client's kept answers hangs past the
+    restart's grace. ``server.restart`` waited for the take to end, so the grace ran out
+    first: the client was never told (nor its queued action handed back to replay) and
+    its connection was left open. It is now told within the grace, ahead of the
+    answers still being taken, which are not sent after it (they would follow Engine.IO
+    CLOSE): they stay kept, and the session's next connection gets them."""
+    async with hanging_take(reply_dropper, redis_prefix, aredis, voiceflow_restart_grace_s=1.0) as (
+        app,
+        again,
+        proxy,
+        key,
+    ):
+        (taking,) = app.state.voiceflow._clients.values()
+        restart = asyncio.create_task(app.state.voiceflow.restart())
+        try:
+            assert await again.expect("server.restart") == {}  # the take still hangs
+            assert await unless_hung(restart, "the restart never ended") == 1
+            await until(lambda: not again.sio.connected)  # then closed by the server
+            proxy.hold_replies_to = None
+            proxy.release_replies()
+            await until(taking.take_over.is_set)  # the take has ended: kept again
+            assert again.events.empty()  # nothing after server.restart
+            async with client(again.url) as third:
+                assert await third.start(key) is False
+                await expect_first_answer(third)
+                await third.nothing_more()
+        finally:
+            restart.cancel()
