@@ -280,7 +280,8 @@ class SignedForm:
     (:func:`gateway.io.call.use_signature_for_request`), and whether it is Plivo's
     ``retry`` of a request answered already (to be answered again, the same); ``also``, the
     names the version before marked the same request with (its URL path: a rolling
-    deploy), read, never written."""
+    deploy), read, and marked at the first request with its slot (for a retry landing on
+    an instance of the older version)."""
 
     params: dict[str, str]
     key: str
@@ -334,7 +335,8 @@ async def _signed_form(
     route = getattr(request.scope.get("route"), "name", None) or request.url.path
     sent = f"{key}:request:" + request_key(request.method, route, request.url.query, body)
     # a rolling deploy: the older version's request marks hold the URL's path (before
-    # e6597817): read as this request's, as Telnyx's; only the route's name is written
+    # e6597817): read as this request's, as Telnyx's, and written with the route's (a
+    # retry landing on an instance of the older version finds its marks)
     old_sent = tuple(
         f"{key}:request:" + request_key(request.method, old, request.url.query, body)
         for old in ((request.url.path,) if route != request.url.path else ())

@@ -662,7 +662,8 @@ async def _signed_body(
         route = getattr(request.scope.get("route"), "name", None) or request.url.path
         # a rolling deploy: the older version's marks hold the URL's path (e1dbe654):
         # read as this route's (a key bound by it on this path came to this route), and
-        # its request key as this request's; only the route's name is written
+        # its request key as this request's; both written with the route's (a redelivery
+        # landing on an instance of the older version finds them)
         old_path = () if route == request.url.path else (request.url.path,)
         await bind_signature_to_route(
             gw.nonces, key, route, verifier.replay_window_s, replayed(), also=old_path

@@ -243,7 +243,8 @@ async def answer(request: Request) -> Response:
         route = getattr(request.scope.get("route"), "name", None) or request.url.path
         sent = request_key(request.method, route, request.url.query, body)
         # a rolling deploy: the older version's request marks hold the URL's path
-        # (before e6597817): read as this request's, as Telnyx's; only the route's written
+        # (before e6597817): read as this request's, as Telnyx's, and written with the
+        # route's (a retry landing on an instance of the older version finds its mark)
         old_sent = [
             f"{key}:request:{request_key(request.method, path, request.url.query, body)}"
             for path in ((request.url.path,) if route != request.url.path else ())

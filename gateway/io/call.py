@@ -100,7 +100,7 @@ from gateway.deps import Gateway
 from gateway.events import ResponseItem
 from gateway.httputil import problem
 from gateway.io.websocket import SEND_ERRORS, PacedSender, WebSocketDriver
-from gateway.nonces import NonceStore
+from gateway.nonces import MemoryNonceStore, NonceStore
 from gateway.protocol import ProtocolError
 from gateway.protocol.actions import (
     CancelListening,
@@ -352,6 +352,13 @@ async def use_signature_once(
         raise replayed
 
 
+def _written_also(nonces: NonceStore, also: Sequence[str]) -> tuple[str, ...]:
+    """The older version's names (``also``) to mark as well: all of them when ``nonces``
+    is shared by instances (Redis), where a retry may land on one of the older version;
+    none for the embedded store (this process's only, which no other version reads)."""
+    return () if isinstance(nonces, MemoryNonceStore) else tuple(also)
+
+
 async def bind_signature_to_route(
     nonces: NonceStore,
     key: str,
@@ -386,15 +393,20 @@ async def bind_signature_to_route(
 
     ``also``: other names the same route had in an older version's marks (Telnyx's
     URL path, before the route's name: a rolling deploy), read as ``route``'s own when
-    the key came before, never written."""
+    the key came before, and set with it at the key's first use in a shared store (they
+    name this route): a redelivery landing on an instance of the older version, which
+    reads only those, is not refused as a replay."""
     if await nonces.use_once(f"{key}:seen", ttl_s):
+        names = (route, *_written_also(nonces, also))
         try:
-            await nonces.use_once(f"{key}:on:{route}", ttl_s)
+            for name in names:
+                await nonces.use_once(f"{key}:on:{name}", ttl_s)
         except StoreUnavailable:
             with contextlib.suppress(StoreUnavailable):
-                # the route's mark first (Redis may have set it, its answer lost): a
-                # ``{key}:seen`` released while it stayed could let the key pass on two
-                await nonces.release(f"{key}:on:{route}")
+                # the route's marks first (Redis may have set one, its answer lost): a
+                # ``{key}:seen`` released while one stayed could let the key pass on two
+                for name in names:
+                    await nonces.release(f"{key}:on:{name}")
                 await nonces.release(f"{key}:seen")
             raise
         return
@@ -438,9 +450,12 @@ async def use_signature_for_request(
     arrives in that instant (between the two store calls) is refused as a replay.
 
     ``also``: other names of the same request in an older version's marks (a rolling
-    deploy), read as ``request`` when the key came before, never written."""
+    deploy), read as ``request`` when the key came before, and marked with it at the key's
+    first use in a shared store: the carrier's retry may land on an instance of the older
+    version, which reads only those names (refused "replayed" else)."""
     if await nonces.use_once(key, ttl_s):
-        await nonces.use_once(request, min(retry_s, ttl_s))
+        for name in (request, *_written_also(nonces, also)):
+            await nonces.use_once(name, min(retry_s, ttl_s))
         return False
     for name in (request, *also):
         if await nonces.used(name):
@@ -468,11 +483,13 @@ async def first_answered_at(
     the token is issued at :func:`signed_issue_time` of the slot and that span. Raises
     StoreUnavailable when the store does not answer. ``also``: other names of the same
     request in an older version's marks (a rolling deploy; as
-    :func:`use_signature_for_request`'s), read for a retry's slot, never written."""
+    :func:`use_signature_for_request`'s), read for a retry's slot and marked with the first
+    request's (a retry landing on an instance of the older version finds it there)."""
     window = int(RETRY_WINDOW_S)
     slot = int(now) // window * window
     if not retry:
-        await nonces.use_once(f"{request}:at:{slot}", RETRY_WINDOW_S)
+        for name in (request, *_written_also(nonces, also)):
+            await nonces.use_once(f"{name}:at:{slot}", RETRY_WINDOW_S)
         return slot
     for name in (request, *also):
         for at in (slot, slot - window):

@@ -154,3 +154,62 @@ async def test_marks_of_the_version_before_keyed_by_path_count_as_the_route(
             assert int(expires) == issued + TOKEN_TTL_S
         again = await client.post("/plivo/answer?appKey=other", content=body, headers=plivo_headers)
         assert again.status_code == 403, again.text
+
+
+async def test_an_answer_marks_what_the_version_before_reads_for_its_retry(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """A rolling deploy, the other way round: this version answers the first request and
+    the carrier's retry lands on an instance of the version before (until e6597817),
+    which reads only the marks keyed by the URL's path (``{key}:request:<request key of
+    /vonage/answer>``; Plivo's also with its first answer's slot, ``...:at:<slot>``).
+    Only the route's name was marked, so that instance refused the retry "replayed" and
+    the call got no stream. The first answer now sets those marks too, read here in the
+    real Redis as that version read them; a retry to this version is still answered."""
+    settings = gateway_settings(redis_url, redis_prefix)
+    app = create_app(settings)
+    async with served_app(app, settings) as url, httpx.AsyncClient(base_url=url) as client:
+        nonces = app.state.gateway.nonces
+
+        # Vonage: the first answer, given by this version
+        call_uuid = str(uuid.uuid4())
+        query = urlencode({"uuid": call_uuid, "from": "447700900000", "to": "447700900001"})
+        authorization = signed(SECRET)
+        headers = {"Authorization": authorization}
+        first = await client.get(f"/vonage/answer?{query}", headers=headers)
+        assert first.status_code == 200, first.text
+        claims = VonageVerifier(SECRET).check(authorization, b"", time.time())
+        key = f"vonage:token:{replay_key(authorization, claims)}"
+        old = request_key("GET", "/vonage/answer", query, b"")
+        assert await nonces.used(f"{key}:request:{old}")  # what the version before reads
+        assert not await nonces.used(f"{key}:request:" + request_key("GET", "/x", query, b""))
+        retry = await client.get(f"/vonage/answer?{query}", headers=headers)
+        assert retry.status_code == 200, retry.text
+        assert retry.content == first.content
+
+        # Plivo: the first answer, given by this version
+        form = {"CallUUID": str(uuid.uuid4()), "From": "14155550100", "To": "14155550199"}
+        body = urlencode(form)
+        nonce = uuid.uuid4().hex[:20]
+        plivo_headers = {
+            "X-Plivo-Signature-V3": signature(
+                AUTH_TOKEN, "POST", PUBLIC + "/plivo/answer?appKey=plivo", form, nonce
+            ),
+            "X-Plivo-Signature-V3-Nonce": nonce,
+            "Content-Type": "application/x-www-form-urlencoded",
+        }
+        window = int(RETRY_WINDOW_S)
+        before = int(time.time()) // window * window
+        first = await client.post("/plivo/answer?appKey=plivo", content=body, headers=plivo_headers)
+        after = int(time.time()) // window * window
+        assert first.status_code == 200, first.text
+        key = "plivo:v3-nonce:" + hashlib.sha256(nonce.encode()).hexdigest()
+        sent = f"{key}:request:" + request_key(
+            "POST", "/plivo/answer", "appKey=plivo", body.encode()
+        )
+        assert await nonces.used(sent)
+        slots = [s for s in {before, after} if await nonces.used(f"{sent}:at:{s}")]
+        assert len(slots) == 1, slots  # the first answer's slot, as that version reads it
+        retry = await client.post("/plivo/answer?appKey=plivo", content=body, headers=plivo_headers)
+        assert retry.status_code == 200, retry.text
+        assert retry.content == first.content

@@ -107,6 +107,29 @@ async def test_a_signature_is_bound_to_the_route_it_first_came_to(
     await bind_signature_to_route(other, key, "/telnyx/status", 30, refused)
 
 
+async def test_a_binding_is_read_by_the_version_before_under_its_path(
+    stores: tuple[NonceStore, NonceStore],
+) -> None:
+    """A rolling deploy: this version binds a key to the route's name and, with ``also``,
+    to the URL's path the version before (until e1dbe654) bound it to, so a redelivery
+    landing on an instance of that version (which binds and reads by the path alone, the
+    call made here without ``also``) is taken, not refused "replayed"; another route is
+    still refused on either. The embedded store (one process: no other version reads it)
+    is not given the path's mark."""
+    one, other = stores
+    key, refused = f"telnyx:signature:{secrets.token_hex(8)}", VerificationRefused("replayed")
+    await bind_signature_to_route(one, key, "telnyx_status", 30, refused, also=("/a/status",))
+    if isinstance(one, MemoryNonceStore):
+        assert not await one.used(f"{key}:on:/a/status")
+        return
+    await bind_signature_to_route(other, key, "/a/status", 30, refused)  # the version before
+    await bind_signature_to_route(other, key, "telnyx_status", 30, refused)
+    for store in (one, other):
+        for route in ("/a/texml", "telnyx_texml"):
+            with pytest.raises(VerificationRefused):
+                await bind_signature_to_route(store, key, route, 30, refused)
+
+
 async def test_used_reads_a_key_without_using_it(stores: tuple[NonceStore, NonceStore]) -> None:
     """``used`` says whether a key is kept, on any instance, and changes nothing: readers at
     the same instant as a use all answer alike and do not make that use lose; a released or
