@@ -176,16 +176,21 @@ class RefusalLog:
     admin API, a webhook channel, a carrier; all peers together, so the WARNING lines are
     bounded however many addresses a flood comes from, and one channel's flood does not
     use up another's): WARNING while a token bucket of ``burst`` tokens, refilled one per
-    ``every_s`` s, has one, else DEBUG. ``clock`` returns monotonic seconds."""
+    ``every_s`` s, has one, else DEBUG. ``clock`` returns monotonic seconds. ``what``
+    is the participle a WARNING line after some at DEBUG counts them with (``refused``;
+    ``reported`` for errors a platform reports, which are no refusals)."""
 
     def __init__(
         self,
         burst: int = LOGGED_REFUSALS_BURST,
         every_s: float = LOGGED_REFUSALS_EVERY_S,
         clock: Callable[[], float] = time.monotonic,
+        what: str = "refused",
     ) -> None:
         self._bucket = TokenBuckets(burst, 1 / every_s, max_clients=1, clock=clock)
         self._quiet = 0
+        self.what = what
+        """How the WARNING line's count names the lines logged at DEBUG (``N more <what>``)."""
 
     def level(self) -> tuple[int, int]:
         """The level of the next refusal's line, and how many refusals were logged at DEBUG
@@ -200,13 +205,13 @@ class RefusalLog:
     def log(self, logger: logging.Logger, msg: str, *args: object) -> None:
         """Log one refusal on ``logger`` (``msg % args``) at the :meth:`level` it gets; a
         WARNING line after some at DEBUG ends with ``(N more refused since, logged at
-        DEBUG)``."""
+        DEBUG)`` (:attr:`what` for ``refused``)."""
         level, quiet = self.level()
         if not logger.isEnabledFor(level):
             return
         if quiet:
-            msg += " (%d more refused since, logged at DEBUG)"
-            args = (*args, quiet)
+            msg += " (%d more %s since, logged at DEBUG)"
+            args = (*args, quiet, self.what)
         logger.log(level, msg, *args, stacklevel=2)  # the caller's line, not this one
 
 

@@ -99,7 +99,7 @@ class AlexaWebhook(WebhookChannel[Planned, bytes]):
             self.refusals = verifier.refusals
         settings = gw.settings
         self.config = AlexaConfig(settings.alexa_catch_all_intent, settings.alexa_catch_all_slot)
-        self.reported = RefusalLog()
+        self.reported = RefusalLog(what="reported")  # no refusals: "(N more reported since…)"
         """Bounds the WARNING lines of the errors Alexa reports (System.ExceptionEncountered,
         a SessionEndedRequest's ``error``): one per request Alexa sends, so a fault of every
         answer (or requests built to flood the log) is a burst, then one a minute, the rest

@@ -39,7 +39,7 @@ from pydantic import SecretStr
 
 from adapters.alexa.verify import AlexaVerifier
 from gateway.app import create_app
-from gateway.ratelimit import LOGGED_REFUSALS_BURST
+from gateway.ratelimit import LOGGED_REFUSALS_BURST, RefusalLog
 from gateway.settings import Settings
 from gateway.ssml import LOOSE_MAX_CHARS, SSML_ANSWER_MAX_CHARS
 from tests.adapters.alexa.test_verify import Pki
@@ -975,6 +975,34 @@ async def test_errors_alexa_reports_are_a_bounded_burst_of_warnings(
     assert levels == [logging.WARNING] * LOGGED_REFUSALS_BURST + [logging.DEBUG] * (
         12 - LOGGED_REFUSALS_BURST
     )
+
+
+async def test_a_warning_after_quiet_reported_errors_counts_them_as_reported(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The WARNING line a minute after the burst counts the errors Alexa reported at DEBUG
+    meanwhile: it read "(N more refused since, logged at DEBUG)", the refusals' words, on
+    a line of errors Alexa reports (no request was refused: each was answered). Now "N
+    more reported since". The channel's RefusalLog is given a clock the test moves, with
+    the channel's own wording."""
+    caplog.set_level(logging.DEBUG, logger="adapters.alexa")
+    error = {"type": "INVALID_RESPONSE", "message": "bad speech"}
+    now = [0.0]
+    async with gateway_app(**OFF) as (url, app), httpx.AsyncClient(base_url=url) as client:
+        channel = app.state.alexa
+        channel.reported = RefusalLog(clock=lambda: now[0], what=channel.reported.what)
+        for n in range(LOGGED_REFUSALS_BURST + 3):
+            data = envelope(f"S-quiet-{n}", kind="System.ExceptionEncountered")
+            data["request"]["error"] = error
+            assert spoken(await say(client, data)) == ""
+        now[0] += 61.0
+        caplog.clear()
+        data = envelope("S-quiet-last", kind="System.ExceptionEncountered")
+        data["request"]["error"] = error
+        assert spoken(await say(client, data)) == ""
+    (line,) = [r for r in caplog.records if "INVALID_RESPONSE" in r.getMessage()]
+    assert line.levelno == logging.WARNING
+    assert line.getMessage().endswith(" (3 more reported since, logged at DEBUG)")
 
 
 async def test_ssml_elements_alexa_refuses_are_replaced_by_their_content(
