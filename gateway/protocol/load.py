@@ -205,6 +205,26 @@ def _constant(name: str) -> Any:
     raise _NotJson(f"%s holds {name}, which is not JSON.")
 
 
+def _duplicate(pairs: list[tuple[str, Any]]) -> str:
+    """The first key of ``pairs`` (an object's members in order) that comes again."""
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            return key
+        seen.add(key)
+    return ""  # unreachable: called only when dict(pairs) lost a member
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object's dict; _NotJson when a key comes twice (RFC 8259 §4: names SHOULD be
+    unique; a later one would silently replace the earlier, e.g. a second ``type``)."""
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        key = clipped(_duplicate(pairs)).replace("%", "%%")
+        raise _NotJson(f"%s holds the key {key} more than once.")
+    return value
+
+
 class UnsafeValue(Exception):
     """Raised by a :func:`guarded_decoder`'s decoder (no arguments) at a number or constant
     that :func:`load_json` would refuse or check first: the text is then left to it."""
@@ -227,19 +247,31 @@ def _unsafe_constant(name: str) -> Any:
     raise UnsafeValue
 
 
+def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        raise UnsafeValue
+    return value
+
+
 def guarded_decoder() -> json.JSONDecoder:
     """A ``json.JSONDecoder`` (the standard library's C scanner) that raises UnsafeValue
     at a number of more than :data:`MAX_NUMBER_CHARS` characters, one that is not
-    finite (``1e999``) and ``NaN``/``Infinity``: for fast paths that decode trusted-size
-    text with one parse and leave anything :func:`load_json` refuses to it (which
-    then gives the error). Depth, strings and surrogates are not its business: its
-    callers bound those first."""
+    finite (``1e999``), ``NaN``/``Infinity`` and an object with a key twice: for fast
+    paths that decode trusted-size text with one parse and leave anything
+    :func:`load_json` refuses to it (which then gives the error). Depth, strings and
+    surrogates are not its business: its callers bound those first."""
     return json.JSONDecoder(
-        parse_int=_short_int, parse_float=_short_float, parse_constant=_unsafe_constant
+        parse_int=_short_int,
+        parse_float=_short_float,
+        parse_constant=_unsafe_constant,
+        object_pairs_hook=_unique_object,
     )
 
 
-_DECODER: Final = json.JSONDecoder(parse_float=_real, parse_constant=_constant)
+_DECODER: Final = json.JSONDecoder(
+    parse_float=_real, parse_constant=_constant, object_pairs_hook=_object
+)
 """One decoder for every load (``json.loads`` with arguments builds a new one per call)."""
 
 
@@ -272,7 +304,9 @@ def load_json(
         ProtocolError: status 413 when larger than ``max_bytes``; status 400 when
             not UTF-8, malformed (naming the position), nested deeper than
             ``max_depth``, holding a number longer than ``max_number_chars`` or not
-            finite (``NaN``, ``Infinity``, ``1e999``), or a string with a lone
+            finite (``NaN``, ``Infinity``, ``1e999``), an object with a key twice
+            (at any depth, naming the key, clipped: ``{"type": 1, "type": 2}`` would
+            otherwise be read as its last member), or a string with a lone
             UTF-16 surrogate (``"\\ud800"``). Nothing else.
     """
     raw: bytes | None = None

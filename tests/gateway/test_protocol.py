@@ -18,8 +18,10 @@ from gateway.protocol import (
     LocalProtocolError,
     ProtocolError,
     RemoteProtocolError,
+    UnsafeValue,
     check_time_zone,
     clipped,
+    guarded_decoder,
     json_depth,
     load_json,
     parse_timestamp,
@@ -61,6 +63,29 @@ def test_refusals_name_the_problem(data: str | bytes, status: int, says: str) ->
     error = refusal(data)
     assert error.status == status
     assert says in error.text
+
+
+@pytest.mark.parametrize("data", [str, lambda text: text.encode()])
+def test_a_key_given_twice_is_refused_at_any_depth(data: Any) -> None:
+    """A member whose key came before was read as the last one given, silently: a V2 body
+    ``{"type": "Input", ..., "type": "Log"}`` became a Log and the Input was lost."""
+    for text, key in [
+        ('{"type": "Input", "input": {}, "type": "Log"}', "'type'"),
+        ('[1, {"a": {"b": [{"c": 1, "c": 1}]}}]', "'c'"),
+        ('{"x": 1, "y": 2, "x": 1, "y": 3}', "'x'"),  # the first key that comes again
+        ('{"%s": 1, "%s": 2}', "'%s'"),
+        ('{"\\u00e9": 1, "é": 2}', "'é'"),  # the same key however it is written
+        ('{"' + "k" * 500 + '": 1, "' + "k" * 500 + '": 2}', "'" + "k" * 64 + "'…"),
+    ]:
+        error = refusal(data(text), what="The body")
+        assert (error.status, error.text) == (400, f"The body holds the key {key} more than once.")
+    assert load_json(data('[{"a": 1}, {"a": 2}, {"A": 1, "a": 2, "a ": 3}]')) == [
+        {"a": 1},
+        {"a": 2},
+        {"A": 1, "a": 2, "a ": 3},
+    ]
+    with pytest.raises(UnsafeValue):  # the fast paths' decoder leaves it to load_json
+        guarded_decoder().decode('{"a": {"b": 1, "b": 2}}')
 
 
 def test_size_is_413_and_counted_in_utf8_bytes() -> None:

@@ -630,6 +630,11 @@ async def test_bad_input_is_400_and_never_500(caplog: pytest.LogCaptureFixture) 
         json.dumps(wrong_slots).encode(),
         json.dumps(no_session).encode(),
         json.dumps({**good, "request": "LaunchRequest"}).encode(),
+        # a key twice (the last was read: a valid request)
+        json.dumps({**good, "request": "LaunchRequest"}).encode()[:-1]
+        + b', "request": '
+        + json.dumps(good["request"]).encode()
+        + b"}",
         json.dumps(good).encode() + b" " * 5000,  # over the body limit
     ]
     async with (

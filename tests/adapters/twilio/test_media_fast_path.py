@@ -53,6 +53,7 @@ BAD = [
     '{"event":"media","media":' + "[" * 5000 + "]" * 5000 + "}",  # deep nesting
     frame({"payload": B64})[:-1],  # cut short
     "[" + frame({"payload": B64}) + "]",  # not an object
+    frame({"payload": "not base64!"})[:-2] + ',"payload":"' + B64 + '"}}',  # a key twice
     "",
 ]
 

@@ -830,8 +830,20 @@ def test_the_array_reader_refuses_what_is_not_a_json_array(text: str, words: str
         '"\\ud800"',
         '["\\udfff", "]"]',
         '"\ud800"',  # the character itself (a stream whose charset is not UTF-8)
+        '{"k": 1, "k": 2}',
     ],
-    ids=["digits5000", "digits101", "float102", "nan", "-inf", "1e999", "lone", "lone2", "raw"],
+    ids=[
+        "digits5000",
+        "digits101",
+        "float102",
+        "nan",
+        "-inf",
+        "1e999",
+        "lone",
+        "lone2",
+        "raw",
+        "dupkey",
+    ],
 )
 def test_the_array_reader_refuses_what_core_json_refuses_as_a_whole_answer(value: str) -> None:
     """An element core_json refuses (a number longer than 100 characters, NaN, Infinity, a

@@ -219,6 +219,14 @@ def test_json_body_forms() -> None:
         (b'{"type":"Input","input":{"transcript":{"text":5}}}', "Invalid Input event"),
         (b'{"type":"Binary","data":"@@not base64@@"}', "Invalid Binary event"),
         (b"   \n", "holds no event"),
+        (
+            b'{"type":"Log","entries":[]}\n{"type":"Input","input":{},"type":"Log"}',
+            "The JSON body holds the key 'type' more than once.",
+        ),
+        (
+            b'{"type":"Input","input":{"transcript":{"text":"a","text":"b"}}}',
+            "The JSON body holds the key 'text' more than once.",
+        ),
     ],
 )
 def test_bad_json_bodies_are_protocol_errors(body: bytes, words: str) -> None:

@@ -713,6 +713,13 @@ async def test_a_queued_push_that_is_not_a_response_is_dropped_with_a_warning(
     [
         (JSON, f"key={KEY}", b'{"type":"Input","input":', 400, "Malformed JSON"),
         (JSON, f"key={KEY}", b'{"type":"Teleport"}', 400, "got 'Teleport'"),
+        (  # was read as its last type: a Log, answered 204, the Input lost
+            JSON,
+            f"key={KEY}",
+            input_event("hello").encode()[:-1] + b',"type":"Log"}',
+            400,
+            "The JSON body holds the key 'type' more than once.",
+        ),
         (JSON, f"key={KEY}", b'{"type":"Input","input":{"transcript":"hi"}}', 400, "Invalid Input"),
         # an Input with no text is refused as V1's Input and an empty text/plain body are,
         # not a turn on nothing
