@@ -18,7 +18,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.routing import Match
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from adapters.alexa.routes import post_alexa
 from adapters.alexa.routes import router as alexa_router
@@ -255,11 +255,16 @@ def create_app(
         ("PUT", "/client"): put_client,
         ("POST", "/alexa"): post_alexa,
     }
+    direct.update({(method, path + "/"): call for (method, path), call in direct.items()})
 
     def build_middleware_stack() -> ASGIApp:
         return RequestIdMiddleware(build_stack(), direct=direct, no_store=NO_STORE_PATHS)
 
     app.build_middleware_stack = build_middleware_stack  # type: ignore[method-assign]
+    # a path with a trailing slash is served as the same path without it (no 307 built
+    # from the Host header): see _SlashForms
+    app.router.redirect_slashes = False
+    app.router.default = _SlashForms(app.router.app, app.router.default)
     app.include_router(flowstorm_v2_router)
     app.include_router(flowstorm_v1_router)
     app.include_router(files_router)
@@ -518,3 +523,31 @@ def _allowed_methods(request: Request) -> str:
         )
     ]
     return ", ".join(allowed)
+
+
+class _SlashForms:
+    """The router's ``default`` (called when no route matched): a request whose path ends
+    with ``/`` (``/client/``, ``/twilio/status/``, ``/alexa/``: a webhook URL a platform
+    was configured with) is routed again without its trailing slashes, HTTP and
+    WebSocket alike; anything else (and a slash form that matches nothing either) goes
+    to ``not_found``, the gateway's 404 problem body.
+
+    Starlette's ``redirect_slashes`` answered such a request with a 307 whose Location
+    was built from the Host header and scheme the gateway saw (``http://`` behind a TLS
+    proxy, any client's Host), which most webhook clients do not follow with their
+    body. ``raw_path`` keeps the path as sent (its slash): URL signatures are checked
+    against it (:func:`gateway.httputil.sent_path`)."""
+
+    def __init__(self, route: ASGIApp, not_found: ASGIApp) -> None:
+        self.route = route
+        self.not_found = not_found
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope.get("path", "")
+        if scope["type"] in ("http", "websocket") and len(path) > 1 and path.endswith("/"):
+            bare = path.rstrip("/")
+            if bare and bare != scope.get("root_path", "").rstrip("/"):
+                scope["path"] = bare
+                await self.route(scope, receive, send)
+                return
+        await self.not_found(scope, receive, send)

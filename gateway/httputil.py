@@ -89,6 +89,16 @@ def check_json_type(request: Request) -> None:
         raise ProtocolError("Expected a JSON body (Content-Type: application/json).", status=415)
 
 
+def sent_path(request: Request, path: str) -> str:
+    """``path`` (a route's, e.g. ``/twilio/status``) as the client sent it: with a
+    trailing ``/`` when the request's path had one. The app serves ``/twilio/status/`` as
+    ``/twilio/status`` (gateway.app's ``_SlashForms``, which keeps the path as sent in
+    ``raw_path``), and a platform signs the URL it was configured with, slash included."""
+    raw = request.scope.get("raw_path")
+    sent = raw.split(b"?", 1)[0].decode("latin-1") if raw else request.url.path
+    return path.rstrip("/") + "/" if sent.endswith("/") else path
+
+
 def problem(status: int, title: str, detail: str, **extra: Any) -> JSONResponse:
     """An RFC 9457 problem body (``application/problem+json``)."""
     body = {"type": "about:blank", "title": title, "status": status, "detail": detail, **extra}

@@ -96,7 +96,7 @@ from gateway.calls import (
 from gateway.calls import hang_up as rest_hang_up
 from gateway.calls_openapi import problems
 from gateway.deps import gateway_of
-from gateway.httputil import problem, read_body, refused_request
+from gateway.httputil import problem, read_body, refused_request, sent_path
 from gateway.io.call import (
     CallRunner,
     CallTokens,
@@ -311,7 +311,8 @@ async def _signed_form(
         return refused_request(exc)
     params = dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
     query = request.url.query
-    url = public_url(gw.settings.public_url, path) + (f"?{query}" if query else "")
+    sent = sent_path(request, path)  # the slash form is served too, signed as sent
+    url = public_url(gw.settings.public_url, sent) + (f"?{query}" if query else "")
     try:
         if channel.verifier is None:
             raise VerificationRefused("no auth token is configured")

@@ -155,7 +155,7 @@ from gateway.calls import (
 )
 from gateway.calls import hang_up as rest_hang_up
 from gateway.deps import Gateway, gateway_of
-from gateway.httputil import problem, read_body, refused_request
+from gateway.httputil import problem, read_body, refused_request, sent_path
 from gateway.io.call import (
     CallRunner,
     admit,
@@ -350,14 +350,16 @@ async def _form(request: Request, limit: int) -> ImmutableMultiDict[str, str]:
 async def _verified_form(
     request: Request, path: str
 ) -> tuple[ImmutableMultiDict[str, str], Response | None]:
-    """The form of a Twilio webhook at ``path`` and None, or a problem response."""
+    """The form of a Twilio webhook at ``path`` and None, or a problem response. The
+    signature is checked for the URL as sent (``path/`` for a request to the slash form:
+    :func:`gateway.httputil.sent_path`)."""
     settings = gateway_of(request).settings
     channel = channel_of(request)
     try:
         params = await _form(request, settings.max_body_bytes)
     except ProtocolError as exc:
         return ImmutableMultiDict(), refused_request(exc)
-    url = public_url(settings.public_url, path, request.url.query)
+    url = public_url(settings.public_url, sent_path(request, path), request.url.query)
     try:
         channel.verifier.check_request(url, params, request.headers)
     except TwilioVerificationError as exc:
@@ -372,17 +374,16 @@ async def _verified_form(
 
 
 @router.post("/twilio/voice", response_class=Response, **POST_VOICE)
-@router.post("/twilio/voice/", response_class=Response, include_in_schema=False)
 async def voice(request: Request) -> Response:
     """TwiML connecting the call to ``/twilio/stream/<token>`` (see the module doc).
 
-    Also at ``/twilio/voice/`` (a webhook URL configured with a trailing slash), signed
-    as Twilio signs it, the slash included: Starlette answered it with a 307 whose
-    ``Location`` was built from the request's Host header."""
+    Also at ``/twilio/voice/`` (a webhook URL configured with a trailing slash, served
+    by the app as every route's slash form), signed as Twilio signs it, the slash
+    included: Starlette answered it with a 307 whose ``Location`` was built from the
+    request's Host header."""
     settings = gateway_of(request).settings
     channel = channel_of(request)
-    path = "/twilio/voice/" if request.url.path.endswith("/") else "/twilio/voice"
-    params, refused = await _verified_form(request, path)
+    params, refused = await _verified_form(request, "/twilio/voice")
     if refused is not None:
         return refused
     call_sid = params.get("CallSid", "")

@@ -85,3 +85,21 @@ async def test_a_stream_url_with_an_ipv6_host_signed_as_sent_is_accepted() -> No
     public = "https://[2001:db8::1]"
     # as sent, with :443, with :80
     assert await stream_handshakes(public, public_url=public) == [101, 101, 403]
+
+
+async def test_the_status_callback_with_a_trailing_slash_is_served_as_signed() -> None:
+    """``POST /twilio/status/`` (every route's slash form) was Starlette's 307 built from
+    the Host header, the callback's body lost. It is the status callback itself, its
+    signature checked for the URL as sent (the slash included)."""
+    event = {"AccountSid": "AC" + "0" * 32, "CallSid": call_sid(), "StreamEvent": "stream-stopped"}
+    host = {"Host": "attacker.example"}
+    async with twilio_gateway() as gw, httpx.AsyncClient(base_url=gw.url) as client:
+        signed = {"X-Twilio-Signature": sign(AUTH, PUBLIC + "/twilio/status/", event), **host}
+        answer = await client.post("/twilio/status/", data=event, headers=signed)
+        assert answer.status_code == 204, answer.text
+        bare = {"X-Twilio-Signature": sign(AUTH, PUBLIC + "/twilio/status", event), **host}
+        assert (await client.post("/twilio/status", data=event, headers=bare)).status_code == 204
+        for headers in (host, bare):  # unsigned, or signed for the other URL
+            refused = await client.post("/twilio/status/", data=event, headers=headers)
+            assert refused.status_code == 403, refused.text
+            assert "location" not in refused.headers

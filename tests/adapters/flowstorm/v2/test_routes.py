@@ -96,6 +96,35 @@ async def ok_turn(url: str) -> None:
         assert spoken(answer.text) == "< You said: hello there\n"
 
 
+async def test_the_slash_form_of_every_route_is_the_route(base: str) -> None:
+    """``PUT /client/`` (a client configured with a trailing slash) and every other
+    route's slash form were Starlette's 307 to ``http://<Host>/client``: the wrong scheme
+    behind a TLS proxy, and most clients do not send the body again. Each is now served
+    as its route (the turn, the 405 of a method it lacks, GET and HEAD); a path that
+    matches no route with or without the slash stays the 404 problem."""
+    upstream = {"Host": "upstream:8080"}
+    async with httpx.AsyncClient(base_url=base, headers=upstream) as client:
+        turn = await client.put(f"/client/?key={KEY}", headers=TEXT, content="hello there")
+        assert turn.status_code == 200, turn.text
+        assert spoken(turn.text) == "< You said: hello there\n"
+        posted = await client.post(f"/client/?key={KEY}", headers=TEXT, content="hello")
+        assert posted.status_code == 405
+        assert posted.headers["allow"] == "GET, PUT"
+        assert events(posted)[0]["type"] == "Error"
+        for path in ("/healthz/", "/healthz//"):
+            health = await client.get(path)
+            assert (health.status_code, health.json()) == (200, {"status": "ok"}), path
+        assert (await client.head("/healthz/")).status_code == 200
+        for path in ("/nowhere/", "/client/x/", "//", "/healthz/x"):
+            missing = await client.get(path)
+            assert missing.status_code == 404, path
+            assert missing.headers["content-type"] == "application/problem+json"
+            assert "location" not in missing.headers
+        root = await client.get("/")
+        assert "location" not in root.headers
+        assert root.status_code in (200, 404)
+
+
 def curl(url: str, jar: Path, text: str) -> str:
     # the seed's example from flowstorm-socket-v2.md with the host changed, plus a cookie jar
     done = subprocess.run(
