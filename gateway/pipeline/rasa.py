@@ -290,6 +290,9 @@ def _custom(custom: Any, untargeted: UntargetedHandoffs) -> list[ResponseItem | 
         if spoken is not None and not isinstance(spoken, str):
             raise PipelineError("Rasa sent a custom ssml whose text is not a string")
         out.append(ResponseItem(ssml=custom["ssml"], text=spoken))
+    elif isinstance(custom.get("text"), str) and custom["text"].strip():
+        # a text alone (``{"end_session": true, "text": "Bye"}``) is said: it was dropped
+        out.append(ResponseItem(text=custom["text"]))
     if is_url(custom.get("audio")):
         out.append(ResponseItem(audio=custom["audio"]))
     if custom.get("end_session") is True:

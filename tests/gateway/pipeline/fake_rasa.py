@@ -15,7 +15,8 @@ The bot: ``/greet`` greets with two buttons; ``/mood_great``; ``my name is X`` a
 ``nobody`` (a text, a custom transfer without a target, a text);
 ``files`` (one ``attachment`` message each of :data:`ATTACHMENTS`);
 ``carousel`` (two elements, the second without buttons); ``bye`` (two texts then
-``custom {"end_session": true}``); ``spoken`` (a text, then ``custom {"ssml", "text"}``);
+``custom {"end_session": true}``); ``farewell`` (``custom {"end_session": true, "text":
+"Bye"}``, no ``ssml``); ``spoken`` (a text, then ``custom {"ssml", "text"}``);
 ``badssml`` (a text, then ``custom {"ssml"}`` whose ``text`` is a number: malformed); ``nullbuttons`` (a text with two
 buttons, one whose ``payload`` is null, one whose ``title`` is: Rasa leaves out only the
 message's own null fields); ``stream`` (one message, then
@@ -172,6 +173,8 @@ def bot(app: FastAPI, sender: str, text: str) -> list[Any]:
         ]
     if lowered == "bye":
         return [{"text": "Bye!\n\nSee you soon."}, {"custom": {"end_session": True}}]
+    if lowered == "farewell":
+        return [{"custom": {"end_session": True, "text": "Bye"}}]
     if lowered == "spoken":
         return [{"text": "Listen."}, {"custom": {"ssml": "<speak>Hi!</speak>", "text": "Hi!"}}]
     if lowered == "badssml":

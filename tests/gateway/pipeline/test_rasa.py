@@ -114,6 +114,22 @@ async def test_rich_items_transfer_and_end_of_conversation(rasa: tuple[str, Fast
 
 
 @pytest.mark.parametrize("stream", [True, False])
+async def test_a_custom_text_without_ssml_is_said(rasa: tuple[str, FastAPI], stream: bool) -> None:
+    """``custom {"end_session": true, "text": "Bye"}`` ended the session without a word:
+    a custom's ``text`` was read only as the written form of its ``ssml``. Alone it is
+    said, before the session ends."""
+    url, _ = rasa
+    conv = engine(pipeline=f"rasa+{url}", rasa_stream=stream)
+    bye = await conv.turn(ctx(), Input.of("farewell")).collect()
+    assert [(i.text, i.ssml) for i in items(bye)] == [("Bye", None)]
+    final = bye[-2]
+    assert isinstance(final, ResponseEvent)
+    assert final.response.session_ended is True
+    assert isinstance(bye[-1], SessionEndedEvent)
+    await conv.pipeline.aclose()
+
+
+@pytest.mark.parametrize("stream", [True, False])
 async def test_a_transfer_without_a_target_is_a_warning_and_the_turn_goes_on(
     rasa: tuple[str, FastAPI], stream: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
