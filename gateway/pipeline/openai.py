@@ -428,6 +428,13 @@ class OpenAIPipeline(PooledCore):
             names = clipped(list(unknown), DROPPED_CHARS)
             log.warning("the %s core called unknown tools %s; ignored", KIND, names)
         said = "".join(turn.text).strip()
+        if turn.finish_reason == "length":  # CORES.md: a finish_reason ends the turn
+            log.warning(
+                "the %s core's answer was cut at its max_tokens (finish_reason length): "
+                "said and kept as it is (%d characters)",
+                KIND,
+                len(said),
+            )
         if not said and not turn.tools:
             raise PipelineError(f"the {KIND} core's answer has neither content nor a tool call")
         messages = [*history, {"role": "user", "content": user}]

@@ -25,7 +25,8 @@ whole in one delta, all at ``index`` 0), ``unended-<how>`` (the stream's last ev
 without the blank line that ends it, the server closing right after it: ``-last`` the
 finish chunk, then ``\n`` and no ``[DONE]``; ``-last-bare`` without the ``\n``; ``-done``
 no finish_reason in any chunk, then ``data: [DONE]\n``; ``-done-bare`` without the
-``\n``; ``-cut`` the finish chunk cut off mid-JSON), ``echo-401`` (401 with a message echoing the Authorization header
+``\n``; ``-cut`` the finish chunk cut off mid-JSON), ``length`` (the answer ends with
+``finish_reason: "length"``, cut at max_tokens; ``length-json`` not streamed), ``echo-401`` (401 with a message echoing the Authorization header
 and the key, as a careless proxy might). ``app.state.requests`` keeps each request body (``ports`` its client port, ``received_at`` when it came); ``app.state.gap_s`` is a
 pause after the first sentence (the model "thinking" on), cut short when the
 ``asyncio.Event`` ``app.state.release`` (None: no event) is set, so a test can hold the
@@ -130,8 +131,11 @@ def make_openai_server() -> FastAPI:
             bad["choices"][0]["message"]["tool_calls"] = ["end_session"]
             return JSONResponse(bad)
         content, tools = reply(body["messages"])
-        if mode == "json" or not body.get("stream"):
-            return JSONResponse(_completion(content, tools, body["model"]))
+        if mode in ("json", "length-json") or not body.get("stream"):
+            whole = _completion(content, tools, body["model"])
+            if mode == "length-json":
+                whole["choices"][0]["finish_reason"] = "length"
+            return JSONResponse(whole)
         # json-labelled: the event stream labelled application/json (servers, proxies)
         kind = "application/json" if mode == "json-labelled" else "text/event-stream"
         return StreamingResponse(_stream(app, mode, body, content, tools), media_type=kind)
@@ -259,7 +263,8 @@ async def _stream(
             last = b"data: [DONE]"
         yield last[:-20] if how == "cut" else last + end
         return
-    yield data(_chunk(model, {}, "tool_calls" if tools else "stop"))
+    finish = "length" if mode == "length" else "tool_calls" if tools else "stop"
+    yield data(_chunk(model, {}, finish))
     if (body.get("stream_options") or {}).get("include_usage"):
         usage = {"prompt_tokens": 10, "completion_tokens": 10, "total_tokens": 20}
         usage_chunk = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "model": model}

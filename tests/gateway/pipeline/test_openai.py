@@ -177,6 +177,32 @@ async def test_history_is_bounded(llm: tuple[str, FastAPI]) -> None:
     await conv.pipeline.aclose()
 
 
+@pytest.mark.parametrize("mode", ["length", "length-json"])
+async def test_an_answer_cut_at_max_tokens_is_kept_with_a_warning(
+    llm: tuple[str, FastAPI], mode: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``finish_reason: "length"`` (the answer cut at max_tokens) was saved as a complete
+    answer without a word. It still ends the turn as every finish_reason does (CORES.md),
+    said and kept in the history, with one bounded WARNING naming it."""
+    url, _ = llm
+    conv = engine(pipeline(url, mode))
+    caplog.set_level(logging.WARNING, logger="gateway.pipeline.openai")
+    said = await conv.turn(ctx(), Input.of("I like dinosaurs")).collect()
+    assert texts(said)[0] == "You said I like dinosaurs."
+    session = await conv.store.get(ctx().key)
+    assert session is not None
+    assert session.pipeline_state["messages"][-1]["role"] == "assistant"
+    [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert warning.getMessage() == (
+        "the OpenAI-compatible core's answer was cut at its max_tokens (finish_reason length): "
+        "said and kept as it is (88 characters)"
+    )
+    caplog.clear()
+    await conv.turn(ctx(), Input.of("again")).collect()
+    assert len([r for r in caplog.records if "max_tokens" in r.getMessage()]) == 1
+    await conv.pipeline.aclose()
+
+
 async def test_end_session_tool_ends_the_session(llm: tuple[str, FastAPI]) -> None:
     url, _ = llm
     conv = engine(pipeline(url))
