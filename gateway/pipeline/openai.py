@@ -66,7 +66,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, Self
+from typing import Any, Final, Self
 from urllib.parse import urlsplit
 
 import httpx
@@ -98,6 +98,12 @@ KIND = "OpenAI-compatible"
 """How errors name this core (``the OpenAI-compatible core answered HTTP 401``)."""
 
 log = logging.getLogger(__name__)
+
+MAX_HISTORY_BYTES: Final = 131_072
+"""Most UTF-8 bytes of message contents the history saved in a session keeps (the oldest
+messages go first), beside ``GATEWAY_OPENAI_MAX_HISTORY`` messages: a count alone let 20
+messages of up to a request body or a core answer each (1 MiB) make a 20 MB session,
+loaded, sent to the model and saved on every turn."""
 
 DRAIN_S = 1.0
 """After ``finish_reason``, how long the rest of the stream (usage chunk, ``[DONE]``) is read."""
@@ -440,11 +446,24 @@ class OpenAIPipeline(PooledCore):
         messages = [*history, {"role": "user", "content": user}]
         if said:
             messages.append({"role": "assistant", "content": said})
-        kept = messages[-self.max_history :]  # the newest, never starting with the assistant
-        while kept and kept[0].get("role") != "user":
-            kept = kept[1:]
+        kept = _bounded(messages[-self.max_history :])
         session.pipeline_state = {**session.pipeline_state, "messages": kept}
         return Response(items=items, session_ended=ended)
+
+
+def _bounded(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The newest of ``messages`` whose contents take at most :data:`MAX_HISTORY_BYTES`
+    of UTF-8 (the oldest dropped first), never starting with an assistant message; empty
+    when the newest alone is larger."""
+    start, size = len(messages), 0
+    while start > 0:
+        size += len(messages[start - 1]["content"].encode("utf-8", "surrogatepass"))
+        if size > MAX_HISTORY_BYTES:
+            break
+        start -= 1
+    while start < len(messages) and messages[start].get("role") != "user":
+        start += 1
+    return messages[start:]
 
 
 def user_message(input: Input) -> str:

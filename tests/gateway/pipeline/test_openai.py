@@ -26,7 +26,7 @@ from gateway.events import (
     transfer_target,
 )
 from gateway.pipeline.base import PipelineConfigError
-from gateway.pipeline.openai import OpenAIPipeline, _add_tool_delta, _Turn
+from gateway.pipeline.openai import MAX_HISTORY_BYTES, OpenAIPipeline, _add_tool_delta, _Turn
 from gateway.pipeline.sentences import SentenceSplitter
 from gateway.sessions import MemorySessionStore, Session
 from gateway.settings import Settings
@@ -174,6 +174,33 @@ async def test_history_is_bounded(llm: tuple[str, FastAPI]) -> None:
     assert kept[0]["content"] == "turn 3"
     sent = app.state.requests[-1]["messages"]
     assert [m["content"] for m in sent if m["role"] == "user"] == ["turn 2", "turn 3"]
+    await conv.pipeline.aclose()
+
+
+async def test_history_is_bounded_in_bytes_too(llm: tuple[str, FastAPI]) -> None:
+    """The history was bounded by its message count only: 20 messages of up to 1 MB each
+    made a 20 MB session, loaded, sent and saved every turn. The oldest messages now go
+    first past MAX_HISTORY_BYTES of contents (never leaving an assistant message first);
+    a newest exchange larger than that alone leaves no history, and the turn is answered."""
+    url, app = llm
+    conv = engine(pipeline(url, "json"))  # whole answers: streamed, 4 characters an event
+    third = MAX_HISTORY_BYTES // 3  # a message; the model's echo of it is a little longer
+    await conv.turn(ctx(), Input.of("a" * third)).collect()
+    await conv.turn(ctx(), Input.of("é" * (third // 2))).collect()  # 2 bytes a character
+    session = await conv.store.get(ctx().key)
+    assert session is not None
+    kept = session.pipeline_state["messages"]
+    assert [(m["role"], m["content"][:1]) for m in kept] == [("user", "é"), ("assistant", "Y")]
+    assert sum(len(m["content"].encode()) for m in kept) <= MAX_HISTORY_BYTES
+    said = await conv.turn(ctx(), Input.of("b" * MAX_HISTORY_BYTES)).collect()
+    assert texts(said)[0].startswith("You said bbb")
+    session = await conv.store.get(ctx().key)
+    assert session is not None
+    assert session.pipeline_state["messages"] == []
+    sent = app.state.requests[-1]["messages"]  # the history before that turn was sent
+    assert [m["role"] for m in sent] == ["system", "user", "assistant", "user"]
+    await conv.turn(ctx(), Input.of("hello")).collect()
+    assert [m["role"] for m in app.state.requests[-1]["messages"]] == ["system", "user"]
     await conv.pipeline.aclose()
 
 
