@@ -72,6 +72,7 @@ from gateway.events import (
     ERROR,
     BinaryEvent,
     ErrorEvent,
+    FrozenDict,
     Input,
     LogEntry,
     Response,
@@ -96,7 +97,9 @@ from gateway.pipeline.base import (
 from gateway.protocol import clipped
 from gateway.redisconn import REDIS_ERRORS
 from gateway.sessions import (
+    LATE_ANSWER_MAX_BYTES,
     ClientState,
+    LateAnswer,
     LockLost,
     RedisSessionStore,
     Session,
@@ -740,6 +743,9 @@ class Conversation:
                     out.put_nowait(event)
 
             outcome.started = started
+            kept = None if started else self._kept_answer(session, ctx)
+            if kept is not None:  # a late turn's answer its user has not heard: said now
+                return await self._say_kept(session, kept, txn, out, outcome)
             # the session as it was before the pipeline, for a failed turn (rare): a new
             # one made again; else the JSON it was loaded from, updated again (a JSON
             # snapshot, several times cheaper than a deep copy, and the store's: nothing
@@ -759,6 +765,7 @@ class Conversation:
             out.saving = True  # the rest is the store's: see TurnStream.saving
             if isinstance(result, ErrorEvent):
                 session = _restored(self.pipeline, snapshot, session)
+                session.late_answer = None  # dropped as the turn began (the snapshot has it)
                 session.client_state = ClientState.FAILED
                 # saved now: the store keeps it timeout_s from now (what expiry() tells)
                 session.updated_at = time.time()
@@ -768,6 +775,8 @@ class Conversation:
             else:
                 session, response = result
                 ended = self._apply_response(session, response)
+                if out.abandoned and ctx.late_answers and self._keep_late(session, response):
+                    ended = False  # its user heard "still working": the next request ends it
                 if ended:
                     txn.delete()
                 else:
@@ -783,6 +792,83 @@ class Conversation:
                 end.append(SessionEndedEvent())
             # numbered under the lock: a push (which takes it too) comes after the whole turn
             return await self._numbered(out, end)
+
+    def _kept_answer(self, session: Session, ctx: TurnContext) -> Response | None:
+        """The late answer ``session`` keeps (:class:`~gateway.sessions.LateAnswer`), taken
+        out of it, when it is this turn's answer: ``ctx.late_answers`` (a webhook's turn that
+        does not close the conversation) and kept no longer than the session's
+        ``timeout_s``. Else None, and a kept answer is dropped (logged at INFO): a turn
+        that runs makes it stale, and the user who said stop does not hear it."""
+        kept = session.late_answer
+        if kept is None:
+            return None
+        session.late_answer = None
+        age = time.time() - kept.at
+        if ctx.late_answers and age <= session.timeout_s:
+            return kept.response
+        log.info(
+            "late answer of %s dropped unsaid: %s",
+            session_ref(session.key),
+            "kept longer than the session's timeout"
+            if ctx.late_answers
+            else "this request closes the conversation",
+        )
+        return None
+
+    def _keep_late(self, session: Session, response: Response) -> bool:
+        """Keep ``response`` (a turn's whose consumer answered "still working" at its
+        platform's deadline) in ``session`` for its next request; whether it was kept (not
+        when its JSON is more than :data:`~gateway.sessions.LATE_ANSWER_MAX_BYTES`: a
+        WARNING then, and the next request runs a turn)."""
+        answer = response.model_copy(update={"attributes": FrozenDict(), "logs": ()})
+        late = LateAnswer(response=answer, at=time.time())
+        size = len(late.model_dump_json())
+        if size > LATE_ANSWER_MAX_BYTES:
+            log.warning(
+                "late answer of %s not kept: %d bytes of JSON, more than %d",
+                session_ref(session.key),
+                size,
+                LATE_ANSWER_MAX_BYTES,
+            )
+            return False
+        session.late_answer = late
+        log.info("late answer of %s kept for its next request", session_ref(session.key))
+        return True
+
+    async def _say_kept(
+        self,
+        session: Session,
+        response: Response,
+        txn: SessionTxn,
+        out: _TurnQueue,
+        outcome: _Outcome,
+    ) -> list[TurnEvent]:
+        """End the turn with ``response``, a late turn's kept answer (:meth:`_kept_answer`),
+        the core not asked: the session saved without it (no turn counted: the late turn
+        was), or deleted when the answer ends it (a late answer that ended the session
+        kept it for this request)."""
+        out.saving = True
+        session.updated_at = time.time()
+        ended = response.session_ended and response.kept_s(self.settings.session_timeout_s) <= 0
+        if ended:
+            txn.delete()
+        else:
+            session.client_state = (
+                ClientState.SLEEPING if response.session_ended else ClientState.LISTENING
+            )
+            txn.save(session, session.timeout_s)
+        outcome.turn = session.turn_count
+        outcome.ended = ended
+        log.info(
+            "turn of %s answered with its late turn's kept answer, the core not asked",
+            session_ref(session.key),
+        )
+        for item in response.items:
+            await self._put(out, ResponseItemEvent(response_item=item))
+        end: list[TurnEvent] = [ResponseEvent(response=response)]
+        if ended:
+            end.append(SessionEndedEvent())
+        return await self._numbered(out, end)
 
     def _new_session(self, ctx: TurnContext) -> Session:
         return Session(

@@ -90,7 +90,7 @@ from gateway.breaker import (
     outage_level,
     share_breaker,
 )
-from gateway.events import MAX_TIMEOUT_S, LogEntry
+from gateway.events import MAX_TIMEOUT_S, LogEntry, Response
 from gateway.protocol import invalid_field
 from gateway.ratelimit import RefusalLog
 from gateway.redisconn import REDIS_ERRORS, RedisClient, script_batch
@@ -112,6 +112,23 @@ class ClientState(StrEnum):
     LISTENING = "Listening"
     PROCESSING = "Processing"
     RESPONDING = "Responding"
+
+
+LATE_ANSWER_MAX_BYTES: Final = 65536
+"""The most JSON (bytes) of a late turn's answer a session keeps (:class:`LateAnswer`): a
+larger one is not kept (a WARNING says so), its user's next request runs a turn as
+before. A webhook says far less (Alexa: 8000 characters of speech)."""
+
+
+class LateAnswer(BaseModel):
+    """The answer of a webhook turn that outlived its platform's deadline (its user heard
+    "still working ... ask me again"), kept with its session for the session's next
+    request (gateway/io/webhook.py's module doc). ``response`` is the turn's Response
+    without its attributes and logs (the late turn applied them already); ``at`` is when
+    it was kept (epoch s): one older than the session's ``timeout_s`` is dropped, not said."""
+
+    response: Response
+    at: float
 
 
 class Session(BaseModel):
@@ -140,6 +157,8 @@ class Session(BaseModel):
     updated_at: float = Field(default_factory=time.time)
     timeout_s: int = 1800
     logs: list[LogEntry] = Field(default_factory=list)
+    late_answer: LateAnswer | None = None
+    """A late webhook turn's answer not said yet (:class:`LateAnswer`), or None."""
 
 
 def stored_session(data: str | bytes, key: str) -> Session | None:

@@ -122,7 +122,13 @@ class TurnContext(NamedTuple):
     an audio link in the item, or the encoded audio as a BinaryEvent after it.
     ``outbox`` journals the turn's items, Response, Error and SessionEnded in the
     session's outbox (gateway/outbox.py): each gets a sequence number (``seq``) and
-    can be delivered again to a client that lost its connection.
+    can be delivered again to a client that lost its connection. ``late_answers`` (a
+    webhook's turn that does not close the conversation, set by
+    :class:`gateway.io.webhook.WebhookChannel`): the answer of the turn is kept with the
+    session when its consumer gave up on it at the platform's deadline
+    (:meth:`gateway.conversation.TurnStream.abandon`), and an answer kept so by an
+    earlier turn is this turn's answer, the core not asked (gateway/io/webhook.py's
+    module doc). A turn without it drops a kept answer unsaid.
 
     A named tuple (a changed context is ``ctx._replace(...)``): made once per turn, at a
     fraction of a frozen dataclass's cost, whose ``__init__`` sets each field through
@@ -143,6 +149,7 @@ class TurnContext(NamedTuple):
     logs: Sequence[LogEntry] = ()
     tts: TtsRequest | None = None
     outbox: bool = False
+    late_answers: bool = False
 
     @property
     def key(self) -> str:

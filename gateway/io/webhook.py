@@ -40,7 +40,14 @@ I/O, the same for all:
 
 A late turn is not cancelled: it runs in its own task (gateway/conversation.py),
 finishes and saves the session, and the platform hears "still working" instead of
-timing out. A turn still waiting for its session's lock at the deadline (another turn
+timing out. Its answer is kept with the session (:class:`gateway.sessions.LateAnswer`,
+in the session store: another instance may take the next request) and is the answer of
+the session's next turn request, the core not asked: the driver sets the turn's
+``TurnContext.late_answers`` (not for a request that closes the conversation anyway,
+:meth:`~WebhookChannel.ends_anyway`: a stop drops the late answer unsaid, as any turn
+that runs does); the engine keeps the answer of a turn whose consumer abandoned it
+(:meth:`~gateway.conversation.TurnStream.abandon`) and says a kept one no older than the
+session's timeout. A turn still waiting for its session's lock at the deadline (another turn
 of the session holds it) gives up then and is not run (the engine's lock wait is bounded
 by the turn's ANSWER_DEADLINE, and a lock taken after the driver stopped waiting is let
 go: :meth:`~gateway.conversation.TurnStream.abandon`): its user hears the BUSY row's
@@ -301,6 +308,8 @@ class WebhookChannel(ABC, Generic[_PlanT, _AnswerT]):
         if turn is None:
             return self.encode(await self.other(planned))
         ctx, input = turn
+        # a late turn's answer is kept for the next request, which says it (not stop/cancel)
+        ctx = ctx._replace(late_answers=not self.ends_anyway(planned))
         allowed_s = self.deadline_of(planned)
         spent_s = loop.time() - started
         deadline_s = allowed_s - spent_s

@@ -840,6 +840,9 @@ def make_core(delay_s: float) -> FastAPI:
 
 
 async def test_a_slow_core_gets_a_still_working_answer_and_its_session_is_saved() -> None:
+    """A turn past the deadline is answered "still working" and saves its session; its
+    answer is kept with the session and said at the session's next request instead of a
+    turn (before, that request ran a second turn and "finally" was never heard)."""
     core = make_core(delay_s=1.5)
     async with (
         serve(core) as core_url,
@@ -855,7 +858,70 @@ async def test_a_slow_core_gets_a_still_working_answer_and_its_session_is_saved(
         assert reply(answer).reprompt is not None
         await settled(app)  # the late turn saved
         after = await say(client, envelope("S-slow", text="next"))
-        assert spoken(after) == "turn 2 slowDone True"
+        assert spoken(after) == "finally"  # the late answer, the core not asked
+        assert reply(after).should_end_session is False
+        again = await say(client, envelope("S-slow", text="next"))
+        assert spoken(again) == "turn 2 slowDone True"  # said once: then turns again
+
+
+async def test_a_late_answer_is_said_by_another_instance(redis_url: str, redis_prefix: str) -> None:
+    """The late answer is kept in the session store: on Redis, the instance taking the
+    session's next request says it (two gateways, one store; the second never ran the
+    late turn)."""
+    core = make_core(delay_s=1.5)
+    store: dict[str, Any] = {"redis_url": redis_url, "redis_prefix": redis_prefix}
+    async with serve(core) as core_url:
+        settings = {"pipeline": f"{core_url}/turn", "alexa_deadline_s": 0.5, **store, **OFF}
+        async with (
+            gateway_app(**settings) as (one_url, one),
+            gateway_app(**settings) as (two_url, _),
+            httpx.AsyncClient(base_url=one_url) as first,
+            httpx.AsyncClient(base_url=two_url) as second,
+        ):
+            late = await say(first, envelope("S-late-2", text="slow"))
+            assert spoken(late) == Settings().voice_still_working_text
+            await settled(one)  # the late turn saved, its answer with it
+            assert spoken(await say(second, envelope("S-late-2", text="what?"))) == "finally"
+            assert spoken(await say(first, envelope("S-late-2", text="next"))) == (
+                "turn 2 slowDone True"
+            )
+
+
+@pytest.mark.parametrize("intent", ["AMAZON.StopIntent", "AMAZON.CancelIntent"])
+async def test_a_late_answer_is_not_said_after_stop(intent: str) -> None:
+    """A stop or cancel after a late turn closes the conversation quietly: the kept late
+    answer is dropped unsaid, and the session's next conversation starts afresh."""
+    core = make_core(delay_s=1.5)
+    async with (
+        serve(core) as core_url,
+        gateway_app(alexa_deadline_s=0.5, pipeline=f"{core_url}/turn", **OFF) as (url, app),
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        late = await say(client, envelope("S-late-stop", text="slow"))
+        assert spoken(late) == Settings().voice_still_working_text
+        await settled(app)
+        stopped = await say(client, envelope("S-late-stop", intent=intent))
+        assert "finally" not in spoken(stopped)
+        assert reply(stopped).should_end_session is True
+        await settled(app)
+        fresh = await say(client, envelope("S-late-stop", text="next"))
+        assert spoken(fresh) == "turn 1 slowDone None"  # a new session, nothing kept
+
+
+async def test_a_late_answer_is_not_said_after_the_session_ended() -> None:
+    """A SessionEndedRequest after a late turn ends the session and its kept answer."""
+    core = make_core(delay_s=1.5)
+    async with (
+        serve(core) as core_url,
+        gateway_app(alexa_deadline_s=0.5, pipeline=f"{core_url}/turn", **OFF) as (url, app),
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        await say(client, envelope("S-late-end", text="slow"))
+        await settled(app)
+        ended = await say(client, envelope("S-late-end", kind="SessionEndedRequest"))
+        assert spoken(ended) == ""
+        fresh = await say(client, envelope("S-late-end", text="next"))
+        assert spoken(fresh) == "turn 1 slowDone None"
 
 
 @pytest.mark.parametrize("text", ["long", "long unicode"])

@@ -859,9 +859,11 @@ async def test_a_slow_or_failing_core_gets_a_spoken_answer() -> None:
         # still worked (not a 1.0 s bound of the clock, which a loaded machine's stall breaks)
         assert not done.is_set()
         assert answer["fulfillmentText"] == Settings().voice_still_working_text
-        await settled(app)  # the late turn saved
+        await settled(app)  # the late turn saved, its answer kept for the next request
         after = ok(await client.post("/dialogflow", json=es(session, "next")))
-        assert after["fulfillmentText"] == "slowDone True"
+        assert after["fulfillmentText"] == "finally"  # was "slowDone True": never heard
+        again = ok(await client.post("/dialogflow", json=es(session, "next")))
+        assert again["fulfillmentText"] == "slowDone True"
         failed = ok(await client.post("/google", json=v3("fails", "FreeText", "fail")))
         assert check_v3(v3("fails", "x"), failed) == Settings().voice_error_text
         assert "scene" not in failed  # the conversation goes on
@@ -975,6 +977,84 @@ async def test_cancel_ends_the_conversation_when_the_core_fails() -> None:
         assert "firstSimple" not in bye["prompt"]
         again = ok(await client.post("/google", json=v3(sid, "Free", "hi")))
         assert check_v3(v3(sid, "x"), again) == "turn 1"  # the gateway's session ended too
+
+
+def _late_core() -> FastAPI:
+    """A core answering ``turn N`` at once; "slow" ("finally") and "slow bye" ("Goodbye."
+    with ``sessionEnded``) only once ``state.release`` is set (``state.arrived`` set when
+    one comes): a turn as late as the test says."""
+    core = FastAPI()
+    core.state.arrived = asyncio.Event()
+    core.state.release = asyncio.Event()
+
+    @core.post("/turn")
+    async def turn(request: Request) -> JSONResponse:
+        body = await request.json()
+        text = body["input"]["transcript"]["text"]
+        if text in ("slow", "slow bye"):
+            core.state.arrived.set()
+            await core.state.release.wait()
+            if text == "slow bye":
+                return JSONResponse({"items": [{"text": "Goodbye."}], "sessionEnded": True})
+            return JSONResponse({"items": [{"text": "finally"}]})
+        return JSONResponse({"items": [{"text": f"turn {body['turn']}"}]})
+
+    return core
+
+
+@pytest.mark.parametrize("fmt", list(SAID_BEFORE))
+async def test_a_late_answer_is_said_at_the_sessions_next_request(fmt: str) -> None:
+    """A turn past the deadline ("still working ... ask me again") keeps its answer with the
+    session: the user's next words ("what?") hear it, the core not asked again; the request
+    after runs a turn as usual. Before, the next words ran a second turn and the late
+    answer was never said."""
+    path, request = SAID_BEFORE[fmt]
+    core = _late_core()
+    settings: dict[str, Any] = {"dialogflow_deadline_s": 0.4, "google_deadline_s": 0.4}
+    async with (
+        serve(core) as core_url,
+        gateway_app(pipeline=f"{core_url}/turn", **settings, **OFF) as (url, app),
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        sid = f"late-{fmt}"
+        sent = request(sid, "slow")
+        late = said_and_open(fmt, sent, ok(await client.post(path, json=sent)))
+        assert late == (Settings().voice_still_working_text, True)
+        core.state.release.set()
+        await settled(app)  # the late turn saved, its answer with it
+        sent = request(sid, "what?")
+        assert said_and_open(fmt, sent, ok(await client.post(path, json=sent))) == (
+            "finally",
+            True,
+        )
+        sent = request(sid, "next")
+        assert said_and_open(fmt, sent, ok(await client.post(path, json=sent))) == (
+            "turn 2",
+            True,
+        )
+
+
+async def test_a_late_goodbye_ends_the_conversation_at_the_next_request() -> None:
+    """A late answer that ends the conversation keeps its session until the next request,
+    which hears it and ends the conversation (v3's END scene) and the session."""
+    core = _late_core()
+    async with (
+        serve(core) as core_url,
+        gateway_app(pipeline=f"{core_url}/turn", google_deadline_s=0.4, **OFF) as (url, app),
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        sid = "late-bye"
+        late = ok(await client.post("/google", json=v3(sid, "Free", "slow bye")))
+        assert check_v3(v3(sid, "x"), late) == Settings().voice_still_working_text
+        assert "scene" not in late
+        core.state.release.set()
+        await settled(app)
+        bye = ok(await client.post("/google", json=v3(sid, "Free", "hello?")))
+        assert check_v3(v3(sid, "x"), bye) == "Goodbye."
+        assert bye["scene"]["next"] == {"name": END}
+        await settled(app)
+        again = ok(await client.post("/google", json=v3(sid, "Free", "hi")))
+        assert check_v3(v3(sid, "x"), again) == "turn 1"  # the session ended
 
 
 def _slow_stop_core() -> FastAPI:
@@ -1144,9 +1224,11 @@ async def test_a_turn_that_finds_its_session_busy_until_the_deadline_is_logged(
         assert "answered 'still working'" in line.getMessage()
         assert check_v3(v3(sid, "x"), ok(await slow)) == working  # late: 0.5 s < 1.5 s
         await settled(app)  # the slow turn saved; a queued turn, had there been one, ran
+        kept = ok(await client.post("/google", json=v3(sid, "Free", "what?")))
+        assert check_v3(v3(sid, "x"), kept) == "turn 1: slow"  # the late turn's answer
         after = ok(await client.post("/google", json=v3(sid, "Free", "next")))
         assert check_v3(v3(sid, "x"), after) == "turn 2: next"
-        assert core.state.heard == ["slow", "next"]  # never "again"
+        assert core.state.heard == ["slow", "next"]  # never "again" (nor "what?")
 
 
 async def test_the_ssml_of_an_item_whose_own_audio_plays_instead_is_not_logged_as_cut(

@@ -32,7 +32,7 @@ from gateway.events import ErrorEvent, Input, Response, ResponseItem
 from gateway.io.webhook import END_WAIT_S, WebhookChannel, WebhookRefused, run_turn
 from gateway.protocol import ProtocolError, load_json
 from gateway.ratelimit import LOGGED_REFUSALS_BURST
-from gateway.sessions import RedisSessionStore
+from gateway.sessions import LATE_ANSWER_MAX_BYTES, RedisSessionStore, Session
 from gateway.settings import Settings
 from gateway.turn import (
     STORE_LOCK_LOST_TEXT,
@@ -357,8 +357,59 @@ async def test_a_late_turn_is_still_working_within_the_deadline_and_saves_its_se
         assert late == {"say": WORKING, "end": False}
         assert any("outlived the Echo deadline" in r.getMessage() for r in warnings.records)
         await settled(core.state.gateway)  # the late turn saved
-        after = await say(client, "S-late", "next")
-        assert after["say"] == "turn 2 slowDone True"  # the late turn was saved
+        after = await say(client, "S-late", "what?")
+        assert after == {"say": "finally", "end": False}  # its kept answer, no turn run
+        again = await say(client, "S-late", "next")
+        assert again["say"] == "turn 2 slowDone True"  # the late turn was saved
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+async def test_a_late_answer_is_kept_in_the_store_and_dropped_once_older_than_the_timeout(
+    kind: str, redis_url: str, redis_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The late turn's answer is kept in the session store (memory, Redis), without the
+    attributes it set (the session has them); one kept longer than the session's timeout
+    (a session touched meanwhile, as a client's log does) is dropped unsaid, and the
+    request runs its turn."""
+    store: dict[str, Any] = (
+        {"redis_url": redis_url, "redis_prefix": redis_prefix} if kind == "redis" else {}
+    )
+    async with echo(**store) as (client, core):
+        assert (await say(client, "S-stale", "slow"))["say"] == WORKING
+        await settled(core.state.gateway)
+        sessions = core.state.gateway.state.gateway.conversation.store
+        async with sessions.open("echo:S-stale", lease_s=5.0, wait_s=5.0) as txn:
+            session: Session | None = txn.session
+            assert session is not None
+            assert session.late_answer is not None
+            kept = session.late_answer
+            assert [i.text for i in kept.response.items] == ["finally"]
+            assert not kept.response.attributes  # applied by the late turn already
+            assert session.attributes["slowDone"] is True
+            old = kept.model_copy(update={"at": kept.at - session.timeout_s - 1})
+            session.late_answer = old
+            txn.save(session, session.timeout_s)
+        with caplog.at_level(logging.INFO, logger="gateway.conversation"):
+            after = await say(client, "S-stale", "what?")
+        assert after["say"] == "turn 2 slowDone True"  # not the stale "finally"
+        assert any("dropped unsaid" in r.getMessage() for r in caplog.records)
+        assert (await say(client, "S-stale", "next"))["say"] == "turn 3 slowDone True"
+
+
+async def test_a_late_answer_larger_than_the_bound_is_not_kept(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A late answer of more than LATE_ANSWER_MAX_BYTES of JSON is not kept (a WARNING
+    says so); one within it is."""
+    conv = engine()
+    session = Session(id="s", key="test:s", channel="test", app_key="app")
+    big = Response(items=(ResponseItem(text="x" * LATE_ANSWER_MAX_BYTES),))
+    with caplog.at_level(logging.WARNING, logger="gateway.conversation"):
+        assert conv._keep_late(session, big) is False
+    assert session.late_answer is None
+    assert any("not kept" in r.getMessage() for r in caplog.records)
+    assert conv._keep_late(session, Response(items=(ResponseItem(text="x"),))) is True
+    assert session.late_answer is not None
 
 
 async def test_a_busy_session_is_answered_by_its_row_without_waiting_for_the_deadline() -> None:
@@ -372,6 +423,7 @@ async def test_a_busy_session_is_answered_by_its_row_without_waiting_for_the_dea
         assert busy == {"say": WORKING, "end": True}
         assert await slow == {"say": WORKING, "end": False}  # late: 1 s < the core's 1.5 s
         await settled(core.state.gateway)  # the late turn saved
+        assert (await say(client, "S-busy", "what?"))["say"] == "finally"  # the late answer
         after = await say(client, "S-busy", "next")
         assert after["say"] == "turn 2 slowDone True"  # the busy turn changed nothing
 
@@ -396,6 +448,7 @@ async def test_a_turn_still_waiting_for_its_session_at_the_deadline_is_not_run(
         assert await slow == {"say": WORKING, "end": False}
         # the slow turn saved, and a queued turn still waiting for the lock has run too
         await settled(core.state.gateway)
+        assert (await say(client, "S-queued", "what?"))["say"] == "finally"  # the late answer
         after = await say(client, "S-queued", "next")
         # turn 3: the queued turn never ran (before: "turn 4", it had run unheard)
         assert after["say"] == "turn 3 slowDone True"
