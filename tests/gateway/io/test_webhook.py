@@ -32,7 +32,7 @@ from gateway.events import ErrorEvent, Input, Response, ResponseItem
 from gateway.io.webhook import END_WAIT_S, WebhookChannel, WebhookRefused, run_turn
 from gateway.protocol import ProtocolError, load_json
 from gateway.ratelimit import LOGGED_REFUSALS_BURST
-from gateway.sessions import LATE_ANSWER_MAX_BYTES, RedisSessionStore, Session
+from gateway.sessions import LATE_ANSWER_MAX_BYTES, RedisSessionStore, Session, stored_session
 from gateway.settings import Settings
 from gateway.turn import (
     STORE_LOCK_LOST_TEXT,
@@ -410,6 +410,27 @@ async def test_a_late_answer_larger_than_the_bound_is_not_kept(
     assert any("not kept" in r.getMessage() for r in caplog.records)
     assert conv._keep_late(session, Response(items=(ResponseItem(text="x"),))) is True
     assert session.late_answer is not None
+
+
+@pytest.mark.parametrize(
+    "late",
+    [{"response": 5, "at": 1.0}, {"response": {}, "at": "soon"}, {"at": 1.0}, [], "finally"],
+)
+def test_a_stored_late_answer_of_another_shape_is_an_unreadable_session(
+    late: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A session in the store whose late answer is of another shape (edited by hand,
+    another version) is unreadable as any such session is: taken as absent, an ERROR
+    naming the field, never raised; a well-formed one reads back."""
+    fields = {"id": "s", "key": "test:s", "channel": "test", "app_key": "app"}
+    with caplog.at_level(logging.ERROR, logger="gateway.sessions"):
+        assert stored_session(json.dumps({**fields, "late_answer": late}), "test:s") is None
+    assert any("late_answer" in r.getMessage() for r in caplog.records)
+    good = {"response": {"items": [{"text": "hi"}]}, "at": 1.0}
+    session = stored_session(json.dumps({**fields, "late_answer": good}), "test:s")
+    assert session is not None
+    assert session.late_answer is not None
+    assert [i.text for i in session.late_answer.response.items] == ["hi"]
 
 
 async def test_a_busy_session_is_answered_by_its_row_without_waiting_for_the_deadline() -> None:
