@@ -215,6 +215,7 @@ class _TurnQueue:
         "closed",
         "held",
         "journal_key",
+        "kept",
         "locked",
         "pushes_pending",
         "saving",
@@ -237,6 +238,11 @@ class _TurnQueue:
         that has not taken its lock yet is not run."""
         self.pushes_pending: bool | None = None
         """The session store's :attr:`SessionTxn.pushes_pending`, once the lock is taken."""
+        self.kept: int | None = None
+        """Once the pipeline has answered: None when the turn's answer was kept in its
+        session (``late_answers``, its consumer gone: see :meth:`TurnStream.abandon`), else
+        the session's turn count as saved (a keep after the save checks no turn ran since,
+        :meth:`Conversation.keep_when_done`)."""
         self.session_started = False
         """Set when the turn has taken its lock and made a new session."""
         self.saving = False
@@ -395,6 +401,13 @@ class TurnStream:
         had taken its lock (it runs on and saves its session, as before)."""
         self._queue.abandoned = True
         return self._queue.locked
+
+    @property
+    def saved_unkept(self) -> bool:
+        """Whether the pipeline has answered and the engine saved (or is saving) the session
+        without keeping the answer for the session's next request: its consumer gave up on
+        it only after the engine's check (the store's reply came past the deadline)."""
+        return self._queue.saving and self._queue.kept is not None
 
     @property
     def session_started(self) -> bool:
@@ -775,8 +788,10 @@ class Conversation:
             else:
                 session, response = result
                 ended = self._apply_response(session, response)
+                out.kept = session.turn_count
                 if out.abandoned and ctx.late_answers and self._keep_late(session, response):
                     ended = False  # its user heard "still working": the next request ends it
+                    out.kept = None
                 if ended:
                     txn.delete()
                 else:
@@ -834,6 +849,59 @@ class Conversation:
         session.late_answer = late
         log.info("late answer of %s kept for its next request", session_ref(session.key))
         return True
+
+    def keep_when_done(self, ctx: TurnContext, stream: TurnStream) -> None:
+        """Keep the answer of ``stream``'s turn for its session's next request once the turn
+        is over (a webhook gave up on it at its platform's deadline while the engine was
+        saving the session without it, :attr:`TurnStream.saved_unkept`): a transaction of
+        its own (:meth:`end_soon`'s kind: waited for by :meth:`drain`) keeps it only if no
+        turn of the session ran since and nothing is kept (else it is stale); not an answer
+        that ended the session, nor a failed turn's. A store that fails is logged, the
+        answer lost (as before)."""
+        turn = stream._queue.kept
+
+        def done(_: object) -> None:
+            try:
+                events = stream.rest_if_done() or []
+            except Exception:  # rejected: nothing to keep
+                return
+            if turn is None or any(isinstance(e, SessionEndedEvent) for e in events):
+                return
+            answers = [e.response for e in events if isinstance(e, ResponseEvent)]
+            if answers:
+                task = asyncio.create_task(
+                    self._keep_after(ctx, answers[-1], turn), name=f"keep {session_ref(ctx.key)}"
+                )
+                self._ends.add(task)
+                task.add_done_callback(self._ends.discard)
+
+        stream.task.add_done_callback(done)
+
+    async def _keep_after(self, ctx: TurnContext, response: Response, turn: int) -> bool:
+        """:meth:`keep_when_done`'s transaction; whether the answer was kept."""
+        try:
+            async with self.store.open(
+                ctx.key, lease_s=self._lease_s(), wait_s=self.settings.lock_wait_s
+            ) as txn:
+                session = txn.session
+                if (
+                    session is None
+                    or session.app_key != ctx.app_key
+                    or session.turn_count != turn
+                    or session.late_answer is not None
+                    or not self._keep_late(session, response)
+                ):
+                    return False  # gone, or a turn ran since: stale
+                txn.save(session, session.timeout_s)
+                return True
+        except (SessionBusy, StoreUnavailable, LockLost) as exc:
+            log.log(
+                outage_level(exc),
+                "late answer of %s not kept: %r",
+                session_ref(ctx.key),
+                exc,
+            )
+            return False
 
     async def _say_kept(
         self,

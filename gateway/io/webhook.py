@@ -650,6 +650,8 @@ async def run_turn(
         stream.close()
         if not stream.abandon():  # still waiting for its session's lock: never run now
             return TurnOutcome(rejected=TurnRejected("session-busy", DEADLINE_BUSY_TEXT))
+        if ctx.late_answers and stream.saved_unkept:  # answered as the deadline passed
+            conversation.keep_when_done(ctx, stream)
         return TurnOutcome(late=True, session_started=stream.session_started)
     started = ended = False
     response: Response | None = None

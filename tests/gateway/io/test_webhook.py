@@ -701,3 +701,23 @@ async def test_run_turn_reports_what_a_failed_turn_said_before_it_failed(
     assert answered.end is TurnEnd.ANSWERED
     assert answered.said == ()
     await answering.pipeline.aclose()
+
+
+async def test_an_answer_whose_save_outlives_the_deadline_is_said_at_the_next_request(
+    reply_dropper: tuple[ReplyDropper, str], redis_prefix: str
+) -> None:
+    """The core answers in time, but the session's save (Redis's reply) comes only after
+    the platform's deadline: the user heard "still working", and the answer, which the
+    engine did not keep (its consumer had not given up yet when it saved), is kept once
+    the turn ends (if no turn of the session ran meanwhile) and said at the next request.
+    Before, it was never said."""
+    proxy, url = reply_dropper
+    async with echo(redis_url=url, redis_prefix=redis_prefix) as (client, core):
+        proxy.hold_replies_to = b'"turn_count":1'  # the first turn's save: its reply waits
+        asked = await unless_hung(say(client, "S-race", "hello"), "the answer")
+        assert asked == {"say": WORKING, "end": False}  # the deadline passed first
+        assert proxy.replies_held == 1  # as the save's reply waited
+        proxy.release_replies()
+        await settled(core.state.gateway)
+        assert (await say(client, "S-race", "what?"))["say"] == "turn 1 slowDone None"
+        assert (await say(client, "S-race", "next"))["say"] == "turn 2 slowDone None"
