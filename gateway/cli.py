@@ -119,9 +119,12 @@ def serve(
     else when GATEWAY_HOST does not resolve (one ERROR line: :func:`host_problem`). ``app`` lets a
     benchmark serve an app it prepared (local certificates injected) exactly as users
     run the gateway. ``fd`` (``--fd``): serve on that inherited, bound stream socket
-    instead of binding GATEWAY_HOST:PORT (uvicorn's ``fd``; :func:`inherited_socket_port`
-    checks it first): whoever bound it holds the port from then on, so no other process
-    can take it between the choice of a port and the start (a supervisor, a test harness).
+    instead of binding GATEWAY_HOST:PORT (:func:`inherited_socket_port` checks it first):
+    whoever bound it holds the port from then on, so no other process can take it between
+    the choice of a port and the start (a supervisor, a test harness). The socket is
+    handed to uvicorn as a socket of its own family (TCP connections get TCP_NODELAY, as
+    on a port uvicorn binds), and this process's descriptor is closed when it stops
+    accepting.
     """
     import uvicorn
 
@@ -139,11 +142,15 @@ def serve(
         server_log.warning(warning)
     if (unknown := unknown_settings_warning(os.environ)) is not None:
         server_log.warning(unknown)
+    # --fd: served as a socket of its own family, not through uvicorn's fd, which wraps any
+    # descriptor as AF_UNIX: asyncio then left Nagle on for every TCP connection (it sets
+    # TCP_NODELAY only on AF_INET/AF_INET6 sockets), so each answer on a kept-alive
+    # connection waited ~40 ms for the client's delayed ACK
+    listening = [socket.socket(fileno=fd)] if fd is not None else None
     config = uvicorn.Config(
         app if app is not None else create_app(settings, freeze_gc=True),
         host=settings.host,
         port=settings.port,
-        fd=fd,  # when set, uvicorn serves on it and binds nothing
         log_level=level,
         log_config=None,  # keep the handlers configure_logging set
         access_log=settings.access_log,
@@ -161,8 +168,12 @@ def serve(
     # installed first, makes that second delivery a no-op: the stop exits 0. A signal
     # before uvicorn takes over (none is lost) stops it as soon as it has started.
     previous = {sig: signal.signal(sig, server.handle_exit) for sig in _STOP_SIGNALS}
+    if listening is not None:  # uvicorn logs no start line for sockets it is handed
+        server_log.info(
+            "serving on the inherited socket %s (--fd %d)", listening[0].getsockname(), fd
+        )
     try:
-        server.run()
+        server.run(sockets=listening)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -4,16 +4,19 @@ port is held by the harness from its choice on, no other process can take it).""
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from gateway.cli import inherited_socket_port
-from tests.conftest import ROOT
+from tests.conftest import ROOT, GatewayProcess
 
 
 def serve_with_fd(fd: int, pass_fds: tuple[int, ...] = ()) -> subprocess.CompletedProcess[str]:
@@ -88,3 +91,49 @@ def test_gateway_serve_rejects_an_fd_that_is_no_number() -> None:
     )
     assert done.returncode == 2
     assert "argument --fd: invalid int value" in done.stderr
+
+
+_PIDFD_GETFD = 438  # the same number on every Linux architecture (asm-generic)
+
+
+def tcp_nodelay_of(pid: int, peer: tuple[str, int]) -> int:
+    """TCP_NODELAY of process ``pid``'s socket connected to ``peer`` (Linux: each of its
+    descriptors copied with pidfd_getfd and looked at)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = os.pidfd_open(pid)
+    try:
+        for name in os.listdir(f"/proc/{pid}/fd"):
+            if not os.readlink(Path(f"/proc/{pid}/fd", name)).startswith("socket:"):
+                continue
+            copy = libc.syscall(_PIDFD_GETFD, pidfd, int(name), 0)
+            if copy < 0:
+                code = ctypes.get_errno()
+                raise OSError(code, f"pidfd_getfd: {errno.errorcode.get(code, code)}")
+            with socket.socket(fileno=copy) as sock:
+                if sock.family != socket.AF_INET:
+                    continue
+                try:
+                    if sock.getpeername() == peer:
+                        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+                except OSError:  # not connected (the listening socket)
+                    continue
+    finally:
+        os.close(pidfd)
+    raise AssertionError(f"process {pid} holds no socket connected to {peer}")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pidfd_getfd is Linux's")
+def test_a_connection_to_an_inherited_tcp_socket_has_nagle_off() -> None:
+    """A gateway served with --fd (as every GatewayProcess is) sets TCP_NODELAY on its
+    connections as on a port it binds itself. uvicorn's own --fd wraps the descriptor as
+    an AF_UNIX socket, so asyncio left Nagle on: each answer on a kept-alive connection
+    waited for the client's delayed ACK (about 40 ms)."""
+    gateway = GatewayProcess({}).start()
+    try:
+        with socket.create_connection(("127.0.0.1", gateway.port), timeout=30) as client:
+            client.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            assert client.recv(65536).startswith(b"HTTP/1.1 200 ")  # accepted, served
+            assert gateway.proc is not None
+            assert tcp_nodelay_of(gateway.proc.pid, client.getsockname()) == 1
+    finally:
+        gateway.stop()
