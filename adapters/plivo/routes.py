@@ -113,7 +113,7 @@ from gateway.io.call import (
     use_signature_for_request,
     use_token,
 )
-from gateway.protocol import ProtocolError, clipped
+from gateway.protocol import ProtocolError, SeveralCredentials, clipped, sole_credentials
 from gateway.protocol.call import RESUMED, CallInfo, Transfer
 from gateway.ratelimit import refusal_log
 from gateway.secrets import SharedKeyPending
@@ -290,6 +290,24 @@ class SignedForm:
     also: tuple[str, ...] = ()
 
 
+def _sole_headers(request: Request) -> tuple[str | None, str | None, str | None]:
+    """The request's one :data:`SIGNATURE_HEADER`, :data:`NONCE_HEADER` and
+    :data:`MAIN_SIGNATURE_HEADER` (each None when absent).
+
+    Raises VerificationRefused (403, as a forged signature) when one of them comes more
+    than once, none of them looked at (:func:`gateway.protocol.sole_credentials`: a
+    right signature beside a wrong one is no proof; one header may list several
+    signatures, comma-separated, as Plivo sends them)."""
+    try:
+        return (
+            sole_credentials(request.headers.getlist(SIGNATURE_HEADER), SIGNATURE_HEADER),
+            sole_credentials(request.headers.getlist(NONCE_HEADER), NONCE_HEADER),
+            sole_credentials(request.headers.getlist(MAIN_SIGNATURE_HEADER), MAIN_SIGNATURE_HEADER),
+        )
+    except SeveralCredentials as exc:
+        raise VerificationRefused(str(exc)) from None
+
+
 async def _signed_form(
     request: Request, path: str, *, stream: bool = False
 ) -> SignedForm | Response:
@@ -316,13 +334,9 @@ async def _signed_form(
     try:
         if channel.verifier is None:
             raise VerificationRefused("no auth token is configured")
+        signature_header, nonce_header, main_header = _sole_headers(request)
         channel.verifier.check(
-            "POST",
-            url,
-            params,
-            request.headers.get(SIGNATURE_HEADER),
-            request.headers.get(NONCE_HEADER),
-            main_signature_header=request.headers.get(MAIN_SIGNATURE_HEADER),
+            "POST", url, params, signature_header, nonce_header, main_signature_header=main_header
         )
     except VerificationRefused as exc:  # logged in a bounded burst: forged requests flood
         unset = " (GATEWAY_PLIVO_AUTH_TOKEN is unset)" if channel.verifier is None else ""

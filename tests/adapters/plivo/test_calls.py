@@ -191,6 +191,47 @@ async def test_an_answer_signed_for_the_main_account_is_taken(speech: SpeechServ
         assert ET.fromstring(r.text).find("./Stream") is not None
 
 
+@pytest.mark.parametrize(
+    "name", ["X-Plivo-Signature-V3", "X-Plivo-Signature-Ma-V3", "X-Plivo-Signature-V3-Nonce"]
+)
+async def test_several_signature_or_nonce_headers_are_refused_none_looked_at(
+    speech: SpeechService, name: str
+) -> None:
+    """A signature (or nonce) header sent twice, a right value beside a wrong one in
+    either order, is refused 403 as a forged signature, naming the header (the first
+    was taken: right+wrong passed); the request with the right one alone is answered."""
+    async with CARRIER.gateway(speech) as (gw, _):
+        form = {"CallUUID": str(uuid.uuid4()), "From": "14155550100", "To": "14155550199"}
+        url = f"{PUBLIC}/plivo/answer?appKey=plivo"
+        async with httpx.AsyncClient(base_url=gw.url) as client:
+            for order in ("right+wrong", "wrong+right", "right"):
+                nonce = uuid.uuid4().hex[:20]
+                right = {
+                    "X-Plivo-Signature-V3": signature(AUTH_TOKEN, "POST", url, form, nonce),
+                    "X-Plivo-Signature-Ma-V3": signature(AUTH_TOKEN, "POST", url, form, nonce),
+                    "X-Plivo-Signature-V3-Nonce": nonce,
+                }
+                wrong = "x" + uuid.uuid4().hex[:20] if name.endswith("Nonce") else "Zm9yZ2Vk"
+                sent = {
+                    "right+wrong": [right[name], wrong],
+                    "wrong+right": [wrong, right[name]],
+                    "right": [right[name]],
+                }[order]
+                headers = [(k, v) for k, v in right.items() if k != name]
+                headers += [(name, value) for value in sent]
+                r = await client.post("/plivo/answer?appKey=plivo", data=form, headers=headers)
+                if order == "right":
+                    assert r.status_code == 200, r.text
+                    assert ET.fromstring(r.text).find("./Stream") is not None
+                    continue
+                assert r.status_code == 403, (order, r.text)
+                assert r.headers["content-type"] == "application/problem+json"
+                assert r.json()["detail"] == (
+                    f"The request has more than one {name} header: send exactly one."
+                ), r.text
+                assert "www-authenticate" not in r.headers
+
+
 async def test_a_forged_answer_s_long_query_is_not_copied_whole_into_the_log_or_problem(
     speech: SpeechService, caplog: pytest.LogCaptureFixture
 ) -> None:
