@@ -54,6 +54,7 @@ from dataclasses import dataclass
 from typing import Final
 from urllib.parse import urlsplit
 
+from starlette.datastructures import Headers
 from twilio.request_validator import (  # type: ignore[import-untyped]
     HMAC_SHA1,
     SIGNATURE_SETTINGS_HEADER,
@@ -63,7 +64,7 @@ from twilio.request_validator import (  # type: ignore[import-untyped]
 )
 
 from gateway.calls import wss_url
-from gateway.protocol import clipped
+from gateway.protocol import SeveralCredentials, clipped, sole_credentials
 
 SIGNATURE_HEADER: Final = "X-Twilio-Signature"
 """The header carrying Twilio's request signature."""
@@ -206,12 +207,23 @@ class SignatureVerifier:
                 f"{clipped(algorithm, quote=False)})"
             )
 
-    def check_request(
-        self, url: str, params: Mapping[str, str] | None, headers: Mapping[str, str]
-    ) -> None:
+    def check_request(self, url: str, params: Mapping[str, str] | None, headers: Headers) -> None:
         """:meth:`check` with the request's ``headers``' X-Twilio-Signature and
-        X-Twilio-Webhooks-Signature-Settings (a webhook's, or a stream's upgrade)."""
-        self.check(url, params, headers.get(SIGNATURE_HEADER), headers.get(SETTINGS_HEADER))
+        X-Twilio-Webhooks-Signature-Settings (a webhook's, or a stream's upgrade).
+
+        Raises TwilioVerificationError (answered 403, as a forged signature) also when
+        either header comes more than once, none of them looked at
+        (:func:`gateway.protocol.sole_credentials`: a right signature beside a wrong one
+        is no proof; its ``detail`` names the header); else as :meth:`check` (checking
+        off: nothing is refused)."""
+        if not self.enabled:
+            return
+        try:
+            signature = sole_credentials(headers.getlist(SIGNATURE_HEADER), SIGNATURE_HEADER)
+            settings = sole_credentials(headers.getlist(SETTINGS_HEADER), SETTINGS_HEADER)
+        except SeveralCredentials as exc:
+            raise TwilioVerificationError(str(exc), str(exc)) from None
+        self.check(url, params, signature, settings)
 
 
 def _with_port(url: str) -> str:

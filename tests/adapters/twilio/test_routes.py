@@ -382,6 +382,38 @@ async def test_without_rest_credentials_calls_are_not_moved_at_shutdown(
 # ------------------------------------------------------------------ the stream's handshake
 
 
+@pytest.mark.parametrize("order", ["right+wrong", "wrong+right"])
+async def test_several_signature_headers_are_refused_none_looked_at(
+    gw: Served, order: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """X-Twilio-Signature sent twice, a right one beside a wrong one in either order, is
+    refused 403 as a forged signature, naming the header (the first was taken: right+wrong
+    was answered), on the webhook and on a stream's upgrade."""
+    right = sign(AUTH, PUBLIC + "/twilio/voice", FORM)
+    pair = [right, "Zm9yZ2Vk"] if order == "right+wrong" else ["Zm9yZ2Vk", right]
+    headers = [("X-Twilio-Signature", value) for value in pair]
+    async with httpx.AsyncClient(base_url=gw.url) as client:
+        answer = await client.post("/twilio/voice", data=FORM, headers=headers)
+    assert answer.status_code == 403, answer.text
+    assert answer.headers["content-type"] == "application/problem+json"
+    assert answer.json()["detail"] == (
+        "The request has more than one X-Twilio-Signature header: send exactly one."
+    )
+    assert any("more than one X-Twilio-Signature" in r.getMessage() for r in caplog.records)
+    url = await stream_url_of(gw)
+    signed = sign(AUTH, url)
+    pair = [signed, "Zm9yZ2Vk"] if order == "right+wrong" else ["Zm9yZ2Vk", signed]
+    ws_url = local_ws_url(gw.url, url)
+    with pytest.raises(InvalidStatus) as refused:
+        additional = [("X-Twilio-Signature", value) for value in pair]
+        async with connect(ws_url, additional_headers=additional):
+            pass
+    assert refused.value.response.status_code == 403
+    assert not gw.channel.calls
+    # the token was not used by the refused upgrade: the one signature alone is taken
+    assert await handshake(gw, url, signed) == 101
+
+
 async def stream_url_of(gw: Served, *, auth_token: str | None = AUTH) -> str:
     answer = await ask_twiml(gw.url, PUBLIC, call_sid(), auth_token=auth_token)
     assert answer.status_code == 200

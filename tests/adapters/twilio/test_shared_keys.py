@@ -102,6 +102,27 @@ async def test_without_the_header_the_auth_token_still_signs(gw: Served) -> None
     assert (await post(gw, "/twilio/voice", form, shared)).status_code == 403
 
 
+@pytest.mark.parametrize("order", ["right+wrong", "wrong+right"])
+async def test_several_signature_settings_headers_are_refused_none_looked_at(
+    gw: Served, order: str
+) -> None:
+    """X-Twilio-Webhooks-Signature-Settings sent twice, the one the signature was made
+    with beside another, is refused 403 naming the header (the first was taken:
+    right+wrong was answered)."""
+    form = voice_form()
+    signed = shared_headers(VOICE, form)
+    other = "key=k,algorithm=HMAC_SHA1"
+    pair = [SHA256, other] if order == "right+wrong" else [other, SHA256]
+    headers = [("X-Twilio-Signature", signed["X-Twilio-Signature"])]
+    headers += [(SETTINGS, value) for value in pair]
+    async with httpx.AsyncClient(base_url=gw.url) as client:
+        answer = await client.post("/twilio/voice", data=form, headers=headers)
+    assert answer.status_code == 403, answer.text
+    assert answer.json()["detail"] == (
+        f"The request has more than one {SETTINGS} header: send exactly one."
+    )
+
+
 @pytest.mark.parametrize(
     "key", [AUTH, "another-shared-key-0123456789abcdef"], ids=["auth-token", "wrong-key"]
 )
