@@ -27,6 +27,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from gateway.callcodec import VerificationRefused
+from gateway.protocol import SeveralCredentials, sole_credentials
 
 SIGNATURE_HEADER: Final = "telnyx-signature-ed25519"
 TIMESTAMP_HEADER: Final = "telnyx-timestamp"
@@ -45,10 +46,17 @@ def replayed() -> VerificationRefused:
 
 
 def _header(headers: Mapping[str, str], name: str) -> str | None:
-    for key, value in headers.items():
-        if key.lower() == name:
-            return value
-    return None
+    """The one value of header ``name`` (lower case) in ``headers`` (each of its
+    ``items()``: Starlette's ``Headers`` gives every header line), None when absent.
+
+    Raises VerificationRefused (403, as a forged signature) when it comes more than once,
+    none of the values looked at (:func:`gateway.protocol.sole_credentials`: a right
+    signature beside a wrong one is no proof)."""
+    values = [value for key, value in headers.items() if key.lower() == name]
+    try:
+        return sole_credentials(values, name)
+    except SeveralCredentials as exc:
+        raise VerificationRefused(str(exc)) from None
 
 
 class TelnyxVerifier:
@@ -105,7 +113,8 @@ class TelnyxVerifier:
         return hashlib.sha256(raw).hexdigest()
 
     def check_headers(self, body: bytes, headers: Mapping[str, str], now: float) -> str:
-        """:meth:`check` with the two headers looked up (case-insensitively) in ``headers``."""
+        """:meth:`check` with the two headers looked up (case-insensitively) in ``headers``;
+        either sent more than once is refused 403 (:func:`_header`), none looked at."""
         return self.check(
             body, _header(headers, SIGNATURE_HEADER), _header(headers, TIMESTAMP_HEADER), now
         )

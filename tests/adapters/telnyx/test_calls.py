@@ -339,6 +339,39 @@ def respelled(signature: str) -> str:
     return signature[:-3] + last + "=="
 
 
+@pytest.mark.parametrize("name", [SIG, "telnyx-timestamp"])
+async def test_several_signature_or_timestamp_headers_are_refused_none_looked_at(
+    speech: SpeechService, name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """telnyx-signature-ed25519 (or telnyx-timestamp) sent twice, a right value beside a
+    wrong one in either order, is refused 403 as a forged signature, naming the header,
+    nothing used in the one-time key store (the first was taken: right+wrong was
+    answered); the right headers alone are answered after."""
+    async with CARRIER.gateway(speech) as (gw, _), httpx.AsyncClient(base_url=gw.url) as client:
+        ccid = "v3:" + uuid.uuid4().hex
+        body = json.dumps({"CallSid": ccid, "From": "+15550100", "To": "+15550199"}).encode()
+        right = signed(body)
+        if name == SIG:
+            wrong = signed(body, Ed25519PrivateKey.generate(), int(right["telnyx-timestamp"]))
+        else:
+            wrong = {name: str(int(right[name]) - 1)}
+        path = "/telnyx/texml?appKey=sales"
+        for pair in ([right[name], wrong[name]], [wrong[name], right[name]]):
+            headers = [(k, v) for k, v in right.items() if k != name]
+            headers += [(name, value) for value in pair]
+            with caplog.at_level(logging.WARNING, logger="adapters.telnyx"):
+                answer = await client.post(path, content=body, headers=headers)
+            assert answer.status_code == 403, answer.text
+            assert answer.headers["content-type"] == "application/problem+json"
+            assert "www-authenticate" not in answer.headers
+            assert answer.json()["detail"] == (
+                f"The request has more than one {name} header: send exactly one."
+            )
+        assert any(f"more than one {name}" in r.getMessage() for r in caplog.records)
+        alone = await client.post(path, content=body, headers=right)
+        assert alone.status_code == 200, alone.text
+
+
 async def test_a_texml_retry_is_answered_again_the_same_and_a_replay_is_refused(
     speech: SpeechService, caplog: pytest.LogCaptureFixture
 ) -> None:
