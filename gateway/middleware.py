@@ -51,7 +51,8 @@ class RequestIdMiddleware:
     API's ``/v1/``, ``/metrics``: answers naming sessions, their app keys, or what a
     token guards) gets ``Cache-Control: no-store`` (RFC 9111 section 5.2.2.5), its
     refusals too, unless it set a ``Cache-Control`` of its own: no browser or proxy
-    cache keeps it.
+    cache keeps it. The path compared is the route's (:func:`route_path`: served under
+    a ``root_path``, ``/prefix/metrics`` is ``/metrics``).
     """
 
     def __init__(
@@ -77,7 +78,7 @@ class RequestIdMiddleware:
                 await self.app(scope, receive, send)
                 return
             header = (b"x-request-id", request_id.encode())
-            private = bool(self.no_store) and scope["path"].startswith(self.no_store)
+            private = bool(self.no_store) and route_path(scope).startswith(self.no_store)
             started = False
 
             async def send_with_id(message: Message) -> None:
@@ -115,6 +116,17 @@ class RequestIdMiddleware:
                 raise
         finally:
             REQUEST_ID.reset(token)
+
+
+def route_path(scope: Scope) -> str:
+    """The path the router matches: ``scope["path"]`` without the ``root_path`` it starts
+    with (ASGI servers such as uvicorn put a proxy's prefix, ``--root-path``, in front of
+    it), as Starlette's router reads it; the path as it is otherwise."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root) : len(root) + 1] in ("", "/"):
+        return path[len(root) :] or "/"
+    return path
 
 
 def _server_error_handler(

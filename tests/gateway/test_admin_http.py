@@ -15,7 +15,7 @@ from gateway.app import create_app
 from gateway.settings import Settings
 from tests.adapters.flowstorm.v1.helpers import ws_url
 from tests.calls.test_call_outcomes import AUTHORIZED, twilio_placing, twilio_status
-from tests.conftest import served
+from tests.conftest import served, served_app
 from tests.gateway.test_push import ADMIN, AUTH, hello
 
 METRICS_TOKEN = "metrics-token-for-tests"
@@ -85,6 +85,49 @@ async def test_admin_and_metrics_answers_are_never_stored_by_a_cache(
         assert outcome.status_code == 200, outcome.text
         for answer in (placed, outcome):
             assert answer.headers.get_list("cache-control") == ["no-store"], answer.url
+
+
+async def test_admin_and_metrics_answers_under_a_root_path_are_never_stored(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """Served under a proxy's prefix (uvicorn ``root_path``: the ASGI path is
+    ``/gw/metrics``), ``/metrics`` and the admin API's answers said no ``Cache-Control``:
+    the no-store paths were compared with the path, prefix included. They are compared
+    with the route's path now; the probes are still left alone."""
+    settings = Settings().model_copy(
+        update={
+            "redis_url": redis_url,
+            "redis_prefix": redis_prefix,
+            "admin_keys": frozenset({ADMIN}),
+            "metrics_token": SecretStr(METRICS_TOKEN),
+        }
+    )
+    metrics = {"Authorization": f"Bearer {METRICS_TOKEN}"}
+    async with (
+        served_app(create_app(settings), settings, root_path="/gw") as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        answers = {
+            "metrics": await client.get("/metrics", headers=metrics),
+            "metrics HEAD": await client.head("/metrics", headers=metrics),
+            "metrics slash": await client.get("/metrics/", headers=metrics),
+            "metrics refused": await client.get("/metrics"),
+            "unknown session": await client.get("/v1/sessions/nobody", headers=AUTH),
+            "no key": await client.get("/v1/sessions/nobody"),
+        }
+        statuses = {name: answer.status_code for name, answer in answers.items()}
+        assert statuses == {
+            "metrics": 200,
+            "metrics HEAD": 200,
+            "metrics slash": 200,
+            "metrics refused": 401,
+            "unknown session": 404,
+            "no key": 401,
+        }
+        for name, answer in answers.items():
+            assert answer.headers.get_list("cache-control") == ["no-store"], name
+        for path in ("/healthz", "/readyz"):
+            assert "cache-control" not in (await client.get(path)).headers, path
 
 
 async def test_a_request_id_with_a_line_break_is_not_taken() -> None:
