@@ -837,7 +837,7 @@ class Conversation:
         WARNING then, and the next request runs a turn)."""
         answer = response.model_copy(update={"attributes": FrozenDict(), "logs": ()})
         late = LateAnswer(response=answer, at=time.time())
-        size = len(late.model_dump_json())
+        size = len(late.model_dump_json().encode())  # bytes as stored (UTF-8), not characters
         if size > LATE_ANSWER_MAX_BYTES:
             log.warning(
                 "late answer of %s not kept: %d bytes of JSON, more than %d",

@@ -412,6 +412,23 @@ async def test_a_late_answer_larger_than_the_bound_is_not_kept(
     assert session.late_answer is not None
 
 
+async def test_the_late_answer_bound_is_in_bytes_of_the_stored_json(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The 64 KB bound counts the bytes stored (UTF-8), not characters: an answer of
+    fewer characters than the bound but more bytes (two bytes each) is not kept. Before,
+    len() of the JSON string was compared, and it was kept at twice the bound."""
+    conv = engine()
+    session = Session(id="s", key="test:s", channel="test", app_key="app")
+    text = "\u00e9" * (LATE_ANSWER_MAX_BYTES // 2 + 64)  # < the bound in characters
+    wide = Response(items=(ResponseItem(text=text),))
+    assert len(text) < LATE_ANSWER_MAX_BYTES < len(text.encode())
+    with caplog.at_level(logging.WARNING, logger="gateway.conversation"):
+        assert conv._keep_late(session, wide) is False
+    assert session.late_answer is None
+    assert any("not kept" in r.getMessage() for r in caplog.records)
+
+
 @pytest.mark.parametrize(
     "late",
     [{"response": 5, "at": 1.0}, {"response": {}, "at": "soon"}, {"at": 1.0}, [], "finally"],
