@@ -1422,9 +1422,14 @@ class Conversation:
     async def drain(self, timeout_s: float) -> int:
         """Wait up to ``timeout_s`` s for running turns and the session ends of
         :meth:`end_soon` (one waits for its session's turn); returns how many were still
-        running."""
-        pending = self._tasks | self._ends
-        if pending:
-            _, still = await asyncio.wait(pending, timeout=timeout_s)
-            return len(still)
-        return 0
+        running. A task started by one that ends meanwhile (a late answer's keep,
+        :meth:`keep_when_done`, starts as its turn ends) is waited for too, within the
+        same ``timeout_s``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            pending = {t for t in self._tasks | self._ends if not t.done()}
+            left_s = deadline - loop.time()
+            if not pending or left_s <= 0:
+                return len(pending)
+            await asyncio.wait(pending, timeout=left_s)

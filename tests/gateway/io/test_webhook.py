@@ -738,3 +738,24 @@ async def test_an_answer_whose_save_outlives_the_deadline_is_said_at_the_next_re
         await settled(core.state.gateway)
         assert (await say(client, "S-race", "what?"))["say"] == "turn 1 slowDone None"
         assert (await say(client, "S-race", "next"))["say"] == "turn 2 slowDone None"
+
+
+async def test_drain_waits_for_a_keep_started_by_a_turn_it_waited_for(
+    reply_dropper: tuple[ReplyDropper, str], redis_prefix: str
+) -> None:
+    """Shutdown's drain waits for the keep (Conversation.keep_when_done) a late turn
+    starts as it ends: that task exists only once the turn is over, after drain took its
+    set of tasks. Before, drain returned with the keep still running (the store then
+    closed under it: the answer lost)."""
+    proxy, url = reply_dropper
+    async with echo(redis_url=url, redis_prefix=redis_prefix) as (client, core):
+        conversation = core.state.gateway.state.gateway.conversation
+        proxy.hold_replies_to = b'"turn_count":1'
+        asked = await unless_hung(say(client, "S-drain", "hello"), "the answer")
+        assert asked == {"say": WORKING, "end": False}
+        assert conversation.turns_in_flight == 1  # the turn waits for its save's reply
+        draining = asyncio.create_task(conversation.drain(3600.0))
+        proxy.release_replies()
+        assert await unless_hung(draining, "the drain") == 0
+        assert not conversation._ends  # the keep is over, not left running
+        assert (await say(client, "S-drain", "what?"))["say"] == "turn 1 slowDone None"
