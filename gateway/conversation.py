@@ -70,6 +70,7 @@ from gateway import metrics
 from gateway.breaker import outage_level
 from gateway.events import (
     ERROR,
+    INTRO,
     BinaryEvent,
     ErrorEvent,
     FrozenDict,
@@ -756,7 +757,7 @@ class Conversation:
                     out.put_nowait(event)
 
             outcome.started = started
-            kept = None if started else self._kept_answer(session, ctx)
+            kept = None if started else self._kept_answer(session, ctx, input)
             if kept is not None:  # a late turn's answer its user has not heard: said now
                 return await self._say_kept(session, kept, txn, out, outcome)
             # the session as it was before the pipeline, for a failed turn (rare): a new
@@ -808,25 +809,29 @@ class Conversation:
             # numbered under the lock: a push (which takes it too) comes after the whole turn
             return await self._numbered(out, end)
 
-    def _kept_answer(self, session: Session, ctx: TurnContext) -> Response | None:
+    def _kept_answer(self, session: Session, ctx: TurnContext, input: Input) -> Response | None:
         """The late answer ``session`` keeps (:class:`~gateway.sessions.LateAnswer`), taken
         out of it, when it is this turn's answer: ``ctx.late_answers`` (a webhook's turn that
         does not close the conversation) and kept no longer than the session's
-        ``timeout_s``. Else None, and a kept answer is dropped (logged at INFO): a turn
+        ``timeout_s``, and ``input`` is no launch (``#intro``: a new conversation, which
+        runs its turn). Else None, and a kept answer is dropped (logged at INFO): a turn
         that runs makes it stale, and the user who said stop does not hear it."""
         kept = session.late_answer
         if kept is None:
             return None
         session.late_answer = None
         age = time.time() - kept.at
-        if ctx.late_answers and age <= session.timeout_s:
+        launch = input.action == INTRO
+        if ctx.late_answers and not launch and age <= session.timeout_s:
             return kept.response
         log.info(
             "late answer of %s dropped unsaid: %s",
             session_ref(session.key),
-            "kept longer than the session's timeout"
-            if ctx.late_answers
-            else "this request closes the conversation",
+            "this request closes the conversation"
+            if not ctx.late_answers
+            else "this request begins a new conversation"
+            if launch
+            else "kept longer than the session's timeout",
         )
         return None
 

@@ -44,10 +44,11 @@ timing out. Its answer is kept with the session (:class:`gateway.sessions.LateAn
 in the session store: another instance may take the next request) and is the answer of
 the session's next turn request, the core not asked: the driver sets the turn's
 ``TurnContext.late_answers`` (not for a request that closes the conversation anyway,
-:meth:`~WebhookChannel.ends_anyway`: a stop drops the late answer unsaid, as any turn
-that runs does); the engine keeps the answer of a turn whose consumer abandoned it
-(:meth:`~gateway.conversation.TurnStream.abandon`) and says a kept one no older than the
-session's timeout. A turn still waiting for its session's lock at the deadline (another turn
+:meth:`~WebhookChannel.ends_anyway`: a stop drops the late answer unsaid, as a launch
+(``#intro``) and any turn that runs do); the engine keeps the answer of a turn whose
+consumer abandoned it (:meth:`~gateway.conversation.TurnStream.abandon`) and says a
+kept one no older than the session's timeout. A turn still waiting for its session's
+lock at the deadline (another turn
 of the session holds it) gives up then and is not run (the engine's lock wait is bounded
 by the turn's ANSWER_DEADLINE, and a lock taken after the driver stopped waiting is let
 go: :meth:`~gateway.conversation.TurnStream.abandon`): its user hears the BUSY row's

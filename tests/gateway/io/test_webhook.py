@@ -759,3 +759,21 @@ async def test_drain_waits_for_a_keep_started_by_a_turn_it_waited_for(
         assert await unless_hung(draining, "the drain") == 0
         assert not conversation._ends  # the keep is over, not left running
         assert (await say(client, "S-drain", "what?"))["say"] == "turn 1 slowDone None"
+
+
+async def test_a_launch_drops_a_kept_late_answer_and_runs_its_turn(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A launch (``#intro``: Alexa's LaunchRequest, Google's MAIN and WELCOME) in a session
+    that keeps a late answer begins a new conversation: it runs its turn and the old
+    answer is dropped unsaid. Before, the launch was answered with the old answer (a
+    Dialogflow session id reused for the user's next conversation heard it)."""
+    async with echo() as (client, core):
+        assert (await say(client, "S-relaunch", "slow")) == {"say": WORKING, "end": False}
+        await settled(core.state.gateway)  # the late turn saved, its answer kept
+        with caplog.at_level(logging.INFO, logger="gateway.conversation"):
+            launched = await say(client, "S-relaunch", "#intro")
+        assert launched["say"] != "finally"
+        assert launched["say"].startswith("turn 2 ")  # the launch ran its turn
+        assert any("dropped unsaid" in r.getMessage() for r in caplog.records)
+        assert (await say(client, "S-relaunch", "what?"))["say"].startswith("turn 3 ")
