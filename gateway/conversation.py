@@ -239,11 +239,11 @@ class _TurnQueue:
         that has not taken its lock yet is not run."""
         self.pushes_pending: bool | None = None
         """The session store's :attr:`SessionTxn.pushes_pending`, once the lock is taken."""
-        self.kept: int | None = None
+        self.kept: tuple[float, int] | None = None
         """Once the pipeline has answered: None when the turn's answer was kept in its
         session (``late_answers``, its consumer gone: see :meth:`TurnStream.abandon`), else
-        the session's turn count as saved (a keep after the save checks no turn ran since,
-        :meth:`Conversation.keep_when_done`)."""
+        the session's ``created_at`` and turn count as saved (a keep after the save checks
+        it is the same session and no turn ran since, :meth:`Conversation.keep_when_done`)."""
         self.session_started = False
         """Set when the turn has taken its lock and made a new session."""
         self.saving = False
@@ -789,7 +789,7 @@ class Conversation:
             else:
                 session, response = result
                 ended = self._apply_response(session, response)
-                out.kept = session.turn_count
+                out.kept = (session.created_at, session.turn_count)
                 if out.abandoned and ctx.late_answers and self._keep_late(session, response):
                     ended = False  # its user heard "still working": the next request ends it
                     out.kept = None
@@ -859,8 +859,9 @@ class Conversation:
         """Keep the answer of ``stream``'s turn for its session's next request once the turn
         is over (a webhook gave up on it at its platform's deadline while the engine was
         saving the session without it, :attr:`TurnStream.saved_unkept`): a transaction of
-        its own (:meth:`end_soon`'s kind: waited for by :meth:`drain`) keeps it only if no
-        turn of the session ran since and nothing is kept (else it is stale); not an answer
+        its own (:meth:`end_soon`'s kind: waited for by :meth:`drain`) keeps it only if the
+        session is the one saved (not ended and made anew under its key: its ``created_at``),
+        no turn of it ran since and nothing is kept (else it is stale); not an answer
         that ended the session, nor a failed turn's. A store that fails is logged, the
         answer lost (as before)."""
         turn = stream._queue.kept
@@ -882,7 +883,9 @@ class Conversation:
 
         stream.task.add_done_callback(done)
 
-    async def _keep_after(self, ctx: TurnContext, response: Response, turn: int) -> bool:
+    async def _keep_after(
+        self, ctx: TurnContext, response: Response, turn: tuple[float, int]
+    ) -> bool:
         """:meth:`keep_when_done`'s transaction; whether the answer was kept."""
         try:
             async with self.store.open(
@@ -892,7 +895,7 @@ class Conversation:
                 if (
                     session is None
                     or session.app_key != ctx.app_key
-                    or session.turn_count != turn
+                    or (session.created_at, session.turn_count) != turn  # made anew
                     or session.late_answer is not None
                     or not self._keep_late(session, response)
                 ):

@@ -777,3 +777,29 @@ async def test_a_launch_drops_a_kept_late_answer_and_runs_its_turn(
         assert launched["say"].startswith("turn 2 ")  # the launch ran its turn
         assert any("dropped unsaid" in r.getMessage() for r in caplog.records)
         assert (await say(client, "S-relaunch", "what?"))["say"].startswith("turn 3 ")
+
+
+async def test_a_keep_after_the_turn_is_not_made_in_a_new_session_of_the_same_key(
+    core: tuple[str, FastAPI],
+) -> None:
+    """keep_when_done's write checks the session is the one the turn saved: a session
+    ended and made anew under the same key (its turn count 1 again) before the keep
+    got the lock is another conversation, which must not hear the old answer. Before,
+    only the turn count was compared, and the old answer was kept in the new session."""
+    url, _ = core
+    conv = engine(pipeline=f"{url}/json")
+    old = ctx("RT-anew")._replace(late_answers=True)
+    stream = conv.turn(old, Input.of("hello"))
+    assert await unless_hung(stream.wait(5), "the first turn")
+    assert stream.saved_unkept  # as if its webhook gave up just after the engine's check
+    assert await conv.end(old)  # the platform ended it; the user comes back at once
+    again = await run_turn(conv, old, Input.of("again"), 5)
+    assert again.session_started
+    conv.keep_when_done(old, stream)  # the keep gets the lock only now
+    await asyncio.sleep(0)  # its done callback starts the keep
+    assert await conv.drain(5) == 0
+    session = await conv.store.get(old.key)
+    assert session is not None
+    assert session.turn_count == 1
+    assert session.late_answer is None  # the new conversation keeps no old answer
+    await conv.pipeline.aclose()
