@@ -1955,3 +1955,33 @@ async def test_a_say_as_google_does_not_speak_reaches_it_as_its_words(
     assert (
         'item 0 <say-as interpret-as="address">, item 0 <say-as interpret-as="foo">'
     ) in line.getMessage()
+
+
+@pytest.mark.parametrize("fmt", list(SAID_BEFORE))
+async def test_a_late_goodbye_closes_the_conversation_in_every_format(fmt: str) -> None:
+    """A kept late answer that ends the conversation closes it at the next request in
+    each format (v3's END scene, v2's expectUserResponse false, Dialogflow ES's and CX's
+    end), and the session with it: the request after begins a new one."""
+    path, request = SAID_BEFORE[fmt]
+    core = _late_core()
+    settings: dict[str, Any] = {"dialogflow_deadline_s": 0.4, "google_deadline_s": 0.4}
+    async with (
+        serve(core) as core_url,
+        gateway_app(pipeline=f"{core_url}/turn", **settings, **OFF) as (url, app),
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        sid = f"late-bye-{fmt}"
+        sent = request(sid, "slow bye")
+        late = said_and_open(fmt, sent, ok(await client.post(path, json=sent)))
+        assert late == (Settings().voice_still_working_text, True)
+        core.state.release.set()
+        await settled(app)
+        sent = request(sid, "hello?")
+        bye = said_and_open(fmt, sent, ok(await client.post(path, json=sent)))
+        assert bye == ("Goodbye.", fmt == "es")  # (plain ES has no end on the wire)
+        await settled(app)
+        sent = request(sid, "hi")  # the gateway's session ended with it
+        assert said_and_open(fmt, sent, ok(await client.post(path, json=sent))) == (
+            "turn 1",
+            True,
+        )
