@@ -924,6 +924,46 @@ async def test_a_late_answer_is_not_said_after_the_session_ended() -> None:
         assert spoken(fresh) == "turn 1 slowDone None"
 
 
+def _late_goodbye_core() -> FastAPI:
+    """A core answering "slow bye" once ``state.release`` is set with "Goodbye." that ends
+    the session, anything else at once with ``turn N``."""
+    core = FastAPI()
+    core.state.release = asyncio.Event()
+
+    @core.post("/turn")
+    async def turn(request: Request) -> JSONResponse:
+        body = await request.json()
+        if body["input"]["transcript"]["text"] == "slow bye":
+            await core.state.release.wait()
+            return JSONResponse({"items": [{"text": "Goodbye."}], "sessionEnded": True})
+        return JSONResponse({"items": [{"text": f"turn {body['turn']}"}]})
+
+    return core
+
+
+async def test_a_late_goodbye_ends_the_alexa_session_at_the_next_request() -> None:
+    """A kept late answer that ends the conversation is said at the next request with
+    shouldEndSession true and no reprompt, and the gateway's session ends with it."""
+    core = _late_goodbye_core()
+    async with (
+        serve(core) as core_url,
+        gateway_app(alexa_deadline_s=0.5, pipeline=f"{core_url}/turn", **OFF) as (url, app),
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        late = await say(client, envelope("S-late-bye", text="slow bye"))
+        assert spoken(late) == Settings().voice_still_working_text
+        assert reply(late).should_end_session is False
+        core.state.release.set()
+        await settled(app)
+        bye = await say(client, envelope("S-late-bye", text="hello?"))
+        assert spoken(bye) == "Goodbye."
+        assert reply(bye).should_end_session is True
+        assert reply(bye).reprompt is None
+        await settled(app)
+        fresh = await say(client, envelope("S-late-bye", text="hi"))
+        assert spoken(fresh) == "turn 1"  # the session ended with the goodbye
+
+
 @pytest.mark.parametrize("text", ["long", "long unicode"])
 async def test_long_answers_are_cut_to_alexas_limits(text: str) -> None:
     async with (
