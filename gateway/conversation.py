@@ -933,6 +933,8 @@ class Conversation:
                 ClientState.SLEEPING if response.session_ended else ClientState.LISTENING
             )
             txn.save(session, session.timeout_s)
+            # saved without it: a consumer that gives up during the save has it kept again
+            out.kept = (session.created_at, session.turn_count)
         outcome.turn = session.turn_count
         outcome.ended = ended
         log.info(

@@ -803,3 +803,24 @@ async def test_a_keep_after_the_turn_is_not_made_in_a_new_session_of_the_same_ke
     assert session.turn_count == 1
     assert session.late_answer is None  # the new conversation keeps no old answer
     await conv.pipeline.aclose()
+
+
+async def test_a_kept_answer_whose_save_outlives_the_deadline_is_kept_again(
+    reply_dropper: tuple[ReplyDropper, str], redis_prefix: str
+) -> None:
+    """The request that says a kept late answer is late itself (its save's reply comes
+    past the deadline): its user heard "still working", so the answer is kept again
+    (keep_when_done) and said at the next request. Before, it was lost: taken out of the
+    session and said to nobody, and the next request ran a turn."""
+    proxy, url = reply_dropper
+    async with echo(redis_url=url, redis_prefix=redis_prefix) as (client, core):
+        assert (await say(client, "S-relost", "slow")) == {"say": WORKING, "end": False}
+        await settled(core.state.gateway)  # the late turn saved, "finally" kept
+        proxy.hold_replies_to = b'"late_answer":null'  # the save that says it: held
+        asked = await unless_hung(say(client, "S-relost", "what?"), "the answer")
+        assert asked == {"say": WORKING, "end": False}
+        assert proxy.replies_held == 1
+        proxy.release_replies()
+        await settled(core.state.gateway)
+        assert (await say(client, "S-relost", "again"))["say"] == "finally"
+        assert (await say(client, "S-relost", "next"))["say"] == "turn 2 slowDone True"
