@@ -50,11 +50,11 @@ import math
 import re
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import httpx
 from google.auth import crypt, jwt
@@ -179,6 +179,10 @@ class GoogleVerificationError(RequestVerificationError[GoogleReason]):
         if self.status == 503:
             return {"Retry-After": str(CERTS_RETRY_AFTER_S)}
         return {"WWW-Authenticate": self.challenge}
+
+
+_Certs = TypeVar("_Certs", Mapping[str, str], Mapping[str, str] | None)
+"""What a certificate source's download gives (:meth:`GoogleVerifier._certs`)."""
 
 
 class GoogleCertSource(Protocol):
@@ -515,13 +519,7 @@ class GoogleVerifier(VerifierLogs):
                 f"token algorithm {str(header.get('alg'))[:20]!r} is not RS256",
             )
 
-        try:
-            async with asyncio.timeout(self._certs_timeout_s):
-                certs = await self._source.get_certs()
-        except Exception as exc:
-            raise GoogleVerificationError(
-                GoogleReason.CERTS_UNAVAILABLE, "Google's certificates are unavailable", repr(exc)
-            ) from None
+        certs = await self._certs(self._source.get_certs)
         kid = header.get("kid")
         cert = certs.get(kid) if isinstance(kid, str) else None
         if cert is None and isinstance(kid, str):
@@ -554,14 +552,19 @@ class GoogleVerifier(VerifierLogs):
         Raises GoogleVerificationError (``certs_unavailable``) when that download fails."""
         if not isinstance(self._source, RefetchingCertSource):
             return None
+        certs = await self._certs(self._source.refetch)
+        return None if certs is None else certs.get(kid)
+
+    async def _certs(self, fetch: Callable[[], Awaitable[_Certs]]) -> _Certs:
+        """``await fetch()`` within ``certs_timeout_s``. Raises GoogleVerificationError
+        (``certs_unavailable``) when it fails or takes longer."""
         try:
             async with asyncio.timeout(self._certs_timeout_s):
-                certs = await self._source.refetch()
+                return await fetch()
         except Exception as exc:
             raise GoogleVerificationError(
                 GoogleReason.CERTS_UNAVAILABLE, "Google's certificates are unavailable", repr(exc)
             ) from None
-        return None if certs is None else certs.get(kid)
 
     def project_of(self, claims: Mapping[str, Any]) -> str | None:
         """The configured project id the token's ``aud`` names (a string, or one of a

@@ -1595,15 +1595,6 @@ class VoiceflowServer:
             await self._unclaim(key, old)
         try:
             return await gw.answers.claim(key, token)
-        except StoreCircuitOpen as exc:  # Redis not asked: nothing claimed, none to put back
-            log.log(
-                outage_level(exc),
-                "kept answers of session %s not read (component: %s): %s",
-                session_ref(key),
-                ANSWER_STORE,
-                exc,
-            )
-            return []
         except StoreUnavailable as exc:
             log.log(
                 outage_level(exc),
@@ -1612,6 +1603,8 @@ class VoiceflowServer:
                 ANSWER_STORE,
                 exc,
             )
+            if isinstance(exc, StoreCircuitOpen):  # Redis not asked: nothing claimed
+                return []
         except Exception:
             log.exception(
                 "kept answers of session %s not read (component: %s)",
