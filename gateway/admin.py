@@ -16,9 +16,9 @@ Refusals are RFC 9457 problem bodies (``application/problem+json``), raised as
   — a key that is not one of GATEWAY_ADMIN_KEYS (RFC 6750 section 3.1: an invalid
   access token is 401, not 403; every admin key grants the whole admin API, so there
   is no ``insufficient_scope`` case);
-- 403 without a challenge — any request while no admin keys are configured: the admin
-  API is off, every admin request is refused whatever it carries (no key, a key of any
-  scheme, several headers), and no other key would do (RFC 9110 section 15.5.4);
+- 403 without a challenge — a key sent while no admin keys are configured: the admin
+  API is off, every admin request is refused whatever it carries, and no other key
+  would do (RFC 9110 section 15.5.4);
 - 400 with ``WWW-Authenticate: Bearer realm="gateway-admin", error="invalid_request"``
   — more than one ``Authorization`` header: RFC 6750 section 3.1 makes a request with
   more than one credential malformed (``invalid_request``, 400); none of them is looked
@@ -103,10 +103,6 @@ TOO_MANY_FAILURES: Final = (
     "until `Retry-After` seconds have passed"
 )
 """The OpenAPI description of an admin operation's 429 answer."""
-
-
-SWITCHED_OFF: Final = "No admin keys are configured (GATEWAY_ADMIN_KEYS)."
-"""The ``detail`` of the 403 of every request while the admin API is off."""
 
 
 class AdminRefused(Exception):
@@ -213,13 +209,12 @@ def check_admin_key(keys: Collection[str] | KeyDigests, authorization: str | Non
     :attr:`Settings.admin_key_digests`); else raise AdminRefused
     (see the module doc): 401 with :data:`CHALLENGE` for no bearer token, 401 with
     :data:`INVALID_TOKEN` for a wrong key (compared in constant time), 403 without a
-    challenge when ``keys`` is empty (first: the admin API is off, whatever the request
-    carries, no header or one of another scheme included)."""
-    if not keys:
-        raise AdminRefused(403, SWITCHED_OFF)
+    challenge when ``keys`` is empty."""
     token = bearer_token(authorization)
     if token is None:
         raise AdminRefused(401, "Expected `Authorization: Bearer <admin key>`.", CHALLENGE)
+    if not keys:
+        raise AdminRefused(403, "No admin keys are configured (GATEWAY_ADMIN_KEYS).")
     if not key_valid(token, keys):
         raise AdminRefused(401, "The admin key is not valid.", INVALID_TOKEN)
 
@@ -254,10 +249,11 @@ def admit(request: Request, keys: Collection[str] | KeyDigests) -> None:
     """Return if ``request`` carries one of ``keys`` and its client address may send a
     key; else raise AdminRefused: 429 with ``retry_after_s`` while the address's
     allowance of wrong keys is used up (before the key is looked at: the module doc), else
-    403 while no keys are configured (the admin API is off: 403 whatever the request
-    carries), else 400 ``invalid_request`` (:data:`INVALID_REQUEST`) for more than one
-    ``Authorization`` header, none of them looked at (RFC 6750 section 3.1:
-    :func:`gateway.protocol.sole_credentials`); else as :func:`check_admin_key`
+    403 for more than one ``Authorization`` header while no keys are configured (the admin
+    API is off: 403 whatever the request carries), else 400 ``invalid_request``
+    (:data:`INVALID_REQUEST`) for more than one ``Authorization`` header, none of them
+    looked at (RFC 6750 section 3.1: :func:`gateway.protocol.sole_credentials`); else as
+    :func:`check_admin_key`
     (a wrong key, 401 ``invalid_token``, takes one from the address's allowance)."""
     failures = failed_keys(request)
     address = client_key(request.client.host) if request.client else "unknown"
@@ -265,10 +261,11 @@ def admit(request: Request, keys: Collection[str] | KeyDigests) -> None:
         retry = failures.retry_after_s(address)
         detail = f"Too many wrong admin keys from this address: retry after {retry} s."
         raise AdminRefused(429, detail, retry_after_s=retry)
-    if not keys:  # switched off: 403 whatever it carries (module doc)
-        raise AdminRefused(403, SWITCHED_OFF)
+    sent = request.headers.getlist("authorization")
+    if len(sent) > 1 and not keys:  # switched off: 403 whatever it carries (module doc)
+        raise AdminRefused(403, "No admin keys are configured (GATEWAY_ADMIN_KEYS).")
     try:  # which one counts is anyone's guess: none does
-        authorization = sole_credentials(request.headers.getlist("authorization"))
+        authorization = sole_credentials(sent)
     except SeveralCredentials as exc:
         raise AdminRefused(400, str(exc), INVALID_REQUEST) from None
     try:

@@ -461,7 +461,7 @@ def test_an_admin_refusal_names_the_path_escaped_and_cut(tmp_path: Path) -> None
     assert len(refusals) == 2, logged
     assert "\x1b" not in logged
     assert "\x07" not in logged
-    assert "Admin request /v1/calls/x%1B%5B31mRED%07 from 127.0.0.1 refused (403)" in refusals[0]
+    assert "Admin request /v1/calls/x%1B%5B31mRED%07 from 127.0.0.1 refused (401)" in refusals[0]
     assert f"Admin request /v1/calls/{long_id[:190]}… from 127.0.0.1" in refusals[1]
     assert all(len(line) < 600 for line in refusals)
 
