@@ -1229,6 +1229,22 @@ async def test_logs_of_a_session_that_expired_go_with_its_next_turn() -> None:
     assert [e.text for e in again.logs] == ["idle"]
 
 
+def watch_forwards(monkeypatch: pytest.MonkeyPatch) -> asyncio.Queue[None]:
+    """A queue given one item each time a turn's forwarder (``_Socket.forward``) is done,
+    its settles of the delivered mark included."""
+    forwarded: asyncio.Queue[None] = asyncio.Queue()
+    forward = v1_routes._Socket.forward
+
+    async def watched_forward(self: v1_routes._Socket, start: Any) -> None:
+        try:
+            await forward(self, start)
+        finally:
+            forwarded.put_nowait(None)
+
+    monkeypatch.setattr(v1_routes._Socket, "forward", watched_forward)
+    return forwarded
+
+
 async def test_a_turn_raises_the_delivered_mark_over_its_answer_once(
     store: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1242,16 +1258,7 @@ async def test_a_turn_raises_the_delivered_mark_over_its_answer_once(
     session_id = f"one-mark-{store.get('redis_prefix', 'memory')}"
     key = f"flowstorm:{session_id}"
     app = create_app(Settings(**store))
-    forwarded: asyncio.Queue[None] = asyncio.Queue()
-    forward = v1_routes._Socket.forward
-
-    async def watched_forward(self: v1_routes._Socket, start: Any) -> None:
-        try:
-            await forward(self, start)
-        finally:
-            forwarded.put_nowait(None)  # the turn's forwarder is done: its settles too
-
-    monkeypatch.setattr(v1_routes._Socket, "forward", watched_forward)
+    forwarded = watch_forwards(monkeypatch)
     async with served_app(app) as url:
         journal = app.state.gateway.journal
         outbox, bus = journal.outbox, journal.bus
@@ -1297,16 +1304,7 @@ async def test_a_settle_that_failed_before_the_response_is_tried_again_after_the
     session_id = f"settle-again-{store.get('redis_prefix', 'memory')}"
     key = f"flowstorm:{session_id}"
     app = create_app(Settings(**store))
-    forwarded: asyncio.Queue[None] = asyncio.Queue()
-    forward = v1_routes._Socket.forward
-
-    async def watched_forward(self: v1_routes._Socket, start: Any) -> None:
-        try:
-            await forward(self, start)
-        finally:
-            forwarded.put_nowait(None)  # the turn's forwarder is done: its settles too
-
-    monkeypatch.setattr(v1_routes._Socket, "forward", watched_forward)
+    forwarded = watch_forwards(monkeypatch)
     async with served_app(app) as url:
         journal = app.state.gateway.journal
         outbox, bus = journal.outbox, journal.bus
