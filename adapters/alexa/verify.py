@@ -60,7 +60,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from functools import cache, lru_cache
-from typing import Any, Final, NoReturn, Protocol, TypeVar
+from typing import Any, Final, Protocol, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import certifi
@@ -74,7 +74,15 @@ from cryptography.x509.verification import PolicyBuilder, Store, VerificationErr
 from starlette.datastructures import Headers
 
 from gateway.httputil import Download, DownloadError
-from gateway.protocol import ProtocolError, clipped, load_json, parse_timestamp
+from gateway.protocol import (
+    SEVERAL_CREDENTIALS,
+    ProtocolError,
+    SeveralCredentials,
+    clipped,
+    load_json,
+    parse_timestamp,
+    sole_credentials,
+)
 from gateway.protocol.errors import RequestVerificationError
 from gateway.ratelimit import VerifierLogs
 
@@ -767,11 +775,10 @@ class AlexaVerifier(VerifierLogs):
 
 
 _SIGNED_BY: Final = {
-    b"signaturecertchainurl": "SignatureCertChainUrl",
-    b"signature-256": "Signature-256",
+    "signaturecertchainurl": "SignatureCertChainUrl",
+    "signature-256": "Signature-256",
 }
-"""The headers a request is verified by (lower-case names as ASGI gives them -> as written)."""
-_SIGNED_BY_NAME: Final = {name.decode(): shown for name, shown in _SIGNED_BY.items()}
+"""The headers a request is verified by (lower-case names -> as written)."""
 
 
 def _header_lookup(headers: Mapping[str, str]) -> Callable[[str, str], str]:
@@ -784,23 +791,22 @@ def _header_lookup(headers: Mapping[str, str]) -> Callable[[str, str], str]:
     line and ``get`` takes the first, so the URL or signature judged would be whichever
     came first, perhaps not the one a proxy in front judged; none of them is looked at."""
     if isinstance(headers, Headers):
-        seen = [name for name, _ in headers.raw if name in _SIGNED_BY]
-        if len(seen) > 1 and len(set(seen)) < len(seen):
-            _repeated(_SIGNED_BY[next(n for n in seen if seen.count(n) > 1)])
+        for name, shown in _SIGNED_BY.items():  # (gateway.protocol's one rule for these)
+            try:
+                sole_credentials(headers.getlist(name), shown)
+            except SeveralCredentials as exc:
+                raise AlexaVerificationError(AlexaReason.REPEATED_HEADER, str(exc)) from None
         return headers.get
     lowered: dict[str, str] = {}
     for name, value in headers.items():
         key = name.lower()
-        if key in lowered and key in _SIGNED_BY_NAME:
-            _repeated(_SIGNED_BY_NAME[key])
+        if key in lowered and key in _SIGNED_BY:
+            raise AlexaVerificationError(
+                AlexaReason.REPEATED_HEADER,
+                SEVERAL_CREDENTIALS.replace("Authorization", _SIGNED_BY[key], 1),
+            )
         lowered[key] = value
     return lowered.get
-
-
-def _repeated(name: str) -> NoReturn:
-    raise AlexaVerificationError(
-        AlexaReason.REPEATED_HEADER, f"more than one {name} header: send exactly one"
-    )
 
 
 _PKCS1V15: Final = padding.PKCS1v15()
