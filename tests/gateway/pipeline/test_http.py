@@ -15,12 +15,14 @@ import pytest
 from fastapi import FastAPI
 from fastapi.responses import Response, StreamingResponse
 
+import gateway.pipeline.http as http_core
 from gateway.events import (
     Input,
     ResponseEvent,
     ResponseItemEvent,
     SessionEndedEvent,
 )
+from gateway.pipeline.cores import core_json
 from tests.conftest import gateway
 from tests.gateway.core_app import BOMB_BYTES, cut_early, gzip_bomb
 from tests.gateway.turns import ctx, engine, failed_session, pipeline_error, streamed, texts
@@ -380,7 +382,8 @@ async def test_a_broken_json_seq_record_is_an_invalid_line(
     core: tuple[str, FastAPI], body: str
 ) -> None:
     """A json-seq record that is no JSON text, however its lines go, fails the turn
-    ("invalid line"); many ``}`` lines are read in linear time, not tried each."""
+    ("invalid line"). (How often many ``}`` lines are parsed is counted in
+    :func:`test_a_json_seq_record_of_many_closing_lines_is_tried_once_per_doubling`.)"""
     url, app = core
 
     @app.post("/json-seq-broken")
@@ -390,6 +393,33 @@ async def test_a_broken_json_seq_record_is_an_invalid_line(
     conv = engine(pipeline=f"{url}/json-seq-broken")
     await pipeline_error(conv, "the core streamed an invalid line")
     await conv.pipeline.aclose()
+
+
+@pytest.mark.parametrize("closers", [1024, 4096])
+async def test_a_json_seq_record_of_many_closing_lines_is_tried_once_per_doubling(
+    monkeypatch: pytest.MonkeyPatch, closers: int
+) -> None:
+    """Each line that is only ``}`` may end a pretty-printed record, but the record so far
+    is parsed again only once it has doubled since it was last tried: a broken record of
+    n such lines is parsed about log2(n) times (n times would be quadratic work), counted
+    on the real parser; the broken record is still given whole, once, at the end."""
+    tried: list[int] = []
+    real = core_json
+
+    def counted(text: str | bytes) -> Any:
+        tried.append(len(text))
+        return real(text)
+
+    monkeypatch.setattr(http_core, "core_json", counted)
+
+    async def lines() -> AsyncIterator[str]:
+        yield '\x1e{"a":'
+        for _ in range(closers):
+            yield "}"
+
+    records = [record async for record in http_core.json_seq_records(lines())]
+    assert records == ["\n".join(['{"a":', *["}"] * closers])]
+    assert 2 <= len(tried) <= closers.bit_length() + 2, len(tried)
 
 
 async def test_unreachable_core_is_a_pipeline_error() -> None:
